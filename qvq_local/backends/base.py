@@ -1,0 +1,122 @@
+"""The Session protocol: the only thing the reasoning controller knows about a backend.
+
+A backend is mechanism only.  It turns a prompt with images into a KV cache (``prefill``), makes one
+token at a time (``step``) and appends text the controller forces (``feed``) without touching the images
+again.  It never decides when thinking ends; ``qvq_local.reasoning`` does.
+
+Lifecycle::
+
+    loaded = backend_module.load(model_dir_or_gguf, options)      # LoadedModel, heavy, once
+    session = loaded.new_session(sampling)                         # cheap, one per question
+    stats = session.prefill(prompt)                                # images encoded here, once
+    while ...:
+        tok = session.step()                                       # Token(id, text, is_eos)
+    session.feed("\\n\\nTime is up.\\n\\n**Final Answer**\\n")       # forced text, KV cache kept
+    session.close()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings.  ``None`` means "take the model's generation_config value"."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    def resolved(self, defaults: dict) -> "SamplingParams":
+        """Fill unset fields from a generation_config-like dict, then from QVQ's published values."""
+        qvq = {"temperature": 0.01, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05, "seed": 0}
+        out = {}
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+            value = getattr(self, name)
+            if value is None:
+                value = defaults.get(name, qvq[name])
+            out[name] = value
+        return SamplingParams(**out)
+
+
+@dataclass
+class Prompt:
+    """A single-turn prompt, already rendered from the model's chat template.
+
+    ``text`` holds the whole templated prompt, ending with the assistant turn's opening
+    (``<|im_start|>assistant\\n``).  Each image appears in ``text`` as the model's own vision block
+    (for Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``), once per entry in ``images``, in
+    order.  Backends rewrite that block into whatever their library wants (mlx-vlm expands the pad;
+    llama.cpp's mtmd wants its media marker).
+    """
+
+    text: str
+    images: list  # list[PIL.Image.Image], RGB, already bounded by qvq_local.images
+    image_paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PrefillStats:
+    prompt_tokens: int  # tokens in the KV cache after prefill, image tokens included
+    image_tokens: int  # of which image tokens (all images)
+    image_encode_s: float  # seconds spent in the vision encoder (0.0 when not separable)
+    prefill_s: float  # seconds for the whole prefill, image encoding included
+    image_tokens_per_image: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token.
+
+    ``text`` is the new, complete text this token adds: a multi-byte character split across tokens
+    comes out whole with the token that completes it (earlier tokens carry ``""``).
+    """
+
+    id: int
+    text: str
+    is_eos: bool = False
+
+
+@runtime_checkable
+class Session(Protocol):
+    """One question's worth of state: the KV cache and the sampler."""
+
+    backend: str  # "mlx" or "llama"
+    n_ctx: int  # the context size in tokens (positions) this session can hold
+    n_past: int  # positions used so far
+    images_encoded: int  # how many times an image went through the vision encoder (tests assert on it)
+
+    def prefill(self, prompt: Prompt) -> PrefillStats: ...
+
+    def step(self) -> Token: ...
+
+    def feed(self, text: str) -> int:
+        """Append ``text`` (tokenised, no special-token parsing) to the context; return its token count."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class LoadedModel(Protocol):
+    """A model in memory, ready to open sessions."""
+
+    backend: str
+    name: str
+    quantization: str
+    chat_template: str | None  # the model's own Jinja chat template
+    generation_config: dict  # temperature/top_p/top_k/repetition_penalty as the model ships them
+    context_length: int  # the model's trained context length
+    image_token_estimate: "callable"  # (width, height) -> image tokens after merge, for context sizing
+
+    def new_session(
+        self, sampling: SamplingParams, *, n_ctx: int | None = None
+    ) -> Session: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,107 @@
+"""Events that flow from the reasoning controller to renderers and API callers.
+
+Mechanism (backends) produces tokens; policy (``reasoning.py``) turns them into these events;
+presentation (``render.py``) only draws them.  Keep this module free of heavy imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Union
+
+StopReason = Literal["answer", "budget", "loop", "max_tokens", "interrupted"]
+Phase = Literal["thought", "answer"]
+
+
+@dataclass
+class ImageInfo:
+    """One image as it reached the model."""
+
+    path: str
+    original_size: tuple[int, int]  # (width, height) as loaded, after EXIF rotation
+    size: tuple[int, int]  # (width, height) after bounding the pixel count
+    tokens: int = 0  # image tokens the model sees (after spatial merge); 0 when unknown
+
+
+@dataclass
+class Timings:
+    """Seconds and rates of one question.  Rates are tokens per second; 0.0 when not measured."""
+
+    load_s: float = 0.0
+    image_encode_s: float = 0.0
+    prefill_s: float = 0.0  # prompt + image tokens into the KV cache, image encoding included
+    prefill_tok_s: float = 0.0
+    first_token_s: float = 0.0  # from the start of prefill to the first generated token
+    decode_s: float = 0.0
+    decode_tok_s: float = 0.0
+    forced_step_s: float = 0.0  # feeding the forced transition text (0 when nothing was forced)
+    total_s: float = 0.0
+
+
+@dataclass
+class Started:
+    """Emitted once, after prefill, before the first generated token."""
+
+    model: str
+    backend: str
+    quantization: str
+    images: list[ImageInfo]
+    prompt_tokens: int
+    think_budget: int | None
+    answer_budget: int | None
+    image_encode_s: float = 0.0
+    prefill_s: float = 0.0
+    kind: Literal["started"] = "started"
+
+
+@dataclass
+class TextDelta:
+    """A piece of generated text, already split into thought or answer."""
+
+    phase: Phase
+    text: str
+    tokens: int  # tokens this delta accounts for (may be 0 for text held back by the splitter)
+    kind: Literal["delta"] = "delta"
+
+
+@dataclass
+class Forced:
+    """The controller fed text the model did not write (budget exhausted or loop cut)."""
+
+    reason: Literal["budget", "loop"]
+    text: str
+    at_token: int  # thought tokens generated when forcing happened
+    seconds: float = 0.0  # time spent feeding the forced text
+    kind: Literal["forced"] = "forced"
+
+
+@dataclass
+class Result:
+    """The outcome of one question."""
+
+    thought: str
+    answer: str
+    boxed: str | None
+    stop_reason: StopReason
+    thought_tokens: int
+    answer_tokens: int
+    prompt_tokens: int
+    forced: list[Forced] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
+    model: str = ""
+    backend: str = ""
+    quantization: str = ""
+    images: list[ImageInfo] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Finished:
+    result: Result
+    kind: Literal["finished"] = "finished"
+
+
+Event = Union[Started, TextDelta, Forced, Finished]

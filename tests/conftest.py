@@ -1,0 +1,86 @@
+"""Shared fixtures: synthetic checkpoints and their conversions, built once per test session.
+
+The builders are the project's own code (``qvq_local.convert``); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a hub, and skip MLX's g++ kernel compilation on CPU.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    """A session-wide folder for built models (kept between fixtures, removed by pytest)."""
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(artifacts) -> Path:
+    """The `tiny` synthetic QVQ-layout checkpoint in f32 (exact parity needs f32)."""
+    from qvq_local.convert.synthetic import write_checkpoint
+
+    return write_checkpoint(artifacts / "tiny-f32", shape="tiny", dtype="f32", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_bf16(artifacts) -> Path:
+    from qvq_local.convert.synthetic import write_checkpoint
+
+    return write_checkpoint(artifacts / "tiny-bf16", shape="tiny", dtype="bf16", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_f32(artifacts, tiny_checkpoint):
+    """Unquantised GGUF pair (text model, mmproj) of the tiny checkpoint."""
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    return convert_to_gguf(tiny_checkpoint, artifacts / "gguf-f32", quant="f32", mmproj_quant="f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_q4(artifacts, tiny_checkpoint):
+    """Q4_K_M GGUF pair of the tiny checkpoint (mmproj in f16)."""
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    return convert_to_gguf(tiny_checkpoint, artifacts / "gguf-q4", quant="q4_k_m", mmproj_quant="f16")
+
+
+@pytest.fixture(scope="session")
+def tiny_mlx_f32(artifacts, tiny_checkpoint) -> Path:
+    """Unquantised MLX conversion of the tiny checkpoint."""
+    from qvq_local.convert.to_mlx import convert_to_mlx
+
+    return convert_to_mlx(tiny_checkpoint, artifacts / "mlx-f32", bits=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlx_q4(artifacts, tiny_checkpoint) -> Path:
+    from qvq_local.convert.to_mlx import convert_to_mlx
+
+    return convert_to_mlx(tiny_checkpoint, artifacts / "mlx-q4", bits=4, group_size=64)
+
+
+@pytest.fixture(scope="session")
+def sample_image(artifacts) -> Path:
+    """A small RGB chart-like PNG (224x168): bars and a line, deterministic."""
+    from PIL import Image, ImageDraw
+
+    path = artifacts / "chart.png"
+    if not path.exists():
+        img = Image.new("RGB", (224, 168), "white")
+        draw = ImageDraw.Draw(img)
+        for i, h in enumerate([40, 90, 60, 120, 75]):
+            x = 20 + i * 40
+            draw.rectangle([x, 150 - h, x + 24, 150], fill=(40 + 40 * i, 90, 200 - 30 * i))
+        draw.line([(10, 150), (214, 150)], fill="black", width=2)
+        draw.line([(20, 100), (60, 60), (100, 80), (140, 30), (180, 70)], fill="red", width=3)
+        img.save(path)
+    return path
