@@ -1,0 +1,443 @@
+"""Random-weight checkpoints in exactly the Hugging Face layout of Qwen/QVQ-72B-Preview.
+
+No model hub is reachable from the machines this project is tested on, so tests, the demo and the
+benchmarks run on synthetic checkpoints.  They must be indistinguishable in *layout* from the real thing
+(config.json fields, tensor names and shapes, shards + index, tokenizer files and special-token ids,
+processor and generation configs), so that the same loading and conversion code serves both; only the
+numbers in the weights are random.
+
+Design choices:
+- Every tensor is drawn from its own generator seeded by (seed, tensor name): the bytes do not depend on
+  the order of writing, and the same seed always gives the same files.
+- Weights are streamed to disk tensor by tensor, big ones in row blocks, so a 7b checkpoint is written
+  with a few hundred MB of memory.
+- Linear weights and biases ~ N(0, 0.02); norm weights ~ 1 + N(0, 0.02) and norm biases ~ N(0, 0.02),
+  so activations stay sane, logits are not degenerate, and a converter that swaps two norms or drops a
+  bias shows up in parity tests (exactly-1 norms would hide that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from qvq_local.errors import DiskFull, InputError
+
+from . import tokenizer_synth
+
+DTYPES = {"bf16": ("BF16", 2, "bfloat16"), "f32": ("F32", 4, "float32")}
+
+_CHUNK_ELEMS = 8 * 1024 * 1024  # ~32 MB of float32 per generated block
+_INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class SynthShape:
+    """The dimensions of one synthetic model (the fields a Qwen2-VL config.json carries)."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int  # embedding rows
+    tie_word_embeddings: bool
+    mrope_section: tuple[int, int, int]
+    max_position_embeddings: int
+    vision_depth: int = 32
+    vision_embed_dim: int = 1280
+    vision_num_heads: int = 16
+    vision_mlp_ratio: int = 4
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tokenizer_base: int = tokenizer_synth.QWEN_BASE_VOCAB  # id of <|endoftext|>
+    max_shard_bytes: int = 4_000_000_000  # QVQ-72B-Preview ships 38 shards of ~3.7 GiB
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def vision_hidden_size(self) -> int:
+        return self.hidden_size  # the merger projects into the text width
+
+
+SHAPES: dict[str, SynthShape] = {
+    # Unit-test size; every width a multiple of 256 so K-quants apply; 2 shards even at bf16.  The
+    # tokenizer (1264 + 14 specials) leaves 2 embedding rows unused, as real Qwen checkpoints leave some.
+    "tiny": SynthShape(
+        name="tiny", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1280, tie_word_embeddings=False, mrope_section=(8, 12, 12),
+        max_position_embeddings=32768, vision_depth=2, vision_embed_dim=256, vision_num_heads=4,
+        tokenizer_base=1264, max_shard_bytes=6 * 1024**2,
+    ),
+    # Qwen/Qwen2-VL-2B-Instruct
+    "2b": SynthShape(
+        name="2b", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, mrope_section=(16, 24, 24),
+        max_position_embeddings=32768,
+    ),
+    # Qwen/Qwen2-VL-7B-Instruct
+    "7b": SynthShape(
+        name="7b", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, mrope_section=(16, 24, 24),
+        max_position_embeddings=32768,
+    ),
+    # Qwen/QVQ-72B-Preview
+    "72b": SynthShape(
+        name="72b", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, mrope_section=(16, 24, 24),
+        max_position_embeddings=128000,
+    ),
+}
+
+
+def get_shape(shape: str | SynthShape) -> SynthShape:
+    if isinstance(shape, SynthShape):
+        return shape
+    try:
+        return SHAPES[shape]
+    except KeyError:
+        raise InputError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}") from None
+
+
+def _check_dtype(dtype: str) -> tuple[str, int, str]:
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+# ------------------------------------------------------------------------------------------ configs
+def build_config(shape: str | SynthShape, dtype: str = "bf16") -> dict:
+    """config.json contents: flat text fields, nested vision_config (no model_type: mlx-vlm rejects it)."""
+    s = get_shape(shape)
+    ids = tokenizer_synth.special_ids(s.tokenizer_base)
+    if sum(s.mrope_section) * 2 != s.head_dim:
+        raise ValueError(f"mrope_section {s.mrope_section} does not cover head_dim {s.head_dim}")
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "attention_dropout": 0.0,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "hidden_act": "silu",
+        "hidden_size": s.hidden_size,
+        "initializer_range": _INIT_STD,
+        "intermediate_size": s.intermediate_size,
+        "max_position_embeddings": s.max_position_embeddings,
+        "max_window_layers": s.num_hidden_layers,
+        "model_type": "qwen2_vl",
+        "num_attention_heads": s.num_attention_heads,
+        "num_hidden_layers": s.num_hidden_layers,
+        "num_key_value_heads": s.num_key_value_heads,
+        "rms_norm_eps": s.rms_norm_eps,
+        "rope_theta": s.rope_theta,
+        "sliding_window": 32768,
+        "tie_word_embeddings": s.tie_word_embeddings,
+        "torch_dtype": DTYPES[dtype][2] if dtype in DTYPES else dtype,
+        "transformers_version": "4.47.0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vision_config": {
+            "depth": s.vision_depth,
+            "embed_dim": s.vision_embed_dim,
+            "mlp_ratio": s.vision_mlp_ratio,
+            "num_heads": s.vision_num_heads,
+            "in_chans": 3,
+            "hidden_size": s.vision_hidden_size,
+            "patch_size": s.patch_size,
+            "spatial_merge_size": s.spatial_merge_size,
+            "spatial_patch_size": s.patch_size,
+            "temporal_patch_size": s.temporal_patch_size,
+        },
+        "rope_scaling": {"type": "mrope", "mrope_section": list(s.mrope_section)},
+        "vocab_size": s.vocab_size,
+    }
+
+
+def build_generation_config(shape: str | SynthShape) -> dict:
+    """QVQ-72B-Preview's generation_config.json: near-greedy sampling."""
+    ids = tokenizer_synth.special_ids(get_shape(shape).tokenizer_base)
+    return {
+        "bos_token_id": ids["<|endoftext|>"],
+        "do_sample": True,
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "pad_token_id": ids["<|endoftext|>"],
+        "repetition_penalty": 1.05,
+        "temperature": 0.01,
+        "top_k": 1,
+        "top_p": 0.001,
+        "transformers_version": "4.47.0",
+    }
+
+
+def build_preprocessor_config(shape: str | SynthShape) -> dict:
+    """preprocessor_config.json of Qwen2-VL / QVQ: the slow Qwen2VLImageProcessor with CLIP statistics."""
+    s = get_shape(shape)
+    return {
+        "min_pixels": 3136,
+        "max_pixels": 12845056,
+        "patch_size": s.patch_size,
+        "temporal_patch_size": s.temporal_patch_size,
+        "merge_size": s.spatial_merge_size,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor",
+    }
+
+
+# ------------------------------------------------------------------------------------------ tensors
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    init: str  # "normal" | "norm_weight" (1 + noise)
+
+
+def tensor_specs(shape: str | SynthShape) -> list[TensorSpec]:
+    """Every tensor of the checkpoint, with the original Qwen2-VL names, in a natural writing order."""
+    s = get_shape(shape)
+    h, hd = s.hidden_size, s.head_dim
+    q_out, kv_out = s.num_attention_heads * hd, s.num_key_value_heads * hd
+    specs: list[TensorSpec] = [TensorSpec("model.embed_tokens.weight", (s.vocab_size, h), "normal")]
+    for i in range(s.num_hidden_layers):
+        p = f"model.layers.{i}."
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", (h,), "norm_weight"),
+            TensorSpec(p + "self_attn.q_proj.weight", (q_out, h), "normal"),
+            TensorSpec(p + "self_attn.q_proj.bias", (q_out,), "normal"),
+            TensorSpec(p + "self_attn.k_proj.weight", (kv_out, h), "normal"),
+            TensorSpec(p + "self_attn.k_proj.bias", (kv_out,), "normal"),
+            TensorSpec(p + "self_attn.v_proj.weight", (kv_out, h), "normal"),
+            TensorSpec(p + "self_attn.v_proj.bias", (kv_out,), "normal"),
+            TensorSpec(p + "self_attn.o_proj.weight", (h, q_out), "normal"),
+            TensorSpec(p + "post_attention_layernorm.weight", (h,), "norm_weight"),
+            TensorSpec(p + "mlp.gate_proj.weight", (s.intermediate_size, h), "normal"),
+            TensorSpec(p + "mlp.up_proj.weight", (s.intermediate_size, h), "normal"),
+            TensorSpec(p + "mlp.down_proj.weight", (h, s.intermediate_size), "normal"),
+        ]
+    specs.append(TensorSpec("model.norm.weight", (h,), "norm_weight"))
+    if not s.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", (s.vocab_size, h), "normal"))
+
+    e, mlp = s.vision_embed_dim, s.vision_embed_dim * s.vision_mlp_ratio
+    merged = e * s.spatial_merge_size**2
+    specs.append(TensorSpec("visual.patch_embed.proj.weight",
+                            (e, 3, s.temporal_patch_size, s.patch_size, s.patch_size), "normal"))
+    for j in range(s.vision_depth):
+        p = f"visual.blocks.{j}."
+        specs += [
+            TensorSpec(p + "norm1.weight", (e,), "norm_weight"),
+            TensorSpec(p + "norm1.bias", (e,), "normal"),
+            TensorSpec(p + "attn.qkv.weight", (3 * e, e), "normal"),
+            TensorSpec(p + "attn.qkv.bias", (3 * e,), "normal"),
+            TensorSpec(p + "attn.proj.weight", (e, e), "normal"),
+            TensorSpec(p + "attn.proj.bias", (e,), "normal"),
+            TensorSpec(p + "norm2.weight", (e,), "norm_weight"),
+            TensorSpec(p + "norm2.bias", (e,), "normal"),
+            TensorSpec(p + "mlp.fc1.weight", (mlp, e), "normal"),
+            TensorSpec(p + "mlp.fc1.bias", (mlp,), "normal"),
+            TensorSpec(p + "mlp.fc2.weight", (e, mlp), "normal"),
+            TensorSpec(p + "mlp.fc2.bias", (e,), "normal"),
+        ]
+    specs += [
+        TensorSpec("visual.merger.ln_q.weight", (e,), "norm_weight"),
+        TensorSpec("visual.merger.ln_q.bias", (e,), "normal"),
+        TensorSpec("visual.merger.mlp.0.weight", (merged, merged), "normal"),
+        TensorSpec("visual.merger.mlp.0.bias", (merged,), "normal"),
+        TensorSpec("visual.merger.mlp.2.weight", (s.vision_hidden_size, merged), "normal"),
+        TensorSpec("visual.merger.mlp.2.bias", (s.vision_hidden_size,), "normal"),
+    ]
+    return specs
+
+
+def parameter_count(shape: str | SynthShape) -> int:
+    total = 0
+    for spec in tensor_specs(shape):
+        n = 1
+        for d in spec.shape:
+            n *= d
+        total += n
+    return total
+
+
+def checkpoint_bytes(shape: str | SynthShape, dtype: str = "bf16") -> int:
+    """Bytes of tensor data the checkpoint will hold (files add a few MB of headers and tokenizer)."""
+    return parameter_count(shape) * _check_dtype(dtype)[1]
+
+
+def _tensor_seed(seed: int, name: str):
+    import numpy as np
+
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, int.from_bytes(digest[:16], "little")])
+
+
+def generate_tensor(spec: TensorSpec, seed: int) -> Iterator:
+    """Yield the tensor's float32 values in row blocks (C order), from its own (seed, name) generator."""
+    import numpy as np
+
+    rng = np.random.Generator(np.random.PCG64(_tensor_seed(seed, spec.name)))
+    rows = spec.shape[0]
+    per_row = 1
+    for d in spec.shape[1:]:
+        per_row *= d
+    step = max(1, _CHUNK_ELEMS // max(per_row, 1))
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        block = rng.standard_normal((n, *spec.shape[1:]), dtype=np.float32)
+        block *= np.float32(_INIT_STD)
+        if spec.init == "norm_weight":
+            block += np.float32(1.0)
+        yield block
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _free_bytes(path: Path) -> int:
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def write_checkpoint(out: str | Path, shape: str = "tiny", dtype: str = "bf16", seed: int = 0,
+                     progress: bool = False, force: bool = False) -> Path:
+    """Write a random-weight QVQ-layout checkpoint into ``out`` and return its path.
+
+    The folder appears only when complete: everything is written into a hidden sibling folder that is
+    renamed at the end (and removed on any error or interrupt).  An existing non-empty ``out`` is
+    replaced only with ``force``.  Raises ``DiskFull`` before writing when the disk lacks room.
+    """
+    from .safetensors_io import ShardedWriter
+
+    s = get_shape(shape)
+    st_dtype, _, _ = _check_dtype(dtype)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a folder", path=out)
+    if _is_nonempty_dir(out) and not force:
+        raise InputError("folder exists and is not empty", path=out, hint="use --force to replace it")
+
+    need = checkpoint_bytes(s, dtype) + 64 * 1024**2  # tokenizer files, headers, slack
+    free = _free_bytes(out.parent if out.parent != Path("") else Path("."))
+    if free < need:
+        raise DiskFull(f"the {s.name} checkpoint needs {_human(need)} but only {_human(free)} is free",
+                       path=out.parent.resolve())
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_files(tmp, s, dtype, st_dtype, seed, progress, ShardedWriter)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_files(folder: Path, s: SynthShape, dtype: str, st_dtype: str, seed: int, progress: bool,
+                 writer_cls) -> None:
+    def dump(name: str, data: dict) -> None:
+        (folder / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    dump("config.json", build_config(s, dtype))
+    dump("generation_config.json", build_generation_config(s))
+    dump("preprocessor_config.json", build_preprocessor_config(s))
+    tokenizer_synth.write_tokenizer_files(folder, s.tokenizer_base, s.max_position_embeddings)
+
+    specs = tensor_specs(s)
+    total = checkpoint_bytes(s, dtype)
+    itemsize = DTYPES[dtype][1]
+    with (_progress(progress, f"synth {s.name} ({dtype})", total) as advance,
+          writer_cls(folder, max_shard_bytes=s.max_shard_bytes) as writer):
+        for spec in specs:
+            def blocks(spec=spec):
+                for block in generate_tensor(spec, seed):
+                    yield block
+                    advance(block.size * itemsize)
+            writer.add_chunked(spec.name, spec.shape, st_dtype, blocks())
+
+
+class _progress:
+    """A Rich progress bar on stderr (or nothing), as a context manager yielding ``advance(nbytes)``."""
+
+    def __init__(self, enabled: bool, label: str, total: int):
+        self.enabled, self.label, self.total = enabled, label, total
+        self._bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                             TransferSpeedColumn(), TimeRemainingColumn(),
+                             console=Console(stderr=True), transient=False)
+        self._bar.start()
+        task = self._bar.add_task(self.label, total=self.total)
+        return lambda n: self._bar.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def synth_command(shape: str, out: str | Path, dtype: str = "bf16", seed: int = 0,
+                  force: bool = False) -> Path:
+    """The ``qvq synth`` command: validate, write with a progress bar, print a one-line summary."""
+    s = get_shape(shape)
+    _check_dtype(dtype)
+    out = Path(out)
+    if _is_nonempty_dir(out) and not force:
+        raise InputError("folder exists and is not empty", path=out, hint="use --force to replace it")
+    path = write_checkpoint(out, shape=s.name, dtype=dtype, seed=seed, progress=True, force=force)
+    n_shards = len(list(path.glob("model-*.safetensors")))
+    print(f"wrote {path}: {s.name} ({parameter_count(s) / 1e6:,.1f}M parameters, {dtype}, seed {seed}), "
+          f"{_human(_folder_size(path))} in {n_shards} shard{'s' if n_shards != 1 else ''}")
+    return path
