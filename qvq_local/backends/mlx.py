@@ -1,0 +1,487 @@
+"""MLX backend: mlx-vlm's Qwen2-VL model driven by this project's own token loop.
+
+Why not ``mlx_vlm.generate``: the reasoning controller needs three things mlx-vlm's generator does not
+give together: one token at a time with its exact text, forced text appended into the *same* KV cache
+(the image must never be encoded twice), and the logits after that forced text.  So this module uses
+mlx-vlm only for what it is good at (loading weights, preprocessing images, the vision tower, the
+language model and its KV cache) and runs a small mlx-lm style loop itself.
+
+M-RoPE: Qwen2-VL gives image tokens 3-D positions (time, row, column), so after an image the text
+positions run behind the token count by a constant ``rope_delta`` (``max position + 1 - tokens``).
+mlx-vlm's language model keeps that delta as hidden state on the model object; this session instead
+computes every position explicitly (the prompt's from ``get_rope_index``, later ones as
+``tokens so far + rope_delta``) and passes them in, so sessions cannot disturb each other.
+
+Mechanism only: nothing here knows about thoughts, answers or budgets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from qvq_local.backends.base import PrefillStats, Prompt, SamplingParams, Token
+from qvq_local.errors import BackendUnavailable, ContextOverflow, ModelError
+from qvq_local.prompt import IMAGE_PAD, load_chat_template
+
+INSTALL_HINT = "pip install 'qvq-local[mlx]'"
+
+#: Prompt tokens run through the language model per forward call during prefill / feed.  Bounds the
+#: attention scratch memory for long prompts; each chunk only keeps the last position's logits.
+PREFILL_CHUNK = 512
+
+#: Model types whose vision tower can be run on its own and its features handed back to
+#: ``get_input_embeddings(cached_image_features=...)``; others fall back to mlx-vlm's combined call.
+_SPLIT_VISION_TYPES = {"qwen2_vl", "qwen2_5_vl"}
+
+#: A token whose bytes never complete a character is flushed after this many held tokens (U+FFFD).
+_MAX_HELD_TOKENS = 8
+
+
+def _import_mlx():
+    """Import mlx and mlx-vlm, or say what to install."""
+    try:
+        import mlx.core as mx
+        import mlx_vlm  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise BackendUnavailable(f"the MLX backend needs mlx and mlx-vlm ({exc})", hint=INSTALL_HINT) from exc
+    return mx
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Keep mlx-vlm/transformers from looking up optional files on the hub for a local folder."""
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read: {exc}", path=path) from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+def describe_quantization(config: dict, weight_dtype: str) -> str:
+    """``"4bit-g64"`` for an mlx-quantised folder, else the weights' dtype (``"bf16"``, ``"f32"``...)."""
+    quant = config.get("quantization") or config.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("bits"):
+        text = f"{int(quant['bits'])}bit"
+        if quant.get("group_size"):
+            text += f"-g{int(quant['group_size'])}"
+        mode = quant.get("mode")
+        if mode and mode != "affine":
+            text += f"-{mode}"
+        return text
+    return weight_dtype
+
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
+class MlxModel:
+    """A Qwen2-VL family model loaded by mlx-vlm (implements ``LoadedModel``)."""
+
+    backend = "mlx"
+
+    def __init__(self, model: Any, processor: Any, model_dir: Path, config: dict, name: str):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.model_dir = model_dir
+        self.config = config
+        self.name = name
+        self.generation_config = _read_json(model_dir / "generation_config.json")
+        self.chat_template = load_chat_template(model_dir)
+        text_config = config.get("text_config") or {}
+        self.context_length = int(
+            config.get("max_position_embeddings") or text_config.get("max_position_embeddings") or 32768
+        )
+        weight = self.model.language_model.model.embed_tokens.weight
+        dtype_name = str(weight.dtype).rsplit(".", 1)[-1]
+        if "quantization" in config:
+            # quantised embeddings store packed uint32; the compute dtype is that of the scales
+            scales = getattr(self.model.language_model.model.embed_tokens, "scales", None)
+            if scales is not None:
+                dtype_name = str(scales.dtype).rsplit(".", 1)[-1]
+        self.quantization = describe_quantization(config, _DTYPE_NAMES.get(dtype_name, dtype_name))
+        self.eos_token_ids = self._eos_ids()
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set(_as_id_list(self.generation_config.get("eos_token_id")))
+        ids.update(_as_id_list(self.config.get("eos_token_id")))
+        tok = self.tokenizer
+        if getattr(tok, "eos_token_id", None) is not None:
+            ids.add(int(tok.eos_token_id))
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != getattr(tok, "unk_token_id", None):
+            ids.add(im_end)
+        return frozenset(ids)
+
+    def image_token_estimate(self, width: int, height: int) -> int:
+        """Image tokens (after the 2x2 merge) the model will see for a ``width`` x ``height`` image."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        counter = getattr(image_processor, "num_image_tokens", None)
+        if counter is not None:
+            return int(counter(int(height), int(width)))
+        # Qwen2-VL's published resize rule, for processors that cannot count.
+        patch, merge = 14, 2
+        factor = patch * merge
+        h = max(factor, round(height / factor) * factor)
+        w = max(factor, round(width / factor) * factor)
+        return (h // patch) * (w // patch) // (merge * merge)
+
+    def new_session(self, sampling: SamplingParams, *, n_ctx: int | None = None) -> MlxSession:
+        return MlxSession(self, sampling.resolved(self.generation_config), n_ctx=n_ctx)
+
+    def close(self) -> None:
+        mx = _import_mlx()
+        self.model = None
+        self.processor = None
+        mx.clear_cache()
+
+
+def load(model_dir: str | Path, *, name: str | None = None) -> MlxModel:
+    """Load an MLX (or plain Hugging Face) Qwen2-VL folder with mlx-vlm."""
+    folder = Path(model_dir).expanduser()
+    if not folder.is_dir():
+        raise ModelError("not a model folder (expected an MLX or Hugging Face model directory)", path=folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelError("no config.json: not an MLX or Hugging Face model folder", path=folder)
+    config = _read_json(config_path)
+    _import_mlx()
+    from mlx_vlm import load as vlm_load
+
+    try:
+        with _hub_offline():
+            model, processor = vlm_load(str(folder))
+    except (BackendUnavailable, ModelError):
+        raise
+    except Exception as exc:  # mlx-vlm raises ValueError/KeyError/FileNotFoundError/... for bad folders
+        raise ModelError(f"mlx-vlm cannot load this model: {type(exc).__name__}: {exc}", path=folder) from exc
+    lm = getattr(model, "language_model", None)
+    if lm is None or not hasattr(lm, "model") or not hasattr(model, "get_input_embeddings"):
+        raise ModelError(
+            f"unsupported architecture {config.get('model_type')!r} (qvq-local runs Qwen2-VL models)",
+            path=folder,
+        )
+    return MlxModel(model, processor, folder, config, name or folder.name)
+
+
+class _Detokenizer:
+    """Turns ids into text pieces that never split a UTF-8 character.
+
+    Byte-level BPE tokens can end in the middle of a multi-byte character; decoding such a tail yields
+    U+FFFD.  Ids are held until their decoded text no longer ends in U+FFFD, then emitted together.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self._held: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        self._held.append(token_id)
+        text = self._tokenizer.decode(self._held, skip_special_tokens=False)
+        if text.endswith("\ufffd") and len(self._held) < _MAX_HELD_TOKENS:
+            return ""
+        self._held = []
+        return text
+
+    def flush(self) -> str:
+        if not self._held:
+            return ""
+        text = self._tokenizer.decode(self._held, skip_special_tokens=False)
+        self._held = []
+        return text
+
+    def drop(self) -> None:
+        self._held = []
+
+
+class MlxSession:
+    """One question: the KV cache, the positions, the sampler state (implements ``Session``).
+
+    ``n_past`` counts tokens held in the KV cache (image tokens included).  That is what costs memory;
+    M-RoPE positions run behind it after an image, so the count is the conservative one.
+    """
+
+    backend = "mlx"
+
+    def __init__(
+        self,
+        loaded: MlxModel,
+        sampling: SamplingParams,
+        *,
+        n_ctx: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+        repetition_context_size: int | None = None,
+    ):
+        self.mx = _import_mlx()
+        from mlx_vlm.models import cache as vlm_cache
+
+        self._loaded = loaded
+        self._model = loaded.model
+        self._lm = loaded.model.language_model
+        self._tokenizer = loaded.tokenizer
+        self.sampling = sampling
+        self.n_ctx = int(n_ctx) if n_ctx else loaded.context_length
+        self.n_past = 0
+        self.images_encoded = 0
+        self._chunk = max(1, int(prefill_chunk))
+        self._rep_window = repetition_context_size
+        self._cache = vlm_cache.make_prompt_cache(self._lm)
+        self._rope_delta = 0
+        self._logits = None  # mx.array [vocab] float32: the next token's logits
+        self._history: list[int] = []  # every token in the cache (prompt, generated, fed)
+        self._seen: set[int] = set()  # distinct ids of _history[:_seen_count]
+        self._seen_count = 0
+        self._seen_ids = None
+        self._detok = _Detokenizer(self._tokenizer)
+        self._key = self.mx.random.key(int(sampling.seed or 0))
+        self._eos = loaded.eos_token_ids
+        self._prefilled = False
+
+    # -- context bookkeeping -------------------------------------------------------------------------
+
+    def _check_room(self, extra: int, what: str) -> None:
+        if self.n_past + extra > self.n_ctx:
+            raise ContextOverflow(
+                f"{what} needs {self.n_past + extra} tokens but the context holds {self.n_ctx}",
+                hint="lower --max-pixels to shrink the image, shorten the question or use a smaller budget",
+            )
+
+    # -- the language model --------------------------------------------------------------------------
+
+    def _head(self, hidden):
+        lm = self._lm
+        if getattr(lm.args, "tie_word_embeddings", False) or not hasattr(lm, "lm_head"):
+            return lm.model.embed_tokens.as_linear(hidden)
+        return lm.lm_head(hidden)
+
+    def _text_positions(self, n: int):
+        """M-RoPE positions for ``n`` text tokens appended after the cache: all three axes equal."""
+        mx = self.mx
+        start = self.n_past + self._rope_delta
+        pos = mx.arange(start, start + n, dtype=mx.int32).reshape(1, 1, n)
+        return mx.broadcast_to(pos, (3, 1, n))
+
+    def _forward(self, embeds, positions):
+        """Run ``embeds`` [1, L, D] at ``positions`` [3, 1, L] through the LM in chunks; keep the cache.
+
+        Only the last position goes through the output head.  Returns its logits as float32 [vocab].
+        """
+        mx = self.mx
+        length = embeds.shape[1]
+        hidden = None
+        for start in range(0, length, self._chunk):
+            end = min(start + self._chunk, length)
+            hidden = self._lm.model(
+                None,
+                inputs_embeds=embeds[:, start:end],
+                cache=self._cache,
+                position_ids=positions[:, :, start:end],
+            )
+            if end < length:
+                mx.eval([c.state for c in self._cache])
+        self.n_past += length
+        return self._head(hidden[:, -1:, :])[0, -1].astype(mx.float32)
+
+    def _embed_ids(self, ids: list[int]):
+        mx = self.mx
+        return self._lm.model.embed_tokens(mx.array([ids], dtype=mx.int32))
+
+    # -- Session protocol ------------------------------------------------------------------------------
+
+    def prefill(self, prompt: Prompt) -> PrefillStats:
+        """Encode the images once, run the whole prompt into the KV cache, keep the last logits."""
+        from mlx_vlm.utils import prepare_inputs
+
+        mx = self.mx
+        if self._prefilled:
+            raise RuntimeError("prefill() called twice on one session; open a new session per question")
+        images = list(prompt.images or [])
+        if prompt.text.count(IMAGE_PAD) != len(images):
+            raise ValueError(
+                f"prompt has {prompt.text.count(IMAGE_PAD)} image blocks for {len(images)} images"
+            )
+        t_start = time.perf_counter()
+        inputs = prepare_inputs(
+            self._loaded.processor, images=images or None, prompts=prompt.text, add_special_tokens=False
+        )
+        input_ids = inputs["input_ids"]
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        ids = input_ids[0].tolist()
+        image_token_id = int(self._model.config.image_token_id)
+        per_image: list[int] = []
+        grid = inputs.get("image_grid_thw")
+        if images and grid is not None:
+            merge = int(getattr(self._model.config.vision_config, "spatial_merge_size", 2))
+            per_image = [int(t * h * w) // (merge * merge) for t, h, w in grid.tolist()]
+        image_tokens = sum(1 for i in ids if i == image_token_id)
+        self._check_room(len(ids), "the prompt (text and image tokens)")
+
+        image_encode_s = 0.0
+        pixel_values = inputs.get("pixel_values")
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
+        if images and pixel_values is not None:
+            model_type = getattr(self._model.config, "model_type", "")
+            if model_type in _SPLIT_VISION_TYPES and hasattr(self._model, "vision_tower"):
+                tower = self._model.vision_tower
+                t0 = time.perf_counter()
+                features = tower(
+                    pixel_values.astype(tower.patch_embed.proj.weight.dtype), grid, output_hidden_states=False
+                )
+                mx.eval(features)
+                image_encode_s = time.perf_counter() - t0
+                extra["cached_image_features"] = features
+                emb = self._model.get_input_embeddings(input_ids, pixel_values, **extra)
+            else:
+                t0 = time.perf_counter()
+                emb = self._model.get_input_embeddings(input_ids, pixel_values, **extra)
+                mx.eval(emb.inputs_embeds)
+                image_encode_s = time.perf_counter() - t0
+            self.images_encoded += len(images)
+        else:
+            emb = self._model.get_input_embeddings(input_ids, None, **extra)
+
+        embeds = emb.inputs_embeds
+        positions = emb.position_ids
+        if positions is None:
+            positions = mx.arange(len(ids), dtype=mx.int32).reshape(1, -1)
+        if positions.ndim == 2:
+            positions = mx.broadcast_to(positions[None], (3, *positions.shape))
+        deltas = getattr(emb, "rope_deltas", None)
+        self._rope_delta = int(mx.array(deltas).reshape(-1)[0].item()) if deltas is not None else 0
+
+        self._logits = self._forward(embeds, positions)
+        mx.eval(self._logits)
+        self._history.extend(ids)
+        self._prefilled = True
+        return PrefillStats(
+            prompt_tokens=len(ids),
+            image_tokens=image_tokens,
+            image_encode_s=image_encode_s,
+            prefill_s=time.perf_counter() - t_start,
+            image_tokens_per_image=per_image,
+        )
+
+    def _require_prefill(self) -> None:
+        if not self._prefilled:
+            raise RuntimeError("call prefill() before step() or feed()")
+
+    def _penalised_ids(self):
+        """Distinct ids the repetition penalty applies to (whole context unless a window was set)."""
+        mx = self.mx
+        if self._rep_window is not None:
+            return mx.array(sorted(set(self._history[-self._rep_window :])), dtype=mx.int32)
+        if self._seen_count != len(self._history):  # cheap incremental update of the distinct set
+            fresh = set(self._history[self._seen_count :]) - self._seen
+            self._seen_count = len(self._history)
+            if fresh or self._seen_ids is None:
+                self._seen.update(fresh)
+                self._seen_ids = mx.array(sorted(self._seen), dtype=mx.int32)
+        return self._seen_ids
+
+    def _sample(self):
+        """The next token id (mx scalar) from the current logits, HF order of processors."""
+        mx = self.mx
+        s = self.sampling
+        logits = self._logits * 1.0  # a copy: the processors below must not touch last_logits()
+        penalty = float(s.repetition_penalty or 1.0)
+        if penalty != 1.0 and self._history:
+            seen = self._penalised_ids()
+            picked = logits[seen]
+            logits[seen] = mx.where(picked < 0, picked * penalty, picked / penalty)
+        temperature = float(s.temperature or 0.0)
+        top_k = int(s.top_k or 0)
+        if temperature <= 0.0 or top_k == 1:
+            return mx.argmax(logits)
+        logits = logits / temperature
+        vocab = logits.shape[-1]
+        if 0 < top_k < vocab:
+            kth = mx.sort(logits)[vocab - top_k]
+            logits = mx.where(logits < kth, -mx.inf, logits)
+        top_p = float(s.top_p if s.top_p is not None else 1.0)
+        if 0.0 < top_p < 1.0:
+            order = mx.argsort(-logits)
+            sorted_logits = logits[order]
+            probs = mx.softmax(sorted_logits)
+            before = mx.cumsum(probs) - probs  # mass strictly above each token
+            keep_sorted = before < top_p  # the first token is always kept
+            keep = mx.zeros_like(keep_sorted)
+            keep[order] = keep_sorted
+            logits = mx.where(keep, logits, -mx.inf)
+        self._key, sub = mx.random.split(self._key)
+        return mx.random.categorical(logits, key=sub)
+
+    def step(self) -> Token:
+        """Sample one token, run it into the cache (next logits computed ahead), return its text."""
+        mx = self.mx
+        self._require_prefill()
+        self._check_room(1, "generation")
+        token = self._sample()
+        embeds = self._lm.model.embed_tokens(token.reshape(1, 1).astype(mx.int32))
+        next_logits = self._forward(embeds, self._text_positions(1))
+        mx.async_eval(next_logits)
+        token_id = int(token.item())
+        self._logits = next_logits
+        self._history.append(token_id)
+        if token_id in self._eos:
+            return Token(id=token_id, text=self._detok.flush(), is_eos=True)
+        return Token(id=token_id, text=self._detok.push(token_id), is_eos=False)
+
+    def feed(self, text: str) -> int:
+        """Append plain ``text`` to the cache (no image work); the next ``step`` continues after it."""
+        self._require_prefill()
+        ids = self._encode(text)
+        if not ids:
+            return 0
+        self._check_room(len(ids), "the forced text")
+        # ids held for an unfinished character cannot be completed any more: the fed text follows them
+        self._detok.drop()
+        self._logits = self._forward(self._embed_ids(ids), self._text_positions(len(ids)))
+        self.mx.eval(self._logits)
+        self._history.extend(ids)
+        return len(ids)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text))
+
+    def last_logits(self):
+        """The raw logits (before any sampling processor) the next ``step`` samples from, numpy float32."""
+        import numpy as np
+
+        self._require_prefill()
+        return np.array(self._logits, dtype=np.float32, copy=True)
+
+    def close(self) -> None:
+        self._cache = None
+        self._logits = None
+        self.mx.clear_cache()

@@ -1,0 +1,262 @@
+"""The single-turn prompt, rendered from the model's own chat template.
+
+Why the model's own template: QVQ (and every Qwen2-VL derivative) was trained on one exact layout of
+system/user/assistant turns and vision blocks; a hand-written prompt that differs by a newline costs
+quality.  The template is Jinja code shipped inside the model folder, i.e. untrusted input, so it is
+rendered in Jinja's immutable sandbox (no attribute access to ``__class__`` and friends, no mutation of
+the objects passed in), with the two helpers Hugging Face templates rely on (``raise_exception`` and
+``strftime_now``) and the same whitespace options transformers uses (``trim_blocks``, ``lstrip_blocks``).
+
+Models that ship no template get :data:`QWEN2_VL_FALLBACK_TEMPLATE`, which renders exactly what the
+Qwen2-VL template renders for a single turn.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from qvq_local.errors import InputError, ModelError
+
+QVQ_SYSTEM_PROMPT = "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. You should think step-by-step."
+
+#: What one image looks like in a rendered Qwen2-VL prompt (backends rewrite it for their library).
+IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+
+#: Control tokens a user's question must not smuggle into the prompt: the tokenizer would parse them as
+#: specials, so a literal ``<|image_pad|>`` would desynchronise the image count and ``<|im_end|>`` would
+#: close the user turn early.
+_RESERVED_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+#: Used only when a model folder ships no chat template at all.  It reproduces the single-turn output of
+#: the Qwen2-VL template (system turn, user turn with one vision block per image then the text, and the
+#: opening of the assistant turn); when no system message is given it falls back to Qwen2-VL's default
+#: system prompt, like the original.
+QWEN2_VL_FALLBACK_TEMPLATE = (
+    "{% set ns = namespace(first=true) %}"
+    "{% for message in messages %}"
+    "{% if ns.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "{% set ns.first = false %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}"
+    "{{ part['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+# Files that may carry a chat template, in the order they are tried (newest transformers layout first).
+_TEMPLATE_FILES = (
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer_config.json",
+    "processor_config.json",
+)
+
+
+class ChatTemplate(str):
+    """A chat template string that remembers the file it came from, so errors can name that file."""
+
+    source: str | None = None
+
+    def __new__(cls, text: str, source: str | Path | None = None):
+        obj = super().__new__(cls, text)
+        obj.source = str(source) if source is not None else None
+        return obj
+
+
+def _template_from_value(value: object) -> str | None:
+    """A ``chat_template`` entry is a string, or a list of ``{"name", "template"}`` (pick "default")."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
+        chosen = named.get("default") or next((t for t in named.values() if isinstance(t, str)), None)
+        return chosen if isinstance(chosen, str) else None
+    return None
+
+
+def find_chat_template(model_dir: str | Path) -> tuple[str, Path] | None:
+    """Return ``(template, file it came from)`` for the first template found in ``model_dir``, or None."""
+    folder = Path(model_dir)
+    for name in _TEMPLATE_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelError(f"cannot read the chat template: {exc}", path=path) from exc
+        if name.endswith(".jinja"):
+            if text.strip():
+                return text, path
+            continue
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"not valid JSON ({exc.msg} at line {exc.lineno})", path=path) from exc
+        template = _template_from_value(data.get("chat_template")) if isinstance(data, dict) else None
+        if template:
+            return template, path
+    return None
+
+
+def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
+    """The model's own Jinja chat template, or None when the folder ships none.
+
+    Looked up in ``chat_template.jinja``, ``chat_template.json``, ``tokenizer_config.json`` and
+    ``processor_config.json``, in that order.  The result is a ``str`` that also carries ``.source``
+    (the file), which :func:`build_prompt` names in its errors.  Callers pass None on to
+    :func:`build_prompt`, which then uses :data:`QWEN2_VL_FALLBACK_TEMPLATE`.
+    """
+    found = find_chat_template(model_dir)
+    return ChatTemplate(found[0], found[1]) if found else None
+
+
+def build_messages(question: str, n_images: int, system: str | None) -> list[dict]:
+    """The single-turn conversation in Hugging Face's multimodal message form."""
+    messages: list[dict] = []
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    content: list[dict] = [{"type": "image"} for _ in range(n_images)]
+    content.append({"type": "text", "text": question})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def _check_user_text(text: str, what: str) -> None:
+    for token in _RESERVED_TOKENS:
+        if token in text:
+            raise InputError(f"the {what} contains the model's control token {token}; remove it")
+
+
+def _sandbox():
+    """A fresh immutable sandbox configured like transformers' chat-template renderer."""
+    from datetime import datetime
+
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: object) -> None:
+        raise TemplateError(str(message))
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    def tojson(value: object, ensure_ascii: bool = False, indent: int | None = None, **_: object) -> str:
+        # Unlike Jinja's built-in filter this does not HTML-escape, matching transformers.
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols], autoescape=False
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env
+
+
+def render_chat_template(
+    chat_template: str,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = True,
+    source: str | Path | None = None,
+    variables: Mapping[str, object] | None = None,
+) -> str:
+    """Render ``chat_template`` in the sandbox; any template failure becomes a ModelError naming ``source``."""
+    from jinja2 import TemplateError
+    from jinja2.exceptions import SecurityError
+
+    where = source
+    env = _sandbox()
+    context = {"bos_token": "", "eos_token": "", **(variables or {})}
+    try:
+        template = env.from_string(chat_template)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+    except SecurityError as exc:
+        raise ModelError(
+            f"the chat template tried an unsafe operation and was stopped: {exc}", path=where
+        ) from exc
+    except TemplateError as exc:
+        raise ModelError(f"the chat template is broken: {exc}", path=where) from exc
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as exc:
+        raise ModelError(f"the chat template failed to render: {exc!r}", path=where) from exc
+
+
+def build_prompt(
+    chat_template: str | None,
+    question: str,
+    n_images: int,
+    system: str | None = QVQ_SYSTEM_PROMPT,
+    *,
+    source: str | Path | None = None,
+    variables: Mapping[str, object] | None = None,
+) -> str:
+    """Render the single-turn prompt for ``question`` about ``n_images`` images.
+
+    ``chat_template`` is the model's own template (see :func:`load_chat_template`); None selects the
+    built-in Qwen2-VL template.  ``system`` defaults to QVQ's system prompt; None leaves the system
+    turn to the template's own default.  ``source`` names the template's file in error messages
+    (default: the template's own ``.source``); ``variables`` adds template variables such as
+    ``bos_token``.  The result
+    ends with the assistant turn's opening and holds one ``<|vision_start|><|image_pad|><|vision_end|>``
+    block per image; a template that renders a different number of image blocks raises ModelError.
+    """
+    if n_images < 0:
+        raise ValueError("n_images must be >= 0")
+    _check_user_text(question, "question")
+    if system is not None:
+        _check_user_text(system, "system prompt")
+    if chat_template is None:
+        chat_template, source = QWEN2_VL_FALLBACK_TEMPLATE, "built-in Qwen2-VL template"
+    elif source is None:
+        source = getattr(chat_template, "source", None)
+    text = render_chat_template(
+        chat_template,
+        build_messages(question, n_images, system),
+        add_generation_prompt=True,
+        source=source,
+        variables=variables,
+    )
+    rendered_images = text.count(IMAGE_PAD)
+    if rendered_images != n_images:
+        raise ModelError(
+            f"the chat template rendered {rendered_images} image block(s) for {n_images} image(s);"
+            " it is not a Qwen2-VL style template",
+            path=source,
+        )
+    return text

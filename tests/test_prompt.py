@@ -1,0 +1,162 @@
+"""The single-turn prompt: the model's own chat template, rendered in a sandbox."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qvq_local.errors import InputError, ModelError
+from qvq_local.prompt import (
+    IMAGE_BLOCK,
+    QVQ_SYSTEM_PROMPT,
+    QWEN2_VL_FALLBACK_TEMPLATE,
+    build_prompt,
+    load_chat_template,
+)
+
+# The chat template Qwen2-VL (and QVQ-72B-Preview, apart from its default system line) ships in
+# chat_template.json / tokenizer_config.json: the reference the fallback must reproduce.
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+
+def test_renders_system_prompt_image_blocks_and_generation_prompt():
+    text = build_prompt(QWEN2_VL_TEMPLATE, "What is the tallest bar?", 1)
+    assert text == (
+        f"<|im_start|>system\n{QVQ_SYSTEM_PROMPT}<|im_end|>\n"
+        f"<|im_start|>user\n{IMAGE_BLOCK}What is the tallest bar?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_one_vision_block_per_image_in_order_before_the_text():
+    text = build_prompt(QWEN2_VL_TEMPLATE, "Compare them.", 3)
+    assert text.count(IMAGE_BLOCK) == 3
+    assert f"{IMAGE_BLOCK * 3}Compare them.<|im_end|>" in text
+
+
+def test_custom_and_template_default_system_prompt():
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in build_prompt(QWEN2_VL_TEMPLATE, "q", 0, "Be brief.")
+    # system=None leaves the system turn to the template (Qwen2-VL's own default line)
+    assert build_prompt(QWEN2_VL_TEMPLATE, "q", 0, system=None).startswith(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nq<|im_end|>"
+    )
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+@pytest.mark.parametrize("system", [QVQ_SYSTEM_PROMPT, None, "Custom."])
+def test_fallback_template_matches_qwen2_vl_template(n_images, system):
+    question = "Zähle die Balken: wie viele? 日本語"
+    reference = build_prompt(QWEN2_VL_TEMPLATE, question, n_images, system)
+    assert build_prompt(None, question, n_images, system) == reference
+    assert build_prompt(QWEN2_VL_FALLBACK_TEMPLATE, question, n_images, system) == reference
+
+
+def test_load_chat_template_from_tokenizer_config(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": QWEN2_VL_TEMPLATE}))
+    template = load_chat_template(tmp_path)
+    assert template == QWEN2_VL_TEMPLATE
+    assert template.source == str(tmp_path / "tokenizer_config.json")
+
+
+def test_load_chat_template_precedence_and_named_list(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "d"}]}
+        )
+    )
+    assert load_chat_template(tmp_path) == "d"
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "from chat_template.json"}))
+    assert load_chat_template(tmp_path) == "from chat_template.json"
+    (tmp_path / "chat_template.jinja").write_text("from jinja")
+    assert load_chat_template(tmp_path) == "from jinja"
+
+
+def test_no_template_gives_none(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert load_chat_template(tmp_path) is None
+
+
+def test_invalid_json_names_the_file(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="tokenizer_config.json"):
+        load_chat_template(tmp_path)
+
+
+def test_broken_template_is_a_model_error_naming_the_file(tmp_path):
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "{% for m in messages %}"}))
+    template = load_chat_template(tmp_path)
+    with pytest.raises(ModelError, match=r"chat_template\.json: the chat template is broken"):
+        build_prompt(template, "q", 0)
+
+
+def test_template_raise_exception_becomes_model_error():
+    with pytest.raises(ModelError, match="only user and assistant roles"):
+        build_prompt("{{ raise_exception('only user and assistant roles') }}", "q", 0)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ cycler.__init__.__globals__.os.system('echo pwned') }}",
+        "{% set _ = messages.append({'role': 'user', 'content': 'x'}) %}",
+        "{% set _ = messages[0].update({'content': 'x'}) %}",
+    ],
+)
+def test_sandbox_blocks_attribute_exploits_and_mutation(template):
+    with pytest.raises(ModelError, match="unsafe"):
+        build_prompt(template, "q", 0)
+
+
+def test_template_helpers_hf_templates_use():
+    text = build_prompt(
+        "{{ strftime_now('%Y') }}|{{ messages[1].content[0] | tojson }}|{{ bos_token }}{{ "
+        "'<|vision_start|><|image_pad|><|vision_end|>' }}",
+        "q",
+        1,
+        variables={"bos_token": "<s>"},
+    )
+    year, blob, rest = text.split("|", 2)
+    assert year.isdigit() and len(year) == 4
+    assert json.loads(blob) == {"type": "image"}
+    assert rest.startswith("<s>")
+
+
+def test_template_that_drops_images_is_rejected():
+    with pytest.raises(ModelError, match="rendered 0 image block"):
+        build_prompt("{{ messages[-1].content[-1].text }}", "q", 1)
+
+
+@pytest.mark.parametrize("token", ["<|image_pad|>", "<|im_end|>", "<|vision_start|>", "<|endoftext|>"])
+def test_question_cannot_smuggle_control_tokens(token):
+    with pytest.raises(InputError, match="control token"):
+        build_prompt(None, f"look {token} here", 0)
+
+
+def test_synthetic_checkpoint_ships_a_working_template(tiny_checkpoint):
+    template = load_chat_template(tiny_checkpoint)
+    assert template is not None
+    text = build_prompt(template, "How many bars?", 1)
+    assert text.count(IMAGE_BLOCK) == 1
+    assert QVQ_SYSTEM_PROMPT in text
+    assert text.endswith("<|im_start|>assistant\n")
