@@ -1,0 +1,280 @@
+"""Load, validate and bound images before they reach a vision encoder.
+
+Every image goes through :func:`load_image`: it names the file and the problem in one line for anything it
+cannot use (missing, a folder, empty, not an image, truncated, a decompression bomb, zero-size), turns
+whatever it gets into plain RGB the way a person would expect to see it, and bounds its pixel count.
+
+Why bound the pixels: the Qwen2-VL vision tower costs grows faster than linearly with image size (a 448x448
+image, 256 image tokens, took 8.5 s to encode on 2 CPU cores; 896x896 took 60 s), and the image tokens
+take context.  The default ``DEFAULT_MAX_PIXELS = 448 * 448`` (at most 256 image tokens) keeps one image
+to seconds on a small CPU; raise it (``--max-pixels``) on a GPU or for fine print.
+
+Conversions, in order:
+
+* EXIF orientation is applied first (phone photos come out upright; sizes are reported after it).
+* Only the first frame of an animated GIF/PNG/WebP or a multi-page TIFF is used.
+* Transparency (RGBA, LA, palette with a transparent colour) is composited on white, as viewers show it.
+* 16-bit and 32-bit greyscale (``I;16``, ``I``) are scaled to 8 bits (Pillow's own conversion clips every
+  value above 255 to white); float images (``F``) are taken as 0..1 when they fit, clipped otherwise.
+* CMYK, YCbCr, LAB, HSV and 1-bit images use Pillow's conversion to RGB.
+
+Sizing (:func:`bound_size`) follows Qwen2-VL's ``smart_resize``: both sides multiples of 28 (a 14-pixel
+patch, merged 2x2), the aspect ratio kept, the pixel count within ``[min_pixels, max_pixels]``.  Unlike
+``smart_resize``, which raises for aspect ratios above 200, extreme strips are clamped instead: the short
+side never drops below 28, the long side never exceeds ``max_pixels // 28``, and within those limits the
+aspect ratio is kept (a 10000x50 strip becomes 5600x28; 100000x10 becomes 7168x28).
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import os
+import warnings
+from pathlib import Path
+
+from qvq_local.errors import InputError
+from qvq_local.events import ImageInfo
+
+FACTOR = 28
+"""Qwen2-VL: 14-pixel patches, merged 2x2 into one image token, so sides are multiples of 28."""
+
+DEFAULT_MAX_PIXELS = 448 * 448  # 200,704 pixels: at most 256 image tokens
+DEFAULT_MIN_PIXELS = 56 * 56  # Qwen2-VL's processor minimum (4 image tokens)
+MAX_SOURCE_PIXELS = 178_956_970
+"""Largest source image decoded at all (Pillow's own hard limit, ~179 megapixels, ~540 MB as RGB).
+Anything larger is refused from its header, before any pixel is decoded."""
+
+
+def image_tokens(width: int, height: int, factor: int = FACTOR) -> int:
+    """Image tokens the model sees for an image already bounded to ``width`` x ``height``."""
+    return (width // factor) * (height // factor)
+
+
+def bound_size(
+    width: int,
+    height: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    factor: int = FACTOR,
+) -> tuple[int, int]:
+    """The ``(width, height)`` an image is resized to: multiples of ``factor``, aspect kept, pixels bounded.
+
+    See the module docstring for the rule on extreme aspect ratios (clamped, never an error).
+    """
+    if width < 1 or height < 1:
+        raise InputError(f"image size must be positive, got {width}x{height}")
+    if factor < 1:
+        raise InputError(f"resize factor must be positive, got {factor}")
+    if max_pixels < factor * factor:
+        raise InputError(
+            f"max pixels must be at least {factor * factor} ({factor}x{factor}), got {max_pixels}"
+        )
+    min_pixels = max(1, min(min_pixels, max_pixels))
+
+    def snap(x: float, how) -> int:
+        return max(factor, int(how(x / factor)) * factor)
+
+    w = snap(width, round)
+    h = snap(height, round)
+    if w * h > max_pixels:
+        beta = math.sqrt(width * height / max_pixels)
+        w, h = snap(width / beta, math.floor), snap(height / beta, math.floor)
+    elif w * h < min_pixels:
+        beta = math.sqrt(min_pixels / (width * height))
+        w, h = snap(width * beta, math.ceil), snap(height * beta, math.ceil)
+
+    longest = max(factor, (max_pixels // factor) // factor * factor)
+    if h == factor and width > height:
+        # the short side hit the floor: give the long side the source's aspect ratio, within the bound
+        w = min(longest, max(factor, round(width / height) * factor))
+    elif w == factor and height > width:
+        h = min(longest, max(factor, round(height / width) * factor))
+    # stay within max_pixels whatever rounding did
+    while w * h > max_pixels and (w > factor or h > factor):
+        if w >= h:
+            w -= factor
+        else:
+            h -= factor
+    return w, h
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _sniff(head: bytes) -> str:
+    """A hint about what a file that Pillow does not recognise actually is."""
+    import struct
+
+    stripped = head.lstrip()
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 24:
+        width, height = struct.unpack(">II", head[16:24])
+        if width == 0 or height == 0:
+            return f"image has zero size ({width}x{height} in its PNG header)"
+    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        width, height = struct.unpack("<HH", head[6:10])
+        if width == 0 or height == 0:
+            return f"image has zero size ({width}x{height} in its GIF header)"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "not a readable image: a WebP file with a corrupt header"
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return f"not a readable image: a {fmt} file with a corrupt header"
+    if head.startswith(b"%PDF"):
+        return "not an image: it is a PDF (export the page as PNG)"
+    if stripped[:5].lower() in (b"<?xml", b"<svg ") or b"<svg" in head[:512].lower():
+        return "not an image: it looks like SVG, which is not supported (convert it to PNG)"
+    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypmsf1", b"ftypavif"):
+        return "HEIC/AVIF images are not supported by this Pillow build (convert it to JPEG or PNG)"
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and "\x00" not in text:
+        return "not an image: it looks like a text file"
+    return "not an image: the format is not recognised"
+
+
+def _to_rgb(im):
+    """Any Pillow image -> RGB, the way a viewer would show it (see the module docstring)."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy()
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(im)
+        if mode == "F":
+            arr = arr.astype(np.float64)
+            arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)
+            if arr.size and arr.max() <= 1.0:
+                arr = arr * 255.0
+        else:
+            arr = arr.astype(np.float64) / 257.0  # 65535 -> 255; 32-bit "I" images hold 16-bit data
+        grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    has_alpha = (
+        mode in ("RGBA", "LA", "PA", "RGBa", "La")
+        or (mode == "P" and "transparency" in im.info)
+        or (mode in ("L", "RGB", "1") and "transparency" in im.info)
+    )
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _decode(p: Path, name: str, head: bytes, limit: int):
+    """Open (header only), check the size, then decode the first frame and make it upright RGB."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        im = Image.open(p)
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"image is too large to decode safely (over {limit:,} pixels; possible decompression bomb)",
+            path=name,
+        ) from None
+    except UnidentifiedImageError:
+        raise InputError(_sniff(head), path=name) from None
+    except Exception as err:  # noqa: BLE001 - untrusted bytes make Pillow raise anything
+        raise InputError(f"not a readable image ({_reason(err)})", path=name) from None
+
+    with im:
+        width, height = im.size
+        if width <= 0 or height <= 0:
+            raise InputError(f"image has zero size ({width}x{height})", path=name)
+        if width * height > limit:
+            raise InputError(
+                f"image is too large to decode safely ({width}x{height} = {width * height:,} pixels, "
+                f"limit {limit:,}; possible decompression bomb)",
+                path=name,
+            )
+        fmt = im.format or "image"
+        try:
+            im.seek(0)  # first frame of an animation or the first page
+            im.load()
+        except Exception as err:  # noqa: BLE001
+            raise InputError(f"{fmt} data is truncated or corrupt ({_reason(err)})", path=name) from None
+        try:
+            upright = ImageOps.exif_transpose(im)
+        except Exception:  # noqa: BLE001 - a broken EXIF block should not cost the picture
+            upright = im
+        if upright is None:
+            upright = im
+        try:
+            rgb = _to_rgb(upright)
+        except Exception as err:  # noqa: BLE001
+            raise InputError(f"cannot convert {fmt} ({im.mode}) to RGB ({_reason(err)})", path=name) from None
+
+    return rgb
+
+
+def load_image(
+    path: str | os.PathLike,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    *,
+    max_source_pixels: int = MAX_SOURCE_PIXELS,
+):
+    """Open ``path`` and return ``(PIL.Image in RGB, ImageInfo)``, resized by :func:`bound_size`.
+
+    Raises InputError (one line, naming the file) for anything that is not a usable image.  Pixels are
+    decoded only after the header passed the size checks, so a decompression bomb costs nothing.
+    """
+    from PIL import Image
+
+    bound_size(1, 1, max_pixels=max_pixels, min_pixels=min_pixels)  # bad options fail before any I/O
+    p = Path(path)
+    name = str(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise InputError("no such image file", path=name) from None
+    except OSError as err:
+        raise InputError(f"cannot read image file ({err.strerror or err})", path=name) from None
+    if p.is_dir():
+        raise InputError("is a folder, not an image file", path=name)
+    if not p.is_file():
+        raise InputError("is not a regular file", path=name)
+    if st.st_size == 0:
+        raise InputError("is an empty file (0 bytes), not an image", path=name)
+    limit = (
+        min(max_source_pixels, 2 * Image.MAX_IMAGE_PIXELS) if Image.MAX_IMAGE_PIXELS else max_source_pixels
+    )
+
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(512)
+    except OSError as err:
+        raise InputError(f"cannot read image file ({err.strerror or err})", path=name) from None
+
+    # Pillow warns about odd files (bombs below its hard limit, bad TIFF tags, truncated reads); the
+    # checks here decide, and a user sees one line, not warnings.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rgb = _decode(p, name, head, limit)
+
+    original = rgb.size
+    size = bound_size(original[0], original[1], max_pixels=max_pixels, min_pixels=min_pixels)
+    if size != original:
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    return rgb, ImageInfo(path=name, original_size=original, size=size, tokens=image_tokens(*size))
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:160]
