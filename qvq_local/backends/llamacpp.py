@@ -1,0 +1,822 @@
+"""The llama.cpp backend: a GGUF text model plus its mmproj, driven through llama-cpp-python's C API.
+
+Why the low-level API and not ``llama_cpp.Llama`` with a chat handler: the reasoning controller needs to
+sample one token at a time, append forced text into the same KV cache and read logits, and the image
+must be encoded exactly once per question.  The chat handlers re-evaluate the whole prompt (and the
+image) on every call; the C API keeps the cache where we left it.
+
+Pieces:
+
+* ``libllama`` holds the text model and the KV cache (one ``llama_context`` per session);
+* ``libmtmd`` holds the vision tower (one ``mtmd_context`` per loaded model).  ``mtmd_tokenize`` splits
+  the prompt into text chunks and image chunks; each image chunk is encoded once (``mtmd_encode_chunk``,
+  timed on its own) and its embeddings decoded into the KV cache (``mtmd_helper_decode_image_chunk``);
+* a llama.cpp sampler chain (penalties, top-k, top-p, temperature, seeded draw; greedy when the settings
+  make it deterministic).
+
+M-RoPE matters for bookkeeping: an image advances the position counter by ``max(grid_h, grid_w)`` but
+stores one KV cell per image token.  ``n_past`` counts positions (where the next token goes);
+``n_cells`` counts cells (what fills ``n_ctx``).  Overflow is checked against cells, before decoding, and
+raised as :class:`~qvq_local.errors.ContextOverflow`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import math
+import os
+import struct
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qvq_local.backends.base import PrefillStats, Prompt, SamplingParams, Token
+from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError, QvqError
+
+#: Text-model architectures (``general.architecture``) whose GGUF this backend runs with an mmproj.
+SUPPORTED_ARCHS = frozenset({"qwen2vl"})
+#: mmproj projector types (``clip.projector_type``) that pair with them.
+SUPPORTED_PROJECTORS = frozenset({"qwen2vl_merger"})
+
+IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+
+#: Sessions without an explicit ``n_ctx`` get this many cells (capped at the trained length).
+DEFAULT_N_CTX = 8192
+#: The repetition penalty looks back this many tokens.
+PENALTY_LAST_N = 64
+#: Default image token bounds, as llama.cpp uses for Qwen2-VL (tokens after the 2x2 merge).
+IMAGE_MIN_TOKENS = 8
+IMAGE_MAX_TOKENS = 4096
+
+INSTALL_HINT = "pip install 'qvq-local[llama]'"
+
+_GGML_LOG_LEVEL_ERROR = 4
+
+
+# ---------------------------------------------------------------- library loading and logging
+
+
+class _LogSink:
+    """Receives llama.cpp / mtmd log lines: silent unless QVQ_DEBUG, but remembers the last errors.
+
+    The remembered lines turn a NULL from ``llama_model_load_from_file`` into a message that says why.
+    """
+
+    def __init__(self) -> None:
+        self.errors: deque[str] = deque(maxlen=8)
+        self.debug = bool(os.environ.get("QVQ_DEBUG"))
+        self.callback = None  # the ctypes function object; must stay referenced while installed
+
+    def __call__(self, level: int, text: bytes | None, _user: Any) -> None:
+        line = (text or b"").decode("utf-8", "replace")
+        if level == _GGML_LOG_LEVEL_ERROR and line.strip():
+            self.errors.append(line.strip())
+        if self.debug:
+            import sys
+
+            sys.stderr.write(line)
+
+    def last_error(self) -> str:
+        return self.errors[-1] if self.errors else ""
+
+    def clear(self) -> None:
+        self.errors.clear()
+
+
+_LOG = _LogSink()
+_LIBS: tuple[Any, Any] | None = None
+
+
+def _libs() -> tuple[Any, Any]:
+    """Import llama_cpp and its mtmd bindings once, and route their logs to :data:`_LOG`."""
+    global _LIBS
+    if _LIBS is not None:
+        return _LIBS
+    try:
+        import llama_cpp
+        from llama_cpp import mtmd_cpp
+    except ImportError as exc:
+        raise BackendUnavailable("llama-cpp-python is not installed", hint=INSTALL_HINT) from exc
+    except OSError as exc:  # the wheel is there but its shared library does not load
+        raise BackendUnavailable(
+            f"llama-cpp-python is installed but its library failed to load: {exc}",
+            hint=f"reinstall it: {INSTALL_HINT}",
+        ) from exc
+    _LOG.debug = bool(os.environ.get("QVQ_DEBUG"))
+    _LOG.callback = llama_cpp.llama_log_callback(_LOG)
+    llama_cpp.llama_log_set(_LOG.callback, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(_LOG.callback, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    _LIBS = (llama_cpp, mtmd_cpp)
+    return _LIBS
+
+
+# ---------------------------------------------------------------- GGUF header peek (no llama.cpp needed)
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict[str, Any]:
+    """Read a GGUF file's key/value header (not its tensors).
+
+    With ``wanted``, stop as soon as those keys are seen (a text model's tokenizer arrays hold ~150k
+    strings, not worth walking to find ``general.architecture``, which comes first).  Arrays of strings
+    are skipped, not returned.  Raises ModelError naming the file when it is not a GGUF or is truncated.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            return _parse_gguf_header(fh, path, size, wanted)
+    except OSError as exc:
+        raise ModelError(f"cannot read: {exc.strerror or exc}", path=path) from exc
+
+
+def _parse_gguf_header(fh: Any, path: Path, size: int, wanted: set[str] | None) -> dict[str, Any]:
+    def read(n: int) -> bytes:
+        data = fh.read(n)
+        if len(data) != n:
+            raise ModelError("truncated or corrupt GGUF file (header ends early)", path=path)
+        return data
+
+    def unpack(fmt: str) -> Any:
+        return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
+
+    def read_str() -> str:
+        n = unpack("<Q")
+        if n > size:
+            raise ModelError("corrupt GGUF header (impossible string length)", path=path)
+        return read(n).decode("utf-8", "replace")
+
+    magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelError("not a GGUF file (bad magic bytes)", path=path)
+    version = unpack("<I")
+    if version not in (2, 3):
+        raise ModelError(f"unsupported GGUF version {version}", path=path)
+    n_tensors, n_kv = unpack("<Q"), unpack("<Q")
+    if n_kv > 1_000_000 or n_tensors > 10_000_000:
+        raise ModelError("corrupt GGUF header (impossible counts)", path=path)
+    meta: dict[str, Any] = {"__n_tensors__": n_tensors}
+    for _ in range(n_kv):
+        key = read_str()
+        vtype = unpack("<I")
+        if vtype in _GGUF_SCALARS:
+            meta[key] = unpack(_GGUF_SCALARS[vtype])
+        elif vtype == _GGUF_STRING:
+            meta[key] = read_str()
+        elif vtype == _GGUF_ARRAY:
+            itype, count = unpack("<I"), unpack("<Q")
+            if itype in _GGUF_SCALARS:
+                width = struct.calcsize(_GGUF_SCALARS[itype])
+                if count * width > size:
+                    raise ModelError("corrupt GGUF header (impossible array length)", path=path)
+                if count <= 64:
+                    meta[key] = list(struct.unpack(f"<{count}{_GGUF_SCALARS[itype][1]}", read(count * width)))
+                else:
+                    fh.seek(count * width, 1)
+            elif itype == _GGUF_STRING:
+                if count > size:
+                    raise ModelError("corrupt GGUF header (impossible array length)", path=path)
+                for _ in range(count):
+                    fh.seek(unpack("<Q"), 1)
+            else:
+                raise ModelError(f"corrupt GGUF header (array of unknown type {itype})", path=path)
+        else:
+            raise ModelError(f"corrupt GGUF header (unknown value type {vtype} for {key!r})", path=path)
+        if wanted is not None and wanted <= meta.keys():
+            break
+    return meta
+
+
+def _file_type_names(llama_cpp: Any) -> dict[int, str]:
+    """Map ``general.file_type`` values to names ("Q4_K_M", "F16", ...) from llama_cpp's enum constants."""
+    names: dict[int, str] = {}
+    for attr in dir(llama_cpp):
+        if attr.startswith("LLAMA_FTYPE_") and attr != "LLAMA_FTYPE_GUESSED":
+            value = getattr(llama_cpp, attr)
+            if isinstance(value, int):
+                names.setdefault(value, attr.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_"))
+    return names
+
+
+def _sidecar_generation_config(model_gguf: Path) -> dict:
+    """generation_config values shipped next to the GGUF (GGUF has no key for them).
+
+    Looked up in ``generation_config.json`` (a copy of the HF file) and then in a qvq manifest
+    (``qvq-manifest.json`` / ``manifest.json``) under ``"generation_config"``.  Unknown or unreadable files
+    are ignored: the defaults are QVQ's published values anyway.
+    """
+    keys = ("temperature", "top_p", "top_k", "repetition_penalty")
+    folder = model_gguf.parent
+    candidates = [(folder / "generation_config.json", None)]
+    for name in ("qvq-manifest.json", "qvq_manifest.json", "manifest.json"):
+        candidates.append((folder / name, "generation_config"))
+    for path, sub in candidates:
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if sub is not None:
+            data = data.get(sub) if isinstance(data, dict) else None
+        if isinstance(data, dict):
+            found = {k: data[k] for k in keys if isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool)}
+            if found:
+                return found
+    return {}
+
+
+# ---------------------------------------------------------------- image token arithmetic (mirrors mtmd)
+
+
+def qwen2vl_image_grid(width: int, height: int, patch_size: int = 14, merge: int = 2,
+                       min_tokens: int = IMAGE_MIN_TOKENS, max_tokens: int = IMAGE_MAX_TOKENS) -> tuple[int, int]:
+    """(grid_w, grid_h) in merged tokens for an image of ``width`` x ``height``, as mtmd resizes it.
+
+    Same arithmetic as llama.cpp's ``calc_size_preserved_ratio`` (transformers' ``smart_resize``):
+    round each side to a multiple of ``patch_size*merge``, then scale down/up to fit the pixel bounds.
+    """
+    if width <= 0 or height <= 0:
+        raise InputError(f"image size {width}x{height} is empty")
+    align = patch_size * merge
+    patch_area = align * align
+    min_px, max_px = min_tokens * patch_area, max_tokens * patch_area
+    w_bar = max(align, round(width / align) * align)
+    h_bar = max(align, round(height / align) * align)
+    if w_bar * h_bar > max_px:
+        beta = math.sqrt(width * height / max_px)
+        h_bar = max(align, math.floor(height / beta / align) * align)
+        w_bar = max(align, math.floor(width / beta / align) * align)
+    elif w_bar * h_bar < min_px:
+        beta = math.sqrt(min_px / (width * height))
+        h_bar = math.ceil(height * beta / align) * align
+        w_bar = math.ceil(width * beta / align) * align
+    return w_bar // align, h_bar // align
+
+
+# ---------------------------------------------------------------- the loaded model
+
+
+@dataclass
+class LlamaModel:
+    """A GGUF text model and its mmproj in memory (implements ``LoadedModel``)."""
+
+    name: str
+    model_path: Path
+    mmproj_path: Path
+    quantization: str
+    chat_template: str | None
+    generation_config: dict
+    context_length: int
+    n_vocab: int
+    n_embd: int
+    n_gpu_layers: int
+    gpu_offload: bool
+    patch_size: int
+    merge_size: int
+    backend: str = "llama"
+    n_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    _model: Any = None
+    _mtmd: Any = None
+    _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    _finalizer: Any = None
+
+    # -- sizing helpers
+
+    def image_token_estimate(self, width: int, height: int) -> int:
+        """Image tokens (KV cells) one ``width`` x ``height`` image takes, after mtmd's resize and merge."""
+        gw, gh = qwen2vl_image_grid(width, height, self.patch_size, self.merge_size)
+        return gw * gh
+
+    def image_positions(self, width: int, height: int) -> int:
+        """Positions one image advances ``n_past`` by (M-RoPE: ``max(grid_w, grid_h)``)."""
+        return max(qwen2vl_image_grid(width, height, self.patch_size, self.merge_size))
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of ``text`` with no BOS; ``special=True`` parses ``<|...|>`` control tokens."""
+        llama_cpp, _ = _libs()
+        self._check_open()
+        vocab = llama_cpp.llama_model_get_vocab(self._model)
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, cap, False, special)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, cap, False, special)
+        if n < 0:
+            raise QvqError(f"llama.cpp could not tokenize {len(data)} bytes of text")
+        return list(buf[:n])
+
+    def context_needed(self, prompt: Prompt | str, image_sizes: list[tuple[int, int]] | None = None,
+                       new_tokens: int = 0) -> int:
+        """KV cells a session needs for ``prompt`` plus ``new_tokens`` generated or fed tokens.
+
+        Pass the sum of both budgets and the forced text's length as ``new_tokens``.  Image sizes come
+        from ``prompt.images`` (PIL images) when ``prompt`` is a Prompt, else from ``image_sizes``.
+        """
+        if isinstance(prompt, Prompt):
+            text = prompt.text
+            sizes = [tuple(img.size) for img in prompt.images] if image_sizes is None else image_sizes
+        else:
+            text = prompt
+            sizes = image_sizes or []
+        n_blocks = text.count(IMAGE_BLOCK)
+        if n_blocks != len(sizes):
+            raise InputError(f"the prompt has {n_blocks} image block(s) but {len(sizes)} image(s) were given")
+        text_tokens = len(self.tokenize(text.replace(IMAGE_BLOCK, "<|vision_start|><|vision_end|>"), special=True))
+        image_tokens = sum(self.image_token_estimate(w, h) for (w, h) in sizes)
+        return text_tokens + image_tokens + max(0, int(new_tokens))
+
+    # -- sessions
+
+    def new_session(self, sampling: SamplingParams | None = None, *, n_ctx: int | None = None) -> LlamaSession:
+        """Open a session (one KV cache) of ``n_ctx`` cells; size it with :meth:`context_needed`."""
+        self._check_open()
+        if n_ctx is None:
+            n_ctx = min(DEFAULT_N_CTX, self.context_length) if self.context_length > 0 else DEFAULT_N_CTX
+        n_ctx = int(n_ctx)
+        if n_ctx <= 0:
+            raise InputError(f"n_ctx must be positive, got {n_ctx}")
+        if self.context_length > 0 and n_ctx > self.context_length:
+            raise ContextOverflow(
+                f"the question needs {n_ctx} tokens of context but {self.name} was trained for"
+                f" {self.context_length}",
+                hint="lower the thinking/answer budgets or the image size",
+            )
+        session = LlamaSession(self, (sampling or SamplingParams()).resolved(self.generation_config), n_ctx)
+        self._sessions.add(session)
+        return session
+
+    def close(self) -> None:
+        """Free every open session, then the vision context and the model (idempotent)."""
+        if self._model is None:
+            return
+        for session in list(self._sessions):
+            session.close()
+        self._model = None
+        self._mtmd = None
+        if self._finalizer is not None:
+            self._finalizer()  # frees the handles exactly once (also run at GC or interpreter exit)
+
+    def _check_open(self) -> None:
+        if self._model is None:
+            raise RuntimeError("this model was closed")
+
+
+def _free_model(llama_cpp: Any, mtmd_cpp: Any, model: Any, mctx: Any) -> None:
+    mtmd_cpp.mtmd_free(mctx)
+    llama_cpp.llama_model_free(model)
+
+
+def _free_session(llama_cpp: Any, sampler: Any, batch: Any, ctx: Any) -> None:
+    llama_cpp.llama_sampler_free(sampler)
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+
+
+def _check_file(path: Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelError(f"{what} not found", path=path)
+    if not path.is_file():
+        raise ModelError(f"{what} is not a file", path=path)
+    return path
+
+
+def load(
+    model_gguf: str | Path,
+    mmproj_gguf: str | Path | None,
+    *,
+    n_gpu_layers: int | None = None,
+    name: str | None = None,
+    generation_config: dict | None = None,
+    n_threads: int | None = None,
+) -> LlamaModel:
+    """Load a Qwen2-VL GGUF text model and its mmproj.
+
+    ``n_gpu_layers``: None puts every layer on the GPU when llama.cpp reports GPU offload support and
+    keeps them on the CPU otherwise; -1 means all.  ``generation_config`` overrides the sampling
+    defaults (otherwise read from a sidecar ``generation_config.json`` or manifest, else QVQ's values).
+    Errors name the file: a missing, corrupt or wrong-architecture GGUF, and a missing or mismatched
+    mmproj, raise ModelError; a missing llama-cpp-python raises BackendUnavailable.
+    """
+    model_path = _check_file(Path(model_gguf), "GGUF model file")
+    if mmproj_gguf is None:
+        raise ModelError(
+            "no mmproj (vision projector) GGUF was given for this model; the image cannot be read without it",
+            path=model_path,
+        )
+    mmproj_path = _check_file(Path(mmproj_gguf), "mmproj GGUF file")
+
+    meta = read_gguf_metadata(model_path, {"general.architecture"})
+    arch = meta.get("general.architecture")
+    if arch == "clip":
+        raise ModelError("this is an mmproj (vision projector) file, not the text model", path=model_path)
+    if arch not in SUPPORTED_ARCHS:
+        raise ModelError(
+            f"GGUF architecture is {arch!r}, not a Qwen2-VL model ({', '.join(sorted(SUPPORTED_ARCHS))})",
+            path=model_path,
+        )
+    pmeta = read_gguf_metadata(mmproj_path)
+    if pmeta.get("general.architecture") != "clip":
+        raise ModelError(
+            f"not an mmproj file: its architecture is {pmeta.get('general.architecture')!r}, expected 'clip'",
+            path=mmproj_path,
+        )
+    projector = pmeta.get("clip.projector_type") or pmeta.get("clip.vision.projector_type")
+    if projector not in SUPPORTED_PROJECTORS:
+        raise ModelError(f"mmproj projector type is {projector!r}, expected qwen2vl_merger", path=mmproj_path)
+
+    llama_cpp, mtmd_cpp = _libs()
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    if n_gpu_layers is None:
+        n_gpu_layers = -1 if gpu else 0
+    threads = int(n_threads or max(1, os.cpu_count() or 1))
+
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = int(n_gpu_layers)
+    _LOG.clear()
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
+    if not model:
+        why = _LOG.last_error() or "corrupt or unsupported GGUF"
+        raise ModelError(f"llama.cpp could not load this GGUF: {why}", path=model_path)
+
+    try:
+        n_embd = int(llama_cpp.llama_model_n_embd(model))
+        proj_dim = pmeta.get("clip.vision.projection_dim")
+        if proj_dim is not None and int(proj_dim) != n_embd:
+            raise ModelError(
+                f"this mmproj projects to width {proj_dim} but the text model {model_path.name} is {n_embd} wide;"
+                " it belongs to another model",
+                path=mmproj_path,
+            )
+        cparams = mtmd_cpp.mtmd_context_params_default()
+        cparams.use_gpu = gpu and n_gpu_layers != 0
+        cparams.print_timings = False
+        cparams.n_threads = threads
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cparams.warmup = False  # a warmup pass costs as much as encoding a large image
+        _LOG.clear()
+        mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode("utf-8"), model, cparams)
+        if not mctx:
+            why = _LOG.last_error() or "corrupt or unsupported mmproj"
+            raise ModelError(f"llama.cpp could not load this mmproj: {why}", path=mmproj_path)
+        if not mtmd_cpp.mtmd_support_vision(mctx):
+            mtmd_cpp.mtmd_free(mctx)
+            raise ModelError("this mmproj has no vision encoder", path=mmproj_path)
+    except BaseException:
+        llama_cpp.llama_model_free(model)
+        raise
+
+    def meta_str(key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    file_type = meta_str("general.file_type")
+    names = _file_type_names(llama_cpp)
+    quantization = names.get(int(file_type), f"type {file_type}") if file_type and file_type.isdigit() else "unknown"
+    ctx_len = meta_str(f"{arch}.context_length")
+    gen = dict(_sidecar_generation_config(model_path))
+    gen.update(generation_config or {})
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    loaded = LlamaModel(
+        name=name or meta_str("general.name") or model_path.stem,
+        model_path=model_path,
+        mmproj_path=mmproj_path,
+        quantization=quantization,
+        chat_template=meta_str("tokenizer.chat_template"),
+        generation_config=gen,
+        context_length=int(ctx_len) if ctx_len and ctx_len.isdigit() else int(llama_cpp.llama_model_n_ctx_train(model)),
+        n_vocab=int(llama_cpp.llama_vocab_n_tokens(vocab)),
+        n_embd=n_embd,
+        n_gpu_layers=int(n_gpu_layers),
+        gpu_offload=gpu and n_gpu_layers != 0,
+        patch_size=int(pmeta.get("clip.vision.patch_size", 14)),
+        merge_size=int(pmeta.get("clip.vision.spatial_merge_size", 2)),
+        n_threads=threads,
+    )
+    loaded._model = model
+    loaded._mtmd = mctx
+    loaded._finalizer = weakref.finalize(loaded, _free_model, llama_cpp, mtmd_cpp, model, mctx)
+    return loaded
+
+
+# ---------------------------------------------------------------- the session
+
+
+class LlamaSession:
+    """One question: a llama.cpp context (KV cache) and a sampler chain (implements ``Session``)."""
+
+    backend = "llama"
+
+    def __init__(self, model: LlamaModel, sampling: SamplingParams, n_ctx: int):
+        llama_cpp, _ = _libs()
+        self.model = model
+        self.sampling = sampling
+        self.n_ctx = n_ctx
+        self.n_past = 0  # positions used (M-RoPE: an image advances this by max(grid_w, grid_h))
+        self.n_cells = 0  # KV cells used (an image fills one per image token)
+        self.images_encoded = 0
+        self.prefilled = False
+        self.prompt_text_ids: list[int] = []  # the prompt's text tokens, image chunks left out (for tests)
+        # Set before prefill() to keep each image's encoder output (tokens x n_embd float32) for parity tests.
+        self.capture_image_embeddings = False
+        self.image_embeddings: list = []
+        self.n_batch = min(512, n_ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(model._model)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._piece = ctypes.create_string_buffer(256)
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = model.n_threads
+        cparams.n_threads_batch = model.n_threads
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        _LOG.clear()
+        ctx = llama_cpp.llama_init_from_model(model._model, cparams)
+        if not ctx:
+            why = _LOG.last_error() or "out of memory?"
+            raise QvqError(f"llama.cpp could not create a context of {n_ctx} tokens: {why}",
+                           hint="lower the budgets or the image size")
+        self._ctx = ctx
+        self._sampler = self._build_sampler(sampling)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        # Frees the handles at close(), or when the session is garbage-collected, or at exit (before the model).
+        self._finalizer = weakref.finalize(self, _free_session, llama_cpp, self._sampler, self._batch, ctx)
+
+    # -- setup
+
+    def _build_sampler(self, sp: SamplingParams) -> Any:
+        """penalties -> (greedy | top-k -> top-p -> temperature -> seeded draw)."""
+        llama_cpp, _ = _libs()
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        rep = float(sp.repetition_penalty if sp.repetition_penalty is not None else 1.0)
+        if rep != 1.0:
+            add(chain, llama_cpp.llama_sampler_init_penalties(self.model.n_vocab, PENALTY_LAST_N, rep, 0.0, 0.0))
+        temp = float(sp.temperature if sp.temperature is not None else 0.0)
+        top_k = int(sp.top_k) if sp.top_k is not None else 0
+        if temp <= 0.0 or top_k == 1:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            if top_k > 0:
+                add(chain, llama_cpp.llama_sampler_init_top_k(top_k))
+            top_p = float(sp.top_p) if sp.top_p is not None else 1.0
+            if 0.0 < top_p < 1.0:
+                add(chain, llama_cpp.llama_sampler_init_top_p(top_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_temp(temp))
+            seed = int(sp.seed if sp.seed is not None else 0) & 0xFFFFFFFF
+            add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def _check_open(self) -> None:
+        if self._ctx is None:
+            raise RuntimeError("this session was closed")
+
+    def _need_cells(self, n: int, what: str) -> None:
+        if self.n_cells + n > self.n_ctx:
+            raise ContextOverflow(
+                f"{what} needs {n} more token(s) but the context holds {self.n_ctx} and"
+                f" {self.n_cells} are used",
+                hint="size n_ctx with context_needed() or lower the budgets",
+            )
+
+    # -- decoding
+
+    def _decode_tokens(self, tokens: list[int], *, logits_last: bool = True) -> None:
+        """Decode ``tokens`` at positions n_past.. in batches; logits only for the very last one."""
+        llama_cpp, _ = _libs()
+        batch = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            part = tokens[start:start + self.n_batch]
+            batch.n_tokens = len(part)
+            for i, tok in enumerate(part):
+                batch.token[i] = tok
+                batch.pos[i] = self.n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 0
+            if logits_last and start + len(part) == len(tokens):
+                batch.logits[len(part) - 1] = 1
+            rc = llama_cpp.llama_decode(self._ctx, batch)
+            if rc != 0:
+                self._decode_failed(rc, len(part))
+            self.n_past += len(part)
+            self.n_cells += len(part)
+
+    def _decode_failed(self, rc: int, n: int) -> None:
+        why = _LOG.last_error()
+        if rc == 1:
+            raise ContextOverflow(
+                f"llama.cpp found no room for {n} token(s) in a context of {self.n_ctx} ({self.n_cells} used)",
+                hint="size n_ctx with context_needed() or lower the budgets",
+            )
+        raise QvqError(f"llama.cpp decode failed with code {rc}" + (f": {why}" if why else ""))
+
+    # -- Session protocol
+
+    def prefill(self, prompt: Prompt) -> PrefillStats:
+        """Tokenise the prompt with mtmd, encode each image once, and fill the KV cache."""
+        import numpy as np
+
+        llama_cpp, mtmd_cpp = _libs()
+        self._check_open()
+        if self.prefilled:
+            raise RuntimeError("prefill() was already called on this session; open a new session per question")
+        n_images = len(prompt.images)
+        n_blocks = prompt.text.count(IMAGE_BLOCK)
+        if n_blocks != n_images or prompt.text.count(IMAGE_PAD) != n_images:
+            raise InputError(f"the prompt has {prompt.text.count(IMAGE_PAD)} image placeholder(s) for {n_images} image(s)")
+        mctx = self.model._mtmd
+        marker = mtmd_cpp.mtmd_default_marker().decode("utf-8")
+        # mtmd adds <|vision_start|>/<|vision_end|> around each image itself: replace the whole block.
+        text = prompt.text.replace(IMAGE_BLOCK, marker)
+
+        t_start = time.perf_counter()
+        bitmaps = []
+        chunks = None
+        try:
+            for img in prompt.images:
+                arr = np.ascontiguousarray(np.asarray(self._fit_to_grid(img), dtype=np.uint8))
+                h, w = arr.shape[:2]
+                ptr = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+                bmp = mtmd_cpp.mtmd_bitmap_init(w, h, ptr)  # copies the pixels
+                if not bmp:
+                    raise QvqError(f"mtmd could not take a {w}x{h} image")
+                bitmaps.append(bmp)
+            data = text.encode("utf-8")
+            inp = mtmd_cpp.mtmd_input_text(data, len(data), False, True)
+            arr_t = mtmd_cpp.mtmd_bitmap_p_ctypes * max(1, n_images)
+            bmp_arr = arr_t(*bitmaps) if bitmaps else arr_t()
+            chunks = mtmd_cpp.mtmd_input_chunks_init()
+            rc = mtmd_cpp.mtmd_tokenize(mctx, chunks, ctypes.byref(inp), bmp_arr, n_images)
+            if rc == 1:
+                raise InputError("the number of images does not match the image markers in the prompt")
+            if rc != 0:
+                raise InputError(f"mtmd could not preprocess the image(s) (code {rc})" +
+                                 (f": {_LOG.last_error()}" if _LOG.last_error() else ""))
+            total = int(mtmd_cpp.mtmd_helper_get_n_tokens(chunks))
+            self._need_cells(total, "the prompt")
+
+            n_chunks = int(mtmd_cpp.mtmd_input_chunks_size(chunks))
+            encode_s = 0.0
+            image_tokens: list[int] = []
+            text_ids: list[int] = []
+            for i in range(n_chunks):
+                chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+                ctype = mtmd_cpp.mtmd_input_chunk_get_type(chunk)
+                last = i == n_chunks - 1
+                if ctype == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t(0)
+                    ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                    ids = [int(ptr[j]) for j in range(n.value)]
+                    text_ids.extend(ids)
+                    if ids:
+                        self._decode_tokens(ids, logits_last=last)
+                elif ctype == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    n_tok = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
+                    t0 = time.perf_counter()
+                    rc = mtmd_cpp.mtmd_encode_chunk(mctx, chunk)
+                    encode_s += time.perf_counter() - t0
+                    self.images_encoded += 1
+                    if rc != 0:
+                        raise QvqError(f"the vision encoder failed (code {rc}): {_LOG.last_error()}")
+                    embd = mtmd_cpp.mtmd_get_output_embd(mctx)
+                    if self.capture_image_embeddings:
+                        n_embd = self.model.n_embd
+                        self.image_embeddings.append(
+                            np.ctypeslib.as_array(embd, shape=(n_tok * n_embd,)).reshape(n_tok, n_embd).copy())
+                    new_n_past = llama_cpp.llama_pos(0)
+                    rc = mtmd_cpp.mtmd_helper_decode_image_chunk(
+                        mctx, self._ctx, chunk, embd, self.n_past, 0, self.n_batch,
+                        ctypes.byref(new_n_past), mtmd_cpp.mtmd_helper_post_decode_callback(), None,
+                    )
+                    if rc != 0:
+                        self._decode_failed(rc, n_tok)
+                    self.n_past = int(new_n_past.value)
+                    self.n_cells += n_tok
+                    image_tokens.append(n_tok)
+                else:
+                    raise InputError("the prompt holds a media chunk this backend does not support (audio?)")
+            if n_chunks == 0 or mtmd_cpp.mtmd_input_chunk_get_type(
+                    mtmd_cpp.mtmd_input_chunks_get(chunks, n_chunks - 1)) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                raise InputError("the prompt must end with text (the assistant turn's opening)")
+        finally:
+            if chunks is not None:
+                mtmd_cpp.mtmd_input_chunks_free(chunks)
+            for bmp in bitmaps:
+                mtmd_cpp.mtmd_bitmap_free(bmp)
+        self.prefilled = True
+        self.prompt_text_ids = text_ids
+        # The repetition penalty sees the prompt's text tokens too, as in transformers.
+        for tok in text_ids[-PENALTY_LAST_N:]:
+            llama_cpp.llama_sampler_accept(self._sampler, tok)
+        return PrefillStats(
+            prompt_tokens=self.n_cells,
+            image_tokens=sum(image_tokens),
+            image_encode_s=encode_s,
+            prefill_s=time.perf_counter() - t_start,
+            image_tokens_per_image=image_tokens,
+        )
+
+    def _fit_to_grid(self, img: Any) -> Any:
+        """Resize (stretch, PIL bicubic) to the patch-aligned size transformers' Qwen2-VL processor uses.
+
+        mtmd would letterbox instead (keep the aspect ratio, pad black), which changes what the model sees
+        for any image whose sides are not multiples of 28; an aligned image passes through mtmd unchanged.
+        """
+        from PIL import Image
+
+        rgb = img.convert("RGB") if getattr(img, "mode", "RGB") != "RGB" else img
+        w, h = rgb.size
+        if w == 0 or h == 0:
+            raise InputError("an image is empty (0 pixels)")
+        align = self.model.patch_size * self.model.merge_size
+        gw, gh = qwen2vl_image_grid(w, h, self.model.patch_size, self.model.merge_size)
+        if (w, h) != (gw * align, gh * align):
+            rgb = rgb.resize((gw * align, gh * align), Image.Resampling.BICUBIC)
+        return rgb
+
+    def step(self) -> Token:
+        """Sample the next token from the current logits, decode it into the cache, return its text."""
+        llama_cpp, _ = _libs()
+        self._check_open()
+        if not self.prefilled:
+            raise RuntimeError("call prefill() before step()")
+        tok = int(llama_cpp.llama_sampler_sample(self._sampler, self._ctx, -1))
+        if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+            # Not decoded: nothing follows an end of turn unless the caller feeds text, which decodes itself.
+            return Token(id=tok, text=self._utf8.decode(b"", final=True), is_eos=True)
+        self._need_cells(1, "the next token")
+        self._decode_tokens([tok])
+        return Token(id=tok, text=self._stream_text(tok), is_eos=False)
+
+    def _stream_text(self, tok: int) -> str:
+        """The complete characters ``tok`` adds; bytes of a character still incomplete wait for the next."""
+        return self._utf8.decode(self._piece_bytes(tok), final=False)
+
+    def _piece_bytes(self, tok: int) -> bytes:
+        llama_cpp, _ = _libs()
+        n = llama_cpp.llama_token_to_piece(self._vocab, tok, self._piece, len(self._piece), 0, False)
+        if n < 0:
+            self._piece = ctypes.create_string_buffer(-n + 8)
+            n = llama_cpp.llama_token_to_piece(self._vocab, tok, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:max(n, 0)]
+
+    def feed(self, text: str) -> int:
+        """Append ``text`` (no BOS, no special-token parsing) to the cache; the image is not touched."""
+        llama_cpp, _ = _libs()
+        self._check_open()
+        if not self.prefilled:
+            raise RuntimeError("call prefill() before feed()")
+        tokens = self.model.tokenize(text, special=False)
+        if not tokens:
+            return 0
+        self._need_cells(len(tokens), "the forced text")
+        self._utf8.reset()  # a half character left by step() is superseded by the forced text
+        self._decode_tokens(tokens)
+        for tok in tokens[-PENALTY_LAST_N:]:
+            llama_cpp.llama_sampler_accept(self._sampler, tok)
+        return len(tokens)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.model.tokenize(text, special=False))
+
+    def last_logits(self):
+        """The logits the next step() samples from, as a float32 numpy array of n_vocab (a copy)."""
+        import numpy as np
+
+        llama_cpp, _ = _libs()
+        self._check_open()
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        if not ptr:
+            raise RuntimeError("no logits yet: call prefill() first")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).astype(np.float32, copy=True)
+
+    def close(self) -> None:
+        """Free the sampler, batch and context (idempotent)."""
+        if self._ctx is None:
+            return
+        self._ctx = None
+        self._sampler = None
+        self._finalizer()

@@ -1,0 +1,232 @@
+"""Platform facts and the backend choice.
+
+Which backend runs a model depends on three things: the machine (MLX only makes sense on Apple
+Silicon), what is installed (``mlx``/``mlx_vlm`` or ``llama_cpp``) and the formats the model exists in
+(an MLX folder or an HF folder loads in MLX, a GGUF pair only in llama.cpp).  This module answers that
+question without importing any backend: installation is checked with ``importlib.util.find_spec``, so
+``qvq --help`` and ``qvq doctor`` stay fast.  Only ``describe(probe_gpu=True)`` imports ``llama_cpp`` (and
+``mlx`` on a Mac) to ask what the GPU can do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+
+from qvq_local.errors import BackendUnavailable, InputError, ModelError
+
+BACKENDS = ("mlx", "llama")
+
+# Which model formats each backend can load.  mlx-vlm loads an HF folder directly as well as its own.
+LOADABLE_FORMATS: dict[str, frozenset[str]] = {
+    "mlx": frozenset({"mlx", "hf"}),
+    "llama": frozenset({"gguf"}),
+}
+
+INSTALL_HINT = {
+    "mlx": "pip install 'qvq-local[mlx]'",
+    "llama": "pip install 'qvq-local[llama]'",
+}
+
+_BACKEND_MODULES = {"mlx": ("mlx", "mlx_vlm"), "llama": ("llama_cpp",)}
+
+
+def _has_module(name: str) -> bool:
+    """True when ``name`` is importable, without importing it (a broken spec counts as missing)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def is_apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine().lower() in ("arm64", "aarch64")
+
+
+def backend_installed(backend: str) -> bool:
+    """True when every library the backend needs can be imported."""
+    return all(_has_module(mod) for mod in _BACKEND_MODULES[backend])
+
+
+def _preference() -> tuple[str, ...]:
+    """Backends in the order this machine prefers them: MLX first only on Apple Silicon."""
+    return ("mlx", "llama") if is_apple_silicon() else ("llama", "mlx")
+
+
+def choose_backend(requested: str = "auto", formats_available: set[str] | frozenset[str] | None = None) -> str:
+    """Return ``"mlx"`` or ``"llama"`` for a model that exists in ``formats_available``.
+
+    ``formats_available`` holds the model's formats (``"mlx"``, ``"gguf"``, ``"hf"``); ``None`` means the
+    model can be had in any format (the choice then rests on the machine alone).
+
+    Raises ``ModelError`` when the requested backend cannot load any of the model's formats, and
+    ``BackendUnavailable`` (naming the ``pip install`` line) when the backend that should run it is not
+    installed.
+    """
+    requested = (requested or "auto").strip().lower()
+    if requested == "llamacpp" or requested == "llama.cpp" or requested == "gguf":
+        requested = "llama"
+    if requested not in ("auto", *BACKENDS):
+        raise InputError(f"unknown backend {requested!r}: choose auto, mlx or llama")
+
+    formats = set(formats_available) if formats_available is not None else {"mlx", "gguf", "hf"}
+    loadable = [b for b in BACKENDS if LOADABLE_FORMATS[b] & formats]
+    have = ", ".join(sorted(formats)) or "no known format"
+
+    if requested != "auto":
+        if requested not in loadable:
+            other = "GGUF (qvq convert --to gguf)" if requested == "llama" else "MLX (qvq convert --to mlx)"
+            raise ModelError(
+                f"the {requested} backend cannot load this model: it exists only as {have}",
+                hint=f"convert it to {other} or use --backend auto",
+            )
+        if not backend_installed(requested):
+            raise BackendUnavailable(
+                f"the {requested} backend is not installed", hint=INSTALL_HINT[requested]
+            )
+        return requested
+
+    if not loadable:
+        raise ModelError(f"no backend can load this model's format ({have})")
+    ordered = [b for b in _preference() if b in loadable]
+    for backend in ordered:
+        if backend_installed(backend):
+            return backend
+    first = ordered[0]
+    only = " (the model exists only in a format it loads)" if len(ordered) == 1 else ""
+    raise BackendUnavailable(f"no backend to run this model is installed{only}", hint=INSTALL_HINT[first])
+
+
+def default_convert_target() -> str:
+    """The format ``qvq convert`` should write on this machine: ``"mlx"`` on Apple Silicon, else ``"gguf"``.
+
+    On Apple Silicon with only llama.cpp installed, GGUF is the one that will run.
+    """
+    if is_apple_silicon() and (backend_installed("mlx") or not backend_installed("llama")):
+        return "mlx"
+    return "gguf"
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _meminfo_linux() -> tuple[int | None, int | None]:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            fields = {}
+            for line in fh:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts:
+                    fields[key] = int(parts[0]) * 1024  # values are in kB
+    except (OSError, ValueError):
+        return None, None
+    return fields.get("MemTotal"), fields.get("MemAvailable", fields.get("MemFree"))
+
+
+def _meminfo_darwin() -> tuple[int | None, int | None]:
+    total = available = None
+    try:
+        total = int(subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True,
+                                   timeout=5, check=True).stdout.strip())
+        out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=5, check=True).stdout
+        page = 4096
+        pages = 0
+        for line in out.splitlines():
+            if "page size of" in line:
+                page = int(line.split("page size of")[1].split()[0])
+            for key in ("Pages free", "Pages inactive", "Pages speculative"):
+                if line.startswith(key + ":"):
+                    pages += int(line.split(":")[1].strip().rstrip("."))
+        available = pages * page if pages else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    return total, available
+
+
+def memory_bytes() -> tuple[int | None, int | None]:
+    """(total, available) system memory in bytes; ``None`` where it cannot be read."""
+    if _has_module("psutil"):
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return int(vm.total), int(vm.available)
+    if sys.platform.startswith("linux"):
+        return _meminfo_linux()
+    if sys.platform == "darwin":
+        return _meminfo_darwin()
+    return None, None
+
+
+# ---------------------------------------------------------------- GPU probes (import on request only)
+
+
+def _probe_llama_gpu() -> dict:
+    """Ask llama.cpp whether it can offload layers, and which GPU backend it was built with."""
+    try:
+        import llama_cpp
+    except (ImportError, OSError) as exc:  # a broken shared library raises OSError
+        return {"llama_gpu_offload": None, "llama_error": f"{type(exc).__name__}: {exc}"}
+    offload = bool(llama_cpp.llama_supports_gpu_offload())
+    info = ""
+    if hasattr(llama_cpp, "llama_print_system_info"):
+        info = (llama_cpp.llama_print_system_info() or b"").decode("utf-8", "replace")
+    upper = info.upper()
+    return {
+        "llama_gpu_offload": offload,
+        "cuda": offload and "CUDA" in upper,
+        # Metal builds print "MTL" (or "METAL") in the system info; a Mac's only GPU backend is Metal.
+        "metal": offload and ("METAL" in upper or "MTL" in upper or platform.system() == "Darwin"),
+        "llama_system_info": info.strip(),
+    }
+
+
+def _probe_mlx_metal() -> bool | None:
+    try:
+        import mlx.core as mx
+
+        return bool(mx.metal.is_available())
+    except (ImportError, OSError, AttributeError, RuntimeError):
+        return None
+
+
+def describe(probe_gpu: bool = False) -> dict:
+    """Facts about this machine for ``qvq doctor`` and bench reports.
+
+    Cheap by default (no backend imported); ``probe_gpu=True`` imports llama_cpp (and mlx on Apple
+    Silicon) to report GPU offload support as the libraries see it.
+    """
+    total, available = memory_bytes()
+    facts: dict = {
+        "os": platform.system(),
+        "os_release": platform.release(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "apple_silicon": is_apple_silicon(),
+        "cpu_count": os.cpu_count(),
+        "memory_total_bytes": total,
+        "memory_available_bytes": available,
+        "mlx_installed": backend_installed("mlx"),
+        "llama_cpp_installed": backend_installed("llama"),
+        "llama_gpu_offload": None,
+        "cuda": None,
+        "metal": None,
+    }
+    if probe_gpu:
+        if facts["llama_cpp_installed"]:
+            facts.update(_probe_llama_gpu())
+        if facts["mlx_installed"] and facts["apple_silicon"]:
+            metal = _probe_mlx_metal()
+            facts["mlx_metal"] = metal
+            if metal:
+                facts["metal"] = True
+    try:
+        facts["default_backend"] = choose_backend("auto", None)
+    except (ModelError, BackendUnavailable) as err:
+        facts["default_backend"] = None
+        facts["default_backend_error"] = str(err)
+    facts["default_convert_target"] = default_convert_target()
+    return facts
