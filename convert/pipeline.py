@@ -1,0 +1,197 @@
+"""``qvq convert``: one command from a Hugging Face checkpoint (folder or hub id) to MLX or GGUF.
+
+The orchestration only: check the option combination, get the source (downloading a hub id with
+:func:`qvq_local.models.pull`), pick the output folder, run the format's converter into a hidden
+partial folder, write the manifest there, and rename the folder into place last.  A folder with a
+manifest is therefore always a finished conversion, and a failure or Ctrl-C leaves nothing that looks
+complete (the partial folder is removed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Union
+
+from qvq_local.errors import InputError, ModelError
+
+FORMATS = ("mlx", "gguf")
+GGUF_QUANTS = ("q4_k_m", "q5_k_m", "q8_0", "f16", "f32")
+MMPROJ_QUANTS = ("f16", "q8_0", "f32")
+MLX_BITS = (4, 8)
+DEFAULT_GGUF_QUANT = "q4_k_m"
+DEFAULT_MMPROJ_QUANT = "f16"
+DEFAULT_BITS = 4
+DEFAULT_GROUP_SIZE = 64
+
+Bits = Union[int, str, None]  # noqa: UP007 - a runtime alias must work on Python 3.10
+
+
+def default_target() -> str:
+    """The format this machine's backend runs: MLX on Apple Silicon, GGUF elsewhere."""
+    from qvq_local.hardware import default_convert_target
+
+    return default_convert_target()
+
+
+def parse_bits(bits: Bits) -> int | None:
+    """``4``/``8`` quantise; ``"none"``/``0``/``16`` keep the source dtype (returns ``None``)."""
+    if isinstance(bits, str):
+        text = bits.strip().lower()
+        if text in ("none", "no", "0", "16", "f16", "bf16", "f32", "unquantised", "unquantized"):
+            return None
+        if not text.isdigit():
+            raise InputError(f"--bits must be 4, 8 or none (got {bits!r})")
+        bits = int(text)
+    if bits in (0, 16):
+        return None
+    if bits not in MLX_BITS:
+        raise InputError(f"--bits must be 4, 8 or none (got {bits!r})")
+    return int(bits)
+
+
+def convert(
+    source: str | os.PathLike,
+    to: str | None = None,
+    quant: str | None = None,
+    bits: Bits = None,
+    group_size: int | None = None,
+    mmproj_quant: str | None = None,
+    out: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert ``source`` and return the output folder (which holds ``qvq-manifest.json``).
+
+    Options left as ``None`` take the format's defaults (GGUF: ``q4_k_m`` with an ``f16`` projector;
+    MLX: 4 bits, group size 64).  GGUF options with ``--to mlx`` (and the reverse) are refused, so a
+    flag is never silently ignored.
+    """
+    fmt = (to or default_target()).strip().lower()
+    if fmt not in FORMATS:
+        raise InputError(f"--to must be mlx or gguf (got {to!r})")
+    if fmt == "mlx":
+        if quant is not None:
+            raise InputError("--quant is for --to gguf; for MLX use --bits 4|8|none and --group-size")
+        if mmproj_quant is not None:
+            raise InputError("--mmproj-quant is for --to gguf (MLX keeps the vision tower unquantised)")
+        qbits = parse_bits(DEFAULT_BITS if bits is None else bits)
+        gsize = DEFAULT_GROUP_SIZE if group_size is None else int(group_size)
+    else:
+        if bits is not None or group_size is not None:
+            raise InputError("--bits/--group-size are for --to mlx; for GGUF use --quant")
+        quant = (quant or DEFAULT_GGUF_QUANT).lower()
+        mmproj_quant = (mmproj_quant or DEFAULT_MMPROJ_QUANT).lower()
+        if quant not in GGUF_QUANTS:
+            raise InputError(f"--quant must be one of {', '.join(GGUF_QUANTS)} (got {quant!r})")
+        if mmproj_quant not in MMPROJ_QUANTS:
+            choices = ", ".join(MMPROJ_QUANTS)
+            raise InputError(f"--mmproj-quant must be one of {choices} (got {mmproj_quant!r})")
+
+    src, source_label, source_name = _source_folder(source, progress)
+
+    if fmt == "mlx":
+        if qbits is not None:
+            label = f"{qbits}bit"
+            quantisation = f"{qbits}bit-g{gsize}"
+        else:
+            from qvq_local.models import _hf_dtype
+
+            label = quantisation = _hf_dtype(src)
+    else:
+        label = quantisation = quant
+
+    if out is None:
+        from qvq_local.models import models_dir
+
+        out_dir = models_dir() / f"{source_name}-{fmt}-{label}"
+    else:
+        out_dir = Path(out).expanduser()
+    if out_dir.exists() and not force:
+        raise InputError("output already exists", path=out_dir, hint="pass --force to replace it")
+    if out_dir.resolve() == src.resolve():
+        raise InputError("output folder is the source folder", path=out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        if fmt == "mlx":
+            from qvq_local.convert.to_mlx import convert_to_mlx
+
+            convert_to_mlx(src, partial, bits=qbits, group_size=gsize, progress=progress)
+            manifest = _manifest(partial, out_dir.name, source_label, "mlx", quantisation,
+                                 extra={"bits": qbits, "group_size": gsize if qbits else None,
+                                        "mlx_vlm_version": _version("mlx-vlm")})
+        else:
+            from qvq_local.convert.to_gguf import convert_to_gguf
+
+            pair = convert_to_gguf(src, partial, quant=quant, mmproj_quant=mmproj_quant, progress=progress)
+            manifest = _manifest(
+                partial, out_dir.name, source_label, "gguf", quantisation,
+                model_file=Path(pair.model).name, mmproj_file=Path(pair.mmproj).name,
+                extra={"mmproj_quant": mmproj_quant, "gguf_version": _version("gguf")},
+            )
+        from qvq_local.models import write_manifest
+
+        write_manifest(partial, manifest)
+        _move_into_place(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _source_folder(source: str | os.PathLike, progress: bool) -> tuple[Path, str, str]:
+    """(local folder, label for the manifest, short name for the output folder)."""
+    from qvq_local import models
+
+    text = str(source).strip()
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError("SOURCE must be a Hugging Face checkpoint folder or a hub id", path=path)
+        manifest = models.read_manifest(path)
+        if manifest is not None and manifest.get("format") in ("mlx", "gguf"):
+            raise InputError(f"already a converted {manifest['format']} model", path=path,
+                             hint="convert from the original Hugging Face checkpoint")
+        label = (manifest or {}).get("source") or str(path.resolve())
+        name = label.split("/")[-1] if manifest else path.resolve().name
+        return path, label, name
+    if text.startswith((".", "~", os.sep)) or text.count("/") != 1:
+        raise ModelError("no such folder (and not an owner/name hub id)", path=text)
+    hub_id = models.check_hub_id(text)
+    local = models.hub_folder(hub_id)
+    if not (local / models.MANIFEST_NAME).is_file():
+        local = models.pull(hub_id, progress=progress)
+    return local, hub_id, hub_id.split("/")[1]
+
+
+def _manifest(folder: Path, name: str, source: str, fmt: str, quantisation: str, **kwargs) -> dict:
+    from qvq_local.models import build_manifest
+
+    return build_manifest(folder, source=source, format=fmt, quantisation=quantisation, name=name, **kwargs)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # noqa: BLE001 - a version is informative only
+        return None
+
+
+def _move_into_place(partial: Path, out_dir: Path) -> None:
+    """Rename the finished folder onto ``out_dir``; an existing output (``--force``) goes only now."""
+    if out_dir.exists() or out_dir.is_symlink():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+        os.replace(partial, out_dir)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        os.replace(partial, out_dir)

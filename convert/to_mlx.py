@@ -1,0 +1,392 @@
+"""Hugging Face checkpoint -> MLX folder, through ``mlx_vlm.convert``.
+
+mlx-vlm does the real work (loading, quantising the language model, writing safetensors); this module
+puts the project's guarantees around it:
+
+* the source is validated first, so a wrong architecture or a missing shard fails with one line before
+  anything is written;
+* checkpoints in transformers 5's naming (``model.language_model.*``, ``model.visual.*``) are first
+  staged under the original Qwen2-VL names, because mlx-vlm 0.7 only maps the original ones;
+* the output is written into a hidden sibling folder and renamed into place at the very end, so a
+  failure or Ctrl-C never leaves a folder that looks complete;
+* mlx-vlm's own prints are captured and turned into a Rich spinner (stderr) that names the stage;
+* no hub look-ups for local folders (``HF_HUB_OFFLINE``) and never remote code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from qvq_local.convert.checkpoint import normalise_name
+
+from qvq_local.errors import BackendUnavailable, DiskFull, InputError, ModelError, QvqError
+
+SUPPORTED_BITS = (4, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+
+# Files a converted folder must hold; anything less is not a finished conversion.
+_REQUIRED_OUTPUTS = ("config.json",)
+
+
+# ----------------------------------------------------------------------------- public entry point
+def convert_to_mlx(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    bits: int | None = 4,
+    group_size: int = 64,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Convert the Qwen2-VL checkpoint folder ``src`` into an MLX folder ``out_dir``.
+
+    ``bits`` is 4 or 8 for affine quantisation of the language model (the vision tower is never
+    quantised by mlx-vlm), or ``None`` to keep the source dtype.  ``overwrite`` replaces an existing
+    ``out_dir`` only once the new one is complete.  Returns ``out_dir``.
+    """
+    src = Path(src).expanduser()
+    out_dir = Path(out_dir).expanduser()
+    if bits is not None and bits not in SUPPORTED_BITS:
+        raise InputError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))} (got {bits})")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise InputError(
+            f"--group-size must be one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))} (got {group_size})"
+        )
+    if out_dir.exists() and not overwrite:
+        raise InputError("output already exists", path=out_dir, hint="use --force to replace it")
+
+    needs_renaming, weight_files = validate_source(src)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_disk(src, out_dir.parent, weight_files, bits, group_size, needs_renaming)
+
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    partial = out_dir.parent / f".{out_dir.name}.partial-{token}"
+    staging: Path | None = None
+    try:
+        with _Reporter(progress) as report:
+            source_for_mlx = src
+            if needs_renaming:
+                staging = out_dir.parent / f".{out_dir.name}.staging-{token}"
+                report.stage("Staging weights under the original Qwen2-VL names")
+                stage_original_names(src, staging, weight_files, report)
+                source_for_mlx = staging
+            report.stage("Loading")
+            _run_mlx_vlm_convert(source_for_mlx, partial, bits, group_size, report)
+            report.stage("Checking the output")
+            _tidy_output(partial)
+            _check_output(partial)
+        _move_into_place(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- source validation
+def validate_source(src: Path) -> tuple[bool, list[Path]]:
+    """Validate ``src`` with the project's checkpoint checks; return (needs renaming, weight files).
+
+    ``open_checkpoint`` checks config, architecture, shards, truncation and every tensor's shape
+    against the config, so a bad source fails here, before any output exists.
+    """
+    from qvq_local.convert.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(src)
+    try:
+        return ckpt.naming == "transformers5", list(ckpt.shards)
+    finally:
+        ckpt.release()
+
+
+def estimate_output_bytes(src: Path, weight_files: list[Path], bits: int | None, group_size: int) -> int:
+    """Rough size of the MLX output, from the safetensors headers only.
+
+    Unquantised: the source size.  Quantised: each 2-D language-model weight costs ``bits/8`` per value
+    plus a scale and a bias per group in the source dtype; the vision tower, norms and biases stay as
+    they are (mlx-vlm never quantises the vision tower).
+    """
+    if bits is None:
+        return sum(p.stat().st_size for p in weight_files)
+    total = 0
+    for path in weight_files:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            start, stop = info["data_offsets"]
+            nbytes = int(stop) - int(start)
+            shape = info.get("shape") or []
+            original = normalise_name(name)
+            if original.startswith("visual.") or len(shape) != 2 or shape[-1] % group_size:
+                total += nbytes
+            else:
+                numel = shape[0] * shape[1]
+                itemsize = nbytes // max(numel, 1)
+                total += int(numel * bits / 8 + 2 * itemsize * numel / group_size)
+    return total
+
+
+def _check_disk(src: Path, parent: Path, weight_files: list[Path], bits: int | None, group_size: int,
+                staging: bool) -> None:
+    need = estimate_output_bytes(src, weight_files, bits, group_size)
+    if staging:
+        need += sum(p.stat().st_size for p in weight_files)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise DiskFull(
+            f"the MLX conversion needs about {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB is free",
+            path=parent,
+        )
+
+
+# ----------------------------------------------------------------------------- renamed staging copy
+def stage_original_names(src: Path, staging: Path, weight_files: list[Path], report: _Reporter) -> None:
+    """Write a copy of ``src`` whose safetensors use the original names.
+
+    Only the headers change: each file's data section is streamed byte for byte after a rewritten
+    header, so memory stays flat and dtypes (bf16 included) are untouched.  Non-weight files are
+    symlinked.
+    """
+    staging.mkdir(parents=True)
+    weight_names = {p.name for p in weight_files}
+    for item in src.iterdir():
+        if item.name in weight_names or item.name == "model.safetensors.index.json" or item.is_dir():
+            continue
+        (staging / item.name).symlink_to(item.resolve())
+
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["weight_map"] = {normalise_name(k): v for k, v in data["weight_map"].items()}
+        (staging / index.name).write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+    total = sum(p.stat().st_size for p in weight_files)
+    report.start_bytes(total)
+    for path in weight_files:
+        _copy_renamed(path, staging / path.name, report)
+    report.stop_bytes()
+
+
+def _copy_renamed(path: Path, dest: Path, report: _Reporter) -> None:
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+        renamed = {(k if k == "__metadata__" else normalise_name(k)): v for k, v in header.items()}
+        blob = json.dumps(renamed, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned
+        with open(dest, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            report.advance_bytes(8 + header_len)
+            while True:
+                chunk = fh.read(16 << 20)
+                if not chunk:
+                    break
+                out.write(chunk)
+                report.advance_bytes(len(chunk))
+
+
+# ----------------------------------------------------------------------------- running mlx-vlm
+def _run_mlx_vlm_convert(
+    src: Path, dest: Path, bits: int | None, group_size: int, report: _Reporter
+) -> None:
+    try:
+        with _hub_offline():
+            from mlx_vlm import convert as mlx_convert
+    except ImportError as err:
+        raise BackendUnavailable(
+            f"mlx-vlm is not installed ({err})", hint="pip install 'qvq-local[mlx]'"
+        ) from None
+
+    sink = _StageSink(report)
+    try:
+        with _hub_offline(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            mlx_convert(
+                str(src),
+                mlx_path=str(dest),
+                quantize=bits is not None,
+                q_bits=bits if bits is not None else 4,
+                q_group_size=group_size,
+                trust_remote_code=False,
+            )
+    except (KeyboardInterrupt, SystemExit, QvqError):
+        raise
+    except MemoryError:
+        raise ModelError("out of memory while converting to MLX", path=src) from None
+    except OSError as err:
+        if getattr(err, "errno", None) == 28:  # ENOSPC
+            raise DiskFull("no space left while writing the MLX conversion", path=dest) from None
+        raise ModelError(f"MLX conversion failed: {err}", path=src) from None
+    except Exception as err:  # noqa: BLE001 - mlx-vlm raises ValueError/KeyError/... for bad checkpoints
+        last = sink.last_line()
+        detail = f"{type(err).__name__}: {err}"
+        if last:
+            detail += f" (last mlx-vlm message: {last})"
+        raise ModelError(f"MLX conversion failed: {detail}", path=src) from None
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Forbid hub look-ups while mlx-vlm and transformers read a local folder.
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` when it is imported, so the already-imported constant is
+    patched too, and both are restored afterwards.
+    """
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    saved_const = getattr(constants, "HF_HUB_OFFLINE", None) if constants else None
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = saved_const
+
+
+def _tidy_output(dest: Path) -> None:
+    """Drop what mlx-vlm copied from the source but a converted model does not need."""
+    for junk in (".cache", "qvq-manifest.json"):
+        target = dest / junk
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        elif target.exists():
+            target.unlink()
+
+
+def _check_output(dest: Path) -> None:
+    for name in _REQUIRED_OUTPUTS:
+        if not (dest / name).is_file():
+            raise ModelError(f"mlx-vlm wrote no {name}", path=dest)
+    if not any(dest.glob("*.safetensors")):
+        raise ModelError("mlx-vlm wrote no weights", path=dest)
+
+
+def _move_into_place(partial: Path, out_dir: Path) -> None:
+    """Rename the finished folder to ``out_dir``; an existing one is replaced only now."""
+    if out_dir.exists() or out_dir.is_symlink():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+        os.replace(partial, out_dir)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        os.replace(partial, out_dir)
+
+
+# ----------------------------------------------------------------------------- progress display
+class _Reporter:
+    """A Rich spinner (stage + elapsed) and, for the staging copy, a byte bar; silent when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._progress = None
+        self._stage_task = None
+        self._bytes_task = None
+        self._bytes_total = self._bytes_done = 0
+        self.stages: list[str] = []
+
+    def __enter__(self) -> _Reporter:  # noqa: PYI034
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            # Bind the real stderr now: mlx-vlm's prints are redirected later and must not eat the bar.
+            console = Console(file=sys.stderr)
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]MLX[/bold] {task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=False,
+            )
+            self._progress.start()
+            self._stage_task = self._progress.add_task("starting", total=None, detail="")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._progress is not None:
+            if exc_type is None:
+                self._progress.update(self._stage_task, description="conversion written", total=1,
+                                      completed=1)
+            self._progress.stop()
+
+    def stage(self, text: str) -> None:
+        self.stages.append(text)
+        if self._progress is not None:
+            self._progress.update(self._stage_task, description=text)
+
+    def start_bytes(self, total: int) -> None:
+        if self._progress is not None:
+            self._bytes_task = self._progress.add_task("renaming tensors", total=total, detail="")
+            self._bytes_total, self._bytes_done = total, 0
+
+    def advance_bytes(self, n: int) -> None:
+        if self._progress is not None and self._bytes_task is not None:
+            self._bytes_done += n
+            self._progress.update(self._bytes_task, completed=self._bytes_done,
+                                  detail=f"{self._bytes_done / 1e9:.2f} / {self._bytes_total / 1e9:.2f} GB")
+
+    def stop_bytes(self) -> None:
+        if self._progress is not None and self._bytes_task is not None:
+            self._progress.remove_task(self._bytes_task)
+            self._bytes_task = None
+
+
+class _StageSink(io.TextIOBase):
+    """A text stream that swallows mlx-vlm's output and reports its ``[INFO] ...`` lines as stages."""
+
+    def __init__(self, report: _Reporter):
+        self._report = report
+        self._buffer = ""
+        self._lines: list[str] = []
+        self._started = time.monotonic()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._buffer += text
+        while "\n" in self._buffer:
+            line, self._buffer = self._buffer.split("\n", 1)
+            line = line.strip()
+            if not line:
+                continue
+            self._lines = (self._lines + [line])[-50:]
+            if line.startswith("[INFO]"):
+                self._report.stage(line[len("[INFO]"):].strip().rstrip(":"))
+        return len(text)
+
+    def last_line(self) -> str:
+        lines = self._lines + ([self._buffer.strip()] if self._buffer.strip() else [])
+        return lines[-1] if lines else ""

@@ -1,0 +1,583 @@
+"""Model references -> local files: paths, names in the cache, hub ids; manifests; downloads.
+
+A user names a model in one of five ways, and :func:`resolve` turns each into a :class:`ResolvedModel`:
+
+* a GGUF file (its ``mmproj`` projector is found beside it, or named by the folder's manifest);
+* a converted MLX folder (``config.json`` + safetensors written by mlx-vlm, or with a manifest);
+* a Hugging Face checkpoint folder (format ``"hf"``: mlx-vlm loads it directly, ``qvq convert`` reads it);
+* a name listed by ``qvq models`` (a folder under ``QVQ_HOME/models``, or a pulled hub id);
+* a hub id ``owner/name``, checked against the hub's naming rules before any network and then
+  downloaded with :func:`pull` (safetensors, JSON and tokenizer files only; never pickle weights).
+
+Every converted or downloaded folder carries ``qvq-manifest.json`` (source, format, quantisation, file
+sizes, tool version, creation time).  It is written last and atomically, so a folder with a manifest is
+a complete one; ``qvq models`` and ``qvq ask`` read it.
+
+Heavy imports (huggingface_hub, tqdm, rich) stay inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from qvq_local.config import qvq_home
+from qvq_local.errors import ModelError
+
+Format = Literal["mlx", "gguf", "hf"]
+
+MANIFEST_NAME = "qvq-manifest.json"
+MANIFEST_SCHEMA = 1
+
+# What `pull` downloads: weights as safetensors, configs, tokenizer and chat template.  No *.py (remote
+# code is never run) and no pickle weights (*.bin, *.pt, ...).
+PULL_PATTERNS = [
+    "*.safetensors",
+    "*.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+    "*.jinja",
+]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+# Hugging Face repo id rules: owner/name, each [A-Za-z0-9._-], no leading/trailing '-' or '.', no '--'/'..'.
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
+
+
+# ----------------------------------------------------------------------------- places
+def models_dir() -> Path:
+    """Where ``qvq convert`` writes by default: ``QVQ_HOME/models``."""
+    return qvq_home() / "models"
+
+
+def hub_dir() -> Path:
+    """Where ``qvq pull`` downloads to: ``QVQ_HOME/hub/<owner>--<name>``."""
+    return qvq_home() / "hub"
+
+
+def hub_folder(hub_id: str) -> Path:
+    owner, name = check_hub_id(hub_id).split("/")
+    return hub_dir() / f"{owner}--{name}"
+
+
+def is_hub_id(ref: str) -> bool:
+    return bool(_HUB_ID.match(ref)) and "--" not in ref and ".." not in ref
+
+
+def check_hub_id(ref: str) -> str:
+    """Return ``ref`` when it is a well-formed ``owner/name`` hub id, else raise ``ModelError``."""
+    if not is_hub_id(ref):
+        raise ModelError(
+            f"{ref!r} is not a valid hub id",
+            hint="hub ids look like owner/name, e.g. Qwen/QVQ-72B-Preview; `qvq models` lists local names",
+        )
+    return ref
+
+
+# ----------------------------------------------------------------------------- manifest
+def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest of a model folder (or of the folder holding a model file); ``None`` when absent."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None
+    try:
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"unreadable manifest ({err})", path=manifest_path) from None
+    if not isinstance(data, dict) or data.get("format") not in ("mlx", "gguf", "hf"):
+        raise ModelError("manifest has no valid 'format'", path=manifest_path)
+    return data
+
+
+def write_manifest(folder: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write ``data`` as the folder's manifest atomically (temporary file, then ``os.replace``)."""
+    folder = Path(folder)
+    target = folder / MANIFEST_NAME
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return target
+
+
+def tool_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("qvq-local")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (running from a source tree)
+        return "0+unknown"
+
+
+def build_manifest(
+    folder: str | os.PathLike,
+    *,
+    source: str,
+    format: Format,
+    quantisation: str,
+    model_file: str | None = None,
+    mmproj_file: str | None = None,
+    extra: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """A manifest for the finished ``folder``: sizes are measured from the files on disk.
+
+    ``name`` is the model's final folder name (the folder may still be a hidden partial one).
+    """
+    folder = Path(folder)
+    files = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME and not _is_hidden(p.relative_to(folder))
+    }
+    data: dict[str, Any] = {
+        "schema": MANIFEST_SCHEMA,
+        "name": name or folder.name,
+        "source": source,
+        "format": format,
+        "quantisation": quantisation,
+        "files": files,
+        "total_bytes": sum(files.values()),
+        "tool": "qvq-local",
+        "tool_version": tool_version(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if model_file:
+        data["model"] = model_file
+    if mmproj_file:
+        data["mmproj"] = mmproj_file
+    if extra:
+        data.update(extra)
+    return data
+
+
+def _is_hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+# ----------------------------------------------------------------------------- resolve
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference resolved to local files.
+
+    ``path`` is the folder for ``mlx``/``hf`` and the text-model ``.gguf`` file for ``gguf``;
+    ``mmproj`` is the GGUF vision projector (``None`` for the other formats).
+    """
+
+    name: str
+    format: Format
+    path: Path
+    mmproj: Path | None = None
+    manifest: dict[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def quantisation(self) -> str:
+        if self.manifest and self.manifest.get("quantisation"):
+            return str(self.manifest["quantisation"])
+        if self.format == "mlx":
+            return _mlx_quantisation(self.path)
+        if self.format == "gguf":
+            return _gguf_quantisation_from_name(self.path.name)
+        return _hf_dtype(self.path)
+
+
+def resolve(ref: str | os.PathLike, *, download: bool = True, progress: bool = True) -> ResolvedModel:
+    """Turn a model reference into local files (see the module docstring for the accepted kinds).
+
+    A hub id that is not yet downloaded is pulled when ``download`` is true, else ``ModelError``.
+    """
+    text = str(ref).strip()
+    if not text:
+        raise ModelError("empty model reference", hint="pass a path, a name from `qvq models` or a hub id")
+    path = Path(text).expanduser()
+    if path.exists():
+        return _resolve_path(path, name=path.name)
+
+    # a name under QVQ_HOME/models
+    if "/" not in text and os.sep not in text and text not in (".", ".."):
+        candidate = models_dir() / text
+        if candidate.exists():
+            return _resolve_path(candidate, name=text)
+
+    if _looks_like_path(text):
+        raise ModelError("no such file or folder", path=text)
+
+    if "/" in text and text.count("/") == 1:
+        hub_id = check_hub_id(text)
+        local = hub_folder(hub_id)
+        if (local / MANIFEST_NAME).is_file():
+            return _resolve_path(local, name=hub_id)
+        if not download:
+            raise ModelError(f"{hub_id} is not downloaded", hint=f"run `qvq pull {hub_id}`")
+        return _resolve_path(pull(hub_id, progress=progress), name=hub_id)
+
+    names = [row["name"] for row in list_models()]
+    hint = f"local models: {', '.join(names[:8])}" if names else "convert one with `qvq convert` or pull one"
+    raise ModelError(f"unknown model {text!r}: not a path, a name from `qvq models` or a hub id", hint=hint)
+
+
+def _looks_like_path(text: str) -> bool:
+    return (
+        text.startswith((".", "~", os.sep))
+        or text.endswith((".gguf", ".safetensors"))
+        or text.count("/") > 1
+        or (os.altsep is not None and os.altsep in text)
+    )
+
+
+def _resolve_path(path: Path, *, name: str) -> ResolvedModel:
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError("not a model: expected a .gguf file or a model folder", path=path)
+        return _resolve_gguf_file(path, name=name, manifest=read_manifest(path.parent))
+    if not path.is_dir():
+        raise ModelError("not a file or folder", path=path)
+
+    manifest = read_manifest(path)
+    if manifest is not None:
+        fmt = manifest["format"]
+        if fmt == "gguf":
+            model_name = manifest.get("model")
+            if not model_name:
+                raise ModelError("GGUF manifest names no model file", path=path / MANIFEST_NAME)
+            model_file = path / model_name
+            if not model_file.is_file():
+                raise ModelError(f"missing {model_name} (named by the manifest)", path=path)
+            return _resolve_gguf_file(model_file, name=name, manifest=manifest)
+        _check_safetensors_folder(path)
+        return ResolvedModel(name=name, format=fmt, path=path, manifest=manifest)
+
+    ggufs = [p for p in sorted(path.glob("*.gguf")) if not _is_mmproj(p)]
+    if ggufs:
+        if len(ggufs) > 1:
+            listed = ", ".join(p.name for p in ggufs)
+            raise ModelError(f"several GGUF models here ({listed}): pass one file", path=path)
+        return _resolve_gguf_file(ggufs[0], name=name, manifest=None)
+
+    _check_safetensors_folder(path)
+    fmt: Format = "mlx" if _is_mlx_folder(path) else "hf"
+    return ResolvedModel(name=name, format=fmt, path=path, manifest=None)
+
+
+def _is_mmproj(path: Path) -> bool:
+    return path.name.lower().startswith("mmproj")
+
+
+def _resolve_gguf_file(model: Path, *, name: str, manifest: dict | None) -> ResolvedModel:
+    if _is_mmproj(model):
+        raise ModelError("this is a vision projector (mmproj), not the model: pass the model .gguf",
+                         path=model)
+    mmproj: Path | None = None
+    if manifest and manifest.get("mmproj") and manifest.get("model") in (None, model.name):
+        mmproj = model.parent / manifest["mmproj"]
+        if not mmproj.is_file():
+            raise ModelError(f"missing vision projector {manifest['mmproj']} (named by the manifest)",
+                             path=model.parent)
+    else:
+        candidates = sorted(p for p in model.parent.glob("*.gguf") if _is_mmproj(p))
+        if len(candidates) > 1:
+            # prefer the projector named after the model (mmproj-<stem>*.gguf)
+            stem = model.stem.lower()
+            named = [p for p in candidates if stem in p.name.lower()]
+            candidates = named if len(named) == 1 else candidates
+        if len(candidates) > 1:
+            listed = ", ".join(p.name for p in candidates)
+            raise ModelError(f"several vision projectors beside the model ({listed}): keep one",
+                             path=model.parent)
+        if not candidates:
+            raise ModelError(
+                "no vision projector (mmproj*.gguf) beside the model",
+                path=model,
+                hint="qvq convert --to gguf writes both files",
+            )
+        mmproj = candidates[0]
+    return ResolvedModel(name=name, format="gguf", path=model, mmproj=mmproj, manifest=manifest)
+
+
+def _check_safetensors_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelError("not a model folder: no config.json (and no .gguf file)", path=path)
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        hint = "pickle weights are never loaded" if pickles else None
+        raise ModelError("no *.safetensors weights", path=path, hint=hint)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"unreadable config.json ({err})", path=path) from None
+
+
+def _is_mlx_folder(path: Path) -> bool:
+    """mlx-vlm's output: quantisation info in the config, or ``format: mlx`` in the safetensors metadata."""
+    config = _read_config(path)
+    if "quantization" in config:
+        return True
+    first = min(path.glob("*.safetensors"))
+    try:
+        with open(first, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if length > 100_000_000:
+                return False
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError):
+        return False
+    return (header.get("__metadata__") or {}).get("format") == "mlx"
+
+
+def _mlx_quantisation(path: Path) -> str:
+    quant = _read_config(path).get("quantization") or {}
+    if quant.get("bits"):
+        return f"{quant['bits']}bit-g{quant.get('group_size', 64)}"
+    return _hf_dtype(path)
+
+
+def _hf_dtype(path: Path) -> str:
+    try:
+        config = _read_config(path)
+    except ModelError:
+        return "?"
+    dtype = config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("dtype")
+    return {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(str(dtype), str(dtype or "?"))
+
+
+def _gguf_quantisation_from_name(filename: str) -> str:
+    match = re.search(r"(q\d_k_[msl]|q\d_k|q\d_\d|iq\d_\w+|f16|f32|bf16)", filename.lower())
+    return match.group(1) if match else "?"
+
+
+# ----------------------------------------------------------------------------- list
+def list_models() -> list[dict[str, Any]]:
+    """Local models: converted ones under ``QVQ_HOME/models`` and downloads under ``QVQ_HOME/hub``.
+
+    Each row: ``name`` (what ``--model`` accepts), ``format``, ``quantisation``, ``size`` (bytes),
+    ``source``, ``path``.  Unreadable or unfinished folders are skipped (a download without its
+    manifest is unfinished: ``qvq pull`` resumes it).
+    """
+    rows: list[dict[str, Any]] = []
+    base = models_dir()
+    if base.is_dir():
+        for entry in sorted(base.iterdir()):
+            if entry.name.startswith("."):
+                continue  # partial outputs and staging folders
+            try:
+                model = _resolve_path(entry, name=entry.name)
+            except ModelError:
+                continue
+            rows.append(_row(model))
+    hubs = hub_dir()
+    if hubs.is_dir():
+        for entry in sorted(hubs.iterdir()):
+            if entry.name.startswith(".") or "--" not in entry.name or not (entry / MANIFEST_NAME).is_file():
+                continue
+            try:
+                manifest = read_manifest(entry) or {}
+                name = manifest.get("source") or entry.name.replace("--", "/", 1)
+                model = _resolve_path(entry, name=name)
+            except ModelError:
+                continue
+            rows.append(_row(model))
+    return rows
+
+
+def _row(model: ResolvedModel) -> dict[str, Any]:
+    manifest = model.manifest or {}
+    folder = model.path if model.path.is_dir() else model.path.parent
+    size = manifest.get("total_bytes")
+    if size is None:
+        files = [model.path, model.mmproj] if model.format == "gguf" else list(folder.glob("*.safetensors"))
+        size = sum(p.stat().st_size for p in files if p is not None and p.exists())
+    return {
+        "name": model.name,
+        "format": model.format,
+        "quantisation": model.quantisation,
+        "size": int(size),
+        "source": manifest.get("source", ""),
+        "path": str(model.path),
+    }
+
+
+# ----------------------------------------------------------------------------- pull
+def pull(hub_id: str, progress: bool = True, revision: str | None = None) -> Path:
+    """Download ``hub_id`` into ``QVQ_HOME/hub/<owner>--<name>`` (safetensors + configs + tokenizer).
+
+    The repository's file list is checked first: one with only pickle weights is refused before any
+    download.  Downloads resume (huggingface_hub keeps partial files under the folder's ``.cache``);
+    the manifest is written last, so a folder without one is unfinished.
+    """
+    hub_id = check_hub_id(hub_id)
+    dest = hub_folder(hub_id)
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+    except ImportError as err:  # pragma: no cover - a core dependency
+        raise ModelError(f"huggingface-hub is not installed ({err})") from None
+
+    files = _hub_call(hub_id, lambda: HfApi().list_repo_files(hub_id, revision=revision))
+    _check_repo_files(hub_id, files)
+
+    dest.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {
+        "repo_id": hub_id,
+        "revision": revision,
+        "local_dir": str(dest),
+        "allow_patterns": PULL_PATTERNS,
+    }
+    if progress:
+        with _rich_download_progress(hub_id) as tqdm_class:
+            _hub_call(hub_id, lambda: snapshot_download(tqdm_class=tqdm_class, **kwargs))
+    else:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        disable_progress_bars()
+        try:
+            _hub_call(hub_id, lambda: snapshot_download(**kwargs))
+        finally:
+            enable_progress_bars()
+
+    _check_safetensors_folder(dest)
+    config = _read_config(dest)
+    write_manifest(
+        dest,
+        build_manifest(
+            dest,
+            source=hub_id,
+            format="hf",
+            quantisation=_hf_dtype(dest),
+            extra={"revision": revision or "main", "architectures": config.get("architectures")},
+        ),
+    )
+    return dest
+
+
+def _check_repo_files(hub_id: str, files: list[str]) -> None:
+    safetensors = [f for f in files if f.endswith(".safetensors")]
+    if not safetensors:
+        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise ModelError(
+                f"{hub_id} has only pickle weights ({', '.join(pickles[:3])}); refused",
+                hint="qvq-local loads safetensors only, pickle files can run code",
+            )
+        raise ModelError(f"{hub_id} has no safetensors weights")
+    if "config.json" not in files:
+        raise ModelError(f"{hub_id} has no config.json: not a Hugging Face model repository")
+
+
+def _hub_call(hub_id: str, fn):
+    """Run a huggingface_hub call; its failures become one-line ``ModelError``s."""
+    try:
+        return fn()
+    except ModelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - network, HTTP, offline mode, disk: all user-facing
+        kind = type(err).__name__
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        if kind in ("RepositoryNotFoundError", "GatedRepoError"):
+            raise ModelError(
+                f"{hub_id}: not found on the hub, private or gated",
+                hint="check the id; for gated models accept the licence and log in with `hf auth login`",
+            ) from None
+        if kind == "RevisionNotFoundError":
+            raise ModelError(f"{hub_id}: no such revision") from None
+        if kind == "OfflineModeIsEnabled" or "offline" in first.lower():
+            raise ModelError(f"{hub_id}: cannot download, offline mode is on (HF_HUB_OFFLINE)") from None
+        if isinstance(err, OSError) and getattr(err, "errno", None) == 28:
+            from qvq_local.errors import DiskFull
+
+            raise DiskFull(f"no space left while downloading {hub_id}", path=hub_dir()) from None
+        raise ModelError(f"{hub_id}: download failed ({kind}: {first})") from None
+
+
+class _rich_download_progress:
+    """Context manager giving a tqdm class that draws huggingface_hub's bars with Rich on stderr."""
+
+    def __init__(self, hub_id: str):
+        self.hub_id = hub_id
+        self._progress = None
+
+    def __enter__(self):
+        import io
+        import sys
+
+        from huggingface_hub.utils import tqdm as hf_tqdm
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=Console(file=sys.stderr),
+        )
+        self._progress = progress
+        progress.start()
+        hub_id = self.hub_id
+
+        class RichTqdm(hf_tqdm):  # type: ignore[misc, valid-type]
+            """Keeps tqdm's counting, replaces its drawing with a Rich task."""
+
+            def __init__(self, *args, **kwargs):
+                self._task = None
+                kwargs["file"] = io.StringIO()
+                kwargs.setdefault("disable", False)
+                if kwargs.get("disable") is None:
+                    kwargs["disable"] = False
+                super().__init__(*args, **kwargs)
+                if not self.disable:
+                    self._task = progress.add_task(f"{hub_id}: {self.desc or ''}".rstrip(": "),
+                                                   total=self.total or None, detail="")
+                    self.display()
+
+            def display(self, msg=None, pos=None):
+                task = getattr(self, "_task", None)
+                if task is None:
+                    return True
+                total = self.total or None
+                if self.unit == "B":
+                    detail = f"{_human(self.n)}" + (f" / {_human(total)}" if total else "")
+                else:
+                    detail = f"{int(self.n)}" + (f" / {int(total)}" if total else "") + " files"
+                progress.update(task, completed=self.n, total=total, detail=detail,
+                                description=f"{hub_id}: {self.desc or ''}".rstrip(": "))
+                return True
+
+        return RichTqdm
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_size(n: float) -> str:
+    """Bytes as a short human string (decimal units, like download tools)."""
+    return _human(n)

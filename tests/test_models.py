@@ -1,0 +1,272 @@
+"""Model references: files, folders, cache names, hub ids; manifests; pull without the network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qvq_local import models
+from qvq_local.errors import ModelError
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path / "qvq-home"))
+    return tmp_path / "qvq-home"
+
+
+def _hf_folder(folder: Path, *, mlx_meta: bool = False, quantization: dict | None = None) -> Path:
+    """A folder with a config and a (header-only, empty) safetensors file: enough for resolve()."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+              "torch_dtype": "bfloat16"}
+    if quantization:
+        config["quantization"] = quantization
+    (folder / "config.json").write_text(json.dumps(config))
+    header = {"__metadata__": {"format": "mlx"}} if mlx_meta else {}
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    (folder / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob)
+    return folder
+
+
+def _gguf_pair(folder: Path, model="model-q4_k_m.gguf", mmproj="mmproj-model-f16.gguf") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / model).write_bytes(b"GGUF" + b"\0" * 60)
+    if mmproj:
+        (folder / mmproj).write_bytes(b"GGUF" + b"\0" * 28)
+    return folder / model
+
+
+# ----------------------------------------------------------------------------- places and ids
+def test_qvq_home_from_environment(home):
+    assert models.models_dir() == home / "models"
+    assert models.hub_folder("Qwen/QVQ-72B-Preview") == home / "hub" / "Qwen--QVQ-72B-Preview"
+
+
+@pytest.mark.parametrize("ref", ["Qwen/QVQ-72B-Preview", "a/b", "org.x/model_1.5-b"])
+def test_valid_hub_ids(ref):
+    assert models.is_hub_id(ref)
+
+
+@pytest.mark.parametrize("ref", ["Qwen", "a/b/c", "-a/b", "a/b-", "a--b/c", "a/..b", "a b/c", "a/", "/b"])
+def test_bad_hub_ids_are_refused_before_any_network(ref, monkeypatch):
+    def no_network(*a, **k):  # pragma: no cover - must not be reached
+        raise AssertionError("network touched")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_network)
+    monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", no_network)
+    with pytest.raises(ModelError):
+        models.pull(ref, progress=False)
+
+
+# ----------------------------------------------------------------------------- manifest
+def test_manifest_written_atomically_and_read_back(tmp_path):
+    folder = _hf_folder(tmp_path / "m")
+    data = models.build_manifest(folder, source="Qwen/QVQ-72B-Preview", format="mlx", quantisation="4bit-g64",
+                                 extra={"bits": 4})
+    path = models.write_manifest(folder, data)
+    assert path.name == models.MANIFEST_NAME
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no temporary left
+    back = models.read_manifest(folder)
+    assert back == data
+    assert back["files"] == {"config.json": (folder / "config.json").stat().st_size,
+                             "model.safetensors": (folder / "model.safetensors").stat().st_size}
+    assert back["total_bytes"] == sum(back["files"].values())
+    assert back["tool"] == "qvq-local" and back["tool_version"] and back["created"]
+    assert models.read_manifest(folder / "config.json") == data  # a file's folder manifest
+
+
+def test_unreadable_manifest_is_a_model_error(tmp_path):
+    folder = _hf_folder(tmp_path / "m")
+    (folder / models.MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ModelError, match="manifest"):
+        models.read_manifest(folder)
+    (folder / models.MANIFEST_NAME).write_text('{"format": "onnx"}')
+    with pytest.raises(ModelError, match="format"):
+        models.resolve(folder)
+
+
+# ----------------------------------------------------------------------------- resolve
+def test_resolve_gguf_file_finds_sibling_mmproj(tmp_path):
+    model = _gguf_pair(tmp_path / "g")
+    got = models.resolve(model)
+    assert got.format == "gguf" and got.path == model
+    assert got.mmproj == tmp_path / "g" / "mmproj-model-f16.gguf"
+    assert got.quantisation == "q4_k_m"
+
+
+def test_resolve_gguf_folder_uses_manifest(tmp_path):
+    model = _gguf_pair(tmp_path / "g", model="a.gguf", mmproj="mmproj-b.gguf")
+    (tmp_path / "g" / "mmproj-other.gguf").write_bytes(b"GGUF")  # would be ambiguous without the manifest
+    models.write_manifest(tmp_path / "g", models.build_manifest(
+        tmp_path / "g", source="x", format="gguf", quantisation="q8_0", model_file="a.gguf",
+        mmproj_file="mmproj-b.gguf"))
+    got = models.resolve(tmp_path / "g")
+    assert (got.path, got.mmproj, got.quantisation) == (model, tmp_path / "g" / "mmproj-b.gguf", "q8_0")
+
+
+def test_resolve_gguf_without_mmproj_fails(tmp_path):
+    model = _gguf_pair(tmp_path / "g", mmproj=None)
+    with pytest.raises(ModelError, match="mmproj"):
+        models.resolve(model)
+    with pytest.raises(ModelError, match="mmproj"):
+        models.resolve(tmp_path / "g")
+
+
+def test_resolve_mmproj_file_itself_is_refused(tmp_path):
+    _gguf_pair(tmp_path / "g")
+    with pytest.raises(ModelError, match="projector"):
+        models.resolve(tmp_path / "g" / "mmproj-model-f16.gguf")
+
+
+def test_resolve_mlx_and_hf_folders(tmp_path):
+    mlx_q = _hf_folder(tmp_path / "mlx-q", quantization={"bits": 4, "group_size": 64})
+    mlx_f = _hf_folder(tmp_path / "mlx-f", mlx_meta=True)
+    hf = _hf_folder(tmp_path / "hf")
+    assert models.resolve(mlx_q).format == "mlx"
+    assert models.resolve(mlx_q).quantisation == "4bit-g64"
+    assert models.resolve(mlx_f).format == "mlx"
+    got = models.resolve(hf)
+    assert (got.format, got.quantisation, got.mmproj) == ("hf", "bf16", None)
+
+
+def test_resolve_folder_without_weights_fails(tmp_path):
+    folder = tmp_path / "x"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"\0")
+    with pytest.raises(ModelError, match="safetensors"):
+        models.resolve(folder)
+    with pytest.raises(ModelError, match="config.json"):
+        models.resolve(tmp_path)
+
+
+def test_resolve_name_under_qvq_home(home):
+    _hf_folder(home / "models" / "tiny-mlx-4bit", quantization={"bits": 4, "group_size": 64})
+    got = models.resolve("tiny-mlx-4bit")
+    assert got.name == "tiny-mlx-4bit" and got.format == "mlx"
+    assert got.path == home / "models" / "tiny-mlx-4bit"
+
+
+def test_unknown_name_and_missing_path_fail(home):
+    with pytest.raises(ModelError, match="unknown model"):
+        models.resolve("no-such-model")
+    with pytest.raises(ModelError, match="no such file"):
+        models.resolve("./nowhere/model.gguf")
+    with pytest.raises(ModelError, match="empty"):
+        models.resolve("  ")
+
+
+def test_bad_hub_id_fails_without_network(home, monkeypatch):
+    monkeypatch.setattr(models, "pull", lambda *a, **k: pytest.fail("pull called"))
+    with pytest.raises(ModelError, match="not a valid hub id"):
+        models.resolve("bad--owner/name")
+
+
+# ----------------------------------------------------------------------------- pull (no network)
+class _FakeHub:
+    """Stands in for the hub: a local folder plays the repository."""
+
+    def __init__(self, repo: Path):
+        self.repo = repo
+        self.calls: list[dict] = []
+
+    def list_repo_files(self, repo_id, revision=None):
+        return sorted(str(p.relative_to(self.repo)) for p in self.repo.rglob("*") if p.is_file())
+
+    def snapshot_download(self, repo_id, *, local_dir, allow_patterns, revision=None, tqdm_class=None, **kw):
+        import fnmatch
+        import shutil
+
+        self.calls.append({"repo_id": repo_id, "allow_patterns": allow_patterns, "tqdm_class": tqdm_class})
+        bar = tqdm_class(total=1, desc="Fetching 1 files") if tqdm_class else None
+        for name in self.list_repo_files(repo_id):
+            if any(fnmatch.fnmatch(name, pat) for pat in allow_patterns):
+                (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(self.repo / name, Path(local_dir) / name)
+        if bar is not None:
+            bar.update(1)
+            bar.close()
+        return str(local_dir)
+
+
+@pytest.fixture()
+def fake_hub(tmp_path, monkeypatch):
+    repo = _hf_folder(tmp_path / "remote")
+    (repo / "tokenizer.json").write_text("{}")
+    (repo / "pytorch_model.bin").write_bytes(b"pickle!")
+    (repo / "modeling_evil.py").write_text("raise SystemExit")
+    hub = _FakeHub(repo)
+    monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", hub.list_repo_files)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", hub.snapshot_download)
+    return hub
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_pull_downloads_safetensors_only_and_writes_manifest(home, fake_hub, progress):
+    dest = models.pull("Qwen/Tiny-VL", progress=progress)
+    assert dest == home / "hub" / "Qwen--Tiny-VL"
+    names = {p.name for p in dest.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", models.MANIFEST_NAME} <= names
+    assert "pytorch_model.bin" not in names and "modeling_evil.py" not in names
+    manifest = models.read_manifest(dest)
+    assert (manifest["source"], manifest["format"]) == ("Qwen/Tiny-VL", "hf")
+    # a downloaded id now resolves locally, and is listed under its hub id
+    fake_hub.snapshot_download = None
+    got = models.resolve("Qwen/Tiny-VL")
+    assert (got.name, got.format, got.path) == ("Qwen/Tiny-VL", "hf", dest)
+    assert [r["name"] for r in models.list_models()] == ["Qwen/Tiny-VL"]
+
+
+def test_resolve_hub_id_pulls_when_missing(home, fake_hub):
+    got = models.resolve("Qwen/Tiny-VL", progress=False)
+    assert got.format == "hf" and len(fake_hub.calls) == 1
+    with pytest.raises(ModelError, match="not downloaded"):
+        models.resolve("Qwen/Other", download=False)
+
+
+def test_pull_refuses_pickle_only_repo(home, fake_hub):
+    (fake_hub.repo / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="only pickle weights"):
+        models.pull("Qwen/Tiny-VL", progress=False)
+    assert fake_hub.calls == []  # refused before downloading
+    assert not (home / "hub" / "Qwen--Tiny-VL").exists()
+
+
+def test_network_errors_become_one_line_model_errors(home, monkeypatch):
+    def boom(*a, **k):
+        raise ConnectionError("Failed to resolve 'huggingface.co'\nlong traceback text")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", boom)
+    with pytest.raises(ModelError) as info:
+        models.pull("Qwen/Tiny-VL", progress=False)
+    assert "\n" not in str(info.value) and "download failed" in str(info.value)
+
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def offline(*a, **k):
+        raise OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", offline)
+    with pytest.raises(ModelError, match="offline"):
+        models.pull("Qwen/Tiny-VL", progress=False)
+
+
+# ----------------------------------------------------------------------------- list
+def test_list_models_rows(home):
+    folder = _hf_folder(home / "models" / "tiny-mlx-4bit", quantization={"bits": 4, "group_size": 64})
+    models.write_manifest(folder, models.build_manifest(folder, source="/src/tiny", format="mlx",
+                                                        quantisation="4bit-g64"))
+    _gguf_pair(home / "models" / "tiny-gguf-q4_k_m")
+    (home / "models" / ".tiny-gguf-f16.partial-1-abc").mkdir()  # an unfinished conversion: hidden
+    (home / "models" / "junk").mkdir()  # not a model: skipped
+    (home / "hub" / "Qwen--Half").mkdir(parents=True)  # a download without manifest: unfinished
+    rows = models.list_models()
+    assert [r["name"] for r in rows] == ["tiny-gguf-q4_k_m", "tiny-mlx-4bit"]
+    gguf, mlx = rows
+    assert (gguf["format"], gguf["quantisation"], gguf["size"]) == ("gguf", "q4_k_m", 64 + 32)
+    assert (mlx["format"], mlx["quantisation"], mlx["source"]) == ("mlx", "4bit-g64", "/src/tiny")
+    assert mlx["size"] == models.read_manifest(folder)["total_bytes"]
