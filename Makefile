@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check qvq_local convert tests examples
 
 demo: $(STAMP)
-	$(BIN)/python -m qvq_local.demo
+	QVQ=$(BIN)/qvq bash examples/demo.sh
 
 bench: $(STAMP)
 	$(BIN)/qvq bench --shape 2b --backend all --runs 3 --json bench-out/bench.json --chart bench-out/bench.png

@@ -1,0 +1,476 @@
+"""The Python API the CLI is a thin shell over.
+
+    import qvq_local
+    model = qvq_local.load("~/models/qvq-q4")                 # or a name from `qvq models`, a hub id
+    for event in model.stream(["chart.png"], "Which bar is highest?", think_budget=512):
+        ...                                                   # Started, TextDelta, Forced, Finished
+    result = model.ask("chart.png", "Which bar is highest?", think_budget=512)
+    print(result.answer, result.boxed, result.stop_reason, result.timings)
+
+``load`` resolves the reference (``qvq_local.models``), picks the backend (``qvq_local.hardware``) and
+loads the weights once.  ``Model.stream`` does one question: it loads and bounds the images, renders the
+prompt from the model's own chat template, sizes the context for prompt + image tokens + both budgets
+(refusing with :class:`ContextOverflow` before any decoding when they cannot fit), prefills, emits
+``Started`` and then whatever the reasoning controller emits, and fills the final ``Result`` with what
+only this layer knows (model, backend, images, settings, load and prefill timings).
+
+Ctrl-C: wherever ``KeyboardInterrupt`` lands (inside the generator while it decodes, or in the caller's
+loop body), the stream still ends with ``Finished(stop_reason="interrupted")`` holding the partial thought
+and answer, and then the interrupt propagates.  Callers that draw events use :func:`drive`, which
+handles both places; ``Model.ask`` uses it and attaches the partial result to the re-raised interrupt as
+``exc.result``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qvq_local.backends.base import Prompt, SamplingParams
+from qvq_local.errors import ContextOverflow, InputError, ModelError
+from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta, Timings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Self
+
+#: Answer tokens allowed after thinking ends, when the caller sets none.
+DEFAULT_ANSWER_BUDGET = 1024
+#: Thought tokens allowed when no thinking budget is set: QVQ's published max_new_tokens.
+DEFAULT_MAX_THOUGHT = 8192
+#: Room kept for the forced transition text and the grace window before it.
+FORCE_MARGIN = 96
+
+NO_MODEL_HELP = (
+    "no model given and no default model configured: pass --model REF, or set one with "
+    "`qvq config set model REF` (or QVQ_MODEL=REF). To try the pipeline with random weights: "
+    "`qvq synth .demo/tiny` then `qvq convert .demo/tiny`; for the real model: `qvq pull Qwen/QVQ-72B-Preview` "
+    "then `qvq convert Qwen/QVQ-72B-Preview`"
+)
+
+
+@dataclass
+class PreparedImage:
+    """An image already loaded and bounded (``qvq_local.images.load_image``), ready for a prompt."""
+
+    image: Any  # PIL.Image.Image, RGB
+    info: ImageInfo
+
+
+def prepare_images(images: Any, max_pixels: int | None = None) -> list[PreparedImage]:
+    """Load, validate and bound each image; a single path is accepted as well as a list.
+
+    Raises ``InputError`` naming the first bad file (missing, not an image, corrupt, empty).
+    """
+    from qvq_local.images import load_image
+
+    if isinstance(images, (str, Path, PreparedImage)):
+        images = [images]
+    prepared: list[PreparedImage] = []
+    for item in images:
+        if isinstance(item, PreparedImage):
+            prepared.append(item)
+            continue
+        if not isinstance(item, (str, Path)):
+            raise InputError(f"expected an image path, got {type(item).__name__}")
+        image, info = load_image(item, max_pixels) if max_pixels else load_image(item)
+        prepared.append(PreparedImage(image, info))
+    if not prepared:
+        raise InputError("no image given: QVQ answers questions about images, pass at least one")
+    return prepared
+
+
+def _count_text_tokens(loaded: Any, text: str) -> int | None:
+    """Tokens of the prompt's text (image pads left out) without opening a session; None when unknown."""
+    from qvq_local.prompt import IMAGE_PAD
+
+    bare = text.replace(IMAGE_PAD, "")
+    tokenize = getattr(loaded, "tokenize", None)
+    if callable(tokenize):
+        return len(tokenize(bare, special=True))
+    tokenizer = getattr(loaded, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "encode"):
+        try:
+            return len(tokenizer.encode(bare, add_special_tokens=False))
+        except TypeError:
+            return len(tokenizer.encode(bare))
+    return None
+
+
+class _Tracker:
+    """What the stream has produced so far, to build a partial Result on Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.thought: list[str] = []
+        self.answer: list[str] = []
+        self.thought_tokens = 0
+        self.answer_tokens = 0
+        self.forced: list[Forced] = []
+        self.finished: Result | None = None
+
+    def see(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            if event.phase == "thought":
+                self.thought.append(event.text)
+                self.thought_tokens += event.tokens
+            else:
+                self.answer.append(event.text)
+                self.answer_tokens += event.tokens
+        elif isinstance(event, Forced):
+            self.forced.append(event)
+        elif isinstance(event, Finished):
+            self.finished = event.result
+
+
+def _extract_boxed(text: str) -> str | None:
+    try:
+        from qvq_local.reasoning import extract_boxed
+    except ImportError:  # pragma: no cover - reasoning is part of the package
+        from qvq_local.render import find_boxed_spans
+
+        spans = find_boxed_spans(text)
+        return spans[-1][2] if spans else None
+    return extract_boxed(text)
+
+
+class Model:
+    """A loaded model.  Open with :func:`load`; close with :meth:`close` or a ``with`` block."""
+
+    def __init__(self, loaded: Any, *, name: str, backend: str, quantization: str, path: Path | None = None,
+                 max_pixels: int | None = None, load_s: float = 0.0):
+        self.loaded = loaded
+        self.name = name
+        self.backend = backend
+        self.quantization = quantization
+        self.path = path
+        self.max_pixels = max_pixels
+        self.load_s = load_s
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.loaded, "context_length", 0) or 0)
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, backend={self.backend!r}, quantization={self.quantization!r})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.loaded is not None:
+            self.loaded.close()
+            self.loaded = None
+
+    # ------------------------------------------------------------------ one question
+    def stream(
+        self,
+        images: Any,
+        question: str,
+        *,
+        think_budget: int | None = None,
+        answer_budget: int | None = DEFAULT_ANSWER_BUDGET,
+        system: str | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        max_pixels: int | None = None,
+        loop_detection: bool = True,
+        forced_text: str | None = None,
+    ) -> Iterator[Event]:
+        """Ask ``question`` about ``images`` (paths or :class:`PreparedImage`); yield events as they come.
+
+        ``think_budget`` caps thought tokens (None: up to :data:`DEFAULT_MAX_THOUGHT`, or what the context
+        holds); ``answer_budget`` caps answer tokens.  ``system`` replaces QVQ's system prompt (``""``
+        leaves the template's own default).  Sampling values left at None come from the model's
+        generation_config.  The last event is always ``Finished``.
+        """
+        if self.loaded is None:
+            raise ModelError("this model was closed; load it again")
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty")
+        for name, value in (("think budget", think_budget), ("answer budget", answer_budget)):
+            if value is not None and value <= 0:
+                raise InputError(f"the {name} must be above 0, got {value}")
+        return self._stream(
+            images, question, think_budget=think_budget, answer_budget=answer_budget, system=system,
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                                    repetition_penalty=repetition_penalty, seed=seed),
+            max_pixels=max_pixels if max_pixels is not None else self.max_pixels,
+            loop_detection=loop_detection, forced_text=forced_text,
+        )
+
+    def _stream(self, images, question, *, think_budget, answer_budget, system, sampling, max_pixels,
+                loop_detection, forced_text) -> Iterator[Event]:
+        from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt
+        from qvq_local.reasoning import run_reasoning  # noqa: F401 - imported before any timing starts
+
+        t_start = time.perf_counter()
+        tracker = _Tracker()
+        session = None
+        started: Started | None = None
+        settings: dict[str, Any] = {}
+        infos: list[ImageInfo] = []
+        try:
+            prepared = prepare_images(images, max_pixels)
+            infos = [replace(p.info) for p in prepared]
+            loaded = self.loaded
+            for info in infos:  # the backend's own count is the one that fills its context
+                info.tokens = int(loaded.image_token_estimate(*info.size))
+            system_text = QVQ_SYSTEM_PROMPT if system is None else (system or None)
+            text = build_prompt(loaded.chat_template, question, len(prepared), system_text)
+
+            image_tokens = sum(info.tokens for info in infos)
+            text_tokens = _count_text_tokens(loaded, text)
+            if text_tokens is None:
+                text_tokens = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
+            n_ctx, thought_cap = self._size_context(text_tokens, image_tokens, think_budget, answer_budget,
+                                                    max_pixels)
+            resolved = sampling.resolved(getattr(loaded, "generation_config", {}) or {})
+            settings = {
+                "think_budget": think_budget,
+                "answer_budget": answer_budget,
+                "max_thought_tokens": thought_cap,
+                "max_pixels": max_pixels,
+                "temperature": resolved.temperature,
+                "top_p": resolved.top_p,
+                "top_k": resolved.top_k,
+                "repetition_penalty": resolved.repetition_penalty,
+                "seed": resolved.seed,
+                "n_ctx": n_ctx,
+                "loop_detection": loop_detection,
+                "system": system_text,
+            }
+            session = loaded.new_session(sampling, n_ctx=n_ctx)
+            t_prefill = time.perf_counter()
+            stats = session.prefill(Prompt(text=text, images=[p.image for p in prepared],
+                                           image_paths=[p.info.path for p in prepared]))
+            if stats.image_tokens_per_image and len(stats.image_tokens_per_image) == len(infos):
+                for info, tokens in zip(infos, stats.image_tokens_per_image):
+                    info.tokens = int(tokens)
+            started = Started(
+                model=self.name, backend=self.backend, quantization=self.quantization, images=infos,
+                prompt_tokens=stats.prompt_tokens, think_budget=think_budget, answer_budget=answer_budget,
+                image_encode_s=stats.image_encode_s, prefill_s=stats.prefill_s,
+            )
+            tracker.see(started)
+            yield started
+            yield from self._reason(session, tracker, started, settings, t_prefill, think_budget, answer_budget,
+                                    loop_detection, forced_text)
+        except KeyboardInterrupt:
+            # Ctrl-C outside the controller (image loading, prefill, or between events)
+            if tracker.finished is None:
+                tracker.finished = self._partial(tracker, started, infos, settings, t_start)
+                yield Finished(tracker.finished)
+            raise
+        finally:
+            if session is not None:
+                session.close()
+
+    def _reason(self, session, tracker: _Tracker, started: Started, settings: dict, t_prefill: float,
+                think_budget, answer_budget, loop_detection, forced_text) -> Iterator[Event]:
+        """Run the controller and pass its events on.
+
+        The controller answers Ctrl-C (raised inside it, or thrown into it) with one last
+        ``Finished(stop_reason="interrupted")`` and does not re-raise; this layer forwards a Ctrl-C that
+        lands at its own ``yield`` into the controller, passes that Finished on, then re-raises the
+        interrupt so the caller stops (the CLI exits 130).
+        """
+        from qvq_local.reasoning import LoopSettings, ReasoningConfig, run_reasoning
+
+        kwargs: dict[str, Any] = {
+            "think_budget": think_budget,
+            "answer_budget": answer_budget,
+            "loop": LoopSettings() if loop_detection else None,
+        }
+        if forced_text is not None:
+            kwargs["forced_text"] = forced_text
+        config = ReasoningConfig(**kwargs)
+        timings = Timings(
+            load_s=self.load_s, image_encode_s=started.image_encode_s, prefill_s=started.prefill_s,
+            prefill_tok_s=started.prompt_tokens / started.prefill_s if started.prefill_s else 0.0,
+        )
+        base = {
+            "model": self.name, "backend": self.backend, "quantization": self.quantization,
+            "images": started.images, "settings": settings, "prompt_tokens": started.prompt_tokens,
+            "timings": timings,
+        }
+        controller = run_reasoning(session, config, result_base=base, started_at=t_prefill)
+        throw = False
+        while True:
+            try:
+                event = controller.throw(KeyboardInterrupt()) if throw else next(controller)
+            except StopIteration:
+                return
+            throw = False
+            tracker.see(event)
+            try:
+                yield event
+            except KeyboardInterrupt:
+                if tracker.finished is not None:
+                    raise
+                throw = True
+                continue
+            if isinstance(event, Finished) and event.result.stop_reason == "interrupted":
+                raise KeyboardInterrupt
+
+    def _size_context(self, text_tokens: int, image_tokens: int, think_budget: int | None,
+                      answer_budget: int | None, max_pixels: int | None) -> tuple[int, int]:
+        """``(n_ctx, thought cap)`` for one question; ContextOverflow when the budgets cannot fit."""
+        limit = self.context_length or 32768
+        answer = answer_budget or DEFAULT_ANSWER_BUDGET
+        fixed = text_tokens + image_tokens + FORCE_MARGIN + answer
+        pixels_hint = (f"lower --max-pixels (now {max_pixels})" if max_pixels else "lower --max-pixels") + \
+            " to shrink the image tokens"
+        if think_budget is None:
+            room = limit - fixed
+            if room < 16:
+                raise ContextOverflow(
+                    f"the prompt needs {text_tokens} text + {image_tokens} image tokens and the answer "
+                    f"budget {answer}, but the model's context holds {limit} tokens",
+                    hint=f"{pixels_hint}, or lower --answer-budget",
+                )
+            thought_cap = min(DEFAULT_MAX_THOUGHT, room)
+        else:
+            thought_cap = think_budget
+            if fixed + think_budget > limit:
+                raise ContextOverflow(
+                    f"{text_tokens} prompt + {image_tokens} image tokens + think budget {think_budget} + "
+                    f"answer budget {answer} need {fixed + think_budget} tokens, but the model's context "
+                    f"holds {limit}",
+                    hint=f"{pixels_hint}, or lower --think-budget/--answer-budget",
+                )
+        return min(limit, fixed + thought_cap), thought_cap
+
+    def _partial(self, tracker: _Tracker, started: Started | None, infos, settings, t_start) -> Result:
+        """The Result of a question stopped by Ctrl-C: whatever was produced, stop reason "interrupted"."""
+        answer = "".join(tracker.answer)
+        timings = Timings(load_s=self.load_s, total_s=time.perf_counter() - t_start)
+        if started is not None:
+            timings.image_encode_s, timings.prefill_s = started.image_encode_s, started.prefill_s
+        return Result(
+            thought="".join(tracker.thought), answer=answer, boxed=_extract_boxed(answer) if answer else None,
+            stop_reason="interrupted", thought_tokens=tracker.thought_tokens, answer_tokens=tracker.answer_tokens,
+            prompt_tokens=started.prompt_tokens if started else 0, forced=list(tracker.forced), timings=timings,
+            model=self.name, backend=self.backend, quantization=self.quantization, images=infos,
+            settings=settings,
+        )
+
+    def ask(self, images: Any, question: str, **options: Any) -> Result:
+        """Ask and wait: the same options as :meth:`stream`; returns the final :class:`Result`.
+
+        On Ctrl-C the ``KeyboardInterrupt`` propagates with the partial result as its ``result`` attribute.
+        """
+        return drive(self.stream(images, question, **options))
+
+
+def drive(events: Iterable[Event], *handlers: Callable[[Event], None],
+          stop_requested: Callable[[], bool] | None = None) -> Result:
+    """Pass every event to each handler and return the final Result.
+
+    On Ctrl-C the partial ``Finished`` is still delivered to the handlers (even when the interrupt landed
+    in a handler rather than in the generator), then the ``KeyboardInterrupt`` is re-raised with the
+    partial result attached as ``result``.
+
+    ``stop_requested`` is polled after each event; when it returns True the run is interrupted as if by
+    Ctrl-C.  The CLI passes a flag its SIGINT handler sets, because a ``KeyboardInterrupt`` raised while a
+    C library runs a Python callback (llama.cpp's log hook, for one) is swallowed by ctypes.
+    """
+    iterator = iter(events)
+    result: Result | None = None
+
+    def deliver(event: Event) -> None:
+        nonlocal result
+        if isinstance(event, Finished):
+            result = event.result
+        for handler in handlers:
+            handler(event)
+
+    try:
+        for event in iterator:
+            deliver(event)
+            if stop_requested is not None and result is None and stop_requested():
+                raise KeyboardInterrupt
+    except KeyboardInterrupt as interrupt:
+        if result is None or result.stop_reason != "interrupted":
+            final = _finish_interrupted(iterator, result)
+            if final is not None:
+                try:
+                    deliver(final)
+                except KeyboardInterrupt:
+                    pass
+        interrupt.result = result  # type: ignore[attr-defined]
+        raise
+    if result is None:  # pragma: no cover - a stream always ends with Finished
+        raise RuntimeError("the event stream ended without a Finished event")
+    return result
+
+
+def _finish_interrupted(iterator: Iterator[Event], result: Result | None) -> Finished | None:
+    """Get the partial Finished out of a generator the interrupt did not reach (it landed in a handler)."""
+    if result is not None:
+        return None  # the question had finished; the interrupt came while drawing the end
+    throw = getattr(iterator, "throw", None)
+    if throw is None:
+        return None
+    try:
+        event = throw(KeyboardInterrupt())
+    except (KeyboardInterrupt, StopIteration):
+        return None
+    return event if isinstance(event, Finished) else None
+
+
+def load(
+    ref: str | Path | None = None,
+    *,
+    backend: str = "auto",
+    max_pixels: int | None = None,
+    n_gpu_layers: int | None = None,
+    download: bool = True,
+    progress: bool = False,
+) -> Model:
+    """Resolve ``ref`` (a GGUF file, an MLX or HF folder, a name from ``qvq models``, a hub id; None: the
+    configured default), choose the backend and load the weights.
+
+    Raises ``ModelError`` (unknown or broken model, wrong format for the backend), ``BackendUnavailable``
+    (the backend's library is missing, naming the pip line) or ``InputError`` (bad option).
+    """
+    from qvq_local import config, hardware, models
+
+    if ref is None or not str(ref).strip():
+        ref = config.default_model()
+        if ref is None:
+            raise ModelError(NO_MODEL_HELP)
+    resolved = models.resolve(ref, download=download, progress=progress)
+    chosen = hardware.choose_backend(backend, {resolved.format})
+    t0 = time.perf_counter()
+    if chosen == "mlx":
+        from qvq_local.backends import mlx as mlx_backend
+
+        loaded = mlx_backend.load(resolved.path, name=resolved.name)
+    else:
+        from qvq_local.backends import llamacpp
+
+        if resolved.mmproj is None:
+            raise ModelError("no vision projector (mmproj) for this GGUF model", path=resolved.path)
+        loaded = llamacpp.load(resolved.path, resolved.mmproj, n_gpu_layers=n_gpu_layers, name=resolved.name)
+    load_s = time.perf_counter() - t0
+    quantization = getattr(loaded, "quantization", "") or resolved.quantisation
+    return Model(loaded, name=resolved.name, backend=chosen, quantization=quantization, path=resolved.path,
+                 max_pixels=max_pixels, load_s=load_s)
+
+
+def ask(images: Any, question: str, *, model: str | Path | None = None, backend: str = "auto",
+        **options: Any) -> Result:
+    """One-shot convenience: load ``model``, ask, close."""
+    with load(model, backend=backend, max_pixels=options.pop("max_pixels", None)) as loaded:
+        return loaded.ask(images, question, **options)
+
+
+__all__ = ["DEFAULT_ANSWER_BUDGET", "Model", "PreparedImage", "ask", "drive", "load", "prepare_images"]

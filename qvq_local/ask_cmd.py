@@ -1,0 +1,291 @@
+"""The wiring behind ``qvq ask`` and ``qvq doctor``: options in, renderer chosen, events driven.
+
+Kept out of ``cli.py`` so the Typer module stays argument parsing only, and so this logic can be called
+(and tested) without Typer.  Order matters for a good experience: the images are checked *before* the
+model is loaded (a typo in a file name should not cost a minute of loading), and the transcript folder is
+checked before any generation.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qvq_local.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Self
+
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class AskOptions:
+    args: list[str] = field(default_factory=list)  # IMAGE... QUESTION
+    attach: list[str] = field(default_factory=list)
+    model: str | None = None
+    backend: str | None = None
+    think_budget: int | None = None
+    answer_budget: int | None = None
+    max_pixels: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    system: str | None = None
+    loop_detection: bool = True
+    as_json: bool = False
+    hide_thinking: bool = False
+    save: Path | None = None
+
+
+def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
+    """``IMAGE... QUESTION`` plus ``-a`` images -> (images, question)."""
+    if not args:
+        raise InputError('give one or more images and a question, e.g. qvq ask chart.png "What is shown?"')
+    question = args[-1]
+    images = [*args[:-1], *attach]
+    if not images:
+        if Path(question).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"):
+            raise InputError(f"no question given after the image {question!r}")
+        raise InputError("no image given: pass one or more images before the question (or -a IMAGE)")
+    if not question.strip():
+        raise InputError("the question is empty")
+    return images, question
+
+
+def _check_numbers(opts: AskOptions) -> None:
+    for flag, value in (("--think-budget", opts.think_budget), ("--answer-budget", opts.answer_budget),
+                        ("--max-pixels", opts.max_pixels)):
+        if value is not None and value <= 0:
+            raise InputError(f"{flag} must be above 0, got {value}")
+    if opts.backend is not None and opts.backend.strip().lower() not in (
+            "auto", "mlx", "llama", "llamacpp", "llama.cpp", "gguf"):
+        raise InputError(f"unknown backend {opts.backend!r}: choose auto, mlx or llama")
+    if opts.temperature is not None and opts.temperature < 0:
+        raise InputError(f"--temperature must be 0 or more, got {opts.temperature}")
+    if opts.top_p is not None and not 0 < opts.top_p <= 1:
+        raise InputError(f"--top-p must be in (0, 1], got {opts.top_p}")
+    if opts.top_k is not None and opts.top_k < 0:
+        raise InputError(f"--top-k must be 0 or more, got {opts.top_k}")
+    if opts.repetition_penalty is not None and opts.repetition_penalty <= 0:
+        raise InputError(f"--repetition-penalty must be above 0, got {opts.repetition_penalty}")
+
+
+def _apply_settings(opts: AskOptions) -> None:
+    """Fill options the user left out from ``qvq config`` (the model from ``$QVQ_MODEL`` first)."""
+    from qvq_local import config
+
+    stored = config.effective()
+    if opts.backend is None:
+        opts.backend = stored.get("backend") or "auto"
+    if opts.think_budget is None:
+        opts.think_budget = stored.get("think_budget")
+    if opts.answer_budget is None:
+        opts.answer_budget = stored.get("answer_budget")
+    if opts.max_pixels is None:
+        opts.max_pixels = stored.get("max_pixels")
+
+
+def _make_renderer(opts: AskOptions, model: Any):
+    from qvq_local.render import JsonRenderer, LiveRenderer, PlainRenderer
+
+    if opts.as_json:
+        return JsonRenderer(sys.stdout)
+    if sys.stdout.isatty():
+        return LiveRenderer(hide_thinking=opts.hide_thinking, model=model.name, backend=model.backend,
+                            quantization=model.quantization)
+    return PlainRenderer(sys.stdout, sys.stderr, hide_thinking=opts.hide_thinking)
+
+
+def _load_model(opts: AskOptions):
+    from qvq_local.api import load
+
+    if sys.stderr.isatty() and not opts.as_json:
+        from rich.console import Console
+
+        with Console(stderr=True).status("loading the model…", spinner="dots"):
+            return load(opts.model, backend=opts.backend or "auto", max_pixels=opts.max_pixels, progress=True)
+    return load(opts.model, backend=opts.backend or "auto", max_pixels=opts.max_pixels, progress=False)
+
+
+class SigintFlag:
+    """While active, Ctrl-C both raises KeyboardInterrupt (as usual) and sets a flag that stays set.
+
+    The flag matters when the KeyboardInterrupt is lost: Python raises it in whatever Python code runs
+    next, and if that is a callback invoked from C (llama.cpp calls a Python log hook while it encodes an
+    image), ctypes prints and drops it.  :func:`qvq_local.api.drive` polls the flag after every event.
+    """
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous = None
+        self._previous_hook = None
+
+    def _handler(self, signum, frame) -> None:
+        self.set = True
+        raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable) -> None:
+        """Keep ctypes from printing a traceback for the Ctrl-C it swallowed; the flag carries it."""
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self.set = True
+            return
+        (self._previous_hook or sys.__unraisablehook__)(unraisable)
+
+    def __enter__(self) -> Self:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous_hook = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            sys.unraisablehook = self._previous_hook or sys.__unraisablehook__
+            self._previous = None
+
+
+def run_ask(opts: AskOptions) -> int:
+    """Run one question; return the exit code (0, or 130 after Ctrl-C).  QvqError propagates."""
+    from qvq_local.api import prepare_images
+
+    images, question = split_args(opts.args, opts.attach)
+    _check_numbers(opts)
+    _apply_settings(opts)
+    if opts.save is not None:
+        folder = opts.save.parent if str(opts.save.parent) else Path(".")
+        if not folder.is_dir():
+            raise InputError("the folder for --save does not exist", path=folder)
+        if opts.save.is_dir():
+            raise InputError("--save needs a file name, this is a folder", path=opts.save)
+    prepared = prepare_images(images, opts.max_pixels)  # fail on a bad image before loading a model
+
+    with SigintFlag() as sigint:
+        return _ask_loaded(opts, question, prepared, sigint)
+
+
+def _ask_loaded(opts: AskOptions, question: str, prepared: list, sigint: SigintFlag) -> int:
+    from qvq_local.api import DEFAULT_ANSWER_BUDGET, drive
+
+    try:
+        model = _load_model(opts)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    if sigint.set:  # Ctrl-C while the model loaded, swallowed inside a C callback
+        model.close()
+        return EXIT_INTERRUPTED
+    handlers = []
+    if opts.save is not None:
+        from qvq_local.transcript import TranscriptSink
+
+        handlers.append(TranscriptSink(opts.save, question).handle)
+    renderer = None
+    try:
+        events = model.stream(
+            prepared, question, think_budget=opts.think_budget,
+            answer_budget=opts.answer_budget or DEFAULT_ANSWER_BUDGET, system=opts.system,
+            temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
+            repetition_penalty=opts.repetition_penalty, seed=opts.seed, max_pixels=opts.max_pixels,
+            loop_detection=opts.loop_detection,
+        )
+        renderer = _make_renderer(opts, model)
+        handlers.append(renderer.handle)
+        drive(events, *handlers, stop_requested=lambda: sigint.set)
+    except KeyboardInterrupt:
+        if renderer is not None:
+            renderer.close()
+        if opts.save is not None and opts.save.exists():
+            print(f"partial transcript saved to {opts.save}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if renderer is not None:
+            renderer.close()
+        model.close()
+    return 0
+
+
+# ---------------------------------------------------------------- doctor
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def print_doctor(model: str | None, context: int | None, as_json: bool) -> None:
+    import json
+
+    from qvq_local.doctor import report
+
+    if context is not None and context <= 0:
+        raise InputError(f"--context must be above 0, got {context}")
+    data = report(model, context)
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    m = data["machine"]
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("platform", f"{m['os']} {m['os_release']} ({m['machine']}), Python {m['python']}")
+    table.add_row("cpu cores", str(m.get("cpu_count")))
+    table.add_row("memory", f"{_human(m.get('memory_total_bytes'))} total, "
+                            f"{_human(m.get('memory_available_bytes'))} available")
+    gpu = []
+    if m.get("llama_gpu_offload") is not None:
+        gpu.append("llama.cpp GPU offload " + ("yes" if m["llama_gpu_offload"] else "no (CPU only)"))
+    if m.get("cuda"):
+        gpu.append("CUDA")
+    if m.get("metal"):
+        gpu.append("Metal")
+    table.add_row("gpu", ", ".join(gpu) or "none found")
+    for row in data["backends"]:
+        versions = ", ".join(f"{k} {v}" for k, v in row["versions"].items() if v)
+        state = f"[green]installed[/green] ({versions})" if row["installed"] else \
+            f"[red]not installed[/red] (missing {', '.join(row['missing'])}; " + \
+            escape(f"pip install 'qvq-local[{row['backend']}]')")
+        table.add_row(f"backend {row['backend']}", state)
+    table.add_row("default backend", str(m.get("default_backend") or m.get("default_backend_error")))
+    table.add_row("convert target", str(m.get("default_convert_target")))
+    settings = data.get("settings") or {}
+    table.add_row("default model", str(settings.get("model") or "(none: qvq config set model REF)"))
+    if data.get("settings_error"):
+        table.add_row("settings", f"[red]{escape(data['settings_error'])}[/red]")
+    console.print(table)
+    if "model" in data:
+        fit = data["model"]
+        mt = Table(show_header=False, box=None, padding=(0, 2), title=f"model {fit['name']}", title_justify="left")
+        mt.add_column(style="bold")
+        mt.add_column()
+        mt.add_row("format", escape(f"{fit['format']} ({fit['quantization']}) at {fit['path']}"))
+        mt.add_row("weights", _human(fit["weights_bytes"]))
+        mt.add_row("KV cache", f"{_human(fit['kv_cache_bytes'])} for {fit['context_tokens']} tokens of context "
+                               f"(trained for {fit['trained_context']})")
+        mt.add_row("overhead", _human(fit["overhead_bytes"]))
+        colour = {True: "green", False: "red"}.get(fit["fits"], "yellow")
+        mt.add_row("needs", f"{_human(fit['needed_bytes'])} of {_human(fit['available_bytes'])} available: "
+                            f"[{colour}]{fit['verdict']}[/{colour}]")
+        console.print(mt)
+    elif data.get("model_error"):
+        console.print(f"[red]model: {escape(data['model_error'])}[/red]")

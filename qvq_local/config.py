@@ -1,0 +1,172 @@
+"""User settings: the default model and the defaults of ``qvq ask``, kept in ``QVQ_HOME/config.json``.
+
+Why a file and environment variables both: the file is what ``qvq config set`` writes once, and the
+environment (``QVQ_MODEL``, ``QVQ_BACKEND``) overrides it for one shell or one CI job without touching it.
+Only known keys are accepted, each with its type checked on ``set``, so a typo cannot sit silently in the
+file.  The file is written atomically (temporary name, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qvq_local.errors import InputError
+
+CONFIG_NAME = "config.json"
+
+
+def qvq_home() -> Path:
+    """Where qvq-local keeps models and settings: ``$QVQ_HOME``, else ``~/.cache/qvq``."""
+    env = os.environ.get("QVQ_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "qvq"
+
+
+def config_path() -> Path:
+    return qvq_home() / CONFIG_NAME
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise InputError(f"expected a whole number, got {value!r}") from None
+    if number <= 0:
+        raise InputError(f"expected a number above 0, got {number}")
+    return number
+
+
+def _backend(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("auto", "mlx", "llama"):
+        raise InputError(f"expected auto, mlx or llama, got {value!r}")
+    return value
+
+
+def _text(value: str) -> str:
+    if not value.strip():
+        raise InputError("expected a non-empty value")
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[str], Any]
+    help: str
+    env: str | None = None
+
+
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting("model", _text, "default model for qvq ask (name, folder, GGUF file or hub id)", "QVQ_MODEL"),
+        Setting("backend", _backend, "default backend: auto, mlx or llama", "QVQ_BACKEND"),
+        Setting("think_budget", _positive_int, "default thinking budget in tokens"),
+        Setting("answer_budget", _positive_int, "default answer budget in tokens"),
+        Setting("max_pixels", _positive_int, "default pixel bound per image"),
+    )
+}
+
+
+def _check_key(key: str) -> Setting:
+    norm = key.strip().lower().replace("-", "_")
+    if norm not in SETTINGS:
+        raise InputError(f"unknown setting {key!r}: known settings are {', '.join(SETTINGS)}")
+    return SETTINGS[norm]
+
+
+def read_file() -> dict[str, Any]:
+    """The settings stored in the config file (no environment applied); {} when there is none."""
+    path = config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise InputError(f"cannot read the settings: {exc.strerror or exc}", path=path) from exc
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"not valid JSON ({exc.msg} at line {exc.lineno})", path=path, hint="fix or delete the file"
+        ) from exc
+    if not isinstance(data, dict):
+        raise InputError("expected a JSON object", path=path, hint="fix or delete the file")
+    return data
+
+
+def _write_file(data: dict[str, Any]) -> None:
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def get(key: str) -> Any:
+    """A setting's effective value (environment first, then the file); None when unset."""
+    setting = _check_key(key)
+    if setting.env and os.environ.get(setting.env):
+        return setting.parse(os.environ[setting.env])
+    return read_file().get(setting.name)
+
+
+def source(key: str) -> str:
+    """Where a setting's effective value comes from: the environment variable, the file, or "unset"."""
+    setting = _check_key(key)
+    if setting.env and os.environ.get(setting.env):
+        return f"${setting.env}"
+    return str(config_path()) if setting.name in read_file() else "unset"
+
+
+def set_value(key: str, value: str) -> Any:
+    """Check and store a setting; return the parsed value."""
+    setting = _check_key(key)
+    parsed = setting.parse(value)
+    data = read_file()
+    data[setting.name] = parsed
+    _write_file(data)
+    return parsed
+
+
+def unset(key: str) -> bool:
+    """Remove a setting from the file; True when it was there."""
+    setting = _check_key(key)
+    data = read_file()
+    if setting.name not in data:
+        return False
+    del data[setting.name]
+    _write_file(data)
+    return True
+
+
+def effective() -> dict[str, Any]:
+    """Every known setting's effective value (None when unset)."""
+    stored = read_file()
+    out: dict[str, Any] = {}
+    for name, setting in SETTINGS.items():
+        if setting.env and os.environ.get(setting.env):
+            out[name] = setting.parse(os.environ[setting.env])
+        else:
+            out[name] = stored.get(name)
+    return out
+
+
+def default_model() -> str | None:
+    """The model ``qvq ask`` uses when ``--model`` is not given: ``$QVQ_MODEL``, else the config file."""
+    value = get("model")
+    return str(value) if value else None

@@ -1,0 +1,172 @@
+"""``qvq doctor``: what this machine has, which backends import, and whether a model fits in memory.
+
+Why an estimate and not a trial load: a 72B model takes minutes to load and may push the machine into
+swap; the numbers that decide whether it fits are on disk already.  The need is the weight files, plus the
+KV cache for the context ``qvq ask`` would open (2 x layers x context x KV heads x head size x bytes per
+value), plus a margin for compute buffers and the vision encoder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from qvq_local.errors import ModelError
+
+#: Compute buffers, the vision encoder's scratch and the runtime, on top of weights and KV cache.
+OVERHEAD_FRACTION = 0.10
+OVERHEAD_FIXED = 512 * 1024**2
+#: What ``qvq ask`` asks for by default: prompt text, one image at the default pixel bound, budgets.
+DEFAULT_PROMPT_TOKENS = 128
+
+
+def _version(dist: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # noqa: BLE001 - not installed under that distribution name
+        return None
+
+
+def backend_report() -> list[dict[str, Any]]:
+    """For each backend: whether its modules are importable (without importing them) and versions."""
+    rows = []
+    for backend, modules, dists in (
+        ("mlx", ("mlx", "mlx_vlm"), ("mlx", "mlx-vlm")),
+        ("llama", ("llama_cpp",), ("llama-cpp-python",)),
+    ):
+        missing = []
+        for mod in modules:
+            try:
+                found = importlib.util.find_spec(mod) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                missing.append(mod)
+        versions = {d: _version(d) for d in dists}
+        rows.append({"backend": backend, "installed": not missing, "missing": missing, "versions": versions})
+    return rows
+
+
+def _folder_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read config.json ({exc})", path=folder) from None
+    text = dict(config)
+    text.update(config.get("text_config") or {})
+    heads = int(text.get("num_attention_heads") or 1)
+    quant = config.get("quantization") or {}
+    dtype = str(text.get("torch_dtype") or text.get("dtype") or "bfloat16")
+    kv_bytes = 4 if dtype in ("float32", "f32") and not quant else 2
+    return {
+        "layers": int(text.get("num_hidden_layers") or 0),
+        "kv_heads": int(text.get("num_key_value_heads") or heads),
+        "head_dim": int(text.get("head_dim") or int(text.get("hidden_size") or 0) // heads),
+        "context_length": int(text.get("max_position_embeddings") or 32768),
+        "kv_bytes": kv_bytes,
+    }
+
+
+def _gguf_config(model_file: Path) -> dict[str, Any]:
+    from qvq_local.backends.llamacpp import read_gguf_metadata
+
+    arch = read_gguf_metadata(model_file, {"general.architecture"}).get("general.architecture", "qwen2vl")
+    keys = {f"{arch}.{k}" for k in ("block_count", "attention.head_count", "attention.head_count_kv",
+                                    "embedding_length", "context_length")}
+    meta = read_gguf_metadata(model_file, keys)
+    heads = int(meta.get(f"{arch}.attention.head_count") or 1)
+    return {
+        "layers": int(meta.get(f"{arch}.block_count") or 0),
+        "kv_heads": int(meta.get(f"{arch}.attention.head_count_kv") or heads),
+        "head_dim": int(meta.get(f"{arch}.embedding_length") or 0) // heads,
+        "context_length": int(meta.get(f"{arch}.context_length") or 32768),
+        "kv_bytes": 2,  # llama.cpp's KV cache is f16 by default
+    }
+
+
+def model_files(resolved: Any) -> list[Path]:
+    """The files a model loads: the GGUF pair, or a folder's safetensors."""
+    if resolved.format == "gguf":
+        return [p for p in (resolved.path, resolved.mmproj) if p is not None]
+    return sorted(Path(resolved.path).glob("*.safetensors"))
+
+
+def default_context(context_length: int) -> int:
+    """The context ``qvq ask`` opens with default settings (no think budget: up to 8192 thought tokens)."""
+    from qvq_local.api import DEFAULT_ANSWER_BUDGET, DEFAULT_MAX_THOUGHT, FORCE_MARGIN
+
+    image_tokens = 1024
+    try:
+        from qvq_local import images
+
+        bound = getattr(images, "DEFAULT_MAX_PIXELS", None)
+        if bound:
+            image_tokens = int(bound) // (28 * 28)
+    except ImportError:
+        pass
+    want = DEFAULT_PROMPT_TOKENS + image_tokens + DEFAULT_MAX_THOUGHT + DEFAULT_ANSWER_BUDGET + FORCE_MARGIN
+    return min(context_length, want) if context_length else want
+
+
+def model_fit(ref: str, n_ctx: int | None = None, available: int | None = None,
+              total: int | None = None) -> dict[str, Any]:
+    """Whether ``ref`` fits in memory with a context of ``n_ctx`` tokens (default: what ask would open)."""
+    from qvq_local import models
+
+    resolved = models.resolve(ref, download=False, progress=False)
+    files = model_files(resolved)
+    weights = sum(p.stat().st_size for p in files)
+    shape = _gguf_config(resolved.path) if resolved.format == "gguf" else _folder_config(Path(resolved.path))
+    ctx = int(n_ctx) if n_ctx else default_context(shape["context_length"])
+    kv = 2 * shape["layers"] * ctx * shape["kv_heads"] * shape["head_dim"] * shape["kv_bytes"]
+    overhead = int(OVERHEAD_FRACTION * weights) + OVERHEAD_FIXED
+    need = weights + kv + overhead
+    if available is None:
+        verdict = "unknown (memory could not be read)"
+    elif need <= available:
+        verdict = "fits"
+    elif total is not None and need <= total:
+        verdict = "tight: fits in total memory but not in what is free now"
+    else:
+        verdict = "does not fit"
+    return {
+        "name": resolved.name,
+        "format": resolved.format,
+        "path": str(resolved.path),
+        "mmproj": str(resolved.mmproj) if resolved.mmproj else None,
+        "quantization": resolved.quantisation,
+        "weights_bytes": weights,
+        "context_tokens": ctx,
+        "trained_context": shape["context_length"],
+        "kv_cache_bytes": kv,
+        "overhead_bytes": overhead,
+        "needed_bytes": need,
+        "available_bytes": available,
+        "verdict": verdict,
+        "fits": need <= available if available is not None else None,
+    }
+
+
+def report(model_ref: str | None = None, n_ctx: int | None = None, probe_gpu: bool = True) -> dict[str, Any]:
+    """Everything ``qvq doctor`` shows, as a dict (``--json`` prints it as is)."""
+    from qvq_local import config, hardware
+
+    facts = hardware.describe(probe_gpu=probe_gpu)
+    facts.pop("llama_system_info", None)
+    out: dict[str, Any] = {"machine": facts, "backends": backend_report()}
+    try:
+        out["settings"] = config.effective()
+    except Exception as exc:  # noqa: BLE001 - a broken config file is reported, not fatal here
+        out["settings_error"] = str(exc)
+    ref = model_ref or (out.get("settings") or {}).get("model")
+    if ref:
+        try:
+            out["model"] = model_fit(str(ref), n_ctx, facts.get("memory_available_bytes"),
+                                     facts.get("memory_total_bytes"))
+        except ModelError as exc:
+            out["model_error"] = str(exc)
+    return out

@@ -1,0 +1,548 @@
+"""Renderers: they draw the events of one question and decide nothing.
+
+Three ways out, chosen by the CLI:
+
+* :class:`LiveRenderer` on a terminal: a Rich ``Live`` panel with a header (model, backend,
+  quantisation, images), the thought as a scrolling tail, a status line (thought tokens against the
+  budget, tokens/s, elapsed), visible marks where the budget forced the answer or a loop was cut, then
+  the answer as Markdown with the ``\\boxed{}`` answer highlighted and a one-line summary.  Events only
+  touch data; Rich's refresh thread draws at most ``refresh_per_second`` times, so thousands of tokens
+  never cost thousands of redraws.  The tail keeps a bounded buffer of already-wrapped lines, so a frame
+  costs the same at token 10 and at token 10,000.
+* :class:`PlainRenderer` when output is piped: thought to stderr, answer to stdout, no control codes.
+* :class:`JsonRenderer` for ``--json``: one OpenAI-style ``chat.completion`` object at the end, with the
+  thought in a separate ``reasoning_content`` field (see :func:`completion_dict`).
+
+Text from the model is untrusted: control characters (ESC and friends) are removed before it reaches a
+terminal, so a model cannot move the cursor or retitle the window.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from typing import IO, TYPE_CHECKING, Any
+
+from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Self
+
+# C0 controls except tab and newline, DEL, and the C1 range (which holds the 8-bit CSI, 0x9b).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+FINISH_REASON = {
+    "answer": "stop",
+    "budget": "stop",
+    "loop": "stop",
+    "max_tokens": "length",
+    "interrupted": "interrupted",
+}
+
+
+def clean(text: str) -> str:
+    """``text`` without terminal control characters (tab and newline kept)."""
+    return _CONTROL.sub("", text)
+
+
+def find_boxed_spans(text: str) -> list[tuple[int, int, str]]:
+    """``(start, end, content)`` of every ``\\boxed{...}`` in ``text``, with nested braces balanced."""
+    spans = []
+    pos = 0
+    while True:
+        start = text.find("\\boxed{", pos)
+        if start < 0:
+            return spans
+        depth, i = 0, start + len("\\boxed")
+        while i < len(text):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            i += 1
+        if depth != 0:  # unbalanced: the answer was cut mid-box
+            return spans
+        spans.append((start, i + 1, text[start + len("\\boxed{") : i]))
+        pos = i + 1
+
+
+def highlight_boxed_markdown(answer: str) -> str:
+    """Markdown for display: each ``\\boxed{X}`` (with any ``$``/``\\[ \\]`` right around it) becomes **X**."""
+    out, last = [], 0
+    for start, end, content in find_boxed_spans(answer):
+        left, right = start, end
+        m = re.search(r"(\$\$|\$|\\\[|\\\()\s*$", answer[last:start])
+        if m:
+            n = re.match(r"\s*(\$\$|\$|\\\]|\\\))", answer[end:])
+            if n:
+                left, right = last + m.start(), end + n.end()
+        out.append(answer[last:left])
+        out.append(f"**{content.strip()}**")
+        last = right
+    out.append(answer[last:])
+    return "".join(out)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if seconds >= 60:
+        return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+    return f"{seconds:.1f}s" if seconds >= 1 else f"{seconds * 1000:.0f}ms"
+
+
+def _image_line(images: list[ImageInfo]) -> str:
+    parts = []
+    for info in images:
+        name = info.path.rsplit("/", 1)[-1] if info.path else "image"
+        w, h = info.size
+        size = f"{w}×{h}"
+        if tuple(info.original_size) != tuple(info.size):
+            ow, oh = info.original_size
+            size = f"{ow}×{oh}→{w}×{h}"
+        tokens = f", {info.tokens} tokens" if info.tokens else ""
+        parts.append(f"{name} ({size}{tokens})")
+    return ", ".join(parts)
+
+
+def forced_note(forced: Forced) -> str:
+    """One line saying why and where the controller forced the answer."""
+    if forced.reason == "loop":
+        return f"reasoning loop detected at {forced.at_token} thought tokens: cut, answer forced"
+    return f"thinking budget reached at {forced.at_token} tokens: answer forced"
+
+
+def summary_line(result: Result) -> str:
+    """One line of counts and timings for the end of a run."""
+    t = result.timings
+    parts = [f"stop: {result.stop_reason}"]
+    parts.append(f"{result.thought_tokens} thought + {result.answer_tokens} answer tokens")
+    if t.prefill_s:
+        enc = f" (image {_fmt_seconds(t.image_encode_s)})" if t.image_encode_s else ""
+        parts.append(f"prefill {_fmt_seconds(t.prefill_s)}{enc}")
+    if t.first_token_s:
+        parts.append(f"first token {_fmt_seconds(t.first_token_s)}")
+    if t.decode_tok_s:
+        parts.append(f"{t.decode_tok_s:.1f} tok/s")
+    if t.forced_step_s:
+        parts.append(f"forced step {_fmt_seconds(t.forced_step_s)}")
+    if t.total_s:
+        parts.append(f"total {_fmt_seconds(t.total_s)}")
+    return " · ".join(parts)
+
+
+def completion_dict(result: Result, *, created: int | None = None, completion_id: str | None = None) -> dict:
+    """``result`` as an OpenAI-style ``chat.completion`` object with a separate reasoning field.
+
+    ``choices[0].message.content`` holds the answer and ``reasoning_content`` the thought (the field
+    name DeepSeek's and vLLM's servers use); everything specific to qvq-local sits under ``"qvq"``.
+    """
+    completion = result.thought_tokens + result.answer_tokens
+    forced_tokens = 0
+    return {
+        "id": completion_id or f"chatcmpl-qvq-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()) if created is None else created,
+        "model": result.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": result.answer,
+                    "reasoning_content": result.thought,
+                },
+                "finish_reason": FINISH_REASON.get(result.stop_reason, "stop"),
+            }
+        ],
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": completion + forced_tokens,
+            "total_tokens": result.prompt_tokens + completion + forced_tokens,
+            "reasoning_tokens": result.thought_tokens,
+            "answer_tokens": result.answer_tokens,
+            "completion_tokens_details": {"reasoning_tokens": result.thought_tokens},
+        },
+        "qvq": {
+            "boxed": result.boxed,
+            "stop_reason": result.stop_reason,
+            "forced": [
+                {"reason": f.reason, "text": f.text, "at_token": f.at_token, "seconds": f.seconds}
+                for f in result.forced
+            ],
+            "timings": dict(vars(result.timings)),
+            "backend": result.backend,
+            "quantization": result.quantization,
+            "images": [
+                {
+                    "path": i.path,
+                    "original_size": list(i.original_size),
+                    "size": list(i.size),
+                    "tokens": i.tokens,
+                }
+                for i in result.images
+            ],
+            "settings": result.settings,
+        },
+    }
+
+
+class Renderer:
+    """Draws events.  Use as a context manager so a crash or Ctrl-C still restores the terminal."""
+
+    def handle(self, event: Event) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop drawing (idempotent)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, events: Iterable[Event]) -> None:
+        for event in events:
+            self.handle(event)
+
+
+class PlainRenderer(Renderer):
+    """Plain text, for pipes and files: thought to ``err``, answer to ``out``, no control codes."""
+
+    def __init__(self, out: IO[str] | None = None, err: IO[str] | None = None, *, hide_thinking: bool = False):
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.hide_thinking = hide_thinking
+        self._err_col0 = True  # is stderr's cursor at the start of a line
+        self._answer_written = ""
+        self.result: Result | None = None
+
+    def _err(self, text: str) -> None:
+        if text:
+            self.err.write(text)
+            self.err.flush()
+            self._err_col0 = text.endswith("\n")
+
+    def _err_line(self, line: str) -> None:
+        if not self._err_col0:
+            self._err("\n")
+        self._err(line + "\n")
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, Started):
+            if not self.hide_thinking:
+                self._err_line(f"[{event.model} · {event.backend} · {event.quantization} · {_image_line(event.images)}]")
+        elif isinstance(event, TextDelta):
+            text = clean(event.text)
+            if event.phase == "thought":
+                if not self.hide_thinking:
+                    self._err(text)
+            else:
+                if not self._answer_written and not self._err_col0:
+                    self._err("\n")
+                if text:
+                    self.out.write(text)
+                    self.out.flush()
+                    self._answer_written += text
+        elif isinstance(event, Forced):
+            self._err_line(f"[{forced_note(event)}]")
+        elif isinstance(event, Finished):
+            self.result = result = event.result
+            answer = clean(result.answer)
+            if answer and not self._answer_written:
+                self.out.write(answer)  # a controller that does not stream its answer
+                self._answer_written = answer
+            if self._answer_written and not self._answer_written.endswith("\n"):
+                self.out.write("\n")
+            self.out.flush()
+            if result.stop_reason == "interrupted":
+                self._err_line("[interrupted: output is partial]")
+            self._err_line(f"[{summary_line(result)}]")
+
+
+class JsonRenderer(Renderer):
+    """Prints one JSON object (see :func:`completion_dict`) when the question finishes."""
+
+    def __init__(self, out: IO[str] | None = None, *, indent: int | None = None):
+        self.out = out or sys.stdout
+        self.indent = indent
+        self.result: Result | None = None
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, Finished):
+            self.result = event.result
+            self.out.write(json.dumps(completion_dict(event.result), ensure_ascii=False, indent=self.indent) + "\n")
+            self.out.flush()
+
+
+class _Tail:
+    """The last lines of a growing text, wrapped once to a width, in a bounded buffer.
+
+    ``add`` is amortised O(len(text)); ``view(n)`` is O(n).  Completed lines are wrapped when they
+    complete; only the line still being written is wrapped at draw time, and it is flushed into the
+    buffer once it grows past a few rows, so drawing never touches more than a few hundred characters.
+    """
+
+    def __init__(self, width: int, max_lines: int = 500, style: str = ""):
+        self.width = max(10, width)
+        self.style = style
+        self.lines: deque[tuple[str, str]] = deque(maxlen=max_lines)
+        self.current = ""
+        self._wrapper = textwrap.TextWrapper(
+            width=self.width, break_long_words=True, replace_whitespace=False, drop_whitespace=True,
+            expand_tabs=True, tabsize=4,
+        )
+
+    def _wrap(self, line: str) -> list[str]:
+        return self._wrapper.wrap(line) or [""]
+
+    def _push(self, line: str) -> None:
+        wrapped = self._wrap(line)
+        if wrapped == [""] and self.lines and self.lines[-1][0] == "":
+            return  # collapse runs of blank lines
+        for piece in wrapped:
+            self.lines.append((piece, self.style))
+
+    def add(self, text: str) -> None:
+        parts = text.split("\n")
+        self.current += parts[0]
+        for part in parts[1:]:
+            self._push(self.current)
+            self.current = part
+        if len(self.current) > self.width * 4:
+            wrapped = self._wrap(self.current)
+            for piece in wrapped[:-1]:
+                self.lines.append((piece, self.style))
+            self.current = wrapped[-1]
+
+    def mark(self, text: str, style: str) -> None:
+        if self.current:
+            self._push(self.current)
+            self.current = ""
+        for piece in self._wrap(text):
+            self.lines.append((piece, style))
+
+    def view(self, n: int) -> list[tuple[str, str]]:
+        if n <= 0:
+            return []
+        current = [(piece, self.style) for piece in self._wrap(self.current)] if self.current else []
+        need = max(0, n - len(current))
+        start = max(0, len(self.lines) - need)
+        head = [self.lines[i] for i in range(start, len(self.lines))]
+        return (head + current)[-n:]
+
+    def __bool__(self) -> bool:
+        return bool(self.lines) or bool(self.current)
+
+
+class LiveRenderer(Renderer):
+    """The terminal panel.  ``console`` is a Rich Console on a terminal (stdout by default).
+
+    ``model``/``backend``/``quantization`` fill the header before the ``Started`` event arrives (the
+    prefill, with image encoding, can take a while on a big image).
+    """
+
+    def __init__(
+        self,
+        console=None,
+        *,
+        hide_thinking: bool = False,
+        refresh_per_second: float = 8,
+        model: str = "",
+        backend: str = "",
+        quantization: str = "",
+        max_tail_lines: int = 30,
+    ):
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = console or Console()
+        self.hide_thinking = hide_thinking
+        self.max_tail_lines = max_tail_lines
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic()
+        self._decode_t0: float | None = None
+        self._end: float | None = None
+        self.model, self.backend, self.quantization = model, backend, quantization
+        self.images: list[ImageInfo] = []
+        self.prompt_tokens = 0
+        self.prefill_s = 0.0
+        self.think_budget: int | None = None
+        self.answer_budget: int | None = None
+        self.thought_tokens = 0
+        self.answer_tokens = 0
+        self.phase = "prefill"
+        self.forced: list[Forced] = []
+        self.result: Result | None = None
+        width = self.console.width - 4  # panel border and padding
+        self.thought = _Tail(width, style="grey62")
+        self.answer = _Tail(width, style="")
+        self._closed = False
+        self.live = Live(
+            _Frame(self),
+            console=self.console,
+            refresh_per_second=refresh_per_second,
+            auto_refresh=True,
+            transient=False,
+            vertical_overflow="crop",
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self.live.start()
+
+    # ---- events: only data changes here; the Live thread draws
+    def handle(self, event: Event) -> None:
+        with self._lock:
+            if isinstance(event, Started):
+                self.model, self.backend, self.quantization = event.model, event.backend, event.quantization
+                self.images = list(event.images)
+                self.prompt_tokens = event.prompt_tokens
+                self.prefill_s = event.prefill_s
+                self.think_budget, self.answer_budget = event.think_budget, event.answer_budget
+                self.phase = "thinking"
+                self._decode_t0 = time.monotonic()
+            elif isinstance(event, TextDelta):
+                if event.phase == "thought":
+                    self.thought_tokens += event.tokens
+                    if not self.hide_thinking:
+                        self.thought.add(clean(event.text))
+                else:
+                    self.phase = "answering"
+                    self.answer_tokens += event.tokens
+                    self.answer.add(clean(event.text))
+            elif isinstance(event, Forced):
+                self.forced.append(event)
+                self.phase = "answering"
+                style = "bold magenta" if event.reason == "loop" else "bold yellow"
+                self.thought.mark(("⟳ " if event.reason == "loop" else "⏱ ") + forced_note(event), style)
+            elif isinstance(event, Finished):
+                self.result = event.result
+                self.phase = "interrupted" if event.result.stop_reason == "interrupted" else "done"
+                self._end = time.monotonic()
+        if isinstance(event, Finished):
+            self._finish(event.result)
+
+    def _finish(self, result: Result) -> None:
+        from rich.markdown import Markdown
+        from rich.panel import Panel
+        from rich.text import Text
+
+        self.close()
+        answer = clean(result.answer).strip()
+        if answer:
+            self.console.print(
+                Panel(Markdown(highlight_boxed_markdown(answer)), title="answer", title_align="left",
+                      border_style="green")
+            )
+        elif result.stop_reason == "interrupted":
+            self.console.print(Text("(interrupted before the answer)", style="yellow"))
+        else:
+            self.console.print(Text("(the model gave no answer)", style="yellow"))
+        if result.boxed:
+            self.console.print(Text.assemble(("boxed answer: ", "bold"), (f" {clean(result.boxed)} ", "bold black on green")))
+        style = "yellow" if result.stop_reason == "interrupted" else "dim"
+        self.console.print(Text(summary_line(result), style=style))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            self._end = self._end or time.monotonic()
+        self.live.stop()
+
+    # ---- drawing (called from Rich's refresh thread, under the lock)
+    def _rows_for_tail(self, height: int) -> tuple[int, int]:
+        reserved = 2 + 2 + 1  # header, thought panel border, status
+        answer_rows = 0
+        if self.answer:
+            answer_rows = min(8, max(2, (height - reserved) // 3))
+            reserved += 2
+        thought_rows = max(3, min(self.max_tail_lines, height - reserved - answer_rows - 1))
+        return thought_rows, answer_rows
+
+    def _renderables(self, height: int) -> list:
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.progress_bar import ProgressBar
+        from rich.spinner import Spinner
+        from rich.table import Table
+        from rich.text import Text
+
+        now = self._end or time.monotonic()
+        header = Text.assemble(
+            ("qvq ", "bold cyan"),
+            (self.model or "model", "bold"),
+            (f" · {self.backend}" if self.backend else "", "cyan"),
+            (f" · {self.quantization}" if self.quantization else "", "cyan"),
+        )
+        if self.images:
+            details = f"{_image_line(self.images)} · prompt {self.prompt_tokens} tokens"
+            if self.prefill_s:
+                details += f" · prefill {_fmt_seconds(self.prefill_s)}"
+        else:
+            details = "encoding image(s) and reading the prompt…"
+        parts: list = [header, Text(details, style="dim")]
+
+        thought_rows, answer_rows = self._rows_for_tail(height)
+        if self.phase == "prefill":
+            body: Any = Spinner("dots", text=Text("prefill", style="dim"))
+        elif self.hide_thinking:
+            body = Text(f"(thinking hidden: {self.thought_tokens} tokens)", style="dim")
+            for forced in self.forced:
+                body.append("\n" + forced_note(forced), style="bold magenta" if forced.reason == "loop" else "bold yellow")
+        else:
+            lines = self.thought.view(thought_rows)
+            body = Text("\n").join(Text(line, style=style, no_wrap=True, overflow="crop") for line, style in lines)
+        parts.append(Panel(body, title="thinking", title_align="left", border_style="grey42"))
+        if answer_rows and self.result is None:
+            lines = self.answer.view(answer_rows)
+            body = Text("\n").join(Text(line, style=style, no_wrap=True, overflow="crop") for line, style in lines)
+            parts.append(Panel(body, title="answer", title_align="left", border_style="green"))
+
+        status = Table.grid(padding=(0, 1))
+        elapsed = now - self._t0
+        decoded = self.thought_tokens + self.answer_tokens
+        rate = decoded / (now - self._decode_t0) if self._decode_t0 and now > self._decode_t0 else 0.0
+        phase_style = {"thinking": "bold cyan", "answering": "bold green", "done": "bold green",
+                       "interrupted": "bold yellow"}.get(self.phase, "bold")
+        status.add_column(no_wrap=True, min_width=11)
+        cells: list = [Text(self.phase, style=phase_style)]
+        if self.think_budget:
+            status.add_column(width=20, no_wrap=True)
+            cells.append(ProgressBar(total=self.think_budget, completed=min(self.thought_tokens, self.think_budget),
+                                     width=20))
+            counts = f"{self.thought_tokens}/{self.think_budget} thought"
+        else:
+            counts = f"{self.thought_tokens} thought"
+        if self.answer_tokens:
+            counts += f" · {self.answer_tokens} answer"
+        if self.forced:
+            counts += f" · forced ({self.forced[-1].reason})"
+        status.add_column(no_wrap=True, overflow="ellipsis")
+        cells.append(Text(f"{counts} · {rate:.1f} tok/s · {_fmt_seconds(elapsed)}", style="dim",
+                          no_wrap=True, overflow="ellipsis"))
+        status.add_row(*cells)
+        parts.append(status)
+        return [Group(*parts)]
+
+
+class _Frame:
+    """What ``Live`` draws: a snapshot of the renderer's data taken under its lock."""
+
+    def __init__(self, renderer: LiveRenderer):
+        self.renderer = renderer
+
+    def __rich_console__(self, console, options):
+        height = options.height or options.max_height or console.height
+        with self.renderer._lock:
+            renderables = self.renderer._renderables(height)
+        yield from renderables

@@ -1,0 +1,234 @@
+"""The Python API: load / stream / ask, context sizing, Ctrl-C, on a scripted fake and on the real tiny models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from fakes import ScriptedSession, chop
+
+from qvq_local.api import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN, Model, drive, load
+from qvq_local.errors import ContextOverflow, InputError, ModelError
+from qvq_local.events import Finished, Forced, Started, TextDelta
+
+
+class FakeLoaded:
+    """A LoadedModel whose sessions are ScriptedSessions; keeps them for the test to inspect."""
+
+    backend = "fake"
+    name = "fake"
+    quantization = "none"
+    chat_template = None
+
+    def __init__(self, context_length: int = 4096, **script):
+        self.context_length = context_length
+        self.generation_config: dict = {}
+        self.script = script
+        self.sessions: list[ScriptedSession] = []
+        self.closed = False
+
+    def image_token_estimate(self, width: int, height: int) -> int:
+        return 16
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[str]:
+        return chop(text)
+
+    def new_session(self, sampling, *, n_ctx=None):
+        session = ScriptedSession(**self.script)
+        session.n_ctx = n_ctx
+        self.sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _model(**kwargs) -> tuple[Model, FakeLoaded]:
+    loaded = FakeLoaded(**kwargs)
+    return Model(loaded, name="fake", backend="fake", quantization="none"), loaded
+
+
+THOUGHT = "Let me look at the bars. The first is 3 and the second is 5. " * 4
+
+
+def test_ask_forces_an_answer_at_the_budget_and_encodes_the_image_once(sample_image):
+    model, loaded = _model(thought=THOUGHT, answer="The tallest is \\boxed{5}.")
+    result = model.ask(sample_image, "Which bar is tallest?", think_budget=20, answer_budget=16)
+    session = loaded.sessions[0]
+    assert result.stop_reason == "budget"
+    assert result.answer == "The tallest is \\boxed{5}." and result.boxed == "5"
+    assert [f.reason for f in result.forced] == ["budget"]
+    assert 20 <= result.thought_tokens <= 20 + 32  # budget + grace window
+    assert len(session.prefill_calls) == 1 and session.images_encoded == 1  # the forced answer re-encodes nothing
+    assert len(session.fed) == 1 and session.closed
+    assert result.model == "fake" and result.backend == "fake"
+    assert result.images[0].path == str(sample_image) and result.images[0].tokens == 16
+    assert result.settings["think_budget"] == 20 and result.settings["temperature"] == 0.01
+
+
+def test_stream_event_order(sample_image):
+    model, _ = _model(thought=THOUGHT, answer="42")
+    events = list(model.stream([sample_image], "q", think_budget=10))
+    assert isinstance(events[0], Started) and events[0].think_budget == 10 and events[0].prompt_tokens > 0
+    assert isinstance(events[-1], Finished)
+    assert sum(isinstance(e, Forced) for e in events) == 1
+    assert {e.phase for e in events if isinstance(e, TextDelta)} == {"thought", "answer"}
+
+
+def test_context_is_sized_from_prompt_images_and_budgets(sample_image):
+    model, loaded = _model(thought="a b c", context_length=4096)
+    model.ask([sample_image, sample_image], "q", think_budget=100, answer_budget=50)
+    session = loaded.sessions[0]
+    prompt_tokens = session.prefill_calls and len(chop(session.prefill_calls[0].text)) + 2 * 16
+    # the API counts the text without the two <|image_pad|> placeholders (5 fake tokens each)
+    assert session.n_ctx == prompt_tokens - 10 + 100 + 50 + FORCE_MARGIN
+
+
+def test_context_overflow_is_refused_before_any_decoding(sample_image):
+    model, loaded = _model(thought="a b c", context_length=512)
+    with pytest.raises(ContextOverflow, match="--max-pixels") as info:
+        list(model.stream(sample_image, "q", think_budget=1000))
+    assert "512" in str(info.value)
+    assert not loaded.sessions  # no session was even opened
+
+
+def test_no_think_budget_thinks_until_the_context_is_nearly_full(sample_image):
+    model, loaded = _model(thought=iter(lambda: " word", None), context_length=1500)
+    result = model.ask(sample_image, "q", answer_budget=8, loop_detection=False)
+    assert result.forced and result.forced[0].reason == "budget"
+    assert loaded.sessions[0].n_ctx == 1500  # no budget: the context is the limit
+    assert 1000 < result.thought_tokens < 1500 - result.prompt_tokens
+
+
+def test_bad_image_and_empty_question(tmp_path, sample_image):
+    model, loaded = _model(thought="x")
+    with pytest.raises(InputError, match="no such image"):
+        model.ask(tmp_path / "missing.png", "q")
+    with pytest.raises(InputError, match="empty"):
+        model.ask(sample_image, "   ")
+    with pytest.raises(InputError):
+        model.ask(sample_image, "q", think_budget=0)
+    assert not loaded.sessions
+
+
+def test_ctrl_c_inside_generation_ends_with_partial_result_then_propagates(sample_image):
+    model, loaded = _model(thought=iter(lambda: " step", None), interrupt_at=30)
+    seen = []
+    with pytest.raises(KeyboardInterrupt) as info:
+        drive(model.stream(sample_image, "q"), seen.append)
+    final = seen[-1]
+    assert isinstance(final, Finished) and final.result.stop_reason == "interrupted"
+    assert final.result.thought.startswith("step step") and final.result.thought_tokens >= 25
+    assert info.value.result is final.result
+    assert loaded.sessions[0].closed
+
+
+def test_ctrl_c_in_the_callers_handler_still_delivers_the_partial_result(sample_image):
+    model, _ = _model(thought=iter(lambda: " step", None))
+    seen = []
+
+    def handler(event):
+        seen.append(event)
+        if sum(isinstance(e, TextDelta) for e in seen) == 12 and isinstance(event, TextDelta):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        drive(model.stream(sample_image, "q", think_budget=1000), handler)
+    assert isinstance(seen[-1], Finished) and seen[-1].result.stop_reason == "interrupted"
+    assert seen[-1].result.thought_tokens >= 10
+
+
+def test_ask_attaches_the_partial_result_to_the_interrupt(sample_image):
+    model, _ = _model(thought=iter(lambda: " step", None), interrupt_at=5)
+    with pytest.raises(KeyboardInterrupt) as info:
+        model.ask(sample_image, "q")
+    assert info.value.result.stop_reason == "interrupted"
+
+
+def test_load_without_a_model_says_how_to_get_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path))
+    monkeypatch.delenv("QVQ_MODEL", raising=False)
+    with pytest.raises(ModelError) as info:
+        load()
+    text = str(info.value)
+    assert "qvq config set model" in text and "qvq synth" in text and "qvq pull" in text
+    assert "\n" not in text
+
+
+def test_import_stays_light():
+    code = ("import sys, qvq_local; heavy = [m for m in ('rich', 'numpy', 'PIL', 'mlx', 'llama_cpp', "
+            "'qvq_local.api') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert callable(__import__("qvq_local").load)
+
+
+def test_default_answer_budget_is_used(sample_image):
+    model, _ = _model(thought=THOUGHT, answer="x")
+    result = model.ask(sample_image, "q", think_budget=8)
+    assert result.settings["answer_budget"] == DEFAULT_ANSWER_BUDGET
+
+
+# ------------------------------------------------------------------ the real tiny models
+
+
+def _real_model(request, backend: str) -> Model:
+    if backend == "llama":
+        pytest.importorskip("llama_cpp")
+        pair = request.getfixturevalue("tiny_gguf_q4")
+        return load(pair.model, backend="llama")
+    pytest.importorskip("mlx_vlm")
+    return load(request.getfixturevalue("tiny_mlx_q4"), backend="mlx")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [pytest.param("llama", marks=pytest.mark.llama),
+                                     pytest.param("mlx", marks=pytest.mark.mlx)])
+def test_real_model_budget_forcing_through_the_api(request, backend, sample_image):
+    with _real_model(request, backend) as model:
+        sessions = []
+        original = model.loaded.new_session
+
+        def spy(*args, **kwargs):
+            sessions.append(original(*args, **kwargs))
+            return sessions[-1]
+
+        model.loaded.new_session = spy
+        result = model.ask(sample_image, "Which bar is the highest?", think_budget=16, answer_budget=8,
+                           loop_detection=False, seed=1)
+    assert result.backend == backend
+    assert result.forced and result.forced[0].reason == "budget"
+    assert 16 <= result.thought_tokens <= 16 + 32
+    assert result.answer_tokens <= 8
+    assert result.stop_reason in ("budget", "max_tokens")
+    assert result.thought and isinstance(result.answer, str)
+    assert result.prompt_tokens > result.images[0].tokens > 0
+    t = result.timings
+    assert t.prefill_s > 0 and t.decode_tok_s > 0 and t.first_token_s >= t.prefill_s and t.load_s > 0
+    assert sessions[0].images_encoded == 1  # once, although the answer was forced
+    print(f"\n{backend}: prefill {t.prefill_s * 1000:.1f} ms (image {t.image_encode_s * 1000:.1f} ms), "
+          f"forced step {t.forced_step_s * 1000:.1f} ms, decode {t.decode_tok_s:.0f} tok/s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [pytest.param("llama", marks=pytest.mark.llama),
+                                     pytest.param("mlx", marks=pytest.mark.mlx)])
+def test_real_model_same_seed_same_text(request, backend, sample_image):
+    with _real_model(request, backend) as model:
+        a = model.ask(sample_image, "q", think_budget=12, answer_budget=4, temperature=1.0, top_k=0, top_p=1.0,
+                      seed=7)
+        b = model.ask(sample_image, "q", think_budget=12, answer_budget=4, temperature=1.0, top_k=0, top_p=1.0,
+                      seed=7)
+    assert (a.thought, a.answer) == (b.thought, b.answer)
+
+
+def test_a_stop_flag_interrupts_like_ctrl_c(sample_image):
+    """The CLI's SIGINT flag: a Ctrl-C swallowed inside a C callback still stops the run at the next event."""
+    model, _ = _model(thought=iter(lambda: " step", None))
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        drive(model.stream(sample_image, "q", think_budget=1000), seen.append,
+              stop_requested=lambda: len(seen) >= 5)
+    assert isinstance(seen[-1], Finished) and seen[-1].result.stop_reason == "interrupted"
+    assert len(seen) == 6
