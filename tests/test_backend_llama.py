@@ -520,3 +520,21 @@ def test_missing_llama_cpp_is_backend_unavailable(monkeypatch, tiny_gguf_f32):
     monkeypatch.setitem(sys.modules, "llama_cpp.mtmd_cpp", None)
     with pytest.raises(BackendUnavailable, match=r"qvq-local\[llama\]"):
         llamacpp.load(tiny_gguf_f32.model, tiny_gguf_f32.mmproj)
+
+
+def test_interrupt_inside_log_callback_is_kept_and_reraised():
+    """Ctrl-C that lands in the ctypes log callback (during mtmd encoding) must not be swallowed."""
+    from qvq_local.backends import llamacpp
+
+    sink = llamacpp._LogSink()
+
+    class Boom(bytes):
+        def decode(self, *a, **k):  # the signal handler fires while Python runs inside the callback
+            raise KeyboardInterrupt
+
+    sink(2, Boom(b"encoding image slice..."), None)  # must not raise across the C boundary
+    assert isinstance(sink.pending, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        sink.reraise()
+    assert sink.pending is None
+    sink.reraise()  # nothing pending: no-op

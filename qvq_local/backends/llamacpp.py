@@ -74,13 +74,27 @@ class _LogSink:
         self.callback = None  # the ctypes function object; must stay referenced while installed
 
     def __call__(self, level: int, text: bytes | None, _user: Any) -> None:
-        line = (text or b"").decode("utf-8", "replace")
-        if level == _GGML_LOG_LEVEL_ERROR and line.strip():
-            self.errors.append(line.strip())
-        if self.debug:
-            import sys
+        # Python runs signal handlers here when Ctrl-C arrives during a long C call (mtmd encoding an
+        # image logs progress).  An exception cannot cross the ctypes boundary -- ctypes would print
+        # "Exception ignored" and drop it -- so remember it and re-raise once the C call has returned.
+        try:
+            line = (text or b"").decode("utf-8", "replace")
+            if level == _GGML_LOG_LEVEL_ERROR and line.strip():
+                self.errors.append(line.strip())
+            if self.debug:
+                import sys
 
-            sys.stderr.write(line)
+                sys.stderr.write(line)
+        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt/SystemExit are re-raised later
+            self.pending = exc
+
+    pending: BaseException | None = None
+
+    def reraise(self) -> None:
+        """Raise an interrupt that arrived inside a C call, now that Python is back in control."""
+        exc, self.pending = self.pending, None
+        if exc is not None:
+            raise exc
 
     def last_error(self) -> str:
         return self.errors[-1] if self.errors else ""
@@ -448,6 +462,10 @@ def load(
     mparams.n_gpu_layers = int(n_gpu_layers)
     _LOG.clear()
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
+    if _LOG.pending is not None:
+        if model:
+            llama_cpp.llama_model_free(model)
+        _LOG.reraise()
     if not model:
         why = _LOG.last_error() or "corrupt or unsupported GGUF"
         raise ModelError(f"llama.cpp could not load this GGUF: {why}", path=model_path)
@@ -469,6 +487,10 @@ def load(
         cparams.warmup = False  # a warmup pass costs as much as encoding a large image
         _LOG.clear()
         mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode("utf-8"), model, cparams)
+        if _LOG.pending is not None:
+            if mctx:
+                mtmd_cpp.mtmd_free(mctx)
+            _LOG.reraise()
         if not mctx:
             why = _LOG.last_error() or "corrupt or unsupported mmproj"
             raise ModelError(f"llama.cpp could not load this mmproj: {why}", path=mmproj_path)
@@ -619,6 +641,7 @@ class LlamaSession:
             if logits_last and start + len(part) == len(tokens):
                 batch.logits[len(part) - 1] = 1
             rc = llama_cpp.llama_decode(self._ctx, batch)
+            _LOG.reraise()
             if rc != 0:
                 self._decode_failed(rc, len(part))
             self.n_past += len(part)
@@ -697,6 +720,7 @@ class LlamaSession:
                     n_tok = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
                     t0 = time.perf_counter()
                     rc = mtmd_cpp.mtmd_encode_chunk(mctx, chunk)
+                    _LOG.reraise()
                     encode_s += time.perf_counter() - t0
                     self.images_encoded += 1
                     if rc != 0:
@@ -711,6 +735,7 @@ class LlamaSession:
                         mctx, self._ctx, chunk, embd, self.n_past, 0, self.n_batch,
                         ctypes.byref(new_n_past), mtmd_cpp.mtmd_helper_post_decode_callback(), None,
                     )
+                    _LOG.reraise()
                     if rc != 0:
                         self._decode_failed(rc, n_tok)
                     self.n_past = int(new_n_past.value)
