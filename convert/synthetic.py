@@ -355,10 +355,23 @@ def write_checkpoint(out: str | Path, shape: str = "tiny", dtype: str = "bf16", 
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(err, out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_error(err: OSError, out: Path) -> Exception:
+    """A failed write as one user-facing line: a full disk (or a file size limit) is DiskFull."""
+    import errno
+
+    where = Path(err.filename).name if err.filename else "the checkpoint"
+    if err.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+        return DiskFull(f"ran out of space writing {where} ({err.strerror}); nothing was kept", path=out)
+    return InputError(f"cannot write {where} ({err.strerror or err}); nothing was kept", path=out)
 
 
 def _write_files(folder: Path, s: SynthShape, dtype: str, st_dtype: str, seed: int, progress: bool,

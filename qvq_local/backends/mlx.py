@@ -173,6 +173,7 @@ def load(model_dir: str | Path, *, name: str | None = None) -> MlxModel:
         raise ModelError("no config.json: not an MLX or Hugging Face model folder", path=folder)
     config = _read_json(config_path)
     _import_mlx()
+    _preflight(folder)
     from mlx_vlm import load as vlm_load
 
     try:
@@ -181,7 +182,9 @@ def load(model_dir: str | Path, *, name: str | None = None) -> MlxModel:
     except (BackendUnavailable, ModelError):
         raise
     except Exception as exc:  # mlx-vlm raises ValueError/KeyError/FileNotFoundError/... for bad folders
-        raise ModelError(f"mlx-vlm cannot load this model: {type(exc).__name__}: {exc}", path=folder) from exc
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 240 else detail[:240] + "..."
+        raise ModelError(f"mlx-vlm cannot load this model: {type(exc).__name__}: {detail}", path=folder) from exc
     lm = getattr(model, "language_model", None)
     if lm is None or not hasattr(lm, "model") or not hasattr(model, "get_input_embeddings"):
         raise ModelError(
@@ -189,6 +192,20 @@ def load(model_dir: str | Path, *, name: str | None = None) -> MlxModel:
             path=folder,
         )
     return MlxModel(model, processor, folder, config, name or folder.name)
+
+
+def _preflight(folder: Path) -> None:
+    """Header-level checks before mlx-vlm sees the folder (architecture, every shard present, headers
+    matching file sizes, manifest sizes), so a half-finished download is named in one line rather than
+    surfacing as mlx-vlm's list of missing parameters.  Reads headers only; costs milliseconds."""
+    from qvq_local.integrity import check_model
+
+    if not any(p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json")
+               for p in folder.iterdir()):
+        return  # no weights at all: mlx-vlm's own error says so
+    for finding in check_model(folder):
+        if finding.level == "error":
+            raise ModelError(finding.message, path=finding.path)
 
 
 class _Detokenizer:
