@@ -1,0 +1,156 @@
+"""The vision half of a Qwen2-VL GGUF pair: the ``mmproj`` file (arch ``clip``, projector ``qwen2vl_merger``).
+
+llama.cpp's multimodal library (mtmd/clip) runs the Qwen2-VL ViT and its 2x2 patch merger from this file.
+Three things differ from the checkpoint's layout:
+
+* the patch embedding is a Conv3d over two video frames ``[E, C, 2, P, P]``; clip runs it as two Conv2d
+  kernels ``v.patch_embd.weight`` (frame 0) and ``v.patch_embd.weight.1`` (frame 1) and adds them, which
+  is the same sum for a still image duplicated in time;
+* each block's fused ``attn.qkv`` is split by rows into ``attn_q``/``attn_k``/``attn_v``;
+* the merger becomes ``v.post_ln`` (its LayerNorm) and ``mm.0``/``mm.2`` (its two linear layers).
+
+The conv kernels stay F16/F32 (ggml's im2col needs a float kernel); norms and biases stay F32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from qvq_local.convert.checkpoint import Checkpoint
+from qvq_local.convert.gguf_stream import PlannedTensor, iter_encoded
+
+from qvq_local.errors import ModelError
+
+ARCH = "clip"
+PROJECTOR = "qwen2vl_merger"
+# Qwen2-VL's processor values (OpenAI CLIP's), used when the checkpoint has no preprocessor_config.json.
+DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
+DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_IMAGE_SIZE = 560  # what llama.cpp's converter writes for Qwen2-VL (used for warm-up only)
+
+_BLOCK_MAP = {
+    "norm1.weight": "ln1.weight",
+    "norm1.bias": "ln1.bias",
+    "norm2.weight": "ln2.weight",
+    "norm2.bias": "ln2.bias",
+    "attn.proj.weight": "attn_out.weight",
+    "attn.proj.bias": "attn_out.bias",
+    "mlp.fc1.weight": "ffn_up.weight",
+    "mlp.fc1.bias": "ffn_up.bias",
+    "mlp.fc2.weight": "ffn_down.weight",
+    "mlp.fc2.bias": "ffn_down.bias",
+}
+_MERGER_MAP = {
+    "visual.merger.ln_q.weight": "v.post_ln.weight",
+    "visual.merger.ln_q.bias": "v.post_ln.bias",
+    "visual.merger.mlp.0.weight": "mm.0.weight",
+    "visual.merger.mlp.0.bias": "mm.0.bias",
+    "visual.merger.mlp.2.weight": "mm.2.weight",
+    "visual.merger.mlp.2.bias": "mm.2.bias",
+}
+
+
+def image_norm(ckpt: Checkpoint) -> tuple[list[float], list[float]]:
+    """Image mean and std from preprocessor_config.json (checked: three numbers each)."""
+    cfg = ckpt.preprocessor_config
+    path = ckpt.files.get("preprocessor_config.json", ckpt.folder)
+    mean = cfg.get("image_mean", DEFAULT_MEAN)
+    std = cfg.get("image_std", DEFAULT_STD)
+    for key, val in (("image_mean", mean), ("image_std", std)):
+        if (not isinstance(val, (list, tuple)) or len(val) != 3
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in val)):
+            raise ModelError(f"{key} must be three numbers, got {val!r}", path=path)
+    if any(s <= 0 for s in std):
+        raise ModelError(f"image_std must be positive, got {std!r}", path=path)
+    return [float(x) for x in mean], [float(x) for x in std]
+
+
+def check_mmproj_supported(ckpt: Checkpoint) -> None:
+    """Raise ModelError for vision shapes llama.cpp's qwen2vl_merger cannot run."""
+    v = ckpt.vision
+    if v.temporal_patch_size != 2:
+        raise ModelError(f"vision temporal_patch_size is {v.temporal_patch_size}; llama.cpp's qwen2vl_merger "
+                         "supports only 2", path=ckpt.folder / "config.json")
+    if v.in_channels != 3:
+        raise ModelError(f"vision in_chans is {v.in_channels}; only RGB (3) is supported",
+                         path=ckpt.folder / "config.json")
+    if v.hidden_act not in ("quick_gelu",):
+        raise ModelError(f"vision hidden_act {v.hidden_act!r} is not supported (Qwen2-VL uses quick_gelu)",
+                         path=ckpt.folder / "config.json")
+
+
+def mmproj_metadata(ckpt: Checkpoint, file_type: int, name: str) -> Callable[[Any], None]:
+    mean, std = image_norm(ckpt)
+
+    def add(w: Any) -> None:
+        v = ckpt.vision
+        w.add_type("mmproj")
+        w.add_name(name)
+        w.add_file_type(file_type)
+        w.add_clip_has_vision_encoder(True)
+        w.add_clip_projector_type(PROJECTOR)
+        w.add_vision_projection_dim(ckpt.text.hidden_size)
+        w.add_vision_image_size(DEFAULT_IMAGE_SIZE)
+        w.add_vision_patch_size(v.patch_size)
+        w.add_vision_embedding_length(v.embed_dim)
+        w.add_vision_feed_forward_length(v.mlp_dim)
+        w.add_vision_block_count(v.depth)
+        w.add_vision_head_count(v.num_heads)
+        w.add_vision_attention_layernorm_eps(v.layer_norm_eps)
+        w.add_vision_spatial_merge_size(v.spatial_merge_size)
+        w.add_vision_image_mean(mean)
+        w.add_vision_image_std(std)
+        # no clip.use_gelu / use_silu: clip's default activation is quick-GELU, which Qwen2-VL's ViT uses
+
+    return add
+
+
+def mmproj_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor]:
+    """The mmproj tensors.  ``weight_type`` (F32, F16 or Q8_0) applies to the linear weights; the conv
+    kernels are F16 when it is F16 and F32 otherwise; norms and biases are F32."""
+    v = ckpt.vision
+    plan: list[PlannedTensor] = []
+    conv_type = "F16" if weight_type == "F16" else "F32"
+    pe = "visual.patch_embed.proj.weight"
+    e, c, _, p, _ = ckpt.shape(pe)
+    for t, gname in enumerate(("v.patch_embd.weight", "v.patch_embd.weight.1")):
+        plan.append(PlannedTensor(gname, (e, c, p, p), conv_type, _src(ckpt, pe, conv_type, select=_frame(t))))
+
+    def linear_type(shape: tuple[int, ...]) -> str:
+        if len(shape) == 1:
+            return "F32"
+        if weight_type == "Q8_0" and shape[-1] % 32:
+            return "F16"  # Q8_0 needs widths divisible by its 32-element blocks
+        return weight_type
+
+    for i in range(v.depth):
+        pre = f"visual.blocks.{i}."
+        out = f"v.blk.{i}."
+        for part in ("weight", "bias"):
+            src = f"{pre}attn.qkv.{part}"
+            rows = ckpt.shape(src)[0] // 3
+            shape = (rows,) + ckpt.shape(src)[1:]
+            for k, letter in enumerate("qkv"):
+                qt = linear_type(shape)
+                plan.append(PlannedTensor(f"{out}attn_{letter}.{part}", shape, qt,
+                                          _src(ckpt, src, qt, start=k * rows, stop=(k + 1) * rows)))
+        for suffix, gsuffix in _BLOCK_MAP.items():
+            src = pre + suffix
+            shape = ckpt.shape(src)
+            qt = linear_type(shape)
+            plan.append(PlannedTensor(out + gsuffix, shape, qt, _src(ckpt, src, qt)))
+    for src, gname in _MERGER_MAP.items():
+        shape = ckpt.shape(src)
+        qt = linear_type(shape)
+        plan.append(PlannedTensor(gname, shape, qt, _src(ckpt, src, qt)))
+    return plan
+
+
+def _frame(t: int) -> Callable[[Any], Any]:
+    return lambda block: block[:, :, t]
+
+
+def _src(ckpt: Checkpoint, name: str, qtype: str, start: int = 0, stop: int | None = None,
+         select: Callable[[Any], Any] | None = None) -> Callable[[], Any]:
+    return lambda: iter_encoded(ckpt, name, qtype, start, stop, select)

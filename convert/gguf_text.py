@@ -1,0 +1,253 @@
+"""The text half of a Qwen2-VL GGUF: architecture ``qwen2vl``, its key/values, vocabulary and tensors.
+
+llama.cpp's ``qwen2vl`` model is Qwen2 with multimodal RoPE: the tensors need no transpose or permutation,
+only renaming.  The tokenizer is byte-level BPE (``gpt2`` in GGUF terms) with Qwen2's pre-tokenizer; its
+token list must have exactly as many entries as the embedding has rows, so ids the tokenizer does not
+use are filled with ``UNUSED`` placeholders.  Everything here is read from the checkpoint's own files
+(no transformers), and everything that can be wrong is checked before the caller writes a byte.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qvq_local.convert.checkpoint import Checkpoint
+from qvq_local.convert.gguf_stream import PlannedTensor, iter_encoded
+
+from qvq_local.errors import ModelError
+
+ARCH = "qwen2vl"
+
+# original layer tensor suffix -> GGUF layer tensor name
+_LAYER_MAP = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GLOBAL_MAP = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def gguf_text_name(name: str) -> str | None:
+    """GGUF name of an original text tensor name, or None for a tensor that is not part of the text model."""
+    if name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[name]
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ vocabulary
+@dataclass
+class Vocab:
+    """What GGUF's tokenizer keys need, read from the checkpoint's tokenizer files."""
+
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    chat_template: str | None
+    n_real: int  # tokens the tokenizer defines (the rest are UNUSED padding)
+    specials: dict[str, int] = field(default_factory=dict)
+
+
+def _looks_special(text: str) -> bool:
+    return (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<｜") and text.endswith("｜>"))
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def read_vocab(ckpt: Checkpoint) -> Vocab:
+    """Build the GGUF vocabulary, padded with UNUSED entries up to the embedding's row count."""
+    from gguf import TokenType
+
+    files = ckpt.files
+    vocab: dict[str, int]
+    added: list[tuple[int, str, bool]] = []  # (id, text, special)
+    if "tokenizer.json" in files:
+        path = files["tokenizer.json"]
+        data = _load_json(path)
+        model = data.get("model") or {}
+        if model.get("type") not in (None, "BPE") or not isinstance(model.get("vocab"), dict):
+            raise ModelError(f"tokenizer model {model.get('type')!r} is not byte-level BPE", path=path)
+        vocab = model["vocab"]
+        raw_merges = model.get("merges") or []
+        merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
+        for entry in data.get("added_tokens") or []:
+            added.append((int(entry["id"]), str(entry["content"]), bool(entry.get("special", False))))
+    else:
+        path = files["vocab.json"]
+        vocab = _load_json(path)
+        lines = files["merges.txt"].read_text(encoding="utf-8").splitlines()
+        merges = [ln for ln in lines if ln and not ln.startswith("#version")]
+        decoder = ckpt.tokenizer_config.get("added_tokens_decoder") or {}
+        for key, entry in decoder.items():
+            added.append((int(key), str(entry["content"]), bool(entry.get("special", False))))
+
+    rows = ckpt.text.vocab_size
+    tokens: list[str | None] = [None] * rows
+    types = [int(TokenType.UNUSED)] * rows
+
+    def place(idx: int, text: str, ttype: int) -> None:
+        if not 0 <= idx < rows:
+            raise ModelError(f"token {text!r} has id {idx} but the embedding has only {rows} rows", path=path)
+        tokens[idx] = text
+        types[idx] = ttype
+
+    for text, idx in vocab.items():
+        place(int(idx), text, int(TokenType.NORMAL))
+    specials: dict[str, int] = {}
+    for idx, text, special in added:
+        control = special or _looks_special(text)
+        place(idx, text, int(TokenType.CONTROL if control else TokenType.USER_DEFINED))
+        specials[text] = idx
+    n_real = sum(t is not None for t in tokens)
+    if n_real == 0:
+        raise ModelError("tokenizer defines no tokens", path=path)
+    filled = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+
+    ids = {t: i for i, t in enumerate(tokens) if t is not None}
+    tok_cfg = ckpt.tokenizer_config
+
+    def special_id(key: str) -> int | None:
+        text = _token_text(tok_cfg.get(f"{key}_token"))
+        if text is not None and text in ids:
+            return ids[text]
+        value = ckpt.config.get(f"{key}_token_id")
+        if isinstance(value, list):
+            value = value[0] if value else None
+        return int(value) if isinstance(value, int) and 0 <= value < rows else None
+
+    return Vocab(
+        tokens=filled,
+        token_types=types,
+        merges=merges,
+        bos_id=special_id("bos"),
+        eos_id=special_id("eos"),
+        pad_id=special_id("pad"),
+        chat_template=read_chat_template(ckpt),
+        n_real=n_real,
+        specials=specials,
+    )
+
+
+def read_chat_template(ckpt: Checkpoint) -> str | None:
+    """The chat template: tokenizer_config.json's, else chat_template.jinja, else chat_template.json."""
+    tmpl = ckpt.tokenizer_config.get("chat_template")
+    if isinstance(tmpl, list):  # named templates: take "default", else the first
+        named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
+        tmpl = named.get("default") or next(iter(named.values()), None)
+    if isinstance(tmpl, str) and tmpl:
+        return tmpl
+    if "chat_template.jinja" in ckpt.files:
+        return ckpt.files["chat_template.jinja"].read_text(encoding="utf-8")
+    if "chat_template.json" in ckpt.files:
+        tmpl = _load_json(ckpt.files["chat_template.json"]).get("chat_template")
+        if isinstance(tmpl, str) and tmpl:
+            return tmpl
+    return None
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"cannot read JSON ({err})", path=path) from None
+
+
+# ------------------------------------------------------------------------------------------ metadata
+def text_metadata(ckpt: Checkpoint, vocab: Vocab, file_type: int, name: str) -> Callable[[Any], None]:
+    """A function adding the ``qwen2vl`` key/values to a GGUFWriter."""
+
+    def add(w: Any) -> None:
+        from gguf import GGML_QUANT_VERSION
+
+        t = ckpt.text
+        w.add_type("model")
+        w.add_name(name)
+        w.add_file_type(file_type)
+        w.add_quantization_version(GGML_QUANT_VERSION)
+        w.add_context_length(t.max_position_embeddings)
+        w.add_embedding_length(t.hidden_size)
+        w.add_block_count(t.num_layers)
+        w.add_feed_forward_length(t.intermediate_size)
+        w.add_head_count(t.num_heads)
+        w.add_head_count_kv(t.num_kv_heads)
+        w.add_layer_norm_rms_eps(t.rms_norm_eps)
+        w.add_rope_freq_base(t.rope_theta)
+        w.add_rope_dimension_sections(list(t.mrope_section) + [0] * (4 - len(t.mrope_section)))
+        # tokenizer
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(vocab.tokens)
+        w.add_token_types(vocab.token_types)
+        if vocab.merges:
+            w.add_token_merges(vocab.merges)
+        if vocab.bos_id is not None:
+            w.add_bos_token_id(vocab.bos_id)
+        if vocab.eos_id is not None:
+            w.add_eos_token_id(vocab.eos_id)
+        if vocab.pad_id is not None:
+            w.add_pad_token_id(vocab.pad_id)
+        w.add_add_bos_token(False)
+        w.add_add_eos_token(False)
+        if vocab.chat_template:
+            w.add_chat_template(vocab.chat_template)
+
+    return add
+
+
+# ------------------------------------------------------------------------------------------ tensors
+def text_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor]:
+    """The text tensors in GGUF order.  ``weight_type`` is the type of 2-D weights: ``F32``, ``F16``, or
+    ``source`` (keep the checkpoint's precision: BF16 stays raw BF16, F16 stays F16, F32 stays F32).
+    Norms and biases are always F32."""
+    t = ckpt.text
+    order = ["model.embed_tokens.weight"]
+    for i in range(t.num_layers):
+        order += [f"model.layers.{i}.{k}" for k in _LAYER_MAP]
+    order.append("model.norm.weight")
+    if "lm_head.weight" in ckpt:
+        order.append("lm_head.weight")
+    plan: list[PlannedTensor] = []
+    for src in order:
+        shape = ckpt.shape(src)
+        if len(shape) == 1:
+            qtype = "F32"
+        elif weight_type == "source":
+            qtype = {"BF16": "BF16", "F16": "F16", "F32": "F32"}[ckpt.dtype(src)]
+        else:
+            qtype = weight_type
+        plan.append(PlannedTensor(gguf_text_name(src), shape, qtype, _source(ckpt, src, qtype)))
+    return plan
+
+
+def _source(ckpt: Checkpoint, name: str, qtype: str) -> Callable[[], Any]:
+    return lambda: iter_encoded(ckpt, name, qtype)

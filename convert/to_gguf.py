@@ -1,0 +1,206 @@
+"""Hugging Face Qwen2-VL checkpoint -> GGUF text model + mmproj, torch-free and streaming.
+
+Steps: validate everything (checkpoint, tokenizer, image settings, options, quantiser, disk space) before
+writing a byte; write the mmproj; write the text model (directly for f32/f16, else at the checkpoint's own
+precision into a hidden intermediate that llama.cpp's quantiser turns into the requested type); rename
+both into place only when both are complete.  Reading is memory-mapped and writing streams row blocks,
+so memory stays bounded (a few hundred MB) whatever the model size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from qvq_local.convert.checkpoint import Checkpoint, open_checkpoint
+from qvq_local.convert.gguf_mmproj import (
+    ARCH as MMPROJ_ARCH,
+)
+from qvq_local.convert.gguf_mmproj import (
+    check_mmproj_supported,
+    mmproj_metadata,
+    mmproj_tensor_plan,
+)
+from qvq_local.convert.gguf_quantize import BITS_PER_WEIGHT, FTYPES, check_quantiser_available, quantize_gguf
+from qvq_local.convert.gguf_stream import PlannedTensor, write_gguf
+from qvq_local.convert.gguf_text import ARCH as TEXT_ARCH
+from qvq_local.convert.gguf_text import read_vocab, text_metadata, text_tensor_plan
+
+from qvq_local.errors import DiskFull, InputError
+
+TEXT_QUANTS = ("f32", "f16", "q8_0", "q4_k_m", "q5_k_m")
+MMPROJ_QUANTS = ("f32", "f16", "q8_0")
+_DIRECT = {"f32": "F32", "f16": "F16"}  # text quants written without llama.cpp
+_MMPROJ_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}  # gguf.LlamaFileType values
+
+
+@dataclass(frozen=True)
+class GgufPair:
+    """The two files llama.cpp needs: the text model and the vision projector."""
+
+    model: Path
+    mmproj: Path
+
+
+def gguf_file_names(src_name: str, quant: str, mmproj_quant: str) -> tuple[str, str]:
+    """Output file names: ``<name>-<QUANT>.gguf`` and ``mmproj-<name>-<QUANT>.gguf``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", src_name).strip("-.") or "model"
+    return f"{stem}-{FTYPES[quant][1]}.gguf", f"mmproj-{stem}-{FTYPES[mmproj_quant][1]}.gguf"
+
+
+def model_name_for(folder: Path) -> str:
+    """A readable model name for a checkpoint folder.
+
+    A Hugging Face cache snapshot (``models--Qwen--QVQ-72B-Preview/snapshots/<commit>``) is named after the
+    repository, not the commit hash; any other folder after itself.
+    """
+    folder = folder.resolve()
+    if re.fullmatch(r"[0-9a-f]{40}", folder.name) and folder.parent.name == "snapshots":
+        repo = folder.parent.parent.name
+        if repo.startswith("models--"):
+            return repo.split("--")[-1]
+    return folder.name
+
+
+def convert_to_gguf(src: str | Path, out_dir: str | Path, quant: str = "q4_k_m", mmproj_quant: str = "f16",
+                    progress: bool = False, *, name: str | None = None) -> GgufPair:
+    """Convert the checkpoint folder ``src`` into a GGUF pair in ``out_dir``.
+
+    ``quant``: f32, f16, q8_0, q4_k_m or q5_k_m (the text model); ``mmproj_quant``: f32, f16 or q8_0.
+    ``name`` (general.name and the file-name stem) defaults to :func:`model_name_for` of ``src``.
+    Raises InputError for bad options, ModelError for a bad checkpoint, BackendUnavailable when a
+    quantised type is asked for without llama-cpp-python, DiskFull when the outputs cannot fit; all of
+    these before any output file exists.  Interrupted or failed runs leave no output files behind.
+    """
+    quant, mmproj_quant = str(quant).lower(), str(mmproj_quant).lower()
+    if quant not in TEXT_QUANTS:
+        raise InputError(f"unknown GGUF quantisation {quant!r}; choose one of {', '.join(TEXT_QUANTS)}")
+    if mmproj_quant not in MMPROJ_QUANTS:
+        raise InputError(f"unknown mmproj quantisation {mmproj_quant!r}; choose one of {', '.join(MMPROJ_QUANTS)}")
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("output path exists and is not a folder", path=out_dir)
+
+    ckpt = open_checkpoint(src)
+    try:
+        return _convert(ckpt, out_dir, quant, mmproj_quant, progress, name or model_name_for(ckpt.folder))
+    finally:
+        ckpt.release()
+
+
+def _convert(ckpt: Checkpoint, out_dir: Path, quant: str, mmproj_quant: str, progress: bool,
+             name: str) -> GgufPair:
+    # ---- everything that can fail is checked here, before any output exists
+    check_mmproj_supported(ckpt)
+    vocab = read_vocab(ckpt)
+    direct = quant in _DIRECT
+    if not direct:
+        check_quantiser_available()
+    mm_type = _MMPROJ_TYPES[mmproj_quant]
+    mm_plan = mmproj_tensor_plan(ckpt, mm_type)
+    mm_meta = mmproj_metadata(ckpt, _FILE_TYPES[mm_type], name)
+    text_type = _DIRECT.get(quant, "source")
+    text_plan = text_tensor_plan(ckpt, text_type)
+    text_file_type = _FILE_TYPES[text_type] if direct else _dominant_file_type(text_plan)
+    text_meta = text_metadata(ckpt, vocab, text_file_type, name)
+    model_name, mmproj_name = gguf_file_names(name, quant, mmproj_quant)
+    model_path, mmproj_path = out_dir / model_name, out_dir / mmproj_name
+
+    mm_bytes = sum(t.nbytes for t in mm_plan)
+    text_bytes = sum(t.nbytes for t in text_plan)
+    n_text = sum(math.prod(t.shape) for t in text_plan)
+    final_text_bytes = text_bytes if direct else int(n_text * BITS_PER_WEIGHT[quant] / 8)
+    _check_disk(out_dir, mm_bytes + text_bytes + (0 if direct else final_text_bytes))
+
+    # ---- write
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}"
+    staged_mm = out_dir / f".{mmproj_name}.staged-{tag}"
+    staged_model = out_dir / f".{model_name}.staged-{tag}"
+    intermediate = out_dir / f".{model_name}.source-{tag}"
+    renamed: list[Path] = []
+    try:
+        with _progress(progress) as bar:
+            write_gguf(staged_mm, MMPROJ_ARCH, mm_meta, mm_plan,
+                       bar(f"mmproj ({mm_type})", mm_bytes))
+            if direct:
+                write_gguf(staged_model, TEXT_ARCH, text_meta, text_plan,
+                           bar(f"model ({_DIRECT[quant]})", text_bytes))
+            else:
+                write_gguf(intermediate, TEXT_ARCH, text_meta, text_plan, bar("model (source precision)", text_bytes))
+                done = bar(f"quantising to {FTYPES[quant][1]}", final_text_bytes)
+                seen = [0]
+
+                def report(size: int) -> None:
+                    step = min(size, final_text_bytes) - seen[0]
+                    if step > 0:
+                        seen[0] += step
+                        done(step)
+
+                quantize_gguf(intermediate, staged_model, quant, on_progress=report)
+                done(max(0, final_text_bytes - seen[0]))
+                intermediate.unlink(missing_ok=True)
+        os.replace(staged_mm, mmproj_path)
+        renamed.append(mmproj_path)
+        os.replace(staged_model, model_path)
+        renamed.append(model_path)
+    except BaseException:
+        for p in (staged_mm, staged_model, intermediate, *renamed):
+            p.unlink(missing_ok=True)
+        for p in (staged_mm, staged_model, intermediate):
+            p.with_name(f".{p.name}.partial-{os.getpid()}").unlink(missing_ok=True)
+        raise
+    return GgufPair(model=model_path, mmproj=mmproj_path)
+
+
+def _dominant_file_type(plan: list[PlannedTensor]) -> int:
+    """general.file_type of a source-precision file: the type holding the most bytes."""
+    by_type: dict[str, int] = {}
+    for t in plan:
+        by_type[t.qtype] = by_type.get(t.qtype, 0) + t.nbytes
+    return _FILE_TYPES[max(by_type, key=by_type.__getitem__)]
+
+
+def _check_disk(out_dir: Path, need: int) -> None:
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need * 1.02 + 64 * 1024 * 1024 > free:
+        raise DiskFull(f"converting needs about {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB is free",
+                       path=probe)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """Yield ``bar(label, total) -> advance(n)``; a Rich progress display on stderr when enabled."""
+    if not enabled:
+        yield lambda label, total: (lambda n: None)
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                  transient=False) as prog:
+
+        def bar(label: str, total: int) -> Callable[[int], None]:
+            task = prog.add_task(label, total=total)
+            return lambda n: prog.advance(task, n)
+
+        yield bar
