@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Union
 
-from qvq_local.errors import InputError, ModelError
+from qvq_local.errors import DiskFull, InputError, ModelError, QvqError
 
 FORMATS = ("mlx", "gguf")
 GGUF_QUANTS = ("q4_k_m", "q5_k_m", "q8_0", "f16", "f32")
@@ -137,10 +137,42 @@ def convert(
 
         write_manifest(partial, manifest)
         _move_into_place(partial, out_dir)
+    except OSError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise _write_error(err, out_dir, fmt) from None
+    except QvqError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise _named_after_output(err, partial, out_dir) from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return out_dir
+
+
+def _named_after_output(err: QvqError, partial: Path, out_dir: Path) -> QvqError:
+    """A converter's error that names a file inside the (now removed) hidden partial folder names the
+    output the user asked for instead."""
+    if not err.path or str(partial) not in err.path:
+        return err
+    renamed = type(err)(str(err).replace(err.path, str(out_dir), 1))
+    renamed.path = str(out_dir)
+    return renamed
+
+
+def _write_error(err: OSError, out_dir: Path, fmt: str) -> ModelError | DiskFull:
+    """A failed write as one user-facing line: a full disk (or a file size limit) is DiskFull.
+
+    The converters stream gigabytes; without this a full disk surfaced as a traceback from deep inside
+    the writer.  The partial folder is already gone when this is raised.
+    """
+    import errno
+
+    where = Path(err.filename).name if err.filename else f"the {fmt.upper()} conversion"
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+        return DiskFull(f"ran out of space writing {where} ({reason}); nothing was kept", path=out_dir)
+    target = err.filename or where  # may be a source file (unreadable) as well as an output file
+    return ModelError(f"conversion failed on {target} ({reason}); nothing was kept", path=out_dir)
 
 
 def _source_folder(source: str | os.PathLike, progress: bool) -> tuple[Path, str, str]:

@@ -227,15 +227,42 @@ def _run_mlx_vlm_convert(
     except MemoryError:
         raise ModelError("out of memory while converting to MLX", path=src) from None
     except OSError as err:
-        if getattr(err, "errno", None) == 28:  # ENOSPC
-            raise DiskFull("no space left while writing the MLX conversion", path=dest) from None
+        if _is_disk_full_errno(err.errno):
+            where = Path(err.filename).name if err.filename else "the MLX conversion"
+            raise DiskFull(
+                f"ran out of space writing {where} ({err.strerror or err}); nothing was kept", path=dest
+            ) from None
         raise ModelError(f"MLX conversion failed: {err}", path=src) from None
+    except RuntimeError as err:
+        if _is_mlx_write_failure(err):
+            raise DiskFull(
+                f"ran out of space writing the MLX conversion ({err}); nothing was kept",
+                path=dest,
+            ) from None
+        raise ModelError(f"MLX conversion failed: {_describe(err, sink)}", path=src) from None
     except Exception as err:  # noqa: BLE001 - mlx-vlm raises ValueError/KeyError/... for bad checkpoints
-        last = sink.last_line()
-        detail = f"{type(err).__name__}: {err}"
-        if last:
-            detail += f" (last mlx-vlm message: {last})"
-        raise ModelError(f"MLX conversion failed: {detail}", path=src) from None
+        raise ModelError(f"MLX conversion failed: {_describe(err, sink)}", path=src) from None
+
+
+def _describe(err: BaseException, sink: _StageSink) -> str:
+    detail = f"{type(err).__name__}: {err}"
+    last = sink.last_line()
+    if last:
+        detail += f" (last mlx-vlm message: {last})"
+    return detail
+
+
+def _is_disk_full_errno(code: int | None) -> bool:
+    import errno
+
+    return code is not None and code in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1))
+
+
+def _is_mlx_write_failure(err: RuntimeError) -> bool:
+    """mlx's C++ writer reports a failed write (full disk, file size limit) as a RuntimeError such as
+    ``[write] Unable to write 1048576 bytes to file.``, never as an OSError with an errno."""
+    text = str(err)
+    return "[write]" in text or "unable to write" in text.lower()
 
 
 @contextlib.contextmanager

@@ -448,7 +448,7 @@ def load(
         if ref is None:
             raise ModelError(NO_MODEL_HELP)
     resolved = models.resolve(ref, download=download, progress=progress)
-    chosen = hardware.choose_backend(backend, {resolved.format})
+    chosen = hardware.choose_backend(backend, {resolved.format}, model_path=resolved.path)
     t0 = time.perf_counter()
     if chosen == "mlx":
         from qvq_local.backends import mlx as mlx_backend

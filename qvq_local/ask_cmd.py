@@ -238,6 +238,7 @@ def print_doctor(model: str | None, context: int | None, as_json: bool) -> None:
     data = report(model, context)
     if as_json:
         print(json.dumps(data, indent=2, default=str))
+        _doctor_exit(data)
         return
     from rich.console import Console
     from rich.markup import escape
@@ -287,5 +288,31 @@ def print_doctor(model: str | None, context: int | None, as_json: bool) -> None:
         mt.add_row("needs", f"{_human(fit['needed_bytes'])} of {_human(fit['available_bytes'])} available: "
                             f"[{colour}]{fit['verdict']}[/{colour}]")
         console.print(mt)
-    elif data.get("model_error"):
-        console.print(f"[red]model: {escape(data['model_error'])}[/red]")
+    elif data.get("model_error") and not data.get("integrity_errors"):  # else the findings below say why
+        console.print(f"[red]model: {escape(data['model_error'])}[/red]", soft_wrap=True)
+    findings = data.get("integrity") or []
+    if findings:
+        console.print("[bold]model files[/bold]")
+        colours = {"ok": "green", "warning": "yellow", "error": "red"}
+        for f in findings:
+            colour = colours.get(f["level"], "white")
+            # one line per finding whatever the terminal width: a path must stay copyable
+            line = f"  [{colour}]{f['level']:<7}[/{colour}] {escape(f['path'])}: {escape(f['message'])}"
+            console.print(line, soft_wrap=True, highlight=False)
+    _doctor_exit(data)
+
+
+def _doctor_exit(data: dict[str, Any]) -> None:
+    """Exit 3 (as a ModelError would) when the integrity checks found a model that will not load, after
+    the report is printed, with one ``error:`` line on stderr naming the first problem."""
+    errors = [f for f in data.get("integrity") or [] if f["level"] == "error"]
+    if not errors:
+        return
+    import typer
+
+    from qvq_local.errors import ModelError
+
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    print(f"error: {first['path']}: {first['message']}{more}", file=sys.stderr)
+    raise typer.Exit(ModelError.exit_code)

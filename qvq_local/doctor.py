@@ -164,9 +164,26 @@ def report(model_ref: str | None = None, n_ctx: int | None = None, probe_gpu: bo
         out["settings_error"] = str(exc)
     ref = model_ref or (out.get("settings") or {}).get("model")
     if ref:
+        findings = model_integrity(str(ref))
+        out["integrity"] = [{"level": f.level, "path": f.path, "message": f.message} for f in findings]
+        out["integrity_errors"] = sum(f.level == "error" for f in findings)
         try:
             out["model"] = model_fit(str(ref), n_ctx, facts.get("memory_available_bytes"),
                                      facts.get("memory_total_bytes"))
         except ModelError as exc:
             out["model_error"] = str(exc)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if not out["integrity_errors"]:
+                raise
+            # a broken model (what the integrity findings describe) cannot be sized either
+            out["model_error"] = f"{ref}: cannot estimate its memory needs ({type(exc).__name__}: {exc})"
     return out
+
+
+def model_integrity(ref: str) -> list[Any]:
+    """Header-only completeness checks of ``ref`` (:func:`qvq_local.integrity.check_model`): a download
+    that stopped half-way, a missing shard or a projector from another model is named here, in plain
+    words, instead of failing deep inside a backend at load time."""
+    from qvq_local.integrity import check_model
+
+    return check_model(ref)

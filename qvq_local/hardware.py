@@ -56,11 +56,17 @@ def _preference() -> tuple[str, ...]:
     return ("mlx", "llama") if is_apple_silicon() else ("llama", "mlx")
 
 
-def choose_backend(requested: str = "auto", formats_available: set[str] | frozenset[str] | None = None) -> str:
+def choose_backend(
+    requested: str = "auto",
+    formats_available: set[str] | frozenset[str] | None = None,
+    *,
+    model_path: str | os.PathLike | None = None,
+) -> str:
     """Return ``"mlx"`` or ``"llama"`` for a model that exists in ``formats_available``.
 
     ``formats_available`` holds the model's formats (``"mlx"``, ``"gguf"``, ``"hf"``); ``None`` means the
-    model can be had in any format (the choice then rests on the machine alone).
+    model can be had in any format (the choice then rests on the machine alone).  ``model_path``, when
+    given, starts the format-mismatch errors, so the user sees which model the backend refused.
 
     Raises ``ModelError`` when the requested backend cannot load any of the model's formats, and
     ``BackendUnavailable`` (naming the ``pip install`` line) when the backend that should run it is not
@@ -81,6 +87,7 @@ def choose_backend(requested: str = "auto", formats_available: set[str] | frozen
             other = "GGUF (qvq convert --to gguf)" if requested == "llama" else "MLX (qvq convert --to mlx)"
             raise ModelError(
                 f"the {requested} backend cannot load this model: it exists only as {have}",
+                path=model_path,
                 hint=f"convert it to {other} or use --backend auto",
             )
         if not backend_installed(requested):
@@ -90,7 +97,7 @@ def choose_backend(requested: str = "auto", formats_available: set[str] | frozen
         return requested
 
     if not loadable:
-        raise ModelError(f"no backend can load this model's format ({have})")
+        raise ModelError(f"no backend can load this model's format ({have})", path=model_path)
     ordered = [b for b in _preference() if b in loadable]
     for backend in ordered:
         if backend_installed(backend):

@@ -177,6 +177,52 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _swapping_transpose(orientation: int):
+    """The Pillow transpose that makes an image with EXIF ``orientation`` 5..8 upright."""
+    from PIL import Image
+
+    t = Image.Transpose
+    return {5: t.TRANSPOSE, 6: t.ROTATE_270, 7: t.TRANSVERSE, 8: t.ROTATE_90}[orientation]
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation (tag 0x0112) as declared in the header, read before decoding (Pillow's TIFF
+    loader drops the tag while loading); 1 when absent or unreadable."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+        return int(value) if isinstance(value, int) else 1
+    except Exception:  # noqa: BLE001 - a broken EXIF block should not cost the picture
+        return 1
+
+
+def _fix_rotated_tiff_size(im, orientation: int) -> bool:
+    """Work around Pillow 13's TIFF loader for orientations 5..8.
+
+    Its header parser already reports the rotated (upright) size, but then decodes the stored,
+    unrotated strips into a buffer of that rotated size, which scrambles the pixels of single-band and
+    RGBA images (a scanner's greyscale TIFF).  Giving the image back its stored size before ``load()``
+    lets the decoder fill the buffer correctly; Pillow's own orientation step then rotates it upright.
+    Does nothing where the sizes already agree (other formats, a Pillow without the quirk).  Returns
+    whether it applied, i.e. whether the header's size is the upright size the result must have.
+    """
+    stored = getattr(im, "_tile_size", None)
+    if (
+        im.format == "TIFF"
+        and orientation in _SWAPPING_ORIENTATIONS
+        and isinstance(stored, tuple)
+        and len(stored) == 2
+        and tuple(stored) == (im.size[1], im.size[0])
+        and tuple(stored) != im.size
+        and hasattr(im, "_size")
+    ):
+        im._size = tuple(stored)
+        return True
+    return False
+
+
 def _decode(p: Path, name: str, head: bytes, limit: int):
     """Open (header only), check the size, then decode the first frame and make it upright RGB."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -204,8 +250,10 @@ def _decode(p: Path, name: str, head: bytes, limit: int):
                 path=name,
             )
         fmt = im.format or "image"
+        orientation = _orientation(im)
         try:
             im.seek(0)  # first frame of an animation or the first page
+            fixed = _fix_rotated_tiff_size(im, orientation)
             im.load()
         except Exception as err:  # noqa: BLE001
             raise InputError(f"{fmt} data is truncated or corrupt ({_reason(err)})", path=name) from None
@@ -215,6 +263,9 @@ def _decode(p: Path, name: str, head: bytes, limit: int):
             upright = im
         if upright is None:
             upright = im
+        if fixed and upright.size != (width, height):
+            # the header's upright size was not reached: this Pillow's loader did not rotate after all
+            upright = upright.transpose(_swapping_transpose(orientation))
         try:
             rgb = _to_rgb(upright)
         except Exception as err:  # noqa: BLE001

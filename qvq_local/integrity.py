@@ -122,6 +122,21 @@ def check_model(ref: str | os.PathLike) -> list[Finding]:
     return findings
 
 
+def check_gguf_file(path: str | os.PathLike) -> list[Finding]:
+    """One GGUF file on its own: readable, a GGUF, every tensor's data inside the file.
+
+    For a backend about to hand the file to llama.cpp, which reports a download that stopped half-way
+    only as "failed to load model"; this names the file and says "truncated".  Reads headers only.
+    """
+    p = Path(path)
+    findings: list[Finding] = []
+    info = _read_gguf(p, findings)
+    if info is not None:
+        n = len(info["tensors"])
+        findings.append(Finding("ok", str(p), f"GGUF with {n} tensors, all inside the file"))
+    return findings
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def _strip_path(message: str, ref: str) -> str:
     prefix = f"{ref}: "
@@ -660,7 +675,11 @@ def _read_gguf(path: Path, findings: list[Finding]) -> dict[str, Any] | None:
         )
         return None
     except Exception as err:  # noqa: BLE001 - untrusted bytes make the reader raise anything
-        findings.append(Finding("error", str(path), f"corrupt or truncated GGUF ({_short(err)})"))
+        if "cannot reshape array" in str(err):  # a tensor's data view runs past the end of the file
+            message = f"truncated: tensor data runs past the end of the file ({size:,} bytes)"
+        else:
+            message = f"corrupt or truncated GGUF ({_short(err)})"
+        findings.append(Finding("error", str(path), message))
         return None
     fields: dict[str, Any] = {}
     for key, field in reader.fields.items():

@@ -70,7 +70,7 @@ def hub_folder(hub_id: str) -> Path:
 
 
 def is_hub_id(ref: str) -> bool:
-    return bool(_HUB_ID.match(ref)) and "--" not in ref and ".." not in ref
+    return bool(_HUB_ID.fullmatch(ref)) and "--" not in ref and ".." not in ref
 
 
 def check_hub_id(ref: str) -> str:

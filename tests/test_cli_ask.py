@@ -133,7 +133,7 @@ def test_wrong_format_for_the_backend(gguf_model, sample_image):
 def test_mlx_folder_with_llama_backend(tiny_checkpoint, sample_image):
     result = runner.invoke(app, ["ask", str(sample_image), "q", "--model", str(tiny_checkpoint),
                                  "--backend", "llama"])
-    _one_line_error(result, "llama backend cannot load this model")
+    _one_line_error(result, "llama backend cannot load this model", str(tiny_checkpoint))
 
 
 @pytest.mark.llama

@@ -98,6 +98,10 @@ def test_requested_backend_cannot_load_format(machine):
     assert "gguf" in str(err.value)
     with pytest.raises(ModelError, match="llama backend cannot load"):
         hardware.choose_backend("llama", {"mlx", "hf"})
+    with pytest.raises(ModelError) as err:  # the error names the model it refused
+        hardware.choose_backend("llama", {"mlx"}, model_path="/models/qvq-mlx-4bit")
+    assert str(err.value).startswith("/models/qvq-mlx-4bit: the llama backend cannot load this model")
+    assert "exists only as mlx" in str(err.value)
 
 
 def test_requested_backend_not_installed(machine):

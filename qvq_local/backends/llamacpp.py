@@ -408,6 +408,16 @@ def _check_file(path: Path, what: str) -> Path:
     return path
 
 
+def _check_gguf_data(path: Path) -> None:
+    """Refuse a GGUF whose tensors do not all lie inside the file (an interrupted download or copy) with
+    a message that says so and names the file; llama.cpp would only say "failed to load model"."""
+    from qvq_local.integrity import check_gguf_file
+
+    for finding in check_gguf_file(path):
+        if finding.level == "error":
+            raise ModelError(finding.message, path=finding.path)
+
+
 def load(
     model_gguf: str | Path,
     mmproj_gguf: str | Path | None,
@@ -451,6 +461,9 @@ def load(
     projector = pmeta.get("clip.projector_type") or pmeta.get("clip.vision.projector_type")
     if projector not in SUPPORTED_PROJECTORS:
         raise ModelError(f"mmproj projector type is {projector!r}, expected qwen2vl_merger", path=mmproj_path)
+
+    _check_gguf_data(model_path)
+    _check_gguf_data(mmproj_path)
 
     llama_cpp, mtmd_cpp = _libs()
     gpu = bool(llama_cpp.llama_supports_gpu_offload())

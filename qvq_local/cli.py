@@ -1,0 +1,407 @@
+"""The ``qvq`` command line: argument parsing and wiring only.
+
+Every command body is a lazy import of the module that does the work, so ``qvq --help`` stays fast
+(no mlx, llama_cpp, huggingface_hub or numpy at import time).  User errors arrive as
+``qvq_local.errors.QvqError`` and leave as one ``error: ...`` line with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from qvq_local.errors import QvqError
+
+app = typer.Typer(
+    name="qvq",
+    help="Run QVQ visual reasoning models locally, quantised, and watch them think.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _fail(err: QvqError) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+# ---------------------------------------------------------------- synth (issue: foundation)
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Folder to write the checkpoint into (created)."),
+    shape: str = typer.Option("tiny", "--shape", help="tiny | 2b | 7b | 72b"),
+    dtype: str = typer.Option("bf16", "--dtype", help="bf16 | f32"),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same bytes."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Write a random-weight checkpoint in exactly the Hugging Face layout of QVQ-72B-Preview.
+
+    For tests, demos and benchmarks without downloading a model: the words it writes are random.
+    """
+    from qvq_local.convert.synthetic import synth_command
+
+    try:
+        synth_command(shape=shape, out=out, dtype=dtype, seed=seed, force=force)
+    except QvqError as err:
+        _fail(err)
+
+
+# ---------------------------------------------------------------- convert / pull / models (issue 3, 5)
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="A Hugging Face checkpoint folder, or a hub id (owner/name)."),
+    to: Optional[str] = typer.Option(
+        None, "--to", help="mlx | gguf. Default: what this machine's backend runs (mlx on Apple Silicon)."
+    ),
+    quant: Optional[str] = typer.Option(
+        None, "--quant", help="GGUF only: q4_k_m (default) | q5_k_m | q8_0 | f16 | f32."
+    ),
+    bits: Optional[str] = typer.Option(
+        None, "--bits", help="MLX only: 4 (default) | 8 | none (keep the source dtype)."
+    ),
+    group_size: Optional[int] = typer.Option(
+        None, "--group-size", help="MLX only: quantisation group size, 32 | 64 (default) | 128."
+    ),
+    mmproj_quant: Optional[str] = typer.Option(
+        None, "--mmproj-quant", help="GGUF only: the vision projector's type, f16 (default) | q8_0 | f32."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "-o", "--out", help="Output folder. Default: $QVQ_HOME/models/<name>-<format>-<quant>."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress display."),
+) -> None:
+    """Convert Hugging Face weights to quantised MLX or to GGUF + mmproj, ready for `qvq ask`.
+
+    The source is checked first (architecture, shards, tensor shapes).
+
+    The output appears only when complete, with a qvq-manifest.json that `qvq models` reads.
+
+    Examples:
+
+      qvq convert Qwen/QVQ-72B-Preview
+
+      qvq convert ./QVQ-72B-Preview --to gguf --quant q4_k_m
+
+      qvq convert ./QVQ-72B-Preview --to mlx --bits 4 -o ~/models/qvq-mlx-4bit
+
+      qvq ask chart.png "What is the trend?" --model QVQ-72B-Preview-mlx-4bit
+    """
+    from qvq_local.convert.pipeline import convert as run_convert
+
+    try:
+        path = run_convert(
+            source,
+            to=to,
+            quant=quant,
+            bits=bits,
+            group_size=group_size,
+            mmproj_quant=mmproj_quant,
+            out=out,
+            force=force,
+            progress=not quiet,
+        )
+    except QvqError as err:
+        _fail(err)
+    typer.echo(str(path))
+
+
+@app.command()
+def pull(
+    hub_id: str = typer.Argument(..., help="A Hugging Face model id, owner/name."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress display."),
+) -> None:
+    """Download a model from the Hugging Face hub into $QVQ_HOME/hub (safetensors only, resumable).
+
+    Fetches safetensors weights, JSON configs and tokenizer files only.
+
+    A repository with only pickle weights (*.bin, *.pt) is refused. Run again to resume.
+
+    Examples:
+
+      qvq pull Qwen/QVQ-72B-Preview
+
+      qvq convert Qwen/QVQ-72B-Preview --to gguf
+    """
+    from qvq_local.models import pull as run_pull
+
+    try:
+        path = run_pull(hub_id, progress=not quiet, revision=revision)
+    except QvqError as err:
+        _fail(err)
+    typer.echo(str(path))
+
+
+@app.command()
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+) -> None:
+    """List local models: conversions in $QVQ_HOME/models and downloads in $QVQ_HOME/hub.
+
+    The NAME column is what `qvq ask --model NAME` accepts.
+
+    Examples:
+
+      qvq models
+
+      qvq models --json | jq '.[].name'
+    """
+    import json
+
+    from qvq_local.models import human_size, list_models, models_dir
+
+    try:
+        rows = list_models()
+    except QvqError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(
+            f"no local models in {models_dir().parent}: "
+            "make one with `qvq convert SOURCE` or `qvq pull HUB_ID`"
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=None, show_edge=False, header_style="bold")
+    for column in ("name", "format", "quantisation", "size", "source"):
+        table.add_column(column, justify="right" if column == "size" else "left", overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], row["format"], row["quantisation"], human_size(row["size"]), row["source"])
+    Console().print(table)
+
+
+# ---------------------------------------------------------------- ask / doctor / config (issue 5)
+@app.command(context_settings={"allow_interspersed_args": True})
+def ask(
+    args: Optional[List[str]] = typer.Argument(
+        None, metavar="IMAGE... QUESTION", help="One or more images, then the question (quote it)."
+    ),
+    attach: Optional[List[Path]] = typer.Option(None, "-a", "--attach", help="An image (repeatable)."),
+    model: Optional[str] = typer.Option(
+        None, "-m", "--model", help="Model: folder, GGUF file, name from `qvq models`, or hub id."
+    ),
+    backend: Optional[str] = typer.Option(None, "--backend", help="auto (default) | mlx | llama."),
+    think_budget: Optional[int] = typer.Option(
+        None, "--think-budget", help="Thought tokens before the answer is forced (default: none, up to 8192)."
+    ),
+    answer_budget: Optional[int] = typer.Option(None, "--answer-budget", help="Answer tokens (default 1024)."),
+    max_pixels: Optional[int] = typer.Option(
+        None, "--max-pixels", help="Shrink each image to at most this many pixels (fewer image tokens)."
+    ),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Default: the model's own."),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    system: Optional[str] = typer.Option(None, "--system", help="Replace QVQ's system prompt."),
+    no_loop_stop: bool = typer.Option(False, "--no-loop-stop", help="Do not cut reasoning loops."),
+    as_json: bool = typer.Option(False, "--json", help="Print one OpenAI-style JSON object at the end."),
+    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the thought stream."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Write a Markdown transcript to this file."),
+) -> None:
+    """Ask a question about one or more images and watch the model think.
+
+    The last argument is the question; every other argument (and each -a) is an image.
+
+    On a terminal a live panel shows the thought, its budget and the answer; piped, the thought goes to
+    stderr and the answer to stdout. Ctrl-C stops and keeps what was produced (exit code 130).
+
+    Examples:
+
+      qvq ask chart.png "Which bar is the highest?" --think-budget 1024
+
+      qvq ask -a left.png -a right.png "What changed?" --json
+
+      qvq ask diagram.png "Find the angle x." -m QVQ-72B-Preview-gguf-q4_k_m --save run.md
+    """
+    from qvq_local.ask_cmd import AskOptions, run_ask
+
+    opts = AskOptions(
+        args=list(args or []), attach=[str(p) for p in (attach or [])], model=model, backend=backend,
+        think_budget=think_budget, answer_budget=answer_budget, max_pixels=max_pixels,
+        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+        system=system, loop_detection=not no_loop_stop, as_json=as_json, hide_thinking=hide_thinking,
+        save=save,
+    )
+    try:
+        code = run_ask(opts)
+    except QvqError as err:
+        _fail(err)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def doctor(
+    model: Optional[str] = typer.Option(
+        None, "-m", "--model", help="Check whether this model fits (default: the configured model)."
+    ),
+    context: Optional[int] = typer.Option(
+        None, "--context", help="Context tokens to plan for (default: what `qvq ask` opens)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check this machine: platform, memory, GPU, installed backends, and whether a model fits.
+
+    Examples:
+
+      qvq doctor
+
+      qvq doctor --model QVQ-72B-Preview-gguf-q4_k_m --context 16384
+    """
+    from qvq_local.ask_cmd import print_doctor
+
+    try:
+        print_doctor(model, context, as_json)
+    except QvqError as err:
+        _fail(err)
+
+
+config_app = typer.Typer(
+    help="Show and change settings (default model, backend, budgets) in $QVQ_HOME/config.json.",
+    no_args_is_help=True,
+)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("list")
+def config_list(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List every setting, its value and where the value comes from."""
+    import json
+
+    from qvq_local import config as settings
+
+    try:
+        values = settings.effective()
+        if as_json:
+            typer.echo(json.dumps(values, indent=2))
+            return
+        for key, value in values.items():
+            shown = "(unset)" if value is None else value
+            typer.echo(f"{key} = {shown}    # {settings.SETTINGS[key].help}; from {settings.source(key)}")
+    except QvqError as err:
+        _fail(err)
+
+
+@config_app.command("get")
+def config_get(key: str = typer.Argument(..., help="Setting name, e.g. model.")) -> None:
+    """Print one setting's value (nothing, exit code 1, when unset)."""
+    from qvq_local import config as settings
+
+    try:
+        value = settings.get(key)
+    except QvqError as err:
+        _fail(err)
+    if value is None:
+        raise typer.Exit(1)
+    typer.echo(value)
+
+
+@config_app.command("set")
+def config_set(
+    key: str = typer.Argument(..., help="Setting name: model, backend, think_budget, answer_budget, max_pixels."),
+    value: str = typer.Argument(..., help="The new value."),
+) -> None:
+    """Store a setting, e.g. `qvq config set model QVQ-72B-Preview-gguf-q4_k_m`."""
+    from qvq_local import config as settings
+
+    try:
+        parsed = settings.set_value(key, value)
+    except QvqError as err:
+        _fail(err)
+    typer.echo(f"{key} = {parsed}")
+
+
+@config_app.command("unset")
+def config_unset(key: str = typer.Argument(..., help="Setting name.")) -> None:
+    """Remove a setting from the file."""
+    from qvq_local import config as settings
+
+    try:
+        settings.unset(key)
+    except QvqError as err:
+        _fail(err)
+
+
+@config_app.command("path")
+def config_path() -> None:
+    """Print where the settings file lives."""
+    from qvq_local import config as settings
+
+    typer.echo(str(settings.config_path()))
+
+
+# ---------------------------------------------------------------- bench (issue 6)
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option(
+        None, "-m", "--model", help="Model to measure: folder, GGUF file, name from `qvq models`, hub id."
+    ),
+    shape: Optional[str] = typer.Option(
+        None, "--shape", help="tiny | 2b | 7b | 72b: synthesise and convert a random model of that shape "
+        "(cached in QVQ_HOME/bench). Default when no --model: tiny."
+    ),
+    backend: str = typer.Option("auto", "--backend", help="auto | mlx | llama | all."),
+    image_sizes: str = typer.Option("224,448", "--image-sizes", help="Square image edge lengths in pixels."),
+    runs: int = typer.Option(3, "--runs", help="Measured runs per figure (median reported), after a warm-up."),
+    decode_tokens: int = typer.Option(
+        64, "--decode-tokens", help="Thought tokens per run before the answer is forced."
+    ),
+    quant: str = typer.Option("q4", "--quant", help="q4 | q8: quantisation when converting (--shape, HF folder)."),
+    raw: bool = typer.Option(True, "--raw/--no-raw", help="Also run the raw library (mlx-vlm, llama-cpp-python)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure and the machine here."),
+    chart: Optional[Path] = typer.Option(None, "--chart", help="Write a PNG chart here (needs matplotlib)."),
+    bandwidth_mib: int = typer.Option(1024, "--bandwidth-mib", help="Array size for the bandwidth measurement."),
+) -> None:
+    """Measure speed and memory on this machine, side by side with the raw libraries and the bandwidth limit.
+
+    Examples:
+
+      qvq bench --shape 2b --backend all --json bench.json --chart bench.png
+
+      qvq bench -m QVQ-72B-Preview-gguf-q4_k_m --image-sizes 448 --runs 3
+    """
+    from qvq_local.bench import bench_command
+
+    try:
+        bench_command(model=model, shape=shape, backend=backend, image_sizes=image_sizes, runs=runs,
+                      decode_tokens=decode_tokens, quant=quant, raw=raw, json_path=json_path,
+                      chart_path=chart, bandwidth_mib=bandwidth_mib)
+    except QvqError as err:
+        _fail(err)
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM means "stop" just as Ctrl-C does: raise KeyboardInterrupt so commands that write files
+    run their cleanup (no half-written folder is left) and the CLI exits 130.  Further SIGTERMs are
+    ignored so a second one cannot cut that cleanup short."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    import signal
+
+    # installed here, not at import: a library user embedding qvq_local keeps their own SIGTERM handling
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""`qvq doctor --model REF` runs the integrity checks: a complete model passes (exit 0, ok findings); a
+missing shard, a truncated GGUF or a projector from a model of another width fails (exit 3) with a line
+naming the file and the problem, in the human report and in ``--json``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qvq_local.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("QVQ_MODEL", raising=False)
+    monkeypatch.delenv("QVQ_BACKEND", raising=False)
+
+
+def _doctor(ref: Path | str, *extra: str):
+    return runner.invoke(app, ["doctor", "--model", str(ref), *extra])
+
+
+def _gguf_copy(pair, tmp_path: Path) -> Path:
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    shutil.copy(pair.model, folder)
+    shutil.copy(pair.mmproj, folder)
+    return folder
+
+
+def _finding_lines(stdout: str, level: str) -> list[str]:
+    return [ln.strip() for ln in stdout.splitlines() if ln.strip().startswith(f"{level} ")]
+
+
+def test_complete_checkpoint_passes(tiny_checkpoint):
+    result = _doctor(tiny_checkpoint)
+    assert result.exit_code == 0, result.output
+    assert _finding_lines(result.stdout, "ok"), result.stdout
+    assert not _finding_lines(result.stdout, "error"), result.stdout
+    data = json.loads(_doctor(tiny_checkpoint, "--json").stdout)
+    assert data["integrity_errors"] == 0
+    assert {f["level"] for f in data["integrity"]} == {"ok"}
+    assert all(set(f) == {"level", "path", "message"} for f in data["integrity"])
+
+
+def test_complete_gguf_pair_passes(tiny_gguf_f32):
+    result = _doctor(tiny_gguf_f32.model, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    ok_paths = {Path(f["path"]).name for f in data["integrity"] if f["level"] == "ok"}
+    assert {Path(tiny_gguf_f32.model).name, Path(tiny_gguf_f32.mmproj).name} <= ok_paths, data["integrity"]
+
+
+def test_missing_shard_fails_naming_the_shard(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "model-00003-of-00004.safetensors").unlink()
+    result = _doctor(folder)
+    assert result.exit_code == 3, result.output
+    errors = _finding_lines(result.stdout, "error")
+    shard = "model-00003-of-00004.safetensors"
+    assert any(shard in ln and "missing shard" in ln for ln in errors), result.stdout
+    stderr = result.stderr.strip().splitlines()
+    assert len(stderr) == 1 and stderr[0].startswith("error: ") and "model-00003-of-00004" in stderr[0]
+    data = json.loads(_doctor(folder, "--json").stdout)
+    assert data["integrity_errors"] >= 1
+    assert any(f["level"] == "error" and f["path"].endswith("model-00003-of-00004.safetensors")
+               for f in data["integrity"]), data["integrity"]
+
+
+def test_truncated_gguf_fails_naming_the_file(tiny_gguf_f32, tmp_path):
+    folder = _gguf_copy(tiny_gguf_f32, tmp_path)
+    model = folder / Path(tiny_gguf_f32.model).name
+    size = model.stat().st_size
+    with open(model, "r+b") as fh:
+        fh.truncate(size - size // 3)
+    result = _doctor(model)
+    assert result.exit_code == 3, result.output
+    errors = _finding_lines(result.stdout, "error")
+    assert any(model.name in ln and "truncated" in ln for ln in errors), result.stdout
+    assert "Traceback" not in result.output
+
+
+def test_mmproj_of_another_width_fails_naming_both_widths(tiny_gguf_f32, tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    folder = tmp_path / "mismatch"
+    folder.mkdir()
+    shutil.copy(tiny_gguf_f32.model, folder)
+    writer = GGUFWriter(str(folder / "mmproj-other.gguf"), "clip")
+    writer.add_string("clip.projector_type", "qwen2vl_merger")
+    writer.add_uint32("clip.vision.projection_dim", 512)
+    writer.add_tensor("mm.2.weight", np.zeros((512, 64), dtype=np.float32))
+    writer.add_tensor("mm.2.bias", np.zeros(512, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = _doctor(folder)
+    assert result.exit_code == 3, result.output
+    errors = _finding_lines(result.stdout, "error")
+    named = [ln for ln in errors if "mmproj-other.gguf" in ln]
+    assert any("width 512" in ln and "256 wide" in ln for ln in named), result.stdout
+    data = json.loads(_doctor(folder, "--json").stdout)
+    assert [Path(f["path"]).name for f in data["integrity"] if f["level"] == "error"] == ["mmproj-other.gguf"]
+
+
+def test_unknown_model_is_a_one_line_problem():
+    result = _doctor("no-such-model-anywhere")
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
