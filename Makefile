@@ -29,6 +29,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check qvq_local convert tests examples
+	$(BIN)/ruff format --check qvq_local convert tests examples
 
 demo: $(STAMP)
 	QVQ=$(BIN)/qvq bash examples/demo.sh

@@ -52,7 +52,7 @@ def normalise_name(name: str) -> str:
     """Map a stored tensor name (either naming) to the original Qwen2-VL name."""
     for new, old in _RENAMES:
         if name.startswith(new):
-            return old + name[len(new):]
+            return old + name[len(new) :]
     return name
 
 
@@ -163,8 +163,9 @@ class Checkpoint:
         """A float32 copy of the whole tensor (bf16 widened exactly).  For small tensors."""
         return self._store.to_f32(self.stored_name(name))
 
-    def iter_rows_f32(self, name: str, start: int = 0, stop: int | None = None,
-                      max_chunk_bytes: int = 64 * 1024 * 1024) -> Iterator[Any]:
+    def iter_rows_f32(
+        self, name: str, start: int = 0, stop: int | None = None, max_chunk_bytes: int = 64 * 1024 * 1024
+    ) -> Iterator[Any]:
         """Yield float32 copies of consecutive row blocks ``[start:stop]`` along axis 0.
 
         Each block holds at most ``max_chunk_bytes`` of float32 (at least one row), so converting a
@@ -175,7 +176,7 @@ class Checkpoint:
         row_elems = math.prod(raw.shape[1:]) if raw.ndim > 1 else 1
         step = max(1, max_chunk_bytes // max(1, row_elems * 4))
         for a in range(start, stop, step):
-            yield to_f32(raw[a:min(stop, a + step)], self.dtype(name))
+            yield to_f32(raw[a : min(stop, a + step)], self.dtype(name))
 
     def release(self) -> None:
         """Drop the memory maps (they are re-created on the next read), so resident memory stays small."""
@@ -227,8 +228,16 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
 
     stored = _normalised_names(store, folder)
     naming = "transformers5" if any(n != s for n, s in stored.items()) else "original"
-    ckpt = Checkpoint(folder=folder, config=config, text=text, vision=vision, naming=naming, files=files,
-                      _store=store, _stored_names=stored)
+    ckpt = Checkpoint(
+        folder=folder,
+        config=config,
+        text=text,
+        vision=vision,
+        naming=naming,
+        files=files,
+        _store=store,
+        _stored_names=stored,
+    )
     _check_tensors(ckpt)
     return ckpt
 
@@ -246,7 +255,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _check_architecture(config: dict[str, Any], path: Path) -> None:
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
-    if any(a in SUPPORTED_ARCHITECTURES for a in archs) or (not archs and model_type in SUPPORTED_MODEL_TYPES):
+    if any(a in SUPPORTED_ARCHITECTURES for a in archs) or (
+        not archs and model_type in SUPPORTED_MODEL_TYPES
+    ):
         return
     found = ", ".join(map(str, archs)) or f"model_type {model_type!r}"
     raise ModelError(
@@ -274,7 +285,9 @@ def _dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, Vis
     heads = _need(tc, "num_attention_heads", path)
     kv_heads = int(tc.get("num_key_value_heads") or heads)
     if hidden % heads or heads % kv_heads:
-        raise ModelError(f"hidden_size {hidden} / heads {heads} / kv heads {kv_heads} do not divide", path=path)
+        raise ModelError(
+            f"hidden_size {hidden} / heads {heads} / kv heads {kv_heads} do not divide", path=path
+        )
     head_dim = hidden // heads
     rope = tc.get("rope_scaling") or tc.get("rope_parameters") or {}
     section = tuple(int(x) for x in (rope.get("mrope_section") or ()))
@@ -316,10 +329,15 @@ def _dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, Vis
         hidden_act=str(vc.get("hidden_act", "quick_gelu")),
     )
     if vision.out_hidden_size != hidden:
-        raise ModelError(f"vision_config.hidden_size {vision.out_hidden_size} (merger output) must equal the "
-                         f"text hidden_size {hidden}", path=path)
+        raise ModelError(
+            f"vision_config.hidden_size {vision.out_hidden_size} (merger output) must equal the "
+            f"text hidden_size {hidden}",
+            path=path,
+        )
     if embed % vision.num_heads:
-        raise ModelError(f"vision embed_dim {embed} is not divisible by num_heads {vision.num_heads}", path=path)
+        raise ModelError(
+            f"vision embed_dim {embed} is not divisible by num_heads {vision.num_heads}", path=path
+        )
     return text, vision
 
 
@@ -336,7 +354,9 @@ def _check_weight_files(folder: Path) -> None:
             path=folder / pickles[0],
             hint="use a safetensors checkpoint",
         )
-    raise ModelError("no safetensors weights (model.safetensors or model.safetensors.index.json)", path=folder)
+    raise ModelError(
+        "no safetensors weights (model.safetensors or model.safetensors.index.json)", path=folder
+    )
 
 
 def _normalised_names(store: Any, folder: Path) -> dict[str, str]:
@@ -344,8 +364,10 @@ def _normalised_names(store: Any, folder: Path) -> dict[str, str]:
     for name in store:
         norm = normalise_name(name)
         if norm in stored:
-            raise ModelError(f"tensor {norm!r} is stored twice (as {stored[norm]!r} and {name!r})",
-                             path=store.shard_of(name))
+            raise ModelError(
+                f"tensor {norm!r} is stored twice (as {stored[norm]!r} and {name!r})",
+                path=store.shard_of(name),
+            )
         stored[norm] = name
     return dict(sorted(stored.items(), key=lambda kv: _sort_key(kv[0])))
 
@@ -359,43 +381,72 @@ def _sort_key(name: str) -> tuple:
 # ------------------------------------------------------------------------------------------ shape checks
 def expected_shapes(text: TextDims, vision: VisionDims) -> dict[str, tuple[int, ...]]:
     """Every tensor a Qwen2-VL checkpoint with these dims holds (original names), with its shape."""
-    h, q, kv, f = text.hidden_size, text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim, \
-        text.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (text.vocab_size, h), "model.norm.weight": (h,)}
+    h, q, kv, f = (
+        text.hidden_size,
+        text.num_heads * text.head_dim,
+        text.num_kv_heads * text.head_dim,
+        text.intermediate_size,
+    )
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (text.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
     if not text.tie_word_embeddings:
         shapes["lm_head.weight"] = (text.vocab_size, h)
     for i in range(text.num_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
-            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
     e, m, md = vision.embed_dim, vision.mlp_dim, vision.merged_dim
     shapes["visual.patch_embed.proj.weight"] = (
-        e, vision.in_channels, vision.temporal_patch_size, vision.patch_size, vision.patch_size)
+        e,
+        vision.in_channels,
+        vision.temporal_patch_size,
+        vision.patch_size,
+        vision.patch_size,
+    )
     for i in range(vision.depth):
         p = f"visual.blocks.{i}."
-        shapes.update({
-            p + "norm1.weight": (e,), p + "norm1.bias": (e,),
-            p + "norm2.weight": (e,), p + "norm2.bias": (e,),
-            p + "attn.qkv.weight": (3 * e, e), p + "attn.qkv.bias": (3 * e,),
-            p + "attn.proj.weight": (e, e), p + "attn.proj.bias": (e,),
-            p + "mlp.fc1.weight": (m, e), p + "mlp.fc1.bias": (m,),
-            p + "mlp.fc2.weight": (e, m), p + "mlp.fc2.bias": (e,),
-        })
-    shapes.update({
-        "visual.merger.ln_q.weight": (e,), "visual.merger.ln_q.bias": (e,),
-        "visual.merger.mlp.0.weight": (md, md), "visual.merger.mlp.0.bias": (md,),
-        "visual.merger.mlp.2.weight": (vision.out_hidden_size, md),
-        "visual.merger.mlp.2.bias": (vision.out_hidden_size,),
-    })
+        shapes.update(
+            {
+                p + "norm1.weight": (e,),
+                p + "norm1.bias": (e,),
+                p + "norm2.weight": (e,),
+                p + "norm2.bias": (e,),
+                p + "attn.qkv.weight": (3 * e, e),
+                p + "attn.qkv.bias": (3 * e,),
+                p + "attn.proj.weight": (e, e),
+                p + "attn.proj.bias": (e,),
+                p + "mlp.fc1.weight": (m, e),
+                p + "mlp.fc1.bias": (m,),
+                p + "mlp.fc2.weight": (e, m),
+                p + "mlp.fc2.bias": (e,),
+            }
+        )
+    shapes.update(
+        {
+            "visual.merger.ln_q.weight": (e,),
+            "visual.merger.ln_q.bias": (e,),
+            "visual.merger.mlp.0.weight": (md, md),
+            "visual.merger.mlp.0.bias": (md,),
+            "visual.merger.mlp.2.weight": (vision.out_hidden_size, md),
+            "visual.merger.mlp.2.bias": (vision.out_hidden_size,),
+        }
+    )
     return shapes
 
 
@@ -408,17 +459,24 @@ def _check_tensors(ckpt: Checkpoint) -> None:
     missing = [n for n in want if n not in have]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ModelError(f"tensor {missing[0]!r}{more} missing for the config's dimensions", path=ckpt.folder,
-                         hint="a shard may be missing or config.json may not match the weights")
+        raise ModelError(
+            f"tensor {missing[0]!r}{more} missing for the config's dimensions",
+            path=ckpt.folder,
+            hint="a shard may be missing or config.json may not match the weights",
+        )
     for name, stored_name in have.items():
         shard = ckpt._store.shard_of(stored_name)
         if name not in want:
             raise ModelError(f"unexpected tensor {stored_name!r} (not part of Qwen2-VL)", path=shard)
         got = ckpt.shape(name)
         if got != want[name]:
-            raise ModelError(f"tensor {stored_name!r} has shape {list(got)} but config.json implies "
-                             f"{list(want[name])}", path=shard)
+            raise ModelError(
+                f"tensor {stored_name!r} has shape {list(got)} but config.json implies {list(want[name])}",
+                path=shard,
+            )
         dtype = ckpt.dtype(name)
         if dtype not in FLOAT_DTYPES:
-            raise ModelError(f"tensor {stored_name!r} has dtype {dtype}; expected one of "
-                             f"{', '.join(FLOAT_DTYPES)}", path=shard)
+            raise ModelError(
+                f"tensor {stored_name!r} has dtype {dtype}; expected one of {', '.join(FLOAT_DTYPES)}",
+                path=shard,
+            )

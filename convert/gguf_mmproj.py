@@ -58,8 +58,11 @@ def image_norm(ckpt: Checkpoint) -> tuple[list[float], list[float]]:
     mean = cfg.get("image_mean", DEFAULT_MEAN)
     std = cfg.get("image_std", DEFAULT_STD)
     for key, val in (("image_mean", mean), ("image_std", std)):
-        if (not isinstance(val, (list, tuple)) or len(val) != 3
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in val)):
+        if (
+            not isinstance(val, (list, tuple))
+            or len(val) != 3
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in val)
+        ):
             raise ModelError(f"{key} must be three numbers, got {val!r}", path=path)
     if any(s <= 0 for s in std):
         raise ModelError(f"image_std must be positive, got {std!r}", path=path)
@@ -70,14 +73,20 @@ def check_mmproj_supported(ckpt: Checkpoint) -> None:
     """Raise ModelError for vision shapes llama.cpp's qwen2vl_merger cannot run."""
     v = ckpt.vision
     if v.temporal_patch_size != 2:
-        raise ModelError(f"vision temporal_patch_size is {v.temporal_patch_size}; llama.cpp's qwen2vl_merger "
-                         "supports only 2", path=ckpt.folder / "config.json")
+        raise ModelError(
+            f"vision temporal_patch_size is {v.temporal_patch_size}; llama.cpp's qwen2vl_merger "
+            "supports only 2",
+            path=ckpt.folder / "config.json",
+        )
     if v.in_channels != 3:
-        raise ModelError(f"vision in_chans is {v.in_channels}; only RGB (3) is supported",
-                         path=ckpt.folder / "config.json")
+        raise ModelError(
+            f"vision in_chans is {v.in_channels}; only RGB (3) is supported", path=ckpt.folder / "config.json"
+        )
     if v.hidden_act not in ("quick_gelu",):
-        raise ModelError(f"vision hidden_act {v.hidden_act!r} is not supported (Qwen2-VL uses quick_gelu)",
-                         path=ckpt.folder / "config.json")
+        raise ModelError(
+            f"vision hidden_act {v.hidden_act!r} is not supported (Qwen2-VL uses quick_gelu)",
+            path=ckpt.folder / "config.json",
+        )
 
 
 def mmproj_metadata(ckpt: Checkpoint, file_type: int, name: str) -> Callable[[Any], None]:
@@ -115,7 +124,9 @@ def mmproj_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor
     pe = "visual.patch_embed.proj.weight"
     e, c, _, p, _ = ckpt.shape(pe)
     for t, gname in enumerate(("v.patch_embd.weight", "v.patch_embd.weight.1")):
-        plan.append(PlannedTensor(gname, (e, c, p, p), conv_type, _src(ckpt, pe, conv_type, select=_frame(t))))
+        plan.append(
+            PlannedTensor(gname, (e, c, p, p), conv_type, _src(ckpt, pe, conv_type, select=_frame(t)))
+        )
 
     def linear_type(shape: tuple[int, ...]) -> str:
         if len(shape) == 1:
@@ -133,8 +144,14 @@ def mmproj_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor
             shape = (rows,) + ckpt.shape(src)[1:]
             for k, letter in enumerate("qkv"):
                 qt = linear_type(shape)
-                plan.append(PlannedTensor(f"{out}attn_{letter}.{part}", shape, qt,
-                                          _src(ckpt, src, qt, start=k * rows, stop=(k + 1) * rows)))
+                plan.append(
+                    PlannedTensor(
+                        f"{out}attn_{letter}.{part}",
+                        shape,
+                        qt,
+                        _src(ckpt, src, qt, start=k * rows, stop=(k + 1) * rows),
+                    )
+                )
         for suffix, gsuffix in _BLOCK_MAP.items():
             src = pre + suffix
             shape = ckpt.shape(src)
@@ -151,6 +168,12 @@ def _frame(t: int) -> Callable[[Any], Any]:
     return lambda block: block[:, :, t]
 
 
-def _src(ckpt: Checkpoint, name: str, qtype: str, start: int = 0, stop: int | None = None,
-         select: Callable[[Any], Any] | None = None) -> Callable[[], Any]:
+def _src(
+    ckpt: Checkpoint,
+    name: str,
+    qtype: str,
+    start: int = 0,
+    stop: int | None = None,
+    select: Callable[[Any], Any] | None = None,
+) -> Callable[[], Any]:
     return lambda: iter_encoded(ckpt, name, qtype, start, stop, select)

@@ -41,12 +41,20 @@ def check_quantiser_available() -> None:
         import llama_cpp  # noqa: F401
         from llama_cpp import llama_model_quantize  # noqa: F401
     except (ImportError, OSError, AttributeError) as err:  # OSError: libllama cannot load
-        raise BackendUnavailable(f"llama-cpp-python is needed to quantise GGUF files ({err})",
-                                 hint="pip install 'qvq-local[llama]'") from None
+        raise BackendUnavailable(
+            f"llama-cpp-python is needed to quantise GGUF files ({err})",
+            hint="pip install 'qvq-local[llama]'",
+        ) from None
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None,
-                  on_progress: Callable[[int], None] | None = None, poll_s: float = 0.5) -> Path:
+def quantize_gguf(
+    src: Path,
+    dst: Path,
+    quant: str,
+    nthread: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    poll_s: float = 0.5,
+) -> Path:
     """Quantise ``src`` into ``dst`` (overwritten) with llama.cpp; ``quant`` is a key of ``FTYPES``.
 
     ``on_progress(bytes_written_so_far)`` is called while the child works.  Raises ModelError with the
@@ -56,7 +64,15 @@ def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None,
         raise ValueError(f"unknown quant {quant!r}")
     ftype = FTYPES[quant][0]
     nthread = nthread or os.cpu_count() or 1
-    cmd = [sys.executable, "-m", "qvq_local.convert.gguf_quantize", str(src), str(dst), str(ftype), str(nthread)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qvq_local.convert.gguf_quantize",
+        str(src),
+        str(dst),
+        str(ftype),
+        str(nthread),
+    ]
     with tempfile.TemporaryFile(mode="w+b") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -76,8 +92,11 @@ def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None,
             dst.unlink(missing_ok=True)
             log.seek(0)
             tail = log.read().decode("utf-8", "replace").strip().splitlines()[-3:]
-            raise ModelError(f"llama.cpp could not quantise to {FTYPES[quant][1]} (exit {proc.returncode}: "
-                             f"{' | '.join(tail)})", path=src)
+            raise ModelError(
+                f"llama.cpp could not quantise to {FTYPES[quant][1]} (exit {proc.returncode}: "
+                f"{' | '.join(tail)})",
+                path=src,
+            )
     if on_progress is not None:
         on_progress(dst.stat().st_size)
     return dst

@@ -45,7 +45,9 @@ class PlannedTensor:
         block, size = _TYPE_SIZES[self.qtype]
         n = math.prod(self.shape)
         if self.shape[-1] % block:
-            raise ValueError(f"{self.name}: width {self.shape[-1]} is not a multiple of {block} for {self.qtype}")
+            raise ValueError(
+                f"{self.name}: width {self.shape[-1]} is not a multiple of {block} for {self.qtype}"
+            )
         return n // block * size
 
 
@@ -89,8 +91,9 @@ def write_gguf(
     try:
         set_metadata(writer)
         for t in tensors:
-            writer.add_tensor_info(t.name, list(t.shape), np.dtype(np.float32), t.nbytes,
-                                   raw_dtype=GGMLQuantizationType[t.qtype])
+            writer.add_tensor_info(
+                t.name, list(t.shape), np.dtype(np.float32), t.nbytes, raw_dtype=GGMLQuantizationType[t.qtype]
+            )
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -126,9 +129,15 @@ def _write_tensor_data(fout, t: PlannedTensor, on_bytes: Callable[[int], None] |
         raise ValueError(f"tensor {t.name}: wrote {written} bytes, planned {t.nbytes}")
 
 
-def iter_encoded(ckpt, name: str, qtype: str, start: int = 0, stop: int | None = None,
-                 select: Callable[[Any], Any] | None = None,
-                 max_chunk_bytes: int | None = None) -> Iterator[Any]:
+def iter_encoded(
+    ckpt,
+    name: str,
+    qtype: str,
+    start: int = 0,
+    stop: int | None = None,
+    select: Callable[[Any], Any] | None = None,
+    max_chunk_bytes: int | None = None,
+) -> Iterator[Any]:
     """Row blocks ``[start:stop]`` of checkpoint tensor ``name``, optionally reshaped by ``select``
     (applied to each float32 block), encoded as ``qtype``.
 
@@ -145,7 +154,7 @@ def iter_encoded(ckpt, name: str, qtype: str, start: int = 0, stop: int | None =
         row_bytes = max(1, math.prod(raw.shape[1:]) * 2)
         step = max(1, max_chunk_bytes // row_bytes)
         for a in range(start, stop, step):
-            block = raw[a:min(stop, a + step)]
+            block = raw[a : min(stop, a + step)]
             if select is not None:
                 block = select(block)
             yield np.ascontiguousarray(block, dtype="<u2")

@@ -73,7 +73,9 @@ class Vocab:
 
 
 def _looks_special(text: str) -> bool:
-    return (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<｜") and text.endswith("｜>"))
+    return (text.startswith("<|") and text.endswith("|>")) or (
+        text.startswith("<｜") and text.endswith("｜>")
+    )
 
 
 def _token_text(value: Any) -> str | None:

@@ -121,16 +121,30 @@ def convert(
             from qvq_local.convert.to_mlx import convert_to_mlx
 
             convert_to_mlx(src, partial, bits=qbits, group_size=gsize, progress=progress)
-            manifest = _manifest(partial, out_dir.name, source_label, "mlx", quantisation,
-                                 extra={"bits": qbits, "group_size": gsize if qbits else None,
-                                        "mlx_vlm_version": _version("mlx-vlm")})
+            manifest = _manifest(
+                partial,
+                out_dir.name,
+                source_label,
+                "mlx",
+                quantisation,
+                extra={
+                    "bits": qbits,
+                    "group_size": gsize if qbits else None,
+                    "mlx_vlm_version": _version("mlx-vlm"),
+                },
+            )
         else:
             from qvq_local.convert.to_gguf import convert_to_gguf
 
             pair = convert_to_gguf(src, partial, quant=quant, mmproj_quant=mmproj_quant, progress=progress)
             manifest = _manifest(
-                partial, out_dir.name, source_label, "gguf", quantisation,
-                model_file=Path(pair.model).name, mmproj_file=Path(pair.mmproj).name,
+                partial,
+                out_dir.name,
+                source_label,
+                "gguf",
+                quantisation,
+                model_file=Path(pair.model).name,
+                mmproj_file=Path(pair.mmproj).name,
                 extra={"mmproj_quant": mmproj_quant, "gguf_version": _version("gguf")},
             )
         from qvq_local.models import write_manifest
@@ -186,8 +200,11 @@ def _source_folder(source: str | os.PathLike, progress: bool) -> tuple[Path, str
             raise ModelError("SOURCE must be a Hugging Face checkpoint folder or a hub id", path=path)
         manifest = models.read_manifest(path)
         if manifest is not None and manifest.get("format") in ("mlx", "gguf"):
-            raise InputError(f"already a converted {manifest['format']} model", path=path,
-                             hint="convert from the original Hugging Face checkpoint")
+            raise InputError(
+                f"already a converted {manifest['format']} model",
+                path=path,
+                hint="convert from the original Hugging Face checkpoint",
+            )
         label = (manifest or {}).get("source") or str(path.resolve())
         name = label.split("/")[-1] if manifest else path.resolve().name
         return path, label, name

@@ -47,8 +47,18 @@ _DTYPES: dict[str, tuple[str, int]] = {
 }
 # numpy kind+itemsize -> safetensors dtype, for the writer's inference (uint16 means U16, never BF16).
 _FROM_NUMPY = {
-    "b1": "BOOL", "u1": "U8", "i1": "I8", "u2": "U16", "i2": "I16", "f2": "F16",
-    "u4": "U32", "i4": "I32", "f4": "F32", "u8": "U64", "i8": "I64", "f8": "F64",
+    "b1": "BOOL",
+    "u1": "U8",
+    "i1": "I8",
+    "u2": "U16",
+    "i2": "I16",
+    "f2": "F16",
+    "u4": "U32",
+    "i4": "I32",
+    "f4": "F32",
+    "u8": "U64",
+    "i8": "I64",
+    "f8": "F64",
 }
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
 
@@ -106,12 +116,16 @@ class SafetensorsFile:
             with open(self.path, "rb") as fh:
                 head = fh.read(8)
                 if len(head) < 8:
-                    raise ModelError("not a safetensors file (shorter than its 8-byte header length)",
-                                     path=self.path)
+                    raise ModelError(
+                        "not a safetensors file (shorter than its 8-byte header length)", path=self.path
+                    )
                 (n,) = struct.unpack("<Q", head)
                 if n > _MAX_HEADER or n > size - 8:
-                    raise ModelError(f"header length {n} does not fit the file ({size} bytes): "
-                                     "truncated or not a safetensors file", path=self.path)
+                    raise ModelError(
+                        f"header length {n} does not fit the file ({size} bytes): "
+                        "truncated or not a safetensors file",
+                        path=self.path,
+                    )
                 raw_header = fh.read(n)
         except FileNotFoundError:
             raise ModelError("file not found", path=self.path) from None
@@ -143,17 +157,27 @@ class SafetensorsFile:
             raise ModelError(f"tensor {name!r}: unknown dtype {dtype!r}", path=self.path)
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise ModelError(f"tensor {name!r}: bad shape {shape!r}", path=self.path)
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
             raise ModelError(f"tensor {name!r}: bad data_offsets {offsets!r}", path=self.path)
         begin, end = offsets
         want = math.prod(shape) * _DTYPES[dtype][1]
         if end - begin != want:
-            raise ModelError(f"tensor {name!r}: shape {shape} of {dtype} needs {want} bytes but its "
-                             f"offsets span {end - begin}", path=self.path)
+            raise ModelError(
+                f"tensor {name!r}: shape {shape} of {dtype} needs {want} bytes but its "
+                f"offsets span {end - begin}",
+                path=self.path,
+            )
         if end > self._data_len:
-            raise ModelError(f"truncated: tensor {name!r} ends at byte {end} of the data but the file holds "
-                             f"only {self._data_len}", path=self.path)
+            raise ModelError(
+                f"truncated: tensor {name!r} ends at byte {end} of the data but the file holds "
+                f"only {self._data_len}",
+                path=self.path,
+            )
         return dtype, tuple(shape), begin, end
 
     def _check_layout(self) -> None:
@@ -165,8 +189,9 @@ class SafetensorsFile:
                 raise ModelError(f"tensor {name!r}: data {what} (offset {b}, expected {pos})", path=self.path)
             pos = e
         if pos != self._data_len:
-            raise ModelError(f"data section is {self._data_len} bytes but the header accounts for {pos}",
-                             path=self.path)
+            raise ModelError(
+                f"data section is {self._data_len} bytes but the header accounts for {pos}", path=self.path
+            )
 
     # ---- access
     def _get(self, name: str) -> tuple[str, tuple[int, ...], int, int]:
@@ -207,8 +232,9 @@ class SafetensorsFile:
         if e == b:
             return np.zeros(shape, dtype=np_dtype)
         if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start,
-                                   shape=(self._data_len,))
+            self._mmap = np.memmap(
+                self.path, dtype=np.uint8, mode="r", offset=self._data_start, shape=(self._data_len,)
+            )
         return self._mmap[b:e].view(np_dtype).reshape(shape)
 
     def to_f32(self, name: str):
@@ -268,8 +294,9 @@ class ShardedCheckpoint:
                 self._files[shard] = SafetensorsFile(shard_path)
             for name, shard in weight_map.items():
                 if name not in self._files[shard]:
-                    raise ModelError(f"{INDEX_NAME} says {name!r} is in {shard} but it is not there",
-                                     path=self.folder)
+                    raise ModelError(
+                        f"{INDEX_NAME} says {name!r} is in {shard} but it is not there", path=self.folder
+                    )
                 self._where[name] = shard
         elif (self.folder / SINGLE_NAME).is_file():
             f = SafetensorsFile(self.folder / SINGLE_NAME)
@@ -354,8 +381,9 @@ class ShardedWriter:
     known and writes ``model.safetensors.index.json`` last, so a folder with an index is complete.
     """
 
-    def __init__(self, folder: str | Path, max_shard_bytes: int = 4_000_000_000,
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self, folder: str | Path, max_shard_bytes: int = 4_000_000_000, metadata: dict[str, str] | None = None
+    ):
         if max_shard_bytes <= 0:
             raise ValueError("max_shard_bytes must be positive")
         self.folder = Path(folder)
@@ -407,8 +435,9 @@ class ShardedWriter:
                 raise ValueError(f"tensor {name!r}: chunks hold more than the {nbytes} bytes of {shape}")
             shard.fh.write(buf)
         if written != nbytes:
-            raise ValueError(f"tensor {name!r}: chunks hold {written} bytes, shape {shape} of {dtype} "
-                             f"needs {nbytes}")
+            raise ValueError(
+                f"tensor {name!r}: chunks hold {written} bytes, shape {shape} of {dtype} needs {nbytes}"
+            )
         shard.size += nbytes
         shard.entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
         self._names.add(name)
@@ -433,8 +462,10 @@ class ShardedWriter:
             for tmp, final in finals:
                 os.replace(tmp, final)
                 self._finished.append(final)
-            index = {"metadata": {"total_size": self.total_size},
-                     "weight_map": dict(sorted(weight_map.items()))}
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
             tmp_index = self.folder / f".{INDEX_NAME}.tmp-{self._tag}"
             tmp_index.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
             os.replace(tmp_index, self.folder / INDEX_NAME)

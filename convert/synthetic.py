@@ -75,27 +75,59 @@ SHAPES: dict[str, SynthShape] = {
     # Unit-test size; every width a multiple of 256 so K-quants apply; 2 shards even at bf16.  The
     # tokenizer (1264 + 14 specials) leaves 2 embedding rows unused, as real Qwen checkpoints leave some.
     "tiny": SynthShape(
-        name="tiny", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=1280, tie_word_embeddings=False, mrope_section=(8, 12, 12),
-        max_position_embeddings=32768, vision_depth=2, vision_embed_dim=256, vision_num_heads=4,
-        tokenizer_base=1264, max_shard_bytes=6 * 1024**2,
+        name="tiny",
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1280,
+        tie_word_embeddings=False,
+        mrope_section=(8, 12, 12),
+        max_position_embeddings=32768,
+        vision_depth=2,
+        vision_embed_dim=256,
+        vision_num_heads=4,
+        tokenizer_base=1264,
+        max_shard_bytes=6 * 1024**2,
     ),
     # Qwen/Qwen2-VL-2B-Instruct
     "2b": SynthShape(
-        name="2b", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, mrope_section=(16, 24, 24),
+        name="2b",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        mrope_section=(16, 24, 24),
         max_position_embeddings=32768,
     ),
     # Qwen/Qwen2-VL-7B-Instruct
     "7b": SynthShape(
-        name="7b", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, mrope_section=(16, 24, 24),
+        name="7b",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        mrope_section=(16, 24, 24),
         max_position_embeddings=32768,
     ),
     # Qwen/QVQ-72B-Preview
     "72b": SynthShape(
-        name="72b", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, mrope_section=(16, 24, 24),
+        name="72b",
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        mrope_section=(16, 24, 24),
         max_position_embeddings=128000,
     ),
 }
@@ -237,8 +269,13 @@ def tensor_specs(shape: str | SynthShape) -> list[TensorSpec]:
 
     e, mlp = s.vision_embed_dim, s.vision_embed_dim * s.vision_mlp_ratio
     merged = e * s.spatial_merge_size**2
-    specs.append(TensorSpec("visual.patch_embed.proj.weight",
-                            (e, 3, s.temporal_patch_size, s.patch_size, s.patch_size), "normal"))
+    specs.append(
+        TensorSpec(
+            "visual.patch_embed.proj.weight",
+            (e, 3, s.temporal_patch_size, s.patch_size, s.patch_size),
+            "normal",
+        )
+    )
     for j in range(s.vision_depth):
         p = f"visual.blocks.{j}."
         specs += [
@@ -321,8 +358,14 @@ def _is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def write_checkpoint(out: str | Path, shape: str = "tiny", dtype: str = "bf16", seed: int = 0,
-                     progress: bool = False, force: bool = False) -> Path:
+def write_checkpoint(
+    out: str | Path,
+    shape: str = "tiny",
+    dtype: str = "bf16",
+    seed: int = 0,
+    progress: bool = False,
+    force: bool = False,
+) -> Path:
     """Write a random-weight QVQ-layout checkpoint into ``out`` and return its path.
 
     The folder appears only when complete: everything is written into a hidden sibling folder that is
@@ -342,8 +385,10 @@ def write_checkpoint(out: str | Path, shape: str = "tiny", dtype: str = "bf16", 
     need = checkpoint_bytes(s, dtype) + 64 * 1024**2  # tokenizer files, headers, slack
     free = _free_bytes(out.parent if out.parent != Path("") else Path("."))
     if free < need:
-        raise DiskFull(f"the {s.name} checkpoint needs {_human(need)} but only {_human(free)} is free",
-                       path=out.parent.resolve())
+        raise DiskFull(
+            f"the {s.name} checkpoint needs {_human(need)} but only {_human(free)} is free",
+            path=out.parent.resolve(),
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -374,8 +419,9 @@ def _write_error(err: OSError, out: Path) -> Exception:
     return InputError(f"cannot write {where} ({err.strerror or err}); nothing was kept", path=out)
 
 
-def _write_files(folder: Path, s: SynthShape, dtype: str, st_dtype: str, seed: int, progress: bool,
-                 writer_cls) -> None:
+def _write_files(
+    folder: Path, s: SynthShape, dtype: str, st_dtype: str, seed: int, progress: bool, writer_cls
+) -> None:
     def dump(name: str, data: dict) -> None:
         (folder / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -387,13 +433,17 @@ def _write_files(folder: Path, s: SynthShape, dtype: str, st_dtype: str, seed: i
     specs = tensor_specs(s)
     total = checkpoint_bytes(s, dtype)
     itemsize = DTYPES[dtype][1]
-    with (_progress(progress, f"synth {s.name} ({dtype})", total) as advance,
-          writer_cls(folder, max_shard_bytes=s.max_shard_bytes) as writer):
+    with (
+        _progress(progress, f"synth {s.name} ({dtype})", total) as advance,
+        writer_cls(folder, max_shard_bytes=s.max_shard_bytes) as writer,
+    ):
         for spec in specs:
+
             def blocks(spec=spec):
                 for block in generate_tensor(spec, seed):
                     yield block
                     advance(block.size * itemsize)
+
             writer.add_chunked(spec.name, spec.shape, st_dtype, blocks())
 
 
@@ -417,9 +467,15 @@ class _progress:
             TransferSpeedColumn,
         )
 
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                             TransferSpeedColumn(), TimeRemainingColumn(),
-                             console=Console(stderr=True), transient=False)
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
         self._bar.start()
         task = self._bar.add_task(self.label, total=self.total)
         return lambda n: self._bar.advance(task, n)
@@ -441,8 +497,9 @@ def _folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def synth_command(shape: str, out: str | Path, dtype: str = "bf16", seed: int = 0,
-                  force: bool = False) -> Path:
+def synth_command(
+    shape: str, out: str | Path, dtype: str = "bf16", seed: int = 0, force: bool = False
+) -> Path:
     """The ``qvq synth`` command: validate, write with a progress bar, print a one-line summary."""
     s = get_shape(shape)
     _check_dtype(dtype)
@@ -451,6 +508,8 @@ def synth_command(shape: str, out: str | Path, dtype: str = "bf16", seed: int = 
         raise InputError("folder exists and is not empty", path=out, hint="use --force to replace it")
     path = write_checkpoint(out, shape=s.name, dtype=dtype, seed=seed, progress=True, force=force)
     n_shards = len(list(path.glob("model-*.safetensors")))
-    print(f"wrote {path}: {s.name} ({parameter_count(s) / 1e6:,.1f}M parameters, {dtype}, seed {seed}), "
-          f"{_human(_folder_size(path))} in {n_shards} shard{'s' if n_shards != 1 else ''}")
+    print(
+        f"wrote {path}: {s.name} ({parameter_count(s) / 1e6:,.1f}M parameters, {dtype}, seed {seed}), "
+        f"{_human(_folder_size(path))} in {n_shards} shard{'s' if n_shards != 1 else ''}"
+    )
     return path

@@ -69,8 +69,15 @@ def model_name_for(folder: Path) -> str:
     return folder.name
 
 
-def convert_to_gguf(src: str | Path, out_dir: str | Path, quant: str = "q4_k_m", mmproj_quant: str = "f16",
-                    progress: bool = False, *, name: str | None = None) -> GgufPair:
+def convert_to_gguf(
+    src: str | Path,
+    out_dir: str | Path,
+    quant: str = "q4_k_m",
+    mmproj_quant: str = "f16",
+    progress: bool = False,
+    *,
+    name: str | None = None,
+) -> GgufPair:
     """Convert the checkpoint folder ``src`` into a GGUF pair in ``out_dir``.
 
     ``quant``: f32, f16, q8_0, q4_k_m or q5_k_m (the text model); ``mmproj_quant``: f32, f16 or q8_0.
@@ -83,7 +90,9 @@ def convert_to_gguf(src: str | Path, out_dir: str | Path, quant: str = "q4_k_m",
     if quant not in TEXT_QUANTS:
         raise InputError(f"unknown GGUF quantisation {quant!r}; choose one of {', '.join(TEXT_QUANTS)}")
     if mmproj_quant not in MMPROJ_QUANTS:
-        raise InputError(f"unknown mmproj quantisation {mmproj_quant!r}; choose one of {', '.join(MMPROJ_QUANTS)}")
+        raise InputError(
+            f"unknown mmproj quantisation {mmproj_quant!r}; choose one of {', '.join(MMPROJ_QUANTS)}"
+        )
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("output path exists and is not a folder", path=out_dir)
@@ -95,8 +104,9 @@ def convert_to_gguf(src: str | Path, out_dir: str | Path, quant: str = "q4_k_m",
         ckpt.release()
 
 
-def _convert(ckpt: Checkpoint, out_dir: Path, quant: str, mmproj_quant: str, progress: bool,
-             name: str) -> GgufPair:
+def _convert(
+    ckpt: Checkpoint, out_dir: Path, quant: str, mmproj_quant: str, progress: bool, name: str
+) -> GgufPair:
     # ---- everything that can fail is checked here, before any output exists
     check_mmproj_supported(ckpt)
     vocab = read_vocab(ckpt)
@@ -128,13 +138,19 @@ def _convert(ckpt: Checkpoint, out_dir: Path, quant: str, mmproj_quant: str, pro
     renamed: list[Path] = []
     try:
         with _progress(progress) as bar:
-            write_gguf(staged_mm, MMPROJ_ARCH, mm_meta, mm_plan,
-                       bar(f"mmproj ({mm_type})", mm_bytes))
+            write_gguf(staged_mm, MMPROJ_ARCH, mm_meta, mm_plan, bar(f"mmproj ({mm_type})", mm_bytes))
             if direct:
-                write_gguf(staged_model, TEXT_ARCH, text_meta, text_plan,
-                           bar(f"model ({_DIRECT[quant]})", text_bytes))
+                write_gguf(
+                    staged_model,
+                    TEXT_ARCH,
+                    text_meta,
+                    text_plan,
+                    bar(f"model ({_DIRECT[quant]})", text_bytes),
+                )
             else:
-                write_gguf(intermediate, TEXT_ARCH, text_meta, text_plan, bar("model (source precision)", text_bytes))
+                write_gguf(
+                    intermediate, TEXT_ARCH, text_meta, text_plan, bar("model (source precision)", text_bytes)
+                )
                 done = bar(f"quantising to {FTYPES[quant][1]}", final_text_bytes)
                 seen = [0]
 
@@ -174,15 +190,16 @@ def _check_disk(out_dir: Path, need: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if need * 1.02 + 64 * 1024 * 1024 > free:
-        raise DiskFull(f"converting needs about {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB is free",
-                       path=probe)
+        raise DiskFull(
+            f"converting needs about {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB is free", path=probe
+        )
 
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
     """Yield ``bar(label, total) -> advance(n)``; a Rich progress display on stderr when enabled."""
     if not enabled:
-        yield lambda label, total: (lambda n: None)
+        yield lambda label, total: lambda n: None
         return
     from rich.console import Console
     from rich.progress import (
@@ -195,9 +212,16 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], No
         TransferSpeedColumn,
     )
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                  transient=False) as prog:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as prog:
 
         def bar(label: str, total: int) -> Callable[[int], None]:
             task = prog.add_task(label, total=total)

@@ -139,8 +139,9 @@ def estimate_output_bytes(src: Path, weight_files: list[Path], bits: int | None,
     return total
 
 
-def _check_disk(src: Path, parent: Path, weight_files: list[Path], bits: int | None, group_size: int,
-                staging: bool) -> None:
+def _check_disk(
+    src: Path, parent: Path, weight_files: list[Path], bits: int | None, group_size: int, staging: bool
+) -> None:
     need = estimate_output_bytes(src, weight_files, bits, group_size)
     if staging:
         need += sum(p.stat().st_size for p in weight_files)
@@ -200,9 +201,7 @@ def _copy_renamed(path: Path, dest: Path, report: _Reporter) -> None:
 
 
 # ----------------------------------------------------------------------------- running mlx-vlm
-def _run_mlx_vlm_convert(
-    src: Path, dest: Path, bits: int | None, group_size: int, report: _Reporter
-) -> None:
+def _run_mlx_vlm_convert(src: Path, dest: Path, bits: int | None, group_size: int, report: _Reporter) -> None:
     try:
         with _hub_offline():
             from mlx_vlm import convert as mlx_convert
@@ -364,8 +363,9 @@ class _Reporter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._progress is not None:
             if exc_type is None:
-                self._progress.update(self._stage_task, description="conversion written", total=1,
-                                      completed=1)
+                self._progress.update(
+                    self._stage_task, description="conversion written", total=1, completed=1
+                )
             self._progress.stop()
 
     def stage(self, text: str) -> None:
@@ -381,8 +381,11 @@ class _Reporter:
     def advance_bytes(self, n: int) -> None:
         if self._progress is not None and self._bytes_task is not None:
             self._bytes_done += n
-            self._progress.update(self._bytes_task, completed=self._bytes_done,
-                                  detail=f"{self._bytes_done / 1e9:.2f} / {self._bytes_total / 1e9:.2f} GB")
+            self._progress.update(
+                self._bytes_task,
+                completed=self._bytes_done,
+                detail=f"{self._bytes_done / 1e9:.2f} / {self._bytes_total / 1e9:.2f} GB",
+            )
 
     def stop_bytes(self) -> None:
         if self._progress is not None and self._bytes_task is not None:
@@ -411,7 +414,7 @@ class _StageSink(io.TextIOBase):
                 continue
             self._lines = (self._lines + [line])[-50:]
             if line.startswith("[INFO]"):
-                self._report.stage(line[len("[INFO]"):].strip().rstrip(":"))
+                self._report.stage(line[len("[INFO]") :].strip().rstrip(":"))
         return len(text)
 
     def last_line(self) -> str:

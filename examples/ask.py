@@ -21,7 +21,9 @@ def main() -> None:
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     image = sys.argv[2] if len(sys.argv) > 2 else str(HERE / "bar_chart.png")
-    question = sys.argv[3] if len(sys.argv) > 3 else "Which fruit sold the most, and how many more than the least?"
+    question = (
+        sys.argv[3] if len(sys.argv) > 3 else "Which fruit sold the most, and how many more than the least?"
+    )
 
     with qvq_local.load(sys.argv[1]) as model:
         # 1. streaming: every event as it happens
@@ -43,8 +45,10 @@ def main() -> None:
         result = model.ask(image, question, think_budget=64, answer_budget=32, seed=1)
         print("answer:", result.answer)
         print("boxed:", result.boxed)
-        print(f"thought {result.thought_tokens} tokens, {result.timings.decode_tok_s:.1f} tok/s,"
-              f" prefill {result.timings.prefill_s:.2f} s")
+        print(
+            f"thought {result.thought_tokens} tokens, {result.timings.decode_tok_s:.1f} tok/s,"
+            f" prefill {result.timings.prefill_s:.2f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ from PIL import Image, ImageDraw, ImageFont
 HERE = Path(__file__).resolve().parent
 
 QUESTIONS = {
-    "bar_chart.png": ("Which fruit sold the most, and how many more than the least?", "Cherries; 64 - 18 = 46"),
+    "bar_chart.png": (
+        "Which fruit sold the most, and how many more than the least?",
+        "Cherries; 64 - 18 = 46",
+    ),
     "geometry.png": ("The legs of the right triangle are 6 and 8. How long is x?", "10"),
     "table.png": ("What is the total cost of the order?", "3 x 2.50 + 2 x 4.00 + 5 x 1.20 = 21.50"),
 }
@@ -88,8 +91,12 @@ def geometry() -> Image.Image:
 
 def table() -> Image.Image:
     """A small order table: item, quantity, unit price."""
-    rows = [("Item", "Qty", "Unit price"), ("Notebook", "3", "2.50"), ("Pen set", "2", "4.00"),
-            ("Eraser", "5", "1.20")]
+    rows = [
+        ("Item", "Qty", "Unit price"),
+        ("Notebook", "3", "2.50"),
+        ("Pen set", "2", "4.00"),
+        ("Eraser", "5", "1.20"),
+    ]
     col_w = [180, 80, 140]
     row_h = 40
     w, h = sum(col_w) + 20, row_h * len(rows) + 20

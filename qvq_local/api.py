@@ -138,8 +138,17 @@ def _extract_boxed(text: str) -> str | None:
 class Model:
     """A loaded model.  Open with :func:`load`; close with :meth:`close` or a ``with`` block."""
 
-    def __init__(self, loaded: Any, *, name: str, backend: str, quantization: str, path: Path | None = None,
-                 max_pixels: int | None = None, load_s: float = 0.0):
+    def __init__(
+        self,
+        loaded: Any,
+        *,
+        name: str,
+        backend: str,
+        quantization: str,
+        path: Path | None = None,
+        max_pixels: int | None = None,
+        load_s: float = 0.0,
+    ):
         self.loaded = loaded
         self.name = name
         self.backend = backend
@@ -199,15 +208,36 @@ class Model:
             if value is not None and value <= 0:
                 raise InputError(f"the {name} must be above 0, got {value}")
         return self._stream(
-            images, question, think_budget=think_budget, answer_budget=answer_budget, system=system,
-            sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
-                                    repetition_penalty=repetition_penalty, seed=seed),
+            images,
+            question,
+            think_budget=think_budget,
+            answer_budget=answer_budget,
+            system=system,
+            sampling=SamplingParams(
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                repetition_penalty=repetition_penalty,
+                seed=seed,
+            ),
             max_pixels=max_pixels if max_pixels is not None else self.max_pixels,
-            loop_detection=loop_detection, forced_text=forced_text,
+            loop_detection=loop_detection,
+            forced_text=forced_text,
         )
 
-    def _stream(self, images, question, *, think_budget, answer_budget, system, sampling, max_pixels,
-                loop_detection, forced_text) -> Iterator[Event]:
+    def _stream(
+        self,
+        images,
+        question,
+        *,
+        think_budget,
+        answer_budget,
+        system,
+        sampling,
+        max_pixels,
+        loop_detection,
+        forced_text,
+    ) -> Iterator[Event]:
         from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt
         from qvq_local.reasoning import run_reasoning  # noqa: F401 - imported before any timing starts
 
@@ -230,8 +260,9 @@ class Model:
             text_tokens = _count_text_tokens(loaded, text)
             if text_tokens is None:
                 text_tokens = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
-            n_ctx, thought_cap = self._size_context(text_tokens, image_tokens, think_budget, answer_budget,
-                                                    max_pixels)
+            n_ctx, thought_cap = self._size_context(
+                text_tokens, image_tokens, think_budget, answer_budget, max_pixels
+            )
             resolved = sampling.resolved(getattr(loaded, "generation_config", {}) or {})
             settings = {
                 "think_budget": think_budget,
@@ -249,20 +280,38 @@ class Model:
             }
             session = loaded.new_session(sampling, n_ctx=n_ctx)
             t_prefill = time.perf_counter()
-            stats = session.prefill(Prompt(text=text, images=[p.image for p in prepared],
-                                           image_paths=[p.info.path for p in prepared]))
+            stats = session.prefill(
+                Prompt(
+                    text=text, images=[p.image for p in prepared], image_paths=[p.info.path for p in prepared]
+                )
+            )
             if stats.image_tokens_per_image and len(stats.image_tokens_per_image) == len(infos):
                 for info, tokens in zip(infos, stats.image_tokens_per_image):
                     info.tokens = int(tokens)
             started = Started(
-                model=self.name, backend=self.backend, quantization=self.quantization, images=infos,
-                prompt_tokens=stats.prompt_tokens, think_budget=think_budget, answer_budget=answer_budget,
-                image_encode_s=stats.image_encode_s, prefill_s=stats.prefill_s,
+                model=self.name,
+                backend=self.backend,
+                quantization=self.quantization,
+                images=infos,
+                prompt_tokens=stats.prompt_tokens,
+                think_budget=think_budget,
+                answer_budget=answer_budget,
+                image_encode_s=stats.image_encode_s,
+                prefill_s=stats.prefill_s,
             )
             tracker.see(started)
             yield started
-            yield from self._reason(session, tracker, started, settings, t_prefill, think_budget, answer_budget,
-                                    loop_detection, forced_text)
+            yield from self._reason(
+                session,
+                tracker,
+                started,
+                settings,
+                t_prefill,
+                think_budget,
+                answer_budget,
+                loop_detection,
+                forced_text,
+            )
         except KeyboardInterrupt:
             # Ctrl-C outside the controller (image loading, prefill, or between events)
             if tracker.finished is None:
@@ -273,8 +322,18 @@ class Model:
             if session is not None:
                 session.close()
 
-    def _reason(self, session, tracker: _Tracker, started: Started, settings: dict, t_prefill: float,
-                think_budget, answer_budget, loop_detection, forced_text) -> Iterator[Event]:
+    def _reason(
+        self,
+        session,
+        tracker: _Tracker,
+        started: Started,
+        settings: dict,
+        t_prefill: float,
+        think_budget,
+        answer_budget,
+        loop_detection,
+        forced_text,
+    ) -> Iterator[Event]:
         """Run the controller and pass its events on.
 
         The controller answers Ctrl-C (raised inside it, or thrown into it) with one last
@@ -293,12 +352,18 @@ class Model:
             kwargs["forced_text"] = forced_text
         config = ReasoningConfig(**kwargs)
         timings = Timings(
-            load_s=self.load_s, image_encode_s=started.image_encode_s, prefill_s=started.prefill_s,
+            load_s=self.load_s,
+            image_encode_s=started.image_encode_s,
+            prefill_s=started.prefill_s,
             prefill_tok_s=started.prompt_tokens / started.prefill_s if started.prefill_s else 0.0,
         )
         base = {
-            "model": self.name, "backend": self.backend, "quantization": self.quantization,
-            "images": started.images, "settings": settings, "prompt_tokens": started.prompt_tokens,
+            "model": self.name,
+            "backend": self.backend,
+            "quantization": self.quantization,
+            "images": started.images,
+            "settings": settings,
+            "prompt_tokens": started.prompt_tokens,
             "timings": timings,
         }
         controller = run_reasoning(session, config, result_base=base, started_at=t_prefill)
@@ -320,14 +385,21 @@ class Model:
             if isinstance(event, Finished) and event.result.stop_reason == "interrupted":
                 raise KeyboardInterrupt
 
-    def _size_context(self, text_tokens: int, image_tokens: int, think_budget: int | None,
-                      answer_budget: int | None, max_pixels: int | None) -> tuple[int, int]:
+    def _size_context(
+        self,
+        text_tokens: int,
+        image_tokens: int,
+        think_budget: int | None,
+        answer_budget: int | None,
+        max_pixels: int | None,
+    ) -> tuple[int, int]:
         """``(n_ctx, thought cap)`` for one question; ContextOverflow when the budgets cannot fit."""
         limit = self.context_length or 32768
         answer = answer_budget or DEFAULT_ANSWER_BUDGET
         fixed = text_tokens + image_tokens + FORCE_MARGIN + answer
-        pixels_hint = (f"lower --max-pixels (now {max_pixels})" if max_pixels else "lower --max-pixels") + \
-            " to shrink the image tokens"
+        pixels_hint = (
+            f"lower --max-pixels (now {max_pixels})" if max_pixels else "lower --max-pixels"
+        ) + " to shrink the image tokens"
         if think_budget is None:
             room = limit - fixed
             if room < 16:
@@ -355,10 +427,19 @@ class Model:
         if started is not None:
             timings.image_encode_s, timings.prefill_s = started.image_encode_s, started.prefill_s
         return Result(
-            thought="".join(tracker.thought), answer=answer, boxed=_extract_boxed(answer) if answer else None,
-            stop_reason="interrupted", thought_tokens=tracker.thought_tokens, answer_tokens=tracker.answer_tokens,
-            prompt_tokens=started.prompt_tokens if started else 0, forced=list(tracker.forced), timings=timings,
-            model=self.name, backend=self.backend, quantization=self.quantization, images=infos,
+            thought="".join(tracker.thought),
+            answer=answer,
+            boxed=_extract_boxed(answer) if answer else None,
+            stop_reason="interrupted",
+            thought_tokens=tracker.thought_tokens,
+            answer_tokens=tracker.answer_tokens,
+            prompt_tokens=started.prompt_tokens if started else 0,
+            forced=list(tracker.forced),
+            timings=timings,
+            model=self.name,
+            backend=self.backend,
+            quantization=self.quantization,
+            images=infos,
             settings=settings,
         )
 
@@ -370,8 +451,11 @@ class Model:
         return drive(self.stream(images, question, **options))
 
 
-def drive(events: Iterable[Event], *handlers: Callable[[Event], None],
-          stop_requested: Callable[[], bool] | None = None) -> Result:
+def drive(
+    events: Iterable[Event],
+    *handlers: Callable[[Event], None],
+    stop_requested: Callable[[], bool] | None = None,
+) -> Result:
     """Pass every event to each handler and return the final Result.
 
     On Ctrl-C the partial ``Finished`` is still delivered to the handlers (even when the interrupt landed
@@ -462,12 +546,20 @@ def load(
         loaded = llamacpp.load(resolved.path, resolved.mmproj, n_gpu_layers=n_gpu_layers, name=resolved.name)
     load_s = time.perf_counter() - t0
     quantization = getattr(loaded, "quantization", "") or resolved.quantisation
-    return Model(loaded, name=resolved.name, backend=chosen, quantization=quantization, path=resolved.path,
-                 max_pixels=max_pixels, load_s=load_s)
+    return Model(
+        loaded,
+        name=resolved.name,
+        backend=chosen,
+        quantization=quantization,
+        path=resolved.path,
+        max_pixels=max_pixels,
+        load_s=load_s,
+    )
 
 
-def ask(images: Any, question: str, *, model: str | Path | None = None, backend: str = "auto",
-        **options: Any) -> Result:
+def ask(
+    images: Any, question: str, *, model: str | Path | None = None, backend: str = "auto", **options: Any
+) -> Result:
     """One-shot convenience: load ``model``, ask, close."""
     with load(model, backend=backend, max_pixels=options.pop("max_pixels", None)) as loaded:
         return loaded.ask(images, question, **options)

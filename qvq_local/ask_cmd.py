@@ -49,7 +49,16 @@ def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
     question = args[-1]
     images = [*args[:-1], *attach]
     if not images:
-        if Path(question).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"):
+        if Path(question).suffix.lower() in (
+            ".png",
+            ".jpg",
+            ".jpeg",
+            ".webp",
+            ".gif",
+            ".bmp",
+            ".tif",
+            ".tiff",
+        ):
             raise InputError(f"no question given after the image {question!r}")
         raise InputError("no image given: pass one or more images before the question (or -a IMAGE)")
     if not question.strip():
@@ -58,12 +67,21 @@ def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
 
 
 def _check_numbers(opts: AskOptions) -> None:
-    for flag, value in (("--think-budget", opts.think_budget), ("--answer-budget", opts.answer_budget),
-                        ("--max-pixels", opts.max_pixels)):
+    for flag, value in (
+        ("--think-budget", opts.think_budget),
+        ("--answer-budget", opts.answer_budget),
+        ("--max-pixels", opts.max_pixels),
+    ):
         if value is not None and value <= 0:
             raise InputError(f"{flag} must be above 0, got {value}")
     if opts.backend is not None and opts.backend.strip().lower() not in (
-            "auto", "mlx", "llama", "llamacpp", "llama.cpp", "gguf"):
+        "auto",
+        "mlx",
+        "llama",
+        "llamacpp",
+        "llama.cpp",
+        "gguf",
+    ):
         raise InputError(f"unknown backend {opts.backend!r}: choose auto, mlx or llama")
     if opts.temperature is not None and opts.temperature < 0:
         raise InputError(f"--temperature must be 0 or more, got {opts.temperature}")
@@ -96,8 +114,12 @@ def _make_renderer(opts: AskOptions, model: Any):
     if opts.as_json:
         return JsonRenderer(sys.stdout)
     if sys.stdout.isatty():
-        return LiveRenderer(hide_thinking=opts.hide_thinking, model=model.name, backend=model.backend,
-                            quantization=model.quantization)
+        return LiveRenderer(
+            hide_thinking=opts.hide_thinking,
+            model=model.name,
+            backend=model.backend,
+            quantization=model.quantization,
+        )
     return PlainRenderer(sys.stdout, sys.stderr, hide_thinking=opts.hide_thinking)
 
 
@@ -192,10 +214,17 @@ def _ask_loaded(opts: AskOptions, question: str, prepared: list, sigint: SigintF
     renderer = None
     try:
         events = model.stream(
-            prepared, question, think_budget=opts.think_budget,
-            answer_budget=opts.answer_budget or DEFAULT_ANSWER_BUDGET, system=opts.system,
-            temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
-            repetition_penalty=opts.repetition_penalty, seed=opts.seed, max_pixels=opts.max_pixels,
+            prepared,
+            question,
+            think_budget=opts.think_budget,
+            answer_budget=opts.answer_budget or DEFAULT_ANSWER_BUDGET,
+            system=opts.system,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            top_k=opts.top_k,
+            repetition_penalty=opts.repetition_penalty,
+            seed=opts.seed,
+            max_pixels=opts.max_pixels,
             loop_detection=opts.loop_detection,
         )
         renderer = _make_renderer(opts, model)
@@ -251,8 +280,10 @@ def print_doctor(model: str | None, context: int | None, as_json: bool) -> None:
     table.add_column()
     table.add_row("platform", f"{m['os']} {m['os_release']} ({m['machine']}), Python {m['python']}")
     table.add_row("cpu cores", str(m.get("cpu_count")))
-    table.add_row("memory", f"{_human(m.get('memory_total_bytes'))} total, "
-                            f"{_human(m.get('memory_available_bytes'))} available")
+    table.add_row(
+        "memory",
+        f"{_human(m.get('memory_total_bytes'))} total, {_human(m.get('memory_available_bytes'))} available",
+    )
     gpu = []
     if m.get("llama_gpu_offload") is not None:
         gpu.append("llama.cpp GPU offload " + ("yes" if m["llama_gpu_offload"] else "no (CPU only)"))
@@ -263,9 +294,12 @@ def print_doctor(model: str | None, context: int | None, as_json: bool) -> None:
     table.add_row("gpu", ", ".join(gpu) or "none found")
     for row in data["backends"]:
         versions = ", ".join(f"{k} {v}" for k, v in row["versions"].items() if v)
-        state = f"[green]installed[/green] ({versions})" if row["installed"] else \
-            f"[red]not installed[/red] (missing {', '.join(row['missing'])}; " + \
-            escape(f"pip install 'qvq-local[{row['backend']}]')")
+        state = (
+            f"[green]installed[/green] ({versions})"
+            if row["installed"]
+            else f"[red]not installed[/red] (missing {', '.join(row['missing'])}; "
+            + escape(f"pip install 'qvq-local[{row['backend']}]')")
+        )
         table.add_row(f"backend {row['backend']}", state)
     table.add_row("default backend", str(m.get("default_backend") or m.get("default_backend_error")))
     table.add_row("convert target", str(m.get("default_convert_target")))
@@ -276,17 +310,25 @@ def print_doctor(model: str | None, context: int | None, as_json: bool) -> None:
     console.print(table)
     if "model" in data:
         fit = data["model"]
-        mt = Table(show_header=False, box=None, padding=(0, 2), title=f"model {fit['name']}", title_justify="left")
+        mt = Table(
+            show_header=False, box=None, padding=(0, 2), title=f"model {fit['name']}", title_justify="left"
+        )
         mt.add_column(style="bold")
         mt.add_column()
         mt.add_row("format", escape(f"{fit['format']} ({fit['quantization']}) at {fit['path']}"))
         mt.add_row("weights", _human(fit["weights_bytes"]))
-        mt.add_row("KV cache", f"{_human(fit['kv_cache_bytes'])} for {fit['context_tokens']} tokens of context "
-                               f"(trained for {fit['trained_context']})")
+        mt.add_row(
+            "KV cache",
+            f"{_human(fit['kv_cache_bytes'])} for {fit['context_tokens']} tokens of context "
+            f"(trained for {fit['trained_context']})",
+        )
         mt.add_row("overhead", _human(fit["overhead_bytes"]))
         colour = {True: "green", False: "red"}.get(fit["fits"], "yellow")
-        mt.add_row("needs", f"{_human(fit['needed_bytes'])} of {_human(fit['available_bytes'])} available: "
-                            f"[{colour}]{fit['verdict']}[/{colour}]")
+        mt.add_row(
+            "needs",
+            f"{_human(fit['needed_bytes'])} of {_human(fit['available_bytes'])} available: "
+            f"[{colour}]{fit['verdict']}[/{colour}]",
+        )
         console.print(mt)
     elif data.get("model_error") and not data.get("integrity_errors"):  # else the findings below say why
         console.print(f"[red]model: {escape(data['model_error'])}[/red]", soft_wrap=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -55,22 +54,22 @@ def synth(
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="A Hugging Face checkpoint folder, or a hub id (owner/name)."),
-    to: Optional[str] = typer.Option(
+    to: str | None = typer.Option(
         None, "--to", help="mlx | gguf. Default: what this machine's backend runs (mlx on Apple Silicon)."
     ),
-    quant: Optional[str] = typer.Option(
+    quant: str | None = typer.Option(
         None, "--quant", help="GGUF only: q4_k_m (default) | q5_k_m | q8_0 | f16 | f32."
     ),
-    bits: Optional[str] = typer.Option(
+    bits: str | None = typer.Option(
         None, "--bits", help="MLX only: 4 (default) | 8 | none (keep the source dtype)."
     ),
-    group_size: Optional[int] = typer.Option(
+    group_size: int | None = typer.Option(
         None, "--group-size", help="MLX only: quantisation group size, 32 | 64 (default) | 128."
     ),
-    mmproj_quant: Optional[str] = typer.Option(
+    mmproj_quant: str | None = typer.Option(
         None, "--mmproj-quant", help="GGUF only: the vision projector's type, f16 (default) | q8_0 | f32."
     ),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "-o", "--out", help="Output folder. Default: $QVQ_HOME/models/<name>-<format>-<quant>."
     ),
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
@@ -114,7 +113,7 @@ def convert(
 @app.command()
 def pull(
     hub_id: str = typer.Argument(..., help="A Hugging Face model id, owner/name."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress display."),
 ) -> None:
     """Download a model from the Hugging Face hub into $QVQ_HOME/hub (safetensors only, resumable).
@@ -183,31 +182,31 @@ def models(
 # ---------------------------------------------------------------- ask / doctor / config (issue 5)
 @app.command(context_settings={"allow_interspersed_args": True})
 def ask(
-    args: Optional[List[str]] = typer.Argument(
+    args: list[str] | None = typer.Argument(
         None, metavar="IMAGE... QUESTION", help="One or more images, then the question (quote it)."
     ),
-    attach: Optional[List[Path]] = typer.Option(None, "-a", "--attach", help="An image (repeatable)."),
-    model: Optional[str] = typer.Option(
+    attach: list[Path] | None = typer.Option(None, "-a", "--attach", help="An image (repeatable)."),
+    model: str | None = typer.Option(
         None, "-m", "--model", help="Model: folder, GGUF file, name from `qvq models`, or hub id."
     ),
-    backend: Optional[str] = typer.Option(None, "--backend", help="auto (default) | mlx | llama."),
-    think_budget: Optional[int] = typer.Option(
+    backend: str | None = typer.Option(None, "--backend", help="auto (default) | mlx | llama."),
+    think_budget: int | None = typer.Option(
         None, "--think-budget", help="Thought tokens before the answer is forced (default: none, up to 8192)."
     ),
-    answer_budget: Optional[int] = typer.Option(None, "--answer-budget", help="Answer tokens (default 1024)."),
-    max_pixels: Optional[int] = typer.Option(
+    answer_budget: int | None = typer.Option(None, "--answer-budget", help="Answer tokens (default 1024)."),
+    max_pixels: int | None = typer.Option(
         None, "--max-pixels", help="Shrink each image to at most this many pixels (fewer image tokens)."
     ),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Default: the model's own."),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    system: Optional[str] = typer.Option(None, "--system", help="Replace QVQ's system prompt."),
+    temperature: float | None = typer.Option(None, "--temperature", help="Default: the model's own."),
+    top_p: float | None = typer.Option(None, "--top-p"),
+    top_k: int | None = typer.Option(None, "--top-k"),
+    repetition_penalty: float | None = typer.Option(None, "--repetition-penalty"),
+    seed: int | None = typer.Option(None, "--seed"),
+    system: str | None = typer.Option(None, "--system", help="Replace QVQ's system prompt."),
     no_loop_stop: bool = typer.Option(False, "--no-loop-stop", help="Do not cut reasoning loops."),
     as_json: bool = typer.Option(False, "--json", help="Print one OpenAI-style JSON object at the end."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the thought stream."),
-    save: Optional[Path] = typer.Option(None, "--save", help="Write a Markdown transcript to this file."),
+    save: Path | None = typer.Option(None, "--save", help="Write a Markdown transcript to this file."),
 ) -> None:
     """Ask a question about one or more images and watch the model think.
 
@@ -227,10 +226,22 @@ def ask(
     from qvq_local.ask_cmd import AskOptions, run_ask
 
     opts = AskOptions(
-        args=list(args or []), attach=[str(p) for p in (attach or [])], model=model, backend=backend,
-        think_budget=think_budget, answer_budget=answer_budget, max_pixels=max_pixels,
-        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-        system=system, loop_detection=not no_loop_stop, as_json=as_json, hide_thinking=hide_thinking,
+        args=list(args or []),
+        attach=[str(p) for p in (attach or [])],
+        model=model,
+        backend=backend,
+        think_budget=think_budget,
+        answer_budget=answer_budget,
+        max_pixels=max_pixels,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        system=system,
+        loop_detection=not no_loop_stop,
+        as_json=as_json,
+        hide_thinking=hide_thinking,
         save=save,
     )
     try:
@@ -243,10 +254,10 @@ def ask(
 
 @app.command()
 def doctor(
-    model: Optional[str] = typer.Option(
+    model: str | None = typer.Option(
         None, "-m", "--model", help="Check whether this model fits (default: the configured model)."
     ),
-    context: Optional[int] = typer.Option(
+    context: int | None = typer.Option(
         None, "--context", help="Context tokens to plan for (default: what `qvq ask` opens)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -309,7 +320,9 @@ def config_get(key: str = typer.Argument(..., help="Setting name, e.g. model."))
 
 @config_app.command("set")
 def config_set(
-    key: str = typer.Argument(..., help="Setting name: model, backend, think_budget, answer_budget, max_pixels."),
+    key: str = typer.Argument(
+        ..., help="Setting name: model, backend, think_budget, answer_budget, max_pixels."
+    ),
     value: str = typer.Argument(..., help="The new value."),
 ) -> None:
     """Store a setting, e.g. `qvq config set model QVQ-72B-Preview-gguf-q4_k_m`."""
@@ -344,24 +357,34 @@ def config_path() -> None:
 # ---------------------------------------------------------------- bench (issue 6)
 @app.command()
 def bench(
-    model: Optional[str] = typer.Option(
+    model: str | None = typer.Option(
         None, "-m", "--model", help="Model to measure: folder, GGUF file, name from `qvq models`, hub id."
     ),
-    shape: Optional[str] = typer.Option(
-        None, "--shape", help="tiny | 2b | 7b | 72b: synthesise and convert a random model of that shape "
-        "(cached in QVQ_HOME/bench). Default when no --model: tiny."
+    shape: str | None = typer.Option(
+        None,
+        "--shape",
+        help="tiny | 2b | 7b | 72b: synthesise and convert a random model of that shape "
+        "(cached in QVQ_HOME/bench). Default when no --model: tiny.",
     ),
     backend: str = typer.Option("auto", "--backend", help="auto | mlx | llama | all."),
     image_sizes: str = typer.Option("224,448", "--image-sizes", help="Square image edge lengths in pixels."),
-    runs: int = typer.Option(3, "--runs", help="Measured runs per figure (median reported), after a warm-up."),
+    runs: int = typer.Option(
+        3, "--runs", help="Measured runs per figure (median reported), after a warm-up."
+    ),
     decode_tokens: int = typer.Option(
         64, "--decode-tokens", help="Thought tokens per run before the answer is forced."
     ),
-    quant: str = typer.Option("q4", "--quant", help="q4 | q8: quantisation when converting (--shape, HF folder)."),
-    raw: bool = typer.Option(True, "--raw/--no-raw", help="Also run the raw library (mlx-vlm, llama-cpp-python)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure and the machine here."),
-    chart: Optional[Path] = typer.Option(None, "--chart", help="Write a PNG chart here (needs matplotlib)."),
-    bandwidth_mib: int = typer.Option(1024, "--bandwidth-mib", help="Array size for the bandwidth measurement."),
+    quant: str = typer.Option(
+        "q4", "--quant", help="q4 | q8: quantisation when converting (--shape, HF folder)."
+    ),
+    raw: bool = typer.Option(
+        True, "--raw/--no-raw", help="Also run the raw library (mlx-vlm, llama-cpp-python)."
+    ),
+    json_path: Path | None = typer.Option(None, "--json", help="Write every figure and the machine here."),
+    chart: Path | None = typer.Option(None, "--chart", help="Write a PNG chart here (needs matplotlib)."),
+    bandwidth_mib: int = typer.Option(
+        1024, "--bandwidth-mib", help="Array size for the bandwidth measurement."
+    ),
 ) -> None:
     """Measure speed and memory on this machine, side by side with the raw libraries and the bandwidth limit.
 
@@ -374,9 +397,19 @@ def bench(
     from qvq_local.bench import bench_command
 
     try:
-        bench_command(model=model, shape=shape, backend=backend, image_sizes=image_sizes, runs=runs,
-                      decode_tokens=decode_tokens, quant=quant, raw=raw, json_path=json_path,
-                      chart_path=chart, bandwidth_mib=bandwidth_mib)
+        bench_command(
+            model=model,
+            shape=shape,
+            backend=backend,
+            image_sizes=image_sizes,
+            runs=runs,
+            decode_tokens=decode_tokens,
+            quant=quant,
+            raw=raw,
+            json_path=json_path,
+            chart_path=chart,
+            bandwidth_mib=bandwidth_mib,
+        )
     except QvqError as err:
         _fail(err)
 

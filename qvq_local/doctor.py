@@ -75,8 +75,16 @@ def _gguf_config(model_file: Path) -> dict[str, Any]:
     from qvq_local.backends.llamacpp import read_gguf_metadata
 
     arch = read_gguf_metadata(model_file, {"general.architecture"}).get("general.architecture", "qwen2vl")
-    keys = {f"{arch}.{k}" for k in ("block_count", "attention.head_count", "attention.head_count_kv",
-                                    "embedding_length", "context_length")}
+    keys = {
+        f"{arch}.{k}"
+        for k in (
+            "block_count",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "embedding_length",
+            "context_length",
+        )
+    }
     meta = read_gguf_metadata(model_file, keys)
     heads = int(meta.get(f"{arch}.attention.head_count") or 1)
     return {
@@ -112,8 +120,9 @@ def default_context(context_length: int) -> int:
     return min(context_length, want) if context_length else want
 
 
-def model_fit(ref: str, n_ctx: int | None = None, available: int | None = None,
-              total: int | None = None) -> dict[str, Any]:
+def model_fit(
+    ref: str, n_ctx: int | None = None, available: int | None = None, total: int | None = None
+) -> dict[str, Any]:
     """Whether ``ref`` fits in memory with a context of ``n_ctx`` tokens (default: what ask would open)."""
     from qvq_local import models
 
@@ -168,8 +177,9 @@ def report(model_ref: str | None = None, n_ctx: int | None = None, probe_gpu: bo
         out["integrity"] = [{"level": f.level, "path": f.path, "message": f.message} for f in findings]
         out["integrity_errors"] = sum(f.level == "error" for f in findings)
         try:
-            out["model"] = model_fit(str(ref), n_ctx, facts.get("memory_available_bytes"),
-                                     facts.get("memory_total_bytes"))
+            out["model"] = model_fit(
+                str(ref), n_ctx, facts.get("memory_available_bytes"), facts.get("memory_total_bytes")
+            )
         except ModelError as exc:
             out["model_error"] = str(exc)
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -7,7 +7,7 @@ presentation (``render.py``) only draws them.  Keep this module free of heavy im
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 StopReason = Literal["answer", "budget", "loop", "max_tokens", "interrupted"]
 Phase = Literal["thought", "answer"]
@@ -104,4 +104,4 @@ class Finished:
     kind: Literal["finished"] = "finished"
 
 
-Event = Union[Started, TextDelta, Forced, Finished]
+Event = Started | TextDelta | Forced | Finished

@@ -137,8 +137,11 @@ def _meminfo_linux() -> tuple[int | None, int | None]:
 def _meminfo_darwin() -> tuple[int | None, int | None]:
     total = available = None
     try:
-        total = int(subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True,
-                                   timeout=5, check=True).stdout.strip())
+        total = int(
+            subprocess.run(
+                ["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=5, check=True
+            ).stdout.strip()
+        )
         out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=5, check=True).stdout
         page = 4096
         pages = 0

@@ -284,14 +284,16 @@ def _is_mmproj(path: Path) -> bool:
 
 def _resolve_gguf_file(model: Path, *, name: str, manifest: dict | None) -> ResolvedModel:
     if _is_mmproj(model):
-        raise ModelError("this is a vision projector (mmproj), not the model: pass the model .gguf",
-                         path=model)
+        raise ModelError(
+            "this is a vision projector (mmproj), not the model: pass the model .gguf", path=model
+        )
     mmproj: Path | None = None
     if manifest and manifest.get("mmproj") and manifest.get("model") in (None, model.name):
         mmproj = model.parent / manifest["mmproj"]
         if not mmproj.is_file():
-            raise ModelError(f"missing vision projector {manifest['mmproj']} (named by the manifest)",
-                             path=model.parent)
+            raise ModelError(
+                f"missing vision projector {manifest['mmproj']} (named by the manifest)", path=model.parent
+            )
     else:
         candidates = sorted(p for p in model.parent.glob("*.gguf") if _is_mmproj(p))
         if len(candidates) > 1:
@@ -301,8 +303,9 @@ def _resolve_gguf_file(model: Path, *, name: str, manifest: dict | None) -> Reso
             candidates = named if len(named) == 1 else candidates
         if len(candidates) > 1:
             listed = ", ".join(p.name for p in candidates)
-            raise ModelError(f"several vision projectors beside the model ({listed}): keep one",
-                             path=model.parent)
+            raise ModelError(
+                f"several vision projectors beside the model ({listed}): keep one", path=model.parent
+            )
         if not candidates:
             raise ModelError(
                 "no vision projector (mmproj*.gguf) beside the model",
@@ -546,8 +549,9 @@ class _rich_download_progress:
                     kwargs["disable"] = False
                 super().__init__(*args, **kwargs)
                 if not self.disable:
-                    self._task = progress.add_task(f"{hub_id}: {self.desc or ''}".rstrip(": "),
-                                                   total=self.total or None, detail="")
+                    self._task = progress.add_task(
+                        f"{hub_id}: {self.desc or ''}".rstrip(": "), total=self.total or None, detail=""
+                    )
                     self.display()
 
             def display(self, msg=None, pos=None):
@@ -559,8 +563,13 @@ class _rich_download_progress:
                     detail = f"{_human(self.n)}" + (f" / {_human(total)}" if total else "")
                 else:
                     detail = f"{int(self.n)}" + (f" / {int(total)}" if total else "") + " files"
-                progress.update(task, completed=self.n, total=total, detail=detail,
-                                description=f"{hub_id}: {self.desc or ''}".rstrip(": "))
+                progress.update(
+                    task,
+                    completed=self.n,
+                    total=total,
+                    detail=detail,
+                    description=f"{hub_id}: {self.desc or ''}".rstrip(": "),
+                )
                 return True
 
         return RichTqdm

@@ -217,7 +217,9 @@ class Renderer:
 class PlainRenderer(Renderer):
     """Plain text, for pipes and files: thought to ``err``, answer to ``out``, no control codes."""
 
-    def __init__(self, out: IO[str] | None = None, err: IO[str] | None = None, *, hide_thinking: bool = False):
+    def __init__(
+        self, out: IO[str] | None = None, err: IO[str] | None = None, *, hide_thinking: bool = False
+    ):
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.hide_thinking = hide_thinking
@@ -239,7 +241,9 @@ class PlainRenderer(Renderer):
     def handle(self, event: Event) -> None:
         if isinstance(event, Started):
             if not self.hide_thinking:
-                self._err_line(f"[{event.model} · {event.backend} · {event.quantization} · {_image_line(event.images)}]")
+                self._err_line(
+                    f"[{event.model} · {event.backend} · {event.quantization} · {_image_line(event.images)}]"
+                )
         elif isinstance(event, TextDelta):
             text = clean(event.text)
             if event.phase == "thought":
@@ -279,7 +283,9 @@ class JsonRenderer(Renderer):
     def handle(self, event: Event) -> None:
         if isinstance(event, Finished):
             self.result = event.result
-            self.out.write(json.dumps(completion_dict(event.result), ensure_ascii=False, indent=self.indent) + "\n")
+            self.out.write(
+                json.dumps(completion_dict(event.result), ensure_ascii=False, indent=self.indent) + "\n"
+            )
             self.out.flush()
 
 
@@ -297,8 +303,12 @@ class _Tail:
         self.lines: deque[tuple[str, str]] = deque(maxlen=max_lines)
         self.current = ""
         self._wrapper = textwrap.TextWrapper(
-            width=self.width, break_long_words=True, replace_whitespace=False, drop_whitespace=True,
-            expand_tabs=True, tabsize=4,
+            width=self.width,
+            break_long_words=True,
+            replace_whitespace=False,
+            drop_whitespace=True,
+            expand_tabs=True,
+            tabsize=4,
         )
 
     def _wrap(self, line: str) -> list[str]:
@@ -439,15 +449,21 @@ class LiveRenderer(Renderer):
         answer = clean(result.answer).strip()
         if answer:
             self.console.print(
-                Panel(Markdown(highlight_boxed_markdown(answer)), title="answer", title_align="left",
-                      border_style="green")
+                Panel(
+                    Markdown(highlight_boxed_markdown(answer)),
+                    title="answer",
+                    title_align="left",
+                    border_style="green",
+                )
             )
         elif result.stop_reason == "interrupted":
             self.console.print(Text("(interrupted before the answer)", style="yellow"))
         else:
             self.console.print(Text("(the model gave no answer)", style="yellow"))
         if result.boxed:
-            self.console.print(Text.assemble(("boxed answer: ", "bold"), (f" {clean(result.boxed)} ", "bold black on green")))
+            self.console.print(
+                Text.assemble(("boxed answer: ", "bold"), (f" {clean(result.boxed)} ", "bold black on green"))
+            )
         style = "yellow" if result.stop_reason == "interrupted" else "dim"
         self.console.print(Text(summary_line(result), style=style))
 
@@ -498,28 +514,42 @@ class LiveRenderer(Renderer):
         elif self.hide_thinking:
             body = Text(f"(thinking hidden: {self.thought_tokens} tokens)", style="dim")
             for forced in self.forced:
-                body.append("\n" + forced_note(forced), style="bold magenta" if forced.reason == "loop" else "bold yellow")
+                body.append(
+                    "\n" + forced_note(forced),
+                    style="bold magenta" if forced.reason == "loop" else "bold yellow",
+                )
         else:
             lines = self.thought.view(thought_rows)
-            body = Text("\n").join(Text(line, style=style, no_wrap=True, overflow="crop") for line, style in lines)
+            body = Text("\n").join(
+                Text(line, style=style, no_wrap=True, overflow="crop") for line, style in lines
+            )
         parts.append(Panel(body, title="thinking", title_align="left", border_style="grey42"))
         if answer_rows and self.result is None:
             lines = self.answer.view(answer_rows)
-            body = Text("\n").join(Text(line, style=style, no_wrap=True, overflow="crop") for line, style in lines)
+            body = Text("\n").join(
+                Text(line, style=style, no_wrap=True, overflow="crop") for line, style in lines
+            )
             parts.append(Panel(body, title="answer", title_align="left", border_style="green"))
 
         status = Table.grid(padding=(0, 1))
         elapsed = now - self._t0
         decoded = self.thought_tokens + self.answer_tokens
         rate = decoded / (now - self._decode_t0) if self._decode_t0 and now > self._decode_t0 else 0.0
-        phase_style = {"thinking": "bold cyan", "answering": "bold green", "done": "bold green",
-                       "interrupted": "bold yellow"}.get(self.phase, "bold")
+        phase_style = {
+            "thinking": "bold cyan",
+            "answering": "bold green",
+            "done": "bold green",
+            "interrupted": "bold yellow",
+        }.get(self.phase, "bold")
         status.add_column(no_wrap=True, min_width=11)
         cells: list = [Text(self.phase, style=phase_style)]
         if self.think_budget:
             status.add_column(width=20, no_wrap=True)
-            cells.append(ProgressBar(total=self.think_budget, completed=min(self.thought_tokens, self.think_budget),
-                                     width=20))
+            cells.append(
+                ProgressBar(
+                    total=self.think_budget, completed=min(self.thought_tokens, self.think_budget), width=20
+                )
+            )
             counts = f"{self.thought_tokens}/{self.think_budget} thought"
         else:
             counts = f"{self.thought_tokens} thought"
@@ -528,8 +558,14 @@ class LiveRenderer(Renderer):
         if self.forced:
             counts += f" · forced ({self.forced[-1].reason})"
         status.add_column(no_wrap=True, overflow="ellipsis")
-        cells.append(Text(f"{counts} · {rate:.1f} tok/s · {_fmt_seconds(elapsed)}", style="dim",
-                          no_wrap=True, overflow="ellipsis"))
+        cells.append(
+            Text(
+                f"{counts} · {rate:.1f} tok/s · {_fmt_seconds(elapsed)}",
+                style="dim",
+                no_wrap=True,
+                overflow="ellipsis",
+            )
+        )
         status.add_row(*cells)
         parts.append(status)
         return [Group(*parts)]

@@ -17,9 +17,22 @@ from qvq_local.events import Event, Finished, Result
 from qvq_local.render import forced_note
 
 #: The settings a reader needs to reproduce a run (Result.settings holds more, e.g. loop thresholds).
-SHOWN_SETTINGS = ("think_budget", "answer_budget", "grace_tokens", "think_limit", "max_pixels", "temperature",
-                  "top_p", "top_k", "repetition_penalty", "seed", "n_ctx", "loop_detection", "answer_source",
-                  "system")
+SHOWN_SETTINGS = (
+    "think_budget",
+    "answer_budget",
+    "grace_tokens",
+    "think_limit",
+    "max_pixels",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "n_ctx",
+    "loop_detection",
+    "answer_source",
+    "system",
+)
 
 
 def _fence(text: str) -> str:
@@ -59,8 +72,15 @@ def render_transcript(result: Result, question: str) -> str:
     for forced in result.forced:
         lines.append(f"- {forced_note(forced)}")
     fence = _fence(result.thought)
-    lines += ["", f"## Thought ({result.thought_tokens} tokens)", "", fence + "text", result.thought.rstrip("\n"),
-              fence, ""]
+    lines += [
+        "",
+        f"## Thought ({result.thought_tokens} tokens)",
+        "",
+        fence + "text",
+        result.thought.rstrip("\n"),
+        fence,
+        "",
+    ]
     lines += [f"## Answer ({result.answer_tokens} tokens)", "", result.answer.strip() or "(no answer)", ""]
     if result.boxed is not None:
         lines += [f"**Boxed answer:** `{result.boxed}`", ""]

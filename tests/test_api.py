@@ -60,7 +60,9 @@ def test_ask_forces_an_answer_at_the_budget_and_encodes_the_image_once(sample_im
     assert result.answer == "The tallest is \\boxed{5}." and result.boxed == "5"
     assert [f.reason for f in result.forced] == ["budget"]
     assert 20 <= result.thought_tokens <= 20 + 32  # budget + grace window
-    assert len(session.prefill_calls) == 1 and session.images_encoded == 1  # the forced answer re-encodes nothing
+    assert (
+        len(session.prefill_calls) == 1 and session.images_encoded == 1
+    )  # the forced answer re-encodes nothing
     assert len(session.fed) == 1 and session.closed
     assert result.model == "fake" and result.backend == "fake"
     assert result.images[0].path == str(sample_image) and result.images[0].tokens == 16
@@ -157,8 +159,10 @@ def test_load_without_a_model_says_how_to_get_one(tmp_path, monkeypatch):
 
 
 def test_import_stays_light():
-    code = ("import sys, qvq_local; heavy = [m for m in ('rich', 'numpy', 'PIL', 'mlx', 'llama_cpp', "
-            "'qvq_local.api') if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys, qvq_local; heavy = [m for m in ('rich', 'numpy', 'PIL', 'mlx', 'llama_cpp', "
+        "'qvq_local.api') if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert callable(__import__("qvq_local").load)
@@ -183,8 +187,9 @@ def _real_model(request, backend: str) -> Model:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", [pytest.param("llama", marks=pytest.mark.llama),
-                                     pytest.param("mlx", marks=pytest.mark.mlx)])
+@pytest.mark.parametrize(
+    "backend", [pytest.param("llama", marks=pytest.mark.llama), pytest.param("mlx", marks=pytest.mark.mlx)]
+)
 def test_real_model_budget_forcing_through_the_api(request, backend, sample_image):
     with _real_model(request, backend) as model:
         sessions = []
@@ -195,8 +200,14 @@ def test_real_model_budget_forcing_through_the_api(request, backend, sample_imag
             return sessions[-1]
 
         model.loaded.new_session = spy
-        result = model.ask(sample_image, "Which bar is the highest?", think_budget=16, answer_budget=8,
-                           loop_detection=False, seed=1)
+        result = model.ask(
+            sample_image,
+            "Which bar is the highest?",
+            think_budget=16,
+            answer_budget=8,
+            loop_detection=False,
+            seed=1,
+        )
     assert result.backend == backend
     assert result.forced and result.forced[0].reason == "budget"
     assert 16 <= result.thought_tokens <= 16 + 32
@@ -207,19 +218,24 @@ def test_real_model_budget_forcing_through_the_api(request, backend, sample_imag
     t = result.timings
     assert t.prefill_s > 0 and t.decode_tok_s > 0 and t.first_token_s >= t.prefill_s and t.load_s > 0
     assert sessions[0].images_encoded == 1  # once, although the answer was forced
-    print(f"\n{backend}: prefill {t.prefill_s * 1000:.1f} ms (image {t.image_encode_s * 1000:.1f} ms), "
-          f"forced step {t.forced_step_s * 1000:.1f} ms, decode {t.decode_tok_s:.0f} tok/s")
+    print(
+        f"\n{backend}: prefill {t.prefill_s * 1000:.1f} ms (image {t.image_encode_s * 1000:.1f} ms), "
+        f"forced step {t.forced_step_s * 1000:.1f} ms, decode {t.decode_tok_s:.0f} tok/s"
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", [pytest.param("llama", marks=pytest.mark.llama),
-                                     pytest.param("mlx", marks=pytest.mark.mlx)])
+@pytest.mark.parametrize(
+    "backend", [pytest.param("llama", marks=pytest.mark.llama), pytest.param("mlx", marks=pytest.mark.mlx)]
+)
 def test_real_model_same_seed_same_text(request, backend, sample_image):
     with _real_model(request, backend) as model:
-        a = model.ask(sample_image, "q", think_budget=12, answer_budget=4, temperature=1.0, top_k=0, top_p=1.0,
-                      seed=7)
-        b = model.ask(sample_image, "q", think_budget=12, answer_budget=4, temperature=1.0, top_k=0, top_p=1.0,
-                      seed=7)
+        a = model.ask(
+            sample_image, "q", think_budget=12, answer_budget=4, temperature=1.0, top_k=0, top_p=1.0, seed=7
+        )
+        b = model.ask(
+            sample_image, "q", think_budget=12, answer_budget=4, temperature=1.0, top_k=0, top_p=1.0, seed=7
+        )
     assert (a.thought, a.answer) == (b.thought, b.answer)
 
 
@@ -228,7 +244,10 @@ def test_a_stop_flag_interrupts_like_ctrl_c(sample_image):
     model, _ = _model(thought=iter(lambda: " step", None))
     seen = []
     with pytest.raises(KeyboardInterrupt):
-        drive(model.stream(sample_image, "q", think_budget=1000), seen.append,
-              stop_requested=lambda: len(seen) >= 5)
+        drive(
+            model.stream(sample_image, "q", think_budget=1000),
+            seen.append,
+            stop_requested=lambda: len(seen) >= 5,
+        )
     assert isinstance(seen[-1], Finished) and seen[-1].result.stop_reason == "interrupted"
     assert len(seen) == 6

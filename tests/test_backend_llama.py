@@ -94,8 +94,9 @@ def hf_logits(hf, text: str, images: list, extra_ids: list[int] = ()):
         pad = tokenizer.token_to_id("<|image_pad|>")
         kwargs["mm_token_type_ids"] = torch.tensor([[1 if t == pad else 0 for t in ids]])
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                    **kwargs)
+        out = model(
+            input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **kwargs
+        )
     return out.logits[0, -1].float().numpy(), ids
 
 
@@ -128,7 +129,9 @@ def test_text_prompt_parity(f32_model, tiny_checkpoint, hf):
         session.prefill(Prompt(text=text, images=[]))
         ours = session.last_logits()
         ref, ref_ids = hf_logits(hf, text, [])
-        assert session.prompt_text_ids == ref_ids, "llama.cpp and tokenizer.json tokenise the prompt differently"
+        assert session.prompt_text_ids == ref_ids, (
+            "llama.cpp and tokenizer.json tokenise the prompt differently"
+        )
         err = float(np.max(np.abs(ours - ref)))
         print(f"\ntext-only prompt: max |logit diff| vs transformers = {err:.3e} (tolerance {TEXT_ATOL})")
         assert err < TEXT_ATOL
@@ -157,8 +160,10 @@ def test_image_prompt_parity_and_positions_after_image(f32_model, prompt, hf):
         assert stats.image_tokens == n_img == f32_model.image_token_estimate(*prompt.images[0].size)
         assert [t for t in ref_ids if t != pad] == session.prompt_text_ids
         err = float(np.max(np.abs(ours - ref)))
-        print(f"\nimage prompt ({n_img} image tokens): max |logit diff| vs transformers = {err:.3e}"
-              f" (tolerance {IMAGE_ATOL})")
+        print(
+            f"\nimage prompt ({n_img} image tokens): max |logit diff| vs transformers = {err:.3e}"
+            f" (tolerance {IMAGE_ATOL})"
+        )
         assert err < IMAGE_ATOL
         assert int(ours.argmax()) == int(ref.argmax())
 
@@ -204,7 +209,9 @@ def test_vision_embeddings_parity(f32_model, tiny_checkpoint, hf, sample_image, 
     ref = (out.pooler_output if hasattr(out, "pooler_output") else out).float().numpy()
     assert ours.shape == ref.shape
     err = float(np.max(np.abs(ours - ref)))
-    print(f"\nvision embeddings {size}: max |diff| = {err:.3e} (reference std {ref.std():.3f}, tolerance {IMAGE_ATOL})")
+    print(
+        f"\nvision embeddings {size}: max |diff| = {err:.3e} (reference std {ref.std():.3f}, tolerance {IMAGE_ATOL})"
+    )
     assert err < IMAGE_ATOL
 
 
@@ -233,8 +240,10 @@ def test_feed_does_not_reencode_image(f32_model, prompt):
         assert session.images_encoded == 1
         after = _generate(session, 3)
         assert after and session.images_encoded == 1
-        print(f"\nfirst prefill {stats.prefill_s * 1000:.1f} ms (image encode {stats.image_encode_s * 1000:.1f} ms,"
-              f" {stats.prompt_tokens} tokens); forced feed of {n} tokens {feed_s * 1000:.1f} ms")
+        print(
+            f"\nfirst prefill {stats.prefill_s * 1000:.1f} ms (image encode {stats.image_encode_s * 1000:.1f} ms,"
+            f" {stats.prompt_tokens} tokens); forced feed of {n} tokens {feed_s * 1000:.1f} ms"
+        )
     finally:
         session.close()
 
@@ -265,7 +274,7 @@ def test_greedy_defaults_follow_penalised_argmax(f32_model, prompt):
     try:
         session.prefill(prompt)
         logits = session.last_logits()
-        seen = np.array(sorted(set(session.prompt_text_ids[-llamacpp.PENALTY_LAST_N:])))
+        seen = np.array(sorted(set(session.prompt_text_ids[-llamacpp.PENALTY_LAST_N :])))
         penalised = logits.copy()
         penalised[seen] = np.where(logits[seen] > 0, logits[seen] / 1.05, logits[seen] * 1.05)
         tok = session.step()
@@ -322,8 +331,10 @@ def test_q4_loads_and_generates(tiny_gguf_q4, prompt, hf):
         logits = session.last_logits()
         ref, _ = hf_logits(hf, prompt.text, prompt.images)
         corr = float(np.corrcoef(logits, ref)[0, 1])
-        print(f"\nQ4_K_M: max |logit diff| vs transformers f32 = {np.max(np.abs(logits - ref)):.3e},"
-              f" correlation {corr:.4f}")
+        print(
+            f"\nQ4_K_M: max |logit diff| vs transformers f32 = {np.max(np.abs(logits - ref)):.3e},"
+            f" correlation {corr:.4f}"
+        )
         assert corr > 0.9
         toks = _generate(session, 8)
         assert toks and all(0 <= t.id < model.n_vocab for t in toks)
@@ -504,7 +515,8 @@ def test_mismatched_mmproj(tiny_gguf_f32, tmp_path):
         llamacpp.load(tiny_gguf_f32.model, wrong_kind)
     assert "mmproj-llava.gguf" in str(err.value)
     wrong_width = _write_gguf(
-        tmp_path / "mmproj-7b.gguf", "clip",
+        tmp_path / "mmproj-7b.gguf",
+        "clip",
         {"clip.projector_type": "qwen2vl_merger", "clip.vision.projection_dim": 3584},
     )
     with pytest.raises(ModelError, match="another model") as err:

@@ -35,14 +35,23 @@ def _to_transformers5(src: Path, dst: Path) -> Path:
         for name in store:
             new = name
             if name.startswith("model."):
-                new = "model.language_model." + name[len("model."):]
+                new = "model.language_model." + name[len("model.") :]
             elif name.startswith("visual."):
                 new = "model." + name
             w.add(new, store.raw(name), dtype=store.dtype(name))
     store.close()
     cfg = json.loads((dst / "config.json").read_text())
-    text_keys = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "rms_norm_eps", "rope_theta", "vocab_size", "rope_scaling"]
+    text_keys = [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "rope_theta",
+        "vocab_size",
+        "rope_scaling",
+    ]
     cfg["text_config"] = {k: cfg.pop(k) for k in text_keys}
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
@@ -63,7 +72,10 @@ def _convert_fails(src: Path, tmp_path: Path, match: str) -> ModelError:
 
 
 def test_normalise_name_maps_both_namings():
-    assert normalise_name("model.language_model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
+    assert (
+        normalise_name("model.language_model.layers.3.mlp.up_proj.weight")
+        == "model.layers.3.mlp.up_proj.weight"
+    )
     assert normalise_name("model.visual.blocks.0.attn.qkv.bias") == "visual.blocks.0.attn.qkv.bias"
     assert normalise_name("model.layers.0.input_layernorm.weight") == "model.layers.0.input_layernorm.weight"
     assert normalise_name("visual.merger.mlp.0.weight") == "visual.merger.mlp.0.weight"
@@ -94,7 +106,10 @@ def test_both_namings_load_to_the_same_names(tiny_checkpoint, tmp_path):
     a, b = open_checkpoint(tiny_checkpoint), open_checkpoint(renamed)
     assert b.naming == "transformers5"
     assert a.names == b.names
-    assert b.stored_name("model.layers.1.mlp.down_proj.weight") == "model.language_model.layers.1.mlp.down_proj.weight"
+    assert (
+        b.stored_name("model.layers.1.mlp.down_proj.weight")
+        == "model.language_model.layers.1.mlp.down_proj.weight"
+    )
     assert b.stored_name("visual.merger.ln_q.bias") == "model.visual.merger.ln_q.bias"
     assert b.stored_name("lm_head.weight") == "lm_head.weight"
     assert a.text == b.text and a.vision == b.vision

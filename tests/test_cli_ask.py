@@ -46,8 +46,23 @@ def _one_line_error(result, *fragments: str) -> str:
 @pytest.mark.llama
 @pytest.mark.slow
 def test_json_output_parses_and_holds_the_fields(gguf_model, sample_image):
-    result = runner.invoke(app, ["ask", str(sample_image), "Which bar is highest?", "--model", gguf_model,
-                                 "--think-budget", "16", "--answer-budget", "8", "--json", "--seed", "3"])
+    result = runner.invoke(
+        app,
+        [
+            "ask",
+            str(sample_image),
+            "Which bar is highest?",
+            "--model",
+            gguf_model,
+            "--think-budget",
+            "16",
+            "--answer-budget",
+            "8",
+            "--json",
+            "--seed",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["object"] == "chat.completion"
@@ -68,8 +83,23 @@ def test_json_output_parses_and_holds_the_fields(gguf_model, sample_image):
 @pytest.mark.slow
 def test_plain_output_has_no_escape_codes_and_splits_streams(gguf_model, sample_image, tmp_path):
     save = tmp_path / "run.md"
-    result = runner.invoke(app, ["ask", "-a", str(sample_image), "What is shown?", "-m", gguf_model,
-                                 "--think-budget", "16", "--answer-budget", "8", "--save", str(save)])
+    result = runner.invoke(
+        app,
+        [
+            "ask",
+            "-a",
+            str(sample_image),
+            "What is shown?",
+            "-m",
+            gguf_model,
+            "--think-budget",
+            "16",
+            "--answer-budget",
+            "8",
+            "--save",
+            str(save),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert not ESC.search(result.stdout) and not ESC.search(result.stderr)
     assert "answer forced" in result.stderr and "stop:" in result.stderr  # the plain marker and summary
@@ -82,8 +112,9 @@ def test_plain_output_has_no_escape_codes_and_splits_streams(gguf_model, sample_
 @pytest.mark.slow
 def test_default_model_from_config_and_hide_thinking(gguf_model, sample_image):
     assert runner.invoke(app, ["config", "set", "model", gguf_model]).exit_code == 0
-    result = runner.invoke(app, ["ask", str(sample_image), "q", "--think-budget", "8", "--answer-budget", "4",
-                                 "--hide-thinking"])
+    result = runner.invoke(
+        app, ["ask", str(sample_image), "q", "--think-budget", "8", "--answer-budget", "4", "--hide-thinking"]
+    )
     assert result.exit_code == 0, result.output
     assert "[tiny" not in result.stderr  # no header and no thought with --hide-thinking
     assert "answer forced" in result.stderr
@@ -131,8 +162,9 @@ def test_wrong_format_for_the_backend(gguf_model, sample_image):
 
 
 def test_mlx_folder_with_llama_backend(tiny_checkpoint, sample_image):
-    result = runner.invoke(app, ["ask", str(sample_image), "q", "--model", str(tiny_checkpoint),
-                                 "--backend", "llama"])
+    result = runner.invoke(
+        app, ["ask", str(sample_image), "q", "--model", str(tiny_checkpoint), "--backend", "llama"]
+    )
     _one_line_error(result, "llama backend cannot load this model", str(tiny_checkpoint))
 
 
@@ -198,7 +230,9 @@ def test_doctor_reports_machine_and_backends():
 
 @pytest.mark.llama
 def test_doctor_says_whether_a_model_fits(gguf_model):
-    data = json.loads(runner.invoke(app, ["doctor", "--model", gguf_model, "--context", "4096", "--json"]).stdout)
+    data = json.loads(
+        runner.invoke(app, ["doctor", "--model", gguf_model, "--context", "4096", "--json"]).stdout
+    )
     fit = data["model"]
     assert fit["format"] == "gguf" and fit["context_tokens"] == 4096
     # tiny: 2 layers x 2 KV heads x 64 dims x 4096 tokens x (K and V) x 2 bytes

@@ -19,8 +19,11 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.llama, pytest.mark.slow,
-              pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")]
+pytestmark = [
+    pytest.mark.llama,
+    pytest.mark.slow,
+    pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,9 @@ class PtyProcess:
 
 def _env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QVQ_", "COLUMNS", "LINES"))}
-    env.update(QVQ_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", TERM="xterm-256color", PYTHONUNBUFFERED="1")
+    env.update(
+        QVQ_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", TERM="xterm-256color", PYTHONUNBUFFERED="1"
+    )
     env.pop("NO_COLOR", None)
     return env
 
@@ -94,8 +99,19 @@ def _argv(*args: str) -> list[str]:
 
 
 def test_live_panel_draws_on_a_terminal(gguf_model, sample_image, tmp_path):
-    proc = PtyProcess(_argv(str(sample_image), "Which bar is highest?", "-m", gguf_model,
-                            "--think-budget", "48", "--answer-budget", "16"), _env(tmp_path))
+    proc = PtyProcess(
+        _argv(
+            str(sample_image),
+            "Which bar is highest?",
+            "-m",
+            gguf_model,
+            "--think-budget",
+            "48",
+            "--answer-budget",
+            "16",
+        ),
+        _env(tmp_path),
+    )
     code = proc.wait(timeout=180)
     text = proc.text
     assert code == 0, text[-3000:]
@@ -109,8 +125,21 @@ def test_live_panel_draws_on_a_terminal(gguf_model, sample_image, tmp_path):
 
 def test_sigint_during_generation_exits_130_and_keeps_the_partial_thought(gguf_model, sample_image, tmp_path):
     save = tmp_path / "partial.md"
-    proc = PtyProcess(_argv(str(sample_image), "Which bar is highest?", "-m", gguf_model,
-                            "--think-budget", "20000", "--no-loop-stop", "--save", str(save)), _env(tmp_path))
+    proc = PtyProcess(
+        _argv(
+            str(sample_image),
+            "Which bar is highest?",
+            "-m",
+            gguf_model,
+            "--think-budget",
+            "20000",
+            "--no-loop-stop",
+            "--save",
+            str(save),
+        ),
+        _env(tmp_path),
+    )
+
     # wait until the thought is streaming: the status line shows a non-zero count against the budget
     def thinking(out: bytes) -> bool:
         counts = re.findall(rb"(\d+)/20000 thought", out)

@@ -84,8 +84,11 @@ def test_text_tensor_names_and_data(tiny_gguf_f32, tiny_checkpoint):
     _, tensors = _fields(tiny_gguf_f32.model)
     ckpt = open_checkpoint(tiny_checkpoint)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2VL, ckpt.text.num_layers)
-    expected = {name_map.get_name(n, try_suffixes=(".weight", ".bias")): n
-                for n in ckpt.names if not n.startswith("visual.")}
+    expected = {
+        name_map.get_name(n, try_suffixes=(".weight", ".bias")): n
+        for n in ckpt.names
+        if not n.startswith("visual.")
+    }
     assert set(tensors) == set(expected)
     for gname, src in expected.items():
         t = tensors[gname]
@@ -112,17 +115,32 @@ def test_mmproj_structure_and_data(tiny_gguf_f32, tiny_checkpoint):
     np.testing.assert_allclose(kv["clip.vision.image_std"], pre["image_std"], rtol=1e-6)
 
     e, md = v.embed_dim, v.merged_dim
-    want = {"v.patch_embd.weight": (e, 3, 14, 14), "v.patch_embd.weight.1": (e, 3, 14, 14),
-            "v.post_ln.weight": (e,), "v.post_ln.bias": (e,), "mm.0.weight": (md, md), "mm.0.bias": (md,),
-            "mm.2.weight": (ckpt.text.hidden_size, md), "mm.2.bias": (ckpt.text.hidden_size,)}
+    want = {
+        "v.patch_embd.weight": (e, 3, 14, 14),
+        "v.patch_embd.weight.1": (e, 3, 14, 14),
+        "v.post_ln.weight": (e,),
+        "v.post_ln.bias": (e,),
+        "mm.0.weight": (md, md),
+        "mm.0.bias": (md,),
+        "mm.2.weight": (ckpt.text.hidden_size, md),
+        "mm.2.bias": (ckpt.text.hidden_size,),
+    }
     for i in range(v.depth):
         for part, shape in (("weight", (e, e)), ("bias", (e,))):
             for k in ("attn_q", "attn_k", "attn_v", "attn_out"):
                 want[f"v.blk.{i}.{k}.{part}"] = shape
-        want.update({f"v.blk.{i}.ln1.weight": (e,), f"v.blk.{i}.ln1.bias": (e,),
-                     f"v.blk.{i}.ln2.weight": (e,), f"v.blk.{i}.ln2.bias": (e,),
-                     f"v.blk.{i}.ffn_up.weight": (v.mlp_dim, e), f"v.blk.{i}.ffn_up.bias": (v.mlp_dim,),
-                     f"v.blk.{i}.ffn_down.weight": (e, v.mlp_dim), f"v.blk.{i}.ffn_down.bias": (e,)})
+        want.update(
+            {
+                f"v.blk.{i}.ln1.weight": (e,),
+                f"v.blk.{i}.ln1.bias": (e,),
+                f"v.blk.{i}.ln2.weight": (e,),
+                f"v.blk.{i}.ln2.bias": (e,),
+                f"v.blk.{i}.ffn_up.weight": (v.mlp_dim, e),
+                f"v.blk.{i}.ffn_up.bias": (v.mlp_dim,),
+                f"v.blk.{i}.ffn_down.weight": (e, v.mlp_dim),
+                f"v.blk.{i}.ffn_down.bias": (e,),
+            }
+        )
     assert {n: tuple(int(x) for x in reversed(t.shape)) for n, t in tensors.items()} == want
     assert not any("position_embd" in n or "patch_embd.bias" in n for n in tensors)
 
@@ -132,10 +150,13 @@ def test_mmproj_structure_and_data(tiny_gguf_f32, tiny_checkpoint):
     conv = ckpt.read_f32("visual.patch_embed.proj.weight")
     np.testing.assert_array_equal(data("v.patch_embd.weight"), conv[:, :, 0])
     np.testing.assert_array_equal(data("v.patch_embd.weight.1"), conv[:, :, 1])
-    qkv_w, qkv_b = ckpt.read_f32("visual.blocks.1.attn.qkv.weight"), ckpt.read_f32("visual.blocks.1.attn.qkv.bias")
+    qkv_w, qkv_b = (
+        ckpt.read_f32("visual.blocks.1.attn.qkv.weight"),
+        ckpt.read_f32("visual.blocks.1.attn.qkv.bias"),
+    )
     for k, letter in enumerate("qkv"):
-        np.testing.assert_array_equal(data(f"v.blk.1.attn_{letter}.weight"), qkv_w[k * e:(k + 1) * e])
-        np.testing.assert_array_equal(data(f"v.blk.1.attn_{letter}.bias"), qkv_b[k * e:(k + 1) * e])
+        np.testing.assert_array_equal(data(f"v.blk.1.attn_{letter}.weight"), qkv_w[k * e : (k + 1) * e])
+        np.testing.assert_array_equal(data(f"v.blk.1.attn_{letter}.bias"), qkv_b[k * e : (k + 1) * e])
     np.testing.assert_array_equal(data("mm.2.weight"), ckpt.read_f32("visual.merger.mlp.2.weight"))
     np.testing.assert_array_equal(data("v.post_ln.bias"), ckpt.read_f32("visual.merger.ln_q.bias"))
 
@@ -180,8 +201,9 @@ def test_transformers5_naming_converts_identically(tiny_checkpoint, tiny_gguf_f3
     _, a = _fields(tiny_gguf_f32.mmproj)
     _, b = _fields(pair.mmproj)
     assert list(a) == list(b)
-    np.testing.assert_array_equal(np.asarray(a["v.patch_embd.weight.1"].data),
-                                  np.asarray(b["v.patch_embd.weight.1"].data))
+    np.testing.assert_array_equal(
+        np.asarray(a["v.patch_embd.weight.1"].data), np.asarray(b["v.patch_embd.weight.1"].data)
+    )
 
 
 def test_chunking_does_not_change_the_output(tiny_checkpoint, tiny_gguf_f32, tmp_path, monkeypatch):
@@ -213,8 +235,9 @@ def test_bf16_source(tiny_checkpoint_bf16, tmp_path):
     _, t = _fields(pair.model)
     ckpt = open_checkpoint(tiny_checkpoint_bf16)
     src = bf16_bits_to_f32(ckpt.read_raw("model.layers.1.mlp.down_proj.weight"))
-    np.testing.assert_array_equal(np.asarray(t["blk.1.ffn_down.weight"].data).reshape(src.shape),
-                                  src.astype(np.float16))
+    np.testing.assert_array_equal(
+        np.asarray(t["blk.1.ffn_down.weight"].data).reshape(src.shape), src.astype(np.float16)
+    )
 
 
 def test_bad_options_write_nothing(tiny_checkpoint, tmp_path):
@@ -301,8 +324,9 @@ def _transformers_logits(ckpt_dir: Path, ids: list[int], rms_norm_eps: float | N
     config = transformers.AutoConfig.from_pretrained(ckpt_dir)
     if rms_norm_eps is not None:
         getattr(config, "text_config", config).rms_norm_eps = rms_norm_eps
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(ckpt_dir, config=config,
-                                                                         dtype=torch.float32)
+    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+        ckpt_dir, config=config, dtype=torch.float32
+    )
     model.eval()
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
@@ -333,8 +357,10 @@ def test_text_logits_match_transformers(tiny_gguf_f32, tiny_checkpoint):
     ref0 = _transformers_logits(tiny_checkpoint, ids, rms_norm_eps=0.0)
     err = float(np.abs(got - ref).max())
     err0 = float(np.abs(got - ref0).max())
-    print(f"\nGGUF f32 vs transformers: max abs logit error {err:.3g} (eps 1e-6 reference), "
-          f"{err0:.3g} (eps 0 reference); logit scale {np.abs(ref).max():.3g}")
+    print(
+        f"\nGGUF f32 vs transformers: max abs logit error {err:.3g} (eps 1e-6 reference), "
+        f"{err0:.3g} (eps 0 reference); logit scale {np.abs(ref).max():.3g}"
+    )
     assert err < 5e-3
     assert err0 < 1e-4
     assert (got.argmax(-1) == ref.argmax(-1)).all()
@@ -369,7 +395,9 @@ def test_q4_model_loads_and_generates(tiny_gguf_q4, tiny_gguf_f32, tiny_checkpoi
         ref.eval(ids)
         a, b = np.array(llm.scores[len(ids) - 1]), np.array(ref.scores[len(ids) - 1])
         corr = float(np.corrcoef(a, b)[0, 1])
-        print(f"\nQ4_K_M vs F32 last-position logits: correlation {corr:.4f}, max abs diff {np.abs(a - b).max():.3g}")
+        print(
+            f"\nQ4_K_M vs F32 last-position logits: correlation {corr:.4f}, max abs diff {np.abs(a - b).max():.3g}"
+        )
         assert corr > 0.9
     finally:
         llm.close()
@@ -424,7 +452,9 @@ def test_model_name_for_hub_snapshots(tmp_path):
     assert model_name_for(snap) == "QVQ-72B-Preview"
     assert model_name_for(tmp_path) == tmp_path.name
     assert gguf_file_names("QVQ-72B-Preview", "q4_k_m", "f16") == (
-        "QVQ-72B-Preview-Q4_K_M.gguf", "mmproj-QVQ-72B-Preview-F16.gguf")
+        "QVQ-72B-Preview-Q4_K_M.gguf",
+        "mmproj-QVQ-72B-Preview-F16.gguf",
+    )
 
 
 def _mtmd_image_embeddings(model_gguf: Path, mmproj_gguf: Path, image) -> np.ndarray:
@@ -439,11 +469,15 @@ def _mtmd_image_embeddings(model_gguf: Path, mmproj_gguf: Path, image) -> np.nda
     params.use_gpu, params.print_timings, params.n_threads = False, False, 2
     ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_gguf).encode(), llm.model, params)
     assert ctx, "mtmd_init_from_file failed"
-    bitmap = mtmd_cpp.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte)))
+    bitmap = mtmd_cpp.mtmd_bitmap_init(
+        rgb.shape[1], rgb.shape[0], rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_ubyte))
+    )
     chunks = mtmd_cpp.mtmd_input_chunks_init()
     try:
         marker = mtmd_cpp.mtmd_default_marker()
-        text = mtmd_cpp.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+        text = mtmd_cpp.mtmd_input_text(
+            text=marker, text_len=len(marker), add_special=False, parse_special=True
+        )
         bitmaps = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap)
         assert mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) == 0
         for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
@@ -482,11 +516,14 @@ def test_mmproj_image_embeddings_match_transformers(tiny_gguf_f32, tiny_checkpoi
     model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
     model.eval()
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                               image_grid_thw=inputs["image_grid_thw"])
+        feats = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
+        )
     feats = getattr(feats, "pooler_output", feats)
     ref = (torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats).float().numpy()
     assert got.shape == ref.shape == (48, 256)  # (168/28) * (224/28) merged tokens, text width
     err = float(np.abs(got - ref).max())
-    print(f"\nmmproj f32 vs transformers image embeddings: max abs error {err:.3g}, scale {np.abs(ref).max():.3g}")
+    print(
+        f"\nmmproj f32 vs transformers image embeddings: max abs error {err:.3g}, scale {np.abs(ref).max():.3g}"
+    )
     assert err < 5e-3

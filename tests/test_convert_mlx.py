@@ -36,8 +36,15 @@ def _prompts(checkpoint: Path, image_path: Path):
 
     cfg = _config(checkpoint)
     pre = json.loads((checkpoint / "preprocessor_config.json").read_text())
-    keep = ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
-            "image_std")
+    keep = (
+        "min_pixels",
+        "max_pixels",
+        "patch_size",
+        "temporal_patch_size",
+        "merge_size",
+        "image_mean",
+        "image_std",
+    )
     processor = Qwen2VLImageProcessorPil(**{k: pre[k] for k in keep if k in pre})
     batch = processor(images=[Image.open(image_path).convert("RGB")], return_tensors="np")
     pixel_values = np.asarray(batch["pixel_values"], dtype=np.float32)
@@ -61,12 +68,16 @@ def _reference_logits(checkpoint: Path, text_ids, image_ids, pixel_values, grid)
     image_token = _config(checkpoint)["image_token_id"]
     with torch.no_grad():
         text = model(input_ids=torch.tensor([text_ids])).logits[0, -1].numpy()
-        image = model(
-            input_ids=torch.tensor([image_ids]),
-            pixel_values=torch.from_numpy(pixel_values),
-            image_grid_thw=torch.from_numpy(grid),
-            mm_token_type_ids=torch.tensor([[1 if t == image_token else 0 for t in image_ids]]),
-        ).logits[0, -1].numpy()
+        image = (
+            model(
+                input_ids=torch.tensor([image_ids]),
+                pixel_values=torch.from_numpy(pixel_values),
+                image_grid_thw=torch.from_numpy(grid),
+                mm_token_type_ids=torch.tensor([[1 if t == image_token else 0 for t in image_ids]]),
+            )
+            .logits[0, -1]
+            .numpy()
+        )
     return text, image
 
 
@@ -94,9 +105,9 @@ def _to_transformers5_naming(src: Path, dest: Path) -> Path:
 
     def rename(key: str) -> str:
         if key.startswith("model."):
-            return "model.language_model." + key[len("model."):]
+            return "model.language_model." + key[len("model.") :]
         if key.startswith("visual."):
-            return "model.visual." + key[len("visual."):]
+            return "model.visual." + key[len("visual.") :]
         return key
 
     dest.mkdir()
@@ -174,8 +185,15 @@ def test_4bit_conversion_loads_and_generates(tiny_mlx_q4, tiny_checkpoint, sampl
     text_ids, image_ids, pixel_values, grid = _prompts(tiny_checkpoint, sample_image)
     for ids, pv, g in ((text_ids, None, None), (image_ids, pixel_values, grid)):
         kwargs = {} if pv is None else {"image_grid_thw": mx.array(g)}
-        steps = generate_step(mx.array([ids]), model, None if pv is None else mx.array(pv), None,
-                              max_tokens=6, temperature=0.0, **kwargs)
+        steps = generate_step(
+            mx.array([ids]),
+            model,
+            None if pv is None else mx.array(pv),
+            None,
+            max_tokens=6,
+            temperature=0.0,
+            **kwargs,
+        )
         tokens = [int(token) for token, _ in steps]
         assert len(tokens) == 6 and all(0 <= t < cfg["vocab_size"] for t in tokens)
         # the first generated token is the argmax of the quantised model's own next-token logits
@@ -201,8 +219,11 @@ def test_transformers5_naming_converts_to_the_same_weights(tiny_checkpoint, tiny
     from qvq_local.convert.to_mlx import convert_to_mlx
 
     renamed = _to_transformers5_naming(tiny_checkpoint, tmp_path / "t5")
-    assert any(n.startswith("model.language_model.") for p in renamed.glob("*.safetensors")
-               for n in _safetensors_names(p))
+    assert any(
+        n.startswith("model.language_model.")
+        for p in renamed.glob("*.safetensors")
+        for n in _safetensors_names(p)
+    )
     out = convert_to_mlx(renamed, tmp_path / "t5-mlx", bits=None)
     assert _leftovers(tmp_path) == []  # the staging copy is gone
 

@@ -71,8 +71,10 @@ def test_missing_shard_fails_naming_the_shard(tiny_checkpoint, tmp_path):
     assert len(stderr) == 1 and stderr[0].startswith("error: ") and "model-00003-of-00004" in stderr[0]
     data = json.loads(_doctor(folder, "--json").stdout)
     assert data["integrity_errors"] >= 1
-    assert any(f["level"] == "error" and f["path"].endswith("model-00003-of-00004.safetensors")
-               for f in data["integrity"]), data["integrity"]
+    assert any(
+        f["level"] == "error" and f["path"].endswith("model-00003-of-00004.safetensors")
+        for f in data["integrity"]
+    ), data["integrity"]
 
 
 def test_truncated_gguf_fails_naming_the_file(tiny_gguf_f32, tmp_path):

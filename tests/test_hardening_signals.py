@@ -104,8 +104,10 @@ class Child:
         return rc
 
     def describe(self) -> str:
-        return (f"args={self.args}\nrc={self.proc.returncode}\nstdout={self.stdout[-2000:]}\n"
-                f"stderr={self.stderr[-3000:]}")
+        return (
+            f"args={self.args}\nrc={self.proc.returncode}\nstdout={self.stdout[-2000:]}\n"
+            f"stderr={self.stderr[-3000:]}"
+        )
 
 
 def partials(folder: Path, name: str) -> list[Path]:

@@ -116,7 +116,9 @@ def test_requested_backend_not_installed(machine):
 def test_mlx_needs_mlx_vlm_too(machine, monkeypatch):
     machine(MAC, BOTH)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a, **k: None if n == "mlx_vlm" else real(n, *a, **k))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a, **k: None if n == "mlx_vlm" else real(n, *a, **k)
+    )
     assert hardware.choose_backend("auto", ANY) == "llama"
 
 
@@ -130,7 +132,13 @@ def test_no_format_and_bad_request(machine):
 
 @pytest.mark.parametrize(
     "platform_, installed, expected",
-    [(MAC, BOTH, "mlx"), (MAC, set(), "mlx"), (MAC, {"llama"}, "gguf"), (LINUX, BOTH, "gguf"), (INTEL_MAC, BOTH, "gguf")],
+    [
+        (MAC, BOTH, "mlx"),
+        (MAC, set(), "mlx"),
+        (MAC, {"llama"}, "gguf"),
+        (LINUX, BOTH, "gguf"),
+        (INTEL_MAC, BOTH, "gguf"),
+    ],
 )
 def test_default_convert_target(machine, platform_, installed, expected):
     machine(platform_, installed)
@@ -148,9 +156,21 @@ def test_describe_is_light_and_complete():
     data = json.loads(out.stdout)
     facts = data["d"]
     assert data["heavy"] == []
-    for key in ("os", "machine", "apple_silicon", "cpu_count", "memory_total_bytes", "memory_available_bytes",
-                "mlx_installed", "llama_cpp_installed", "llama_gpu_offload", "cuda", "metal",
-                "default_backend", "default_convert_target"):
+    for key in (
+        "os",
+        "machine",
+        "apple_silicon",
+        "cpu_count",
+        "memory_total_bytes",
+        "memory_available_bytes",
+        "mlx_installed",
+        "llama_cpp_installed",
+        "llama_gpu_offload",
+        "cuda",
+        "metal",
+        "default_backend",
+        "default_convert_target",
+    ):
         assert key in facts
     assert facts["cpu_count"] >= 1
     assert facts["default_convert_target"] in ("mlx", "gguf")
@@ -163,7 +183,9 @@ def test_memory_without_psutil(monkeypatch):
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/meminfo")
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a, **k: None if n == "psutil" else real(n, *a, **k))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a, **k: None if n == "psutil" else real(n, *a, **k)
+    )
     total, available = hardware.memory_bytes()
     assert total > available > 0
 

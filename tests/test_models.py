@@ -20,8 +20,11 @@ def home(tmp_path, monkeypatch) -> Path:
 def _hf_folder(folder: Path, *, mlx_meta: bool = False, quantization: dict | None = None) -> Path:
     """A folder with a config and a (header-only, empty) safetensors file: enough for resolve()."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
-              "torch_dtype": "bfloat16"}
+    config = {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "torch_dtype": "bfloat16",
+    }
     if quantization:
         config["quantization"] = quantization
     (folder / "config.json").write_text(json.dumps(config))
@@ -65,15 +68,18 @@ def test_bad_hub_ids_are_refused_before_any_network(ref, monkeypatch):
 # ----------------------------------------------------------------------------- manifest
 def test_manifest_written_atomically_and_read_back(tmp_path):
     folder = _hf_folder(tmp_path / "m")
-    data = models.build_manifest(folder, source="Qwen/QVQ-72B-Preview", format="mlx", quantisation="4bit-g64",
-                                 extra={"bits": 4})
+    data = models.build_manifest(
+        folder, source="Qwen/QVQ-72B-Preview", format="mlx", quantisation="4bit-g64", extra={"bits": 4}
+    )
     path = models.write_manifest(folder, data)
     assert path.name == models.MANIFEST_NAME
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no temporary left
     back = models.read_manifest(folder)
     assert back == data
-    assert back["files"] == {"config.json": (folder / "config.json").stat().st_size,
-                             "model.safetensors": (folder / "model.safetensors").stat().st_size}
+    assert back["files"] == {
+        "config.json": (folder / "config.json").stat().st_size,
+        "model.safetensors": (folder / "model.safetensors").stat().st_size,
+    }
     assert back["total_bytes"] == sum(back["files"].values())
     assert back["tool"] == "qvq-local" and back["tool_version"] and back["created"]
     assert models.read_manifest(folder / "config.json") == data  # a file's folder manifest
@@ -101,9 +107,17 @@ def test_resolve_gguf_file_finds_sibling_mmproj(tmp_path):
 def test_resolve_gguf_folder_uses_manifest(tmp_path):
     model = _gguf_pair(tmp_path / "g", model="a.gguf", mmproj="mmproj-b.gguf")
     (tmp_path / "g" / "mmproj-other.gguf").write_bytes(b"GGUF")  # would be ambiguous without the manifest
-    models.write_manifest(tmp_path / "g", models.build_manifest(
-        tmp_path / "g", source="x", format="gguf", quantisation="q8_0", model_file="a.gguf",
-        mmproj_file="mmproj-b.gguf"))
+    models.write_manifest(
+        tmp_path / "g",
+        models.build_manifest(
+            tmp_path / "g",
+            source="x",
+            format="gguf",
+            quantisation="q8_0",
+            model_file="a.gguf",
+            mmproj_file="mmproj-b.gguf",
+        ),
+    )
     got = models.resolve(tmp_path / "g")
     assert (got.path, got.mmproj, got.quantisation) == (model, tmp_path / "g" / "mmproj-b.gguf", "q8_0")
 
@@ -258,8 +272,9 @@ def test_network_errors_become_one_line_model_errors(home, monkeypatch):
 # ----------------------------------------------------------------------------- list
 def test_list_models_rows(home):
     folder = _hf_folder(home / "models" / "tiny-mlx-4bit", quantization={"bits": 4, "group_size": 64})
-    models.write_manifest(folder, models.build_manifest(folder, source="/src/tiny", format="mlx",
-                                                        quantisation="4bit-g64"))
+    models.write_manifest(
+        folder, models.build_manifest(folder, source="/src/tiny", format="mlx", quantisation="4bit-g64")
+    )
     _gguf_pair(home / "models" / "tiny-gguf-q4_k_m")
     (home / "models" / ".tiny-gguf-f16.partial-1-abc").mkdir()  # an unfinished conversion: hidden
     (home / "models" / "junk").mkdir()  # not a model: skipped

@@ -26,20 +26,43 @@ IMAGES = [ImageInfo("examples/bar_chart.png", (640, 480), (448, 336), 192)]
 FORCED_TEXT = "\n\nI have run out of time to think, so I will answer now.\n\n**Final Answer**\n\n"
 
 
-def _events(reason: str = "budget", answer: str = "The tallest bar is C, so $\\boxed{42}$.",
-            stop: str = "budget", thought_words: int = 40) -> list:
+def _events(
+    reason: str = "budget",
+    answer: str = "The tallest bar is C, so $\\boxed{42}$.",
+    stop: str = "budget",
+    thought_words: int = 40,
+) -> list:
     thought = "".join(f"step{i} " + ("\n" if i % 9 == 8 else "") for i in range(thought_words))
     events: list = [Started("tiny-q4", "llama", "Q4_K_M", IMAGES, 250, 64, 32, 0.1, 0.4)]
-    events += [TextDelta("thought", f"step{i} " + ("\n" if i % 9 == 8 else ""), 1) for i in range(thought_words)]
+    events += [
+        TextDelta("thought", f"step{i} " + ("\n" if i % 9 == 8 else ""), 1) for i in range(thought_words)
+    ]
     forced = Forced(reason, FORCED_TEXT, at_token=thought_words, seconds=0.01)  # type: ignore[arg-type]
     events.append(forced)
     events.append(TextDelta("answer", answer, 9))
     result = Result(
-        thought=thought.strip(), answer=answer, boxed="42" if "boxed" in answer else None, stop_reason=stop,  # type: ignore[arg-type]
-        thought_tokens=thought_words, answer_tokens=9, prompt_tokens=250, forced=[forced],
-        timings=Timings(load_s=0.5, prefill_s=0.4, image_encode_s=0.1, first_token_s=0.45, decode_s=1.0,
-                        decode_tok_s=49.0, forced_step_s=0.01, total_s=1.5),
-        model="tiny-q4", backend="llama", quantization="Q4_K_M", images=IMAGES,
+        thought=thought.strip(),
+        answer=answer,
+        boxed="42" if "boxed" in answer else None,
+        stop_reason=stop,  # type: ignore[arg-type]
+        thought_tokens=thought_words,
+        answer_tokens=9,
+        prompt_tokens=250,
+        forced=[forced],
+        timings=Timings(
+            load_s=0.5,
+            prefill_s=0.4,
+            image_encode_s=0.1,
+            first_token_s=0.45,
+            decode_s=1.0,
+            decode_tok_s=49.0,
+            forced_step_s=0.01,
+            total_s=1.5,
+        ),
+        model="tiny-q4",
+        backend="llama",
+        quantization="Q4_K_M",
+        images=IMAGES,
         settings={"think_budget": 64, "answer_budget": 32, "temperature": 0.01},
     )
     events.append(Finished(result))
@@ -106,12 +129,18 @@ def test_json_has_openai_shape_and_qvq_fields():
     assert qvq["forced"][0]["reason"] == "budget" and qvq["forced"][0]["at_token"] == 40
     assert qvq["timings"]["decode_tok_s"] == 49.0 and qvq["timings"]["prefill_s"] == 0.4
     assert qvq["backend"] == "llama" and qvq["quantization"] == "Q4_K_M"
-    assert qvq["images"][0] == {"path": "examples/bar_chart.png", "original_size": [640, 480],
-                                "size": [448, 336], "tokens": 192}
+    assert qvq["images"][0] == {
+        "path": "examples/bar_chart.png",
+        "original_size": [640, 480],
+        "size": [448, 336],
+        "tokens": 192,
+    }
 
 
-@pytest.mark.parametrize("stop, finish", [("answer", "stop"), ("max_tokens", "length"),
-                                          ("interrupted", "interrupted"), ("loop", "stop")])
+@pytest.mark.parametrize(
+    "stop, finish",
+    [("answer", "stop"), ("max_tokens", "length"), ("interrupted", "interrupted"), ("loop", "stop")],
+)
 def test_json_finish_reason(stop, finish):
     result = _events()[-1].result
     result.stop_reason = stop

@@ -48,8 +48,10 @@ def test_bf16_roundtrip_of_every_bit_pattern_is_exact():
 
 
 def test_f32_to_bf16_rounds_to_nearest_even():
-    x = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -(1 + 2**-8), np.inf, -np.inf, 3.4e38],
-                 dtype=np.float32)
+    x = np.array(
+        [1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -(1 + 2**-8), np.inf, -np.inf, 3.4e38],
+        dtype=np.float32,
+    )
     got = st.bf16_bits_to_f32(st.f32_to_bf16_bits(x))
     # halfway cases go to the even mantissa; just above halfway rounds up; past bf16's max rounds to inf
     assert got.tolist() == [1.0, 1.0, 1 + 2**-6, 1 + 2**-7, -1.0, np.inf, -np.inf, np.inf]
@@ -74,8 +76,9 @@ def test_roundtrip_many_dtypes_across_shards(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     n = len([f for f in files if f.endswith(".safetensors")])
     assert n >= 3
-    assert files == sorted([f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-                           + [st.INDEX_NAME])
+    assert files == sorted(
+        [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)] + [st.INDEX_NAME]
+    )
 
     ckpt = st.ShardedCheckpoint(tmp_path)
     assert sorted(ckpt.keys()) == sorted([*tensors, "w.bf16"])
@@ -100,10 +103,11 @@ def test_roundtrip_many_dtypes_across_shards(tmp_path):
 
 def test_single_file_checkpoint(tmp_path):
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
-    _raw_file(tmp_path / "model.safetensors",
-              {"__metadata__": {"format": "pt"},
-               "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}},
-              arr.tobytes())
+    _raw_file(
+        tmp_path / "model.safetensors",
+        {"__metadata__": {"format": "pt"}, "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}},
+        arr.tobytes(),
+    )
     ckpt = st.ShardedCheckpoint(tmp_path)
     assert ckpt.keys() == ["a"] and ckpt.metadata == {"format": "pt"}
     assert np.array_equal(ckpt.raw("a"), arr)
@@ -214,8 +218,14 @@ def test_writer_rejects_wrong_chunk_sizes_and_duplicates(tmp_path):
 # ------------------------------------------------------------------------------------------ corrupt input
 def _good(tmp_path):
     path = tmp_path / "model.safetensors"
-    _raw_file(path, {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-                     "b": {"dtype": "F16", "shape": [4], "data_offsets": [16, 24]}}, bytes(24))
+    _raw_file(
+        path,
+        {
+            "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+            "b": {"dtype": "F16", "shape": [4], "data_offsets": [16, 24]},
+        },
+        bytes(24),
+    )
     return path
 
 
@@ -230,8 +240,14 @@ def test_good_handmade_file_reads(tmp_path):
         ({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, bytes(10), "truncated"),
         ({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}}, bytes(16), "needs 24 bytes"),
         ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}}, bytes(2), "unknown dtype"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "overlaps"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            bytes(12),
+            "overlaps",
+        ),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16), "gap"),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(12), "accounts for 8"),
         ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), "bad shape"),
@@ -255,12 +271,15 @@ def test_truncated_real_file_raises(tmp_path):
         st.SafetensorsFile(path)
 
 
-@pytest.mark.parametrize("blob, problem", [
-    (b"\x01\x02", "shorter than"),
-    (struct.pack("<Q", 10**9) + b"{}", "does not fit"),
-    (struct.pack("<Q", 4) + b"{{{{", "not valid JSON"),
-    (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "blob, problem",
+    [
+        (b"\x01\x02", "shorter than"),
+        (struct.pack("<Q", 10**9) + b"{}", "does not fit"),
+        (struct.pack("<Q", 4) + b"{{{{", "not valid JSON"),
+        (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+    ],
+)
 def test_garbage_files_raise(tmp_path, blob, problem):
     path = tmp_path / "x.safetensors"
     path.write_bytes(blob)

@@ -23,27 +23,78 @@ from qvq_local.convert.synthetic import SHAPES, build_config, write_checkpoint
 from qvq_local.errors import DiskFull, InputError
 
 PUBLISHED = {
-    "2b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-           "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
-           "tie_word_embeddings": True, "vision_hidden_size": 1536, "max_position_embeddings": 32768,
-           "params_b": 2.21},
-    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-           "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-           "tie_word_embeddings": False, "vision_hidden_size": 3584, "max_position_embeddings": 32768,
-           "params_b": 8.29},
-    "72b": {"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
-            "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 152064,
-            "tie_word_embeddings": False, "vision_hidden_size": 8192, "params_b": 73.4},
+    "2b": {
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "vision_hidden_size": 1536,
+        "max_position_embeddings": 32768,
+        "params_b": 2.21,
+    },
+    "7b": {
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+        "vision_hidden_size": 3584,
+        "max_position_embeddings": 32768,
+        "params_b": 8.29,
+    },
+    "72b": {
+        "hidden_size": 8192,
+        "intermediate_size": 29568,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+        "vision_hidden_size": 8192,
+        "params_b": 73.4,
+    },
 }
-QWEN_IDS = {"bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
-            "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
-            "video_token_id": 151656}
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-            "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-EXPECTED_FILES = {"config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
-                  "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.json",
-                  "model.safetensors.index.json"}
+QWEN_IDS = {
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+}
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+EXPECTED_FILES = {
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "model.safetensors.index.json",
+}
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -55,8 +106,15 @@ def _hashes(folder: Path) -> dict[str, str]:
 def test_configs_match_published_dimensions(shape):
     cfg = build_config(shape)
     pub = PUBLISHED[shape]
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+    ):
         assert cfg[key] == pub[key], key
     if "max_position_embeddings" in pub:
         assert cfg["max_position_embeddings"] == pub["max_position_embeddings"]
@@ -67,9 +125,18 @@ def test_configs_match_published_dimensions(shape):
         assert cfg[key] == value, key
     vc = cfg["vision_config"]
     assert "model_type" not in vc  # mlx-vlm rejects anything but its default
-    assert vc == {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
-                  "hidden_size": pub["vision_hidden_size"], "patch_size": 14, "spatial_merge_size": 2,
-                  "spatial_patch_size": 14, "temporal_patch_size": 2}
+    assert vc == {
+        "depth": 32,
+        "embed_dim": 1280,
+        "mlp_ratio": 4,
+        "num_heads": 16,
+        "in_chans": 3,
+        "hidden_size": pub["vision_hidden_size"],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "temporal_patch_size": 2,
+    }
     # The tensor list reproduces the published parameter count (to the reported precision).
     assert round(synthetic.parameter_count(shape) / 1e9, 2 if shape != "72b" else 1) == pub["params_b"]
 
@@ -130,7 +197,7 @@ def test_invalid_shape_and_dtype_name_the_choices(tmp_path):
 # -------------------------------------------------------------------------------------- the tiny checkpoint
 def test_tiny_checkpoint_layout(tiny_checkpoint):
     names = {p.name for p in tiny_checkpoint.iterdir()}
-    assert EXPECTED_FILES <= names
+    assert names >= EXPECTED_FILES
     shards = sorted(n for n in names if n.endswith(".safetensors"))
     assert len(shards) >= 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert not any(n.startswith(".") for n in names)
@@ -195,13 +262,16 @@ def test_chat_template_renders_images_like_qwen2_vl(tiny_checkpoint):
     template = jinja2.Environment().from_string(tcfg["chat_template"])
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many bars?"}]}]
     text = template.render(messages=messages, add_generation_prompt=True)
-    assert text == ("<|im_start|>system\nYou are a helpful and harmless assistant. You are Qwen developed by "
-                    "Alibaba. You should think step-by-step.<|im_end|>\n<|im_start|>user\n"
-                    "<|vision_start|><|image_pad|><|vision_end|>How many bars?<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful and harmless assistant. You are Qwen developed by "
+        "Alibaba. You should think step-by-step.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>How many bars?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     own_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert template.render(messages=own_system, add_generation_prompt=False) == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n")
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    )
 
 
 def test_weights_have_sane_statistics(tiny_checkpoint):
@@ -211,8 +281,9 @@ def test_weights_have_sane_statistics(tiny_checkpoint):
     n = ckpt.to_f32("model.layers.1.input_layernorm.weight")
     assert abs(n.mean() - 1.0) < 0.01 and 0 < n.std() < 0.05
     # per-tensor generators: two tensors of one shape are not copies of each other
-    assert not np.array_equal(ckpt.raw("model.layers.0.mlp.up_proj.weight"),
-                              ckpt.raw("model.layers.1.mlp.up_proj.weight"))
+    assert not np.array_equal(
+        ckpt.raw("model.layers.0.mlp.up_proj.weight"), ckpt.raw("model.layers.1.mlp.up_proj.weight")
+    )
 
 
 def test_bf16_checkpoint_is_the_rounded_f32_one(tiny_checkpoint, tiny_checkpoint_bf16):
@@ -226,8 +297,10 @@ def test_bf16_checkpoint_is_the_rounded_f32_one(tiny_checkpoint, tiny_checkpoint
 
 # ------------------------------------------------------------------------------------------ determinism
 def test_same_seed_same_bytes_even_in_another_process(tmp_path, tiny_checkpoint_bf16):
-    code = ("import sys; from qvq_local.convert.synthetic import write_checkpoint; "
-            "write_checkpoint(sys.argv[1], shape='tiny', dtype='bf16', seed=0)")
+    code = (
+        "import sys; from qvq_local.convert.synthetic import write_checkpoint; "
+        "write_checkpoint(sys.argv[1], shape='tiny', dtype='bf16', seed=0)"
+    )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "again")], check=True, timeout=120)
     assert _hashes(tmp_path / "again") == _hashes(tiny_checkpoint_bf16)
 
@@ -292,10 +365,22 @@ def test_writing_streams_with_bounded_memory(tmp_path):
     import tracemalloc
 
     medium = synthetic.SynthShape(
-        name="medium", hidden_size=512, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8,
-        num_key_value_heads=2, vocab_size=40960, tie_word_embeddings=False, mrope_section=(8, 12, 12),
-        max_position_embeddings=4096, vision_depth=1, vision_embed_dim=256, vision_num_heads=4,
-        tokenizer_base=1264, max_shard_bytes=1 << 30)
+        name="medium",
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=40960,
+        tie_word_embeddings=False,
+        mrope_section=(8, 12, 12),
+        max_position_embeddings=4096,
+        vision_depth=1,
+        vision_embed_dim=256,
+        vision_num_heads=4,
+        tokenizer_base=1264,
+        max_shard_bytes=1 << 30,
+    )
     total = synthetic.checkpoint_bytes(medium, "f32")
     assert total > 90 * 1024**2
     tracemalloc.start()
@@ -359,7 +444,8 @@ def test_tiny_loads_in_transformers_and_runs_with_an_image(tiny_checkpoint, samp
     transformers = pytest.importorskip("transformers")
 
     model, info = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-        tiny_checkpoint, torch_dtype=torch.float32, output_loading_info=True)
+        tiny_checkpoint, torch_dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     # every tensor of the file reached the model unchanged
     ckpt = ShardedCheckpoint(tiny_checkpoint)
@@ -371,7 +457,11 @@ def test_tiny_loads_in_transformers_and_runs_with_an_image(tiny_checkpoint, samp
     tok, inputs, n_pad = _tf_inputs(tiny_checkpoint, sample_image, "Which bar is the tallest?")
     cfg = json.loads((tiny_checkpoint / "config.json").read_text())
     assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>"]) == [
-        cfg["bos_token_id"] + 1, cfg["eos_token_id"], cfg["image_token_id"], cfg["vision_start_token_id"]]
+        cfg["bos_token_id"] + 1,
+        cfg["eos_token_id"],
+        cfg["image_token_id"],
+        cfg["vision_start_token_id"],
+    ]
     assert tok.eos_token_id == cfg["eos_token_id"] and tok.pad_token_id == cfg["bos_token_id"]
     assert inputs["image_grid_thw"].tolist() == [[1, 12, 16]] and n_pad == 48  # 168x224 -> 12x16 patches
 
@@ -397,8 +487,9 @@ def test_tiny_loads_in_mlx_vlm_and_generates_with_an_image(tiny_checkpoint, samp
     model, processor = mlx_vlm.load(str(tiny_checkpoint))
     prompt = apply_chat_template(processor, model.config, "Which bar is the tallest?", num_images=1)
     assert "<|vision_start|><|image_pad|><|vision_end|>" in prompt
-    result = mlx_vlm.generate(model, processor, prompt, image=[str(sample_image)], max_tokens=4,
-                              temperature=0.0, verbose=False)
+    result = mlx_vlm.generate(
+        model, processor, prompt, image=[str(sample_image)], max_tokens=4, temperature=0.0, verbose=False
+    )
     assert result.generation_tokens == 4
     assert result.prompt_tokens > 48  # the image's 48 merged patches are in the prompt
     assert all(0 <= t < SHAPES["tiny"].vocab_size for t in result.token_ids)

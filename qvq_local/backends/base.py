@@ -31,7 +31,7 @@ class SamplingParams:
     repetition_penalty: float | None = None
     seed: int | None = None
 
-    def resolved(self, defaults: dict) -> "SamplingParams":
+    def resolved(self, defaults: dict) -> SamplingParams:
         """Fill unset fields from a generation_config-like dict, then from QVQ's published values."""
         qvq = {"temperature": 0.01, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05, "seed": 0}
         out = {}
@@ -113,10 +113,8 @@ class LoadedModel(Protocol):
     chat_template: str | None  # the model's own Jinja chat template
     generation_config: dict  # temperature/top_p/top_k/repetition_penalty as the model ships them
     context_length: int  # the model's trained context length
-    image_token_estimate: "callable"  # (width, height) -> image tokens after merge, for context sizing
+    image_token_estimate: callable  # (width, height) -> image tokens after merge, for context sizing
 
-    def new_session(
-        self, sampling: SamplingParams, *, n_ctx: int | None = None
-    ) -> Session: ...
+    def new_session(self, sampling: SamplingParams, *, n_ctx: int | None = None) -> Session: ...
 
     def close(self) -> None: ...

@@ -133,7 +133,19 @@ def _libs() -> tuple[Any, Any]:
 
 # ---------------------------------------------------------------- GGUF header peek (no llama.cpp needed)
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
@@ -217,7 +229,9 @@ def _file_type_names(llama_cpp: Any) -> dict[int, str]:
         if attr.startswith("LLAMA_FTYPE_") and attr != "LLAMA_FTYPE_GUESSED":
             value = getattr(llama_cpp, attr)
             if isinstance(value, int):
-                names.setdefault(value, attr.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_"))
+                names.setdefault(
+                    value, attr.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
+                )
     return names
 
 
@@ -243,7 +257,11 @@ def _sidecar_generation_config(model_gguf: Path) -> dict:
         if sub is not None:
             data = data.get(sub) if isinstance(data, dict) else None
         if isinstance(data, dict):
-            found = {k: data[k] for k in keys if isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool)}
+            found = {
+                k: data[k]
+                for k in keys
+                if isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool)
+            }
             if found:
                 return found
     return {}
@@ -252,8 +270,14 @@ def _sidecar_generation_config(model_gguf: Path) -> dict:
 # ---------------------------------------------------------------- image token arithmetic (mirrors mtmd)
 
 
-def qwen2vl_image_grid(width: int, height: int, patch_size: int = 14, merge: int = 2,
-                       min_tokens: int = IMAGE_MIN_TOKENS, max_tokens: int = IMAGE_MAX_TOKENS) -> tuple[int, int]:
+def qwen2vl_image_grid(
+    width: int,
+    height: int,
+    patch_size: int = 14,
+    merge: int = 2,
+    min_tokens: int = IMAGE_MIN_TOKENS,
+    max_tokens: int = IMAGE_MAX_TOKENS,
+) -> tuple[int, int]:
     """(grid_w, grid_h) in merged tokens for an image of ``width`` x ``height``, as mtmd resizes it.
 
     Same arithmetic as llama.cpp's ``calc_size_preserved_ratio`` (transformers' ``smart_resize``):
@@ -332,8 +356,9 @@ class LlamaModel:
             raise QvqError(f"llama.cpp could not tokenize {len(data)} bytes of text")
         return list(buf[:n])
 
-    def context_needed(self, prompt: Prompt | str, image_sizes: list[tuple[int, int]] | None = None,
-                       new_tokens: int = 0) -> int:
+    def context_needed(
+        self, prompt: Prompt | str, image_sizes: list[tuple[int, int]] | None = None, new_tokens: int = 0
+    ) -> int:
         """KV cells a session needs for ``prompt`` plus ``new_tokens`` generated or fed tokens.
 
         Pass the sum of both budgets and the forced text's length as ``new_tokens``.  Image sizes come
@@ -348,13 +373,17 @@ class LlamaModel:
         n_blocks = text.count(IMAGE_BLOCK)
         if n_blocks != len(sizes):
             raise InputError(f"the prompt has {n_blocks} image block(s) but {len(sizes)} image(s) were given")
-        text_tokens = len(self.tokenize(text.replace(IMAGE_BLOCK, "<|vision_start|><|vision_end|>"), special=True))
+        text_tokens = len(
+            self.tokenize(text.replace(IMAGE_BLOCK, "<|vision_start|><|vision_end|>"), special=True)
+        )
         image_tokens = sum(self.image_token_estimate(w, h) for (w, h) in sizes)
         return text_tokens + image_tokens + max(0, int(new_tokens))
 
     # -- sessions
 
-    def new_session(self, sampling: SamplingParams | None = None, *, n_ctx: int | None = None) -> LlamaSession:
+    def new_session(
+        self, sampling: SamplingParams | None = None, *, n_ctx: int | None = None
+    ) -> LlamaSession:
         """Open a session (one KV cache) of ``n_ctx`` cells; size it with :meth:`context_needed`."""
         self._check_open()
         if n_ctx is None:
@@ -526,7 +555,9 @@ def load(
 
     file_type = meta_str("general.file_type")
     names = _file_type_names(llama_cpp)
-    quantization = names.get(int(file_type), f"type {file_type}") if file_type and file_type.isdigit() else "unknown"
+    quantization = (
+        names.get(int(file_type), f"type {file_type}") if file_type and file_type.isdigit() else "unknown"
+    )
     ctx_len = meta_str(f"{arch}.context_length")
     gen = dict(_sidecar_generation_config(model_path))
     gen.update(generation_config or {})
@@ -538,7 +569,9 @@ def load(
         quantization=quantization,
         chat_template=meta_str("tokenizer.chat_template"),
         generation_config=gen,
-        context_length=int(ctx_len) if ctx_len and ctx_len.isdigit() else int(llama_cpp.llama_model_n_ctx_train(model)),
+        context_length=int(ctx_len)
+        if ctx_len and ctx_len.isdigit()
+        else int(llama_cpp.llama_model_n_ctx_train(model)),
         n_vocab=int(llama_cpp.llama_vocab_n_tokens(vocab)),
         n_embd=n_embd,
         n_gpu_layers=int(n_gpu_layers),
@@ -591,8 +624,10 @@ class LlamaSession:
         ctx = llama_cpp.llama_init_from_model(model._model, cparams)
         if not ctx:
             why = _LOG.last_error() or "out of memory?"
-            raise QvqError(f"llama.cpp could not create a context of {n_ctx} tokens: {why}",
-                           hint="lower the budgets or the image size")
+            raise QvqError(
+                f"llama.cpp could not create a context of {n_ctx} tokens: {why}",
+                hint="lower the budgets or the image size",
+            )
         self._ctx = ctx
         self._sampler = self._build_sampler(sampling)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
@@ -608,7 +643,10 @@ class LlamaSession:
         add = llama_cpp.llama_sampler_chain_add
         rep = float(sp.repetition_penalty if sp.repetition_penalty is not None else 1.0)
         if rep != 1.0:
-            add(chain, llama_cpp.llama_sampler_init_penalties(self.model.n_vocab, PENALTY_LAST_N, rep, 0.0, 0.0))
+            add(
+                chain,
+                llama_cpp.llama_sampler_init_penalties(self.model.n_vocab, PENALTY_LAST_N, rep, 0.0, 0.0),
+            )
         temp = float(sp.temperature if sp.temperature is not None else 0.0)
         top_k = int(sp.top_k) if sp.top_k is not None else 0
         if temp <= 0.0 or top_k == 1:
@@ -643,7 +681,7 @@ class LlamaSession:
         llama_cpp, _ = _libs()
         batch = self._batch
         for start in range(0, len(tokens), self.n_batch):
-            part = tokens[start:start + self.n_batch]
+            part = tokens[start : start + self.n_batch]
             batch.n_tokens = len(part)
             for i, tok in enumerate(part):
                 batch.token[i] = tok
@@ -678,11 +716,15 @@ class LlamaSession:
         llama_cpp, mtmd_cpp = _libs()
         self._check_open()
         if self.prefilled:
-            raise RuntimeError("prefill() was already called on this session; open a new session per question")
+            raise RuntimeError(
+                "prefill() was already called on this session; open a new session per question"
+            )
         n_images = len(prompt.images)
         n_blocks = prompt.text.count(IMAGE_BLOCK)
         if n_blocks != n_images or prompt.text.count(IMAGE_PAD) != n_images:
-            raise InputError(f"the prompt has {prompt.text.count(IMAGE_PAD)} image placeholder(s) for {n_images} image(s)")
+            raise InputError(
+                f"the prompt has {prompt.text.count(IMAGE_PAD)} image placeholder(s) for {n_images} image(s)"
+            )
         mctx = self.model._mtmd
         marker = mtmd_cpp.mtmd_default_marker().decode("utf-8")
         # mtmd adds <|vision_start|>/<|vision_end|> around each image itself: replace the whole block.
@@ -709,8 +751,10 @@ class LlamaSession:
             if rc == 1:
                 raise InputError("the number of images does not match the image markers in the prompt")
             if rc != 0:
-                raise InputError(f"mtmd could not preprocess the image(s) (code {rc})" +
-                                 (f": {_LOG.last_error()}" if _LOG.last_error() else ""))
+                raise InputError(
+                    f"mtmd could not preprocess the image(s) (code {rc})"
+                    + (f": {_LOG.last_error()}" if _LOG.last_error() else "")
+                )
             total = int(mtmd_cpp.mtmd_helper_get_n_tokens(chunks))
             self._need_cells(total, "the prompt")
 
@@ -742,11 +786,20 @@ class LlamaSession:
                     if self.capture_image_embeddings:
                         n_embd = self.model.n_embd
                         self.image_embeddings.append(
-                            np.ctypeslib.as_array(embd, shape=(n_tok * n_embd,)).reshape(n_tok, n_embd).copy())
+                            np.ctypeslib.as_array(embd, shape=(n_tok * n_embd,)).reshape(n_tok, n_embd).copy()
+                        )
                     new_n_past = llama_cpp.llama_pos(0)
                     rc = mtmd_cpp.mtmd_helper_decode_image_chunk(
-                        mctx, self._ctx, chunk, embd, self.n_past, 0, self.n_batch,
-                        ctypes.byref(new_n_past), mtmd_cpp.mtmd_helper_post_decode_callback(), None,
+                        mctx,
+                        self._ctx,
+                        chunk,
+                        embd,
+                        self.n_past,
+                        0,
+                        self.n_batch,
+                        ctypes.byref(new_n_past),
+                        mtmd_cpp.mtmd_helper_post_decode_callback(),
+                        None,
                     )
                     _LOG.reraise()
                     if rc != 0:
@@ -756,8 +809,11 @@ class LlamaSession:
                     image_tokens.append(n_tok)
                 else:
                     raise InputError("the prompt holds a media chunk this backend does not support (audio?)")
-            if n_chunks == 0 or mtmd_cpp.mtmd_input_chunk_get_type(
-                    mtmd_cpp.mtmd_input_chunks_get(chunks, n_chunks - 1)) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+            if (
+                n_chunks == 0
+                or mtmd_cpp.mtmd_input_chunk_get_type(mtmd_cpp.mtmd_input_chunks_get(chunks, n_chunks - 1))
+                != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT
+            ):
                 raise InputError("the prompt must end with text (the assistant turn's opening)")
         finally:
             if chunks is not None:
@@ -819,7 +875,7 @@ class LlamaSession:
         if n < 0:
             self._piece = ctypes.create_string_buffer(-n + 8)
             n = llama_cpp.llama_token_to_piece(self._vocab, tok, self._piece, len(self._piece), 0, False)
-        return self._piece.raw[:max(n, 0)]
+        return self._piece.raw[: max(n, 0)]
 
     def feed(self, text: str) -> int:
         """Append ``text`` (no BOS, no special-token parsing) to the cache; the image is not touched."""

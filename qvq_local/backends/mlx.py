@@ -184,7 +184,9 @@ def load(model_dir: str | Path, *, name: str | None = None) -> MlxModel:
     except Exception as exc:  # mlx-vlm raises ValueError/KeyError/FileNotFoundError/... for bad folders
         detail = " ".join(str(exc).split())
         detail = detail if len(detail) <= 240 else detail[:240] + "..."
-        raise ModelError(f"mlx-vlm cannot load this model: {type(exc).__name__}: {detail}", path=folder) from exc
+        raise ModelError(
+            f"mlx-vlm cannot load this model: {type(exc).__name__}: {detail}", path=folder
+        ) from exc
     lm = getattr(model, "language_model", None)
     if lm is None or not hasattr(lm, "model") or not hasattr(model, "get_input_embeddings"):
         raise ModelError(
@@ -200,8 +202,10 @@ def _preflight(folder: Path) -> None:
     surfacing as mlx-vlm's list of missing parameters.  Reads headers only; costs milliseconds."""
     from qvq_local.integrity import check_model
 
-    if not any(p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json")
-               for p in folder.iterdir()):
+    if not any(
+        p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json")
+        for p in folder.iterdir()
+    ):
         return  # no weights at all: mlx-vlm's own error says so
     for finding in check_model(folder):
         if finding.level == "error":
