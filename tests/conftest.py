@@ -5,7 +5,10 @@ The builders are the project's own code (``qvq_local.convert``); nothing is down
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Never read or write the user's real cache or settings: every test run gets its own QVQ_HOME (tests
+# that need a particular one set it themselves), and no default model leaks in from the environment.
+os.environ["QVQ_HOME"] = tempfile.mkdtemp(prefix="qvq-test-home-")
+atexit.register(shutil.rmtree, os.environ["QVQ_HOME"], ignore_errors=True)
+for _var in ("QVQ_MODEL", "QVQ_BACKEND"):
+    os.environ.pop(_var, None)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,694 @@
+"""``qvq bench``: how fast does QVQ run on this machine, will it fit, and what does qvq-local cost?
+
+The benchmark answers the question users ask before downloading 40 GB, with measurements taken in one
+run on one machine:
+
+1. the machine's memory bandwidth (``bench_bandwidth``), and from it the decode speed no implementation
+   can beat (bytes read per token / bandwidth);
+2. the model: ``--model REF`` (a converted model, or an HF folder that is converted first) or
+   ``--shape tiny|2b|7b|72b``: a synthetic checkpoint of that shape, written and converted once into
+   ``QVQ_HOME/bench/<shape>-<fmt>-<quant>`` and reused afterwards (time and peak memory of the
+   conversion are kept beside it and reported);
+3. per backend, in a child process each (``bench_worker``): qvq-local's own path
+   (``qvq_local.load(...).stream``) and the raw library on the same files, prompt and image (mlx-vlm's
+   ``stream_generate``, llama-cpp-python's ``create_chat_completion``), each figure the median of
+   ``runs`` repetitions after a warm-up, per image size;
+4. the report (``bench_report``): Rich tables, a JSON file with every figure and the machine's
+   description, and a PNG chart.
+
+Nothing here is a timing threshold: the benchmark reports, it does not judge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qvq_local.errors import DiskFull, InputError, ModelError, QvqError
+
+SCHEMA = "qvq-bench/1"
+BACKEND_CHOICES = ("auto", "mlx", "llama", "all")
+SHAPES = ("tiny", "2b", "7b", "72b")
+#: ``--quant`` -> (GGUF text quantisation, MLX bits).  The GGUF mmproj stays F16, MLX's vision tower
+#: stays unquantised (mlx-vlm never quantises it), as ``qvq convert`` does.
+QUANTS = {"q4": ("q4_k_m", 4), "q8": ("q8_0", 8)}
+DEFAULT_IMAGE_SIZES = (224, 448)
+#: With ``--backend all`` off Apple Silicon, MLX (mlx[cpu]) is skipped above this model size: its CPU
+#: kernels made a 2b Q4 model take 30 s for a 27-token prompt and decode at 0.7 token/s (bf16 weights:
+#: over 5 minutes for the same prompt) on the 2-core x86 machine this was written on.
+MLX_CPU_LIMIT_BYTES = 200 * 10**6
+
+
+def bench_home() -> Path:
+    """Where synthesised and converted benchmark models are cached: ``QVQ_HOME/bench``."""
+    from qvq_local.config import qvq_home
+
+    return qvq_home() / "bench"
+
+
+# ---------------------------------------------------------------- options
+
+
+def parse_image_sizes(text: str | list[int] | tuple[int, ...]) -> list[int]:
+    """``"224,448"`` -> ``[224, 448]``: square edge lengths in pixels, at least 28 (one merged patch)."""
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = [p for p in str(text).replace(" ", "").split(",") if p]
+    sizes: list[int] = []
+    for item in items:
+        try:
+            size = int(item)
+        except (TypeError, ValueError):
+            raise InputError(
+                f"image size {item!r} is not a whole number of pixels (e.g. --image-sizes 224,448)"
+            ) from None
+        if size < 28 or size > 4096:
+            raise InputError(f"image size {size} is out of range: use 28 to 4096 pixels")
+        if size not in sizes:
+            sizes.append(size)
+    if not sizes:
+        raise InputError("no image size given (e.g. --image-sizes 224,448)")
+    return sorted(sizes)
+
+
+def _check_options(runs: int, decode_tokens: int, answer_tokens: int, backend: str, quant: str) -> None:
+    if runs < 1:
+        raise InputError(f"--runs must be at least 1, got {runs}")
+    if decode_tokens < 2:
+        raise InputError(f"--decode-tokens must be at least 2 (a rate needs two tokens), got {decode_tokens}")
+    if answer_tokens < 1:
+        raise InputError(f"the answer budget must be at least 1 token, got {answer_tokens}")
+    if backend not in BACKEND_CHOICES:
+        raise InputError(f"unknown backend {backend!r}: choose {', '.join(BACKEND_CHOICES)}")
+    if quant not in QUANTS:
+        raise InputError(f"unknown quantisation {quant!r}: choose {', '.join(QUANTS)}")
+
+
+# ---------------------------------------------------------------- child processes
+
+
+def run_worker(spec: dict, *, label: str, log=None) -> dict:
+    """Run one ``bench_worker`` job in a child process and return its JSON result.
+
+    A child that dies without writing a result (a native crash, the OOM killer) comes back as
+    ``{"ok": False, "reason": ...}`` naming the exit status, never as a silent zero.
+    """
+    with tempfile.TemporaryDirectory(prefix="qvq-bench-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if log:
+            log(f"{label} ...")
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "qvq_local.bench_worker", str(spec_path), str(out_path)],
+            check=False,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        wall = time.perf_counter() - t0
+        if out_path.is_file():
+            result = json.loads(out_path.read_text())
+        else:
+            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+            hint = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+            result = {"ok": False, "reason": f"the {label} process ended with {how}{hint} before reporting"}
+    result["wall_s"] = wall
+    if log:
+        done = f"done in {wall:.1f} s" if result.get("ok") else f"FAILED: {result.get('reason')}"
+        log(f"{label}: {done}")
+    return result
+
+
+# ---------------------------------------------------------------- models: synthesise, convert, resolve
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_marker(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _cached_build(home: Path, name: str, spec: dict, label: str, log, check) -> dict:
+    """Run a synth/convert job once; later calls reuse its output and report the original cost.
+
+    ``check(result)`` says whether the recorded output is still complete on disk.
+    """
+    marker = home / f"{name}.build.json"
+    old = _read_marker(marker)
+    if old and old.get("ok") and check(old):
+        if log:
+            log(f"{label}: reusing {home / name} (built in {old.get('seconds', 0):.1f} s)")
+        return {**old, "reused": True}
+    result = run_worker(spec, label=label, log=log)
+    if not result.get("ok"):
+        raise ModelError(f"{label} failed: {result.get('reason')}", path=home / name)
+    result["reused"] = False
+    _write_marker(marker, {k: v for k, v in result.items() if k != "reused"})
+    return result
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+
+
+def prepare_models(
+    *, shape: str | None, model: str | None, backends: list[str], quant: str, home: Path, progress: bool, log
+) -> dict:
+    """Make the model files each backend needs; return ``{"label", "source", "synthesis", "formats"}``.
+
+    ``formats[backend]`` is ``{"model": path, "mmproj": path | None, "conversion": {...} | None}``, or
+    ``{"error": reason}`` when this backend cannot get a model.
+    """
+    gguf_quant, mlx_bits = QUANTS[quant]
+    info: dict = {"synthesis": None, "formats": {}}
+    source: Path | None = None
+    if shape is not None:
+        if shape not in SHAPES:
+            raise InputError(f"unknown shape {shape!r}: choose {', '.join(SHAPES)}")
+        home.mkdir(parents=True, exist_ok=True)
+        hf_name = f"{shape}-hf-bf16"
+        info["label"] = f"synthetic {shape} ({quant})"
+        info["source"] = f"shape:{shape}"
+        info["synthesis"] = _cached_build(
+            home,
+            hf_name,
+            {
+                "job": "synth",
+                "out": str(home / hf_name),
+                "shape": shape,
+                "dtype": "bf16",
+                "seed": 0,
+                "progress": progress,
+                "force": True,
+            },
+            f"synthesising the {shape} checkpoint",
+            log,
+            check=lambda r: (Path(r["path"]) / "config.json").is_file(),
+        )
+        source, base = home / hf_name, shape
+    else:
+        from qvq_local import models
+
+        resolved = models.resolve(model, download=True, progress=progress)
+        info["label"] = f"{resolved.name} ({resolved.quantisation})"
+        info["source"] = str(model)
+        if resolved.format == "hf":
+            source, base = resolved.path, _safe_name(resolved.name)
+            home.mkdir(parents=True, exist_ok=True)
+        else:
+            for backend in backends:
+                wanted = "gguf" if backend == "llama" else "mlx"
+                if resolved.format == wanted:
+                    info["formats"][backend] = {
+                        "model": str(resolved.path),
+                        "mmproj": str(resolved.mmproj) if resolved.mmproj else None,
+                        "conversion": None,
+                        "quantization": resolved.quantisation,
+                    }
+                else:
+                    info["formats"][backend] = {
+                        "error": f"the model is {resolved.format.upper()}; the {backend} backend needs "
+                        f"{wanted.upper()} (convert it, or pass the HF folder to convert both)"
+                    }
+            return info
+
+    for backend in backends:
+        try:
+            if backend == "llama":
+                name = f"{base}-gguf-{gguf_quant}"
+                conv = _cached_build(
+                    home,
+                    name,
+                    {
+                        "job": "convert-gguf",
+                        "src": str(source),
+                        "out": str(home / name),
+                        "quant": gguf_quant,
+                        "mmproj_quant": "f16",
+                        "progress": progress,
+                    },
+                    f"converting to GGUF {gguf_quant}",
+                    log,
+                    check=lambda r: Path(r["model"]).is_file() and Path(r["mmproj"]).is_file(),
+                )
+                info["formats"][backend] = {
+                    "model": conv["model"],
+                    "mmproj": conv["mmproj"],
+                    "conversion": conv,
+                    "quantization": gguf_quant.upper(),
+                }
+            else:
+                name = f"{base}-mlx-q{mlx_bits}"
+                conv = _cached_build(
+                    home,
+                    name,
+                    {
+                        "job": "convert-mlx",
+                        "src": str(source),
+                        "out": str(home / name),
+                        "bits": mlx_bits,
+                        "group_size": 64,
+                        "progress": progress,
+                    },
+                    f"converting to MLX {mlx_bits}-bit",
+                    log,
+                    check=lambda r: (Path(r["path"]) / "config.json").is_file(),
+                )
+                info["formats"][backend] = {
+                    "model": conv["path"],
+                    "mmproj": None,
+                    "conversion": conv,
+                    "quantization": f"{mlx_bits}-bit",
+                }
+        except DiskFull:
+            raise
+        except QvqError as err:
+            info["formats"][backend] = {"error": str(err)}
+    return info
+
+
+# ---------------------------------------------------------------- images and the machine
+
+
+def make_image(size: int, path: Path) -> Path:
+    """A deterministic ``size`` x ``size`` bar-and-line chart PNG (the same bytes every run)."""
+    from PIL import Image, ImageDraw
+
+    if path.is_file():
+        return path
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    s = size / 224.0
+    base = int(200 * s)
+    for i, h in enumerate([40, 90, 60, 120, 75]):
+        x = int((20 + i * 40) * s)
+        draw.rectangle([x, base - int(h * s), x + int(24 * s), base], fill=(40 + 40 * i, 90, 200 - 30 * i))
+    draw.line([(int(10 * s), base), (int(214 * s), base)], fill="black", width=max(1, int(2 * s)))
+    points = [(int(x * s), int(y * s)) for x, y in [(20, 150), (60, 110), (100, 130), (140, 80), (180, 120)]]
+    draw.line(points, fill="red", width=max(1, int(3 * s)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    img.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            return subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine() -> dict:
+    """``hardware.describe()`` plus the CPU's name and a one-line summary for the table and chart."""
+    try:
+        from qvq_local import hardware
+
+        facts = dict(hardware.describe(probe_gpu=True))
+    except Exception as exc:  # noqa: BLE001 - the bench still reports what it can find itself
+        facts = {
+            "os": platform.system(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "describe_error": f"{type(exc).__name__}: {exc}",
+        }
+        try:
+            import psutil
+
+            facts["memory_total_bytes"] = int(psutil.virtual_memory().total)
+            facts["memory_available_bytes"] = int(psutil.virtual_memory().available)
+        except Exception as exc:  # noqa: BLE001 - psutil is optional (the bench extra)
+            facts["memory_error"] = f"{type(exc).__name__}: {exc}"
+    facts["cpu"] = _cpu_name()
+    mem = facts.get("memory_total_bytes")
+    mem_text = f", {mem / 2**30:.0f} GiB RAM" if mem else ""
+    facts["summary"] = (
+        f"{facts['cpu']}, {facts.get('cpu_count')} cores{mem_text}, "
+        f"{facts.get('os', platform.system())} {facts.get('machine', platform.machine())}"
+    )
+    return facts
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def _choose_backends(backend: str, shape: str | None, model: str | None) -> list[str]:
+    if backend == "all":
+        return ["llama", "mlx"]
+    if backend in ("mlx", "llama"):
+        return [backend]
+    from qvq_local import hardware
+
+    formats = None
+    if model is not None:
+        from qvq_local import models
+
+        formats = {models.resolve(model, download=False, progress=False).format}
+    return [hardware.choose_backend("auto", formats)]
+
+
+def _installed(backend: str) -> tuple[bool, str | None]:
+    from qvq_local import hardware
+
+    if hardware.backend_installed(backend):
+        return True, None
+    return False, f"not installed ({hardware.INSTALL_HINT[backend]})"
+
+
+MLX_CPU_SKIP = (
+    "skipped: mlx on a CPU other than Apple Silicon has no fast quantised kernels (a 2b Q4 model decodes "
+    "under 1 token/s on a 2-core x86 CPU); pass --backend mlx to measure it anyway"
+)
+
+
+def _source_bytes(shape: str | None, model: str | None) -> int:
+    """Roughly the converted model's size, known before converting (decides the MLX-on-CPU skip)."""
+    if shape is not None:
+        from qvq_local.convert.synthetic import checkpoint_bytes
+
+        return int(checkpoint_bytes(shape, "bf16") * 0.3)  # about what a 4-bit conversion keeps
+    from qvq_local import models
+
+    path = models.resolve(model, download=False, progress=False).path
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+
+
+def _apple() -> bool:
+    from qvq_local import hardware
+
+    return hardware.is_apple_silicon()
+
+
+def _weights_per_token(backend: str, fmt: dict) -> dict:
+    from qvq_local.bench_bandwidth import gguf_bytes_per_token, mlx_bytes_per_token
+
+    if backend == "llama":
+        out = gguf_bytes_per_token(fmt["model"])
+        mmproj = Path(fmt["mmproj"]).stat().st_size if fmt.get("mmproj") else 0
+        out["model_bytes"] = out["file_bytes"] + mmproj
+        out["vision_bytes"] = mmproj
+    else:
+        out = mlx_bytes_per_token(fmt["model"])
+        out["model_bytes"] = sum(p.stat().st_size for p in Path(fmt["model"]).rglob("*") if p.is_file())
+    return out
+
+
+def _raw_n_ctx(sizes: list[int], decode_tokens: int, answer_tokens: int) -> int:
+    image_tokens = max((round(s / 28) or 1) ** 2 for s in sizes)
+    need = image_tokens + 512 + decode_tokens + answer_tokens + 128  # + grace window and forced text
+    return ((need + 255) // 256) * 256
+
+
+def _ratios(qvq: dict, raw: dict) -> dict:
+    """qvq/raw per image size and at the smallest size (the headline figures)."""
+    if not qvq.get("ok"):
+        return {"reason": "qvq path failed"}
+    if not raw.get("ok"):
+        return {"reason": f"raw path not run: {raw.get('reason', '?')}"}
+    per_size = {}
+    for size, q in qvq["sizes"].items():
+        r = raw["sizes"].get(size)
+        if not r:
+            continue
+        per_size[size] = {
+            "decode_tok_s": q["decode_tok_s"] / r["decode_tok_s"] if r.get("decode_tok_s") else None,
+            "first_token_s": q["first_token_s"] / r["first_token_s"] if r.get("first_token_s") else None,
+        }
+    if not per_size:
+        return {"reason": "no image size measured on both paths"}
+    first = per_size[min(per_size, key=int)]
+    return {
+        **first,
+        "at_image_size": int(min(per_size, key=int)),
+        "per_size": per_size,
+        "meaning": "decode_tok_s: qvq/raw, higher is better (>= 1.0: no overhead); "
+        "first_token_s: qvq/raw seconds, lower is better (<= 1.0: no overhead)",
+    }
+
+
+def run_bench(
+    *,
+    model: str | None = None,
+    shape: str | None = None,
+    backend: str = "auto",
+    image_sizes: list[int] | tuple[int, ...] | str = DEFAULT_IMAGE_SIZES,
+    runs: int = 3,
+    decode_tokens: int = 64,
+    answer_tokens: int = 8,
+    quant: str = "q4",
+    raw: bool = True,
+    json_path: str | os.PathLike | None = None,
+    chart_path: str | os.PathLike | None = None,
+    bandwidth_bytes: int = 1 << 30,
+    bandwidth_reps: int = 5,
+    home: str | os.PathLike | None = None,
+    progress: bool = True,
+    console=None,
+    command: str | None = None,
+) -> dict:
+    """Run the whole benchmark and return the result dictionary (also written to ``json_path``).
+
+    Exactly one of ``model`` and ``shape`` (``shape`` defaults to ``"tiny"`` when neither is given).
+    Raises InputError for bad options, ModelError for an unusable model, DiskFull when synthesising or
+    converting would not fit; a backend or raw path that cannot run is reported in the result instead.
+    """
+    from rich.console import Console
+
+    from qvq_local import bench_report
+    from qvq_local.bench_bandwidth import decode_bound, measure_bandwidth
+
+    console = console or Console(stderr=True)
+    if model is not None and shape is not None:
+        raise InputError("pass either --model or --shape, not both")
+    if model is None and shape is None:
+        shape = "tiny"
+    backend = (backend or "auto").strip().lower()
+    _check_options(runs, decode_tokens, answer_tokens, backend, quant)
+    sizes = parse_image_sizes(image_sizes)
+    home_path = Path(home).expanduser() if home is not None else bench_home()
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        console.print(f"[dim]bench:[/] {msg}", highlight=False)
+
+    backends = _choose_backends(backend, shape, model)
+    result: dict = {
+        "schema": SCHEMA,
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {
+            "model": model,
+            "shape": shape,
+            "backend": backend,
+            "backends": backends,
+            "image_sizes": sizes,
+            "runs": runs,
+            "warmup_runs": 1,
+            "decode_tokens": decode_tokens,
+            "answer_tokens": answer_tokens,
+            "quant": quant,
+            "raw": raw,
+            "sampling": "greedy (top_k 1, temperature 0), repetition penalty 1.05, seed 0",
+            "loop_detection": False,
+            "home": str(home_path),
+        },
+    }
+    log("describing the machine")
+    result["machine"] = describe_machine()
+    installed = {b: _installed(b) for b in backends}
+    mlx_asked = backend == "all" and "mlx" in backends and installed["mlx"][0]
+    if mlx_asked and not _apple() and _source_bytes(shape, model) > MLX_CPU_LIMIT_BYTES:
+        installed["mlx"] = (False, MLX_CPU_SKIP)
+    usable = [b for b in backends if installed[b][0]]
+
+    log(f"measuring memory bandwidth ({bandwidth_bytes / 2**30:.2f} GiB array, {bandwidth_reps} reps)")
+    result["bandwidth"] = measure_bandwidth(bandwidth_bytes, bandwidth_reps)
+    bw = result["bandwidth"]
+    log(f"read {bw['read_gbs_median']:.1f} GB/s, copy {bw['copy_gbs_median']:.1f} GB/s")
+
+    prepared: dict = {"label": model or shape, "formats": {}}
+    if usable:
+        prepared = prepare_models(
+            shape=shape, model=model, backends=usable, quant=quant, home=home_path, progress=progress, log=log
+        )
+    result["model"] = {
+        "label": prepared.get("label"),
+        "source": prepared.get("source"),
+        "synthesis": prepared.get("synthesis"),
+    }
+
+    images = {str(s): str(make_image(s, home_path / "images" / f"chart-{s}.png")) for s in sizes}
+    mem_available = result["machine"].get("memory_available_bytes") or 0
+    result["backends"] = {}
+    for name in backends:
+        entry: dict = {"available": False}
+        result["backends"][name] = entry
+        ok, why = installed[name]
+        fmt = prepared["formats"].get(name, {})
+        if not ok:
+            entry["reason"] = why
+            continue
+        if "error" in fmt:
+            entry["reason"] = fmt["error"]
+            continue
+        weights = _weights_per_token(name, fmt)
+        bound = decode_bound(result["bandwidth"]["read_gbs_median"], weights["bytes_per_token"])
+        entry.update(
+            format="gguf" if name == "llama" else "mlx",
+            model_path=fmt["model"],
+            mmproj_path=fmt["mmproj"],
+            quantization=fmt.get("quantization"),
+            conversion=fmt.get("conversion"),
+            bound_tok_s=bound,
+            **weights,
+        )
+        if mem_available and weights["model_bytes"] > 0.95 * mem_available:
+            entry["reason"] = (
+                f"the model needs {weights['model_bytes'] / 1e9:.1f} GB but only "
+                f"{mem_available / 1e9:.1f} GB of memory is available: it does not fit"
+            )
+            continue
+        entry["available"] = True
+        common = {
+            "backend": name,
+            "model": fmt["model"],
+            "mmproj": fmt["mmproj"],
+            "images": images,
+            "runs": runs,
+            "decode_tokens": decode_tokens,
+            "answer_tokens": answer_tokens,
+        }
+        entry["qvq"] = run_worker({"job": "qvq", **common}, label=f"{name}: qvq-local", log=log)
+        if raw:
+            # the raw run generates as many tokens as the qvq run did (thought, grace and answer): same work
+            qvq_sizes = entry["qvq"].get("sizes") or {}
+            max_tokens = {k: v.get("decode_tokens") for k, v in qvq_sizes.items()}
+            prompt_tokens = {k: v.get("prompt_tokens") for k, v in qvq_sizes.items()}
+            entry["raw"] = run_worker(
+                {
+                    "job": "raw",
+                    "n_ctx": _raw_n_ctx(sizes, decode_tokens, answer_tokens),
+                    "max_tokens": max_tokens,
+                    "prompt_tokens": prompt_tokens,
+                    **common,
+                },
+                label=f"{name}: raw library",
+                log=log,
+            )
+        else:
+            entry["raw"] = {"ok": False, "reason": "skipped (--no-raw)"}
+        entry["ratios"] = _ratios(entry["qvq"], entry["raw"])
+        if entry["qvq"].get("ok"):
+            smallest = entry["qvq"]["sizes"][str(sizes[0])]
+            entry["decode_tok_s"] = smallest["decode_tok_s"]
+            entry["bound_fraction"] = entry["decode_tok_s"] / bound if bound else None
+        if json_path:  # a partial file after each backend: a long run that is stopped keeps what it measured
+            bench_report.write_json({**result, "partial": True}, json_path)
+    result["elapsed_s"] = time.perf_counter() - t_start
+
+    if json_path:
+        result["json"] = str(bench_report.write_json(result, json_path))
+    if chart_path:
+        try:
+            result["chart"] = str(bench_report.write_chart(result, chart_path))
+        except ImportError as exc:
+            result["chart_error"] = f"matplotlib is not installed ({exc}); pip install 'qvq-local[bench]'"
+            log(result["chart_error"])
+        if json_path:  # record the chart's path in the file too
+            bench_report.write_json(result, json_path)
+    return result
+
+
+def bench_command(
+    *,
+    model: str | None,
+    shape: str | None,
+    backend: str,
+    image_sizes: str,
+    runs: int,
+    decode_tokens: int,
+    quant: str,
+    raw: bool,
+    json_path: Path | None,
+    chart_path: Path | None,
+    bandwidth_mib: int,
+) -> dict:
+    """The CLI entry: run, print the tables to stdout, say where the files went."""
+    from rich.console import Console
+
+    out = Console()
+    command = "qvq " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qvq") else None
+    result = run_bench(
+        model=model,
+        shape=shape,
+        backend=backend,
+        image_sizes=image_sizes,
+        runs=runs,
+        decode_tokens=decode_tokens,
+        quant=quant,
+        raw=raw,
+        json_path=json_path,
+        chart_path=chart_path,
+        bandwidth_bytes=int(bandwidth_mib) * 2**20,
+        command=command,
+    )
+    from qvq_local.bench_report import render_tables
+
+    render_tables(result, out)
+    for key, what in (("json", "JSON"), ("chart", "chart")):
+        if result.get(key):
+            out.print(f"{what}: {result[key]}")
+    out.print(f"bench took {result['elapsed_s']:.0f} s")
+    if not any(b.get("available") for b in result["backends"].values()):
+        reasons = "; ".join(f"{n}: {b.get('reason')}" for n, b in result["backends"].items())
+        raise ModelError(f"no backend could be benchmarked ({reasons})")
+    return result
+
+
+__all__ = [
+    "bench_command",
+    "bench_home",
+    "describe_machine",
+    "make_image",
+    "parse_image_sizes",
+    "prepare_models",
+    "run_bench",
+    "run_worker",
+]

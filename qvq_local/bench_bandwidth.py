@@ -1,0 +1,182 @@
+"""The physical limit of decoding: this machine's memory bandwidth and the bytes one token must read.
+
+Decoding one token of a dense transformer at short context reads every weight of the text model once:
+all decoder layers, the final norm, the output projection (``lm_head``), and one row of the token
+embedding.  The vision tower is not touched after the image is encoded.  So::
+
+    bytes_per_token  = sum(text tensors except the embedding) + one embedding row
+                       (when lm_head is tied to the embedding, the whole embedding is read as lm_head)
+    tokens/s bound   = read bandwidth (bytes/s) / bytes_per_token
+
+The KV cache read per token (2 x layers x kv_width x bytes x context) is left out: at the benchmark's
+few hundred positions it is about 1% of the weights of a 2B-shaped model.  The figure is therefore an
+upper bound that no implementation can beat; measured decode tokens/s divided by it is the fraction of
+the machine's memory system the backend uses.
+
+Bandwidth is measured with numpy over an array far larger than any cache (1 GiB by default): a
+reduction (read only) and a copy (read + write, counted as both, as STREAM does).  Each is repeated and
+both the best and the median are reported; the bound uses the median read figure (sustained, not peak).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import struct
+import threading
+import time
+from pathlib import Path
+
+
+def _timed_reps(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _read_times(n: int, reps: int, threads: int) -> tuple[list[float], list[float]]:
+    """Seconds per pass over ``n`` uint64 values: one thread, then ``threads`` threads on slices."""
+    import numpy as np
+
+    data = np.ones(n, dtype=np.uint64)  # ones, not empty: the pages must really exist
+    chunks = np.array_split(data, threads)
+
+    def read_one() -> None:
+        np.bitwise_or.reduce(data)
+
+    def read_par() -> None:
+        workers = [threading.Thread(target=np.bitwise_or.reduce, args=(c,)) for c in chunks]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    read_one()  # warm-up: page faults and caches out of the way
+    t_one = _timed_reps(read_one, reps)
+    t_par = _timed_reps(read_par, reps) if threads > 1 else t_one
+    return t_one, t_par
+
+
+def _copy_times(n: int, reps: int) -> list[float]:
+    """Seconds per ``np.copyto`` of ``n`` uint64 values (after one warm-up copy)."""
+    import numpy as np
+
+    src = np.ones(n, dtype=np.uint64)
+    dst = np.zeros_like(src)
+    np.copyto(dst, src)
+    return _timed_reps(lambda: np.copyto(dst, src), reps)
+
+
+def measure_bandwidth(size_bytes: int = 1 << 30, reps: int = 5, threads: int | None = None) -> dict:
+    """Sustained memory bandwidth in GB/s (10^9 bytes/s).
+
+    ``read``: ``np.bitwise_or.reduce`` over a uint64 array of ``size_bytes`` (one pass, read only, cheap
+    enough per element that memory, not arithmetic, limits it), split across ``threads`` threads (numpy
+    releases the GIL inside reductions; the best of one thread and all threads is kept per repetition).
+    ``copy``: ``np.copyto`` between two arrays of ``size_bytes / 2`` each, counting read + write bytes.
+    """
+    threads = max(1, threads or os.cpu_count() or 1)
+    n = max(1, size_bytes // 8)
+    t_one, t_par = _read_times(n, reps, threads)
+    read_s = [min(a, b) for a, b in zip(t_one, t_par)]
+    half = max(1, n // 2)
+    copy_s = _copy_times(half, reps)
+
+    read_bytes = n * 8
+    copy_bytes = 2 * half * 8
+    return {
+        "method": "numpy bitwise_or.reduce (read) and copyto (read+write), uint64",
+        "size_bytes": read_bytes,
+        "reps": reps,
+        "threads": threads,
+        "read_gbs_median": read_bytes / statistics.median(read_s) / 1e9,
+        "read_gbs_best": read_bytes / min(read_s) / 1e9,
+        "read_gbs_single_thread_median": read_bytes / statistics.median(t_one) / 1e9,
+        "copy_gbs_median": copy_bytes / statistics.median(copy_s) / 1e9,
+        "copy_gbs_best": copy_bytes / min(copy_s) / 1e9,
+    }
+
+
+# ---------------------------------------------------------------- bytes read per decoded token
+
+
+def _safetensors_sizes(path: Path) -> dict[str, tuple[int, list[int]]]:
+    """``{name: (nbytes, shape)}`` from a safetensors header alone (no data is read)."""
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        out[name] = (int(end - start), list(info["shape"]))
+    return out
+
+
+def _per_token(sizes: dict[str, tuple[int, list[int]]], is_vision, is_embed, is_lm_head) -> dict:
+    """Apply the formula in the module docstring to a ``{name: (nbytes, shape)}`` table."""
+    vision = sum(b for k, (b, _) in sizes.items() if is_vision(k))
+    text = {k: v for k, v in sizes.items() if not is_vision(k)}
+    embed = {k: v for k, v in text.items() if is_embed(k)}
+    embed_bytes = sum(b for b, _ in embed.values())
+    rows = max((s[0] for b, s in embed.values() if s), default=1) or 1
+    tied = not any(is_lm_head(k) for k in text)
+    text_bytes = sum(b for b, _ in text.values())
+    row = embed_bytes // rows  # the one embedding row a token looks up
+    # tied: the whole embedding is read again as the output head; untied: only the looked-up row is read
+    per_token = text_bytes + row if tied else text_bytes - embed_bytes + row
+    return {
+        "bytes_per_token": int(per_token),
+        "text_weights_bytes": int(text_bytes),
+        "embedding_bytes": int(embed_bytes),
+        "vision_bytes": int(vision),
+        "tied_lm_head": tied,
+    }
+
+
+def gguf_bytes_per_token(model_gguf: str | os.PathLike) -> dict:
+    """Bytes one decoded token reads from a text-model GGUF (the mmproj is the vision tower)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(model_gguf), "r")
+    # GGUF shapes are innermost-first: ne[1] of token_embd is the vocabulary (rows).
+    sizes = {t.name: (int(t.n_bytes), [int(x) for x in reversed(list(t.shape))]) for t in reader.tensors}
+    out = _per_token(
+        sizes,
+        is_vision=lambda k: k.startswith(("v.", "mm.")),
+        is_embed=lambda k: k.startswith("token_embd"),
+        is_lm_head=lambda k: k.startswith("output."),
+    )
+    out["file_bytes"] = Path(model_gguf).stat().st_size
+    return out
+
+
+def mlx_bytes_per_token(model_dir: str | os.PathLike) -> dict:
+    """Bytes one decoded token reads from an mlx-vlm model folder (vision tower excluded).
+
+    A quantised tensor comes as ``weight`` (packed), ``scales`` and ``biases``; all three belong to the
+    same group, and the embedding's row count is taken from ``scales`` / ``weight``'s first dimension.
+    """
+    sizes: dict[str, tuple[int, list[int]]] = {}
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        sizes.update(_safetensors_sizes(shard))
+    out = _per_token(
+        sizes,
+        is_vision=lambda k: "vision_tower" in k or k.startswith("visual."),
+        is_embed=lambda k: "embed_tokens" in k,
+        is_lm_head=lambda k: "lm_head" in k,
+    )
+    out["file_bytes"] = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    return out
+
+
+def decode_bound(bandwidth_gbs: float, bytes_per_token: int) -> float:
+    """Tokens per second the memory system allows at most (0.0 when either figure is unknown)."""
+    if bandwidth_gbs <= 0 or bytes_per_token <= 0:
+        return 0.0
+    return bandwidth_gbs * 1e9 / bytes_per_token

@@ -1,0 +1,260 @@
+"""Presentation of a finished benchmark: the Rich tables, the JSON file and the PNG chart.
+
+Everything here reads the result dictionary built by ``qvq_local.bench``; nothing measures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(value, spec: str = ".2f", missing: str = "-") -> str:
+    if value is None or value == "":
+        return missing
+    if isinstance(value, (int, float)):
+        return format(value, spec)
+    return str(value)
+
+
+def _mib(value) -> str:
+    """Binary bytes for memory: GiB from 1 GiB up, else MiB."""
+    if not value:
+        return "-"
+    if value >= 2**30:
+        return f"{value / 2**30:.2f} GiB"
+    return f"{value / 2**20:.0f} MiB"
+
+
+def _gb(value) -> str:
+    """Decimal bytes, in the unit that keeps the figure readable (GB for models, MB for tiny ones)."""
+    if not value:
+        return "-"
+    if value >= 1e9:
+        return f"{value / 1e9:.2f} GB"
+    return f"{value / 1e6:.0f} MB" if value >= 1e7 else f"{value / 1e6:.1f} MB"
+
+
+def _table(title: str, columns: list[str]) -> Table:
+    from rich import box
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, title_justify="left")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    return table
+
+
+def render_tables(result: dict, console: Console | None = None) -> None:
+    """Print the machine line and three tables: per image size, speed against limits, size and memory."""
+    console = console or Console()
+    bw = result.get("bandwidth", {})
+    machine = result.get("machine", {})
+    settings = result.get("settings", {})
+    console.print(
+        f"[bold]{result.get('model', {}).get('label', '')}[/] on {machine.get('summary', '?')}\n"
+        f"memory bandwidth: read {_fmt(bw.get('read_gbs_median'), '.1f')} GB/s median "
+        f"(best {_fmt(bw.get('read_gbs_best'), '.1f')}), copy {_fmt(bw.get('copy_gbs_median'), '.1f')} GB/s; "
+        f"{settings.get('runs', '?')} runs after a warm-up, "
+        f"{settings.get('decode_tokens', '?')} thought tokens",
+        highlight=False,
+    )
+
+    per_size = _table(
+        "Per image size (medians)",
+        [
+            "backend path",
+            "image",
+            "img tok",
+            "encode s",
+            "prefill t/s",
+            "1st tok s",
+            "decode t/s",
+            "forced s",
+        ],
+    )
+    backends = result.get("backends", {})
+    for name, b in backends.items():
+        if not b.get("available"):
+            per_size.add_row(f"{name} [red](not run)[/]", *[""] * 7)
+            continue
+        for impl in ("qvq", "raw"):
+            part = b.get(impl) or {}
+            if not part.get("ok"):
+                per_size.add_row(f"{name} {impl} [red](not run)[/]", *[""] * 7)
+                continue
+            for size, fig in part.get("sizes", {}).items():
+                per_size.add_row(
+                    f"{name} {impl}",
+                    f"{size}px",
+                    _fmt(fig.get("image_tokens"), "d"),
+                    _fmt(fig.get("image_encode_s"), ".3f"),
+                    _fmt(fig.get("prefill_tok_s"), ".1f"),
+                    _fmt(fig.get("first_token_s"), ".3f"),
+                    _fmt(fig.get("decode_tok_s"), ".2f"),
+                    _fmt(fig.get("forced_step_s"), ".3f"),
+                )
+    console.print(per_size)
+
+    speed = _table(
+        "Decode against the limits",
+        ["backend", "decode t/s", "bound t/s", "of bound", "qvq/raw decode", "qvq/raw 1st tok"],
+    )
+    for name, b in backends.items():
+        if not b.get("available"):
+            speed.add_row(name, "-", _fmt(b.get("bound_tok_s"), ".1f"), "-", "-", "-")
+            continue
+        ratios = b.get("ratios") or {}
+        speed.add_row(
+            name,
+            _fmt(b.get("decode_tok_s"), ".2f"),
+            _fmt(b.get("bound_tok_s"), ".1f"),
+            _fmt(b.get("bound_fraction"), ".0%"),
+            _fmt(ratios.get("decode_tok_s"), ".3f"),
+            _fmt(ratios.get("first_token_s"), ".3f"),
+        )
+    console.print(speed)
+
+    size = _table(
+        "Size and memory",
+        [
+            "backend",
+            "on disk",
+            "read/tok",
+            "peak RSS qvq",
+            "peak RSS raw",
+            "load s",
+            "convert s",
+            "convert peak",
+        ],
+    )
+    for name, b in backends.items():
+        conv = b.get("conversion") or {}
+        size.add_row(
+            name,
+            _gb(b.get("model_bytes")),
+            _gb(b.get("bytes_per_token")),
+            _mib((b.get("qvq") or {}).get("peak_rss_bytes")),
+            _mib((b.get("raw") or {}).get("peak_rss_bytes")),
+            _fmt((b.get("qvq") or {}).get("load_s"), ".2f"),
+            (_fmt(conv.get("seconds"), ".1f") + ("*" if conv.get("reused") else "")) if conv else "-",
+            _mib(conv.get("peak_rss_bytes")),
+        )
+    console.print(size)
+    notes = []
+    if any((b.get("conversion") or {}).get("reused") for b in backends.values()):
+        notes.append("* converted in an earlier run and reused from the cache: time and peak are that run's")
+    for name, b in backends.items():
+        if not b.get("available"):
+            notes.append(f"{name}: not run: {b.get('reason', '?')}")
+        elif not (b.get("raw") or {}).get("ok"):
+            notes.append(f"{name}: raw library not run: {(b.get('raw') or {}).get('reason', '?')}")
+        elif not (b.get("qvq") or {}).get("ok"):
+            notes.append(f"{name}: qvq path failed: {(b.get('qvq') or {}).get('reason', '?')}")
+    for note in notes:
+        console.print(f"[yellow]{note}[/]", highlight=False)
+    console.print(
+        "[dim]qvq/raw decode: higher is better (>= 1.0: no overhead). qvq/raw 1st tok: lower is better "
+        "(<= 1.0: no overhead). bound = read bandwidth / bytes read per token; of bound = decode / bound. "
+        "Ratios and decode at the smallest image size.[/]"
+    )
+
+
+def write_json(result: dict, path: str | os.PathLike) -> Path:
+    """Write the result atomically (temporary name in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(result, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_chart(result: dict, path: str | os.PathLike) -> Path:
+    """A two-panel PNG: decode tokens/s and image-encoding seconds across image sizes, per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax_dec, ax_enc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = {"llama": "tab:blue", "mlx": "tab:orange"}
+    all_sizes: set[int] = set()
+    tokens_at: dict[int, int] = {}
+    top = 0.0
+    bounds = []
+    for name, b in result.get("backends", {}).items():
+        if not b.get("available"):
+            continue
+        colour = colours.get(name)
+        for impl, style in (("qvq", "-o"), ("raw", "--s")):
+            part = b.get(impl) or {}
+            if not part.get("ok"):
+                continue
+            sizes = sorted(part["sizes"], key=int)
+            xs = [int(s) for s in sizes]
+            all_sizes.update(xs)
+            ys = [part["sizes"][s]["decode_tok_s"] for s in sizes]
+            top = max([top, *ys])
+            ax_dec.plot(xs, ys, style, color=colour, label=f"{name} {impl}")
+            if impl == "qvq":
+                for s in sizes:
+                    tokens_at.setdefault(int(s), int(part["sizes"][s].get("image_tokens") or 0))
+                enc = [part["sizes"][s]["image_encode_s"] for s in sizes]
+                ax_enc.plot(xs, enc, style, color=colour, label=name)
+        if b.get("bound_tok_s"):
+            bounds.append((name, colour, b["bound_tok_s"]))
+    off_scale = []
+    for name, colour, bound in bounds:
+        if top and bound > 3 * top:  # a line far above the points would flatten them: name it instead
+            off_scale.append(f"{name} {bound:,.0f}")
+        else:
+            ax_dec.axhline(bound, color=colour, linestyle=":", linewidth=1, label=f"{name} bandwidth bound")
+    ticks = sorted(all_sizes)
+    for ax in (ax_dec, ax_enc):
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{s}\n({tokens_at[s]} tok)" if tokens_at.get(s) else str(s) for s in ticks])
+        ax.set_xlabel("image size (px, square; image tokens)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    model = result.get("model", {}).get("label", "")
+    ax_dec.set_title(f"Decode speed, {model}" if model else "Decode speed")
+    ax_dec.set_ylabel("tokens / s (median)")
+    if off_scale:
+        ax_dec.text(
+            0.02,
+            0.02,
+            "bandwidth bound (tok/s, off scale): " + ", ".join(off_scale),
+            transform=ax_dec.transAxes,
+            fontsize=8,
+        )
+    ax_dec.legend(fontsize=8, loc="best")
+    ax_enc.set_title("Image encoding time (qvq-local)")
+    ax_enc.set_ylabel("seconds (median)")
+    ax_enc.legend(fontsize=8, loc="best")
+    summary = result.get("machine", {}).get("summary", "")
+    fig.suptitle(f"qvq bench on {summary}" if summary else "qvq bench", fontsize=10)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,533 @@
+"""One measured job of the benchmark, run in a child process: ``python -m qvq_local.bench_worker SPEC OUT``.
+
+Why a child process per job: the peak resident memory of a backend is only meaningful when nothing else
+(the other backend, the raw library's own copy of the model, the converter's buffers) shares the
+process, and MLX and llama.cpp each start their own thread pools.  The parent (``qvq_local.bench``)
+writes a JSON spec, runs this module, and reads the JSON result; a crash in a library (a segfault is
+possible in native code) becomes a reported failure, not a lost benchmark.
+
+Jobs (``spec["job"]``):
+
+* ``synth``: write a synthetic checkpoint (``convert.synthetic.write_checkpoint``);
+* ``convert-gguf`` / ``convert-mlx``: convert it (``convert_to_gguf`` / ``convert_to_mlx``);
+* ``qvq``: this project's path: ``qvq_local.load(model).stream(image, question, think_budget=N)`` (images,
+  prompt, Session, reasoning controller with a forced answer), per image size;
+* ``raw``: the library alone on the same files: mlx-vlm's ``stream_generate`` or llama-cpp-python's
+  ``create_chat_completion`` with its Qwen2-VL chat handler.
+
+Every figure is the median over ``runs`` repetitions after one warm-up per image size; the individual
+values are kept in ``samples`` so a reader can judge the spread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from qvq_local.bench_memory import PeakRss, lifetime_peak_rss
+
+QUESTION = "What is the largest value in this chart? Think it through, then give the number."
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _median_figures(samples: list[dict]) -> dict:
+    """Median of each numeric field across runs; ``samples`` keeps the per-run values."""
+    first = samples[0]
+    keys = [k for k in first if isinstance(first[k], (int, float)) and not isinstance(first[k], bool)]
+    out: dict = {k: statistics.median(s[k] for s in samples) for k in keys}
+    for k in keys:
+        if isinstance(samples[0][k], int):
+            out[k] = round(out[k])
+    out["samples"] = {k: [s[k] for s in samples] for k in keys}
+    return out
+
+
+def _sampling_kwargs() -> dict:
+    """Greedy decoding with QVQ's repetition penalty: the same work on the qvq and raw paths."""
+    return {"temperature": 0.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.05, "seed": 0}
+
+
+# ---------------------------------------------------------------- conversion jobs
+
+
+def job_synth(spec: dict) -> dict:
+    from qvq_local.convert.synthetic import write_checkpoint
+
+    with PeakRss() as peak:
+        t0 = time.perf_counter()
+        path = write_checkpoint(
+            Path(spec["out"]),
+            shape=spec["shape"],
+            dtype=spec.get("dtype", "bf16"),
+            seed=int(spec.get("seed", 0)),
+            progress=bool(spec.get("progress")),
+            force=bool(spec.get("force", False)),
+        )
+        seconds = time.perf_counter() - t0
+    return {
+        "ok": True,
+        "path": str(path),
+        "seconds": seconds,
+        "peak_rss_bytes": peak.bytes,
+        "peak_method": peak.method,
+    }
+
+
+def job_convert_gguf(spec: dict) -> dict:
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    with PeakRss() as peak:
+        t0 = time.perf_counter()
+        pair = convert_to_gguf(
+            Path(spec["src"]),
+            Path(spec["out"]),
+            quant=spec["quant"],
+            mmproj_quant=spec.get("mmproj_quant", "f16"),
+            progress=bool(spec.get("progress")),
+        )
+        seconds = time.perf_counter() - t0
+    return {
+        "ok": True,
+        "model": str(pair.model),
+        "mmproj": str(pair.mmproj),
+        "seconds": seconds,
+        "peak_rss_bytes": peak.bytes,
+        "peak_method": peak.method,
+    }
+
+
+def job_convert_mlx(spec: dict) -> dict:
+    from qvq_local.convert.to_mlx import convert_to_mlx
+
+    with PeakRss() as peak:
+        t0 = time.perf_counter()
+        path = convert_to_mlx(
+            Path(spec["src"]),
+            Path(spec["out"]),
+            bits=spec.get("bits"),
+            group_size=int(spec.get("group_size", 64)),
+            progress=bool(spec.get("progress")),
+        )
+        seconds = time.perf_counter() - t0
+    return {
+        "ok": True,
+        "path": str(path),
+        "seconds": seconds,
+        "peak_rss_bytes": peak.bytes,
+        "peak_method": peak.method,
+    }
+
+
+# ---------------------------------------------------------------- qvq: the project's API
+
+
+def _qvq_one_run(model, image_path: str, decode_tokens: int, answer_tokens: int) -> dict:
+    """One question through ``qvq_local`` (Model.stream: images, prompt, Session, reasoning controller).
+
+    Thinking is cut at ``decode_tokens`` (plus the controller's grace window up to a sentence end), so the
+    forced-answer step always happens; loop detection is off so a random model's repetitions do not end
+    thinking early.  Figures on the caller's clock (what a user of the API sees, controller, splitter and
+    event overhead included; these are compared with the raw library):
+
+    * ``first_token_s``: from calling ``stream`` (image loading and prompt building included, as the raw
+      libraries' figure includes theirs) to the first thought token;
+    * ``decode_tok_s``: thought tokens / seconds between the first thought token and the moment the
+      forced text began (``Forced.at_token`` counts the tokens, so text the splitter holds back is no
+      matter).
+
+    The controller's own figures are kept beside them: ``first_token_s_api`` and ``decode_tok_s_step``
+    (time inside ``Session.step`` only, answer tokens included).
+    """
+    from qvq_local.events import Finished, Forced, Started, TextDelta
+
+    sk = _sampling_kwargs()
+    t0 = time.perf_counter()
+    started = None
+    result = None
+    t_first = t_think_end = None
+    first_tokens = 0
+    forced_at = None
+    for event in model.stream(
+        image_path,
+        QUESTION,
+        think_budget=decode_tokens,
+        answer_budget=answer_tokens,
+        temperature=sk["temperature"],
+        top_k=sk["top_k"],
+        top_p=sk["top_p"],
+        repetition_penalty=sk["repetition_penalty"],
+        seed=sk["seed"],
+        loop_detection=False,
+    ):
+        now = time.perf_counter()
+        if isinstance(event, Started):
+            started = event
+        elif isinstance(event, TextDelta) and event.phase == "thought" and event.tokens and t_first is None:
+            t_first, first_tokens = now, event.tokens
+        elif isinstance(event, Forced) and forced_at is None:
+            forced_at, t_think_end = event.at_token, now - event.seconds
+        elif isinstance(event, Finished):
+            result = event.result
+    if result is None or started is None:
+        raise RuntimeError("the event stream ended without Started/Finished")
+    t = result.timings
+    # thinking, on the caller's clock: from the first thought token to the moment the forced text began
+    window_tokens = (forced_at - first_tokens) if forced_at is not None else 0
+    wall_decode_s = (t_think_end - t_first) if (t_first is not None and t_think_end is not None) else 0.0
+    fig = {
+        "prompt_tokens": int(result.prompt_tokens),
+        "image_tokens": int(sum(i.tokens for i in result.images)),
+        "image_encode_s": float(t.image_encode_s),
+        "prefill_s": float(t.prefill_s),
+        "prefill_tok_s": float(t.prefill_tok_s),
+        "first_token_s": (t_first - t0) if t_first is not None else float(t.first_token_s),
+        "first_token_s_api": float(t.first_token_s),
+        "decode_tokens": int(result.thought_tokens + result.answer_tokens),
+        "thought_tokens": int(result.thought_tokens),
+        "decode_s": float(t.decode_s),
+        "decode_tok_s": window_tokens / wall_decode_s if wall_decode_s > 0 and window_tokens > 0 else 0.0,
+        "decode_tok_s_step": float(t.decode_tok_s),
+        "forced_step_s": float(t.forced_step_s),
+        "forced_tokens": 0,
+        "total_s": time.perf_counter() - t0,
+    }
+    if result.forced:
+        fig["forced_tokens"] = _count_tokens(model.loaded, result.forced[0].text)
+    fig["stop_reason"] = result.stop_reason
+    fig["forced"] = bool(result.forced)
+    return fig
+
+
+def _count_tokens(loaded, text: str) -> int:
+    """Tokens in ``text`` by the loaded model's own tokenizer (informative; 0 when it cannot tell)."""
+    try:
+        tokenize = getattr(loaded, "tokenize", None)
+        if callable(tokenize):
+            return len(tokenize(text))
+        return len(loaded.tokenizer.encode(text, add_special_tokens=False))
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def job_qvq(spec: dict) -> dict:
+    """This project's path, per image size; the warm-up run of each size is discarded."""
+    import qvq_local
+
+    runs, decode_tokens = int(spec["runs"]), int(spec["decode_tokens"])
+    answer_tokens = int(spec.get("answer_tokens", 8))
+    with PeakRss() as load_peak:
+        t0 = time.perf_counter()
+        model = qvq_local.load(spec["model"], backend=spec["backend"])
+        load_s = time.perf_counter() - t0
+    sizes: dict = {}
+    not_forced = 0
+    try:
+        for size, image_path in spec["images"].items():
+            samples = []
+            with PeakRss() as peak:
+                for i in range(runs + 1):
+                    _log(f"{spec['backend']} qvq {size}px run {i}/{runs}{' (warm-up)' if i == 0 else ''}")
+                    fig = _qvq_one_run(model, image_path, decode_tokens, answer_tokens)
+                    if i > 0:
+                        not_forced += 0 if fig.pop("forced") else 1
+                        fig.pop("stop_reason")
+                        samples.append(fig)
+            sizes[size] = _median_figures(samples)
+            sizes[size]["peak_rss_bytes"] = peak.bytes
+    finally:
+        quantization = model.quantization
+        model.close()
+    return {
+        "ok": True,
+        "path": "qvq_local.load(...).stream(...)",
+        "backend": spec["backend"],
+        "quantization": quantization,
+        "load_s": load_s,
+        "load_peak_rss_bytes": load_peak.bytes,
+        "peak_rss_bytes": lifetime_peak_rss(),
+        "answer_tokens": answer_tokens,
+        "runs_not_forced": not_forced,
+        "sizes": sizes,
+    }
+
+
+# ---------------------------------------------------------------- raw: the libraries alone
+
+
+def _raw_figures(t0: float, stamps: list[float], t_end: float, prompt_tokens: int) -> dict:
+    """Figures of one raw run from the moments each token became available (``stamps``).
+
+    ``first_token_s``: call to first token.  ``decode_tok_s``: (tokens - 1) / (last token - first token),
+    the same window the qvq path uses.  ``prefill_tok_s``: prompt tokens (image tokens included) / time
+    to first token, i.e. image encoding included, as on the qvq path.
+    """
+    n = len(stamps)
+    first = stamps[0] if stamps else t_end
+    span = (stamps[-1] - first) if n > 1 else 0.0
+    ttft = first - t0
+    return {
+        "prompt_tokens": int(prompt_tokens),
+        "first_token_s": ttft,
+        "prefill_tok_s": prompt_tokens / ttft if prompt_tokens and ttft > 0 else 0.0,
+        "decode_tokens": n,
+        "decode_s": span,
+        "decode_tok_s": (n - 1) / span if span > 0 else 0.0,
+        "total_s": t_end - t0,
+    }
+
+
+def _max_tokens(spec: dict, size: str) -> int:
+    """Tokens the raw run generates: as many as the qvq run made at this size (same work)."""
+    return int((spec.get("max_tokens") or {}).get(size) or spec["decode_tokens"])
+
+
+def _raw_mlx(spec: dict) -> dict:
+    """mlx-vlm's own ``stream_generate`` on the same folder, prompt text and image.
+
+    ``stream_generate`` yields once per generated token, so the moment of each yield is the moment that
+    token became available to a caller.
+    """
+    import mlx.core as mx
+    import mlx_vlm
+    from mlx_vlm import load as vlm_load
+    from mlx_vlm import stream_generate
+
+    from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt, load_chat_template
+
+    runs = int(spec["runs"])
+    with PeakRss() as load_peak:
+        t0 = time.perf_counter()
+        model, processor = vlm_load(spec["model"])
+        load_s = time.perf_counter() - t0
+    text = build_prompt(load_chat_template(spec["model"]), QUESTION, 1, system=QVQ_SYSTEM_PROMPT)
+    sk = _sampling_kwargs()
+    sizes: dict = {}
+    for size, image_path in spec["images"].items():
+        samples = []
+        max_tokens = _max_tokens(spec, size)
+        with PeakRss() as peak:
+            for i in range(runs + 1):
+                _log(f"mlx raw {size}px run {i}/{runs}{' (warm-up)' if i == 0 else ''}")
+                stamps: list[float] = []
+                last = None
+                t0 = time.perf_counter()
+                for res in stream_generate(
+                    model,
+                    processor,
+                    text,
+                    image=[image_path],
+                    max_tokens=max_tokens,
+                    temperature=sk["temperature"],
+                    repetition_penalty=sk["repetition_penalty"],
+                ):
+                    if res.token is not None and len(stamps) < res.generation_tokens:
+                        stamps.append(time.perf_counter())
+                    last = res
+                t_end = time.perf_counter()
+                fig = _raw_figures(t0, stamps, t_end, int(last.prompt_tokens) if last is not None else 0)
+                if last is not None:
+                    fig["library_prompt_tok_s"] = float(last.prompt_tps)
+                    fig["library_generation_tok_s"] = float(last.generation_tps)
+                    fig["library_peak_memory_gb"] = float(last.peak_memory)
+                if i > 0:
+                    samples.append(fig)
+        sizes[size] = _median_figures(samples)
+        sizes[size]["peak_rss_bytes"] = peak.bytes
+    del model, processor
+    mx.clear_cache()
+    return {
+        "library": f"mlx-vlm {getattr(mlx_vlm, '__version__', '?')} stream_generate",
+        "load_s": load_s,
+        "load_peak_rss_bytes": load_peak.bytes,
+        "sizes": sizes,
+    }
+
+
+def _llama_handler(mmproj: str):
+    """The chat handler llama-cpp-python 0.3.x offers for Qwen2-VL family models (mtmd underneath)."""
+    from llama_cpp import llama_chat_format as fmt
+
+    for name in ("Qwen25VLChatHandler", "MTMDChatHandler"):
+        cls = getattr(fmt, name, None)
+        if cls is not None:
+            return name, cls(clip_model_path=mmproj, verbose=False)
+    raise RuntimeError(
+        "llama-cpp-python has no Qwen2-VL chat handler (neither Qwen25VLChatHandler nor MTMDChatHandler)"
+    )
+
+
+def _data_uri(path: str) -> str:
+    import base64
+
+    data = Path(path).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+_QUIET_LOG = None
+
+
+def _silence_llama_logs() -> None:
+    """Drop llama.cpp/mtmd log lines (mtmd prints every prompt chunk at its default level)."""
+    global _QUIET_LOG
+    import llama_cpp
+    from llama_cpp import mtmd_cpp
+
+    if _QUIET_LOG is None:
+        _QUIET_LOG = llama_cpp.llama_log_callback(lambda level, text, user: None)
+    llama_cpp.llama_log_set(_QUIET_LOG, None)
+    for name in ("mtmd_log_set", "mtmd_helper_log_set"):
+        fn = getattr(mtmd_cpp, name, None)
+        if fn is not None:
+            fn(_QUIET_LOG, None)
+
+
+def _raw_llama(spec: dict) -> dict:
+    """llama-cpp-python's own chat completion with its Qwen2-VL handler, the same image as a data: URI.
+
+    Context settings match the qvq backend's (threads = all cores, flash attention, batch 512, GPU layers
+    as llama.cpp supports), so the comparison is of the code paths, not of the settings.
+
+    Timing: streamed chunks are no clock for tokens here (llama-cpp-python holds text back while it could
+    be an incomplete UTF-8 character or the start of a stop string, so chunks arrive in bursts).  A
+    logits processor is called once per generated token, right after llama.cpp produced its logits, so
+    its call times are the moments tokens become available; it returns the scores unchanged.
+    """
+    import llama_cpp
+    from llama_cpp import Llama, LogitsProcessorList
+
+    from qvq_local.prompt import QVQ_SYSTEM_PROMPT
+
+    runs = int(spec["runs"])
+    threads = max(1, os.cpu_count() or 1)
+    n_ctx = int(spec.get("n_ctx") or 4096)
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    _silence_llama_logs()
+    with PeakRss() as load_peak:
+        t0 = time.perf_counter()
+        handler_name, handler = _llama_handler(spec["mmproj"])
+        llm = Llama(
+            model_path=spec["model"],
+            chat_handler=handler,
+            n_ctx=n_ctx,
+            n_batch=512,
+            n_ubatch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            flash_attn=True,
+            n_gpu_layers=-1 if gpu else 0,
+            verbose=False,
+        )
+        load_s = time.perf_counter() - t0
+    _silence_llama_logs()  # Llama() installs its own logger
+    sk = _sampling_kwargs()
+    stamps: list[float] = []
+
+    def clock(_ids, scores):
+        stamps.append(time.perf_counter())
+        return scores
+
+    sizes: dict = {}
+    try:
+        for size, image_path in spec["images"].items():
+            messages = [
+                {"role": "system", "content": QVQ_SYSTEM_PROMPT},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": _data_uri(image_path)}},
+                        {"type": "text", "text": QUESTION},
+                    ],
+                },
+            ]
+            samples = []
+            max_tokens = _max_tokens(spec, size)
+            with PeakRss() as peak:
+                for i in range(runs + 1):
+                    _log(f"llama raw {size}px run {i}/{runs}{' (warm-up)' if i == 0 else ''}")
+                    stamps.clear()
+                    t0 = time.perf_counter()
+                    out = llm.create_chat_completion(
+                        messages=messages,
+                        max_tokens=max_tokens,
+                        logits_processor=LogitsProcessorList([clock]),
+                        temperature=sk["temperature"],
+                        top_k=sk["top_k"],
+                        top_p=sk["top_p"],
+                        min_p=0.0,
+                        repeat_penalty=sk["repetition_penalty"],
+                        seed=sk["seed"],
+                    )
+                    t_end = time.perf_counter()
+                    usage = out.get("usage") or {}
+                    # llama-cpp-python counts an image by its M-RoPE positions, not its tokens, so its
+                    # prompt_tokens undercount; the qvq run's count of the same prompt and image is exact
+                    library_prompt = int(usage.get("prompt_tokens") or 0)
+                    prompt_tokens = int((spec.get("prompt_tokens") or {}).get(size) or library_prompt)
+                    fig = _raw_figures(t0, list(stamps), t_end, prompt_tokens)
+                    fig["library_prompt_tokens"] = library_prompt
+                    fig["library_completion_tokens"] = int(usage.get("completion_tokens") or 0)
+                    if i > 0:
+                        samples.append(fig)
+            sizes[size] = _median_figures(samples)
+            sizes[size]["peak_rss_bytes"] = peak.bytes
+    finally:
+        llm.close()
+    return {
+        "library": f"llama-cpp-python {llama_cpp.__version__} create_chat_completion ({handler_name})",
+        "load_s": load_s,
+        "load_peak_rss_bytes": load_peak.bytes,
+        "n_ctx": n_ctx,
+        "sizes": sizes,
+    }
+
+
+def job_raw(spec: dict) -> dict:
+    out = _raw_mlx(spec) if spec["backend"] == "mlx" else _raw_llama(spec)
+    out.update(ok=True, backend=spec["backend"], peak_rss_bytes=lifetime_peak_rss())
+    return out
+
+
+JOBS = {
+    "synth": job_synth,
+    "convert-gguf": job_convert_gguf,
+    "convert-mlx": job_convert_mlx,
+    "qvq": job_qvq,
+    "raw": job_raw,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m qvq_local.bench_worker SPEC.json OUT.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = JOBS[spec["job"]](spec)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported to the parent, with its reason
+        from qvq_local.errors import QvqError
+
+        reason = str(exc) if isinstance(exc, QvqError) else f"{type(exc).__name__}: {exc}"
+        result = {
+            "ok": False,
+            "reason": " ".join(reason.split())[:500],
+            "traceback": traceback.format_exc()[-4000:],
+        }
+    tmp = Path(argv[1]).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, argv[1])
+    return 0 if result.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
