@@ -1,0 +1,32 @@
+"""`qvq --help` and every command's --help stay light: no heavy library is imported to print help.
+
+(Its speed is measured, not asserted: `python -X importtime -m qvq_local.cli --help`.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("numpy", "PIL", "mlx", "mlx_vlm", "llama_cpp", "huggingface_hub", "torch", "transformers", "gguf")
+COMMANDS = ["", "ask", "convert", "synth", "pull", "models", "doctor", "bench", "config"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_imports_no_heavy_library(command):
+    argv = ["qvq", *([command] if command else []), "--help"]
+    code = (
+        "import sys, json\n"
+        f"sys.argv = {argv!r}\n"
+        "from qvq_local import cli\n"
+        "try:\n    cli.app()\nexcept SystemExit as e:\n    code = e.code\n"
+        f"print(json.dumps({{'code': code, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["code"] in (0, None)
+    assert last["heavy"] == [], f"`{' '.join(argv)}` imported {last['heavy']}"
+    assert "Usage" in out.stdout
