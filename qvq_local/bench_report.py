@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from qvq_local import atomic
 
 
 def _fmt(value, spec: str = ".2f", missing: str = "-") -> str:
@@ -168,16 +169,7 @@ def write_json(result: dict, path: str | os.PathLike) -> Path:
     """Write the result atomically (temporary name in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_text(path, json.dumps(result, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def write_chart(result: dict, path: str | os.PathLike) -> Path:
@@ -247,14 +239,9 @@ def write_chart(result: dict, path: str | os.PathLike) -> Path:
     summary = result.get("machine", {}).get("summary", "")
     fig.suptitle(f"qvq bench on {summary}" if summary else "qvq bench", fontsize=10)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
     return path

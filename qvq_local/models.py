@@ -22,11 +22,11 @@ import datetime as _dt
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from qvq_local import atomic
 from qvq_local.config import qvq_home
 from qvq_local.errors import ModelError
 
@@ -104,19 +104,7 @@ def write_manifest(folder: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Write ``data`` as the folder's manifest atomically (temporary file, then ``os.replace``)."""
     folder = Path(folder)
     target = folder / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return target
+    return atomic.write_text(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def tool_version() -> str:

@@ -8,10 +8,9 @@ written to a temporary name in the same folder and renamed, so a reader never se
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from qvq_local import atomic
 from qvq_local.errors import InputError
 from qvq_local.events import Event, Finished, Result
 from qvq_local.render import forced_note
@@ -99,17 +98,9 @@ def write_transcript(path: str | Path, result: Result, question: str) -> Path:
         raise InputError("the folder for the transcript does not exist", path=folder)
     text = render_transcript(result, question)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        return atomic.write_text(path, text)
     except OSError as exc:
         raise InputError(f"cannot write the transcript: {exc.strerror or exc}", path=path) from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class TranscriptSink:
