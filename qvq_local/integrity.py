@@ -646,61 +646,277 @@ def _check_splits(model_file: Path, fields: dict[str, Any], findings: list[Findi
 
 def _read_gguf(path: Path, findings: list[Finding]) -> dict[str, Any] | None:
     """Header fields and tensor shapes of a GGUF file, after checking every tensor lies inside the file."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-    except OSError as err:
-        findings.append(Finding("error", str(path), f"cannot read ({err.strerror or err})"))
+    header = inspect_gguf(path, findings)
+    if header is None:
         return None
+    return {"fields": header.fields, "tensors": {name: list(t.shape) for name, t in header.tensors.items()}}
+
+
+# ------------------------------------------------------------------------------------------ GGUF header
+#
+# A GGUF file is: magic, version, tensor count, key/value count, the key/values, one info record per tensor
+# (name, dims, type, offset into the data section), padding to ``general.alignment``, then the data.  The
+# header alone says where every tensor's bytes are, so a file cut short is found without reading (or
+# mapping) any tensor data.  gguf-py's GGUFReader is not used: it turns each of the ~150k tokenizer strings
+# into numpy views (seconds for one text model) and maps every tensor.
+
+#: value type -> struct format of the scalar GGUF types
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+#: arrays up to this many elements are returned as lists; longer ones (tokenizer vocabularies) are skipped
+GGUF_SMALL_ARRAY = 64
+_GGUF_DEFAULT_ALIGNMENT = 32
+_MAX_GGUF_DIMS = 8
+#: ggml tensor type -> (elements per block, bytes per block), the ggml ABI as in gguf-py's GGML_QUANT_SIZES;
+#: a type missing here is looked up there (a newer gguf package) before its tensor is left unsized
+_GGML_BLOCKS = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110),
+    22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
+    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
+}  # fmt: skip
+
+
+class GgufHeaderError(ValueError):
+    """The header of a GGUF file is unreadable: the message says why, without the path."""
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """Where one tensor's bytes are: ``shape`` innermost dimension first, as GGUF stores it."""
+
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int  # from the start of the file
+    n_bytes: int | None  # None for a tensor type this module does not know
+
+
+@dataclass
+class GgufHeader:
+    """Key/values and tensor records of one GGUF file (see :func:`read_gguf_header`)."""
+
+    path: Path
+    size: int
+    version: int
+    n_tensors: int
+    fields: dict[str, Any]
+    tensors: dict[str, GgufTensor]
+    data_offset: int
+
+    def data_end(self) -> int:
+        """The end of the last tensor's data: the file must be at least this long."""
+        ends = [t.offset + (t.n_bytes or 0) for t in self.tensors.values()]
+        return max(ends, default=self.data_offset)
+
+
+class _Cursor:
+    """Sequential reads over a file through a growing buffer: one read() per megabyte, not per value."""
+
+    def __init__(self, fh: Any, size: int) -> None:
+        self.fh, self.size = fh, size
+        self.buf = b""
+        self.pos = 0  # in buf
+        self.base = 0  # file offset of buf[0]
+
+    def tell(self) -> int:
+        return self.base + self.pos
+
+    def _fill(self, n: int) -> None:
+        """Make ``n`` bytes available at ``pos``, or raise: the header runs past the end of the file."""
+        if self.tell() + n > self.size:
+            raise GgufHeaderError("truncated or corrupt GGUF file (header ends early)")
+        want = max(n, 1 << 20)
+        self.fh.seek(self.tell())
+        self.base = self.tell()
+        self.buf = self.fh.read(want)
+        self.pos = 0
+        if len(self.buf) < n:
+            raise GgufHeaderError("truncated or corrupt GGUF file (header ends early)")
+
+    def unpack(self, fmt: str, width: int) -> Any:
+        if self.pos + width > len(self.buf):
+            self._fill(width)
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += width
+        return value
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.buf):
+            self._fill(n)
+        data = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return data
+
+    def skip(self, n: int) -> None:
+        if self.tell() + n > self.size:
+            raise GgufHeaderError("truncated or corrupt GGUF file (header ends early)")
+        self.pos += n  # past the buffer's end is fine: the next read refills from tell()
+
+    def string(self) -> str:
+        n = self.unpack("<Q", 8)
+        if n > self.size:
+            raise GgufHeaderError("corrupt GGUF header (impossible string length)")
+        return self.take(n).decode("utf-8", "replace")
+
+    def skip_strings(self, count: int) -> None:
+        """Step over ``count`` length-prefixed strings without decoding them (tokenizer vocabularies)."""
+        unpack_from, buf, pos = struct.unpack_from, self.buf, self.pos
+        end = len(buf)
+        while count:
+            if pos + 8 > end:
+                self.pos = pos
+                self._fill(8)
+                buf, pos, end = self.buf, self.pos, len(self.buf)
+            n = unpack_from("<Q", buf, pos)[0]
+            if n > self.size:
+                raise GgufHeaderError("corrupt GGUF header (impossible string length)")
+            pos += 8 + n
+            count -= 1
+        self.pos = pos
+        if self.tell() > self.size:
+            raise GgufHeaderError("truncated or corrupt GGUF file (header ends early)")
+
+
+def read_gguf_header(
+    path: str | os.PathLike, *, wanted: set[str] | None = None, tensors: bool = True
+) -> GgufHeader:
+    """Parse a GGUF file's header: its key/values and (with ``tensors``) where each tensor's data lies.
+
+    Reads only the header (a few MB for a text model: its vocabulary), never tensor data.  Arrays longer
+    than :data:`GGUF_SMALL_ARRAY` are stepped over, not returned.  With ``wanted``, stops as soon as those
+    keys are seen and reads no tensor records.  Raises ``OSError`` when the file cannot be read and
+    :class:`GgufHeaderError` (message without the path) when it is not a GGUF or its header is corrupt.
+    """
+    p = Path(path)
+    size = p.stat().st_size
     if size == 0:
-        findings.append(Finding("error", str(path), "empty file (0 bytes): not a GGUF model"))
-        return None
-    if magic != _GGUF_MAGIC:
-        findings.append(
-            Finding("error", str(path), "not a GGUF file (wrong magic bytes): corrupt or another format")
-        )
-        return None
-    try:
-        import warnings
+        raise GgufHeaderError("empty file (0 bytes): not a GGUF model")
+    with open(p, "rb") as fh:
+        if fh.read(4) != _GGUF_MAGIC:
+            raise GgufHeaderError("not a GGUF file (wrong magic bytes): corrupt or another format")
+        cur = _Cursor(fh, size)
+        cur.base = 4
+        version = cur.unpack("<I", 4)
+        if version not in (2, 3):
+            raise GgufHeaderError(f"unsupported GGUF version {version}: corrupt, or not a GGUF v2/v3 file")
+        n_tensors, n_kv = cur.unpack("<Q", 8), cur.unpack("<Q", 8)
+        if n_kv > 1_000_000 or n_tensors > 10_000_000:
+            raise GgufHeaderError("corrupt GGUF header (impossible counts)")
+        fields: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            vtype = cur.unpack("<I", 4)
+            if vtype in _GGUF_SCALARS:
+                fmt = _GGUF_SCALARS[vtype]
+                fields[key] = cur.unpack(fmt, struct.calcsize(fmt))
+            elif vtype == _GGUF_STRING:
+                fields[key] = cur.string()
+            elif vtype == _GGUF_ARRAY:
+                _read_array(cur, key, fields)
+            else:
+                raise GgufHeaderError(f"corrupt GGUF header (unknown value type {vtype} for {key!r})")
+            if wanted is not None and wanted <= fields.keys():
+                return GgufHeader(p, size, version, n_tensors, fields, {}, 0)
+        if not tensors:
+            return GgufHeader(p, size, version, n_tensors, fields, {}, 0)
+        records = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.unpack("<I", 4)
+            if n_dims > _MAX_GGUF_DIMS:
+                raise GgufHeaderError(f"corrupt GGUF header (tensor {name!r} has {n_dims} dimensions)")
+            shape = tuple(cur.unpack("<Q", 8) for _ in range(n_dims))
+            records.append((name, shape, cur.unpack("<I", 4), cur.unpack("<Q", 8)))
+        alignment = fields.get("general.alignment", _GGUF_DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise GgufHeaderError(f"corrupt GGUF header (general.alignment {alignment!r})")
+        data_offset = -(-cur.tell() // alignment) * alignment
+    infos = {}
+    for name, shape, ggml_type, rel in records:
+        infos[name] = GgufTensor(shape, ggml_type, data_offset + rel, _tensor_bytes(shape, ggml_type))
+    return GgufHeader(p, size, version, n_tensors, fields, infos, data_offset)
 
-        from gguf import GGUFReader
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            reader = GGUFReader(str(path))
-    except ImportError as err:  # pragma: no cover - gguf is a core dependency
-        findings.append(
-            Finding("warning", str(path), f"cannot inspect GGUF: the gguf package is missing ({err})")
-        )
-        return None
-    except Exception as err:  # noqa: BLE001 - untrusted bytes make the reader raise anything
-        if "cannot reshape array" in str(err):  # a tensor's data view runs past the end of the file
-            message = f"truncated: tensor data runs past the end of the file ({size:,} bytes)"
+def _read_array(cur: _Cursor, key: str, fields: dict[str, Any]) -> None:
+    itype, count = cur.unpack("<I", 4), cur.unpack("<Q", 8)
+    if itype in _GGUF_SCALARS:
+        fmt = _GGUF_SCALARS[itype]
+        width = struct.calcsize(fmt)
+        if count * width > cur.size:
+            raise GgufHeaderError(f"truncated or corrupt GGUF file (array {key!r} runs past the end)")
+        if count <= GGUF_SMALL_ARRAY:
+            fields[key] = list(struct.unpack(f"<{count}{fmt[1]}", cur.take(count * width)))
         else:
-            message = f"corrupt or truncated GGUF ({_short(err)})"
-        findings.append(Finding("error", str(path), message))
-        return None
-    fields: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
-            continue  # big arrays, not needed here
+            cur.skip(count * width)
+    elif itype == _GGUF_STRING:
+        if count * 8 > cur.size:
+            raise GgufHeaderError(f"truncated or corrupt GGUF file (array {key!r} runs past the end)")
+        if count <= GGUF_SMALL_ARRAY:
+            fields[key] = [cur.string() for _ in range(count)]
+        else:
+            cur.skip_strings(count)
+    else:
+        raise GgufHeaderError(f"corrupt GGUF header (array of unknown type {itype} for {key!r})")
+
+
+def _tensor_bytes(shape: tuple[int, ...], ggml_type: int) -> int | None:
+    block = _GGML_BLOCKS.get(ggml_type)
+    if block is None:
         try:
-            fields[key] = field.contents()
-        except Exception:  # noqa: BLE001
-            fields[key] = None
-    tensors: dict[str, list[int]] = {}
-    end_max = 0
-    for t in reader.tensors:
-        tensors[t.name] = [int(x) for x in t.shape]
-        end_max = max(end_max, int(t.data_offset) + int(t.n_bytes))
-    if end_max > size:
+            from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+            block = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ImportError, KeyError, ValueError):
+            return None
+    n = 1
+    for d in shape:
+        n *= d
+    block_size, type_size = block
+    return n // block_size * type_size
+
+
+def inspect_gguf(path: str | os.PathLike, findings: list[Finding]) -> GgufHeader | None:
+    """The header of a GGUF file whose tensor data all lies inside the file; else ``None`` and an error.
+
+    Reads the header once (see :func:`read_gguf_header`); the result also serves the caller's own checks
+    (architecture, projector), so a backend about to load the file parses it only here.
+    """
+    p = Path(path)
+    try:
+        header = read_gguf_header(p)
+    except OSError as err:
+        findings.append(Finding("error", str(p), f"cannot read ({err.strerror or err})"))
+        return None
+    except GgufHeaderError as err:
+        findings.append(Finding("error", str(p), str(err)))
+        return None
+    for name, t in header.tensors.items():
+        if t.offset < header.data_offset:
+            findings.append(
+                Finding("error", str(p), f"corrupt GGUF header (tensor {name!r} has a bad offset)")
+            )
+            return None
+    end = header.data_end()
+    if end > header.size:
         findings.append(
             Finding(
                 "error",
-                str(path),
-                f"truncated: tensor data needs {end_max:,} bytes but the file holds {size:,}",
+                str(p),
+                f"truncated: tensor data needs {end:,} bytes but the file holds {header.size:,}",
             )
         )
         return None
-    return {"fields": fields, "tensors": tensors}
+    return header

@@ -524,6 +524,35 @@ def test_mismatched_mmproj(tiny_gguf_f32, tmp_path):
     assert "mmproj-7b.gguf" in str(err.value)
 
 
+def test_load_reads_each_header_once_and_no_tensor_data(monkeypatch, tiny_gguf_q4):
+    """The pre-load checks parse each file's header once, with the fast reader (not GGUFReader, which maps
+    every tensor and took seconds on a real vocabulary), and the checks still ran: both files were seen."""
+    import gguf
+
+    from qvq_local import integrity
+
+    seen: list[tuple[str, bool]] = []
+    real = integrity.read_gguf_header
+
+    def counting(path, **kw):
+        seen.append((Path(path).name, kw.get("tensors", True)))
+        return real(path, **kw)
+
+    def no_reader(*_a, **_k):
+        raise AssertionError("GGUFReader must not be used on the load path")
+
+    monkeypatch.setattr(integrity, "read_gguf_header", counting)
+    monkeypatch.setattr(gguf, "GGUFReader", no_reader)
+    model = llamacpp.load(tiny_gguf_q4.model, tiny_gguf_q4.mmproj)
+    try:
+        assert sorted(seen) == sorted(
+            [(Path(tiny_gguf_q4.model).name, True), (Path(tiny_gguf_q4.mmproj).name, True)]
+        )
+        assert model.n_embd > 0 and model.patch_size == 14
+    finally:
+        model.close()
+
+
 def test_missing_llama_cpp_is_backend_unavailable(monkeypatch, tiny_gguf_f32):
     import sys
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,99 @@ def test_unknown_model_is_a_one_line_problem():
     assert result.exit_code == 3, result.output
     assert "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- the GGUF header reader behind the checks
+
+
+def test_gguf_header_matches_gguf_reader(tiny_gguf_q4, tiny_gguf_f32):
+    """Tensor offsets, byte sizes and shapes, and the short fields, agree with gguf-py's GGUFReader."""
+    import warnings
+
+    from gguf import GGUFReader
+
+    from qvq_local.integrity import GGUF_SMALL_ARRAY, read_gguf_header
+
+    for path in (tiny_gguf_q4.model, tiny_gguf_q4.mmproj, tiny_gguf_f32.model):
+        header = read_gguf_header(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reader = GGUFReader(str(path))
+        assert len(header.tensors) == len(reader.tensors) == header.n_tensors
+        for t in reader.tensors:
+            mine = header.tensors[t.name]
+            assert (mine.offset, mine.n_bytes, list(mine.shape)) == (
+                int(t.data_offset),
+                int(t.n_bytes),
+                [int(x) for x in t.shape],
+            ), t.name
+        assert header.data_end() == Path(path).stat().st_size
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            if len(field.data) > GGUF_SMALL_ARRAY:
+                assert key not in header.fields, key  # the vocabulary is stepped over, not materialised
+            else:
+                want = field.contents()
+                got = header.fields[key]
+                assert got == pytest.approx(want) if isinstance(want, float) else got == want, key
+
+
+def _gguf_with_long_arrays(path: Path) -> Path:
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "qwen2vl")
+    writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(1000)])
+    writer.add_array("tokenizer.ggml.token_type", list(range(1000)))
+    writer.add_array("clip.vision.image_mean", [0.5, 0.25, 0.125])
+    writer.add_array("small.strings", ["a", "bc"])
+    writer.add_uint32("qwen2vl.embedding_length", 64)
+    writer.add_tensor("a.weight", np.ones((3, 5), dtype=np.float32))
+    writer.add_tensor("b.weight", np.ones((7,), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_header_steps_over_long_arrays_and_finds_cuts(tmp_path):
+    from qvq_local.integrity import GgufHeaderError, check_gguf_file, read_gguf_header
+
+    path = _gguf_with_long_arrays(tmp_path / "arrays.gguf")
+    header = read_gguf_header(path)
+    assert "tokenizer.ggml.tokens" not in header.fields and "tokenizer.ggml.token_type" not in header.fields
+    assert header.fields["clip.vision.image_mean"] == [0.5, 0.25, 0.125]
+    assert header.fields["small.strings"] == ["a", "bc"]
+    assert header.fields["qwen2vl.embedding_length"] == 64  # a key after the long arrays is still read
+    assert header.tensors["a.weight"].shape == (5, 3) and header.tensors["a.weight"].n_bytes == 60
+    assert header.tensors["b.weight"].n_bytes == 14
+    assert [f.level for f in check_gguf_file(path)] == ["ok"]
+    early = read_gguf_header(path, wanted={"general.architecture"}, tensors=False)
+    assert early.fields == {"general.architecture": "qwen2vl"} and early.tensors == {}
+
+    data = path.read_bytes()
+    cut_in_vocab = tmp_path / "cut-vocab.gguf"
+    cut_in_vocab.write_bytes(data[:2000])  # inside the 1000-string array
+    with pytest.raises(GgufHeaderError, match="truncated"):
+        read_gguf_header(cut_in_vocab)
+    cut_late_in_vocab = tmp_path / "cut-vocab-late.gguf"
+    cut_late_in_vocab.write_bytes(data[:9000])
+    with pytest.raises(GgufHeaderError, match="header ends early"):
+        read_gguf_header(cut_late_in_vocab)
+    cut_in_data = tmp_path / "cut-data.gguf"
+    last = header.tensors["b.weight"]
+    # the last tensor's bytes run past the end of the file
+    cut_in_data.write_bytes(data[: last.offset + last.n_bytes - 4])
+    (finding,) = check_gguf_file(cut_in_data)
+    assert finding.level == "error" and finding.path == str(cut_in_data)
+    assert finding.message.startswith("truncated: tensor data needs")
+
+    tokens_at = data.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens") + 4 + 4 + 8
+    lying = bytearray(data)
+    lying[tokens_at : tokens_at + 8] = struct.pack("<Q", 1 << 40)  # first string "longer" than the file
+    bad = tmp_path / "lying.gguf"
+    bad.write_bytes(bytes(lying))
+    (finding,) = check_gguf_file(bad)
+    assert finding.level == "error" and "impossible string length" in finding.message

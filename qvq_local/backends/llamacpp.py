@@ -27,7 +27,6 @@ import ctypes
 import json
 import math
 import os
-import struct
 import time
 import weakref
 from collections import deque
@@ -133,93 +132,23 @@ def _libs() -> tuple[Any, Any]:
 
 # ---------------------------------------------------------------- GGUF header peek (no llama.cpp needed)
 
-_GGUF_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
 
 def read_gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict[str, Any]:
     """Read a GGUF file's key/value header (not its tensors).
 
-    With ``wanted``, stop as soon as those keys are seen (a text model's tokenizer arrays hold ~150k
-    strings, not worth walking to find ``general.architecture``, which comes first).  Arrays of strings
-    are skipped, not returned.  Raises ModelError naming the file when it is not a GGUF or is truncated.
+    With ``wanted``, stop as soon as those keys are seen.  Long arrays (the tokenizer's ~150k strings) are
+    stepped over, not returned.  Raises ModelError naming the file when it is not a GGUF or is truncated.
     """
+    from qvq_local.integrity import GgufHeaderError, read_gguf_header
+
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            return _parse_gguf_header(fh, path, size, wanted)
+        header = read_gguf_header(path, wanted=wanted, tensors=False)
     except OSError as exc:
         raise ModelError(f"cannot read: {exc.strerror or exc}", path=path) from exc
-
-
-def _parse_gguf_header(fh: Any, path: Path, size: int, wanted: set[str] | None) -> dict[str, Any]:
-    def read(n: int) -> bytes:
-        data = fh.read(n)
-        if len(data) != n:
-            raise ModelError("truncated or corrupt GGUF file (header ends early)", path=path)
-        return data
-
-    def unpack(fmt: str) -> Any:
-        return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
-
-    def read_str() -> str:
-        n = unpack("<Q")
-        if n > size:
-            raise ModelError("corrupt GGUF header (impossible string length)", path=path)
-        return read(n).decode("utf-8", "replace")
-
-    magic = fh.read(4)
-    if magic != b"GGUF":
-        raise ModelError("not a GGUF file (bad magic bytes)", path=path)
-    version = unpack("<I")
-    if version not in (2, 3):
-        raise ModelError(f"unsupported GGUF version {version}", path=path)
-    n_tensors, n_kv = unpack("<Q"), unpack("<Q")
-    if n_kv > 1_000_000 or n_tensors > 10_000_000:
-        raise ModelError("corrupt GGUF header (impossible counts)", path=path)
-    meta: dict[str, Any] = {"__n_tensors__": n_tensors}
-    for _ in range(n_kv):
-        key = read_str()
-        vtype = unpack("<I")
-        if vtype in _GGUF_SCALARS:
-            meta[key] = unpack(_GGUF_SCALARS[vtype])
-        elif vtype == _GGUF_STRING:
-            meta[key] = read_str()
-        elif vtype == _GGUF_ARRAY:
-            itype, count = unpack("<I"), unpack("<Q")
-            if itype in _GGUF_SCALARS:
-                width = struct.calcsize(_GGUF_SCALARS[itype])
-                if count * width > size:
-                    raise ModelError("corrupt GGUF header (impossible array length)", path=path)
-                if count <= 64:
-                    meta[key] = list(struct.unpack(f"<{count}{_GGUF_SCALARS[itype][1]}", read(count * width)))
-                else:
-                    fh.seek(count * width, 1)
-            elif itype == _GGUF_STRING:
-                if count > size:
-                    raise ModelError("corrupt GGUF header (impossible array length)", path=path)
-                for _ in range(count):
-                    fh.seek(unpack("<Q"), 1)
-            else:
-                raise ModelError(f"corrupt GGUF header (array of unknown type {itype})", path=path)
-        else:
-            raise ModelError(f"corrupt GGUF header (unknown value type {vtype} for {key!r})", path=path)
-        if wanted is not None and wanted <= meta.keys():
-            break
-    return meta
+    except GgufHeaderError as exc:
+        raise ModelError(str(exc), path=path) from exc
+    return {"__n_tensors__": header.n_tensors, **header.fields}
 
 
 def _file_type_names(llama_cpp: Any) -> dict[int, str]:
@@ -437,14 +366,20 @@ def _check_file(path: Path, what: str) -> Path:
     return path
 
 
-def _check_gguf_data(path: Path) -> None:
-    """Refuse a GGUF whose tensors do not all lie inside the file (an interrupted download or copy) with
-    a message that says so and names the file; llama.cpp would only say "failed to load model"."""
-    from qvq_local.integrity import check_gguf_file
+def _read_checked_gguf(path: Path) -> dict[str, Any]:
+    """The key/values of a GGUF file whose tensors all lie inside it, from one pass over its header.
 
-    for finding in check_gguf_file(path):
-        if finding.level == "error":
-            raise ModelError(finding.message, path=finding.path)
+    Refuses a file cut short (an interrupted download or copy) with a message that says so and names the
+    file; llama.cpp would only say "failed to load model".  Reads the header only, never tensor data.
+    """
+    from qvq_local.integrity import inspect_gguf
+
+    findings: list = []
+    header = inspect_gguf(path, findings)
+    if header is None:
+        problem = next(f for f in findings if f.level == "error")
+        raise ModelError(problem.message, path=problem.path)
+    return {"__n_tensors__": header.n_tensors, **header.fields}
 
 
 def load(
@@ -472,7 +407,7 @@ def load(
         )
     mmproj_path = _check_file(Path(mmproj_gguf), "mmproj GGUF file")
 
-    meta = read_gguf_metadata(model_path, {"general.architecture"})
+    meta = _read_checked_gguf(model_path)
     arch = meta.get("general.architecture")
     if arch == "clip":
         raise ModelError("this is an mmproj (vision projector) file, not the text model", path=model_path)
@@ -481,7 +416,7 @@ def load(
             f"GGUF architecture is {arch!r}, not a Qwen2-VL model ({', '.join(sorted(SUPPORTED_ARCHS))})",
             path=model_path,
         )
-    pmeta = read_gguf_metadata(mmproj_path)
+    pmeta = _read_checked_gguf(mmproj_path)
     if pmeta.get("general.architecture") != "clip":
         raise ModelError(
             f"not an mmproj file: its architecture is {pmeta.get('general.architecture')!r}, expected 'clip'",
@@ -490,9 +425,6 @@ def load(
     projector = pmeta.get("clip.projector_type") or pmeta.get("clip.vision.projector_type")
     if projector not in SUPPORTED_PROJECTORS:
         raise ModelError(f"mmproj projector type is {projector!r}, expected qwen2vl_merger", path=mmproj_path)
-
-    _check_gguf_data(model_path)
-    _check_gguf_data(mmproj_path)
 
     llama_cpp, mtmd_cpp = _libs()
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
@@ -526,7 +458,10 @@ def load(
         cparams.print_timings = False
         cparams.n_threads = threads
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        cparams.warmup = False  # a warmup pass costs as much as encoding a large image
+        # mtmd's "warmup" only reserves the encoder's compute buffers, sized for its largest image (no
+        # compute pass); without it the first encode reserves for the image at hand.  Measured on the 2b
+        # shape (CPU): the first image costs the same CPU time either way, and warmup adds ~40 MB at load.
+        cparams.warmup = False
         _LOG.clear()
         mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode("utf-8"), model, cparams)
         if _LOG.pending is not None:
