@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvq_local.errors import DiskFull, InputError
+from qvq_local.qwen import QWEN_BASE_VOCAB
 
 from . import tokenizer_synth
 
@@ -59,7 +60,7 @@ class SynthShape:
     temporal_patch_size: int = 2
     rope_theta: float = 1000000.0
     rms_norm_eps: float = 1e-6
-    tokenizer_base: int = tokenizer_synth.QWEN_BASE_VOCAB  # id of <|endoftext|>
+    tokenizer_base: int = QWEN_BASE_VOCAB  # id of <|endoftext|>
     max_shard_bytes: int = 4_000_000_000  # QVQ-72B-Preview ships 38 shards of ~3.7 GiB
 
     @property

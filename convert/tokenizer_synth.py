@@ -18,36 +18,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from qvq_local.qwen import QVQ_SYSTEM_PROMPT, SPECIAL_TOKENS
+
 # The pre-tokeniser pattern of Qwen2's tokenizer.json.
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# In their original order: the first id of this list is the base vocabulary size.
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-QWEN_BASE_VOCAB = 151643  # id of <|endoftext|> in every Qwen2 / Qwen2-VL / QVQ tokenizer
-
-# QVQ-72B-Preview's default system prompt (its model card); it replaces Qwen2-VL's generic one.
-QVQ_SYSTEM_PROMPT = (
-    "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. "
-    "You should think step-by-step."
-)
 
 # Qwen2-VL's chat template (chat_template.json of Qwen2-VL-*-Instruct), with QVQ's default system prompt.
 # Image parts render as <|vision_start|><|image_pad|><|vision_end|>; the processor expands the pad.

@@ -18,32 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from qvq_local.errors import InputError, ModelError
+from qvq_local.qwen import IMAGE_BLOCK, IMAGE_PAD, QVQ_SYSTEM_PROMPT, SPECIAL_TOKENS
 
-QVQ_SYSTEM_PROMPT = "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. You should think step-by-step."
-
-#: What one image looks like in a rendered Qwen2-VL prompt (backends rewrite it for their library).
-IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
-IMAGE_PAD = "<|image_pad|>"
+__all__ = ["IMAGE_BLOCK", "IMAGE_PAD", "QVQ_SYSTEM_PROMPT"]  # re-exported: callers import them from here
 
 #: Control tokens a user's question must not smuggle into the prompt: the tokenizer would parse them as
 #: specials, so a literal ``<|image_pad|>`` would desynchronise the image count and ``<|im_end|>`` would
 #: close the user turn early.
-_RESERVED_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+_RESERVED_TOKENS = SPECIAL_TOKENS
 
 #: Used only when a model folder ships no chat template at all.  It reproduces the single-turn output of
 #: the Qwen2-VL template (system turn, user turn with one vision block per image then the text, and the

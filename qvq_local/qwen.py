@@ -1,0 +1,35 @@
+"""Facts about the Qwen2-VL / QVQ model family that several modules share (constants only, no code).
+
+The tokenizer builder, the prompt builder and the converters read these from here, so a fact is
+written once (as gguf-py keeps its constants apart from its writer).
+"""
+
+from __future__ import annotations
+
+#: Qwen's special tokens in their original order; the first one's id is the size of the base vocabulary.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+#: Id of ``<|endoftext|>`` in every Qwen2 / Qwen2-VL / QVQ tokenizer.
+QWEN_BASE_VOCAB = 151643
+
+#: QVQ-72B-Preview's default system prompt (its model card); it replaces Qwen2-VL's generic one.
+QVQ_SYSTEM_PROMPT = "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. You should think step-by-step."
+
+#: What one image looks like in a rendered Qwen2-VL prompt (backends rewrite it for their library).
+IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
