@@ -145,7 +145,8 @@ def test_image_prompt_parity_and_positions_after_image(f32_model, prompt, hf):
     """With the image: next-token logits after prefill, then after 3 generated tokens and a forced feed.
 
     The second comparison checks the M-RoPE bookkeeping: text after an image continues at position
-    ``n_past + max(grid_h, grid_w)``, in step() and in feed() alike.
+    ``n_pos + max(grid_h, grid_w)``, in step() and in feed() alike; ``n_past`` (the protocol's measure)
+    counts KV cells, which is what ``n_ctx`` limits.
     """
     import numpy as np
 
@@ -227,16 +228,17 @@ def test_feed_does_not_reencode_image(f32_model, prompt):
         assert stats.prompt_tokens == session.n_cells == f32_model.context_needed(prompt)
         # M-RoPE: positions advance less than cells after the image.
         gw, gh = llamacpp.qwen2vl_image_grid(*prompt.images[0].size)
-        assert session.n_past == session.n_cells - gw * gh + max(gw, gh)
+        assert session.n_pos == session.n_cells - gw * gh + max(gw, gh)
+        assert session.n_past == session.n_cells
         assert 0 < stats.image_encode_s <= stats.prefill_s
 
         _generate(session, 4)
-        past = session.n_past
+        past, pos = session.n_past, session.n_pos
         t0 = time.perf_counter()
         n = session.feed(FORCED)
         feed_s = time.perf_counter() - t0
         assert n == session.count_tokens(FORCED) > 0
-        assert session.n_past == past + n
+        assert session.n_past == past + n and session.n_pos == pos + n
         assert session.images_encoded == 1
         after = _generate(session, 3)
         assert after and session.images_encoded == 1

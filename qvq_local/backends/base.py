@@ -87,7 +87,7 @@ class Session(Protocol):
 
     backend: str  # "mlx" or "llama"
     n_ctx: int  # the context size in tokens (positions) this session can hold
-    n_past: int  # positions used so far
+    n_past: int  # KV-cache entries used so far (what n_ctx limits; M-RoPE positions may run behind it)
     images_encoded: int  # how many times an image went through the vision encoder (tests assert on it)
 
     def prefill(self, prompt: Prompt) -> PrefillStats: ...

@@ -15,8 +15,9 @@ Pieces:
   make it deterministic).
 
 M-RoPE matters for bookkeeping: an image advances the position counter by ``max(grid_h, grid_w)`` but
-stores one KV cell per image token.  ``n_past`` counts positions (where the next token goes);
-``n_cells`` counts cells (what fills ``n_ctx``).  Overflow is checked against cells, before decoding, and
+stores one KV cell per image token.  ``n_pos`` counts positions (where the next token goes);
+``n_cells`` counts cells (what fills ``n_ctx``), and the Session protocol's ``n_past`` is that count.
+Overflow is checked against cells, before decoding, and
 raised as :class:`~qvq_local.errors.ContextOverflow`.
 """
 
@@ -265,7 +266,7 @@ class LlamaModel:
         return gw * gh
 
     def image_positions(self, width: int, height: int) -> int:
-        """Positions one image advances ``n_past`` by (M-RoPE: ``max(grid_w, grid_h)``)."""
+        """Positions one image advances ``n_pos`` by (M-RoPE: ``max(grid_w, grid_h)``)."""
         return max(qwen2vl_image_grid(width, height, self.patch_size, self.merge_size))
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
@@ -529,12 +530,17 @@ class LlamaSession:
 
     backend = "llama"
 
+    @property
+    def n_past(self) -> int:
+        """KV cells in use: what ``n_ctx`` limits (the Session protocol's measure of a full context)."""
+        return self.n_cells
+
     def __init__(self, model: LlamaModel, sampling: SamplingParams, n_ctx: int):
         llama_cpp, _ = _libs()
         self.model = model
         self.sampling = sampling
         self.n_ctx = n_ctx
-        self.n_past = 0  # positions used (M-RoPE: an image advances this by max(grid_w, grid_h))
+        self.n_pos = 0  # positions used (M-RoPE: an image advances this by max(grid_w, grid_h))
         self.n_cells = 0  # KV cells used (an image fills one per image token)
         self.images_encoded = 0
         self.prefilled = False
@@ -612,7 +618,7 @@ class LlamaSession:
     # -- decoding
 
     def _decode_tokens(self, tokens: list[int], *, logits_last: bool = True) -> None:
-        """Decode ``tokens`` at positions n_past.. in batches; logits only for the very last one."""
+        """Decode ``tokens`` at positions n_pos.. in batches; logits only for the very last one."""
         llama_cpp, _ = _libs()
         batch = self._batch
         for start in range(0, len(tokens), self.n_batch):
@@ -620,7 +626,7 @@ class LlamaSession:
             batch.n_tokens = len(part)
             for i, tok in enumerate(part):
                 batch.token[i] = tok
-                batch.pos[i] = self.n_past + i
+                batch.pos[i] = self.n_pos + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = 0
@@ -630,7 +636,7 @@ class LlamaSession:
             _LOG.reraise()
             if rc != 0:
                 self._decode_failed(rc, len(part))
-            self.n_past += len(part)
+            self.n_pos += len(part)
             self.n_cells += len(part)
 
     def _decode_failed(self, rc: int, n: int) -> None:
@@ -729,7 +735,7 @@ class LlamaSession:
                         self._ctx,
                         chunk,
                         embd,
-                        self.n_past,
+                        self.n_pos,
                         0,
                         self.n_batch,
                         ctypes.byref(new_n_past),
@@ -739,7 +745,7 @@ class LlamaSession:
                     _LOG.reraise()
                     if rc != 0:
                         self._decode_failed(rc, n_tok)
-                    self.n_past = int(new_n_past.value)
+                    self.n_pos = int(new_n_past.value)
                     self.n_cells += n_tok
                     image_tokens.append(n_tok)
                 else:
