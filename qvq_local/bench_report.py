@@ -119,6 +119,13 @@ def render_tables(result: dict, console: Console | None = None) -> None:
             _fmt(ratios.get("first_token_s"), ".3f"),
         )
     console.print(speed)
+    for name, b in backends.items():
+        compute = (b.get("qvq") or {}).get("compute")
+        if b.get("available") and compute:
+            console.print(
+                f"  {name}: qvq-local runs with {compute}; the raw library keeps the model's own dtype, "
+                "so the qvq/raw ratios include that choice, not only the loop's overhead."
+            )
 
     size = _table(
         "Size and memory",

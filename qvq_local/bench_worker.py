@@ -244,12 +244,14 @@ def job_qvq(spec: dict) -> dict:
             sizes[size]["peak_rss_bytes"] = peak.bytes
     finally:
         quantization = model.quantization
+        compute = getattr(model.loaded, "compute_note", None)
         model.close()
     return {
         "ok": True,
         "path": "qvq_local.load(...).stream(...)",
         "backend": spec["backend"],
         "quantization": quantization,
+        "compute": compute,  # set when qvq computes differently from the raw library (ratios include it)
         "load_s": load_s,
         "load_peak_rss_bytes": load_peak.bytes,
         "peak_rss_bytes": lifetime_peak_rss(),

@@ -363,3 +363,28 @@ def test_context_overflow_is_reported(loaded, image):
     with pytest.raises(ContextOverflow):
         roomy.feed(FORCED)
     assert roomy.n_past == needed  # a refused feed leaves the cache as it was
+
+
+# ------------------------------------------------------------------------------ compute dtype (CPU)
+
+
+def test_auto_compute_dtype_is_float32_for_half_scales_on_cpu():
+    """MLX's CPU backend has no native bf16 arithmetic: 4-bit layers with bf16 scales get f32 activations."""
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from qvq_local.backends.mlx import _activation_dtype
+
+    def fake_lm(scale_dtype):
+        linear = nn.Linear(64, 64)
+        linear.set_dtype(scale_dtype)
+        layer = SimpleNamespace(mlp=SimpleNamespace(gate_proj=nn.QuantizedLinear.from_linear(linear)))
+        return SimpleNamespace(model=SimpleNamespace(layers=[layer]))
+
+    assert _activation_dtype(mx, fake_lm(mx.float32), "auto") is None  # already f32: nothing to change
+    assert _activation_dtype(mx, fake_lm(mx.bfloat16), None) is None
+    assert _activation_dtype(mx, fake_lm(mx.float32), "bfloat16") == mx.bfloat16
+    expected = mx.float32 if mx.default_device() == mx.cpu else None
+    assert _activation_dtype(mx, fake_lm(mx.bfloat16), "auto") == expected

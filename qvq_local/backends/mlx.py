@@ -31,7 +31,7 @@ from qvq_local.prompt import IMAGE_PAD, load_chat_template
 INSTALL_HINT = "pip install 'qvq-local[mlx]'"
 
 #: Prompt tokens run through the language model per forward call during prefill / feed.  Bounds the
-#: attention scratch memory for long prompts; each chunk only keeps the last position's logits.
+#: attention scratch memory for long prompts; only the prompt's last position goes through the output head.
 PREFILL_CHUNK = 512
 
 #: Model types whose vision tower can be run on its own and its features handed back to
@@ -153,6 +153,15 @@ class MlxModel:
         w = max(factor, round(width / factor) * factor)
         return (h // patch) * (w // patch) // (merge * merge)
 
+    @property
+    def compute_note(self) -> str | None:
+        """How sessions compute when it differs from the weights' own dtype (``qvq bench`` reports it)."""
+        import mlx.core as mx
+
+        if _activation_dtype(mx, self.model.language_model, "auto") is None:
+            return None
+        return "float32 activations on CPU (MLX's CPU backend has no fast bf16/f16 arithmetic)"
+
     def new_session(self, sampling: SamplingParams, *, n_ctx: int | None = None) -> MlxSession:
         return MlxSession(self, sampling.resolved(self.generation_config), n_ctx=n_ctx)
 
@@ -212,6 +221,32 @@ def _preflight(folder: Path) -> None:
             raise ModelError(finding.message, path=finding.path)
 
 
+def _activation_dtype(mx: Any, lm: Any, choice: str | None) -> Any:
+    """The dtype the language model's activations (and so its KV cache) are computed in; None: as loaded.
+
+    ``"auto"``: float32 when MLX runs on the CPU and the language model is quantised with half-precision
+    scales.  MLX's CPU backend has no native bfloat16/float16 arithmetic, so a 4-bit matmul fed bf16
+    activations runs ~8x slower than the same matmul fed float32 (measured on the tiny checkpoint, x86,
+    mlx 0.32: MLP of one layer 4.2 ms vs 0.55 ms per token); the weights stay 4-bit, only activations and
+    the KV cache (2x its bf16 size) change, and float32 is the more precise of the two.  On a GPU
+    (Apple Silicon) half precision is the fast path and nothing changes.  ``"float32"`` / ``"bfloat16"`` /
+    ``"float16"`` force a dtype; ``None`` keeps the model's own.
+    """
+    if choice is None:
+        return None
+    if choice != "auto":
+        return getattr(mx, choice)
+    if mx.default_device() != mx.cpu:
+        return None
+    import mlx.nn as nn
+
+    layers = getattr(lm.model, "layers", None) or []
+    proj = getattr(getattr(layers[0], "mlp", None), "gate_proj", None) if layers else None
+    if isinstance(proj, nn.QuantizedLinear) and proj.scales.dtype in (mx.bfloat16, mx.float16):
+        return mx.float32
+    return None
+
+
 class _Detokenizer:
     """Turns ids into text pieces that never split a UTF-8 character.
 
@@ -259,6 +294,7 @@ class MlxSession:
         n_ctx: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         repetition_context_size: int | None = None,
+        compute_dtype: str | None = "auto",
     ):
         self.mx = _import_mlx()
         from mlx_vlm.models import cache as vlm_cache
@@ -274,6 +310,7 @@ class MlxSession:
         self._chunk = max(1, int(prefill_chunk))
         self._rep_window = repetition_context_size
         self._cache = vlm_cache.make_prompt_cache(self._lm)
+        self._act_dtype = _activation_dtype(self.mx, self._lm, compute_dtype)
         self._rope_delta = 0
         self._logits = None  # mx.array [vocab] float32: the next token's logits
         self._history: list[int] = []  # every token in the cache (prompt, generated, fed)
@@ -310,25 +347,34 @@ class MlxSession:
         return mx.broadcast_to(pos, (3, 1, n))
 
     def _forward(self, embeds, positions):
-        """Run ``embeds`` [1, L, D] at ``positions`` [3, 1, L] through the LM in chunks; keep the cache.
+        """Run ``embeds`` [1, L, D] at ``positions`` [3, 1, L] through the LM; keep the cache.
 
-        Only the last position goes through the output head.  Returns its logits as float32 [vocab].
+        All positions but the last go through in chunks whose output is thrown away: only their keys
+        and values (the cache state) are evaluated, so the last layer's attention output and MLP for
+        those positions are never computed (MLX is lazy).  The last position runs on its own and alone
+        goes through the output head.  Returns its logits as float32 [vocab], not yet evaluated.
         """
         mx = self.mx
+        if self._act_dtype is not None and embeds.dtype != self._act_dtype:
+            embeds = embeds.astype(self._act_dtype)
         length = embeds.shape[1]
-        hidden = None
-        for start in range(0, length, self._chunk):
-            end = min(start + self._chunk, length)
-            hidden = self._lm.model(
+        for start in range(0, length - 1, self._chunk):
+            end = min(start + self._chunk, length - 1)
+            self._lm.model(
                 None,
                 inputs_embeds=embeds[:, start:end],
                 cache=self._cache,
                 position_ids=positions[:, :, start:end],
             )
-            if end < length:
-                mx.eval([c.state for c in self._cache])
+            mx.eval([c.state for c in self._cache])
+        hidden = self._lm.model(
+            None,
+            inputs_embeds=embeds[:, length - 1 :],
+            cache=self._cache,
+            position_ids=positions[:, :, length - 1 :],
+        )
         self.n_past += length
-        return self._head(hidden[:, -1:, :])[0, -1].astype(mx.float32)
+        return self._head(hidden)[0, -1].astype(mx.float32)
 
     def _embed_ids(self, ids: list[int]):
         mx = self.mx
@@ -465,6 +511,10 @@ class MlxSession:
         self._require_prefill()
         self._check_room(1, "generation")
         token = self._sample()
+        # Two separate evaluations, so that ``token.item()`` waits for the sampler only: the forward
+        # pass of this token then runs while the caller handles its text and builds the next step
+        # (one async_eval of the whole graph would make item() wait for the forward pass too).
+        mx.async_eval(token)
         embeds = self._lm.model.embed_tokens(token.reshape(1, 1).astype(mx.int32))
         next_logits = self._forward(embeds, self._text_positions(1))
         mx.async_eval(next_logits)
