@@ -137,6 +137,10 @@ def convert(
             from qvq_local.convert.to_gguf import convert_to_gguf
 
             pair = convert_to_gguf(src, partial, quant=quant, mmproj_quant=mmproj_quant, progress=progress)
+            # GGUF has no keys for sampling defaults: keep the model's own generation_config.json beside it
+            # (the llama backend reads it there), so QVQ's near-greedy settings survive conversion.
+            if (src / "generation_config.json").is_file():
+                shutil.copyfile(src / "generation_config.json", partial / "generation_config.json")
             manifest = _manifest(
                 partial,
                 out_dir.name,
