@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Union
 
+from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError, ModelError, QvqError
 
 FORMATS = ("mlx", "gguf")
@@ -115,7 +115,7 @@ def convert(
         raise InputError("output folder is the source folder", path=out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
-    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    partial = atomic.partial_dir(out_dir)
     try:
         if fmt == "mlx":
             from qvq_local.convert.to_mlx import convert_to_mlx
@@ -154,7 +154,7 @@ def convert(
         from qvq_local.models import write_manifest
 
         write_manifest(partial, manifest)
-        _move_into_place(partial, out_dir)
+        atomic.replace_dir(partial, out_dir)
     except OSError as err:
         shutil.rmtree(partial, ignore_errors=True)
         raise _write_error(err, out_dir, fmt) from None
@@ -234,17 +234,3 @@ def _version(dist: str) -> str | None:
         return version(dist)
     except Exception:  # noqa: BLE001 - a version is informative only
         return None
-
-
-def _move_into_place(partial: Path, out_dir: Path) -> None:
-    """Rename the finished folder onto ``out_dir``; an existing output (``--force``) goes only now."""
-    if out_dir.exists() or out_dir.is_symlink():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-        os.replace(partial, out_dir)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        os.replace(partial, out_dir)

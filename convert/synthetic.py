@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError
 from qvq_local.qwen import QWEN_BASE_VOCAB
 
@@ -392,15 +392,11 @@ def write_checkpoint(
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = atomic.partial_dir(out)
     tmp.mkdir()
     try:
         _write_files(tmp, s, dtype, st_dtype, seed, progress, ShardedWriter)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        atomic.replace_dir(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(err, out) from None

@@ -23,12 +23,12 @@ import shutil
 import struct
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from qvq_local.convert.checkpoint import normalise_name
 
+from qvq_local import atomic
 from qvq_local.errors import BackendUnavailable, DiskFull, InputError, ModelError, QvqError
 
 SUPPORTED_BITS = (4, 8)
@@ -68,14 +68,13 @@ def convert_to_mlx(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(src, out_dir.parent, weight_files, bits, group_size, needs_renaming)
 
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    partial = out_dir.parent / f".{out_dir.name}.partial-{token}"
+    partial = atomic.partial_dir(out_dir)
     staging: Path | None = None
     try:
         with _Reporter(progress) as report:
             source_for_mlx = src
             if needs_renaming:
-                staging = out_dir.parent / f".{out_dir.name}.staging-{token}"
+                staging = partial.with_name(partial.name.replace(".partial-", ".staging-"))
                 report.stage("Staging weights under the original Qwen2-VL names")
                 stage_original_names(src, staging, weight_files, report)
                 source_for_mlx = staging
@@ -84,7 +83,7 @@ def convert_to_mlx(
             report.stage("Checking the output")
             _tidy_output(partial)
             _check_output(partial)
-        _move_into_place(partial, out_dir)
+        atomic.replace_dir(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -306,20 +305,6 @@ def _check_output(dest: Path) -> None:
             raise ModelError(f"mlx-vlm wrote no {name}", path=dest)
     if not any(dest.glob("*.safetensors")):
         raise ModelError("mlx-vlm wrote no weights", path=dest)
-
-
-def _move_into_place(partial: Path, out_dir: Path) -> None:
-    """Rename the finished folder to ``out_dir``; an existing one is replaced only now."""
-    if out_dir.exists() or out_dir.is_symlink():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-        os.replace(partial, out_dir)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        os.replace(partial, out_dir)
 
 
 # ----------------------------------------------------------------------------- progress display

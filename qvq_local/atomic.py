@@ -45,3 +45,30 @@ def write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding=encoding)
     return Path(path)
+
+
+def partial_dir(out_dir: str | os.PathLike) -> Path:
+    """A unique hidden sibling of ``out_dir`` to build a folder in before :func:`replace_dir`."""
+    import uuid
+
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def replace_dir(partial: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Move a finished folder onto ``out_dir``.  An existing output (``--force``) is moved aside first
+    and deleted only once the new one is in place, so there is never a moment with no output at all."""
+    import shutil
+    import uuid
+
+    partial, out_dir = Path(partial), Path(out_dir)
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        os.replace(partial, out_dir)
+        return
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.replace(out_dir, old)
+    os.replace(partial, out_dir)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()

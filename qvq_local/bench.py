@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError, ModelError, QvqError
 
 SCHEMA = "qvq-bench/1"
@@ -141,9 +142,7 @@ def _read_marker(path: Path) -> dict | None:
 
 
 def _write_marker(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(data, indent=1))
 
 
 def _cached_build(home: Path, name: str, spec: dict, label: str, log, check) -> dict:
@@ -305,9 +304,8 @@ def make_image(size: int, path: Path) -> Path:
     points = [(int(x * s), int(y * s)) for x, y in [(20, 150), (60, 110), (100, 130), (140, 80), (180, 120)]]
     draw.line(points, fill="red", width=max(1, int(3 * s)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path, suffix=".png") as tmp:
+        img.save(tmp)
     return path
 
 

@@ -29,6 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
+from qvq_local import atomic
 from qvq_local.bench_memory import PeakRss, lifetime_peak_rss
 
 QUESTION = "What is the largest value in this chart? Think it through, then give the number."
@@ -525,9 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             "reason": " ".join(reason.split())[:500],
             "traceback": traceback.format_exc()[-4000:],
         }
-    tmp = Path(argv[1]).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    os.replace(tmp, argv[1])
+    atomic.write_text(argv[1], json.dumps(result, indent=1, default=str))
     return 0 if result.get("ok") else 1
 
 

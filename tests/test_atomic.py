@@ -38,3 +38,29 @@ def test_suffix_reaches_the_temporary_name(tmp_path):
         assert tmp.suffix == ".png" and tmp.parent == tmp_path
         tmp.write_bytes(b"\x89PNG")
     assert (tmp_path / "chart.png").read_bytes() == b"\x89PNG"
+
+
+def test_replace_dir_swaps_a_finished_folder_onto_an_existing_output(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.bin").write_text("old")
+    partial = atomic.partial_dir(out)
+    assert partial.parent == tmp_path and partial.name.startswith(".model.partial-")
+    assert atomic.partial_dir(out) != partial  # unique per call: two conversions never share one
+    partial.mkdir()
+    (partial / "new.bin").write_text("new")
+    atomic.replace_dir(partial, out)
+    assert sorted(p.name for p in out.iterdir()) == ["new.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # neither the partial nor the old copy is left
+
+
+def test_replace_dir_onto_nothing_or_a_file(tmp_path):
+    first = atomic.partial_dir(tmp_path / "a")
+    first.mkdir()
+    atomic.replace_dir(first, tmp_path / "a")
+    assert (tmp_path / "a").is_dir()
+    (tmp_path / "b").write_text("a file where the folder goes")
+    second = atomic.partial_dir(tmp_path / "b")
+    second.mkdir()
+    atomic.replace_dir(second, tmp_path / "b")
+    assert (tmp_path / "b").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
