@@ -118,16 +118,16 @@ def estimate_output_bytes(src: Path, weight_files: list[Path], bits: int | None,
     """
     if bits is None:
         return sum(p.stat().st_size for p in weight_files)
+    from qvq_local.convert.safetensors_io import SafetensorsFile
+
     total = 0
     for path in weight_files:
-        with open(path, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            start, stop = info["data_offsets"]
-            nbytes = int(stop) - int(start)
-            shape = info.get("shape") or []
+        st = SafetensorsFile(path)
+        try:
+            sizes = {name: (st.nbytes(name), st.shape(name)) for name in st}
+        finally:
+            st.close()
+        for name, (nbytes, shape) in sizes.items():
             original = normalise_name(name)
             if original.startswith("visual.") or len(shape) != 2 or shape[-1] % group_size:
                 total += nbytes

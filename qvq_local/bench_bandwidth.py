@@ -20,10 +20,8 @@ both the best and the median are reported; the bound uses the median read figure
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import struct
 import threading
 import time
 from pathlib import Path
@@ -106,16 +104,13 @@ def measure_bandwidth(size_bytes: int = 1 << 30, reps: int = 5, threads: int | N
 
 def _safetensors_sizes(path: Path) -> dict[str, tuple[int, list[int]]]:
     """``{name: (nbytes, shape)}`` from a safetensors header alone (no data is read)."""
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        out[name] = (int(end - start), list(info["shape"]))
-    return out
+    from qvq_local.convert.safetensors_io import SafetensorsFile
+
+    st = SafetensorsFile(path)
+    try:
+        return {name: (st.nbytes(name), list(st.shape(name))) for name in st}
+    finally:
+        st.close()
 
 
 def _per_token(sizes: dict[str, tuple[int, list[int]]], is_vision, is_embed, is_lm_head) -> dict:
@@ -141,11 +136,16 @@ def _per_token(sizes: dict[str, tuple[int, list[int]]], is_vision, is_embed, is_
 
 def gguf_bytes_per_token(model_gguf: str | os.PathLike) -> dict:
     """Bytes one decoded token reads from a text-model GGUF (the mmproj is the vision tower)."""
-    from gguf import GGUFReader
+    from qvq_local.errors import ModelError
+    from qvq_local.integrity import read_gguf_header
 
-    reader = GGUFReader(str(model_gguf), "r")
+    # The header alone (tensor types and shapes) gives every size; GGUFReader would map every tensor.
+    tensors = read_gguf_header(model_gguf).tensors
+    unsized = [name for name, t in tensors.items() if t.n_bytes is None]
+    if unsized:
+        raise ModelError(f"unknown ggml tensor type for {unsized[0]!r}", path=model_gguf)
     # GGUF shapes are innermost-first: ne[1] of token_embd is the vocabulary (rows).
-    sizes = {t.name: (int(t.n_bytes), [int(x) for x in reversed(list(t.shape))]) for t in reader.tensors}
+    sizes = {name: (int(t.n_bytes), [int(x) for x in reversed(t.shape)]) for name, t in tensors.items()}
     out = _per_token(
         sizes,
         is_vision=lambda k: k.startswith(("v.", "mm.")),
