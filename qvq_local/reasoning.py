@@ -182,6 +182,24 @@ def default_forced_text(chat_template: str | None) -> str:
 # ------------------------------------------------------------------------------------------ splitter
 
 
+def find_marker(s: str, markers: tuple[str, ...]) -> tuple[int, int, str] | None:
+    """The marker occurrence that ends first (the longer one on a tie): ``(start, end, marker)`` or None.
+
+    The one rule both the whole-text split and the streaming splitter use to pick the boundary.
+    """
+    best: tuple[int, int, str] | None = None  # (end, -len, marker)
+    for marker in markers:
+        i = s.find(marker)
+        if i >= 0:
+            key = (i + len(marker), -len(marker), marker)
+            if best is None or key < best:
+                best = key
+    if best is None:
+        return None
+    end, neg_len, marker = best
+    return end + neg_len, end, marker
+
+
 def split_text(text: str, markers: tuple[str, ...] = DEFAULT_ANSWER_MARKERS) -> tuple[str, str, str | None]:
     """Split a whole text at once: ``(thought, answer, marker or None)``.
 
@@ -191,17 +209,11 @@ def split_text(text: str, markers: tuple[str, ...] = DEFAULT_ANSWER_MARKERS) -> 
     s = text
     if s.lstrip().startswith(THINK_OPEN):
         s = s.lstrip()[len(THINK_OPEN) :]
-    best: tuple[int, int, str] | None = None  # (end, -len, marker)
-    for marker in markers:
-        i = s.find(marker)
-        if i >= 0:
-            key = (i + len(marker), -len(marker), marker)
-            if best is None or key < best:
-                best = key
-    if best is None:
+    found = find_marker(s, markers)
+    if found is None:
         return s.strip(), "", None
-    end, neg_len, marker = best
-    return s[: end + neg_len].strip(), s[end:].strip(), marker
+    start, end, marker = found
+    return s[:start].strip(), s[end:].strip(), marker
 
 
 def infer_answer(text: str) -> tuple[str, str]:
@@ -275,7 +287,7 @@ class ThoughtAnswerSplitter:
             if head.startswith(THINK_OPEN):
                 self._pending = head[len(THINK_OPEN) :]
         if self.phase == "thought":
-            found = self._find_marker(self._pending)
+            found = find_marker(self._pending, self.markers)
             if found is None:
                 keep = 0 if final else self._marker_prefix_len(self._pending)
                 cut = len(self._pending) - keep
@@ -303,20 +315,6 @@ class ThoughtAnswerSplitter:
             self._parts[phase].append(body)
             out.append((phase, body))
         return "" if final else text[len(body) :]
-
-    def _find_marker(self, s: str) -> tuple[int, int, str] | None:
-        """The marker occurrence that ends first (the longer one on a tie): (start, end, marker)."""
-        best: tuple[int, int, str] | None = None  # (end, -len, marker)
-        for marker in self.markers:
-            i = s.find(marker)
-            if i >= 0:
-                key = (i + len(marker), -len(marker), marker)
-                if best is None or key < best:
-                    best = key
-        if best is None:
-            return None
-        end, neg_len, marker = best
-        return end + neg_len, end, marker
 
     def _marker_prefix_len(self, s: str) -> int:
         """Length of the longest tail of ``s`` that is a proper prefix of some marker."""
