@@ -59,12 +59,20 @@ def _sampling_kwargs() -> dict:
 # ---------------------------------------------------------------- conversion jobs
 
 
+def _measured(work) -> tuple[object, dict]:
+    """Run ``work()`` once; return its value and the figures every conversion job reports."""
+    with PeakRss() as peak:
+        t0 = time.perf_counter()
+        value = work()
+        seconds = time.perf_counter() - t0
+    return value, {"ok": True, "seconds": seconds, "peak_rss_bytes": peak.bytes, "peak_method": peak.method}
+
+
 def job_synth(spec: dict) -> dict:
     from qvq_local.convert.synthetic import write_checkpoint
 
-    with PeakRss() as peak:
-        t0 = time.perf_counter()
-        path = write_checkpoint(
+    path, figures = _measured(
+        lambda: write_checkpoint(
             Path(spec["out"]),
             shape=spec["shape"],
             dtype=spec.get("dtype", "bf16"),
@@ -72,59 +80,38 @@ def job_synth(spec: dict) -> dict:
             progress=bool(spec.get("progress")),
             force=bool(spec.get("force", False)),
         )
-        seconds = time.perf_counter() - t0
-    return {
-        "ok": True,
-        "path": str(path),
-        "seconds": seconds,
-        "peak_rss_bytes": peak.bytes,
-        "peak_method": peak.method,
-    }
+    )
+    return {"path": str(path), **figures}
 
 
 def job_convert_gguf(spec: dict) -> dict:
     from qvq_local.convert.to_gguf import convert_to_gguf
 
-    with PeakRss() as peak:
-        t0 = time.perf_counter()
-        pair = convert_to_gguf(
+    pair, figures = _measured(
+        lambda: convert_to_gguf(
             Path(spec["src"]),
             Path(spec["out"]),
             quant=spec["quant"],
             mmproj_quant=spec.get("mmproj_quant", "f16"),
             progress=bool(spec.get("progress")),
         )
-        seconds = time.perf_counter() - t0
-    return {
-        "ok": True,
-        "model": str(pair.model),
-        "mmproj": str(pair.mmproj),
-        "seconds": seconds,
-        "peak_rss_bytes": peak.bytes,
-        "peak_method": peak.method,
-    }
+    )
+    return {"model": str(pair.model), "mmproj": str(pair.mmproj), **figures}
 
 
 def job_convert_mlx(spec: dict) -> dict:
     from qvq_local.convert.to_mlx import convert_to_mlx
 
-    with PeakRss() as peak:
-        t0 = time.perf_counter()
-        path = convert_to_mlx(
+    path, figures = _measured(
+        lambda: convert_to_mlx(
             Path(spec["src"]),
             Path(spec["out"]),
             bits=spec.get("bits"),
             group_size=int(spec.get("group_size", 64)),
             progress=bool(spec.get("progress")),
         )
-        seconds = time.perf_counter() - t0
-    return {
-        "ok": True,
-        "path": str(path),
-        "seconds": seconds,
-        "peak_rss_bytes": peak.bytes,
-        "peak_method": peak.method,
-    }
+    )
+    return {"path": str(path), **figures}
 
 
 # ---------------------------------------------------------------- qvq: the project's API
