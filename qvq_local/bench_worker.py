@@ -393,6 +393,7 @@ def _raw_llama(spec: dict) -> dict:
     import llama_cpp
     from llama_cpp import Llama, LogitsProcessorList
 
+    from qvq_local.backends import llama_buffers
     from qvq_local.prompt import QVQ_SYSTEM_PROMPT
 
     runs = int(spec["runs"])
@@ -403,18 +404,20 @@ def _raw_llama(spec: dict) -> dict:
     with PeakRss() as load_peak:
         t0 = time.perf_counter()
         handler_name, handler = _llama_handler(spec["mmproj"])
-        llm = Llama(
-            model_path=spec["model"],
-            chat_handler=handler,
-            n_ctx=n_ctx,
-            n_batch=512,
-            n_ubatch=512,
-            n_threads=threads,
-            n_threads_batch=threads,
-            flash_attn=True,
-            n_gpu_layers=-1 if gpu else 0,
-            verbose=False,
-        )
+        # The same CPU buffer plan as qvq's session (AMX off on AMX CPUs): like for like, and no crash.
+        with llama_buffers.high_level_llama(spec["model"]):
+            llm = Llama(
+                model_path=spec["model"],
+                chat_handler=handler,
+                n_ctx=n_ctx,
+                n_batch=512,
+                n_ubatch=512,
+                n_threads=threads,
+                n_threads_batch=threads,
+                flash_attn=True,
+                n_gpu_layers=-1 if gpu else 0,
+                verbose=False,
+            )
         load_s = time.perf_counter() - t0
     _silence_llama_logs()  # Llama() installs its own logger
     sk = _sampling_kwargs()

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qvq_local.backends import llama_buffers
 from qvq_local.backends.base import PrefillStats, Prompt, SamplingParams, Token
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError, QvqError
 
@@ -252,9 +253,11 @@ class LlamaModel:
     patch_size: int
     merge_size: int
     backend: str = "llama"
+    cpu_buffers: Any = None  # the llama_buffers.BufferPlan the weights were loaded with
     n_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     _model: Any = None
     _mtmd: Any = None
+    _buft_overrides: Any = None
     _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     _finalizer: Any = None
 
@@ -367,8 +370,9 @@ def _check_file(path: Path, what: str) -> Path:
     return path
 
 
-def _read_checked_gguf(path: Path) -> dict[str, Any]:
-    """The key/values of a GGUF file whose tensors all lie inside it, from one pass over its header.
+def _read_checked_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The key/values and tensor records of a GGUF file whose tensors all lie inside it, from one pass
+    over its header.
 
     Refuses a file cut short (an interrupted download or copy) with a message that says so and names the
     file; llama.cpp would only say "failed to load model".  Reads the header only, never tensor data.
@@ -380,7 +384,7 @@ def _read_checked_gguf(path: Path) -> dict[str, Any]:
     if header is None:
         problem = next(f for f in findings if f.level == "error")
         raise ModelError(problem.message, path=problem.path)
-    return {"__n_tensors__": header.n_tensors, **header.fields}
+    return {"__n_tensors__": header.n_tensors, **header.fields}, header.tensors
 
 
 def load(
@@ -391,6 +395,7 @@ def load(
     name: str | None = None,
     generation_config: dict | None = None,
     n_threads: int | None = None,
+    cpu_buffers: str | None = None,
 ) -> LlamaModel:
     """Load a Qwen2-VL GGUF text model and its mmproj.
 
@@ -408,7 +413,7 @@ def load(
         )
     mmproj_path = _check_file(Path(mmproj_gguf), "mmproj GGUF file")
 
-    meta = _read_checked_gguf(model_path)
+    meta, tensors = _read_checked_gguf(model_path)
     arch = meta.get("general.architecture")
     if arch == "clip":
         raise ModelError("this is an mmproj (vision projector) file, not the text model", path=model_path)
@@ -417,7 +422,7 @@ def load(
             f"GGUF architecture is {arch!r}, not a Qwen2-VL model ({', '.join(sorted(SUPPORTED_ARCHS))})",
             path=model_path,
         )
-    pmeta = _read_checked_gguf(mmproj_path)
+    pmeta, _ = _read_checked_gguf(mmproj_path)
     if pmeta.get("general.architecture") != "clip":
         raise ModelError(
             f"not an mmproj file: its architecture is {pmeta.get('general.architecture')!r}, expected 'clip'",
@@ -435,6 +440,9 @@ def load(
 
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = int(n_gpu_layers)
+    buffers, overrides = llama_buffers.apply(
+        mparams, llama_buffers.plan_here(llama_cpp, cpu_buffers, tensors), llama_cpp
+    )
     _LOG.clear()
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
     if _LOG.pending is not None:
@@ -515,9 +523,11 @@ def load(
         patch_size=int(pmeta.get("clip.vision.patch_size", 14)),
         merge_size=int(pmeta.get("clip.vision.spatial_merge_size", 2)),
         n_threads=threads,
+        cpu_buffers=buffers,
     )
     loaded._model = model
     loaded._mtmd = mctx
+    loaded._buft_overrides = overrides  # llama.cpp keeps a pointer to them in the model's params
     loaded._finalizer = weakref.finalize(loaded, _free_model, llama_cpp, mtmd_cpp, model, mctx)
     return loaded
 

@@ -1,0 +1,299 @@
+"""Which CPU buffer types llama.cpp may put a model's weights in: the AMX crash, and what to keep.
+
+llama.cpp's CPU backend can store weights in "extra" buffer types that re-layout them for faster kernels:
+``AMX`` (Intel AMX tiles, only in builds compiled on or for an AMX CPU) and ``CPU_REPACK`` (interleaved
+blocks for AVX2 / AVX-512 / NEON GEMV and GEMM).  In the llama.cpp bundled with llama-cpp-python 0.3.x the
+AMX one segfaults on the first decode of Q4_K_M and Q8_0 models (upstream issue #20824, unfixed); F16
+models are not affected.  ``llama_model_params.use_extra_bufts = False`` avoids the crash but also drops
+the repacking.  So on an AMX CPU this module turns the extra buffer types off and then puts back, tensor
+by tensor through ``tensor_buft_overrides``, exactly the weights that CPU_REPACK would have taken on x86:
+
+* type Q4_0, Q4_K, IQ4_NL or MXFP4 with AVX2, or Q2_K with AVX-512 (ggml-cpu/repack.cpp,
+  ``ggml_repack_get_optimal_repack_type``), and a row count (``ne[1]``) divisible by 8;
+* a matrix that only ever enters a matrix multiplication (the attention and FFN projections and the
+  output head; never ``token_embd``, which is read by row lookup).
+
+A tensor pinned to CPU_REPACK that repack cannot handle aborts the load inside llama.cpp, so the rule is
+deliberately a subset of llama.cpp's: anything in doubt stays in the plain CPU buffer.
+
+Modes (``--cpu-buffers`` / ``QVQ_LLAMA_CPU_BUFFERS``): ``auto`` (default: ``no-amx`` where the CPU has
+AMX and the build may use it, else ``all``), ``all`` (llama.cpp's own choice: for a build whose AMX bug is
+fixed), ``no-amx`` and ``none`` (every extra buffer type off).
+
+Decision functions take recorded inputs (a :class:`~qvq_local.cpu.CpuInfo`, llama.cpp's system-info
+string, GGUF tensor records); only :func:`apply` touches ctypes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from qvq_local.cpu import CpuInfo
+from qvq_local.errors import InputError
+
+MODES = ("auto", "all", "no-amx", "none")
+ENV_VAR = "QVQ_LLAMA_CPU_BUFFERS"
+UPSTREAM_BUG = "llama.cpp issue #20824"
+
+# ggml_type numbers (ggml.h; the gguf package's GGMLQuantizationType agrees).
+_Q4_0, _Q2_K, _Q4_K, _IQ4_NL, _MXFP4 = 2, 10, 12, 20, 39
+_REPACK_AVX2 = frozenset({_Q4_0, _Q4_K, _IQ4_NL, _MXFP4})
+_REPACK_AVX512 = frozenset({_Q2_K})
+
+#: Weights that only enter MUL_MAT: per-layer projections and the output head.
+_MATMUL_WEIGHT = re.compile(
+    r"^blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_output|attn_qkv|ffn_gate|ffn_up|ffn_down)\.weight$"
+)
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """What the llama backend does with extra buffer types for one model on one machine."""
+
+    mode: str  # the resolved mode: all | no-amx | none
+    requested: str  # what the user asked for (auto | all | no-amx | none)
+    reason: str
+    repack_patterns: tuple[str, ...] = field(default=())  # tensor_buft_overrides to CPU_REPACK
+
+    @property
+    def use_extra_bufts(self) -> bool:
+        return self.mode == "all"
+
+    def describe(self) -> str:
+        """One line for doctor and bench: which buffer types the weights go to, and why."""
+        if self.mode == "all":
+            return f"llama.cpp's choice (AMX and repack where available): {self.reason}"
+        if self.mode == "none":
+            return f"plain CPU buffers only: {self.reason}"
+        kept = (
+            f", CPU_REPACK kept for {len(self.repack_patterns)} tensor groups" if self.repack_patterns else ""
+        )
+        return f"AMX off{kept}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class LlamaBuild:
+    """What a llama.cpp build says of itself in ``llama_print_system_info()``: its backends (``CPU``,
+    ``CUDA``, ``MTL``/``Metal``, ``Vulkan``...) and the features reported as on (``AMX_INT8``, ``REPACK``,
+    ``AVX2``...), upper case."""
+
+    backends: tuple[str, ...]
+    features: frozenset[str]
+
+    @property
+    def gpu_backends(self) -> tuple[str, ...]:
+        return tuple(b for b in self.backends if b not in ("CPU", "BLAS", "RPC"))
+
+
+def parse_system_info(info: str) -> LlamaBuild:
+    """Parse ``"CUDA : ARCHS = 890 | CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 |"``."""
+    backends: list[str] = []
+    on = set()
+    for part in info.replace("\n", "|").split("|"):
+        if ":" in part:  # "CPU : SSE3 = 1" starts each backend's section
+            section, part = part.split(":", 1)
+            if section.strip() and section.strip() not in backends:
+                backends.append(section.strip())
+        name, sep, value = part.partition("=")
+        if sep and value.strip() not in ("", "0"):
+            on.add(name.strip().upper())
+    return LlamaBuild(tuple(backends), frozenset(on))
+
+
+def requested_mode(option: str | None = None) -> str:
+    """The mode asked for: the option, else ``$QVQ_LLAMA_CPU_BUFFERS``, else ``auto``; validated."""
+    source = "--cpu-buffers"
+    value = option
+    if not value:
+        value, source = os.environ.get(ENV_VAR, ""), ENV_VAR
+    value = (value or "auto").strip().lower()
+    if value not in MODES:
+        raise InputError(f"{source} must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+def choose(requested: str, cpu: CpuInfo, build: LlamaBuild | None) -> BufferPlan:
+    """Resolve ``requested`` for this CPU and llama.cpp build (``None``: build features unknown).
+
+    ``auto`` turns AMX off when the CPU has AMX and the build may use it: a build that reports its CPU
+    features without ``AMX_INT8`` has no AMX code, so nothing needs turning off there.
+    """
+    if requested not in MODES:
+        raise InputError(f"unknown CPU buffer mode {requested!r}: choose {', '.join(MODES)}")
+    if requested == "all":
+        return BufferPlan("all", requested, "asked for (--cpu-buffers all)")
+    if requested == "none":
+        return BufferPlan("none", requested, "asked for (--cpu-buffers none)")
+    amx_build = None if build is None else "AMX_INT8" in build.features
+    if requested == "no-amx":
+        return BufferPlan("no-amx", requested, "asked for (--cpu-buffers no-amx)")
+    if cpu.has_amx and amx_build is not False:
+        return BufferPlan(
+            "no-amx",
+            requested,
+            f"this CPU has AMX, whose llama.cpp buffer type crashes on quantised models ({UPSTREAM_BUG})",
+        )
+    if cpu.has_amx:
+        return BufferPlan("all", requested, "this CPU has AMX but the llama.cpp build has no AMX code")
+    return BufferPlan("all", requested, "no AMX on this CPU")
+
+
+def repack_eligible(name: str, ggml_type: int, shape: tuple[int, ...], cpu: CpuInfo) -> bool:
+    """Whether CPU_REPACK would take this weight on this x86 CPU (a strict subset of llama.cpp's rule)."""
+    if len(shape) != 2 or shape[1] % 8:
+        return False
+    if not (_MATMUL_WEIGHT.match(name) or name == "output.weight"):
+        return False
+    if ggml_type in _REPACK_AVX2:
+        return cpu.has_avx2
+    if ggml_type in _REPACK_AVX512:
+        return cpu.has_avx512
+    return False
+
+
+def repack_patterns(tensors: dict[str, Any], cpu: CpuInfo) -> tuple[str, ...]:
+    """Anchored regexes naming the eligible tensors, one per role (``ffn_down``...) with its layers.
+
+    ``tensors`` maps names to records with ``ggml_type`` and ``shape`` (innermost first, as GGUF stores
+    them).  Only x86 rules are known; other architectures get none (they have no AMX to avoid).
+    """
+    if cpu.arch not in ("x86_64", "amd64", "i686", "x86"):
+        return ()
+    layers: dict[str, list[int]] = defaultdict(list)
+    patterns: list[str] = []
+    for name, rec in tensors.items():
+        if not repack_eligible(name, int(rec.ggml_type), tuple(rec.shape), cpu):
+            continue
+        m = _MATMUL_WEIGHT.match(name)
+        if m:
+            layers[m.group(2)].append(int(m.group(1)))
+        else:
+            patterns.append("^" + re.escape(name) + "$")
+    for role in sorted(layers):
+        ids = "|".join(str(i) for i in sorted(layers[role]))
+        patterns.append(rf"^blk\.({ids})\.{role}\.weight$")
+    return tuple(patterns)
+
+
+def plan_for_model(
+    requested: str, cpu: CpuInfo, build: LlamaBuild | None, tensors: dict[str, Any] | None
+) -> BufferPlan:
+    """:func:`choose`, plus the repack overrides for this model's tensors when AMX is turned off."""
+    plan = choose(requested, cpu, build)
+    if plan.mode != "no-amx" or not tensors:
+        return plan
+    if build is not None and "REPACK" not in build.features:
+        return plan
+    return BufferPlan(plan.mode, plan.requested, plan.reason, repack_patterns(tensors, cpu))
+
+
+# ---------------------------------------------------------------- applying a plan (ctypes)
+
+
+def current_build(llama_cpp: Any) -> LlamaBuild | None:
+    """The loaded llama.cpp build's backends and features (None if it does not say)."""
+    try:
+        info = llama_cpp.llama_print_system_info() or b""
+    except (AttributeError, OSError):
+        return None
+    build = parse_system_info(info.decode("utf-8", "replace"))
+    return build if build.backends else None
+
+
+def plan_here(llama_cpp: Any, option: str | None, tensors: dict[str, Any] | None) -> BufferPlan:
+    """:func:`plan_for_model` for this machine's CPU and the loaded llama.cpp build."""
+    from qvq_local.cpu import detect
+
+    return plan_for_model(requested_mode(option), detect(), current_build(llama_cpp), tensors)
+
+
+def _repack_buffer_type(llama_cpp: Any) -> int | None:
+    """The address of llama.cpp's CPU_REPACK buffer type, asked of the CPU backend; None if it has none."""
+    lib = llama_cpp._lib if hasattr(llama_cpp, "_lib") else llama_cpp.llama_cpp._lib
+    try:
+        lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+        lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+        lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+        lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+        lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.ggml_backend_buft_name.restype = ctypes.c_char_p
+        lib.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    except AttributeError:  # a libllama without the ggml backend API exported
+        return None
+    dev = lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    if not dev:
+        return None
+    reg = lib.ggml_backend_dev_backend_reg(dev)
+    fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+    if not fn:
+        return None
+    get_extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn)
+    arr = get_extra(dev)
+    i = 0
+    while arr and arr[i]:
+        if lib.ggml_backend_buft_name(arr[i]) == b"CPU_REPACK":
+            return int(arr[i])
+        i += 1
+    return None
+
+
+class _Override(ctypes.Structure):
+    """``struct llama_model_tensor_buft_override`` (llama.h): a regex and a buffer type."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def apply(mparams: Any, plan: BufferPlan, llama_cpp: Any) -> tuple[BufferPlan, Any]:
+    """Set ``use_extra_bufts`` and the repack overrides on a ``llama_model_params``.
+
+    Returns the plan as applied (without overrides where the build has no CPU_REPACK buffer type) and
+    the override array, which the caller keeps referenced until the model is loaded.
+    """
+    mparams.use_extra_bufts = plan.use_extra_bufts
+    if plan.use_extra_bufts or not plan.repack_patterns:
+        return plan, None
+    buft = _repack_buffer_type(llama_cpp)
+    if buft is None:
+        return BufferPlan(plan.mode, plan.requested, plan.reason), None
+    arr = (_Override * (len(plan.repack_patterns) + 1))()  # zeroed: the last entry is the terminator
+    for i, pattern in enumerate(plan.repack_patterns):
+        arr[i].pattern = pattern.encode("ascii")
+        arr[i].buft = buft
+    mparams.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
+    return plan, arr
+
+
+@contextlib.contextmanager
+def high_level_llama(model_path: str | os.PathLike, option: str | None = None) -> Iterator[BufferPlan]:
+    """Apply this machine's plan to every ``llama_cpp.Llama(...)`` built inside the block.
+
+    ``Llama`` builds its own ``llama_model_params`` and has no argument for buffer types, so for the
+    length of the block its call to ``llama_model_default_params`` returns params with the plan applied.
+    Used by the bench's raw-library baseline and the tests, which must not crash on AMX CPUs either.
+    """
+    import llama_cpp
+    from llama_cpp import llama_cpp as low
+
+    from qvq_local.integrity import read_gguf_header
+
+    plan = plan_here(llama_cpp, option, read_gguf_header(model_path).tensors)
+    original = low.llama_model_default_params
+
+    def patched():
+        params = original()
+        _, params._qvq_buft_overrides = apply(params, plan, llama_cpp)  # lives as long as the Llama
+        return params
+
+    low.llama_model_default_params = patched
+    try:
+        yield plan
+    finally:
+        low.llama_model_default_params = original
