@@ -518,12 +518,15 @@ def load(
     n_gpu_layers: int | None = None,
     download: bool = True,
     progress: bool = False,
+    cpu_buffers: str | None = None,
 ) -> Model:
     """Resolve ``ref`` (a GGUF file, an MLX or HF folder, a name from ``qvq models``, a hub id; None: the
     configured default), choose the backend and load the weights.
 
     Raises ``ModelError`` (unknown or broken model, wrong format for the backend), ``BackendUnavailable``
     (the backend's library is missing, naming the pip line) or ``InputError`` (bad option).
+    ``cpu_buffers`` (llama backend: auto | all | no-amx | none) is explained in
+    :mod:`qvq_local.backends.llama_buffers`.
     """
     from qvq_local import config, hardware, models
 
@@ -543,7 +546,13 @@ def load(
 
         if resolved.mmproj is None:
             raise ModelError("no vision projector (mmproj) for this GGUF model", path=resolved.path)
-        loaded = llamacpp.load(resolved.path, resolved.mmproj, n_gpu_layers=n_gpu_layers, name=resolved.name)
+        loaded = llamacpp.load(
+            resolved.path,
+            resolved.mmproj,
+            n_gpu_layers=n_gpu_layers,
+            name=resolved.name,
+            cpu_buffers=cpu_buffers,
+        )
     load_s = time.perf_counter() - t0
     quantization = getattr(loaded, "quantization", "") or resolved.quantisation
     return Model(

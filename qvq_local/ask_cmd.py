@@ -40,6 +40,7 @@ class AskOptions:
     as_json: bool = False
     hide_thinking: bool = False
     save: Path | None = None
+    cpu_buffers: str | None = None
 
 
 def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
@@ -126,12 +127,27 @@ def _make_renderer(opts: AskOptions, model: Any):
 def _load_model(opts: AskOptions):
     from qvq_local.api import load
 
+    kw = {"backend": opts.backend or "auto", "max_pixels": opts.max_pixels, "cpu_buffers": opts.cpu_buffers}
     if sys.stderr.isatty() and not opts.as_json:
         from rich.console import Console
 
         with Console(stderr=True).status("loading the model…", spinner="dots"):
-            return load(opts.model, backend=opts.backend or "auto", max_pixels=opts.max_pixels, progress=True)
-    return load(opts.model, backend=opts.backend or "auto", max_pixels=opts.max_pixels, progress=False)
+            model = load(opts.model, progress=True, **kw)
+    else:
+        model = load(opts.model, progress=False, **kw)
+    _warn_gpu_unused(model)
+    return model
+
+
+def _warn_gpu_unused(model: Any) -> None:
+    """One stderr line when an NVIDIA GPU sits idle because llama-cpp-python was built without CUDA."""
+    if model.backend != "llama" or getattr(model.loaded, "gpu_offload", True):
+        return
+    from qvq_local.hardware import detect_nvidia, gpu_build_warning
+
+    warning = gpu_build_warning(detect_nvidia(run_smi=False), ())
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 class SigintFlag:
@@ -180,9 +196,12 @@ class SigintFlag:
 def run_ask(opts: AskOptions) -> int:
     """Run one question; return the exit code (0, or 130 after Ctrl-C).  QvqError propagates."""
     from qvq_local.api import prepare_images
+    from qvq_local.backends.llama_buffers import requested_mode
 
     images, question = split_args(opts.args, opts.attach)
     _check_numbers(opts)
+    if opts.cpu_buffers is not None:
+        opts.cpu_buffers = requested_mode(opts.cpu_buffers)
     _apply_settings(opts)
     if opts.save is not None:
         folder = opts.save.parent if str(opts.save.parent) else Path(".")
@@ -257,14 +276,20 @@ def _human(n: int | None) -> str:
     return f"{value:.1f} TiB"
 
 
-def print_doctor(model: str | None, context: int | None, as_json: bool) -> None:
+def print_doctor(model: str | None, context: int | None, as_json: bool, selftest: bool = False) -> None:
     import json
 
     from qvq_local.doctor import report
 
     if context is not None and context <= 0:
         raise InputError(f"--context must be above 0, got {context}")
-    data = report(model, context)
+    if selftest and not as_json and sys.stderr.isatty():
+        from rich.console import Console
+
+        with Console(stderr=True).status("self-test: a tiny model through each backend…", spinner="dots"):
+            data = report(model, context, selftest=True)
+    else:
+        data = report(model, context, selftest=selftest)
     if as_json:
         print(json.dumps(data, indent=2, default=str))
         _doctor_exit(data)
@@ -279,7 +304,12 @@ def print_doctor(model: str | None, context: int | None, as_json: bool) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("platform", f"{m['os']} {m['os_release']} ({m['machine']}), Python {m['python']}")
-    table.add_row("cpu cores", str(m.get("cpu_count")))
+    cpu = m.get("cpu") or {}
+    table.add_row(
+        "cpu",
+        f"{cpu.get('model') or cpu.get('arch', '?')}, {m.get('cpu_count')} cores; "
+        f"features: {' '.join(cpu.get('features') or []) or 'none of AVX2/AVX-512/AMX/NEON reported'}",
+    )
     table.add_row(
         "memory",
         f"{_human(m.get('memory_total_bytes'))} total, {_human(m.get('memory_available_bytes'))} available",
@@ -291,7 +321,16 @@ def print_doctor(model: str | None, context: int | None, as_json: bool) -> None:
         gpu.append("CUDA")
     if m.get("metal"):
         gpu.append("Metal")
+    nvidia = m.get("nvidia") or {}
+    if nvidia.get("present"):
+        names = ", ".join(nvidia.get("gpus") or []) or "NVIDIA GPU"
+        driver = f" (driver {nvidia['driver']})" if nvidia.get("driver") else ""
+        gpu.insert(0, f"{names}{driver}")
     table.add_row("gpu", ", ".join(gpu) or "none found")
+    if m.get("llama_backends"):
+        table.add_row("llama.cpp build", ", ".join(m["llama_backends"]))
+    if m.get("llama_cpu_buffers"):
+        table.add_row("llama.cpp weights", escape(m["llama_cpu_buffers"]))
     for row in data["backends"]:
         versions = ", ".join(f"{k} {v}" for k, v in row["versions"].items() if v)
         state = (
@@ -308,6 +347,16 @@ def print_doctor(model: str | None, context: int | None, as_json: bool) -> None:
     if data.get("settings_error"):
         table.add_row("settings", f"[red]{escape(data['settings_error'])}[/red]")
     console.print(table)
+    if m.get("gpu_warning"):
+        console.print(f"[yellow]warning:[/yellow] {escape(m['gpu_warning'])}", soft_wrap=True)
+    for row in data.get("selftest") or []:
+        colour = {"pass": "green", "skipped": "yellow"}.get(row["status"], "red")
+        console.print(
+            f"self-test {row['backend']:<6} [{colour}]{row['status']}[/{colour}] "
+            f"({row['seconds']:.1f} s): {escape(row['detail'])}",
+            soft_wrap=True,
+            highlight=False,
+        )
     if "model" in data:
         fit = data["model"]
         mt = Table(
@@ -344,13 +393,23 @@ def print_doctor(model: str | None, context: int | None, as_json: bool) -> None:
     _doctor_exit(data)
 
 
+#: ``qvq doctor --selftest`` exit code when a backend crashed or failed its self-test.
+EXIT_SELFTEST_FAILED = 4
+
+
 def _doctor_exit(data: dict[str, Any]) -> None:
     """Exit 3 (as a ModelError would) when the integrity checks found a model that will not load, after
-    the report is printed, with one ``error:`` line on stderr naming the first problem."""
+    the report is printed, with one ``error:`` line on stderr naming the first problem; exit 4 when a
+    backend crashed or failed its self-test."""
+    import typer
+
     errors = [f for f in data.get("integrity") or [] if f["level"] == "error"]
     if not errors:
+        bad = [r for r in data.get("selftest") or [] if r["status"] in ("crash", "fail")]
+        if bad:
+            print(f"error: self-test of the {bad[0]['backend']} backend: {bad[0]['detail']}", file=sys.stderr)
+            raise typer.Exit(EXIT_SELFTEST_FAILED)
         return
-    import typer
 
     from qvq_local.errors import ModelError
 

@@ -121,8 +121,13 @@ def run_worker(spec: dict, *, label: str, log=None) -> dict:
         if out_path.is_file():
             result = json.loads(out_path.read_text())
         else:
-            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+            from qvq_local.selftest import crash_advice, signal_name
+
+            how = signal_name(proc.returncode) or f"exit code {proc.returncode}"
             hint = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+            if proc.returncode < 0 and proc.returncode != -9:
+                backend = "llama" if "llama" in label else "mlx"
+                hint = f" (a native crash: {crash_advice(backend)})"
             result = {"ok": False, "reason": f"the {label} process ended with {how}{hint} before reporting"}
     result["wall_s"] = wall
     if log:
@@ -647,9 +652,15 @@ def bench_command(
     json_path: Path | None,
     chart_path: Path | None,
     bandwidth_mib: int,
+    cpu_buffers: str | None = None,
 ) -> dict:
     """The CLI entry: run, print the tables to stdout, say where the files went."""
     from rich.console import Console
+
+    from qvq_local.backends import llama_buffers
+
+    if cpu_buffers is not None:  # the workers are child processes: they read it from the environment
+        os.environ[llama_buffers.ENV_VAR] = llama_buffers.requested_mode(cpu_buffers)
 
     out = Console()
     command = "qvq " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qvq") else None

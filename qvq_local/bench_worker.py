@@ -233,6 +233,7 @@ def job_qvq(spec: dict) -> dict:
     finally:
         quantization = model.quantization
         compute = getattr(model.loaded, "compute_note", None)
+        buffers = getattr(model.loaded, "cpu_buffers", None)
         model.close()
     return {
         "ok": True,
@@ -240,6 +241,7 @@ def job_qvq(spec: dict) -> dict:
         "backend": spec["backend"],
         "quantization": quantization,
         "compute": compute,  # set when qvq computes differently from the raw library (ratios include it)
+        "cpu_buffers": buffers.describe() if buffers is not None else None,  # llama.cpp weight buffers
         "load_s": load_s,
         "load_peak_rss_bytes": load_peak.bytes,
         "peak_rss_bytes": lifetime_peak_rss(),
@@ -503,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m qvq_local.bench_worker SPEC.json OUT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
+    import faulthandler
+
+    faulthandler.enable()  # a native crash in a measured library names the step it happened in
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -207,6 +207,13 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="Print one OpenAI-style JSON object at the end."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the thought stream."),
     save: Path | None = typer.Option(None, "--save", help="Write a Markdown transcript to this file."),
+    cpu_buffers: str | None = typer.Option(
+        None,
+        "--cpu-buffers",
+        help="llama backend: auto (default) | all | no-amx | none. Which llama.cpp CPU buffer types hold the "
+        "weights; auto turns Intel AMX off (it crashes on quantised models, llama.cpp #20824) and keeps "
+        "repacking. Also $QVQ_LLAMA_CPU_BUFFERS.",
+    ),
 ) -> None:
     """Ask a question about one or more images and watch the model think.
 
@@ -243,6 +250,7 @@ def ask(
         as_json=as_json,
         hide_thinking=hide_thinking,
         save=save,
+        cpu_buffers=cpu_buffers,
     )
     try:
         code = run_ask(opts)
@@ -261,19 +269,27 @@ def doctor(
         None, "--context", help="Context tokens to plan for (default: what `qvq ask` opens)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    selftest: bool = typer.Option(
+        False,
+        "--selftest",
+        help="Also run a tiny synthetic model through each installed backend, each in a child process, "
+        "and report pass, fail or crash (with the signal). Exit code 4 when one crashes or fails.",
+    ),
 ) -> None:
-    """Check this machine: platform, memory, GPU, installed backends, and whether a model fits.
+    """Check this machine: platform, CPU features, memory, GPU, installed backends, whether a model fits.
 
     Examples:
 
       qvq doctor
+
+      qvq doctor --selftest
 
       qvq doctor --model QVQ-72B-Preview-gguf-q4_k_m --context 16384
     """
     from qvq_local.ask_cmd import print_doctor
 
     try:
-        print_doctor(model, context, as_json)
+        print_doctor(model, context, as_json, selftest=selftest)
     except QvqError as err:
         _fail(err)
 
@@ -385,6 +401,13 @@ def bench(
     bandwidth_mib: int = typer.Option(
         1024, "--bandwidth-mib", help="Array size for the bandwidth measurement."
     ),
+    cpu_buffers: str | None = typer.Option(
+        None,
+        "--cpu-buffers",
+        help="llama backend: auto (default) | all | no-amx | none. Which llama.cpp CPU buffer types hold the "
+        "weights; auto turns Intel AMX off (it crashes on quantised models, llama.cpp #20824) and keeps "
+        "repacking. Also $QVQ_LLAMA_CPU_BUFFERS.",
+    ),
 ) -> None:
     """Measure speed and memory on this machine, side by side with the raw libraries and the bandwidth limit.
 
@@ -409,6 +432,7 @@ def bench(
             json_path=json_path,
             chart_path=chart,
             bandwidth_mib=bandwidth_mib,
+            cpu_buffers=cpu_buffers,
         )
     except QvqError as err:
         _fail(err)
@@ -425,8 +449,15 @@ def _sigterm_as_interrupt(signum: int, frame: object) -> None:
 
 
 def main() -> None:
+    import faulthandler
     import signal
 
+    # A native crash (SIGSEGV, SIGILL... inside llama.cpp or MLX) prints the Python stack it happened in,
+    # so a report can say which step crashed, instead of the process vanishing with "Segmentation fault".
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # stderr without a file descriptor
+        pass
     # installed here, not at import: a library user embedding qvq_local keeps their own SIGTERM handling
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:

@@ -160,13 +160,18 @@ def model_fit(
     }
 
 
-def report(model_ref: str | None = None, n_ctx: int | None = None, probe_gpu: bool = True) -> dict[str, Any]:
+def report(
+    model_ref: str | None = None, n_ctx: int | None = None, probe_gpu: bool = True, selftest: bool = False
+) -> dict[str, Any]:
     """Everything ``qvq doctor`` shows, as a dict (``--json`` prints it as is)."""
     from qvq_local import config, hardware
 
     facts = hardware.describe(probe_gpu=probe_gpu)
-    facts.pop("llama_system_info", None)
     out: dict[str, Any] = {"machine": facts, "backends": backend_report()}
+    if selftest:
+        from qvq_local import selftest as st
+
+        out["selftest"] = [r.as_dict() for r in st.run()]
     try:
         out["settings"] = config.effective()
     except Exception as exc:  # noqa: BLE001 - a broken config file is reported, not fatal here

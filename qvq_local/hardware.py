@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 
+from qvq_local.cpu import detect as detect_cpu
 from qvq_local.errors import BackendUnavailable, InputError, ModelError
 
 BACKENDS = ("mlx", "llama")
@@ -171,6 +172,74 @@ def memory_bytes() -> tuple[int | None, int | None]:
     return None, None
 
 
+# ---------------------------------------------------------------- NVIDIA GPUs, seen without llama.cpp
+
+#: The one-line rebuild that gives llama-cpp-python CUDA (needs the CUDA toolkit: nvcc).
+CUDA_REBUILD = 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir --no-deps "llama-cpp-python>=0.3.16,<0.4"'
+
+
+def parse_nvidia_smi_list(text: str) -> list[str]:
+    """GPU names from ``nvidia-smi -L`` ("GPU 0: NVIDIA H200 (UUID: GPU-...)")."""
+    names = []
+    for line in text.splitlines():
+        head, sep, rest = line.partition(":")
+        if sep and head.strip().startswith("GPU"):
+            names.append(rest.split("(UUID")[0].strip())
+    return names
+
+
+def parse_nvidia_driver_version(text: str) -> str | None:
+    """The driver version from ``/proc/driver/nvidia/version`` ("NVRM version: NVIDIA UNIX ... 550.54.15 ...")."""
+    for line in text.splitlines():
+        if line.startswith("NVRM version:"):
+            for word in line.split():
+                if word[:1].isdigit() and "." in word:
+                    return word
+    return None
+
+
+def detect_nvidia(run_smi: bool = True) -> dict:
+    """Whether this machine has an NVIDIA GPU, from the driver's own files (and ``nvidia-smi -L`` for the
+    names when ``run_smi``), whatever llama.cpp was built with."""
+    import glob
+    import shutil
+
+    found: dict = {"present": False, "gpus": [], "driver": None, "source": None}
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8", errors="replace") as fh:
+            found.update(present=True, driver=parse_nvidia_driver_version(fh.read()), source="driver")
+    except OSError:
+        pass
+    if glob.glob("/dev/nvidia[0-9]*"):
+        found.update(present=True, source=found["source"] or "device files")
+    smi = shutil.which("nvidia-smi") if run_smi else None
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        gpus = parse_nvidia_smi_list(out)
+        if gpus:
+            found.update(present=True, gpus=gpus, source=found["source"] or "nvidia-smi")
+    return found
+
+
+def gpu_build_warning(nvidia: dict, llama_gpu_backends: tuple[str, ...] | None) -> str | None:
+    """One line when an NVIDIA GPU is here but the installed llama.cpp cannot use it, else None.
+
+    ``llama_gpu_backends`` are the GPU backends the llama.cpp build reports (``("CUDA",)``, ``()`` for a
+    CPU-only build, None when llama-cpp-python is not installed)."""
+    if not nvidia.get("present") or llama_gpu_backends is None:
+        return None
+    if any(b.upper() in ("CUDA", "VULKAN") for b in llama_gpu_backends):
+        return None
+    name = ", ".join(nvidia.get("gpus") or []) or "an NVIDIA GPU"
+    return (
+        f"this machine has {name} but llama-cpp-python was built without CUDA, so models run on the CPU "
+        f"(a 72B model takes hours, not minutes); rebuild it: {CUDA_REBUILD}"
+    )
+
+
 # ---------------------------------------------------------------- GPU probes (import on request only)
 
 
@@ -180,17 +249,19 @@ def _probe_llama_gpu() -> dict:
         import llama_cpp
     except (ImportError, OSError) as exc:  # a broken shared library raises OSError
         return {"llama_gpu_offload": None, "llama_error": f"{type(exc).__name__}: {exc}"}
+    from qvq_local.backends.llama_buffers import current_build
+
     offload = bool(llama_cpp.llama_supports_gpu_offload())
-    info = ""
-    if hasattr(llama_cpp, "llama_print_system_info"):
-        info = (llama_cpp.llama_print_system_info() or b"").decode("utf-8", "replace")
-    upper = info.upper()
+    build = current_build(llama_cpp)
+    gpu_backends = tuple(b.upper() for b in build.gpu_backends) if build else ()
     return {
         "llama_gpu_offload": offload,
-        "cuda": offload and "CUDA" in upper,
+        "cuda": offload and "CUDA" in gpu_backends,
         # Metal builds print "MTL" (or "METAL") in the system info; a Mac's only GPU backend is Metal.
-        "metal": offload and ("METAL" in upper or "MTL" in upper or platform.system() == "Darwin"),
-        "llama_system_info": info.strip(),
+        "metal": offload
+        and ("METAL" in gpu_backends or "MTL" in gpu_backends or platform.system() == "Darwin"),
+        "llama_backends": list(build.backends) if build else [],
+        "llama_features": sorted(build.features) if build else [],
     }
 
 
@@ -201,6 +272,19 @@ def _probe_mlx_metal() -> bool | None:
         return bool(mx.metal.is_available())
     except (ImportError, OSError, AttributeError, RuntimeError):
         return None
+
+
+def _llama_buffer_plan(cpu) -> str:
+    """Which CPU buffer types llama.cpp will put a quantised model's weights in on this machine."""
+    import llama_cpp
+
+    from qvq_local.backends import llama_buffers as lb
+
+    try:
+        plan = lb.choose(lb.requested_mode(None), cpu, lb.current_build(llama_cpp))
+    except InputError as err:
+        return str(err)
+    return plan.describe()
 
 
 def describe(probe_gpu: bool = False) -> dict:
@@ -225,9 +309,17 @@ def describe(probe_gpu: bool = False) -> dict:
         "cuda": None,
         "metal": None,
     }
+    cpu = detect_cpu()
+    facts["cpu"] = {"model": cpu.model, "arch": cpu.arch, "features": cpu.shown(), "source": cpu.source}
     if probe_gpu:
+        facts["nvidia"] = detect_nvidia()
         if facts["llama_cpp_installed"]:
             facts.update(_probe_llama_gpu())
+            facts["llama_cpu_buffers"] = _llama_buffer_plan(cpu)
+            facts["gpu_warning"] = gpu_build_warning(
+                facts["nvidia"],
+                tuple(b for b in facts.get("llama_backends", []) if b not in ("CPU", "BLAS", "RPC")),
+            )
         if facts["mlx_installed"] and facts["apple_silicon"]:
             metal = _probe_mlx_metal()
             facts["mlx_metal"] = metal

@@ -93,3 +93,41 @@ def sample_image(artifacts) -> Path:
         draw.line([(20, 100), (60, 60), (100, 80), (140, 30), (180, 70)], fill="red", width=3)
         img.save(path)
     return path
+
+
+# ---------------------------------------------------------------- native crashes: smoke checks first
+#
+# A native crash (llama.cpp's AMX buffer type segfaulted on Intel Xeons) kills pytest before it reports
+# anything.  So before any test decodes in-process, each installed backend runs a tiny quantised model in a
+# child process (qvq_local.selftest, the same check as `qvq doctor --selftest`).  A crash there fails
+# tests/test_native_smoke.py, naming the signal, the CPU features and the workaround, and every test
+# marked for that backend is skipped, so the rest of the suite still runs and reports.
+
+_SMOKE: dict = {}
+
+
+def native_smoke(backend: str):
+    """The smoke-check result for ``backend`` (run once per session, in a child process)."""
+    if backend not in _SMOKE:
+        from qvq_local import selftest
+
+        _SMOKE[backend] = selftest.run([backend])[0]
+    return _SMOKE[backend]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the smoke checks first: the decode tests that could crash come after them."""
+    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_native_smoke.py") else 1)
+
+
+@pytest.fixture(autouse=True)
+def _skip_after_native_crash(request):
+    for backend in ("llama", "mlx"):
+        if request.node.get_closest_marker(backend) and not request.node.nodeid.startswith(
+            "tests/test_native_smoke.py"
+        ):
+            result = native_smoke(backend)
+            if result.status == "crash":
+                pytest.skip(
+                    f"{backend} crashed in tests/test_native_smoke.py ({result.signal}): not run in-process"
+                )

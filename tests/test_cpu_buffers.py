@@ -188,3 +188,44 @@ def test_plan_for_model_adds_repack_only_when_amx_is_off_and_the_build_repacks()
         "auto", cpu("ryzen-zen4-avx512.cpuinfo"), lb.parse_system_info(INFO_AVX2), tensors
     )
     assert zen4_plan.mode == "all" and zen4_plan.repack_patterns == ()  # llama.cpp repacks by itself there
+
+
+# ---------------------------------------------------------------- on the real library, this machine
+
+
+def _prefill_logits(pair, mode):
+    from qvq_local.backends import llamacpp
+    from qvq_local.backends.base import Prompt, SamplingParams
+
+    model = llamacpp.load(pair.model, pair.mmproj, cpu_buffers=mode)
+    try:
+        prompt = Prompt(text="<|im_start|>user\nWhich bar is highest in the chart?<|im_end|>\n", images=[])
+        session = model.new_session(SamplingParams(), n_ctx=model.context_needed(prompt, new_tokens=8))
+        session.prefill(prompt)
+        logits = session.last_logits()
+        ids = [session.step().id for _ in range(6)]
+        session.close()
+        return model.cpu_buffers, logits, ids
+    finally:
+        model.close()
+
+
+@pytest.mark.llama
+def test_kept_repack_computes_what_plain_buffers_compute(tiny_gguf_q4):
+    """The tensors pinned to CPU_REPACK give the logits of the plain CPU path (same Q4_K weights,
+    interleaved kernels): agreement to float rounding and the same greedy tokens."""
+    import numpy as np
+
+    pytest.importorskip("llama_cpp")
+    from qvq_local.cpu import detect
+
+    if not detect().has_avx2:
+        pytest.skip("CPU_REPACK overrides are an x86 AVX2 rule; this CPU has no AVX2")
+    repack_plan, repacked, repacked_ids = _prefill_logits(tiny_gguf_q4, "no-amx")
+    plain_plan, plain, plain_ids = _prefill_logits(tiny_gguf_q4, "none")
+    assert repack_plan.mode == "no-amx" and len(repack_plan.repack_patterns) >= 7
+    assert plain_plan.mode == "none" and not plain_plan.repack_patterns
+    corr = float(np.corrcoef(repacked, plain)[0, 1])
+    print(f"\nrepack vs plain: max |diff| {np.max(np.abs(repacked - plain)):.2e}, correlation {corr:.6f}")
+    assert corr > 0.999
+    assert repacked_ids == plain_ids

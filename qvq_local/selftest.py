@@ -1,0 +1,196 @@
+"""``qvq doctor --selftest``: a tiny synthetic model through each installed backend, in a child process.
+
+Why a child process: the native libraries can crash the whole interpreter (llama.cpp's AMX buffer type
+segfaulted on Intel Xeons, upstream issue #20824).  In a child, a crash becomes a report -- the backend,
+the signal, the CPU features and the workaround -- instead of a dead terminal, and the other backends
+still get their turn.  The test suite runs the same check first (``tests/conftest.py``), so a native crash
+fails one named test instead of killing pytest before it reports anything.
+
+The model is the ``tiny`` synthetic checkpoint, quantised as users run it (GGUF Q4_K_M, MLX 4-bit), since
+quantised kernels are where CPU-specific code runs.  Built once and cached under
+``$QVQ_HOME/selftest/<qvq version>``; a run takes a few seconds after that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+#: Backends in the order they are checked, with the format their self-test model is converted to.
+BACKEND_FORMAT = {"llama": "gguf", "mlx": "mlx"}
+CHILD_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    backend: str
+    status: str  # pass | fail | crash | skipped
+    detail: str
+    seconds: float = 0.0
+    signal: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _home() -> Path:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from qvq_local.config import qvq_home
+
+    try:
+        ver = version("qvq-local")
+    except PackageNotFoundError:
+        ver = "dev"
+    return qvq_home() / "selftest" / ver
+
+
+def prepare(backend: str, root: Path | None = None) -> Path:
+    """The self-test model for ``backend`` (built on first use): a GGUF file or an MLX folder."""
+    from qvq_local.convert.synthetic import write_checkpoint
+
+    root = Path(root) if root is not None else _home()
+    checkpoint = root / "tiny"
+    if not (checkpoint / "config.json").is_file():
+        write_checkpoint(checkpoint, shape="tiny", dtype="bf16", seed=0, force=True)
+    if backend == "llama":
+        out = root / "gguf-q4_k_m"
+        model = out / "tiny-Q4_K_M.gguf"
+        if not model.is_file():
+            from qvq_local.convert.to_gguf import convert_to_gguf
+
+            return Path(convert_to_gguf(checkpoint, out, quant="q4_k_m", mmproj_quant="f16").model)
+        return model
+    if backend == "mlx":
+        out = root / "mlx-4bit"
+        if not (out / "config.json").is_file():
+            from qvq_local.convert.to_mlx import convert_to_mlx
+
+            return Path(convert_to_mlx(checkpoint, out, bits=4, group_size=64))
+        return out
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def crash_advice(backend: str) -> str:
+    """What to do about a native crash of ``backend``: the facts a bug report needs and the workaround."""
+    from qvq_local.cpu import detect
+
+    cpu = detect()
+    flags = " ".join(cpu.shown()) or "none of AVX2/AVX-512/AMX/NEON reported"
+    line = f"CPU {cpu.model or cpu.arch}: {flags}"
+    if backend == "llama":
+        from qvq_local.backends.llama_buffers import ENV_VAR
+
+        return (
+            f"{line}; workaround: {ENV_VAR}=none (or --cpu-buffers none) runs llama.cpp without its extra "
+            "CPU buffer types (AMX, repacking); run with QVQ_DEBUG=1 for llama.cpp's log"
+        )
+    return f"{line}; workaround: use --backend llama (GGUF) on this machine; run with QVQ_DEBUG=1 for details"
+
+
+def signal_name(returncode: int) -> str | None:
+    if returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def check(
+    backend: str, model: Path, timeout: float = CHILD_TIMEOUT_S, *, python: str | None = None
+) -> CheckResult:
+    """Run the self-test of ``backend`` on ``model`` in a child process and judge how it ended.
+
+    ``python`` replaces the interpreter (the tests use a stand-in that dies of a signal)."""
+    cmd = [python or sys.executable, "-X", "faulthandler", "-m", "qvq_local.selftest", backend, str(model)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return CheckResult(backend, "fail", f"no answer within {timeout:.0f} s", time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    sig = signal_name(proc.returncode)
+    if sig is not None:
+        return CheckResult(
+            backend, "crash", f"crashed with {sig}; {crash_advice(backend)}", seconds, signal=sig
+        )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        got = json.loads(lines[-1])
+        return CheckResult(
+            backend,
+            "pass",
+            f"{got['tokens']} tokens at {got['decode_tok_s']:.0f} tok/s, stop {got['stop_reason']}, "
+            f"{got['detail']}",
+            seconds,
+        )
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return CheckResult(backend, "fail", f"exit code {proc.returncode}: {tail}", seconds)
+
+
+def run(backends: list[str] | None = None, on_progress=None) -> list[CheckResult]:
+    """Self-test every installed backend (or those named); backends not installed are ``skipped``."""
+    from qvq_local.hardware import INSTALL_HINT, backend_installed
+
+    results = []
+    for backend in backends or list(BACKEND_FORMAT):
+        if not backend_installed(backend):
+            results.append(CheckResult(backend, "skipped", f"not installed ({INSTALL_HINT[backend]})"))
+            continue
+        if on_progress:
+            on_progress(backend)
+        try:
+            model = prepare(backend)
+        except Exception as exc:  # noqa: BLE001 - a failed build is this backend's result, not a crash
+            results.append(CheckResult(backend, "fail", f"could not build the test model: {exc}"))
+            continue
+        results.append(check(backend, model))
+    return results
+
+
+def _child(backend: str, model: str) -> int:
+    """In the child: load, ask one question about a generated image, print one JSON line."""
+    import faulthandler
+
+    faulthandler.enable()
+    from PIL import Image
+
+    import qvq_local
+
+    image = Path(model).parent / "selftest.png"
+    if not image.is_file():
+        img = Image.new("RGB", (112, 84), "white")
+        img.paste((200, 40, 40), (10, 10, 60, 70))
+        img.save(image)
+    with qvq_local.load(model, backend=backend, download=False) as loaded:
+        result = loaded.ask(str(image), "What is in the picture?", think_budget=12, answer_budget=6)
+        detail = ""
+        buffers = getattr(loaded.loaded, "cpu_buffers", None)
+        if buffers is not None:
+            detail = f"CPU buffers: {buffers.mode}"
+        elif backend == "mlx":
+            detail = "MLX"
+    tokens = result.thought_tokens + result.answer_tokens
+    print(
+        json.dumps(
+            {
+                "tokens": tokens,
+                "decode_tok_s": result.timings.decode_tok_s or 0.0,
+                "stop_reason": result.stop_reason,
+                "detail": detail,
+            }
+        )
+    )
+    return 0 if tokens > 0 else 1
+
+
+if __name__ == "__main__":  # python -m qvq_local.selftest BACKEND MODEL
+    sys.exit(_child(sys.argv[1], sys.argv[2]))
