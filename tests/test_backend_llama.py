@@ -9,6 +9,7 @@ how close, and the measured errors are printed (``pytest -s``).
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from qvq_local.backends import llamacpp
 from qvq_local.backends.base import LoadedModel, Prompt, SamplingParams, Session
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError
 from qvq_local.prompt import build_prompt, load_chat_template
+from qvq_local.qwen import QVQ_SAMPLING
 
 QUESTION = "Which bar is the tallest, and by how much?"
 FORCED = "\n\nTime is up.\n\n**Final Answer**\n"
@@ -297,7 +299,7 @@ def test_same_seed_same_text(f32_model, prompt):
 
 
 def test_greedy_defaults_follow_penalised_argmax(f32_model, prompt):
-    """QVQ's defaults (top_k=1, repetition_penalty=1.05) are greedy over penalised logits.
+    """The model's near-greedy defaults pick the top token of the logits after its repetition penalty.
 
     As in transformers, the prompt's own tokens count as repetitions (here: the last 64 text tokens).
     """
@@ -308,8 +310,9 @@ def test_greedy_defaults_follow_penalised_argmax(f32_model, prompt):
         session.prefill(prompt)
         logits = session.last_logits()
         seen = np.array(sorted(set(session.prompt_text_ids[-llamacpp.PENALTY_LAST_N :])))
+        penalty = f32_model.generation_config["repetition_penalty"]
         penalised = logits.copy()
-        penalised[seen] = np.where(logits[seen] > 0, logits[seen] / 1.05, logits[seen] * 1.05)
+        penalised[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
         tok = session.step()
         assert tok.id == int(penalised.argmax())
         plain = f32_model.new_session(SamplingParams(repetition_penalty=1.0), n_ctx=session.n_ctx)
@@ -377,14 +380,62 @@ def test_q4_loads_and_generates(tiny_gguf_q4, prompt, hf):
         model.close()
 
 
+def _sampling(session) -> dict:
+    return {k: getattr(session.sampling, k) for k in QVQ_SAMPLING}
+
+
+def test_sampling_defaults_are_the_models_own(f32_model, tiny_gguf_f32, tiny_checkpoint, tmp_path):
+    """Unset sampling values come from the model: a generation_config.json beside the GGUF, then the GGUF's
+    ``general.sampling.*`` keys, then QVQ's published values.
+
+    The synthetic values differ from every fallback value, so a loader that ignored them fails here.
+    """
+    import shutil
+
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    shipped = json.loads((tiny_checkpoint / "generation_config.json").read_text())
+    wanted = {k: shipped[k] for k in QVQ_SAMPLING}
+    assert all(wanted[k] != QVQ_SAMPLING[k] for k in QVQ_SAMPLING)
+    assert not (Path(tiny_gguf_f32.model).parent / "generation_config.json").exists()  # from the GGUF alone
+    session = f32_model.new_session(SamplingParams(), n_ctx=64)
+    assert _sampling(session) == wanted
+    session.close()
+    session = f32_model.new_session(SamplingParams(top_k=0), n_ctx=64)  # an explicit value wins, alone
+    assert _sampling(session) == {**wanted, "top_k": 0}
+    session.close()
+
+    def defaults(folder: Path) -> dict:
+        mmproj = next(folder.glob("mmproj-*.gguf"))
+        text = next(p for p in folder.glob("*.gguf") if p != mmproj)
+        model = llamacpp.load(text, mmproj)
+        try:
+            session = model.new_session(SamplingParams(), n_ctx=64)
+            try:
+                return _sampling(session)
+            finally:
+                session.close()
+        finally:
+            model.close()
+
+    beside = tmp_path / "with-sidecar"  # a file beside the GGUF overrides its metadata, key by key
+    shutil.copytree(Path(tiny_gguf_f32.model).parent, beside)
+    (beside / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_k": 5}))
+    assert defaults(beside) == {**wanted, "temperature": 0.3, "top_k": 5}
+
+    source = tmp_path / "src"  # a model without sampling values anywhere: QVQ's published ones
+    shutil.copytree(tiny_checkpoint, source)
+    (source / "generation_config.json").unlink()
+    pair = convert_to_gguf(source, tmp_path / "bare", quant="f32", mmproj_quant="f32")
+    assert defaults(Path(pair.model).parent) == QVQ_SAMPLING  # the session really uses the fallback
+
+
 def test_metadata(f32_model, tiny_checkpoint):
     assert f32_model.backend == "llama"
     assert f32_model.quantization == "F32"
     assert f32_model.context_length == 32768
     assert f32_model.chat_template and "<|im_start|>" in f32_model.chat_template
     assert f32_model.gpu_offload == bool(llama_cpp.llama_supports_gpu_offload())
-    resolved = SamplingParams().resolved(f32_model.generation_config)
-    assert resolved.top_k == 1 and resolved.repetition_penalty == pytest.approx(1.05)
     assert isinstance(f32_model, LoadedModel)
     session = f32_model.new_session(SamplingParams(), n_ctx=64)
     try:

@@ -86,8 +86,8 @@ def test_convert_to_gguf_with_output_folder(tiny_checkpoint, home, tmp_path):
     assert got.format == "gguf" and got.path == out / manifest["model"]
     assert got.mmproj == out / manifest["mmproj"]
     assert models.resolve(got.path).mmproj == got.mmproj  # the .gguf file itself finds its projector
-    # GGUF has no keys for sampling defaults: the model's generation_config travels beside it and the
-    # llama backend reads it there (QVQ's near-greedy values, not a built-in fallback).
+    # The model's generation_config travels beside the GGUF too (its sampling values are also in the GGUF),
+    # and the llama backend reads it there.
     shipped = json.loads((tiny_checkpoint / "generation_config.json").read_text())
     assert json.loads((out / "generation_config.json").read_text()) == shipped
     from qvq_local.backends import llamacpp

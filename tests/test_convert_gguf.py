@@ -74,6 +74,12 @@ def test_text_gguf_metadata(tiny_gguf_f32, tiny_checkpoint):
     assert tokens[kv["tokenizer.ggml.padding_token_id"]] == tok_cfg["pad_token"]
     assert kv["tokenizer.ggml.add_bos_token"] is False
     assert kv["tokenizer.chat_template"] == tok_cfg["chat_template"]
+    # sampling defaults where llama.cpp's converter writes them (float32: compared at that precision)
+    gen = json.loads((tiny_checkpoint / "generation_config.json").read_text())
+    assert kv["general.sampling.top_k"] == gen["top_k"]
+    assert kv["general.sampling.temp"] == pytest.approx(gen["temperature"], rel=1e-6)
+    assert kv["general.sampling.top_p"] == pytest.approx(gen["top_p"], rel=1e-6)
+    assert kv["general.sampling.penalty_repeat"] == pytest.approx(gen["repetition_penalty"], rel=1e-6)
     assert len(tensors) == 3 + 12 * cfg["num_hidden_layers"]
 
 

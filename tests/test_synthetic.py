@@ -173,9 +173,13 @@ def test_tiny_shape_widths_are_k_quant_friendly():
 
 
 def test_generation_and_preprocessor_configs_are_qvqs():
+    from qvq_local.qwen import QVQ_SAMPLING
+
     gen = synthetic.build_generation_config("72b")
-    assert gen["temperature"] == 0.01 and gen["top_k"] == 1 and gen["top_p"] == 0.001
-    assert gen["repetition_penalty"] == 1.05 and gen["do_sample"] is True
+    # QVQ's layout, but sampling values unlike every fallback value, so backend tests can see them used
+    assert {k: gen[k] for k in QVQ_SAMPLING} == synthetic.SYNTH_SAMPLING
+    assert all(gen[k] != v for k, v in QVQ_SAMPLING.items())
+    assert gen["top_k"] > 1 and gen["temperature"] > 0 and gen["do_sample"] is True
     assert gen["bos_token_id"] == 151643 and gen["pad_token_id"] == 151643
     assert gen["eos_token_id"] == [151645, 151643]
     pre = synthetic.build_preprocessor_config("72b")
