@@ -6,6 +6,7 @@ import struct
 import zlib
 
 import pytest
+from helpers import assert_upright, oriented_pair
 from PIL import Image
 
 from qvq_local.errors import InputError
@@ -130,20 +131,36 @@ def test_source_pixel_limit_is_checked_from_the_header(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------- odd formats
 
 
-def test_exif_rotated_jpeg_is_turned_upright(tmp_path):
-    img = Image.new("RGB", (120, 80), (0, 0, 255))
-    img.paste((255, 0, 0), (0, 0, 60, 80))  # left half red, right half blue
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_the_picture_upright(tmp_path, orientation, fmt):
+    """Each EXIF orientation (2-8, and 1 as the control) in each format that carries EXIF comes out the
+    way a viewer shows it: an asymmetric picture (four grey quadrants) is checked quadrant by quadrant."""
+    upright, stored = oriented_pair(orientation)
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
-    path = tmp_path / "phone.jpg"
-    img.save(path, "JPEG", exif=exif, quality=95)
+    exif[0x0112] = orientation
+    path = tmp_path / f"oriented.{fmt.lower()}"
+    stored.save(path, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
     out, info = load_image(path, max_pixels=10**6)
-    assert info.original_size == (80, 120)  # portrait after rotation
-    w, h = out.size
-    top = out.getpixel((w // 2, h // 8))
-    bottom = out.getpixel((w // 2, h * 7 // 8))
-    assert top[0] > 200 and top[2] < 60  # red on top: the left side went up
-    assert bottom[2] > 200 and bottom[0] < 60
+    assert info.original_size == (upright.shape[1], upright.shape[0])
+    assert_upright(out, upright)
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_rotated_tiff_fallback_turns_the_picture_upright(tmp_path, monkeypatch, orientation):
+    """The fallback transposes (for a Pillow whose orientation step leaves a rotated TIFF as stored) give
+    the same picture as Pillow's own step.  Here Pillow's step is switched off so the fallback runs."""
+    import PIL.ImageOps
+
+    monkeypatch.setattr(PIL.ImageOps, "exif_transpose", lambda im, **_: im)
+    upright, stored = oriented_pair(orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "scan.tiff"
+    stored.save(path, "TIFF", exif=exif.tobytes())
+    out, info = load_image(path, max_pixels=10**6)
+    assert info.original_size == (upright.shape[1], upright.shape[0])
+    assert_upright(out, upright)
 
 
 def test_cmyk_jpeg(tmp_path):
@@ -240,12 +257,24 @@ def test_large_photo_is_bounded(tmp_path):
     assert info.tokens <= 256
 
 
-def test_larger_max_pixels_is_honoured(tmp_path):
-    path = tmp_path / "photo.png"
-    noise(1000, 1000).save(path)
-    _, info = load_image(path, max_pixels=896 * 896)
-    assert info.size == (1008, 1008) or info.size[0] * info.size[1] <= 896 * 896
-    assert info.size[0] * info.size[1] <= 896 * 896
+@pytest.mark.parametrize(
+    ("max_pixels", "square", "landscape"),
+    [
+        (112 * 112, (112, 112), (140, 84)),  # lower than the default
+        (DEFAULT_MAX_PIXELS, (448, 448), (560, 336)),
+        (896 * 896, (896, 896), (1008, 588)),  # higher than the default
+    ],
+)
+def test_max_pixels_is_honoured_both_ways(tmp_path, max_pixels, square, landscape):
+    """The bound is the one asked for, not the default: sizes worked out by hand with Qwen2-VL's rule."""
+    for size, expected in (((1000, 1000), square), ((1000, 600), landscape)):
+        path = tmp_path / f"photo-{size[0]}x{size[1]}.png"
+        noise(*size).save(path)
+        out, info = load_image(path, max_pixels=max_pixels)
+        assert info.original_size == size
+        assert out.size == info.size == expected
+        assert info.tokens == (expected[0] // 28) * (expected[1] // 28)
+        assert expected[0] * expected[1] <= max_pixels
 
 
 def test_sample_image_fixture_loads(sample_image):
