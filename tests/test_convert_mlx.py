@@ -21,6 +21,8 @@ pytest.importorskip("mlx_vlm")
 # Tolerance on next-token logits (|logit| ~ 1 for the tiny model).  Measured on CPU (mlx 0.32.4,
 # mlx-vlm 0.7.10, torch 2.13, transformers 5.23): text-only 7.5e-7, with an image 1.0e-6.
 LOGIT_ATOL = 1e-4
+# 4-bit (group 64) against the unquantised conversion, same bound as the GGUF Q4_K_M test's against F32.
+Q4_MIN_CORRELATION = 0.9
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -164,7 +166,7 @@ def test_unquantised_mlx_matches_transformers_text_and_image(tiny_checkpoint, ti
 # ----------------------------------------------------------------------------- quantised output
 @pytest.mark.mlx
 @pytest.mark.slow
-def test_4bit_conversion_loads_and_generates(tiny_mlx_q4, tiny_checkpoint, sample_image):
+def test_4bit_conversion_loads_and_generates(tiny_mlx_q4, tiny_mlx_f32, tiny_checkpoint, sample_image):
     import mlx.core as mx
     from mlx_vlm import load
 
@@ -198,6 +200,18 @@ def test_4bit_conversion_loads_and_generates(tiny_mlx_q4, tiny_checkpoint, sampl
         assert len(tokens) == 6 and all(0 <= t < cfg["vocab_size"] for t in tokens)
         # the first generated token is the argmax of the quantised model's own next-token logits
         assert tokens[0] == int(np.argmax(_mlx_logits(model, ids, pv, g)))
+
+    # the quantised model is still the same model: its logits track the unquantised conversion's
+    reference, _ = load(str(tiny_mlx_f32))
+    for label, ids, pv, g in (("text", text_ids, None, None), ("image", image_ids, pixel_values, grid)):
+        a, b = _mlx_logits(model, ids, pv, g), _mlx_logits(reference, ids, pv, g)
+        corr = float(np.corrcoef(a, b)[0, 1])
+        top5 = len(set(np.argsort(-a)[:5]) & set(np.argsort(-b)[:5]))
+        print(
+            f"\n4-bit vs f32 MLX {label} logits: correlation {corr:.4f}, max abs diff {np.abs(a - b).max():.3g},"
+            f" top-5 overlap {top5}/5"
+        )
+        assert corr > Q4_MIN_CORRELATION, (label, corr)
 
 
 @pytest.mark.mlx
