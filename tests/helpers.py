@@ -49,7 +49,7 @@ def without_paths(text: str, *paths) -> str:
     return _TEMP_PATH.sub("<path>", text)
 
 
-def assert_error(error, path=None, *words: str) -> str:
+def assert_error(error, *words: str, path=None) -> str:
     """Assert an error message is one line, names ``path`` (when given) and says each of ``words`` outside
     any path.
 

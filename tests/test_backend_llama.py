@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import assert_error
 
 pytestmark = pytest.mark.llama
 
@@ -533,45 +534,53 @@ def _write_gguf(path: Path, arch: str, kv: dict) -> Path:
 
 
 def test_missing_files(tiny_gguf_f32, tmp_path):
-    with pytest.raises(ModelError, match="not found") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(tmp_path / "nope.gguf", tiny_gguf_f32.mmproj)
+    assert_error(err, "not found")
     assert "nope.gguf" in str(err.value)
-    with pytest.raises(ModelError, match="mmproj") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(tiny_gguf_f32.model, tmp_path / "no-mmproj.gguf")
+    assert_error(err, "mmproj")
     assert "no-mmproj.gguf" in str(err.value)
-    with pytest.raises(ModelError, match="mmproj"):
+    with pytest.raises(ModelError) as raised:
         llamacpp.load(tiny_gguf_f32.model, None)
+    assert_error(raised, "mmproj")
 
 
 def test_corrupt_gguf(tiny_gguf_f32, tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"this is not a model at all" * 100)
-    with pytest.raises(ModelError, match="not a GGUF") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(junk, tiny_gguf_f32.mmproj)
+    assert_error(err, "not a GGUF")
     assert "junk.gguf" in str(err.value)
 
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
-    with pytest.raises(ModelError, match="not a GGUF"):
+    with pytest.raises(ModelError) as raised:
         llamacpp.load(empty, tiny_gguf_f32.mmproj)
+    assert_error(raised, "not a GGUF")
 
     data = Path(tiny_gguf_f32.model).read_bytes()
     header_cut = tmp_path / "header-cut.gguf"
     header_cut.write_bytes(data[:200])
-    with pytest.raises(ModelError, match="truncated|corrupt") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(header_cut, tiny_gguf_f32.mmproj)
+    assert_error(err, "truncated|corrupt")
     assert "header-cut.gguf" in str(err.value)
 
     half = tmp_path / "half.gguf"
     half.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelError, match="truncated") as err:  # not llama.cpp's "failed to load model"
+    with pytest.raises(ModelError) as err:  # not llama.cpp's "failed to load model"
         llamacpp.load(half, tiny_gguf_f32.mmproj)
+    assert_error(err, "truncated")
     assert "half.gguf" in str(err.value) and len(str(err.value).splitlines()) == 1
 
     bad_version = tmp_path / "v99.gguf"
     bad_version.write_bytes(b"GGUF" + struct.pack("<I", 99) + data[8:4096])
-    with pytest.raises(ModelError, match="version"):
+    with pytest.raises(ModelError) as raised:
         llamacpp.load(bad_version, tiny_gguf_f32.mmproj)
+    assert_error(raised, "version")
 
     proj = Path(tiny_gguf_f32.mmproj).read_bytes()
     bad_proj = tmp_path / "mmproj-half.gguf"
@@ -583,28 +592,33 @@ def test_corrupt_gguf(tiny_gguf_f32, tmp_path):
 
 def test_wrong_architecture(tiny_gguf_f32, tmp_path):
     other = _write_gguf(tmp_path / "llama-arch.gguf", "llama", {"llama.context_length": 2048})
-    with pytest.raises(ModelError, match="architecture is 'llama'") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(other, tiny_gguf_f32.mmproj)
+    assert_error(err, "architecture is 'llama'")
     assert "llama-arch.gguf" in str(err.value)
     # the two files swapped
-    with pytest.raises(ModelError, match="mmproj"):
+    with pytest.raises(ModelError) as raised:
         llamacpp.load(tiny_gguf_f32.mmproj, tiny_gguf_f32.model)
-    with pytest.raises(ModelError, match="not an mmproj"):
+    assert_error(raised, "mmproj")
+    with pytest.raises(ModelError) as raised:
         llamacpp.load(tiny_gguf_f32.model, tiny_gguf_f32.model)
+    assert_error(raised, "not an mmproj")
 
 
 def test_mismatched_mmproj(tiny_gguf_f32, tmp_path):
     wrong_kind = _write_gguf(tmp_path / "mmproj-llava.gguf", "clip", {"clip.projector_type": "mlp"})
-    with pytest.raises(ModelError, match="projector type") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(tiny_gguf_f32.model, wrong_kind)
+    assert_error(err, "projector type")
     assert "mmproj-llava.gguf" in str(err.value)
     wrong_width = _write_gguf(
         tmp_path / "mmproj-7b.gguf",
         "clip",
         {"clip.projector_type": "qwen2vl_merger", "clip.vision.projection_dim": 3584},
     )
-    with pytest.raises(ModelError, match="another model") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(tiny_gguf_f32.model, wrong_width)
+    assert_error(err, "another model")
     assert "mmproj-7b.gguf" in str(err.value)
 
 
@@ -643,8 +657,9 @@ def test_missing_llama_cpp_is_backend_unavailable(monkeypatch, tiny_gguf_f32):
     monkeypatch.setattr(llamacpp, "_LIBS", None)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     monkeypatch.setitem(sys.modules, "llama_cpp.mtmd_cpp", None)
-    with pytest.raises(BackendUnavailable, match=r"qvq-local\[llama\]"):
+    with pytest.raises(BackendUnavailable) as raised:
         llamacpp.load(tiny_gguf_f32.model, tiny_gguf_f32.mmproj)
+    assert_error(raised, r"qvq-local\[llama\]")
 
 
 def test_interrupt_inside_log_callback_is_kept_and_reraised():

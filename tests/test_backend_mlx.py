@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from helpers import assert_error
 
 from qvq_local.backends.base import LoadedModel, Prompt, SamplingParams, Session
 from qvq_local.errors import BackendUnavailable, ContextOverflow, ModelError
@@ -122,13 +123,16 @@ def test_image_token_estimate_matches_prefill(loaded, image):
 def test_load_errors_are_model_errors(tmp_path):
     from qvq_local.backends import mlx as backend
 
-    with pytest.raises(ModelError, match="not a model folder"):
+    with pytest.raises(ModelError) as raised:
         backend.load(tmp_path / "missing")
-    with pytest.raises(ModelError, match="no config.json"):
+    assert_error(raised, "not a model folder")
+    with pytest.raises(ModelError) as raised:
         backend.load(tmp_path)
+    assert_error(raised, "no config.json")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    with pytest.raises(ModelError, match="mlx-vlm cannot load"):
+    with pytest.raises(ModelError) as raised:
         backend.load(tmp_path)
+    assert_error(raised, "mlx-vlm cannot load")
 
 
 def test_missing_mlx_vlm_names_the_extra(monkeypatch, tmp_path):
@@ -136,8 +140,9 @@ def test_missing_mlx_vlm_names_the_extra(monkeypatch, tmp_path):
 
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "mlx_vlm", None)  # makes `import mlx_vlm` raise ImportError
-    with pytest.raises(BackendUnavailable, match=r"qvq-local\[mlx\]"):
+    with pytest.raises(BackendUnavailable) as raised:
         backend.load(tmp_path)
+    assert_error(raised, r"qvq-local\[mlx\]")
 
 
 # ------------------------------------------------------------------------------------------ parity
@@ -378,15 +383,17 @@ def test_eos_token_is_flagged(loaded, image):
 
 def test_context_overflow_is_reported(loaded, image):
     prompt = image_prompt(loaded, image)
-    with pytest.raises(ContextOverflow, match="--max-pixels"):
+    with pytest.raises(ContextOverflow) as raised:
         loaded.new_session(GREEDY, n_ctx=10).prefill(prompt)
+    assert_error(raised, "--max-pixels")
     probe = loaded.new_session(GREEDY)
     needed = probe.prefill(prompt).prompt_tokens
     session = loaded.new_session(GREEDY, n_ctx=needed + 2)
     session.prefill(prompt)
     run(session, 2)
-    with pytest.raises(ContextOverflow, match=f"context holds {needed + 2}"):
+    with pytest.raises(ContextOverflow) as raised:
         session.step()
+    assert_error(raised, f"context holds {needed + 2}")
     roomy = loaded.new_session(GREEDY, n_ctx=needed + 3)
     roomy.prefill(prompt)
     with pytest.raises(ContextOverflow):

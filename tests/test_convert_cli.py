@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+from helpers import assert_error
 from typer.testing import CliRunner
 
 from qvq_local import models
@@ -29,8 +31,7 @@ def _one_line_error(result, code: int, *needles: str) -> None:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    assert_error(lines[0], *(re.escape(n) for n in needles))
 
 
 # ----------------------------------------------------------------------------- convert
