@@ -589,7 +589,7 @@ def test_convert_refuses_existing_output_unless_force(built, home, tmp_path):
     (out / "keep.txt").write_text("mine")
     args = ["convert", str(built["src"]), "--to", "gguf", "--quant", "f32", "-o", str(out), "-q"]
     proc = run_cli(args, tmp_path, home)
-    assert_one_clear_error(proc, ("taken", "exists", "--force"), args=args)
+    assert_one_clear_error(proc, ("exists", "--force"), path=out, args=args)
     assert (out / "keep.txt").read_text() == "mine"
     assert leftovers(tmp_path, "taken") == ["taken"]
     proc = run_cli([*args, "--force"], tmp_path, home)
@@ -604,7 +604,7 @@ def test_synth_refuses_existing_output_unless_force(home, tmp_path):
     (out / "keep.txt").write_text("mine")
     args = ["synth", str(out), "--shape", "tiny"]
     proc = run_cli(args, tmp_path, home)
-    assert_one_clear_error(proc, ("taken", "--force"), args=args)
+    assert_one_clear_error(proc, ("exists", "--force"), path=out, args=args)
     assert (out / "keep.txt").read_text() == "mine"
     proc = run_cli([*args, "--force"], tmp_path, home)
     assert proc.returncode == 0, proc.stderr
@@ -616,7 +616,7 @@ def test_synth_refuses_a_file_as_output(home, tmp_path):
     out = tmp_path / "afile"
     out.write_text("x")
     proc = run_cli(["synth", str(out), "--shape", "tiny"], tmp_path, home)
-    assert_one_clear_error(proc, ("afile",))
+    assert_one_clear_error(proc, ("not a folder",), path=out)
     assert out.read_text() == "x"
 
 
