@@ -19,6 +19,7 @@ from typing import Any
 from qvq_local.convert.checkpoint import Checkpoint
 from qvq_local.convert.gguf_stream import PlannedTensor, iter_encoded
 
+from qvq_local.backends.base import GGUF_SAMPLING_KEYS, sampling_values
 from qvq_local.errors import ModelError
 
 ARCH = "qwen2vl"
@@ -222,8 +223,20 @@ def text_metadata(ckpt: Checkpoint, vocab: Vocab, file_type: int, name: str) -> 
         w.add_add_eos_token(False)
         if vocab.chat_template:
             w.add_chat_template(vocab.chat_template)
+        # sampling defaults, where llama.cpp's own converter puts them (llama-cli/-server read them too)
+        for key, value in generation_sampling(ckpt).items():
+            if key == "top_k":
+                w.add_int32(GGUF_SAMPLING_KEYS[key], int(value))
+            else:
+                w.add_float32(GGUF_SAMPLING_KEYS[key], float(value))
 
     return add
+
+
+def generation_sampling(ckpt: Checkpoint) -> dict:
+    """The sampling values of the checkpoint's generation_config.json ({} when it has none)."""
+    path = ckpt.files.get("generation_config.json")
+    return sampling_values(_load_json(path)) if path is not None else {}
 
 
 # ------------------------------------------------------------------------------------------ tensors

@@ -137,8 +137,8 @@ def convert(
             from qvq_local.convert.to_gguf import convert_to_gguf
 
             pair = convert_to_gguf(src, partial, quant=quant, mmproj_quant=mmproj_quant, progress=progress)
-            # GGUF has no keys for sampling defaults: keep the model's own generation_config.json beside it
-            # (the llama backend reads it there), so QVQ's near-greedy settings survive conversion.
+            # The GGUF carries the sampling defaults (general.sampling.*); the model's own
+            # generation_config.json stays beside it too, whole, for tools that read only that file.
             if (src / "generation_config.json").is_file():
                 shutil.copyfile(src / "generation_config.json", partial / "generation_config.json")
             manifest = _manifest(

@@ -202,18 +202,26 @@ def build_config(shape: str | SynthShape, dtype: str = "bf16") -> dict:
     }
 
 
+#: The synthetic models' sampling values.  Near-greedy like QVQ's (the top token always wins: top_p keeps
+#: only it), but each value differs from QVQ's published one (``qvq_local.qwen.QVQ_SAMPLING``, the fallback
+#: when a model has none), so a test can tell "the model's values are used" from "the fallback is used".
+SYNTH_SAMPLING: dict[str, float | int] = {
+    "temperature": 0.05,
+    "top_p": 0.005,
+    "top_k": 3,
+    "repetition_penalty": 1.1,
+}
+
+
 def build_generation_config(shape: str | SynthShape) -> dict:
-    """QVQ-72B-Preview's generation_config.json: near-greedy sampling."""
+    """generation_config.json in QVQ-72B-Preview's layout, with :data:`SYNTH_SAMPLING`'s values."""
     ids = tokenizer_synth.special_ids(get_shape(shape).tokenizer_base)
     return {
         "bos_token_id": ids["<|endoftext|>"],
         "do_sample": True,
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
         "pad_token_id": ids["<|endoftext|>"],
-        "repetition_penalty": 1.05,
-        "temperature": 0.01,
-        "top_k": 1,
-        "top_p": 0.001,
+        **SYNTH_SAMPLING,
         "transformers_version": "4.47.0",
     }
 

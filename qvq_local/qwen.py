@@ -33,3 +33,12 @@ QVQ_SYSTEM_PROMPT = "You are a helpful and harmless assistant. You are Qwen deve
 #: What one image looks like in a rendered Qwen2-VL prompt (backends rewrite it for their library).
 IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
+
+#: QVQ-72B-Preview's published sampling (its generation_config.json): near-greedy.  The fallback for a model
+#: that ships no sampling values of its own (``SamplingParams.resolved``).
+QVQ_SAMPLING: dict[str, float | int] = {
+    "temperature": 0.01,
+    "top_p": 0.001,
+    "top_k": 1,
+    "repetition_penalty": 1.05,
+}

@@ -9,11 +9,13 @@ how close, and the measured errors are printed (``pytest -s``).
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from pathlib import Path
 
 import pytest
+from helpers import assert_error
 
 pytestmark = pytest.mark.llama
 
@@ -23,6 +25,7 @@ from qvq_local.backends import llamacpp
 from qvq_local.backends.base import LoadedModel, Prompt, SamplingParams, Session
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError
 from qvq_local.prompt import build_prompt, load_chat_template
+from qvq_local.qwen import QVQ_SAMPLING
 
 QUESTION = "Which bar is the tallest, and by how much?"
 FORCED = "\n\nTime is up.\n\n**Final Answer**\n"
@@ -219,10 +222,41 @@ def test_vision_embeddings_parity(f32_model, tiny_checkpoint, hf, sample_image, 
 # ---------------------------------------------------------------- session behaviour
 
 
-def test_feed_does_not_reencode_image(f32_model, prompt):
+def _count_encoder_runs(monkeypatch) -> list[str]:
+    """Wrap every mtmd entry point that runs the vision encoder; returns the log of calls (by name).
+
+    The session looks these up on the ``mtmd_cpp`` module at call time, so patching the module attribute
+    sees each real call (the session's own ``images_encoded`` counter is not evidence: only prefill
+    increments it).
+    """
+    from llama_cpp import mtmd_cpp
+
+    calls: list[str] = []
+    for name in (
+        "mtmd_encode_chunk",
+        "mtmd_encode",
+        "mtmd_batch_encode",
+        "mtmd_helper_eval_chunks",
+        "mtmd_helper_eval_chunk_single",
+    ):
+        real = getattr(mtmd_cpp, name, None)
+        if real is None:
+            continue
+
+        def counted(*args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(mtmd_cpp, name, counted)
+    return calls
+
+
+def test_feed_does_not_reencode_image(f32_model, prompt, monkeypatch):
+    encoder_runs = _count_encoder_runs(monkeypatch)
     session = _session(f32_model, prompt)
     try:
         stats = session.prefill(prompt)
+        assert encoder_runs == ["mtmd_encode_chunk"]  # one image, encoded once, by the call we time
         assert session.images_encoded == 1
         assert stats.image_tokens_per_image == [stats.image_tokens] and stats.image_tokens > 0
         assert stats.prompt_tokens == session.n_cells == f32_model.context_needed(prompt)
@@ -239,9 +273,9 @@ def test_feed_does_not_reencode_image(f32_model, prompt):
         feed_s = time.perf_counter() - t0
         assert n == session.count_tokens(FORCED) > 0
         assert session.n_past == past + n and session.n_pos == pos + n
-        assert session.images_encoded == 1
         after = _generate(session, 3)
-        assert after and session.images_encoded == 1
+        assert after and encoder_runs == ["mtmd_encode_chunk"]  # feed and steps never ran the encoder
+        assert session.images_encoded == 1
         print(
             f"\nfirst prefill {stats.prefill_s * 1000:.1f} ms (image encode {stats.image_encode_s * 1000:.1f} ms,"
             f" {stats.prompt_tokens} tokens); forced feed of {n} tokens {feed_s * 1000:.1f} ms"
@@ -266,7 +300,7 @@ def test_same_seed_same_text(f32_model, prompt):
 
 
 def test_greedy_defaults_follow_penalised_argmax(f32_model, prompt):
-    """QVQ's defaults (top_k=1, repetition_penalty=1.05) are greedy over penalised logits.
+    """The model's near-greedy defaults pick the top token of the logits after its repetition penalty.
 
     As in transformers, the prompt's own tokens count as repetitions (here: the last 64 text tokens).
     """
@@ -277,8 +311,9 @@ def test_greedy_defaults_follow_penalised_argmax(f32_model, prompt):
         session.prefill(prompt)
         logits = session.last_logits()
         seen = np.array(sorted(set(session.prompt_text_ids[-llamacpp.PENALTY_LAST_N :])))
+        penalty = f32_model.generation_config["repetition_penalty"]
         penalised = logits.copy()
-        penalised[seen] = np.where(logits[seen] > 0, logits[seen] / 1.05, logits[seen] * 1.05)
+        penalised[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
         tok = session.step()
         assert tok.id == int(penalised.argmax())
         plain = f32_model.new_session(SamplingParams(repetition_penalty=1.0), n_ctx=session.n_ctx)
@@ -346,14 +381,62 @@ def test_q4_loads_and_generates(tiny_gguf_q4, prompt, hf):
         model.close()
 
 
+def _sampling(session) -> dict:
+    return {k: getattr(session.sampling, k) for k in QVQ_SAMPLING}
+
+
+def test_sampling_defaults_are_the_models_own(f32_model, tiny_gguf_f32, tiny_checkpoint, tmp_path):
+    """Unset sampling values come from the model: a generation_config.json beside the GGUF, then the GGUF's
+    ``general.sampling.*`` keys, then QVQ's published values.
+
+    The synthetic values differ from every fallback value, so a loader that ignored them fails here.
+    """
+    import shutil
+
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    shipped = json.loads((tiny_checkpoint / "generation_config.json").read_text())
+    wanted = {k: shipped[k] for k in QVQ_SAMPLING}
+    assert all(wanted[k] != QVQ_SAMPLING[k] for k in QVQ_SAMPLING)
+    assert not (Path(tiny_gguf_f32.model).parent / "generation_config.json").exists()  # from the GGUF alone
+    session = f32_model.new_session(SamplingParams(), n_ctx=64)
+    assert _sampling(session) == wanted
+    session.close()
+    session = f32_model.new_session(SamplingParams(top_k=0), n_ctx=64)  # an explicit value wins, alone
+    assert _sampling(session) == {**wanted, "top_k": 0}
+    session.close()
+
+    def defaults(folder: Path) -> dict:
+        mmproj = next(folder.glob("mmproj-*.gguf"))
+        text = next(p for p in folder.glob("*.gguf") if p != mmproj)
+        model = llamacpp.load(text, mmproj)
+        try:
+            session = model.new_session(SamplingParams(), n_ctx=64)
+            try:
+                return _sampling(session)
+            finally:
+                session.close()
+        finally:
+            model.close()
+
+    beside = tmp_path / "with-sidecar"  # a file beside the GGUF overrides its metadata, key by key
+    shutil.copytree(Path(tiny_gguf_f32.model).parent, beside)
+    (beside / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_k": 5}))
+    assert defaults(beside) == {**wanted, "temperature": 0.3, "top_k": 5}
+
+    source = tmp_path / "src"  # a model without sampling values anywhere: QVQ's published ones
+    shutil.copytree(tiny_checkpoint, source)
+    (source / "generation_config.json").unlink()
+    pair = convert_to_gguf(source, tmp_path / "bare", quant="f32", mmproj_quant="f32")
+    assert defaults(Path(pair.model).parent) == QVQ_SAMPLING  # the session really uses the fallback
+
+
 def test_metadata(f32_model, tiny_checkpoint):
     assert f32_model.backend == "llama"
     assert f32_model.quantization == "F32"
     assert f32_model.context_length == 32768
     assert f32_model.chat_template and "<|im_start|>" in f32_model.chat_template
     assert f32_model.gpu_offload == bool(llama_cpp.llama_supports_gpu_offload())
-    resolved = SamplingParams().resolved(f32_model.generation_config)
-    assert resolved.top_k == 1 and resolved.repetition_penalty == pytest.approx(1.05)
     assert isinstance(f32_model, LoadedModel)
     session = f32_model.new_session(SamplingParams(), n_ctx=64)
     try:
@@ -451,45 +534,53 @@ def _write_gguf(path: Path, arch: str, kv: dict) -> Path:
 
 
 def test_missing_files(tiny_gguf_f32, tmp_path):
-    with pytest.raises(ModelError, match="not found") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(tmp_path / "nope.gguf", tiny_gguf_f32.mmproj)
+    assert_error(err, "not found")
     assert "nope.gguf" in str(err.value)
-    with pytest.raises(ModelError, match="mmproj") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(tiny_gguf_f32.model, tmp_path / "no-mmproj.gguf")
+    assert_error(err, "mmproj")
     assert "no-mmproj.gguf" in str(err.value)
-    with pytest.raises(ModelError, match="mmproj"):
+    with pytest.raises(ModelError) as raised:
         llamacpp.load(tiny_gguf_f32.model, None)
+    assert_error(raised, "mmproj")
 
 
 def test_corrupt_gguf(tiny_gguf_f32, tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"this is not a model at all" * 100)
-    with pytest.raises(ModelError, match="not a GGUF") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(junk, tiny_gguf_f32.mmproj)
+    assert_error(err, "not a GGUF")
     assert "junk.gguf" in str(err.value)
 
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
-    with pytest.raises(ModelError, match="not a GGUF"):
+    with pytest.raises(ModelError) as raised:
         llamacpp.load(empty, tiny_gguf_f32.mmproj)
+    assert_error(raised, "not a GGUF")
 
     data = Path(tiny_gguf_f32.model).read_bytes()
     header_cut = tmp_path / "header-cut.gguf"
     header_cut.write_bytes(data[:200])
-    with pytest.raises(ModelError, match="truncated|corrupt") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(header_cut, tiny_gguf_f32.mmproj)
+    assert_error(err, "truncated|corrupt")
     assert "header-cut.gguf" in str(err.value)
 
     half = tmp_path / "half.gguf"
     half.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelError, match="truncated") as err:  # not llama.cpp's "failed to load model"
+    with pytest.raises(ModelError) as err:  # not llama.cpp's "failed to load model"
         llamacpp.load(half, tiny_gguf_f32.mmproj)
+    assert_error(err, "truncated")
     assert "half.gguf" in str(err.value) and len(str(err.value).splitlines()) == 1
 
     bad_version = tmp_path / "v99.gguf"
     bad_version.write_bytes(b"GGUF" + struct.pack("<I", 99) + data[8:4096])
-    with pytest.raises(ModelError, match="version"):
+    with pytest.raises(ModelError) as raised:
         llamacpp.load(bad_version, tiny_gguf_f32.mmproj)
+    assert_error(raised, "version")
 
     proj = Path(tiny_gguf_f32.mmproj).read_bytes()
     bad_proj = tmp_path / "mmproj-half.gguf"
@@ -501,28 +592,33 @@ def test_corrupt_gguf(tiny_gguf_f32, tmp_path):
 
 def test_wrong_architecture(tiny_gguf_f32, tmp_path):
     other = _write_gguf(tmp_path / "llama-arch.gguf", "llama", {"llama.context_length": 2048})
-    with pytest.raises(ModelError, match="architecture is 'llama'") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(other, tiny_gguf_f32.mmproj)
+    assert_error(err, "architecture is 'llama'")
     assert "llama-arch.gguf" in str(err.value)
     # the two files swapped
-    with pytest.raises(ModelError, match="mmproj"):
+    with pytest.raises(ModelError) as raised:
         llamacpp.load(tiny_gguf_f32.mmproj, tiny_gguf_f32.model)
-    with pytest.raises(ModelError, match="not an mmproj"):
+    assert_error(raised, "mmproj")
+    with pytest.raises(ModelError) as raised:
         llamacpp.load(tiny_gguf_f32.model, tiny_gguf_f32.model)
+    assert_error(raised, "not an mmproj")
 
 
 def test_mismatched_mmproj(tiny_gguf_f32, tmp_path):
     wrong_kind = _write_gguf(tmp_path / "mmproj-llava.gguf", "clip", {"clip.projector_type": "mlp"})
-    with pytest.raises(ModelError, match="projector type") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(tiny_gguf_f32.model, wrong_kind)
+    assert_error(err, "projector type")
     assert "mmproj-llava.gguf" in str(err.value)
     wrong_width = _write_gguf(
         tmp_path / "mmproj-7b.gguf",
         "clip",
         {"clip.projector_type": "qwen2vl_merger", "clip.vision.projection_dim": 3584},
     )
-    with pytest.raises(ModelError, match="another model") as err:
+    with pytest.raises(ModelError) as err:
         llamacpp.load(tiny_gguf_f32.model, wrong_width)
+    assert_error(err, "another model")
     assert "mmproj-7b.gguf" in str(err.value)
 
 
@@ -561,8 +657,9 @@ def test_missing_llama_cpp_is_backend_unavailable(monkeypatch, tiny_gguf_f32):
     monkeypatch.setattr(llamacpp, "_LIBS", None)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     monkeypatch.setitem(sys.modules, "llama_cpp.mtmd_cpp", None)
-    with pytest.raises(BackendUnavailable, match=r"qvq-local\[llama\]"):
+    with pytest.raises(BackendUnavailable) as raised:
         llamacpp.load(tiny_gguf_f32.model, tiny_gguf_f32.mmproj)
+    assert_error(raised, r"qvq-local\[llama\]")
 
 
 def test_interrupt_inside_log_callback_is_kept_and_reraised():

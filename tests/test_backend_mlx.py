@@ -15,10 +15,12 @@ import sys
 import time
 
 import pytest
+from helpers import assert_error
 
 from qvq_local.backends.base import LoadedModel, Prompt, SamplingParams, Session
 from qvq_local.errors import BackendUnavailable, ContextOverflow, ModelError
 from qvq_local.prompt import build_prompt
+from qvq_local.qwen import QVQ_SAMPLING
 
 pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_vlm")
@@ -104,8 +106,7 @@ def test_loaded_model_describes_itself(loaded):
     else:
         assert loaded.quantization == "f32"
     gen_path = loaded.model_dir / "generation_config.json"
-    if gen_path.exists():
-        assert loaded.generation_config == json.loads(gen_path.read_text())
+    assert loaded.generation_config == json.loads(gen_path.read_text())
     im_end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in loaded.eos_token_ids
 
@@ -122,13 +123,16 @@ def test_image_token_estimate_matches_prefill(loaded, image):
 def test_load_errors_are_model_errors(tmp_path):
     from qvq_local.backends import mlx as backend
 
-    with pytest.raises(ModelError, match="not a model folder"):
+    with pytest.raises(ModelError) as raised:
         backend.load(tmp_path / "missing")
-    with pytest.raises(ModelError, match="no config.json"):
+    assert_error(raised, "not a model folder")
+    with pytest.raises(ModelError) as raised:
         backend.load(tmp_path)
+    assert_error(raised, "no config.json")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    with pytest.raises(ModelError, match="mlx-vlm cannot load"):
+    with pytest.raises(ModelError) as raised:
         backend.load(tmp_path)
+    assert_error(raised, "mlx-vlm cannot load")
 
 
 def test_missing_mlx_vlm_names_the_extra(monkeypatch, tmp_path):
@@ -136,8 +140,9 @@ def test_missing_mlx_vlm_names_the_extra(monkeypatch, tmp_path):
 
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "mlx_vlm", None)  # makes `import mlx_vlm` raise ImportError
-    with pytest.raises(BackendUnavailable, match=r"qvq-local\[mlx\]"):
+    with pytest.raises(BackendUnavailable) as raised:
         backend.load(tmp_path)
+    assert_error(raised, r"qvq-local\[mlx\]")
 
 
 # ------------------------------------------------------------------------------------------ parity
@@ -289,11 +294,40 @@ def test_repetition_penalty_avoids_tokens_in_context(loaded, image):
     assert not set(ids) & context
 
 
-def test_generation_config_defaults_are_used(loaded):
+def _sampling(session) -> dict:
+    return {k: getattr(session.sampling, k) for k in QVQ_SAMPLING}
+
+
+def test_sampling_defaults_are_the_models_own(loaded, tmp_path):
+    """Unset sampling values come from the model's generation_config.json, the rest from QVQ's values.
+
+    The synthetic file's values differ from every fallback value, so a backend that ignored the file
+    fails here; the same model without the file gets the fallback.
+    """
+    import shutil
+
+    from qvq_local.backends import mlx as backend
+
+    shipped = json.loads((loaded.model_dir / "generation_config.json").read_text())
+    wanted = {k: shipped[k] for k in QVQ_SAMPLING}
+    assert all(wanted[k] != QVQ_SAMPLING[k] for k in QVQ_SAMPLING)
     session = loaded.new_session(SamplingParams())
-    gen = loaded.generation_config
-    assert session.sampling.temperature == gen.get("temperature", 0.01)
-    assert session.sampling.repetition_penalty == gen.get("repetition_penalty", 1.05)
+    assert _sampling(session) == wanted
+    session.close()
+    session = loaded.new_session(SamplingParams(temperature=0.7))  # an explicit value wins, only for itself
+    assert _sampling(session) == {**wanted, "temperature": 0.7}
+    session.close()
+
+    bare = tmp_path / "no-generation-config"
+    shutil.copytree(loaded.model_dir, bare)
+    (bare / "generation_config.json").unlink()
+    other = backend.load(bare)
+    try:
+        session = other.new_session(SamplingParams())
+        assert _sampling(session) == QVQ_SAMPLING
+        session.close()
+    finally:
+        other.close()
 
 
 # ----------------------------------------------------------------------------------- text stream
@@ -349,15 +383,17 @@ def test_eos_token_is_flagged(loaded, image):
 
 def test_context_overflow_is_reported(loaded, image):
     prompt = image_prompt(loaded, image)
-    with pytest.raises(ContextOverflow, match="--max-pixels"):
+    with pytest.raises(ContextOverflow) as raised:
         loaded.new_session(GREEDY, n_ctx=10).prefill(prompt)
+    assert_error(raised, "--max-pixels")
     probe = loaded.new_session(GREEDY)
     needed = probe.prefill(prompt).prompt_tokens
     session = loaded.new_session(GREEDY, n_ctx=needed + 2)
     session.prefill(prompt)
     run(session, 2)
-    with pytest.raises(ContextOverflow, match=f"context holds {needed + 2}"):
+    with pytest.raises(ContextOverflow) as raised:
         session.step()
+    assert_error(raised, f"context holds {needed + 2}")
     roomy = loaded.new_session(GREEDY, n_ctx=needed + 3)
     roomy.prefill(prompt)
     with pytest.raises(ContextOverflow):

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from helpers import assert_error
 from typer.testing import CliRunner
 
 from qvq_local.cli import app
@@ -29,14 +30,14 @@ def gguf_model(request):
     return str(request.getfixturevalue("tiny_gguf_q4").model)
 
 
-def _one_line_error(result, *fragments: str) -> str:
+def _one_line_error(result, *fragments: str, path=None) -> str:
+    """One ``error:`` line on stderr naming ``path`` (when given) and holding ``fragments`` outside paths."""
     assert result.exit_code not in (0, None), result.output
     assert "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
+    assert_error(lines[0], *(re.escape(f) for f in fragments), path=path)
     return lines[0]
 
 
@@ -125,14 +126,14 @@ def test_default_model_from_config_and_hide_thinking(gguf_model, sample_image):
 
 def test_missing_image(sample_image, tmp_path):
     result = runner.invoke(app, ["ask", str(tmp_path / "nope.png"), "q", "--model", "whatever"])
-    _one_line_error(result, "nope.png", "no such image")
+    _one_line_error(result, "no such image", path=tmp_path / "nope.png")
 
 
 def test_unreadable_image(tmp_path):
     fake = tmp_path / "notes.png"
     fake.write_text("this is not a picture\n")
     result = runner.invoke(app, ["ask", str(fake), "q", "--model", "whatever"])
-    _one_line_error(result, "notes.png", "not an image")
+    _one_line_error(result, "not an image", "looks like a text file", path=fake)
 
 
 def test_question_missing(sample_image):
@@ -165,7 +166,7 @@ def test_mlx_folder_with_llama_backend(tiny_checkpoint, sample_image):
     result = runner.invoke(
         app, ["ask", str(sample_image), "q", "--model", str(tiny_checkpoint), "--backend", "llama"]
     )
-    _one_line_error(result, "llama backend cannot load this model", str(tiny_checkpoint))
+    _one_line_error(result, "llama backend cannot load this model", path=tiny_checkpoint)
 
 
 @pytest.mark.llama

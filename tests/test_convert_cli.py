@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+from helpers import assert_error
 from typer.testing import CliRunner
 
 from qvq_local import models
@@ -29,8 +31,7 @@ def _one_line_error(result, code: int, *needles: str) -> None:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    assert_error(lines[0], *(re.escape(n) for n in needles))
 
 
 # ----------------------------------------------------------------------------- convert
@@ -86,8 +87,8 @@ def test_convert_to_gguf_with_output_folder(tiny_checkpoint, home, tmp_path):
     assert got.format == "gguf" and got.path == out / manifest["model"]
     assert got.mmproj == out / manifest["mmproj"]
     assert models.resolve(got.path).mmproj == got.mmproj  # the .gguf file itself finds its projector
-    # GGUF has no keys for sampling defaults: the model's generation_config travels beside it and the
-    # llama backend reads it there (QVQ's near-greedy values, not a built-in fallback).
+    # The model's generation_config travels beside the GGUF too (its sampling values are also in the GGUF),
+    # and the llama backend reads it there.
     shipped = json.loads((tiny_checkpoint / "generation_config.json").read_text())
     assert json.loads((out / "generation_config.json").read_text()) == shipped
     from qvq_local.backends import llamacpp

@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from helpers import assert_error
 
 from qvq_local.errors import InputError, ModelError
 
@@ -21,6 +22,8 @@ pytest.importorskip("mlx_vlm")
 # Tolerance on next-token logits (|logit| ~ 1 for the tiny model).  Measured on CPU (mlx 0.32.4,
 # mlx-vlm 0.7.10, torch 2.13, transformers 5.23): text-only 7.5e-7, with an image 1.0e-6.
 LOGIT_ATOL = 1e-4
+# 4-bit (group 64) against the unquantised conversion, same bound as the GGUF Q4_K_M test's against F32.
+Q4_MIN_CORRELATION = 0.9
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -164,7 +167,7 @@ def test_unquantised_mlx_matches_transformers_text_and_image(tiny_checkpoint, ti
 # ----------------------------------------------------------------------------- quantised output
 @pytest.mark.mlx
 @pytest.mark.slow
-def test_4bit_conversion_loads_and_generates(tiny_mlx_q4, tiny_checkpoint, sample_image):
+def test_4bit_conversion_loads_and_generates(tiny_mlx_q4, tiny_mlx_f32, tiny_checkpoint, sample_image):
     import mlx.core as mx
     from mlx_vlm import load
 
@@ -198,6 +201,18 @@ def test_4bit_conversion_loads_and_generates(tiny_mlx_q4, tiny_checkpoint, sampl
         assert len(tokens) == 6 and all(0 <= t < cfg["vocab_size"] for t in tokens)
         # the first generated token is the argmax of the quantised model's own next-token logits
         assert tokens[0] == int(np.argmax(_mlx_logits(model, ids, pv, g)))
+
+    # the quantised model is still the same model: its logits track the unquantised conversion's
+    reference, _ = load(str(tiny_mlx_f32))
+    for label, ids, pv, g in (("text", text_ids, None, None), ("image", image_ids, pixel_values, grid)):
+        a, b = _mlx_logits(model, ids, pv, g), _mlx_logits(reference, ids, pv, g)
+        corr = float(np.corrcoef(a, b)[0, 1])
+        top5 = len(set(np.argsort(-a)[:5]) & set(np.argsort(-b)[:5]))
+        print(
+            f"\n4-bit vs f32 MLX {label} logits: correlation {corr:.4f}, max abs diff {np.abs(a - b).max():.3g},"
+            f" top-5 overlap {top5}/5"
+        )
+        assert corr > Q4_MIN_CORRELATION, (label, corr)
 
 
 @pytest.mark.mlx
@@ -249,8 +264,9 @@ def test_bad_sources_fail_before_any_output(tiny_checkpoint, tmp_path):
     cfg["architectures"] = ["LlamaForCausalLM"]
     cfg["model_type"] = "llama"
     (broken / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelError, match="architecture|model_type|Llama"):
+    with pytest.raises(ModelError) as raised:
         convert_to_mlx(broken, tmp_path / "out")
+    assert_error(raised, "architecture|model_type|Llama")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
     missing = tmp_path / "missing"
@@ -260,10 +276,12 @@ def test_bad_sources_fail_before_any_output(tiny_checkpoint, tmp_path):
         convert_to_mlx(missing, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
-    with pytest.raises(InputError, match="bits"):
+    with pytest.raises(InputError) as raised:
         convert_to_mlx(tiny_checkpoint, tmp_path / "out", bits=3)
-    with pytest.raises(InputError, match="group"):
+    assert_error(raised, "bits")
+    with pytest.raises(InputError) as raised:
         convert_to_mlx(tiny_checkpoint, tmp_path / "out", group_size=48)
+    assert_error(raised, "group")
 
 
 @pytest.mark.mlx
@@ -301,8 +319,9 @@ def test_existing_output_is_kept_unless_overwrite(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(InputError, match="exists"):
+    with pytest.raises(InputError) as raised:
         convert_to_mlx(tiny_checkpoint, out)
+    assert_error(raised, "exists")
     assert (out / "precious.txt").exists()
     convert_to_mlx(tiny_checkpoint, out, bits=4, overwrite=True)
     assert not (out / "precious.txt").exists() and (out / "config.json").exists()
@@ -328,8 +347,9 @@ def test_not_enough_disk_fails_before_writing(tiny_checkpoint, tmp_path, monkeyp
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(to_mlx.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(DiskFull, match="GB"):
+    with pytest.raises(DiskFull) as raised:
         to_mlx.convert_to_mlx(tiny_checkpoint, tmp_path / "out", bits=4)
+    assert_error(raised, "GB")
     assert list(tmp_path.iterdir()) == []
     shards = sorted(tiny_checkpoint.glob("*.safetensors"))
     source_bytes = sum(p.stat().st_size for p in shards)

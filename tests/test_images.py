@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 
 import pytest
+from helpers import assert_error, assert_upright, oriented_pair
 from PIL import Image
 
 from qvq_local.errors import InputError
@@ -39,14 +41,10 @@ def png_bytes(width, height, idat=b""):
 
 
 def assert_clear_error(path, *words):
+    """load_image(path) raises one InputError line naming ``path`` and saying ``words`` outside the path."""
     with pytest.raises(InputError) as info:
         load_image(path)
-    message = str(info.value)
-    assert str(path) in message, message
-    assert "\n" not in message and "Traceback" not in message
-    for word in words:
-        assert word in message, message
-    return message
+    return assert_error(info, *(re.escape(w) for w in words), path=path)
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -63,13 +61,13 @@ def test_directory(tmp_path):
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.png"
     path.write_bytes(b"")
-    assert_clear_error(path, "empty")
+    assert_clear_error(path, "empty file (0 bytes)")
 
 
 def test_text_file_with_image_extension(tmp_path):
     path = tmp_path / "notes.png"
     path.write_text("these are my notes, not a picture\n" * 20)
-    assert_clear_error(path, "not an image", "text")
+    assert_clear_error(path, "not an image", "looks like a text file")
 
 
 def test_pdf_renamed_to_png(tmp_path):
@@ -123,27 +121,44 @@ def test_source_pixel_limit_is_checked_from_the_header(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     path.write_bytes(png_bytes(5000, 4000, zlib.compress(b"\0" * 1000)))  # 20 MP, below Pillow's limits
     monkeypatch.setattr("PIL.ImageFile.ImageFile.load", lambda self: pytest.fail("pixels were decoded"))
-    with pytest.raises(InputError, match="too large.*5000x4000"):
+    with pytest.raises(InputError) as raised:
         load_image(path, max_source_pixels=10_000_000)
+    assert_error(raised, "too large.*5000x4000")
 
 
 # ------------------------------------------------------------------------------------- odd formats
 
 
-def test_exif_rotated_jpeg_is_turned_upright(tmp_path):
-    img = Image.new("RGB", (120, 80), (0, 0, 255))
-    img.paste((255, 0, 0), (0, 0, 60, 80))  # left half red, right half blue
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_the_picture_upright(tmp_path, orientation, fmt):
+    """Each EXIF orientation (2-8, and 1 as the control) in each format that carries EXIF comes out the
+    way a viewer shows it: an asymmetric picture (four grey quadrants) is checked quadrant by quadrant."""
+    upright, stored = oriented_pair(orientation)
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
-    path = tmp_path / "phone.jpg"
-    img.save(path, "JPEG", exif=exif, quality=95)
+    exif[0x0112] = orientation
+    path = tmp_path / f"oriented.{fmt.lower()}"
+    stored.save(path, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
     out, info = load_image(path, max_pixels=10**6)
-    assert info.original_size == (80, 120)  # portrait after rotation
-    w, h = out.size
-    top = out.getpixel((w // 2, h // 8))
-    bottom = out.getpixel((w // 2, h * 7 // 8))
-    assert top[0] > 200 and top[2] < 60  # red on top: the left side went up
-    assert bottom[2] > 200 and bottom[0] < 60
+    assert info.original_size == (upright.shape[1], upright.shape[0])
+    assert_upright(out, upright)
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_rotated_tiff_fallback_turns_the_picture_upright(tmp_path, monkeypatch, orientation):
+    """The fallback transposes (for a Pillow whose orientation step leaves a rotated TIFF as stored) give
+    the same picture as Pillow's own step.  Here Pillow's step is switched off so the fallback runs."""
+    import PIL.ImageOps
+
+    monkeypatch.setattr(PIL.ImageOps, "exif_transpose", lambda im, **_: im)
+    upright, stored = oriented_pair(orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "scan.tiff"
+    stored.save(path, "TIFF", exif=exif.tobytes())
+    out, info = load_image(path, max_pixels=10**6)
+    assert info.original_size == (upright.shape[1], upright.shape[0])
+    assert_upright(out, upright)
 
 
 def test_cmyk_jpeg(tmp_path):
@@ -240,12 +255,24 @@ def test_large_photo_is_bounded(tmp_path):
     assert info.tokens <= 256
 
 
-def test_larger_max_pixels_is_honoured(tmp_path):
-    path = tmp_path / "photo.png"
-    noise(1000, 1000).save(path)
-    _, info = load_image(path, max_pixels=896 * 896)
-    assert info.size == (1008, 1008) or info.size[0] * info.size[1] <= 896 * 896
-    assert info.size[0] * info.size[1] <= 896 * 896
+@pytest.mark.parametrize(
+    ("max_pixels", "square", "landscape"),
+    [
+        (112 * 112, (112, 112), (140, 84)),  # lower than the default
+        (DEFAULT_MAX_PIXELS, (448, 448), (560, 336)),
+        (896 * 896, (896, 896), (1008, 588)),  # higher than the default
+    ],
+)
+def test_max_pixels_is_honoured_both_ways(tmp_path, max_pixels, square, landscape):
+    """The bound is the one asked for, not the default: sizes worked out by hand with Qwen2-VL's rule."""
+    for size, expected in (((1000, 1000), square), ((1000, 600), landscape)):
+        path = tmp_path / f"photo-{size[0]}x{size[1]}.png"
+        noise(*size).save(path)
+        out, info = load_image(path, max_pixels=max_pixels)
+        assert info.original_size == size
+        assert out.size == info.size == expected
+        assert info.tokens == (expected[0] // 28) * (expected[1] // 28)
+        assert expected[0] * expected[1] <= max_pixels
 
 
 def test_sample_image_fixture_loads(sample_image):
@@ -294,8 +321,9 @@ def test_bound_size_extreme_aspect_is_clamped_not_refused():
 
 
 def test_bound_size_rejects_impossible_bounds():
-    with pytest.raises(InputError, match="max pixels"):
+    with pytest.raises(InputError) as raised:
         bound_size(100, 100, max_pixels=100)
+    assert_error(raised, "max pixels")
     with pytest.raises(InputError):
         bound_size(0, 100)
 

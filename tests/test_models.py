@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import assert_error
 
 from qvq_local import models
 from qvq_local.errors import ModelError
@@ -88,11 +89,13 @@ def test_manifest_written_atomically_and_read_back(tmp_path):
 def test_unreadable_manifest_is_a_model_error(tmp_path):
     folder = _hf_folder(tmp_path / "m")
     (folder / models.MANIFEST_NAME).write_text("{not json")
-    with pytest.raises(ModelError, match="manifest"):
+    with pytest.raises(ModelError) as raised:
         models.read_manifest(folder)
+    assert_error(raised, "manifest")
     (folder / models.MANIFEST_NAME).write_text('{"format": "onnx"}')
-    with pytest.raises(ModelError, match="format"):
+    with pytest.raises(ModelError) as raised:
         models.resolve(folder)
+    assert_error(raised, "format")
 
 
 # ----------------------------------------------------------------------------- resolve
@@ -124,16 +127,19 @@ def test_resolve_gguf_folder_uses_manifest(tmp_path):
 
 def test_resolve_gguf_without_mmproj_fails(tmp_path):
     model = _gguf_pair(tmp_path / "g", mmproj=None)
-    with pytest.raises(ModelError, match="mmproj"):
+    with pytest.raises(ModelError) as raised:
         models.resolve(model)
-    with pytest.raises(ModelError, match="mmproj"):
+    assert_error(raised, "mmproj")
+    with pytest.raises(ModelError) as raised:
         models.resolve(tmp_path / "g")
+    assert_error(raised, "mmproj")
 
 
 def test_resolve_mmproj_file_itself_is_refused(tmp_path):
     _gguf_pair(tmp_path / "g")
-    with pytest.raises(ModelError, match="projector"):
+    with pytest.raises(ModelError) as raised:
         models.resolve(tmp_path / "g" / "mmproj-model-f16.gguf")
+    assert_error(raised, "projector")
 
 
 def test_resolve_mlx_and_hf_folders(tmp_path):
@@ -152,10 +158,12 @@ def test_resolve_folder_without_weights_fails(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "pytorch_model.bin").write_bytes(b"\0")
-    with pytest.raises(ModelError, match="safetensors"):
+    with pytest.raises(ModelError) as raised:
         models.resolve(folder)
-    with pytest.raises(ModelError, match="config.json"):
+    assert_error(raised, "safetensors")
+    with pytest.raises(ModelError) as raised:
         models.resolve(tmp_path)
+    assert_error(raised, "config.json")
 
 
 def test_resolve_name_under_qvq_home(home):
@@ -166,18 +174,22 @@ def test_resolve_name_under_qvq_home(home):
 
 
 def test_unknown_name_and_missing_path_fail(home):
-    with pytest.raises(ModelError, match="unknown model"):
+    with pytest.raises(ModelError) as raised:
         models.resolve("no-such-model")
-    with pytest.raises(ModelError, match="no such file"):
+    assert_error(raised, "unknown model")
+    with pytest.raises(ModelError) as raised:
         models.resolve("./nowhere/model.gguf")
-    with pytest.raises(ModelError, match="empty"):
+    assert_error(raised, "no such file")
+    with pytest.raises(ModelError) as raised:
         models.resolve("  ")
+    assert_error(raised, "empty")
 
 
 def test_bad_hub_id_fails_without_network(home, monkeypatch):
     monkeypatch.setattr(models, "pull", lambda *a, **k: pytest.fail("pull called"))
-    with pytest.raises(ModelError, match="not a valid hub id"):
+    with pytest.raises(ModelError) as raised:
         models.resolve("bad--owner/name")
+    assert_error(raised, "not a valid hub id")
 
 
 # ----------------------------------------------------------------------------- pull (no network)
@@ -238,14 +250,16 @@ def test_pull_downloads_safetensors_only_and_writes_manifest(home, fake_hub, pro
 def test_resolve_hub_id_pulls_when_missing(home, fake_hub):
     got = models.resolve("Qwen/Tiny-VL", progress=False)
     assert got.format == "hf" and len(fake_hub.calls) == 1
-    with pytest.raises(ModelError, match="not downloaded"):
+    with pytest.raises(ModelError) as raised:
         models.resolve("Qwen/Other", download=False)
+    assert_error(raised, "not downloaded")
 
 
 def test_pull_refuses_pickle_only_repo(home, fake_hub):
     (fake_hub.repo / "model.safetensors").unlink()
-    with pytest.raises(ModelError, match="only pickle weights"):
+    with pytest.raises(ModelError) as raised:
         models.pull("Qwen/Tiny-VL", progress=False)
+    assert_error(raised, "only pickle weights")
     assert fake_hub.calls == []  # refused before downloading
     assert not (home / "hub" / "Qwen--Tiny-VL").exists()
 
@@ -265,8 +279,9 @@ def test_network_errors_become_one_line_model_errors(home, monkeypatch):
         raise OfflineModeIsEnabled("offline")
 
     monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", offline)
-    with pytest.raises(ModelError, match="offline"):
+    with pytest.raises(ModelError) as raised:
         models.pull("Qwen/Tiny-VL", progress=False)
+    assert_error(raised, "offline")
 
 
 # ----------------------------------------------------------------------------- list

@@ -301,7 +301,7 @@ def evil_models(tmp_path_factory):
         env,
     )
     convert_error = None if proc.returncode == 0 else proc.stderr
-    return {
+    yield {
         "root": root,
         "env": env,
         "src": src,
@@ -309,6 +309,8 @@ def evil_models(tmp_path_factory):
         "marker": marker,
         "convert_error": convert_error,
     }
+    # the models are large next to the rest of pytest's temporary folders: gone once the module is done
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_convert_does_not_run_the_template(evil_models):
@@ -348,7 +350,3 @@ def test_malicious_template_fails_ask_with_one_line(which, evil_models):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "template" in lines[0].lower(), shown
     assert not save.exists()
-
-
-def test_cleanup(evil_models):
-    shutil.rmtree(evil_models["root"], ignore_errors=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_error
 from qvq_local.convert import synthetic
 from qvq_local.convert.safetensors_io import ShardedCheckpoint, bf16_bits_to_f32, f32_to_bf16_bits
 from qvq_local.convert.synthetic import SHAPES, build_config, write_checkpoint
@@ -173,9 +174,13 @@ def test_tiny_shape_widths_are_k_quant_friendly():
 
 
 def test_generation_and_preprocessor_configs_are_qvqs():
+    from qvq_local.qwen import QVQ_SAMPLING
+
     gen = synthetic.build_generation_config("72b")
-    assert gen["temperature"] == 0.01 and gen["top_k"] == 1 and gen["top_p"] == 0.001
-    assert gen["repetition_penalty"] == 1.05 and gen["do_sample"] is True
+    # QVQ's layout, but sampling values unlike every fallback value, so backend tests can see them used
+    assert {k: gen[k] for k in QVQ_SAMPLING} == synthetic.SYNTH_SAMPLING
+    assert all(gen[k] != v for k, v in QVQ_SAMPLING.items())
+    assert gen["top_k"] > 1 and gen["temperature"] > 0 and gen["do_sample"] is True
     assert gen["bos_token_id"] == 151643 and gen["pad_token_id"] == 151643
     assert gen["eos_token_id"] == [151645, 151643]
     pre = synthetic.build_preprocessor_config("72b")
@@ -187,10 +192,12 @@ def test_generation_and_preprocessor_configs_are_qvqs():
 
 
 def test_invalid_shape_and_dtype_name_the_choices(tmp_path):
-    with pytest.raises(InputError, match="tiny, 2b, 7b, 72b"):
+    with pytest.raises(InputError) as raised:
         write_checkpoint(tmp_path / "x", shape="3b")
-    with pytest.raises(InputError, match="bf16, f32"):
+    assert_error(raised, "tiny, 2b, 7b, 72b")
+    with pytest.raises(InputError) as raised:
         write_checkpoint(tmp_path / "x", dtype="f16")
+    assert_error(raised, "bf16, f32")
     assert not (tmp_path / "x").exists()
 
 
@@ -326,8 +333,9 @@ def test_tensor_bytes_do_not_depend_on_writing_order():
 def test_refuses_when_disk_is_too_small(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(synthetic.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 10**9, 10**9))
-    with pytest.raises(DiskFull, match=r"the 7b checkpoint needs 15\.\d GB but only 953\.\d MB is free"):
+    with pytest.raises(DiskFull) as raised:
         write_checkpoint(tmp_path / "big", shape="7b")
+    assert_error(raised, r"the 7b checkpoint needs 15\.\d GB but only 953\.\d MB is free")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -335,8 +343,9 @@ def test_refuses_non_empty_folder_unless_forced(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(InputError, match="not empty"):
+    with pytest.raises(InputError) as raised:
         write_checkpoint(out, shape="tiny")
+    assert_error(raised, "not empty")
     assert (out / "keep.txt").exists()
     write_checkpoint(out, shape="tiny", force=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()

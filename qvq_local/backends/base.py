@@ -20,6 +20,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from qvq_local.qwen import QVQ_SAMPLING
+
+#: generation_config.json's sampling keys and the GGUF keys llama.cpp's converter stores them under
+#: (``general.sampling.*``, read by llama-cli and llama-server as their defaults).  This project's converter
+#: writes them and its llama backend reads them, from this one table.
+GGUF_SAMPLING_KEYS: dict[str, str] = {
+    "temperature": "general.sampling.temp",
+    "top_k": "general.sampling.top_k",
+    "top_p": "general.sampling.top_p",
+    "repetition_penalty": "general.sampling.penalty_repeat",
+}
+
+
+def sampling_values(data: object) -> dict:
+    """The numeric sampling values (:data:`GGUF_SAMPLING_KEYS`' names) in a generation_config-like dict."""
+    if not isinstance(data, dict):
+        return {}
+    return {
+        k: data[k]
+        for k in GGUF_SAMPLING_KEYS
+        if isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool)
+    }
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -33,7 +56,7 @@ class SamplingParams:
 
     def resolved(self, defaults: dict) -> SamplingParams:
         """Fill unset fields from a generation_config-like dict, then from QVQ's published values."""
-        qvq = {"temperature": 0.01, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05, "seed": 0}
+        qvq = {**QVQ_SAMPLING, "seed": 0}
         out = {}
         for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
             value = getattr(self, name)

@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from qvq_local.backends import llama_buffers
-from qvq_local.backends.base import PrefillStats, Prompt, SamplingParams, Token
+from qvq_local.backends.base import (
+    GGUF_SAMPLING_KEYS,
+    PrefillStats,
+    Prompt,
+    SamplingParams,
+    Token,
+    sampling_values,
+)
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError, QvqError
 
 #: Text-model architectures (``general.architecture``) whose GGUF this backend runs with an mmproj.
@@ -166,14 +173,27 @@ def _file_type_names(llama_cpp: Any) -> dict[int, str]:
     return names
 
 
+def _gguf_sampling(meta: dict) -> dict:
+    """Sampling defaults stored in the GGUF's own metadata (``general.sampling.*``), by generation_config name.
+
+    Floats are stored as float32: rounded back to 7 significant digits (0.05, not 0.0500000007).
+    """
+    found = {}
+    for name, key in GGUF_SAMPLING_KEYS.items():
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        found[name] = int(value) if name == "top_k" else float(f"{float(value):.7g}")
+    return found
+
+
 def _sidecar_generation_config(model_gguf: Path) -> dict:
-    """generation_config values shipped next to the GGUF (GGUF has no key for them).
+    """generation_config values shipped next to the GGUF (they override the GGUF's own metadata).
 
     Looked up in ``generation_config.json`` (a copy of the HF file) and then in a qvq manifest
     (``qvq-manifest.json`` / ``manifest.json``) under ``"generation_config"``.  Unknown or unreadable files
     are ignored: the defaults are QVQ's published values anyway.
     """
-    keys = ("temperature", "top_p", "top_k", "repetition_penalty")
     folder = model_gguf.parent
     candidates = [(folder / "generation_config.json", None)]
     for name in ("qvq-manifest.json", "qvq_manifest.json", "manifest.json"):
@@ -187,14 +207,9 @@ def _sidecar_generation_config(model_gguf: Path) -> dict:
             continue
         if sub is not None:
             data = data.get(sub) if isinstance(data, dict) else None
-        if isinstance(data, dict):
-            found = {
-                k: data[k]
-                for k in keys
-                if isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool)
-            }
-            if found:
-                return found
+        found = sampling_values(data)
+        if found:
+            return found
     return {}
 
 
@@ -401,7 +416,8 @@ def load(
 
     ``n_gpu_layers``: None puts every layer on the GPU when llama.cpp reports GPU offload support and
     keeps them on the CPU otherwise; -1 means all.  ``generation_config`` overrides the sampling
-    defaults (otherwise read from a sidecar ``generation_config.json`` or manifest, else QVQ's values).
+    defaults (otherwise read from a sidecar ``generation_config.json`` or manifest, then from the GGUF's
+    ``general.sampling.*`` keys, else QVQ's values).
     Errors name the file: a missing, corrupt or wrong-architecture GGUF, and a missing or mismatched
     mmproj, raise ModelError; a missing llama-cpp-python raises BackendUnavailable.
     """
@@ -503,8 +519,7 @@ def load(
         names.get(int(file_type), f"type {file_type}") if file_type and file_type.isdigit() else "unknown"
     )
     ctx_len = meta_str(f"{arch}.context_length")
-    gen = dict(_sidecar_generation_config(model_path))
-    gen.update(generation_config or {})
+    gen = {**_gguf_sampling(meta), **_sidecar_generation_config(model_path), **(generation_config or {})}
     vocab = llama_cpp.llama_model_get_vocab(model)
     loaded = LlamaModel(
         name=name or meta_str("general.name") or model_path.stem,
