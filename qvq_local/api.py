@@ -124,17 +124,6 @@ class _Tracker:
             self.finished = event.result
 
 
-def _extract_boxed(text: str) -> str | None:
-    try:
-        from qvq_local.reasoning import extract_boxed
-    except ImportError:  # pragma: no cover - reasoning is part of the package
-        from qvq_local.render import find_boxed_spans
-
-        spans = find_boxed_spans(text)
-        return spans[-1][2] if spans else None
-    return extract_boxed(text)
-
-
 class Model:
     """A loaded model.  Open with :func:`load`; close with :meth:`close` or a ``with`` block."""
 
@@ -422,6 +411,8 @@ class Model:
 
     def _partial(self, tracker: _Tracker, started: Started | None, infos, settings, t_start) -> Result:
         """The Result of a question stopped by Ctrl-C: whatever was produced, stop reason "interrupted"."""
+        from qvq_local.boxed import extract_boxed
+
         answer = "".join(tracker.answer)
         timings = Timings(load_s=self.load_s, total_s=time.perf_counter() - t_start)
         if started is not None:
@@ -429,7 +420,7 @@ class Model:
         return Result(
             thought="".join(tracker.thought),
             answer=answer,
-            boxed=_extract_boxed(answer) if answer else None,
+            boxed=extract_boxed(answer),
             stop_reason="interrupted",
             thought_tokens=tracker.thought_tokens,
             answer_tokens=tracker.answer_tokens,

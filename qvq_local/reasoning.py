@@ -42,6 +42,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
+from qvq_local.boxed import extract_boxed
 from qvq_local.errors import InputError
 from qvq_local.events import Finished, Forced, Phase, Result, StopReason, TextDelta, Timings
 
@@ -423,48 +424,6 @@ class LoopDetector:
         if self._counts[sentence] >= self.s.sentence_repeats:
             return LoopInfo("sentence", sentence, self._counts[sentence])
         return None
-
-
-# ------------------------------------------------------------------------------------- boxed answers
-
-
-def extract_boxed(text: str) -> str | None:
-    """The content of the last complete ``\\boxed{...}`` (nested braces balanced), stripped; None if none.
-
-    ``\\boxed {x}`` (space before the brace) counts; ``\\{`` and ``\\}`` are literal braces; an unclosed
-    ``\\boxed{`` (a truncated answer) is skipped in favour of an earlier complete one.  "Last" means the
-    one that closes last, so ``\\boxed{\\boxed{1}}`` gives ``\\boxed{1}``.  One linear pass.
-    """
-    if not isinstance(text, str) or "\\boxed" not in text:
-        return None
-    match: dict[int, int] = {}
-    stack: list[int] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            stack.append(i)
-        elif ch == "}" and stack:
-            match[stack.pop()] = i
-        i += 1
-    best: tuple[int, int] | None = None
-    pos = text.find("\\boxed")
-    while pos >= 0:
-        j = pos + len("\\boxed")
-        if j < n and not text[j].isalpha():
-            while j < n and text[j] in " \t\n":
-                j += 1
-            if j < n and text[j] == "{" and j in match:
-                close = match[j]
-                if best is None or close > best[1]:
-                    best = (j, close)
-        pos = text.find("\\boxed", pos + 1)
-    if best is None:
-        return None
-    return text[best[0] + 1 : best[1]].strip()
 
 
 # ---------------------------------------------------------------------------------------- controller

@@ -17,7 +17,6 @@ from qvq_local.reasoning import (
     LoopSettings,
     ReasoningConfig,
     ThoughtAnswerSplitter,
-    extract_boxed,
     infer_answer,
     run_reasoning,
     split_text,
@@ -430,27 +429,3 @@ def test_loop_detector_repeats_short_span_needs_more_copies():
     det = LoopDetector()
     assert feed_all(det, unit * 5) is None
     assert feed_all(det, unit * 10) is not None
-
-
-# ----------------------------------------------------------------------------------------- boxed
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("\\boxed{42}", "42"),
-        ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
-        ("\\boxed {  x + 1 }", "x + 1"),
-        ("\\boxed{1} then \\boxed{2}", "2"),
-        ("\\boxed{3} and a truncated \\boxed{\\frac{1}{", "3"),
-        ("\\boxed{\\{a\\}}", "\\{a\\}"),
-        ("\\boxed{\\boxed{1}}", "\\boxed{1}"),
-        ("\\boxedx{1}", None),
-        ("no box", None),
-        ("\\boxed{", None),
-        ("}}}\\boxed{a}{{{", "a"),
-        ("", None),
-    ],
-)
-def test_extract_boxed(text, expected):
-    assert extract_boxed(text) == expected
