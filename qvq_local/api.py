@@ -187,7 +187,10 @@ class Model:
         ``think_budget`` caps thought tokens (None: up to :data:`DEFAULT_MAX_THOUGHT`, or what the context
         holds); ``answer_budget`` caps answer tokens.  ``system`` replaces QVQ's system prompt (``""``
         leaves the template's own default).  Sampling values left at None come from the model's
-        generation_config.  The last event is always ``Finished``.
+        generation_config.  ``forced_text`` (fed when thinking is cut) defaults to what suits the model and
+        the question: ``</think>`` when the chat template opens ``<think>``, else QVQ's marker, after a
+        sentence in the question's language (:func:`qvq_local.reasoning.default_forced_text`).  The last
+        event is always ``Finished``.
         """
         if self.loaded is None:
             raise ModelError("this model was closed; load it again")
@@ -228,7 +231,7 @@ class Model:
         forced_text,
     ) -> Iterator[Event]:
         from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt
-        from qvq_local.reasoning import run_reasoning  # noqa: F401 - imported before any timing starts
+        from qvq_local.reasoning import default_forced_text, default_markers, question_language
 
         t_start = time.perf_counter()
         tracker = _Tracker()
@@ -253,6 +256,10 @@ class Model:
                 text_tokens, image_tokens, think_budget, answer_budget, max_pixels
             )
             resolved = sampling.resolved(getattr(loaded, "generation_config", {}) or {})
+            # how thinking ends suits the model (its template) and the question (its language)
+            if forced_text is None:
+                forced_text = default_forced_text(loaded.chat_template, question)
+            markers = default_markers(loaded.chat_template)
             settings = {
                 "think_budget": think_budget,
                 "answer_budget": answer_budget,
@@ -266,6 +273,7 @@ class Model:
                 "n_ctx": n_ctx,
                 "loop_detection": loop_detection,
                 "system": system_text,
+                "question_language": question_language(question),
             }
             session = loaded.new_session(sampling, n_ctx=n_ctx)
             t_prefill = time.perf_counter()
@@ -300,6 +308,7 @@ class Model:
                 answer_budget,
                 loop_detection,
                 forced_text,
+                markers,
             )
         except KeyboardInterrupt:
             # Ctrl-C outside the controller (image loading, prefill, or between events)
@@ -321,7 +330,8 @@ class Model:
         think_budget,
         answer_budget,
         loop_detection,
-        forced_text,
+        forced_text: str,
+        markers: tuple[str, ...],
     ) -> Iterator[Event]:
         """Run the controller and pass its events on.
 
@@ -332,14 +342,13 @@ class Model:
         """
         from qvq_local.reasoning import LoopSettings, ReasoningConfig, run_reasoning
 
-        kwargs: dict[str, Any] = {
-            "think_budget": think_budget,
-            "answer_budget": answer_budget,
-            "loop": LoopSettings() if loop_detection else None,
-        }
-        if forced_text is not None:
-            kwargs["forced_text"] = forced_text
-        config = ReasoningConfig(**kwargs)
+        config = ReasoningConfig(
+            think_budget=think_budget,
+            answer_budget=answer_budget,
+            loop=LoopSettings() if loop_detection else None,
+            forced_text=forced_text,
+            answer_markers=markers,
+        )
         timings = Timings(
             load_s=self.load_s,
             image_encode_s=started.image_encode_s,
