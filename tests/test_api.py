@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -355,3 +356,54 @@ def test_real_model_with_a_think_template_closes_the_tag(tiny_mlx_q4, tmp_path, 
     result = events[-1].result
     assert result.settings["answer_markers"] == ["</think>"] and result.forced[0].reason == "budget"
     assert 8 <= result.thought_tokens <= 8 + 32 and result.answer_tokens <= 4
+
+
+# ------------------------------------------------------------------ the system prompt
+
+FRAMEWORKS_SYSTEM = (
+    "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. "
+    "Answer in the language of the question. You should think step-by-step."
+)
+
+
+def _system_turn(prompt: str) -> str | None:
+    head = "<|im_start|>system\n"
+    if not prompt.startswith(head):
+        return None
+    return prompt[len(head) : prompt.index("<|im_end|>")]
+
+
+@pytest.mark.parametrize(
+    "system, expected",
+    [
+        (None, "QVQ"),  # the default: the model card's sentence (qvq_local/qwen.py says why)
+        (FRAMEWORKS_SYSTEM, FRAMEWORKS_SYSTEM),  # --system replaces it
+        ("", "You are a helpful assistant."),  # "" leaves the template's own default (Qwen2-VL's here)
+    ],
+)
+def test_system_prompt_default_and_override(sample_image, system, expected):
+    from qvq_local.qwen import QVQ_SYSTEM_PROMPT
+
+    model, loaded = _model(thought="x", answer="y")
+    result = model.ask(sample_image, "q", think_budget=4, system=system)
+    want = QVQ_SYSTEM_PROMPT if expected == "QVQ" else expected
+    assert _system_turn(loaded.sessions[0].prefill_calls[0].text) == want
+    assert result.settings["system"] == (want if system != "" else None)
+    assert "Answer in the language of the question" not in QVQ_SYSTEM_PROMPT
+
+
+def test_cli_system_option_reaches_the_prompt(sample_image, monkeypatch):
+    """`qvq ask --system` through the real CLI, on the fake model."""
+    from typer.testing import CliRunner
+
+    import qvq_local.api
+    from qvq_local.cli import app
+
+    model, loaded = _model(thought="Thinking.\n\n**Final Answer**\n\n\\boxed{4}")
+    monkeypatch.setattr(qvq_local.api, "load", lambda *a, **k: model)
+    out = CliRunner().invoke(
+        app, ["ask", str(sample_image), "q", "--model", "x", "--system", "Be brief.", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    assert _system_turn(loaded.sessions[0].prefill_calls[0].text) == "Be brief."
+    assert json.loads(out.stdout)["qvq"]["boxed"] == "4"
