@@ -296,10 +296,22 @@ def test_sentence_end_detection():
 
 
 def test_default_forced_text_follows_the_template():
-    from qvq_local.reasoning import THINK_TAG_FORCED_TEXT, default_forced_text
+    from qvq_local.reasoning import (
+        THINK_TAG_FORCED_TEXT,
+        ZH_FORCED_TEXT,
+        ZH_THINK_TAG_FORCED_TEXT,
+        default_forced_text,
+        default_markers,
+    )
 
     assert default_forced_text("{{ '<think>\\n' }}") == THINK_TAG_FORCED_TEXT
     assert default_forced_text(None) == DEFAULT_FORCED_TEXT
+    assert default_forced_text("{{ '<think>\\n' }}", "哪一根柱子最高？") == ZH_THINK_TAG_FORCED_TEXT
+    assert default_forced_text(None, "哪一根柱子最高？") == ZH_FORCED_TEXT
+    assert default_forced_text(None, "Which bar is tallest?") == DEFAULT_FORCED_TEXT
+    assert "</think>" in ZH_THINK_TAG_FORCED_TEXT and "**答案**" in ZH_FORCED_TEXT
+    assert default_markers("{{ '<think>\\n' }}") == ("</think>",)
+    assert "**答案**" in default_markers(None) and "**Final Answer**" in default_markers(None)
     session = ScriptedSession(endless(), "7")
     _, result = run(session, think_budget=3, grace_tokens=0, forced_text=THINK_TAG_FORCED_TEXT)
     assert session.transcript.count("</think>") == 1 and result.answer == "7"
