@@ -360,7 +360,8 @@ class ThoughtAnswerSplitter:
         Returns the trailing whitespace held back ("" when ``final``).
         """
         if not self._emitted[phase]:
-            text = _ANSWER_LEAD.sub("", text) if phase == "answer" else text.lstrip()
+            # a colon right after a marker is the marker's ("**答案**：B"); after forced text it is the model's
+            text = _ANSWER_LEAD.sub("", text) if self.marker is not None else text.lstrip()
         body = text.rstrip()
         if body:
             self._emitted[phase] = True

@@ -441,3 +441,11 @@ def test_loop_detector_repeats_short_span_needs_more_copies():
     det = LoopDetector()
     assert feed_all(det, unit * 5) is None
     assert feed_all(det, unit * 10) is not None
+
+
+def test_a_colon_is_dropped_only_after_a_marker():
+    assert split_text("Thought.\n\n**答案**：B")[1] == "B"
+    assert split_text("Thought.\n\n**Final Answer**: 42")[1] == "42"
+    session = ScriptedSession(endless(), ": blue")  # forced text without a marker: the colon is the model's
+    _, result = run(session, think_budget=4, grace_tokens=0, forced_text=" Time is up. ")
+    assert result.answer == ": blue"
