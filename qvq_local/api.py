@@ -124,17 +124,6 @@ class _Tracker:
             self.finished = event.result
 
 
-def _extract_boxed(text: str) -> str | None:
-    try:
-        from qvq_local.reasoning import extract_boxed
-    except ImportError:  # pragma: no cover - reasoning is part of the package
-        from qvq_local.render import find_boxed_spans
-
-        spans = find_boxed_spans(text)
-        return spans[-1][2] if spans else None
-    return extract_boxed(text)
-
-
 class Model:
     """A loaded model.  Open with :func:`load`; close with :meth:`close` or a ``with`` block."""
 
@@ -198,7 +187,10 @@ class Model:
         ``think_budget`` caps thought tokens (None: up to :data:`DEFAULT_MAX_THOUGHT`, or what the context
         holds); ``answer_budget`` caps answer tokens.  ``system`` replaces QVQ's system prompt (``""``
         leaves the template's own default).  Sampling values left at None come from the model's
-        generation_config.  The last event is always ``Finished``.
+        generation_config.  ``forced_text`` (fed when thinking is cut) defaults to what suits the model and
+        the question: ``</think>`` when the chat template opens ``<think>``, else QVQ's marker, after a
+        sentence in the question's language (:func:`qvq_local.reasoning.default_forced_text`).  The last
+        event is always ``Finished``.
         """
         if self.loaded is None:
             raise ModelError("this model was closed; load it again")
@@ -239,7 +231,7 @@ class Model:
         forced_text,
     ) -> Iterator[Event]:
         from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt
-        from qvq_local.reasoning import run_reasoning  # noqa: F401 - imported before any timing starts
+        from qvq_local.reasoning import default_forced_text, default_markers, question_language
 
         t_start = time.perf_counter()
         tracker = _Tracker()
@@ -264,6 +256,10 @@ class Model:
                 text_tokens, image_tokens, think_budget, answer_budget, max_pixels
             )
             resolved = sampling.resolved(getattr(loaded, "generation_config", {}) or {})
+            # how thinking ends suits the model (its template) and the question (its language)
+            if forced_text is None:
+                forced_text = default_forced_text(loaded.chat_template, question)
+            markers = default_markers(loaded.chat_template)
             settings = {
                 "think_budget": think_budget,
                 "answer_budget": answer_budget,
@@ -277,6 +273,7 @@ class Model:
                 "n_ctx": n_ctx,
                 "loop_detection": loop_detection,
                 "system": system_text,
+                "question_language": question_language(question),
             }
             session = loaded.new_session(sampling, n_ctx=n_ctx)
             t_prefill = time.perf_counter()
@@ -311,6 +308,7 @@ class Model:
                 answer_budget,
                 loop_detection,
                 forced_text,
+                markers,
             )
         except KeyboardInterrupt:
             # Ctrl-C outside the controller (image loading, prefill, or between events)
@@ -332,7 +330,8 @@ class Model:
         think_budget,
         answer_budget,
         loop_detection,
-        forced_text,
+        forced_text: str,
+        markers: tuple[str, ...],
     ) -> Iterator[Event]:
         """Run the controller and pass its events on.
 
@@ -343,14 +342,13 @@ class Model:
         """
         from qvq_local.reasoning import LoopSettings, ReasoningConfig, run_reasoning
 
-        kwargs: dict[str, Any] = {
-            "think_budget": think_budget,
-            "answer_budget": answer_budget,
-            "loop": LoopSettings() if loop_detection else None,
-        }
-        if forced_text is not None:
-            kwargs["forced_text"] = forced_text
-        config = ReasoningConfig(**kwargs)
+        config = ReasoningConfig(
+            think_budget=think_budget,
+            answer_budget=answer_budget,
+            loop=LoopSettings() if loop_detection else None,
+            forced_text=forced_text,
+            answer_markers=markers,
+        )
         timings = Timings(
             load_s=self.load_s,
             image_encode_s=started.image_encode_s,
@@ -422,6 +420,8 @@ class Model:
 
     def _partial(self, tracker: _Tracker, started: Started | None, infos, settings, t_start) -> Result:
         """The Result of a question stopped by Ctrl-C: whatever was produced, stop reason "interrupted"."""
+        from qvq_local.boxed import extract_boxed
+
         answer = "".join(tracker.answer)
         timings = Timings(load_s=self.load_s, total_s=time.perf_counter() - t_start)
         if started is not None:
@@ -429,7 +429,7 @@ class Model:
         return Result(
             thought="".join(tracker.thought),
             answer=answer,
-            boxed=_extract_boxed(answer) if answer else None,
+            boxed=extract_boxed(answer),
             stop_reason="interrupted",
             thought_tokens=tracker.thought_tokens,
             answer_tokens=tracker.answer_tokens,

@@ -27,7 +27,16 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 #: Id of ``<|endoftext|>`` in every Qwen2 / Qwen2-VL / QVQ tokenizer.
 QWEN_BASE_VOCAB = 151643
 
-#: QVQ-72B-Preview's default system prompt (its model card); it replaces Qwen2-VL's generic one.
+#: QVQ-72B-Preview's system prompt, sent unless ``--system`` (``system=``) replaces it.
+#:
+#: Two versions are published.  The model card's example passes this sentence.  LLaMA-Factory and ms-swift
+#: register QVQ with one more: "... You are Qwen developed by Alibaba. Answer in the language of the
+#: question. You should think step-by-step."  This project sends the model card's, because it is the
+#: authors' own inference example, the published demo replies the controller is built and tested on
+#: (``tests/test_replay.py``) come from it, and a sentence the base model may never have been trained
+#: with is an untested change to its behaviour; the language of the answer is this project's job instead
+#: (the forced answer in the question's language, ``reasoning.default_forced_text``).  A model fine-tuned
+#: with those frameworks saw their sentence: pass it with ``--system``.
 QVQ_SYSTEM_PROMPT = "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. You should think step-by-step."
 
 #: What one image looks like in a rendered Qwen2-VL prompt (backends rewrite it for their library).

@@ -8,17 +8,21 @@ Rules, in the order a user meets them:
 
 * **Thought and answer.**  The stream is thought until the first *answer marker* completes, answer after
   it.  Default markers: QVQ's ``**Final Answer**`` (also ``**Final Answer:**`` and the lower-case
-  ``answer`` variants) and ``</think>`` (Qwen3-VL-Thinking opens ``<think>`` in the prompt, so only the
-  closing tag appears; an opening ``<think>`` at the very start of the output is dropped too).  The marker
-  is the boundary and belongs to neither side: ``Result.answer`` is just the answer, ready to print.  When
-  several markers could match, the one that *ends* first in the text wins (the streaming order), the longer
-  one on a tie.  Leading and trailing whitespace of each side is dropped.
+  ``answer`` variants), its Chinese ``**答案**`` and ``**最终答案**`` (each also with ``：`` or ``:``
+  inside the bold), and ``</think>`` (Qwen3-VL-Thinking opens ``<think>`` in the prompt, so only the
+  closing tag appears; an opening ``<think>`` at the very start of the output is dropped too).  For a
+  model whose chat template opens ``<think>``, the API passes ``</think>`` alone (:func:`default_markers`).
+  The marker is the boundary and belongs to neither side: ``Result.answer`` is just the answer, ready to
+  print, however many paragraphs it has.  When several markers could match, the one that *ends* first in
+  the text wins (the streaming order), the longer one on a tie.  Leading and trailing whitespace of each
+  side is dropped, and so is a colon between the marker and the answer (``**答案**：B``).
 * **No marker at all.**  When the model stops by itself (EOS) without ever writing a marker and nothing was
   forced, the last paragraph (the text after the last blank line) is taken as the answer and everything
   before it as thought; a reply with no blank line is all answer (a plain, non-reasoning reply).  The text
   deltas streamed during the run said "thought" for that text; ``Finished.result`` is authoritative.
 * **Budget.**  With ``think_budget=N`` thinking runs to N tokens, then up to ``grace_tokens`` more until a
-  sentence or line ends, then the controller feeds ``forced_text`` into the session ONCE (the KV cache is
+  sentence or line ends, then the controller feeds ``forced_text`` (:func:`default_forced_text`: QVQ's
+  marker or ``</think>``, in the language of the question) into the session ONCE (the KV cache is
   kept, images are not touched) and lets the answer run to ``answer_budget`` tokens.  Thinking is also cut
   early, the same way, when the context or ``max_tokens`` would otherwise leave no room for an answer.
   If the model writes a marker itself first, nothing is forced.
@@ -37,26 +41,44 @@ most a few characters, is only in the Result).
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
+from qvq_local.boxed import extract_boxed
 from qvq_local.errors import InputError
 from qvq_local.events import Finished, Forced, Phase, Result, StopReason, TextDelta, Timings
 
 DEFAULT_FORCED_TEXT = "\n\nI have run out of time to think, so I will answer now.\n\n**Final Answer**\n\n"
 """Fed into the session when thinking is cut: a sentence the model can continue from, then the marker."""
 
+ZH_FORCED_TEXT = "\n\n我的思考时间用完了，现在直接给出答案。\n\n**答案**\n\n"
+"""The same for a question in Chinese: QVQ answers those under its Chinese marker ``**答案**``."""
+
 THINK_TAG_FORCED_TEXT = "\n\nI have run out of time to think, so I will answer now.\n</think>\n\n"
 """The forced text for models that think inside ``<think>...</think>`` (Qwen3-VL-Thinking and the like)."""
 
+ZH_THINK_TAG_FORCED_TEXT = "\n\n我的思考时间用完了，现在直接给出答案。\n</think>\n\n"
+"""The think-tag forced text for a question in Chinese."""
+
 QVQ_MARKERS = ("**Final Answer**", "**Final Answer:**", "**Final answer**", "**Final answer:**")
+#: QVQ's answer markers for questions in Chinese (its published Chinese demo replies).
+QVQ_ZH_MARKERS = ("**答案**", "**答案：**", "**答案:**", "**最终答案**", "**最终答案：**", "**最终答案:**")
 THINK_CLOSE = "</think>"
 THINK_OPEN = "<think>"
-DEFAULT_ANSWER_MARKERS: tuple[str, ...] = QVQ_MARKERS + (THINK_CLOSE,)
+DEFAULT_ANSWER_MARKERS: tuple[str, ...] = QVQ_MARKERS + QVQ_ZH_MARKERS + (THINK_CLOSE,)
+#: Markers for a model whose chat template opens ``<think>``: only the closing tag ends its thought
+#: (a "**Final Answer**" heading inside the think block is still thought).
+THINK_TAG_MARKERS: tuple[str, ...] = (THINK_CLOSE,)
 
 _SENTENCE_END = ".!?。！？"
+# CJK Unified Ideographs, extension A and the compatibility block
+_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]+")
+# what may stand between an answer marker and the answer: whitespace and a colon ("**答案**：", "**Final Answer**:")
+_ANSWER_LEAD = re.compile(r"^[\s:：]+")
 _CLOSERS = "\"')]}*_$`”’»"
 
 
@@ -171,12 +193,42 @@ class ReasoningConfig:
         return data
 
 
-def default_forced_text(chat_template: str | None) -> str:
-    """The forced transition that suits a model: ``</think>`` when its chat template uses think tags
-    (the model was trained to close them), QVQ's ``**Final Answer**`` otherwise."""
-    if chat_template and THINK_OPEN in chat_template:
-        return THINK_TAG_FORCED_TEXT
-    return DEFAULT_FORCED_TEXT
+def question_language(question: str) -> str:
+    """``"zh"`` when the question is written in Chinese, else ``"en"``: a pure, cheap guess.
+
+    Chinese when its CJK ideographs outnumber its Latin words (one ideograph carries about what one
+    English word does), so a Chinese question that names "GDP" or a variable ``x`` is still Chinese and an
+    English question that quotes a Chinese word is still English.  LaTeX commands (``\\frac``) are not
+    words.  Japanese kana and Korean hangul are not counted as Chinese.
+    """
+    if not isinstance(question, str):
+        return "en"
+    ideographs = len(_CJK.findall(question))
+    words = len(_LATIN_WORD.findall(question))
+    return "zh" if ideographs > words else "en"
+
+
+def uses_think_tags(chat_template: str | None) -> bool:
+    """True when the model's chat template opens ``<think>`` (its thought ends with ``</think>``)."""
+    return bool(chat_template) and THINK_OPEN in chat_template
+
+
+def default_forced_text(chat_template: str | None, question: str | None = None) -> str:
+    """The forced transition that suits a model and a question.
+
+    ``</think>`` when the model's chat template uses think tags (the model was trained to close them;
+    QVQ's marker inside an open think block would be more thought), QVQ's marker otherwise; the sentence
+    before it, and QVQ's marker, in the language of the question (:func:`question_language`).
+    """
+    chinese = question is not None and question_language(question) == "zh"
+    if uses_think_tags(chat_template):
+        return ZH_THINK_TAG_FORCED_TEXT if chinese else THINK_TAG_FORCED_TEXT
+    return ZH_FORCED_TEXT if chinese else DEFAULT_FORCED_TEXT
+
+
+def default_markers(chat_template: str | None) -> tuple[str, ...]:
+    """The answer markers that suit a model: ``</think>`` alone for a think-tag model, else all defaults."""
+    return THINK_TAG_MARKERS if uses_think_tags(chat_template) else DEFAULT_ANSWER_MARKERS
 
 
 # ------------------------------------------------------------------------------------------ splitter
@@ -213,7 +265,7 @@ def split_text(text: str, markers: tuple[str, ...] = DEFAULT_ANSWER_MARKERS) -> 
     if found is None:
         return s.strip(), "", None
     start, end, marker = found
-    return s[:start].strip(), s[end:].strip(), marker
+    return s[:start].strip(), _ANSWER_LEAD.sub("", s[end:]).rstrip(), marker
 
 
 def infer_answer(text: str) -> tuple[str, str]:
@@ -308,7 +360,8 @@ class ThoughtAnswerSplitter:
         Returns the trailing whitespace held back ("" when ``final``).
         """
         if not self._emitted[phase]:
-            text = text.lstrip()
+            # a colon right after a marker is the marker's ("**答案**：B"); after forced text it is the model's
+            text = _ANSWER_LEAD.sub("", text) if self.marker is not None else text.lstrip()
         body = text.rstrip()
         if body:
             self._emitted[phase] = True
@@ -423,48 +476,6 @@ class LoopDetector:
         if self._counts[sentence] >= self.s.sentence_repeats:
             return LoopInfo("sentence", sentence, self._counts[sentence])
         return None
-
-
-# ------------------------------------------------------------------------------------- boxed answers
-
-
-def extract_boxed(text: str) -> str | None:
-    """The content of the last complete ``\\boxed{...}`` (nested braces balanced), stripped; None if none.
-
-    ``\\boxed {x}`` (space before the brace) counts; ``\\{`` and ``\\}`` are literal braces; an unclosed
-    ``\\boxed{`` (a truncated answer) is skipped in favour of an earlier complete one.  "Last" means the
-    one that closes last, so ``\\boxed{\\boxed{1}}`` gives ``\\boxed{1}``.  One linear pass.
-    """
-    if not isinstance(text, str) or "\\boxed" not in text:
-        return None
-    match: dict[int, int] = {}
-    stack: list[int] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            stack.append(i)
-        elif ch == "}" and stack:
-            match[stack.pop()] = i
-        i += 1
-    best: tuple[int, int] | None = None
-    pos = text.find("\\boxed")
-    while pos >= 0:
-        j = pos + len("\\boxed")
-        if j < n and not text[j].isalpha():
-            while j < n and text[j] in " \t\n":
-                j += 1
-            if j < n and text[j] == "{" and j in match:
-                close = match[j]
-                if best is None or close > best[1]:
-                    best = (j, close)
-        pos = text.find("\\boxed", pos + 1)
-    if best is None:
-        return None
-    return text[best[0] + 1 : best[1]].strip()
 
 
 # ---------------------------------------------------------------------------------------- controller

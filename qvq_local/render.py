@@ -52,42 +52,16 @@ def clean(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
-def find_boxed_spans(text: str) -> list[tuple[int, int, str]]:
-    """``(start, end, content)`` of every ``\\boxed{...}`` in ``text``, with nested braces balanced."""
-    spans = []
-    pos = 0
-    while True:
-        start = text.find("\\boxed{", pos)
-        if start < 0:
-            return spans
-        depth, i = 0, start + len("\\boxed")
-        while i < len(text):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    break
-            i += 1
-        if depth != 0:  # unbalanced: the answer was cut mid-box
-            return spans
-        spans.append((start, i + 1, text[start + len("\\boxed{") : i]))
-        pos = i + 1
-
-
 def highlight_boxed_markdown(answer: str) -> str:
-    """Markdown for display: each ``\\boxed{X}`` (with any ``$``/``\\[ \\]`` right around it) becomes **X**."""
+    """Markdown for display: each ``\\boxed{X}`` (with the ``$$``/``$``/``\\[ \\]`` that hold only it) becomes
+    **X**, X being the same value as ``Result.boxed`` (one parser: :mod:`qvq_local.boxed`)."""
+    from qvq_local.boxed import find_boxed
+
     out, last = [], 0
-    for start, end, content in find_boxed_spans(answer):
-        left, right = start, end
-        m = re.search(r"(\$\$|\$|\\\[|\\\()\s*$", answer[last:start])
-        if m:
-            n = re.match(r"\s*(\$\$|\$|\\\]|\\\))", answer[end:])
-            if n:
-                left, right = last + m.start(), end + n.end()
-        out.append(answer[last:left])
-        out.append(f"**{content.strip()}**")
-        last = right
+    for box in find_boxed(answer):
+        out.append(answer[last : box.outer_start])
+        out.append(f"**{box.value}**")
+        last = box.outer_end
     out.append(answer[last:])
     return "".join(out)
 

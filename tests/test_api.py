@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -255,3 +256,158 @@ def test_a_stop_flag_interrupts_like_ctrl_c(sample_image):
         )
     assert isinstance(seen[-1], Finished) and seen[-1].result.stop_reason == "interrupted"
     assert len(seen) == 6
+
+
+# ------------------------------------------------------------------ how thinking ends, per model and question
+
+# A Qwen3-VL-Thinking style template: the assistant turn opens <think>, so the model only closes it.
+THINK_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+def test_think_tag_model_gets_the_tag_closed_not_qvqs_marker(sample_image):
+    """End to end through Model.stream: the template opens <think>, so the forced text closes it."""
+    thinking = iter(
+        lambda: " The bars look close. **Final Answer** might be 5, but let me keep checking.", None
+    )
+    model, loaded = _model(thought=thinking, answer="The tallest is \\boxed{5}.")
+    loaded.chat_template = THINK_TEMPLATE
+    events = list(model.stream(sample_image, "Which bar is tallest?", think_budget=24, loop_detection=False))
+    session = loaded.sessions[0]
+    assert session.prefill_calls[0].text.endswith("<|im_start|>assistant\n<think>\n")
+    (forced,) = [e for e in events if isinstance(e, Forced)]
+    assert forced.text == session.fed[0] and "</think>" in forced.text
+    assert "**Final Answer**" not in forced.text  # QVQ's marker inside an open think block: the old bug
+    result = events[-1].result
+    # "**Final Answer**" inside the think block is thought: only </think> ends it for this model
+    assert result.settings["answer_markers"] == ["</think>"] and "**Final Answer**" in result.thought
+    assert (
+        result.stop_reason == "budget"
+        and result.answer == "The tallest is \\boxed{5}."
+        and result.boxed == "5"
+    )
+    assert session.transcript.count("</think>") == 1
+
+
+def test_think_tag_model_closing_the_tag_itself(sample_image):
+    model, loaded = _model(
+        thought="Three bars; the middle one is tallest.\n</think>\n\nThe middle bar, \\boxed{2}."
+    )
+    loaded.chat_template = THINK_TEMPLATE
+    result = model.ask(sample_image, "Which bar is tallest?", think_budget=100)
+    assert (result.thought, result.answer, result.boxed) == (
+        "Three bars; the middle one is tallest.",
+        "The middle bar, \\boxed{2}.",
+        "2",
+    )
+    assert result.stop_reason == "answer" and loaded.sessions[0].fed == []
+
+
+@pytest.mark.parametrize(
+    "question, sentence, marker",
+    [
+        (
+            "Which bar is tallest?",
+            "I have run out of time to think, so I will answer now.",
+            "**Final Answer**",
+        ),
+        ("哪一根柱子最高？", "我的思考时间用完了，现在直接给出答案。", "**答案**"),
+    ],
+)
+def test_forced_answer_is_in_the_language_of_the_question(sample_image, question, sentence, marker):
+    model, loaded = _model(thought=THOUGHT, answer="B")
+    result = model.ask(sample_image, question, think_budget=10)
+    fed = loaded.sessions[0].fed
+    assert len(fed) == 1 and sentence in fed[0] and fed[0].rstrip().endswith(marker)
+    assert result.thought.endswith(sentence) and result.answer == "B" and result.stop_reason == "budget"
+    assert result.settings["question_language"] == ("zh" if marker == "**答案**" else "en")
+
+
+def test_an_explicit_forced_text_still_wins(sample_image):
+    model, loaded = _model(thought=THOUGHT, answer="B")
+    model.ask(
+        sample_image,
+        "哪一根柱子最高？",
+        think_budget=10,
+        forced_text="\n\nTime is up.\n\n**Final Answer**\n\n",
+    )
+    assert loaded.sessions[0].fed == ["\n\nTime is up.\n\n**Final Answer**\n\n"]
+
+
+@pytest.mark.slow
+@pytest.mark.mlx
+def test_real_model_with_a_think_template_closes_the_tag(tiny_mlx_q4, tmp_path, sample_image):
+    """The tiny MLX model in a copied folder whose chat template opens <think>: read from the folder,
+    used for the prompt, and the budget closes the tag."""
+    import shutil
+
+    pytest.importorskip("mlx_vlm")
+    folder = tmp_path / "think-model"
+    shutil.copytree(tiny_mlx_q4, folder)
+    (folder / "chat_template.jinja").write_text(THINK_TEMPLATE, encoding="utf-8")
+    with load(folder, backend="mlx") as model:
+        events = list(
+            model.stream(sample_image, "Which bar is tallest?", think_budget=8, answer_budget=4, seed=1)
+        )
+    (forced,) = [e for e in events if isinstance(e, Forced)]
+    assert "</think>" in forced.text and "**Final Answer**" not in forced.text
+    result = events[-1].result
+    assert result.settings["answer_markers"] == ["</think>"] and result.forced[0].reason == "budget"
+    assert 8 <= result.thought_tokens <= 8 + 32 and result.answer_tokens <= 4
+
+
+# ------------------------------------------------------------------ the system prompt
+
+FRAMEWORKS_SYSTEM = (
+    "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. "
+    "Answer in the language of the question. You should think step-by-step."
+)
+
+
+def _system_turn(prompt: str) -> str | None:
+    head = "<|im_start|>system\n"
+    if not prompt.startswith(head):
+        return None
+    return prompt[len(head) : prompt.index("<|im_end|>")]
+
+
+@pytest.mark.parametrize(
+    "system, expected",
+    [
+        (None, "QVQ"),  # the default: the model card's sentence (qvq_local/qwen.py says why)
+        (FRAMEWORKS_SYSTEM, FRAMEWORKS_SYSTEM),  # --system replaces it
+        ("", "You are a helpful assistant."),  # "" leaves the template's own default (Qwen2-VL's here)
+    ],
+)
+def test_system_prompt_default_and_override(sample_image, system, expected):
+    from qvq_local.qwen import QVQ_SYSTEM_PROMPT
+
+    model, loaded = _model(thought="x", answer="y")
+    result = model.ask(sample_image, "q", think_budget=4, system=system)
+    want = QVQ_SYSTEM_PROMPT if expected == "QVQ" else expected
+    assert _system_turn(loaded.sessions[0].prefill_calls[0].text) == want
+    assert result.settings["system"] == (want if system != "" else None)
+    assert "Answer in the language of the question" not in QVQ_SYSTEM_PROMPT
+
+
+def test_cli_system_option_reaches_the_prompt(sample_image, monkeypatch):
+    """`qvq ask --system` through the real CLI, on the fake model."""
+    from typer.testing import CliRunner
+
+    import qvq_local.api
+    from qvq_local.cli import app
+
+    model, loaded = _model(thought="Thinking.\n\n**Final Answer**\n\n\\boxed{4}")
+    monkeypatch.setattr(qvq_local.api, "load", lambda *a, **k: model)
+    out = CliRunner().invoke(
+        app, ["ask", str(sample_image), "q", "--model", "x", "--system", "Be brief.", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    assert _system_turn(loaded.sessions[0].prefill_calls[0].text) == "Be brief."
+    assert json.loads(out.stdout)["qvq"]["boxed"] == "4"

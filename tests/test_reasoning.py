@@ -18,7 +18,6 @@ from qvq_local.reasoning import (
     LoopSettings,
     ReasoningConfig,
     ThoughtAnswerSplitter,
-    extract_boxed,
     infer_answer,
     run_reasoning,
     split_text,
@@ -298,10 +297,22 @@ def test_sentence_end_detection():
 
 
 def test_default_forced_text_follows_the_template():
-    from qvq_local.reasoning import THINK_TAG_FORCED_TEXT, default_forced_text
+    from qvq_local.reasoning import (
+        THINK_TAG_FORCED_TEXT,
+        ZH_FORCED_TEXT,
+        ZH_THINK_TAG_FORCED_TEXT,
+        default_forced_text,
+        default_markers,
+    )
 
     assert default_forced_text("{{ '<think>\\n' }}") == THINK_TAG_FORCED_TEXT
     assert default_forced_text(None) == DEFAULT_FORCED_TEXT
+    assert default_forced_text("{{ '<think>\\n' }}", "哪一根柱子最高？") == ZH_THINK_TAG_FORCED_TEXT
+    assert default_forced_text(None, "哪一根柱子最高？") == ZH_FORCED_TEXT
+    assert default_forced_text(None, "Which bar is tallest?") == DEFAULT_FORCED_TEXT
+    assert "</think>" in ZH_THINK_TAG_FORCED_TEXT and "**答案**" in ZH_FORCED_TEXT
+    assert default_markers("{{ '<think>\\n' }}") == ("</think>",)
+    assert "**答案**" in default_markers(None) and "**Final Answer**" in default_markers(None)
     session = ScriptedSession(endless(), "7")
     _, result = run(session, think_budget=3, grace_tokens=0, forced_text=THINK_TAG_FORCED_TEXT)
     assert session.transcript.count("</think>") == 1 and result.answer == "7"
@@ -434,25 +445,9 @@ def test_loop_detector_repeats_short_span_needs_more_copies():
     assert feed_all(det, unit * 10) is not None
 
 
-# ----------------------------------------------------------------------------------------- boxed
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("\\boxed{42}", "42"),
-        ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
-        ("\\boxed {  x + 1 }", "x + 1"),
-        ("\\boxed{1} then \\boxed{2}", "2"),
-        ("\\boxed{3} and a truncated \\boxed{\\frac{1}{", "3"),
-        ("\\boxed{\\{a\\}}", "\\{a\\}"),
-        ("\\boxed{\\boxed{1}}", "\\boxed{1}"),
-        ("\\boxedx{1}", None),
-        ("no box", None),
-        ("\\boxed{", None),
-        ("}}}\\boxed{a}{{{", "a"),
-        ("", None),
-    ],
-)
-def test_extract_boxed(text, expected):
-    assert extract_boxed(text) == expected
+def test_a_colon_is_dropped_only_after_a_marker():
+    assert split_text("Thought.\n\n**答案**：B")[1] == "B"
+    assert split_text("Thought.\n\n**Final Answer**: 42")[1] == "42"
+    session = ScriptedSession(endless(), ": blue")  # forced text without a marker: the colon is the model's
+    _, result = run(session, think_budget=4, grace_tokens=0, forced_text=" Time is up. ")
+    assert result.answer == ": blue"
