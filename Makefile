@@ -10,15 +10,25 @@ EXTRAS  ?= all,dev,parity
 .PHONY: install test lint demo bench clean help
 
 help:
-	@echo "make install  - local virtualenv in $(VENV) with .[$(EXTRAS)] (llama-cpp-python builds from source once, ~6 min on 2 cores)"
+	@echo "make install  - local virtualenv in $(VENV) with .[$(EXTRAS)] (llama-cpp-python builds from source once, ~6-11 min on 2 cores; with CUDA where nvcc is found)"
 	@echo "make demo     - tiny synthetic model -> convert for this machine -> qvq ask on examples/chart.png"
 	@echo "make test     - the test suite (unit, CLI, parity against transformers on CPU)"
 	@echo "make bench    - speed and memory on this machine, against the raw libraries and the bandwidth bound"
 	@echo "make lint     - ruff"
 
+# llama.cpp's GPU backend for this machine: -DGGML_CUDA=on where an NVIDIA toolkit (nvcc on PATH, or
+# CUDA_HOME) is installed, llama.cpp's default elsewhere (Metal on macOS, CPU).  CMAKE_ARGS wins if set.
+LLAMA_CMAKE_ARGS ?= $(shell $(PYTHON) qvq_local/build_flags.py)
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# A GPU build must not come from pip's cache of a CPU wheel: build it first, uncached.
+	if [ -n "$(LLAMA_CMAKE_ARGS)" ]; then \
+		echo "building llama-cpp-python with CMAKE_ARGS=$(LLAMA_CMAKE_ARGS)"; \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet --no-cache-dir \
+			"llama-cpp-python>=0.3.16,<0.4"; \
+	fi
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 

@@ -366,6 +366,8 @@ def print_doctor(model: str | None, context: int | None, as_json: bool, selftest
         mt.add_column()
         mt.add_row("format", escape(f"{fit['format']} ({fit['quantization']}) at {fit['path']}"))
         mt.add_row("weights", _human(fit["weights_bytes"]))
+        if fit.get("cpu_buffers"):
+            mt.add_row("llama.cpp buffers", escape(fit["cpu_buffers"]))
         mt.add_row(
             "KV cache",
             f"{_human(fit['kv_cache_bytes'])} for {fit['context_tokens']} tokens of context "

@@ -145,6 +145,7 @@ def model_fit(
     return {
         "name": resolved.name,
         "format": resolved.format,
+        "cpu_buffers": _llama_buffers_for(resolved.path) if resolved.format == "gguf" else None,
         "path": str(resolved.path),
         "mmproj": str(resolved.mmproj) if resolved.mmproj else None,
         "quantization": resolved.quantisation,
@@ -158,6 +159,25 @@ def model_fit(
         "verdict": verdict,
         "fits": need <= available if available is not None else None,
     }
+
+
+def _llama_buffers_for(model_file: Path) -> str | None:
+    """Which llama.cpp CPU buffer types this GGUF's weights will be loaded into here (None: no llama)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    import llama_cpp
+
+    from qvq_local.backends import llama_buffers as lb
+    from qvq_local.cpu import detect
+    from qvq_local.errors import InputError
+    from qvq_local.integrity import GgufHeaderError, read_gguf_header
+
+    try:
+        tensors = read_gguf_header(model_file).tensors
+        plan = lb.plan_for_model(lb.requested_mode(None), detect(), lb.current_build(llama_cpp), tensors)
+    except (OSError, GgufHeaderError, InputError) as exc:
+        return f"unknown ({exc})"
+    return plan.describe()
 
 
 def report(

@@ -51,3 +51,37 @@ def test_signal_names():
     assert selftest.signal_name(-signal.SIGSEGV) == "SIGSEGV"
     assert selftest.signal_name(-signal.SIGILL) == "SIGILL"
     assert selftest.signal_name(0) is None
+
+
+def _doctor_with(monkeypatch, results, *args):
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+
+    monkeypatch.setattr(selftest, "run", lambda backends=None, on_progress=None: results)
+    return CliRunner().invoke(app, ["doctor", "--selftest", *args], terminal_width=300)
+
+
+def test_doctor_selftest_reports_each_backend_and_exits_4_on_a_crash(monkeypatch):
+    crash = selftest.CheckResult("llama", "crash", "crashed with SIGSEGV; CPU x: amx_int8", 1.5, "SIGSEGV")
+    ok = selftest.CheckResult("mlx", "pass", "50 tokens at 97 tok/s, stop max_tokens, MLX", 3.0)
+    result = _doctor_with(monkeypatch, [crash, ok])
+    assert result.exit_code == 4
+    assert "self-test llama  crash (1.5 s): crashed with SIGSEGV" in result.stdout
+    assert "self-test mlx    pass (3.0 s)" in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "error: self-test of the llama backend: crashed with SIGSEGV; CPU x: amx_int8"
+    ]
+    as_json = _doctor_with(monkeypatch, [crash, ok], "--json")
+    import json
+
+    assert as_json.exit_code == 4
+    assert [r["status"] for r in json.loads(as_json.stdout)["selftest"]] == ["crash", "pass"]
+
+
+def test_doctor_selftest_passes_with_exit_0(monkeypatch):
+    ok = selftest.CheckResult("llama", "pass", "50 tokens", 1.0)
+    skipped = selftest.CheckResult("mlx", "skipped", "not installed (pip install 'qvq-local[mlx]')")
+    result = _doctor_with(monkeypatch, [ok, skipped])
+    assert result.exit_code == 0, result.output
+    assert "self-test mlx    skipped" in result.stdout
