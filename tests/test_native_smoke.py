@@ -85,3 +85,37 @@ def test_doctor_selftest_passes_with_exit_0(monkeypatch):
     result = _doctor_with(monkeypatch, [ok, skipped])
     assert result.exit_code == 0, result.output
     assert "self-test mlx    skipped" in result.stdout
+
+
+def test_the_cli_prints_a_fault_traceback_on_a_native_crash(tmp_path):
+    """qvq (ask, bench, every command) runs with faulthandler on: a segfault names the Python stack."""
+    import subprocess
+    import sys
+
+    script = (
+        "import ctypes, sys\n"
+        "from qvq_local import cli\n"
+        "def crash():\n"
+        "    ctypes.string_at(0)\n"  # a NULL read: SIGSEGV inside a C call, as in a native library
+        "cli.app = crash\n"
+        "cli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in proc.stderr
+    assert "line 4 in crash" in proc.stderr
+
+
+def test_bench_names_a_crashed_worker_with_its_signal_and_the_workaround(monkeypatch):
+    from qvq_local import bench
+
+    class Died:
+        returncode = -signal.SIGSEGV
+
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: Died())
+    result = bench.run_worker({"job": "qvq"}, label="llama: qvq-local")
+    assert result["ok"] is False
+    assert result["reason"].startswith(
+        "the llama: qvq-local process ended with SIGSEGV (a native crash: CPU "
+    )
+    assert "QVQ_LLAMA_CPU_BUFFERS=none" in result["reason"]
