@@ -24,8 +24,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from qvq_local.backends import llamacpp
 from qvq_local.backends.base import LoadedModel, Prompt, SamplingParams, Session
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError
+from qvq_local.families.qwen2vl import SAMPLING as QVQ_SAMPLING
 from qvq_local.prompt import build_prompt, load_chat_template
-from qvq_local.qwen import QVQ_SAMPLING
 
 QUESTION = "Which bar is the tallest, and by how much?"
 FORCED = "\n\nTime is up.\n\n**Final Answer**\n"

@@ -568,6 +568,7 @@ class Qwen2VLFamily(Family):
     dims_from_config = staticmethod(dims_from_config)
     expected_shapes = staticmethod(expected_shapes)
     normalise_name = staticmethod(normalise_name)
+    is_vision_tensor = staticmethod(is_vision_tensor)
     smart_resize = staticmethod(smart_resize)
     image_tokens = staticmethod(image_tokens)
 
