@@ -561,6 +561,8 @@ class Qwen2VLFamily(Family):
     image_factor = IMAGE_FACTOR
     processor_min_pixels = PROCESSOR_MIN_PIXELS
     processor_max_pixels = PROCESSOR_MAX_PIXELS
+    #: The image-token bounds (after the merge) llama.cpp's mtmd sets for this projector.
+    llama_image_tokens = (8, 4096)
     synth_shapes = SYNTH_SHAPES
 
     TextDims = TextDims
