@@ -564,10 +564,15 @@ class Qwen2VLFamily(Family):
     #: The image-token bounds (after the merge) llama.cpp's mtmd sets for this projector.
     llama_image_tokens = (8, 4096)
     synth_shapes = SYNTH_SHAPES
+    width_tensor_suffixes = WIDTH_TENSOR_SUFFIXES
+    merger_out_suffix = MERGER_OUT_SUFFIX
+    embedding_suffix = EMBEDDING_SUFFIX
+    mmproj_out_tensor = MMPROJ_OUT_TENSOR
 
     TextDims = TextDims
     VisionDims = VisionDims
     dims_from_config = staticmethod(dims_from_config)
+    merger_width = staticmethod(merger_width)
     expected_shapes = staticmethod(expected_shapes)
     normalise_name = staticmethod(normalise_name)
     is_vision_tensor = staticmethod(is_vision_tensor)
