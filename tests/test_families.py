@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,69 @@ def test_synthetic_shapes_are_consistent_with_the_family_rules():
         assert sum(shape.mrope_section) * 2 == shape.head_dim, shape.name
         assert shape.num_attention_heads % shape.num_key_value_heads == 0, shape.name
         assert shape.vocab_size >= shape.tokenizer_base + len(qwen2vl.SPECIAL_TOKENS), shape.name
+
+
+# ------------------------------------------------------------------------------------------ one place
+
+#: A family's identifiers that only its module under families/ may spell out (string constants).
+FAMILY_STRINGS = {"Qwen2VLForConditionalGeneration", "qwen2_vl", "qwen2vl", "qwen2vl_merger"}
+#: The 28-pixel grid (patch 14 x merge 2) as an integer literal.
+GRID_LITERAL = 28
+
+
+def _family_literals(source: str) -> list[tuple[int, str]]:
+    """(line, what) for each string constant naming a family id, and each 28 that is not a dict key.
+
+    Docstrings (a string standing alone as a statement) and comments are prose, not code: they don't count.
+    """
+    import ast
+
+    tree = ast.parse(source)
+    dict_keys = {id(k) for node in ast.walk(tree) if isinstance(node, ast.Dict) for k in node.keys if k}
+    prose = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+    hits = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Constant) or id(node) in prose:
+            continue
+        if isinstance(node.value, str) and any(
+            re.search(rf"(?<![\w.]){re.escape(ident)}(?![\w])", node.value) for ident in FAMILY_STRINGS
+        ):
+            hits.append((node.lineno, repr(node.value)[:60]))
+        # a dict key 28 is a table index (ggml type ids), not the grid
+        elif type(node.value) is int and node.value == GRID_LITERAL and id(node) not in dict_keys:
+            hits.append((node.lineno, "28"))
+    return hits
+
+
+def test_no_module_outside_families_names_a_family():
+    """Docstrings and comments may mention the family; code asks qvq_local.families instead."""
+    root = Path(__file__).resolve().parents[1]
+    sources = [*(root / "qvq_local").rglob("*.py"), *(root / "convert").rglob("*.py")]
+    families = root / "qvq_local" / "families"
+    checked, offenders = 0, []
+    for path in sources:
+        if families in path.parents:
+            continue
+        checked += 1
+        for line, what in _family_literals(path.read_text(encoding="utf-8")):
+            offenders.append(f"{path.relative_to(root)}:{line}: {what}")
+    assert checked > 30
+    assert offenders == [], "family facts outside qvq_local/families/:\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize(
+    ("source", "found"),
+    [
+        ('ARCH = "qwen2vl"', True),
+        ('x = {"model_type": "qwen2_vl"}', True),
+        ('p = f"projector {p} is not qwen2vl_merger"', True),
+        ("grid = size // 28", True),
+        ('"""A docstring about qwen2vl."""\nx = 1\n"""An attribute doc: qwen2vl_merger, 28 px."""', False),
+        ("# only a comment: qwen2vl_merger, 28 px\nx = 1", False),
+        ('def f():\n    """Doc: qwen2_vl."""\n    return "qwen2_vl"', True),
+        ('x = "qwen2.5vl_merger"; y = "qwen2_vl_surgery"; n = 280', False),
+        ("TABLE = {28: (1, 8)}", False),
+    ],
+)
+def test_the_guard_sees_literals_and_only_literals(source, found):
+    assert bool(_family_literals(source)) is found
