@@ -22,9 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from qvq_local.errors import ModelError
+from qvq_local.families import describe_supported, family_for_config
+from qvq_local.families.base import Family
+from qvq_local.families.qwen2vl import (  # re-exported: converters and tests import them from here
+    TextDims,
+    VisionDims,
+    expected_shapes,
+    normalise_name,
+)
 
-SUPPORTED_ARCHITECTURES = ("Qwen2VLForConditionalGeneration",)
-SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
+__all__ = ["TextDims", "VisionDims", "expected_shapes", "normalise_name", "open_checkpoint"]
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
@@ -41,60 +49,6 @@ TOKENIZER_FILE_NAMES = (
 )
 OTHER_FILE_NAMES = ("preprocessor_config.json", "generation_config.json")
 
-# transformers 5 prefix -> original prefix (first match wins; longer prefixes first).
-_RENAMES = (
-    ("model.language_model.", "model."),
-    ("model.visual.", "visual."),
-)
-
-
-def normalise_name(name: str) -> str:
-    """Map a stored tensor name (either naming) to the original Qwen2-VL name."""
-    for new, old in _RENAMES:
-        if name.startswith(new):
-            return old + name[len(new) :]
-    return name
-
-
-@dataclass(frozen=True)
-class TextDims:
-    """The language model's shape, from config.json (checked against the tensors)."""
-
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int  # rows of the embedding (may exceed the tokenizer's token count)
-    rms_norm_eps: float
-    rope_theta: float
-    mrope_section: tuple[int, ...]
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-
-
-@dataclass(frozen=True)
-class VisionDims:
-    """The vision tower's shape (a ViT plus the 2x2 patch merger that projects into the text width)."""
-
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    patch_size: int
-    temporal_patch_size: int
-    in_channels: int
-    spatial_merge_size: int
-    out_hidden_size: int
-    hidden_act: str
-    layer_norm_eps: float = 1e-6
-
-    @property
-    def merged_dim(self) -> int:
-        """Width of the merger's input: embed_dim times the merged patch count."""
-        return self.embed_dim * self.spatial_merge_size**2
-
 
 @dataclass
 class Checkpoint:
@@ -105,6 +59,7 @@ class Checkpoint:
     text: TextDims
     vision: VisionDims
     naming: str  # "original" or "transformers5"
+    family: Family
     files: dict[str, Path]  # tokenizer/preprocessor/generation files present, by file name
     _store: Any = field(repr=False)  # ShardedCheckpoint
     _stored_names: dict[str, str] = field(repr=False)  # original name -> name in the files
@@ -214,8 +169,8 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     if not config_path.is_file():
         raise ModelError("no config.json: not a Hugging Face checkpoint folder", path=folder)
     config = _read_json(config_path)
-    _check_architecture(config, config_path)
-    text, vision = _dims_from_config(config, config_path)
+    family = _check_architecture(config, config_path)
+    text, vision = family.dims_from_config(config, config_path)
 
     _check_weight_files(folder)
     from qvq_local.convert.safetensors_io import ShardedCheckpoint
@@ -226,7 +181,7 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files.keys():
         raise ModelError("no tokenizer.json (or vocab.json + merges.txt)", path=folder)
 
-    stored = _normalised_names(store, folder)
+    stored = _normalised_names(store, folder, family)
     naming = "transformers5" if any(n != s for n, s in stored.items()) else "original"
     ckpt = Checkpoint(
         folder=folder,
@@ -234,6 +189,7 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
         text=text,
         vision=vision,
         naming=naming,
+        family=family,
         files=files,
         _store=store,
         _stored_names=stored,
@@ -252,93 +208,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _check_architecture(config: dict[str, Any], path: Path) -> None:
+def _check_architecture(config: dict[str, Any], path: Path) -> Family:
+    family = family_for_config(config)
+    if family is not None:
+        return family
     archs = config.get("architectures") or []
-    model_type = config.get("model_type")
-    if any(a in SUPPORTED_ARCHITECTURES for a in archs) or (
-        not archs and model_type in SUPPORTED_MODEL_TYPES
-    ):
-        return
-    found = ", ".join(map(str, archs)) or f"model_type {model_type!r}"
+    found = ", ".join(map(str, archs)) or f"model_type {config.get('model_type')!r}"
     raise ModelError(
         f"unsupported architecture {found}",
         path=path,
-        hint=f"qvq-local converts {', '.join(SUPPORTED_ARCHITECTURES)} (QVQ / Qwen2-VL) checkpoints",
+        hint=f"qvq-local converts {describe_supported()} checkpoints",
     )
-
-
-def _need(cfg: dict[str, Any], key: str, path: Path, kind: type = int) -> Any:
-    value = cfg.get(key)
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ModelError(f"missing or non-numeric {key!r}", path=path)
-    if kind is int:
-        if int(value) != value or value <= 0:
-            raise ModelError(f"{key!r} must be a positive integer, got {value!r}", path=path)
-        return int(value)
-    return float(value)
-
-
-def _dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, VisionDims]:
-    """Read the text and vision shapes (flat Qwen2-VL config or transformers 5's ``text_config``)."""
-    tc = {**config, **(config.get("text_config") or {})}
-    hidden = _need(tc, "hidden_size", path)
-    heads = _need(tc, "num_attention_heads", path)
-    kv_heads = int(tc.get("num_key_value_heads") or heads)
-    if hidden % heads or heads % kv_heads:
-        raise ModelError(
-            f"hidden_size {hidden} / heads {heads} / kv heads {kv_heads} do not divide", path=path
-        )
-    head_dim = hidden // heads
-    rope = tc.get("rope_scaling") or tc.get("rope_parameters") or {}
-    section = tuple(int(x) for x in (rope.get("mrope_section") or ()))
-    if not section:
-        raise ModelError("no rope_scaling.mrope_section (Qwen2-VL uses multimodal RoPE)", path=path)
-    if sum(section) * 2 != head_dim or len(section) > 4:
-        raise ModelError(f"mrope_section {list(section)} must sum to head_dim/2 = {head_dim // 2}", path=path)
-    rope_theta = float(tc.get("rope_theta") or rope.get("rope_theta") or 1_000_000.0)
-    text = TextDims(
-        hidden_size=hidden,
-        num_layers=_need(tc, "num_hidden_layers", path),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        intermediate_size=_need(tc, "intermediate_size", path),
-        vocab_size=_need(tc, "vocab_size", path),
-        rms_norm_eps=float(tc.get("rms_norm_eps") or 1e-6),
-        rope_theta=rope_theta,
-        mrope_section=section,
-        max_position_embeddings=int(tc.get("max_position_embeddings") or 32768),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))),
-    )
-    vc = config.get("vision_config")
-    if not isinstance(vc, dict):
-        raise ModelError("no vision_config", path=path)
-    vpath = Path(f"{path} (vision_config)")
-    embed = _need(vc, "embed_dim", vpath)
-    ratio = float(vc.get("mlp_ratio", 4))
-    vision = VisionDims(
-        embed_dim=embed,
-        depth=_need(vc, "depth", vpath),
-        num_heads=_need(vc, "num_heads", vpath),
-        mlp_dim=int(embed * ratio),
-        patch_size=int(vc.get("patch_size", 14)),
-        temporal_patch_size=int(vc.get("temporal_patch_size", 2)),
-        in_channels=int(vc.get("in_chans", vc.get("in_channels", 3))),
-        spatial_merge_size=int(vc.get("spatial_merge_size", 2)),
-        out_hidden_size=int(vc.get("hidden_size", hidden)),
-        hidden_act=str(vc.get("hidden_act", "quick_gelu")),
-    )
-    if vision.out_hidden_size != hidden:
-        raise ModelError(
-            f"vision_config.hidden_size {vision.out_hidden_size} (merger output) must equal the "
-            f"text hidden_size {hidden}",
-            path=path,
-        )
-    if embed % vision.num_heads:
-        raise ModelError(
-            f"vision embed_dim {embed} is not divisible by num_heads {vision.num_heads}", path=path
-        )
-    return text, vision
 
 
 def _check_weight_files(folder: Path) -> None:
@@ -359,99 +239,28 @@ def _check_weight_files(folder: Path) -> None:
     )
 
 
-def _normalised_names(store: Any, folder: Path) -> dict[str, str]:
+def _normalised_names(store: Any, folder: Path, family: Family) -> dict[str, str]:
     stored: dict[str, str] = {}
     for name in store:
-        norm = normalise_name(name)
+        norm = family.normalise_name(name)
         if norm in stored:
             raise ModelError(
                 f"tensor {norm!r} is stored twice (as {stored[norm]!r} and {name!r})",
                 path=store.shard_of(name),
             )
         stored[norm] = name
-    return dict(sorted(stored.items(), key=lambda kv: _sort_key(kv[0])))
+    return dict(sorted(stored.items(), key=lambda kv: _sort_key(kv[0], family)))
 
 
-def _sort_key(name: str) -> tuple:
+def _sort_key(name: str, family: Family) -> tuple:
     """Text tensors first, then vision; blocks in numeric order."""
     parts = name.split(".")
-    return (name.startswith("visual."), [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts])
+    return (family.is_vision_tensor(name), [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts])
 
 
 # ------------------------------------------------------------------------------------------ shape checks
-def expected_shapes(text: TextDims, vision: VisionDims) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Qwen2-VL checkpoint with these dims holds (original names), with its shape."""
-    h, q, kv, f = (
-        text.hidden_size,
-        text.num_heads * text.head_dim,
-        text.num_kv_heads * text.head_dim,
-        text.intermediate_size,
-    )
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (text.vocab_size, h),
-        "model.norm.weight": (h,),
-    }
-    if not text.tie_word_embeddings:
-        shapes["lm_head.weight"] = (text.vocab_size, h)
-    for i in range(text.num_layers):
-        p = f"model.layers.{i}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (q, h),
-                p + "self_attn.q_proj.bias": (q,),
-                p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.k_proj.bias": (kv,),
-                p + "self_attn.v_proj.weight": (kv, h),
-                p + "self_attn.v_proj.bias": (kv,),
-                p + "self_attn.o_proj.weight": (h, q),
-                p + "mlp.gate_proj.weight": (f, h),
-                p + "mlp.up_proj.weight": (f, h),
-                p + "mlp.down_proj.weight": (h, f),
-            }
-        )
-    e, m, md = vision.embed_dim, vision.mlp_dim, vision.merged_dim
-    shapes["visual.patch_embed.proj.weight"] = (
-        e,
-        vision.in_channels,
-        vision.temporal_patch_size,
-        vision.patch_size,
-        vision.patch_size,
-    )
-    for i in range(vision.depth):
-        p = f"visual.blocks.{i}."
-        shapes.update(
-            {
-                p + "norm1.weight": (e,),
-                p + "norm1.bias": (e,),
-                p + "norm2.weight": (e,),
-                p + "norm2.bias": (e,),
-                p + "attn.qkv.weight": (3 * e, e),
-                p + "attn.qkv.bias": (3 * e,),
-                p + "attn.proj.weight": (e, e),
-                p + "attn.proj.bias": (e,),
-                p + "mlp.fc1.weight": (m, e),
-                p + "mlp.fc1.bias": (m,),
-                p + "mlp.fc2.weight": (e, m),
-                p + "mlp.fc2.bias": (e,),
-            }
-        )
-    shapes.update(
-        {
-            "visual.merger.ln_q.weight": (e,),
-            "visual.merger.ln_q.bias": (e,),
-            "visual.merger.mlp.0.weight": (md, md),
-            "visual.merger.mlp.0.bias": (md,),
-            "visual.merger.mlp.2.weight": (vision.out_hidden_size, md),
-            "visual.merger.mlp.2.bias": (vision.out_hidden_size,),
-        }
-    )
-    return shapes
-
-
 def _check_tensors(ckpt: Checkpoint) -> None:
-    want = expected_shapes(ckpt.text, ckpt.vision)
+    want = ckpt.family.expected_shapes(ckpt.text, ckpt.vision)
     have = ckpt._stored_names
     # A tied checkpoint may still carry lm_head; accept it if its shape is right.
     if ckpt.text.tie_word_embeddings and "lm_head.weight" in have:
@@ -467,7 +276,9 @@ def _check_tensors(ckpt: Checkpoint) -> None:
     for name, stored_name in have.items():
         shard = ckpt._store.shard_of(stored_name)
         if name not in want:
-            raise ModelError(f"unexpected tensor {stored_name!r} (not part of Qwen2-VL)", path=shard)
+            raise ModelError(
+                f"unexpected tensor {stored_name!r} (not part of {ckpt.family.name})", path=shard
+            )
         got = ckpt.shape(name)
         if got != want[name]:
             raise ModelError(

@@ -21,34 +21,13 @@ from qvq_local.convert.checkpoint import Checkpoint
 from qvq_local.convert.gguf_stream import PlannedTensor, iter_encoded
 
 from qvq_local.errors import ModelError
+from qvq_local.families import qwen2vl
 
+#: ``general.architecture`` of every llama.cpp vision projector file, whatever the family.
 ARCH = "clip"
-PROJECTOR = "qwen2vl_merger"
 # Qwen2-VL's processor values (OpenAI CLIP's), used when the checkpoint has no preprocessor_config.json.
-DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
-DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
-DEFAULT_IMAGE_SIZE = 560  # what llama.cpp's converter writes for Qwen2-VL (used for warm-up only)
-
-_BLOCK_MAP = {
-    "norm1.weight": "ln1.weight",
-    "norm1.bias": "ln1.bias",
-    "norm2.weight": "ln2.weight",
-    "norm2.bias": "ln2.bias",
-    "attn.proj.weight": "attn_out.weight",
-    "attn.proj.bias": "attn_out.bias",
-    "mlp.fc1.weight": "ffn_up.weight",
-    "mlp.fc1.bias": "ffn_up.bias",
-    "mlp.fc2.weight": "ffn_down.weight",
-    "mlp.fc2.bias": "ffn_down.bias",
-}
-_MERGER_MAP = {
-    "visual.merger.ln_q.weight": "v.post_ln.weight",
-    "visual.merger.ln_q.bias": "v.post_ln.bias",
-    "visual.merger.mlp.0.weight": "mm.0.weight",
-    "visual.merger.mlp.0.bias": "mm.0.bias",
-    "visual.merger.mlp.2.weight": "mm.2.weight",
-    "visual.merger.mlp.2.bias": "mm.2.bias",
-}
+DEFAULT_MEAN = qwen2vl.IMAGE_MEAN
+DEFAULT_STD = qwen2vl.IMAGE_STD
 
 
 def image_norm(ckpt: Checkpoint) -> tuple[list[float], list[float]]:
@@ -70,12 +49,12 @@ def image_norm(ckpt: Checkpoint) -> tuple[list[float], list[float]]:
 
 
 def check_mmproj_supported(ckpt: Checkpoint) -> None:
-    """Raise ModelError for vision shapes llama.cpp's qwen2vl_merger cannot run."""
+    """Raise ModelError for vision shapes llama.cpp's projector for this family cannot run."""
     v = ckpt.vision
-    if v.temporal_patch_size != 2:
+    if v.temporal_patch_size != qwen2vl.TEMPORAL_PATCH_SIZE:
         raise ModelError(
-            f"vision temporal_patch_size is {v.temporal_patch_size}; llama.cpp's qwen2vl_merger "
-            "supports only 2",
+            f"vision temporal_patch_size is {v.temporal_patch_size}; llama.cpp's "
+            f"{ckpt.family.gguf_projector} supports only {qwen2vl.TEMPORAL_PATCH_SIZE}",
             path=ckpt.folder / "config.json",
         )
     if v.in_channels != 3:
@@ -98,9 +77,9 @@ def mmproj_metadata(ckpt: Checkpoint, file_type: int, name: str) -> Callable[[An
         w.add_name(name)
         w.add_file_type(file_type)
         w.add_clip_has_vision_encoder(True)
-        w.add_clip_projector_type(PROJECTOR)
+        w.add_clip_projector_type(ckpt.family.gguf_projector)
         w.add_vision_projection_dim(ckpt.text.hidden_size)
-        w.add_vision_image_size(DEFAULT_IMAGE_SIZE)
+        w.add_vision_image_size(qwen2vl.MMPROJ_IMAGE_SIZE)
         w.add_vision_patch_size(v.patch_size)
         w.add_vision_embedding_length(v.embed_dim)
         w.add_vision_feed_forward_length(v.mlp_dim)
@@ -121,9 +100,9 @@ def mmproj_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor
     v = ckpt.vision
     plan: list[PlannedTensor] = []
     conv_type = "F16" if weight_type == "F16" else "F32"
-    pe = "visual.patch_embed.proj.weight"
+    pe = qwen2vl.MMPROJ_PATCH_SOURCE
     e, c, _, p, _ = ckpt.shape(pe)
-    for t, gname in enumerate(("v.patch_embd.weight", "v.patch_embd.weight.1")):
+    for t, gname in enumerate(qwen2vl.MMPROJ_PATCH_NAMES):
         plan.append(
             PlannedTensor(gname, (e, c, p, p), conv_type, _src(ckpt, pe, conv_type, select=_frame(t)))
         )
@@ -152,12 +131,12 @@ def mmproj_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor
                         _src(ckpt, src, qt, start=k * rows, stop=(k + 1) * rows),
                     )
                 )
-        for suffix, gsuffix in _BLOCK_MAP.items():
+        for suffix, gsuffix in qwen2vl.MMPROJ_BLOCK_MAP.items():
             src = pre + suffix
             shape = ckpt.shape(src)
             qt = linear_type(shape)
             plan.append(PlannedTensor(out + gsuffix, shape, qt, _src(ckpt, src, qt)))
-    for src, gname in _MERGER_MAP.items():
+    for src, gname in qwen2vl.MMPROJ_MERGER_MAP.items():
         shape = ckpt.shape(src)
         qt = linear_type(shape)
         plan.append(PlannedTensor(gname, shape, qt, _src(ckpt, src, qt)))

@@ -10,7 +10,6 @@ use are filled with ``UNUSED`` placeholders.  Everything here is read from the c
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,40 +20,10 @@ from qvq_local.convert.gguf_stream import PlannedTensor, iter_encoded
 
 from qvq_local.backends.base import GGUF_SAMPLING_KEYS, sampling_values
 from qvq_local.errors import ModelError
+from qvq_local.families import qwen2vl
 
-ARCH = "qwen2vl"
-
-# original layer tensor suffix -> GGUF layer tensor name
-_LAYER_MAP = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_GLOBAL_MAP = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-def gguf_text_name(name: str) -> str | None:
-    """GGUF name of an original text tensor name, or None for a tensor that is not part of the text model."""
-    if name in _GLOBAL_MAP:
-        return _GLOBAL_MAP[name]
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
-    return None
+# The family's tensor map (re-exported: to_gguf and the tests import gguf_text_name from here).
+gguf_text_name = qwen2vl.gguf_text_name
 
 
 # ------------------------------------------------------------------------------------------ vocabulary
@@ -187,7 +156,7 @@ def _load_json(path: Path) -> Any:
 
 # ------------------------------------------------------------------------------------------ metadata
 def text_metadata(ckpt: Checkpoint, vocab: Vocab, file_type: int, name: str) -> Callable[[Any], None]:
-    """A function adding the ``qwen2vl`` key/values to a GGUFWriter."""
+    """A function adding the text architecture's key/values to a GGUFWriter."""
 
     def add(w: Any) -> None:
         from gguf import GGML_QUANT_VERSION
@@ -208,7 +177,7 @@ def text_metadata(ckpt: Checkpoint, vocab: Vocab, file_type: int, name: str) -> 
         w.add_rope_dimension_sections(list(t.mrope_section) + [0] * (4 - len(t.mrope_section)))
         # tokenizer
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("qwen2")
+        w.add_tokenizer_pre(qwen2vl.GGUF_TOKENIZER_PRE)
         w.add_token_list(vocab.tokens)
         w.add_token_types(vocab.token_types)
         if vocab.merges:
@@ -245,12 +214,7 @@ def text_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor]:
     ``source`` (keep the checkpoint's precision: BF16 stays raw BF16, F16 stays F16, F32 stays F32).
     Norms and biases are always F32."""
     t = ckpt.text
-    order = ["model.embed_tokens.weight"]
-    for i in range(t.num_layers):
-        order += [f"model.layers.{i}.{k}" for k in _LAYER_MAP]
-    order.append("model.norm.weight")
-    if "lm_head.weight" in ckpt:
-        order.append("lm_head.weight")
+    order = qwen2vl.gguf_text_order(t, has_lm_head="lm_head.weight" in ckpt)
     plan: list[PlannedTensor] = []
     for src in order:
         shape = ckpt.shape(src)

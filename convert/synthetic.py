@@ -27,7 +27,7 @@ from pathlib import Path
 
 from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError
-from qvq_local.qwen import QWEN_BASE_VOCAB
+from qvq_local.families import qwen2vl
 
 from . import tokenizer_synth
 
@@ -37,101 +37,9 @@ _CHUNK_ELEMS = 8 * 1024 * 1024  # ~32 MB of float32 per generated block
 _INIT_STD = 0.02
 
 
-@dataclass(frozen=True)
-class SynthShape:
-    """The dimensions of one synthetic model (the fields a Qwen2-VL config.json carries)."""
-
-    name: str
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int  # embedding rows
-    tie_word_embeddings: bool
-    mrope_section: tuple[int, int, int]
-    max_position_embeddings: int
-    vision_depth: int = 32
-    vision_embed_dim: int = 1280
-    vision_num_heads: int = 16
-    vision_mlp_ratio: int = 4
-    patch_size: int = 14
-    spatial_merge_size: int = 2
-    temporal_patch_size: int = 2
-    rope_theta: float = 1000000.0
-    rms_norm_eps: float = 1e-6
-    tokenizer_base: int = QWEN_BASE_VOCAB  # id of <|endoftext|>
-    max_shard_bytes: int = 4_000_000_000  # QVQ-72B-Preview ships 38 shards of ~3.7 GiB
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def vision_hidden_size(self) -> int:
-        return self.hidden_size  # the merger projects into the text width
-
-
-SHAPES: dict[str, SynthShape] = {
-    # Unit-test size; every width a multiple of 256 so K-quants apply; 2 shards even at bf16.  The
-    # tokenizer (1264 + 14 specials) leaves 2 embedding rows unused, as real Qwen checkpoints leave some.
-    "tiny": SynthShape(
-        name="tiny",
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1280,
-        tie_word_embeddings=False,
-        mrope_section=(8, 12, 12),
-        max_position_embeddings=32768,
-        vision_depth=2,
-        vision_embed_dim=256,
-        vision_num_heads=4,
-        tokenizer_base=1264,
-        max_shard_bytes=6 * 1024**2,
-    ),
-    # Qwen/Qwen2-VL-2B-Instruct
-    "2b": SynthShape(
-        name="2b",
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        mrope_section=(16, 24, 24),
-        max_position_embeddings=32768,
-    ),
-    # Qwen/Qwen2-VL-7B-Instruct
-    "7b": SynthShape(
-        name="7b",
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        mrope_section=(16, 24, 24),
-        max_position_embeddings=32768,
-    ),
-    # Qwen/QVQ-72B-Preview
-    "72b": SynthShape(
-        name="72b",
-        hidden_size=8192,
-        intermediate_size=29568,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        mrope_section=(16, 24, 24),
-        max_position_embeddings=128000,
-    ),
-}
+# The shape table is the family's (re-exported: tests and the CLI import them from here).
+SynthShape = qwen2vl.SynthShape
+SHAPES = qwen2vl.SYNTH_SHAPES
 
 
 def get_shape(shape: str | SynthShape) -> SynthShape:
@@ -158,7 +66,7 @@ def build_config(shape: str | SynthShape, dtype: str = "bf16") -> dict:
     if sum(s.mrope_section) * 2 != s.head_dim:
         raise ValueError(f"mrope_section {s.mrope_section} does not cover head_dim {s.head_dim}")
     return {
-        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "architectures": [qwen2vl.FAMILY.hf_architectures[0]],
         "attention_dropout": 0.0,
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
@@ -173,7 +81,7 @@ def build_config(shape: str | SynthShape, dtype: str = "bf16") -> dict:
         "intermediate_size": s.intermediate_size,
         "max_position_embeddings": s.max_position_embeddings,
         "max_window_layers": s.num_hidden_layers,
-        "model_type": "qwen2_vl",
+        "model_type": qwen2vl.FAMILY.hf_model_types[0],
         "num_attention_heads": s.num_attention_heads,
         "num_hidden_layers": s.num_hidden_layers,
         "num_key_value_heads": s.num_key_value_heads,
@@ -203,7 +111,7 @@ def build_config(shape: str | SynthShape, dtype: str = "bf16") -> dict:
 
 
 #: The synthetic models' sampling values.  Near-greedy like QVQ's (the top token always wins: top_p keeps
-#: only it), but each value differs from QVQ's published one (``qvq_local.qwen.QVQ_SAMPLING``, the fallback
+#: only it), but each value differs from QVQ's published one (``qwen2vl.SAMPLING``, the fallback
 #: when a model has none), so a test can tell "the model's values are used" from "the fallback is used".
 SYNTH_SAMPLING: dict[str, float | int] = {
     "temperature": 0.05,
@@ -230,13 +138,13 @@ def build_preprocessor_config(shape: str | SynthShape) -> dict:
     """preprocessor_config.json of Qwen2-VL / QVQ: the slow Qwen2VLImageProcessor with CLIP statistics."""
     s = get_shape(shape)
     return {
-        "min_pixels": 3136,
-        "max_pixels": 12845056,
+        "min_pixels": qwen2vl.PROCESSOR_MIN_PIXELS,
+        "max_pixels": qwen2vl.PROCESSOR_MAX_PIXELS,
         "patch_size": s.patch_size,
         "temporal_patch_size": s.temporal_patch_size,
         "merge_size": s.spatial_merge_size,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_mean": list(qwen2vl.IMAGE_MEAN),
+        "image_std": list(qwen2vl.IMAGE_STD),
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen2VLProcessor",
     }

@@ -29,7 +29,6 @@ from qvq_local.convert.gguf_mmproj import (
 )
 from qvq_local.convert.gguf_quantize import BITS_PER_WEIGHT, FTYPES, check_quantiser_available, quantize_gguf
 from qvq_local.convert.gguf_stream import PlannedTensor, write_gguf
-from qvq_local.convert.gguf_text import ARCH as TEXT_ARCH
 from qvq_local.convert.gguf_text import read_vocab, text_metadata, text_tensor_plan
 
 from qvq_local.errors import DiskFull, InputError
@@ -120,6 +119,7 @@ def _convert(
     text_plan = text_tensor_plan(ckpt, text_type)
     text_file_type = _FILE_TYPES[text_type] if direct else _dominant_file_type(text_plan)
     text_meta = text_metadata(ckpt, vocab, text_file_type, name)
+    text_arch = ckpt.family.gguf_text_arch
     model_name, mmproj_name = gguf_file_names(name, quant, mmproj_quant)
     model_path, mmproj_path = out_dir / model_name, out_dir / mmproj_name
 
@@ -142,14 +142,14 @@ def _convert(
             if direct:
                 write_gguf(
                     staged_model,
-                    TEXT_ARCH,
+                    text_arch,
                     text_meta,
                     text_plan,
                     bar(f"model ({_DIRECT[quant]})", text_bytes),
                 )
             else:
                 write_gguf(
-                    intermediate, TEXT_ARCH, text_meta, text_plan, bar("model (source precision)", text_bytes)
+                    intermediate, text_arch, text_meta, text_plan, bar("model (source precision)", text_bytes)
                 )
                 done = bar(f"quantising to {FTYPES[quant][1]}", final_text_bytes)
                 seen = [0]

@@ -18,7 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvq_local.qwen import QVQ_SYSTEM_PROMPT, SPECIAL_TOKENS
+from qvq_local.families.qwen2vl import SPECIAL_TOKENS
+from qvq_local.families.qwen2vl import SYSTEM_PROMPT as QVQ_SYSTEM_PROMPT
 
 # The pre-tokeniser pattern of Qwen2's tokenizer.json.
 QWEN2_PATTERN = (

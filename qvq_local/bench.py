@@ -33,6 +33,7 @@ from pathlib import Path
 
 from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError, ModelError, QvqError
+from qvq_local.families import DEFAULT_FAMILY
 
 SCHEMA = "qvq-bench/1"
 BACKEND_CHOICES = ("auto", "mlx", "llama", "all")
@@ -41,6 +42,8 @@ SHAPES = ("tiny", "2b", "7b", "72b")
 #: stays unquantised (mlx-vlm never quantises it), as ``qvq convert`` does.
 QUANTS = {"q4": ("q4_k_m", 4), "q8": ("q8_0", 8)}
 DEFAULT_IMAGE_SIZES = (224, 448)
+#: Side of one merged image patch in pixels: the smallest image size worth measuring.
+_FACTOR = DEFAULT_FAMILY.image_factor
 #: With ``--backend all`` off Apple Silicon, MLX (mlx[cpu]) is skipped above this model size: its CPU
 #: kernels made a 2b Q4 model take 30 s for a 27-token prompt and decode at 0.7 token/s (bf16 weights:
 #: over 5 minutes for the same prompt) on the 2-core x86 machine this was written on.
@@ -71,8 +74,8 @@ def parse_image_sizes(text: str | list[int] | tuple[int, ...]) -> list[int]:
             raise InputError(
                 f"image size {item!r} is not a whole number of pixels (e.g. --image-sizes 224,448)"
             ) from None
-        if size < 28 or size > 4096:
-            raise InputError(f"image size {size} is out of range: use 28 to 4096 pixels")
+        if size < _FACTOR or size > 4096:
+            raise InputError(f"image size {size} is out of range: use {_FACTOR} to 4096 pixels")
         if size not in sizes:
             sizes.append(size)
     if not sizes:
@@ -434,7 +437,7 @@ def _weights_per_token(backend: str, fmt: dict) -> dict:
 
 
 def _raw_n_ctx(sizes: list[int], decode_tokens: int, answer_tokens: int) -> int:
-    image_tokens = max((round(s / 28) or 1) ** 2 for s in sizes)
+    image_tokens = max((round(s / _FACTOR) or 1) ** 2 for s in sizes)
     need = image_tokens + 512 + decode_tokens + answer_tokens + 128  # + grace window and forced text
     return ((need + 255) // 256) * 256
 

@@ -73,8 +73,10 @@ def _folder_config(folder: Path) -> dict[str, Any]:
 
 def _gguf_config(model_file: Path) -> dict[str, Any]:
     from qvq_local.backends.llamacpp import read_gguf_metadata
+    from qvq_local.families import DEFAULT_FAMILY
 
-    arch = read_gguf_metadata(model_file, {"general.architecture"}).get("general.architecture", "qwen2vl")
+    arch = read_gguf_metadata(model_file, {"general.architecture"}).get("general.architecture")
+    arch = arch or DEFAULT_FAMILY.gguf_text_arch
     keys = {
         f"{arch}.{k}"
         for k in (
@@ -113,7 +115,7 @@ def default_context(context_length: int) -> int:
 
         bound = getattr(images, "DEFAULT_MAX_PIXELS", None)
         if bound:
-            image_tokens = int(bound) // (28 * 28)
+            image_tokens = int(bound) // images.FACTOR**2
     except ImportError:
         pass
     want = DEFAULT_PROMPT_TOKENS + image_tokens + DEFAULT_MAX_THOUGHT + DEFAULT_ANSWER_BUDGET + FORCE_MARGIN

@@ -28,27 +28,26 @@ aspect ratio is kept (a 10000x50 strip becomes 5600x28; 100000x10 becomes 7168x2
 from __future__ import annotations
 
 import codecs
-import math
 import os
 import warnings
 from pathlib import Path
 
 from qvq_local.errors import InputError
 from qvq_local.events import ImageInfo
+from qvq_local.families import DEFAULT_FAMILY
 
-FACTOR = 28
-"""Qwen2-VL: 14-pixel patches, merged 2x2 into one image token, so sides are multiples of 28."""
+FACTOR = DEFAULT_FAMILY.image_factor
+"""Side of one image token in pixels (Qwen2-VL: 14-pixel patches merged 2x2); sides are multiples of it."""
 
-DEFAULT_MAX_PIXELS = 448 * 448  # 200,704 pixels: at most 256 image tokens
-DEFAULT_MIN_PIXELS = 56 * 56  # Qwen2-VL's processor minimum (4 image tokens)
+DEFAULT_MAX_PIXELS = 16 * FACTOR * 16 * FACTOR  # 448x448, 200,704 pixels: at most 256 image tokens
+DEFAULT_MIN_PIXELS = DEFAULT_FAMILY.processor_min_pixels  # the processor's minimum (4 image tokens)
 MAX_SOURCE_PIXELS = 178_956_970
 """Largest source image decoded at all (Pillow's own hard limit, ~179 megapixels, ~540 MB as RGB).
 Anything larger is refused from its header, before any pixel is decoded."""
 
 
-def image_tokens(width: int, height: int, factor: int = FACTOR) -> int:
-    """Image tokens the model sees for an image already bounded to ``width`` x ``height``."""
-    return (width // factor) * (height // factor)
+image_tokens = DEFAULT_FAMILY.image_tokens
+"""Image tokens the model sees for an image already bounded to ``width`` x ``height``."""
 
 
 def bound_size(
@@ -71,18 +70,9 @@ def bound_size(
             f"max pixels must be at least {factor * factor} ({factor}x{factor}), got {max_pixels}"
         )
     min_pixels = max(1, min(min_pixels, max_pixels))
-
-    def snap(x: float, how) -> int:
-        return max(factor, int(how(x / factor)) * factor)
-
-    w = snap(width, round)
-    h = snap(height, round)
-    if w * h > max_pixels:
-        beta = math.sqrt(width * height / max_pixels)
-        w, h = snap(width / beta, math.floor), snap(height / beta, math.floor)
-    elif w * h < min_pixels:
-        beta = math.sqrt(min_pixels / (width * height))
-        w, h = snap(width * beta, math.ceil), snap(height * beta, math.ceil)
+    w, h = DEFAULT_FAMILY.smart_resize(
+        width, height, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor
+    )
 
     longest = max(factor, (max_pixels // factor) // factor * factor)
     if h == factor and width > height:

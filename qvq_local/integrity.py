@@ -28,14 +28,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qvq_local.errors import ModelError
+from qvq_local.families import (
+    DEFAULT_FAMILY,
+    FAMILIES,
+    describe_supported,
+    family_for_config,
+    family_for_gguf_arch,
+    family_for_projector,
+)
 
 Level = Literal["ok", "warning", "error"]
 
-SUPPORTED_ARCHITECTURES = ("Qwen2VLForConditionalGeneration",)
-SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
-GGUF_TEXT_ARCH = "qwen2vl"
 GGUF_MMPROJ_ARCH = "clip"
-GGUF_PROJECTOR = "qwen2vl_merger"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "qvq-manifest.json"
@@ -294,8 +298,9 @@ def _check_safetensors_folder(folder: Path, findings: list[Finding]) -> None:
                 Finding("error", str(shard), f"{INDEX_NAME} says tensor {name!r} is here but it is not")
             )
             break
+        family = (family_for_config(config) if config is not None else None) or DEFAULT_FAMILY
         for name, shape in info.items():
-            if name.endswith(("merger.mlp.2.weight", "merger.mlp.2.bias", "embed_tokens.weight")):
+            if name.endswith(family.width_tensor_suffixes):
                 widths[name] = shape
     if good and good == len(to_check):
         findings.append(
@@ -326,9 +331,7 @@ def _check_config(config: dict[str, Any], path: Path, findings: list[Finding]) -
     model_type = config.get("model_type")
     if not isinstance(archs, list):
         archs = [archs]
-    if any(a in SUPPORTED_ARCHITECTURES for a in archs) or (
-        not archs and model_type in SUPPORTED_MODEL_TYPES
-    ):
+    if family_for_config(config) is not None:
         findings.append(
             Finding("ok", str(path), f"architecture {archs[0] if archs else model_type} supported")
         )
@@ -338,8 +341,7 @@ def _check_config(config: dict[str, Any], path: Path, findings: list[Finding]) -
             Finding(
                 "error",
                 str(path),
-                f"unsupported architecture {found}: qvq-local runs "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)} (QVQ / Qwen2-VL)",
+                f"unsupported architecture {found}: qvq-local runs {describe_supported()}",
             )
         )
         return
@@ -349,7 +351,7 @@ def _check_config(config: dict[str, Any], path: Path, findings: list[Finding]) -
     if not isinstance(vision, dict):
         findings.append(Finding("error", str(path), "no vision_config: not a vision-language checkpoint"))
         return
-    out = vision.get("hidden_size", hidden)
+    out = (family_for_config(config) or DEFAULT_FAMILY).merger_width(config)
     if isinstance(hidden, int) and isinstance(out, int) and out != hidden:
         findings.append(
             Finding(
@@ -369,8 +371,9 @@ def _check_widths_from_tensors(
     hidden = text.get("hidden_size")
     if not isinstance(hidden, int):
         return
+    family = family_for_config(config) or DEFAULT_FAMILY
     for name, shape in widths.items():
-        if name.endswith("merger.mlp.2.weight") and shape and shape[0] != hidden:
+        if name.endswith(family.merger_out_suffix) and shape and shape[0] != hidden:
             findings.append(
                 Finding(
                     "error",
@@ -381,7 +384,7 @@ def _check_widths_from_tensors(
             )
         # MLX quantised embeddings pack their columns; only an unquantised one can be compared
         if (
-            name.endswith("embed_tokens.weight")
+            name.endswith(family.embedding_suffix)
             and len(shape) == 2
             and shape[1] != hidden
             and "quantization" not in config
@@ -505,6 +508,7 @@ def _check_gguf_pair(
         return
     text = _read_gguf(model_file, findings)
     width = None
+    family = None
     if text is not None:
         arch = text["fields"].get("general.architecture")
         if arch == GGUF_MMPROJ_ARCH:
@@ -514,22 +518,23 @@ def _check_gguf_pair(
                 )
             )
             return
-        if arch != GGUF_TEXT_ARCH:
+        family = family_for_gguf_arch(arch)
+        if family is None:
+            runs = ", ".join(f"{f.gguf_text_arch} ({f.models})" for f in FAMILIES.values())
             findings.append(
                 Finding(
                     "error",
                     str(model_file),
-                    f"architecture {arch!r} is not supported: "
-                    f"qvq-local runs {GGUF_TEXT_ARCH} (QVQ / Qwen2-VL)",
+                    f"architecture {arch!r} is not supported: qvq-local runs {runs}",
                 )
             )
         else:
-            width = text["fields"].get(f"{GGUF_TEXT_ARCH}.embedding_length")
+            width = text["fields"].get(f"{arch}.embedding_length")
             findings.append(
                 Finding(
                     "ok",
                     str(model_file),
-                    f"{GGUF_TEXT_ARCH} text model, {len(text['tensors'])} tensors, width {width}",
+                    f"{arch} text model, {len(text['tensors'])} tensors, width {width}",
                 )
             )
         _check_splits(model_file, text["fields"], findings)
@@ -551,12 +556,13 @@ def _check_gguf_pair(
         )
         return
     projector = proj["fields"].get("clip.projector_type")
-    if projector != GGUF_PROJECTOR:
+    expected = family or DEFAULT_FAMILY
+    if family_for_projector(projector) is not expected:
         findings.append(
             Finding(
                 "error",
                 str(mmproj),
-                f"projector type {projector!r} is not {GGUF_PROJECTOR} "
+                f"projector type {projector!r} is not {expected.gguf_projector} "
                 "(a projector for another model family)",
             )
         )
@@ -564,10 +570,11 @@ def _check_gguf_pair(
     dim = proj["fields"].get("clip.vision.projection_dim")
     rows = None
     tensors = proj["tensors"]
-    if tensors.get("mm.2.bias"):
-        rows = tensors["mm.2.bias"][0]
-    elif "mm.2.weight" in tensors and len(tensors["mm.2.weight"]) >= 2:
-        rows = tensors["mm.2.weight"][1]  # GGUF lists dimensions innermost first: [in, out]
+    out = expected.mmproj_out_tensor
+    if tensors.get(f"{out}.bias"):
+        rows = tensors[f"{out}.bias"][0]
+    elif f"{out}.weight" in tensors and len(tensors[f"{out}.weight"]) >= 2:
+        rows = tensors[f"{out}.weight"][1]  # GGUF lists dimensions innermost first: [in, out]
     out_width = rows if rows is not None else dim
     if width is not None and out_width is not None and int(out_width) != int(width):
         findings.append(
@@ -592,7 +599,7 @@ def _check_gguf_pair(
             Finding(
                 "ok",
                 str(mmproj),
-                f"{GGUF_PROJECTOR} projector, output width {out_width} matches the text model",
+                f"{projector} projector, output width {out_width} matches the text model",
             )
         )
 

@@ -19,6 +19,7 @@ Heavy imports (huggingface_hub, tqdm, rich) stay inside the functions that need 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import re
@@ -493,7 +494,7 @@ def _hub_call(hub_id: str, fn):
             raise ModelError(f"{hub_id}: no such revision") from None
         if kind == "OfflineModeIsEnabled" or "offline" in first.lower():
             raise ModelError(f"{hub_id}: cannot download, offline mode is on (HF_HUB_OFFLINE)") from None
-        if isinstance(err, OSError) and getattr(err, "errno", None) == 28:
+        if isinstance(err, OSError) and getattr(err, "errno", None) == errno.ENOSPC:
             from qvq_local.errors import DiskFull
 
             raise DiskFull(f"no space left while downloading {hub_id}", path=hub_dir()) from None

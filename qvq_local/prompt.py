@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from qvq_local.errors import InputError, ModelError
-from qvq_local.qwen import IMAGE_BLOCK, IMAGE_PAD, QVQ_SYSTEM_PROMPT, SPECIAL_TOKENS
+from qvq_local.families.qwen2vl import IMAGE_BLOCK, IMAGE_PAD, SPECIAL_TOKENS
+from qvq_local.families.qwen2vl import SYSTEM_PROMPT as QVQ_SYSTEM_PROMPT
 
 __all__ = ["IMAGE_BLOCK", "IMAGE_PAD", "QVQ_SYSTEM_PROMPT"]  # re-exported: callers import them from here
 

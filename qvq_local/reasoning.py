@@ -50,22 +50,32 @@ from dataclasses import asdict, dataclass, field, replace
 from qvq_local.boxed import extract_boxed
 from qvq_local.errors import InputError
 from qvq_local.events import Finished, Forced, Phase, Result, StopReason, TextDelta, Timings
+from qvq_local.families import DEFAULT_FAMILY
 
-DEFAULT_FORCED_TEXT = "\n\nI have run out of time to think, so I will answer now.\n\n**Final Answer**\n\n"
+#: The sentence the forced text starts with, by question language: one the model can continue from.
+OUT_OF_TIME: dict[str, str] = {
+    "en": "I have run out of time to think, so I will answer now.",
+    "zh": "我的思考时间用完了，现在直接给出答案。",
+}
+
+#: The answer markers of the default model family (QVQ's "**Final Answer**" and Chinese "**答案**" forms,
+#: declared by ``qvq_local.families``), by question language.
+QVQ_MARKERS = DEFAULT_FAMILY.answer_markers["en"]
+#: QVQ's answer markers for questions in Chinese (its published Chinese demo replies).
+QVQ_ZH_MARKERS = DEFAULT_FAMILY.answer_markers["zh"]
+
+DEFAULT_FORCED_TEXT = f"\n\n{OUT_OF_TIME['en']}\n\n{QVQ_MARKERS[0]}\n\n"
 """Fed into the session when thinking is cut: a sentence the model can continue from, then the marker."""
 
-ZH_FORCED_TEXT = "\n\n我的思考时间用完了，现在直接给出答案。\n\n**答案**\n\n"
+ZH_FORCED_TEXT = f"\n\n{OUT_OF_TIME['zh']}\n\n{QVQ_ZH_MARKERS[0]}\n\n"
 """The same for a question in Chinese: QVQ answers those under its Chinese marker ``**答案**``."""
 
-THINK_TAG_FORCED_TEXT = "\n\nI have run out of time to think, so I will answer now.\n</think>\n\n"
+THINK_TAG_FORCED_TEXT = f"\n\n{OUT_OF_TIME['en']}\n</think>\n\n"
 """The forced text for models that think inside ``<think>...</think>`` (Qwen3-VL-Thinking and the like)."""
 
-ZH_THINK_TAG_FORCED_TEXT = "\n\n我的思考时间用完了，现在直接给出答案。\n</think>\n\n"
+ZH_THINK_TAG_FORCED_TEXT = f"\n\n{OUT_OF_TIME['zh']}\n</think>\n\n"
 """The think-tag forced text for a question in Chinese."""
 
-QVQ_MARKERS = ("**Final Answer**", "**Final Answer:**", "**Final answer**", "**Final answer:**")
-#: QVQ's answer markers for questions in Chinese (its published Chinese demo replies).
-QVQ_ZH_MARKERS = ("**答案**", "**答案：**", "**答案:**", "**最终答案**", "**最终答案：**", "**最终答案:**")
 THINK_CLOSE = "</think>"
 THINK_OPEN = "<think>"
 DEFAULT_ANSWER_MARKERS: tuple[str, ...] = QVQ_MARKERS + QVQ_ZH_MARKERS + (THINK_CLOSE,)

@@ -380,13 +380,13 @@ def _system_turn(prompt: str) -> str | None:
 @pytest.mark.parametrize(
     "system, expected",
     [
-        (None, "QVQ"),  # the default: the model card's sentence (qvq_local/qwen.py says why)
+        (None, "QVQ"),  # the default: the model card's sentence (qvq_local/families/qwen2vl.py says why)
         (FRAMEWORKS_SYSTEM, FRAMEWORKS_SYSTEM),  # --system replaces it
         ("", "You are a helpful assistant."),  # "" leaves the template's own default (Qwen2-VL's here)
     ],
 )
 def test_system_prompt_default_and_override(sample_image, system, expected):
-    from qvq_local.qwen import QVQ_SYSTEM_PROMPT
+    from qvq_local.families.qwen2vl import SYSTEM_PROMPT as QVQ_SYSTEM_PROMPT
 
     model, loaded = _model(thought="x", answer="y")
     result = model.ask(sample_image, "q", think_budget=4, system=system)

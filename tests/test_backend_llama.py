@@ -24,8 +24,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from qvq_local.backends import llamacpp
 from qvq_local.backends.base import LoadedModel, Prompt, SamplingParams, Session
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError
+from qvq_local.families.qwen2vl import SAMPLING as QVQ_SAMPLING
 from qvq_local.prompt import build_prompt, load_chat_template
-from qvq_local.qwen import QVQ_SAMPLING
 
 QUESTION = "Which bar is the tallest, and by how much?"
 FORCED = "\n\nTime is up.\n\n**Final Answer**\n"
@@ -261,7 +261,7 @@ def test_feed_does_not_reencode_image(f32_model, prompt, monkeypatch):
         assert stats.image_tokens_per_image == [stats.image_tokens] and stats.image_tokens > 0
         assert stats.prompt_tokens == session.n_cells == f32_model.context_needed(prompt)
         # M-RoPE: positions advance less than cells after the image.
-        gw, gh = llamacpp.qwen2vl_image_grid(*prompt.images[0].size)
+        gw, gh = llamacpp.image_grid(*prompt.images[0].size)
         assert session.n_pos == session.n_cells - gw * gh + max(gw, gh)
         assert session.n_past == session.n_cells
         assert 0 < stats.image_encode_s <= stats.prefill_s

@@ -19,8 +19,8 @@ from helpers import assert_error
 
 from qvq_local.backends.base import LoadedModel, Prompt, SamplingParams, Session
 from qvq_local.errors import BackendUnavailable, ContextOverflow, ModelError
+from qvq_local.families.qwen2vl import SAMPLING as QVQ_SAMPLING
 from qvq_local.prompt import build_prompt
-from qvq_local.qwen import QVQ_SAMPLING
 
 pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_vlm")

@@ -174,7 +174,7 @@ def test_tiny_shape_widths_are_k_quant_friendly():
 
 
 def test_generation_and_preprocessor_configs_are_qvqs():
-    from qvq_local.qwen import QVQ_SAMPLING
+    from qvq_local.families.qwen2vl import SAMPLING as QVQ_SAMPLING
 
     gen = synthetic.build_generation_config("72b")
     # QVQ's layout, but sampling values unlike every fallback value, so backend tests can see them used

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from qvq_local.qwen import QVQ_SAMPLING
+from qvq_local.families.qwen2vl import SAMPLING as QVQ_SAMPLING
 
 #: generation_config.json's sampling keys and the GGUF keys llama.cpp's converter stores them under
 #: (``general.sampling.*``, read by llama-cli and llama-server as their defaults).  This project's converter

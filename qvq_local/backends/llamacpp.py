@@ -26,7 +26,6 @@ from __future__ import annotations
 import codecs
 import ctypes
 import json
-import math
 import os
 import time
 import weakref
@@ -45,22 +44,21 @@ from qvq_local.backends.base import (
     sampling_values,
 )
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError, QvqError
+from qvq_local.families import (
+    DEFAULT_FAMILY,
+    Family,
+    family_for_gguf_arch,
+    family_for_projector,
+    supported_gguf_archs,
+)
 
-#: Text-model architectures (``general.architecture``) whose GGUF this backend runs with an mmproj.
-SUPPORTED_ARCHS = frozenset({"qwen2vl"})
-#: mmproj projector types (``clip.projector_type``) that pair with them.
-SUPPORTED_PROJECTORS = frozenset({"qwen2vl_merger"})
-
-IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
-IMAGE_PAD = "<|image_pad|>"
+# The text architectures and mmproj projectors this backend runs are the registered families'
+# (``qvq_local.families``: family_for_gguf_arch / family_for_projector).
 
 #: Sessions without an explicit ``n_ctx`` get this many cells (capped at the trained length).
 DEFAULT_N_CTX = 8192
 #: The repetition penalty looks back this many tokens.
 PENALTY_LAST_N = 64
-#: Default image token bounds, as llama.cpp uses for Qwen2-VL (tokens after the 2x2 merge).
-IMAGE_MIN_TOKENS = 8
-IMAGE_MAX_TOKENS = 4096
 
 INSTALL_HINT = "pip install 'qvq-local[llama]'"
 
@@ -216,35 +214,25 @@ def _sidecar_generation_config(model_gguf: Path) -> dict:
 # ---------------------------------------------------------------- image token arithmetic (mirrors mtmd)
 
 
-def qwen2vl_image_grid(
+def image_grid(
     width: int,
     height: int,
-    patch_size: int = 14,
-    merge: int = 2,
-    min_tokens: int = IMAGE_MIN_TOKENS,
-    max_tokens: int = IMAGE_MAX_TOKENS,
+    patch_size: int | None = None,
+    merge: int | None = None,
+    family: Family = DEFAULT_FAMILY,
 ) -> tuple[int, int]:
     """(grid_w, grid_h) in merged tokens for an image of ``width`` x ``height``, as mtmd resizes it.
 
-    Same arithmetic as llama.cpp's ``calc_size_preserved_ratio`` (transformers' ``smart_resize``):
-    round each side to a multiple of ``patch_size*merge``, then scale down/up to fit the pixel bounds.
+    The family's resize rule (llama.cpp's ``calc_size_preserved_ratio``) within the image-token bounds
+    llama.cpp sets for the family's projector.
     """
-    if width <= 0 or height <= 0:
-        raise InputError(f"image size {width}x{height} is empty")
-    align = patch_size * merge
-    patch_area = align * align
-    min_px, max_px = min_tokens * patch_area, max_tokens * patch_area
-    w_bar = max(align, round(width / align) * align)
-    h_bar = max(align, round(height / align) * align)
-    if w_bar * h_bar > max_px:
-        beta = math.sqrt(width * height / max_px)
-        h_bar = max(align, math.floor(height / beta / align) * align)
-        w_bar = max(align, math.floor(width / beta / align) * align)
-    elif w_bar * h_bar < min_px:
-        beta = math.sqrt(min_px / (width * height))
-        h_bar = math.ceil(height * beta / align) * align
-        w_bar = math.ceil(width * beta / align) * align
-    return w_bar // align, h_bar // align
+    patch_size = patch_size or family.patch_size
+    merge = merge or family.merge_size
+    area = (patch_size * merge) ** 2
+    lo, hi = family.llama_image_tokens
+    return family.image_grid(
+        width, height, min_pixels=lo * area, max_pixels=hi * area, patch_size=patch_size, merge_size=merge
+    )
 
 
 # ---------------------------------------------------------------- the loaded model
@@ -267,6 +255,7 @@ class LlamaModel:
     gpu_offload: bool
     patch_size: int
     merge_size: int
+    family: Family = DEFAULT_FAMILY
     backend: str = "llama"
     cpu_buffers: Any = None  # the llama_buffers.BufferPlan the weights were loaded with
     n_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
@@ -280,12 +269,12 @@ class LlamaModel:
 
     def image_token_estimate(self, width: int, height: int) -> int:
         """Image tokens (KV cells) one ``width`` x ``height`` image takes, after mtmd's resize and merge."""
-        gw, gh = qwen2vl_image_grid(width, height, self.patch_size, self.merge_size)
+        gw, gh = image_grid(width, height, self.patch_size, self.merge_size, self.family)
         return gw * gh
 
     def image_positions(self, width: int, height: int) -> int:
         """Positions one image advances ``n_pos`` by (M-RoPE: ``max(grid_w, grid_h)``)."""
-        return max(qwen2vl_image_grid(width, height, self.patch_size, self.merge_size))
+        return max(image_grid(width, height, self.patch_size, self.merge_size, self.family))
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         """Token ids of ``text`` with no BOS; ``special=True`` parses ``<|...|>`` control tokens."""
@@ -318,11 +307,12 @@ class LlamaModel:
         else:
             text = prompt
             sizes = image_sizes or []
-        n_blocks = text.count(IMAGE_BLOCK)
+        block = self.family.image_block
+        n_blocks = text.count(block)
         if n_blocks != len(sizes):
             raise InputError(f"the prompt has {n_blocks} image block(s) but {len(sizes)} image(s) were given")
         text_tokens = len(
-            self.tokenize(text.replace(IMAGE_BLOCK, "<|vision_start|><|vision_end|>"), special=True)
+            self.tokenize(text.replace(block, block.replace(self.family.image_pad, "")), special=True)
         )
         image_tokens = sum(self.image_token_estimate(w, h) for (w, h) in sizes)
         return text_tokens + image_tokens + max(0, int(new_tokens))
@@ -433,9 +423,10 @@ def load(
     arch = meta.get("general.architecture")
     if arch == "clip":
         raise ModelError("this is an mmproj (vision projector) file, not the text model", path=model_path)
-    if arch not in SUPPORTED_ARCHS:
+    family = family_for_gguf_arch(arch)
+    if family is None:
         raise ModelError(
-            f"GGUF architecture is {arch!r}, not a Qwen2-VL model ({', '.join(sorted(SUPPORTED_ARCHS))})",
+            f"GGUF architecture is {arch!r}, not a model qvq-local runs ({', '.join(supported_gguf_archs())})",
             path=model_path,
         )
     pmeta, _ = _read_checked_gguf(mmproj_path)
@@ -445,8 +436,10 @@ def load(
             path=mmproj_path,
         )
     projector = pmeta.get("clip.projector_type") or pmeta.get("clip.vision.projector_type")
-    if projector not in SUPPORTED_PROJECTORS:
-        raise ModelError(f"mmproj projector type is {projector!r}, expected qwen2vl_merger", path=mmproj_path)
+    if family_for_projector(projector) is not family:
+        raise ModelError(
+            f"mmproj projector type is {projector!r}, expected {family.gguf_projector}", path=mmproj_path
+        )
 
     llama_cpp, mtmd_cpp = _libs()
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
@@ -535,8 +528,9 @@ def load(
         n_embd=n_embd,
         n_gpu_layers=int(n_gpu_layers),
         gpu_offload=gpu and n_gpu_layers != 0,
-        patch_size=int(pmeta.get("clip.vision.patch_size", 14)),
-        merge_size=int(pmeta.get("clip.vision.spatial_merge_size", 2)),
+        patch_size=int(pmeta.get("clip.vision.patch_size", family.patch_size)),
+        merge_size=int(pmeta.get("clip.vision.spatial_merge_size", family.merge_size)),
+        family=family,
         n_threads=threads,
         cpu_buffers=buffers,
     )
@@ -686,15 +680,16 @@ class LlamaSession:
                 "prefill() was already called on this session; open a new session per question"
             )
         n_images = len(prompt.images)
-        n_blocks = prompt.text.count(IMAGE_BLOCK)
-        if n_blocks != n_images or prompt.text.count(IMAGE_PAD) != n_images:
+        block, pad = self.model.family.image_block, self.model.family.image_pad
+        n_blocks = prompt.text.count(block)
+        if n_blocks != n_images or prompt.text.count(pad) != n_images:
             raise InputError(
-                f"the prompt has {prompt.text.count(IMAGE_PAD)} image placeholder(s) for {n_images} image(s)"
+                f"the prompt has {prompt.text.count(pad)} image placeholder(s) for {n_images} image(s)"
             )
         mctx = self.model._mtmd
         marker = mtmd_cpp.mtmd_default_marker().decode("utf-8")
         # mtmd adds <|vision_start|>/<|vision_end|> around each image itself: replace the whole block.
-        text = prompt.text.replace(IMAGE_BLOCK, marker)
+        text = prompt.text.replace(block, marker)
 
         t_start = time.perf_counter()
         bitmaps = []
@@ -812,7 +807,7 @@ class LlamaSession:
         if w == 0 or h == 0:
             raise InputError("an image is empty (0 pixels)")
         align = self.model.patch_size * self.model.merge_size
-        gw, gh = qwen2vl_image_grid(w, h, self.model.patch_size, self.model.merge_size)
+        gw, gh = image_grid(w, h, self.model.patch_size, self.model.merge_size, self.model.family)
         if (w, h) != (gw * align, gh * align):
             rgb = rgb.resize((gw * align, gh * align), Image.Resampling.BICUBIC)
         return rgb

@@ -26,6 +26,7 @@ from typing import Any
 
 from qvq_local.backends.base import PrefillStats, Prompt, SamplingParams, Token
 from qvq_local.errors import BackendUnavailable, ContextOverflow, ModelError
+from qvq_local.families import DEFAULT_FAMILY, family_for_model_type
 from qvq_local.prompt import IMAGE_PAD, load_chat_template
 
 INSTALL_HINT = "pip install 'qvq-local[mlx]'"
@@ -34,9 +35,17 @@ INSTALL_HINT = "pip install 'qvq-local[mlx]'"
 #: attention scratch memory for long prompts; only the prompt's last position goes through the output head.
 PREFILL_CHUNK = 512
 
-#: Model types whose vision tower can be run on its own and its features handed back to
-#: ``get_input_embeddings(cached_image_features=...)``; others fall back to mlx-vlm's combined call.
-_SPLIT_VISION_TYPES = {"qwen2_vl", "qwen2_5_vl"}
+#: Model types without a registered family whose mlx-vlm vision tower can still be run on its own (the
+#: registered families say so themselves: ``Family.mlx_split_vision``).
+_SPLIT_VISION_EXTRA = {"qwen2_5_vl"}
+
+
+def _split_vision(model_type: str) -> bool:
+    """True when the vision tower can be run on its own and its features handed back to
+    ``get_input_embeddings(cached_image_features=...)``; others fall back to mlx-vlm's combined call."""
+    family = family_for_model_type(model_type)
+    return bool(getattr(family, "mlx_split_vision", False)) or model_type in _SPLIT_VISION_EXTRA
+
 
 #: A token whose bytes never complete a character is flushed after this many held tokens (U+FFFD).
 _MAX_HELD_TOKENS = 8
@@ -146,12 +155,9 @@ class MlxModel:
         counter = getattr(image_processor, "num_image_tokens", None)
         if counter is not None:
             return int(counter(int(height), int(width)))
-        # Qwen2-VL's published resize rule, for processors that cannot count.
-        patch, merge = 14, 2
-        factor = patch * merge
-        h = max(factor, round(height / factor) * factor)
-        w = max(factor, round(width / factor) * factor)
-        return (h // patch) * (w // patch) // (merge * merge)
+        # the family's resize rule (rounding only: images arrive bounded), for processors that cannot count
+        family = family_for_model_type(self.config.get("model_type")) or DEFAULT_FAMILY
+        return family.image_tokens(*family.smart_resize(int(width), int(height)))
 
     @property
     def compute_note(self) -> str | None:
@@ -406,7 +412,9 @@ class MlxSession:
         per_image: list[int] = []
         grid = inputs.get("image_grid_thw")
         if images and grid is not None:
-            merge = int(getattr(self._model.config.vision_config, "spatial_merge_size", 2))
+            merge = int(
+                getattr(self._model.config.vision_config, "spatial_merge_size", DEFAULT_FAMILY.merge_size)
+            )
             per_image = [int(t * h * w) // (merge * merge) for t, h, w in grid.tolist()]
         image_tokens = sum(1 for i in ids if i == image_token_id)
         self._check_room(len(ids), "the prompt (text and image tokens)")
@@ -416,7 +424,7 @@ class MlxSession:
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
         if images and pixel_values is not None:
             model_type = getattr(self._model.config, "model_type", "")
-            if model_type in _SPLIT_VISION_TYPES and hasattr(self._model, "vision_tower"):
+            if _split_vision(model_type) and hasattr(self._model, "vision_tower"):
                 tower = self._model.vision_tower
                 t0 = time.perf_counter()
                 features = tower(

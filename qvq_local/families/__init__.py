@@ -1,0 +1,86 @@
+"""Model families, registered by name: everything particular to one architecture lives in its module.
+
+Adding a family means adding one module here (a :class:`~qvq_local.families.base.Family` subclass and its
+instance) plus its tests, and one line in :data:`FAMILIES`.  The rest of qvq-local asks the registry:
+
+* :func:`family_for_config` for a Hugging Face ``config.json`` (``qvq convert``, ``qvq doctor``);
+* :func:`family_for_gguf_arch` / :func:`family_for_projector` for a GGUF pair (the llama.cpp backend);
+* :data:`DEFAULT_FAMILY` where no model is at hand yet (an image bounded before the model loads, the
+  reasoning controller's default markers, the default system prompt).
+
+What a new family must get right (checked against the pinned transformers 5, mlx-vlm 0.7 and the
+bundled llama.cpp, which all support QVQ's successors): Qwen2.5-VL's merger projects to
+``vision_config.out_hidden_size``, not ``vision_config.hidden_size`` (override ``merger_width``); its GGUF
+projector is ``qwen2.5vl_merger``.  Qwen3-VL's patch is 16 pixels (a 32-pixel grid), its text arch
+``qwen3vl`` and projector ``qwen3vl_merger``, and its DeepStack features would be dropped by the MLX
+session's split vision path (leave ``mlx_split_vision`` False until the session handles them).  Generic
+code may not name these either: ``tests/test_families.py`` scans for each family's identifiers.
+
+Importing this package stays light (no gguf, numpy or backend library): ``qvq --help`` reaches it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qvq_local.families.base import Family
+from qvq_local.families.qwen2vl import FAMILY as QWEN2VL
+
+#: Every family qvq-local runs, by name.
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2VL,)}
+
+#: The family of the models this project is built around (QVQ-72B-Preview).
+DEFAULT_FAMILY = QWEN2VL
+
+
+def family_for_config(config: dict[str, Any]) -> Family | None:
+    """The family whose architecture a ``config.json`` names, or None."""
+    return next((f for f in FAMILIES.values() if f.matches_config(config)), None)
+
+
+def family_for_model_type(model_type: Any) -> Family | None:
+    """The family with this ``model_type`` (mlx-vlm's config spelling), or None."""
+    return next((f for f in FAMILIES.values() if model_type in f.hf_model_types), None)
+
+
+def family_for_gguf_arch(arch: Any) -> Family | None:
+    """The family whose text GGUF has ``general.architecture == arch``, or None."""
+    return next((f for f in FAMILIES.values() if f.gguf_text_arch == arch), None)
+
+
+def family_for_projector(projector: Any) -> Family | None:
+    """The family whose mmproj has ``clip.projector_type == projector``, or None."""
+    return next((f for f in FAMILIES.values() if f.gguf_projector == projector), None)
+
+
+def supported_architectures() -> list[str]:
+    """Every Hugging Face architecture name a registered family accepts (for messages)."""
+    return [a for f in FAMILIES.values() for a in f.hf_architectures]
+
+
+def supported_gguf_archs() -> list[str]:
+    return [f.gguf_text_arch for f in FAMILIES.values()]
+
+
+def supported_projectors() -> list[str]:
+    return [f.gguf_projector for f in FAMILIES.values()]
+
+
+def describe_supported() -> str:
+    """``"Qwen2VLForConditionalGeneration (QVQ / Qwen2-VL)"`` and the like, for error messages."""
+    return ", ".join(f"{', '.join(f.hf_architectures)} ({f.models})" for f in FAMILIES.values())
+
+
+__all__ = [
+    "DEFAULT_FAMILY",
+    "FAMILIES",
+    "Family",
+    "describe_supported",
+    "family_for_config",
+    "family_for_gguf_arch",
+    "family_for_model_type",
+    "family_for_projector",
+    "supported_architectures",
+    "supported_gguf_archs",
+    "supported_projectors",
+]

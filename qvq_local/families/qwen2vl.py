@@ -1,0 +1,610 @@
+"""The Qwen2-VL family: QVQ-72B-Preview and Qwen2-VL-2B/7B/72B-Instruct.
+
+Everything qvq-local knows that is particular to this architecture is written here once, and every other
+module asks for it (``tests/test_families.py`` checks that no module outside ``families/`` names the
+architecture or its GGUF identifiers):
+
+* Hugging Face ``config.json``: ``architectures`` / ``model_type``, parsed into :class:`TextDims` and
+  :class:`VisionDims` (flat text fields or transformers 5's ``text_config``);
+* the checkpoint's tensors: both namings (:func:`normalise_name`) and every tensor's shape
+  (:func:`expected_shapes`), which ``qvq convert`` and ``qvq doctor`` check;
+* the GGUF pair llama.cpp runs: text architecture ``qwen2vl`` and mmproj projector ``qwen2vl_merger``
+  (gguf-py's own constants), with the tensor maps the converter writes;
+* the image grid: 14-pixel patches merged 2x2 into one token, so sides are multiples of 28, sized by
+  :func:`smart_resize` (images.py, the llama.cpp backend and the MLX backend all use it);
+* prompt defaults (QVQ's system prompt and sampling), Qwen's special tokens, QVQ's answer markers;
+* the synthetic shapes tests and demos build checkpoints from.
+
+Facts were checked against the published checkpoints and llama.cpp's converter (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from qvq_local.errors import InputError, ModelError
+from qvq_local.families.base import Family, need_number
+
+# ------------------------------------------------------------------------------------------ tokens
+
+#: Qwen's special tokens in their original order; the first one's id is the size of the base vocabulary.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+#: Id of ``<|endoftext|>`` in every Qwen2 / Qwen2-VL / QVQ tokenizer.
+BASE_VOCAB = 151643
+
+#: What one image looks like in a rendered prompt (backends rewrite it for their library).
+IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+
+# ------------------------------------------------------------------------------------------ prompt defaults
+
+#: QVQ-72B-Preview's system prompt, sent unless ``--system`` (``system=``) replaces it.
+#:
+#: Two versions are published.  The model card's example passes this sentence.  LLaMA-Factory and ms-swift
+#: register QVQ with one more: "... You are Qwen developed by Alibaba. Answer in the language of the
+#: question. You should think step-by-step."  This project sends the model card's, because it is the
+#: authors' own inference example, the published demo replies the controller is built and tested on
+#: (``tests/test_replay.py``) come from it, and a sentence the base model may never have been trained
+#: with is an untested change to its behaviour; the language of the answer is this project's job instead
+#: (the forced answer in the question's language, ``reasoning.default_forced_text``).  A model fine-tuned
+#: with those frameworks saw their sentence: pass it with ``--system``.
+SYSTEM_PROMPT = "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. You should think step-by-step."
+
+#: QVQ-72B-Preview's published sampling (its generation_config.json): near-greedy.  The fallback for a model
+#: that ships no sampling values of its own (``SamplingParams.resolved``).
+SAMPLING: dict[str, float | int] = {
+    "temperature": 0.01,
+    "top_p": 0.001,
+    "top_k": 1,
+    "repetition_penalty": 1.05,
+}
+
+# ------------------------------------------------------------------------------------------ answers
+
+#: QVQ's answer markers by question language, the first of each the one forced text ends with.  QVQ has no
+#: think tags: it writes reasoning prose and then a "**Final Answer**" section (English questions) or a
+#: "**答案**" section (Chinese ones), as in its published demo replies.
+ANSWER_MARKERS: dict[str, tuple[str, ...]] = {
+    "en": ("**Final Answer**", "**Final Answer:**", "**Final answer**", "**Final answer:**"),
+    "zh": ("**答案**", "**答案：**", "**答案:**", "**最终答案**", "**最终答案：**", "**最终答案:**"),
+}
+
+# ------------------------------------------------------------------------------------------ images
+
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+#: Side of one image token in pixels: a 14-pixel patch, merged 2x2.
+IMAGE_FACTOR = PATCH_SIZE * MERGE_SIZE
+#: Qwen2VLImageProcessor's pixel bounds (``min_pixels`` / ``max_pixels`` of its preprocessor_config.json).
+PROCESSOR_MIN_PIXELS = 56 * 56
+PROCESSOR_MAX_PIXELS = 16384 * IMAGE_FACTOR * IMAGE_FACTOR
+#: Its image statistics (OpenAI CLIP's), used when a checkpoint has no preprocessor_config.json.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+#: ``clip.vision.image_size`` llama.cpp's converter writes for Qwen2-VL (used for mtmd's warm-up only).
+MMPROJ_IMAGE_SIZE = 560
+
+
+def smart_resize(
+    width: int,
+    height: int,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    factor: int = IMAGE_FACTOR,
+) -> tuple[int, int]:
+    """Qwen2-VL's resize rule (transformers' ``smart_resize``, llama.cpp's ``calc_size_preserved_ratio``).
+
+    Each side rounded to a multiple of ``factor`` (at least one ``factor``); when the area is above
+    ``max_pixels`` both sides are scaled down (floored), when below ``min_pixels`` scaled up (ceiled),
+    the aspect ratio kept.  ``None`` leaves that bound out.  Returns ``(width, height)`` in pixels.
+    """
+    if width < 1 or height < 1:
+        raise InputError(f"image size {width}x{height} is empty")
+
+    def snap(x: float, how) -> int:
+        return max(factor, int(how(x / factor)) * factor)
+
+    w, h = snap(width, round), snap(height, round)
+    if max_pixels is not None and w * h > max_pixels:
+        beta = math.sqrt(width * height / max_pixels)
+        w, h = snap(width / beta, math.floor), snap(height / beta, math.floor)
+    elif min_pixels is not None and w * h < min_pixels:
+        beta = math.sqrt(min_pixels / (width * height))
+        w, h = snap(width * beta, math.ceil), snap(height * beta, math.ceil)
+    return w, h
+
+
+def image_tokens(width: int, height: int, factor: int = IMAGE_FACTOR) -> int:
+    """Image tokens (after the merge) for an image already resized to ``width`` x ``height``."""
+    return (width // factor) * (height // factor)
+
+
+# ------------------------------------------------------------------------------------------ dimensions
+
+
+@dataclass(frozen=True)
+class TextDims:
+    """The language model's shape, from config.json (checked against the tensors)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int  # rows of the embedding (may exceed the tokenizer's token count)
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """The vision tower's shape (a ViT plus the 2x2 patch merger that projects into the text width)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: int
+    temporal_patch_size: int
+    in_channels: int
+    spatial_merge_size: int
+    out_hidden_size: int
+    hidden_act: str
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def merged_dim(self) -> int:
+        """Width of the merger's input: embed_dim times the merged patch count."""
+        return self.embed_dim * self.spatial_merge_size**2
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The text fields of a config.json: flat (Qwen2-VL) or transformers 5's ``text_config`` over them."""
+    return {**config, **(config.get("text_config") or {})}
+
+
+def merger_width(config: dict[str, Any]) -> Any:
+    """The width the vision merger projects into (``vision_config.hidden_size``; the text width if absent)."""
+    vision = config.get("vision_config")
+    hidden = text_config(config).get("hidden_size")
+    return vision.get("hidden_size", hidden) if isinstance(vision, dict) else None
+
+
+def dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, VisionDims]:
+    """Read the text and vision shapes; a ModelError naming ``path`` for anything missing or inconsistent."""
+    tc = text_config(config)
+    hidden = need_number(tc, "hidden_size", path)
+    heads = need_number(tc, "num_attention_heads", path)
+    kv_heads = int(tc.get("num_key_value_heads") or heads)
+    if hidden % heads or heads % kv_heads:
+        raise ModelError(
+            f"hidden_size {hidden} / heads {heads} / kv heads {kv_heads} do not divide", path=path
+        )
+    head_dim = hidden // heads
+    rope = tc.get("rope_scaling") or tc.get("rope_parameters") or {}
+    section = tuple(int(x) for x in (rope.get("mrope_section") or ()))
+    if not section:
+        raise ModelError("no rope_scaling.mrope_section (Qwen2-VL uses multimodal RoPE)", path=path)
+    if sum(section) * 2 != head_dim or len(section) > 4:
+        raise ModelError(f"mrope_section {list(section)} must sum to head_dim/2 = {head_dim // 2}", path=path)
+    rope_theta = float(tc.get("rope_theta") or rope.get("rope_theta") or 1_000_000.0)
+    text = TextDims(
+        hidden_size=hidden,
+        num_layers=need_number(tc, "num_hidden_layers", path),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=need_number(tc, "intermediate_size", path),
+        vocab_size=need_number(tc, "vocab_size", path),
+        rms_norm_eps=float(tc.get("rms_norm_eps") or 1e-6),
+        rope_theta=rope_theta,
+        mrope_section=section,
+        max_position_embeddings=int(tc.get("max_position_embeddings") or 32768),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))),
+    )
+    vc = config.get("vision_config")
+    if not isinstance(vc, dict):
+        raise ModelError("no vision_config", path=path)
+    vpath = Path(f"{path} (vision_config)")
+    embed = need_number(vc, "embed_dim", vpath)
+    ratio = float(vc.get("mlp_ratio", 4))
+    vision = VisionDims(
+        embed_dim=embed,
+        depth=need_number(vc, "depth", vpath),
+        num_heads=need_number(vc, "num_heads", vpath),
+        mlp_dim=int(embed * ratio),
+        patch_size=int(vc.get("patch_size", PATCH_SIZE)),
+        temporal_patch_size=int(vc.get("temporal_patch_size", TEMPORAL_PATCH_SIZE)),
+        in_channels=int(vc.get("in_chans", vc.get("in_channels", 3))),
+        spatial_merge_size=int(vc.get("spatial_merge_size", MERGE_SIZE)),
+        out_hidden_size=int(vc.get("hidden_size", hidden)),
+        hidden_act=str(vc.get("hidden_act", "quick_gelu")),
+    )
+    if vision.out_hidden_size != hidden:
+        raise ModelError(
+            f"vision_config.hidden_size {vision.out_hidden_size} (merger output) must equal the "
+            f"text hidden_size {hidden}",
+            path=path,
+        )
+    if embed % vision.num_heads:
+        raise ModelError(
+            f"vision embed_dim {embed} is not divisible by num_heads {vision.num_heads}", path=path
+        )
+    return text, vision
+
+
+# ------------------------------------------------------------------------------------------ tensors
+
+# transformers 5 prefix -> original prefix (first match wins; longer prefixes first).
+_RENAMES = (
+    ("model.language_model.", "model."),
+    ("model.visual.", "visual."),
+)
+
+#: Tensor-name endings that carry a width the text model must match (``qvq doctor`` reads their shapes).
+MERGER_OUT_SUFFIX = "merger.mlp.2.weight"
+EMBEDDING_SUFFIX = "embed_tokens.weight"
+WIDTH_TENSOR_SUFFIXES = (MERGER_OUT_SUFFIX, "merger.mlp.2.bias", EMBEDDING_SUFFIX)
+
+
+def normalise_name(name: str) -> str:
+    """Map a stored tensor name (either naming) to the original Qwen2-VL name."""
+    for new, old in _RENAMES:
+        if name.startswith(new):
+            return old + name[len(new) :]
+    return name
+
+
+def is_vision_tensor(name: str) -> bool:
+    """True for a vision-tower tensor (original naming)."""
+    return name.startswith("visual.")
+
+
+def expected_shapes(text: TextDims, vision: VisionDims) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Qwen2-VL checkpoint with these dims holds (original names), with its shape."""
+    h, q, kv, f = (
+        text.hidden_size,
+        text.num_heads * text.head_dim,
+        text.num_kv_heads * text.head_dim,
+        text.intermediate_size,
+    )
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (text.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not text.tie_word_embeddings:
+        shapes["lm_head.weight"] = (text.vocab_size, h)
+    for i in range(text.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
+    e, m, md = vision.embed_dim, vision.mlp_dim, vision.merged_dim
+    shapes["visual.patch_embed.proj.weight"] = (
+        e,
+        vision.in_channels,
+        vision.temporal_patch_size,
+        vision.patch_size,
+        vision.patch_size,
+    )
+    for i in range(vision.depth):
+        p = f"visual.blocks.{i}."
+        shapes.update(
+            {
+                p + "norm1.weight": (e,),
+                p + "norm1.bias": (e,),
+                p + "norm2.weight": (e,),
+                p + "norm2.bias": (e,),
+                p + "attn.qkv.weight": (3 * e, e),
+                p + "attn.qkv.bias": (3 * e,),
+                p + "attn.proj.weight": (e, e),
+                p + "attn.proj.bias": (e,),
+                p + "mlp.fc1.weight": (m, e),
+                p + "mlp.fc1.bias": (m,),
+                p + "mlp.fc2.weight": (e, m),
+                p + "mlp.fc2.bias": (e,),
+            }
+        )
+    shapes.update(
+        {
+            "visual.merger.ln_q.weight": (e,),
+            "visual.merger.ln_q.bias": (e,),
+            "visual.merger.mlp.0.weight": (md, md),
+            "visual.merger.mlp.0.bias": (md,),
+            "visual.merger.mlp.2.weight": (vision.out_hidden_size, md),
+            "visual.merger.mlp.2.bias": (vision.out_hidden_size,),
+        }
+    )
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------ GGUF maps
+
+#: ``tokenizer.ggml.pre`` of the text GGUF (Qwen2's pre-tokenizer regex).
+GGUF_TOKENIZER_PRE = "qwen2"
+
+#: Original layer tensor suffix -> GGUF layer tensor name (llama.cpp's qwen2vl: Qwen2 with M-RoPE; no
+#: transpose or permutation, only renaming).
+GGUF_TEXT_LAYER_MAP = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+GGUF_TEXT_GLOBAL_MAP = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def gguf_text_name(name: str) -> str | None:
+    """GGUF name of an original text tensor name, or None for a tensor that is not part of the text model."""
+    if name in GGUF_TEXT_GLOBAL_MAP:
+        return GGUF_TEXT_GLOBAL_MAP[name]
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in GGUF_TEXT_LAYER_MAP:
+        return f"blk.{m.group(1)}.{GGUF_TEXT_LAYER_MAP[m.group(2)]}"
+    return None
+
+
+def gguf_text_order(text: TextDims, has_lm_head: bool) -> list[str]:
+    """The text tensors (original names) in the order the GGUF stores them."""
+    order = ["model.embed_tokens.weight"]
+    for i in range(text.num_layers):
+        order += [f"model.layers.{i}.{k}" for k in GGUF_TEXT_LAYER_MAP]
+    order.append("model.norm.weight")
+    if has_lm_head:
+        order.append("lm_head.weight")
+    return order
+
+
+#: The mmproj: the Conv3d patch kernel split in time into these two Conv2d kernels; each block's fused
+#: ``attn.qkv`` split by rows into ``attn_q``/``attn_k``/``attn_v``; the rest renamed.
+MMPROJ_PATCH_SOURCE = "visual.patch_embed.proj.weight"
+MMPROJ_PATCH_NAMES = ("v.patch_embd.weight", "v.patch_embd.weight.1")
+MMPROJ_BLOCK_MAP = {
+    "norm1.weight": "ln1.weight",
+    "norm1.bias": "ln1.bias",
+    "norm2.weight": "ln2.weight",
+    "norm2.bias": "ln2.bias",
+    "attn.proj.weight": "attn_out.weight",
+    "attn.proj.bias": "attn_out.bias",
+    "mlp.fc1.weight": "ffn_up.weight",
+    "mlp.fc1.bias": "ffn_up.bias",
+    "mlp.fc2.weight": "ffn_down.weight",
+    "mlp.fc2.bias": "ffn_down.bias",
+}
+MMPROJ_MERGER_MAP = {
+    "visual.merger.ln_q.weight": "v.post_ln.weight",
+    "visual.merger.ln_q.bias": "v.post_ln.bias",
+    "visual.merger.mlp.0.weight": "mm.0.weight",
+    "visual.merger.mlp.0.bias": "mm.0.bias",
+    "visual.merger.mlp.2.weight": "mm.2.weight",
+    "visual.merger.mlp.2.bias": "mm.2.bias",
+}
+#: The mmproj tensor whose rows are the projector's output width.
+MMPROJ_OUT_TENSOR = "mm.2"
+
+
+# ------------------------------------------------------------------------------------------ synthetic shapes
+
+
+@dataclass(frozen=True)
+class SynthShape:
+    """The dimensions of one synthetic model (the fields a Qwen2-VL config.json carries)."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int  # embedding rows
+    tie_word_embeddings: bool
+    mrope_section: tuple[int, int, int]
+    max_position_embeddings: int
+    vision_depth: int = 32
+    vision_embed_dim: int = 1280
+    vision_num_heads: int = 16
+    vision_mlp_ratio: int = 4
+    patch_size: int = PATCH_SIZE
+    spatial_merge_size: int = MERGE_SIZE
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tokenizer_base: int = BASE_VOCAB  # id of <|endoftext|>
+    max_shard_bytes: int = 4_000_000_000  # QVQ-72B-Preview ships 38 shards of ~3.7 GiB
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def vision_hidden_size(self) -> int:
+        return self.hidden_size  # the merger projects into the text width
+
+
+SYNTH_SHAPES: dict[str, SynthShape] = {
+    # Unit-test size; every width a multiple of 256 so K-quants apply; 2 shards even at bf16.  The
+    # tokenizer (1264 + 14 specials) leaves 2 embedding rows unused, as real Qwen checkpoints leave some.
+    "tiny": SynthShape(
+        name="tiny",
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1280,
+        tie_word_embeddings=False,
+        mrope_section=(8, 12, 12),
+        max_position_embeddings=32768,
+        vision_depth=2,
+        vision_embed_dim=256,
+        vision_num_heads=4,
+        tokenizer_base=1264,
+        max_shard_bytes=6 * 1024**2,
+    ),
+    # Qwen/Qwen2-VL-2B-Instruct
+    "2b": SynthShape(
+        name="2b",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        mrope_section=(16, 24, 24),
+        max_position_embeddings=32768,
+    ),
+    # Qwen/Qwen2-VL-7B-Instruct
+    "7b": SynthShape(
+        name="7b",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        mrope_section=(16, 24, 24),
+        max_position_embeddings=32768,
+    ),
+    # Qwen/QVQ-72B-Preview
+    "72b": SynthShape(
+        name="72b",
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        mrope_section=(16, 24, 24),
+        max_position_embeddings=128000,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------ the family
+
+
+class Qwen2VLFamily(Family):
+    """Qwen2-VL and QVQ-72B-Preview: the module's facts behind the :class:`Family` interface."""
+
+    name: ClassVar[str] = "Qwen2-VL"
+    models: ClassVar[str] = "QVQ / Qwen2-VL"
+    hf_architectures: ClassVar[tuple[str, ...]] = ("Qwen2VLForConditionalGeneration",)
+    hf_model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
+    #: mlx-vlm runs this family's vision tower on its own (``cached_image_features``), so the MLX session
+    #: can encode images apart from the prompt.
+    mlx_split_vision: ClassVar[bool] = True
+
+    special_tokens = SPECIAL_TOKENS
+    base_vocab = BASE_VOCAB
+    image_block = IMAGE_BLOCK
+    image_pad = IMAGE_PAD
+    system_prompt = SYSTEM_PROMPT
+    sampling = SAMPLING
+    answer_markers = ANSWER_MARKERS
+    patch_size = PATCH_SIZE
+    merge_size = MERGE_SIZE
+    image_factor = IMAGE_FACTOR
+    processor_min_pixels = PROCESSOR_MIN_PIXELS
+    processor_max_pixels = PROCESSOR_MAX_PIXELS
+    #: The image-token bounds (after the merge) llama.cpp's mtmd sets for this projector.
+    llama_image_tokens = (8, 4096)
+    synth_shapes = SYNTH_SHAPES
+    width_tensor_suffixes = WIDTH_TENSOR_SUFFIXES
+    merger_out_suffix = MERGER_OUT_SUFFIX
+    embedding_suffix = EMBEDDING_SUFFIX
+    mmproj_out_tensor = MMPROJ_OUT_TENSOR
+
+    TextDims = TextDims
+    VisionDims = VisionDims
+    dims_from_config = staticmethod(dims_from_config)
+    merger_width = staticmethod(merger_width)
+    expected_shapes = staticmethod(expected_shapes)
+    normalise_name = staticmethod(normalise_name)
+    is_vision_tensor = staticmethod(is_vision_tensor)
+    smart_resize = staticmethod(smart_resize)
+    image_tokens = staticmethod(image_tokens)
+
+    @property
+    def gguf_text_arch(self) -> str:
+        from gguf import MODEL_ARCH, MODEL_ARCH_NAMES
+
+        return MODEL_ARCH_NAMES[MODEL_ARCH.QWEN2VL]
+
+    @property
+    def gguf_projector(self) -> str:
+        from gguf import VisionProjectorType
+
+        return VisionProjectorType.QWEN2VL
+
+    def image_grid(
+        self,
+        width: int,
+        height: int,
+        *,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        patch_size: int = PATCH_SIZE,
+        merge_size: int = MERGE_SIZE,
+    ) -> tuple[int, int]:
+        """``(grid_w, grid_h)`` in merged tokens for a ``width`` x ``height`` image (:func:`smart_resize`)."""
+        factor = patch_size * merge_size
+        w, h = smart_resize(width, height, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
+        return w // factor, h // factor
+
+
+FAMILY = Qwen2VLFamily()

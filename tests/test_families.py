@@ -1,0 +1,221 @@
+"""The family registry and the Qwen2-VL family module: its facts, and that it is the only place for them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from qvq_local.errors import InputError, ModelError
+from qvq_local.families import (
+    DEFAULT_FAMILY,
+    FAMILIES,
+    describe_supported,
+    family_for_config,
+    family_for_gguf_arch,
+    family_for_model_type,
+    family_for_projector,
+    qwen2vl,
+)
+
+
+def test_registry_finds_qwen2vl_from_every_side():
+    fam = FAMILIES["Qwen2-VL"]
+    assert fam is DEFAULT_FAMILY is qwen2vl.FAMILY
+    assert family_for_config({"architectures": ["Qwen2VLForConditionalGeneration"]}) is fam
+    assert family_for_config({"model_type": "qwen2_vl"}) is fam  # no architectures: model_type decides
+    assert (
+        family_for_config({"architectures": ["LlavaForConditionalGeneration"], "model_type": "qwen2_vl"})
+        is None
+    )
+    assert family_for_config({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}) is None
+    assert family_for_model_type("qwen2_vl") is fam and family_for_model_type("llava") is None
+    assert family_for_gguf_arch("qwen2vl") is fam and family_for_gguf_arch("llama") is None
+    assert family_for_projector("qwen2vl_merger") is fam and family_for_projector("qwen2.5vl_merger") is None
+    assert "Qwen2VLForConditionalGeneration (QVQ / Qwen2-VL)" in describe_supported()
+
+
+def test_gguf_identifiers_are_gguf_pys_own_constants():
+    import gguf
+
+    fam = qwen2vl.FAMILY
+    assert fam.gguf_text_arch == gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2VL] == "qwen2vl"
+    assert fam.gguf_projector == gguf.VisionProjectorType.QWEN2VL == "qwen2vl_merger"
+
+
+def test_gguf_tensor_maps_name_tensors_llama_cpp_knows():
+    """Every GGUF name the converter writes is one of gguf-py's names for the qwen2vl / clip architectures."""
+    import gguf
+
+    def known(arch) -> set[str]:
+        return {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}
+
+    text = known(gguf.MODEL_ARCH.QWEN2VL)
+    for name in qwen2vl.GGUF_TEXT_GLOBAL_MAP.values():
+        assert name.rsplit(".", 1)[0] in text
+    for name in qwen2vl.GGUF_TEXT_LAYER_MAP.values():
+        assert "blk.{bid}." + name.rsplit(".", 1)[0] in text
+    vision = known(gguf.MODEL_ARCH.MMPROJ)
+    for name in qwen2vl.MMPROJ_BLOCK_MAP.values():
+        assert "v.blk.{bid}." + name.rsplit(".", 1)[0] in vision
+    for name in qwen2vl.MMPROJ_MERGER_MAP.values():
+        stem = name.rsplit(".", 1)[0]
+        assert stem in vision or stem.replace(".0", ".{bid}").replace(".2", ".{bid}") in vision
+    assert qwen2vl.gguf_text_name("model.layers.7.mlp.down_proj.weight") == "blk.7.ffn_down.weight"
+    assert qwen2vl.gguf_text_name("visual.blocks.0.attn.qkv.weight") is None
+
+
+@pytest.mark.parametrize(
+    ("size", "bounds", "grid"),
+    [
+        ((640, 480), {}, (23, 17)),  # rounded to 644x476
+        ((56, 56), {"min_pixels": 8 * 28 * 28}, (3, 3)),  # scaled up (ceil) to reach the minimum
+        ((4000, 3000), {"max_pixels": 448 * 448}, (18, 13)),  # scaled down (floor) under the maximum
+        ((10, 10), {}, (1, 1)),  # never below one token
+    ],
+)
+def test_image_grid_is_smart_resize(size, bounds, grid):
+    """Values worked by hand from transformers' smart_resize (round, then floor/ceil by sqrt of the ratio)."""
+    assert qwen2vl.FAMILY.image_grid(*size, **bounds) == grid
+    w, h = qwen2vl.smart_resize(*size, **bounds)
+    assert (w, h) == (grid[0] * 28, grid[1] * 28)
+    assert qwen2vl.image_tokens(w, h) == grid[0] * grid[1]
+
+
+def test_image_grid_refuses_an_empty_image():
+    with pytest.raises(InputError, match="0x5"):
+        qwen2vl.smart_resize(0, 5)
+
+
+def _config(**over):
+    cfg = {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+        "intermediate_size": 768,
+        "vocab_size": 1280,
+        "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+        "vision_config": {"embed_dim": 128, "depth": 2, "num_heads": 4, "hidden_size": 256},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_dims_from_config_reads_both_layouts():
+    text, vision = qwen2vl.dims_from_config(_config(), Path("config.json"))
+    assert (text.head_dim, text.num_kv_heads, text.mrope_section) == (64, 2, (8, 12, 12))
+    assert (vision.patch_size, vision.spatial_merge_size, vision.merged_dim, vision.mlp_dim) == (
+        14,
+        2,
+        512,
+        512,
+    )
+    flat = _config()
+    nested = {k: v for k, v in flat.items() if k in ("architectures", "vision_config")}
+    nested["text_config"] = {k: v for k, v in flat.items() if k not in nested}
+    assert qwen2vl.dims_from_config(nested, Path("config.json")) == (text, vision)
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"hidden_size": None}, "missing or non-numeric 'hidden_size'"),
+        ({"num_attention_heads": 3}, "do not divide"),
+        ({"rope_scaling": {}}, "mrope_section"),
+        ({"rope_scaling": {"mrope_section": [8, 8, 8]}}, "must sum to head_dim/2 = 32"),
+        ({"vision_config": None}, "no vision_config"),
+        ({"vision_config": {"embed_dim": 128, "depth": 2, "num_heads": 4, "hidden_size": 512}}, "must equal"),
+    ],
+)
+def test_dims_from_config_names_the_file_and_the_problem(over, message):
+    with pytest.raises(ModelError, match=message) as info:
+        qwen2vl.dims_from_config(_config(**over), Path("/m/config.json"))
+    assert "/m/config.json" in str(info.value)
+
+
+def test_expected_shapes_follow_the_config():
+    text, vision = qwen2vl.dims_from_config(_config(), Path("config.json"))
+    shapes = qwen2vl.expected_shapes(text, vision)
+    assert shapes["model.layers.1.self_attn.k_proj.weight"] == (128, 256)  # 2 kv heads x 64
+    assert shapes["visual.patch_embed.proj.weight"] == (128, 3, 2, 14, 14)
+    assert shapes["visual.merger.mlp.0.weight"] == (512, 512)
+    assert shapes["visual.merger.mlp.2.weight"] == (256, 512)
+    assert "lm_head.weight" in shapes and "model.layers.2.mlp.up_proj.weight" not in shapes
+    tied, _ = qwen2vl.dims_from_config(_config(tie_word_embeddings=True), Path("config.json"))
+    assert "lm_head.weight" not in qwen2vl.expected_shapes(tied, vision)
+
+
+def test_synthetic_shapes_are_consistent_with_the_family_rules():
+    for shape in qwen2vl.SYNTH_SHAPES.values():
+        assert sum(shape.mrope_section) * 2 == shape.head_dim, shape.name
+        assert shape.num_attention_heads % shape.num_key_value_heads == 0, shape.name
+        assert shape.vocab_size >= shape.tokenizer_base + len(qwen2vl.SPECIAL_TOKENS), shape.name
+
+
+# ------------------------------------------------------------------------------------------ one place
+
+#: A family's identifiers that only its module under families/ may spell out (string constants).
+FAMILY_STRINGS = {"Qwen2VLForConditionalGeneration", "qwen2_vl", "qwen2vl", "qwen2vl_merger"}
+#: The 28-pixel grid (patch 14 x merge 2) as an integer literal.
+GRID_LITERAL = 28
+
+
+def _family_literals(source: str) -> list[tuple[int, str]]:
+    """(line, what) for each string constant naming a family id, and each 28 that is not a dict key.
+
+    Docstrings (a string standing alone as a statement) and comments are prose, not code: they don't count.
+    """
+    import ast
+
+    tree = ast.parse(source)
+    dict_keys = {id(k) for node in ast.walk(tree) if isinstance(node, ast.Dict) for k in node.keys if k}
+    prose = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+    hits = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Constant) or id(node) in prose:
+            continue
+        if isinstance(node.value, str) and any(
+            re.search(rf"(?<![\w.]){re.escape(ident)}(?![\w])", node.value) for ident in FAMILY_STRINGS
+        ):
+            hits.append((node.lineno, repr(node.value)[:60]))
+        # a dict key 28 is a table index (ggml type ids), not the grid
+        elif type(node.value) is int and node.value == GRID_LITERAL and id(node) not in dict_keys:
+            hits.append((node.lineno, "28"))
+    return hits
+
+
+def test_no_module_outside_families_names_a_family():
+    """Docstrings and comments may mention the family; code asks qvq_local.families instead."""
+    root = Path(__file__).resolve().parents[1]
+    sources = [*(root / "qvq_local").rglob("*.py"), *(root / "convert").rglob("*.py")]
+    families = root / "qvq_local" / "families"
+    checked, offenders = 0, []
+    for path in sources:
+        if families in path.parents:
+            continue
+        checked += 1
+        for line, what in _family_literals(path.read_text(encoding="utf-8")):
+            offenders.append(f"{path.relative_to(root)}:{line}: {what}")
+    assert checked > 30
+    assert offenders == [], "family facts outside qvq_local/families/:\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize(
+    ("source", "found"),
+    [
+        ('ARCH = "qwen2vl"', True),
+        ('x = {"model_type": "qwen2_vl"}', True),
+        ('p = f"projector {p} is not qwen2vl_merger"', True),
+        ("grid = size // 28", True),
+        ('"""A docstring about qwen2vl."""\nx = 1\n"""An attribute doc: qwen2vl_merger, 28 px."""', False),
+        ("# only a comment: qwen2vl_merger, 28 px\nx = 1", False),
+        ('def f():\n    """Doc: qwen2_vl."""\n    return "qwen2_vl"', True),
+        ('x = "qwen2.5vl_merger"; y = "qwen2_vl_surgery"; n = 280', False),
+        ("TABLE = {28: (1, 8)}", False),
+    ],
+)
+def test_the_guard_sees_literals_and_only_literals(source, found):
+    assert bool(_family_literals(source)) is found
