@@ -35,7 +35,8 @@ from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError, ModelError, QvqError
 
 SCHEMA = "qvq-bench/1"
-BACKEND_CHOICES = ("auto", "mlx", "llama", "all")
+#: ``--backend all`` measures every backend in the registry
+ALL = "all"
 SHAPES = ("tiny", "2b", "7b", "72b")
 #: ``--quant`` -> (GGUF text quantisation, MLX bits).  The GGUF mmproj stays F16, MLX's vision tower
 #: stays unquantised (mlx-vlm never quantises it), as ``qvq convert`` does.
@@ -80,15 +81,13 @@ def parse_image_sizes(text: str | list[int] | tuple[int, ...]) -> list[int]:
     return sorted(sizes)
 
 
-def _check_options(runs: int, decode_tokens: int, answer_tokens: int, backend: str, quant: str) -> None:
+def _check_options(runs: int, decode_tokens: int, answer_tokens: int, quant: str) -> None:
     if runs < 1:
         raise InputError(f"--runs must be at least 1, got {runs}")
     if decode_tokens < 2:
         raise InputError(f"--decode-tokens must be at least 2 (a rate needs two tokens), got {decode_tokens}")
     if answer_tokens < 1:
         raise InputError(f"the answer budget must be at least 1 token, got {answer_tokens}")
-    if backend not in BACKEND_CHOICES:
-        raise InputError(f"unknown backend {backend!r}: choose {', '.join(BACKEND_CHOICES)}")
     if quant not in QUANTS:
         raise InputError(f"unknown quantisation {quant!r}: choose {', '.join(QUANTS)}")
 
@@ -181,6 +180,8 @@ def prepare_models(
     ``formats[backend]`` is ``{"model": path, "mmproj": path | None, "conversion": {...} | None}``, or
     ``{"error": reason}`` when this backend cannot get a model.
     """
+    from qvq_local.backends import registry
+
     gguf_quant, mlx_bits = QUANTS[quant]
     info: dict = {"synthesis": None, "formats": {}}
     source: Path | None = None
@@ -219,7 +220,7 @@ def prepare_models(
             home.mkdir(parents=True, exist_ok=True)
         else:
             for backend in backends:
-                wanted = "gguf" if backend == "llama" else "mlx"
+                wanted = registry.get(backend).convert_to
                 if resolved.format == wanted:
                     info["formats"][backend] = {
                         "model": str(resolved.path),
@@ -236,7 +237,7 @@ def prepare_models(
 
     for backend in backends:
         try:
-            if backend == "llama":
+            if registry.get(backend).convert_to == "gguf":
                 name = f"{base}-gguf-{gguf_quant}"
                 conv = _cached_build(
                     home,
@@ -371,11 +372,13 @@ def describe_machine() -> dict:
 
 
 def _choose_backends(backend: str, shape: str | None, model: str | None) -> list[str]:
-    if backend == "all":
-        return ["llama", "mlx"]
-    if backend in ("mlx", "llama"):
-        return [backend]
     from qvq_local import hardware
+    from qvq_local.backends import registry
+
+    if backend == ALL:
+        return list(registry.names())
+    if backend in registry.names():
+        return [backend]
 
     formats = None
     if model is not None:
@@ -387,10 +390,11 @@ def _choose_backends(backend: str, shape: str | None, model: str | None) -> list
 
 def _installed(backend: str) -> tuple[bool, str | None]:
     from qvq_local import hardware
+    from qvq_local.backends import registry
 
     if hardware.backend_installed(backend):
         return True, None
-    return False, f"not installed ({hardware.INSTALL_HINT[backend]})"
+    return False, f"not installed ({registry.get(backend).install_hint})"
 
 
 MLX_CPU_SKIP = (
@@ -420,9 +424,10 @@ def _apple() -> bool:
 
 
 def _weights_per_token(backend: str, fmt: dict) -> dict:
+    from qvq_local.backends import registry
     from qvq_local.bench_bandwidth import gguf_bytes_per_token, mlx_bytes_per_token
 
-    if backend == "llama":
+    if registry.get(backend).convert_to == "gguf":
         out = gguf_bytes_per_token(fmt["model"])
         mmproj = Path(fmt["mmproj"]).stat().st_size if fmt.get("mmproj") else 0
         out["model_bytes"] = out["file_bytes"] + mmproj
@@ -502,8 +507,10 @@ def run_bench(
         raise InputError("pass either --model or --shape, not both")
     if model is None and shape is None:
         shape = "tiny"
-    backend = (backend or "auto").strip().lower()
-    _check_options(runs, decode_tokens, answer_tokens, backend, quant)
+    from qvq_local.backends import registry
+
+    backend = registry.canonical(backend, extra=(ALL,))
+    _check_options(runs, decode_tokens, answer_tokens, quant)
     sizes = parse_image_sizes(image_sizes)
     home_path = Path(home).expanduser() if home is not None else bench_home()
     t_start = time.perf_counter()
@@ -574,7 +581,7 @@ def run_bench(
         weights = _weights_per_token(name, fmt)
         bound = decode_bound(result["bandwidth"]["read_gbs_median"], weights["bytes_per_token"])
         entry.update(
-            format="gguf" if name == "llama" else "mlx",
+            format=registry.get(name).convert_to,
             model_path=fmt["model"],
             mmproj_path=fmt["mmproj"],
             quantization=fmt.get("quantization"),

@@ -33,21 +33,28 @@ def _version(dist: str) -> str | None:
 
 def backend_report() -> list[dict[str, Any]]:
     """For each backend: whether its modules are importable (without importing them) and versions."""
+    from qvq_local.backends import registry
+
     rows = []
-    for backend, modules, dists in (
-        ("mlx", ("mlx", "mlx_vlm"), ("mlx", "mlx-vlm")),
-        ("llama", ("llama_cpp",), ("llama-cpp-python",)),
-    ):
+    for spec in registry.BACKENDS.values():
         missing = []
-        for mod in modules:
+        for mod in spec.modules:
             try:
                 found = importlib.util.find_spec(mod) is not None
             except (ImportError, ValueError):
                 found = False
             if not found:
                 missing.append(mod)
-        versions = {d: _version(d) for d in dists}
-        rows.append({"backend": backend, "installed": not missing, "missing": missing, "versions": versions})
+        versions = {d: _version(d) for d in spec.distributions}
+        rows.append(
+            {
+                "backend": spec.name,
+                "installed": not missing,
+                "missing": missing,
+                "versions": versions,
+                "install_hint": spec.install_hint,
+            }
+        )
     return rows
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qvq_local.backends import llama_buffers
+from qvq_local.backends import llama_buffers, registry
 from qvq_local.backends.base import (
     GGUF_SAMPLING_KEYS,
     PrefillStats,
@@ -62,7 +62,7 @@ PENALTY_LAST_N = 64
 IMAGE_MIN_TOKENS = 8
 IMAGE_MAX_TOKENS = 4096
 
-INSTALL_HINT = "pip install 'qvq-local[llama]'"
+INSTALL_HINT = registry.BACKENDS["llama"].install_hint
 
 _GGML_LOG_LEVEL_ERROR = 4
 
