@@ -39,7 +39,6 @@ GGUF_PROJECTOR = "qwen2vl_merger"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "qvq-manifest.json"
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 _GGUF_MAGIC = b"GGUF"
 _SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
@@ -396,97 +395,17 @@ def _check_widths_from_tensors(
 
 
 def _safetensors_header(path: Path, findings: list[Finding]) -> dict[str, tuple[int, ...]] | None:
-    """Parse one safetensors header and check it against the file size; ``None`` after a finding."""
-    dtype_sizes = {
-        "F64": 8,
-        "F32": 4,
-        "F16": 2,
-        "BF16": 2,
-        "I64": 8,
-        "I32": 4,
-        "I16": 2,
-        "I8": 1,
-        "U8": 1,
-        "U16": 2,
-        "U32": 4,
-        "U64": 8,
-        "BOOL": 1,
-        "F8_E4M3": 1,
-        "F8_E5M2": 1,
-    }
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                findings.append(Finding("error", str(path), f"truncated: {size} bytes, not even a header"))
-                return None
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_SAFETENSORS_HEADER or n > size - 8:
-                findings.append(
-                    Finding(
-                        "error",
-                        str(path),
-                        f"truncated or not safetensors: the header claims "
-                        f"{n:,} bytes but the file holds {size:,}",
-                    )
-                )
-                return None
-            raw = fh.read(n)
-    except OSError as err:
-        findings.append(Finding("error", str(path), f"cannot read ({err.strerror or err})"))
+    """Tensor shapes of one safetensors file, judged by the converter's own reader (its findings mode);
+    ``None`` after an error finding."""
+    from qvq_local.convert.safetensors_io import SafetensorsFile
+
+    shard, problems = SafetensorsFile.inspect(path)
+    for level, message in problems:
+        findings.append(Finding(level, str(path), message))  # type: ignore[arg-type]
+    if shard is None:
         return None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        findings.append(Finding("error", str(path), "header is not valid JSON: corrupt or not safetensors"))
-        return None
-    if not isinstance(header, dict):
-        findings.append(Finding("error", str(path), "header is not a JSON object"))
-        return None
-    header.pop("__metadata__", None)
-    data_len = size - 8 - n
-    end_max = 0
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
-            findings.append(Finding("error", str(path), f"tensor {name!r}: malformed header entry"))
-            return None
-        item = dtype_sizes.get(dtype)
-        if item is None:
-            findings.append(Finding("error", str(path), f"tensor {name!r}: unknown dtype {dtype!r}"))
-            return None
-        want = item
-        for d in shape:
-            want *= d
-        if end - begin != want or begin < 0:
-            findings.append(
-                Finding(
-                    "error",
-                    str(path),
-                    f"tensor {name!r}: header says shape {list(shape)} "
-                    f"{dtype} ({want:,} bytes) but its offsets span "
-                    f"{end - begin:,} bytes",
-                )
-            )
-            return None
-        end_max = max(end_max, end)
-        shapes[name] = shape
-    if end_max > data_len:
-        findings.append(
-            Finding(
-                "error",
-                str(path),
-                f"truncated: the header needs {end_max:,} bytes of data but the file holds {data_len:,}",
-            )
-        )
-        return None
-    if end_max < data_len:
-        findings.append(Finding("warning", str(path), f"{data_len - end_max:,} bytes after the last tensor"))
+    shapes = {name: shard.shape(name) for name in shard}
+    shard.close()
     return shapes
 
 

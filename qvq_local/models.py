@@ -325,16 +325,13 @@ def _is_mlx_folder(path: Path) -> bool:
     config = _read_config(path)
     if "quantization" in config:
         return True
-    first = min(path.glob("*.safetensors"))
-    try:
-        with open(first, "rb") as fh:
-            length = int.from_bytes(fh.read(8), "little")
-            if length > 100_000_000:
-                return False
-            header = json.loads(fh.read(length))
-    except (OSError, ValueError):
+    from qvq_local.convert.safetensors_io import SafetensorsFile
+
+    shard, _problems = SafetensorsFile.inspect(min(path.glob("*.safetensors")))
+    if shard is None:  # a broken shard is qvq doctor's to report; it is not MLX's mark
         return False
-    return (header.get("__metadata__") or {}).get("format") == "mlx"
+    shard.close()
+    return shard.metadata.get("format") == "mlx"
 
 
 def _mlx_quantisation(path: Path) -> str:
