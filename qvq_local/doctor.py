@@ -79,26 +79,25 @@ def _folder_config(folder: Path) -> dict[str, Any]:
 
 
 def _gguf_config(model_file: Path) -> dict[str, Any]:
+    from gguf import Keys
+
     from qvq_local.backends.llamacpp import read_gguf_metadata
 
     arch = read_gguf_metadata(model_file, {"general.architecture"}).get("general.architecture", "qwen2vl")
-    keys = {
-        f"{arch}.{k}"
-        for k in (
-            "block_count",
-            "attention.head_count",
-            "attention.head_count_kv",
-            "embedding_length",
-            "context_length",
-        )
+    key = {
+        "layers": Keys.LLM.BLOCK_COUNT.format(arch=arch),
+        "heads": Keys.Attention.HEAD_COUNT.format(arch=arch),
+        "kv_heads": Keys.Attention.HEAD_COUNT_KV.format(arch=arch),
+        "width": Keys.LLM.EMBEDDING_LENGTH.format(arch=arch),
+        "context": Keys.LLM.CONTEXT_LENGTH.format(arch=arch),
     }
-    meta = read_gguf_metadata(model_file, keys)
-    heads = int(meta.get(f"{arch}.attention.head_count") or 1)
+    meta = read_gguf_metadata(model_file, set(key.values()))
+    heads = int(meta.get(key["heads"]) or 1)
     return {
-        "layers": int(meta.get(f"{arch}.block_count") or 0),
-        "kv_heads": int(meta.get(f"{arch}.attention.head_count_kv") or heads),
-        "head_dim": int(meta.get(f"{arch}.embedding_length") or 0) // heads,
-        "context_length": int(meta.get(f"{arch}.context_length") or 32768),
+        "layers": int(meta.get(key["layers"]) or 0),
+        "kv_heads": int(meta.get(key["kv_heads"]) or heads),
+        "head_dim": int(meta.get(key["width"]) or 0) // heads,
+        "context_length": int(meta.get(key["context"]) or 32768),
         "kv_bytes": 2,  # llama.cpp's KV cache is f16 by default
     }
 

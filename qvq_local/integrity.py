@@ -413,6 +413,8 @@ def _safetensors_header(path: Path, findings: list[Finding]) -> dict[str, tuple[
 def _check_gguf_pair(
     model_file: Path, findings: list[Finding], manifest: dict[str, Any] | None = None
 ) -> None:
+    from gguf import Keys
+
     if _is_mmproj(model_file):
         findings.append(
             Finding(
@@ -425,7 +427,7 @@ def _check_gguf_pair(
     text = _read_gguf(model_file, findings)
     width = None
     if text is not None:
-        arch = text["fields"].get("general.architecture")
+        arch = text["fields"].get(Keys.General.ARCHITECTURE)
         if arch == GGUF_MMPROJ_ARCH:
             findings.append(
                 Finding(
@@ -443,7 +445,7 @@ def _check_gguf_pair(
                 )
             )
         else:
-            width = text["fields"].get(f"{GGUF_TEXT_ARCH}.embedding_length")
+            width = text["fields"].get(Keys.LLM.EMBEDDING_LENGTH.format(arch=GGUF_TEXT_ARCH))
             findings.append(
                 Finding(
                     "ok",
@@ -459,7 +461,7 @@ def _check_gguf_pair(
     proj = _read_gguf(mmproj, findings)
     if proj is None:
         return
-    arch = proj["fields"].get("general.architecture")
+    arch = proj["fields"].get(Keys.General.ARCHITECTURE)
     if arch != GGUF_MMPROJ_ARCH:
         findings.append(
             Finding(
@@ -469,7 +471,7 @@ def _check_gguf_pair(
             )
         )
         return
-    projector = proj["fields"].get("clip.projector_type")
+    projector = proj["fields"].get(Keys.Clip.PROJECTOR_TYPE)
     if projector != GGUF_PROJECTOR:
         findings.append(
             Finding(
@@ -480,7 +482,7 @@ def _check_gguf_pair(
             )
         )
         return
-    dim = proj["fields"].get("clip.vision.projection_dim")
+    dim = proj["fields"].get(Keys.ClipVision.PROJECTION_DIM)
     rows = None
     tensors = proj["tensors"]
     if tensors.get("mm.2.bias"):
@@ -598,15 +600,6 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 GGUF_SMALL_ARRAY = 64
 _GGUF_DEFAULT_ALIGNMENT = 32
 _MAX_GGUF_DIMS = 8
-#: ggml tensor type -> (elements per block, bytes per block), the ggml ABI as in gguf-py's GGML_QUANT_SIZES;
-#: a type missing here is looked up there (a newer gguf package) before its tensor is left unsized
-_GGML_BLOCKS = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
-    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
-    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110),
-    22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
-    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
-}  # fmt: skip
 
 
 class GgufHeaderError(ValueError):
@@ -719,6 +712,8 @@ def read_gguf_header(
     keys are seen and reads no tensor records.  Raises ``OSError`` when the file cannot be read and
     :class:`GgufHeaderError` (message without the path) when it is not a GGUF or its header is corrupt.
     """
+    from gguf import Keys
+
     p = Path(path)
     size = p.stat().st_size
     if size == 0:
@@ -759,7 +754,7 @@ def read_gguf_header(
                 raise GgufHeaderError(f"corrupt GGUF header (tensor {name!r} has {n_dims} dimensions)")
             shape = tuple(cur.unpack("<Q", 8) for _ in range(n_dims))
             records.append((name, shape, cur.unpack("<I", 4), cur.unpack("<Q", 8)))
-        alignment = fields.get("general.alignment", _GGUF_DEFAULT_ALIGNMENT)
+        alignment = fields.get(Keys.General.ALIGNMENT, _GGUF_DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0:
             raise GgufHeaderError(f"corrupt GGUF header (general.alignment {alignment!r})")
         data_offset = -(-cur.tell() // alignment) * alignment
@@ -792,14 +787,13 @@ def _read_array(cur: _Cursor, key: str, fields: dict[str, Any]) -> None:
 
 
 def _tensor_bytes(shape: tuple[int, ...], ggml_type: int) -> int | None:
-    block = _GGML_BLOCKS.get(ggml_type)
-    if block is None:
-        try:
-            from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    """Bytes of a tensor's data, from gguf's own block-size table (None for a type it does not know)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-            block = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-        except (ImportError, KeyError, ValueError):
-            return None
+    try:
+        block = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (KeyError, ValueError):
+        return None
     n = 1
     for d in shape:
         n *= d
