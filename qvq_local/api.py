@@ -540,7 +540,7 @@ def load(
     t0 = time.perf_counter()
     loaded = registry.get(chosen).loader(resolved, n_gpu_layers=n_gpu_layers, cpu_buffers=cpu_buffers)
     load_s = time.perf_counter() - t0
-    quantization = getattr(loaded, "quantization", "") or resolved.quantisation
+    quantization = models.normalize_quantization(getattr(loaded, "quantization", "") or resolved.quantization)
     return Model(
         loaded,
         name=resolved.name,

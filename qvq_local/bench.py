@@ -213,7 +213,7 @@ def prepare_models(
         from qvq_local import models
 
         resolved = models.resolve(model, download=True, progress=progress)
-        info["label"] = f"{resolved.name} ({resolved.quantisation})"
+        info["label"] = f"{resolved.name} ({resolved.quantization})"
         info["source"] = str(model)
         if resolved.format == "hf":
             source, base = resolved.path, _safe_name(resolved.name)
@@ -226,7 +226,7 @@ def prepare_models(
                         "model": str(resolved.path),
                         "mmproj": str(resolved.mmproj) if resolved.mmproj else None,
                         "conversion": None,
-                        "quantization": resolved.quantisation,
+                        "quantization": resolved.quantization,
                     }
                 else:
                     info["formats"][backend] = {

@@ -173,10 +173,10 @@ def models(
     from rich.table import Table
 
     table = Table(title=None, show_edge=False, header_style="bold")
-    for column in ("name", "format", "quantisation", "size", "source"):
+    for column in ("name", "format", "quantization", "size", "source"):
         table.add_column(column, justify="right" if column == "size" else "left", overflow="fold")
     for row in rows:
-        table.add_row(row["name"], row["format"], row["quantisation"], human_size(row["size"]), row["source"])
+        table.add_row(row["name"], row["format"], row["quantization"], human_size(row["size"]), row["source"])
     Console().print(table)
 
 

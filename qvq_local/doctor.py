@@ -154,7 +154,7 @@ def model_fit(
         "cpu_buffers": _llama_buffers_for(resolved.path) if resolved.format == "gguf" else None,
         "path": str(resolved.path),
         "mmproj": str(resolved.mmproj) if resolved.mmproj else None,
-        "quantization": resolved.quantisation,
+        "quantization": resolved.quantization,
         "weights_bytes": weights,
         "context_tokens": ctx,
         "trained_context": shape["context_length"],
