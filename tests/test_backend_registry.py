@@ -62,7 +62,7 @@ def test_every_entry_point_accepts_every_alias(alias, name, tmp_path, monkeypatc
     fmt = sorted(registry.get(name).formats)[0]
     assert hardware.choose_backend(alias, {fmt}) == name
     # qvq bench --backend ALIAS
-    from qvq_local.bench import ALL, _choose_backends
+    from qvq_local.bench.harness import ALL, _choose_backends
 
     assert _choose_backends(registry.canonical(alias, extra=(ALL,)), "tiny", None) == [name]
 
@@ -81,7 +81,7 @@ def test_every_entry_point_refuses_the_same_way(bad, tmp_path, monkeypatch):
         assert_error(err, "unknown backend", "auto, mlx or llama", "llamacpp, llama.cpp, gguf mean llama")
         raised.append(str(err.value))
     assert len(set(raised)) == 1, raised  # one message, from one place
-    from qvq_local.bench import run_bench  # qvq bench also takes "all"
+    from qvq_local.bench.harness import run_bench  # qvq bench also takes "all"
 
     with pytest.raises(InputError) as err:
         run_bench(home=tmp_path, backend=bad)
