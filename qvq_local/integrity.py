@@ -152,18 +152,15 @@ def _is_later_split(path: Path) -> bool:
 
 
 def _read_manifest(folder: Path, findings: list[Finding]) -> dict[str, Any] | None:
-    mpath = folder / MANIFEST_NAME
-    if not mpath.is_file():
-        return None
+    """The manifest through the one reader (:func:`qvq_local.models.read_manifest`); a bad one is a finding."""
+    from qvq_local import models
+
     try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        findings.append(Finding("error", str(mpath), f"unreadable manifest ({_short(err)})"))
+        return models.read_manifest(folder)
+    except ModelError as err:
+        mpath = folder / MANIFEST_NAME
+        findings.append(Finding("error", str(mpath), _strip_path(str(err), str(mpath))))
         return None
-    if not isinstance(data, dict):
-        findings.append(Finding("error", str(mpath), "manifest is not a JSON object"))
-        return None
-    return data
 
 
 def _check_manifest_sizes(folder: Path, manifest: dict[str, Any], findings: list[Finding]) -> None:
