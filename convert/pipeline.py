@@ -95,13 +95,13 @@ def convert(
     if fmt == "mlx":
         if qbits is not None:
             label = f"{qbits}bit"
-            quantisation = f"{qbits}bit-g{gsize}"
+            quantization = f"{qbits}bit-g{gsize}"
         else:
             from qvq_local.models import _hf_dtype
 
-            label = quantisation = _hf_dtype(src)
+            label = quantization = _hf_dtype(src)
     else:
-        label = quantisation = quant
+        label = quantization = quant
 
     if out is None:
         from qvq_local.models import models_dir
@@ -126,7 +126,7 @@ def convert(
                 out_dir.name,
                 source_label,
                 "mlx",
-                quantisation,
+                quantization,
                 extra={
                     "bits": qbits,
                     "group_size": gsize if qbits else None,
@@ -146,7 +146,7 @@ def convert(
                 out_dir.name,
                 source_label,
                 "gguf",
-                quantisation,
+                quantization,
                 model_file=Path(pair.model).name,
                 mmproj_file=Path(pair.mmproj).name,
                 extra={"mmproj_quant": mmproj_quant, "gguf_version": _version("gguf")},
@@ -221,10 +221,10 @@ def _source_folder(source: str | os.PathLike, progress: bool) -> tuple[Path, str
     return local, hub_id, hub_id.split("/")[1]
 
 
-def _manifest(folder: Path, name: str, source: str, fmt: str, quantisation: str, **kwargs) -> dict:
+def _manifest(folder: Path, name: str, source: str, fmt: str, quantization: str, **kwargs) -> dict:
     from qvq_local.models import build_manifest
 
-    return build_manifest(folder, source=source, format=fmt, quantisation=quantisation, name=name, **kwargs)
+    return build_manifest(folder, source=source, format=fmt, quantization=quantization, name=name, **kwargs)
 
 
 def _version(dist: str) -> str | None:

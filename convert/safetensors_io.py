@@ -105,8 +105,30 @@ class SafetensorsFile:
     """One ``.safetensors`` file: validated header, tensors memory-mapped on demand.
 
     ``raw(name)`` returns a read-only view in the storage dtype (BF16 as uint16 bits); ``to_f32(name)``
-    returns a float32 copy.  Every structural problem raises ``ModelError`` naming the file.
+    returns a float32 copy.  Every structural problem raises ``ModelError`` naming the file;
+    :meth:`inspect` is the same check reporting findings instead (``qvq doctor``), so doctor and convert
+    judge a file by one set of rules.
+
+    The rules are the reference implementation's (the ``safetensors`` package that transformers and
+    mlx-vlm load with): tensors' data must tile the data section exactly, so a gap between two tensors
+    (even 8 bytes) or bytes after the last tensor is an error, not a warning -- those loaders refuse such
+    a file ("invalid offset", "file not fully covered").
     """
+
+    @classmethod
+    def inspect(cls, path: str | Path) -> tuple[SafetensorsFile | None, list[tuple[str, str]]]:
+        """Findings mode: ``(file, [])`` for a sound file, else ``(None, [("error", message)])``.
+
+        The message is the raising mode's without the path (the caller's finding carries it).
+        """
+        try:
+            return cls(path), []
+        except ModelError as err:
+            text = str(err)
+            prefix = f"{err.path}: " if err.path else ""
+            return None, [("error", text[len(prefix) :] if prefix and text.startswith(prefix) else text)]
+        except OSError as err:
+            return None, [("error", f"cannot read ({err.strerror or err})")]
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -117,7 +139,9 @@ class SafetensorsFile:
                 head = fh.read(8)
                 if len(head) < 8:
                     raise ModelError(
-                        "not a safetensors file (shorter than its 8-byte header length)", path=self.path
+                        f"truncated or not a safetensors file ({size} bytes, shorter than its 8-byte "
+                        "header length)",
+                        path=self.path,
                     )
                 (n,) = struct.unpack("<Q", head)
                 if n > _MAX_HEADER or n > size - 8:
@@ -134,7 +158,9 @@ class SafetensorsFile:
         try:
             header = json.loads(raw_header.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ModelError(f"header is not valid JSON ({err})", path=self.path) from None
+            raise ModelError(
+                f"header is not valid JSON ({err}): corrupt or not a safetensors file", path=self.path
+            ) from None
         if not isinstance(header, dict):
             raise ModelError("header is not a JSON object", path=self.path)
         self._data_start = 8 + n
@@ -185,12 +211,18 @@ class SafetensorsFile:
         pos = 0
         for b, e, name in spans:
             if b != pos:
-                what = "overlaps the previous tensor" if b < pos else f"leaves a gap of {b - pos} bytes"
+                what = (
+                    "overlaps the previous tensor"
+                    if b < pos
+                    else f"leaves a gap of {b - pos} bytes after the previous tensor"
+                )
                 raise ModelError(f"tensor {name!r}: data {what} (offset {b}, expected {pos})", path=self.path)
             pos = e
         if pos != self._data_len:
             raise ModelError(
-                f"data section is {self._data_len} bytes but the header accounts for {pos}", path=self.path
+                f"{self._data_len - pos} bytes after the last tensor: the data section is {self._data_len} "
+                f"bytes but the header accounts for {pos}",
+                path=self.path,
             )
 
     # ---- access

@@ -529,6 +529,7 @@ def load(
     :mod:`qvq_local.backends.llama_buffers`.
     """
     from qvq_local import config, hardware, models
+    from qvq_local.backends import registry
 
     if ref is None or not str(ref).strip():
         ref = config.default_model()
@@ -537,24 +538,9 @@ def load(
     resolved = models.resolve(ref, download=download, progress=progress)
     chosen = hardware.choose_backend(backend, {resolved.format}, model_path=resolved.path)
     t0 = time.perf_counter()
-    if chosen == "mlx":
-        from qvq_local.backends import mlx as mlx_backend
-
-        loaded = mlx_backend.load(resolved.path, name=resolved.name)
-    else:
-        from qvq_local.backends import llamacpp
-
-        if resolved.mmproj is None:
-            raise ModelError("no vision projector (mmproj) for this GGUF model", path=resolved.path)
-        loaded = llamacpp.load(
-            resolved.path,
-            resolved.mmproj,
-            n_gpu_layers=n_gpu_layers,
-            name=resolved.name,
-            cpu_buffers=cpu_buffers,
-        )
+    loaded = registry.get(chosen).loader(resolved, n_gpu_layers=n_gpu_layers, cpu_buffers=cpu_buffers)
     load_s = time.perf_counter() - t0
-    quantization = getattr(loaded, "quantization", "") or resolved.quantisation
+    quantization = models.normalize_quantization(getattr(loaded, "quantization", "") or resolved.quantization)
     return Model(
         loaded,
         name=resolved.name,

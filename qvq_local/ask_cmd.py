@@ -75,15 +75,10 @@ def _check_numbers(opts: AskOptions) -> None:
     ):
         if value is not None and value <= 0:
             raise InputError(f"{flag} must be above 0, got {value}")
-    if opts.backend is not None and opts.backend.strip().lower() not in (
-        "auto",
-        "mlx",
-        "llama",
-        "llamacpp",
-        "llama.cpp",
-        "gguf",
-    ):
-        raise InputError(f"unknown backend {opts.backend!r}: choose auto, mlx or llama")
+    if opts.backend is not None:
+        from qvq_local.backends import registry
+
+        opts.backend = registry.canonical(opts.backend)
     if opts.temperature is not None and opts.temperature < 0:
         raise InputError(f"--temperature must be 0 or more, got {opts.temperature}")
     if opts.top_p is not None and not 0 < opts.top_p <= 1:
@@ -337,7 +332,7 @@ def print_doctor(model: str | None, context: int | None, as_json: bool, selftest
             f"[green]installed[/green] ({versions})"
             if row["installed"]
             else f"[red]not installed[/red] (missing {', '.join(row['missing'])}; "
-            + escape(f"pip install 'qvq-local[{row['backend']}]')")
+            + escape(row["install_hint"] + ")")
         )
         table.add_row(f"backend {row['backend']}", state)
     table.add_row("default backend", str(m.get("default_backend") or m.get("default_backend_error")))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from qvq_local.backends import registry
 from qvq_local.errors import QvqError
 
 app = typer.Typer(
@@ -172,10 +173,10 @@ def models(
     from rich.table import Table
 
     table = Table(title=None, show_edge=False, header_style="bold")
-    for column in ("name", "format", "quantisation", "size", "source"):
+    for column in ("name", "format", "quantization", "size", "source"):
         table.add_column(column, justify="right" if column == "size" else "left", overflow="fold")
     for row in rows:
-        table.add_row(row["name"], row["format"], row["quantisation"], human_size(row["size"]), row["source"])
+        table.add_row(row["name"], row["format"], row["quantization"], human_size(row["size"]), row["source"])
     Console().print(table)
 
 
@@ -189,7 +190,9 @@ def ask(
     model: str | None = typer.Option(
         None, "-m", "--model", help="Model: folder, GGUF file, name from `qvq models`, or hub id."
     ),
-    backend: str | None = typer.Option(None, "--backend", help="auto (default) | mlx | llama."),
+    backend: str | None = typer.Option(
+        None, "--backend", help=f"{registry.choices()} (default auto; {registry.alias_note()})."
+    ),
     think_budget: int | None = typer.Option(
         None, "--think-budget", help="Thought tokens before the answer is forced (default: none, up to 8192)."
     ),
@@ -382,7 +385,7 @@ def bench(
         help="tiny | 2b | 7b | 72b: synthesise and convert a random model of that shape "
         "(cached in QVQ_HOME/bench). Default when no --model: tiny.",
     ),
-    backend: str = typer.Option("auto", "--backend", help="auto | mlx | llama | all."),
+    backend: str = typer.Option("auto", "--backend", help=f"{registry.choices('all')}."),
     image_sizes: str = typer.Option("224,448", "--image-sizes", help="Square image edge lengths in pixels."),
     runs: int = typer.Option(
         3, "--runs", help="Measured runs per figure (median reported), after a warm-up."

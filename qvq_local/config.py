@@ -44,16 +44,24 @@ def _positive_int(value: str) -> int:
 
 
 def _backend(value: str) -> str:
-    value = value.strip().lower()
-    if value not in ("auto", "mlx", "llama"):
-        raise InputError(f"expected auto, mlx or llama, got {value!r}")
-    return value
+    """A backend name or alias, stored as its canonical name (``llamacpp`` -> ``llama``)."""
+    from qvq_local.backends import registry
+
+    if not value.strip():
+        raise InputError("expected a backend name")
+    return registry.canonical(value)
 
 
 def _text(value: str) -> str:
     if not value.strip():
         raise InputError("expected a non-empty value")
     return value.strip()
+
+
+def _backend_choices() -> str:
+    from qvq_local.backends import registry
+
+    return registry.choices()
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in (
         Setting("model", _text, "default model for qvq ask (name, folder, GGUF file or hub id)", "QVQ_MODEL"),
-        Setting("backend", _backend, "default backend: auto, mlx or llama", "QVQ_BACKEND"),
+        Setting("backend", _backend, "default backend: " + _backend_choices(), "QVQ_BACKEND"),
         Setting("think_budget", _positive_int, "default thinking budget in tokens"),
         Setting("answer_budget", _positive_int, "default answer budget in tokens"),
         Setting("max_pixels", _positive_int, "default pixel bound per image"),

@@ -33,21 +33,28 @@ def _version(dist: str) -> str | None:
 
 def backend_report() -> list[dict[str, Any]]:
     """For each backend: whether its modules are importable (without importing them) and versions."""
+    from qvq_local.backends import registry
+
     rows = []
-    for backend, modules, dists in (
-        ("mlx", ("mlx", "mlx_vlm"), ("mlx", "mlx-vlm")),
-        ("llama", ("llama_cpp",), ("llama-cpp-python",)),
-    ):
+    for spec in registry.BACKENDS.values():
         missing = []
-        for mod in modules:
+        for mod in spec.modules:
             try:
                 found = importlib.util.find_spec(mod) is not None
             except (ImportError, ValueError):
                 found = False
             if not found:
                 missing.append(mod)
-        versions = {d: _version(d) for d in dists}
-        rows.append({"backend": backend, "installed": not missing, "missing": missing, "versions": versions})
+        versions = {d: _version(d) for d in spec.distributions}
+        rows.append(
+            {
+                "backend": spec.name,
+                "installed": not missing,
+                "missing": missing,
+                "versions": versions,
+                "install_hint": spec.install_hint,
+            }
+        )
     return rows
 
 
@@ -72,28 +79,27 @@ def _folder_config(folder: Path) -> dict[str, Any]:
 
 
 def _gguf_config(model_file: Path) -> dict[str, Any]:
+    from gguf import Keys
+
     from qvq_local.backends.llamacpp import read_gguf_metadata
     from qvq_local.families import DEFAULT_FAMILY
 
     arch = read_gguf_metadata(model_file, {"general.architecture"}).get("general.architecture")
     arch = arch or DEFAULT_FAMILY.gguf_text_arch
-    keys = {
-        f"{arch}.{k}"
-        for k in (
-            "block_count",
-            "attention.head_count",
-            "attention.head_count_kv",
-            "embedding_length",
-            "context_length",
-        )
+    key = {
+        "layers": Keys.LLM.BLOCK_COUNT.format(arch=arch),
+        "heads": Keys.Attention.HEAD_COUNT.format(arch=arch),
+        "kv_heads": Keys.Attention.HEAD_COUNT_KV.format(arch=arch),
+        "width": Keys.LLM.EMBEDDING_LENGTH.format(arch=arch),
+        "context": Keys.LLM.CONTEXT_LENGTH.format(arch=arch),
     }
-    meta = read_gguf_metadata(model_file, keys)
-    heads = int(meta.get(f"{arch}.attention.head_count") or 1)
+    meta = read_gguf_metadata(model_file, set(key.values()))
+    heads = int(meta.get(key["heads"]) or 1)
     return {
-        "layers": int(meta.get(f"{arch}.block_count") or 0),
-        "kv_heads": int(meta.get(f"{arch}.attention.head_count_kv") or heads),
-        "head_dim": int(meta.get(f"{arch}.embedding_length") or 0) // heads,
-        "context_length": int(meta.get(f"{arch}.context_length") or 32768),
+        "layers": int(meta.get(key["layers"]) or 0),
+        "kv_heads": int(meta.get(key["kv_heads"]) or heads),
+        "head_dim": int(meta.get(key["width"]) or 0) // heads,
+        "context_length": int(meta.get(key["context"]) or 32768),
         "kv_bytes": 2,  # llama.cpp's KV cache is f16 by default
     }
 
@@ -150,7 +156,7 @@ def model_fit(
         "cpu_buffers": _llama_buffers_for(resolved.path) if resolved.format == "gguf" else None,
         "path": str(resolved.path),
         "mmproj": str(resolved.mmproj) if resolved.mmproj else None,
-        "quantization": resolved.quantisation,
+        "quantization": resolved.quantization,
         "weights_bytes": weights,
         "context_tokens": ctx,
         "trained_context": shape["context_length"],

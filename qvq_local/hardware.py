@@ -16,23 +16,11 @@ import platform
 import subprocess
 import sys
 
+from qvq_local.backends import registry
 from qvq_local.cpu import detect as detect_cpu
 from qvq_local.errors import BackendUnavailable, InputError, ModelError
 
-BACKENDS = ("mlx", "llama")
-
-# Which model formats each backend can load.  mlx-vlm loads an HF folder directly as well as its own.
-LOADABLE_FORMATS: dict[str, frozenset[str]] = {
-    "mlx": frozenset({"mlx", "hf"}),
-    "llama": frozenset({"gguf"}),
-}
-
-INSTALL_HINT = {
-    "mlx": "pip install 'qvq-local[mlx]'",
-    "llama": "pip install 'qvq-local[llama]'",
-}
-
-_BACKEND_MODULES = {"mlx": ("mlx", "mlx_vlm"), "llama": ("llama_cpp",)}
+# The backend names, the formats each loads, their modules and install lines: qvq_local.backends.registry.
 
 
 def _has_module(name: str) -> bool:
@@ -49,12 +37,12 @@ def is_apple_silicon() -> bool:
 
 def backend_installed(backend: str) -> bool:
     """True when every library the backend needs can be imported."""
-    return all(_has_module(mod) for mod in _BACKEND_MODULES[backend])
+    return all(_has_module(mod) for mod in registry.get(backend).modules)
 
 
 def _preference() -> tuple[str, ...]:
     """Backends in the order this machine prefers them: MLX first only on Apple Silicon."""
-    return ("mlx", "llama") if is_apple_silicon() else ("llama", "mlx")
+    return registry.preference(is_apple_silicon())
 
 
 def choose_backend(
@@ -73,27 +61,22 @@ def choose_backend(
     ``BackendUnavailable`` (naming the ``pip install`` line) when the backend that should run it is not
     installed.
     """
-    requested = (requested or "auto").strip().lower()
-    if requested == "llamacpp" or requested == "llama.cpp" or requested == "gguf":
-        requested = "llama"
-    if requested not in ("auto", *BACKENDS):
-        raise InputError(f"unknown backend {requested!r}: choose auto, mlx or llama")
+    requested = registry.canonical(requested)
 
     formats = set(formats_available) if formats_available is not None else {"mlx", "gguf", "hf"}
-    loadable = [b for b in BACKENDS if LOADABLE_FORMATS[b] & formats]
+    loadable = [b for b in registry.names() if registry.BACKENDS[b].formats & formats]
     have = ", ".join(sorted(formats)) or "no known format"
 
     if requested != "auto":
         if requested not in loadable:
-            other = "GGUF (qvq convert --to gguf)" if requested == "llama" else "MLX (qvq convert --to mlx)"
             raise ModelError(
                 f"the {requested} backend cannot load this model: it exists only as {have}",
                 path=model_path,
-                hint=f"convert it to {other} or use --backend auto",
+                hint=f"convert it to {registry.get(requested).convert_hint()} or use --backend auto",
             )
         if not backend_installed(requested):
             raise BackendUnavailable(
-                f"the {requested} backend is not installed", hint=INSTALL_HINT[requested]
+                f"the {requested} backend is not installed", hint=registry.get(requested).install_hint
             )
         return requested
 
@@ -105,7 +88,9 @@ def choose_backend(
             return backend
     first = ordered[0]
     only = " (the model exists only in a format it loads)" if len(ordered) == 1 else ""
-    raise BackendUnavailable(f"no backend to run this model is installed{only}", hint=INSTALL_HINT[first])
+    raise BackendUnavailable(
+        f"no backend to run this model is installed{only}", hint=registry.get(first).install_hint
+    )
 
 
 def default_convert_target() -> str:

@@ -43,7 +43,6 @@ GGUF_MMPROJ_ARCH = "clip"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "qvq-manifest.json"
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 _GGUF_MAGIC = b"GGUF"
 _SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
@@ -157,18 +156,15 @@ def _is_later_split(path: Path) -> bool:
 
 
 def _read_manifest(folder: Path, findings: list[Finding]) -> dict[str, Any] | None:
-    mpath = folder / MANIFEST_NAME
-    if not mpath.is_file():
-        return None
+    """The manifest through the one reader (:func:`qvq_local.models.read_manifest`); a bad one is a finding."""
+    from qvq_local import models
+
     try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        findings.append(Finding("error", str(mpath), f"unreadable manifest ({_short(err)})"))
+        return models.read_manifest(folder)
+    except ModelError as err:
+        mpath = folder / MANIFEST_NAME
+        findings.append(Finding("error", str(mpath), _strip_path(str(err), str(mpath))))
         return None
-    if not isinstance(data, dict):
-        findings.append(Finding("error", str(mpath), "manifest is not a JSON object"))
-        return None
-    return data
 
 
 def _check_manifest_sizes(folder: Path, manifest: dict[str, Any], findings: list[Finding]) -> None:
@@ -399,97 +395,17 @@ def _check_widths_from_tensors(
 
 
 def _safetensors_header(path: Path, findings: list[Finding]) -> dict[str, tuple[int, ...]] | None:
-    """Parse one safetensors header and check it against the file size; ``None`` after a finding."""
-    dtype_sizes = {
-        "F64": 8,
-        "F32": 4,
-        "F16": 2,
-        "BF16": 2,
-        "I64": 8,
-        "I32": 4,
-        "I16": 2,
-        "I8": 1,
-        "U8": 1,
-        "U16": 2,
-        "U32": 4,
-        "U64": 8,
-        "BOOL": 1,
-        "F8_E4M3": 1,
-        "F8_E5M2": 1,
-    }
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                findings.append(Finding("error", str(path), f"truncated: {size} bytes, not even a header"))
-                return None
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_SAFETENSORS_HEADER or n > size - 8:
-                findings.append(
-                    Finding(
-                        "error",
-                        str(path),
-                        f"truncated or not safetensors: the header claims "
-                        f"{n:,} bytes but the file holds {size:,}",
-                    )
-                )
-                return None
-            raw = fh.read(n)
-    except OSError as err:
-        findings.append(Finding("error", str(path), f"cannot read ({err.strerror or err})"))
+    """Tensor shapes of one safetensors file, judged by the converter's own reader (its findings mode);
+    ``None`` after an error finding."""
+    from qvq_local.convert.safetensors_io import SafetensorsFile
+
+    shard, problems = SafetensorsFile.inspect(path)
+    for level, message in problems:
+        findings.append(Finding(level, str(path), message))  # type: ignore[arg-type]
+    if shard is None:
         return None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        findings.append(Finding("error", str(path), "header is not valid JSON: corrupt or not safetensors"))
-        return None
-    if not isinstance(header, dict):
-        findings.append(Finding("error", str(path), "header is not a JSON object"))
-        return None
-    header.pop("__metadata__", None)
-    data_len = size - 8 - n
-    end_max = 0
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
-            findings.append(Finding("error", str(path), f"tensor {name!r}: malformed header entry"))
-            return None
-        item = dtype_sizes.get(dtype)
-        if item is None:
-            findings.append(Finding("error", str(path), f"tensor {name!r}: unknown dtype {dtype!r}"))
-            return None
-        want = item
-        for d in shape:
-            want *= d
-        if end - begin != want or begin < 0:
-            findings.append(
-                Finding(
-                    "error",
-                    str(path),
-                    f"tensor {name!r}: header says shape {list(shape)} "
-                    f"{dtype} ({want:,} bytes) but its offsets span "
-                    f"{end - begin:,} bytes",
-                )
-            )
-            return None
-        end_max = max(end_max, end)
-        shapes[name] = shape
-    if end_max > data_len:
-        findings.append(
-            Finding(
-                "error",
-                str(path),
-                f"truncated: the header needs {end_max:,} bytes of data but the file holds {data_len:,}",
-            )
-        )
-        return None
-    if end_max < data_len:
-        findings.append(Finding("warning", str(path), f"{data_len - end_max:,} bytes after the last tensor"))
+    shapes = {name: shard.shape(name) for name in shard}
+    shard.close()
     return shapes
 
 
@@ -497,6 +413,8 @@ def _safetensors_header(path: Path, findings: list[Finding]) -> dict[str, tuple[
 def _check_gguf_pair(
     model_file: Path, findings: list[Finding], manifest: dict[str, Any] | None = None
 ) -> None:
+    from gguf import Keys
+
     if _is_mmproj(model_file):
         findings.append(
             Finding(
@@ -510,7 +428,7 @@ def _check_gguf_pair(
     width = None
     family = None
     if text is not None:
-        arch = text["fields"].get("general.architecture")
+        arch = text["fields"].get(Keys.General.ARCHITECTURE)
         if arch == GGUF_MMPROJ_ARCH:
             findings.append(
                 Finding(
@@ -529,7 +447,7 @@ def _check_gguf_pair(
                 )
             )
         else:
-            width = text["fields"].get(f"{arch}.embedding_length")
+            width = text["fields"].get(Keys.LLM.EMBEDDING_LENGTH.format(arch=arch))
             findings.append(
                 Finding(
                     "ok",
@@ -545,7 +463,7 @@ def _check_gguf_pair(
     proj = _read_gguf(mmproj, findings)
     if proj is None:
         return
-    arch = proj["fields"].get("general.architecture")
+    arch = proj["fields"].get(Keys.General.ARCHITECTURE)
     if arch != GGUF_MMPROJ_ARCH:
         findings.append(
             Finding(
@@ -555,7 +473,7 @@ def _check_gguf_pair(
             )
         )
         return
-    projector = proj["fields"].get("clip.projector_type")
+    projector = proj["fields"].get(Keys.Clip.PROJECTOR_TYPE)
     expected = family or DEFAULT_FAMILY
     if family_for_projector(projector) is not expected:
         findings.append(
@@ -567,7 +485,7 @@ def _check_gguf_pair(
             )
         )
         return
-    dim = proj["fields"].get("clip.vision.projection_dim")
+    dim = proj["fields"].get(Keys.ClipVision.PROJECTION_DIM)
     rows = None
     tensors = proj["tensors"]
     out = expected.mmproj_out_tensor
@@ -686,15 +604,6 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 GGUF_SMALL_ARRAY = 64
 _GGUF_DEFAULT_ALIGNMENT = 32
 _MAX_GGUF_DIMS = 8
-#: ggml tensor type -> (elements per block, bytes per block), the ggml ABI as in gguf-py's GGML_QUANT_SIZES;
-#: a type missing here is looked up there (a newer gguf package) before its tensor is left unsized
-_GGML_BLOCKS = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
-    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
-    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110),
-    22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
-    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
-}  # fmt: skip
 
 
 class GgufHeaderError(ValueError):
@@ -807,6 +716,8 @@ def read_gguf_header(
     keys are seen and reads no tensor records.  Raises ``OSError`` when the file cannot be read and
     :class:`GgufHeaderError` (message without the path) when it is not a GGUF or its header is corrupt.
     """
+    from gguf import Keys
+
     p = Path(path)
     size = p.stat().st_size
     if size == 0:
@@ -847,7 +758,7 @@ def read_gguf_header(
                 raise GgufHeaderError(f"corrupt GGUF header (tensor {name!r} has {n_dims} dimensions)")
             shape = tuple(cur.unpack("<Q", 8) for _ in range(n_dims))
             records.append((name, shape, cur.unpack("<I", 4), cur.unpack("<Q", 8)))
-        alignment = fields.get("general.alignment", _GGUF_DEFAULT_ALIGNMENT)
+        alignment = fields.get(Keys.General.ALIGNMENT, _GGUF_DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0:
             raise GgufHeaderError(f"corrupt GGUF header (general.alignment {alignment!r})")
         data_offset = -(-cur.tell() // alignment) * alignment
@@ -880,14 +791,13 @@ def _read_array(cur: _Cursor, key: str, fields: dict[str, Any]) -> None:
 
 
 def _tensor_bytes(shape: tuple[int, ...], ggml_type: int) -> int | None:
-    block = _GGML_BLOCKS.get(ggml_type)
-    if block is None:
-        try:
-            from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    """Bytes of a tensor's data, from gguf's own block-size table (None for a type it does not know)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-            block = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-        except (ImportError, KeyError, ValueError):
-            return None
+    try:
+        block = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (KeyError, ValueError):
+        return None
     n = 1
     for d in shape:
         n *= d

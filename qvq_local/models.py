@@ -9,7 +9,7 @@ A user names a model in one of five ways, and :func:`resolve` turns each into a 
 * a hub id ``owner/name``, checked against the hub's naming rules before any network and then
   downloaded with :func:`pull` (safetensors, JSON and tokenizer files only; never pickle weights).
 
-Every converted or downloaded folder carries ``qvq-manifest.json`` (source, format, quantisation, file
+Every converted or downloaded folder carries ``qvq-manifest.json`` (source, format, quantization, file
 sizes, tool version, creation time).  It is written last and atomically, so a folder with a manifest is
 a complete one; ``qvq models`` and ``qvq ask`` read it.
 
@@ -98,7 +98,41 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
         raise ModelError(f"unreadable manifest ({err})", path=manifest_path) from None
     if not isinstance(data, dict) or data.get("format") not in ("mlx", "gguf", "hf"):
         raise ModelError("manifest has no valid 'format'", path=manifest_path)
+    # manifests written before the spelling was settled say "quantisation" ("q4_k_m")
+    old = data.pop("quantisation", None)
+    if data.get("quantization") or old:
+        data["quantization"] = normalize_quantization(str(data.get("quantization") or old))
     return data
+
+
+#: Float weight types: upper case, as llama.cpp names a GGUF's file type (F32, F16, BF16).
+_FLOAT_NAMES = {
+    "bfloat16": "BF16",
+    "float16": "F16",
+    "float32": "F32",
+    "bf16": "BF16",
+    "f16": "F16",
+    "f32": "F32",
+}
+
+
+def normalize_quantization(value: str) -> str:
+    """The one spelling of a quantization everywhere (API, JSON outputs, manifest).
+
+    GGUF types and float weights as llama.cpp names them, upper case (``Q4_K_M``, ``Q8_0``, ``IQ4_XS``,
+    ``F16``, ``BF16``); MLX's affine quantization as ``<bits>bit-g<group>`` (``4bit-g64``); ``?`` unknown.
+    """
+    text = str(value or "").strip()
+    if not text or text == "?":
+        return "?"
+    low = text.lower()
+    if low in _FLOAT_NAMES:
+        return _FLOAT_NAMES[low]
+    if re.fullmatch(r"\d+bit(-g\d+)?(-\w+)?", low):
+        return low
+    if re.fullmatch(r"i?q\d\w*|tq\d_\d|mxfp4\w*", low):
+        return text.upper()
+    return text
 
 
 def write_manifest(folder: str | os.PathLike, data: dict[str, Any]) -> Path:
@@ -122,7 +156,7 @@ def build_manifest(
     *,
     source: str,
     format: Format,
-    quantisation: str,
+    quantization: str,
     model_file: str | None = None,
     mmproj_file: str | None = None,
     extra: dict[str, Any] | None = None,
@@ -143,7 +177,7 @@ def build_manifest(
         "name": name or folder.name,
         "source": source,
         "format": format,
-        "quantisation": quantisation,
+        "quantization": normalize_quantization(quantization),
         "files": files,
         "total_bytes": sum(files.values()),
         "tool": "qvq-local",
@@ -179,14 +213,15 @@ class ResolvedModel:
     manifest: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
-    def quantisation(self) -> str:
-        if self.manifest and self.manifest.get("quantisation"):
-            return str(self.manifest["quantisation"])
+    def quantization(self) -> str:
+        """Normalised (:func:`normalize_quantization`): ``Q4_K_M``, ``4bit-g64``, ``BF16``."""
+        if self.manifest and self.manifest.get("quantization"):
+            return normalize_quantization(str(self.manifest["quantization"]))
         if self.format == "mlx":
-            return _mlx_quantisation(self.path)
+            return normalize_quantization(_mlx_quantization(self.path))
         if self.format == "gguf":
-            return _gguf_quantisation_from_name(self.path.name)
-        return _hf_dtype(self.path)
+            return normalize_quantization(_gguf_quantization_from_name(self.path.name))
+        return normalize_quantization(_hf_dtype(self.path))
 
 
 def resolve(ref: str | os.PathLike, *, download: bool = True, progress: bool = True) -> ResolvedModel:
@@ -326,19 +361,16 @@ def _is_mlx_folder(path: Path) -> bool:
     config = _read_config(path)
     if "quantization" in config:
         return True
-    first = min(path.glob("*.safetensors"))
-    try:
-        with open(first, "rb") as fh:
-            length = int.from_bytes(fh.read(8), "little")
-            if length > 100_000_000:
-                return False
-            header = json.loads(fh.read(length))
-    except (OSError, ValueError):
+    from qvq_local.convert.safetensors_io import SafetensorsFile
+
+    shard, _problems = SafetensorsFile.inspect(min(path.glob("*.safetensors")))
+    if shard is None:  # a broken shard is qvq doctor's to report; it is not MLX's mark
         return False
-    return (header.get("__metadata__") or {}).get("format") == "mlx"
+    shard.close()
+    return shard.metadata.get("format") == "mlx"
 
 
-def _mlx_quantisation(path: Path) -> str:
+def _mlx_quantization(path: Path) -> str:
     quant = _read_config(path).get("quantization") or {}
     if quant.get("bits"):
         return f"{quant['bits']}bit-g{quant.get('group_size', 64)}"
@@ -354,7 +386,7 @@ def _hf_dtype(path: Path) -> str:
     return {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(str(dtype), str(dtype or "?"))
 
 
-def _gguf_quantisation_from_name(filename: str) -> str:
+def _gguf_quantization_from_name(filename: str) -> str:
     match = re.search(r"(q\d_k_[msl]|q\d_k|q\d_\d|iq\d_\w+|f16|f32|bf16)", filename.lower())
     return match.group(1) if match else "?"
 
@@ -363,7 +395,7 @@ def _gguf_quantisation_from_name(filename: str) -> str:
 def list_models() -> list[dict[str, Any]]:
     """Local models: converted ones under ``QVQ_HOME/models`` and downloads under ``QVQ_HOME/hub``.
 
-    Each row: ``name`` (what ``--model`` accepts), ``format``, ``quantisation``, ``size`` (bytes),
+    Each row: ``name`` (what ``--model`` accepts), ``format``, ``quantization``, ``size`` (bytes),
     ``source``, ``path``.  Unreadable or unfinished folders are skipped (a download without its
     manifest is unfinished: ``qvq pull`` resumes it).
     """
@@ -403,7 +435,7 @@ def _row(model: ResolvedModel) -> dict[str, Any]:
     return {
         "name": model.name,
         "format": model.format,
-        "quantisation": model.quantisation,
+        "quantization": model.quantization,
         "size": int(size),
         "source": manifest.get("source", ""),
         "path": str(model.path),
@@ -455,7 +487,7 @@ def pull(hub_id: str, progress: bool = True, revision: str | None = None) -> Pat
             dest,
             source=hub_id,
             format="hf",
-            quantisation=_hf_dtype(dest),
+            quantization=_hf_dtype(dest),
             extra={"revision": revision or "main", "architectures": config.get("architectures")},
         ),
     )

@@ -22,8 +22,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qvq_local.backends import registry
+
 #: Backends in the order they are checked, with the format their self-test model is converted to.
-BACKEND_FORMAT = {"llama": "gguf", "mlx": "mlx"}
+BACKEND_FORMAT = {name: spec.convert_to for name, spec in registry.BACKENDS.items()}
 CHILD_TIMEOUT_S = 300
 
 
@@ -59,7 +61,8 @@ def prepare(backend: str, root: Path | None = None) -> Path:
     checkpoint = root / "tiny"
     if not (checkpoint / "config.json").is_file():
         write_checkpoint(checkpoint, shape="tiny", dtype="bf16", seed=0, force=True)
-    if backend == "llama":
+    fmt = registry.get(backend).convert_to
+    if fmt == "gguf":
         out = root / "gguf-q4_k_m"
         model = out / "tiny-Q4_K_M.gguf"
         if not model.is_file():
@@ -67,14 +70,14 @@ def prepare(backend: str, root: Path | None = None) -> Path:
 
             return Path(convert_to_gguf(checkpoint, out, quant="q4_k_m", mmproj_quant="f16").model)
         return model
-    if backend == "mlx":
+    if fmt == "mlx":
         out = root / "mlx-4bit"
         if not (out / "config.json").is_file():
             from qvq_local.convert.to_mlx import convert_to_mlx
 
             return Path(convert_to_mlx(checkpoint, out, bits=4, group_size=64))
         return out
-    raise ValueError(f"unknown backend {backend!r}")
+    raise ValueError(f"no self-test model for the {fmt} format")
 
 
 def crash_advice(backend: str) -> str:
@@ -138,12 +141,14 @@ def check(
 
 def run(backends: list[str] | None = None, on_progress=None) -> list[CheckResult]:
     """Self-test every installed backend (or those named); backends not installed are ``skipped``."""
-    from qvq_local.hardware import INSTALL_HINT, backend_installed
+    from qvq_local.hardware import backend_installed
 
     results = []
     for backend in backends or list(BACKEND_FORMAT):
         if not backend_installed(backend):
-            results.append(CheckResult(backend, "skipped", f"not installed ({INSTALL_HINT[backend]})"))
+            results.append(
+                CheckResult(backend, "skipped", f"not installed ({registry.get(backend).install_hint})")
+            )
             continue
         if on_progress:
             on_progress(backend)

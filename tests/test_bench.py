@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 from helpers import assert_error
 
-from qvq_local import bench, bench_bandwidth, bench_memory, bench_report
+from qvq_local.bench import bandwidth as bench_bandwidth
+from qvq_local.bench import harness as bench
+from qvq_local.bench import memory as bench_memory
+from qvq_local.bench import report as bench_report
 from qvq_local.errors import InputError
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -288,3 +291,17 @@ def test_smoke_tables_render(smoke):
     text = console.export_text()
     for word in ("llama qvq", "llama raw", "mlx qvq", "mlx raw", "qvq/raw decode", "bound t/s"):
         assert word in text
+
+
+def test_the_runtime_never_imports_the_bench_harness():
+    """The bench lives in its own subpackage: the API, ask, doctor and the CLI module load without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qvq_local, qvq_local.api, qvq_local.ask_cmd, qvq_local.doctor, qvq_local.selftest\n"
+        "from qvq_local import cli\n"
+        "print(sorted(m for m in sys.modules if m.startswith('qvq_local.bench')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -44,7 +44,7 @@ def test_convert_to_mlx_default_location_manifest_and_listing(tiny_checkpoint, h
     out = home / "models" / f"{tiny_checkpoint.name}-mlx-4bit"
     assert result.output.strip().splitlines()[-1] == str(out)
     manifest = json.loads((out / models.MANIFEST_NAME).read_text())
-    assert manifest["format"] == "mlx" and manifest["quantisation"] == "4bit-g64"
+    assert manifest["format"] == "mlx" and manifest["quantization"] == "4bit-g64"
     assert manifest["name"] == out.name
     assert manifest["bits"] == 4 and manifest["group_size"] == 64
     assert manifest["source"] == str(tiny_checkpoint.resolve())
@@ -53,12 +53,12 @@ def test_convert_to_mlx_default_location_manifest_and_listing(tiny_checkpoint, h
     assert manifest["tool_version"]
 
     got = models.resolve(out.name)  # the name `qvq models` lists is what --model accepts
-    assert (got.format, got.path, got.quantisation) == ("mlx", out, "4bit-g64")
+    assert (got.format, got.path, got.quantization) == ("mlx", out, "4bit-g64")
 
     listed = _invoke("models", "--json")
     assert listed.exit_code == 0, listed.output
     rows = json.loads(listed.output)
-    assert [(r["name"], r["format"], r["quantisation"]) for r in rows] == [(out.name, "mlx", "4bit-g64")]
+    assert [(r["name"], r["format"], r["quantization"]) for r in rows] == [(out.name, "mlx", "4bit-g64")]
     table = _invoke("models")
     assert table.exit_code == 0 and out.name in table.output and "4bit-g64" in table.output
 
@@ -81,7 +81,7 @@ def test_convert_to_gguf_with_output_folder(tiny_checkpoint, home, tmp_path):
     result = _invoke("convert", str(tiny_checkpoint), "--to", "gguf", "--quant", "f16", "-o", str(out), "-q")
     assert result.exit_code == 0, result.output
     manifest = models.read_manifest(out)
-    assert (manifest["format"], manifest["quantisation"], manifest["mmproj_quant"]) == ("gguf", "f16", "f16")
+    assert (manifest["format"], manifest["quantization"], manifest["mmproj_quant"]) == ("gguf", "F16", "f16")
     assert (out / manifest["model"]).is_file() and (out / manifest["mmproj"]).is_file()
     got = models.resolve(out)
     assert got.format == "gguf" and got.path == out / manifest["model"]
@@ -161,7 +161,7 @@ def test_convert_hub_id_pulls_first(tiny_checkpoint, home, monkeypatch):
         pulled.append(hub_id)
         dest = models.hub_folder(hub_id)
         shutil.copytree(tiny_checkpoint, dest)
-        manifest = models.build_manifest(dest, source=hub_id, format="hf", quantisation="f32")
+        manifest = models.build_manifest(dest, source=hub_id, format="hf", quantization="f32")
         models.write_manifest(dest, manifest)
         return dest
 
@@ -190,7 +190,7 @@ def test_convert_refuses_a_converted_model_as_source(home, tmp_path):
     folder = tmp_path / "done"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    manifest = models.build_manifest(folder, source="x", format="mlx", quantisation="4bit")
+    manifest = models.build_manifest(folder, source="x", format="mlx", quantization="4bit")
     models.write_manifest(folder, manifest)
     _one_line_error(_invoke("convert", str(folder), "--to", "gguf"), 2, "already a converted mlx model")
 

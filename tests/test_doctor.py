@@ -217,3 +217,14 @@ def test_gguf_header_steps_over_long_arrays_and_finds_cuts(tmp_path):
     bad.write_bytes(bytes(lying))
     (finding,) = check_gguf_file(bad)
     assert finding.level == "error" and "impossible string length" in finding.message
+
+
+def test_gguf_tensor_sizes_come_from_ggufs_own_table():
+    """Every ggml type gguf-py knows is sized by its GGML_QUANT_SIZES (no second, hand-written table)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from qvq_local.integrity import _tensor_bytes
+
+    for qtype, (block, type_size) in GGML_QUANT_SIZES.items():
+        assert _tensor_bytes((block * 3, 2), int(qtype)) == 6 * type_size, qtype.name
+    assert _tensor_bytes((32,), 9999) is None  # a type from a newer ggml: left unsized, not guessed

@@ -70,7 +70,7 @@ def test_bad_hub_ids_are_refused_before_any_network(ref, monkeypatch):
 def test_manifest_written_atomically_and_read_back(tmp_path):
     folder = _hf_folder(tmp_path / "m")
     data = models.build_manifest(
-        folder, source="Qwen/QVQ-72B-Preview", format="mlx", quantisation="4bit-g64", extra={"bits": 4}
+        folder, source="Qwen/QVQ-72B-Preview", format="mlx", quantization="4bit-g64", extra={"bits": 4}
     )
     path = models.write_manifest(folder, data)
     assert path.name == models.MANIFEST_NAME
@@ -104,7 +104,7 @@ def test_resolve_gguf_file_finds_sibling_mmproj(tmp_path):
     got = models.resolve(model)
     assert got.format == "gguf" and got.path == model
     assert got.mmproj == tmp_path / "g" / "mmproj-model-f16.gguf"
-    assert got.quantisation == "q4_k_m"
+    assert got.quantization == "Q4_K_M"
 
 
 def test_resolve_gguf_folder_uses_manifest(tmp_path):
@@ -116,13 +116,13 @@ def test_resolve_gguf_folder_uses_manifest(tmp_path):
             tmp_path / "g",
             source="x",
             format="gguf",
-            quantisation="q8_0",
+            quantization="q8_0",
             model_file="a.gguf",
             mmproj_file="mmproj-b.gguf",
         ),
     )
     got = models.resolve(tmp_path / "g")
-    assert (got.path, got.mmproj, got.quantisation) == (model, tmp_path / "g" / "mmproj-b.gguf", "q8_0")
+    assert (got.path, got.mmproj, got.quantization) == (model, tmp_path / "g" / "mmproj-b.gguf", "Q8_0")
 
 
 def test_resolve_gguf_without_mmproj_fails(tmp_path):
@@ -147,10 +147,10 @@ def test_resolve_mlx_and_hf_folders(tmp_path):
     mlx_f = _hf_folder(tmp_path / "mlx-f", mlx_meta=True)
     hf = _hf_folder(tmp_path / "hf")
     assert models.resolve(mlx_q).format == "mlx"
-    assert models.resolve(mlx_q).quantisation == "4bit-g64"
+    assert models.resolve(mlx_q).quantization == "4bit-g64"
     assert models.resolve(mlx_f).format == "mlx"
     got = models.resolve(hf)
-    assert (got.format, got.quantisation, got.mmproj) == ("hf", "bf16", None)
+    assert (got.format, got.quantization, got.mmproj) == ("hf", "BF16", None)
 
 
 def test_resolve_folder_without_weights_fails(tmp_path):
@@ -288,7 +288,7 @@ def test_network_errors_become_one_line_model_errors(home, monkeypatch):
 def test_list_models_rows(home):
     folder = _hf_folder(home / "models" / "tiny-mlx-4bit", quantization={"bits": 4, "group_size": 64})
     models.write_manifest(
-        folder, models.build_manifest(folder, source="/src/tiny", format="mlx", quantisation="4bit-g64")
+        folder, models.build_manifest(folder, source="/src/tiny", format="mlx", quantization="4bit-g64")
     )
     _gguf_pair(home / "models" / "tiny-gguf-q4_k_m")
     (home / "models" / ".tiny-gguf-f16.partial-1-abc").mkdir()  # an unfinished conversion: hidden
@@ -297,6 +297,33 @@ def test_list_models_rows(home):
     rows = models.list_models()
     assert [r["name"] for r in rows] == ["tiny-gguf-q4_k_m", "tiny-mlx-4bit"]
     gguf, mlx = rows
-    assert (gguf["format"], gguf["quantisation"], gguf["size"]) == ("gguf", "q4_k_m", 64 + 32)
-    assert (mlx["format"], mlx["quantisation"], mlx["source"]) == ("mlx", "4bit-g64", "/src/tiny")
+    assert (gguf["format"], gguf["quantization"], gguf["size"]) == ("gguf", "Q4_K_M", 64 + 32)
+    assert (mlx["format"], mlx["quantization"], mlx["source"]) == ("mlx", "4bit-g64", "/src/tiny")
     assert mlx["size"] == models.read_manifest(folder)["total_bytes"]
+
+
+@pytest.mark.parametrize(
+    "written, shown",
+    [
+        ("q4_k_m", "Q4_K_M"),
+        ("Q4_K_M", "Q4_K_M"),
+        ("q8_0", "Q8_0"),
+        ("iq4_xs", "IQ4_XS"),
+        ("f16", "F16"),
+        ("bfloat16", "BF16"),
+        ("4bit-g64", "4bit-g64"),
+        ("4BIT-G64", "4bit-g64"),
+        ("", "?"),
+    ],
+)
+def test_one_normalised_quantization_spelling(written, shown, tmp_path):
+    """Old manifests (key ``quantisation``, lower-case GGUF names) read as the one spelling and format."""
+    assert models.normalize_quantization(written) == shown
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / models.MANIFEST_NAME).write_text(json.dumps({"format": "gguf", "quantisation": written}))
+    data = models.read_manifest(folder)
+    assert "quantisation" not in data
+    assert data.get("quantization", "?") == shown
+    new = models.build_manifest(folder, source="x", format="gguf", quantization=written)
+    assert "quantisation" not in new and new["quantization"] == shown

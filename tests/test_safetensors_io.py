@@ -328,3 +328,46 @@ def test_folder_without_weights_and_unknown_tensor(tmp_path):
     with pytest.raises(ModelError) as raised:
         ckpt.shape("nope")
     assert_error(raised, "no tensor named 'nope'")
+
+
+def _with_gap(src, dst, gap: int = 0, tail: int = 0) -> None:
+    """Copy a real safetensors file, inserting ``gap`` zero bytes after its first tensor's data and ``tail``
+    bytes after the last tensor (offsets rewritten to match), as a buggy writer would."""
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    data = raw[8 + n :]
+    first_end = min(e["data_offsets"][1] for k, e in header.items() if k != "__metadata__")
+    for key, entry in header.items():
+        if key != "__metadata__" and entry["data_offsets"][0] >= first_end:
+            entry["data_offsets"] = [o + gap for o in entry["data_offsets"]]
+    h = json.dumps(header).encode()
+    dst.write_bytes(
+        struct.pack("<Q", len(h)) + h + data[:first_end] + bytes(gap) + data[first_end:] + bytes(tail)
+    )
+
+
+@pytest.mark.parametrize("gap, tail, words", [(8, 0, "gap of 8 bytes"), (0, 8, "8 bytes after the last")])
+def test_doctor_and_convert_judge_a_gap_by_one_rule(tiny_checkpoint, tmp_path, gap, tail, words):
+    """An 8-byte gap between tensors (or after the last one) is an error for ``qvq convert`` (raising mode)
+    and for ``qvq doctor`` (findings mode), with the same message: the reference reader refuses both."""
+    import shutil
+
+    from qvq_local.integrity import check_model
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    _with_gap(sorted(tiny_checkpoint.glob("*.safetensors"))[0], shard, gap, tail)
+
+    with pytest.raises(ModelError) as raised:
+        st.ShardedCheckpoint(folder)
+    assert_error(raised, words, path=shard)
+
+    found = [f for f in check_model(folder) if f.path == str(shard)]
+    assert [f.level for f in found] == ["error"], found
+    assert found[0].message in str(raised.value) and words in found[0].message
+
+    reference = pytest.importorskip("safetensors.numpy")
+    with pytest.raises(Exception, match="invalid offset|not fully covered"):
+        reference.load_file(str(shard))

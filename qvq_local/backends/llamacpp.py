@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qvq_local.backends import llama_buffers
+from qvq_local.backends import llama_buffers, registry
 from qvq_local.backends.base import (
     GGUF_SAMPLING_KEYS,
     PrefillStats,
@@ -60,7 +60,7 @@ DEFAULT_N_CTX = 8192
 #: The repetition penalty looks back this many tokens.
 PENALTY_LAST_N = 64
 
-INSTALL_HINT = "pip install 'qvq-local[llama]'"
+INSTALL_HINT = registry.BACKENDS["llama"].install_hint
 
 _GGML_LOG_LEVEL_ERROR = 4
 
@@ -188,27 +188,26 @@ def _gguf_sampling(meta: dict) -> dict:
 def _sidecar_generation_config(model_gguf: Path) -> dict:
     """generation_config values shipped next to the GGUF (they override the GGUF's own metadata).
 
-    Looked up in ``generation_config.json`` (a copy of the HF file) and then in a qvq manifest
-    (``qvq-manifest.json`` / ``manifest.json``) under ``"generation_config"``.  Unknown or unreadable files
-    are ignored: the defaults are QVQ's published values anyway.
+    Looked up in ``generation_config.json`` (the copy of the HF file ``qvq convert`` writes beside the
+    GGUF), then under ``"generation_config"`` in the folder's manifest, read by the one manifest reader
+    (:func:`qvq_local.models.read_manifest`).  Unreadable files are ignored: the defaults are QVQ's
+    published values anyway.
     """
-    folder = model_gguf.parent
-    candidates = [(folder / "generation_config.json", None)]
-    for name in ("qvq-manifest.json", "qvq_manifest.json", "manifest.json"):
-        candidates.append((folder / name, "generation_config"))
-    for path, sub in candidates:
-        if not path.is_file():
-            continue
+    from qvq_local import models
+
+    path = model_gguf.parent / "generation_config.json"
+    if path.is_file():
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            found = sampling_values(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError):
-            continue
-        if sub is not None:
-            data = data.get(sub) if isinstance(data, dict) else None
-        found = sampling_values(data)
+            found = {}
         if found:
             return found
-    return {}
+    try:
+        manifest = models.read_manifest(model_gguf.parent) or {}
+    except ModelError:
+        return {}
+    return sampling_values(manifest.get("generation_config"))
 
 
 # ---------------------------------------------------------------- image token arithmetic (mirrors mtmd)

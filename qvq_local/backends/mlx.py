@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qvq_local.backends import registry
 from qvq_local.backends.base import PrefillStats, Prompt, SamplingParams, Token
 from qvq_local.errors import BackendUnavailable, ContextOverflow, ModelError
 from qvq_local.families import DEFAULT_FAMILY, family_for_model_type
 from qvq_local.prompt import IMAGE_PAD, load_chat_template
 
-INSTALL_HINT = "pip install 'qvq-local[mlx]'"
+INSTALL_HINT = registry.BACKENDS["mlx"].install_hint
 
 #: Prompt tokens run through the language model per forward call during prefill / feed.  Bounds the
 #: attention scratch memory for long prompts; only the prompt's last position goes through the output head.

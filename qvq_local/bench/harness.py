@@ -3,17 +3,17 @@
 The benchmark answers the question users ask before downloading 40 GB, with measurements taken in one
 run on one machine:
 
-1. the machine's memory bandwidth (``bench_bandwidth``), and from it the decode speed no implementation
+1. the machine's memory bandwidth (``bench.bandwidth``), and from it the decode speed no implementation
    can beat (bytes read per token / bandwidth);
 2. the model: ``--model REF`` (a converted model, or an HF folder that is converted first) or
    ``--shape tiny|2b|7b|72b``: a synthetic checkpoint of that shape, written and converted once into
    ``QVQ_HOME/bench/<shape>-<fmt>-<quant>`` and reused afterwards (time and peak memory of the
    conversion are kept beside it and reported);
-3. per backend, in a child process each (``bench_worker``): qvq-local's own path
+3. per backend, in a child process each (``bench.worker``): qvq-local's own path
    (``qvq_local.load(...).stream``) and the raw library on the same files, prompt and image (mlx-vlm's
    ``stream_generate``, llama-cpp-python's ``create_chat_completion``), each figure the median of
    ``runs`` repetitions after a warm-up, per image size;
-4. the report (``bench_report``): Rich tables, a JSON file with every figure and the machine's
+4. the report (``bench.report``): Rich tables, a JSON file with every figure and the machine's
    description, and a PNG chart.
 
 Nothing here is a timing threshold: the benchmark reports, it does not judge.
@@ -36,7 +36,8 @@ from qvq_local.errors import DiskFull, InputError, ModelError, QvqError
 from qvq_local.families import DEFAULT_FAMILY
 
 SCHEMA = "qvq-bench/1"
-BACKEND_CHOICES = ("auto", "mlx", "llama", "all")
+#: ``--backend all`` measures every backend in the registry
+ALL = "all"
 SHAPES = ("tiny", "2b", "7b", "72b")
 #: ``--quant`` -> (GGUF text quantisation, MLX bits).  The GGUF mmproj stays F16, MLX's vision tower
 #: stays unquantised (mlx-vlm never quantises it), as ``qvq convert`` does.
@@ -83,15 +84,13 @@ def parse_image_sizes(text: str | list[int] | tuple[int, ...]) -> list[int]:
     return sorted(sizes)
 
 
-def _check_options(runs: int, decode_tokens: int, answer_tokens: int, backend: str, quant: str) -> None:
+def _check_options(runs: int, decode_tokens: int, answer_tokens: int, quant: str) -> None:
     if runs < 1:
         raise InputError(f"--runs must be at least 1, got {runs}")
     if decode_tokens < 2:
         raise InputError(f"--decode-tokens must be at least 2 (a rate needs two tokens), got {decode_tokens}")
     if answer_tokens < 1:
         raise InputError(f"the answer budget must be at least 1 token, got {answer_tokens}")
-    if backend not in BACKEND_CHOICES:
-        raise InputError(f"unknown backend {backend!r}: choose {', '.join(BACKEND_CHOICES)}")
     if quant not in QUANTS:
         raise InputError(f"unknown quantisation {quant!r}: choose {', '.join(QUANTS)}")
 
@@ -100,7 +99,7 @@ def _check_options(runs: int, decode_tokens: int, answer_tokens: int, backend: s
 
 
 def run_worker(spec: dict, *, label: str, log=None) -> dict:
-    """Run one ``bench_worker`` job in a child process and return its JSON result.
+    """Run one ``bench.worker`` job in a child process and return its JSON result.
 
     A child that dies without writing a result (a native crash, the OOM killer) comes back as
     ``{"ok": False, "reason": ...}`` naming the exit status, never as a silent zero.
@@ -115,7 +114,7 @@ def run_worker(spec: dict, *, label: str, log=None) -> dict:
             log(f"{label} ...")
         t0 = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "qvq_local.bench_worker", str(spec_path), str(out_path)],
+            [sys.executable, "-m", "qvq_local.bench.worker", str(spec_path), str(out_path)],
             check=False,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -184,6 +183,8 @@ def prepare_models(
     ``formats[backend]`` is ``{"model": path, "mmproj": path | None, "conversion": {...} | None}``, or
     ``{"error": reason}`` when this backend cannot get a model.
     """
+    from qvq_local.backends import registry
+
     gguf_quant, mlx_bits = QUANTS[quant]
     info: dict = {"synthesis": None, "formats": {}}
     source: Path | None = None
@@ -215,20 +216,20 @@ def prepare_models(
         from qvq_local import models
 
         resolved = models.resolve(model, download=True, progress=progress)
-        info["label"] = f"{resolved.name} ({resolved.quantisation})"
+        info["label"] = f"{resolved.name} ({resolved.quantization})"
         info["source"] = str(model)
         if resolved.format == "hf":
             source, base = resolved.path, _safe_name(resolved.name)
             home.mkdir(parents=True, exist_ok=True)
         else:
             for backend in backends:
-                wanted = "gguf" if backend == "llama" else "mlx"
+                wanted = registry.get(backend).convert_to
                 if resolved.format == wanted:
                     info["formats"][backend] = {
                         "model": str(resolved.path),
                         "mmproj": str(resolved.mmproj) if resolved.mmproj else None,
                         "conversion": None,
-                        "quantization": resolved.quantisation,
+                        "quantization": resolved.quantization,
                     }
                 else:
                     info["formats"][backend] = {
@@ -239,7 +240,7 @@ def prepare_models(
 
     for backend in backends:
         try:
-            if backend == "llama":
+            if registry.get(backend).convert_to == "gguf":
                 name = f"{base}-gguf-{gguf_quant}"
                 conv = _cached_build(
                     home,
@@ -374,11 +375,13 @@ def describe_machine() -> dict:
 
 
 def _choose_backends(backend: str, shape: str | None, model: str | None) -> list[str]:
-    if backend == "all":
-        return ["llama", "mlx"]
-    if backend in ("mlx", "llama"):
-        return [backend]
     from qvq_local import hardware
+    from qvq_local.backends import registry
+
+    if backend == ALL:
+        return list(registry.names())
+    if backend in registry.names():
+        return [backend]
 
     formats = None
     if model is not None:
@@ -390,10 +393,11 @@ def _choose_backends(backend: str, shape: str | None, model: str | None) -> list
 
 def _installed(backend: str) -> tuple[bool, str | None]:
     from qvq_local import hardware
+    from qvq_local.backends import registry
 
     if hardware.backend_installed(backend):
         return True, None
-    return False, f"not installed ({hardware.INSTALL_HINT[backend]})"
+    return False, f"not installed ({registry.get(backend).install_hint})"
 
 
 MLX_CPU_SKIP = (
@@ -423,9 +427,10 @@ def _apple() -> bool:
 
 
 def _weights_per_token(backend: str, fmt: dict) -> dict:
-    from qvq_local.bench_bandwidth import gguf_bytes_per_token, mlx_bytes_per_token
+    from qvq_local.backends import registry
+    from qvq_local.bench.bandwidth import gguf_bytes_per_token, mlx_bytes_per_token
 
-    if backend == "llama":
+    if registry.get(backend).convert_to == "gguf":
         out = gguf_bytes_per_token(fmt["model"])
         mmproj = Path(fmt["mmproj"]).stat().st_size if fmt.get("mmproj") else 0
         out["model_bytes"] = out["file_bytes"] + mmproj
@@ -497,17 +502,12 @@ def run_bench(
     """
     from rich.console import Console
 
-    from qvq_local import bench_report
-    from qvq_local.bench_bandwidth import decode_bound, measure_bandwidth
+    from qvq_local.bench.bandwidth import measure_bandwidth
 
     console = console or Console(stderr=True)
-    if model is not None and shape is not None:
-        raise InputError("pass either --model or --shape, not both")
-    if model is None and shape is None:
-        shape = "tiny"
-    backend = (backend or "auto").strip().lower()
-    _check_options(runs, decode_tokens, answer_tokens, backend, quant)
-    sizes = parse_image_sizes(image_sizes)
+    backend, shape, sizes = _checked_options(
+        model, shape, backend, image_sizes, runs, decode_tokens, answer_tokens, quant
+    )
     home_path = Path(home).expanduser() if home is not None else bench_home()
     t_start = time.perf_counter()
 
@@ -538,10 +538,7 @@ def run_bench(
     }
     log("describing the machine")
     result["machine"] = describe_machine()
-    installed = {b: _installed(b) for b in backends}
-    mlx_asked = backend == "all" and "mlx" in backends and installed["mlx"][0]
-    if mlx_asked and not _apple() and _source_bytes(shape, model) > MLX_CPU_LIMIT_BYTES:
-        installed["mlx"] = (False, MLX_CPU_SKIP)
+    installed = _installed_backends(backend, backends, shape, model)
     usable = [b for b in backends if installed[b][0]]
 
     log(f"measuring memory bandwidth ({bandwidth_bytes / 2**30:.2f} GiB array, {bandwidth_reps} reps)")
@@ -561,73 +558,146 @@ def run_bench(
     }
 
     images = {str(s): str(make_image(s, home_path / "images" / f"chart-{s}.png")) for s in sizes}
-    mem_available = result["machine"].get("memory_available_bytes") or 0
     result["backends"] = {}
     for name in backends:
-        entry: dict = {"available": False}
-        result["backends"][name] = entry
-        ok, why = installed[name]
-        fmt = prepared["formats"].get(name, {})
-        if not ok:
-            entry["reason"] = why
-            continue
-        if "error" in fmt:
-            entry["reason"] = fmt["error"]
-            continue
-        weights = _weights_per_token(name, fmt)
-        bound = decode_bound(result["bandwidth"]["read_gbs_median"], weights["bytes_per_token"])
-        entry.update(
-            format="gguf" if name == "llama" else "mlx",
-            model_path=fmt["model"],
-            mmproj_path=fmt["mmproj"],
-            quantization=fmt.get("quantization"),
-            conversion=fmt.get("conversion"),
-            bound_tok_s=bound,
-            **weights,
+        result["backends"][name] = _measure_backend(
+            name,
+            installed[name],
+            prepared["formats"].get(name, {}),
+            result,
+            images=images,
+            sizes=sizes,
+            runs=runs,
+            decode_tokens=decode_tokens,
+            answer_tokens=answer_tokens,
+            raw=raw,
+            log=log,
         )
-        if mem_available and weights["model_bytes"] > 0.95 * mem_available:
-            entry["reason"] = (
-                f"the model needs {weights['model_bytes'] / 1e9:.1f} GB but only "
-                f"{mem_available / 1e9:.1f} GB of memory is available: it does not fit"
-            )
-            continue
-        entry["available"] = True
-        common = {
-            "backend": name,
-            "model": fmt["model"],
-            "mmproj": fmt["mmproj"],
-            "images": images,
-            "runs": runs,
-            "decode_tokens": decode_tokens,
-            "answer_tokens": answer_tokens,
-        }
-        entry["qvq"] = run_worker({"job": "qvq", **common}, label=f"{name}: qvq-local", log=log)
-        if raw:
-            # the raw run generates as many tokens as the qvq run did (thought, grace and answer): same work
-            qvq_sizes = entry["qvq"].get("sizes") or {}
-            max_tokens = {k: v.get("decode_tokens") for k, v in qvq_sizes.items()}
-            prompt_tokens = {k: v.get("prompt_tokens") for k, v in qvq_sizes.items()}
-            entry["raw"] = run_worker(
-                {
-                    "job": "raw",
-                    "n_ctx": _raw_n_ctx(sizes, decode_tokens, answer_tokens),
-                    "max_tokens": max_tokens,
-                    "prompt_tokens": prompt_tokens,
-                    **common,
-                },
-                label=f"{name}: raw library",
-                log=log,
-            )
-        else:
-            entry["raw"] = {"ok": False, "reason": "skipped (--no-raw)"}
-        entry["ratios"] = _ratios(entry["qvq"], entry["raw"])
-        if entry["qvq"].get("ok"):
-            smallest = entry["qvq"]["sizes"][str(sizes[0])]
-            entry["decode_tok_s"] = smallest["decode_tok_s"]
-            entry["bound_fraction"] = entry["decode_tok_s"] / bound if bound else None
         if json_path:  # a partial file after each backend: a long run that is stopped keeps what it measured
+            from qvq_local.bench import report as bench_report
+
             bench_report.write_json({**result, "partial": True}, json_path)
     result["elapsed_s"] = time.perf_counter() - t_start
+    _write_outputs(result, json_path, chart_path, log)
+    return result
+
+
+def _checked_options(
+    model, shape, backend, image_sizes, runs, decode_tokens, answer_tokens, quant
+) -> tuple[str, str | None, list[int]]:
+    """Every option checked before any work: (canonical backend, shape, image sizes)."""
+    from qvq_local.backends import registry
+
+    if model is not None and shape is not None:
+        raise InputError("pass either --model or --shape, not both")
+    if model is None and shape is None:
+        shape = "tiny"
+    backend = registry.canonical(backend, extra=(ALL,))
+    _check_options(runs, decode_tokens, answer_tokens, quant)
+    return backend, shape, parse_image_sizes(image_sizes)
+
+
+def _installed_backends(
+    backend: str, backends: list[str], shape, model
+) -> dict[str, tuple[bool, str | None]]:
+    """Which backends can run here (``(ok, reason)`` each); MLX on a non-Apple CPU is skipped for big models."""
+    installed = {b: _installed(b) for b in backends}
+    mlx_asked = backend == ALL and "mlx" in backends and installed["mlx"][0]
+    if mlx_asked and not _apple() and _source_bytes(shape, model) > MLX_CPU_LIMIT_BYTES:
+        installed["mlx"] = (False, MLX_CPU_SKIP)
+    return installed
+
+
+def _measure_backend(
+    name: str,
+    installed: tuple[bool, str | None],
+    fmt: dict,
+    result: dict,
+    *,
+    images: dict,
+    sizes: list[int],
+    runs: int,
+    decode_tokens: int,
+    answer_tokens: int,
+    raw: bool,
+    log,
+) -> dict:
+    """One backend's entry: why it cannot run, or its qvq-local and raw-library runs and their ratios."""
+    from qvq_local.backends import registry
+    from qvq_local.bench.bandwidth import decode_bound
+
+    entry: dict = {"available": False}
+    ok, why = installed
+    if not ok:
+        entry["reason"] = why
+        return entry
+    if "error" in fmt:
+        entry["reason"] = fmt["error"]
+        return entry
+    weights = _weights_per_token(name, fmt)
+    bound = decode_bound(result["bandwidth"]["read_gbs_median"], weights["bytes_per_token"])
+    entry.update(
+        format=registry.get(name).convert_to,
+        model_path=fmt["model"],
+        mmproj_path=fmt["mmproj"],
+        quantization=fmt.get("quantization"),
+        conversion=fmt.get("conversion"),
+        bound_tok_s=bound,
+        **weights,
+    )
+    mem_available = result["machine"].get("memory_available_bytes") or 0
+    if mem_available and weights["model_bytes"] > 0.95 * mem_available:
+        entry["reason"] = (
+            f"the model needs {weights['model_bytes'] / 1e9:.1f} GB but only "
+            f"{mem_available / 1e9:.1f} GB of memory is available: it does not fit"
+        )
+        return entry
+    entry["available"] = True
+    common = {
+        "backend": name,
+        "model": fmt["model"],
+        "mmproj": fmt["mmproj"],
+        "images": images,
+        "runs": runs,
+        "decode_tokens": decode_tokens,
+        "answer_tokens": answer_tokens,
+    }
+    entry["qvq"] = run_worker({"job": "qvq", **common}, label=f"{name}: qvq-local", log=log)
+    entry["raw"] = (
+        _raw_run(entry["qvq"], common, sizes, decode_tokens, answer_tokens, log)
+        if raw
+        else {
+            "ok": False,
+            "reason": "skipped (--no-raw)",
+        }
+    )
+    entry["ratios"] = _ratios(entry["qvq"], entry["raw"])
+    if entry["qvq"].get("ok"):
+        smallest = entry["qvq"]["sizes"][str(sizes[0])]
+        entry["decode_tok_s"] = smallest["decode_tok_s"]
+        entry["bound_fraction"] = entry["decode_tok_s"] / bound if bound else None
+    return entry
+
+
+def _raw_run(qvq: dict, common: dict, sizes: list[int], decode_tokens: int, answer_tokens: int, log) -> dict:
+    """The raw library on the same work: as many tokens as the qvq run generated (thought, grace, answer)."""
+    qvq_sizes = qvq.get("sizes") or {}
+    return run_worker(
+        {
+            "job": "raw",
+            "n_ctx": _raw_n_ctx(sizes, decode_tokens, answer_tokens),
+            "max_tokens": {k: v.get("decode_tokens") for k, v in qvq_sizes.items()},
+            "prompt_tokens": {k: v.get("prompt_tokens") for k, v in qvq_sizes.items()},
+            **common,
+        },
+        label=f"{common['backend']}: raw library",
+        log=log,
+    )
+
+
+def _write_outputs(result: dict, json_path, chart_path, log) -> None:
+    """The JSON file and the chart, each path recorded in the result."""
+    from qvq_local.bench import report as bench_report
 
     if json_path:
         result["json"] = str(bench_report.write_json(result, json_path))
@@ -639,7 +709,6 @@ def run_bench(
             log(result["chart_error"])
         if json_path:  # record the chart's path in the file too
             bench_report.write_json(result, json_path)
-    return result
 
 
 def bench_command(
@@ -681,7 +750,7 @@ def bench_command(
         bandwidth_bytes=int(bandwidth_mib) * 2**20,
         command=command,
     )
-    from qvq_local.bench_report import render_tables
+    from qvq_local.bench.report import render_tables
 
     render_tables(result, out)
     for key, what in (("json", "JSON"), ("chart", "chart")):

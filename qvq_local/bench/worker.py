@@ -1,8 +1,8 @@
-"""One measured job of the benchmark, run in a child process: ``python -m qvq_local.bench_worker SPEC OUT``.
+"""One measured job of the benchmark, run in a child process: ``python -m qvq_local.bench.worker SPEC OUT``.
 
 Why a child process per job: the peak resident memory of a backend is only meaningful when nothing else
 (the other backend, the raw library's own copy of the model, the converter's buffers) shares the
-process, and MLX and llama.cpp each start their own thread pools.  The parent (``qvq_local.bench``)
+process, and MLX and llama.cpp each start their own thread pools.  The parent (``qvq_local.bench.harness``)
 writes a JSON spec, runs this module, and reads the JSON result; a crash in a library (a segfault is
 possible in native code) becomes a reported failure, not a lost benchmark.
 
@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 
 from qvq_local import atomic
-from qvq_local.bench_memory import PeakRss, lifetime_peak_rss
+from qvq_local.bench.memory import PeakRss, lifetime_peak_rss
 
 QUESTION = "What is the largest value in this chart? Think it through, then give the number."
 
@@ -502,7 +502,7 @@ JOBS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m qvq_local.bench_worker SPEC.json OUT.json", file=sys.stderr)
+        print("usage: python -m qvq_local.bench.worker SPEC.json OUT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     import faulthandler

@@ -1,6 +1,6 @@
 """Presentation of a finished benchmark: the Rich tables, the JSON file and the PNG chart.
 
-Everything here reads the result dictionary built by ``qvq_local.bench``; nothing measures.
+Everything here reads the result dictionary built by ``qvq_local.bench.harness``; nothing measures.
 """
 
 from __future__ import annotations

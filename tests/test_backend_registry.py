@@ -1,0 +1,125 @@
+"""One list of backend names everywhere: every entry point reads qvq_local.backends.registry.
+
+The names and aliases a user types are accepted (and mapped to the same canonical name) by ``qvq ask``,
+``qvq config``, ``QVQ_BACKEND``, the API's ``load``/``choose_backend`` and ``qvq bench``; an unknown name is
+refused by each with the same one-line message; and no module keeps its own whitelist.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+from helpers import assert_error
+
+from qvq_local import config, hardware
+from qvq_local.ask_cmd import AskOptions, _check_numbers
+from qvq_local.backends import registry
+from qvq_local.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+ALIASES = [(alias, spec.name) for spec in registry.BACKENDS.values() for alias in (spec.name, *spec.aliases)]
+
+
+def test_the_llama_aliases_are_registered():
+    assert registry.names() == ("mlx", "llama")
+    for alias in ("llama", "llamacpp", "llama.cpp", "gguf", " LLaMA.cpp "):
+        assert registry.canonical(alias) == "llama"
+    assert registry.canonical(None) == registry.canonical("") == "auto"
+    assert registry.get("gguf").formats == frozenset({"gguf"})
+    assert registry.get("mlx").formats == frozenset({"mlx", "hf"})
+    assert registry.get("mlx").has(registry.IMAGE_ENCODING) and not registry.get("llama").has(registry.REMOTE)
+    with pytest.raises(ValueError):
+        registry.get("mlx").has("telepathy")
+
+
+@pytest.fixture
+def installed_everything(monkeypatch):
+    real = importlib.util.find_spec
+    needed = {m for spec in registry.BACKENDS.values() for m in spec.modules}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a, **k: object() if n in needed else real(n, *a, **k)
+    )
+
+
+@pytest.mark.parametrize("alias, name", ALIASES)
+def test_every_entry_point_accepts_every_alias(alias, name, tmp_path, monkeypatch, installed_everything):
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path))
+    monkeypatch.delenv("QVQ_BACKEND", raising=False)
+    # qvq config set backend ALIAS stores the canonical name
+    assert config.set_value("backend", alias) == name
+    assert config.read_file()["backend"] == name
+    # QVQ_BACKEND=ALIAS
+    monkeypatch.setenv("QVQ_BACKEND", alias.upper())
+    assert config.effective()["backend"] == name
+    # qvq ask --backend ALIAS
+    opts = AskOptions(backend=alias)
+    _check_numbers(opts)
+    assert opts.backend == name
+    # api.load -> hardware.choose_backend
+    fmt = sorted(registry.get(name).formats)[0]
+    assert hardware.choose_backend(alias, {fmt}) == name
+    # qvq bench --backend ALIAS
+    from qvq_local.bench.harness import ALL, _choose_backends
+
+    assert _choose_backends(registry.canonical(alias, extra=(ALL,)), "tiny", None) == [name]
+
+
+@pytest.mark.parametrize("bad", ["vllm", "cuda", "llama-cpp"])
+def test_every_entry_point_refuses_the_same_way(bad, tmp_path, monkeypatch):
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path))
+    raised = []
+    for call in (
+        lambda: config.set_value("backend", bad),
+        lambda: _check_numbers(AskOptions(backend=bad)),
+        lambda: hardware.choose_backend(bad, None),
+    ):
+        with pytest.raises(InputError) as err:
+            call()
+        assert_error(err, "unknown backend", "auto, mlx or llama", "llamacpp, llama.cpp, gguf mean llama")
+        raised.append(str(err.value))
+    assert len(set(raised)) == 1, raised  # one message, from one place
+    from qvq_local.bench.harness import run_bench  # qvq bench also takes "all"
+
+    with pytest.raises(InputError) as err:
+        run_bench(home=tmp_path, backend=bad)
+    assert_error(err, "unknown backend", "auto, mlx, llama or all", "gguf mean llama")
+
+
+def test_one_list_of_names_everywhere():
+    from qvq_local import doctor, selftest
+
+    assert [row["backend"] for row in doctor.backend_report()] == list(registry.names())
+    assert list(selftest.BACKEND_FORMAT) == list(registry.names())
+    assert {r["install_hint"] for r in doctor.backend_report()} == {
+        s.install_hint for s in registry.BACKENDS.values()
+    }
+    assert registry.choices("all") == "auto | mlx | llama | all"
+    assert "mlx | llama" in config.SETTINGS["backend"].help
+
+
+def _string_tuples(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            words = {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+            yield words
+
+
+def test_no_module_keeps_its_own_whitelist():
+    """A tuple/list/set literal naming two backends (or a backend and its alias) outside the registry is a
+    second copy of the list."""
+    names = set(registry.names()) | {a for s in registry.BACKENDS.values() for a in s.aliases}
+    offenders = []
+    for path in sorted((ROOT / "qvq_local").rglob("*.py")):
+        if path.name == "registry.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for words in _string_tuples(tree):
+            hits = words & names
+            # a set of model formats ({"mlx", "gguf", "hf"}) shares two words with the names; a whitelist
+            # of backends names another one besides
+            if len(hits) >= 2 and hits != {"mlx", "gguf"}:
+                offenders.append(f"{path.relative_to(ROOT)}: {sorted(hits)}")
+    assert offenders == []
