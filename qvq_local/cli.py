@@ -37,6 +37,12 @@ def synth(
     dtype: str = typer.Option("bf16", "--dtype", help="bf16 | f32"),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same bytes."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    tokenizer: str | None = typer.Option(
+        None,
+        "--tokenizer",
+        help="qwen (the real Qwen vocabulary, from the dashscope package) | trained (a small one)."
+        " Default: qwen for 2b/7b/72b when dashscope is installed, else trained.",
+    ),
 ) -> None:
     """Write a random-weight checkpoint in exactly the Hugging Face layout of QVQ-72B-Preview.
 
@@ -45,7 +51,7 @@ def synth(
     from qvq_local.convert.synthetic import synth_command
 
     try:
-        synth_command(shape=shape, out=out, dtype=dtype, seed=seed, force=force)
+        synth_command(shape=shape, out=out, dtype=dtype, seed=seed, force=force, tokenizer=tokenizer)
     except QvqError as err:
         _fail(err)
 
