@@ -95,6 +95,24 @@ def to_byte_level(data: bytes) -> str:
     return "".join(chars[b] for b in data)
 
 
+@functools.lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    return {c: b for b, c in enumerate(_byte_chars())}
+
+
+def byte_level_to_bytes(token: str) -> bytes:
+    """The bytes a byte-level BPE token string stands for (characters outside the table: their UTF-8)."""
+    table = _byte_of_char()
+    out = bytearray()
+    for c in token:
+        b = table.get(c)
+        if b is None:
+            out += c.encode("utf-8")
+        else:
+            out.append(b)
+    return bytes(out)
+
+
 def _merge_of(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     """The pair the BPE procedure joins last when it encodes ``token`` using tokens ranked below it."""
     parts = [token[i : i + 1] for i in range(len(token))]

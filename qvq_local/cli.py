@@ -210,6 +210,12 @@ def ask(
     seed: int | None = typer.Option(None, "--seed"),
     system: str | None = typer.Option(None, "--system", help="Replace QVQ's system prompt."),
     no_loop_stop: bool = typer.Option(False, "--no-loop-stop", help="Do not cut reasoning loops."),
+    lang_lock: str = typer.Option(
+        "auto",
+        "--lang-lock",
+        help="auto | on | off: while thinking, mask tokens of scripts the question does not use"
+        " (auto: when the question is in one script). Latin and Greek stay allowed (math, code).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one OpenAI-style JSON object at the end."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the thought stream."),
     save: Path | None = typer.Option(None, "--save", help="Write a Markdown transcript to this file."),
@@ -246,6 +252,7 @@ def ask(
         seed=seed,
         system=system,
         loop_detection=not no_loop_stop,
+        lang_lock=lang_lock,
         as_json=as_json,
         hide_thinking=hide_thinking,
         save=save,
