@@ -11,7 +11,7 @@ of a script the question does not use.  Precisely:
   Digits, punctuation, symbols, whitespace, emoji, mathematical alphanumerics and letterlike symbols
   have none and are never masked.
 * **The question's scripts.**  The scripts of its letters; a Latin or Greek run shorter than three letters
-  (``x``, ``AB``, option ``C``) is a symbol, not a use of the script.
+  or all in capitals (``x``, ``AB``, triangle ``ABC``, option ``C``) is a symbol, not a use of the script.
 * **Allowed while locked.**  The question's scripts plus ``latin`` and ``greek`` always: Chinese reasoning
   writes variables, LaTeX commands (``\\frac``), code and units in Latin letters and math in Greek ones,
   and a token such as ``frac`` is the same token in prose and after a backslash, so no token-level rule
@@ -40,7 +40,7 @@ from qvq_local.errors import InputError
 MODES = ("auto", "on", "off")
 #: Scripts never masked: math, LaTeX, code and units are written in them whatever the language.
 ALWAYS_ALLOWED = frozenset({"latin", "greek"})
-#: A Latin/Greek run shorter than this in the question is a symbol (x, AB, option C), not a word.
+#: A Latin/Greek run shorter than this (or all capitals) in the question is a symbol, not a word.
 MIN_WORD_LETTERS = 3
 
 # Code point ranges with a script of their own, sorted and disjoint (kana and hangul halfwidth forms
@@ -108,10 +108,12 @@ def char_script(c: str) -> str | None:
 def question_scripts(question: str) -> frozenset[str]:
     """The scripts the question's words are written in (short Latin/Greek runs are symbols)."""
     found: set[str] = set()
-    run_script, run_len = None, 0
+    run_script, run = None, ""
 
     def close_run() -> None:
-        if run_script is not None and (run_script not in ALWAYS_ALLOWED or run_len >= MIN_WORD_LETTERS):
+        if run_script is None:
+            return
+        if run_script not in ALWAYS_ALLOWED or (len(run) >= MIN_WORD_LETTERS and not run.isupper()):
             found.add(run_script)
 
     for c in question:
@@ -120,8 +122,8 @@ def question_scripts(question: str) -> frozenset[str]:
             script = None  # CJK punctuation says nothing about the language of the words
         if script != run_script:
             close_run()
-            run_script, run_len = script, 0
-        run_len += 1
+            run_script, run = script, ""
+        run += c
     close_run()
     return frozenset(found)
 
@@ -181,11 +183,14 @@ def _fragment_scripts(frag: bytes) -> frozenset[str]:
         return frozenset()
     lo, hi = rng
     out = set(_bmp_scripts()[lo : min(hi, 0xFFFF) + 1]) if lo <= 0xFFFF else set()
-    if hi > 0xFFFF:  # beyond the BMP: by range (enumerating a million code points would take seconds)
+    if hi > 0xFFFF:
         lo, hi = max(lo, 0x10000), min(hi, 0x10FFFF)
-        out.update(script for a, b, script in _RANGES if a <= hi and lo <= b)
-        if lo <= 0x1FFFF:
-            out.add(HISTORIC)
+        if hi - lo < 4096:  # a lead byte and a continuation byte or more: exact
+            out.update(char_script(chr(cp)) for cp in range(lo, hi + 1))
+        else:  # a bare 4-byte lead: by range (a million code points would take seconds to name)
+            out.update(script for a, b, script in _RANGES if a <= hi and lo <= b)
+            if lo <= 0x1FFFF:
+                out.add(HISTORIC)
     out.discard(None)
     return frozenset(out)
 
