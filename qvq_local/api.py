@@ -234,7 +234,7 @@ class Model:
             lock_mode=lang_lock,
         )
 
-    def _thought_mask(self, lock) -> tuple[Any, dict]:
+    def language_mask(self, lock) -> tuple[Any, dict]:
         """The token mask for a language lock, and what to record in the settings.
 
         The script table is built once per loaded model (its tokenizer) and kept; each lock's mask once
@@ -309,7 +309,7 @@ class Model:
                 "loop_detection": loop_detection,
                 "system": system_text,
             }
-            thought_mask, lock_info = self._thought_mask(lock)
+            thought_mask, lock_info = self.language_mask(lock)
             settings["lang_lock"] = {"mode": lock_mode, **lock_info}
             session = loaded.new_session(sampling, n_ctx=n_ctx)
             t_prefill = time.perf_counter()

@@ -319,3 +319,33 @@ def test_mask_on_then_off_keeps_the_sampler_state(request, backend, sample_image
         assert run(TokenMask(ids=np.zeros(0, np.int32)), 40) == plain
         # and a mask that bans the greedy choice does change it
         assert run(TokenMask(ids=np.array([plain[0]], dtype=np.int32)), 1)[0] != plain[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bench_measures_the_lock_cost_per_token(request, backend):
+    """``qvq bench`` reports the lock's per-token cost (the worker's own function, on the real vocabulary)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from qvq_local.bench_report import render_tables
+    from qvq_local.bench_worker import _lang_lock_cost
+
+    with _load(request, backend) as model:
+        cost = _lang_lock_cost(model, steps=16, rounds=2)
+    assert cost["masked_tokens"] > 40000 and cost["table_s"] > 0
+    assert cost["step_ms_off"] > 0 and cost["step_ms_on"] > 0
+    assert cost["overhead_ms"] == pytest.approx(cost["step_ms_on"] - cost["step_ms_off"])
+    out = StringIO()
+    render_tables(
+        {"backends": {backend: {"available": True, "qvq": {"ok": True, "sizes": {}, "lang_lock": cost}}}},
+        Console(file=out, width=200),
+    )
+    assert (
+        f"{backend}: language lock (English question, {cost['masked_tokens']} tokens masked" in out.getvalue()
+    )
+    print(
+        f"\n{backend}: lock table {cost['table_s']:.2f} s; step {cost['step_ms_off']:.2f} ms unlocked,"
+        f" {cost['step_ms_on']:.2f} ms locked ({cost['overhead_ms']:+.2f} ms/token)"
+    )
