@@ -172,3 +172,81 @@ def gguf_vocab(qwen_tiny_gguf_f16):
     llama = llama_cpp.Llama(model_path=str(qwen_tiny_gguf_f16.model), vocab_only=True, verbose=False)
     yield llama
     llama.close()
+
+
+# ------------------------------------------------------------------------------------------ the controller, real lengths
+EN_REPLY = (
+    "So I've got this problem here. The chart shows the temperatures for each day of the week, and I need "
+    "the difference between the lowest and the highest reading.\n\nLooking at the bars: Monday is -12, "
+    "Tuesday is 3, Wednesday is 17, and the lowest is Saturday at -12... wait, no, Sunday is -12 and "
+    "Saturday is -9. So the highest is 17 and the lowest is -12.\n\nThe difference is -12 - 17 = -29.\n\n"
+    "**Final Answer**\n\n$$ \\boxed{-29} $$"
+)
+ZH_THOUGHT = (
+    "好的，我来仔细看看这张图片。图中有五个柱子，分别代表不同的数值。第一个柱子大约是40，第二个是90，"
+    "第三个是60，第四个是120，第五个是75。所以最高的是第四个柱子。等一下，我再确认一下比例尺。"
+) * 3
+
+
+def _real_token_texts(tokenizer, text: str) -> list[str]:
+    """The text each real Qwen token adds when streamed (a split character comes out whole)."""
+    import codecs
+
+    from qvq_local.convert.tokenizer_qwen import byte_level_to_bytes
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    ids = tokenizer.encode(text).ids
+    return [decoder.decode(byte_level_to_bytes(tokenizer.id_to_token(i))) for i in ids]
+
+
+def _real_session(tokenizer, thought: str, answer: str | None = None, **kwargs):
+    from fakes import ScriptedSession
+
+    class RealLengths(ScriptedSession):
+        def count_tokens(self, text: str) -> int:
+            return len(tokenizer.encode(text).ids)
+
+    answer_texts = None if answer is None else _real_token_texts(tokenizer, answer)
+    return RealLengths(_real_token_texts(tokenizer, thought), answer_texts, **kwargs)
+
+
+def test_controller_counts_real_tokens_of_an_english_reply(qwen_tokenizer):
+    from qvq_local.reasoning import ReasoningConfig, run_reasoning
+
+    texts = _real_token_texts(qwen_tokenizer, EN_REPLY)
+    assert "".join(texts) == EN_REPLY and len(texts) == len(qwen_tokenizer.encode(EN_REPLY).ids)
+    marker_end = next(k for k in range(len(texts)) if "**Final Answer**" in "".join(texts[: k + 1])) + 1
+    session = _real_session(qwen_tokenizer, EN_REPLY)
+    result = list(run_reasoning(session, ReasoningConfig(loop=None)))[-1].result
+    assert result.stop_reason == "answer" and result.boxed == "-29"
+    # the token that completes the marker is the first answer token; the ones before it are thought
+    assert result.thought_tokens == marker_end - 1
+    assert result.answer_tokens == len(texts) - marker_end + 1
+    assert result.thought.endswith("-12 - 17 = -29.")
+
+
+def test_controller_budget_with_real_chinese_token_lengths(qwen_tokenizer):
+    from qvq_local.reasoning import DEFAULT_FORCED_TEXT, ReasoningConfig, run_reasoning
+
+    n_zh = len(qwen_tokenizer.encode(ZH_THOUGHT).ids)
+    assert n_zh > 100  # Chinese runs are many real tokens (the fake tokenizer would call each run one)
+    session = _real_session(qwen_tokenizer, ZH_THOUGHT, "$$ \\boxed{4} $$", prompt_tokens=50)
+    cfg = ReasoningConfig(think_budget=60, grace_tokens=16, loop=None)
+    result = list(run_reasoning(session, cfg))[-1].result
+    forced = result.forced[0]
+    assert forced.reason == "budget" and 60 <= forced.at_token <= 60 + 16
+    assert result.thought_tokens == forced.at_token
+    fed = len(qwen_tokenizer.encode(session.fed[0]).ids)
+    assert fed == len(qwen_tokenizer.encode(DEFAULT_FORCED_TEXT.lstrip("\n")).ids) or fed == len(
+        qwen_tokenizer.encode(DEFAULT_FORCED_TEXT).ids
+    )
+    # the context bookkeeping is in real tokens: prompt + every step + the forced text
+    assert session.n_past == 50 + session.steps + fed  # (the fake gives its final EOS a cell too)
+    assert result.answer == "$$ \\boxed{4} $$" and result.boxed == "4"
+    # and a context too small for the forced text in real tokens stops instead of overflowing
+    small = _real_session(qwen_tokenizer, ZH_THOUGHT, prompt_tokens=50, n_ctx=50 + 40)
+    tight = list(run_reasoning(small, ReasoningConfig(think_budget=None, answer_reserve=8, loop=None)))[
+        -1
+    ].result
+    assert small.n_past <= 90
+    assert tight.forced and tight.thought_tokens <= 40 - len(qwen_tokenizer.encode(DEFAULT_FORCED_TEXT).ids)
