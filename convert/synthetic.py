@@ -22,12 +22,14 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError
 from qvq_local.families import qwen2vl
+from qvq_local.families.qwen2vl import BASE_VOCAB as QWEN_BASE_VOCAB
+from qvq_local.families.qwen2vl import SPECIAL_TOKENS
 
 from . import tokenizer_synth
 
@@ -49,6 +51,40 @@ def get_shape(shape: str | SynthShape) -> SynthShape:
         return SHAPES[shape]
     except KeyError:
         raise InputError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}") from None
+
+
+#: Embedding rows a shape gets when it carries the real Qwen tokenizer but had fewer (Qwen2-VL-2B's count).
+QWEN_VOCAB_ROWS = 151936
+
+
+def default_tokenizer(shape: str | SynthShape) -> str:
+    """``qwen`` for shapes laid out for the real vocabulary (2b, 7b, 72b) when its file is installed,
+    else ``trained`` (tiny keeps its small trained tokenizer unless asked)."""
+    from . import tokenizer_qwen
+
+    s = get_shape(shape)
+    return "qwen" if s.tokenizer_base == QWEN_BASE_VOCAB and tokenizer_qwen.available() else "trained"
+
+
+def with_tokenizer(shape: str | SynthShape, tokenizer: str | None) -> tuple[SynthShape, str]:
+    """The shape adjusted to carry ``tokenizer`` (None: the default) and the tokenizer kind.
+
+    The real vocabulary puts the specials at 151643..151656, so a smaller shape (tiny) grows its
+    embedding to :data:`QWEN_VOCAB_ROWS` rows: every id the tokenizer can produce needs a row.
+    """
+    from . import tokenizer_qwen
+
+    s = get_shape(shape)
+    kind = default_tokenizer(s) if tokenizer is None else tokenizer
+    if kind not in tokenizer_synth.KINDS:
+        raise InputError(f"unknown tokenizer {kind!r}; choose one of {', '.join(tokenizer_synth.KINDS)}")
+    if kind == "qwen":
+        tokenizer_qwen.require_vocab_file()
+        if s.tokenizer_base != QWEN_BASE_VOCAB:
+            s = replace(s, tokenizer_base=QWEN_BASE_VOCAB, vocab_size=max(s.vocab_size, QWEN_VOCAB_ROWS))
+    elif s.tokenizer_base + len(SPECIAL_TOKENS) > s.vocab_size:
+        raise InputError(f"shape {s.name} has {s.vocab_size} embedding rows, too few for its tokenizer")
+    return s, kind
 
 
 def _check_dtype(dtype: str) -> tuple[str, int, str]:
@@ -282,8 +318,13 @@ def write_checkpoint(
     seed: int = 0,
     progress: bool = False,
     force: bool = False,
+    tokenizer: str | None = None,
 ) -> Path:
     """Write a random-weight QVQ-layout checkpoint into ``out`` and return its path.
+
+    ``tokenizer``: ``trained`` (a small BPE trained in-process), ``qwen`` (the real Qwen vocabulary, read
+    from the installed ``dashscope`` package; a shape with fewer embedding rows grows to hold it), or None
+    for :func:`default_tokenizer`.
 
     The folder appears only when complete: everything is written into a hidden sibling folder that is
     renamed at the end (and removed on any error or interrupt).  An existing non-empty ``out`` is
@@ -291,7 +332,7 @@ def write_checkpoint(
     """
     from .safetensors_io import ShardedWriter
 
-    s = get_shape(shape)
+    s, kind = with_tokenizer(shape, tokenizer)
     st_dtype, _, _ = _check_dtype(dtype)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -311,7 +352,7 @@ def write_checkpoint(
     tmp = atomic.partial_dir(out)
     tmp.mkdir()
     try:
-        _write_files(tmp, s, dtype, st_dtype, seed, progress, ShardedWriter)
+        _write_files(tmp, s, dtype, st_dtype, seed, progress, ShardedWriter, kind)
         atomic.replace_dir(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -333,7 +374,14 @@ def _write_error(err: OSError, out: Path) -> Exception:
 
 
 def _write_files(
-    folder: Path, s: SynthShape, dtype: str, st_dtype: str, seed: int, progress: bool, writer_cls
+    folder: Path,
+    s: SynthShape,
+    dtype: str,
+    st_dtype: str,
+    seed: int,
+    progress: bool,
+    writer_cls,
+    tokenizer: str = "trained",
 ) -> None:
     def dump(name: str, data: dict) -> None:
         (folder / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -341,7 +389,7 @@ def _write_files(
     dump("config.json", build_config(s, dtype))
     dump("generation_config.json", build_generation_config(s))
     dump("preprocessor_config.json", build_preprocessor_config(s))
-    tokenizer_synth.write_tokenizer_files(folder, s.tokenizer_base, s.max_position_embeddings)
+    tokenizer_synth.write_tokenizer_files(folder, s.tokenizer_base, s.max_position_embeddings, tokenizer)
 
     specs = tensor_specs(s)
     total = checkpoint_bytes(s, dtype)
@@ -411,18 +459,26 @@ def _folder_size(path: Path) -> int:
 
 
 def synth_command(
-    shape: str, out: str | Path, dtype: str = "bf16", seed: int = 0, force: bool = False
+    shape: str,
+    out: str | Path,
+    dtype: str = "bf16",
+    seed: int = 0,
+    force: bool = False,
+    tokenizer: str | None = None,
 ) -> Path:
     """The ``qvq synth`` command: validate, write with a progress bar, print a one-line summary."""
-    s = get_shape(shape)
+    s, kind = with_tokenizer(shape, tokenizer)
     _check_dtype(dtype)
     out = Path(out)
     if _is_nonempty_dir(out) and not force:
         raise InputError("folder exists and is not empty", path=out, hint="use --force to replace it")
-    path = write_checkpoint(out, shape=s.name, dtype=dtype, seed=seed, progress=True, force=force)
+    path = write_checkpoint(
+        out, shape=s.name, dtype=dtype, seed=seed, progress=True, force=force, tokenizer=kind
+    )
     n_shards = len(list(path.glob("model-*.safetensors")))
     print(
-        f"wrote {path}: {s.name} ({parameter_count(s) / 1e6:,.1f}M parameters, {dtype}, seed {seed}), "
+        f"wrote {path}: {s.name} ({parameter_count(s) / 1e6:,.1f}M parameters, {dtype}, seed {seed},"
+        f" {kind} tokenizer), "
         f"{_human(_folder_size(path))} in {n_shards} shard{'s' if n_shards != 1 else ''}"
     )
     return path

@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from qvq_local.errors import InputError
+from qvq_local.families.qwen2vl import BASE_VOCAB as QWEN_BASE_VOCAB
 from qvq_local.families.qwen2vl import SPECIAL_TOKENS
 from qvq_local.families.qwen2vl import SYSTEM_PROMPT as QVQ_SYSTEM_PROMPT
 
@@ -155,8 +157,29 @@ def build_vocab(base_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, list(trained.merges)
 
 
-def build_tokenizer_json(base_size: int) -> str:
-    """tokenizer.json text: Qwen2 normaliser / pre-tokeniser / decoder, padded BPE, then the specials."""
+#: Tokenizer kinds a synthetic checkpoint can carry: the small one trained here, or Qwen's real one.
+KINDS = ("trained", "qwen")
+
+
+def vocab_and_merges(kind: str, base_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The base vocabulary (ids 0..base_size-1) and merges of tokenizer ``kind``."""
+    if kind == "trained":
+        return build_vocab(base_size)
+    if kind == "qwen":
+        from . import tokenizer_qwen
+
+        if base_size != QWEN_BASE_VOCAB:
+            raise InputError(f"the real Qwen tokenizer has {QWEN_BASE_VOCAB} base tokens, not {base_size}")
+        return tokenizer_qwen.load()
+    raise InputError(f"unknown tokenizer {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+@functools.lru_cache(maxsize=4)
+def build_tokenizer_json(base_size: int, kind: str = "trained") -> str:
+    """tokenizer.json text: Qwen2 normaliser / pre-tokeniser / decoder, the BPE, then the specials.
+
+    Built once per process and kind (the real vocabulary takes a few seconds).
+    """
     from tokenizers import (
         AddedToken,
         Regex,
@@ -168,7 +191,7 @@ def build_tokenizer_json(base_size: int) -> str:
         processors,
     )
 
-    vocab, merges = build_vocab(base_size)
+    vocab, merges = vocab_and_merges(kind, base_size)
     tok = Tokenizer(
         models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False)
     )
@@ -225,11 +248,11 @@ def tokenizer_config(base_size: int, model_max_length: int) -> dict:
     }
 
 
-def write_tokenizer_files(folder: Path, base_size: int, model_max_length: int) -> None:
+def write_tokenizer_files(folder: Path, base_size: int, model_max_length: int, kind: str = "trained") -> None:
     """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json and chat_template.json."""
     folder = Path(folder)
-    (folder / "tokenizer.json").write_text(build_tokenizer_json(base_size), encoding="utf-8")
-    vocab, merges = build_vocab(base_size)
+    (folder / "tokenizer.json").write_text(build_tokenizer_json(base_size, kind), encoding="utf-8")
+    vocab, merges = vocab_and_merges(kind, base_size)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"

@@ -145,6 +145,8 @@ class Model:
         self.path = path
         self.max_pixels = max_pixels
         self.load_s = load_s
+        self._vocab_scripts = None  # qvq_local.lang.VocabScripts of this model's tokenizer, built once
+        self.lang_index_s = 0.0  # seconds that took
 
     @property
     def context_length(self) -> int:
@@ -181,6 +183,7 @@ class Model:
         max_pixels: int | None = None,
         loop_detection: bool = True,
         forced_text: str | None = None,
+        lang_lock: str = "auto",
     ) -> Iterator[Event]:
         """Ask ``question`` about ``images`` (paths or :class:`PreparedImage`); yield events as they come.
 
@@ -189,13 +192,17 @@ class Model:
         leaves the template's own default).  Sampling values left at None come from the model's
         generation_config.  ``forced_text`` (fed when thinking is cut) defaults to what suits the model and
         the question: ``</think>`` when the chat template opens ``<think>``, else QVQ's marker, after a
-        sentence in the question's language (:func:`qvq_local.reasoning.default_forced_text`).  The last
-        event is always ``Finished``.
+        sentence in the question's language (:func:`qvq_local.reasoning.default_forced_text`).
+        ``lang_lock`` (auto|on|off, see :mod:`qvq_local.lang`) keeps the thought in the question's scripts.
+        The last event is always ``Finished``.
         """
+        from qvq_local import lang
+
         if self.loaded is None:
             raise ModelError("this model was closed; load it again")
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty")
+        lock = lang.decide(question, lang_lock)
         for name, value in (("think budget", think_budget), ("answer budget", answer_budget)):
             if value is not None and value <= 0:
                 raise InputError(f"the {name} must be above 0, got {value}")
@@ -215,7 +222,29 @@ class Model:
             max_pixels=max_pixels if max_pixels is not None else self.max_pixels,
             loop_detection=loop_detection,
             forced_text=forced_text,
+            lock=lock,
+            lock_mode=lang_lock,
         )
+
+    def language_mask(self, lock) -> tuple[Any, dict]:
+        """The token mask for a language lock, and what to record in the settings.
+
+        The script table is built once per loaded model (its tokenizer) and kept; each lock's mask once
+        per script set.  A backend that cannot list its vocabulary runs unlocked, and says so.
+        """
+        if lock is None:
+            return None, {"scripts": None}
+        pieces = getattr(self.loaded, "token_pieces", None)
+        if pieces is None:
+            return None, {"scripts": None, "unavailable": "the backend cannot list its vocabulary"}
+        if self._vocab_scripts is None:
+            from qvq_local.lang import VocabScripts
+
+            t = time.perf_counter()
+            self._vocab_scripts = VocabScripts(pieces())
+            self.lang_index_s = time.perf_counter() - t
+        mask = self._vocab_scripts.mask(lock.allowed)
+        return mask, {"scripts": sorted(lock.allowed), "masked": mask.label, "masked_tokens": len(mask)}
 
     def _stream(
         self,
@@ -229,6 +258,8 @@ class Model:
         max_pixels,
         loop_detection,
         forced_text,
+        lock,
+        lock_mode,
     ) -> Iterator[Event]:
         from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt
         from qvq_local.reasoning import default_forced_text, default_markers, question_language
@@ -275,6 +306,8 @@ class Model:
                 "system": system_text,
                 "question_language": question_language(question),
             }
+            thought_mask, lock_info = self.language_mask(lock)
+            settings["lang_lock"] = {"mode": lock_mode, **lock_info}
             session = loaded.new_session(sampling, n_ctx=n_ctx)
             t_prefill = time.perf_counter()
             stats = session.prefill(
@@ -309,6 +342,7 @@ class Model:
                 loop_detection,
                 forced_text,
                 markers,
+                thought_mask,
             )
         except KeyboardInterrupt:
             # Ctrl-C outside the controller (image loading, prefill, or between events)
@@ -332,6 +366,7 @@ class Model:
         loop_detection,
         forced_text: str,
         markers: tuple[str, ...],
+        thought_mask=None,
     ) -> Iterator[Event]:
         """Run the controller and pass its events on.
 
@@ -364,7 +399,9 @@ class Model:
             "prompt_tokens": started.prompt_tokens,
             "timings": timings,
         }
-        controller = run_reasoning(session, config, result_base=base, started_at=t_prefill)
+        controller = run_reasoning(
+            session, config, result_base=base, started_at=t_prefill, thought_mask=thought_mask
+        )
         throw = False
         while True:
             try:

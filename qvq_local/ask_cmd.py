@@ -37,6 +37,7 @@ class AskOptions:
     seed: int | None = None
     system: str | None = None
     loop_detection: bool = True
+    lang_lock: str = "auto"
     as_json: bool = False
     hide_thinking: bool = False
     save: Path | None = None
@@ -68,6 +69,11 @@ def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
 
 
 def _check_numbers(opts: AskOptions) -> None:
+    from qvq_local.lang import MODES
+
+    opts.lang_lock = (opts.lang_lock or "auto").strip().lower()
+    if opts.lang_lock not in MODES:
+        raise InputError(f"--lang-lock must be one of {', '.join(MODES)}, got {opts.lang_lock!r}")
     for flag, value in (
         ("--think-budget", opts.think_budget),
         ("--answer-budget", opts.answer_budget),
@@ -240,6 +246,7 @@ def _ask_loaded(opts: AskOptions, question: str, prepared: list, sigint: SigintF
             seed=opts.seed,
             max_pixels=opts.max_pixels,
             loop_detection=opts.loop_detection,
+            lang_lock=opts.lang_lock,
         )
         renderer = _make_renderer(opts, model)
         handlers.append(renderer.handle)

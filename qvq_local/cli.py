@@ -38,6 +38,12 @@ def synth(
     dtype: str = typer.Option("bf16", "--dtype", help="bf16 | f32"),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same bytes."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    tokenizer: str | None = typer.Option(
+        None,
+        "--tokenizer",
+        help="qwen (the real Qwen vocabulary, from the dashscope package) | trained (a small one)."
+        " Default: qwen for 2b/7b/72b when dashscope is installed, else trained.",
+    ),
 ) -> None:
     """Write a random-weight checkpoint in exactly the Hugging Face layout of QVQ-72B-Preview.
 
@@ -46,7 +52,7 @@ def synth(
     from qvq_local.convert.synthetic import synth_command
 
     try:
-        synth_command(shape=shape, out=out, dtype=dtype, seed=seed, force=force)
+        synth_command(shape=shape, out=out, dtype=dtype, seed=seed, force=force, tokenizer=tokenizer)
     except QvqError as err:
         _fail(err)
 
@@ -207,6 +213,12 @@ def ask(
     seed: int | None = typer.Option(None, "--seed"),
     system: str | None = typer.Option(None, "--system", help="Replace QVQ's system prompt."),
     no_loop_stop: bool = typer.Option(False, "--no-loop-stop", help="Do not cut reasoning loops."),
+    lang_lock: str = typer.Option(
+        "auto",
+        "--lang-lock",
+        help="auto | on | off: while thinking, mask tokens of scripts the question does not use"
+        " (auto: when the question is in one script). Latin and Greek stay allowed (math, code).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one OpenAI-style JSON object at the end."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the thought stream."),
     save: Path | None = typer.Option(None, "--save", help="Write a Markdown transcript to this file."),
@@ -250,6 +262,7 @@ def ask(
         seed=seed,
         system=system,
         loop_detection=not no_loop_stop,
+        lang_lock=lang_lock,
         as_json=as_json,
         hide_thinking=hide_thinking,
         save=save,

@@ -521,8 +521,10 @@ class _Run:
         result_base: dict | None,
         started_at: float | None,
         clock: Callable[[], float],
+        thought_mask=None,
     ):
         self.session = session
+        self.thought_mask = thought_mask if thought_mask is not None and len(thought_mask) else None
         self.cfg = config
         self.base = dict(result_base or {})
         self.clock = clock
@@ -615,7 +617,10 @@ class _Run:
                     continue
 
             t = self.clock()
-            token = session.step()
+            if self.thought_mask is not None and not in_answer:
+                token = session.step(banned=self.thought_mask)  # the language lock holds while thinking
+            else:
+                token = session.step()
             now = self.clock()
             self.decode_s += now - t
             self.generated += 1
@@ -725,6 +730,7 @@ def run_reasoning(
     result_base: dict | None = None,
     started_at: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    thought_mask=None,
 ) -> Iterator[TextDelta | Forced | Finished]:
     """Generate from an already prefilled ``session`` and yield ``TextDelta``/``Forced`` events, then one
     ``Finished`` carrying the :class:`~qvq_local.events.Result`.
@@ -734,6 +740,8 @@ def run_reasoning(
     ``session.n_past`` at the start) and ``timings`` (a ``Timings`` with load/image/prefill figures; the
     controller fills first_token_s, decode_s, decode_tok_s, forced_step_s and total_s).  ``started_at``
     is the ``clock()`` value when prefill began, so first_token_s and total_s include prefill.
+    ``thought_mask`` (a :class:`~qvq_local.backends.base.TokenMask`, e.g. the language lock of
+    :mod:`qvq_local.lang`) is passed to every ``step()`` while the model thinks, never in the answer.
 
     Interruption: a KeyboardInterrupt raised inside ``session.step()``/``feed()`` (Ctrl-C while the
     generator runs), or thrown in with ``gen.throw(KeyboardInterrupt)`` by a caller that caught Ctrl-C
@@ -750,7 +758,7 @@ def run_reasoning(
 
     The session is neither prefilled nor closed here; that is the caller's job.
     """
-    run = _Run(session, config or ReasoningConfig(), result_base, started_at, clock)
+    run = _Run(session, config or ReasoningConfig(), result_base, started_at, clock, thought_mask)
     try:
         yield from run.loop_events()
         pieces = run.final_pieces()

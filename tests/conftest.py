@@ -77,6 +77,58 @@ def tiny_mlx_q4(artifacts, tiny_checkpoint) -> Path:
     return convert_to_mlx(tiny_checkpoint, artifacts / "mlx-q4", bits=4, group_size=64)
 
 
+def _need_qwen_vocab() -> None:
+    from qvq_local.convert import tokenizer_qwen
+
+    if not tokenizer_qwen.available():
+        pytest.skip("the real Qwen vocabulary needs the dashscope package (dev extra)")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_json() -> str:
+    """Qwen's real tokenizer.json text, built from dashscope's qwen.tiktoken (once per session)."""
+    _need_qwen_vocab()
+    from qvq_local.convert.tokenizer_synth import build_tokenizer_json
+
+    from qvq_local.families.qwen2vl import BASE_VOCAB as QWEN_BASE_VOCAB
+
+    return build_tokenizer_json(QWEN_BASE_VOCAB, "qwen")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(qwen_tokenizer_json):
+    """The real Qwen tokenizer as a ``tokenizers.Tokenizer``."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(qwen_tokenizer_json)
+
+
+@pytest.fixture(scope="session")
+def qwen_tiny_checkpoint(artifacts, qwen_tokenizer_json) -> Path:
+    """The tiny shape carrying the real Qwen tokenizer (its embedding grows to 151936 rows), bf16."""
+    from qvq_local.convert.synthetic import write_checkpoint
+
+    return write_checkpoint(
+        artifacts / "qwen-tiny-bf16", shape="tiny", dtype="bf16", seed=0, tokenizer="qwen"
+    )
+
+
+@pytest.fixture(scope="session")
+def qwen_tiny_gguf_f16(artifacts, qwen_tiny_checkpoint):
+    """F16 GGUF pair of the real-vocabulary tiny checkpoint (F16 decodes safely on AMX CPUs)."""
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    return convert_to_gguf(qwen_tiny_checkpoint, artifacts / "qwen-gguf-f16", quant="f16", mmproj_quant="f16")
+
+
+@pytest.fixture(scope="session")
+def qwen_tiny_mlx(artifacts, qwen_tiny_checkpoint) -> Path:
+    """Unquantised MLX conversion of the real-vocabulary tiny checkpoint."""
+    from qvq_local.convert.to_mlx import convert_to_mlx
+
+    return convert_to_mlx(qwen_tiny_checkpoint, artifacts / "qwen-mlx", bits=None)
+
+
 @pytest.fixture(scope="session")
 def sample_image(artifacts) -> Path:
     """A small RGB chart-like PNG (224x168): bars and a line, deterministic."""

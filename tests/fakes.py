@@ -64,6 +64,7 @@ class ScriptedSession:
         self.generated: list[str] = []  # texts of the tokens produced (EOS excluded)
         self.transcript = ""  # everything after the prompt: generated and fed text, in order
         self.closed = False
+        self.banned: list = []  # the ``banned`` mask passed to each step (None when none)
 
     # -- Session protocol
     def prefill(self, prompt: Prompt) -> PrefillStats:
@@ -79,8 +80,9 @@ class ScriptedSession:
             image_tokens_per_image=[16] * len(prompt.images),
         )
 
-    def step(self) -> Token:
+    def step(self, banned=None) -> Token:
         self.steps += 1
+        self.banned.append(banned)
         if self.interrupt_at is not None and self.steps == self.interrupt_at:
             raise KeyboardInterrupt
         if self.n_past >= self.n_ctx:

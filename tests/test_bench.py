@@ -303,5 +303,7 @@ def test_the_runtime_never_imports_the_bench_harness():
         "from qvq_local import cli\n"
         "print(sorted(m for m in sys.modules if m.startswith('qvq_local.bench')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "[]", out.stdout

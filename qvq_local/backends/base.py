@@ -104,6 +104,22 @@ class Token:
     is_eos: bool = False
 
 
+@dataclass(frozen=True, eq=False)
+class TokenMask:
+    """Token ids that ``Session.step(banned=...)`` must not sample (the policy layer decides which).
+
+    ``ids``: a sorted int32 numpy array.  A backend derives its own form (a logit-bias sampler, an
+    additive logits vector) once per mask object and reuses it, so pass the same object every step.
+    ``label`` says what is masked, for settings and logs.
+    """
+
+    ids: object  # numpy.ndarray[int32], sorted, unique
+    label: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 @runtime_checkable
 class Session(Protocol):
     """One question's worth of state: the KV cache and the sampler."""
@@ -115,7 +131,9 @@ class Session(Protocol):
 
     def prefill(self, prompt: Prompt) -> PrefillStats: ...
 
-    def step(self) -> Token: ...
+    def step(self, banned: TokenMask | None = None) -> Token:
+        """Sample and decode one token; ids in ``banned`` are never sampled (None or empty: no mask)."""
+        ...
 
     def feed(self, text: str) -> int:
         """Append ``text`` (tokenised, no special-token parsing) to the context; return its token count."""
@@ -139,5 +157,9 @@ class LoadedModel(Protocol):
     image_token_estimate: callable  # (width, height) -> image tokens after merge, for context sizing
 
     def new_session(self, sampling: SamplingParams, *, n_ctx: int | None = None) -> Session: ...
+
+    def token_pieces(self) -> list[bytes]:
+        """The bytes each token id writes (index = id; control tokens: ``b""``), for token masks."""
+        ...
 
     def close(self) -> None: ...

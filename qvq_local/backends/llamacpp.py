@@ -41,6 +41,7 @@ from qvq_local.backends.base import (
     Prompt,
     SamplingParams,
     Token,
+    TokenMask,
     sampling_values,
 )
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError, QvqError
@@ -291,6 +292,21 @@ class LlamaModel:
         if n < 0:
             raise QvqError(f"llama.cpp could not tokenize {len(data)} bytes of text")
         return list(buf[:n])
+
+    def token_pieces(self) -> list[bytes]:
+        """The bytes of every token id (control tokens: ``b""``), as llama.cpp writes them."""
+        llama_cpp, _ = _libs()
+        self._check_open()
+        vocab = llama_cpp.llama_model_get_vocab(self._model)
+        buf = ctypes.create_string_buffer(256)
+        pieces = []
+        for tok in range(self.n_vocab):
+            n = llama_cpp.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n + 8)
+                n = llama_cpp.llama_token_to_piece(vocab, tok, buf, len(buf), 0, False)
+            pieces.append(buf.raw[: max(n, 0)])
+        return pieces
 
     def context_needed(
         self, prompt: Prompt | str, image_sizes: list[tuple[int, int]] | None = None, new_tokens: int = 0
@@ -589,6 +605,7 @@ class LlamaSession:
             )
         self._ctx = ctx
         self._sampler = self._build_sampler(sampling)
+        self._mask: TokenMask | None = None  # the mask whose logit-bias sampler heads the chain now
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         # Frees the handles at close(), or when the session is garbage-collected, or at exit (before the model).
         self._finalizer = weakref.finalize(self, _free_session, llama_cpp, self._sampler, self._batch, ctx)
@@ -620,6 +637,39 @@ class LlamaSession:
             seed = int(sp.seed if sp.seed is not None else 0) & 0xFFFFFFFF
             add(chain, llama_cpp.llama_sampler_init_dist(seed))
         return chain
+
+    def _use_mask(self, mask: TokenMask | None) -> None:
+        """Put a logit-bias sampler (-inf on the masked ids) at the head of the chain, or take it out.
+
+        The chain's other samplers are taken out and put back in order, not rebuilt, so the repetition
+        penalty's history and the seeded draw's state carry on unchanged; with no mask the chain is
+        exactly the one ``_build_sampler`` made.  Done only when the mask changes (the lock starts or ends).
+        """
+        if mask is not None and len(mask) == 0:
+            mask = None
+        if mask is self._mask:
+            return
+        import numpy as np
+
+        llama_cpp, _ = _libs()
+        chain = self._sampler
+        rest = [
+            llama_cpp.llama_sampler_chain_remove(chain, 0)
+            for _ in range(llama_cpp.llama_sampler_chain_n(chain))
+        ]
+        if self._mask is not None:
+            llama_cpp.llama_sampler_free(rest.pop(0))
+        if mask is not None:
+            ids = np.asarray(mask.ids, dtype=np.int32)
+            biases = (llama_cpp.llama_logit_bias * len(ids))()
+            view = np.ctypeslib.as_array(biases).view(np.dtype([("token", np.int32), ("bias", np.float32)]))
+            view["token"] = ids
+            view["bias"] = -np.inf
+            bias = llama_cpp.llama_sampler_init_logit_bias(self.model.n_vocab, len(ids), biases)
+            llama_cpp.llama_sampler_chain_add(chain, bias)
+        for sampler in rest:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+        self._mask = mask
 
     def _check_open(self) -> None:
         if self._ctx is None:
@@ -811,12 +861,14 @@ class LlamaSession:
             rgb = rgb.resize((gw * align, gh * align), Image.Resampling.BICUBIC)
         return rgb
 
-    def step(self) -> Token:
-        """Sample the next token from the current logits, decode it into the cache, return its text."""
+    def step(self, banned: TokenMask | None = None) -> Token:
+        """Sample the next token from the current logits (never one of ``banned``), decode it into the
+        cache, return its text."""
         llama_cpp, _ = _libs()
         self._check_open()
         if not self.prefilled:
             raise RuntimeError("call prefill() before step()")
+        self._use_mask(banned)
         tok = int(llama_cpp.llama_sampler_sample(self._sampler, self._ctx, -1))
         if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
             # Not decoded: nothing follows an end of turn unless the caller feeds text, which decodes itself.

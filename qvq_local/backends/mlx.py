@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from qvq_local.backends import registry
-from qvq_local.backends.base import PrefillStats, Prompt, SamplingParams, Token
+from qvq_local.backends.base import PrefillStats, Prompt, SamplingParams, Token, TokenMask
 from qvq_local.errors import BackendUnavailable, ContextOverflow, ModelError
 from qvq_local.families import DEFAULT_FAMILY, family_for_model_type
 from qvq_local.prompt import IMAGE_PAD, load_chat_template
@@ -168,6 +168,16 @@ class MlxModel:
         if _activation_dtype(mx, self.model.language_model, "auto") is None:
             return None
         return "float32 activations on CPU (MLX's CPU backend has no fast bf16/f16 arithmetic)"
+
+    def token_pieces(self) -> list[bytes]:
+        """The bytes of every token id (special tokens: ``b""``), from the byte-level vocabulary."""
+        from qvq_local.convert.tokenizer_qwen import byte_level_to_bytes
+
+        tok = self.tokenizer
+        special = {int(i) for i in getattr(tok, "all_special_ids", [])}
+        special |= {int(i) for i in (getattr(tok, "added_tokens_decoder", None) or {})}
+        tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
+        return [b"" if i in special or t is None else byte_level_to_bytes(t) for i, t in enumerate(tokens)]
 
     def new_session(self, sampling: SamplingParams, *, n_ctx: int | None = None) -> MlxSession:
         return MlxSession(self, sampling.resolved(self.generation_config), n_ctx=n_ctx)
@@ -328,6 +338,8 @@ class MlxSession:
         self._key = self.mx.random.key(int(sampling.seed or 0))
         self._eos = loaded.eos_token_ids
         self._prefilled = False
+        self._mask: TokenMask | None = None
+        self._mask_add = None  # mx.array [vocab]: 0, or -inf on the ids of self._mask
 
     # -- context bookkeeping -------------------------------------------------------------------------
 
@@ -482,11 +494,26 @@ class MlxSession:
                 self._seen_ids = mx.array(sorted(self._seen), dtype=mx.int32)
         return self._seen_ids
 
-    def _sample(self):
-        """The next token id (mx scalar) from the current logits, HF order of processors."""
+    def _mask_vector(self, mask: TokenMask):
+        """-inf on the masked ids, 0 elsewhere, as long as the logits (built once per mask object)."""
+        if mask is not self._mask:
+            import numpy as np
+
+            add = np.zeros(self._logits.shape[-1], dtype=np.float32)
+            add[np.asarray(mask.ids, dtype=np.int64)] = -np.inf
+            self._mask, self._mask_add = mask, self.mx.array(add)
+        return self._mask_add
+
+    def _sample(self, banned: TokenMask | None = None):
+        """The next token id (mx scalar) from the current logits, HF order of processors.
+
+        ``banned`` ids get -inf before any processor, so no setting can pick them.
+        """
         mx = self.mx
         s = self.sampling
         logits = self._logits * 1.0  # a copy: the processors below must not touch last_logits()
+        if banned is not None and len(banned):
+            logits = logits + self._mask_vector(banned)
         penalty = float(s.repetition_penalty or 1.0)
         if penalty != 1.0 and self._history:
             seen = self._penalised_ids()
@@ -514,12 +541,13 @@ class MlxSession:
         self._key, sub = mx.random.split(self._key)
         return mx.random.categorical(logits, key=sub)
 
-    def step(self) -> Token:
-        """Sample one token, run it into the cache (next logits computed ahead), return its text."""
+    def step(self, banned: TokenMask | None = None) -> Token:
+        """Sample one token (never one of ``banned``), run it into the cache (next logits computed
+        ahead), return its text."""
         mx = self.mx
         self._require_prefill()
         self._check_room(1, "generation")
-        token = self._sample()
+        token = self._sample(banned)
         # Two separate evaluations, so that ``token.item()`` waits for the sampler only: the forward
         # pass of this token then runs while the caller handles its text and builds the next step
         # (one async_eval of the whole graph would make item() wait for the forward pass too).

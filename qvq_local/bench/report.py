@@ -127,6 +127,17 @@ def render_tables(result: dict, console: Console | None = None) -> None:
                 "so the qvq/raw ratios include that choice, not only the loop's overhead."
             )
 
+    for name, b in backends.items():
+        lock = (b.get("qvq") or {}).get("lang_lock")
+        if b.get("available") and lock:
+            console.print(
+                f"  {name}: language lock (English question, {lock['masked_tokens']} tokens masked; table built"
+                f" once in {_fmt(lock.get('table_s'), '.2f')} s): step {_fmt(lock['step_ms_off'], '.2f')} ms"
+                f" unlocked, {_fmt(lock['step_ms_on'], '.2f')} ms locked"
+                f" ({lock['overhead_ms']:+.2f} ms/token)",
+                highlight=False,
+            )
+
     size = _table(
         "Size and memory",
         [

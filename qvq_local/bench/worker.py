@@ -194,6 +194,42 @@ def _qvq_one_run(model, image_path: str, decode_tokens: int, answer_tokens: int)
     return fig
 
 
+def _lang_lock_cost(model, steps: int = 48, rounds: int = 4) -> dict:
+    """What the language lock costs per token: one text-only session stepped in alternating blocks
+    without and with the mask of :data:`QUESTION` (an English question: CJK and other scripts masked),
+    medians of each block's ms/token.  Also the one-off cost of the script table."""
+    from qvq_local import lang
+    from qvq_local.backends.base import Prompt, SamplingParams
+    from qvq_local.prompt import build_prompt
+
+    mask, info = model.language_mask(lang.decide(QUESTION, "on"))
+    loaded = model.loaded
+    text = build_prompt(loaded.chat_template, QUESTION, 0, None)
+    n_ctx = _count_tokens(loaded, text) + 16 + 2 * rounds * (steps + 1)
+    session = loaded.new_session(SamplingParams(**_sampling_kwargs()), n_ctx=max(n_ctx, 256))
+    blocks: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        session.prefill(Prompt(text=text, images=[]))
+        for r in range(rounds):
+            # ABBA order: the context grows as the session goes on, which must not favour either side
+            for masked in (False, True) if r % 2 == 0 else (True, False):
+                session.step(mask if masked else None)  # the switch itself is not a per-token cost
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    session.step(mask if masked else None)
+                blocks[masked].append((time.perf_counter() - t0) / steps * 1000)
+    finally:
+        session.close()
+    off, on = statistics.median(blocks[False]), statistics.median(blocks[True])
+    return {
+        "masked_tokens": info.get("masked_tokens", 0),
+        "table_s": model.lang_index_s,
+        "step_ms_off": off,
+        "step_ms_on": on,
+        "overhead_ms": on - off,
+    }
+
+
 def _count_tokens(loaded, text: str) -> int:
     """Tokens in ``text`` by the loaded model's own tokenizer (informative; 0 when it cannot tell)."""
     try:
@@ -230,6 +266,8 @@ def job_qvq(spec: dict) -> dict:
                         samples.append(fig)
             sizes[size] = _median_figures(samples)
             sizes[size]["peak_rss_bytes"] = peak.bytes
+        _log(f"{spec['backend']} qvq language-lock cost")
+        lang_lock = _lang_lock_cost(model)
     finally:
         quantization = model.quantization
         compute = getattr(model.loaded, "compute_note", None)
@@ -248,6 +286,7 @@ def job_qvq(spec: dict) -> dict:
         "answer_tokens": answer_tokens,
         "runs_not_forced": not_forced,
         "sizes": sizes,
+        "lang_lock": lang_lock,
     }
 
 
