@@ -226,8 +226,8 @@ def ask(
         None,
         "--cpu-buffers",
         help="llama backend: auto (default) | all | no-amx | none. Which llama.cpp CPU buffer types hold the "
-        "weights; auto turns Intel AMX off (it crashes on quantised models, llama.cpp #20824) and keeps "
-        "repacking. Also $QVQ_LLAMA_CPU_BUFFERS.",
+        "weights; auto turns them off on Intel AMX CPUs (AMX crashes on quantised models, llama.cpp #20824); "
+        "no-amx keeps repacking. Also $QVQ_LLAMA_CPU_BUFFERS.",
     ),
 ) -> None:
     """Ask a question about one or more images and watch the model think.
@@ -421,8 +421,8 @@ def bench(
         None,
         "--cpu-buffers",
         help="llama backend: auto (default) | all | no-amx | none. Which llama.cpp CPU buffer types hold the "
-        "weights; auto turns Intel AMX off (it crashes on quantised models, llama.cpp #20824) and keeps "
-        "repacking. Also $QVQ_LLAMA_CPU_BUFFERS.",
+        "weights; auto turns them off on Intel AMX CPUs (AMX crashes on quantised models, llama.cpp #20824); "
+        "no-amx keeps repacking. Also $QVQ_LLAMA_CPU_BUFFERS.",
     ),
 ) -> None:
     """Measure speed and memory on this machine, side by side with the raw libraries and the bandwidth limit.

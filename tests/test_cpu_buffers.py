@@ -82,8 +82,8 @@ def test_system_info_parses_backends_and_features():
 @pytest.mark.parametrize(
     ("machine", "info", "mode"),
     [
-        ("xeon-sapphire-rapids-amx.cpuinfo", INFO_AMX_NATIVE, "no-amx"),  # the crash this avoids
-        ("xeon-sapphire-rapids-amx.cpuinfo", None, "no-amx"),  # build unknown: stay safe
+        ("xeon-sapphire-rapids-amx.cpuinfo", INFO_AMX_NATIVE, "none"),  # the crash this avoids
+        ("xeon-sapphire-rapids-amx.cpuinfo", None, "none"),  # build unknown: stay safe
         ("xeon-sapphire-rapids-amx.cpuinfo", INFO_AVX2, "all"),  # a build without AMX code
         ("xeon-sapphire-rapids-amx.cpuinfo", INFO_CUDA_AVX2, "all"),
         ("desktop-coffee-lake-avx2.cpuinfo", INFO_AVX2, "all"),
@@ -98,7 +98,7 @@ def test_auto_turns_amx_off_only_where_it_can_crash(machine, info, mode):
     plan = lb.choose("auto", cpu(machine), build)
     assert plan.mode == mode
     assert plan.use_extra_bufts == (mode == "all")
-    if mode == "no-amx":
+    if mode == "none":
         assert "20824" in plan.reason
 
 
@@ -178,11 +178,12 @@ def test_plan_for_model_adds_repack_only_when_amx_is_off_and_the_build_repacks()
     xeon = cpu("xeon-sapphire-rapids-amx.cpuinfo")
     tensors = _q4_k_m_model()
     amx_build = lb.parse_system_info(INFO_AMX_NATIVE)
-    plan = lb.plan_for_model("auto", xeon, amx_build, tensors)
+    assert lb.plan_for_model("auto", xeon, amx_build, tensors).repack_patterns == ()  # auto: none on AMX
+    plan = lb.plan_for_model("no-amx", xeon, amx_build, tensors)
     assert plan.mode == "no-amx" and plan.repack_patterns and not plan.use_extra_bufts
     assert "CPU_REPACK kept" in plan.describe()
     no_repack = lb.parse_system_info(INFO_AMX_NATIVE.replace("REPACK = 1", "REPACK = 0"))
-    assert lb.plan_for_model("auto", xeon, no_repack, tensors).repack_patterns == ()
+    assert lb.plan_for_model("no-amx", xeon, no_repack, tensors).repack_patterns == ()
     assert lb.plan_for_model("none", xeon, amx_build, tensors).repack_patterns == ()
     zen4_plan = lb.plan_for_model(
         "auto", cpu("ryzen-zen4-avx512.cpuinfo"), lb.parse_system_info(INFO_AVX2), tensors
