@@ -18,7 +18,9 @@ help:
 
 # llama.cpp's GPU backend for this machine: -DGGML_CUDA=on where an NVIDIA toolkit (nvcc on PATH, or
 # CUDA_HOME) is installed, llama.cpp's default elsewhere (Metal on macOS, CPU).  CMAKE_ARGS wins if set.
-LLAMA_CMAKE_ARGS ?= $(shell $(PYTHON) qvq_local/build_flags.py)
+ifeq ($(origin LLAMA_CMAKE_ARGS), undefined)
+LLAMA_CMAKE_ARGS := $(shell $(PYTHON) qvq_local/build_flags.py)
+endif
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

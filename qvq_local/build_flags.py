@@ -17,6 +17,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 CUDA_FLAG = "-DGGML_CUDA=on"
+#: The llama-cpp-python versions qvq-local runs with (pyproject.toml's ``llama`` extra says the same).
+LLAMA_CPP_PIN = "llama-cpp-python>=0.3.16,<0.4"
+#: The one-line rebuild that gives llama-cpp-python CUDA (needs the CUDA toolkit: nvcc).
+CUDA_REBUILD = (
+    f'CMAKE_ARGS="{CUDA_FLAG}" pip install --force-reinstall --no-cache-dir --no-deps "{LLAMA_CPP_PIN}"'
+)
 
 
 def find_nvcc(env: Mapping[str, str], which: Callable[[str], str | None]) -> str | None:

@@ -12,6 +12,7 @@ Reading the live machine is cheap (one file or one ``sysctl`` call) and imports 
 
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 import sys
@@ -97,8 +98,9 @@ def parse_darwin_sysctl(text: str, arch: str) -> CpuInfo:
     )
 
 
+@functools.lru_cache(maxsize=1)
 def detect() -> CpuInfo:
-    """This machine's CPU features (empty flags where the OS does not say)."""
+    """This machine's CPU features (empty flags where the OS does not say); read once per process."""
     arch = platform.machine().lower()
     if sys.platform.startswith("linux"):
         try:

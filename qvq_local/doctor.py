@@ -171,9 +171,10 @@ def model_fit(
 
 def _llama_buffers_for(model_file: Path) -> str | None:
     """Which llama.cpp CPU buffer types this GGUF's weights will be loaded into here (None: no llama)."""
-    if importlib.util.find_spec("llama_cpp") is None:
+    try:
+        import llama_cpp
+    except (ImportError, OSError):  # not installed, or its shared library does not load
         return None
-    import llama_cpp
 
     from qvq_local.backends import llama_buffers as lb
     from qvq_local.cpu import detect

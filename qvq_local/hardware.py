@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 from qvq_local.backends import registry
+from qvq_local.build_flags import CUDA_REBUILD
 from qvq_local.cpu import detect as detect_cpu
 from qvq_local.errors import BackendUnavailable, InputError, ModelError
 
@@ -159,9 +160,6 @@ def memory_bytes() -> tuple[int | None, int | None]:
 
 # ---------------------------------------------------------------- NVIDIA GPUs, seen without llama.cpp
 
-#: The one-line rebuild that gives llama-cpp-python CUDA (needs the CUDA toolkit: nvcc).
-CUDA_REBUILD = 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir --no-deps "llama-cpp-python>=0.3.16,<0.4"'
-
 
 def parse_nvidia_smi_list(text: str) -> list[str]:
     """GPU names from ``nvidia-smi -L`` ("GPU 0: NVIDIA H200 (UUID: GPU-...)")."""
@@ -246,6 +244,7 @@ def _probe_llama_gpu() -> dict:
         "metal": offload
         and ("METAL" in gpu_backends or "MTL" in gpu_backends or platform.system() == "Darwin"),
         "llama_backends": list(build.backends) if build else [],
+        "llama_gpu_backends": list(build.gpu_backends) if build else [],
         "llama_features": sorted(build.features) if build else [],
     }
 
@@ -259,9 +258,12 @@ def _probe_mlx_metal() -> bool | None:
         return None
 
 
-def _llama_buffer_plan(cpu) -> str:
+def _llama_buffer_plan(cpu) -> str | None:
     """Which CPU buffer types llama.cpp will put a quantised model's weights in on this machine."""
-    import llama_cpp
+    try:
+        import llama_cpp
+    except (ImportError, OSError):  # a broken shared library: _probe_llama_gpu reports it
+        return None
 
     from qvq_local.backends import llama_buffers as lb
 
@@ -300,11 +302,11 @@ def describe(probe_gpu: bool = False) -> dict:
         facts["nvidia"] = detect_nvidia()
         if facts["llama_cpp_installed"]:
             facts.update(_probe_llama_gpu())
-            facts["llama_cpu_buffers"] = _llama_buffer_plan(cpu)
-            facts["gpu_warning"] = gpu_build_warning(
-                facts["nvidia"],
-                tuple(b for b in facts.get("llama_backends", []) if b not in ("CPU", "BLAS", "RPC")),
-            )
+            if "llama_error" not in facts:  # the library loads: its build and the buffer plan mean something
+                facts["llama_cpu_buffers"] = _llama_buffer_plan(cpu)
+                facts["gpu_warning"] = gpu_build_warning(
+                    facts["nvidia"], tuple(facts.get("llama_gpu_backends", ()))
+                )
         if facts["mlx_installed"] and facts["apple_silicon"]:
             metal = _probe_mlx_metal()
             facts["mlx_metal"] = metal

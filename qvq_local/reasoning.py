@@ -213,6 +213,10 @@ def question_language(question: str) -> str:
     """
     if not isinstance(question, str):
         return "en"
+    from qvq_local.lang import question_scripts
+
+    if question_scripts(question) & {"kana", "hangul"}:  # Japanese or Korean: kanji/hanja are not Chinese
+        return "en"
     ideographs = len(_CJK.findall(question))
     words = len(_LATIN_WORD.findall(question))
     return "zh" if ideographs > words else "en"

@@ -24,8 +24,6 @@ from pathlib import Path
 
 from qvq_local.backends import registry
 
-#: Backends in the order they are checked, with the format their self-test model is converted to.
-BACKEND_FORMAT = {name: spec.convert_to for name, spec in registry.BACKENDS.items()}
 CHILD_TIMEOUT_S = 300
 
 
@@ -65,7 +63,7 @@ def prepare(backend: str, root: Path | None = None) -> Path:
     if fmt == "gguf":
         out = root / "gguf-q4_k_m"
         model = out / "tiny-Q4_K_M.gguf"
-        if not model.is_file():
+        if not (model.is_file() and (out / "mmproj-tiny-F16.gguf").is_file()):
             from qvq_local.convert.to_gguf import convert_to_gguf
 
             return Path(convert_to_gguf(checkpoint, out, quant="q4_k_m", mmproj_quant="f16").model)
@@ -126,13 +124,16 @@ def check(
             backend, "crash", f"crashed with {sig}; {crash_advice(backend)}", seconds, signal=sig
         )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode == 0 and lines:
-        got = json.loads(lines[-1])
+    try:
+        got = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+        tokens, tok_s, stop, detail = got["tokens"], got["decode_tok_s"], got["stop_reason"], got["detail"]
+    except (ValueError, KeyError, TypeError):
+        got = None
+    if got is not None:
         return CheckResult(
             backend,
             "pass",
-            f"{got['tokens']} tokens at {got['decode_tok_s']:.0f} tok/s, stop {got['stop_reason']}, "
-            f"{got['detail']}",
+            f"{tokens} tokens at {tok_s:.0f} tok/s, stop {stop}, {detail}",
             seconds,
         )
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -144,7 +145,7 @@ def run(backends: list[str] | None = None, on_progress=None) -> list[CheckResult
     from qvq_local.hardware import backend_installed
 
     results = []
-    for backend in backends or list(BACKEND_FORMAT):
+    for backend in backends or list(registry.names()):
         if not backend_installed(backend):
             results.append(
                 CheckResult(backend, "skipped", f"not installed ({registry.get(backend).install_hint})")

@@ -156,29 +156,36 @@ def sample_image(artifacts) -> Path:
 # marked for that backend is skipped, so the rest of the suite still runs and reports.
 
 _SMOKE: dict = {}
+_SMOKE_FILE = "test_native_smoke.py"
+#: The session fixture holding each backend's quantised tiny model (the same one `qvq doctor --selftest`
+#: builds for itself), so the smoke check converts nothing extra.
+_SMOKE_MODEL = {"llama": "tiny_gguf_q4", "mlx": "tiny_mlx_q4"}
 
 
-def native_smoke(backend: str):
+def native_smoke(backend: str, request):
     """The smoke-check result for ``backend`` (run once per session, in a child process)."""
     if backend not in _SMOKE:
         from qvq_local import selftest
+        from qvq_local.hardware import backend_installed
 
-        _SMOKE[backend] = selftest.run([backend])[0]
+        if not backend_installed(backend):
+            _SMOKE[backend] = selftest.run([backend])[0]  # "skipped", with the install line
+        else:
+            model = request.getfixturevalue(_SMOKE_MODEL[backend])
+            _SMOKE[backend] = selftest.check(backend, Path(getattr(model, "model", model)))
     return _SMOKE[backend]
 
 
 def pytest_collection_modifyitems(session, config, items):
     """Run the smoke checks first: the decode tests that could crash come after them."""
-    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_native_smoke.py") else 1)
+    items.sort(key=lambda item: 0 if item.path.name == _SMOKE_FILE else 1)
 
 
 @pytest.fixture(autouse=True)
 def _skip_after_native_crash(request):
     for backend in ("llama", "mlx"):
-        if request.node.get_closest_marker(backend) and not request.node.nodeid.startswith(
-            "tests/test_native_smoke.py"
-        ):
-            result = native_smoke(backend)
+        if request.node.get_closest_marker(backend) and request.node.path.name != _SMOKE_FILE:
+            result = native_smoke(backend, request)
             if result.status == "crash":
                 pytest.skip(
                     f"{backend} crashed in tests/test_native_smoke.py ({result.signal}): not run in-process"

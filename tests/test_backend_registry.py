@@ -89,10 +89,9 @@ def test_every_entry_point_refuses_the_same_way(bad, tmp_path, monkeypatch):
 
 
 def test_one_list_of_names_everywhere():
-    from qvq_local import doctor, selftest
+    from qvq_local import doctor
 
     assert [row["backend"] for row in doctor.backend_report()] == list(registry.names())
-    assert list(selftest.BACKEND_FORMAT) == list(registry.names())
     assert {r["install_hint"] for r in doctor.backend_report()} == {
         s.install_hint for s in registry.BACKENDS.values()
     }

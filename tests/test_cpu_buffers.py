@@ -202,10 +202,12 @@ def _prefill_logits(pair, mode):
     try:
         prompt = Prompt(text="<|im_start|>user\nWhich bar is highest in the chart?<|im_end|>\n", images=[])
         session = model.new_session(SamplingParams(), n_ctx=model.context_needed(prompt, new_tokens=8))
-        session.prefill(prompt)
-        logits = session.last_logits()
-        ids = [session.step().id for _ in range(6)]
-        session.close()
+        try:
+            session.prefill(prompt)
+            logits = session.last_logits()
+            ids = [session.step().id for _ in range(6)]
+        finally:
+            session.close()
         return model.cpu_buffers, logits, ids
     finally:
         model.close()
@@ -230,3 +232,11 @@ def test_kept_repack_computes_what_plain_buffers_compute(tiny_gguf_q4):
     print(f"\nrepack vs plain: max |diff| {np.max(np.abs(repacked - plain)):.2e}, correlation {corr:.6f}")
     assert corr > 0.999
     assert repacked_ids == plain_ids
+
+
+def test_an_unreadable_cpu_with_an_amx_build_is_treated_as_amx():
+    from qvq_local.cpu import CpuInfo
+
+    unknown = CpuInfo(arch="x86_64")  # no /proc/cpuinfo (a sandbox, an odd OS)
+    assert lb.choose("auto", unknown, lb.parse_system_info(INFO_AMX_NATIVE)).mode == "none"
+    assert lb.choose("auto", unknown, lb.parse_system_info(INFO_AVX2)).mode == "all"

@@ -86,3 +86,17 @@ def test_doctor_shows_the_nvidia_gpu_and_the_rebuild_line(monkeypatch):
     assert result.exit_code == 0, result.output
     assert "NVIDIA L4 (driver 550.1)" in result.output
     assert "built without CUDA" in result.output and "-DGGML_CUDA=on" in result.output
+
+
+def test_doctor_with_a_broken_llama_library_reports_instead_of_crashing(monkeypatch):
+    monkeypatch.setattr(hardware, "backend_installed", lambda b: b == "llama")
+    monkeypatch.setattr(
+        hardware,
+        "_probe_llama_gpu",
+        lambda: {"llama_gpu_offload": None, "llama_error": "OSError: libllama.so"},
+    )
+    result = CliRunner().invoke(app, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    machine = json.loads(result.output)["machine"]
+    assert machine["llama_error"] == "OSError: libllama.so"
+    assert "gpu_warning" not in machine and "llama_cpu_buffers" not in machine

@@ -14,11 +14,12 @@ import pytest
 from conftest import native_smoke
 
 from qvq_local import selftest
+from qvq_local.backends import registry
 
 
-@pytest.mark.parametrize("backend", list(selftest.BACKEND_FORMAT))
-def test_backend_decodes_a_quantised_model_in_a_child_process(backend):
-    result = native_smoke(backend)
+@pytest.mark.parametrize("backend", list(registry.names()))
+def test_backend_decodes_a_quantised_model_in_a_child_process(backend, request):
+    result = native_smoke(backend, request)
     if result.status == "skipped":
         pytest.skip(result.detail)
     print(f"\n{backend}: {result.status} in {result.seconds:.1f} s: {result.detail}")
@@ -113,9 +114,17 @@ def test_bench_names_a_crashed_worker_with_its_signal_and_the_workaround(monkeyp
         returncode = -signal.SIGSEGV
 
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: Died())
-    result = bench.run_worker({"job": "qvq"}, label="llama: qvq-local")
+    result = bench.run_worker({"job": "qvq", "backend": "llama"}, label="llama: qvq-local")
     assert result["ok"] is False
     assert result["reason"].startswith(
         "the llama: qvq-local process ended with SIGSEGV (a native crash: CPU "
     )
     assert "QVQ_LLAMA_CPU_BUFFERS=none" in result["reason"]
+
+
+def test_a_garbled_reply_is_a_failure_not_a_traceback(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho '{not json'\nexit 0\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    result = selftest.check("llama", tmp_path / "m.gguf", python=str(fake))
+    assert result.status == "fail" and result.signal is None

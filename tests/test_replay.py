@@ -247,6 +247,8 @@ def test_streaming_in_irregular_chunks_gives_the_whole_text_split(replay, seed):
         ("求 \\frac{x}{2} 的值", "zh"),  # LaTeX commands are not words
         ("What does 出口 mean on this sign?", "en"),  # English quoting a Chinese word
         ("x = ?", "en"),
+        ("この図で一番高い棒はどれですか", "en"),  # Japanese: kanji are not Chinese; no Chinese answer marker
+        ("이 그림에서 가장 높은 막대는?", "en"),  # Korean
         ("12 + 7", "en"),
         ("", "en"),
     ],

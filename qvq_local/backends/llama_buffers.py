@@ -139,10 +139,11 @@ def choose(requested: str, cpu: CpuInfo, build: LlamaBuild | None) -> BufferPlan
         return BufferPlan("all", requested, "asked for (--cpu-buffers all)")
     if requested == "none":
         return BufferPlan("none", requested, "asked for (--cpu-buffers none)")
-    amx_build = None if build is None else "AMX_INT8" in build.features
     if requested == "no-amx":
         return BufferPlan("no-amx", requested, "asked for (--cpu-buffers no-amx)")
-    if cpu.has_amx and amx_build is not False:
+    amx_build = None if build is None else "AMX_INT8" in build.features
+    # An unreadable CPU (no /proc/cpuinfo) with a build that has AMX code may be an AMX CPU: stay safe.
+    if (cpu.has_amx or (cpu.source == "unknown" and amx_build)) and amx_build is not False:
         return BufferPlan(
             "none",
             requested,

@@ -128,8 +128,8 @@ def run_worker(spec: dict, *, label: str, log=None) -> dict:
             how = signal_name(proc.returncode) or f"exit code {proc.returncode}"
             hint = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
             if proc.returncode < 0 and proc.returncode != -9:
-                backend = "llama" if "llama" in label else "mlx"
-                hint = f" (a native crash: {crash_advice(backend)})"
+                backend = spec.get("backend")
+                hint = f" (a native crash: {crash_advice(backend)})" if backend else " (a native crash)"
             result = {"ok": False, "reason": f"the {label} process ended with {how}{hint} before reporting"}
     result["wall_s"] = wall
     if log:
@@ -731,25 +731,31 @@ def bench_command(
 
     from qvq_local.backends import llama_buffers
 
+    saved = os.environ.get(llama_buffers.ENV_VAR)
     if cpu_buffers is not None:  # the workers are child processes: they read it from the environment
         os.environ[llama_buffers.ENV_VAR] = llama_buffers.requested_mode(cpu_buffers)
-
     out = Console()
     command = "qvq " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qvq") else None
-    result = run_bench(
-        model=model,
-        shape=shape,
-        backend=backend,
-        image_sizes=image_sizes,
-        runs=runs,
-        decode_tokens=decode_tokens,
-        quant=quant,
-        raw=raw,
-        json_path=json_path,
-        chart_path=chart_path,
-        bandwidth_bytes=int(bandwidth_mib) * 2**20,
-        command=command,
-    )
+    try:
+        result = run_bench(
+            model=model,
+            shape=shape,
+            backend=backend,
+            image_sizes=image_sizes,
+            runs=runs,
+            decode_tokens=decode_tokens,
+            quant=quant,
+            raw=raw,
+            json_path=json_path,
+            chart_path=chart_path,
+            bandwidth_bytes=int(bandwidth_mib) * 2**20,
+            command=command,
+        )
+    finally:  # an API or test caller keeps its own environment
+        if saved is None:
+            os.environ.pop(llama_buffers.ENV_VAR, None)
+        else:
+            os.environ[llama_buffers.ENV_VAR] = saved
     from qvq_local.bench.report import render_tables
 
     render_tables(result, out)
