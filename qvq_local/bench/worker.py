@@ -122,7 +122,8 @@ def _qvq_one_run(model, image_path: str, decode_tokens: int, answer_tokens: int)
 
     Thinking is cut at ``decode_tokens`` (plus the controller's grace window up to a sentence end), so the
     forced-answer step always happens; loop detection is off so a random model's repetitions do not end
-    thinking early.  Figures on the caller's clock (what a user of the API sees, controller, splitter and
+    thinking early, and the language lock is off as the raw libraries have none (``_lang_lock_cost``
+    measures it on its own).  Figures on the caller's clock (what a user of the API sees, controller, splitter and
     event overhead included; these are compared with the raw library):
 
     * ``first_token_s``: from calling ``stream`` (image loading and prompt building included, as the raw
@@ -154,6 +155,7 @@ def _qvq_one_run(model, image_path: str, decode_tokens: int, answer_tokens: int)
         repetition_penalty=sk["repetition_penalty"],
         seed=sk["seed"],
         loop_detection=False,
+        lang_lock="off",  # like for like with the raw library; the lock's own cost is measured apart
     ):
         now = time.perf_counter()
         if isinstance(event, Started):
