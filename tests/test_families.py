@@ -219,3 +219,21 @@ def test_no_module_outside_families_names_a_family():
 )
 def test_the_guard_sees_literals_and_only_literals(source, found):
     assert bool(_family_literals(source)) is found
+
+
+def test_every_family_fills_the_whole_interface():
+    """A new family that forgets one of the attributes generic code reads fails here, not at run time."""
+    from qvq_local.families import FAMILIES
+    from qvq_local.families.base import Family
+
+    declared = [k for k in Family.__annotations__ if not k.startswith("_")]
+    methods = [
+        k for k, v in vars(Family).items() if callable(v) and not k.startswith("_") and k != "matches_config"
+    ]
+    assert {"image_block", "sampling", "answer_markers", "llama_image_tokens"} <= set(declared)
+    for family in FAMILIES.values():
+        for attr in declared:
+            assert hasattr(family, attr), f"{family.name} does not set {attr}"
+        for name in methods:
+            assert getattr(type(family), name) is not getattr(Family, name), f"{family.name} lacks {name}()"
+        assert family.gguf_text_arch and family.gguf_projector

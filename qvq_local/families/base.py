@@ -28,6 +28,67 @@ class Family:
     #: ``config.json``'s ``architectures`` entries and ``model_type`` values that mean this family.
     hf_architectures: ClassVar[tuple[str, ...]]
     hf_model_types: ClassVar[tuple[str, ...]]
+    #: mlx-vlm can run the family's vision tower apart from the prompt (the MLX session encodes once).
+    mlx_split_vision: ClassVar[bool] = False
+
+    # ---- What the rest of qvq-local reads; a new family sets every one of these.
+    #: Tokenizer: special tokens in id order from ``base_vocab`` (the first special's id).
+    special_tokens: ClassVar[tuple[str, ...]]
+    base_vocab: ClassVar[int]
+    #: One image in a rendered prompt, and the pad token the backends expand per image token.
+    image_block: ClassVar[str]
+    image_pad: ClassVar[str]
+    #: Prompt defaults: system prompt, sampling fallback (temperature, top_p, top_k, repetition_penalty),
+    #: and the markers that end the thought in a reply.
+    system_prompt: ClassVar[str]
+    sampling: ClassVar[dict[str, float | int]]
+    answer_markers: ClassVar[tuple[str, ...]]
+    #: Image grid: vision patch (px), spatial merge, their product (the resize multiple), the processor's
+    #: pixel bounds, and the image-token bounds llama.cpp's mtmd applies to this projector.
+    patch_size: ClassVar[int]
+    merge_size: ClassVar[int]
+    image_factor: ClassVar[int]
+    processor_min_pixels: ClassVar[int]
+    processor_max_pixels: ClassVar[int]
+    llama_image_tokens: ClassVar[tuple[int, int]]
+    #: Synthetic checkpoint shapes by name (``qvq synth --shape``).
+    synth_shapes: ClassVar[dict[str, Any]]
+    #: Tensor-name facts the integrity checks use (widths, the merger's output, the embedding, mmproj out).
+    width_tensor_suffixes: ClassVar[tuple[str, ...]]
+    merger_out_suffix: ClassVar[str]
+    embedding_suffix: ClassVar[str]
+    mmproj_out_tensor: ClassVar[str]
+
+    def dims_from_config(self, config: dict[str, Any], path: Path) -> Any:
+        """Typed text and vision dimensions from ``config.json`` (ModelError naming ``path`` if wrong)."""
+        raise NotImplementedError
+
+    def merger_width(self, config: dict[str, Any]) -> int | None:
+        """The width the vision merger projects into (must equal the text width)."""
+        raise NotImplementedError
+
+    def expected_shapes(self, dims: Any) -> dict[str, tuple[int, ...]]:
+        """Every tensor the checkpoint must hold, by its original HF name, with its shape."""
+        raise NotImplementedError
+
+    def normalise_name(self, name: str) -> str:
+        """A tensor name in the family's original HF naming (other transformers versions renamed some)."""
+        raise NotImplementedError
+
+    def is_vision_tensor(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def smart_resize(self, width: int, height: int, **bounds: Any) -> tuple[int, int]:
+        """The size the family's processor resizes a ``width`` x ``height`` image to."""
+        raise NotImplementedError
+
+    def image_tokens(self, width: int, height: int, **bounds: Any) -> int:
+        """Image tokens (after the merge) one image of that size becomes."""
+        raise NotImplementedError
+
+    def image_grid(self, width: int, height: int, **bounds: Any) -> tuple[int, int]:
+        """``(grid_w, grid_h)`` in merged tokens for one image."""
+        raise NotImplementedError
 
     # ---- Hugging Face config
     def matches_config(self, config: dict[str, Any]) -> bool:
