@@ -16,8 +16,9 @@ help:
 	@echo "make bench    - speed and memory on this machine, against the raw libraries and the bandwidth bound"
 	@echo "make lint     - ruff"
 
-# llama.cpp's GPU backend for this machine: -DGGML_CUDA=on where an NVIDIA toolkit (nvcc on PATH, or
-# CUDA_HOME) is installed, llama.cpp's default elsewhere (Metal on macOS, CPU).  CMAKE_ARGS wins if set.
+# llama.cpp's GPU backend for this machine: -DGGML_CUDA=on where an NVIDIA GPU and a CUDA toolkit (nvcc on
+# PATH, or CUDA_HOME) are both here, llama.cpp's default elsewhere (Metal on macOS, CPU).  CMAKE_ARGS wins
+# if set; QVQ_CUDA=1 / QVQ_CUDA=0 force CUDA on or off (qvq_local/build_flags.py).
 ifeq ($(origin LLAMA_CMAKE_ARGS), undefined)
 LLAMA_CMAKE_ARGS := $(shell $(PYTHON) qvq_local/build_flags.py)
 endif
@@ -25,11 +26,13 @@ endif
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	@# A GPU build must not come from pip's cache of a CPU wheel: build it first, uncached.
+	@# A GPU build must not come from pip's cache of a CPU wheel: build it first, uncached.  If it
+	@# fails (an incomplete toolkit), say so and go on with the default build.
 	if [ -n "$(LLAMA_CMAKE_ARGS)" ]; then \
 		echo "building llama-cpp-python with CMAKE_ARGS=$(LLAMA_CMAKE_ARGS)"; \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet --no-cache-dir \
-			"llama-cpp-python>=0.3.16,<0.4"; \
+			"$$($(PYTHON) -c 'import sys; sys.path.insert(0, "qvq_local"); import build_flags; print(build_flags.LLAMA_CPP_PIN)')" \
+		|| echo "warning: the llama-cpp-python build with $(LLAMA_CMAKE_ARGS) failed; installing the default (CPU) build. QVQ_CUDA=0 skips the attempt."; \
 	fi
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)

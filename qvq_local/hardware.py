@@ -17,7 +17,12 @@ import subprocess
 import sys
 
 from qvq_local.backends import registry
-from qvq_local.build_flags import CUDA_REBUILD
+from qvq_local.build_flags import (  # noqa: F401 - NVIDIA facts live there: make install needs them too
+    CUDA_REBUILD,
+    detect_nvidia,
+    parse_nvidia_driver_version,
+    parse_nvidia_smi_list,
+)
 from qvq_local.cpu import detect as detect_cpu
 from qvq_local.errors import BackendUnavailable, InputError, ModelError
 
@@ -159,52 +164,6 @@ def memory_bytes() -> tuple[int | None, int | None]:
 
 
 # ---------------------------------------------------------------- NVIDIA GPUs, seen without llama.cpp
-
-
-def parse_nvidia_smi_list(text: str) -> list[str]:
-    """GPU names from ``nvidia-smi -L`` ("GPU 0: NVIDIA H200 (UUID: GPU-...)")."""
-    names = []
-    for line in text.splitlines():
-        head, sep, rest = line.partition(":")
-        if sep and head.strip().startswith("GPU"):
-            names.append(rest.split("(UUID")[0].strip())
-    return names
-
-
-def parse_nvidia_driver_version(text: str) -> str | None:
-    """The driver version from ``/proc/driver/nvidia/version`` ("NVRM version: NVIDIA UNIX ... 550.54.15 ...")."""
-    for line in text.splitlines():
-        if line.startswith("NVRM version:"):
-            for word in line.split():
-                if word[:1].isdigit() and "." in word:
-                    return word
-    return None
-
-
-def detect_nvidia(run_smi: bool = True) -> dict:
-    """Whether this machine has an NVIDIA GPU, from the driver's own files (and ``nvidia-smi -L`` for the
-    names when ``run_smi``), whatever llama.cpp was built with."""
-    import glob
-    import shutil
-
-    found: dict = {"present": False, "gpus": [], "driver": None, "source": None}
-    try:
-        with open("/proc/driver/nvidia/version", encoding="utf-8", errors="replace") as fh:
-            found.update(present=True, driver=parse_nvidia_driver_version(fh.read()), source="driver")
-    except OSError:
-        pass
-    if glob.glob("/dev/nvidia[0-9]*"):
-        found.update(present=True, source=found["source"] or "device files")
-    smi = shutil.which("nvidia-smi") if run_smi else None
-    if smi:
-        try:
-            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            out = ""
-        gpus = parse_nvidia_smi_list(out)
-        if gpus:
-            found.update(present=True, gpus=gpus, source=found["source"] or "nvidia-smi")
-    return found
 
 
 def gpu_build_warning(nvidia: dict, llama_gpu_backends: tuple[str, ...] | None) -> str | None:

@@ -1,4 +1,4 @@
-"""make install's choice of llama.cpp build flags, on recorded machines (no toolkit needed here)."""
+"""make install's choice of llama.cpp build flags, on recorded machines (no toolkit or GPU needed here)."""
 
 from __future__ import annotations
 
@@ -15,26 +15,38 @@ def no_nvcc(_name):
     return None
 
 
-def test_cuda_when_nvcc_is_on_path():
-    assert llama_cmake_args({}, lambda n: "/usr/local/cuda/bin/nvcc", "Linux") == CUDA_FLAG
+def nvcc(_name):
+    return "/usr/local/cuda/bin/nvcc"
 
 
-def test_cuda_when_cuda_home_has_nvcc(tmp_path):
+def test_cuda_when_a_toolkit_and_a_gpu_are_both_here():
+    assert llama_cmake_args({}, nvcc, "Linux", gpu_present=True) == CUDA_FLAG
+
+
+def test_no_cuda_for_a_toolkit_without_a_gpu():
+    """A container or CI image with nvcc (and perhaps no cuBLAS) but no GPU: the CUDA build would fail or
+    never be used, so the default build is chosen."""
+    assert llama_cmake_args({}, nvcc, "Linux", gpu_present=False) == ""
+
+
+def test_cuda_home_counts_as_a_toolkit(tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "nvcc").write_text("")
-    assert llama_cmake_args({"CUDA_HOME": str(tmp_path)}, no_nvcc, "Linux") == CUDA_FLAG
-    assert llama_cmake_args({"CUDA_PATH": str(tmp_path)}, no_nvcc, "Windows") == CUDA_FLAG
+    assert llama_cmake_args({"CUDA_HOME": str(tmp_path)}, no_nvcc, "Linux", gpu_present=True) == CUDA_FLAG
+    assert llama_cmake_args({"CUDA_PATH": str(tmp_path)}, no_nvcc, "Windows", gpu_present=True) == CUDA_FLAG
+    assert llama_cmake_args({"CUDA_HOME": str(tmp_path / "none")}, no_nvcc, "Linux", gpu_present=True) == ""
 
 
-def test_cpu_build_without_a_toolkit(tmp_path):
-    assert llama_cmake_args({}, no_nvcc, "Linux") == ""
-    assert llama_cmake_args({"CUDA_HOME": str(tmp_path)}, no_nvcc, "Linux") == ""  # no bin/nvcc there
+def test_a_gpu_without_a_toolkit_gets_the_default_build():
+    assert llama_cmake_args({}, no_nvcc, "Linux", gpu_present=True) == ""
 
 
-def test_macos_builds_metal_by_default_and_the_users_flags_win():
-    assert llama_cmake_args({}, lambda n: "/x/nvcc", "Darwin") == ""
+def test_overrides_and_macos():
+    assert llama_cmake_args({"QVQ_CUDA": "1"}, no_nvcc, "Linux", gpu_present=False) == CUDA_FLAG
+    assert llama_cmake_args({"QVQ_CUDA": "0"}, nvcc, "Linux", gpu_present=True) == ""
+    assert llama_cmake_args({}, nvcc, "Darwin", gpu_present=False) == ""
     assert (
-        llama_cmake_args({"CMAKE_ARGS": "-DGGML_VULKAN=on"}, lambda n: "/x/nvcc", "Linux")
+        llama_cmake_args({"CMAKE_ARGS": "-DGGML_VULKAN=on"}, nvcc, "Linux", gpu_present=True)
         == "-DGGML_VULKAN=on"
     )
 
