@@ -307,3 +307,26 @@ def test_the_runtime_never_imports_the_bench_harness():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_cached_build_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch):
+    from qvq_local.bench import harness
+
+    calls = []
+
+    def fake_worker(spec, *, label, log=None):
+        calls.append(spec["tokenizer"])
+        out = tmp_path / "m"
+        out.mkdir(exist_ok=True)
+        return {"ok": True, "path": str(out), "seconds": 1.0}
+
+    monkeypatch.setattr(harness, "run_worker", fake_worker)
+    spec = {"job": "synth", "shape": "2b", "tokenizer": "qwen", "progress": True}
+
+    def build(**changes):
+        return harness._cached_build(tmp_path, "m", {**spec, **changes}, "synth", None, check=lambda r: True)
+
+    assert build()["reused"] is False
+    assert build(progress=False)["reused"] is True  # how progress is shown is not part of the recipe
+    assert build(tokenizer="trained")["reused"] is False  # another vocabulary: rebuilt
+    assert calls == ["qwen", "trained"]

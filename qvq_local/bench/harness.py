@@ -155,11 +155,13 @@ def _write_marker(path: Path, data: dict) -> None:
 def _cached_build(home: Path, name: str, spec: dict, label: str, log, check) -> dict:
     """Run a synth/convert job once; later calls reuse its output and report the original cost.
 
-    ``check(result)`` says whether the recorded output is still complete on disk.
+    ``check(result)`` says whether the recorded output is still complete on disk; a build made from
+    another spec (another tokenizer, say) is rebuilt, not reused.
     """
     marker = home / f"{name}.build.json"
     old = _read_marker(marker)
-    if old and old.get("ok") and check(old):
+    recipe = {k: v for k, v in spec.items() if k != "progress"}
+    if old and old.get("ok") and old.get("recipe", recipe) == recipe and check(old):
         if log:
             log(f"{label}: reusing {home / name} (built in {old.get('seconds', 0):.1f} s)")
         return {**old, "reused": True}
@@ -167,7 +169,7 @@ def _cached_build(home: Path, name: str, spec: dict, label: str, log, check) -> 
     if not result.get("ok"):
         raise ModelError(f"{label} failed: {result.get('reason')}", path=home / name)
     result["reused"] = False
-    _write_marker(marker, {k: v for k, v in result.items() if k != "reused"})
+    _write_marker(marker, {**{k: v for k, v in result.items() if k != "reused"}, "recipe": recipe})
     return result
 
 
@@ -191,6 +193,8 @@ def prepare_models(
     if shape is not None:
         if shape not in SHAPES:
             raise InputError(f"unknown shape {shape!r}: choose {', '.join(SHAPES)}")
+        from qvq_local.convert import synthetic
+
         home.mkdir(parents=True, exist_ok=True)
         hf_name = f"{shape}-hf-bf16"
         info["label"] = f"synthetic {shape} ({quant})"
@@ -204,6 +208,9 @@ def prepare_models(
                 "shape": shape,
                 "dtype": "bf16",
                 "seed": 0,
+                # the real Qwen vocabulary where dashscope is installed, else a trained one: a cache made
+                # with the other must not be reused
+                "tokenizer": synthetic.default_tokenizer(shape),
                 "progress": progress,
                 "force": True,
             },

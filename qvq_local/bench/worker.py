@@ -79,6 +79,7 @@ def job_synth(spec: dict) -> dict:
             seed=int(spec.get("seed", 0)),
             progress=bool(spec.get("progress")),
             force=bool(spec.get("force", False)),
+            tokenizer=spec.get("tokenizer"),
         )
     )
     return {"path": str(path), **figures}
