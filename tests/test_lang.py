@@ -327,9 +327,10 @@ def test_bench_measures_the_lock_cost_per_token(request, backend):
     """``qvq bench`` reports the lock's per-token cost (the worker's own function, on the real vocabulary)."""
     from io import StringIO
 
-    from qvq_local.bench_report import render_tables
-    from qvq_local.bench_worker import _lang_lock_cost
     from rich.console import Console
+
+    from qvq_local.bench.report import render_tables
+    from qvq_local.bench.worker import _lang_lock_cost
 
     with _load(request, backend) as model:
         cost = _lang_lock_cost(model, steps=16, rounds=2)
