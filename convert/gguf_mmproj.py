@@ -23,8 +23,15 @@ from qvq_local.convert.gguf_stream import PlannedTensor, iter_encoded
 from qvq_local.errors import ModelError
 from qvq_local.families import qwen2vl
 
-#: ``general.architecture`` of every llama.cpp vision projector file, whatever the family.
-ARCH = "clip"
+
+def arch() -> str:
+    """``general.architecture`` of every llama.cpp vision projector file, whatever the family (gguf's
+    ``MODEL_ARCH.MMPROJ`` name, "clip"; gguf is imported on use, as everywhere in the converter)."""
+    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES
+
+    return MODEL_ARCH_NAMES[MODEL_ARCH.MMPROJ]
+
+
 # Qwen2-VL's processor values (OpenAI CLIP's), used when the checkpoint has no preprocessor_config.json.
 DEFAULT_MEAN = qwen2vl.IMAGE_MEAN
 DEFAULT_STD = qwen2vl.IMAGE_STD

@@ -18,7 +18,7 @@ from typing import Any
 from qvq_local.convert.checkpoint import Checkpoint
 from qvq_local.convert.gguf_stream import PlannedTensor, iter_encoded
 
-from qvq_local.backends.base import GGUF_SAMPLING_KEYS, sampling_values
+from qvq_local.backends.base import gguf_sampling_keys, sampling_values
 from qvq_local.errors import ModelError
 from qvq_local.families import qwen2vl
 
@@ -193,11 +193,12 @@ def text_metadata(ckpt: Checkpoint, vocab: Vocab, file_type: int, name: str) -> 
         if vocab.chat_template:
             w.add_chat_template(vocab.chat_template)
         # sampling defaults, where llama.cpp's own converter puts them (llama-cli/-server read them too)
+        sampling_keys = gguf_sampling_keys()
         for key, value in generation_sampling(ckpt).items():
             if key == "top_k":
-                w.add_int32(GGUF_SAMPLING_KEYS[key], int(value))
+                w.add_int32(sampling_keys[key], int(value))
             else:
-                w.add_float32(GGUF_SAMPLING_KEYS[key], float(value))
+                w.add_float32(sampling_keys[key], float(value))
 
     return add
 

@@ -194,7 +194,13 @@ def _write_error(err: OSError, out_dir: Path, fmt: str) -> ModelError | DiskFull
 
 
 def _source_folder(source: str | os.PathLike, progress: bool) -> tuple[Path, str, str]:
-    """(local folder, label for the manifest, short name for the output folder)."""
+    """(local folder, label for the manifest, short name for the output folder).
+
+    A local folder is taken as it is: the checkpoint reader judges it, with messages more precise than
+    the resolver's (only pickle weights, no config.json), after a converted model is refused here.  A hub
+    id goes through the one resolver, :func:`qvq_local.models.resolve`, which reuses a finished download
+    or pulls it.  Names from ``qvq models`` are converted models, so they are not sources.
+    """
     from qvq_local import models
 
     text = str(source).strip()
@@ -203,22 +209,25 @@ def _source_folder(source: str | os.PathLike, progress: bool) -> tuple[Path, str
         if not path.is_dir():
             raise ModelError("SOURCE must be a Hugging Face checkpoint folder or a hub id", path=path)
         manifest = models.read_manifest(path)
-        if manifest is not None and manifest.get("format") in ("mlx", "gguf"):
-            raise InputError(
-                f"already a converted {manifest['format']} model",
-                path=path,
-                hint="convert from the original Hugging Face checkpoint",
-            )
+        _refuse_converted(path, manifest)
         label = (manifest or {}).get("source") or str(path.resolve())
         name = label.split("/")[-1] if manifest else path.resolve().name
         return path, label, name
     if text.startswith((".", "~", os.sep)) or text.count("/") != 1:
         raise ModelError("no such folder (and not an owner/name hub id)", path=text)
     hub_id = models.check_hub_id(text)
-    local = models.hub_folder(hub_id)
-    if not (local / models.MANIFEST_NAME).is_file():
-        local = models.pull(hub_id, progress=progress)
-    return local, hub_id, hub_id.split("/")[1]
+    resolved = models.resolve(hub_id, download=True, progress=progress)
+    _refuse_converted(resolved.path, resolved.manifest)
+    return resolved.path, hub_id, hub_id.split("/")[1]
+
+
+def _refuse_converted(path: Path, manifest: dict | None) -> None:
+    if manifest is not None and manifest.get("format") in ("mlx", "gguf"):
+        raise InputError(
+            f"already a converted {manifest['format']} model",
+            path=path,
+            hint="convert from the original Hugging Face checkpoint",
+        )
 
 
 def _manifest(folder: Path, name: str, source: str, fmt: str, quantization: str, **kwargs) -> dict:

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvq_local.convert.checkpoint import Checkpoint, open_checkpoint
-from qvq_local.convert.gguf_mmproj import (
-    ARCH as MMPROJ_ARCH,
-)
+from qvq_local.convert.gguf_mmproj import arch as mmproj_arch
 from qvq_local.convert.gguf_mmproj import (
     check_mmproj_supported,
     mmproj_metadata,
@@ -138,7 +136,7 @@ def _convert(
     renamed: list[Path] = []
     try:
         with _progress(progress) as bar:
-            write_gguf(staged_mm, MMPROJ_ARCH, mm_meta, mm_plan, bar(f"mmproj ({mm_type})", mm_bytes))
+            write_gguf(staged_mm, mmproj_arch(), mm_meta, mm_plan, bar(f"mmproj ({mm_type})", mm_bytes))
             if direct:
                 write_gguf(
                     staged_model,

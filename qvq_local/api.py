@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any
 from qvq_local.backends.base import Prompt, SamplingParams
 from qvq_local.errors import ContextOverflow, InputError, ModelError
 from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta, Timings
+from qvq_local.settings import DEFAULT_ANSWER_BUDGET
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Self
 
-#: Answer tokens allowed after thinking ends, when the caller sets none.
-DEFAULT_ANSWER_BUDGET = 1024
+    from qvq_local.settings import AskSettings
+
 #: Thought tokens allowed when no thinking budget is set: QVQ's published max_new_tokens.
 DEFAULT_MAX_THOUGHT = 8192
 #: Room kept for the forced transition text and the grace window before it.
@@ -194,24 +195,15 @@ class Model:
         the question: ``</think>`` when the chat template opens ``<think>``, else QVQ's marker, after a
         sentence in the question's language (:func:`qvq_local.reasoning.default_forced_text`).
         ``lang_lock`` (auto|on|off, see :mod:`qvq_local.lang`) keeps the thought in the question's scripts.
-        The last event is always ``Finished``.
+        The options become one :class:`qvq_local.settings.AskSettings`, checked there (``InputError``
+        before anything runs).  The last event is always ``Finished``.
         """
-        from qvq_local import lang
+        from qvq_local.settings import AskSettings
 
-        if self.loaded is None:
-            raise ModelError("this model was closed; load it again")
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("the question is empty")
-        lock = lang.decide(question, lang_lock)
-        for name, value in (("think budget", think_budget), ("answer budget", answer_budget)):
-            if value is not None and value <= 0:
-                raise InputError(f"the {name} must be above 0, got {value}")
-        return self._stream(
-            images,
-            question,
+        settings = AskSettings(
             think_budget=think_budget,
             answer_budget=answer_budget,
-            system=system,
+            max_pixels=max_pixels,
             sampling=SamplingParams(
                 temperature=temperature,
                 top_p=top_p,
@@ -219,12 +211,29 @@ class Model:
                 repetition_penalty=repetition_penalty,
                 seed=seed,
             ),
-            max_pixels=max_pixels if max_pixels is not None else self.max_pixels,
+            system=system,
             loop_detection=loop_detection,
             forced_text=forced_text,
-            lock=lock,
-            lock_mode=lang_lock,
+            lang_lock=lang_lock,
         )
+        return self.stream_settings(images, question, settings)
+
+    def stream_settings(self, images: Any, question: str, settings: AskSettings) -> Iterator[Event]:
+        """:meth:`stream` with its options already built and checked (:class:`qvq_local.settings.AskSettings`).
+
+        ``settings.max_pixels`` None means the bound this model was loaded with; ``settings.backend`` and
+        ``settings.cpu_buffers`` are load options and play no part here.
+        """
+        from qvq_local import lang
+
+        if self.loaded is None:
+            raise ModelError("this model was closed; load it again")
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty")
+        lock = lang.decide(question, settings.lang_lock)
+        if settings.max_pixels is None and self.max_pixels is not None:
+            settings = replace(settings, max_pixels=self.max_pixels)
+        return self._stream(images, question, settings, lock)
 
     def language_mask(self, lock) -> tuple[Any, dict]:
         """The token mask for a language lock, and what to record in the settings.
@@ -246,21 +255,7 @@ class Model:
         mask = self._vocab_scripts.mask(lock.allowed)
         return mask, {"scripts": sorted(lock.allowed), "masked": mask.label, "masked_tokens": len(mask)}
 
-    def _stream(
-        self,
-        images,
-        question,
-        *,
-        think_budget,
-        answer_budget,
-        system,
-        sampling,
-        max_pixels,
-        loop_detection,
-        forced_text,
-        lock,
-        lock_mode,
-    ) -> Iterator[Event]:
+    def _stream(self, images, question, options: AskSettings, lock) -> Iterator[Event]:
         from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt
         from qvq_local.reasoning import default_forced_text, default_markers, question_language
 
@@ -271,44 +266,43 @@ class Model:
         settings: dict[str, Any] = {}
         infos: list[ImageInfo] = []
         try:
-            prepared = prepare_images(images, max_pixels)
+            prepared = prepare_images(images, options.max_pixels)
             infos = [replace(p.info) for p in prepared]
             loaded = self.loaded
             for info in infos:  # the backend's own count is the one that fills its context
                 info.tokens = int(loaded.image_token_estimate(*info.size))
-            system_text = QVQ_SYSTEM_PROMPT if system is None else (system or None)
+            system_text = QVQ_SYSTEM_PROMPT if options.system is None else (options.system or None)
             text = build_prompt(loaded.chat_template, question, len(prepared), system_text)
 
             image_tokens = sum(info.tokens for info in infos)
             text_tokens = _count_text_tokens(loaded, text)
             if text_tokens is None:
                 text_tokens = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
-            n_ctx, thought_cap = self._size_context(
-                text_tokens, image_tokens, think_budget, answer_budget, max_pixels
-            )
-            resolved = sampling.resolved(getattr(loaded, "generation_config", {}) or {})
+            n_ctx, thought_cap = self._size_context(text_tokens, image_tokens, options)
+            resolved = options.sampling.resolved(getattr(loaded, "generation_config", {}) or {})
             # how thinking ends suits the model (its template) and the question (its language)
+            forced_text = options.forced_text
             if forced_text is None:
                 forced_text = default_forced_text(loaded.chat_template, question)
             markers = default_markers(loaded.chat_template)
             settings = {
-                "think_budget": think_budget,
-                "answer_budget": answer_budget,
+                "think_budget": options.think_budget,
+                "answer_budget": options.answer_budget,
                 "max_thought_tokens": thought_cap,
-                "max_pixels": max_pixels,
+                "max_pixels": options.max_pixels,
                 "temperature": resolved.temperature,
                 "top_p": resolved.top_p,
                 "top_k": resolved.top_k,
                 "repetition_penalty": resolved.repetition_penalty,
                 "seed": resolved.seed,
                 "n_ctx": n_ctx,
-                "loop_detection": loop_detection,
+                "loop_detection": options.loop_detection,
                 "system": system_text,
                 "question_language": question_language(question),
             }
             thought_mask, lock_info = self.language_mask(lock)
-            settings["lang_lock"] = {"mode": lock_mode, **lock_info}
-            session = loaded.new_session(sampling, n_ctx=n_ctx)
+            settings["lang_lock"] = {"mode": options.lang_lock, **lock_info}
+            session = loaded.new_session(options.sampling, n_ctx=n_ctx)
             t_prefill = time.perf_counter()
             stats = session.prefill(
                 Prompt(
@@ -324,8 +318,8 @@ class Model:
                 quantization=self.quantization,
                 images=infos,
                 prompt_tokens=stats.prompt_tokens,
-                think_budget=think_budget,
-                answer_budget=answer_budget,
+                think_budget=options.think_budget,
+                answer_budget=options.answer_budget,
                 image_encode_s=stats.image_encode_s,
                 prefill_s=stats.prefill_s,
             )
@@ -337,9 +331,7 @@ class Model:
                 started,
                 settings,
                 t_prefill,
-                think_budget,
-                answer_budget,
-                loop_detection,
+                options,
                 forced_text,
                 markers,
                 thought_mask,
@@ -361,9 +353,7 @@ class Model:
         started: Started,
         settings: dict,
         t_prefill: float,
-        think_budget,
-        answer_budget,
-        loop_detection,
+        options: AskSettings,
         forced_text: str,
         markers: tuple[str, ...],
         thought_mask=None,
@@ -378,9 +368,9 @@ class Model:
         from qvq_local.reasoning import LoopSettings, ReasoningConfig, run_reasoning
 
         config = ReasoningConfig(
-            think_budget=think_budget,
-            answer_budget=answer_budget,
-            loop=LoopSettings() if loop_detection else None,
+            think_budget=options.think_budget,
+            answer_budget=options.answer_budget,
+            loop=LoopSettings() if options.loop_detection else None,
             forced_text=forced_text,
             answer_markers=markers,
         )
@@ -420,17 +410,11 @@ class Model:
             if isinstance(event, Finished) and event.result.stop_reason == "interrupted":
                 raise KeyboardInterrupt
 
-    def _size_context(
-        self,
-        text_tokens: int,
-        image_tokens: int,
-        think_budget: int | None,
-        answer_budget: int | None,
-        max_pixels: int | None,
-    ) -> tuple[int, int]:
+    def _size_context(self, text_tokens: int, image_tokens: int, options: AskSettings) -> tuple[int, int]:
         """``(n_ctx, thought cap)`` for one question; ContextOverflow when the budgets cannot fit."""
         limit = self.context_length or 32768
-        answer = answer_budget or DEFAULT_ANSWER_BUDGET
+        think_budget, max_pixels = options.think_budget, options.max_pixels
+        answer = options.answer_budget or DEFAULT_ANSWER_BUDGET
         fixed = text_tokens + image_tokens + FORCE_MARGIN + answer
         pixels_hint = (
             f"lower --max-pixels (now {max_pixels})" if max_pixels else "lower --max-pixels"

@@ -18,11 +18,16 @@ from qvq_local.errors import InputError
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Self
 
+    from qvq_local.settings import AskSettings
+
 EXIT_INTERRUPTED = 130
 
 
 @dataclass
 class AskOptions:
+    """What ``qvq ask`` was given, unchecked.  :func:`build_settings` makes the question's settings of it;
+    the rest (images, model, output) is this command's own."""
+
     args: list[str] = field(default_factory=list)  # IMAGE... QUESTION
     attach: list[str] = field(default_factory=list)
     model: str | None = None
@@ -68,46 +73,46 @@ def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
     return images, question
 
 
-def _check_numbers(opts: AskOptions) -> None:
-    from qvq_local.lang import MODES
+def build_settings(opts: AskOptions) -> AskSettings:
+    """The one settings object of this question: the options given, then ``qvq config``'s defaults (the
+    backend from ``$QVQ_BACKEND`` first) for those left out, checked once.
 
-    opts.lang_lock = (opts.lang_lock or "auto").strip().lower()
-    if opts.lang_lock not in MODES:
-        raise InputError(f"--lang-lock must be one of {', '.join(MODES)}, got {opts.lang_lock!r}")
-    for flag, value in (
-        ("--think-budget", opts.think_budget),
-        ("--answer-budget", opts.answer_budget),
-        ("--max-pixels", opts.max_pixels),
-    ):
-        if value is not None and value <= 0:
-            raise InputError(f"{flag} must be above 0, got {value}")
-    if opts.backend is not None:
-        from qvq_local.backends import registry
-
-        opts.backend = registry.canonical(opts.backend)
-    if opts.temperature is not None and opts.temperature < 0:
-        raise InputError(f"--temperature must be 0 or more, got {opts.temperature}")
-    if opts.top_p is not None and not 0 < opts.top_p <= 1:
-        raise InputError(f"--top-p must be in (0, 1], got {opts.top_p}")
-    if opts.top_k is not None and opts.top_k < 0:
-        raise InputError(f"--top-k must be 0 or more, got {opts.top_k}")
-    if opts.repetition_penalty is not None and opts.repetition_penalty <= 0:
-        raise InputError(f"--repetition-penalty must be above 0, got {opts.repetition_penalty}")
-
-
-def _apply_settings(opts: AskOptions) -> None:
-    """Fill options the user left out from ``qvq config`` (the model from ``$QVQ_MODEL`` first)."""
+    A value that came from the options is named by its flag in a message (``--think-budget must be above
+    0``), one that came from the settings file by its key (``the think_budget setting must be above 0``).
+    """
     from qvq_local import config
+    from qvq_local.backends.base import SamplingParams
+    from qvq_local.settings import CLI_LABELS, DEFAULT_ANSWER_BUDGET, AskSettings
 
-    stored = config.effective()
-    if opts.backend is None:
-        opts.backend = stored.get("backend") or "auto"
-    if opts.think_budget is None:
-        opts.think_budget = stored.get("think_budget")
-    if opts.answer_budget is None:
-        opts.answer_budget = stored.get("answer_budget")
-    if opts.max_pixels is None:
-        opts.max_pixels = stored.get("max_pixels")
+    labels = dict(CLI_LABELS)
+    stored: dict[str, Any] | None = None
+    values: dict[str, Any] = {}
+    for name in ("backend", "think_budget", "answer_budget", "max_pixels"):
+        value = getattr(opts, name)
+        if value is None:
+            if stored is None:
+                stored = config.effective()
+            value = stored.get(name)
+            labels[name] = f"the {name} setting"
+        values[name] = value
+    return AskSettings(
+        think_budget=values["think_budget"],
+        answer_budget=DEFAULT_ANSWER_BUDGET if values["answer_budget"] is None else values["answer_budget"],
+        max_pixels=values["max_pixels"],
+        sampling=SamplingParams(
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            top_k=opts.top_k,
+            repetition_penalty=opts.repetition_penalty,
+            seed=opts.seed,
+        ),
+        system=opts.system,
+        loop_detection=opts.loop_detection,
+        lang_lock=opts.lang_lock,
+        backend=values["backend"] or "auto",
+        cpu_buffers=opts.cpu_buffers,
+        labels=labels,
+    )
 
 
 def _make_renderer(opts: AskOptions, model: Any):
@@ -125,10 +130,10 @@ def _make_renderer(opts: AskOptions, model: Any):
     return PlainRenderer(sys.stdout, sys.stderr, hide_thinking=opts.hide_thinking)
 
 
-def _load_model(opts: AskOptions):
+def _load_model(opts: AskOptions, settings: AskSettings):
     from qvq_local.api import load
 
-    kw = {"backend": opts.backend or "auto", "max_pixels": opts.max_pixels, "cpu_buffers": opts.cpu_buffers}
+    kw = {"backend": settings.backend, "max_pixels": settings.max_pixels, "cpu_buffers": settings.cpu_buffers}
     if sys.stderr.isatty() and not opts.as_json:
         from rich.console import Console
 
@@ -197,30 +202,28 @@ class SigintFlag:
 def run_ask(opts: AskOptions) -> int:
     """Run one question; return the exit code (0, or 130 after Ctrl-C).  QvqError propagates."""
     from qvq_local.api import prepare_images
-    from qvq_local.backends.llama_buffers import requested_mode
 
     images, question = split_args(opts.args, opts.attach)
-    _check_numbers(opts)
-    if opts.cpu_buffers is not None:
-        opts.cpu_buffers = requested_mode(opts.cpu_buffers)
-    _apply_settings(opts)
+    settings = build_settings(opts)
     if opts.save is not None:
         folder = opts.save.parent if str(opts.save.parent) else Path(".")
         if not folder.is_dir():
             raise InputError("the folder for --save does not exist", path=folder)
         if opts.save.is_dir():
             raise InputError("--save needs a file name, this is a folder", path=opts.save)
-    prepared = prepare_images(images, opts.max_pixels)  # fail on a bad image before loading a model
+    prepared = prepare_images(images, settings.max_pixels)  # fail on a bad image before loading a model
 
     with SigintFlag() as sigint:
-        return _ask_loaded(opts, question, prepared, sigint)
+        return _ask_loaded(opts, settings, question, prepared, sigint)
 
 
-def _ask_loaded(opts: AskOptions, question: str, prepared: list, sigint: SigintFlag) -> int:
-    from qvq_local.api import DEFAULT_ANSWER_BUDGET, drive
+def _ask_loaded(
+    opts: AskOptions, settings: AskSettings, question: str, prepared: list, sigint: SigintFlag
+) -> int:
+    from qvq_local.api import drive
 
     try:
-        model = _load_model(opts)
+        model = _load_model(opts, settings)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     if sigint.set:  # Ctrl-C while the model loaded, swallowed inside a C callback
@@ -233,21 +236,7 @@ def _ask_loaded(opts: AskOptions, question: str, prepared: list, sigint: SigintF
         handlers.append(TranscriptSink(opts.save, question).handle)
     renderer = None
     try:
-        events = model.stream(
-            prepared,
-            question,
-            think_budget=opts.think_budget,
-            answer_budget=opts.answer_budget or DEFAULT_ANSWER_BUDGET,
-            system=opts.system,
-            temperature=opts.temperature,
-            top_p=opts.top_p,
-            top_k=opts.top_k,
-            repetition_penalty=opts.repetition_penalty,
-            seed=opts.seed,
-            max_pixels=opts.max_pixels,
-            loop_detection=opts.loop_detection,
-            lang_lock=opts.lang_lock,
-        )
+        events = model.stream_settings(prepared, question, settings)
         renderer = _make_renderer(opts, model)
         handlers.append(renderer.handle)
         drive(events, *handlers, stop_requested=lambda: sigint.set)

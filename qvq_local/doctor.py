@@ -84,7 +84,7 @@ def _gguf_config(model_file: Path) -> dict[str, Any]:
     from qvq_local.backends.llamacpp import read_gguf_metadata
     from qvq_local.families import DEFAULT_FAMILY
 
-    arch = read_gguf_metadata(model_file, {"general.architecture"}).get("general.architecture")
+    arch = read_gguf_metadata(model_file, {Keys.General.ARCHITECTURE}).get(Keys.General.ARCHITECTURE)
     arch = arch or DEFAULT_FAMILY.gguf_text_arch
     key = {
         "layers": Keys.LLM.BLOCK_COUNT.format(arch=arch),

@@ -39,7 +39,6 @@ from qvq_local.families import (
 
 Level = Literal["ok", "warning", "error"]
 
-GGUF_MMPROJ_ARCH = "clip"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "qvq-manifest.json"
@@ -413,8 +412,9 @@ def _safetensors_header(path: Path, findings: list[Finding]) -> dict[str, tuple[
 def _check_gguf_pair(
     model_file: Path, findings: list[Finding], manifest: dict[str, Any] | None = None
 ) -> None:
-    from gguf import Keys
+    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys
 
+    clip = MODEL_ARCH_NAMES[MODEL_ARCH.MMPROJ]  # "clip": the architecture every mmproj file declares
     if _is_mmproj(model_file):
         findings.append(
             Finding(
@@ -429,10 +429,10 @@ def _check_gguf_pair(
     family = None
     if text is not None:
         arch = text["fields"].get(Keys.General.ARCHITECTURE)
-        if arch == GGUF_MMPROJ_ARCH:
+        if arch == clip:
             findings.append(
                 Finding(
-                    "error", str(model_file), "this is a vision projector (arch clip), not the text model"
+                    "error", str(model_file), f"this is a vision projector (arch {clip}), not the text model"
                 )
             )
             return
@@ -464,12 +464,12 @@ def _check_gguf_pair(
     if proj is None:
         return
     arch = proj["fields"].get(Keys.General.ARCHITECTURE)
-    if arch != GGUF_MMPROJ_ARCH:
+    if arch != clip:
         findings.append(
             Finding(
                 "error",
                 str(mmproj),
-                f"not a vision projector: architecture {arch!r} (expected {GGUF_MMPROJ_ARCH})",
+                f"not a vision projector: architecture {arch!r} (expected {clip})",
             )
         )
         return
@@ -559,7 +559,9 @@ def _find_mmproj(model_file: Path, manifest: dict[str, Any] | None, findings: li
 
 
 def _check_splits(model_file: Path, fields: dict[str, Any], findings: list[Finding]) -> None:
-    count = fields.get("split.count")
+    from gguf import Keys
+
+    count = fields.get(Keys.Split.LLM_KV_SPLIT_COUNT)
     m = _SPLIT_RE.match(model_file.name)
     if not count or int(count) <= 1 or not m:
         return

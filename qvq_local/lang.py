@@ -137,10 +137,21 @@ class Lock:
     allowed: frozenset[str]
 
 
+def check_mode(mode: str | None, label: str | None = None) -> str:
+    """``mode`` (auto|on|off, case and spaces ignored, None: auto) normalised; InputError otherwise.
+
+    ``label`` names the option in the message (``--lang-lock``); without one the message names the lock."""
+    word = mode.strip().lower() if isinstance(mode, str) else ("auto" if mode is None else mode)
+    if word not in MODES:
+        if label:
+            raise InputError(f"{label} must be one of {', '.join(MODES)}, got {word!r}")
+        raise InputError(f"unknown language lock {mode!r}; choose one of {', '.join(MODES)}")
+    return word
+
+
 def decide(question: str, mode: str = "auto") -> Lock | None:
     """The lock for ``question`` under ``mode`` (auto|on|off), None when the thought is not locked."""
-    if mode not in MODES:
-        raise InputError(f"unknown language lock {mode!r}; choose one of {', '.join(MODES)}")
+    mode = check_mode(mode)
     if mode == "off":
         return None
     scripts = question_scripts(question)

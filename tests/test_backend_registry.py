@@ -15,7 +15,7 @@ import pytest
 from helpers import assert_error
 
 from qvq_local import config, hardware
-from qvq_local.ask_cmd import AskOptions, _check_numbers
+from qvq_local.ask_cmd import AskOptions, build_settings
 from qvq_local.backends import registry
 from qvq_local.errors import InputError
 
@@ -55,9 +55,7 @@ def test_every_entry_point_accepts_every_alias(alias, name, tmp_path, monkeypatc
     monkeypatch.setenv("QVQ_BACKEND", alias.upper())
     assert config.effective()["backend"] == name
     # qvq ask --backend ALIAS
-    opts = AskOptions(backend=alias)
-    _check_numbers(opts)
-    assert opts.backend == name
+    assert build_settings(AskOptions(backend=alias)).backend == name
     # api.load -> hardware.choose_backend
     fmt = sorted(registry.get(name).formats)[0]
     assert hardware.choose_backend(alias, {fmt}) == name
@@ -73,7 +71,7 @@ def test_every_entry_point_refuses_the_same_way(bad, tmp_path, monkeypatch):
     raised = []
     for call in (
         lambda: config.set_value("backend", bad),
-        lambda: _check_numbers(AskOptions(backend=bad)),
+        lambda: build_settings(AskOptions(backend=bad)),
         lambda: hardware.choose_backend(bad, None),
     ):
         with pytest.raises(InputError) as err:

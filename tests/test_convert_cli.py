@@ -174,11 +174,20 @@ def test_convert_hub_id_pulls_first(tiny_checkpoint, home, monkeypatch):
         (Path(out_dir) / "model.safetensors").write_bytes(b"\0" * 8)
         return Path(out_dir)
 
+    resolved: list[str] = []
+    real_resolve = models.resolve
+
+    def spy_resolve(ref, **kwargs):
+        resolved.append(str(ref))
+        return real_resolve(ref, **kwargs)
+
     monkeypatch.setattr(models, "pull", fake_pull)
+    monkeypatch.setattr(models, "resolve", spy_resolve)
     monkeypatch.setattr("qvq_local.convert.to_mlx.convert_to_mlx", fake_converter)
     result = _invoke("convert", "Qwen/Tiny-VL", "--to", "mlx", "-q")
     assert result.exit_code == 0, result.output
     assert pulled == ["Qwen/Tiny-VL"] and seen["src"] == home / "hub" / "Qwen--Tiny-VL"
+    assert resolved == ["Qwen/Tiny-VL"]  # a hub id goes through the one resolver, not a copy of it
     out = home / "models" / "Tiny-VL-mlx-4bit"
     assert models.read_manifest(out)["source"] == "Qwen/Tiny-VL"
     # the second time the download is reused

@@ -115,9 +115,11 @@ def parse_system_info(info: str) -> LlamaBuild:
     return LlamaBuild(tuple(backends), frozenset(on))
 
 
-def requested_mode(option: str | None = None) -> str:
-    """The mode asked for: the option, else ``$QVQ_LLAMA_CPU_BUFFERS``, else ``auto``; validated."""
-    source = "--cpu-buffers"
+def requested_mode(option: str | None = None, label: str | None = "--cpu-buffers") -> str:
+    """The mode asked for: the option, else ``$QVQ_LLAMA_CPU_BUFFERS``, else ``auto``; validated.
+
+    ``label`` names the option in the message (the CLI's flag, the API's keyword)."""
+    source = label or "--cpu-buffers"
     value = option
     if not value:
         value, source = os.environ.get(ENV_VAR, ""), ENV_VAR

@@ -36,12 +36,12 @@ from typing import Any
 
 from qvq_local.backends import llama_buffers, registry
 from qvq_local.backends.base import (
-    GGUF_SAMPLING_KEYS,
     PrefillStats,
     Prompt,
     SamplingParams,
     Token,
     TokenMask,
+    gguf_sampling_keys,
     sampling_values,
 )
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError, QvqError
@@ -178,7 +178,7 @@ def _gguf_sampling(meta: dict) -> dict:
     Floats are stored as float32: rounded back to 7 significant digits (0.05, not 0.0500000007).
     """
     found = {}
-    for name, key in GGUF_SAMPLING_KEYS.items():
+    for name, key in gguf_sampling_keys().items():
         value = meta.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
@@ -434,9 +434,12 @@ def load(
         )
     mmproj_path = _check_file(Path(mmproj_gguf), "mmproj GGUF file")
 
+    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys
+
+    clip = MODEL_ARCH_NAMES[MODEL_ARCH.MMPROJ]  # "clip": the architecture every mmproj file declares
     meta, tensors = _read_checked_gguf(model_path)
-    arch = meta.get("general.architecture")
-    if arch == "clip":
+    arch = meta.get(Keys.General.ARCHITECTURE)
+    if arch == clip:
         raise ModelError("this is an mmproj (vision projector) file, not the text model", path=model_path)
     family = family_for_gguf_arch(arch)
     if family is None:
@@ -445,12 +448,12 @@ def load(
             path=model_path,
         )
     pmeta, _ = _read_checked_gguf(mmproj_path)
-    if pmeta.get("general.architecture") != "clip":
+    if pmeta.get(Keys.General.ARCHITECTURE) != clip:
         raise ModelError(
-            f"not an mmproj file: its architecture is {pmeta.get('general.architecture')!r}, expected 'clip'",
+            f"not an mmproj file: its architecture is {pmeta.get(Keys.General.ARCHITECTURE)!r}, expected {clip!r}",
             path=mmproj_path,
         )
-    projector = pmeta.get("clip.projector_type") or pmeta.get("clip.vision.projector_type")
+    projector = pmeta.get(Keys.Clip.PROJECTOR_TYPE) or pmeta.get(Keys.ClipVision.PROJECTOR_TYPE)
     if family_for_projector(projector) is not family:
         raise ModelError(
             f"mmproj projector type is {projector!r}, expected {family.gguf_projector}", path=mmproj_path
@@ -479,7 +482,7 @@ def load(
 
     try:
         n_embd = int(llama_cpp.llama_model_n_embd(model))
-        proj_dim = pmeta.get("clip.vision.projection_dim")
+        proj_dim = pmeta.get(Keys.ClipVision.PROJECTION_DIM)
         if proj_dim is not None and int(proj_dim) != n_embd:
             raise ModelError(
                 f"this mmproj projects to width {proj_dim} but the text model {model_path.name} is {n_embd} wide;"
@@ -521,20 +524,20 @@ def load(
             llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace")
 
-    file_type = meta_str("general.file_type")
+    file_type = meta_str(Keys.General.FILE_TYPE)
     names = _file_type_names(llama_cpp)
     quantization = (
         names.get(int(file_type), f"type {file_type}") if file_type and file_type.isdigit() else "unknown"
     )
-    ctx_len = meta_str(f"{arch}.context_length")
+    ctx_len = meta_str(Keys.LLM.CONTEXT_LENGTH.format(arch=arch))
     gen = {**_gguf_sampling(meta), **_sidecar_generation_config(model_path), **(generation_config or {})}
     vocab = llama_cpp.llama_model_get_vocab(model)
     loaded = LlamaModel(
-        name=name or meta_str("general.name") or model_path.stem,
+        name=name or meta_str(Keys.General.NAME) or model_path.stem,
         model_path=model_path,
         mmproj_path=mmproj_path,
         quantization=quantization,
-        chat_template=meta_str("tokenizer.chat_template"),
+        chat_template=meta_str(Keys.Tokenizer.CHAT_TEMPLATE),
         generation_config=gen,
         context_length=int(ctx_len)
         if ctx_len and ctx_len.isdigit()
@@ -543,8 +546,8 @@ def load(
         n_embd=n_embd,
         n_gpu_layers=int(n_gpu_layers),
         gpu_offload=gpu and n_gpu_layers != 0,
-        patch_size=int(pmeta.get("clip.vision.patch_size", family.patch_size)),
-        merge_size=int(pmeta.get("clip.vision.spatial_merge_size", family.merge_size)),
+        patch_size=int(pmeta.get(Keys.ClipVision.PATCH_SIZE, family.patch_size)),
+        merge_size=int(pmeta.get(Keys.ClipVision.SPATIAL_MERGE_SIZE, family.merge_size)),
         family=family,
         n_threads=threads,
         cpu_buffers=buffers,

@@ -1,0 +1,111 @@
+"""The options of one question, as one typed object built once and checked once.
+
+``qvq ask`` builds it in :mod:`qvq_local.ask_cmd` from its options (after ``qvq config`` filled what the
+user left out); the API builds it in :meth:`qvq_local.api.Model.stream` from its keyword arguments.  Either
+way the object is checked in its constructor and then passed down whole: the model loader reads
+``backend``/``max_pixels``/``cpu_buffers``, the prompt reads ``system``, the backend session reads
+``sampling`` and the reasoning controller the budgets, the loop stop, the forced text and the language lock.
+
+The rules are the same for both callers; only the names in the messages differ, so each error names what
+the caller typed: ``--think-budget must be above 0, got 0`` on the command line, ``the think budget must be
+above 0, got 0`` from Python.  ``labels`` carries those names (see :data:`CLI_LABELS`, :data:`API_LABELS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from qvq_local.backends.base import SamplingParams
+from qvq_local.errors import InputError
+
+#: Answer tokens allowed after thinking ends, when the caller sets none.
+DEFAULT_ANSWER_BUDGET = 1024
+
+#: How ``qvq ask`` spells each checked option in its messages.
+CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
+    {
+        "think_budget": "--think-budget",
+        "answer_budget": "--answer-budget",
+        "max_pixels": "--max-pixels",
+        "temperature": "--temperature",
+        "top_p": "--top-p",
+        "top_k": "--top-k",
+        "repetition_penalty": "--repetition-penalty",
+        "lang_lock": "--lang-lock",
+        "cpu_buffers": "--cpu-buffers",
+    }
+)
+#: How the Python API spells them (``None``: the owning module's own wording, here the language lock's).
+API_LABELS: Mapping[str, str | None] = MappingProxyType(
+    {
+        "think_budget": "the think budget",
+        "answer_budget": "the answer budget",
+        "max_pixels": "max_pixels",
+        "temperature": "temperature",
+        "top_p": "top_p",
+        "top_k": "top_k",
+        "repetition_penalty": "repetition_penalty",
+        "lang_lock": None,
+        "cpu_buffers": "cpu_buffers",
+    }
+)
+
+
+@dataclass(frozen=True)
+class AskSettings:
+    """Everything one question is asked with.  Construction checks and normalises every value.
+
+    ``think_budget``: thought tokens before the answer is forced (None: up to what the context holds).
+    ``answer_budget``: answer tokens (None: no limit of its own).  ``max_pixels``: the pixel bound per image
+    (None: the loaded model's, else the family's default).  ``sampling``: overrides of the model's
+    generation_config (None fields: the model's own).  ``system``: replaces QVQ's system prompt (``""``:
+    the template's own default).  ``loop_detection``: cut reasoning loops.  ``forced_text``: fed when
+    thinking is cut (None: what suits the model and the question).  ``lang_lock``: auto | on | off
+    (:mod:`qvq_local.lang`).  ``backend`` and ``cpu_buffers``: how the model is loaded (the CLI's; the API
+    takes them in :func:`qvq_local.api.load`).
+    """
+
+    think_budget: int | None = None
+    answer_budget: int | None = DEFAULT_ANSWER_BUDGET
+    max_pixels: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    system: str | None = None
+    loop_detection: bool = True
+    forced_text: str | None = None
+    lang_lock: str = "auto"
+    backend: str = "auto"
+    cpu_buffers: str | None = None
+    labels: Mapping[str, str | None] = field(default_factory=lambda: API_LABELS, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from qvq_local import lang
+        from qvq_local.backends import registry
+
+        label = {**API_LABELS, **self.labels}.get
+        self._set("lang_lock", lang.check_mode(self.lang_lock, label("lang_lock")))
+        for name in ("think_budget", "answer_budget", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InputError(f"{label(name)} must be above 0, got {value}")
+        self._set("backend", registry.canonical(self.backend))
+        s = self.sampling
+        if s.temperature is not None and s.temperature < 0:
+            raise InputError(f"{label('temperature')} must be 0 or more, got {s.temperature}")
+        if s.top_p is not None and not 0 < s.top_p <= 1:
+            raise InputError(f"{label('top_p')} must be in (0, 1], got {s.top_p}")
+        if s.top_k is not None and s.top_k < 0:
+            raise InputError(f"{label('top_k')} must be 0 or more, got {s.top_k}")
+        if s.repetition_penalty is not None and s.repetition_penalty <= 0:
+            raise InputError(f"{label('repetition_penalty')} must be above 0, got {s.repetition_penalty}")
+        if self.cpu_buffers is not None:
+            from qvq_local.backends.llama_buffers import requested_mode
+
+            self._set("cpu_buffers", requested_mode(self.cpu_buffers, label("cpu_buffers")))
+
+    def _set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)  # normalising inside the frozen constructor
+
+
+__all__ = ["API_LABELS", "CLI_LABELS", "DEFAULT_ANSWER_BUDGET", "AskSettings"]

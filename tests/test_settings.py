@@ -1,0 +1,207 @@
+"""One settings object per question: the same rules for `qvq ask` and the API, checked once, passed down whole."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+from fakes import ScriptedSession, chop
+from helpers import assert_error
+from typer.testing import CliRunner
+
+from qvq_local import api
+from qvq_local.ask_cmd import AskOptions, build_settings
+from qvq_local.backends.base import SamplingParams
+from qvq_local.cli import app
+from qvq_local.errors import InputError
+from qvq_local.settings import CLI_LABELS, DEFAULT_ANSWER_BUDGET, AskSettings
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
+    for name in ("QVQ_MODEL", "QVQ_BACKEND", "QVQ_LLAMA_CPU_BUFFERS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# (keyword arguments, the command line's message, the API's message)
+BAD = [
+    ({"think_budget": 0}, "--think-budget must be above 0, got 0", "the think budget must be above 0, got 0"),
+    (
+        {"answer_budget": -3},
+        "--answer-budget must be above 0, got -3",
+        "the answer budget must be above 0, got -3",
+    ),
+    ({"max_pixels": 0}, "--max-pixels must be above 0, got 0", "max_pixels must be above 0, got 0"),
+    (
+        {"sampling": SamplingParams(temperature=-0.5)},
+        "--temperature must be 0 or more, got -0.5",
+        "temperature must be 0 or more, got -0.5",
+    ),
+    (
+        {"sampling": SamplingParams(top_p=1.5)},
+        "--top-p must be in (0, 1], got 1.5",
+        "top_p must be in (0, 1], got 1.5",
+    ),
+    (
+        {"sampling": SamplingParams(top_p=0.0)},
+        "--top-p must be in (0, 1], got 0.0",
+        "top_p must be in (0, 1], got 0.0",
+    ),
+    (
+        {"sampling": SamplingParams(top_k=-1)},
+        "--top-k must be 0 or more, got -1",
+        "top_k must be 0 or more, got -1",
+    ),
+    (
+        {"sampling": SamplingParams(repetition_penalty=0.0)},
+        "--repetition-penalty must be above 0, got 0.0",
+        "repetition_penalty must be above 0, got 0.0",
+    ),
+    (
+        {"lang_lock": "sometimes"},
+        "--lang-lock must be one of auto, on, off, got 'sometimes'",
+        "unknown language lock 'sometimes'; choose one of auto, on, off",
+    ),
+    (
+        {"cpu_buffers": "amx"},
+        "--cpu-buffers must be one of auto, all, no-amx, none, got 'amx'",
+        "cpu_buffers must be one of auto, all, no-amx, none, got 'amx'",
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs, cli_message, api_message", BAD)
+def test_one_rule_two_spellings(kwargs, cli_message, api_message):
+    with pytest.raises(InputError) as cli:
+        AskSettings(**kwargs, labels=CLI_LABELS)
+    assert str(cli.value) == cli_message
+    with pytest.raises(InputError) as py:
+        AskSettings(**kwargs)
+    assert str(py.value) == api_message
+
+
+def test_values_are_normalised_once_and_the_object_is_frozen():
+    s = AskSettings(lang_lock=" ON ", backend="GGUF", cpu_buffers="No-AMX")
+    assert (s.lang_lock, s.backend, s.cpu_buffers) == ("on", "llama", "no-amx")
+    assert AskSettings().backend == "auto" and AskSettings().answer_budget == DEFAULT_ANSWER_BUDGET
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.think_budget = 5  # type: ignore[misc]
+    with pytest.raises(InputError, match="the think budget must be above 0"):
+        dataclasses.replace(s, think_budget=-1)  # a copy is checked like the original
+
+
+# ------------------------------------------------------------------ qvq ask: options, then qvq config
+
+
+def test_cli_options_beat_the_stored_defaults_which_fill_the_rest():
+    assert runner.invoke(app, ["config", "set", "think_budget", "300"]).exit_code == 0
+    assert runner.invoke(app, ["config", "set", "max_pixels", "50000"]).exit_code == 0
+    assert runner.invoke(app, ["config", "set", "backend", "gguf"]).exit_code == 0
+    s = build_settings(AskOptions(think_budget=40, top_k=3, seed=7, lang_lock="OFF", loop_detection=False))
+    assert s.think_budget == 40  # the option
+    assert s.max_pixels == 50000 and s.backend == "llama"  # the stored defaults
+    assert s.answer_budget == DEFAULT_ANSWER_BUDGET  # neither: the built-in default
+    assert s.sampling == SamplingParams(top_k=3, seed=7)
+    assert (s.lang_lock, s.loop_detection) == ("off", False)
+
+
+def test_a_bad_option_names_its_flag_and_a_bad_stored_value_names_the_setting(tmp_path):
+    with pytest.raises(InputError) as err:
+        build_settings(AskOptions(answer_budget=0))  # 0 is refused, not taken for "unset"
+    assert str(err.value) == "--answer-budget must be above 0, got 0"
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.json").write_text(json.dumps({"think_budget": 0}))  # hand-edited: `config set` refuses 0
+    with pytest.raises(InputError) as err:
+        build_settings(AskOptions())
+    assert str(err.value) == "the think_budget setting must be above 0, got 0"
+    assert build_settings(AskOptions(think_budget=9)).think_budget == 9  # the option hides the bad value
+
+
+# ------------------------------------------------------------------ passed down whole
+
+
+class _Loaded:
+    backend = name = "fake"
+    quantization = "none"
+    chat_template = None
+    context_length = 4096
+
+    def __init__(self):
+        self.generation_config: dict = {}
+        self.sessions: list[ScriptedSession] = []
+        self.samplings: list[SamplingParams] = []
+
+    def image_token_estimate(self, width, height):
+        return 16
+
+    def tokenize(self, text, *, special=False):
+        return chop(text)
+
+    def new_session(self, sampling, *, n_ctx=None):
+        self.samplings.append(sampling)
+        session = ScriptedSession("thinking " * 40, "It is \\boxed{5}.")
+        self.sessions.append(session)
+        return session
+
+    def close(self):
+        pass
+
+
+def test_api_checks_every_option_before_a_session_opens(sample_image):
+    loaded = _Loaded()
+    model = api.Model(loaded, name="fake", backend="fake", quantization="none")
+    for kwargs, _, message in BAD:
+        if "cpu_buffers" in kwargs:
+            continue  # a load option: api.load takes it
+        if "sampling" in kwargs:
+            kwargs = {k: v for k, v in dataclasses.asdict(kwargs["sampling"]).items() if v is not None}
+        with pytest.raises(InputError) as err:
+            model.stream(sample_image, "q", **kwargs)
+        assert_error(err, re.escape(message))
+    assert not loaded.sessions
+
+
+def test_every_cli_option_reaches_the_session_and_the_result(sample_image, monkeypatch):
+    loaded = _Loaded()
+    seen: dict = {}
+
+    def fake_load(ref, **kw):
+        seen.update(kw)
+        return api.Model(
+            loaded, name="fake", backend="fake", quantization="none", max_pixels=kw["max_pixels"]
+        )
+
+    monkeypatch.setattr(api, "load", fake_load)
+    result = runner.invoke(
+        app,
+        [
+            "ask", str(sample_image), "q", "-m", "x", "--json",
+            "--think-budget", "12", "--answer-budget", "6", "--max-pixels", "40000",
+            "--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--repetition-penalty", "1.1",
+            "--seed", "4", "--system", "Be brief.", "--no-loop-stop", "--lang-lock", "off",
+            "--backend", "llamacpp", "--cpu-buffers", "NONE",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert seen == {"backend": "llama", "max_pixels": 40000, "cpu_buffers": "none", "progress": False}
+    assert loaded.samplings == [
+        SamplingParams(temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.1, seed=4)
+    ]
+    settings = json.loads(result.stdout)["qvq"]["settings"]
+    assert {
+        k: settings[k] for k in ("think_budget", "answer_budget", "max_pixels", "loop_detection", "system")
+    } == {
+        "think_budget": 12,
+        "answer_budget": 6,
+        "max_pixels": 40000,
+        "loop_detection": False,
+        "system": "Be brief.",
+    }
+    assert settings["lang_lock"]["mode"] == "off" and settings["top_k"] == 5
+    assert "Be brief." in loaded.sessions[0].prefill_calls[0].text
