@@ -164,10 +164,7 @@ def run(backends: list[str] | None = None, on_progress=None) -> list[CheckResult
 
 def _child(backend: str, model: str) -> int:
     """In the child: load, ask one question about a generated image, print one JSON line."""
-    import faulthandler
-
-    faulthandler.enable()
-    from PIL import Image
+    from PIL import Image  # the parent started this child with -X faulthandler
 
     import qvq_local
 

@@ -149,8 +149,3 @@ def alias_note() -> str:
 def preference(apple_silicon: bool) -> tuple[str, ...]:
     """The backends in the order ``auto`` tries them on this kind of machine."""
     return tuple(sorted(BACKENDS, key=lambda n: BACKENDS[n].apple_silicon_first != apple_silicon))
-
-
-def loading(fmt: str) -> tuple[str, ...]:
-    """The backends that can load a model in format ``fmt``."""
-    return tuple(name for name, spec in BACKENDS.items() if fmt in spec.formats)

@@ -53,17 +53,8 @@ def family_for_projector(projector: Any) -> Family | None:
     return next((f for f in FAMILIES.values() if f.gguf_projector == projector), None)
 
 
-def supported_architectures() -> list[str]:
-    """Every Hugging Face architecture name a registered family accepts (for messages)."""
-    return [a for f in FAMILIES.values() for a in f.hf_architectures]
-
-
 def supported_gguf_archs() -> list[str]:
     return [f.gguf_text_arch for f in FAMILIES.values()]
-
-
-def supported_projectors() -> list[str]:
-    return [f.gguf_projector for f in FAMILIES.values()]
 
 
 def describe_supported() -> str:
@@ -80,7 +71,5 @@ __all__ = [
     "family_for_gguf_arch",
     "family_for_model_type",
     "family_for_projector",
-    "supported_architectures",
     "supported_gguf_archs",
-    "supported_projectors",
 ]
