@@ -186,6 +186,14 @@ def models(
     Console().print(table)
 
 
+#: --cpu-buffers on ask and bench (qvq_local/backends/llama_buffers.py explains the modes).
+_CPU_BUFFERS_HELP = (
+    "llama backend: auto (default) | all | no-amx | none. Which llama.cpp CPU buffer types hold the "
+    "weights; auto turns them off on Intel AMX CPUs (AMX crashes on quantised models, llama.cpp #20824); "
+    "no-amx keeps repacking. Also $QVQ_LLAMA_CPU_BUFFERS."
+)
+
+
 # ---------------------------------------------------------------- ask / doctor / config (issue 5)
 @app.command(context_settings={"allow_interspersed_args": True})
 def ask(
@@ -225,9 +233,7 @@ def ask(
     cpu_buffers: str | None = typer.Option(
         None,
         "--cpu-buffers",
-        help="llama backend: auto (default) | all | no-amx | none. Which llama.cpp CPU buffer types hold the "
-        "weights; auto turns them off on Intel AMX CPUs (AMX crashes on quantised models, llama.cpp #20824); "
-        "no-amx keeps repacking. Also $QVQ_LLAMA_CPU_BUFFERS.",
+        help=_CPU_BUFFERS_HELP,
     ),
 ) -> None:
     """Ask a question about one or more images and watch the model think.
@@ -420,9 +426,7 @@ def bench(
     cpu_buffers: str | None = typer.Option(
         None,
         "--cpu-buffers",
-        help="llama backend: auto (default) | all | no-amx | none. Which llama.cpp CPU buffer types hold the "
-        "weights; auto turns them off on Intel AMX CPUs (AMX crashes on quantised models, llama.cpp #20824); "
-        "no-amx keeps repacking. Also $QVQ_LLAMA_CPU_BUFFERS.",
+        help=_CPU_BUFFERS_HELP,
     ),
 ) -> None:
     """Measure speed and memory on this machine, side by side with the raw libraries and the bandwidth limit.
