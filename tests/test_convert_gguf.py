@@ -437,8 +437,13 @@ def test_mmproj_loads_in_llama_cpp(tiny_gguf_q4):
 
 @pytest.mark.llama
 @pytest.mark.parametrize(("quant", "file_type", "main_type"), [("q8_0", 7, "Q8_0"), ("q5_k_m", 17, "Q5_K")])
-def test_other_quants_from_bf16_source(tiny_checkpoint_bf16, tmp_path, quant, file_type, main_type):
-    """bf16 source -> raw BF16 intermediate -> llama.cpp quantiser; the result loads and evaluates."""
+def test_other_quants_from_bf16_source(tiny_checkpoint_bf16, tiny_gguf_f32, tmp_path, quant, file_type, main_type):
+    """bf16 source -> raw BF16 intermediate -> llama.cpp quantiser; the result loads and evaluates.
+
+    llama-cpp-python fills `Llama.scores` only with logits_all=True; without it the array is
+    uninitialised memory (a CI run read NaNs from it), so both models are opened with it.
+    The bf16 checkpoint is the f32 one (same seed) rounded, so its logits track the f32 GGUF's.
+    """
     from qvq_local.convert.to_gguf import convert_to_gguf
 
     pair = convert_to_gguf(tiny_checkpoint_bf16, tmp_path, quant=quant, mmproj_quant="f16")
@@ -446,13 +451,20 @@ def test_other_quants_from_bf16_source(tiny_checkpoint_bf16, tmp_path, quant, fi
     kv, tensors = _fields(pair.model)
     assert kv["general.file_type"] == file_type
     assert tensors["blk.0.ffn_gate.weight"].tensor_type.name == main_type
-    llm = _llama(pair.model)
+    llm = _llama(pair.model, logits_all=True)
+    ref = _llama(tiny_gguf_f32.model, logits_all=True)
     try:
         ids = llm.tokenize(b"Hello world", add_bos=False, special=True)
         llm.eval(ids)
-        assert np.isfinite(np.array(llm.scores[len(ids) - 1])).all()
+        ref.eval(ids)
+        a, b = np.array(llm.scores[len(ids) - 1]), np.array(ref.scores[len(ids) - 1])
+        assert np.isfinite(a).all()
+        corr = float(np.corrcoef(a, b)[0, 1])
+        print(f"\n{main_type} (from bf16) vs F32 last-position logits: correlation {corr:.4f}")
+        assert corr > 0.9
     finally:
         llm.close()
+        ref.close()
 
 
 def test_model_name_for_hub_snapshots(tmp_path):
