@@ -25,9 +25,10 @@ from typing import Any
 
 from qvq_local.families.base import Family
 from qvq_local.families.qwen2vl import FAMILY as QWEN2VL
+from qvq_local.families.qwen3vl import FAMILY as QWEN3VL
 
 #: Every family qvq-local runs, by name.
-FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2VL,)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2VL, QWEN3VL)}
 
 #: The family of the models this project is built around (QVQ-72B-Preview).
 DEFAULT_FAMILY = QWEN2VL
