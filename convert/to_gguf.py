@@ -105,18 +105,19 @@ def _convert(
     ckpt: Checkpoint, out_dir: Path, quant: str, mmproj_quant: str, progress: bool, name: str
 ) -> GgufPair:
     # ---- everything that can fail is checked here, before any output exists
-    check_mmproj_supported(ckpt)
+    fam = ckpt.family  # a family with its own tensor layout supplies its own parts
+    (fam.check_mmproj_supported or check_mmproj_supported)(ckpt)
     vocab = read_vocab(ckpt)
     direct = quant in _DIRECT
     if not direct:
         check_quantiser_available()
     mm_type = _MMPROJ_TYPES[mmproj_quant]
-    mm_plan = mmproj_tensor_plan(ckpt, mm_type)
-    mm_meta = mmproj_metadata(ckpt, _FILE_TYPES[mm_type], name)
+    mm_plan = (fam.mmproj_plan or mmproj_tensor_plan)(ckpt, mm_type)
+    mm_meta = (fam.mmproj_metadata or mmproj_metadata)(ckpt, _FILE_TYPES[mm_type], name)
     text_type = _DIRECT.get(quant, "source")
-    text_plan = text_tensor_plan(ckpt, text_type)
+    text_plan = (fam.gguf_text_plan or text_tensor_plan)(ckpt, text_type)
     text_file_type = _FILE_TYPES[text_type] if direct else _dominant_file_type(text_plan)
-    text_meta = text_metadata(ckpt, vocab, text_file_type, name)
+    text_meta = (fam.gguf_text_metadata or text_metadata)(ckpt, vocab, text_file_type, name)
     text_arch = ckpt.family.gguf_text_arch
     model_name, mmproj_name = gguf_file_names(name, quant, mmproj_quant)
     model_path, mmproj_path = out_dir / model_name, out_dir / mmproj_name

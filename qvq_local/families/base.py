@@ -59,6 +59,16 @@ class Family:
     embedding_suffix: ClassVar[str]
     mmproj_out_tensor: ClassVar[str]
 
+    #: Optional GGUF converter parts a family with its own tensor layout supplies (None: ``convert/``'s
+    #: generic ones, which write the Qwen2-VL layout): ``check_mmproj_supported(ckpt)``,
+    #: ``gguf_text_plan(ckpt, weight_type)``, ``gguf_text_metadata(ckpt, vocab, file_type, name)``,
+    #: ``mmproj_plan(ckpt, weight_type)``, ``mmproj_metadata(ckpt, file_type, name)``.
+    check_mmproj_supported: ClassVar[Any] = None
+    gguf_text_plan: ClassVar[Any] = None
+    gguf_text_metadata: ClassVar[Any] = None
+    mmproj_plan: ClassVar[Any] = None
+    mmproj_metadata: ClassVar[Any] = None
+
     def dims_from_config(self, config: dict[str, Any], path: Path) -> Any:
         """Typed text and vision dimensions from ``config.json`` (ModelError naming ``path`` if wrong)."""
         raise NotImplementedError
