@@ -233,7 +233,8 @@ def dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, Visi
         )
     if len(indexes) > text.num_layers:
         raise ModelError(
-            f"{len(indexes)} DeepStack layers but only {text.num_layers} text layers to add them to", path=path
+            f"{len(indexes)} DeepStack layers but only {text.num_layers} text layers to add them to",
+            path=path,
         )
     num_pos = need_number(vc, "num_position_embeddings", vpath)
     if math.isqrt(num_pos) ** 2 != num_pos:
@@ -259,7 +260,9 @@ def dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, Visi
             path=path,
         )
     if embed % vision.num_heads:
-        raise ModelError(f"vision hidden_size {embed} is not divisible by num_heads {vision.num_heads}", path=vpath)
+        raise ModelError(
+            f"vision hidden_size {embed} is not divisible by num_heads {vision.num_heads}", path=vpath
+        )
     return text, vision
 
 
@@ -419,12 +422,17 @@ def gguf_text_names(text: TextDims, has_lm_head: bool) -> list[tuple[str, str]]:
 def mmproj_names(vision: VisionDims) -> list[tuple[str, str]]:
     """``(checkpoint name, mmproj name)`` of every vision tensor but the Conv3d kernel (split in time)."""
     v = VISION_PREFIX
-    pairs = [(v + "patch_embed.proj.bias", "v.patch_embd.bias"), (v + "pos_embed.weight", "v.position_embd.weight")]
+    pairs = [
+        (v + "patch_embed.proj.bias", "v.patch_embd.bias"),
+        (v + "pos_embed.weight", "v.position_embd.weight"),
+    ]
     for i in range(vision.depth):
         pairs += [(f"{v}blocks.{i}.{k}", f"v.blk.{i}.{g}") for k, g in MMPROJ_BLOCK_MAP.items()]
     pairs += [(f"{v}merger.{k}", g) for k, g in MMPROJ_MERGER_MAP.items()]
     for k, layer in enumerate(vision.deepstack_visual_indexes):
-        pairs += [(f"{v}deepstack_merger_list.{k}.{s}", g.format(layer)) for s, g in MMPROJ_DEEPSTACK_MAP.items()]
+        pairs += [
+            (f"{v}deepstack_merger_list.{k}.{s}", g.format(layer)) for s, g in MMPROJ_DEEPSTACK_MAP.items()
+        ]
     return pairs
 
 
@@ -445,7 +453,9 @@ def check_mmproj_supported(ckpt: Any) -> None:
     if v.in_channels != 3:
         raise ModelError(f"vision in_channels is {v.in_channels}; only RGB (3) is supported", path=path)
     if v.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
-        raise ModelError(f"vision hidden_act {v.hidden_act!r} is not supported (Qwen3-VL uses gelu)", path=path)
+        raise ModelError(
+            f"vision hidden_act {v.hidden_act!r} is not supported (Qwen3-VL uses gelu)", path=path
+        )
 
 
 def gguf_text_plan(ckpt: Any, weight_type: str) -> list[Any]:
@@ -477,7 +487,10 @@ def gguf_text_metadata(ckpt: Any, vocab: Any, file_type: int, name: str) -> Call
         common(w)
         w.add_key_length(ckpt.text.head_dim)
         w.add_value_length(ckpt.text.head_dim)
-        w.add_uint32(Keys.LLM.NUM_DEEPSTACK_LAYERS.format(arch=FAMILY.gguf_text_arch), len(ckpt.vision.deepstack_visual_indexes))
+        w.add_uint32(
+            Keys.LLM.NUM_DEEPSTACK_LAYERS.format(arch=FAMILY.gguf_text_arch),
+            len(ckpt.vision.deepstack_visual_indexes),
+        )
 
     return add
 
@@ -670,7 +683,9 @@ def get_shape(shape: str | SynthShape) -> SynthShape:
     try:
         return SYNTH_SHAPES[shape]
     except KeyError:
-        raise InputError(f"unknown Qwen3-VL shape {shape!r}; choose one of {', '.join(SYNTH_SHAPES)}") from None
+        raise InputError(
+            f"unknown Qwen3-VL shape {shape!r}; choose one of {', '.join(SYNTH_SHAPES)}"
+        ) from None
 
 
 def special_ids(base: int) -> dict[str, int]:
@@ -777,7 +792,9 @@ def build_tokenizer_json(base: int, kind: str = "trained") -> str:
     data = json.loads(tokenizer_synth.build_tokenizer_json(base, kind))
     data["added_tokens"] = []
     tok = Tokenizer.from_str(json.dumps(data))
-    tok.add_special_tokens([AddedToken(t, special=t in _MARKED_SPECIAL, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_special_tokens(
+        [AddedToken(t, special=t in _MARKED_SPECIAL, normalized=False) for t in SPECIAL_TOKENS]
+    )
     for t, i in special_ids(base).items():
         if tok.token_to_id(t) != i:  # would break every id in config.json: fail loudly
             raise RuntimeError(f"added token {t} got id {tok.token_to_id(t)}, expected {i}")
@@ -821,7 +838,9 @@ def tensor_specs(shape: str | SynthShape) -> list[Any]:
     s = get_shape(shape)
     text, vision = dims_from_config(build_config(s), Path("config.json"))
     return [
-        TensorSpec(n, shp, "norm_weight" if n.endswith(("norm.weight", "norm1.weight", "norm2.weight")) else "normal")
+        TensorSpec(
+            n, shp, "norm_weight" if n.endswith(("norm.weight", "norm1.weight", "norm2.weight")) else "normal"
+        )
         for n, shp in expected_shapes(text, vision).items()
     ]
 
@@ -864,8 +883,11 @@ def write_checkpoint(
     if free < need:
         from qvq_local.errors import DiskFull
 
-        raise DiskFull(f"the {s.name} checkpoint needs {synthetic._human(need)} but only "
-                       f"{synthetic._human(free)} is free", path=out.parent.resolve())
+        raise DiskFull(
+            f"the {s.name} checkpoint needs {synthetic._human(need)} but only "
+            f"{synthetic._human(free)} is free",
+            path=out.parent.resolve(),
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic.partial_dir(out)
     tmp.mkdir()
@@ -879,10 +901,14 @@ def write_checkpoint(
         dump("preprocessor_config.json", build_preprocessor_config())
         dump("tokenizer_config.json", tokenizer_config(s.tokenizer_base, variant))
         dump("chat_template.json", {"chat_template": chat_template(variant == "thinking")})
-        (tmp / "tokenizer.json").write_text(build_tokenizer_json(s.tokenizer_base, tokenizer), encoding="utf-8")
+        (tmp / "tokenizer.json").write_text(
+            build_tokenizer_json(s.tokenizer_base, tokenizer), encoding="utf-8"
+        )
         vocab, merges = tokenizer_synth.vocab_and_merges(tokenizer, s.tokenizer_base)
         (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (tmp / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+        (tmp / "merges.txt").write_text(
+            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+        )
         with ShardedWriter(tmp, max_shard_bytes=s.max_shard_bytes) as writer:
             for spec in specs:
                 writer.add_chunked(spec.name, spec.shape, st_dtype, synthetic.generate_tensor(spec, seed))
