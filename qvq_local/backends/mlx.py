@@ -18,6 +18,7 @@ Mechanism only: nothing here knows about thoughts, answers or budgets.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -365,8 +366,11 @@ class MlxSession:
         pos = mx.arange(start, start + n, dtype=mx.int32).reshape(1, 1, n)
         return mx.broadcast_to(pos, (3, 1, n))
 
-    def _forward(self, embeds, positions):
+    def _forward(self, embeds, positions, deepstack=None):
         """Run ``embeds`` [1, L, D] at ``positions`` [3, 1, L] through the LM; keep the cache.
+
+        ``deepstack``: ``(visual_pos_masks [1, L], features per layer [n_visual, D])`` for a family whose
+        vision tower also feeds the first text layers (Qwen3-VL's DeepStack); each chunk gets its slice.
 
         All positions but the last go through in chunks whose output is thrown away: only their keys
         and values (the cache state) are evaluated, so the last layer's attention output and MLP for
@@ -377,6 +381,19 @@ class MlxSession:
         if self._act_dtype is not None and embeds.dtype != self._act_dtype:
             embeds = embeds.astype(self._act_dtype)
         length = embeds.shape[1]
+        seen = None
+        if deepstack is not None:  # visual tokens before each position, to slice the features per chunk
+            seen = [0, *itertools.accumulate(bool(v) for v in deepstack[0][0].tolist())]
+
+        def extra(start: int, end: int) -> dict:
+            if seen is None:
+                return {}
+            a, b = seen[start], seen[end]
+            return {
+                "visual_pos_masks": deepstack[0][:, start:end],
+                "deepstack_visual_embeds": [layer[a:b] for layer in deepstack[1]],
+            }
+
         for start in range(0, length - 1, self._chunk):
             end = min(start + self._chunk, length - 1)
             self._lm.model(
@@ -384,6 +401,7 @@ class MlxSession:
                 inputs_embeds=embeds[:, start:end],
                 cache=self._cache,
                 position_ids=positions[:, :, start:end],
+                **extra(start, end),
             )
             mx.eval([c.state for c in self._cache])
         hidden = self._lm.model(
@@ -391,6 +409,7 @@ class MlxSession:
             inputs_embeds=embeds[:, length - 1 :],
             cache=self._cache,
             position_ids=positions[:, :, length - 1 :],
+            **extra(length - 1, length),
         )
         self.n_past += length
         return self._head(hidden)[0, -1].astype(mx.float32)
@@ -465,7 +484,9 @@ class MlxSession:
         deltas = getattr(emb, "rope_deltas", None)
         self._rope_delta = int(mx.array(deltas).reshape(-1)[0].item()) if deltas is not None else 0
 
-        self._logits = self._forward(embeds, positions)
+        features = getattr(emb, "deepstack_visual_embeds", None)
+        deepstack = (emb.visual_pos_masks, features) if features is not None else None
+        self._logits = self._forward(embeds, positions, deepstack)
         mx.eval(self._logits)
         self._history.extend(ids)
         self._prefilled = True
