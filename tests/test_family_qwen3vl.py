@@ -464,3 +464,95 @@ def test_mmproj_embeddings_with_deepstack_match_transformers(q3_gguf, q3_llama, 
     ]
     print(f"\nmmproj f32 vs transformers (merger, DeepStack 1, DeepStack 2): max abs errors {errs}")
     assert max(errs) < IMAGE_ATOL
+
+
+# ---------------------------------------------------------------- MLX
+
+
+@pytest.fixture(scope="session")
+def q3_mlx(artifacts, q3_thinking):
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_vlm")
+    from qvq_local.convert.to_mlx import convert_to_mlx
+
+    return convert_to_mlx(q3_thinking, artifacts / "q3vl-mlx-f32", bits=None)
+
+
+@pytest.mark.mlx
+@pytest.mark.parity
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_mlx_text_and_image_prompts_match_transformers(q3_mlx, q3_hf, q3_thinking, q3_image, chunk):
+    """The unquantised MLX conversion through the MLX session vs transformers, f32 on CPU.
+
+    With the image the session must hand the DeepStack features to the first text layers; ``chunk=16``
+    prefills in 16-token chunks, so each chunk gets its own slice of them.
+    """
+    import numpy as np
+
+    from qvq_local.backends import mlx as backend
+    from qvq_local.backends.base import Prompt, SamplingParams
+    from qvq_local.prompt import build_prompt
+
+    loaded = backend.load(q3_mlx)
+    try:
+        for n_images in (0, 1):
+            text = build_prompt(loaded.chat_template, QUESTION, n_images, system=None)
+            prompt = Prompt(text=text, images=[q3_image] * n_images)
+            kw = {"prefill_chunk": chunk} if chunk else {}
+            session = backend.MlxSession(loaded, SamplingParams(), n_ctx=1024, **kw)
+            try:
+                stats = session.prefill(prompt)
+                ours = np.array(session.last_logits())
+            finally:
+                session.close()
+            ref, ids = _hf_logits(q3_hf, q3_thinking, text, prompt.images)
+            assert (
+                stats.image_tokens == ids.count(qwen3vl.special_ids(1264)["<|image_pad|>"]) == 70 * n_images
+            )
+            err = float(np.abs(ours - ref).max())
+            print(f"\nMLX, {n_images} image(s), chunk {chunk}: max |logit diff| vs transformers {err:.3g}")
+            assert err < TEXT_ATOL
+            assert int(ours.argmax()) == int(ref.argmax())
+    finally:
+        loaded.close()
+
+
+# ---------------------------------------------------------------- qvq ask with a thinking budget
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["llama", "mlx"])
+def test_ask_with_a_budget_closes_think_on_both_backends(backend, request, q3_image, tmp_path, monkeypatch):
+    """`qvq ask --think-budget` on the Thinking model: the thought is cut at the budget, the forced text
+    ends with ``</think>`` (fed into the same KV cache), and the answer follows; JSON carries it all."""
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+    from qvq_local.reasoning import ReasoningConfig
+
+    pytest.importorskip("llama_cpp" if backend == "llama" else "mlx_vlm")
+    model = (
+        request.getfixturevalue("q3_gguf").model if backend == "llama" else request.getfixturevalue("q3_mlx")
+    )
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("QVQ_MODEL", raising=False)
+    image = tmp_path / "chart.png"
+    q3_image.save(image)
+    args = ["ask", str(image), QUESTION, "--model", str(model), "--backend", backend]
+    args += ["--think-budget", "12", "--answer-budget", "6", "--json", "--seed", "1", "--no-loop-stop"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    q = data["qvq"]
+    assert q["backend"] == backend and q["images"][0]["tokens"] == 70
+    grace = ReasoningConfig().grace_tokens  # the cut waits up to this many tokens for a sentence end
+    assert (
+        q["forced"]
+        and q["forced"][0]["reason"] == "budget"
+        and 12 <= q["forced"][0]["at_token"] <= 12 + grace
+    )
+    assert q["forced"][0]["text"].endswith("</think>\n\n")
+    message = data["choices"][0]["message"]
+    assert "</think>" not in message["content"]
+    assert data["usage"]["reasoning_tokens"] >= 12 and data["usage"]["completion_tokens"] > 0
+    assert q["stop_reason"] in ("budget", "max_tokens", "eos")
