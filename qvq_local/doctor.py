@@ -92,13 +92,14 @@ def _gguf_config(model_file: Path) -> dict[str, Any]:
         "kv_heads": Keys.Attention.HEAD_COUNT_KV.format(arch=arch),
         "width": Keys.LLM.EMBEDDING_LENGTH.format(arch=arch),
         "context": Keys.LLM.CONTEXT_LENGTH.format(arch=arch),
+        "head_dim": Keys.Attention.KEY_LENGTH.format(arch=arch),  # Qwen3-VL: not width / heads
     }
     meta = read_gguf_metadata(model_file, set(key.values()))
     heads = int(meta.get(key["heads"]) or 1)
     return {
         "layers": int(meta.get(key["layers"]) or 0),
         "kv_heads": int(meta.get(key["kv_heads"]) or heads),
-        "head_dim": int(meta.get(key["width"]) or 0) // heads,
+        "head_dim": int(meta.get(key["head_dim"]) or int(meta.get(key["width"]) or 0) // heads),
         "context_length": int(meta.get(key["context"]) or 32768),
         "kv_bytes": 2,  # llama.cpp's KV cache is f16 by default
     }

@@ -556,3 +556,16 @@ def test_ask_with_a_budget_closes_think_on_both_backends(backend, request, q3_im
     assert "</think>" not in message["content"]
     assert data["usage"]["reasoning_tokens"] >= 12 and data["usage"]["completion_tokens"] > 0
     assert q["stop_reason"] in ("budget", "max_tokens", "eos")
+
+
+# ---------------------------------------------------------------- qvq doctor --model
+
+
+def test_doctor_sizes_the_kv_cache_with_qwen3s_head_size(q3_gguf, q3_thinking):
+    """64-wide heads (not 256 / 8 = 32): 3 layers x K and V x 2 kv heads x 64 x n_ctx x bytes."""
+    from qvq_local.doctor import model_fit
+
+    for ref, kv_bytes in ((q3_gguf.model, 2), (q3_thinking, 4)):  # llama.cpp's f16 cache; f32 weights
+        fit = model_fit(str(ref), n_ctx=1000, available=10**12)
+        assert fit["kv_cache_bytes"] == 2 * 3 * 1000 * 2 * 64 * kv_bytes, ref
+        assert fit["trained_context"] == 262144
