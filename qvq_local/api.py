@@ -100,6 +100,16 @@ def _count_text_tokens(loaded: Any, text: str) -> int | None:
     return None
 
 
+def _family_of(loaded: Any) -> Any:
+    """The loaded model's family (llama.cpp models carry it; MLX ones name it by model_type)."""
+    from qvq_local.families import DEFAULT_FAMILY, family_for_model_type
+
+    family = getattr(loaded, "family", None)
+    if family is None:
+        family = family_for_model_type((getattr(loaded, "config", None) or {}).get("model_type"))
+    return family or DEFAULT_FAMILY
+
+
 class _Tracker:
     """What the stream has produced so far, to build a partial Result on Ctrl-C."""
 
@@ -189,8 +199,8 @@ class Model:
         """Ask ``question`` about ``images`` (paths or :class:`PreparedImage`); yield events as they come.
 
         ``think_budget`` caps thought tokens (None: up to :data:`DEFAULT_MAX_THOUGHT`, or what the context
-        holds); ``answer_budget`` caps answer tokens.  ``system`` replaces QVQ's system prompt (``""``
-        leaves the template's own default).  Sampling values left at None come from the model's
+        holds); ``answer_budget`` caps answer tokens.  ``system`` replaces the family's system prompt
+        (QVQ's; Qwen3-VL has none; ``""`` leaves the template's own default).  Sampling values left at None come from the model's
         generation_config.  ``forced_text`` (fed when thinking is cut) defaults to what suits the model and
         the question: ``</think>`` when the chat template opens ``<think>``, else QVQ's marker, after a
         sentence in the question's language (:func:`qvq_local.reasoning.default_forced_text`).
@@ -256,7 +266,7 @@ class Model:
         return mask, {"scripts": sorted(lock.allowed), "masked": mask.label, "masked_tokens": len(mask)}
 
     def _stream(self, images, question, options: AskSettings, lock) -> Iterator[Event]:
-        from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt
+        from qvq_local.prompt import build_prompt
         from qvq_local.reasoning import default_forced_text, default_markers, question_language
 
         t_start = time.perf_counter()
@@ -271,7 +281,8 @@ class Model:
             loaded = self.loaded
             for info in infos:  # the backend's own count is the one that fills its context
                 info.tokens = int(loaded.image_token_estimate(*info.size))
-            system_text = QVQ_SYSTEM_PROMPT if options.system is None else (options.system or None)
+            default_system = _family_of(loaded).system_prompt or None  # Qwen3-VL's templates have none
+            system_text = default_system if options.system is None else (options.system or None)
             text = build_prompt(loaded.chat_template, question, len(prepared), system_text)
 
             image_tokens = sum(info.tokens for info in infos)

@@ -545,6 +545,7 @@ def test_ask_with_a_budget_closes_think_on_both_backends(backend, request, q3_im
     data = json.loads(result.stdout)
     q = data["qvq"]
     assert q["backend"] == backend and q["images"][0]["tokens"] == 70
+    assert q["settings"]["system"] is None  # the family's default: no system turn (not QVQ's prompt)
     grace = ReasoningConfig().grace_tokens  # the cut waits up to this many tokens for a sentence end
     assert (
         q["forced"]
