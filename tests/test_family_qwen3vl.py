@@ -570,3 +570,23 @@ def test_doctor_sizes_the_kv_cache_with_qwen3s_head_size(q3_gguf, q3_thinking):
         fit = model_fit(str(ref), n_ctx=1000, available=10**12)
         assert fit["kv_cache_bytes"] == 2 * 3 * 1000 * 2 * 64 * kv_bytes, ref
         assert fit["trained_context"] == 262144
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize(("quant", "mmproj_quant"), [("q4_k_m", "f16"), ("q8_0", "q8_0")])
+def test_quantised_pairs_answer_with_an_image(q3_thinking, q3_image, tmp_path, quant, mmproj_quant):
+    """The position table stays F32 whatever the mmproj type: clip interpolates it with ggml_interpolate,
+    which aborts the process on anything else."""
+    pytest.importorskip("llama_cpp")
+    from qvq_local import api
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    pair = convert_to_gguf(q3_thinking, tmp_path / "out", quant=quant, mmproj_quant=mmproj_quant)
+    _, tensors = _fields(pair.mmproj)
+    assert tensors["v.position_embd.weight"].tensor_type.name == "F32"
+    assert tensors["v.blk.0.attn_qkv.weight"].tensor_type.name == mmproj_quant.upper()
+    image = tmp_path / "chart.png"
+    q3_image.save(image)
+    with api.load(str(pair.model), backend="llama") as model:
+        result = model.ask(str(image), QUESTION, think_budget=8, answer_budget=4, system="")
+    assert result.images[0].tokens == 70 and result.forced[0].text.endswith("</think>\n\n")

@@ -514,7 +514,7 @@ def mmproj_plan(ckpt: Any, weight_type: str) -> list[Any]:
     for name, gname in mmproj_names(ckpt.vision):
         shape = ckpt.shape(name)
         if len(shape) == 1 or name.endswith("pos_embed.weight"):
-            qtype = "F32" if len(shape) == 1 or weight_type == "Q8_0" else weight_type
+            qtype = "F32"  # clip interpolates the position table with ggml_interpolate: F32 only
         elif weight_type == "Q8_0" and shape[-1] % 32:
             qtype = "F16"
         else:
