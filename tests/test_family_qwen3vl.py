@@ -578,8 +578,9 @@ def test_quantised_pairs_answer_with_an_image(q3_thinking, q3_image, tmp_path, q
     """The position table stays F32 whatever the mmproj type: clip interpolates it with ggml_interpolate,
     which aborts the process on anything else."""
     pytest.importorskip("llama_cpp")
-    from qvq_local import api
     from qvq_local.convert.to_gguf import convert_to_gguf
+
+    from qvq_local import api
 
     pair = convert_to_gguf(q3_thinking, tmp_path / "out", quant=quant, mmproj_quant=mmproj_quant)
     _, tensors = _fields(pair.mmproj)
