@@ -591,3 +591,31 @@ def test_quantised_pairs_answer_with_an_image(q3_thinking, q3_image, tmp_path, q
     with api.load(str(pair.model), backend="llama") as model:
         result = model.ask(str(image), QUESTION, think_budget=8, answer_budget=4, system="")
     assert result.images[0].tokens == 70 and result.forced[0].text.endswith("</think>\n\n")
+
+
+def test_only_the_family_module_names_qwen3vl():
+    """One place per family: no code outside families/qwen3vl.py spells Qwen3-VL's identifiers (string
+    constants; docstrings and comments are prose)."""
+    import ast
+    import re
+
+    idents = (
+        "Qwen3VLForConditionalGeneration",
+        "qwen3_vl",
+        "qwen3vl",
+        "qwen3vl_merger",
+        "deepstack_visual_indexes",
+    )
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [*(root / "qvq_local").rglob("*.py"), *(root / "convert").rglob("*.py")]:
+        if path.name == "qwen3vl.py" and path.parent.name == "families":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        prose = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)) or id(node) in prose:
+                continue
+            if any(re.search(rf"(?<![\w.]){re.escape(i)}(?![\w])", node.value) for i in idents):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []
