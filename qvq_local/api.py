@@ -60,8 +60,13 @@ class PreparedImage:
     info: ImageInfo
 
 
-def prepare_images(images: Any, max_pixels: int | None = None) -> list[PreparedImage]:
+def prepare_images(
+    images: Any, max_pixels: int | None = None, factor: int | None = None
+) -> list[PreparedImage]:
     """Load, validate and bound each image; a single path is accepted as well as a list.
+
+    ``factor``: the model family's image-token side (None: the default family's), so that an image is
+    resized once, to sides the model's processor keeps.
 
     Raises ``InputError`` naming the first bad file (missing, not an image, corrupt, empty).
     """
@@ -72,11 +77,15 @@ def prepare_images(images: Any, max_pixels: int | None = None) -> list[PreparedI
     prepared: list[PreparedImage] = []
     for item in images:
         if isinstance(item, PreparedImage):
-            prepared.append(item)
-            continue
+            w, h = item.info.size
+            if not factor or (w % factor == 0 and h % factor == 0) or not Path(item.info.path).is_file():
+                prepared.append(item)
+                continue
+            item = item.info.path  # bounded for another family's grid (before the model was known): redo
         if not isinstance(item, (str, Path)):
             raise InputError(f"expected an image path, got {type(item).__name__}")
-        image, info = load_image(item, max_pixels) if max_pixels else load_image(item)
+        kw = {"factor": factor} if factor else {}
+        image, info = load_image(item, max_pixels, **kw) if max_pixels else load_image(item, **kw)
         prepared.append(PreparedImage(image, info))
     if not prepared:
         raise InputError("no image given: QVQ answers questions about images, pass at least one")
@@ -276,9 +285,9 @@ class Model:
         settings: dict[str, Any] = {}
         infos: list[ImageInfo] = []
         try:
-            prepared = prepare_images(images, options.max_pixels)
-            infos = [replace(p.info) for p in prepared]
             loaded = self.loaded
+            prepared = prepare_images(images, options.max_pixels, factor=_family_of(loaded).image_factor)
+            infos = [replace(p.info) for p in prepared]
             for info in infos:  # the backend's own count is the one that fills its context
                 info.tokens = int(loaded.image_token_estimate(*info.size))
             default_system = _family_of(loaded).system_prompt or None  # Qwen3-VL's templates have none

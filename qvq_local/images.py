@@ -270,15 +270,18 @@ def load_image(
     min_pixels: int = DEFAULT_MIN_PIXELS,
     *,
     max_source_pixels: int = MAX_SOURCE_PIXELS,
+    factor: int = FACTOR,
 ):
     """Open ``path`` and return ``(PIL.Image in RGB, ImageInfo)``, resized by :func:`bound_size`.
+
+    ``factor``: the side of one image token of the model's family (default Qwen2-VL's 28; Qwen3-VL's 32).
 
     Raises InputError (one line, naming the file) for anything that is not a usable image.  Pixels are
     decoded only after the header passed the size checks, so a decompression bomb costs nothing.
     """
     from PIL import Image
 
-    bound_size(1, 1, max_pixels=max_pixels, min_pixels=min_pixels)  # bad options fail before any I/O
+    bound_size(1, 1, max_pixels=max_pixels, min_pixels=min_pixels, factor=factor)  # bad options: before I/O
     p = Path(path)
     name = str(path)
     try:
@@ -310,10 +313,10 @@ def load_image(
         rgb = _decode(p, name, head, limit)
 
     original = rgb.size
-    size = bound_size(original[0], original[1], max_pixels=max_pixels, min_pixels=min_pixels)
+    size = bound_size(original[0], original[1], max_pixels=max_pixels, min_pixels=min_pixels, factor=factor)
     if size != original:
         rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-    return rgb, ImageInfo(path=name, original_size=original, size=size, tokens=image_tokens(*size))
+    return rgb, ImageInfo(path=name, original_size=original, size=size, tokens=image_tokens(*size, factor))
 
 
 def _reason(err: BaseException) -> str:

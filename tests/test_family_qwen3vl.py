@@ -619,3 +619,20 @@ def test_only_the_family_module_names_qwen3vl():
             if any(re.search(rf"(?<![\w.]){re.escape(i)}(?![\w])", node.value) for i in idents):
                 offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert offenders == []
+
+
+@pytest.mark.llama
+def test_images_are_bounded_on_the_families_32_pixel_grid(q3_gguf, q3_image, tmp_path):
+    """A 320x224 image stays 320x224 for Qwen3-VL (on Qwen2-VL's 28-pixel grid it would first become
+    308x224, and the model's processor would then resample it again), through the API and through a
+    CLI-style early preparation on the default grid."""
+    from qvq_local import api
+
+    image = tmp_path / "chart.png"
+    q3_image.save(image)
+    early = api.prepare_images(str(image))  # what `qvq ask` does before the model is known
+    assert early[0].info.size == (308, 224)
+    with api.load(str(q3_gguf.model), backend="llama") as model:
+        for source in (str(image), early[0]):
+            result = model.ask(source, QUESTION, think_budget=4, answer_budget=2, system="")
+            assert result.images[0].size == (320, 224) and result.images[0].tokens == 70
