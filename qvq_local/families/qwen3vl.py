@@ -67,14 +67,9 @@ IMAGE_PAD = qwen2vl.IMAGE_PAD
 
 #: Qwen3-VL's templates add no system turn of their own: no default system prompt.
 SYSTEM_PROMPT = ""
-#: The Thinking models' published generation_config.json (Instruct: temperature 0.7, top_p 0.8).
+#: The fallback for a model that ships no sampling values: the Thinking models' published
+#: generation_config.json (the Instruct ones publish temperature 0.7, top_p 0.8, top_k 20).
 SAMPLING: dict[str, float | int] = {"temperature": 1.0, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.0}
-INSTRUCT_SAMPLING: dict[str, float | int] = {
-    "temperature": 0.7,
-    "top_p": 0.8,
-    "top_k": 20,
-    "repetition_penalty": 1.0,
-}
 #: The thought ends at ``</think>`` (the Thinking template opens ``<think>``).
 ANSWER_MARKERS: dict[str, tuple[str, ...]] = {"en": ("</think>",), "zh": ("</think>",)}
 
