@@ -636,3 +636,18 @@ def test_images_are_bounded_on_the_families_32_pixel_grid(q3_gguf, q3_image, tmp
         for source in (str(image), early[0]):
             result = model.ask(source, QUESTION, think_budget=4, answer_budget=2, system="")
             assert result.images[0].size == (320, 224) and result.images[0].tokens == 70
+
+
+@pytest.mark.slow
+def test_real_qwen_vocabulary_gets_qwen3s_ids():
+    """With Qwen's real vocabulary (the dashscope package) the tokenizer has Qwen3's 151,669 tokens and
+    the published ids: "Hello" 9707, " world" 1879, </think> 151668."""
+    from tokenizers import Tokenizer
+
+    from qvq_local.convert import tokenizer_qwen
+
+    if not tokenizer_qwen.available():
+        pytest.skip("Qwen's vocabulary file (dashscope) is not installed")
+    tok = Tokenizer.from_str(qwen3vl.build_tokenizer_json(qwen3vl.BASE_VOCAB, "qwen"))
+    assert tok.get_vocab_size() == 151669
+    assert tok.encode("Hello world</think>", add_special_tokens=False).ids == [9707, 1879, 151668]
