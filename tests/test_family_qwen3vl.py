@@ -642,9 +642,8 @@ def test_images_are_bounded_on_the_families_32_pixel_grid(q3_gguf, q3_image, tmp
 def test_real_qwen_vocabulary_gets_qwen3s_ids():
     """With Qwen's real vocabulary (the dashscope package) the tokenizer has Qwen3's 151,669 tokens and
     the published ids: "Hello" 9707, " world" 1879, </think> 151668."""
-    from tokenizers import Tokenizer
-
     from qvq_local.convert import tokenizer_qwen
+    from tokenizers import Tokenizer
 
     if not tokenizer_qwen.available():
         pytest.skip("Qwen's vocabulary file (dashscope) is not installed")
