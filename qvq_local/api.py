@@ -209,8 +209,8 @@ class Model:
 
         ``think_budget`` caps thought tokens (None: up to :data:`DEFAULT_MAX_THOUGHT`, or what the context
         holds); ``answer_budget`` caps answer tokens.  ``system`` replaces the family's system prompt
-        (QVQ's; Qwen3-VL has none; ``""`` leaves the template's own default).  Sampling values left at None come from the model's
-        generation_config.  ``forced_text`` (fed when thinking is cut) defaults to what suits the model and
+        (QVQ's; Qwen3-VL has none; ``""`` leaves the template's own default).  Sampling values left at
+        None come from the model's generation_config.  ``forced_text`` (fed when thinking is cut) defaults to what suits the model and
         the question: ``</think>`` when the chat template opens ``<think>``, else QVQ's marker, after a
         sentence in the question's language (:func:`qvq_local.reasoning.default_forced_text`).
         ``lang_lock`` (auto|on|off, see :mod:`qvq_local.lang`) keeps the thought in the question's scripts.
