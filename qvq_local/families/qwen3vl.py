@@ -748,7 +748,7 @@ def build_config(shape: str | SynthShape, dtype: str = "bfloat16") -> dict:
     }
 
 
-def build_generation_config(shape: str | SynthShape, variant: str) -> dict:
+def build_generation_config(shape: str | SynthShape) -> dict:
     """generation_config.json in the published layout.  The values are the synthetic models' own
     (``synthetic.SYNTH_SAMPLING``), so a test can tell them from the family's fallback."""
     from qvq_local.convert.synthetic import SYNTH_SAMPLING
@@ -892,7 +892,7 @@ def write_checkpoint(
             (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
         dump("config.json", build_config(s, torch_name))
-        dump("generation_config.json", build_generation_config(s, variant))
+        dump("generation_config.json", build_generation_config(s))
         dump("preprocessor_config.json", build_preprocessor_config())
         dump("tokenizer_config.json", tokenizer_config(s.tokenizer_base, variant))
         dump("chat_template.json", {"chat_template": chat_template(variant == "thinking")})
