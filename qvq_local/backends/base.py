@@ -139,7 +139,11 @@ class Session(Protocol):
     n_past: int  # KV-cache entries used so far (what n_ctx limits; M-RoPE positions may run behind it)
     images_encoded: int  # how many times an image went through the vision encoder (tests assert on it)
 
-    def prefill(self, prompt: Prompt) -> PrefillStats: ...
+    def prefill(self, prompt: Prompt) -> PrefillStats:
+        """Fill the KV cache.  A backend with the registry's ``prefix_state`` capability also takes
+        ``keep_prefix=True`` (then ``session.prefix_state``) and ``prefix=state`` (:class:`PrefixState`);
+        a state it refuses raises ``InputError`` and leaves the session as it was."""
+        ...
 
     def step(self, banned: TokenMask | None = None) -> Token:
         """Sample and decode one token; ids in ``banned`` are never sampled (None or empty: no mask)."""
