@@ -389,6 +389,11 @@ class Model:
             template=loaded.chat_template,
             images=[p.image for p in prepared],
             max_pixels=max_pixels,
+            # how the KV cache is computed (MLX: float32 on CPU, the model's dtype on a GPU)
+            extra={
+                "compute": getattr(loaded, "compute_note", None),
+                "gpu": getattr(loaded, "gpu_offload", None),
+            },
         )
 
     def _reason(
