@@ -74,11 +74,13 @@ def _mismatch(loaded, state, tiny_checkpoint, image):
 
 
 @pytest.mark.llama
-def test_llama_prefix_restore_equals_fresh(tiny_gguf_f32, prompts, tiny_checkpoint, image):
+@pytest.mark.parametrize("fixture", ["tiny_gguf_f32", "tiny_gguf_q4"])
+def test_llama_prefix_restore_equals_fresh(fixture, request, prompts, tiny_checkpoint, image):
     pytest.importorskip("llama_cpp")
     from qvq_local.backends import llamacpp
 
-    loaded = llamacpp.load(tiny_gguf_f32.model, tiny_gguf_f32.mmproj)
+    files = request.getfixturevalue(fixture)
+    loaded = llamacpp.load(files.model, files.mmproj)
     try:
         state, a, b, ids, a2, b2 = _roundtrip(loaded, prompts)
         _check_equal(a, b, a2, b2, ids)
@@ -88,11 +90,12 @@ def test_llama_prefix_restore_equals_fresh(tiny_gguf_f32, prompts, tiny_checkpoi
 
 
 @pytest.mark.mlx
-def test_mlx_prefix_restore_equals_fresh(tiny_mlx_f32, prompts, tiny_checkpoint, image):
+@pytest.mark.parametrize("fixture", ["tiny_mlx_f32", "tiny_mlx_q4"])
+def test_mlx_prefix_restore_equals_fresh(fixture, request, prompts, tiny_checkpoint, image):
     pytest.importorskip("mlx_vlm")
     from qvq_local.backends import mlx
 
-    loaded = mlx.load(tiny_mlx_f32)
+    loaded = mlx.load(request.getfixturevalue(fixture))
     try:
         state, a, b, ids, a2, b2 = _roundtrip(loaded, prompts)
         _check_equal(a, b, a2, b2, ids)
