@@ -168,6 +168,65 @@ def test_disk_cap_evicts_the_least_recently_used(tmp_path):
     assert cache.clear()[0] == 2 and cache.entries() == []
 
 
+# ---------------------------------------------------------------- the policy, on a stand-in session
+
+
+class _Session:
+    """Records how it was prefilled; refuses any prefix state whose ids differ from ``accepts``."""
+
+    def __init__(self, accepts: list[int]):
+        self.accepts = accepts
+        self.calls: list[str] = []
+        self.prefix_state = None
+
+    def prefill(self, prompt, *, prefix=None, keep_prefix=False):
+        from qvq_local.errors import InputError
+
+        if prefix is not None:
+            if prefix.ids != self.accepts:
+                raise InputError("the saved prefix state does not match this prompt (other text or images)")
+            self.calls.append("restored")
+            return "stats"
+        self.calls.append("fresh")
+        if keep_prefix:
+            self.prefix_state = _state(100, 9)
+            self.prefix_state.ids = list(self.accepts)
+        return "stats"
+
+
+def test_policy_memory_then_disk_then_fresh(tmp_path):
+    notices: list[str] = []
+    memory, disk = pc.MemoryCache(), pc.DiskCache(tmp_path / "c", notice=notices.append)
+    s1 = _Session([1, 2, 3])
+    stats, out = pc.prefill(s1, "prompt", "k", memory, disk, notices.append)
+    assert (stats, out.source, s1.calls) == ("stats", "fresh", ["fresh"]) and "k" in memory
+    assert not disk.entries()  # the disk write waits for store() (after the answer)
+    assert pc.store(out, disk).write_s > 0 and len(disk.entries()) == 1
+    s2 = _Session([1, 2, 3])
+    assert pc.prefill(s2, "prompt", "k", memory, disk)[1].source == "memory"
+    s3 = _Session([1, 2, 3])
+    out3 = pc.prefill(s3, "prompt", "k", None, disk)[1]
+    assert out3.source == "disk" and out3.read_s > 0 and s3.calls == ["restored"]
+    # no key (no image, caching off): a plain prefill, nothing kept
+    s4 = _Session([1, 2, 3])
+    assert pc.prefill(s4, "prompt", None, memory, disk)[1].source == "off" and s4.calls == ["fresh"]
+    assert notices == []
+
+
+def test_policy_a_refused_state_is_dropped_with_a_notice_and_rebuilt():
+    notices: list[str] = []
+    memory = pc.MemoryCache()
+    stale = _state(100, 1)
+    stale.ids = [9, 9]
+    memory.put("k", stale)
+    session = _Session([1, 2, 3])
+    _, out = pc.prefill(session, "prompt", "k", memory, None, notices.append)
+    assert out.source == "fresh" and session.calls == ["fresh"]
+    assert memory.get("k").ids == [1, 2, 3]  # replaced by the rebuilt state
+    assert len(notices) == 1
+    assert_error(notices[0], "memory entry not used", "does not match", "rebuilding")
+
+
 # ---------------------------------------------------------------- Model.ask and the CLI (tiny GGUF)
 
 
