@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qvq_local import prefix_cache
 from qvq_local.backends.base import Prompt, SamplingParams
 from qvq_local.errors import ContextOverflow, InputError, ModelError
 from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta, Timings
@@ -167,6 +168,14 @@ class Model:
         self.load_s = load_s
         self._vocab_scripts = None  # qvq_local.lang.VocabScripts of this model's tokenizer, built once
         self.lang_index_s = 0.0  # seconds that took
+        # Prefix reuse (qvq_local.prefix_cache): the KV state after the system prompt and image(s) is kept
+        # in memory across asks (LRU, capped in bytes); set ``disk_cache`` to keep it on disk too (the CLI
+        # does), either to None to turn that part off.  ``cache_notice`` gets one-line notices.
+        from qvq_local.prefix_cache import MemoryCache
+
+        self.prefix_cache: MemoryCache | None = MemoryCache()
+        self.disk_cache = None  # qvq_local.prefix_cache.DiskCache | None
+        self.cache_notice: Callable[[str], None] = lambda line: None
 
     @property
     def context_length(self) -> int:
@@ -324,11 +333,17 @@ class Model:
             settings["lang_lock"] = {"mode": options.lang_lock, **lock_info}
             session = loaded.new_session(options.sampling, n_ctx=n_ctx)
             t_prefill = time.perf_counter()
-            stats = session.prefill(
+            stats, cached = prefix_cache.prefill(
+                session,
                 Prompt(
                     text=text, images=[p.image for p in prepared], image_paths=[p.info.path for p in prepared]
-                )
+                ),
+                self._prefix_key(text, prepared, options.max_pixels),
+                self.prefix_cache,
+                self.disk_cache,
+                self.cache_notice,
             )
+            settings["prefix_cache"] = cached.as_dict()
             if stats.image_tokens_per_image and len(stats.image_tokens_per_image) == len(infos):
                 for info, tokens in zip(infos, stats.image_tokens_per_image):
                     info.tokens = int(tokens)
@@ -345,7 +360,7 @@ class Model:
             )
             tracker.see(started)
             yield started
-            yield from self._reason(
+            for event in self._reason(
                 session,
                 tracker,
                 started,
@@ -355,7 +370,12 @@ class Model:
                 forced_text,
                 markers,
                 thought_mask,
-            )
+            ):
+                if isinstance(event, Finished) and cached.state is not None:
+                    # the disk write waits for the answer, so it never delays the first token
+                    # (in place: the Result holds this inner dict)
+                    settings["prefix_cache"].update(prefix_cache.store(cached, self.disk_cache).as_dict())
+                yield event
         except KeyboardInterrupt:
             # Ctrl-C outside the controller (image loading, prefill, or between events)
             if tracker.finished is None:
@@ -365,6 +385,36 @@ class Model:
         finally:
             if session is not None:
                 session.close()
+
+    def _prefix_key(self, text: str, prepared: list[PreparedImage], max_pixels: int | None) -> str | None:
+        """The prefix cache key for this prompt, or None when nothing is to be cached or reused."""
+        from qvq_local.backends import registry
+        from qvq_local.families import DEFAULT_FAMILY
+
+        if self.prefix_cache is None and self.disk_cache is None:
+            return None
+        try:
+            if not registry.get(self.backend).has(registry.PREFIX_STATE):
+                return None
+        except InputError:
+            return None
+        loaded = self.loaded
+        prefix = prefix_cache.prefix_text(text, getattr(loaded, "family", DEFAULT_FAMILY).image_block)
+        if not prefix:
+            return None
+        return prefix_cache.prefix_key(
+            model=prefix_cache.model_identity(self.path, getattr(loaded, "mmproj_path", None)),
+            backend=self.backend,
+            prefix=prefix,
+            template=loaded.chat_template,
+            images=[p.image for p in prepared],
+            max_pixels=max_pixels,
+            # how the KV cache is computed (MLX: float32 on CPU, the model's dtype on a GPU)
+            extra={
+                "compute": getattr(loaded, "compute_note", None),
+                "gpu": getattr(loaded, "gpu_offload", None),
+            },
+        )
 
     def _reason(
         self,

@@ -47,6 +47,7 @@ class AskOptions:
     hide_thinking: bool = False
     save: Path | None = None
     cpu_buffers: str | None = None
+    cache: bool = True  # reuse/keep the image prefix's KV state in QVQ_HOME/cache (--no-cache: off)
 
 
 def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
@@ -145,6 +146,14 @@ def _load_model(opts: AskOptions, settings: AskSettings):
     return model
 
 
+def _use_disk_cache(model: Any, enabled: bool) -> None:
+    """One question per process: the prefix cache lives on disk (QVQ_HOME/cache), not in memory."""
+    from qvq_local import prefix_cache
+
+    model.prefix_cache = None
+    model.disk_cache = prefix_cache.disk_cache(lambda line: print(line, file=sys.stderr)) if enabled else None
+
+
 def _warn_gpu_unused(model: Any) -> None:
     """One stderr line when an NVIDIA GPU sits idle because llama-cpp-python was built without CUDA."""
     if model.backend != "llama" or getattr(model.loaded, "gpu_offload", True):
@@ -229,6 +238,7 @@ def _ask_loaded(
     if sigint.set:  # Ctrl-C while the model loaded, swallowed inside a C callback
         model.close()
         return EXIT_INTERRUPTED
+    _use_disk_cache(model, opts.cache)
     handlers = []
     if opts.save is not None:
         from qvq_local.transcript import TranscriptSink

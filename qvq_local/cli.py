@@ -235,6 +235,12 @@ def ask(
         "--cpu-buffers",
         help=_CPU_BUFFERS_HELP,
     ),
+    no_cache: bool = typer.Option(
+        False,
+        "--no-cache",
+        help="Do not reuse or keep the image's encoded prefix in $QVQ_HOME/cache (a repeated image then"
+        " pays the encode and prefill again). See `qvq cache info`.",
+    ),
 ) -> None:
     """Ask a question about one or more images and watch the model think.
 
@@ -273,6 +279,7 @@ def ask(
         hide_thinking=hide_thinking,
         save=save,
         cpu_buffers=cpu_buffers,
+        cache=not no_cache,
     )
     try:
         code = run_ask(opts)
@@ -390,6 +397,47 @@ def config_path() -> None:
     from qvq_local import config as settings
 
     typer.echo(str(settings.config_path()))
+
+
+# ---------------------------------------------------------------- prefix cache (issue 16)
+cache_app = typer.Typer(
+    help="The prefix cache: each image's encoded prefix (system prompt + image KV state), kept in"
+    " $QVQ_HOME/cache so the next question about the same image skips the image encode and prefill.",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Where the cache is, how many entries it holds, their size and the cap (setting cache_max_mb)."""
+    import json
+
+    from qvq_local import prefix_cache
+
+    try:
+        info = prefix_cache.info()
+    except QvqError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(
+        f"{info['path']}: {info['entries']} entr{'y' if info['entries'] == 1 else 'ies'},"
+        f" {info['bytes_human']} of {info['max_bytes_human']} (cap: qvq config set cache_max_mb N)"
+    )
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Delete every entry of the prefix cache."""
+    from qvq_local import prefix_cache
+
+    try:
+        n, size = prefix_cache.disk_cache().clear()
+    except QvqError as err:
+        _fail(err)
+    typer.echo(f"removed {n} file(s), {prefix_cache.human_size(size)}")
 
 
 # ---------------------------------------------------------------- bench (issue 6)

@@ -80,6 +80,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("think_budget", _positive_int, "default thinking budget in tokens"),
         Setting("answer_budget", _positive_int, "default answer budget in tokens"),
         Setting("max_pixels", _positive_int, "default pixel bound per image"),
+        Setting(
+            "cache_max_mb", _positive_int, "size cap of the prefix cache on disk, in MB", "QVQ_CACHE_MAX_MB"
+        ),
     )
 }
 

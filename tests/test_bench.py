@@ -245,6 +245,17 @@ def test_smoke_json_holds_every_figure_positive(smoke):
         # (image tokens differ by backend at 56 px: the HF processor keeps 56x56 -> 4 tokens, llama.cpp's
         # clip preprocessing enlarges small images to 84x84 -> 9 tokens; so only > 0 is checked above)
         assert r["decode_tokens"] == q["decode_tokens"]  # the raw run did the same number of tokens
+        # issue 16: the repeated image's first token from the in-memory and the disk prefix cache
+        reuse = q["prefix_reuse"]
+        for key in (
+            "first_token_s",
+            "memory_first_token_s",
+            "disk_first_token_s",
+            "memory_ratio",
+            "disk_ratio",
+        ):
+            assert reuse[key] > 0, (name, "prefix_reuse", key)
+        assert reuse["write_s"] > 0 and reuse["read_s"] > 0 and reuse["bytes"] > 0
         assert b["ratios"]["decode_tok_s"] > 0 and b["ratios"]["first_token_s"] > 0
     assert data["chart"] == str(root / "out" / "bench.png")
 
@@ -291,6 +302,34 @@ def test_smoke_tables_render(smoke):
     text = console.export_text()
     for word in ("llama qvq", "llama raw", "mlx qvq", "mlx raw", "qvq/raw decode", "bound t/s"):
         assert word in text
+    assert "Repeated image: prefix reuse" in text
+
+
+def test_prefix_table_shows_medians_ratios_and_spread():
+    from rich.console import Console
+
+    reuse = {
+        "first_token_s": 2.0,
+        "memory_first_token_s": 0.3,
+        "disk_first_token_s": 0.4,
+        "memory_ratio": 0.15,
+        "disk_ratio": 0.2,
+        "write_s": 0.012,
+        "read_s": 0.003,
+        "bytes": 3 * 2**20,
+        "samples": {"memory_ratio": [0.1, 0.15, 0.3], "first_token_s": [1.5, 2.0, 2.5]},
+    }
+    result = {
+        "backends": {
+            "llama": {"available": True, "qvq": {"ok": True, "sizes": {"448": {"prefix_reuse": reuse}}}}
+        }
+    }
+    console = Console(width=160, record=True)
+    bench_report._prefix_table(console, result["backends"])
+    text = console.export_text()
+    assert "Repeated image" in text and "448px" in text
+    assert "2.00 (1.50-2.50)" in text and "x0.15 (0.10-0.30)" in text and "x0.20" in text
+    assert "0.012/0.003" in text and "3.0 MB" in text
 
 
 def test_the_runtime_never_imports_the_bench_harness():

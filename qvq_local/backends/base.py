@@ -139,7 +139,11 @@ class Session(Protocol):
     n_past: int  # KV-cache entries used so far (what n_ctx limits; M-RoPE positions may run behind it)
     images_encoded: int  # how many times an image went through the vision encoder (tests assert on it)
 
-    def prefill(self, prompt: Prompt) -> PrefillStats: ...
+    def prefill(self, prompt: Prompt) -> PrefillStats:
+        """Fill the KV cache.  A backend with the registry's ``prefix_state`` capability also takes
+        ``keep_prefix=True`` (then ``session.prefix_state``) and ``prefix=state`` (:class:`PrefixState`);
+        a state it refuses raises ``InputError`` and leaves the session as it was."""
+        ...
 
     def step(self, banned: TokenMask | None = None) -> Token:
         """Sample and decode one token; ids in ``banned`` are never sampled (None or empty: no mask)."""
@@ -173,3 +177,29 @@ class LoadedModel(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class PrefixState:
+    """The KV state of a prompt's prefix: everything up to and including its last image block.
+
+    Made by ``session.prefill(prompt, keep_prefix=True)`` (then ``session.prefix_state``) and given back
+    with ``new_session.prefill(prompt, prefix=state)``, which restores it instead of encoding the images
+    and decodes only the rest of the prompt.  Only backends with the registry's ``prefix_state``
+    capability take these.  ``qvq_local.prefix_cache`` decides when to reuse one and stores them.
+
+    ``ids``: the prefix's token ids as the backend tokenised them (image tokens included, where the
+    backend knows them): a restore checks them against the new prompt's.  ``tensors``: numpy arrays
+    (the backend's own layout); ``meta``: small JSON-able values the backend needs back.
+    """
+
+    backend: str
+    n_cells: int  # KV cells the prefix fills
+    n_pos: int  # positions it advances (M-RoPE: fewer than cells after an image)
+    ids: list[int]
+    tensors: dict  # name -> numpy.ndarray
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(int(a.nbytes) for a in self.tensors.values())) + 4 * len(self.ids)

@@ -37,6 +37,7 @@ from typing import Any
 from qvq_local.backends import llama_buffers, registry
 from qvq_local.backends.base import (
     PrefillStats,
+    PrefixState,
     Prompt,
     SamplingParams,
     Token,
@@ -585,6 +586,7 @@ class LlamaSession:
         # Set before prefill() to keep each image's encoder output (tokens x n_embd float32) for parity tests.
         self.capture_image_embeddings = False
         self.image_embeddings: list = []
+        self.prefix_state: PrefixState | None = None  # set by prefill(keep_prefix=True) when it has images
         self.n_batch = min(512, n_ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(model._model)
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
@@ -721,8 +723,17 @@ class LlamaSession:
 
     # -- Session protocol
 
-    def prefill(self, prompt: Prompt) -> PrefillStats:
-        """Tokenise the prompt with mtmd, encode each image once, and fill the KV cache."""
+    def prefill(
+        self, prompt: Prompt, *, prefix: PrefixState | None = None, keep_prefix: bool = False
+    ) -> PrefillStats:
+        """Tokenise the prompt with mtmd, encode each image once, and fill the KV cache.
+
+        ``prefix``: a :class:`PrefixState` of this model for the same system prompt and images: its KV
+        cells are restored (``llama_state_seq_set_data``) in place of every chunk up to and including the
+        last image, and only the text after it is decoded.  ``keep_prefix``: after the last image chunk,
+        copy the sequence's state (``llama_state_seq_get_data``) into ``self.prefix_state``.  Both paths
+        decode the text after the last image in the same batches, so their logits are the same.
+        """
         import numpy as np
 
         llama_cpp, mtmd_cpp = _libs()
@@ -772,13 +783,27 @@ class LlamaSession:
             self._need_cells(total, "the prompt")
 
             n_chunks = int(mtmd_cpp.mtmd_input_chunks_size(chunks))
+            kinds = [
+                mtmd_cpp.mtmd_input_chunk_get_type(mtmd_cpp.mtmd_input_chunks_get(chunks, i))
+                for i in range(n_chunks)
+            ]
+            # the prefix: every chunk up to and including the last image (none without images)
+            n_prefix = max(
+                (i + 1 for i, k in enumerate(kinds) if k != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT), default=0
+            )
             encode_s = 0.0
             image_tokens: list[int] = []
             text_ids: list[int] = []
+            if prefix is not None:
+                image_tokens = self._restore_prefix(prefix, chunks, n_prefix, text_ids)
             for i in range(n_chunks):
                 chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
-                ctype = mtmd_cpp.mtmd_input_chunk_get_type(chunk)
+                ctype = kinds[i]
                 last = i == n_chunks - 1
+                if prefix is not None and i < n_prefix:
+                    continue  # restored above
+                if keep_prefix and i == n_prefix and n_prefix:
+                    self.prefix_state = self._export_prefix(text_ids, image_tokens)
                 if ctype == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
                     n = ctypes.c_size_t(0)
                     ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
@@ -845,6 +870,72 @@ class LlamaSession:
             prefill_s=time.perf_counter() - t_start,
             image_tokens_per_image=image_tokens,
         )
+
+    # -- prefix state (registry capability ``prefix_state``)
+
+    def _export_prefix(self, text_ids: list[int], image_tokens: list[int]) -> PrefixState:
+        """Copy sequence 0's KV state now (just after the last image chunk)."""
+        import numpy as np
+
+        llama_cpp, _ = _libs()
+        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, 0))
+        buf = np.empty(size, dtype=np.uint8)
+        got = int(
+            llama_cpp.llama_state_seq_get_data(
+                self._ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, 0
+            )
+        )
+        if got != size:
+            raise QvqError(f"llama.cpp saved {got} of {size} bytes of the prefix state")
+        return PrefixState(
+            backend=self.backend,
+            n_cells=self.n_cells,
+            n_pos=self.n_pos,
+            ids=list(text_ids),
+            tensors={"seq_state": buf},
+            meta={"image_tokens": list(image_tokens)},
+        )
+
+    def _restore_prefix(
+        self, state: PrefixState, chunks: Any, n_prefix: int, text_ids: list[int]
+    ) -> list[int]:
+        """Check ``state`` against this prompt's first ``n_prefix`` chunks and load its KV cells.
+
+        Fills ``text_ids`` with the prefix's text tokens; returns its image token counts.  A state that
+        does not fit this prompt (other text, other image sizes, another backend) raises ``InputError``.
+        """
+        import numpy as np
+
+        llama_cpp, mtmd_cpp = _libs()
+        image_tokens: list[int] = []
+        for i in range(n_prefix):
+            chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+            if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t(0)
+                ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                text_ids.extend(int(ptr[j]) for j in range(n.value))
+            else:
+                image_tokens.append(int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)))
+        if (
+            state.backend != self.backend
+            or not n_prefix
+            or list(state.ids) != text_ids
+            or list(state.meta.get("image_tokens", [])) != image_tokens
+            or state.n_cells != len(text_ids) + sum(image_tokens)
+        ):
+            raise InputError("the saved prefix state does not match this prompt (other text or images)")
+        self._need_cells(state.n_cells, "the saved prefix")
+        blob = np.ascontiguousarray(state.tensors["seq_state"], dtype=np.uint8)
+        read = int(
+            llama_cpp.llama_state_seq_set_data(
+                self._ctx, blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), blob.size, 0
+            )
+        )
+        if read != blob.size:
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, -1, -1)
+            raise InputError(f"llama.cpp refused the saved prefix state (read {read} of {blob.size} bytes)")
+        self.n_pos, self.n_cells = int(state.n_pos), int(state.n_cells)
+        return image_tokens
 
     def _fit_to_grid(self, img: Any) -> Any:
         """Resize (stretch, PIL bicubic) to the patch-aligned size transformers' Qwen2-VL processor uses.

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from qvq_local.backends import registry
-from qvq_local.backends.base import PrefillStats, Prompt, SamplingParams, Token, TokenMask
-from qvq_local.errors import BackendUnavailable, ContextOverflow, ModelError
+from qvq_local.backends.base import PrefillStats, PrefixState, Prompt, SamplingParams, Token, TokenMask
+from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY, family_for_model_type
 from qvq_local.prompt import IMAGE_PAD, load_chat_template
 
@@ -295,6 +295,24 @@ class _Detokenizer:
         self._held = []
 
 
+def _deepstack_slicer(visual_pos_masks, features):
+    """``extra(start, end)`` for ``MlxSession._forward``: DeepStack features for prompt tokens start:end.
+
+    ``visual_pos_masks`` [1, L] marks the image tokens; ``features`` holds one [n_visual, D] array per
+    fed text layer, in image-token order, so each chunk gets the rows of the image tokens it holds.
+    """
+    seen = [0, *itertools.accumulate(bool(v) for v in visual_pos_masks[0].tolist())]
+
+    def extra(start: int, end: int) -> dict:
+        a, b = seen[start], seen[end]
+        return {
+            "visual_pos_masks": visual_pos_masks[:, start:end],
+            "deepstack_visual_embeds": [layer[a:b] for layer in features],
+        }
+
+    return extra
+
+
 class MlxSession:
     """One question: the KV cache, the positions, the sampler state (implements ``Session``).
 
@@ -341,6 +359,7 @@ class MlxSession:
         self._prefilled = False
         self._mask: TokenMask | None = None
         self._mask_add = None  # mx.array [vocab]: 0, or -inf on the ids of self._mask
+        self.prefix_state: PrefixState | None = None  # set by prefill(keep_prefix=True) when it has images
 
     # -- context bookkeeping -------------------------------------------------------------------------
 
@@ -366,11 +385,12 @@ class MlxSession:
         pos = mx.arange(start, start + n, dtype=mx.int32).reshape(1, 1, n)
         return mx.broadcast_to(pos, (3, 1, n))
 
-    def _forward(self, embeds, positions, deepstack=None):
+    def _forward(self, embeds, positions, extra=None, offset: int = 0):
         """Run ``embeds`` [1, L, D] at ``positions`` [3, 1, L] through the LM; keep the cache.
 
-        ``deepstack``: ``(visual_pos_masks [1, L], features per layer [n_visual, D])`` for a family whose
-        vision tower also feeds the first text layers (Qwen3-VL's DeepStack); each chunk gets its slice.
+        ``extra``: for a family whose vision tower also feeds the first text layers (Qwen3-VL's
+        DeepStack), ``extra(start, end)`` gives the keyword arguments for the prompt's tokens
+        ``start:end`` (``_deepstack_slicer``); ``offset`` is where ``embeds`` starts in that prompt.
 
         All positions but the last go through in chunks whose output is thrown away: only their keys
         and values (the cache state) are evaluated, so the last layer's attention output and MLP for
@@ -378,41 +398,40 @@ class MlxSession:
         goes through the output head.  Returns its logits as float32 [vocab], not yet evaluated.
         """
         mx = self.mx
-        if self._act_dtype is not None and embeds.dtype != self._act_dtype:
-            embeds = embeds.astype(self._act_dtype)
+        embeds = self._as_act(embeds)
         length = embeds.shape[1]
-        seen = None
-        if deepstack is not None:  # visual tokens before each position, to slice the features per chunk
-            seen = [0, *itertools.accumulate(bool(v) for v in deepstack[0][0].tolist())]
-
-        def extra(start: int, end: int) -> dict:
-            if seen is None:
-                return {}
-            a, b = seen[start], seen[end]
-            return {
-                "visual_pos_masks": deepstack[0][:, start:end],
-                "deepstack_visual_embeds": [layer[a:b] for layer in deepstack[1]],
-            }
-
-        for start in range(0, length - 1, self._chunk):
-            end = min(start + self._chunk, length - 1)
-            self._lm.model(
-                None,
-                inputs_embeds=embeds[:, start:end],
-                cache=self._cache,
-                position_ids=positions[:, :, start:end],
-                **extra(start, end),
-            )
-            mx.eval([c.state for c in self._cache])
+        self._fill(embeds[:, : length - 1], positions[:, :, : length - 1], extra, offset)
         hidden = self._lm.model(
             None,
             inputs_embeds=embeds[:, length - 1 :],
             cache=self._cache,
             position_ids=positions[:, :, length - 1 :],
-            **extra(length - 1, length),
+            **(extra(offset + length - 1, offset + length) if extra else {}),
         )
-        self.n_past += length
+        self.n_past += 1
         return self._head(hidden)[0, -1].astype(mx.float32)
+
+    def _as_act(self, embeds):
+        if self._act_dtype is not None and embeds.dtype != self._act_dtype:
+            embeds = embeds.astype(self._act_dtype)
+        return embeds
+
+    def _fill(self, embeds, positions, extra=None, offset: int = 0) -> None:
+        """Run ``embeds`` through the LM into the cache only (chunks of ``self._chunk``; no output head)."""
+        mx = self.mx
+        embeds = self._as_act(embeds)
+        length = embeds.shape[1]
+        for start in range(0, length, self._chunk):
+            end = min(start + self._chunk, length)
+            self._lm.model(
+                None,
+                inputs_embeds=embeds[:, start:end],
+                cache=self._cache,
+                position_ids=positions[:, :, start:end],
+                **(extra(offset + start, offset + end) if extra else {}),
+            )
+            mx.eval([c.state for c in self._cache])
+        self.n_past += length
 
     def _embed_ids(self, ids: list[int]):
         mx = self.mx
@@ -420,8 +439,17 @@ class MlxSession:
 
     # -- Session protocol ------------------------------------------------------------------------------
 
-    def prefill(self, prompt: Prompt) -> PrefillStats:
-        """Encode the images once, run the whole prompt into the KV cache, keep the last logits."""
+    def prefill(
+        self, prompt: Prompt, *, prefix: PrefixState | None = None, keep_prefix: bool = False
+    ) -> PrefillStats:
+        """Encode the images once, run the whole prompt into the KV cache, keep the last logits.
+
+        The prompt runs in two parts: its prefix (every token up to and including the last image token)
+        and the rest.  ``keep_prefix``: copy the KV arrays after the prefix into ``self.prefix_state``.
+        ``prefix``: a :class:`PrefixState` of this model for the same system prompt and images: its
+        arrays become the cache and only the rest is run (no vision tower).  Both paths run the rest the
+        same way, so their logits are the same.
+        """
         from mlx_vlm.utils import prepare_inputs
 
         mx = self.mx
@@ -450,6 +478,25 @@ class MlxSession:
             per_image = [int(t * h * w) // (merge * merge) for t, h, w in grid.tolist()]
         image_tokens = sum(1 for i in ids if i == image_token_id)
         self._check_room(len(ids), "the prompt (text and image tokens)")
+        n_prefix = max((i + 1 for i, t in enumerate(ids) if t == image_token_id), default=0)
+        if prefix is not None:
+            self._restore_prefix(prefix, ids, n_prefix)
+            rest = ids[n_prefix:]
+            start = n_prefix + self._rope_delta
+            positions = mx.broadcast_to(
+                mx.arange(start, start + len(rest), dtype=mx.int32).reshape(1, 1, -1), (3, 1, len(rest))
+            )
+            self._logits = self._forward(self._embed_ids(rest), positions)
+            mx.eval(self._logits)
+            self._history.extend(ids)
+            self._prefilled = True
+            return PrefillStats(
+                prompt_tokens=len(ids),
+                image_tokens=image_tokens,
+                image_encode_s=0.0,
+                prefill_s=time.perf_counter() - t_start,
+                image_tokens_per_image=per_image,
+            )
 
         image_encode_s = 0.0
         pixel_values = inputs.get("pixel_values")
@@ -485,8 +532,12 @@ class MlxSession:
         self._rope_delta = int(mx.array(deltas).reshape(-1)[0].item()) if deltas is not None else 0
 
         features = getattr(emb, "deepstack_visual_embeds", None)
-        deepstack = (emb.visual_pos_masks, features) if features is not None else None
-        self._logits = self._forward(embeds, positions, deepstack)
+        extra = _deepstack_slicer(emb.visual_pos_masks, features) if features is not None else None
+        if n_prefix:
+            self._fill(embeds[:, :n_prefix], positions[:, :, :n_prefix], extra)
+            if keep_prefix:
+                self.prefix_state = self._export_prefix(ids[:n_prefix])
+        self._logits = self._forward(embeds[:, n_prefix:], positions[:, :, n_prefix:], extra, offset=n_prefix)
         mx.eval(self._logits)
         self._history.extend(ids)
         self._prefilled = True
@@ -497,6 +548,64 @@ class MlxSession:
             prefill_s=time.perf_counter() - t_start,
             image_tokens_per_image=per_image,
         )
+
+    # -- prefix state (registry capability ``prefix_state``) --------------------------------------------
+
+    def _export_prefix(self, prefix_ids: list[int]) -> PrefixState:
+        """The cache's key/value arrays now (just after the prefix), as numpy; bf16 kept as its bits."""
+        import numpy as np
+
+        mx = self.mx
+        tensors: dict = {}
+        dtypes: dict = {}
+        for i, c in enumerate(self._cache):
+            keys, values = c.state
+            for name, arr in ((f"{i}.keys", keys), (f"{i}.values", values)):
+                dtypes[name] = str(arr.dtype).rsplit(".", 1)[-1]
+                if arr.dtype == mx.bfloat16:
+                    arr = arr.view(mx.uint16)
+                tensors[name] = np.array(arr, copy=True)
+        return PrefixState(
+            backend=self.backend,
+            n_cells=len(prefix_ids),
+            n_pos=len(prefix_ids) + self._rope_delta,
+            ids=list(prefix_ids),
+            tensors=tensors,
+            meta={"rope_delta": self._rope_delta, "dtypes": dtypes, "layers": len(self._cache)},
+        )
+
+    def _restore_prefix(self, state: PrefixState, ids: list[int], n_prefix: int) -> None:
+        """Check ``state`` against this prompt's first ``n_prefix`` ids and make its arrays the cache.
+
+        A state that does not fit (other text, other image sizes, another model's shapes) raises
+        ``InputError``.
+        """
+        mx = self.mx
+        meta = state.meta or {}
+        if (
+            state.backend != self.backend
+            or not n_prefix
+            or list(state.ids) != ids[:n_prefix]
+            or meta.get("layers") != len(self._cache)
+        ):
+            raise InputError("the saved prefix state does not match this prompt (other text or images)")
+        dtypes = meta.get("dtypes") or {}
+        restored = []
+        for i in range(len(self._cache)):
+            pair = []
+            for name in (f"{i}.keys", f"{i}.values"):
+                arr = state.tensors.get(name)
+                if arr is None or arr.ndim != 4 or arr.shape[2] != n_prefix:
+                    raise InputError(f"the saved prefix state has no usable {name} array")
+                out = mx.array(arr)
+                if dtypes.get(name) == "bfloat16":
+                    out = out.view(mx.bfloat16)
+                pair.append(out)
+            restored.append(tuple(pair))
+        for c, pair in zip(self._cache, restored):
+            c.state = pair
+        self._rope_delta = int(meta.get("rope_delta", 0))
+        self.n_past = n_prefix
 
     def _require_prefill(self) -> None:
         if not self._prefilled:

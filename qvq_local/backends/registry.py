@@ -22,7 +22,10 @@ from qvq_local.errors import InputError, ModelError
 LOCAL_KV_CACHE = "local_kv_cache"  # keeps the KV cache in this process (prefill once, feed forced text)
 IMAGE_ENCODING = "image_encoding"  # encodes images itself (vision tower in process)
 REMOTE = "remote"  # talks to a server instead of loading weights here
-CAPABILITIES = frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, REMOTE})
+#: prefill(prompt, keep_prefix=True) / prefill(prompt, prefix=state): the image prefix's KV state is
+#: exported and restored (qvq_local.prefix_cache reuses it across questions about the same image)
+PREFIX_STATE = "prefix_state"
+CAPABILITIES = frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, REMOTE, PREFIX_STATE})
 
 #: The word every entry point accepts besides the backend names: let the machine choose.
 AUTO = "auto"
@@ -84,7 +87,7 @@ _SPECS = (
         modules=("mlx", "mlx_vlm"),
         distributions=("mlx", "mlx-vlm"),
         install_hint="pip install 'qvq-local[mlx]'",
-        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING}),
+        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE}),
         loader=_load_mlx,
         apple_silicon_first=True,
     ),
@@ -96,7 +99,7 @@ _SPECS = (
         modules=("llama_cpp",),
         distributions=("llama-cpp-python",),
         install_hint="pip install 'qvq-local[llama]'",
-        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING}),
+        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE}),
         loader=_load_llama,
     ),
 )

@@ -138,6 +138,8 @@ def render_tables(result: dict, console: Console | None = None) -> None:
                 highlight=False,
             )
 
+    _prefix_table(console, backends)
+
     size = _table(
         "Size and memory",
         [
@@ -181,6 +183,48 @@ def render_tables(result: dict, console: Console | None = None) -> None:
         "(<= 1.0: no overhead). bound = read bandwidth / bytes read per token; of bound = decode / bound. "
         "Ratios and decode at the smallest image size.[/]"
     )
+
+
+def _spread(fig: dict, key: str, spec: str) -> str:
+    """``median (min-max)`` of a figure over its runs."""
+    values = (fig.get("samples") or {}).get(key) or []
+    text = _fmt(fig.get(key), spec)
+    if len(values) > 1:
+        text += f" ({format(min(values), spec)}-{format(max(values), spec)})"
+    return text
+
+
+def _prefix_table(console: Console, backends: dict) -> None:
+    """Issue 16: first token for a repeated image (in-memory and on-disk prefix cache) and the cache's cost."""
+    from qvq_local.prefix_cache import human_size
+
+    table = _table(
+        "Repeated image: prefix reuse (median (min-max) over runs)",
+        ["backend", "image", "1st tok s", "again, memory", "again, disk", "write/read s", "size"],
+    )
+    rows = 0
+    for name, b in backends.items():
+        for size, fig in ((b.get("qvq") or {}).get("sizes") or {}).items():
+            reuse = fig.get("prefix_reuse")
+            if not reuse:
+                continue
+            rows += 1
+            table.add_row(
+                name,
+                f"{size}px",
+                _spread(reuse, "first_token_s", ".2f"),
+                f"{_fmt(reuse.get('memory_first_token_s'), '.2f')} s, x{_spread(reuse, 'memory_ratio', '.2f')}",
+                f"{_fmt(reuse.get('disk_first_token_s'), '.2f')} s, x{_spread(reuse, 'disk_ratio', '.2f')}",
+                f"{_fmt(reuse.get('write_s'), '.3f')}/{_fmt(reuse.get('read_s'), '.3f')}",
+                human_size(reuse.get("bytes") or 0),
+            )
+    if rows:
+        console.print(table)
+        console.print(
+            "[dim]again: the same image with another question; x = its first token / the first ask's (goal:"
+            " <= 0.2). disk: a new process's case (`qvq ask` run again); the write happens after the first"
+            " answer.[/]"
+        )
 
 
 def write_json(result: dict, path: str | os.PathLike) -> Path:

@@ -194,7 +194,51 @@ def _qvq_one_run(model, image_path: str, decode_tokens: int, answer_tokens: int)
         fig["forced_tokens"] = _count_tokens(model.loaded, result.forced[0].text)
     fig["stop_reason"] = result.stop_reason
     fig["forced"] = bool(result.forced)
+    fig["prefix_cache"] = dict(result.settings.get("prefix_cache") or {})
     return fig
+
+
+def _prefix_reuse(model, image_path: str, runs: int, answer_tokens: int) -> dict:
+    """First token for a repeated image (issue 16), per run: a first ask with empty caches, the same image
+    again from the in-memory cache, then again from the disk cache alone (a new CLI process's case), with
+    the disk write (after the first answer), read time and the state's size.  Ratios: repeated first
+    token / first ask's first token (goal: at most 0.2).  Few thought tokens: only the first token matters.
+    """
+    import tempfile
+
+    from qvq_local import prefix_cache
+
+    samples = []
+    memory, disk = model.prefix_cache, model.disk_cache
+    try:
+        with tempfile.TemporaryDirectory(prefix="qvq-bench-cache-") as folder:
+            for i in range(runs):
+                _log(f"{model.backend} qvq prefix reuse run {i + 1}/{runs}")
+                model.prefix_cache = prefix_cache.MemoryCache()
+                model.disk_cache = prefix_cache.DiskCache(Path(folder), notice=_log)
+                model.disk_cache.clear()
+                first = _qvq_one_run(model, image_path, 2, answer_tokens)
+                again = _qvq_one_run(model, image_path, 2, answer_tokens)
+                model.prefix_cache = None
+                from_disk = _qvq_one_run(model, image_path, 2, answer_tokens)
+                sources = [r["prefix_cache"].get("source") for r in (first, again, from_disk)]
+                if sources != ["fresh", "memory", "disk"]:
+                    raise RuntimeError(f"prefix cache sources were {sources}, expected fresh, memory, disk")
+                samples.append(
+                    {
+                        "first_token_s": first["first_token_s"],
+                        "memory_first_token_s": again["first_token_s"],
+                        "disk_first_token_s": from_disk["first_token_s"],
+                        "memory_ratio": again["first_token_s"] / first["first_token_s"],
+                        "disk_ratio": from_disk["first_token_s"] / first["first_token_s"],
+                        "write_s": first["prefix_cache"]["write_s"],
+                        "read_s": from_disk["prefix_cache"]["read_s"],
+                        "bytes": first["prefix_cache"]["bytes"],
+                    }
+                )
+    finally:
+        model.prefix_cache, model.disk_cache = memory, disk
+    return _median_figures(samples)
 
 
 def _lang_lock_cost(model, steps: int = 48, rounds: int = 4) -> dict:
@@ -256,6 +300,8 @@ def job_qvq(spec: dict) -> dict:
         load_s = time.perf_counter() - t0
     sizes: dict = {}
     not_forced = 0
+    # the repeated runs below measure a fresh prefill each; prefix reuse is measured on its own
+    model.prefix_cache = None
     try:
         for size, image_path in spec["images"].items():
             samples = []
@@ -263,12 +309,14 @@ def job_qvq(spec: dict) -> dict:
                 for i in range(runs + 1):
                     _log(f"{spec['backend']} qvq {size}px run {i}/{runs}{' (warm-up)' if i == 0 else ''}")
                     fig = _qvq_one_run(model, image_path, decode_tokens, answer_tokens)
+                    fig.pop("prefix_cache")
                     if i > 0:
                         not_forced += 0 if fig.pop("forced") else 1
                         fig.pop("stop_reason")
                         samples.append(fig)
             sizes[size] = _median_figures(samples)
             sizes[size]["peak_rss_bytes"] = peak.bytes
+            sizes[size]["prefix_reuse"] = _prefix_reuse(model, image_path, runs, answer_tokens)
         _log(f"{spec['backend']} qvq language-lock cost")
         lang_lock = _lang_lock_cost(model)
     finally:
