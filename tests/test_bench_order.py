@@ -292,3 +292,13 @@ def test_chart_draws_the_spread(tmp_path, monkeypatch):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ys, (below, above) = bars[0]  # llama qvq decode: median 11.8, down to 5.3, up to 12.0
     assert ys == [11.8] and below == [pytest.approx(6.5)] and above == [pytest.approx(0.2)]
+
+
+def test_served_worker_child_reports_a_failure_through_the_pipe():
+    """The real child process: an unknown job comes back as the first reply, and the child exits."""
+    served = harness.ServedWorker({"job": "no-such-job", "backend": "llama"}, label="llama: test")
+    try:
+        assert served.ready["ok"] is False and "no-such-job" in served.ready["reason"]
+    finally:
+        served.close()
+    assert served.proc.returncode == 1
