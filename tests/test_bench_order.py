@@ -80,6 +80,7 @@ def test_runs_of_rebuilds_the_per_run_figures():
     [
         ({"x": 11.8, "spread": {"x": {"min": 5.3, "max": 12.0, "n": 3}}}, ".2f", "11.80 (5.30-12.00)"),
         ({"x": 11.8, "spread": {"x": {"min": 11.8, "max": 11.8, "n": 1}}}, ".2f", "11.80"),
+        ({"x": 64, "spread": {"x": {"min": 64.0, "max": 64.0, "n": 3}}}, "d", "64"),
         ({"x": 256, "spread": {"x": {"min": 255.0, "max": 257.0, "n": 2}}}, "d", "256 (255-257)"),
         ({"x": 0.9}, ".0%", "90%"),
         ({}, ".2f", "-"),
@@ -266,13 +267,26 @@ def test_ratios_are_medians_of_paired_runs_with_their_spread():
 def test_tables_show_the_spread_beside_the_median():
     from rich.console import Console
 
-    console = Console(width=200, record=True)
+    console = Console(width=120, record=True)  # what `qvq bench` prints into a file or pipe
     bench_report.render_tables(_recorded_result(), console)
-    text = console.export_text()
-    assert "11.80 (5.30-12.00)" in text  # qvq decode, per size and against the bound
-    assert "12.00 (5.00-12.00)" in text  # raw decode
-    assert "1.100 (1.000-1.500)" in text  # qvq encode
-    assert "1.000 (0.983-1.060)" in text  # qvq/raw decode: median of the pairs, their min-max
+    lines = console.export_text().splitlines()
+    text = "\n".join(lines)
+    assert "…" not in text  # no figure cut
+
+    def row(label: str) -> tuple[str, str]:
+        """A table row (median line) and the line under it (spread line)."""
+        i = next(i for i, line in enumerate(lines) if line.lstrip().startswith(label))
+        return lines[i], lines[i + 1]
+
+    qvq, qvq_spread = row("llama qvq 224px")
+    assert "11.80" in qvq and "(5.30-12.00)" in qvq_spread  # decode
+    assert "1.100" in qvq and "(1.000-1.500)" in qvq_spread  # encode
+    assert " 64 " in qvq and "(64-64)" not in qvq_spread  # the same in every run: no range
+    raw, raw_spread = row("llama raw 224px")
+    assert "12.00" in raw and "(5.00-12.00)" in raw_spread
+    limits, limits_spread = row("llama  ")
+    assert "1.000" in limits and "(0.983-1.060)" in limits_spread  # qvq/raw decode: median of the pairs
+    assert "(5.30-12.00)" in limits_spread  # decode against the bound
     assert "interleaved (qvq, raw" in text
 
 

@@ -916,7 +916,8 @@ def bench_command(
     saved = os.environ.get(llama_buffers.ENV_VAR)
     if cpu_buffers is not None:  # the workers are child processes: they read it from the environment
         os.environ[llama_buffers.ENV_VAR] = llama_buffers.requested_mode(cpu_buffers)
-    out = Console()
+    # tables with a spread under each figure need ~110 columns: a file or pipe gets 120, not Rich's 80
+    out = Console() if sys.stdout.isatty() else Console(width=120)
     command = "qvq " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qvq") else None
     try:
         result = run_bench(

@@ -79,10 +79,10 @@ def render_tables(result: dict, console: Console | None = None) -> None:
     )
 
     per_size = _table(
-        "Per image size (median, min-max across runs)",
-        ["backend path", "image", *[header for header, _, _ in PER_SIZE_COLUMNS]],
+        "Per image size (median; below it, min-max across runs)",
+        ["backend path image", *[header for header, _, _ in PER_SIZE_COLUMNS]],
     )
-    blank = [""] * (len(PER_SIZE_COLUMNS) + 1)
+    blank = [""] * len(PER_SIZE_COLUMNS)
     backends = result.get("backends", {})
     for name, b in backends.items():
         if not b.get("available"):
@@ -95,9 +95,8 @@ def render_tables(result: dict, console: Console | None = None) -> None:
                 continue
             for size, fig in part.get("sizes", {}).items():
                 per_size.add_row(
-                    f"{name} {impl}",
-                    f"{size}px",
-                    *[median_and_spread(fig, key, spec) for _, key, spec in PER_SIZE_COLUMNS],
+                    f"{name} {impl} {size}px",
+                    *[median_and_spread(fig, key, spec, sep="\n") for _, key, spec in PER_SIZE_COLUMNS],
                 )
     console.print(per_size)
 
@@ -112,11 +111,11 @@ def render_tables(result: dict, console: Console | None = None) -> None:
         ratios = b.get("ratios") or {}
         speed.add_row(
             name,
-            median_and_spread(b, "decode_tok_s", ".2f"),
+            median_and_spread(b, "decode_tok_s", ".2f", sep="\n"),
             _fmt(b.get("bound_tok_s"), ".1f"),
-            median_and_spread(b, "bound_fraction", ".0%"),
-            median_and_spread(ratios, "decode_tok_s", ".3f"),
-            median_and_spread(ratios, "first_token_s", ".3f"),
+            median_and_spread(b, "bound_fraction", ".0%", sep="\n"),
+            median_and_spread(ratios, "decode_tok_s", ".3f", sep="\n"),
+            median_and_spread(ratios, "first_token_s", ".3f", sep="\n"),
         )
     console.print(speed)
     for name, b in backends.items():

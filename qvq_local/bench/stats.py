@@ -84,9 +84,10 @@ def runs_of(summary: dict) -> list[dict]:
     return [{k: v[i] for k, v in values.items() if len(v) == n} for i in range(n)]
 
 
-def median_and_spread(fig: dict, key: str, spec: str = ".2f", missing: str = "-") -> str:
-    """``"11.80 (5.30-12.00)"``: the median and the min-max of ``key`` in a summary; the median alone when
-    only one run was measured or the summary carries no spread."""
+def median_and_spread(fig: dict, key: str, spec: str = ".2f", missing: str = "-", sep: str = " ") -> str:
+    """``"11.80 (5.30-12.00)"``: the median and the min-max of ``key`` in a summary (``sep`` between them;
+    a table passes a newline to keep its columns narrow); the median alone when only one run was measured,
+    the summary carries no spread, or every run gave the same figure."""
     value = fig.get(key)
     if not _numeric(value):
         return missing
@@ -96,8 +97,8 @@ def median_and_spread(fig: dict, key: str, spec: str = ".2f", missing: str = "-"
 
     text = show(value)
     sp = (fig.get("spread") or {}).get(key)
-    if sp and sp.get("n", 0) > 1:
-        text += f" ({show(sp['min'])}-{show(sp['max'])})"
+    if sp and sp.get("n", 0) > 1 and show(sp["min"]) != show(sp["max"]):
+        text += f"{sep}({show(sp['min'])}-{show(sp['max'])})"
     return text
 
 
