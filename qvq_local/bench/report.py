@@ -234,7 +234,16 @@ def write_chart(result: dict, path: str | os.PathLike) -> Path:
             all_sizes.update(xs)
             ys, yerr = _medians_and_errors(part["sizes"], sizes, "decode_tok_s")
             top = max([top, *ys, *(y + e for y, e in zip(ys, yerr[1]))])
-            ax_dec.errorbar(xs, ys, yerr=yerr, fmt=style, color=colour, capsize=3, label=f"{name} {impl}")
+            dodge = 0.99 if impl == "qvq" else 1.01  # side by side, so both paths' bars show
+            ax_dec.errorbar(
+                [x * dodge for x in xs],
+                ys,
+                yerr=yerr,
+                fmt=style,
+                color=colour,
+                capsize=3,
+                label=f"{name} {impl}",
+            )
             if impl == "qvq":
                 for s in sizes:
                     tokens_at.setdefault(int(s), int(part["sizes"][s].get("image_tokens") or 0))
@@ -250,6 +259,8 @@ def write_chart(result: dict, path: str | os.PathLike) -> Path:
             ax_dec.axhline(bound, color=colour, linestyle=":", linewidth=1, label=f"{name} bandwidth bound")
     ticks = sorted(all_sizes)
     for ax in (ax_dec, ax_enc):
+        if ticks:  # a fixed margin: with one size, autoscaling would spread the side-by-side bars apart
+            ax.set_xlim(min(ticks) * 0.85, max(ticks) * 1.15)
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{s}\n({tokens_at[s]} tok)" if tokens_at.get(s) else str(s) for s in ticks])
         ax.set_xlabel("image size (px, square; image tokens)")
