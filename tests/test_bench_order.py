@@ -316,3 +316,52 @@ def test_served_worker_child_reports_a_failure_through_the_pipe():
     finally:
         served.close()
     assert served.proc.returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("available_gb", "order"),
+    [(16.0, harness.INTERLEAVED_ORDER), (7.0, harness.SEQUENTIAL_ORDER)],
+)
+def test_two_copies_that_do_not_fit_run_one_path_after_the_other(monkeypatch, available_gb, order):
+    """Interleaving holds the model twice (one worker per path); a 4 GB model with 7 GB free runs the old
+    way, qvq's runs then raw's, and the result says which order it used."""
+    calls = []
+    fig = {"decode_tok_s": 10.0, "first_token_s": 1.0, "decode_tokens": 9, "prompt_tokens": 50}
+    sizes = {"224": stats.summarise([fig])}
+
+    def fake_worker(spec, *, label, log=None):
+        calls.append(("sequential", spec["job"]))
+        return {"ok": True, "sizes": sizes}
+
+    def fake_interleaved(common, sizes_, decode_tokens, answer_tokens, log):
+        calls.append(("interleaved", common["backend"]))
+        return {"ok": True, "sizes": sizes}, {"ok": True, "sizes": sizes}
+
+    monkeypatch.setattr(harness, "run_worker", fake_worker)
+    monkeypatch.setattr(harness, "_interleaved_run", fake_interleaved)
+    monkeypatch.setattr(
+        harness, "_weights_per_token", lambda name, fmt: {"bytes_per_token": 10**9, "model_bytes": 4 * 10**9}
+    )
+    result = {
+        "bandwidth": {"read_gbs_median": 20.0},
+        "machine": {"memory_available_bytes": int(available_gb * 10**9)},
+    }
+    entry = harness._measure_backend(
+        "llama",
+        (True, None),
+        {"model": "m.gguf", "mmproj": "mm.gguf"},
+        result,
+        images={"224": "chart.png"},
+        sizes=[224],
+        runs=1,
+        decode_tokens=8,
+        answer_tokens=2,
+        raw=True,
+        log=None,
+    )
+    assert entry["order"] == order
+    if order == harness.INTERLEAVED_ORDER:
+        assert calls == [("interleaved", "llama")]
+    else:
+        assert calls == [("sequential", "qvq"), ("sequential", "raw")]
+    assert entry["ratios"]["decode_tok_s"] == 1.0
