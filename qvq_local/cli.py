@@ -74,7 +74,10 @@ def convert(
         None, "--group-size", help="MLX only: quantisation group size, 32 | 64 (default) | 128."
     ),
     mmproj_quant: str | None = typer.Option(
-        None, "--mmproj-quant", help="GGUF only: the vision projector's type, f16 (default) | q8_0 | f32."
+        None,
+        "--mmproj-quant",
+        help="GGUF only: the vision projector's type, f16 (default; image embeddings match transformers to "
+        "~0.1%) | q8_0 (half the size, ~2% off; not faster in our CPU runs) | f32.",
     ),
     out: Path | None = typer.Option(
         None, "-o", "--out", help="Output folder. Default: $QVQ_HOME/models/<name>-<format>-<quant>."

@@ -8,6 +8,8 @@ lazy import), so ``import qvq_local``, ``qvq ask`` and the API never load it.
 * ``worker``: one measured job in a child process (``python -m qvq_local.bench.worker SPEC OUT``);
 * ``bandwidth``: memory bandwidth and the decode speed it bounds;
 * ``memory``: peak resident memory of a process;
+* ``stats``: the median and spread of repeated runs, and qvq/raw ratios of paired runs;
+* ``mmproj``: a vision projector's image embeddings against transformers, and its encode time;
 * ``report``: Rich tables, the JSON file and the chart.
 """
 

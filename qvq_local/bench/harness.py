@@ -12,7 +12,10 @@ run on one machine:
 3. per backend, in a child process each (``bench.worker``): qvq-local's own path
    (``qvq_local.load(...).stream``) and the raw library on the same files, prompt and image (mlx-vlm's
    ``stream_generate``, llama-cpp-python's ``create_chat_completion``), each figure the median of
-   ``runs`` repetitions after a warm-up, per image size;
+   ``runs`` repetitions after a warm-up, per image size, with its spread (min, max, quartiles:
+   ``bench.stats``).  The two paths run interleaved (qvq, raw, qvq, raw, ...: ``schedule`` and
+   ``interleave`` on two served workers), so a neighbour's load on a shared machine falls on both
+   sides of a qvq/raw ratio; the ratios are medians of the per-pair ratios;
 4. the report (``bench.report``): Rich tables, a JSON file with every figure and the machine's
    description, and a PNG chart.
 
@@ -98,6 +101,26 @@ def _check_options(runs: int, decode_tokens: int, answer_tokens: int, quant: str
 # ---------------------------------------------------------------- child processes
 
 
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _ended(returncode: int | None, spec: dict, label: str) -> str:
+    """Why a worker ended without reporting: its exit status or signal, with a hint."""
+    from qvq_local.selftest import crash_advice, signal_name
+
+    code = -1 if returncode is None else returncode
+    how = signal_name(code) or f"exit code {code}"
+    hint = " (killed: out of memory?)" if code in (-9, 137) else ""
+    if code < 0 and code != -9:
+        backend = spec.get("backend")
+        hint = f" (a native crash: {crash_advice(backend)})" if backend else " (a native crash)"
+    return f"the {label} process ended with {how}{hint} before reporting"
+
+
 def run_worker(spec: dict, *, label: str, log=None) -> dict:
     """Run one ``bench.worker`` job in a child process and return its JSON result.
 
@@ -107,9 +130,7 @@ def run_worker(spec: dict, *, label: str, log=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="qvq-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ)
-        env.setdefault("HF_HUB_OFFLINE", "1")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env = _worker_env()
         if log:
             log(f"{label} ...")
         t0 = time.perf_counter()
@@ -123,19 +144,128 @@ def run_worker(spec: dict, *, label: str, log=None) -> dict:
         if out_path.is_file():
             result = json.loads(out_path.read_text())
         else:
-            from qvq_local.selftest import crash_advice, signal_name
-
-            how = signal_name(proc.returncode) or f"exit code {proc.returncode}"
-            hint = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
-            if proc.returncode < 0 and proc.returncode != -9:
-                backend = spec.get("backend")
-                hint = f" (a native crash: {crash_advice(backend)})" if backend else " (a native crash)"
-            result = {"ok": False, "reason": f"the {label} process ended with {how}{hint} before reporting"}
+            result = {"ok": False, "reason": _ended(proc.returncode, spec, label)}
     result["wall_s"] = wall
     if log:
         done = f"done in {wall:.1f} s" if result.get("ok") else f"FAILED: {result.get('reason')}"
         log(f"{label}: {done}")
     return result
+
+
+class ServedWorker:
+    """A ``bench.worker --serve`` child: one path (qvq or raw) loaded once, run on request.
+
+    ``ready`` is the child's first reply (``{"ok": False, "reason"}`` when loading failed or the child
+    died); :meth:`request` sends one command and returns its reply; :meth:`finish` returns the path's
+    result, in the shape ``run_worker`` returns, with ``wall_s``.  A child that dies is reported as a
+    failed reply naming its exit status, never as a silent zero.
+    """
+
+    def __init__(self, spec: dict, *, label: str, log=None):
+        self.spec, self.label, self.log = spec, label, log
+        self._tmp = tempfile.TemporaryDirectory(prefix="qvq-bench-")
+        spec_path = Path(self._tmp.name) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        if log:
+            log(f"{label}: loading")
+        self.t0 = time.perf_counter()
+        read_fd, write_fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "qvq_local.bench.worker", "--serve", str(spec_path), str(write_fd)],
+                stdin=subprocess.PIPE,
+                pass_fds=(write_fd,),
+                env=_worker_env(),
+                text=True,
+            )
+        finally:
+            os.close(write_fd)
+        self._replies = os.fdopen(read_fd)
+        self.ready = self._reply()
+
+    def _reply(self) -> dict:
+        line = self._replies.readline()
+        if line:
+            return json.loads(line)
+        return {"ok": False, "reason": _ended(self.proc.wait(), self.spec, self.label)}
+
+    def request(self, cmd: dict) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return {"ok": False, "reason": _ended(self.proc.wait(), self.spec, self.label)}
+        return self._reply()
+
+    def finish(self) -> dict:
+        result = self.request({"op": "finish"})
+        self.close()
+        result["wall_s"] = time.perf_counter() - self.t0
+        if self.log:
+            done = (
+                f"done in {result['wall_s']:.1f} s" if result.get("ok") else f"FAILED: {result.get('reason')}"
+            )
+            self.log(f"{self.label}: {done}")
+        return result
+
+    def close(self) -> None:
+        """End the child (politely: stdin closed; killed if it does not exit)."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._replies.close()
+        self._tmp.cleanup()
+
+
+def schedule(
+    sizes: list[str], runs: int, paths: tuple[str, ...] = ("qvq", "raw")
+) -> list[tuple[str, int, str]]:
+    """The order of an interleaved measurement: ``(size, run, path)``, run 0 being each path's warm-up.
+
+    Per image size: qvq's warm-up, raw's warm-up, then qvq 1, raw 1, qvq 2, raw 2, ...  qvq goes first in
+    each pair because the raw run repeats the number of tokens the qvq run made.
+    """
+    return [(size, i, path) for size in sizes for i in range(runs + 1) for path in paths]
+
+
+def interleave(workers: dict, sizes: list[str], runs: int) -> dict:
+    """Run ``schedule(...)`` on served workers (``{"qvq": w, "raw": w}``); return each path's result.
+
+    Each raw run gets the token counts of the qvq run just before it (``max_tokens``, ``prompt_tokens``),
+    so the pair does the same work.  A raw path that fails is reported and the qvq runs go on; when the
+    qvq path fails, nothing else runs (there is nothing to compare with).
+    """
+    failed: dict[str, dict] = {}
+    last_qvq: dict = {}
+    for size, i, name in schedule(sizes, runs, tuple(workers)):
+        if name in failed or "qvq" in failed:
+            continue
+        cmd: dict = {"op": "run", "size": size, "run": i, "warmup": i == 0}
+        if name == "raw":
+            cmd["max_tokens"] = last_qvq.get("decode_tokens")
+            cmd["prompt_tokens"] = last_qvq.get("prompt_tokens")
+        reply = workers[name].request(cmd)
+        if not reply.get("ok"):
+            failed[name] = reply
+        elif name == "qvq":
+            last_qvq = reply.get("fig") or {}
+    results = {}
+    for name, worker in workers.items():
+        if name in failed:
+            worker.close()
+            results[name] = failed[name]
+        elif "qvq" in failed:
+            worker.close()
+            results[name] = {"ok": False, "reason": "not run: the qvq path failed"}
+        else:
+            results[name] = worker.finish()
+    return results
 
 
 # ---------------------------------------------------------------- models: synthesise, convert, resolve
@@ -454,8 +584,18 @@ def _raw_n_ctx(sizes: list[int], decode_tokens: int, answer_tokens: int) -> int:
     return ((need + 255) // 256) * 256
 
 
+#: The figures compared between qvq-local and the raw library, run by run.
+RATIO_KEYS = ("decode_tok_s", "first_token_s")
+
+
 def _ratios(qvq: dict, raw: dict) -> dict:
-    """qvq/raw per image size and at the smallest size (the headline figures)."""
+    """qvq/raw per image size and at the smallest size (the headline figures).
+
+    Each figure is the median of the per-run ratios (qvq run i / raw run i; interleaved, they ran next to
+    each other), with their spread under ``spread`` and the per-run values under ``samples``.
+    """
+    from qvq_local.bench.stats import paired_ratios, runs_of
+
     if not qvq.get("ok"):
         return {"reason": "qvq path failed"}
     if not raw.get("ok"):
@@ -465,10 +605,10 @@ def _ratios(qvq: dict, raw: dict) -> dict:
         r = raw["sizes"].get(size)
         if not r:
             continue
-        per_size[size] = {
-            "decode_tok_s": q["decode_tok_s"] / r["decode_tok_s"] if r.get("decode_tok_s") else None,
-            "first_token_s": q["first_token_s"] / r["first_token_s"] if r.get("first_token_s") else None,
-        }
+        summary = paired_ratios(runs_of(q), runs_of(r), RATIO_KEYS)
+        per_size[size] = {k: summary.get(k) for k in RATIO_KEYS}
+        per_size[size]["spread"] = summary.get("spread", {})
+        per_size[size]["samples"] = summary.get("samples", {})
     if not per_size:
         return {"reason": "no image size measured on both paths"}
     first = per_size[min(per_size, key=int)]
@@ -477,7 +617,8 @@ def _ratios(qvq: dict, raw: dict) -> dict:
         "at_image_size": int(min(per_size, key=int)),
         "per_size": per_size,
         "meaning": "decode_tok_s: qvq/raw, higher is better (>= 1.0: no overhead); "
-        "first_token_s: qvq/raw seconds, lower is better (<= 1.0: no overhead)",
+        "first_token_s: qvq/raw seconds, lower is better (<= 1.0: no overhead); "
+        "medians of the per-run ratios, spread = their min/max/quartiles",
     }
 
 
@@ -669,21 +810,55 @@ def _measure_backend(
         "decode_tokens": decode_tokens,
         "answer_tokens": answer_tokens,
     }
-    entry["qvq"] = run_worker({"job": "qvq", **common}, label=f"{name}: qvq-local", log=log)
-    entry["raw"] = (
-        _raw_run(entry["qvq"], common, sizes, decode_tokens, answer_tokens, log)
-        if raw
-        else {
-            "ok": False,
-            "reason": "skipped (--no-raw)",
-        }
-    )
+    if not raw:
+        entry["order"] = "qvq only"
+        entry["qvq"] = run_worker({"job": "qvq", **common}, label=f"{name}: qvq-local", log=log)
+        entry["raw"] = {"ok": False, "reason": "skipped (--no-raw)"}
+    elif mem_available and 2 * weights["model_bytes"] > 0.9 * mem_available:
+        # both paths hold the model while they alternate: where two copies do not fit, one after the other
+        entry["order"] = SEQUENTIAL_ORDER
+        entry["qvq"] = run_worker({"job": "qvq", **common}, label=f"{name}: qvq-local", log=log)
+        entry["raw"] = _raw_run(entry["qvq"], common, sizes, decode_tokens, answer_tokens, log)
+    else:
+        entry["order"] = INTERLEAVED_ORDER
+        entry["qvq"], entry["raw"] = _interleaved_run(common, sizes, decode_tokens, answer_tokens, log)
     entry["ratios"] = _ratios(entry["qvq"], entry["raw"])
     if entry["qvq"].get("ok"):
         smallest = entry["qvq"]["sizes"][str(sizes[0])]
         entry["decode_tok_s"] = smallest["decode_tok_s"]
         entry["bound_fraction"] = entry["decode_tok_s"] / bound if bound else None
+        spread = (smallest.get("spread") or {}).get("decode_tok_s")
+        if spread:
+            entry["spread"] = {"decode_tok_s": spread}
+            if bound:
+                entry["spread"]["bound_fraction"] = {
+                    k: (v / bound if k != "n" else v) for k, v in spread.items()
+                }
     return entry
+
+
+INTERLEAVED_ORDER = "interleaved (qvq, raw, qvq, raw, ...; both models loaded)"
+SEQUENTIAL_ORDER = "sequential (qvq's runs, then raw's: two copies of the model do not fit in memory)"
+
+
+def _interleaved_run(common: dict, sizes: list[int], decode_tokens: int, answer_tokens: int, log):
+    """qvq's and the raw library's runs alternated between two served workers: ``(qvq, raw)`` results."""
+    backend = common["backend"]
+    qvq = ServedWorker({"job": "qvq", **common}, label=f"{backend}: qvq-local", log=log)
+    if not qvq.ready.get("ok"):
+        qvq.close()
+        return qvq.ready, {"ok": False, "reason": "not run: the qvq path failed"}
+    raw_spec = {"job": "raw", "n_ctx": _raw_n_ctx(sizes, decode_tokens, answer_tokens), **common}
+    raw = ServedWorker(raw_spec, label=f"{backend}: raw library", log=log)
+    workers = {"qvq": qvq}
+    if raw.ready.get("ok"):
+        workers["raw"] = raw
+    else:
+        raw.close()
+    if log:
+        log(f"{backend}: {'qvq and raw runs interleaved' if 'raw' in workers else 'qvq runs'}")
+    results = interleave(workers, [str(s) for s in sizes], common["runs"])
+    return results["qvq"], results.get("raw", raw.ready)
 
 
 def _raw_run(qvq: dict, common: dict, sizes: list[int], decode_tokens: int, answer_tokens: int, log) -> dict:
@@ -741,7 +916,8 @@ def bench_command(
     saved = os.environ.get(llama_buffers.ENV_VAR)
     if cpu_buffers is not None:  # the workers are child processes: they read it from the environment
         os.environ[llama_buffers.ENV_VAR] = llama_buffers.requested_mode(cpu_buffers)
-    out = Console()
+    # tables with a spread under each figure need ~110 columns: a file or pipe gets 120, not Rich's 80
+    out = Console() if sys.stdout.isatty() else Console(width=120)
     command = "qvq " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qvq") else None
     try:
         result = run_bench(
@@ -777,12 +953,15 @@ def bench_command(
 
 
 __all__ = [
+    "ServedWorker",
     "bench_command",
     "bench_home",
     "describe_machine",
+    "interleave",
     "make_image",
     "parse_image_sizes",
     "prepare_models",
     "run_bench",
     "run_worker",
+    "schedule",
 ]

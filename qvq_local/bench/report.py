@@ -13,6 +13,19 @@ from rich.console import Console
 from rich.table import Table
 
 from qvq_local import atomic
+from qvq_local.bench.stats import median_and_spread
+
+#: The per-image-size table: (header, field of a size's summary, format).  Each cell shows the median and,
+#: with more than one run, the min-max across runs.  A new figure reported by the worker is one more row
+#: here.
+PER_SIZE_COLUMNS: list[tuple[str, str, str]] = [
+    ("img tok", "image_tokens", "d"),
+    ("encode s", "image_encode_s", ".3f"),
+    ("prefill t/s", "prefill_tok_s", ".1f"),
+    ("1st tok s", "first_token_s", ".3f"),
+    ("decode t/s", "decode_tok_s", ".2f"),
+    ("forced s", "forced_step_s", ".3f"),
+]
 
 
 def _fmt(value, spec: str = ".2f", missing: str = "-") -> str:
@@ -66,38 +79,24 @@ def render_tables(result: dict, console: Console | None = None) -> None:
     )
 
     per_size = _table(
-        "Per image size (medians)",
-        [
-            "backend path",
-            "image",
-            "img tok",
-            "encode s",
-            "prefill t/s",
-            "1st tok s",
-            "decode t/s",
-            "forced s",
-        ],
+        "Per image size (median; below it, min-max across runs)",
+        ["backend path image", *[header for header, _, _ in PER_SIZE_COLUMNS]],
     )
+    blank = [""] * len(PER_SIZE_COLUMNS)
     backends = result.get("backends", {})
     for name, b in backends.items():
         if not b.get("available"):
-            per_size.add_row(f"{name} [red](not run)[/]", *[""] * 7)
+            per_size.add_row(f"{name} [red](not run)[/]", *blank)
             continue
         for impl in ("qvq", "raw"):
             part = b.get(impl) or {}
             if not part.get("ok"):
-                per_size.add_row(f"{name} {impl} [red](not run)[/]", *[""] * 7)
+                per_size.add_row(f"{name} {impl} [red](not run)[/]", *blank)
                 continue
             for size, fig in part.get("sizes", {}).items():
                 per_size.add_row(
-                    f"{name} {impl}",
-                    f"{size}px",
-                    _fmt(fig.get("image_tokens"), "d"),
-                    _fmt(fig.get("image_encode_s"), ".3f"),
-                    _fmt(fig.get("prefill_tok_s"), ".1f"),
-                    _fmt(fig.get("first_token_s"), ".3f"),
-                    _fmt(fig.get("decode_tok_s"), ".2f"),
-                    _fmt(fig.get("forced_step_s"), ".3f"),
+                    f"{name} {impl} {size}px",
+                    *[median_and_spread(fig, key, spec, sep="\n") for _, key, spec in PER_SIZE_COLUMNS],
                 )
     console.print(per_size)
 
@@ -112,13 +111,16 @@ def render_tables(result: dict, console: Console | None = None) -> None:
         ratios = b.get("ratios") or {}
         speed.add_row(
             name,
-            _fmt(b.get("decode_tok_s"), ".2f"),
+            median_and_spread(b, "decode_tok_s", ".2f", sep="\n"),
             _fmt(b.get("bound_tok_s"), ".1f"),
-            _fmt(b.get("bound_fraction"), ".0%"),
-            _fmt(ratios.get("decode_tok_s"), ".3f"),
-            _fmt(ratios.get("first_token_s"), ".3f"),
+            median_and_spread(b, "bound_fraction", ".0%", sep="\n"),
+            median_and_spread(ratios, "decode_tok_s", ".3f", sep="\n"),
+            median_and_spread(ratios, "first_token_s", ".3f", sep="\n"),
         )
     console.print(speed)
+    for name, b in backends.items():
+        if b.get("available") and b.get("order"):
+            console.print(f"  {name}: runs {b['order']}", highlight=False)
     for name, b in backends.items():
         compute = (b.get("qvq") or {}).get("compute")
         if b.get("available") and compute:
@@ -180,18 +182,10 @@ def render_tables(result: dict, console: Console | None = None) -> None:
         console.print(f"[yellow]{note}[/]", highlight=False)
     console.print(
         "[dim]qvq/raw decode: higher is better (>= 1.0: no overhead). qvq/raw 1st tok: lower is better "
-        "(<= 1.0: no overhead). bound = read bandwidth / bytes read per token; of bound = decode / bound. "
+        "(<= 1.0: no overhead); each is the median of the per-run ratios (qvq run i / raw run i), with their "
+        "min-max. bound = read bandwidth / bytes read per token; of bound = decode / bound. "
         "Ratios and decode at the smallest image size.[/]"
     )
-
-
-def _spread(fig: dict, key: str, spec: str) -> str:
-    """``median (min-max)`` of a figure over its runs."""
-    values = (fig.get("samples") or {}).get(key) or []
-    text = _fmt(fig.get(key), spec)
-    if len(values) > 1:
-        text += f" ({format(min(values), spec)}-{format(max(values), spec)})"
-    return text
 
 
 def _prefix_table(console: Console, backends: dict) -> None:
@@ -212,9 +206,9 @@ def _prefix_table(console: Console, backends: dict) -> None:
             table.add_row(
                 name,
                 f"{size}px",
-                _spread(reuse, "first_token_s", ".2f"),
-                f"{_fmt(reuse.get('memory_first_token_s'), '.2f')} s, x{_spread(reuse, 'memory_ratio', '.2f')}",
-                f"{_fmt(reuse.get('disk_first_token_s'), '.2f')} s, x{_spread(reuse, 'disk_ratio', '.2f')}",
+                median_and_spread(reuse, "first_token_s", ".2f"),
+                f"{_fmt(reuse.get('memory_first_token_s'), '.2f')} s, x{median_and_spread(reuse, 'memory_ratio', '.2f')}",
+                f"{_fmt(reuse.get('disk_first_token_s'), '.2f')} s, x{median_and_spread(reuse, 'disk_ratio', '.2f')}",
                 f"{_fmt(reuse.get('write_s'), '.3f')}/{_fmt(reuse.get('read_s'), '.3f')}",
                 human_size(reuse.get("bytes") or 0),
             )
@@ -232,6 +226,19 @@ def write_json(result: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic.write_text(path, json.dumps(result, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _medians_and_errors(per_size: dict, sizes: list[str], key: str) -> tuple[list[float], list[list[float]]]:
+    """Medians of ``key`` at each size and matplotlib's ``yerr`` (below, above) reaching the min and max."""
+    ys, below, above = [], [], []
+    for s in sizes:
+        fig = per_size[s]
+        y = float(fig[key])
+        sp = (fig.get("spread") or {}).get(key) or {"min": y, "max": y}
+        ys.append(y)
+        below.append(max(0.0, y - sp["min"]))
+        above.append(max(0.0, sp["max"] - y))
+    return ys, [below, above]
 
 
 def write_chart(result: dict, path: str | os.PathLike) -> Path:
@@ -260,14 +267,23 @@ def write_chart(result: dict, path: str | os.PathLike) -> Path:
             sizes = sorted(part["sizes"], key=int)
             xs = [int(s) for s in sizes]
             all_sizes.update(xs)
-            ys = [part["sizes"][s]["decode_tok_s"] for s in sizes]
-            top = max([top, *ys])
-            ax_dec.plot(xs, ys, style, color=colour, label=f"{name} {impl}")
+            ys, yerr = _medians_and_errors(part["sizes"], sizes, "decode_tok_s")
+            top = max([top, *ys, *(y + e for y, e in zip(ys, yerr[1]))])
+            dodge = 0.99 if impl == "qvq" else 1.01  # side by side, so both paths' bars show
+            ax_dec.errorbar(
+                [x * dodge for x in xs],
+                ys,
+                yerr=yerr,
+                fmt=style,
+                color=colour,
+                capsize=3,
+                label=f"{name} {impl}",
+            )
             if impl == "qvq":
                 for s in sizes:
                     tokens_at.setdefault(int(s), int(part["sizes"][s].get("image_tokens") or 0))
-                enc = [part["sizes"][s]["image_encode_s"] for s in sizes]
-                ax_enc.plot(xs, enc, style, color=colour, label=name)
+                enc, enc_err = _medians_and_errors(part["sizes"], sizes, "image_encode_s")
+                ax_enc.errorbar(xs, enc, yerr=enc_err, fmt=style, color=colour, capsize=3, label=name)
         if b.get("bound_tok_s"):
             bounds.append((name, colour, b["bound_tok_s"]))
     off_scale = []
@@ -278,6 +294,8 @@ def write_chart(result: dict, path: str | os.PathLike) -> Path:
             ax_dec.axhline(bound, color=colour, linestyle=":", linewidth=1, label=f"{name} bandwidth bound")
     ticks = sorted(all_sizes)
     for ax in (ax_dec, ax_enc):
+        if ticks:  # a fixed margin: with one size, autoscaling would spread the side-by-side bars apart
+            ax.set_xlim(min(ticks) * 0.85, max(ticks) * 1.15)
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{s}\n({tokens_at[s]} tok)" if tokens_at.get(s) else str(s) for s in ticks])
         ax.set_xlabel("image size (px, square; image tokens)")
@@ -285,7 +303,7 @@ def write_chart(result: dict, path: str | os.PathLike) -> Path:
         ax.grid(alpha=0.3)
     model = result.get("model", {}).get("label", "")
     ax_dec.set_title(f"Decode speed, {model}" if model else "Decode speed")
-    ax_dec.set_ylabel("tokens / s (median)")
+    ax_dec.set_ylabel("tokens / s (median; bars: min-max)")
     if off_scale:
         ax_dec.text(
             0.02,
@@ -296,7 +314,7 @@ def write_chart(result: dict, path: str | os.PathLike) -> Path:
         )
     ax_dec.legend(fontsize=8, loc="best")
     ax_enc.set_title("Image encoding time (qvq-local)")
-    ax_enc.set_ylabel("seconds (median)")
+    ax_enc.set_ylabel("seconds (median; bars: min-max)")
     ax_enc.legend(fontsize=8, loc="best")
     summary = result.get("machine", {}).get("summary", "")
     fig.suptitle(f"qvq bench on {summary}" if summary else "qvq bench", fontsize=10)

@@ -16,7 +16,15 @@ Jobs (``spec["job"]``):
   ``create_chat_completion`` with its Qwen2-VL chat handler.
 
 Every figure is the median over ``runs`` repetitions after one warm-up per image size; the individual
-values are kept in ``samples`` so a reader can judge the spread.
+values are kept in ``samples`` and their min, max and quartiles in ``spread`` (``bench.stats``).
+
+The ``qvq`` and ``raw`` jobs run either on their own (``job_qvq``/``job_raw``: every run of one path, then
+the result) or served (``python -m qvq_local.bench.worker --serve SPEC REPLY_FD``): the model is loaded
+once, then the parent sends one JSON command per line on stdin (``{"op": "run", "size": "224",
+"warmup": false, ...}``, then ``{"op": "finish"}``) and reads one JSON reply per line from the pipe
+``REPLY_FD``.  The harness serves both paths at once and alternates their runs (qvq, raw, qvq, raw, ...),
+so a neighbour's load on a shared machine falls on both sides of a ratio.  Either way the result has
+the same shape, built by :class:`Runs`.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from pathlib import Path
 
 from qvq_local import atomic
 from qvq_local.bench.memory import PeakRss, lifetime_peak_rss
+from qvq_local.bench.stats import summarise
 
 QUESTION = "What is the largest value in this chart? Think it through, then give the number."
 
@@ -39,16 +48,58 @@ def _log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _median_figures(samples: list[dict]) -> dict:
-    """Median of each numeric field across runs; ``samples`` keeps the per-run values."""
-    first = samples[0]
-    keys = [k for k in first if isinstance(first[k], (int, float)) and not isinstance(first[k], bool)]
-    out: dict = {k: statistics.median(s[k] for s in samples) for k in keys}
-    for k in keys:
-        if isinstance(samples[0][k], int):
-            out[k] = round(out[k])
-    out["samples"] = {k: [s[k] for s in samples] for k in keys}
-    return out
+class Runs:
+    """The measured runs of one path, per image size: the warm-ups discarded, the peak RSS of each size's
+    runs, and the summaries (``bench.stats.summarise``) every result carries under ``sizes``."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[dict]] = {}
+        self.peaks: dict[str, int] = {}
+        self.not_forced = 0
+        self._size: str | None = None
+        self._peak: PeakRss | None = None
+
+    def _close_peak(self) -> None:
+        if self._peak is not None:
+            self._peak.__exit__(None, None, None)
+            self.peaks[self._size] = max(self.peaks.get(self._size, 0), self._peak.bytes)
+            self._peak = None
+
+    def run(self, path, size: str, image_path: str, cmd: dict, *, warmup: bool) -> dict:
+        """One run of ``path`` at ``size``; kept unless it is a warm-up.  Returns its figures."""
+        if size != self._size or self._peak is None:
+            self._close_peak()
+            self._size, self._peak = size, PeakRss().__enter__()
+        fig = path.run(size, image_path, cmd)
+        forced = fig.pop("forced", True)
+        fig.pop("stop_reason", None)
+        if not warmup:
+            self.not_forced += 0 if forced else 1
+            self.samples.setdefault(size, []).append(fig)
+        return fig
+
+    def sizes(self) -> dict:
+        self._close_peak()
+        return {
+            size: {**summarise(samples), "peak_rss_bytes": self.peaks.get(size, 0)}
+            for size, samples in self.samples.items()
+            if samples
+        }
+
+
+def run_sequentially(path, spec: dict) -> dict:
+    """Every run of one path: per image size a warm-up, then ``runs`` measured runs; then its result."""
+    runs = Runs()
+    n = int(spec["runs"])
+    for size, image_path in spec["images"].items():
+        cmd = {
+            "max_tokens": _max_tokens(spec, size),
+            "prompt_tokens": (spec.get("prompt_tokens") or {}).get(size),
+        }
+        for i in range(n + 1):
+            _log(f"{spec['backend']} {path.name} {size}px run {i}/{n}{' (warm-up)' if i == 0 else ''}")
+            runs.run(path, size, image_path, cmd, warmup=i == 0)
+    return path.finish(runs)
 
 
 def _sampling_kwargs() -> dict:
@@ -238,7 +289,7 @@ def _prefix_reuse(model, image_path: str, runs: int, answer_tokens: int) -> dict
                 )
     finally:
         model.prefix_cache, model.disk_cache = memory, disk
-    return _median_figures(samples)
+    return summarise(samples)
 
 
 def _lang_lock_cost(model, steps: int = 48, rounds: int = 4) -> dict:
@@ -288,57 +339,68 @@ def _count_tokens(loaded, text: str) -> int:
         return 0
 
 
+class QvqPath:
+    """This project's path (``qvq_local.load(...).stream``), loaded once; one question per :meth:`run`."""
+
+    name = "qvq"
+
+    def __init__(self, spec: dict):
+        import qvq_local
+
+        self.spec = spec
+        self.decode_tokens = int(spec["decode_tokens"])
+        self.answer_tokens = int(spec.get("answer_tokens", 8))
+        with PeakRss() as load_peak:
+            t0 = time.perf_counter()
+            self.model = qvq_local.load(spec["model"], backend=spec["backend"])
+            self.load_s = time.perf_counter() - t0
+        self.load_peak_rss_bytes = load_peak.bytes
+        # the repeated runs measure a fresh prefill each; prefix reuse is measured on its own (finish)
+        self.model.prefix_cache = None
+
+    def run(self, size: str, image_path: str, cmd: dict) -> dict:
+        fig = _qvq_one_run(self.model, image_path, self.decode_tokens, self.answer_tokens)
+        fig.pop("prefix_cache", None)
+        return fig
+
+    def finish(self, runs: Runs) -> dict:
+        sizes = runs.sizes()
+        for size, fig in sizes.items():
+            image_path = self.spec["images"][size]
+            fig["prefix_reuse"] = _prefix_reuse(
+                self.model, image_path, int(self.spec["runs"]), self.answer_tokens
+            )
+        _log(f"{self.spec['backend']} qvq language-lock cost")
+        lang_lock = _lang_lock_cost(self.model)
+        buffers = getattr(self.model.loaded, "cpu_buffers", None)
+        return {
+            "ok": True,
+            "path": "qvq_local.load(...).stream(...)",
+            "backend": self.spec["backend"],
+            "quantization": self.model.quantization,
+            # set when qvq computes differently from the raw library (ratios include it)
+            "compute": getattr(self.model.loaded, "compute_note", None),
+            "cpu_buffers": buffers.describe() if buffers is not None else None,  # llama.cpp weight buffers
+            "load_s": self.load_s,
+            "load_peak_rss_bytes": self.load_peak_rss_bytes,
+            "peak_rss_bytes": lifetime_peak_rss(),
+            "answer_tokens": self.answer_tokens,
+            "runs_not_forced": runs.not_forced,
+            "sizes": sizes,
+            "lang_lock": lang_lock,
+        }
+
+    def close(self) -> None:
+        self.model.close()
+
+
 def job_qvq(spec: dict) -> dict:
     """This project's path, per image size; the warm-up run of each size is discarded."""
-    import qvq_local
-
-    runs, decode_tokens = int(spec["runs"]), int(spec["decode_tokens"])
-    answer_tokens = int(spec.get("answer_tokens", 8))
-    with PeakRss() as load_peak:
-        t0 = time.perf_counter()
-        model = qvq_local.load(spec["model"], backend=spec["backend"])
-        load_s = time.perf_counter() - t0
-    sizes: dict = {}
-    not_forced = 0
-    # the repeated runs below measure a fresh prefill each; prefix reuse is measured on its own
-    model.prefix_cache = None
+    path = QvqPath(spec)
     try:
-        for size, image_path in spec["images"].items():
-            samples = []
-            with PeakRss() as peak:
-                for i in range(runs + 1):
-                    _log(f"{spec['backend']} qvq {size}px run {i}/{runs}{' (warm-up)' if i == 0 else ''}")
-                    fig = _qvq_one_run(model, image_path, decode_tokens, answer_tokens)
-                    fig.pop("prefix_cache")
-                    if i > 0:
-                        not_forced += 0 if fig.pop("forced") else 1
-                        fig.pop("stop_reason")
-                        samples.append(fig)
-            sizes[size] = _median_figures(samples)
-            sizes[size]["peak_rss_bytes"] = peak.bytes
-            sizes[size]["prefix_reuse"] = _prefix_reuse(model, image_path, runs, answer_tokens)
-        _log(f"{spec['backend']} qvq language-lock cost")
-        lang_lock = _lang_lock_cost(model)
+        return run_sequentially(path, spec)
     finally:
-        quantization = model.quantization
-        compute = getattr(model.loaded, "compute_note", None)
-        buffers = getattr(model.loaded, "cpu_buffers", None)
-        model.close()
-    return {
-        "ok": True,
-        "path": "qvq_local.load(...).stream(...)",
-        "backend": spec["backend"],
-        "quantization": quantization,
-        "compute": compute,  # set when qvq computes differently from the raw library (ratios include it)
-        "cpu_buffers": buffers.describe() if buffers is not None else None,  # llama.cpp weight buffers
-        "load_s": load_s,
-        "load_peak_rss_bytes": load_peak.bytes,
-        "peak_rss_bytes": lifetime_peak_rss(),
-        "answer_tokens": answer_tokens,
-        "runs_not_forced": not_forced,
-        "sizes": sizes,
-        "lang_lock": lang_lock,
-    }
+        path.close()
 
 
 # ---------------------------------------------------------------- raw: the libraries alone
@@ -371,66 +433,71 @@ def _max_tokens(spec: dict, size: str) -> int:
     return int((spec.get("max_tokens") or {}).get(size) or spec["decode_tokens"])
 
 
-def _raw_mlx(spec: dict) -> dict:
+class RawMlxPath:
     """mlx-vlm's own ``stream_generate`` on the same folder, prompt text and image.
 
     ``stream_generate`` yields once per generated token, so the moment of each yield is the moment that
     token became available to a caller.
     """
-    import mlx.core as mx
-    import mlx_vlm
-    from mlx_vlm import load as vlm_load
-    from mlx_vlm import stream_generate
 
-    from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt, load_chat_template
+    name = "raw"
 
-    runs = int(spec["runs"])
-    with PeakRss() as load_peak:
+    def __init__(self, spec: dict):
+        import mlx_vlm
+        from mlx_vlm import load as vlm_load
+
+        from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt, load_chat_template
+
+        self.spec = spec
+        self.library = f"mlx-vlm {getattr(mlx_vlm, '__version__', '?')} stream_generate"
+        with PeakRss() as load_peak:
+            t0 = time.perf_counter()
+            self.model, self.processor = vlm_load(spec["model"])
+            self.load_s = time.perf_counter() - t0
+        self.load_peak_rss_bytes = load_peak.bytes
+        self.text = build_prompt(load_chat_template(spec["model"]), QUESTION, 1, system=QVQ_SYSTEM_PROMPT)
+
+    def run(self, size: str, image_path: str, cmd: dict) -> dict:
+        from mlx_vlm import stream_generate
+
+        sk = _sampling_kwargs()
+        stamps: list[float] = []
+        last = None
         t0 = time.perf_counter()
-        model, processor = vlm_load(spec["model"])
-        load_s = time.perf_counter() - t0
-    text = build_prompt(load_chat_template(spec["model"]), QUESTION, 1, system=QVQ_SYSTEM_PROMPT)
-    sk = _sampling_kwargs()
-    sizes: dict = {}
-    for size, image_path in spec["images"].items():
-        samples = []
-        max_tokens = _max_tokens(spec, size)
-        with PeakRss() as peak:
-            for i in range(runs + 1):
-                _log(f"mlx raw {size}px run {i}/{runs}{' (warm-up)' if i == 0 else ''}")
-                stamps: list[float] = []
-                last = None
-                t0 = time.perf_counter()
-                for res in stream_generate(
-                    model,
-                    processor,
-                    text,
-                    image=[image_path],
-                    max_tokens=max_tokens,
-                    temperature=sk["temperature"],
-                    repetition_penalty=sk["repetition_penalty"],
-                ):
-                    if res.token is not None and len(stamps) < res.generation_tokens:
-                        stamps.append(time.perf_counter())
-                    last = res
-                t_end = time.perf_counter()
-                fig = _raw_figures(t0, stamps, t_end, int(last.prompt_tokens) if last is not None else 0)
-                if last is not None:
-                    fig["library_prompt_tok_s"] = float(last.prompt_tps)
-                    fig["library_generation_tok_s"] = float(last.generation_tps)
-                    fig["library_peak_memory_gb"] = float(last.peak_memory)
-                if i > 0:
-                    samples.append(fig)
-        sizes[size] = _median_figures(samples)
-        sizes[size]["peak_rss_bytes"] = peak.bytes
-    del model, processor
-    mx.clear_cache()
-    return {
-        "library": f"mlx-vlm {getattr(mlx_vlm, '__version__', '?')} stream_generate",
-        "load_s": load_s,
-        "load_peak_rss_bytes": load_peak.bytes,
-        "sizes": sizes,
-    }
+        for res in stream_generate(
+            self.model,
+            self.processor,
+            self.text,
+            image=[image_path],
+            max_tokens=int(cmd.get("max_tokens") or self.spec["decode_tokens"]),
+            temperature=sk["temperature"],
+            repetition_penalty=sk["repetition_penalty"],
+        ):
+            if res.token is not None and len(stamps) < res.generation_tokens:
+                stamps.append(time.perf_counter())
+            last = res
+        t_end = time.perf_counter()
+        fig = _raw_figures(t0, stamps, t_end, int(last.prompt_tokens) if last is not None else 0)
+        if last is not None:
+            fig["library_prompt_tok_s"] = float(last.prompt_tps)
+            fig["library_generation_tok_s"] = float(last.generation_tps)
+            fig["library_peak_memory_gb"] = float(last.peak_memory)
+        return fig
+
+    def finish(self, runs: Runs) -> dict:
+        return {
+            "library": self.library,
+            "load_s": self.load_s,
+            "load_peak_rss_bytes": self.load_peak_rss_bytes,
+            "sizes": runs.sizes(),
+            **_raw_result(self.spec),
+        }
+
+    def close(self) -> None:
+        import mlx.core as mx
+
+        self.model = self.processor = None
+        mx.clear_cache()
 
 
 def _llama_handler(mmproj: str):
@@ -471,7 +538,7 @@ def _silence_llama_logs() -> None:
             fn(_QUIET_LOG, None)
 
 
-def _raw_llama(spec: dict) -> dict:
+class RawLlamaPath:
     """llama-cpp-python's own chat completion with its Qwen2-VL handler, the same image as a data: URI.
 
     Context settings match the qvq backend's (threads = all cores, flash attention, batch 512, GPU layers
@@ -482,102 +549,117 @@ def _raw_llama(spec: dict) -> dict:
     logits processor is called once per generated token, right after llama.cpp produced its logits, so
     its call times are the moments tokens become available; it returns the scores unchanged.
     """
-    import llama_cpp
-    from llama_cpp import Llama, LogitsProcessorList
 
-    from qvq_local.backends import llama_buffers
-    from qvq_local.prompt import QVQ_SYSTEM_PROMPT
+    name = "raw"
 
-    runs = int(spec["runs"])
-    threads = max(1, os.cpu_count() or 1)
-    n_ctx = int(spec.get("n_ctx") or 4096)
-    gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    _silence_llama_logs()
-    with PeakRss() as load_peak:
+    def __init__(self, spec: dict):
+        import llama_cpp
+        from llama_cpp import Llama
+
+        from qvq_local.backends import llama_buffers
+
+        self.spec = spec
+        threads = max(1, os.cpu_count() or 1)
+        self.n_ctx = int(spec.get("n_ctx") or 4096)
+        gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        _silence_llama_logs()
+        with PeakRss() as load_peak:
+            t0 = time.perf_counter()
+            handler_name, handler = _llama_handler(spec["mmproj"])
+            # The same CPU buffer plan as qvq's session (AMX off on AMX CPUs): like for like, and no crash.
+            with llama_buffers.high_level_llama(spec["model"]):
+                self.llm = Llama(
+                    model_path=spec["model"],
+                    chat_handler=handler,
+                    n_ctx=self.n_ctx,
+                    n_batch=512,
+                    n_ubatch=512,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    flash_attn=True,
+                    n_gpu_layers=-1 if gpu else 0,
+                    verbose=False,
+                )
+            self.load_s = time.perf_counter() - t0
+        self.load_peak_rss_bytes = load_peak.bytes
+        self.library = f"llama-cpp-python {llama_cpp.__version__} create_chat_completion ({handler_name})"
+        _silence_llama_logs()  # Llama() installs its own logger
+
+    def run(self, size: str, image_path: str, cmd: dict) -> dict:
+        from llama_cpp import LogitsProcessorList
+
+        from qvq_local.prompt import QVQ_SYSTEM_PROMPT
+
+        sk = _sampling_kwargs()
+        stamps: list[float] = []
+
+        def clock(_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+        messages = [
+            {"role": "system", "content": QVQ_SYSTEM_PROMPT},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": _data_uri(image_path)}},
+                    {"type": "text", "text": QUESTION},
+                ],
+            },
+        ]
         t0 = time.perf_counter()
-        handler_name, handler = _llama_handler(spec["mmproj"])
-        # The same CPU buffer plan as qvq's session (AMX off on AMX CPUs): like for like, and no crash.
-        with llama_buffers.high_level_llama(spec["model"]):
-            llm = Llama(
-                model_path=spec["model"],
-                chat_handler=handler,
-                n_ctx=n_ctx,
-                n_batch=512,
-                n_ubatch=512,
-                n_threads=threads,
-                n_threads_batch=threads,
-                flash_attn=True,
-                n_gpu_layers=-1 if gpu else 0,
-                verbose=False,
-            )
-        load_s = time.perf_counter() - t0
-    _silence_llama_logs()  # Llama() installs its own logger
-    sk = _sampling_kwargs()
-    stamps: list[float] = []
+        out = self.llm.create_chat_completion(
+            messages=messages,
+            max_tokens=int(cmd.get("max_tokens") or self.spec["decode_tokens"]),
+            logits_processor=LogitsProcessorList([clock]),
+            temperature=sk["temperature"],
+            top_k=sk["top_k"],
+            top_p=sk["top_p"],
+            min_p=0.0,
+            repeat_penalty=sk["repetition_penalty"],
+            seed=sk["seed"],
+        )
+        t_end = time.perf_counter()
+        usage = out.get("usage") or {}
+        # llama-cpp-python counts an image by its M-RoPE positions, not its tokens, so its prompt_tokens
+        # undercount; the qvq run's count of the same prompt and image is exact
+        library_prompt = int(usage.get("prompt_tokens") or 0)
+        prompt_tokens = int(cmd.get("prompt_tokens") or library_prompt)
+        fig = _raw_figures(t0, list(stamps), t_end, prompt_tokens)
+        fig["library_prompt_tokens"] = library_prompt
+        fig["library_completion_tokens"] = int(usage.get("completion_tokens") or 0)
+        return fig
 
-    def clock(_ids, scores):
-        stamps.append(time.perf_counter())
-        return scores
+    def finish(self, runs: Runs) -> dict:
+        return {
+            "library": self.library,
+            "load_s": self.load_s,
+            "load_peak_rss_bytes": self.load_peak_rss_bytes,
+            "n_ctx": self.n_ctx,
+            "sizes": runs.sizes(),
+            **_raw_result(self.spec),
+        }
 
-    sizes: dict = {}
-    try:
-        for size, image_path in spec["images"].items():
-            messages = [
-                {"role": "system", "content": QVQ_SYSTEM_PROMPT},
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": _data_uri(image_path)}},
-                        {"type": "text", "text": QUESTION},
-                    ],
-                },
-            ]
-            samples = []
-            max_tokens = _max_tokens(spec, size)
-            with PeakRss() as peak:
-                for i in range(runs + 1):
-                    _log(f"llama raw {size}px run {i}/{runs}{' (warm-up)' if i == 0 else ''}")
-                    stamps.clear()
-                    t0 = time.perf_counter()
-                    out = llm.create_chat_completion(
-                        messages=messages,
-                        max_tokens=max_tokens,
-                        logits_processor=LogitsProcessorList([clock]),
-                        temperature=sk["temperature"],
-                        top_k=sk["top_k"],
-                        top_p=sk["top_p"],
-                        min_p=0.0,
-                        repeat_penalty=sk["repetition_penalty"],
-                        seed=sk["seed"],
-                    )
-                    t_end = time.perf_counter()
-                    usage = out.get("usage") or {}
-                    # llama-cpp-python counts an image by its M-RoPE positions, not its tokens, so its
-                    # prompt_tokens undercount; the qvq run's count of the same prompt and image is exact
-                    library_prompt = int(usage.get("prompt_tokens") or 0)
-                    prompt_tokens = int((spec.get("prompt_tokens") or {}).get(size) or library_prompt)
-                    fig = _raw_figures(t0, list(stamps), t_end, prompt_tokens)
-                    fig["library_prompt_tokens"] = library_prompt
-                    fig["library_completion_tokens"] = int(usage.get("completion_tokens") or 0)
-                    if i > 0:
-                        samples.append(fig)
-            sizes[size] = _median_figures(samples)
-            sizes[size]["peak_rss_bytes"] = peak.bytes
-    finally:
-        llm.close()
-    return {
-        "library": f"llama-cpp-python {llama_cpp.__version__} create_chat_completion ({handler_name})",
-        "load_s": load_s,
-        "load_peak_rss_bytes": load_peak.bytes,
-        "n_ctx": n_ctx,
-        "sizes": sizes,
-    }
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _raw_result(spec: dict) -> dict:
+    return {"ok": True, "backend": spec["backend"], "peak_rss_bytes": lifetime_peak_rss()}
+
+
+def raw_path(spec: dict):
+    """The raw library's path for ``spec["backend"]``, loaded."""
+    return RawMlxPath(spec) if spec["backend"] == "mlx" else RawLlamaPath(spec)
 
 
 def job_raw(spec: dict) -> dict:
-    out = _raw_mlx(spec) if spec["backend"] == "mlx" else _raw_llama(spec)
-    out.update(ok=True, backend=spec["backend"], peak_rss_bytes=lifetime_peak_rss())
-    return out
+    """The raw library alone, per image size; the warm-up run of each size is discarded."""
+    path = raw_path(spec)
+    try:
+        return run_sequentially(path, spec)
+    finally:
+        path.close()
 
 
 JOBS = {
@@ -589,10 +671,63 @@ JOBS = {
 }
 
 
+#: The paths a served worker can run (``--serve``), by job name.
+PATHS = {"qvq": QvqPath, "raw": raw_path}
+
+
+def _failure(exc: BaseException) -> dict:
+    """Every failure is reported to the parent, with its reason (one line) and the traceback."""
+    from qvq_local.errors import QvqError
+
+    reason = str(exc) if isinstance(exc, QvqError) else f"{type(exc).__name__}: {exc}"
+    return {
+        "ok": False,
+        "reason": " ".join(reason.split())[:500],
+        "traceback": traceback.format_exc()[-4000:],
+    }
+
+
+def serve(spec: dict, commands, reply) -> int:
+    """Load one path, then run it on request: one JSON command per line from ``commands``, one JSON reply
+    per command through ``reply(dict)`` (see the module doc).  The first reply says the path is loaded."""
+    try:
+        path = PATHS[spec["job"]](spec)
+    except Exception as exc:  # noqa: BLE001
+        reply(_failure(exc))
+        return 1
+    runs = Runs()
+    reply({"ok": True, "ready": True})
+    code = 1
+    try:
+        for line in commands:
+            cmd = json.loads(line)
+            if cmd.get("op") == "finish":
+                reply(path.finish(runs))
+                code = 0
+                break
+            size, i, n = str(cmd["size"]), cmd.get("run", 0), spec["runs"]
+            warmup = bool(cmd.get("warmup"))
+            _log(f"{spec['backend']} {path.name} {size}px run {i}/{n}{' (warm-up)' if warmup else ''}")
+            fig = runs.run(path, size, spec["images"][size], cmd, warmup=warmup)
+            reply({"ok": True, "fig": fig})
+    except Exception as exc:  # noqa: BLE001
+        reply(_failure(exc))
+    finally:
+        path.close()
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    served = bool(argv) and argv[0] == "--serve"
+    if served:
+        argv = argv[1:]
     if len(argv) != 2:
-        print("usage: python -m qvq_local.bench.worker SPEC.json OUT.json", file=sys.stderr)
+        print(
+            "usage: python -m qvq_local.bench.worker SPEC.json OUT.json\n"
+            "       python -m qvq_local.bench.worker --serve SPEC.json REPLY_FD",
+            file=sys.stderr,
+        )
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     import faulthandler
@@ -600,17 +735,18 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.enable()  # a native crash in a measured library names the step it happened in
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if served:
+        with os.fdopen(int(argv[1]), "w") as out:
+
+            def reply(data: dict) -> None:
+                out.write(json.dumps(data, default=str) + "\n")
+                out.flush()
+
+            return serve(spec, sys.stdin, reply)
     try:
         result = JOBS[spec["job"]](spec)
     except Exception as exc:  # noqa: BLE001 - every failure is reported to the parent, with its reason
-        from qvq_local.errors import QvqError
-
-        reason = str(exc) if isinstance(exc, QvqError) else f"{type(exc).__name__}: {exc}"
-        result = {
-            "ok": False,
-            "reason": " ".join(reason.split())[:500],
-            "traceback": traceback.format_exc()[-4000:],
-        }
+        result = _failure(exc)
     atomic.write_text(argv[1], json.dumps(result, indent=1, default=str))
     return 0 if result.get("ok") else 1
 
