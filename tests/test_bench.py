@@ -308,17 +308,16 @@ def test_smoke_tables_render(smoke):
 def test_prefix_table_shows_medians_ratios_and_spread():
     from rich.console import Console
 
-    reuse = {
-        "first_token_s": 2.0,
-        "memory_first_token_s": 0.3,
-        "disk_first_token_s": 0.4,
-        "memory_ratio": 0.15,
-        "disk_ratio": 0.2,
-        "write_s": 0.012,
-        "read_s": 0.003,
-        "bytes": 3 * 2**20,
-        "samples": {"memory_ratio": [0.1, 0.15, 0.3], "first_token_s": [1.5, 2.0, 2.5]},
-    }
+    from qvq_local.bench.stats import summarise
+
+    runs = [  # three runs as the worker reports them; the table shows their summary
+        {"first_token_s": 1.5, "memory_first_token_s": 0.45, "memory_ratio": 0.3, "disk_ratio": 0.2},
+        {"first_token_s": 2.0, "memory_first_token_s": 0.3, "memory_ratio": 0.15, "disk_ratio": 0.2},
+        {"first_token_s": 2.5, "memory_first_token_s": 0.25, "memory_ratio": 0.1, "disk_ratio": 0.2},
+    ]
+    for run in runs:
+        run.update(disk_first_token_s=0.4, write_s=0.012, read_s=0.003, bytes=3 * 2**20)
+    reuse = summarise(runs)
     result = {
         "backends": {
             "llama": {"available": True, "qvq": {"ok": True, "sizes": {"448": {"prefix_reuse": reuse}}}}
