@@ -246,13 +246,14 @@ def resolve(ref: str | os.PathLike, *, download: bool = True, progress: bool = T
         raise ModelError("no such file or folder", path=text)
 
     if "/" in text and text.count("/") == 1:
-        hub_id = check_hub_id(text)
-        local = hub_folder(hub_id)
-        if (local / MANIFEST_NAME).is_file():
-            return _resolve_path(local, name=hub_id)
-        if not download:
-            raise ModelError(f"{hub_id} is not downloaded", hint=f"run `qvq pull {hub_id}`")
-        return _resolve_path(pull(hub_id, progress=progress), name=hub_id)
+        from qvq_local import hub
+
+        ref = hub.parse_ref(text)
+        assert ref is not None
+        local = hub_folder(ref.repo_id)  # a download by an earlier qvq-local (QVQ_HOME/hub)
+        if ref.quant is None and (local / MANIFEST_NAME).is_file():
+            return _resolve_path(local, name=ref.repo_id)
+        return hub.resolve(ref, download=download, progress=progress)
 
     names = [row["name"] for row in list_models()]
     hint = f"local models: {', '.join(names[:8])}" if names else "convert one with `qvq convert` or pull one"
@@ -422,6 +423,12 @@ def list_models() -> list[dict[str, Any]]:
             except ModelError:
                 continue
             rows.append(_row(model))
+    from qvq_local import hub
+
+    for model in hub.list_cached():
+        row = _row(model)
+        row["source"] = "hf-cache"
+        rows.append(row)
     return rows
 
 
@@ -443,69 +450,20 @@ def _row(model: ResolvedModel) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- pull
-def pull(hub_id: str, progress: bool = True, revision: str | None = None) -> Path:
-    """Download ``hub_id`` into ``QVQ_HOME/hub/<owner>--<name>`` (safetensors + configs + tokenizer).
+def pull(hub_id: str, progress: bool = True, revision: str | None = None, mmproj: str | None = None) -> Path:
+    """Download ``owner/repo[:QUANT]`` into huggingface_hub's shared cache; the model's path there.
 
-    The repository's file list is checked first: one with only pickle weights is refused before any
-    download.  Downloads resume (huggingface_hub keeps partial files under the folder's ``.cache``);
-    the manifest is written last, so a folder without one is unfinished.
+    The GGUF text model (first part of a split one) for a GGUF repo, the snapshot folder for an MLX or
+    full-precision one.  Files already in the cache are not downloaded again (:mod:`qvq_local.hub` has
+    the rules: quantisation and projector choice, disk check, sha256 and GGUF header checks).
     """
-    hub_id = check_hub_id(hub_id)
-    dest = hub_folder(hub_id)
-    try:
-        from huggingface_hub import HfApi, snapshot_download
-    except ImportError as err:  # pragma: no cover - a core dependency
-        raise ModelError(f"huggingface-hub is not installed ({err})") from None
+    from qvq_local import hub
 
-    files = _hub_call(hub_id, lambda: HfApi().list_repo_files(hub_id, revision=revision))
-    _check_repo_files(hub_id, files)
-
-    dest.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {
-        "repo_id": hub_id,
-        "revision": revision,
-        "local_dir": str(dest),
-        "allow_patterns": PULL_PATTERNS,
-    }
-    if progress:
-        with _rich_download_progress(hub_id) as tqdm_class:
-            _hub_call(hub_id, lambda: snapshot_download(tqdm_class=tqdm_class, **kwargs))
-    else:
-        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-
-        disable_progress_bars()
-        try:
-            _hub_call(hub_id, lambda: snapshot_download(**kwargs))
-        finally:
-            enable_progress_bars()
-
-    _check_safetensors_folder(dest)
-    config = _read_config(dest)
-    write_manifest(
-        dest,
-        build_manifest(
-            dest,
-            source=hub_id,
-            format="hf",
-            quantization=_hf_dtype(dest),
-            extra={"revision": revision or "main", "architectures": config.get("architectures")},
-        ),
-    )
-    return dest
-
-
-def _check_repo_files(hub_id: str, files: list[str]) -> None:
-    safetensors = [f for f in files if f.endswith(".safetensors")]
-    if not safetensors:
-        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-        if pickles:
-            raise ModelError(
-                f"{hub_id} has only pickle weights ({', '.join(pickles[:3])}); refused",
-                hint="qvq-local loads safetensors only, pickle files can run code",
-            )
-        raise ModelError(f"{hub_id} has no safetensors weights")
-    if "config.json" not in files:
-        raise ModelError(f"{hub_id} has no config.json: not a Hugging Face model repository")
+    ref = hub.parse_ref(hub_id)
+    if ref is None:
+        check_hub_id(hub_id)  # raises with the hub id rules
+        raise AssertionError("unreachable")
+    return hub.resolve(ref, download=True, progress=progress, revision=revision, mmproj=mmproj).path
 
 
 def _hub_call(hub_id: str, fn):
@@ -517,11 +475,17 @@ def _hub_call(hub_id: str, fn):
     except Exception as err:  # noqa: BLE001 - network, HTTP, offline mode, disk: all user-facing
         kind = type(err).__name__
         first = (str(err).strip().splitlines() or [""])[0][:200]
-        if kind in ("RepositoryNotFoundError", "GatedRepoError"):
+        if kind == "GatedRepoError":
             raise ModelError(
-                f"{hub_id}: not found on the hub, private or gated",
-                hint="check the id; for gated models accept the licence and log in with `hf auth login`",
+                f"{hub_id} is gated: accept its licence on the hub, then set HF_TOKEN (or `hf auth login`)"
             ) from None
+        if kind == "RepositoryNotFoundError":
+            raise ModelError(
+                f"{hub_id}: not found on the hub, or private",
+                hint="check the id; for a private or gated repo set HF_TOKEN (or `hf auth login`)",
+            ) from None
+        if kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+            raise ModelError(f"{hub_id}: a file in its listing is missing on the hub") from None
         if kind == "RevisionNotFoundError":
             raise ModelError(f"{hub_id}: no such revision") from None
         if kind == "OfflineModeIsEnabled" or "offline" in first.lower():
