@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qvq_local.errors import DiskFull, ModelError
+from qvq_local.integrity import _SPLIT_RE  # llama.cpp's split naming, one place
 
 #: The quantisation chosen in a GGUF repo that holds several, when none is named (llama.cpp's, Ollama's
 #: and LM Studio's default too).
@@ -41,7 +42,6 @@ DEFAULT_GGUF_QUANT = "Q4_K_M"
 Kind = Literal["gguf", "safetensors"]
 
 _QUANT_TEXT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
-_SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$", re.IGNORECASE)
 # a projector's precision, in order of preference after F16 (then by size)
 _MMPROJ_QUANT = re.compile(r"(?:^|[-_.])(f16|bf16|f32|q\d_\w+)(?=[-_.]|$)", re.IGNORECASE)
 
@@ -73,6 +73,16 @@ def parse_ref(text: str) -> HubRef | None:
             hint="write owner/repo:QUANT, e.g. owner/repo:Q4_K_M or owner/repo:4bit",
         )
     return HubRef(check_hub_id(repo), quant or None)
+
+
+def reference(text: str) -> HubRef | None:
+    """A short name from :mod:`qvq_local.catalogue` (this platform's source) or ``owner/repo[:QUANT]``."""
+    from qvq_local import catalogue
+
+    entry = catalogue.lookup(text) if "/" not in text else None
+    if entry is not None:
+        return parse_ref(entry.source().ref)
+    return parse_ref(text)
 
 
 # ----------------------------------------------------------------------------- environment
@@ -388,6 +398,7 @@ def fetch(ref: HubRef, *, progress: bool = True, revision: str | None = None, mm
     if chosen.kind == "gguf" and not _split_complete([f for f in chosen.files if f.path != chosen.mmproj]):
         raise ModelError(f"{ref.repo_id}: split model {chosen.model} is missing parts on the hub")
 
+    fit_warning(ref, chosen.size)
     blobs = _repo_cache(ref.repo_id) / "blobs"
     fresh = [f for f in chosen.files if not (f.sha256 and (blobs / f.sha256).is_file())]
     have = sum(_partial(blobs, f).stat().st_size for f in fresh if f.sha256 and _partial(blobs, f).is_file())
@@ -418,6 +429,27 @@ def check_disk(need: int, where: Path) -> None:
             path=where,
             hint="free some space or point HF_HUB_CACHE at a bigger disk",
         )
+
+
+def fit_warning(ref: HubRef, size: int) -> str | None:
+    """One line on stderr when the model cannot fit this machine's memory (the download still goes on:
+    it may be meant for another machine).  The doctor's estimate, from the weights alone."""
+    import sys
+
+    from qvq_local import doctor
+    from qvq_local.hardware import memory_bytes
+    from qvq_local.models import human_size
+
+    total, _available = memory_bytes()
+    need = size + int(doctor.OVERHEAD_FRACTION * size) + doctor.OVERHEAD_FIXED
+    if total is None or need <= total:
+        return None
+    line = (
+        f"warning: {ref} needs at least {human_size(need)} of memory to run and this machine has "
+        f"{human_size(total)}: downloading it anyway"
+    )
+    print(line, file=sys.stderr)
+    return line
 
 
 class _progress:

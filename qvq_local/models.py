@@ -1,13 +1,16 @@
 """Model references -> local files: paths, names in the cache, hub ids; manifests; downloads.
 
-A user names a model in one of five ways, and :func:`resolve` turns each into a :class:`ResolvedModel`:
+A user names a model in one of these ways, and :func:`resolve` turns each into a :class:`ResolvedModel`:
 
 * a GGUF file (its ``mmproj`` projector is found beside it, or named by the folder's manifest);
 * a converted MLX folder (``config.json`` + safetensors written by mlx-vlm, or with a manifest);
 * a Hugging Face checkpoint folder (format ``"hf"``: mlx-vlm loads it directly, ``qvq convert`` reads it);
-* a name listed by ``qvq models`` (a folder under ``QVQ_HOME/models``, or a pulled hub id);
-* a hub id ``owner/name``, checked against the hub's naming rules before any network and then
-  downloaded with :func:`pull` (safetensors, JSON and tokenizer files only; never pickle weights).
+* a name listed by ``qvq models`` (a folder under ``QVQ_HOME/models``, or a download);
+* a short name from :mod:`qvq_local.catalogue` (``qvq``: a known-good repo for this platform);
+* a hub reference ``owner/repo`` or ``owner/repo:QUANT``, checked against the hub's naming rules before any
+  network, found in or downloaded into huggingface_hub's shared cache by :mod:`qvq_local.hub` (GGUF repos:
+  one quantisation and its projector; MLX and full repos: safetensors, JSON and tokenizer files only;
+  never pickle weights).  Folders an earlier qvq-local downloaded under ``QVQ_HOME/hub`` still resolve.
 
 Every converted or downloaded folder carries ``qvq-manifest.json`` (source, format, quantization, file
 sizes, tool version, creation time).  It is written last and atomically, so a folder with a manifest is
@@ -241,6 +244,12 @@ def resolve(ref: str | os.PathLike, *, download: bool = True, progress: bool = T
         candidate = models_dir() / text
         if candidate.exists():
             return _resolve_path(candidate, name=text)
+        from qvq_local import catalogue, hub
+
+        if catalogue.lookup(text) is not None:  # a short name: `qvq models --available`
+            ref = hub.reference(text)
+            assert ref is not None
+            return hub.resolve(ref, download=download, progress=progress)
 
     if _looks_like_path(text):
         raise ModelError("no such file or folder", path=text)
@@ -394,7 +403,8 @@ def _gguf_quantization_from_name(filename: str) -> str:
 
 # ----------------------------------------------------------------------------- list
 def list_models() -> list[dict[str, Any]]:
-    """Local models: converted ones under ``QVQ_HOME/models`` and downloads under ``QVQ_HOME/hub``.
+    """Local models: converted ones under ``QVQ_HOME/models``, downloads under ``QVQ_HOME/hub`` (earlier
+    versions) and the runnable models in huggingface_hub's cache (source ``hf-cache``).
 
     Each row: ``name`` (what ``--model`` accepts), ``format``, ``quantization``, ``size`` (bytes),
     ``source``, ``path``.  Unreadable or unfinished folders are skipped (a download without its
@@ -451,7 +461,8 @@ def _row(model: ResolvedModel) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- pull
 def pull(hub_id: str, progress: bool = True, revision: str | None = None, mmproj: str | None = None) -> Path:
-    """Download ``owner/repo[:QUANT]`` into huggingface_hub's shared cache; the model's path there.
+    """Download ``owner/repo[:QUANT]`` or a short name (:mod:`qvq_local.catalogue`) into huggingface_hub's
+    shared cache; the model's path there.
 
     The GGUF text model (first part of a split one) for a GGUF repo, the snapshot folder for an MLX or
     full-precision one.  Files already in the cache are not downloaded again (:mod:`qvq_local.hub` has
@@ -459,10 +470,12 @@ def pull(hub_id: str, progress: bool = True, revision: str | None = None, mmproj
     """
     from qvq_local import hub
 
-    ref = hub.parse_ref(hub_id)
+    ref = hub.reference(hub_id)
     if ref is None:
-        check_hub_id(hub_id)  # raises with the hub id rules
-        raise AssertionError("unreachable")
+        raise ModelError(
+            f"{hub_id!r} is neither a hub id (owner/repo[:QUANT]) nor a short name",
+            hint="`qvq models --available` lists the short names",
+        )
     return hub.resolve(ref, download=True, progress=progress, revision=revision, mmproj=mmproj).path
 
 

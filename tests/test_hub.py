@@ -324,3 +324,123 @@ def test_progress_is_drawn_with_rich(gguf_repo, capsys):
     assert got.path.is_file()
     err = capsys.readouterr().err
     assert "Tiny-QVQ-Q4_K_M.gguf" in err and "MB" in err
+
+
+# ----------------------------------------------------------------------------- short names and fit
+@pytest.fixture()
+def tiny_catalogue(monkeypatch, gguf_repo, tiny_mlx_q4):
+    """The catalogue with one entry whose sources are the local hub's repos."""
+    from qvq_local import catalogue
+
+    gguf_repo.add("acme/Tiny-QVQ-MLX", {p.name: p for p in tiny_mlx_q4.iterdir() if p.is_file()})
+    entry = catalogue.Entry(
+        name="tiny",
+        title="Tiny QVQ",
+        shape="tiny",
+        apple=catalogue.Source("acme/Tiny-QVQ-MLX", "mlx", 10**6, size_checked=True),
+        other=catalogue.Source(f"{GGUF_REPO}:Q4_K_M", "gguf", 2 * 10**6, size_checked=True),
+    )
+    monkeypatch.setattr(catalogue, "CATALOGUE", {"tiny": entry})
+    return gguf_repo
+
+
+@pytest.mark.parametrize(
+    ("apple", "fmt", "repo"), [(True, "mlx", "acme/Tiny-QVQ-MLX"), (False, "gguf", GGUF_REPO)]
+)
+def test_short_names_resolve_to_this_platforms_source(tiny_catalogue, monkeypatch, apple, fmt, repo):
+    monkeypatch.setattr("qvq_local.hardware.is_apple_silicon", lambda: apple)
+    got = models.resolve("tiny", progress=False)
+    assert got.format == fmt and got.name.split(":")[0] == repo
+    assert models.pull("TINY", progress=False) == got.path  # case-insensitive; cached: no second fetch
+
+
+def test_the_qvq_short_name_names_real_sources_per_platform():
+    from qvq_local import catalogue
+
+    entry = catalogue.lookup("qvq")
+    assert entry.title == "QVQ-72B-Preview"
+    assert (entry.apple.format, hub.parse_ref(entry.apple.ref)) == (
+        "mlx",
+        hub.HubRef("mlx-community/QVQ-72B-Preview-4bit"),
+    )
+    assert (entry.other.format, hub.parse_ref(entry.other.ref)) == (
+        "gguf",
+        hub.HubRef("lmstudio-community/QVQ-72B-Preview-GGUF", "Q4_K_M"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("apple", "memory", "verdict"), [(True, 64, "fits"), (False, 64, "fits"), (False, 32, "does not fit")]
+)
+def test_models_available_shows_sizes_and_the_fit(monkeypatch, apple, memory, verdict):
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+
+    monkeypatch.setattr("qvq_local.hardware.is_apple_silicon", lambda: apple)
+    monkeypatch.setattr("qvq_local.hardware.memory_bytes", lambda: (memory * 1024**3, memory * 1024**3))
+    result = CliRunner().invoke(app, ["models", "--available", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert row["name"] == "qvq" and row["verdict"] == verdict
+    assert row["source"].startswith("mlx-community/" if apple else "lmstudio-community/")
+    assert row["size"] == (41 * 10**9 if apple else int(48.8 * 10**9))
+    # QVQ-72B's KV cache (80 layers x 8 KV heads x 128 x f16) comes on top of the weights
+    assert row["needed_bytes"] > row["size"] * 1.1
+    table = CliRunner().invoke(app, ["models", "--available"])
+    assert "qvq" in table.stdout and verdict in table.stdout
+
+
+def test_a_model_too_big_for_this_machine_is_said_before_the_download(gguf_repo, monkeypatch, capsys):
+    monkeypatch.setattr("qvq_local.hardware.memory_bytes", lambda: (10**6, 10**6))
+    models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+    err = capsys.readouterr().err
+    assert f"warning: {GGUF_REPO}:Q4_K_M needs at least" in err and "this machine has 1.0 MB" in err
+
+
+# ----------------------------------------------------------------------------- the CLI, end to end
+def test_pull_and_models_through_the_cli(gguf_repo):
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["pull", f"{GGUF_REPO}:q8_0", "-q", "--mmproj", "f32"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().endswith("Tiny-QVQ-Q8_0.gguf")
+    assert _cdn_files(gguf_repo) == {"Tiny-QVQ-Q8_0.gguf", "mmproj-Tiny-QVQ-f32.gguf"}
+    listed = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
+    assert [(r["name"], r["source"]) for r in listed] == [(f"{GGUF_REPO}:Q8_0", "hf-cache")]
+    result = runner.invoke(app, ["pull", "acme/Missing", "-q"])
+    assert result.exit_code == 3 and "Traceback" not in result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert_error(line, "error: acme/Missing: not found on the hub, or private")
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_ask_with_a_hub_quant_downloads_verifies_answers_then_runs_offline(
+    gguf_repo, sample_image, monkeypatch
+):
+    """The issue's "done when": ``qvq ask img q -m owner/repo:Q4_K_M`` on a clean cache downloads only that
+    quantisation and its projector, verifies them and answers; the second run makes no network call."""
+    pytest.importorskip("llama_cpp")
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+
+    args = ["ask", str(sample_image), "Which bar is highest?", "-m", f"{GGUF_REPO}:Q4_K_M"]
+    args += ["--think-budget", "8", "--answer-budget", "4", "--json", "--seed", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.stdout)
+    assert first["qvq"]["backend"] == "llama" and first["usage"]["completion_tokens"] > 0
+    assert _cdn_files(gguf_repo) == {"Tiny-QVQ-Q4_K_M.gguf", "mmproj-Tiny-QVQ-f16.gguf"}
+    gguf_repo.close()  # no hub any more, and offline mode on: everything comes from the cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = gguf_repo.count()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    second = json.loads(result.stdout)
+    assert second["choices"][0]["message"] == first["choices"][0]["message"]  # same files, same seed
+    assert gguf_repo.count() == before
