@@ -203,15 +203,12 @@ def test_convert_refuses_a_converted_model_as_source(home, tmp_path):
 
 # ----------------------------------------------------------------------------- pull, models
 def test_pull_command_bad_id_and_offline(home, monkeypatch):
-    _one_line_error(_invoke("pull", "no-slash"), 3, "not a valid hub id")
-
-    def offline(*a, **k):
-        from huggingface_hub.errors import OfflineModeIsEnabled
-
-        raise OfflineModeIsEnabled("offline mode is enabled")
-
-    monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", offline)
-    _one_line_error(_invoke("pull", "Qwen/QVQ-72B-Preview", "-q"), 3, "offline")
+    _one_line_error(_invoke("pull", "no-slash"), 3, "neither a hub id (owner/repo[:QUANT]) nor a short name")
+    _one_line_error(_invoke("pull", "bad--owner/name"), 3, "not a valid hub id")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _one_line_error(
+        _invoke("pull", "Qwen/QVQ-72B-Preview", "-q"), 3, "not in the Hugging Face cache", "HF_HUB_OFFLINE"
+    )
 
 
 def test_models_command_when_empty(home):

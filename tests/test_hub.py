@@ -420,7 +420,7 @@ def test_pull_and_models_through_the_cli(gguf_repo):
 @pytest.mark.llama
 @pytest.mark.slow
 def test_ask_with_a_hub_quant_downloads_verifies_answers_then_runs_offline(
-    gguf_repo, sample_image, monkeypatch
+    gguf_repo, sample_image, tiny_checkpoint, monkeypatch
 ):
     """The issue's "done when": ``qvq ask img q -m owner/repo:Q4_K_M`` on a clean cache downloads only that
     quantisation and its projector, verifies them and answers; the second run makes no network call."""
@@ -436,6 +436,13 @@ def test_ask_with_a_hub_quant_downloads_verifies_answers_then_runs_offline(
     first = json.loads(result.stdout)
     assert first["qvq"]["backend"] == "llama" and first["usage"]["completion_tokens"] > 0
     assert _cdn_files(gguf_repo) == {"Tiny-QVQ-Q4_K_M.gguf", "mmproj-Tiny-QVQ-f16.gguf"}
+    # no generation_config.json came down: the sampling defaults are read from the GGUF's
+    # general.sampling.* keys, which differ from every fallback in the synthetic checkpoint
+    shipped = json.loads((tiny_checkpoint / "generation_config.json").read_text())
+    settings = first["qvq"]["settings"]
+    assert settings["top_k"] == shipped["top_k"]
+    for key in ("temperature", "top_p", "repetition_penalty"):
+        assert settings[key] == pytest.approx(shipped[key], rel=1e-6)
     gguf_repo.close()  # no hub any more, and offline mode on: everything comes from the cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     before = gguf_repo.count()
