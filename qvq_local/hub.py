@@ -560,12 +560,21 @@ def sha256_file(path: Path) -> str:
 
 
 def check_gguf_headers(snap: Path, paths: list[str]) -> None:
+    """Read each GGUF's header (gguf's own tables); a file that is not a whole GGUF is deleted from the
+    cache (link and blob: it would fail in llama.cpp with no better message) and the error says so."""
     from qvq_local.integrity import check_gguf_file
 
     for path in paths:
         errors = [f for f in check_gguf_file(snap / path) if f.level == "error"]
         if errors:
-            raise ModelError(f"{path}: not a valid GGUF file ({errors[0].message})", path=snap)
+            link = snap / path
+            link.resolve().unlink(missing_ok=True)
+            link.unlink(missing_ok=True)
+            raise ModelError(
+                f"{path} from the hub is not a valid GGUF file ({errors[0].message}); deleted it",
+                path=snap,
+                hint="the repository's file itself is broken: choose another quantisation or repo",
+            )
 
 
 # ----------------------------------------------------------------------------- listing the cache

@@ -451,3 +451,20 @@ def test_ask_with_a_hub_quant_downloads_verifies_answers_then_runs_offline(
     second = json.loads(result.stdout)
     assert second["choices"][0]["message"] == first["choices"][0]["message"]  # same files, same seed
     assert gguf_repo.count() == before
+
+
+def test_a_gguf_that_the_hub_serves_broken_is_refused_by_its_header(hub_server, tiny_gguf_q4, tmp_path):
+    """The sha256 matches (the repo's file itself is cut short), so the GGUF header check catches it."""
+    hub_server.add(
+        "acme/Broken",
+        {
+            "m-Q4_K_M.gguf": tiny_gguf_q4.model.read_bytes()[:200_000],
+            "mmproj-m-f16.gguf": tiny_gguf_q4.mmproj,
+        },
+    )
+    with pytest.raises(ModelError) as raised:
+        models.resolve("acme/Broken", progress=False)
+    assert_error(raised, "m-Q4_K_M.gguf from the hub is not a valid GGUF file", "truncated", "deleted")
+    sha = hub_server.repos["acme/Broken"].lfs["m-Q4_K_M.gguf"]
+    assert sha not in _blobs(tmp_path, "acme/Broken")
+    assert hub.from_cache(hub.HubRef("acme/Broken")) is None
