@@ -64,7 +64,9 @@ def models_dir() -> Path:
 
 
 def hub_dir() -> Path:
-    """Where ``qvq pull`` downloads to: ``QVQ_HOME/hub/<owner>--<name>``."""
+    """Where earlier versions of ``qvq pull`` downloaded to (``QVQ_HOME/hub/<owner>--<name>``); still read.
+
+    Downloads now go into huggingface_hub's shared cache (:mod:`qvq_local.hub`)."""
     return qvq_home() / "hub"
 
 
@@ -505,8 +507,9 @@ def _hub_call(hub_id: str, fn):
             raise ModelError(f"{hub_id}: cannot download, offline mode is on (HF_HUB_OFFLINE)") from None
         if isinstance(err, OSError) and getattr(err, "errno", None) == errno.ENOSPC:
             from qvq_local.errors import DiskFull
+            from qvq_local.hub import cache_dir
 
-            raise DiskFull(f"no space left while downloading {hub_id}", path=hub_dir()) from None
+            raise DiskFull(f"no space left while downloading {hub_id}", path=cache_dir()) from None
         raise ModelError(f"{hub_id}: download failed ({kind}: {first})") from None
 
 
