@@ -66,6 +66,8 @@ def parse_ref(text: str) -> HubRef | None:
     text = text.strip()
     repo, sep, quant = text.partition(":")
     if repo.count("/") != 1:
+        if sep and "/" in text:
+            check_hub_id(text)  # "C:/x" and the like: refused in the hub id's own words
         return None
     if sep and not _QUANT_TEXT.fullmatch(quant):
         raise ModelError(

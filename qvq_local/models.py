@@ -260,7 +260,9 @@ def resolve(ref: str | os.PathLike, *, download: bool = True, progress: bool = T
         from qvq_local import hub
 
         ref = hub.parse_ref(text)
-        assert ref is not None
+        if ref is None:
+            check_hub_id(text)  # raises: not owner/repo[:QUANT]
+            raise ModelError(f"{text!r} is not a valid hub id")
         local = hub_folder(ref.repo_id)  # a download by an earlier qvq-local (QVQ_HOME/hub)
         if ref.quant is None and (local / MANIFEST_NAME).is_file():
             return _resolve_path(local, name=ref.repo_id)
