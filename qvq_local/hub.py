@@ -608,6 +608,24 @@ def list_cached() -> list[Any]:
                 found = from_cache(ref)
             except ModelError:
                 found = None
-            if found is not None:
+            if found is not None and _runnable(found):
                 rows.append(found)
     return rows
+
+
+def _runnable(model) -> bool:
+    """A model of a family this project runs (the cache also holds other tools' models)."""
+    from qvq_local import families
+
+    try:
+        if model.format == "gguf":
+            from qvq_local.integrity import read_gguf_header
+
+            arch = read_gguf_header(model.path, wanted={"general.architecture"}, tensors=False).fields
+            return families.family_for_gguf_arch(arch.get("general.architecture")) is not None
+        import json
+
+        config = json.loads((model.path / "config.json").read_text(encoding="utf-8"))
+        return families.family_for_config(config) is not None
+    except (OSError, ValueError):
+        return False

@@ -305,6 +305,15 @@ def test_models_lists_the_cache_and_old_qvq_home_downloads_still_resolve(gguf_re
             mmproj_file="mmproj-Tiny-QVQ-f16.gguf",
         ),
     )
+    # other tools' models in the shared cache are not listed: a text-only GGUF repo, a BERT checkpoint
+    text_only = tmp_path / "hf-cache" / "models--acme--Other"
+    snap = text_only / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (text_only / "refs").mkdir()
+    (text_only / "refs" / "main").write_text("0" * 40)
+    (snap / "config.json").write_text('{"architectures": ["BertModel"], "model_type": "bert"}')
+    (snap / "model.safetensors").write_bytes(b"\x02\0\0\0\0\0\0\0{}")
+    assert [r["name"] for r in models.list_models() if r["source"] == "hf-cache"] == [r["name"] for r in rows]
     before = gguf_repo.count()
     assert models.resolve("acme/Old").path == old / "Tiny-QVQ-Q4_K_M.gguf"
     assert gguf_repo.count() == before
