@@ -448,11 +448,11 @@ def list_models() -> list[dict[str, Any]]:
 
 def _row(model: ResolvedModel) -> dict[str, Any]:
     manifest = model.manifest or {}
-    folder = model.path if model.path.is_dir() else model.path.parent
     size = manifest.get("total_bytes")
     if size is None:
-        files = [model.path, model.mmproj] if model.format == "gguf" else list(folder.glob("*.safetensors"))
-        size = sum(p.stat().st_size for p in files if p is not None and p.exists())
+        from qvq_local.doctor import model_files  # every part of a split GGUF, with its projector
+
+        size = sum(p.stat().st_size for p in model_files(model) if p.exists())
     return {
         "name": model.name,
         "format": model.format,

@@ -202,6 +202,8 @@ def test_split_gguf_downloads_every_part(hub_server, tiny_gguf_f32, tmp_path):
     assert got.path.name == "Tiny-QVQ-F32-00001-of-00002.gguf" and got.quantization == "F32"
     assert (got.path.parent / "Tiny-QVQ-F32-00002-of-00002.gguf").is_file()
     assert _cdn_files(hub_server) == {p.name for p in parts} | {"mmproj-Tiny-QVQ-f32.gguf"}
+    (row,) = [r for r in models.list_models() if r["source"] == "hf-cache"]
+    assert row["size"] == sum(p.stat().st_size for p in parts) + tiny_gguf_f32.mmproj.stat().st_size
 
 
 # ----------------------------------------------------------------------------- safetensors repos
@@ -477,3 +479,33 @@ def test_a_gguf_that_the_hub_serves_broken_is_refused_by_its_header(hub_server, 
     sha = hub_server.repos["acme/Broken"].lfs["m-Q4_K_M.gguf"]
     assert sha not in _blobs(tmp_path, "acme/Broken")
     assert hub.from_cache(hub.HubRef("acme/Broken")) is None
+
+
+@pytest.mark.llama
+def test_a_downloaded_split_gguf_loads_through_llama_cpps_own_split_loading(
+    hub_server, tiny_gguf_f32, tmp_path
+):
+    """llama.cpp is handed the first part only and finds the second beside it in the cache's snapshot."""
+    pytest.importorskip("llama_cpp")
+    from gguf_split import split_gguf
+
+    from qvq_local.backends import llamacpp
+    from qvq_local.backends.base import SamplingParams
+
+    parts = split_gguf(tiny_gguf_f32.model, tmp_path / "split", "Tiny-QVQ-F32", 2)
+    hub_server.add(
+        "acme/Split", {**{p.name: p for p in parts}, "mmproj-Tiny-QVQ-f32.gguf": tiny_gguf_f32.mmproj}
+    )
+    got = models.resolve("acme/Split", progress=False)
+    model = llamacpp.load(got.path, got.mmproj)
+    try:
+        session = model.new_session(SamplingParams(), n_ctx=64)
+        session.close()
+        assert model.n_vocab > 0
+    finally:
+        model.close()
+    second = got.path.parent / "Tiny-QVQ-F32-00002-of-00002.gguf"
+    second.unlink()  # without its second part the model does not load: the split really is used
+    with pytest.raises(ModelError) as raised:
+        llamacpp.load(got.path, got.mmproj)
+    assert_error(raised, "llama.cpp could not load this GGUF")
