@@ -491,15 +491,26 @@ def _fetch_lfs(repo_id: str, commit: str, f: RepoFile, tqdm_class) -> None:
     The blob is named by its sha256 as huggingface_hub names it, so its ``snapshot_download`` then only
     links it into the snapshot.  A file whose sha256 differs from the hub's is deleted.
     """
+    from huggingface_hub.utils import WeakFileLock
+
+    assert f.sha256
+    blobs = _repo_cache(repo_id) / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    # huggingface_hub's own lock for this blob: another qvq, or another tool, fetching it waits
+    lock = cache_dir() / ".locks" / _repo_cache(repo_id).name / f"{f.sha256}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):
+        if not (blobs / f.sha256).is_file():
+            _fetch_lfs_locked(repo_id, commit, f, tqdm_class, blobs)
+
+
+def _fetch_lfs_locked(repo_id: str, commit: str, f: RepoFile, tqdm_class, blobs: Path) -> None:
     from urllib.parse import urlsplit
 
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
-    assert f.sha256
-    blobs = _repo_cache(repo_id) / "blobs"
-    blobs.mkdir(parents=True, exist_ok=True)
     partial = _partial(blobs, f)
     url = hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint())
     meta = _call(repo_id, lambda: get_hf_file_metadata(url, token=_token(), endpoint=endpoint()))
