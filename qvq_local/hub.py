@@ -383,13 +383,13 @@ def resolve(
     found = from_cache(ref, revision=revision, mmproj=mmproj)
     if found is not None:
         return found
+    if not download:
+        raise ModelError(f"{ref} is not downloaded", hint=f"run `qvq pull {ref}`")
     if offline():
         raise ModelError(
             f"{ref} is not in the Hugging Face cache ({cache_dir()}) and HF_HUB_OFFLINE is set",
             hint="unset HF_HUB_OFFLINE to download it",
         )
-    if not download:
-        raise ModelError(f"{ref} is not downloaded", hint=f"run `qvq pull {ref}`")
     return fetch(ref, progress=progress, revision=revision, mmproj=mmproj)
 
 
