@@ -14,9 +14,12 @@ The files land in ``HF_HUB_CACHE`` (``HF_HOME/hub``, default ``~/.cache/huggingf
 other tool finds them; nothing is copied.  A reference whose files are already in the cache resolves with
 no network call (with ``HF_HUB_OFFLINE=1`` too); without a QUANT, a cached GGUF repo uses the
 quantisations that are cached.  Before a download the free disk space is checked against the sizes in the
-repo's file list; after it every newly downloaded LFS file's sha256 is checked against the hub's metadata
-(a corrupt file is deleted and the error says so) and GGUF headers are read.  huggingface_hub resumes a
-dropped connection with a Range request, and an interrupted download from its ``.incomplete`` file.
+repo's file list (and a model too big for this machine's memory is said).  LFS files (the weights) are
+fetched by :func:`_fetch_lfs` into ``blobs/<sha256>`` under huggingface_hub's lock, resuming with a Range
+request from qvq's own ``<sha256>.qvq-partial`` (huggingface_hub 2.4 resumes a dropped connection within
+one run but deletes its partial file when the run fails or is interrupted), and checked against the hub's
+sha256 before they enter the cache (a corrupt file is deleted and the error says so); then
+``snapshot_download`` fetches the small files and links the snapshot, and GGUF headers are read.
 
 huggingface_hub is imported only inside functions.  The endpoint, cache and offline switch are read from
 the environment on each call (huggingface_hub reads them once, at import).
@@ -210,17 +213,23 @@ def plan(repo_id: str, files: list[RepoFile], quant: str | None = None, mmproj: 
         raise ModelError(f"{repo_id} has no GGUF or safetensors weights")
     if not any(f.path == "config.json" for f in files):
         raise ModelError(f"{repo_id} has no config.json: not a Hugging Face model repository")
-    if quant:
-        raise ModelError(
-            f"{repo_id} is a safetensors repo: it has one quantisation, {quant!r} does not apply",
-            hint=f"use {repo_id}",
-        )
     import fnmatch
 
     wanted = tuple(
         f for f in files if "/" not in f.path and any(fnmatch.fnmatch(f.path, p) for p in PULL_PATTERNS)
     )
-    return Plan(kind="safetensors", files=wanted)
+    return Plan(kind="safetensors", files=wanted, quant=quant)
+
+
+def check_folder_quant(repo_id: str, folder: Path, wanted: str) -> None:
+    """A safetensors repo has one quantisation (its config.json's): ``owner/repo:4bit`` must name it."""
+    from qvq_local.models import _hf_dtype, _mlx_quantization, normalize_quantization
+
+    config = folder / "config.json"
+    actual = normalize_quantization(_mlx_quantization(folder) if config.is_file() else _hf_dtype(folder))
+    low, have = wanted.lower(), actual.lower()
+    if have != low and not have.startswith(low + "-"):
+        raise ModelError(f"{repo_id} is {actual}, not {wanted}", hint=f"use {repo_id}")
 
 
 def _one_model(parts: list[RepoFile]) -> bool:
@@ -321,6 +330,11 @@ def from_cache(ref: HubRef, *, revision: str | None = None, mmproj: str | None =
         return None
     if not _complete(snap, chosen):
         return None
+    if chosen.kind == "safetensors" and ref.quant:
+        try:
+            check_folder_quant(ref.repo_id, snap, ref.quant)
+        except ModelError:
+            return None
     return _resolved(ref, snap, chosen)
 
 
@@ -400,6 +414,9 @@ def fetch(ref: HubRef, *, progress: bool = True, revision: str | None = None, mm
     if chosen.kind == "gguf" and not _split_complete([f for f in chosen.files if f.path != chosen.mmproj]):
         raise ModelError(f"{ref.repo_id}: split model {chosen.model} is missing parts on the hub")
 
+    if chosen.kind == "safetensors" and ref.quant:  # config.json (small) first: it says the quantisation
+        config = _hf_download(ref.repo_id, "config.json", revision or "main")
+        check_folder_quant(ref.repo_id, config.parent, ref.quant)
     fit_warning(ref, chosen.size)
     blobs = _repo_cache(ref.repo_id) / "blobs"
     fresh = [f for f in chosen.files if not (f.sha256 and (blobs / f.sha256).is_file())]
@@ -558,6 +575,24 @@ def _snapshot_download(repo_id: str, paths: list[str], revision: str, tqdm_class
     if tqdm_class is not None:
         kwargs["tqdm_class"] = tqdm_class
     return Path(_call(repo_id, lambda: snapshot_download(**kwargs)))
+
+
+def _hf_download(repo_id: str, filename: str, revision: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return Path(
+        _call(
+            repo_id,
+            lambda: hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                cache_dir=str(cache_dir()),
+                endpoint=endpoint(),
+                token=_token(),
+            ),
+        )
+    )
 
 
 def _escape_glob(path: str) -> str:

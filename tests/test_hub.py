@@ -212,6 +212,13 @@ def test_mlx_repo_is_used_as_it_is(hub_server, tiny_mlx_q4):
     hub_server.add("acme/Tiny-QVQ-MLX-4bit", files)
     got = models.resolve("acme/Tiny-QVQ-MLX-4bit", progress=False)
     assert (got.format, got.quantization) == ("mlx", "4bit-g64")
+    assert models.resolve("acme/Tiny-QVQ-MLX-4bit:4BIT", progress=False) == got
+    hub_server.add("acme/Other-MLX", files)
+    before = hub_server.count("cdn")
+    with pytest.raises(ModelError) as raised:  # refused on its config.json, before the weights
+        models.resolve("acme/Other-MLX:8bit", progress=False)
+    assert_error(raised, "acme/Other-MLX is 4bit-g64, not 8bit")
+    assert hub_server.count("cdn") == before
     assert "hf-cache" in got.path.parts
     for name in files:
         if name.endswith((".safetensors", ".json")):
@@ -227,9 +234,10 @@ def test_full_repo_downloads_safetensors_only_and_converts(hub_server, tiny_chec
     assert got.format == "hf"
     names = {p.name for p in got.path.iterdir()}
     assert "config.json" in names and "pytorch_model.bin" not in names and "modeling_evil.py" not in names
+    assert models.resolve("acme/Tiny-QVQ:f32", progress=False) == got  # its one quantisation, named
     with pytest.raises(ModelError) as raised:
         models.resolve("acme/Tiny-QVQ:Q4_K_M", progress=False)
-    assert_error(raised, "safetensors repo", "does not apply")
+    assert_error(raised, "acme/Tiny-QVQ is F32, not Q4_K_M")
 
 
 def test_pickle_only_repo_is_refused_before_any_download(hub_server):
