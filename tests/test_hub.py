@@ -517,3 +517,38 @@ def test_a_downloaded_split_gguf_loads_through_llama_cpps_own_split_loading(
     with pytest.raises(ModelError) as raised:
         llamacpp.load(got.path, got.mmproj)
     assert_error(raised, "llama.cpp could not load this GGUF")
+
+
+def test_ctrl_c_mid_file_keeps_the_partial_and_the_next_run_resumes(
+    gguf_repo, small_chunks, monkeypatch, tmp_path
+):
+    """KeyboardInterrupt arrives while huggingface_hub writes a chunk: it propagates (no error swallowed
+    it), the bytes written stay in qvq's partial file, nothing enters the cache, the next run resumes."""
+    import huggingface_hub.file_download as fd
+
+    real_http_get = fd.http_get
+    name = "Tiny-QVQ-Q4_K_M.gguf"
+
+    class Interrupting:
+        def __init__(self, fh):
+            self.fh, self.n = fh, 0
+
+        def write(self, data):
+            if self.n >= 3 * 1024:
+                raise KeyboardInterrupt
+            self.n += len(data)
+            return self.fh.write(data)
+
+        def __getattr__(self, attr):
+            return getattr(self.fh, attr)
+
+    monkeypatch.setattr(fd, "http_get", lambda url, fh, **kw: real_http_get(url, Interrupting(fh), **kw))
+    with pytest.raises(KeyboardInterrupt):
+        models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+    sha = gguf_repo.repos[GGUF_REPO].lfs[name]
+    blobs = tmp_path / "hf-cache" / "models--acme--Tiny-QVQ-GGUF" / "blobs"
+    assert (blobs / f"{sha}.qvq-partial").stat().st_size == 3 * 1024 and sha not in _blobs(tmp_path)
+    monkeypatch.setattr(fd, "http_get", real_http_get)
+    got = models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+    assert _ranges(gguf_repo, name)[-1] == "bytes=3072-"
+    assert hub.sha256_file(got.path) == sha
