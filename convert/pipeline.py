@@ -218,6 +218,12 @@ def _source_folder(source: str | os.PathLike, progress: bool) -> tuple[Path, str
     hub_id = models.check_hub_id(text)
     resolved = models.resolve(hub_id, download=True, progress=progress)
     _refuse_converted(resolved.path, resolved.manifest)
+    if resolved.format != "hf":  # a GGUF or MLX repo from the hub: nothing to convert
+        raise InputError(
+            f"already a quantised {resolved.format} model",
+            path=resolved.path,
+            hint=f"run it as it is: qvq ask IMAGE QUESTION -m {hub_id}",
+        )
     return resolved.path, hub_id, hub_id.split("/")[1]
 
 

@@ -48,8 +48,8 @@ FORCE_MARGIN = 96
 NO_MODEL_HELP = (
     "no model given and no default model configured: pass --model REF, or set one with "
     "`qvq config set model REF` (or QVQ_MODEL=REF). To try the pipeline with random weights: "
-    "`qvq synth .demo/tiny` then `qvq convert .demo/tiny`; for the real model: `qvq pull Qwen/QVQ-72B-Preview` "
-    "then `qvq convert Qwen/QVQ-72B-Preview`"
+    "`qvq synth .demo/tiny` then `qvq convert .demo/tiny`; for the real model: `qvq pull qvq` "
+    "then `qvq config set model qvq` (`qvq models --available` shows its size and whether it fits)"
 )
 
 

@@ -122,26 +122,40 @@ def convert(
 
 @app.command()
 def pull(
-    hub_id: str = typer.Argument(..., help="A Hugging Face model id, owner/name."),
+    ref: str = typer.Argument(
+        ..., help="owner/repo, owner/repo:QUANT (e.g. :Q4_K_M, :q8_0) or a short name such as qvq."
+    ),
+    mmproj: str | None = typer.Option(
+        None, "--mmproj", help="GGUF repos: the vision projector, by file name or type (f16, f32, q8_0)."
+    ),
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress display."),
 ) -> None:
-    """Download a model from the Hugging Face hub into $QVQ_HOME/hub (safetensors only, resumable).
+    """Download a model into the shared Hugging Face cache (HF_HUB_CACHE), verified and resumable.
 
-    Fetches safetensors weights, JSON configs and tokenizer files only.
+    GGUF repos: only the chosen quantisation (all parts of a split one) and one vision projector (F16,
+    else the largest; --mmproj to choose). Without :QUANT a repo with several gives Q4_K_M, else the
+    error lists them with sizes. MLX repos are used as they are; full-precision repos fetch safetensors,
+    configs and tokenizer files (never pickle weights), for `qvq convert`.
 
-    A repository with only pickle weights (*.bin, *.pt) is refused. Run again to resume.
+    The free disk space is checked first; every large file's sha256 is checked against the hub's
+    (a corrupt file is deleted). Run again to resume. Files already in the cache are not fetched again;
+    with HF_HUB_OFFLINE=1 only the cache is used. Prints the model's path.
 
     Examples:
 
-      qvq pull Qwen/QVQ-72B-Preview
+      qvq pull qvq
 
-      qvq convert Qwen/QVQ-72B-Preview --to gguf
+      qvq pull lmstudio-community/QVQ-72B-Preview-GGUF:Q4_K_M
+
+      qvq pull mlx-community/QVQ-72B-Preview-4bit
+
+      qvq pull Qwen/QVQ-72B-Preview && qvq convert Qwen/QVQ-72B-Preview --to gguf
     """
     from qvq_local.models import pull as run_pull
 
     try:
-        path = run_pull(hub_id, progress=not quiet, revision=revision)
+        path = run_pull(ref, progress=not quiet, revision=revision, mmproj=mmproj)
     except QvqError as err:
         _fail(err)
     typer.echo(str(path))
@@ -150,14 +164,20 @@ def pull(
 @app.command()
 def models(
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+    available: bool = typer.Option(
+        False, "--available", help="Short names you can pull, with download sizes and whether each fits."
+    ),
 ) -> None:
-    """List local models: conversions in $QVQ_HOME/models and downloads in $QVQ_HOME/hub.
+    """List local models: conversions in $QVQ_HOME/models and the runnable models in the Hugging Face cache.
 
-    The NAME column is what `qvq ask --model NAME` accepts.
+    The NAME column is what `qvq ask --model NAME` accepts. --available lists the short names instead
+    (`qvq pull NAME`): the source chosen for this platform, its download size and the memory verdict.
 
     Examples:
 
       qvq models
+
+      qvq models --available
 
       qvq models --json | jq '.[].name'
     """
@@ -165,6 +185,24 @@ def models(
 
     from qvq_local.models import human_size, list_models, models_dir
 
+    if available:
+        from qvq_local.catalogue import available_rows
+
+        rows = available_rows()
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=None, show_edge=False, header_style="bold")
+        for column in ("name", "model", "source", "format", "download", "fits this machine"):
+            table.add_column(column, justify="right" if column == "download" else "left", overflow="fold")
+        for row in rows:
+            size = ("" if row["size_checked"] else "~") + human_size(row["size"])
+            table.add_row(row["name"], row["title"], row["source"], row["format"], size, row["verdict"])
+        Console().print(table)
+        return
     try:
         rows = list_models()
     except QvqError as err:
@@ -174,8 +212,8 @@ def models(
         return
     if not rows:
         typer.echo(
-            f"no local models in {models_dir().parent}: "
-            "make one with `qvq convert SOURCE` or `qvq pull HUB_ID`"
+            f"no local models in {models_dir().parent} or the Hugging Face cache: "
+            "`qvq pull qvq`, `qvq pull OWNER/REPO:QUANT` or `qvq convert SOURCE` (`qvq models --available`)"
         )
         return
     from rich.console import Console
@@ -205,7 +243,10 @@ def ask(
     ),
     attach: list[Path] | None = typer.Option(None, "-a", "--attach", help="An image (repeatable)."),
     model: str | None = typer.Option(
-        None, "-m", "--model", help="Model: folder, GGUF file, name from `qvq models`, or hub id."
+        None,
+        "-m",
+        "--model",
+        help="Model: folder, GGUF file, name from `qvq models`, short name (qvq), or owner/repo[:QUANT].",
     ),
     backend: str | None = typer.Option(
         None, "--backend", help=f"{registry.choices()} (default auto; {registry.alias_note()})."

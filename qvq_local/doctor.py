@@ -108,7 +108,13 @@ def _gguf_config(model_file: Path) -> dict[str, Any]:
 def model_files(resolved: Any) -> list[Path]:
     """The files a model loads: the GGUF pair, or a folder's safetensors."""
     if resolved.format == "gguf":
-        return [p for p in (resolved.path, resolved.mmproj) if p is not None]
+        from qvq_local.integrity import _SPLIT_RE
+
+        m = _SPLIT_RE.match(resolved.path.name)
+        parts = [resolved.path]
+        if m:  # every part of a split model (llama.cpp loads them all)
+            parts = sorted(resolved.path.parent.glob(f"{m.group('stem')}-*-of-{m.group('n')}.gguf"))
+        return [p for p in (*parts, resolved.mmproj) if p is not None]
     return sorted(Path(resolved.path).glob("*.safetensors"))
 
 
@@ -140,17 +146,8 @@ def model_fit(
     weights = sum(p.stat().st_size for p in files)
     shape = _gguf_config(resolved.path) if resolved.format == "gguf" else _folder_config(Path(resolved.path))
     ctx = int(n_ctx) if n_ctx else default_context(shape["context_length"])
-    kv = 2 * shape["layers"] * ctx * shape["kv_heads"] * shape["head_dim"] * shape["kv_bytes"]
-    overhead = int(OVERHEAD_FRACTION * weights) + OVERHEAD_FIXED
-    need = weights + kv + overhead
-    if available is None:
-        verdict = "unknown (memory could not be read)"
-    elif need <= available:
-        verdict = "fits"
-    elif total is not None and need <= total:
-        verdict = "tight: fits in total memory but not in what is free now"
-    else:
-        verdict = "does not fit"
+    kv, overhead, need = memory_need(weights, shape, ctx)
+    verdict = fit_verdict(need, available, total)
     return {
         "name": resolved.name,
         "format": resolved.format,
@@ -168,6 +165,23 @@ def model_fit(
         "verdict": verdict,
         "fits": need <= available if available is not None else None,
     }
+
+
+def memory_need(weights: int, shape: dict[str, Any], ctx: int) -> tuple[int, int, int]:
+    """(KV cache, overhead, total) bytes to run ``weights`` bytes of a model of ``shape`` at ``ctx`` tokens."""
+    kv = 2 * shape["layers"] * ctx * shape["kv_heads"] * shape["head_dim"] * shape["kv_bytes"]
+    overhead = int(OVERHEAD_FRACTION * weights) + OVERHEAD_FIXED
+    return kv, overhead, weights + kv + overhead
+
+
+def fit_verdict(need: int, available: int | None, total: int | None) -> str:
+    if available is None:
+        return "unknown (memory could not be read)"
+    if need <= available:
+        return "fits"
+    if total is not None and need <= total:
+        return "tight: fits in total memory but not in what is free now"
+    return "does not fit"
 
 
 def _llama_buffers_for(model_file: Path) -> str | None:

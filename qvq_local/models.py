@@ -1,13 +1,16 @@
 """Model references -> local files: paths, names in the cache, hub ids; manifests; downloads.
 
-A user names a model in one of five ways, and :func:`resolve` turns each into a :class:`ResolvedModel`:
+A user names a model in one of these ways, and :func:`resolve` turns each into a :class:`ResolvedModel`:
 
 * a GGUF file (its ``mmproj`` projector is found beside it, or named by the folder's manifest);
 * a converted MLX folder (``config.json`` + safetensors written by mlx-vlm, or with a manifest);
 * a Hugging Face checkpoint folder (format ``"hf"``: mlx-vlm loads it directly, ``qvq convert`` reads it);
-* a name listed by ``qvq models`` (a folder under ``QVQ_HOME/models``, or a pulled hub id);
-* a hub id ``owner/name``, checked against the hub's naming rules before any network and then
-  downloaded with :func:`pull` (safetensors, JSON and tokenizer files only; never pickle weights).
+* a name listed by ``qvq models`` (a folder under ``QVQ_HOME/models``, or a download);
+* a short name from :mod:`qvq_local.catalogue` (``qvq``: a known-good repo for this platform);
+* a hub reference ``owner/repo`` or ``owner/repo:QUANT``, checked against the hub's naming rules before any
+  network, found in or downloaded into huggingface_hub's shared cache by :mod:`qvq_local.hub` (GGUF repos:
+  one quantisation and its projector; MLX and full repos: safetensors, JSON and tokenizer files only;
+  never pickle weights).  Folders an earlier qvq-local downloaded under ``QVQ_HOME/hub`` still resolve.
 
 Every converted or downloaded folder carries ``qvq-manifest.json`` (source, format, quantization, file
 sizes, tool version, creation time).  It is written last and atomically, so a folder with a manifest is
@@ -61,7 +64,9 @@ def models_dir() -> Path:
 
 
 def hub_dir() -> Path:
-    """Where ``qvq pull`` downloads to: ``QVQ_HOME/hub/<owner>--<name>``."""
+    """Where earlier versions of ``qvq pull`` downloaded to (``QVQ_HOME/hub/<owner>--<name>``); still read.
+
+    Downloads now go into huggingface_hub's shared cache (:mod:`qvq_local.hub`)."""
     return qvq_home() / "hub"
 
 
@@ -241,18 +246,27 @@ def resolve(ref: str | os.PathLike, *, download: bool = True, progress: bool = T
         candidate = models_dir() / text
         if candidate.exists():
             return _resolve_path(candidate, name=text)
+        from qvq_local import catalogue, hub
+
+        if catalogue.lookup(text) is not None:  # a short name: `qvq models --available`
+            ref = hub.reference(text)
+            assert ref is not None
+            return hub.resolve(ref, download=download, progress=progress)
 
     if _looks_like_path(text):
         raise ModelError("no such file or folder", path=text)
 
     if "/" in text and text.count("/") == 1:
-        hub_id = check_hub_id(text)
-        local = hub_folder(hub_id)
-        if (local / MANIFEST_NAME).is_file():
-            return _resolve_path(local, name=hub_id)
-        if not download:
-            raise ModelError(f"{hub_id} is not downloaded", hint=f"run `qvq pull {hub_id}`")
-        return _resolve_path(pull(hub_id, progress=progress), name=hub_id)
+        from qvq_local import hub
+
+        ref = hub.parse_ref(text)
+        if ref is None:
+            check_hub_id(text)  # raises: not owner/repo[:QUANT]
+            raise ModelError(f"{text!r} is not a valid hub id")
+        local = hub_folder(ref.repo_id)  # a download by an earlier qvq-local (QVQ_HOME/hub)
+        if ref.quant is None and (local / MANIFEST_NAME).is_file():
+            return _resolve_path(local, name=ref.repo_id)
+        return hub.resolve(ref, download=download, progress=progress)
 
     names = [row["name"] for row in list_models()]
     hint = f"local models: {', '.join(names[:8])}" if names else "convert one with `qvq convert` or pull one"
@@ -393,7 +407,8 @@ def _gguf_quantization_from_name(filename: str) -> str:
 
 # ----------------------------------------------------------------------------- list
 def list_models() -> list[dict[str, Any]]:
-    """Local models: converted ones under ``QVQ_HOME/models`` and downloads under ``QVQ_HOME/hub``.
+    """Local models: converted ones under ``QVQ_HOME/models``, downloads under ``QVQ_HOME/hub`` (earlier
+    versions) and the runnable models in huggingface_hub's cache (source ``hf-cache``).
 
     Each row: ``name`` (what ``--model`` accepts), ``format``, ``quantization``, ``size`` (bytes),
     ``source``, ``path``.  Unreadable or unfinished folders are skipped (a download without its
@@ -422,16 +437,22 @@ def list_models() -> list[dict[str, Any]]:
             except ModelError:
                 continue
             rows.append(_row(model))
+    from qvq_local import hub
+
+    for model in hub.list_cached():
+        row = _row(model)
+        row["source"] = "hf-cache"
+        rows.append(row)
     return rows
 
 
 def _row(model: ResolvedModel) -> dict[str, Any]:
     manifest = model.manifest or {}
-    folder = model.path if model.path.is_dir() else model.path.parent
     size = manifest.get("total_bytes")
     if size is None:
-        files = [model.path, model.mmproj] if model.format == "gguf" else list(folder.glob("*.safetensors"))
-        size = sum(p.stat().st_size for p in files if p is not None and p.exists())
+        from qvq_local.doctor import model_files  # every part of a split GGUF, with its projector
+
+        size = sum(p.stat().st_size for p in model_files(model) if p.exists())
     return {
         "name": model.name,
         "format": model.format,
@@ -443,69 +464,23 @@ def _row(model: ResolvedModel) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- pull
-def pull(hub_id: str, progress: bool = True, revision: str | None = None) -> Path:
-    """Download ``hub_id`` into ``QVQ_HOME/hub/<owner>--<name>`` (safetensors + configs + tokenizer).
+def pull(hub_id: str, progress: bool = True, revision: str | None = None, mmproj: str | None = None) -> Path:
+    """Download ``owner/repo[:QUANT]`` or a short name (:mod:`qvq_local.catalogue`) into huggingface_hub's
+    shared cache; the model's path there.
 
-    The repository's file list is checked first: one with only pickle weights is refused before any
-    download.  Downloads resume (huggingface_hub keeps partial files under the folder's ``.cache``);
-    the manifest is written last, so a folder without one is unfinished.
+    The GGUF text model (first part of a split one) for a GGUF repo, the snapshot folder for an MLX or
+    full-precision one.  Files already in the cache are not downloaded again (:mod:`qvq_local.hub` has
+    the rules: quantisation and projector choice, disk check, sha256 and GGUF header checks).
     """
-    hub_id = check_hub_id(hub_id)
-    dest = hub_folder(hub_id)
-    try:
-        from huggingface_hub import HfApi, snapshot_download
-    except ImportError as err:  # pragma: no cover - a core dependency
-        raise ModelError(f"huggingface-hub is not installed ({err})") from None
+    from qvq_local import hub
 
-    files = _hub_call(hub_id, lambda: HfApi().list_repo_files(hub_id, revision=revision))
-    _check_repo_files(hub_id, files)
-
-    dest.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {
-        "repo_id": hub_id,
-        "revision": revision,
-        "local_dir": str(dest),
-        "allow_patterns": PULL_PATTERNS,
-    }
-    if progress:
-        with _rich_download_progress(hub_id) as tqdm_class:
-            _hub_call(hub_id, lambda: snapshot_download(tqdm_class=tqdm_class, **kwargs))
-    else:
-        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-
-        disable_progress_bars()
-        try:
-            _hub_call(hub_id, lambda: snapshot_download(**kwargs))
-        finally:
-            enable_progress_bars()
-
-    _check_safetensors_folder(dest)
-    config = _read_config(dest)
-    write_manifest(
-        dest,
-        build_manifest(
-            dest,
-            source=hub_id,
-            format="hf",
-            quantization=_hf_dtype(dest),
-            extra={"revision": revision or "main", "architectures": config.get("architectures")},
-        ),
-    )
-    return dest
-
-
-def _check_repo_files(hub_id: str, files: list[str]) -> None:
-    safetensors = [f for f in files if f.endswith(".safetensors")]
-    if not safetensors:
-        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-        if pickles:
-            raise ModelError(
-                f"{hub_id} has only pickle weights ({', '.join(pickles[:3])}); refused",
-                hint="qvq-local loads safetensors only, pickle files can run code",
-            )
-        raise ModelError(f"{hub_id} has no safetensors weights")
-    if "config.json" not in files:
-        raise ModelError(f"{hub_id} has no config.json: not a Hugging Face model repository")
+    ref = hub.reference(hub_id)
+    if ref is None:
+        raise ModelError(
+            f"{hub_id!r} is neither a hub id (owner/repo[:QUANT]) nor a short name",
+            hint="`qvq models --available` lists the short names",
+        )
+    return hub.resolve(ref, download=True, progress=progress, revision=revision, mmproj=mmproj).path
 
 
 def _hub_call(hub_id: str, fn):
@@ -517,19 +492,26 @@ def _hub_call(hub_id: str, fn):
     except Exception as err:  # noqa: BLE001 - network, HTTP, offline mode, disk: all user-facing
         kind = type(err).__name__
         first = (str(err).strip().splitlines() or [""])[0][:200]
-        if kind in ("RepositoryNotFoundError", "GatedRepoError"):
+        if kind == "GatedRepoError":
             raise ModelError(
-                f"{hub_id}: not found on the hub, private or gated",
-                hint="check the id; for gated models accept the licence and log in with `hf auth login`",
+                f"{hub_id} is gated: accept its licence on the hub, then set HF_TOKEN (or `hf auth login`)"
             ) from None
+        if kind == "RepositoryNotFoundError":
+            raise ModelError(
+                f"{hub_id}: not found on the hub, or private",
+                hint="check the id; for a private or gated repo set HF_TOKEN (or `hf auth login`)",
+            ) from None
+        if kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+            raise ModelError(f"{hub_id}: a file in its listing is missing on the hub") from None
         if kind == "RevisionNotFoundError":
             raise ModelError(f"{hub_id}: no such revision") from None
         if kind == "OfflineModeIsEnabled" or "offline" in first.lower():
             raise ModelError(f"{hub_id}: cannot download, offline mode is on (HF_HUB_OFFLINE)") from None
         if isinstance(err, OSError) and getattr(err, "errno", None) == errno.ENOSPC:
             from qvq_local.errors import DiskFull
+            from qvq_local.hub import cache_dir
 
-            raise DiskFull(f"no space left while downloading {hub_id}", path=hub_dir()) from None
+            raise DiskFull(f"no space left while downloading {hub_id}", path=cache_dir()) from None
         raise ModelError(f"{hub_id}: download failed ({kind}: {first})") from None
 
 

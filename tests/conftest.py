@@ -21,6 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # that need a particular one set it themselves), and no default model leaks in from the environment.
 os.environ["QVQ_HOME"] = tempfile.mkdtemp(prefix="qvq-test-home-")
 atexit.register(shutil.rmtree, os.environ["QVQ_HOME"], ignore_errors=True)
+# ... nor the user's Hugging Face cache (`qvq models` lists what is in it)
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="qvq-test-hf-cache-")
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
 for _var in ("QVQ_MODEL", "QVQ_BACKEND"):
     os.environ.pop(_var, None)
 
@@ -190,3 +193,22 @@ def _skip_after_native_crash(request):
                 pytest.skip(
                     f"{backend} crashed in tests/test_native_smoke.py ({result.signal}): not run in-process"
                 )
+
+
+# ---------------------------------------------------------------- a local Hugging Face hub (real HTTP)
+@pytest.fixture()
+def hub_server(tmp_path, monkeypatch):
+    """tests/hubserver.py's hub and CDN on 127.0.0.1, with HF_ENDPOINT pointing at it, HF_HUB_CACHE in
+    ``tmp_path/hf-cache`` and offline mode off (huggingface_hub reads it once, at import)."""
+    import huggingface_hub.constants as hf_constants
+    from hubserver import FakeHub
+
+    server = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    yield server
+    server.close()

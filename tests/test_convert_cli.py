@@ -151,20 +151,10 @@ def test_interrupted_convert_leaves_no_complete_looking_output(tiny_checkpoint, 
     assert models.list_models() == []
 
 
-def test_convert_hub_id_pulls_first(tiny_checkpoint, home, monkeypatch):
-    """A hub id source is downloaded (here: a monkeypatched pull copying a local folder), then converted."""
-    import shutil
-
-    pulled: list[str] = []
-
-    def fake_pull(hub_id, progress=True, revision=None):
-        pulled.append(hub_id)
-        dest = models.hub_folder(hub_id)
-        shutil.copytree(tiny_checkpoint, dest)
-        manifest = models.build_manifest(dest, source=hub_id, format="hf", quantization="f32")
-        models.write_manifest(dest, manifest)
-        return dest
-
+def test_convert_hub_id_pulls_first(tiny_checkpoint, home, hub_server, monkeypatch, tmp_path):
+    """A hub id source is downloaded into the shared cache (from the local test hub), then converted;
+    the second time the cached download is reused with no network call."""
+    hub_server.add("Qwen/Tiny-VL", {p.name: p for p in tiny_checkpoint.iterdir() if p.is_file()})
     seen: dict = {}
 
     def fake_converter(src, out_dir, *args, **kwargs):
@@ -181,18 +171,25 @@ def test_convert_hub_id_pulls_first(tiny_checkpoint, home, monkeypatch):
         resolved.append(str(ref))
         return real_resolve(ref, **kwargs)
 
-    monkeypatch.setattr(models, "pull", fake_pull)
     monkeypatch.setattr(models, "resolve", spy_resolve)
     monkeypatch.setattr("qvq_local.convert.to_mlx.convert_to_mlx", fake_converter)
     result = _invoke("convert", "Qwen/Tiny-VL", "--to", "mlx", "-q")
     assert result.exit_code == 0, result.output
-    assert pulled == ["Qwen/Tiny-VL"] and seen["src"] == home / "hub" / "Qwen--Tiny-VL"
+    assert (tmp_path / "hf-cache") in seen["src"].parents
+    assert (seen["src"] / "config.json").read_bytes() == (tiny_checkpoint / "config.json").read_bytes()
     assert resolved == ["Qwen/Tiny-VL"]  # a hub id goes through the one resolver, not a copy of it
     out = home / "models" / "Tiny-VL-mlx-4bit"
     assert models.read_manifest(out)["source"] == "Qwen/Tiny-VL"
     # the second time the download is reused
+    before = hub_server.count()
     result = _invoke("convert", "Qwen/Tiny-VL", "--to", "mlx", "-q", "-o", str(home / "other"))
-    assert result.exit_code == 0 and pulled == ["Qwen/Tiny-VL"]
+    assert result.exit_code == 0 and hub_server.count() == before
+
+
+def test_convert_refuses_a_quantised_hub_repo(home, hub_server, tiny_gguf_q4):
+    hub_server.add("acme/Q", {"m-Q4_K_M.gguf": tiny_gguf_q4.model, "mmproj-m-f16.gguf": tiny_gguf_q4.mmproj})
+    result = _invoke("convert", "acme/Q", "--to", "gguf", "-q")
+    _one_line_error(result, 2, "already a quantised gguf model", "run it as it is")
 
 
 def test_convert_refuses_a_converted_model_as_source(home, tmp_path):
@@ -206,15 +203,12 @@ def test_convert_refuses_a_converted_model_as_source(home, tmp_path):
 
 # ----------------------------------------------------------------------------- pull, models
 def test_pull_command_bad_id_and_offline(home, monkeypatch):
-    _one_line_error(_invoke("pull", "no-slash"), 3, "not a valid hub id")
-
-    def offline(*a, **k):
-        from huggingface_hub.errors import OfflineModeIsEnabled
-
-        raise OfflineModeIsEnabled("offline mode is enabled")
-
-    monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", offline)
-    _one_line_error(_invoke("pull", "Qwen/QVQ-72B-Preview", "-q"), 3, "offline")
+    _one_line_error(_invoke("pull", "no-slash"), 3, "neither a hub id (owner/repo[:QUANT]) nor a short name")
+    _one_line_error(_invoke("pull", "bad--owner/name"), 3, "not a valid hub id")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _one_line_error(
+        _invoke("pull", "Qwen/QVQ-72B-Preview", "-q"), 3, "not in the Hugging Face cache", "HF_HUB_OFFLINE"
+    )
 
 
 def test_models_command_when_empty(home):

@@ -1,0 +1,105 @@
+"""Short names (``qvq pull qvq``, ``qvq ask -m qvq``) for known-good published repos, per platform.
+
+Each entry names one source for Apple Silicon (an MLX repo, run by mlx-vlm) and one for everything else
+(a GGUF repo and quantisation, run by llama.cpp).  Sizes are the download sizes of the files qvq fetches
+from that repo, as the hub listed them; ``qvq models --available`` shows them with whether the model fits
+this machine (the doctor's memory estimate: weights, KV cache at qvq ask's default context, overhead).
+
+Checked against the hub's published file lists (the project's search index; no hub is reachable from the
+machines this was written on):
+
+* ``lmstudio-community/QVQ-72B-Preview-GGUF``: ``QVQ-72B-Preview-Q4_K_M.gguf`` 47.4 GB and one projector,
+  ``mmproj-model-f32.gguf`` 1.4 GB (the Dec 2024 listing).
+* ``mlx-community/QVQ-72B-Preview-4bit``: exists, 8 safetensors shards, converted by mlx-vlm 0.1.6.  Its
+  total size was NOT seen in a listing: 41 GB is this project's own estimate for QVQ-72B at MLX 4-bit
+  (DESIGN.md), not a measured figure.
+
+The successor families (Qwen2.5-VL, Qwen3-VL) get entries once their family modules exist in this project.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+GB = 1000**3
+
+
+@dataclass(frozen=True)
+class Source:
+    ref: str  # owner/repo[:QUANT], what qvq_local.hub resolves
+    format: str  # "gguf" or "mlx"
+    size: int  # download bytes (model + projector)
+    size_checked: bool  # False: an estimate, not read from the repo's listing
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    title: str
+    shape: str  # the family's shape name (dimensions for the KV-cache estimate)
+    apple: Source
+    other: Source
+
+    def source(self, apple_silicon: bool | None = None) -> Source:
+        if apple_silicon is None:
+            from qvq_local.hardware import is_apple_silicon
+
+            apple_silicon = is_apple_silicon()
+        return self.apple if apple_silicon else self.other
+
+
+CATALOGUE: dict[str, Entry] = {
+    "qvq": Entry(
+        name="qvq",
+        title="QVQ-72B-Preview",
+        shape="72b",
+        apple=Source("mlx-community/QVQ-72B-Preview-4bit", "mlx", 41 * GB, size_checked=False),
+        other=Source(
+            "lmstudio-community/QVQ-72B-Preview-GGUF:Q4_K_M", "gguf", int(48.8 * GB), size_checked=True
+        ),
+    ),
+}
+
+
+def lookup(name: str) -> Entry | None:
+    return CATALOGUE.get(name.strip().lower())
+
+
+def fit(entry: Entry, source: Source, available: int | None, total: int | None) -> dict[str, Any]:
+    """The doctor's fit estimate for ``source`` before anything is downloaded."""
+    from qvq_local import doctor
+    from qvq_local.families import DEFAULT_FAMILY
+
+    dims = DEFAULT_FAMILY.synth_shapes[entry.shape]
+    shape = {
+        "layers": dims.num_hidden_layers,
+        "kv_heads": dims.num_key_value_heads,
+        "head_dim": dims.head_dim,
+        "kv_bytes": 2,
+    }
+    ctx = doctor.default_context(dims.max_position_embeddings)
+    _kv, _overhead, need = doctor.memory_need(source.size, shape, ctx)
+    return {"needed_bytes": need, "verdict": doctor.fit_verdict(need, available, total)}
+
+
+def available_rows(apple_silicon: bool | None = None) -> list[dict[str, Any]]:
+    """One row per short name: the source for this machine, its download size and the fit verdict."""
+    from qvq_local.hardware import memory_bytes
+
+    total, available = memory_bytes()
+    rows = []
+    for entry in CATALOGUE.values():
+        source = entry.source(apple_silicon)
+        rows.append(
+            {
+                "name": entry.name,
+                "title": entry.title,
+                "source": source.ref,
+                "format": source.format,
+                "size": source.size,
+                "size_checked": source.size_checked,
+                **fit(entry, source, available, total),
+            }
+        )
+    return rows

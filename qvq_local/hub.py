@@ -1,0 +1,677 @@
+"""Hugging Face hub repos -> files in huggingface_hub's own, shared cache.
+
+``owner/repo`` or ``owner/repo:QUANT`` (case-insensitive: ``Q4_K_M``, ``q8_0``, ``4bit``) names one of:
+
+* a GGUF repo (one file per quantisation, large ones split ``-00001-of-00002.gguf``, plus ``mmproj-*.gguf``
+  projectors): only the chosen quantisation's file(s) and one projector are downloaded.  Without a QUANT,
+  a repo with one quantisation gives it, one with several gives :data:`DEFAULT_GGUF_QUANT` when it has
+  exactly one such model, else the error lists what there is, with sizes.  The projector: ``mmproj=``
+  (a file name or a type such as ``f32``), else F16, else the largest (highest precision) one;
+* an MLX repo (quantised safetensors written by mlx-vlm) or a full-precision checkpoint: safetensors,
+  configs and tokenizer files (:data:`qvq_local.models.PULL_PATTERNS`; never pickle weights).
+
+The files land in ``HF_HUB_CACHE`` (``HF_HOME/hub``, default ``~/.cache/huggingface/hub``), where every
+other tool finds them; nothing is copied.  A reference whose files are already in the cache resolves with
+no network call (with ``HF_HUB_OFFLINE=1`` too); without a QUANT, a cached GGUF repo uses the
+quantisations that are cached.  Before a download the free disk space is checked against the sizes in the
+repo's file list (and a model too big for this machine's memory is said).  LFS files (the weights) are
+fetched by :func:`_fetch_lfs` into ``blobs/<sha256>`` under huggingface_hub's lock, resuming with a Range
+request from qvq's own ``<sha256>.qvq-partial`` (huggingface_hub 2.4 resumes a dropped connection within
+one run but deletes its partial file when the run fails or is interrupted), and checked against the hub's
+sha256 before they enter the cache (a corrupt file is deleted and the error says so); then
+``snapshot_download`` fetches the small files and links the snapshot, and GGUF headers are read.
+
+huggingface_hub is imported only inside functions.  The endpoint, cache and offline switch are read from
+the environment on each call (huggingface_hub reads them once, at import).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from qvq_local.errors import DiskFull, ModelError
+from qvq_local.integrity import _SPLIT_RE  # llama.cpp's split naming, one place
+
+#: The quantisation chosen in a GGUF repo that holds several, when none is named (llama.cpp's, Ollama's
+#: and LM Studio's default too).
+DEFAULT_GGUF_QUANT = "Q4_K_M"
+
+Kind = Literal["gguf", "safetensors"]
+
+_QUANT_TEXT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
+# a projector's precision, in order of preference after F16 (then by size)
+_MMPROJ_QUANT = re.compile(r"(?:^|[-_.])(f16|bf16|f32|q\d_\w+)(?=[-_.]|$)", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------- references
+@dataclass(frozen=True)
+class HubRef:
+    repo_id: str
+    quant: str | None = None  # as the user wrote it; compared case-insensitively
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}:{self.quant}" if self.quant else self.repo_id
+
+
+def parse_ref(text: str) -> HubRef | None:
+    """``owner/repo[:QUANT]`` -> :class:`HubRef`; ``None`` when ``text`` has not that shape at all.
+
+    A well-shaped reference with a bad id or quantisation raises ``ModelError`` (before any network).
+    """
+    from qvq_local.models import check_hub_id
+
+    text = text.strip()
+    repo, sep, quant = text.partition(":")
+    if repo.count("/") != 1:
+        if sep and "/" in text:
+            check_hub_id(text)  # "C:/x" and the like: refused in the hub id's own words
+        return None
+    if sep and not _QUANT_TEXT.fullmatch(quant):
+        raise ModelError(
+            f"{text!r}: {quant!r} is not a quantisation name",
+            hint="write owner/repo:QUANT, e.g. owner/repo:Q4_K_M or owner/repo:4bit",
+        )
+    return HubRef(check_hub_id(repo), quant or None)
+
+
+def reference(text: str) -> HubRef | None:
+    """A short name from :mod:`qvq_local.catalogue` (this platform's source) or ``owner/repo[:QUANT]``."""
+    from qvq_local import catalogue
+
+    entry = catalogue.lookup(text) if "/" not in text else None
+    if entry is not None:
+        return parse_ref(entry.source().ref)
+    return parse_ref(text)
+
+
+# ----------------------------------------------------------------------------- environment
+def cache_dir() -> Path:
+    """huggingface_hub's cache folder, as it computes it: HF_HUB_CACHE, else HF_HOME/hub, else XDG/default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def _token() -> str | None:
+    return os.environ.get("HF_TOKEN") or None
+
+
+# ----------------------------------------------------------------------------- repo listings
+@dataclass(frozen=True)
+class RepoFile:
+    path: str
+    size: int
+    sha256: str | None = None  # LFS files only (the hub's metadata)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to fetch from a repo, and what the model is once fetched."""
+
+    kind: Kind
+    files: tuple[RepoFile, ...]
+    model: str | None = None  # GGUF: the text model (first split part)
+    mmproj: str | None = None  # GGUF: the projector
+    quant: str | None = None  # GGUF: normalised quantisation
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def gguf_quant(filename: str) -> str | None:
+    """A GGUF file's quantisation from its name (``...-Q4_K_M.gguf``, split parts too), normalised."""
+    from qvq_local.models import _gguf_quantization_from_name, normalize_quantization
+
+    name = Path(filename).name
+    m = _SPLIT_RE.match(name)
+    stem = m.group("stem") if m else name[: -len(".gguf")]
+    found = _gguf_quantization_from_name(stem)
+    return None if found == "?" else normalize_quantization(found)
+
+
+def _is_mmproj(path: str) -> bool:
+    return Path(path).name.lower().startswith("mmproj")
+
+
+def _is_gguf(path: str) -> bool:
+    return path.lower().endswith(".gguf")
+
+
+def plan(repo_id: str, files: list[RepoFile], quant: str | None = None, mmproj: str | None = None) -> Plan:
+    """Choose what to fetch from ``files`` (a repo's listing, or what the cache holds).  Pure: no I/O."""
+    from qvq_local.models import PICKLE_SUFFIXES, PULL_PATTERNS, human_size
+
+    ggufs = [f for f in files if _is_gguf(f.path)]
+    models = [f for f in ggufs if not _is_mmproj(f.path)]
+    if models:
+        groups: dict[str, list[RepoFile]] = {}
+        for f in models:
+            groups.setdefault(gguf_quant(f.path) or Path(f.path).stem, []).append(f)
+
+        def listing() -> str:
+            return ", ".join(
+                f"{q} ({human_size(sum(f.size for f in fs))})" for q, fs in sorted(groups.items())
+            )
+
+        if quant:
+            wanted = quant.upper()
+            chosen = next((q for q in groups if q.upper() == wanted), None)
+            if chosen is None:
+                raise ModelError(f"{repo_id} has no {quant} quantisation", hint=f"available: {listing()}")
+        elif len(groups) == 1:
+            chosen = next(iter(groups))
+        elif DEFAULT_GGUF_QUANT in groups and _one_model(groups[DEFAULT_GGUF_QUANT]):
+            chosen = DEFAULT_GGUF_QUANT
+        else:
+            raise ModelError(
+                f"{repo_id} holds several GGUF models: {listing()}",
+                hint=f"name one, e.g. {repo_id}:{next(iter(sorted(groups)))}",
+            )
+        parts = groups[chosen]
+        if not _one_model(parts):
+            names = ", ".join(sorted(f.path for f in parts))
+            raise ModelError(f"{repo_id}: several {chosen} models ({names}); cannot choose one")
+        parts = sorted(parts, key=lambda f: f.path)
+        projector = _choose_mmproj(repo_id, [f for f in ggufs if _is_mmproj(f.path)], mmproj)
+        return Plan(
+            kind="gguf",
+            files=(*parts, projector),
+            model=parts[0].path,
+            mmproj=projector.path,
+            quant=chosen,
+        )
+
+    safetensors = [f for f in files if f.path.endswith(".safetensors")]
+    if not safetensors:
+        pickles = [f.path for f in files if f.path.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise ModelError(
+                f"{repo_id} has only pickle weights ({', '.join(pickles[:3])}); refused",
+                hint="qvq-local loads safetensors and GGUF only, pickle files can run code",
+            )
+        raise ModelError(f"{repo_id} has no GGUF or safetensors weights")
+    if not any(f.path == "config.json" for f in files):
+        raise ModelError(f"{repo_id} has no config.json: not a Hugging Face model repository")
+    import fnmatch
+
+    wanted = tuple(
+        f for f in files if "/" not in f.path and any(fnmatch.fnmatch(f.path, p) for p in PULL_PATTERNS)
+    )
+    return Plan(kind="safetensors", files=wanted, quant=quant)
+
+
+def check_folder_quant(repo_id: str, folder: Path, wanted: str) -> None:
+    """A safetensors repo has one quantisation (its config.json's): ``owner/repo:4bit`` must name it."""
+    from qvq_local.models import _hf_dtype, _mlx_quantization, normalize_quantization
+
+    config = folder / "config.json"
+    actual = normalize_quantization(_mlx_quantization(folder) if config.is_file() else _hf_dtype(folder))
+    low, have = wanted.lower(), actual.lower()
+    if have != low and not have.startswith(low + "-"):
+        raise ModelError(f"{repo_id} is {actual}, not {wanted}", hint=f"use {repo_id}")
+
+
+def _one_model(parts: list[RepoFile]) -> bool:
+    """One file, or the complete-looking parts of one split model (same stem, same count)."""
+    if len(parts) == 1:
+        return True
+    keys = set()
+    for f in parts:
+        m = _SPLIT_RE.match(Path(f.path).name)
+        if not m:
+            return False
+        keys.add((str(Path(f.path).parent), m.group("stem").lower(), m.group("n")))
+    return len(keys) == 1
+
+
+def _split_complete(parts: tuple[RepoFile, ...] | list[RepoFile]) -> bool:
+    m = _SPLIT_RE.match(Path(parts[0].path).name)
+    return m is None or len(parts) == int(m.group("n"))
+
+
+def _choose_mmproj(repo_id: str, projectors: list[RepoFile], wanted: str | None) -> RepoFile:
+    if not projectors:
+        raise ModelError(
+            f"{repo_id} has no vision projector (mmproj*.gguf)",
+            hint="qvq needs the projector to read images; choose a repo that publishes one",
+        )
+
+    def kind(f: RepoFile) -> str:
+        m = _MMPROJ_QUANT.search(Path(f.path).name[: -len(".gguf")])
+        return m.group(1).upper() if m else "?"
+
+    if wanted:
+        low = wanted.lower()
+        hits = [f for f in projectors if f.path.lower() == low or Path(f.path).name.lower() == low]
+        hits = hits or [f for f in projectors if kind(f) == wanted.upper()]
+        if len(hits) != 1:
+            names = ", ".join(sorted(f.path for f in projectors))
+            raise ModelError(f"{repo_id}: no single projector matches {wanted!r}", hint=f"available: {names}")
+        return hits[0]
+    f16 = [f for f in projectors if kind(f) == "F16"]
+    if len(f16) == 1:
+        return f16[0]
+    return max(projectors, key=lambda f: (f.size, f.path))
+
+
+# ----------------------------------------------------------------------------- the cache
+def _repo_cache(repo_id: str) -> Path:
+    return cache_dir() / ("models--" + repo_id.replace("/", "--"))
+
+
+def _snapshot(repo_id: str, revision: str | None) -> Path | None:
+    folder = _repo_cache(repo_id)
+    rev = revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", rev):
+        commit = rev
+    else:
+        ref = folder / "refs" / rev
+        if not ref.is_file():
+            return None
+        commit = ref.read_text(encoding="utf-8").strip()
+    snap = folder / "snapshots" / commit
+    return snap if snap.is_dir() else None
+
+
+def cached_files(snapshot: Path) -> list[RepoFile]:
+    """The complete files of a cached snapshot (a link whose blob is gone, or is partial, is not one)."""
+    out = []
+    for p in sorted(snapshot.rglob("*")):
+        if p.is_file():  # follows the link: False when the blob is missing
+            out.append(RepoFile(p.relative_to(snapshot).as_posix(), p.stat().st_size))
+    return out
+
+
+def _complete(snapshot: Path, chosen: Plan) -> bool:
+    if chosen.kind == "gguf":
+        parts = [f for f in chosen.files if f.path != chosen.mmproj]
+        return _split_complete(parts)
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return all((snapshot / s).is_file() for s in shards)
+    return True
+
+
+def from_cache(ref: HubRef, *, revision: str | None = None, mmproj: str | None = None):
+    """The model ``ref`` names, from the cache alone (no network); ``None`` when it is not all there."""
+    snap = _snapshot(ref.repo_id, revision)
+    if snap is None:
+        return None
+    try:
+        chosen = plan(ref.repo_id, cached_files(snap), ref.quant, mmproj)
+    except ModelError:
+        return None
+    if not _complete(snap, chosen):
+        return None
+    if chosen.kind == "safetensors" and ref.quant:
+        try:
+            check_folder_quant(ref.repo_id, snap, ref.quant)
+        except ModelError:
+            return None
+    return _resolved(ref, snap, chosen)
+
+
+def _resolved(ref: HubRef, snap: Path, chosen: Plan):
+    from qvq_local import models
+
+    if chosen.kind == "gguf":
+        assert chosen.model and chosen.mmproj
+        return models.ResolvedModel(
+            name=f"{ref.repo_id}:{chosen.quant}",
+            format="gguf",
+            path=snap / chosen.model,
+            mmproj=snap / chosen.mmproj,
+        )
+    resolved = models._resolve_path(snap, name=ref.repo_id)
+    return resolved
+
+
+# ----------------------------------------------------------------------------- network
+def list_repo(repo_id: str, revision: str | None = None) -> tuple[str, list[RepoFile]]:
+    """(commit, files with sizes and LFS sha256) from the hub's repo info."""
+    from huggingface_hub import HfApi
+
+    info = _call(
+        repo_id,
+        lambda: HfApi(endpoint=endpoint(), token=_token()).model_info(
+            repo_id, revision=revision, files_metadata=True
+        ),
+    )
+    files = [
+        RepoFile(
+            s.rfilename, int(s.size or (s.lfs.size if s.lfs else 0) or 0), s.lfs.sha256 if s.lfs else None
+        )
+        for s in (info.siblings or [])
+    ]
+    return str(info.sha or revision or "main"), files
+
+
+def _call(repo_id: str, fn):
+    """A huggingface_hub call whose failures become one-line ``ModelError``s."""
+    if offline():
+        raise ModelError(
+            f"{repo_id} is not in the Hugging Face cache ({cache_dir()}) and HF_HUB_OFFLINE is set",
+            hint="unset HF_HUB_OFFLINE to download it",
+        )
+    from qvq_local.models import _hub_call
+
+    return _hub_call(repo_id, fn)
+
+
+def resolve(
+    ref: HubRef,
+    *,
+    download: bool = True,
+    progress: bool = True,
+    revision: str | None = None,
+    mmproj: str | None = None,
+):
+    """``ref`` -> :class:`qvq_local.models.ResolvedModel` over files in the cache, downloading what is missing."""
+    found = from_cache(ref, revision=revision, mmproj=mmproj)
+    if found is not None:
+        return found
+    if not download:
+        raise ModelError(f"{ref} is not downloaded", hint=f"run `qvq pull {ref}`")
+    if offline():
+        raise ModelError(
+            f"{ref} is not in the Hugging Face cache ({cache_dir()}) and HF_HUB_OFFLINE is set",
+            hint="unset HF_HUB_OFFLINE to download it",
+        )
+    return fetch(ref, progress=progress, revision=revision, mmproj=mmproj)
+
+
+def fetch(ref: HubRef, *, progress: bool = True, revision: str | None = None, mmproj: str | None = None):
+    """List the repo, choose the files, check the disk, download into the cache, verify."""
+    commit, files = list_repo(ref.repo_id, revision)
+    chosen = plan(ref.repo_id, files, ref.quant, mmproj)
+    if chosen.kind == "gguf" and not _split_complete([f for f in chosen.files if f.path != chosen.mmproj]):
+        raise ModelError(f"{ref.repo_id}: split model {chosen.model} is missing parts on the hub")
+
+    if chosen.kind == "safetensors" and ref.quant:  # config.json (small) first: it says the quantisation
+        config = _hf_download(ref.repo_id, "config.json", revision or "main")
+        check_folder_quant(ref.repo_id, config.parent, ref.quant)
+    fit_warning(ref, chosen.size)
+    blobs = _repo_cache(ref.repo_id) / "blobs"
+    fresh = [f for f in chosen.files if not (f.sha256 and (blobs / f.sha256).is_file())]
+    have = sum(_partial(blobs, f).stat().st_size for f in fresh if f.sha256 and _partial(blobs, f).is_file())
+    check_disk(sum(f.size for f in fresh) - have, cache_dir())
+
+    with _progress(ref.repo_id, progress) as tqdm_class:
+        for f in fresh:
+            if f.sha256:
+                _fetch_lfs(ref.repo_id, commit, f, tqdm_class)
+        snap = _snapshot_download(ref.repo_id, [f.path for f in chosen.files], revision or "main", tqdm_class)
+    if chosen.kind == "gguf":
+        check_gguf_headers(snap, [f.path for f in chosen.files])
+    return _resolved(ref, snap, chosen)
+
+
+def check_disk(need: int, where: Path) -> None:
+    """Refuse a download that cannot fit on the disk holding ``where`` (with 1% + 100 MB to spare)."""
+    from qvq_local.models import human_size
+
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    spare = need // 100 + 100_000_000
+    if need > 0 and need + spare > free:
+        raise DiskFull(
+            f"the download needs {human_size(need)} but only {human_size(free)} is free",
+            path=where,
+            hint="free some space or point HF_HUB_CACHE at a bigger disk",
+        )
+
+
+def fit_warning(ref: HubRef, size: int) -> str | None:
+    """One line on stderr when the model cannot fit this machine's memory (the download still goes on:
+    it may be meant for another machine).  The doctor's estimate, from the weights alone."""
+    import sys
+
+    from qvq_local import doctor
+    from qvq_local.hardware import memory_bytes
+    from qvq_local.models import human_size
+
+    total, _available = memory_bytes()
+    need = size + int(doctor.OVERHEAD_FRACTION * size) + doctor.OVERHEAD_FIXED
+    if total is None or need <= total:
+        return None
+    line = (
+        f"warning: {ref} needs at least {human_size(need)} of memory to run and this machine has "
+        f"{human_size(total)}: downloading it anyway"
+    )
+    print(line, file=sys.stderr)
+    return line
+
+
+class _progress:
+    """A Rich-drawing tqdm class for huggingface_hub (``None``: its bars switched off)."""
+
+    def __init__(self, repo_id: str, show: bool):
+        from qvq_local.models import _rich_download_progress
+
+        self._rich = _rich_download_progress(repo_id) if show else None
+
+    def __enter__(self):
+        if self._rich is not None:
+            return self._rich.__enter__()
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        return None
+
+    def __exit__(self, *exc):
+        if self._rich is not None:
+            return self._rich.__exit__(*exc)
+        from huggingface_hub.utils import enable_progress_bars
+
+        enable_progress_bars()
+        return None
+
+
+def _partial(blobs: Path, f: RepoFile) -> Path:
+    # our own stable name: huggingface_hub 2.4 deletes its partial file on any failure (a unique name per
+    # try), so an interrupted download would start again from zero
+    return blobs / f"{f.sha256}.qvq-partial"
+
+
+def _fetch_lfs(repo_id: str, commit: str, f: RepoFile, tqdm_class) -> None:
+    """One LFS file into ``blobs/<sha256>``, resumable (Range from the partial file) and verified.
+
+    The blob is named by its sha256 as huggingface_hub names it, so its ``snapshot_download`` then only
+    links it into the snapshot.  A file whose sha256 differs from the hub's is deleted.
+    """
+    from huggingface_hub.utils import WeakFileLock
+
+    assert f.sha256
+    blobs = _repo_cache(repo_id) / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    # huggingface_hub's own lock for this blob: another qvq, or another tool, fetching it waits
+    lock = cache_dir() / ".locks" / _repo_cache(repo_id).name / f"{f.sha256}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):
+        if not (blobs / f.sha256).is_file():
+            _fetch_lfs_locked(repo_id, commit, f, tqdm_class, blobs)
+
+
+def _fetch_lfs_locked(repo_id: str, commit: str, f: RepoFile, tqdm_class, blobs: Path) -> None:
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    partial = _partial(blobs, f)
+    url = hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint())
+    meta = _call(repo_id, lambda: get_hf_file_metadata(url, token=_token(), endpoint=endpoint()))
+    headers = build_hf_headers(token=_token())
+    if urlsplit(meta.location)[:2] != urlsplit(endpoint())[:2]:
+        headers.pop("authorization", None)  # a CDN's signed URL: the token stays on the hub
+    have = partial.stat().st_size if partial.is_file() else 0
+    if have > f.size:
+        partial.unlink()
+        have = 0
+    with open(partial, "ab") as fh:
+        _call(
+            repo_id,
+            lambda: http_get(
+                meta.location,
+                fh,
+                resume_size=have,
+                headers=headers,
+                expected_size=f.size,
+                displayed_filename=f.path,
+                tqdm_class=tqdm_class,
+            ),
+        )
+    if sha256_file(partial) != f.sha256:
+        partial.unlink(missing_ok=True)
+        raise ModelError(
+            f"{repo_id}: {f.path} failed the sha256 check against the hub (corrupt download); deleted it",
+            hint="run the command again to download it again",
+        )
+    os.replace(partial, blobs / f.sha256)
+
+
+def _snapshot_download(repo_id: str, paths: list[str], revision: str, tqdm_class) -> Path:
+    """huggingface_hub's own download of ``paths``: small files, the snapshot's links, ``refs/<revision>``."""
+    from huggingface_hub import snapshot_download
+
+    kwargs: dict[str, Any] = {
+        "repo_id": repo_id,
+        "revision": revision,
+        "allow_patterns": [_escape_glob(p) for p in paths],
+        "cache_dir": str(cache_dir()),
+        "endpoint": endpoint(),
+        "token": _token(),
+    }
+    if tqdm_class is not None:
+        kwargs["tqdm_class"] = tqdm_class
+    return Path(_call(repo_id, lambda: snapshot_download(**kwargs)))
+
+
+def _hf_download(repo_id: str, filename: str, revision: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return Path(
+        _call(
+            repo_id,
+            lambda: hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                cache_dir=str(cache_dir()),
+                endpoint=endpoint(),
+                token=_token(),
+            ),
+        )
+    )
+
+
+def _escape_glob(path: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_gguf_headers(snap: Path, paths: list[str]) -> None:
+    """Read each GGUF's header (gguf's own tables); a file that is not a whole GGUF is deleted from the
+    cache (link and blob: it would fail in llama.cpp with no better message) and the error says so."""
+    from qvq_local.integrity import check_gguf_file
+
+    for path in paths:
+        errors = [f for f in check_gguf_file(snap / path) if f.level == "error"]
+        if errors:
+            link = snap / path
+            link.resolve().unlink(missing_ok=True)
+            link.unlink(missing_ok=True)
+            raise ModelError(
+                f"{path} from the hub is not a valid GGUF file ({errors[0].message}); deleted it",
+                path=snap,
+                hint="the repository's file itself is broken: choose another quantisation or repo",
+            )
+
+
+# ----------------------------------------------------------------------------- listing the cache
+def list_cached() -> list[Any]:
+    """Runnable models in the cache: one per cached GGUF quantisation (with a projector), one per
+    complete safetensors repo.  Folders other tools left half-way are skipped."""
+    rows = []
+    base = cache_dir()
+    if not base.is_dir():
+        return rows
+    for folder in sorted(base.glob("models--*--*")):
+        repo_id = folder.name[len("models--") :].replace("--", "/", 1)
+        snap = _snapshot(repo_id, None)
+        if snap is None:
+            continue
+        files = cached_files(snap)
+        quants = sorted(
+            {
+                q
+                for f in files
+                if _is_gguf(f.path) and not _is_mmproj(f.path)
+                for q in [gguf_quant(f.path)]
+                if q
+            }
+        )
+        candidates = [HubRef(repo_id, q) for q in quants] if quants else [HubRef(repo_id)]
+        for ref in candidates:
+            try:
+                found = from_cache(ref)
+            except ModelError:
+                found = None
+            if found is not None and _runnable(found):
+                rows.append(found)
+    return rows
+
+
+def _runnable(model) -> bool:
+    """A model of a family this project runs (the cache also holds other tools' models)."""
+    from qvq_local import families
+
+    try:
+        if model.format == "gguf":
+            from qvq_local.integrity import read_gguf_header
+
+            arch = read_gguf_header(model.path, wanted={"general.architecture"}, tensors=False).fields
+            return families.family_for_gguf_arch(arch.get("general.architecture")) is not None
+        import json
+
+        config = json.loads((model.path / "config.json").read_text(encoding="utf-8"))
+        return families.family_for_config(config) is not None
+    except (OSError, ValueError):
+        return False
