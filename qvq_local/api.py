@@ -279,7 +279,10 @@ class Model:
             if text_tokens is None:
                 text_tokens = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
             n_ctx, thought_cap = self._size_context(text_tokens, image_tokens, options)
-            resolved = options.sampling.resolved(getattr(loaded, "generation_config", {}) or {})
+            family = getattr(loaded, "family", None)
+            resolved = options.sampling.resolved(
+                getattr(loaded, "generation_config", {}) or {}, getattr(family, "sampling", None)
+            )
             # how thinking ends suits the model (its template) and the question (its language)
             forced_text = options.forced_text
             if forced_text is None:

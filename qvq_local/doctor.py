@@ -152,6 +152,7 @@ def model_fit(
         verdict = "does not fit"
     return {
         "name": resolved.name,
+        "family": models.model_family(resolved),
         "format": resolved.format,
         "cpu_buffers": _llama_buffers_for(resolved.path) if resolved.format == "gguf" else None,
         "path": str(resolved.path),

@@ -44,7 +44,8 @@ def family_for_model_type(model_type: Any) -> Family | None:
 
 
 def family_for_gguf_arch(arch: Any) -> Family | None:
-    """The family whose text GGUF has ``general.architecture == arch``, or None."""
+    """The first family whose text GGUF has ``general.architecture == arch``, or None.  Families may share
+    a text architecture: the mmproj's projector (:func:`family_for_projector`) tells them apart."""
     return next((f for f in FAMILIES.values() if f.gguf_text_arch == arch), None)
 
 
@@ -54,7 +55,8 @@ def family_for_projector(projector: Any) -> Family | None:
 
 
 def supported_gguf_archs() -> list[str]:
-    return [f.gguf_text_arch for f in FAMILIES.values()]
+    """The text architectures of the registered families, each once (families may share one)."""
+    return list(dict.fromkeys(f.gguf_text_arch for f in FAMILIES.values()))
 
 
 def describe_supported() -> str:

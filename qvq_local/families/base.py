@@ -90,6 +90,45 @@ class Family:
         """``(grid_w, grid_h)`` in merged tokens for one image."""
         raise NotImplementedError
 
+    # ---- Synthetic checkpoints (``qvq synth --family``; convert/synthetic.py writes what these return)
+    #: Lower-case names ``--family`` accepts besides :attr:`name` (``"qwen2-vl"``).
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: preprocessor_config.json's ``processor_class``.
+    hf_processor_class: ClassVar[str]
+
+    def synth_config(self, shape: Any, ids: dict[str, int], torch_dtype: str) -> dict[str, Any]:
+        """config.json of a synthetic checkpoint of ``shape`` (``ids``: the special tokens' ids)."""
+        raise NotImplementedError
+
+    def synth_tensors(self, shape: Any) -> list[tuple[str, tuple[int, ...], str]]:
+        """``(name, shape, init)`` of every tensor, in writing order; init is ``normal`` or ``norm_weight``."""
+        raise NotImplementedError
+
+    def synth_preprocessor_config(self, shape: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # ---- GGUF converter (convert/gguf_text.py, convert/gguf_mmproj.py ask these)
+    def gguf_text_name(self, name: str) -> str | None:
+        """GGUF name of an original text tensor name (None: not a text-model tensor)."""
+        raise NotImplementedError
+
+    def gguf_text_order(self, text: Any, has_lm_head: bool) -> list[str]:
+        """The text tensors (original names) in the order the GGUF stores them."""
+        raise NotImplementedError
+
+    def check_mmproj_supported(self, ckpt: Any) -> None:
+        """Raise ModelError for a vision tower llama.cpp's projector for this family cannot run."""
+        raise NotImplementedError
+
+    def mmproj_tensors(self, ckpt: Any) -> list[tuple[str, str, Any]]:
+        """``(gguf_name, source_name, how)`` for every mmproj tensor, in order.  ``how`` is None (copy),
+        ``("frame", t)`` (one time slice of the Conv3d kernel) or ``("rows", k, n)`` (the k-th of n equal
+        row blocks, for a fused qkv)."""
+        raise NotImplementedError
+
+    def mmproj_metadata(self, writer: Any, ckpt: Any) -> None:
+        """Add the family's own ``clip.*`` keys (the generic ones are written by the converter)."""
+
     # ---- Hugging Face config
     def matches_config(self, config: dict[str, Any]) -> bool:
         """True when ``config.json``'s architectures (or, with none, its model_type) name this family."""
