@@ -29,10 +29,13 @@ def test_registry_finds_qwen2vl_from_every_side():
         family_for_config({"architectures": ["LlavaForConditionalGeneration"], "model_type": "qwen2_vl"})
         is None
     )
-    assert family_for_config({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}) is None
+    # Qwen2.5-VL is its own family (tests/test_family_qwen2_5vl.py), though its text GGUF is qwen2vl too
+    assert family_for_config({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}) is not fam
     assert family_for_model_type("qwen2_vl") is fam and family_for_model_type("llava") is None
     assert family_for_gguf_arch("qwen2vl") is fam and family_for_gguf_arch("llama") is None
-    assert family_for_projector("qwen2vl_merger") is fam and family_for_projector("qwen2.5vl_merger") is None
+    assert (
+        family_for_projector("qwen2vl_merger") is fam and family_for_projector("qwen2.5vl_merger") is not fam
+    )
     assert "Qwen2VLForConditionalGeneration (QVQ / Qwen2-VL)" in describe_supported()
 
 

@@ -24,10 +24,11 @@ from __future__ import annotations
 from typing import Any
 
 from qvq_local.families.base import Family
+from qvq_local.families.qwen2_5vl import FAMILY as QWEN2_5VL
 from qvq_local.families.qwen2vl import FAMILY as QWEN2VL
 
 #: Every family qvq-local runs, by name.
-FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2VL,)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2VL, QWEN2_5VL)}
 
 #: The family of the models this project is built around (QVQ-72B-Preview).
 DEFAULT_FAMILY = QWEN2VL

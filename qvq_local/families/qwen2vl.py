@@ -198,6 +198,11 @@ def merger_width(config: dict[str, Any]) -> Any:
 
 def dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, VisionDims]:
     """Read the text and vision shapes; a ModelError naming ``path`` for anything missing or inconsistent."""
+    return _vision_dims(config, path, text_dims_from_config(config, path))
+
+
+def text_dims_from_config(config: dict[str, Any], path: Path) -> TextDims:
+    """The language model's dims (Qwen2 with M-RoPE; Qwen2.5-VL's text model is the same)."""
     tc = text_config(config)
     hidden = need_number(tc, "hidden_size", path)
     heads = need_number(tc, "num_attention_heads", path)
@@ -214,7 +219,7 @@ def dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, Visi
     if sum(section) * 2 != head_dim or len(section) > 4:
         raise ModelError(f"mrope_section {list(section)} must sum to head_dim/2 = {head_dim // 2}", path=path)
     rope_theta = float(tc.get("rope_theta") or rope.get("rope_theta") or 1_000_000.0)
-    text = TextDims(
+    return TextDims(
         hidden_size=hidden,
         num_layers=need_number(tc, "num_hidden_layers", path),
         num_heads=heads,
@@ -228,6 +233,10 @@ def dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, Visi
         max_position_embeddings=int(tc.get("max_position_embeddings") or 32768),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))),
     )
+
+
+def _vision_dims(config: dict[str, Any], path: Path, text: TextDims) -> tuple[TextDims, VisionDims]:
+    hidden = text.hidden_size
     vc = config.get("vision_config")
     if not isinstance(vc, dict):
         raise ModelError("no vision_config", path=path)
@@ -288,6 +297,13 @@ def is_vision_tensor(name: str) -> bool:
 
 def expected_shapes(text: TextDims, vision: VisionDims) -> dict[str, tuple[int, ...]]:
     """Every tensor a Qwen2-VL checkpoint with these dims holds (original names), with its shape."""
+    shapes = text_expected_shapes(text)
+    shapes.update(_vision_expected_shapes(vision))
+    return shapes
+
+
+def text_expected_shapes(text: TextDims) -> dict[str, tuple[int, ...]]:
+    """The text model's tensors and shapes (shared with Qwen2.5-VL)."""
     h, q, kv, f = (
         text.hidden_size,
         text.num_heads * text.head_dim,
@@ -318,6 +334,11 @@ def expected_shapes(text: TextDims, vision: VisionDims) -> dict[str, tuple[int, 
                 p + "mlp.down_proj.weight": (h, f),
             }
         )
+    return shapes
+
+
+def _vision_expected_shapes(vision: VisionDims) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
     e, m, md = vision.embed_dim, vision.mlp_dim, vision.merged_dim
     shapes["visual.patch_embed.proj.weight"] = (
         e,

@@ -1,0 +1,280 @@
+"""The Qwen2.5-VL family: synthetic checkpoints in the published layout, GGUF + mmproj conversion, parity.
+
+References: the published configs of Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct (numbers written below),
+llama.cpp's own converter for GGUF keys and tensor names, and transformers 5 on CPU in f32 for numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qvq_local.convert import synthetic
+
+from qvq_local.families import (
+    FAMILIES,
+    family_for_config,
+    family_for_model_type,
+    family_for_projector,
+    qwen2_5vl,
+)
+
+FAM = qwen2_5vl.FAMILY
+
+#: From the published config.json of each model (Hugging Face Qwen/Qwen2.5-VL-*-Instruct), and the
+#: parameter count its model page shows.  The vision tower is the same at every size: depth 32, width
+#: 1280, MLP 3420 (gated SiLU), 16 heads, window 112, full attention in blocks 7/15/23/31.
+PUBLISHED = {
+    "3b": dict(hidden=2048, inter=11008, layers=36, heads=16, kv=2, vocab=151936, tie=True, params=3.75e9),
+    "7b": dict(hidden=3584, inter=18944, layers=28, heads=28, kv=4, vocab=152064, tie=False, params=8.29e9),
+    "32b": dict(hidden=5120, inter=27648, layers=64, heads=40, kv=8, vocab=152064, tie=False, params=33.5e9),
+    "72b": dict(hidden=8192, inter=29568, layers=80, heads=64, kv=8, vocab=152064, tie=False, params=73.4e9),
+}
+
+
+def test_registered_and_found_from_every_side():
+    assert FAMILIES["Qwen2.5-VL"] is FAM
+    assert family_for_config({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}) is FAM
+    assert family_for_config({"model_type": "qwen2_5_vl"}) is FAM
+    assert family_for_model_type("qwen2_5_vl") is FAM
+    assert family_for_projector("qwen2.5vl_merger") is FAM
+    # the text model is Qwen2-VL's: llama.cpp's converter writes arch qwen2vl for both
+    assert FAM.gguf_text_arch == "qwen2vl"
+    assert synthetic.get_family("qwen2.5-vl") is FAM and synthetic.get_family("QWEN2.5-VL") is FAM
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED))
+def test_published_configs(size):
+    want = PUBLISHED[size]
+    cfg = synthetic.build_config(size, family="qwen2.5-vl")
+    assert cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    assert cfg["model_type"] == "qwen2_5_vl"
+    got = dict(
+        hidden=cfg["hidden_size"],
+        inter=cfg["intermediate_size"],
+        layers=cfg["num_hidden_layers"],
+        heads=cfg["num_attention_heads"],
+        kv=cfg["num_key_value_heads"],
+        vocab=cfg["vocab_size"],
+        tie=cfg["tie_word_embeddings"],
+    )
+    assert got == {k: v for k, v in want.items() if k != "params"}
+    vc = cfg["vision_config"]
+    assert vc["out_hidden_size"] == want["hidden"]
+    assert (vc["depth"], vc["hidden_size"], vc["intermediate_size"], vc["num_heads"]) == (32, 1280, 3420, 16)
+    assert (vc["window_size"], vc["fullatt_block_indexes"], vc["hidden_act"]) == (
+        112,
+        [7, 15, 23, 31],
+        "silu",
+    )
+    assert (vc["patch_size"], vc["spatial_merge_size"], vc["temporal_patch_size"]) == (14, 2, 2)
+    assert cfg["rope_scaling"]["mrope_section"] == [16, 24, 24] and cfg["max_position_embeddings"] == 128000
+    assert cfg["image_token_id"] == 151655 and cfg["eos_token_id"] == 151645
+    # the parameter count the model page shows, to its printed precision
+    assert synthetic.parameter_count(size, "qwen2.5-vl") == pytest.approx(want["params"], rel=0.002)
+    pre = synthetic.build_preprocessor_config(size, family="qwen2.5-vl")
+    assert pre["processor_class"] == "Qwen2_5_VLProcessor"
+    assert pre["image_processor_type"] == "Qwen2VLImageProcessor"
+    assert (pre["min_pixels"], pre["max_pixels"]) == (3136, 12845056)
+
+
+def test_transformers_accepts_the_published_config():
+    transformers = pytest.importorskip("transformers")
+    cfg = synthetic.build_config("7b", family="qwen2.5-vl")
+    conf = transformers.Qwen2_5_VLConfig(**cfg)
+    assert conf.vision_config.out_hidden_size == 3584
+    assert conf.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
+    assert conf.text_config.hidden_size == 3584 and conf.text_config.num_key_value_heads == 4
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def q25_checkpoint(artifacts) -> Path:
+    """The tiny Qwen2.5-VL checkpoint in f32 (exact parity needs f32)."""
+    out = artifacts / "q25-tiny-f32"
+    if out.exists():
+        return out
+    return synthetic.write_checkpoint(out, shape="tiny", dtype="f32", seed=0, family="qwen2.5-vl")
+
+
+@pytest.fixture(scope="module")
+def q25_gguf_f32(artifacts, q25_checkpoint):
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    return convert_to_gguf(q25_checkpoint, artifacts / "q25-gguf-f32", quant="f32", mmproj_quant="f32")
+
+
+def test_tensors_are_transformers_own(q25_checkpoint):
+    """Every tensor transformers' Qwen2_5_VL model declares is in the checkpoint, with its shape."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qvq_local.convert.checkpoint import open_checkpoint
+
+    config = transformers.AutoConfig.from_pretrained(q25_checkpoint)
+    with torch.device("meta"):
+        model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    want = {}
+    for name, p in model.state_dict().items():
+        want[FAM.normalise_name(name)] = tuple(p.shape)
+    ckpt = open_checkpoint(q25_checkpoint)
+    try:
+        assert ckpt.family is FAM
+        got = {n: ckpt.shape(n) for n in ckpt.names}
+    finally:
+        ckpt.release()
+    assert got == want
+
+
+def test_wrong_merger_width_is_one_line(q25_checkpoint, tmp_path):
+    import shutil
+
+    from helpers import assert_error
+    from qvq_local.convert.checkpoint import open_checkpoint
+
+    from qvq_local.errors import ModelError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(q25_checkpoint, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["vision_config"]["out_hidden_size"] = 512
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError) as err:
+        open_checkpoint(bad)
+    assert_error(err.value, "out_hidden_size", "512", "256", path=bad / "config.json")
+
+
+def test_llama_cpp_unsupported_windows_refused_before_writing(q25_checkpoint, tmp_path):
+    import shutil
+
+    from helpers import assert_error
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    from qvq_local.errors import ModelError
+
+    for key, value, words in (
+        ("window_size", 224, ("window_size", "224", "112")),
+        ("fullatt_block_indexes", [0, 3], ("fullatt_block_indexes", "[0, 3]")),
+    ):
+        bad = tmp_path / f"bad-{key}"
+        shutil.copytree(q25_checkpoint, bad)
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg["vision_config"][key] = value
+        (bad / "config.json").write_text(json.dumps(cfg))
+        out = tmp_path / f"out-{key}"
+        with pytest.raises(ModelError) as err:
+            convert_to_gguf(bad, out, quant="f32", mmproj_quant="f32")
+        assert_error(err.value, *words, path=bad / "config.json")
+        assert not out.exists() or list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ GGUF
+
+
+def test_mmproj_keys_and_tensors_follow_llama_cpp(q25_gguf_f32, q25_checkpoint):
+    """Keys as llama.cpp's converter writes them for Qwen2.5-VL; tensor data copied exactly."""
+    from gguf import GGUFReader, Keys
+    from qvq_local.convert.checkpoint import open_checkpoint
+
+    r = GGUFReader(q25_gguf_f32.mmproj)
+
+    def field(key):
+        f = r.fields[key]
+        return f.contents()
+
+    assert field(Keys.Clip.PROJECTOR_TYPE) == "qwen2.5vl_merger"
+    assert field(Keys.ClipVision.USE_SILU) is True
+    assert field(Keys.ClipVision.N_WA_PATTERN) == 2  # blocks 1 and 3 full: every 2nd
+    assert field(Keys.ClipVision.FEED_FORWARD_LENGTH) == 344
+    assert field(Keys.ClipVision.PROJECTION_DIM) == 256
+    tensors = {t.name: t for t in r.tensors}
+    assert "v.blk.0.ffn_gate.weight" in tensors and "v.blk.0.ln1.bias" not in tensors
+    assert "v.post_ln.weight" in tensors and "v.post_ln.bias" not in tensors
+    ckpt = open_checkpoint(q25_checkpoint)
+    try:
+        for gname, src in (
+            ("v.blk.1.ffn_gate.weight", "visual.blocks.1.mlp.gate_proj.weight"),
+            ("v.blk.1.ffn_down.bias", "visual.blocks.1.mlp.down_proj.bias"),
+            ("v.blk.2.ln2.weight", "visual.blocks.2.norm2.weight"),
+            ("v.post_ln.weight", "visual.merger.ln_q.weight"),
+            ("mm.2.weight", "visual.merger.mlp.2.weight"),
+        ):
+            want = ckpt.read_f32(src)
+            got = np.asarray(tensors[gname].data).reshape(want.shape)
+            assert np.array_equal(got, want), gname
+        qkv = ckpt.read_f32("visual.blocks.0.attn.qkv.weight")
+        k = np.asarray(tensors["v.blk.0.attn_k.weight"].data).reshape(256, 256)
+        assert np.array_equal(k, qkv[256:512])
+    finally:
+        ckpt.release()
+    assert sum(name.startswith("v.blk.") for name in tensors) == 4 * 16  # 4 blocks x 16 tensors
+
+
+def _transformers_model(ckpt_dir: Path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt_dir, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.mark.parity
+@pytest.mark.llama
+def test_text_logits_match_transformers(q25_gguf_f32, q25_checkpoint):
+    """f32 GGUF through llama.cpp (f32 KV cache) vs transformers f32 on CPU: the tolerance Qwen2-VL meets
+    (5e-3 absolute; llama.cpp runs qwen2vl's RMS norms with epsilon 0, transformers with 1e-6)."""
+    torch = pytest.importorskip("torch")
+    from test_convert_gguf import _hf_tokenizer, _llama
+
+    text = "<|im_start|>user\nWhat is 2+2? Think step by step.<|im_end|>\n<|im_start|>assistant\n"
+    ids = _hf_tokenizer(q25_checkpoint).encode(text, add_special_tokens=False).ids
+    llm = _llama(q25_gguf_f32.model, logits_all=True, type_k=0, type_v=0)
+    try:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ref = _transformers_model(q25_checkpoint)(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    err = float(np.abs(got - ref).max())
+    print(
+        f"\nQwen2.5-VL GGUF f32 vs transformers: max abs logit error {err:.3g}, scale {np.abs(ref).max():.3g}"
+    )
+    assert err < 5e-3
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parity
+@pytest.mark.llama
+def test_image_embeddings_match_transformers(q25_gguf_f32, q25_checkpoint, sample_image):
+    """The f32 mmproj through llama.cpp's mtmd vs transformers' windowed ViT + merger, f32 on CPU.
+
+    224x168 pixels: 8x6 merged tokens, so the 112-pixel windows (4x4 tokens) split it into two full and
+    two partial windows; blocks 0 and 2 attend within windows, 1 and 3 over the whole image.
+    """
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+    from test_convert_gguf import _mtmd_image_embeddings
+
+    image = Image.open(sample_image).convert("RGB")
+    got = _mtmd_image_embeddings(q25_gguf_f32.model, q25_gguf_f32.mmproj, image)
+    processor = transformers.AutoImageProcessor.from_pretrained(q25_checkpoint)
+    inputs = processor(images=[image], return_tensors="pt")
+    model = _transformers_model(q25_checkpoint)
+    with torch.no_grad():
+        feats = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
+        )
+    feats = getattr(feats, "pooler_output", feats)
+    ref = (torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats).float().numpy()
+    # image token count equals the processor's
+    assert got.shape == ref.shape == (48, 256)
+    assert int(inputs["image_grid_thw"].prod()) // 4 == 48 == FAM.image_tokens(224, 168)
+    err = float(np.abs(got - ref).max())
+    print(f"\nQwen2.5-VL mmproj f32 vs transformers: max abs error {err:.3g}, scale {np.abs(ref).max():.3g}")
+    assert err < 5e-3
