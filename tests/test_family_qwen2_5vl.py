@@ -278,3 +278,49 @@ def test_image_embeddings_match_transformers(q25_gguf_f32, q25_checkpoint, sampl
     err = float(np.abs(got - ref).max())
     print(f"\nQwen2.5-VL mmproj f32 vs transformers: max abs error {err:.3g}, scale {np.abs(ref).max():.3g}")
     assert err < 5e-3
+
+
+# ------------------------------------------------------------------------------------------ MLX
+
+
+@pytest.fixture(scope="module")
+def q25_mlx_f32(artifacts, q25_checkpoint) -> Path:
+    pytest.importorskip("mlx_vlm")
+    from qvq_local.convert.to_mlx import convert_to_mlx
+
+    return convert_to_mlx(q25_checkpoint, artifacts / "q25-mlx-f32", bits=None)
+
+
+@pytest.mark.parity
+@pytest.mark.mlx
+def test_unquantised_mlx_matches_transformers_text_and_image(q25_checkpoint, q25_mlx_f32, sample_image):
+    """mlx-vlm's qwen2_5_vl on the converted folder vs transformers f32 on CPU, the same ids and pixels;
+    the tolerance the Qwen2-VL family meets (1e-4 on next-token logits)."""
+    torch = pytest.importorskip("torch")
+    from mlx_vlm import load
+    from test_convert_mlx import LOGIT_ATOL, _mlx_logits, _prompts
+
+    text_ids, image_ids, pixel_values, grid = _prompts(q25_checkpoint, sample_image)
+    model = _transformers_model(q25_checkpoint)
+    image_token = json.loads((q25_checkpoint / "config.json").read_text())["image_token_id"]
+    with torch.no_grad():
+        ref_text = model(input_ids=torch.tensor([text_ids])).logits[0, -1].numpy()
+        ref_image = (
+            model(
+                input_ids=torch.tensor([image_ids]),
+                pixel_values=torch.from_numpy(pixel_values),
+                image_grid_thw=torch.from_numpy(grid),
+                mm_token_type_ids=torch.tensor([[1 if t == image_token else 0 for t in image_ids]]),
+            )
+            .logits[0, -1]
+            .numpy()
+        )
+    mlx_model, _ = load(str(q25_mlx_f32))
+    got_text = _mlx_logits(mlx_model, text_ids)
+    got_image = _mlx_logits(mlx_model, image_ids, pixel_values, grid)
+    err_text = float(np.abs(got_text - ref_text).max())
+    err_image = float(np.abs(got_image - ref_image).max())
+    print(f"\nQwen2.5-VL MLX f32 vs transformers: text {err_text:.3g}, image {err_image:.3g}")
+    assert float(np.abs(ref_image - ref_text).max()) > 100 * LOGIT_ATOL  # the image really matters
+    assert err_text < LOGIT_ATOL and err_image < LOGIT_ATOL
+    assert image_ids.count(image_token) == FAM.image_tokens(224, 168)
