@@ -324,3 +324,43 @@ def test_unquantised_mlx_matches_transformers_text_and_image(q25_checkpoint, q25
     assert float(np.abs(ref_image - ref_text).max()) > 100 * LOGIT_ATOL  # the image really matters
     assert err_text < LOGIT_ATOL and err_image < LOGIT_ATOL
     assert image_ids.count(image_token) == FAM.image_tokens(224, 168)
+
+
+# ------------------------------------------------------------------------------------------ qvq ask
+
+
+def _ask(model: str, image: Path, backend: str) -> dict:
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+
+    args = ["ask", str(image), "Which bar is highest?", "--model", model, "--backend", backend]
+    args += ["--think-budget", "16", "--answer-budget", "8", "--json", "--seed", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _check_budgeted_answer(data: dict, backend: str) -> None:
+    qvq = data["qvq"]
+    assert qvq["backend"] == backend
+    assert data["choices"][0]["message"]["reasoning_content"]  # random weights think past the budget
+    assert data["usage"]["reasoning_tokens"] >= 16
+    assert qvq["stop_reason"] in ("budget", "loop", "max_tokens")
+    assert qvq["forced"] and qvq["forced"][0]["at_token"] >= 16
+    # 224x168 is 8x6 merged tokens, as the processor counts them (test_image_embeddings_match_transformers)
+    assert qvq["images"][0]["tokens"] == 48
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_ask_with_a_thinking_budget_through_llama(q25_gguf_f32, sample_image, tmp_path, monkeypatch):
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
+    _check_budgeted_answer(_ask(str(q25_gguf_f32.model), sample_image, "llama"), "llama")
+
+
+@pytest.mark.mlx
+@pytest.mark.slow
+def test_ask_with_a_thinking_budget_through_mlx(q25_mlx_f32, sample_image, tmp_path, monkeypatch):
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
+    _check_budgeted_answer(_ask(str(q25_mlx_f32), sample_image, "mlx"), "mlx")
