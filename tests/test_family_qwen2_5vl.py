@@ -364,3 +364,63 @@ def test_ask_with_a_thinking_budget_through_llama(q25_gguf_f32, sample_image, tm
 def test_ask_with_a_thinking_budget_through_mlx(q25_mlx_f32, sample_image, tmp_path, monkeypatch):
     monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
     _check_budgeted_answer(_ask(str(q25_mlx_f32), sample_image, "mlx"), "mlx")
+
+
+# ------------------------------------------------------------------------------------------ CLI plumbing
+
+
+def test_synth_cli_writes_the_family_and_refuses_unknown_names(tmp_path):
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "q25"
+    result = runner.invoke(app, ["synth", str(out), "--family", "qwen2.5-vl", "--shape", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert "Qwen2.5-VL tiny" in result.stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    assert (
+        json.loads((out / "preprocessor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+    )
+    for args, words in (
+        (["--family", "qwen9-vl"], ("unknown family", "qwen9-vl", "qwen2.5-vl")),
+        (
+            ["--family", "qwen2.5-vl", "--shape", "2b"],
+            ("unknown Qwen2.5-VL shape", "'2b'", "3b, 7b, 32b, 72b"),
+        ),
+    ):
+        bad = runner.invoke(app, ["synth", str(tmp_path / "x"), *args])
+        assert bad.exit_code not in (0, None) and "Traceback" not in bad.output
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1 and all(w in lines[0] for w in words), bad.stderr
+        assert not (tmp_path / "x").exists()
+
+
+def test_bench_refuses_a_shape_the_family_lacks_before_any_work(tmp_path, monkeypatch):
+    from helpers import assert_error
+
+    from qvq_local.bench import bandwidth
+    from qvq_local.bench.harness import run_bench
+    from qvq_local.errors import InputError
+
+    def no_work(*a, **k):
+        raise AssertionError("measured before checking the options")
+
+    monkeypatch.setattr(bandwidth, "measure_bandwidth", no_work)
+
+    with pytest.raises(InputError) as err:
+        run_bench(shape="2b", family="qwen2.5-vl", home=tmp_path / "bench", progress=False)
+    assert_error(err.value, "unknown Qwen2.5-VL shape", "3b")
+    assert not (tmp_path / "bench").exists()
+
+
+@pytest.mark.llama
+def test_doctor_and_models_name_the_family(q25_gguf_f32, q25_checkpoint):
+    from qvq_local import doctor, models
+
+    report = doctor.report(str(q25_gguf_f32.model), probe_gpu=False)
+    assert report["integrity_errors"] == 0, report["integrity"]
+    assert report["model"]["family"] == "Qwen2.5-VL"
+    assert models.model_family(models.resolve(str(q25_checkpoint), download=False)) == "Qwen2.5-VL"
