@@ -308,7 +308,15 @@ def _write_files(
     dump("config.json", build_config(s, dtype))
     dump("generation_config.json", build_generation_config(s))
     dump("preprocessor_config.json", build_preprocessor_config(s))
-    tokenizer_synth.write_tokenizer_files(folder, s.tokenizer_base, s.max_position_embeddings, tokenizer)
+    fam = family_of(s)
+    tokenizer_synth.write_tokenizer_files(
+        folder,
+        s.tokenizer_base,
+        s.max_position_embeddings,
+        tokenizer,
+        system_prompt=fam.system_prompt,
+        processor_class=fam.hf_processor_class,
+    )
 
     specs = tensor_specs(s)
     total = checkpoint_bytes(s, dtype)

@@ -189,8 +189,8 @@ class Model:
         """Ask ``question`` about ``images`` (paths or :class:`PreparedImage`); yield events as they come.
 
         ``think_budget`` caps thought tokens (None: up to :data:`DEFAULT_MAX_THOUGHT`, or what the context
-        holds); ``answer_budget`` caps answer tokens.  ``system`` replaces QVQ's system prompt (``""``
-        leaves the template's own default).  Sampling values left at None come from the model's
+        holds); ``answer_budget`` caps answer tokens.  ``system`` replaces the model family's system prompt
+        (QVQ's for Qwen2-VL models; ``""`` leaves the template's own default).  Sampling values left at None come from the model's
         generation_config.  ``forced_text`` (fed when thinking is cut) defaults to what suits the model and
         the question: ``</think>`` when the chat template opens ``<think>``, else QVQ's marker, after a
         sentence in the question's language (:func:`qvq_local.reasoning.default_forced_text`).
@@ -271,7 +271,9 @@ class Model:
             loaded = self.loaded
             for info in infos:  # the backend's own count is the one that fills its context
                 info.tokens = int(loaded.image_token_estimate(*info.size))
-            system_text = QVQ_SYSTEM_PROMPT if options.system is None else (options.system or None)
+            family = getattr(loaded, "family", None)  # its system prompt and sampling are the defaults
+            default_system = getattr(family, "system_prompt", QVQ_SYSTEM_PROMPT)
+            system_text = default_system if options.system is None else (options.system or None)
             text = build_prompt(loaded.chat_template, question, len(prepared), system_text)
 
             image_tokens = sum(info.tokens for info in infos)
@@ -279,7 +281,6 @@ class Model:
             if text_tokens is None:
                 text_tokens = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
             n_ctx, thought_cap = self._size_context(text_tokens, image_tokens, options)
-            family = getattr(loaded, "family", None)
             resolved = options.sampling.resolved(
                 getattr(loaded, "generation_config", {}) or {}, getattr(family, "sampling", None)
             )

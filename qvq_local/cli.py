@@ -236,7 +236,9 @@ def ask(
     top_k: int | None = typer.Option(None, "--top-k"),
     repetition_penalty: float | None = typer.Option(None, "--repetition-penalty"),
     seed: int | None = typer.Option(None, "--seed"),
-    system: str | None = typer.Option(None, "--system", help="Replace QVQ's system prompt."),
+    system: str | None = typer.Option(
+        None, "--system", help="Replace the model family's system prompt (QVQ's for Qwen2-VL models)."
+    ),
     no_loop_stop: bool = typer.Option(False, "--no-loop-stop", help="Do not cut reasoning loops."),
     lang_lock: str = typer.Option(
         "auto",

@@ -350,6 +350,7 @@ def _check_budgeted_answer(data: dict, backend: str) -> None:
     assert qvq["forced"] and qvq["forced"][0]["at_token"] >= 16
     # 224x168 is 8x6 merged tokens, as the processor counts them (test_image_embeddings_match_transformers)
     assert qvq["images"][0]["tokens"] == 48
+    assert qvq["settings"]["system"] == "You are a helpful assistant."  # the family's, not QVQ's
 
 
 @pytest.mark.llama
@@ -384,6 +385,8 @@ def test_synth_cli_writes_the_family_and_refuses_unknown_names(tmp_path):
     assert (
         json.loads((out / "preprocessor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
     )
+    template = json.loads((out / "chat_template.json").read_text())["chat_template"]
+    assert "You are a helpful assistant." in template and "Alibaba" not in template
     for args, words in (
         (["--family", "qwen9-vl"], ("unknown family", "qwen9-vl", "qwen2.5-vl")),
         (

@@ -225,7 +225,7 @@ def prepare_models(
                 "progress": progress,
                 "force": True,
             },
-            f"synthesising the {shape} checkpoint",
+            f"synthesising the {prefix}{shape} checkpoint",
             log,
             check=lambda r: (Path(r["path"]) / "config.json").is_file(),
         )
