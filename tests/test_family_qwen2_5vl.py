@@ -427,3 +427,21 @@ def test_doctor_and_models_name_the_family(q25_gguf_f32, q25_checkpoint):
     assert report["integrity_errors"] == 0, report["integrity"]
     assert report["model"]["family"] == "Qwen2.5-VL"
     assert models.model_family(models.resolve(str(q25_checkpoint), download=False)) == "Qwen2.5-VL"
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_quantised_pair_converts_and_answers(q25_checkpoint, sample_image, tmp_path, monkeypatch):
+    """Q4_K_M text + Q8_0 mmproj: the ViT's MLP width (344 here, 3420 published) is not a multiple of Q8_0's
+    32-element blocks, so those tensors fall back to F16 and the rest are Q8_0; the pair answers."""
+    from gguf import GGMLQuantizationType, GGUFReader
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    pair = convert_to_gguf(q25_checkpoint, tmp_path / "q", quant="q4_k_m", mmproj_quant="q8_0")
+    types = {t.name: t.tensor_type for t in GGUFReader(pair.mmproj).tensors}
+    assert types["v.blk.0.ffn_down.weight"] == GGMLQuantizationType.F16  # its rows are 344 wide
+    assert types["v.blk.0.ffn_gate.weight"] == GGMLQuantizationType.Q8_0  # 256 wide
+    assert types["v.blk.0.attn_q.weight"] == GGMLQuantizationType.Q8_0
+    assert types["v.post_ln.weight"] == GGMLQuantizationType.F32
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
+    _check_budgeted_answer(_ask(str(pair.model), sample_image, "llama"), "llama")
