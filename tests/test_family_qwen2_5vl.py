@@ -445,3 +445,31 @@ def test_quantised_pair_converts_and_answers(q25_checkpoint, sample_image, tmp_p
     assert types["v.post_ln.weight"] == GGMLQuantizationType.F32
     monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
     _check_budgeted_answer(_ask(str(pair.model), sample_image, "llama"), "llama")
+
+
+@pytest.mark.mlx
+def test_mlx_session_encodes_the_image_apart_and_matches_mlx_vlm(q25_mlx_f32, sample_image):
+    """The session runs Qwen2.5-VL's windowed tower on its own (``Family.mlx_split_vision``) and hands the
+    features to the prompt; its first-token log-probabilities and greedy tokens equal mlx-vlm's own loop
+    (which test_unquantised_mlx_matches_transformers_text_and_image ties to transformers)."""
+    from PIL import Image
+    from test_backend_mlx import ATOL, GREEDY, image_prompt, log_softmax, reference_greedy, run
+
+    from qvq_local.backends import mlx as backend
+
+    assert backend._split_vision("qwen2_5_vl")
+    loaded = backend.load(q25_mlx_f32)
+    try:
+        assert loaded.family is FAM
+        with Image.open(sample_image) as img:
+            prompt = image_prompt(loaded, img.convert("RGB"))
+        ref_tokens, ref_logprobs = reference_greedy(loaded, prompt, 16)
+        session = loaded.new_session(GREEDY)
+        stats = session.prefill(prompt)
+        assert stats.image_tokens == 48 and session.images_encoded == 1
+        err = float(np.abs(log_softmax(session.last_logits()) - ref_logprobs[0]).max())
+        print(f"\nQwen2.5-VL MLX session vs mlx-vlm: first-token logprob max |diff| {err:.3g}")
+        assert err < ATOL
+        assert [t.id for t in run(session, 16)] == ref_tokens
+    finally:
+        loaded.close()
