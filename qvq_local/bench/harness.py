@@ -6,8 +6,9 @@ run on one machine:
 1. the machine's memory bandwidth (``bench.bandwidth``), and from it the decode speed no implementation
    can beat (bytes read per token / bandwidth);
 2. the model: ``--model REF`` (a converted model, or an HF folder that is converted first) or
-   ``--shape tiny|2b|7b|72b``: a synthetic checkpoint of that shape, written and converted once into
-   ``QVQ_HOME/bench/<shape>-<fmt>-<quant>`` and reused afterwards (time and peak memory of the
+   ``--shape tiny|2b|7b|72b`` (``--family`` for another family's shapes): a synthetic checkpoint of that
+   shape, written and converted once into ``QVQ_HOME/bench/[<family>-]<shape>-<fmt>-<quant>`` and reused
+   afterwards (time and peak memory of the
    conversion are kept beside it and reported);
 3. per backend, in a child process each (``bench.worker``): qvq-local's own path
    (``qvq_local.load(...).stream``) and the raw library on the same files, prompt and image (mlx-vlm's
@@ -38,7 +39,6 @@ from qvq_local.families import DEFAULT_FAMILY
 SCHEMA = "qvq-bench/1"
 #: ``--backend all`` measures every backend in the registry
 ALL = "all"
-SHAPES = ("tiny", "2b", "7b", "72b")
 #: ``--quant`` -> (GGUF text quantisation, MLX bits).  The GGUF mmproj stays F16, MLX's vision tower
 #: stays unquantised (mlx-vlm never quantises it), as ``qvq convert`` does.
 QUANTS = {"q4": ("q4_k_m", 4), "q8": ("q8_0", 8)}
