@@ -11,7 +11,8 @@ instance) plus its tests, and one line in :data:`FAMILIES`.  The rest of qvq-loc
 What a new family must get right (checked against the pinned transformers 5, mlx-vlm 0.7 and the
 bundled llama.cpp, which all support QVQ's successors): Qwen2.5-VL's merger projects to
 ``vision_config.out_hidden_size``, not ``vision_config.hidden_size`` (override ``merger_width``); its GGUF
-projector is ``qwen2.5vl_merger``.  Qwen3-VL's patch is 16 pixels (a 32-pixel grid), its text arch
+projector is ``qwen2.5vl_merger`` while its text GGUF is ``qwen2vl`` like Qwen2-VL's, so a GGUF pair's
+family is its projector's (``family_for_projector``), not its text architecture's.  Qwen3-VL's patch is 16 pixels (a 32-pixel grid), its text arch
 ``qwen3vl`` and projector ``qwen3vl_merger``, and its DeepStack features would be dropped by the MLX
 session's split vision path (leave ``mlx_split_vision`` False until the session handles them).  Generic
 code may not name these either: ``tests/test_families.py`` scans for each family's identifiers.
