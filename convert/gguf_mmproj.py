@@ -55,26 +55,6 @@ def image_norm(ckpt: Checkpoint) -> tuple[list[float], list[float]]:
     return [float(x) for x in mean], [float(x) for x in std]
 
 
-def check_mmproj_supported(ckpt: Checkpoint) -> None:
-    """Raise ModelError for vision shapes llama.cpp's projector for this family cannot run."""
-    v = ckpt.vision
-    if v.temporal_patch_size != qwen2vl.TEMPORAL_PATCH_SIZE:
-        raise ModelError(
-            f"vision temporal_patch_size is {v.temporal_patch_size}; llama.cpp's "
-            f"{ckpt.family.gguf_projector} supports only {qwen2vl.TEMPORAL_PATCH_SIZE}",
-            path=ckpt.folder / "config.json",
-        )
-    if v.in_channels != 3:
-        raise ModelError(
-            f"vision in_chans is {v.in_channels}; only RGB (3) is supported", path=ckpt.folder / "config.json"
-        )
-    if v.hidden_act not in ("quick_gelu",):
-        raise ModelError(
-            f"vision hidden_act {v.hidden_act!r} is not supported (Qwen2-VL uses quick_gelu)",
-            path=ckpt.folder / "config.json",
-        )
-
-
 def mmproj_metadata(ckpt: Checkpoint, file_type: int, name: str) -> Callable[[Any], None]:
     mean, std = image_norm(ckpt)
 
@@ -86,7 +66,7 @@ def mmproj_metadata(ckpt: Checkpoint, file_type: int, name: str) -> Callable[[An
         w.add_clip_has_vision_encoder(True)
         w.add_clip_projector_type(ckpt.family.gguf_projector)
         w.add_vision_projection_dim(ckpt.text.hidden_size)
-        w.add_vision_image_size(qwen2vl.MMPROJ_IMAGE_SIZE)
+        w.add_vision_image_size(ckpt.family.mmproj_image_size)
         w.add_vision_patch_size(v.patch_size)
         w.add_vision_embedding_length(v.embed_dim)
         w.add_vision_feed_forward_length(v.mlp_dim)
@@ -96,23 +76,16 @@ def mmproj_metadata(ckpt: Checkpoint, file_type: int, name: str) -> Callable[[An
         w.add_vision_spatial_merge_size(v.spatial_merge_size)
         w.add_vision_image_mean(mean)
         w.add_vision_image_std(std)
-        # no clip.use_gelu / use_silu: clip's default activation is quick-GELU, which Qwen2-VL's ViT uses
+        ckpt.family.mmproj_family_keys(w, ckpt)  # the family's own keys (activation, window attention, ...)
 
     return add
 
 
 def mmproj_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor]:
-    """The mmproj tensors.  ``weight_type`` (F32, F16 or Q8_0) applies to the linear weights; the conv
-    kernels are F16 when it is F16 and F32 otherwise; norms and biases are F32."""
-    v = ckpt.vision
-    plan: list[PlannedTensor] = []
+    """The mmproj tensors, in the family's order (:meth:`Family.mmproj_tensors`).  ``weight_type`` (F32,
+    F16 or Q8_0) applies to the linear weights; the conv kernels are F16 when it is F16 and F32
+    otherwise; norms and biases are F32."""
     conv_type = "F16" if weight_type == "F16" else "F32"
-    pe = qwen2vl.MMPROJ_PATCH_SOURCE
-    e, c, _, p, _ = ckpt.shape(pe)
-    for t, gname in enumerate(qwen2vl.MMPROJ_PATCH_NAMES):
-        plan.append(
-            PlannedTensor(gname, (e, c, p, p), conv_type, _src(ckpt, pe, conv_type, select=_frame(t)))
-        )
 
     def linear_type(shape: tuple[int, ...]) -> str:
         if len(shape) == 1:
@@ -121,32 +94,29 @@ def mmproj_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor
             return "F16"  # Q8_0 needs widths divisible by its 32-element blocks
         return weight_type
 
-    for i in range(v.depth):
-        pre = f"visual.blocks.{i}."
-        out = f"v.blk.{i}."
-        for part in ("weight", "bias"):
-            src = f"{pre}attn.qkv.{part}"
-            rows = ckpt.shape(src)[0] // 3
-            shape = (rows,) + ckpt.shape(src)[1:]
-            for k, letter in enumerate("qkv"):
-                qt = linear_type(shape)
-                plan.append(
-                    PlannedTensor(
-                        f"{out}attn_{letter}.{part}",
-                        shape,
-                        qt,
-                        _src(ckpt, src, qt, start=k * rows, stop=(k + 1) * rows),
-                    )
-                )
-        for suffix, gsuffix in qwen2vl.MMPROJ_BLOCK_MAP.items():
-            src = pre + suffix
-            shape = ckpt.shape(src)
-            qt = linear_type(shape)
-            plan.append(PlannedTensor(out + gsuffix, shape, qt, _src(ckpt, src, qt)))
-    for src, gname in qwen2vl.MMPROJ_MERGER_MAP.items():
+    plan: list[PlannedTensor] = []
+    for gname, src, how in ckpt.family.mmproj_tensors(ckpt):
         shape = ckpt.shape(src)
-        qt = linear_type(shape)
-        plan.append(PlannedTensor(gname, shape, qt, _src(ckpt, src, qt)))
+        if how is None:
+            qt = linear_type(shape)
+            plan.append(PlannedTensor(gname, shape, qt, _src(ckpt, src, qt)))
+        elif how[0] == "frame":
+            e, c, _, p, q = shape
+            plan.append(
+                PlannedTensor(
+                    gname, (e, c, p, q), conv_type, _src(ckpt, src, conv_type, select=_frame(how[1]))
+                )
+            )
+        elif how[0] == "rows":
+            _, k, n = how
+            rows = shape[0] // n
+            part = (rows,) + shape[1:]
+            qt = linear_type(part)
+            plan.append(
+                PlannedTensor(gname, part, qt, _src(ckpt, src, qt, start=k * rows, stop=(k + 1) * rows))
+            )
+        else:  # pragma: no cover - a family module's mistake
+            raise ValueError(f"unknown mmproj source {how!r} for {gname}")
     return plan
 
 

@@ -22,7 +22,8 @@ from qvq_local.backends.base import gguf_sampling_keys, sampling_values
 from qvq_local.errors import ModelError
 from qvq_local.families import qwen2vl
 
-# The family's tensor map (re-exported: to_gguf and the tests import gguf_text_name from here).
+# The default family's tensor map (re-exported: the tests import gguf_text_name from here); conversion
+# asks the checkpoint's family.
 gguf_text_name = qwen2vl.gguf_text_name
 
 
@@ -215,7 +216,8 @@ def text_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor]:
     ``source`` (keep the checkpoint's precision: BF16 stays raw BF16, F16 stays F16, F32 stays F32).
     Norms and biases are always F32."""
     t = ckpt.text
-    order = qwen2vl.gguf_text_order(t, has_lm_head="lm_head.weight" in ckpt)
+    family = ckpt.family
+    order = family.gguf_text_order(t, has_lm_head="lm_head.weight" in ckpt)
     plan: list[PlannedTensor] = []
     for src in order:
         shape = ckpt.shape(src)
@@ -225,7 +227,7 @@ def text_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor]:
             qtype = {"BF16": "BF16", "F16": "F16", "F32": "F32"}[ckpt.dtype(src)]
         else:
             qtype = weight_type
-        plan.append(PlannedTensor(gguf_text_name(src), shape, qtype, _source(ckpt, src, qtype)))
+        plan.append(PlannedTensor(family.gguf_text_name(src), shape, qtype, _source(ckpt, src, qtype)))
     return plan
 
 

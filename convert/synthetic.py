@@ -27,7 +27,7 @@ from pathlib import Path
 
 from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError
-from qvq_local.families import qwen2vl
+from qvq_local.families import DEFAULT_FAMILY, FAMILIES, Family, qwen2vl
 from qvq_local.families.qwen2vl import BASE_VOCAB as QWEN_BASE_VOCAB
 from qvq_local.families.qwen2vl import SPECIAL_TOKENS
 
@@ -39,34 +39,62 @@ _CHUNK_ELEMS = 8 * 1024 * 1024  # ~32 MB of float32 per generated block
 _INIT_STD = 0.02
 
 
-# The shape table is the family's (re-exported: tests and the CLI import them from here).
+# The shape tables are the families' (re-exported: tests and the CLI import them from here).
 SynthShape = qwen2vl.SynthShape
 SHAPES = qwen2vl.SYNTH_SHAPES
 
 
-def get_shape(shape: str | SynthShape) -> SynthShape:
-    if isinstance(shape, SynthShape):
+def get_family(family: str | Family | None = None) -> Family:
+    """The registered family ``family`` names (its name or an alias, any case; None: the default)."""
+    if family is None:
+        return DEFAULT_FAMILY
+    if isinstance(family, Family):
+        return family
+    want = str(family).lower()
+    for f in FAMILIES.values():
+        if want == f.name.lower() or want in f.aliases:
+            return f
+    names = ", ".join(f.aliases[0] if f.aliases else f.name for f in FAMILIES.values())
+    raise InputError(f"unknown family {family!r}; choose one of {names}")
+
+
+def shapes_of(family: str | Family | None = None) -> dict[str, SynthShape]:
+    """The synthetic shapes of ``family`` (None: the default family's)."""
+    return get_family(family).synth_shapes
+
+
+def get_shape(shape: str | SynthShape, family: str | Family | None = None) -> SynthShape:
+    if not isinstance(shape, str):  # a shape object already (its family's own SynthShape class)
         return shape
+    table = shapes_of(family)
     try:
-        return SHAPES[shape]
+        return table[shape]
     except KeyError:
-        raise InputError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}") from None
+        fam = get_family(family)
+        raise InputError(f"unknown {fam.name} shape {shape!r}; choose one of {', '.join(table)}") from None
+
+
+def family_of(shape: SynthShape) -> Family:
+    """The family a shape belongs to (it names it)."""
+    return FAMILIES[shape.family]
 
 
 #: Embedding rows a shape gets when it carries the real Qwen tokenizer but had fewer (Qwen2-VL-2B's count).
 QWEN_VOCAB_ROWS = 151936
 
 
-def default_tokenizer(shape: str | SynthShape) -> str:
+def default_tokenizer(shape: str | SynthShape, family: str | Family | None = None) -> str:
     """``qwen`` for shapes laid out for the real vocabulary (2b, 7b, 72b) when its file is installed,
     else ``trained`` (tiny keeps its small trained tokenizer unless asked)."""
     from . import tokenizer_qwen
 
-    s = get_shape(shape)
+    s = get_shape(shape, family)
     return "qwen" if s.tokenizer_base == QWEN_BASE_VOCAB and tokenizer_qwen.available() else "trained"
 
 
-def with_tokenizer(shape: str | SynthShape, tokenizer: str | None) -> tuple[SynthShape, str]:
+def with_tokenizer(
+    shape: str | SynthShape, tokenizer: str | None, family: str | Family | None = None
+) -> tuple[SynthShape, str]:
     """The shape adjusted to carry ``tokenizer`` (None: the default) and the tokenizer kind.
 
     The real vocabulary puts the specials at 151643..151656, so a smaller shape (tiny) grows its
@@ -74,7 +102,7 @@ def with_tokenizer(shape: str | SynthShape, tokenizer: str | None) -> tuple[Synt
     """
     from . import tokenizer_qwen
 
-    s = get_shape(shape)
+    s = get_shape(shape, family)
     kind = default_tokenizer(s) if tokenizer is None else tokenizer
     if kind not in tokenizer_synth.KINDS:
         raise InputError(f"unknown tokenizer {kind!r}; choose one of {', '.join(tokenizer_synth.KINDS)}")
@@ -95,55 +123,11 @@ def _check_dtype(dtype: str) -> tuple[str, int, str]:
 
 
 # ------------------------------------------------------------------------------------------ configs
-def build_config(shape: str | SynthShape, dtype: str = "bf16") -> dict:
-    """config.json contents: flat text fields, nested vision_config (no model_type: mlx-vlm rejects it)."""
-    s = get_shape(shape)
+def build_config(shape: str | SynthShape, dtype: str = "bf16", family: str | Family | None = None) -> dict:
+    """config.json contents, in the layout of the shape's family (:meth:`Family.synth_config`)."""
+    s = get_shape(shape, family)
     ids = tokenizer_synth.special_ids(s.tokenizer_base)
-    if sum(s.mrope_section) * 2 != s.head_dim:
-        raise ValueError(f"mrope_section {s.mrope_section} does not cover head_dim {s.head_dim}")
-    return {
-        "architectures": [qwen2vl.FAMILY.hf_architectures[0]],
-        "attention_dropout": 0.0,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-        "vision_token_id": ids["<|vision_pad|>"],
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "hidden_act": "silu",
-        "hidden_size": s.hidden_size,
-        "initializer_range": _INIT_STD,
-        "intermediate_size": s.intermediate_size,
-        "max_position_embeddings": s.max_position_embeddings,
-        "max_window_layers": s.num_hidden_layers,
-        "model_type": qwen2vl.FAMILY.hf_model_types[0],
-        "num_attention_heads": s.num_attention_heads,
-        "num_hidden_layers": s.num_hidden_layers,
-        "num_key_value_heads": s.num_key_value_heads,
-        "rms_norm_eps": s.rms_norm_eps,
-        "rope_theta": s.rope_theta,
-        "sliding_window": 32768,
-        "tie_word_embeddings": s.tie_word_embeddings,
-        "torch_dtype": DTYPES[dtype][2] if dtype in DTYPES else dtype,
-        "transformers_version": "4.47.0",
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vision_config": {
-            "depth": s.vision_depth,
-            "embed_dim": s.vision_embed_dim,
-            "mlp_ratio": s.vision_mlp_ratio,
-            "num_heads": s.vision_num_heads,
-            "in_chans": 3,
-            "hidden_size": s.vision_hidden_size,
-            "patch_size": s.patch_size,
-            "spatial_merge_size": s.spatial_merge_size,
-            "spatial_patch_size": s.patch_size,
-            "temporal_patch_size": s.temporal_patch_size,
-        },
-        "rope_scaling": {"type": "mrope", "mrope_section": list(s.mrope_section)},
-        "vocab_size": s.vocab_size,
-    }
+    return family_of(s).synth_config(s, ids, DTYPES[dtype][2] if dtype in DTYPES else dtype)
 
 
 #: The synthetic models' sampling values.  Near-greedy like QVQ's (the top token always wins: top_p keeps
@@ -157,9 +141,9 @@ SYNTH_SAMPLING: dict[str, float | int] = {
 }
 
 
-def build_generation_config(shape: str | SynthShape) -> dict:
+def build_generation_config(shape: str | SynthShape, family: str | Family | None = None) -> dict:
     """generation_config.json in QVQ-72B-Preview's layout, with :data:`SYNTH_SAMPLING`'s values."""
-    ids = tokenizer_synth.special_ids(get_shape(shape).tokenizer_base)
+    ids = tokenizer_synth.special_ids(get_shape(shape, family).tokenizer_base)
     return {
         "bos_token_id": ids["<|endoftext|>"],
         "do_sample": True,
@@ -170,20 +154,10 @@ def build_generation_config(shape: str | SynthShape) -> dict:
     }
 
 
-def build_preprocessor_config(shape: str | SynthShape) -> dict:
-    """preprocessor_config.json of Qwen2-VL / QVQ: the slow Qwen2VLImageProcessor with CLIP statistics."""
-    s = get_shape(shape)
-    return {
-        "min_pixels": qwen2vl.PROCESSOR_MIN_PIXELS,
-        "max_pixels": qwen2vl.PROCESSOR_MAX_PIXELS,
-        "patch_size": s.patch_size,
-        "temporal_patch_size": s.temporal_patch_size,
-        "merge_size": s.spatial_merge_size,
-        "image_mean": list(qwen2vl.IMAGE_MEAN),
-        "image_std": list(qwen2vl.IMAGE_STD),
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2VLProcessor",
-    }
+def build_preprocessor_config(shape: str | SynthShape, family: str | Family | None = None) -> dict:
+    """preprocessor_config.json of the shape's family (Qwen2-VL / QVQ: the slow Qwen2VLImageProcessor)."""
+    s = get_shape(shape, family)
+    return family_of(s).synth_preprocessor_config(s)
 
 
 # ------------------------------------------------------------------------------------------ tensors
@@ -194,71 +168,15 @@ class TensorSpec:
     init: str  # "normal" | "norm_weight" (1 + noise)
 
 
-def tensor_specs(shape: str | SynthShape) -> list[TensorSpec]:
-    """Every tensor of the checkpoint, with the original Qwen2-VL names, in a natural writing order."""
-    s = get_shape(shape)
-    h, hd = s.hidden_size, s.head_dim
-    q_out, kv_out = s.num_attention_heads * hd, s.num_key_value_heads * hd
-    specs: list[TensorSpec] = [TensorSpec("model.embed_tokens.weight", (s.vocab_size, h), "normal")]
-    for i in range(s.num_hidden_layers):
-        p = f"model.layers.{i}."
-        specs += [
-            TensorSpec(p + "input_layernorm.weight", (h,), "norm_weight"),
-            TensorSpec(p + "self_attn.q_proj.weight", (q_out, h), "normal"),
-            TensorSpec(p + "self_attn.q_proj.bias", (q_out,), "normal"),
-            TensorSpec(p + "self_attn.k_proj.weight", (kv_out, h), "normal"),
-            TensorSpec(p + "self_attn.k_proj.bias", (kv_out,), "normal"),
-            TensorSpec(p + "self_attn.v_proj.weight", (kv_out, h), "normal"),
-            TensorSpec(p + "self_attn.v_proj.bias", (kv_out,), "normal"),
-            TensorSpec(p + "self_attn.o_proj.weight", (h, q_out), "normal"),
-            TensorSpec(p + "post_attention_layernorm.weight", (h,), "norm_weight"),
-            TensorSpec(p + "mlp.gate_proj.weight", (s.intermediate_size, h), "normal"),
-            TensorSpec(p + "mlp.up_proj.weight", (s.intermediate_size, h), "normal"),
-            TensorSpec(p + "mlp.down_proj.weight", (h, s.intermediate_size), "normal"),
-        ]
-    specs.append(TensorSpec("model.norm.weight", (h,), "norm_weight"))
-    if not s.tie_word_embeddings:
-        specs.append(TensorSpec("lm_head.weight", (s.vocab_size, h), "normal"))
-
-    e, mlp = s.vision_embed_dim, s.vision_embed_dim * s.vision_mlp_ratio
-    merged = e * s.spatial_merge_size**2
-    specs.append(
-        TensorSpec(
-            "visual.patch_embed.proj.weight",
-            (e, 3, s.temporal_patch_size, s.patch_size, s.patch_size),
-            "normal",
-        )
-    )
-    for j in range(s.vision_depth):
-        p = f"visual.blocks.{j}."
-        specs += [
-            TensorSpec(p + "norm1.weight", (e,), "norm_weight"),
-            TensorSpec(p + "norm1.bias", (e,), "normal"),
-            TensorSpec(p + "attn.qkv.weight", (3 * e, e), "normal"),
-            TensorSpec(p + "attn.qkv.bias", (3 * e,), "normal"),
-            TensorSpec(p + "attn.proj.weight", (e, e), "normal"),
-            TensorSpec(p + "attn.proj.bias", (e,), "normal"),
-            TensorSpec(p + "norm2.weight", (e,), "norm_weight"),
-            TensorSpec(p + "norm2.bias", (e,), "normal"),
-            TensorSpec(p + "mlp.fc1.weight", (mlp, e), "normal"),
-            TensorSpec(p + "mlp.fc1.bias", (mlp,), "normal"),
-            TensorSpec(p + "mlp.fc2.weight", (e, mlp), "normal"),
-            TensorSpec(p + "mlp.fc2.bias", (e,), "normal"),
-        ]
-    specs += [
-        TensorSpec("visual.merger.ln_q.weight", (e,), "norm_weight"),
-        TensorSpec("visual.merger.ln_q.bias", (e,), "normal"),
-        TensorSpec("visual.merger.mlp.0.weight", (merged, merged), "normal"),
-        TensorSpec("visual.merger.mlp.0.bias", (merged,), "normal"),
-        TensorSpec("visual.merger.mlp.2.weight", (s.vision_hidden_size, merged), "normal"),
-        TensorSpec("visual.merger.mlp.2.bias", (s.vision_hidden_size,), "normal"),
-    ]
-    return specs
+def tensor_specs(shape: str | SynthShape, family: str | Family | None = None) -> list[TensorSpec]:
+    """Every tensor of the checkpoint, with the family's original names, in a natural writing order."""
+    s = get_shape(shape, family)
+    return [TensorSpec(name, tuple(dims), init) for name, dims, init in family_of(s).synth_tensors(s)]
 
 
-def parameter_count(shape: str | SynthShape) -> int:
+def parameter_count(shape: str | SynthShape, family: str | Family | None = None) -> int:
     total = 0
-    for spec in tensor_specs(shape):
+    for spec in tensor_specs(shape, family):
         n = 1
         for d in spec.shape:
             n *= d
@@ -266,9 +184,9 @@ def parameter_count(shape: str | SynthShape) -> int:
     return total
 
 
-def checkpoint_bytes(shape: str | SynthShape, dtype: str = "bf16") -> int:
+def checkpoint_bytes(shape: str | SynthShape, dtype: str = "bf16", family: str | Family | None = None) -> int:
     """Bytes of tensor data the checkpoint will hold (files add a few MB of headers and tokenizer)."""
-    return parameter_count(shape) * _check_dtype(dtype)[1]
+    return parameter_count(shape, family) * _check_dtype(dtype)[1]
 
 
 def _tensor_seed(seed: int, name: str):
@@ -313,12 +231,13 @@ def _is_nonempty_dir(path: Path) -> bool:
 
 def write_checkpoint(
     out: str | Path,
-    shape: str = "tiny",
+    shape: str | SynthShape = "tiny",
     dtype: str = "bf16",
     seed: int = 0,
     progress: bool = False,
     force: bool = False,
     tokenizer: str | None = None,
+    family: str | Family | None = None,
 ) -> Path:
     """Write a random-weight QVQ-layout checkpoint into ``out`` and return its path.
 
@@ -332,7 +251,12 @@ def write_checkpoint(
     """
     from .safetensors_io import ShardedWriter
 
-    s, kind = with_tokenizer(shape, tokenizer)
+    fam = family_of(shape) if not isinstance(shape, str) else get_family(family)
+    if fam.write_synthetic is not None:
+        return fam.write_synthetic(
+            out, shape, dtype=dtype, seed=seed, force=force, tokenizer=tokenizer, progress=progress
+        )
+    s, kind = with_tokenizer(shape, tokenizer, family)
     st_dtype, _, _ = _check_dtype(dtype)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -389,7 +313,15 @@ def _write_files(
     dump("config.json", build_config(s, dtype))
     dump("generation_config.json", build_generation_config(s))
     dump("preprocessor_config.json", build_preprocessor_config(s))
-    tokenizer_synth.write_tokenizer_files(folder, s.tokenizer_base, s.max_position_embeddings, tokenizer)
+    fam = family_of(s)
+    tokenizer_synth.write_tokenizer_files(
+        folder,
+        s.tokenizer_base,
+        s.max_position_embeddings,
+        tokenizer,
+        system_prompt=fam.system_prompt,
+        processor_class=fam.hf_processor_class,
+    )
 
     specs = tensor_specs(s)
     total = checkpoint_bytes(s, dtype)
@@ -465,19 +397,18 @@ def synth_command(
     seed: int = 0,
     force: bool = False,
     tokenizer: str | None = None,
+    family: str | None = None,
 ) -> Path:
     """The ``qvq synth`` command: validate, write with a progress bar, print a one-line summary."""
-    s, kind = with_tokenizer(shape, tokenizer)
+    s, kind = with_tokenizer(shape, tokenizer, family)
     _check_dtype(dtype)
     out = Path(out)
     if _is_nonempty_dir(out) and not force:
         raise InputError("folder exists and is not empty", path=out, hint="use --force to replace it")
-    path = write_checkpoint(
-        out, shape=s.name, dtype=dtype, seed=seed, progress=True, force=force, tokenizer=kind
-    )
+    path = write_checkpoint(out, shape=s, dtype=dtype, seed=seed, progress=True, force=force, tokenizer=kind)
     n_shards = len(list(path.glob("model-*.safetensors")))
     print(
-        f"wrote {path}: {s.name} ({parameter_count(s) / 1e6:,.1f}M parameters, {dtype}, seed {seed},"
+        f"wrote {path}: {family_of(s).name} {s.name} ({parameter_count(s) / 1e6:,.1f}M parameters, {dtype}, seed {seed},"
         f" {kind} tokenizer), "
         f"{_human(_folder_size(path))} in {n_shards} shard{'s' if n_shards != 1 else ''}"
     )

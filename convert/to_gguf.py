@@ -21,7 +21,6 @@ from pathlib import Path
 from qvq_local.convert.checkpoint import Checkpoint, open_checkpoint
 from qvq_local.convert.gguf_mmproj import arch as mmproj_arch
 from qvq_local.convert.gguf_mmproj import (
-    check_mmproj_supported,
     mmproj_metadata,
     mmproj_tensor_plan,
 )
@@ -106,7 +105,7 @@ def _convert(
 ) -> GgufPair:
     # ---- everything that can fail is checked here, before any output exists
     fam = ckpt.family  # a family with its own tensor layout supplies its own parts
-    (fam.check_mmproj_supported or check_mmproj_supported)(ckpt)
+    fam.check_mmproj_supported(ckpt)  # vision shapes llama.cpp's projector for this family cannot run
     vocab = read_vocab(ckpt)
     direct = quant in _DIRECT
     if not direct:

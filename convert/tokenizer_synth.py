@@ -32,10 +32,19 @@ QWEN2_PATTERN = (
 
 # Qwen2-VL's chat template (chat_template.json of Qwen2-VL-*-Instruct), with QVQ's default system prompt.
 # Image parts render as <|vision_start|><|image_pad|><|vision_end|>; the processor expands the pad.
-CHAT_TEMPLATE = (
+def chat_template(system_prompt: str = QVQ_SYSTEM_PROMPT) -> str:
+    """The Qwen2-VL chat template with this default system prompt (Qwen2.5-VL ships the same template
+    with "You are a helpful assistant.")."""
+    return _TEMPLATE_HEAD + system_prompt + _TEMPLATE_TAIL
+
+
+_TEMPLATE_HEAD = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\n" + QVQ_SYSTEM_PROMPT + "<|im_end|>\n{% endif %}"
+    "<|im_start|>system\n"
+)
+_TEMPLATE_TAIL = (
+    "<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
@@ -50,6 +59,7 @@ CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+CHAT_TEMPLATE = chat_template()
 
 # A small corpus in the register QVQ writes in: questions about images, step-by-step reasoning, answers.
 _CORPUS = """\
@@ -216,7 +226,12 @@ def special_ids(base_size: int) -> dict[str, int]:
     return {t: base_size + k for k, t in enumerate(SPECIAL_TOKENS)}
 
 
-def tokenizer_config(base_size: int, model_max_length: int) -> dict:
+def tokenizer_config(
+    base_size: int,
+    model_max_length: int,
+    template: str = CHAT_TEMPLATE,
+    processor_class: str = "Qwen2VLProcessor",
+) -> dict:
     """tokenizer_config.json as Qwen2-VL ships it (eos <|im_end|>, pad <|endoftext|>, no bos)."""
     added = {
         str(i): {
@@ -234,22 +249,31 @@ def tokenizer_config(base_size: int, model_max_length: int) -> dict:
         "added_tokens_decoder": added,
         "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
         "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": template,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
         "model_max_length": model_max_length,
         "pad_token": "<|endoftext|>",
         "padding_side": "left",
-        "processor_class": "Qwen2VLProcessor",
+        "processor_class": processor_class,
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
 
 
-def write_tokenizer_files(folder: Path, base_size: int, model_max_length: int, kind: str = "trained") -> None:
-    """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json and chat_template.json."""
+def write_tokenizer_files(
+    folder: Path,
+    base_size: int,
+    model_max_length: int,
+    kind: str = "trained",
+    system_prompt: str = QVQ_SYSTEM_PROMPT,
+    processor_class: str = "Qwen2VLProcessor",
+) -> None:
+    """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json and chat_template.json (the
+    template's default system prompt and the processor class are the family's)."""
+    template = chat_template(system_prompt)
     folder = Path(folder)
     (folder / "tokenizer.json").write_text(build_tokenizer_json(base_size, kind), encoding="utf-8")
     vocab, merges = vocab_and_merges(kind, base_size)
@@ -258,9 +282,14 @@ def write_tokenizer_files(folder: Path, base_size: int, model_max_length: int, k
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
     )
     (folder / "tokenizer_config.json").write_text(
-        json.dumps(tokenizer_config(base_size, model_max_length), indent=2, ensure_ascii=False) + "\n",
+        json.dumps(
+            tokenizer_config(base_size, model_max_length, template, processor_class),
+            indent=2,
+            ensure_ascii=False,
+        )
+        + "\n",
         encoding="utf-8",
     )
     (folder / "chat_template.json").write_text(
-        json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        json.dumps({"chat_template": template}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )

@@ -217,9 +217,10 @@ class Model:
         """Ask ``question`` about ``images`` (paths or :class:`PreparedImage`); yield events as they come.
 
         ``think_budget`` caps thought tokens (None: up to :data:`DEFAULT_MAX_THOUGHT`, or what the context
-        holds); ``answer_budget`` caps answer tokens.  ``system`` replaces the family's system prompt
-        (QVQ's; Qwen3-VL has none; ``""`` leaves the template's own default).  Sampling values left at
-        None come from the model's generation_config.  ``forced_text`` (fed when thinking is cut) defaults to what suits the model and
+        holds); ``answer_budget`` caps answer tokens.  ``system`` replaces the model family's system prompt
+        (QVQ's for Qwen2-VL models; Qwen3-VL has none; ``""`` leaves the template's own default).  Sampling
+        values left at None come from the model's generation_config.  ``forced_text`` (fed when thinking is
+        cut) defaults to what suits the model and
         the question: ``</think>`` when the chat template opens ``<think>``, else QVQ's marker, after a
         sentence in the question's language (:func:`qvq_local.reasoning.default_forced_text`).
         ``lang_lock`` (auto|on|off, see :mod:`qvq_local.lang`) keeps the thought in the question's scripts.
@@ -295,11 +296,12 @@ class Model:
         infos: list[ImageInfo] = []
         try:
             loaded = self.loaded
-            prepared = prepare_images(images, options.max_pixels, factor=_family_of(loaded).image_factor)
+            family = _family_of(loaded)  # its image grid, system prompt and sampling are the defaults
+            prepared = prepare_images(images, options.max_pixels, factor=family.image_factor)
             infos = [replace(p.info) for p in prepared]
             for info in infos:  # the backend's own count is the one that fills its context
                 info.tokens = int(loaded.image_token_estimate(*info.size))
-            default_system = _family_of(loaded).system_prompt or None  # Qwen3-VL's templates have none
+            default_system = family.system_prompt or None  # Qwen3-VL's templates have none
             system_text = default_system if options.system is None else (options.system or None)
             text = build_prompt(loaded.chat_template, question, len(prepared), system_text)
 
@@ -308,7 +310,9 @@ class Model:
             if text_tokens is None:
                 text_tokens = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
             n_ctx, thought_cap = self._size_context(text_tokens, image_tokens, options)
-            resolved = options.sampling.resolved(getattr(loaded, "generation_config", {}) or {})
+            resolved = options.sampling.resolved(
+                getattr(loaded, "generation_config", {}) or {}, family.sampling
+            )
             # how thinking ends suits the model (its template) and the question (its language)
             forced_text = options.forced_text
             if forced_text is None:

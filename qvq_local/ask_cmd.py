@@ -365,6 +365,7 @@ def print_doctor(model: str | None, context: int | None, as_json: bool, selftest
         )
         mt.add_column(style="bold")
         mt.add_column()
+        mt.add_row("family", escape(fit.get("family") or "unknown"))
         mt.add_row("format", escape(f"{fit['format']} ({fit['quantization']}) at {fit['path']}"))
         mt.add_row("weights", _human(fit["weights_bytes"]))
         if fit.get("cpu_buffers"):

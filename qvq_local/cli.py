@@ -34,7 +34,16 @@ def _fail(err: QvqError) -> None:
 @app.command()
 def synth(
     out: Path = typer.Argument(..., help="Folder to write the checkpoint into (created)."),
-    shape: str = typer.Option("tiny", "--shape", help="tiny | 2b | 7b | 72b"),
+    shape: str = typer.Option(
+        "tiny",
+        "--shape",
+        help="tiny, or a published size: Qwen2-VL 2b | 7b | 72b; Qwen2.5-VL 3b | 7b | 32b | 72b; Qwen3-VL 2b | 4b | 8b | 32b.",
+    ),
+    family: str = typer.Option(
+        "qwen2-vl",
+        "--family",
+        help="Model family whose layout to write: qwen2-vl (QVQ) | qwen2.5-vl | qwen3-vl (Thinking).",
+    ),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16 | f32"),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same bytes."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
@@ -45,14 +54,17 @@ def synth(
         " Default: qwen for 2b/7b/72b when dashscope is installed, else trained.",
     ),
 ) -> None:
-    """Write a random-weight checkpoint in exactly the Hugging Face layout of QVQ-72B-Preview.
+    """Write a random-weight checkpoint in exactly the Hugging Face layout of QVQ-72B-Preview (or of
+    another family's published models: --family).
 
     For tests, demos and benchmarks without downloading a model: the words it writes are random.
     """
     from qvq_local.convert.synthetic import synth_command
 
     try:
-        synth_command(shape=shape, out=out, dtype=dtype, seed=seed, force=force, tokenizer=tokenizer)
+        synth_command(
+            shape=shape, out=out, dtype=dtype, seed=seed, force=force, tokenizer=tokenizer, family=family
+        )
     except QvqError as err:
         _fail(err)
 
@@ -220,10 +232,17 @@ def models(
     from rich.table import Table
 
     table = Table(title=None, show_edge=False, header_style="bold")
-    for column in ("name", "format", "quantization", "size", "source"):
+    for column in ("name", "family", "format", "quantization", "size", "source"):
         table.add_column(column, justify="right" if column == "size" else "left", overflow="fold")
     for row in rows:
-        table.add_row(row["name"], row["format"], row["quantization"], human_size(row["size"]), row["source"])
+        table.add_row(
+            row["name"],
+            row.get("family") or "?",
+            row["format"],
+            row["quantization"],
+            human_size(row["size"]),
+            row["source"],
+        )
     Console().print(table)
 
 
@@ -263,7 +282,9 @@ def ask(
     top_k: int | None = typer.Option(None, "--top-k"),
     repetition_penalty: float | None = typer.Option(None, "--repetition-penalty"),
     seed: int | None = typer.Option(None, "--seed"),
-    system: str | None = typer.Option(None, "--system", help="Replace QVQ's system prompt."),
+    system: str | None = typer.Option(
+        None, "--system", help="Replace the model family's system prompt (QVQ's for Qwen2-VL models)."
+    ),
     no_loop_stop: bool = typer.Option(False, "--no-loop-stop", help="Do not cut reasoning loops."),
     lang_lock: str = typer.Option(
         "auto",
@@ -496,6 +517,11 @@ def bench(
         help="tiny | 2b | 7b | 72b: synthesise and convert a random model of that shape "
         "(cached in QVQ_HOME/bench). Default when no --model: tiny.",
     ),
+    family: str | None = typer.Option(
+        None,
+        "--family",
+        help="Family of the --shape model: qwen2-vl (default) | qwen2.5-vl (see `qvq synth`).",
+    ),
     backend: str = typer.Option("auto", "--backend", help=f"{registry.choices('all')}."),
     image_sizes: str = typer.Option("224,448", "--image-sizes", help="Square image edge lengths in pixels."),
     runs: int = typer.Option(
@@ -545,6 +571,7 @@ def bench(
             chart_path=chart,
             bandwidth_mib=bandwidth_mib,
             cpu_buffers=cpu_buffers,
+            family=family,
         )
     except QvqError as err:
         _fail(err)

@@ -150,6 +150,7 @@ def model_fit(
     verdict = fit_verdict(need, available, total)
     return {
         "name": resolved.name,
+        "family": models.model_family(resolved),
         "format": resolved.format,
         "cpu_buffers": _llama_buffers_for(resolved.path) if resolved.format == "gguf" else None,
         "path": str(resolved.path),

@@ -475,7 +475,9 @@ def _check_gguf_pair(
         return
     projector = proj["fields"].get(Keys.Clip.PROJECTOR_TYPE)
     expected = family or DEFAULT_FAMILY
-    if family_for_projector(projector) is not expected:
+    proj_family = family_for_projector(projector)
+    # families may share a text architecture (Qwen2.5-VL's is qwen2vl too): the projector decides
+    if proj_family is None or proj_family.gguf_text_arch != expected.gguf_text_arch:
         findings.append(
             Finding(
                 "error",

@@ -446,6 +446,35 @@ def list_models() -> list[dict[str, Any]]:
     return rows
 
 
+def model_family(model: ResolvedModel) -> str | None:
+    """The registered family (``Family.name``) of a resolved model, from its files' own words: a folder's
+    config.json, a GGUF pair's mmproj projector (families may share a text architecture); None when
+    unknown or unreadable."""
+    from qvq_local.families import family_for_config, family_for_gguf_arch, family_for_projector
+
+    try:
+        if model.format == "gguf":
+            from gguf import Keys
+
+            from qvq_local.backends.llamacpp import read_gguf_metadata
+
+            if model.mmproj is not None:
+                keys = {Keys.Clip.PROJECTOR_TYPE}
+                projector = read_gguf_metadata(model.mmproj, keys).get(Keys.Clip.PROJECTOR_TYPE)
+                family = family_for_projector(projector)
+            else:
+                arch = read_gguf_metadata(model.path, {Keys.General.ARCHITECTURE}).get(
+                    Keys.General.ARCHITECTURE
+                )
+                family = family_for_gguf_arch(arch)
+        else:
+            folder = model.path if model.path.is_dir() else model.path.parent
+            family = family_for_config(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, ModelError, ImportError):
+        return None
+    return family.name if family is not None else None
+
+
 def _row(model: ResolvedModel) -> dict[str, Any]:
     manifest = model.manifest or {}
     size = manifest.get("total_bytes")
@@ -455,6 +484,7 @@ def _row(model: ResolvedModel) -> dict[str, Any]:
         size = sum(p.stat().st_size for p in model_files(model) if p.exists())
     return {
         "name": model.name,
+        "family": model_family(model),
         "format": model.format,
         "quantization": model.quantization,
         "size": int(size),

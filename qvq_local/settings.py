@@ -60,7 +60,7 @@ class AskSettings:
     ``think_budget``: thought tokens before the answer is forced (None: up to what the context holds).
     ``answer_budget``: answer tokens (None: no limit of its own).  ``max_pixels``: the pixel bound per image
     (None: the loaded model's, else the family's default).  ``sampling``: overrides of the model's
-    generation_config (None fields: the model's own).  ``system``: replaces QVQ's system prompt (``""``:
+    generation_config (None fields: the model's own).  ``system``: replaces the family's system prompt (``""``:
     the template's own default).  ``loop_detection``: cut reasoning loops.  ``forced_text``: fed when
     thinking is cut (None: what suits the model and the question).  ``lang_lock``: auto | on | off
     (:mod:`qvq_local.lang`).  ``backend`` and ``cpu_buffers``: how the model is loaded (the CLI's; the API

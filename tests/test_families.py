@@ -29,10 +29,13 @@ def test_registry_finds_qwen2vl_from_every_side():
         family_for_config({"architectures": ["LlavaForConditionalGeneration"], "model_type": "qwen2_vl"})
         is None
     )
-    assert family_for_config({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}) is None
+    # Qwen2.5-VL is its own family (tests/test_family_qwen2_5vl.py), though its text GGUF is qwen2vl too
+    assert family_for_config({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}) is not fam
     assert family_for_model_type("qwen2_vl") is fam and family_for_model_type("llava") is None
     assert family_for_gguf_arch("qwen2vl") is fam and family_for_gguf_arch("llama") is None
-    assert family_for_projector("qwen2vl_merger") is fam and family_for_projector("qwen2.5vl_merger") is None
+    assert (
+        family_for_projector("qwen2vl_merger") is fam and family_for_projector("qwen2.5vl_merger") is not fam
+    )
     assert "Qwen2VLForConditionalGeneration (QVQ / Qwen2-VL)" in describe_supported()
 
 
@@ -158,7 +161,10 @@ def test_synthetic_shapes_are_consistent_with_the_family_rules():
 # ------------------------------------------------------------------------------------------ one place
 
 #: A family's identifiers that only its module under families/ may spell out (string constants).
-FAMILY_STRINGS = {"Qwen2VLForConditionalGeneration", "qwen2_vl", "qwen2vl", "qwen2vl_merger"}
+FAMILY_STRINGS = {
+    *("Qwen2VLForConditionalGeneration", "qwen2_vl", "qwen2vl", "qwen2vl_merger"),
+    *("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "qwen2.5vl_merger"),
+}
 #: The 28-pixel grid (patch 14 x merge 2) as an integer literal.
 GRID_LITERAL = 28
 
@@ -213,7 +219,8 @@ def test_no_module_outside_families_names_a_family():
         ('"""A docstring about qwen2vl."""\nx = 1\n"""An attribute doc: qwen2vl_merger, 28 px."""', False),
         ("# only a comment: qwen2vl_merger, 28 px\nx = 1", False),
         ('def f():\n    """Doc: qwen2_vl."""\n    return "qwen2_vl"', True),
-        ('x = "qwen2.5vl_merger"; y = "qwen2_vl_surgery"; n = 280', False),
+        ('x = "qwen2.5vl_merger"', True),
+        ('x = "qwen2.5vl_mergers"; y = "qwen2_vl_surgery"; n = 280', False),
         ("TABLE = {28: (1, 8)}", False),
     ],
 )

@@ -64,9 +64,10 @@ class SamplingParams:
     repetition_penalty: float | None = None
     seed: int | None = None
 
-    def resolved(self, defaults: dict) -> SamplingParams:
-        """Fill unset fields from a generation_config-like dict, then from QVQ's published values."""
-        qvq = {**QVQ_SAMPLING, "seed": 0}
+    def resolved(self, defaults: dict, fallback: dict | None = None) -> SamplingParams:
+        """Fill unset fields from a generation_config-like dict, then from ``fallback`` (the model family's
+        published values, ``Family.sampling``; None: QVQ's)."""
+        qvq = {**(QVQ_SAMPLING if fallback is None else fallback), "seed": 0}
         out = {}
         for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
             value = getattr(self, name)

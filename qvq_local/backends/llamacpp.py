@@ -48,6 +48,7 @@ from qvq_local.backends.base import (
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError, QvqError
 from qvq_local.families import (
     DEFAULT_FAMILY,
+    FAMILIES,
     Family,
     family_for_gguf_arch,
     family_for_projector,
@@ -351,7 +352,9 @@ class LlamaModel:
                 f" {self.context_length}",
                 hint="lower the thinking/answer budgets or the image size",
             )
-        session = LlamaSession(self, (sampling or SamplingParams()).resolved(self.generation_config), n_ctx)
+        session = LlamaSession(
+            self, (sampling or SamplingParams()).resolved(self.generation_config, self.family.sampling), n_ctx
+        )
         self._sessions.add(session)
         return session
 
@@ -455,10 +458,13 @@ def load(
             path=mmproj_path,
         )
     projector = pmeta.get(Keys.Clip.PROJECTOR_TYPE) or pmeta.get(Keys.ClipVision.PROJECTOR_TYPE)
-    if family_for_projector(projector) is not family:
-        raise ModelError(
-            f"mmproj projector type is {projector!r}, expected {family.gguf_projector}", path=mmproj_path
-        )
+    # Families may share a text architecture (Qwen2.5-VL's text GGUF is ``qwen2vl`` too): the projector
+    # says which family the pair is.
+    proj_family = family_for_projector(projector)
+    if proj_family is None or proj_family.gguf_text_arch != arch:
+        expected = " or ".join(f.gguf_projector for f in FAMILIES.values() if f.gguf_text_arch == arch)
+        raise ModelError(f"mmproj projector type is {projector!r}, expected {expected}", path=mmproj_path)
+    family = proj_family
 
     llama_cpp, mtmd_cpp = _libs()
     gpu = bool(llama_cpp.llama_supports_gpu_offload())

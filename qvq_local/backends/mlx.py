@@ -37,16 +37,13 @@ INSTALL_HINT = registry.BACKENDS["mlx"].install_hint
 #: attention scratch memory for long prompts; only the prompt's last position goes through the output head.
 PREFILL_CHUNK = 512
 
-#: Model types without a registered family whose mlx-vlm vision tower can still be run on its own (the
-#: registered families say so themselves: ``Family.mlx_split_vision``).
-_SPLIT_VISION_EXTRA = {"qwen2_5_vl"}
-
 
 def _split_vision(model_type: str) -> bool:
     """True when the vision tower can be run on its own and its features handed back to
-    ``get_input_embeddings(cached_image_features=...)``; others fall back to mlx-vlm's combined call."""
+    ``get_input_embeddings(cached_image_features=...)`` (the family says so: ``Family.mlx_split_vision``);
+    others fall back to mlx-vlm's combined call."""
     family = family_for_model_type(model_type)
-    return bool(getattr(family, "mlx_split_vision", False)) or model_type in _SPLIT_VISION_EXTRA
+    return bool(getattr(family, "mlx_split_vision", False))
 
 
 #: A token whose bytes never complete a character is flushed after this many held tokens (U+FFFD).
@@ -125,6 +122,8 @@ class MlxModel:
         self.config = config
         self.name = name
         self.generation_config = _read_json(model_dir / "generation_config.json")
+        #: The registered family of the model (its resize rule and sampling fallback).
+        self.family = family_for_model_type(config.get("model_type")) or DEFAULT_FAMILY
         self.chat_template = load_chat_template(model_dir)
         text_config = config.get("text_config") or {}
         self.context_length = int(
@@ -158,7 +157,7 @@ class MlxModel:
         if counter is not None:
             return int(counter(int(height), int(width)))
         # the family's resize rule (rounding only: images arrive bounded), for processors that cannot count
-        family = family_for_model_type(self.config.get("model_type")) or DEFAULT_FAMILY
+        family = self.family
         return family.image_tokens(*family.smart_resize(int(width), int(height)))
 
     @property
@@ -181,7 +180,7 @@ class MlxModel:
         return [b"" if i in special or t is None else byte_level_to_bytes(t) for i, t in enumerate(tokens)]
 
     def new_session(self, sampling: SamplingParams, *, n_ctx: int | None = None) -> MlxSession:
-        return MlxSession(self, sampling.resolved(self.generation_config), n_ctx=n_ctx)
+        return MlxSession(self, sampling.resolved(self.generation_config, self.family.sampling), n_ctx=n_ctx)
 
     def close(self) -> None:
         mx = _import_mlx()

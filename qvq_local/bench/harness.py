@@ -6,8 +6,9 @@ run on one machine:
 1. the machine's memory bandwidth (``bench.bandwidth``), and from it the decode speed no implementation
    can beat (bytes read per token / bandwidth);
 2. the model: ``--model REF`` (a converted model, or an HF folder that is converted first) or
-   ``--shape tiny|2b|7b|72b``: a synthetic checkpoint of that shape, written and converted once into
-   ``QVQ_HOME/bench/<shape>-<fmt>-<quant>`` and reused afterwards (time and peak memory of the
+   ``--shape tiny|2b|7b|72b`` (``--family`` for another family's shapes): a synthetic checkpoint of that
+   shape, written and converted once into ``QVQ_HOME/bench/[<family>-]<shape>-<fmt>-<quant>`` and reused
+   afterwards (time and peak memory of the
    conversion are kept beside it and reported);
 3. per backend, in a child process each (``bench.worker``): qvq-local's own path
    (``qvq_local.load(...).stream``) and the raw library on the same files, prompt and image (mlx-vlm's
@@ -41,7 +42,6 @@ from qvq_local.families import DEFAULT_FAMILY
 SCHEMA = "qvq-bench/1"
 #: ``--backend all`` measures every backend in the registry
 ALL = "all"
-SHAPES = ("tiny", "2b", "7b", "72b")
 #: ``--quant`` -> (GGUF text quantisation, MLX bits).  The GGUF mmproj stays F16, MLX's vision tower
 #: stays unquantised (mlx-vlm never quantises it), as ``qvq convert`` does.
 QUANTS = {"q4": ("q4_k_m", 4), "q8": ("q8_0", 8)}
@@ -308,7 +308,15 @@ def _safe_name(text: str) -> str:
 
 
 def prepare_models(
-    *, shape: str | None, model: str | None, backends: list[str], quant: str, home: Path, progress: bool, log
+    *,
+    shape: str | None,
+    model: str | None,
+    backends: list[str],
+    quant: str,
+    home: Path,
+    progress: bool,
+    log,
+    family: str | None = None,
 ) -> dict:
     """Make the model files each backend needs; return ``{"label", "source", "synthesis", "formats"}``.
 
@@ -321,14 +329,16 @@ def prepare_models(
     info: dict = {"synthesis": None, "formats": {}}
     source: Path | None = None
     if shape is not None:
-        if shape not in SHAPES:
-            raise InputError(f"unknown shape {shape!r}: choose {', '.join(SHAPES)}")
         from qvq_local.convert import synthetic
 
+        fam = synthetic.get_family(family)
+        synthetic.get_shape(shape, fam)  # an unknown shape is an InputError naming the family's shapes
+        # the default family keeps its cache names; another family's are prefixed with its alias
+        prefix = "" if fam is synthetic.DEFAULT_FAMILY else f"{fam.aliases[0]}-"
         home.mkdir(parents=True, exist_ok=True)
-        hf_name = f"{shape}-hf-bf16"
-        info["label"] = f"synthetic {shape} ({quant})"
-        info["source"] = f"shape:{shape}"
+        hf_name = f"{prefix}{shape}-hf-bf16"
+        info["label"] = f"synthetic {prefix}{shape} ({quant})"
+        info["source"] = f"shape:{prefix}{shape}"
         info["synthesis"] = _cached_build(
             home,
             hf_name,
@@ -336,19 +346,20 @@ def prepare_models(
                 "job": "synth",
                 "out": str(home / hf_name),
                 "shape": shape,
+                "family": fam.name,
                 "dtype": "bf16",
                 "seed": 0,
                 # the real Qwen vocabulary where dashscope is installed, else a trained one: a cache made
                 # with the other must not be reused
-                "tokenizer": synthetic.default_tokenizer(shape),
+                "tokenizer": synthetic.default_tokenizer(shape, fam),
                 "progress": progress,
                 "force": True,
             },
-            f"synthesising the {shape} checkpoint",
+            f"synthesising the {prefix}{shape} checkpoint",
             log,
             check=lambda r: (Path(r["path"]) / "config.json").is_file(),
         )
-        source, base = home / hf_name, shape
+        source, base = home / hf_name, f"{prefix}{shape}"
     else:
         from qvq_local import models
 
@@ -543,12 +554,12 @@ MLX_CPU_SKIP = (
 )
 
 
-def _source_bytes(shape: str | None, model: str | None) -> int:
+def _source_bytes(shape: str | None, model: str | None, family: str | None = None) -> int:
     """Roughly the converted model's size, known before converting (decides the MLX-on-CPU skip)."""
     if shape is not None:
         from qvq_local.convert.synthetic import checkpoint_bytes
 
-        return int(checkpoint_bytes(shape, "bf16") * 0.3)  # about what a 4-bit conversion keeps
+        return int(checkpoint_bytes(shape, "bf16", family) * 0.3)  # about what a 4-bit conversion keeps
     from qvq_local import models
 
     path = models.resolve(model, download=False, progress=False).path
@@ -641,10 +652,12 @@ def run_bench(
     progress: bool = True,
     console=None,
     command: str | None = None,
+    family: str | None = None,
 ) -> dict:
     """Run the whole benchmark and return the result dictionary (also written to ``json_path``).
 
-    Exactly one of ``model`` and ``shape`` (``shape`` defaults to ``"tiny"`` when neither is given).
+    Exactly one of ``model`` and ``shape`` (``shape`` defaults to ``"tiny"`` when neither is given);
+    ``family`` picks the synthetic model's family (``qvq synth --family``; None: Qwen2-VL).
     Raises InputError for bad options, ModelError for an unusable model, DiskFull when synthesising or
     converting would not fit; a backend or raw path that cannot run is reported in the result instead.
     """
@@ -656,6 +669,12 @@ def run_bench(
     backend, shape, sizes = _checked_options(
         model, shape, backend, image_sizes, runs, decode_tokens, answer_tokens, quant
     )
+    if family is not None:
+        from qvq_local.convert import synthetic
+
+        if model is not None:
+            raise InputError("--family picks a synthetic model: pass it with --shape, not with --model")
+        synthetic.get_shape(shape, family)  # unknown family or shape: one line, before any work
     home_path = Path(home).expanduser() if home is not None else bench_home()
     t_start = time.perf_counter()
 
@@ -670,6 +689,7 @@ def run_bench(
         "settings": {
             "model": model,
             "shape": shape,
+            "family": family,
             "backend": backend,
             "backends": backends,
             "image_sizes": sizes,
@@ -686,7 +706,7 @@ def run_bench(
     }
     log("describing the machine")
     result["machine"] = describe_machine()
-    installed = _installed_backends(backend, backends, shape, model)
+    installed = _installed_backends(backend, backends, shape, model, family)
     usable = [b for b in backends if installed[b][0]]
 
     log(f"measuring memory bandwidth ({bandwidth_bytes / 2**30:.2f} GiB array, {bandwidth_reps} reps)")
@@ -697,7 +717,14 @@ def run_bench(
     prepared: dict = {"label": model or shape, "formats": {}}
     if usable:
         prepared = prepare_models(
-            shape=shape, model=model, backends=usable, quant=quant, home=home_path, progress=progress, log=log
+            shape=shape,
+            model=model,
+            backends=usable,
+            quant=quant,
+            home=home_path,
+            progress=progress,
+            log=log,
+            family=family,
         )
     result["model"] = {
         "label": prepared.get("label"),
@@ -746,12 +773,12 @@ def _checked_options(
 
 
 def _installed_backends(
-    backend: str, backends: list[str], shape, model
+    backend: str, backends: list[str], shape, model, family: str | None = None
 ) -> dict[str, tuple[bool, str | None]]:
     """Which backends can run here (``(ok, reason)`` each); MLX on a non-Apple CPU is skipped for big models."""
     installed = {b: _installed(b) for b in backends}
     mlx_asked = backend == ALL and "mlx" in backends and installed["mlx"][0]
-    if mlx_asked and not _apple() and _source_bytes(shape, model) > MLX_CPU_LIMIT_BYTES:
+    if mlx_asked and not _apple() and _source_bytes(shape, model, family) > MLX_CPU_LIMIT_BYTES:
         installed["mlx"] = (False, MLX_CPU_SKIP)
     return installed
 
@@ -907,6 +934,7 @@ def bench_command(
     chart_path: Path | None,
     bandwidth_mib: int,
     cpu_buffers: str | None = None,
+    family: str | None = None,
 ) -> dict:
     """The CLI entry: run, print the tables to stdout, say where the files went."""
     from rich.console import Console
@@ -933,6 +961,7 @@ def bench_command(
             chart_path=chart_path,
             bandwidth_bytes=int(bandwidth_mib) * 2**20,
             command=command,
+            family=family,
         )
     finally:  # an API or test caller keeps its own environment
         if saved is None:

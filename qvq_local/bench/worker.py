@@ -131,6 +131,7 @@ def job_synth(spec: dict) -> dict:
             progress=bool(spec.get("progress")),
             force=bool(spec.get("force", False)),
             tokenizer=spec.get("tokenizer"),
+            family=spec.get("family"),
         )
     )
     return {"path": str(path), **figures}

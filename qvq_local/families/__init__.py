@@ -11,7 +11,8 @@ instance) plus its tests, and one line in :data:`FAMILIES`.  The rest of qvq-loc
 What a new family must get right (checked against the pinned transformers 5, mlx-vlm 0.7 and the
 bundled llama.cpp, which all support QVQ's successors): Qwen2.5-VL's merger projects to
 ``vision_config.out_hidden_size``, not ``vision_config.hidden_size`` (override ``merger_width``); its GGUF
-projector is ``qwen2.5vl_merger``.  Qwen3-VL's patch is 16 pixels (a 32-pixel grid), its text arch
+projector is ``qwen2.5vl_merger`` while its text GGUF is ``qwen2vl`` like Qwen2-VL's, so a GGUF pair's
+family is its projector's (``family_for_projector``), not its text architecture's.  Qwen3-VL's patch is 16 pixels (a 32-pixel grid), its text arch
 ``qwen3vl`` and projector ``qwen3vl_merger``, and its DeepStack features would be dropped by the MLX
 session's split vision path (leave ``mlx_split_vision`` False until the session handles them).  Generic
 code may not name these either: ``tests/test_families.py`` scans for each family's identifiers.
@@ -24,11 +25,12 @@ from __future__ import annotations
 from typing import Any
 
 from qvq_local.families.base import Family
+from qvq_local.families.qwen2_5vl import FAMILY as QWEN2_5VL
 from qvq_local.families.qwen2vl import FAMILY as QWEN2VL
 from qvq_local.families.qwen3vl import FAMILY as QWEN3VL
 
 #: Every family qvq-local runs, by name.
-FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2VL, QWEN3VL)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2VL, QWEN2_5VL, QWEN3VL)}
 
 #: The family of the models this project is built around (QVQ-72B-Preview).
 DEFAULT_FAMILY = QWEN2VL
@@ -45,7 +47,8 @@ def family_for_model_type(model_type: Any) -> Family | None:
 
 
 def family_for_gguf_arch(arch: Any) -> Family | None:
-    """The family whose text GGUF has ``general.architecture == arch``, or None."""
+    """The first family whose text GGUF has ``general.architecture == arch``, or None.  Families may share
+    a text architecture: the mmproj's projector (:func:`family_for_projector`) tells them apart."""
     return next((f for f in FAMILIES.values() if f.gguf_text_arch == arch), None)
 
 
@@ -55,7 +58,8 @@ def family_for_projector(projector: Any) -> Family | None:
 
 
 def supported_gguf_archs() -> list[str]:
-    return [f.gguf_text_arch for f in FAMILIES.values()]
+    """The text architectures of the registered families, each once (families may share one)."""
+    return list(dict.fromkeys(f.gguf_text_arch for f in FAMILIES.values()))
 
 
 def describe_supported() -> str:

@@ -59,11 +59,12 @@ class Family:
     embedding_suffix: ClassVar[str]
     mmproj_out_tensor: ClassVar[str]
 
-    #: Optional GGUF converter parts a family with its own tensor layout supplies (None: ``convert/``'s
-    #: generic ones, which write the Qwen2-VL layout): ``check_mmproj_supported(ckpt)``,
-    #: ``gguf_text_plan(ckpt, weight_type)``, ``gguf_text_metadata(ckpt, vocab, file_type, name)``,
-    #: ``mmproj_plan(ckpt, weight_type)``, ``mmproj_metadata(ckpt, file_type, name)``.
-    check_mmproj_supported: ClassVar[Any] = None
+    #: Optional whole GGUF converter parts, for a family whose tensor layout the generic converter cannot
+    #: express (Qwen3-VL's DeepStack mergers).  None: ``convert/``'s generic builders, which ask the
+    #: fine-grained hooks below (``gguf_text_name``/``gguf_text_order``, ``mmproj_tensors``,
+    #: ``mmproj_family_keys``).  Signatures: ``gguf_text_plan(ckpt, weight_type)``,
+    #: ``gguf_text_metadata(ckpt, vocab, file_type, name)``, ``mmproj_plan(ckpt, weight_type)``,
+    #: ``mmproj_metadata(ckpt, file_type, name)``.
     gguf_text_plan: ClassVar[Any] = None
     gguf_text_metadata: ClassVar[Any] = None
     mmproj_plan: ClassVar[Any] = None
@@ -99,6 +100,50 @@ class Family:
     def image_grid(self, width: int, height: int, **bounds: Any) -> tuple[int, int]:
         """``(grid_w, grid_h)`` in merged tokens for one image."""
         raise NotImplementedError
+
+    # ---- Synthetic checkpoints (``qvq synth --family``; convert/synthetic.py writes what these return)
+    #: Lower-case names ``--family`` accepts besides :attr:`name` (``"qwen2-vl"``).
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: preprocessor_config.json's ``processor_class``.
+    hf_processor_class: ClassVar[str]
+
+    def synth_config(self, shape: Any, ids: dict[str, int], torch_dtype: str) -> dict[str, Any]:
+        """config.json of a synthetic checkpoint of ``shape`` (``ids``: the special tokens' ids)."""
+        raise NotImplementedError
+
+    def synth_tensors(self, shape: Any) -> list[tuple[str, tuple[int, ...], str]]:
+        """``(name, shape, init)`` of every tensor, in writing order; init is ``normal`` or ``norm_weight``."""
+        raise NotImplementedError
+
+    def synth_preprocessor_config(self, shape: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    #: A family whose checkpoint files the generic writer cannot produce (its own tokenizer and templates:
+    #: Qwen3-VL) writes them itself: ``write_synthetic(out, shape, *, dtype, seed, force, tokenizer,
+    #: progress) -> Path``, with the generic writer's guarantees.  None: convert/synthetic.py writes them.
+    write_synthetic: ClassVar[Any] = None
+
+    # ---- GGUF converter (convert/gguf_text.py, convert/gguf_mmproj.py ask these)
+    def gguf_text_name(self, name: str) -> str | None:
+        """GGUF name of an original text tensor name (None: not a text-model tensor)."""
+        raise NotImplementedError
+
+    def gguf_text_order(self, text: Any, has_lm_head: bool) -> list[str]:
+        """The text tensors (original names) in the order the GGUF stores them."""
+        raise NotImplementedError
+
+    def check_mmproj_supported(self, ckpt: Any) -> None:
+        """Raise ModelError for a vision tower llama.cpp's projector for this family cannot run."""
+        raise NotImplementedError
+
+    def mmproj_tensors(self, ckpt: Any) -> list[tuple[str, str, Any]]:
+        """``(gguf_name, source_name, how)`` for every mmproj tensor, in order.  ``how`` is None (copy),
+        ``("frame", t)`` (one time slice of the Conv3d kernel) or ``("rows", k, n)`` (the k-th of n equal
+        row blocks, for a fused qkv)."""
+        raise NotImplementedError
+
+    def mmproj_family_keys(self, writer: Any, ckpt: Any) -> None:
+        """Add the family's own ``clip.*`` keys (the generic ones are written by the converter)."""
 
     # ---- Hugging Face config
     def matches_config(self, config: dict[str, Any]) -> bool:

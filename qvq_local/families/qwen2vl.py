@@ -198,6 +198,11 @@ def merger_width(config: dict[str, Any]) -> Any:
 
 def dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, VisionDims]:
     """Read the text and vision shapes; a ModelError naming ``path`` for anything missing or inconsistent."""
+    return _vision_dims(config, path, text_dims_from_config(config, path))
+
+
+def text_dims_from_config(config: dict[str, Any], path: Path) -> TextDims:
+    """The language model's dims (Qwen2 with M-RoPE; Qwen2.5-VL's text model is the same)."""
     tc = text_config(config)
     hidden = need_number(tc, "hidden_size", path)
     heads = need_number(tc, "num_attention_heads", path)
@@ -214,7 +219,7 @@ def dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, Visi
     if sum(section) * 2 != head_dim or len(section) > 4:
         raise ModelError(f"mrope_section {list(section)} must sum to head_dim/2 = {head_dim // 2}", path=path)
     rope_theta = float(tc.get("rope_theta") or rope.get("rope_theta") or 1_000_000.0)
-    text = TextDims(
+    return TextDims(
         hidden_size=hidden,
         num_layers=need_number(tc, "num_hidden_layers", path),
         num_heads=heads,
@@ -228,6 +233,10 @@ def dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, Visi
         max_position_embeddings=int(tc.get("max_position_embeddings") or 32768),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))),
     )
+
+
+def _vision_dims(config: dict[str, Any], path: Path, text: TextDims) -> tuple[TextDims, VisionDims]:
+    hidden = text.hidden_size
     vc = config.get("vision_config")
     if not isinstance(vc, dict):
         raise ModelError("no vision_config", path=path)
@@ -288,6 +297,13 @@ def is_vision_tensor(name: str) -> bool:
 
 def expected_shapes(text: TextDims, vision: VisionDims) -> dict[str, tuple[int, ...]]:
     """Every tensor a Qwen2-VL checkpoint with these dims holds (original names), with its shape."""
+    shapes = text_expected_shapes(text)
+    shapes.update(_vision_expected_shapes(vision))
+    return shapes
+
+
+def text_expected_shapes(text: TextDims) -> dict[str, tuple[int, ...]]:
+    """The text model's tensors and shapes (shared with Qwen2.5-VL)."""
     h, q, kv, f = (
         text.hidden_size,
         text.num_heads * text.head_dim,
@@ -318,6 +334,11 @@ def expected_shapes(text: TextDims, vision: VisionDims) -> dict[str, tuple[int, 
                 p + "mlp.down_proj.weight": (h, f),
             }
         )
+    return shapes
+
+
+def _vision_expected_shapes(vision: VisionDims) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
     e, m, md = vision.embed_dim, vision.mlp_dim, vision.merged_dim
     shapes["visual.patch_embed.proj.weight"] = (
         e,
@@ -463,6 +484,7 @@ class SynthShape:
     rms_norm_eps: float = 1e-6
     tokenizer_base: int = BASE_VOCAB  # id of <|endoftext|>
     max_shard_bytes: int = 4_000_000_000  # QVQ-72B-Preview ships 38 shards of ~3.7 GiB
+    family: str = "Qwen2-VL"  # the registered family that writes and reads this shape
 
     @property
     def head_dim(self) -> int:
@@ -535,6 +557,156 @@ SYNTH_SHAPES: dict[str, SynthShape] = {
 }
 
 
+# ------------------------------------------------------------------------------------------ synthetic files
+
+
+def synth_text_config(s: SynthShape, ids: dict[str, int], torch_dtype: str) -> dict[str, Any]:
+    """The flat text fields of a Qwen2-VL-style config.json (Qwen2.5-VL shares them)."""
+    if sum(s.mrope_section) * 2 != s.head_dim:
+        raise ValueError(f"mrope_section {s.mrope_section} does not cover head_dim {s.head_dim}")
+    return {
+        "attention_dropout": 0.0,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "hidden_act": "silu",
+        "hidden_size": s.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": s.intermediate_size,
+        "max_position_embeddings": s.max_position_embeddings,
+        "max_window_layers": s.num_hidden_layers,
+        "num_attention_heads": s.num_attention_heads,
+        "num_hidden_layers": s.num_hidden_layers,
+        "num_key_value_heads": s.num_key_value_heads,
+        "rms_norm_eps": s.rms_norm_eps,
+        "rope_theta": s.rope_theta,
+        "sliding_window": 32768,
+        "tie_word_embeddings": s.tie_word_embeddings,
+        "torch_dtype": torch_dtype,
+        "transformers_version": "4.47.0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "rope_scaling": {"type": "mrope", "mrope_section": list(s.mrope_section)},
+        "vocab_size": s.vocab_size,
+    }
+
+
+def synth_text_tensors(s: SynthShape) -> list[tuple[str, tuple[int, ...], str]]:
+    """The text model's tensors (Qwen2 with biased q/k/v), then the vision tower's come after."""
+    h, hd = s.hidden_size, s.head_dim
+    q_out, kv_out, f = s.num_attention_heads * hd, s.num_key_value_heads * hd, s.intermediate_size
+    out: list[tuple[str, tuple[int, ...], str]] = [("model.embed_tokens.weight", (s.vocab_size, h), "normal")]
+    for i in range(s.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "input_layernorm.weight", (h,), "norm_weight"),
+            (p + "self_attn.q_proj.weight", (q_out, h), "normal"),
+            (p + "self_attn.q_proj.bias", (q_out,), "normal"),
+            (p + "self_attn.k_proj.weight", (kv_out, h), "normal"),
+            (p + "self_attn.k_proj.bias", (kv_out,), "normal"),
+            (p + "self_attn.v_proj.weight", (kv_out, h), "normal"),
+            (p + "self_attn.v_proj.bias", (kv_out,), "normal"),
+            (p + "self_attn.o_proj.weight", (h, q_out), "normal"),
+            (p + "post_attention_layernorm.weight", (h,), "norm_weight"),
+            (p + "mlp.gate_proj.weight", (f, h), "normal"),
+            (p + "mlp.up_proj.weight", (f, h), "normal"),
+            (p + "mlp.down_proj.weight", (h, f), "normal"),
+        ]
+    out.append(("model.norm.weight", (h,), "norm_weight"))
+    if not s.tie_word_embeddings:
+        out.append(("lm_head.weight", (s.vocab_size, h), "normal"))
+    return out
+
+
+def synth_vision_tensors(s: SynthShape) -> list[tuple[str, tuple[int, ...], str]]:
+    """Qwen2-VL's ViT: LayerNorms with bias, quick-GELU fc1/fc2, the LayerNorm + 2-layer merger."""
+    e, mlp = s.vision_embed_dim, s.vision_embed_dim * s.vision_mlp_ratio
+    merged = e * s.spatial_merge_size**2
+    out: list[tuple[str, tuple[int, ...], str]] = [
+        (
+            "visual.patch_embed.proj.weight",
+            (e, 3, s.temporal_patch_size, s.patch_size, s.patch_size),
+            "normal",
+        )
+    ]
+    for j in range(s.vision_depth):
+        p = f"visual.blocks.{j}."
+        out += [
+            (p + "norm1.weight", (e,), "norm_weight"),
+            (p + "norm1.bias", (e,), "normal"),
+            (p + "attn.qkv.weight", (3 * e, e), "normal"),
+            (p + "attn.qkv.bias", (3 * e,), "normal"),
+            (p + "attn.proj.weight", (e, e), "normal"),
+            (p + "attn.proj.bias", (e,), "normal"),
+            (p + "norm2.weight", (e,), "norm_weight"),
+            (p + "norm2.bias", (e,), "normal"),
+            (p + "mlp.fc1.weight", (mlp, e), "normal"),
+            (p + "mlp.fc1.bias", (mlp,), "normal"),
+            (p + "mlp.fc2.weight", (e, mlp), "normal"),
+            (p + "mlp.fc2.bias", (e,), "normal"),
+        ]
+    out += [
+        ("visual.merger.ln_q.weight", (e,), "norm_weight"),
+        ("visual.merger.ln_q.bias", (e,), "normal"),
+        ("visual.merger.mlp.0.weight", (merged, merged), "normal"),
+        ("visual.merger.mlp.0.bias", (merged,), "normal"),
+        ("visual.merger.mlp.2.weight", (s.vision_hidden_size, merged), "normal"),
+        ("visual.merger.mlp.2.bias", (s.vision_hidden_size,), "normal"),
+    ]
+    return out
+
+
+def synth_preprocessor_config(s: SynthShape, processor_class: str = "Qwen2VLProcessor") -> dict[str, Any]:
+    """preprocessor_config.json: the slow Qwen2VLImageProcessor with CLIP statistics."""
+    return {
+        "min_pixels": PROCESSOR_MIN_PIXELS,
+        "max_pixels": PROCESSOR_MAX_PIXELS,
+        "patch_size": s.patch_size,
+        "temporal_patch_size": s.temporal_patch_size,
+        "merge_size": s.spatial_merge_size,
+        "image_mean": list(IMAGE_MEAN),
+        "image_std": list(IMAGE_STD),
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": processor_class,
+    }
+
+
+def mmproj_tensors(
+    ckpt: Any, block_map: dict[str, str], merger_map: dict[str, str]
+) -> list[tuple[str, str, Any]]:
+    """The mmproj tensor list (see :meth:`Family.mmproj_tensors`) for a Qwen-VL tower with these maps."""
+    out: list[tuple[str, str, Any]] = [
+        (gname, MMPROJ_PATCH_SOURCE, ("frame", t)) for t, gname in enumerate(MMPROJ_PATCH_NAMES)
+    ]
+    for i in range(ckpt.vision.depth):
+        pre, gpre = f"visual.blocks.{i}.", f"v.blk.{i}."
+        for part in ("weight", "bias"):
+            for k, letter in enumerate("qkv"):
+                out.append((f"{gpre}attn_{letter}.{part}", f"{pre}attn.qkv.{part}", ("rows", k, 3)))
+        out += [(gpre + g, pre + src, None) for src, g in block_map.items()]
+    out += [(g, src, None) for src, g in merger_map.items()]
+    return out
+
+
+def check_mmproj_common(ckpt: Any, projector: str) -> None:
+    """What llama.cpp's Qwen-VL projectors all need: two time frames, RGB."""
+    v = ckpt.vision
+    if v.temporal_patch_size != TEMPORAL_PATCH_SIZE:
+        raise ModelError(
+            f"vision temporal_patch_size is {v.temporal_patch_size}; llama.cpp's "
+            f"{projector} supports only {TEMPORAL_PATCH_SIZE}",
+            path=ckpt.folder / "config.json",
+        )
+    if v.in_channels != 3:
+        raise ModelError(
+            f"vision in_chans is {v.in_channels}; only RGB (3) is supported", path=ckpt.folder / "config.json"
+        )
+
+
 # ------------------------------------------------------------------------------------------ the family
 
 
@@ -568,6 +740,51 @@ class Qwen2VLFamily(Family):
     merger_out_suffix = MERGER_OUT_SUFFIX
     embedding_suffix = EMBEDDING_SUFFIX
     mmproj_out_tensor = MMPROJ_OUT_TENSOR
+
+    aliases = ("qwen2-vl", "qwen2vl", "qvq")
+    hf_processor_class = "Qwen2VLProcessor"
+    #: ``clip.vision.image_size`` llama.cpp's converter writes (mtmd's warm-up only).
+    mmproj_image_size = MMPROJ_IMAGE_SIZE
+    gguf_text_name = staticmethod(gguf_text_name)
+    gguf_text_order = staticmethod(gguf_text_order)
+
+    def synth_config(self, shape: SynthShape, ids: dict[str, int], torch_dtype: str) -> dict[str, Any]:
+        """Flat text fields, nested vision_config (no model_type there: mlx-vlm rejects it)."""
+        cfg = {"architectures": [self.hf_architectures[0]], **synth_text_config(shape, ids, torch_dtype)}
+        cfg["model_type"] = self.hf_model_types[0]
+        cfg["vision_config"] = {
+            "depth": shape.vision_depth,
+            "embed_dim": shape.vision_embed_dim,
+            "mlp_ratio": shape.vision_mlp_ratio,
+            "num_heads": shape.vision_num_heads,
+            "in_chans": 3,
+            "hidden_size": shape.vision_hidden_size,
+            "patch_size": shape.patch_size,
+            "spatial_merge_size": shape.spatial_merge_size,
+            "spatial_patch_size": shape.patch_size,
+            "temporal_patch_size": shape.temporal_patch_size,
+        }
+        return cfg
+
+    def synth_tensors(self, shape: SynthShape) -> list[tuple[str, tuple[int, ...], str]]:
+        return synth_text_tensors(shape) + synth_vision_tensors(shape)
+
+    def synth_preprocessor_config(self, shape: SynthShape) -> dict[str, Any]:
+        return synth_preprocessor_config(shape, self.hf_processor_class)
+
+    def check_mmproj_supported(self, ckpt: Any) -> None:
+        check_mmproj_common(ckpt, self.gguf_projector)
+        if ckpt.vision.hidden_act not in ("quick_gelu",):
+            raise ModelError(
+                f"vision hidden_act {ckpt.vision.hidden_act!r} is not supported (Qwen2-VL uses quick_gelu)",
+                path=ckpt.folder / "config.json",
+            )
+
+    def mmproj_tensors(self, ckpt: Any) -> list[tuple[str, str, Any]]:
+        return mmproj_tensors(ckpt, MMPROJ_BLOCK_MAP, MMPROJ_MERGER_MAP)
+
+    def mmproj_family_keys(self, writer: Any, ckpt: Any) -> None:
+        """Nothing more: clip's default activation is quick-GELU, which Qwen2-VL's ViT uses."""
 
     TextDims = TextDims
     VisionDims = VisionDims

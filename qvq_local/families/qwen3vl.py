@@ -577,6 +577,7 @@ class SynthShape:
     rms_norm_eps: float = 1e-6
     tokenizer_base: int = BASE_VOCAB
     max_shard_bytes: int = 4_000_000_000
+    family: str = "Qwen3-VL"  # the registered family that writes and reads this shape
 
 
 SYNTH_SHAPES: dict[str, SynthShape] = {
@@ -965,6 +966,15 @@ class Qwen3VLFamily(Family):
     gguf_text_metadata = staticmethod(gguf_text_metadata)
     mmproj_plan = staticmethod(mmproj_plan)
     mmproj_metadata = staticmethod(mmproj_metadata)
+
+    # synthetic checkpoints: its tokenizer and templates differ from Qwen2-VL's, so it writes its own files
+    def synth_tensors(self, shape: SynthShape) -> list[tuple[str, tuple[int, ...], str]]:
+        return [(t.name, tuple(t.shape), t.init) for t in tensor_specs(shape)]
+
+    @staticmethod
+    def write_synthetic(out, shape, *, dtype="bf16", seed=0, force=False, tokenizer=None, progress=False):
+        """``qvq synth --family qwen3-vl``: the Thinking variant (its template opens ``<think>``)."""
+        return write_checkpoint(out, shape, "thinking", dtype, seed, force, tokenizer or "trained")
 
     @property
     def gguf_text_arch(self) -> str:
