@@ -259,10 +259,10 @@ def test_image_embeddings_match_transformers(q25_gguf_f32, q25_checkpoint, sampl
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from PIL import Image
-    from test_convert_gguf import _mtmd_image_embeddings
+    from qvq_local.bench.mmproj import mtmd_image_embeddings
 
     image = Image.open(sample_image).convert("RGB")
-    got = _mtmd_image_embeddings(q25_gguf_f32.model, q25_gguf_f32.mmproj, image)
+    got = mtmd_image_embeddings(q25_gguf_f32.model, q25_gguf_f32.mmproj, image)
     processor = transformers.AutoImageProcessor.from_pretrained(q25_checkpoint)
     inputs = processor(images=[image], return_tensors="pt")
     model = _transformers_model(q25_checkpoint)

@@ -930,6 +930,7 @@ class Qwen3VLFamily(Family):
     hf_model_types: ClassVar[tuple[str, ...]] = ("qwen3_vl",)
     #: The MLX session's split vision path drops DeepStack features: encode with the prompt instead.
     mlx_split_vision: ClassVar[bool] = False
+    hf_processor_class: ClassVar[str] = "Qwen3VLProcessor"
 
     special_tokens = SPECIAL_TOKENS
     base_vocab = BASE_VOCAB
