@@ -306,7 +306,12 @@ class Model:
             t_prefill = time.perf_counter()
             stats = session.prefill(
                 Prompt(
-                    text=text, images=[p.image for p in prepared], image_paths=[p.info.path for p in prepared]
+                    text=text,
+                    images=[p.image for p in prepared],
+                    image_paths=[p.info.path for p in prepared],
+                    question=question,
+                    system=system_text,
+                    think_budget=options.think_budget,
                 )
             )
             if stats.image_tokens_per_image and len(stats.image_tokens_per_image) == len(infos):
@@ -367,10 +372,15 @@ class Model:
         """
         from qvq_local.reasoning import LoopSettings, ReasoningConfig, run_reasoning
 
+        # a remote server that applies the budget and the loop stop itself (``qvq serve``, QVQ-Max) gets
+        # them in its request (the session reads them from the prompt); counting them here too would cut
+        # the thought twice
+        on_server = getattr(session, "budget_on_server", False)
         config = ReasoningConfig(
-            think_budget=options.think_budget,
+            think_budget=None if on_server else options.think_budget,
             answer_budget=options.answer_budget,
-            loop=LoopSettings() if options.loop_detection else None,
+            max_tokens=options.max_tokens,
+            loop=LoopSettings() if options.loop_detection and not on_server else None,
             forced_text=forced_text,
             answer_markers=markers,
         )

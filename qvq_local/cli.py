@@ -458,6 +458,65 @@ def bench(
         _fail(err)
 
 
+# ---------------------------------------------------------------- serve (issue 15)
+@app.command()
+def serve(
+    model: str | None = typer.Option(
+        None, "-m", "--model", help="Model to serve (default: the configured one); loaded once, at start."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind; beyond localhost, set an API key."
+    ),
+    port: int = typer.Option(8000, "--port"),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        help="Require Authorization: Bearer KEY on every route but /health (or QVQ_API_KEY).",
+    ),
+    queue: int = typer.Option(8, "--queue", help="Requests that may wait for the model; more get 429."),
+    backend: str | None = typer.Option(None, "--backend", help=f"{registry.choices()} (default auto)."),
+    max_pixels: int | None = typer.Option(
+        None, "--max-pixels", help="Shrink each image to this many pixels."
+    ),
+    max_images: int | None = typer.Option(
+        None, "--max-images", help="Images one request may carry (default 4)."
+    ),
+    allow_image_urls: bool = typer.Option(
+        False,
+        "--allow-image-urls",
+        help="Fetch http(s) image URLs (public addresses only); default: data: URIs only.",
+    ),
+) -> None:
+    """Serve a model over an OpenAI-compatible API, with thinking budgets that work for QVQ.
+
+    POST /v1/chat/completions (streamed or not; the thought in reasoning_content and reasoning, the answer in
+    content; set the budget with thinking_budget), GET /v1/models, GET /health.  Needs the serve extra.
+
+    Example:
+
+      qvq serve -m QVQ-72B-Preview-gguf-q4_k_m --port 8000
+
+      curl localhost:8000/v1/chat/completions -d '{"messages": [...], "thinking_budget": 512, "stream": true}'
+    """
+    from qvq_local.serve import serve as run_server
+
+    try:
+        run_server(
+            model,
+            host=host,
+            port=port,
+            api_key=api_key,
+            queue=queue,
+            backend=backend or "auto",
+            max_pixels=max_pixels,
+            max_images=max_images,
+            allow_image_urls=allow_image_urls,
+            warn=lambda line: typer.echo(line, err=True),
+        )
+    except QvqError as err:
+        _fail(err)
+
+
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
     """SIGTERM means "stop" just as Ctrl-C does: raise KeyboardInterrupt so commands that write files
     run their cleanup (no half-written folder is left) and the CLI exits 130.  Further SIGTERMs are
