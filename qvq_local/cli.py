@@ -235,6 +235,21 @@ def ask(
         "--cpu-buffers",
         help=_CPU_BUFFERS_HELP,
     ),
+    base_url: str | None = typer.Option(
+        None,
+        "--base-url",
+        help="--backend openai: the server, e.g. http://127.0.0.1:8000/v1 (or QVQ_BASE_URL).",
+    ),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        help="--backend openai: its key (default $QVQ_API_KEY, $OPENAI_API_KEY; QVQ-Max: $DASHSCOPE_API_KEY).",
+    ),
+    server_kind: str | None = typer.Option(
+        None,
+        "--server-kind",
+        help=f"--backend openai: {' | '.join(registry.SERVER_KINDS)} (auto asks the server); decides how the budget is kept.",
+    ),
 ) -> None:
     """Ask a question about one or more images and watch the model think.
 
@@ -250,6 +265,8 @@ def ask(
       qvq ask -a left.png -a right.png "What changed?" --json
 
       qvq ask diagram.png "Find the angle x." -m QVQ-72B-Preview-gguf-q4_k_m --save run.md
+
+      qvq ask chart.png "Which bar?" --backend openai --base-url http://gpu-box:8000/v1 -m Qwen/QVQ-72B-Preview
     """
     from qvq_local.ask_cmd import AskOptions, run_ask
 
@@ -273,6 +290,9 @@ def ask(
         hide_thinking=hide_thinking,
         save=save,
         cpu_buffers=cpu_buffers,
+        base_url=base_url,
+        api_key=api_key,
+        server_kind=server_kind,
     )
     try:
         code = run_ask(opts)

@@ -64,6 +64,18 @@ def _backend_choices() -> str:
     return registry.choices()
 
 
+def _server_kind(value: str) -> str:
+    from qvq_local.backends.openai_remote import check_kind
+
+    return check_kind(value)
+
+
+def _server_kinds() -> str:
+    from qvq_local.backends.registry import SERVER_KINDS
+
+    return " | ".join(SERVER_KINDS)
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -80,6 +92,13 @@ SETTINGS: dict[str, Setting] = {
         Setting("think_budget", _positive_int, "default thinking budget in tokens"),
         Setting("answer_budget", _positive_int, "default answer budget in tokens"),
         Setting("max_pixels", _positive_int, "default pixel bound per image"),
+        Setting(
+            "base_url",
+            _text,
+            "server address for --backend openai (e.g. http://127.0.0.1:8000/v1)",
+            "QVQ_BASE_URL",
+        ),
+        Setting("server_kind", _server_kind, "server kind for --backend openai: " + _server_kinds()),
     )
 }
 

@@ -95,6 +95,9 @@ class Prompt:
     question: str | None = None
     system: str | None = None
     think_budget: int | None = None
+    #: the most tokens the controller will let this question generate (thought cap, forced text margin and
+    #: answer budget): a remote backend sends it as ``max_tokens`` so the server never runs on past it
+    max_new_tokens: int | None = None
 
 
 @dataclass
