@@ -203,9 +203,11 @@ def qvq_server(tiny_gguf_f32):
     from qvq_local.serve.app import ServeOptions, create_app
 
     model = load(tiny_gguf_f32.model, backend="llama")
-    with ServerThread(create_app(model, ServeOptions(api_key="k1"))) as server:
+    app = create_app(model, ServeOptions(api_key="k1"))
+    with ServerThread(app) as server:
         server.model = model
         yield server
+    app.state.worker.shutdown()
     model.close()
 
 

@@ -43,6 +43,7 @@ def served(tiny_gguf_f32):
     with ServerThread(app) as server:
         server.model, server.slow, server.app = model, slow, app
         yield server
+    app.state.worker.shutdown()  # a generation still running must stop before the model is closed
     model.close()
 
 

@@ -84,7 +84,9 @@ def serve(
     try:
         app = create_app(model, ServeOptions(api_key=api_key, queue=queue, limits=limits))
         warn(f"qvq serve: {model.name} ({model.backend}) on http://{host}:{port}/v1")
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
-        app.state.worker.shutdown()
+        try:
+            uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+        finally:
+            app.state.worker.shutdown()
     finally:
         model.close()

@@ -52,6 +52,7 @@ class Worker:
         self.completed = 0
         self.cancelled = 0
         self.last_cancelled_events: int | None = None  # events a cancelled running job had produced
+        self._stopping = threading.Event()
 
     def submit(self, job: Job) -> None:
         with self._lock:
@@ -65,7 +66,7 @@ class Worker:
             self.waiting -= 1
             self.running += 1
         try:
-            if job.cancelled.is_set():
+            if job.cancelled.is_set() or self._stopping.is_set():
                 with self._lock:
                     self.cancelled += 1
                 return
@@ -75,7 +76,7 @@ class Worker:
                 for event in events:
                     job.emitted += 1
                     job._put(event)
-                    if job.cancelled.is_set():
+                    if job.cancelled.is_set() or self._stopping.is_set():
                         break
             finally:
                 close = getattr(events, "close", None)
@@ -108,7 +109,10 @@ class Worker:
             }
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the running job after its current token, drop the waiting ones, and wait: the model may be
+        closed once this returns (closing it under a running generation would crash the backend)."""
+        self._stopping.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 END = _END
