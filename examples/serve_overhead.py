@@ -53,12 +53,20 @@ def main() -> None:
     opts = {"think_budget": args.think_budget, "answer_budget": 32, "seed": 1, "loop_detection": False}
     model = load(args.model, backend=args.backend)
 
-    local = [model.ask(image, question, **opts) for _ in range(args.runs)]
-    print(
-        f"qvq ask (in process): first token {statistics.median(r.timings.first_token_s for r in local) * 1000:.0f} ms, "
-        f"decode {statistics.median(r.timings.decode_tok_s for r in local):.1f} tok/s "
-        f"(median of {args.runs}; {local[0].thought_tokens + local[0].answer_tokens} tokens)"
-    )
+    from qvq_local.events import TextDelta
+
+    def in_process() -> tuple[float, float]:
+        """Timed as the client below times the server: first text delta, then text deltas per second."""
+        t0 = time.perf_counter()
+        first = last = None
+        n = 0
+        for event in model.stream(image, question, **opts):
+            if isinstance(event, TextDelta) and event.text:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                n += 1
+        return first - t0, (n - 1) / (last - first) if last > first else 0.0
 
     with ServerThread(create_app(model, ServeOptions(queue=8))) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
@@ -89,7 +97,16 @@ def main() -> None:
                     n += 1
             return first - t0, (n - 1) / (last - first) if last > first else 0.0
 
-        served = [one() for _ in range(args.runs)]
+        one()  # warm-up of both paths (first decode, caches), not counted
+        in_process()
+        local, served = [], []
+        for _ in range(args.runs):  # interleaved, so a change in the machine's load hits both alike
+            local.append(in_process())
+            served.append(one())
+        print(
+            f"qvq ask (in process): first token {statistics.median(r[0] for r in local) * 1000:.0f} ms, "
+            f"decode {statistics.median(r[1] for r in local):.1f} tok/s (median of {args.runs})"
+        )
         print(
             f"qvq serve, 1 client:  first token {statistics.median(s[0] for s in served) * 1000:.0f} ms, "
             f"decode {statistics.median(s[1] for s in served):.1f} tok/s (median of {args.runs})"
