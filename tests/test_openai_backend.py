@@ -401,3 +401,30 @@ def test_remote_session_errors_mid_stream_are_one_line(replay, sample_image, tmp
     with load("m", backend="openai", base_url=server.url) as model, pytest.raises(ModelError) as err:
         model.ask(sample_image, QUESTION)
     assert_error(err, "failed mid-answer: out of memory")
+
+
+def test_llama_server_kind_continues_by_prefill(replay, sample_image):
+    server = replay("llamacpp", ["vllm_plain_stream.sse", "vllm_continuation_stream.sse"], model="m")
+    with load("m", backend="openai", base_url=server.url) as model:
+        assert model.loaded.kind == "llama-server"  # llama.cpp's server says owned_by "llamacpp"
+        result = model.ask(sample_image, QUESTION, think_budget=8, loop_detection=False)
+    second = server.bodies[1]
+    assert second["messages"][-1]["role"] == "assistant"  # llama-server prefills a final assistant message
+    assert "continue_final_message" not in second
+    assert result.answer == "The fourth bar is the highest. $$\\boxed{4}$$" and result.stop_reason == "budget"
+
+
+def test_base_url_and_server_kind_come_from_qvq_config(replay, sample_image, tmp_path, monkeypatch):
+    from qvq_local import config
+
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path))
+    server = replay("someone", ["vllm_reasoning_stream.sse"], model="m")
+    config.set_value("base_url", server.url)
+    config.set_value("server_kind", "VLLM")
+    assert config.get("server_kind") == "vllm"
+    with pytest.raises(InputError) as err:
+        config.set_value("server_kind", "ollama")
+    assert_error(err, "unknown server kind")
+    with load("m", backend="openai") as model:
+        assert model.loaded.kind == "vllm"  # from the setting, not detected ("someone" would be generic)
+        assert model.ask(sample_image, QUESTION).boxed == "4"
