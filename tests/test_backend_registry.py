@@ -103,9 +103,9 @@ def test_every_entry_point_refuses_the_same_way(bad, tmp_path, monkeypatch):
 def test_one_list_of_names_everywhere():
     from qvq_local import doctor
 
-    assert [row["backend"] for row in doctor.backend_report()] == list(registry.names(remote=True))
+    assert [row["backend"] for row in doctor.backend_report()] == list(registry.names())
     assert {r["install_hint"] for r in doctor.backend_report()} == {
-        s.install_hint for s in registry.BACKENDS.values()
+        registry.get(n).install_hint for n in registry.names()
     }
     assert registry.choices("all") == "auto | mlx | llama | openai | all"
     assert "mlx | llama" in config.SETTINGS["backend"].help
