@@ -428,3 +428,39 @@ def test_base_url_and_server_kind_come_from_qvq_config(replay, sample_image, tmp
     with load("m", backend="openai") as model:
         assert model.loaded.kind == "vllm"  # from the setting, not detected ("someone" would be generic)
         assert model.ask(sample_image, QUESTION).boxed == "4"
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+def test_live_panel_for_a_remote_model(qvq_server, sample_image, tmp_path):
+    from test_cli_pty import PtyProcess, _argv, _env
+
+    proc = PtyProcess(
+        _argv(
+            str(sample_image),
+            QUESTION,
+            "--backend",
+            "openai",
+            "--base-url",
+            qvq_server.base_url,
+            "--api-key",
+            "k1",
+            "-m",
+            qvq_server.model.name,
+            "--think-budget",
+            "16",
+            "--answer-budget",
+            "8",
+            "--seed",
+            "1",
+        ),
+        _env(tmp_path),
+    )
+    code = proc.wait(timeout=120)
+    text = proc.text
+    assert code == 0, text[-3000:]
+    assert "\x1b[" in text and "thinking" in text and "answer" in text  # the same live panel
+    assert "openai" in text and "remote" in text  # the header names the backend
+    local = qvq_server.model.ask(sample_image, QUESTION, think_budget=16, answer_budget=8, seed=1)
+    assert f"stop: {local.stop_reason}" in text  # the server's stop reason, in the summary
