@@ -464,3 +464,29 @@ def test_live_panel_for_a_remote_model(qvq_server, sample_image, tmp_path):
     assert "openai" in text and "remote" in text  # the header names the backend
     local = qvq_server.model.ask(sample_image, QUESTION, think_budget=16, answer_budget=8, seed=1)
     assert f"stop: {local.stop_reason}" in text  # the server's stop reason, in the summary
+
+
+def test_the_stop_reason_qvq_serve_reports_is_kept(replay, sample_image, tmp_path):
+    # qvq serve's last chunk carries its own stop reason under "qvq": the thought was cut by the budget on
+    # the server, which the client cannot see from the text alone
+    def chunk(delta, finish=None, **extra):
+        return (
+            "data: "
+            + json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
+            + "\n\n"
+        )
+
+    sse = chunk({"reasoning_content": "Thinking.", "reasoning": "Thinking."})
+    sse += chunk({"reasoning_content": " I have run out of time to think, so I will answer now."})
+    sse += (
+        chunk({"content": "B"})
+        + chunk({}, "stop", qvq={"stop_reason": "budget", "boxed": None})
+        + "data: [DONE]\n\n"
+    )
+    (tmp_path / "qvq.sse").write_text(sse)
+    server = replay("qvq-local", [str(tmp_path / "qvq.sse")], model="m")
+    with load("m", backend="openai", base_url=server.url) as model:
+        result = model.ask(sample_image, QUESTION, think_budget=4)
+    assert server.bodies[0]["thinking_budget"] == 4 and "max_tokens" not in server.bodies[0]
+    assert result.answer == "B" and result.thought.endswith("answer now.")
+    assert result.stop_reason == "budget" and result.settings["budget_kept_by"] == "server"
