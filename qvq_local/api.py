@@ -340,7 +340,15 @@ class Model:
             stats, cached = prefix_cache.prefill(
                 session,
                 Prompt(
-                    text=text, images=[p.image for p in prepared], image_paths=[p.info.path for p in prepared]
+                    text=text,
+                    images=[p.image for p in prepared],
+                    image_paths=[p.info.path for p in prepared],
+                    question=question,
+                    system=system_text,
+                    think_budget=options.think_budget,
+                    max_new_tokens=thought_cap
+                    + FORCE_MARGIN
+                    + (options.answer_budget or DEFAULT_ANSWER_BUDGET),
                 ),
                 self._prefix_key(text, prepared, options.max_pixels),
                 self.prefix_cache,
@@ -441,10 +449,15 @@ class Model:
         """
         from qvq_local.reasoning import LoopSettings, ReasoningConfig, run_reasoning
 
+        # a remote server that applies the budget and the loop stop itself (``qvq serve``, QVQ-Max) gets
+        # them in its request (the session reads them from the prompt); counting them here too would cut
+        # the thought twice
+        on_server = getattr(session, "budget_on_server", False)
         config = ReasoningConfig(
-            think_budget=options.think_budget,
+            think_budget=None if on_server else options.think_budget,
             answer_budget=options.answer_budget,
-            loop=LoopSettings() if options.loop_detection else None,
+            max_tokens=options.max_tokens,
+            loop=LoopSettings() if options.loop_detection and not on_server else None,
             forced_text=forced_text,
             answer_markers=markers,
         )
@@ -473,6 +486,8 @@ class Model:
             except StopIteration:
                 return
             throw = False
+            if on_server and isinstance(event, Finished):  # the budget asked for, kept by the server
+                event.result.settings.update(think_budget=options.think_budget, budget_kept_by="server")
             tracker.see(event)
             try:
                 yield event
@@ -614,9 +629,18 @@ def load(
     download: bool = True,
     progress: bool = False,
     cpu_buffers: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    server_kind: str | None = None,
 ) -> Model:
     """Resolve ``ref`` (a GGUF file, an MLX or HF folder, a name from ``qvq models``, a hub id; None: the
     configured default), choose the backend and load the weights.
+
+    ``backend="openai"`` talks to an OpenAI-compatible server instead: ``ref`` is the model's name there
+    (None: the one it serves), ``base_url`` its address (e.g. ``http://127.0.0.1:8000/v1``; None: the
+    ``base_url`` setting), ``api_key`` its key (None: ``$QVQ_API_KEY``/``$OPENAI_API_KEY``, for QVQ-Max
+    ``$DASHSCOPE_API_KEY``), ``server_kind`` auto | qvq | qvq-max | vllm | llama-server | generic
+    (:mod:`qvq_local.backends.openai_remote`).
 
     Raises ``ModelError`` (unknown or broken model, wrong format for the backend), ``BackendUnavailable``
     (the backend's library is missing, naming the pip line) or ``InputError`` (bad option).
@@ -626,6 +650,23 @@ def load(
     from qvq_local import config, hardware, models
     from qvq_local.backends import registry
 
+    wanted = registry.canonical(backend)
+    if wanted != registry.AUTO and registry.get(wanted).has(registry.REMOTE):
+        t0 = time.perf_counter()
+        remote = registry.get(wanted).loader(
+            str(ref) if ref is not None and str(ref).strip() else None,
+            base_url=base_url or config.get("base_url"),
+            api_key=api_key,
+            server_kind=server_kind or config.get("server_kind"),
+        )
+        return Model(
+            remote,
+            name=remote.name,
+            backend=wanted,
+            quantization=remote.quantization,
+            max_pixels=max_pixels,
+            load_s=time.perf_counter() - t0,
+        )
     if ref is None or not str(ref).strip():
         ref = config.default_model()
         if ref is None:

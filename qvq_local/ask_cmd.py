@@ -48,6 +48,10 @@ class AskOptions:
     save: Path | None = None
     cpu_buffers: str | None = None
     cache: bool = True  # reuse/keep the image prefix's KV state in QVQ_HOME/cache (--no-cache: off)
+    # --backend openai: the server, its key and its kind (None: the base_url / server_kind settings)
+    base_url: str | None = None
+    api_key: str | None = None
+    server_kind: str | None = None
 
 
 def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
@@ -135,6 +139,8 @@ def _load_model(opts: AskOptions, settings: AskSettings):
     from qvq_local.api import load
 
     kw = {"backend": settings.backend, "max_pixels": settings.max_pixels, "cpu_buffers": settings.cpu_buffers}
+    if opts.base_url or opts.api_key or opts.server_kind:
+        kw.update(base_url=opts.base_url, api_key=opts.api_key, server_kind=opts.server_kind)
     if sys.stderr.isatty() and not opts.as_json:
         from rich.console import Console
 

@@ -306,6 +306,21 @@ def ask(
         help="Do not reuse or keep the image's encoded prefix in $QVQ_HOME/cache (a repeated image then"
         " pays the encode and prefill again). See `qvq cache info`.",
     ),
+    base_url: str | None = typer.Option(
+        None,
+        "--base-url",
+        help="--backend openai: the server, e.g. http://127.0.0.1:8000/v1 (or QVQ_BASE_URL).",
+    ),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        help="--backend openai: its key (default $QVQ_API_KEY, $OPENAI_API_KEY; QVQ-Max: $DASHSCOPE_API_KEY).",
+    ),
+    server_kind: str | None = typer.Option(
+        None,
+        "--server-kind",
+        help=f"--backend openai: {' | '.join(registry.SERVER_KINDS)} (auto asks the server); decides how the budget is kept.",
+    ),
 ) -> None:
     """Ask a question about one or more images and watch the model think.
 
@@ -321,6 +336,8 @@ def ask(
       qvq ask -a left.png -a right.png "What changed?" --json
 
       qvq ask diagram.png "Find the angle x." -m QVQ-72B-Preview-gguf-q4_k_m --save run.md
+
+      qvq ask chart.png "Which bar?" --backend openai --base-url http://gpu-box:8000/v1 -m Qwen/QVQ-72B-Preview
     """
     from qvq_local.ask_cmd import AskOptions, run_ask
 
@@ -345,6 +362,9 @@ def ask(
         save=save,
         cpu_buffers=cpu_buffers,
         cache=not no_cache,
+        base_url=base_url,
+        api_key=api_key,
+        server_kind=server_kind,
     )
     try:
         code = run_ask(opts)
@@ -572,6 +592,65 @@ def bench(
             bandwidth_mib=bandwidth_mib,
             cpu_buffers=cpu_buffers,
             family=family,
+        )
+    except QvqError as err:
+        _fail(err)
+
+
+# ---------------------------------------------------------------- serve (issue 15)
+@app.command()
+def serve(
+    model: str | None = typer.Option(
+        None, "-m", "--model", help="Model to serve (default: the configured one); loaded once, at start."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind; beyond localhost, set an API key."
+    ),
+    port: int = typer.Option(8000, "--port"),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        help="Require Authorization: Bearer KEY on every route but /health (or QVQ_API_KEY).",
+    ),
+    queue: int = typer.Option(8, "--queue", help="Requests that may wait for the model; more get 429."),
+    backend: str | None = typer.Option(None, "--backend", help=f"{registry.choices()} (default auto)."),
+    max_pixels: int | None = typer.Option(
+        None, "--max-pixels", help="Shrink each image to this many pixels."
+    ),
+    max_images: int | None = typer.Option(
+        None, "--max-images", help="Images one request may carry (default 4)."
+    ),
+    allow_image_urls: bool = typer.Option(
+        False,
+        "--allow-image-urls",
+        help="Fetch http(s) image URLs (public addresses only); default: data: URIs only.",
+    ),
+) -> None:
+    """Serve a model over an OpenAI-compatible API, with thinking budgets that work for QVQ.
+
+    POST /v1/chat/completions (streamed or not; the thought in reasoning_content and reasoning, the answer in
+    content; set the budget with thinking_budget), GET /v1/models, GET /health.  Needs the serve extra.
+
+    Example:
+
+      qvq serve -m QVQ-72B-Preview-gguf-q4_k_m --port 8000
+
+      curl localhost:8000/v1/chat/completions -d '{"messages": [...], "thinking_budget": 512, "stream": true}'
+    """
+    from qvq_local.serve import serve as run_server
+
+    try:
+        run_server(
+            model,
+            host=host,
+            port=port,
+            api_key=api_key,
+            queue=queue,
+            backend=backend or "auto",
+            max_pixels=max_pixels,
+            max_images=max_images,
+            allow_image_urls=allow_image_urls,
+            warn=lambda line: typer.echo(line, err=True),
         )
     except QvqError as err:
         _fail(err)

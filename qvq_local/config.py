@@ -64,6 +64,18 @@ def _backend_choices() -> str:
     return registry.choices()
 
 
+def _server_kind(value: str) -> str:
+    from qvq_local.backends.openai_remote import check_kind
+
+    return check_kind(value)
+
+
+def _server_kinds() -> str:
+    from qvq_local.backends.registry import SERVER_KINDS
+
+    return " | ".join(SERVER_KINDS)
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -83,6 +95,13 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "cache_max_mb", _positive_int, "size cap of the prefix cache on disk, in MB", "QVQ_CACHE_MAX_MB"
         ),
+        Setting(
+            "base_url",
+            _text,
+            "server address for --backend openai (e.g. http://127.0.0.1:8000/v1)",
+            "QVQ_BASE_URL",
+        ),
+        Setting("server_kind", _server_kind, "server kind for --backend openai: " + _server_kinds()),
     )
 }
 

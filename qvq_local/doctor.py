@@ -37,6 +37,8 @@ def backend_report() -> list[dict[str, Any]]:
 
     rows = []
     for spec in registry.BACKENDS.values():
+        if spec.has(registry.REMOTE):
+            continue  # nothing of it runs on this machine
         missing = []
         for mod in spec.modules:
             try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-StopReason = Literal["answer", "budget", "loop", "max_tokens", "interrupted"]
+StopReason = Literal["answer", "budget", "loop", "max_tokens", "interrupted", "cut"]
 Phase = Literal["thought", "answer"]
 
 

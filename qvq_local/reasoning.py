@@ -30,7 +30,9 @@ Rules, in the order a user meets them:
   budget (``Forced.reason == "loop"``); a loop inside the answer stops generation (stop reason ``loop``).
 * **Stop reasons.**  ``answer``: the model ended (EOS) on its own; ``budget``/``loop``: an answer was
   forced for that reason and the model then ended it; ``max_tokens``: the answer budget, ``max_tokens`` or
-  the context ran out; ``interrupted``: KeyboardInterrupt (see :func:`run_reasoning`).
+  the context ran out; ``interrupted``: KeyboardInterrupt (see :func:`run_reasoning`); ``cut``: thinking was
+  cut but the (remote) session cannot continue the reply, so there is no answer (the ``openai`` backend
+  against a server that cannot continue an assistant message).
 
 Events: the forced text is announced by a :class:`~qvq_local.events.Forced` event and then streamed as
 ordinary ``TextDelta`` pieces with ``tokens=0`` (its sentence lands at the end of the thought, its marker is
@@ -631,7 +633,9 @@ class _Run:
             if self.first_token_at is None:
                 self.first_token_at = now
             if token.is_eos and not cfg.ignore_eos:
-                self.stop = self.forced_reason or "answer"
+                # a session may know better why it ended (a remote server that cut the reply, or cannot
+                # continue one after the forced text: ``stop_reason`` "max_tokens" or "cut")
+                self.stop = getattr(session, "stop_reason", None) or self.forced_reason or "answer"
                 return
             text = "" if token.is_eos else token.text
             pieces = self.splitter.feed(text)

@@ -44,6 +44,7 @@ FINISH_REASON = {
     "loop": "stop",
     "max_tokens": "length",
     "interrupted": "interrupted",
+    "cut": "length",  # thinking cut at the budget, and the server could not continue to an answer
 }
 
 

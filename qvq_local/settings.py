@@ -35,6 +35,7 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "repetition_penalty": "--repetition-penalty",
         "lang_lock": "--lang-lock",
         "cpu_buffers": "--cpu-buffers",
+        "max_tokens": "--max-tokens",
     }
 )
 #: How the Python API spells them (``None``: the owning module's own wording, here the language lock's).
@@ -49,6 +50,7 @@ API_LABELS: Mapping[str, str | None] = MappingProxyType(
         "repetition_penalty": "repetition_penalty",
         "lang_lock": None,
         "cpu_buffers": "cpu_buffers",
+        "max_tokens": "max_tokens",
     }
 )
 
@@ -77,6 +79,9 @@ class AskSettings:
     lang_lock: str = "auto"
     backend: str = "auto"
     cpu_buffers: str | None = None
+    #: a cap on all generated tokens, thought and answer together (an OpenAI client's ``max_tokens``);
+    #: thinking is cut early enough to leave the answer room under it.  None: no cap of its own.
+    max_tokens: int | None = None
     labels: Mapping[str, str | None] = field(default_factory=lambda: API_LABELS, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,7 +90,7 @@ class AskSettings:
 
         label = {**API_LABELS, **self.labels}.get
         self._set("lang_lock", lang.check_mode(self.lang_lock, label("lang_lock")))
-        for name in ("think_budget", "answer_budget", "max_pixels"):
+        for name in ("think_budget", "answer_budget", "max_pixels", "max_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise InputError(f"{label(name)} must be above 0, got {value}")

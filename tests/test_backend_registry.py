@@ -20,11 +20,20 @@ from qvq_local.backends import registry
 from qvq_local.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
-ALIASES = [(alias, spec.name) for spec in registry.BACKENDS.values() for alias in (spec.name, *spec.aliases)]
+# the backends that load a model here (the remote one has no model formats; its own tests are in
+# test_openai_backend.py)
+ALIASES = [
+    (alias, spec.name)
+    for spec in registry.BACKENDS.values()
+    if not spec.has(registry.REMOTE)
+    for alias in (spec.name, *spec.aliases)
+]
 
 
 def test_the_llama_aliases_are_registered():
     assert registry.names() == ("mlx", "llama")
+    assert registry.names(remote=True) == ("mlx", "llama", "openai")
+    assert registry.canonical("OpenAI") == "openai" and registry.get("openai").has(registry.REMOTE)
     for alias in ("llama", "llamacpp", "llama.cpp", "gguf", " LLaMA.cpp "):
         assert registry.canonical(alias) == "llama"
     assert registry.canonical(None) == registry.canonical("") == "auto"
@@ -76,14 +85,19 @@ def test_every_entry_point_refuses_the_same_way(bad, tmp_path, monkeypatch):
     ):
         with pytest.raises(InputError) as err:
             call()
-        assert_error(err, "unknown backend", "auto, mlx or llama", "llamacpp, llama.cpp, gguf mean llama")
+        assert_error(
+            err, "unknown backend", "auto, mlx, llama or openai", "llamacpp, llama.cpp, gguf mean llama"
+        )
         raised.append(str(err.value))
     assert len(set(raised)) == 1, raised  # one message, from one place
     from qvq_local.bench.harness import run_bench  # qvq bench also takes "all"
 
     with pytest.raises(InputError) as err:
         run_bench(home=tmp_path, backend=bad)
-    assert_error(err, "unknown backend", "auto, mlx, llama or all", "gguf mean llama")
+    assert_error(err, "unknown backend", "auto, mlx, llama, openai or all", "gguf mean llama")
+    with pytest.raises(InputError) as err:  # the remote backend is not a bench target
+        run_bench(home=tmp_path, backend="openai")
+    assert_error(err, "qvq bench measures the backends that run here, not openai")
 
 
 def test_one_list_of_names_everywhere():
@@ -91,9 +105,9 @@ def test_one_list_of_names_everywhere():
 
     assert [row["backend"] for row in doctor.backend_report()] == list(registry.names())
     assert {r["install_hint"] for r in doctor.backend_report()} == {
-        s.install_hint for s in registry.BACKENDS.values()
+        registry.get(n).install_hint for n in registry.names()
     }
-    assert registry.choices("all") == "auto | mlx | llama | all"
+    assert registry.choices("all") == "auto | mlx | llama | openai | all"
     assert "mlx | llama" in config.SETTINGS["backend"].help
 
 

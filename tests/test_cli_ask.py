@@ -216,7 +216,7 @@ def test_config_rejects_bad_keys_and_values():
     _one_line_error(runner.invoke(app, ["config", "set", "colour", "blue"]), "unknown setting")
     _one_line_error(runner.invoke(app, ["config", "set", "think_budget", "0"]), "above 0")
     _one_line_error(runner.invoke(app, ["config", "set", "max_pixels", "many"]), "whole number")
-    _one_line_error(runner.invoke(app, ["config", "set", "backend", "tpu"]), "auto, mlx or llama")
+    _one_line_error(runner.invoke(app, ["config", "set", "backend", "tpu"]), "auto, mlx, llama or openai")
 
 
 def test_doctor_reports_machine_and_backends():

@@ -259,6 +259,7 @@ def test_image_embeddings_match_transformers(q25_gguf_f32, q25_checkpoint, sampl
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from PIL import Image
+
     from qvq_local.bench.mmproj import mtmd_image_embeddings
 
     image = Image.open(sample_image).convert("RGB")

@@ -91,6 +91,14 @@ class Prompt:
     text: str
     images: list  # list[PIL.Image.Image], RGB, already bounded by qvq_local.images
     image_paths: list[str] = field(default_factory=list)
+    #: the question and system prompt before templating, and the thinking budget: a remote backend sends
+    #: these as chat messages (the server applies its own template); local backends read ``text`` only
+    question: str | None = None
+    system: str | None = None
+    think_budget: int | None = None
+    #: the most tokens the controller will let this question generate (thought cap, forced text margin and
+    #: answer budget): a remote backend sends it as ``max_tokens`` so the server never runs on past it
+    max_new_tokens: int | None = None
 
 
 @dataclass

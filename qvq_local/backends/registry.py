@@ -77,6 +77,22 @@ def _load_llama(resolved: Any, *, n_gpu_layers: int | None = None, cpu_buffers: 
     )
 
 
+#: The kinds of server the openai backend knows how to drive (``--server-kind``; see openai_remote.py).
+SERVER_KINDS = ("auto", "qvq", "qvq-max", "vllm", "llama-server", "generic")
+
+
+def _connect_remote(
+    model: str | None,
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    server_kind: str | None = None,
+) -> Any:
+    from qvq_local.backends import openai_remote
+
+    return openai_remote.connect(model, base_url=base_url, api_key=api_key, server_kind=server_kind)
+
+
 _SPECS = (
     BackendSpec(
         name="mlx",
@@ -102,6 +118,20 @@ _SPECS = (
         capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE}),
         loader=_load_llama,
     ),
+    # a model behind an OpenAI-compatible server (qvq serve, vLLM, llama-server, QVQ-Max): nothing is loaded
+    # here and nothing needs installing; its loader is ``loader(model_name, base_url=, api_key=,
+    # server_kind=)``.  ``auto`` never picks it, and local-only places (bench, self-test) skip it.
+    BackendSpec(
+        name="openai",
+        aliases=(),
+        formats=frozenset(),
+        convert_to="gguf",
+        modules=(),
+        distributions=(),
+        install_hint="nothing to install (the openai backend uses the standard library)",
+        capabilities=frozenset({REMOTE}),
+        loader=_connect_remote,
+    ),
 )
 
 #: Every backend by its canonical name, in a fixed order (not the machine's preference: see hardware.py).
@@ -109,9 +139,9 @@ BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in _SPECS}
 _BY_NAME: dict[str, str] = {alias: spec.name for spec in _SPECS for alias in (spec.name, *spec.aliases)}
 
 
-def names() -> tuple[str, ...]:
-    """The canonical backend names."""
-    return tuple(BACKENDS)
+def names(*, remote: bool = False) -> tuple[str, ...]:
+    """The canonical names of the backends that run a model here (``remote=True``: the remote ones too)."""
+    return tuple(n for n, spec in BACKENDS.items() if remote or REMOTE not in spec.capabilities)
 
 
 def get(name: str) -> BackendSpec:

@@ -768,6 +768,10 @@ def _checked_options(
     if model is None and shape is None:
         shape = "tiny"
     backend = registry.canonical(backend, extra=(ALL,))
+    if backend in registry.BACKENDS and registry.get(backend).has(registry.REMOTE):
+        raise InputError(
+            f"qvq bench measures the backends that run here, not {backend}: choose {registry.choices(ALL)}"
+        )
     _check_options(runs, decode_tokens, answer_tokens, quant)
     return backend, shape, parse_image_sizes(image_sizes)
 

@@ -1,0 +1,259 @@
+"""The ASGI app behind ``qvq serve``: OpenAI-compatible chat completions for one loaded model.
+
+Routes: ``POST /v1/chat/completions`` (streamed as server-sent events or not), ``GET /v1/models``,
+``GET /health``.  With an API key every route but ``/health`` needs ``Authorization: Bearer KEY``, checked
+in constant time.  Bodies over the limit get 413 before they are read whole; a full queue gets 429 with
+``Retry-After``.  Errors have OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``).
+
+The generation itself is the Python API's (:meth:`qvq_local.api.Model.stream_settings`): the same prompt,
+context sizing, reasoning controller and budget forcing as ``qvq ask``; this module only translates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+# this module is imported only when a server is made (``qvq serve``), so FastAPI may load here; the route
+# annotations need these names at module level to be resolved
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from qvq_local.serve import schema
+from qvq_local.serve.media import Limits, load_images
+from qvq_local.serve.worker import END, Job, QueueFull, Worker
+
+log = logging.getLogger("qvq.serve")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    api_key: str | None = None
+    queue: int = 8
+    limits: Limits = Limits()
+    retry_after_s: int = 5
+
+
+def _error_response(err: schema.ApiError):
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _settings_for(request: schema.ChatRequest, model: Any):
+    from qvq_local.backends.base import SamplingParams
+    from qvq_local.errors import InputError
+    from qvq_local.settings import DEFAULT_ANSWER_BUDGET, AskSettings
+
+    try:
+        return AskSettings(
+            think_budget=request.think_budget,
+            answer_budget=request.answer_budget or DEFAULT_ANSWER_BUDGET,
+            max_tokens=request.max_tokens,
+            sampling=SamplingParams(**request.sampling),
+            labels={
+                "think_budget": "thinking_budget",
+                "answer_budget": "answer_budget",
+                "max_tokens": "max_tokens",
+            },
+        )
+    except InputError as err:
+        raise schema.ApiError(400, str(err)) from None
+
+
+def create_app(model: Any, options: ServeOptions | None = None):
+    """The FastAPI app serving ``model`` (a :class:`qvq_local.api.Model`, already loaded).
+
+    ``app.state.worker`` is its queue (call ``shutdown()`` on it when the server stops).
+    """
+    options = options or ServeOptions()
+    worker = Worker(queue=options.queue)
+    app = FastAPI(title="qvq serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+    app.state.model = model
+    key = options.api_key.encode() if options.api_key else None
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if key is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            ok = hmac.compare_digest(token.strip().encode(), key) and scheme.lower() == "bearer"
+            if not ok:
+                return _error_response(
+                    schema.ApiError(
+                        401,
+                        "missing or wrong API key (send Authorization: Bearer KEY)",
+                        kind="authentication_error",
+                        code="invalid_api_key",
+                    )
+                )
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > options.limits.max_body_bytes:
+            return _error_response(
+                schema.ApiError(
+                    413,
+                    f"request body of {length} bytes is over this server's {options.limits.max_body_bytes}",
+                    code="request_too_large",
+                )
+            )
+        return await call_next(request)
+
+    @app.exception_handler(schema.ApiError)
+    async def api_error(_request: Request, err: schema.ApiError):
+        return _error_response(err)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model.name, "backend": model.backend, "queue": worker.state()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": model.name, "object": "model", "created": 0, "owned_by": "qvq-local"}],
+        }
+
+    async def read_body(request: Request) -> dict:
+        limit = options.limits.max_body_bytes
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > limit:
+                raise schema.ApiError(413, f"request body is over {limit} bytes", code="request_too_large")
+        try:
+            return json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError):
+            raise schema.ApiError(400, "the request body is not valid JSON") from None
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await read_body(request)
+        parsed = schema.parse_chat_request(body)
+        if parsed.model not in (None, "", model.name):
+            raise schema.ApiError(
+                404,
+                f"model {parsed.model!r} is not served here; this server runs {model.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        settings = _settings_for(parsed, model)
+        images = await asyncio.to_thread(load_images, parsed.images, options.limits, model.max_pixels)
+        if not images:
+            raise schema.ApiError(400, "no image in the user message: QVQ answers questions about images")
+
+        def events():
+            return iter(model.stream_settings(images, parsed.question, _with_system(settings, parsed.system)))
+
+        job = Job(make_events=events, loop=asyncio.get_running_loop())
+        try:
+            worker.submit(job)
+        except QueueFull:
+            raise schema.ApiError(
+                429,
+                f"the server is busy ({options.queue} requests already waiting); retry later",
+                kind="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(options.retry_after_s)},
+            ) from None
+        completion_id, created = schema.new_id(), schema.now()
+        if parsed.stream:
+            return StreamingResponse(
+                _sse(job, completion_id, created, model.name, parsed.include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        result = await _wait(job, request)
+        if result is None:  # the client went away
+            return JSONResponse({}, status_code=499)
+        from qvq_local.render import completion_dict
+
+        out = completion_dict(result, created=created, completion_id=completion_id)
+        message = out["choices"][0]["message"]
+        message["reasoning"] = message["reasoning_content"]  # the newer clients' name for it
+        return out
+
+    return app
+
+
+def _with_system(settings, system: str | None):
+    from dataclasses import replace
+
+    if system is None:
+        return settings  # QVQ's own system prompt
+    return replace(settings, system=system)
+
+
+def _raise_from(err: BaseException):
+    from qvq_local.errors import ContextOverflow, QvqError
+
+    if isinstance(err, ContextOverflow):
+        return schema.ApiError(400, str(err), code="context_length_exceeded")
+    if isinstance(err, QvqError):
+        return schema.ApiError(400, str(err))
+    log.error("generation failed: %r", err)
+    return schema.ApiError(500, f"generation failed: {type(err).__name__}", kind="server_error")
+
+
+async def _wait(job: Job, request) -> Any:
+    """The final Result of a non-streamed job; None when the client disconnected (the job is cancelled)."""
+    from qvq_local.events import Finished
+
+    result = None
+    while True:
+        try:
+            item = await asyncio.wait_for(job.events.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancel()
+                return None
+            continue
+        if item is END:
+            return result
+        if isinstance(item, BaseException):
+            raise _raise_from(item)
+        if isinstance(item, Finished):
+            result = item.result
+
+
+def _sse_line(data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+async def _sse(job: Job, completion_id: str, created: int, name: str, include_usage: bool):
+    """Server-sent events for one job; closing this generator (the client left) cancels the job."""
+    from qvq_local.events import Finished, Forced, TextDelta
+
+    try:
+        yield _sse_line(schema.chunk(completion_id, created, name, {"role": "assistant", "content": ""}))
+        while True:
+            item = await job.events.get()
+            if item is END:
+                break
+            if isinstance(item, BaseException):
+                err = _raise_from(item)
+                yield _sse_line(err.body())
+                break
+            if isinstance(item, TextDelta) and item.text:
+                delta = schema.delta_for(item.phase, item.text)
+                yield _sse_line(schema.chunk(completion_id, created, name, delta))
+            elif isinstance(item, Forced):
+                continue  # its text follows as ordinary deltas; the final chunk lists it under "qvq"
+            elif isinstance(item, Finished):
+                result = item.result
+                final = schema.chunk(completion_id, created, name, {}, schema.finish_reason(result))
+                from qvq_local.render import completion_dict
+
+                final["qvq"] = completion_dict(result)["qvq"]
+                yield _sse_line(final)
+                if include_usage:
+                    usage = schema.chunk(completion_id, created, name, {})
+                    usage["choices"] = []
+                    usage["usage"] = schema.usage_dict(result)
+                    yield _sse_line(usage)
+        yield _sse_line("[DONE]")
+    finally:
+        job.cancel()  # a no-op once the job ended; stops it within a token when the client left early

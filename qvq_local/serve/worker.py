@@ -1,0 +1,118 @@
+"""One model, one generation at a time: the queue in front of it.
+
+The model is loaded once; its sessions are not thread-safe and it holds one KV cache's worth of memory, so
+generations run one after another on a single worker thread.  At most ``queue`` requests wait behind the
+running one; the next is refused (the app answers 429 with Retry-After).  A job whose client has gone away
+is cancelled: if it is still waiting it never starts, and if it is running its event generator is closed
+after the current token, which closes the backend session and frees the model for the next job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+_END = object()
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """One request's generation: its events go to ``events`` (an asyncio queue) as they come."""
+
+    make_events: Callable[[], Iterator]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    emitted: int = 0  # events produced (a cancelled job stops within one of noticing)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class Worker:
+    """Runs jobs one at a time on its own thread; refuses a job when ``queue`` are already waiting."""
+
+    def __init__(self, queue: int = 8):
+        self.queue = queue
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qvq-serve")
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.running = 0
+        self.completed = 0
+        self.cancelled = 0
+        self.last_cancelled_events: int | None = None  # events a cancelled running job had produced
+        self._stopping = threading.Event()
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self.waiting + self.running >= self.queue + 1:  # one running, ``queue`` waiting
+                raise QueueFull
+            self.waiting += 1
+        self._pool.submit(self._run, job)
+
+    def _run(self, job: Job) -> None:
+        with self._lock:
+            self.waiting -= 1
+            self.running += 1
+        try:
+            if job.cancelled.is_set() or self._stopping.is_set():
+                with self._lock:
+                    self.cancelled += 1
+                return
+            job.started = True
+            events = job.make_events()
+            try:
+                for event in events:
+                    job.emitted += 1
+                    job._put(event)
+                    if job.cancelled.is_set() or self._stopping.is_set():
+                        break
+            finally:
+                close = getattr(events, "close", None)
+                if close is not None:
+                    close()  # GeneratorExit in the stream: the backend session is closed there
+            with self._lock:
+                if job.cancelled.is_set():
+                    self.cancelled += 1
+                    self.last_cancelled_events = job.emitted
+                else:
+                    self.completed += 1
+        except BaseException as err:  # noqa: BLE001 - handed to the request, which answers with it
+            job._put(err)
+            with self._lock:
+                self.completed += 1
+        finally:
+            with self._lock:
+                self.running -= 1
+            job._put(_END)
+
+    def state(self) -> dict:
+        with self._lock:
+            return {
+                "running": self.running,
+                "waiting": self.waiting,
+                "queue": self.queue,
+                "completed": self.completed,
+                "cancelled": self.cancelled,
+                "last_cancelled_events": self.last_cancelled_events,
+            }
+
+    def shutdown(self) -> None:
+        """Stop the running job after its current token, drop the waiting ones, and wait: the model may be
+        closed once this returns (closing it under a running generation would crash the backend)."""
+        self._stopping.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+END = _END

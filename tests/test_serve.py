@@ -1,0 +1,419 @@
+"""`qvq serve` driven by the official `openai` client, on the tiny synthetic GGUF model.
+
+What is checked against what: the served answers against the Python API's own answer for the same
+question and settings (``Model.ask``: the path ``qvq ask`` takes), the wire format against what the
+`openai` package parses, and the limits and errors against OpenAI's error shape and status codes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from serve_util import ServerThread, SlowDown, data_uri, free_port
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("llama_cpp")
+
+pytestmark = [pytest.mark.llama, pytest.mark.slow]
+
+KEY = "test-key-0123"
+QUESTION = "Which bar is the highest?"
+BUDGET = {"thinking_budget": 16, "answer_budget": 8, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_gguf_f32):
+    from qvq_local.api import load
+    from qvq_local.serve.app import ServeOptions, create_app
+    from qvq_local.serve.media import Limits
+
+    model = load(tiny_gguf_f32.model, backend="llama")
+    slow = SlowDown(model)
+    app = create_app(
+        model, ServeOptions(api_key=KEY, queue=4, limits=Limits(max_images=2, max_body_bytes=2_000_000))
+    )
+    with ServerThread(app) as server:
+        server.model, server.slow, server.app = model, slow, app
+        yield server
+    app.state.worker.shutdown()  # a generation still running must stop before the model is closed
+    model.close()
+
+
+@pytest.fixture
+def client(served):
+    served.slow.delay = 0.0
+    return openai.OpenAI(base_url=served.base_url, api_key=KEY, max_retries=0, timeout=120)
+
+
+def _messages(image, question=QUESTION, system=None):
+    out = [{"role": "system", "content": system}] if system else []
+    content = [
+        {"type": "image_url", "image_url": {"url": data_uri(image)}},
+        {"type": "text", "text": question},
+    ]
+    return out + [{"role": "user", "content": content}]
+
+
+def _reference(served, image, **options):
+    """The same question through the Python API (what `qvq ask` runs), while no request is in flight."""
+    return served.model.ask(image, QUESTION, **options)
+
+
+def _wait_idle(served, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = served.app.state.worker.state()
+        if state["running"] == 0 and state["waiting"] == 0:
+            return state
+        time.sleep(0.02)
+    raise AssertionError("the server did not go idle")
+
+
+def test_non_streamed_answer_with_a_budget_matches_the_api(served, client, sample_image):
+    reply = client.chat.completions.create(
+        model=served.model.name, messages=_messages(sample_image), extra_body=BUDGET
+    )
+    ref = _reference(served, sample_image, think_budget=16, answer_budget=8, seed=1)
+    message = reply.choices[0].message
+    extra = message.model_extra
+    assert ref.forced and ref.forced[0].reason == "budget"  # the budget did cut the thought
+    assert extra["reasoning_content"] == extra["reasoning"] == ref.thought
+    assert message.content == ref.answer
+    assert 16 <= ref.thought_tokens <= 16 + 32
+    assert reply.usage.completion_tokens_details.reasoning_tokens == ref.thought_tokens
+    assert reply.usage.completion_tokens == ref.thought_tokens + ref.answer_tokens
+    assert reply.usage.prompt_tokens == ref.prompt_tokens
+    qvq = reply.model_extra["qvq"]
+    assert qvq["stop_reason"] == ref.stop_reason and qvq["forced"][0]["reason"] == "budget"
+    assert reply.choices[0].finish_reason == ("length" if ref.stop_reason == "max_tokens" else "stop")
+    assert qvq["timings"]["decode_tok_s"] > 0
+
+
+def test_streamed_reasoning_then_content(served, client, sample_image):
+    stream = client.chat.completions.create(
+        model=served.model.name,
+        messages=_messages(sample_image),
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=BUDGET,
+    )
+    thought, answer, order, finish, usage, qvq = [], [], [], None, None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta.model_extra or {}
+        if delta.get("reasoning_content"):
+            assert delta["reasoning"] == delta["reasoning_content"]
+            thought.append(delta["reasoning_content"])
+            order.append("t")
+        if chunk.choices[0].delta.content:
+            answer.append(chunk.choices[0].delta.content)
+            order.append("a")
+        if chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+            qvq = chunk.model_extra.get("qvq")
+    ref = _reference(served, sample_image, think_budget=16, answer_budget=8, seed=1)
+    assert "".join(thought).strip() == ref.thought
+    assert "".join(answer).strip() == ref.answer
+    assert order == sorted(order, key=lambda x: x != "t")  # every thought delta before every answer delta
+    assert finish in ("stop", "length") and qvq["stop_reason"] == ref.stop_reason
+    assert usage.completion_tokens_details.reasoning_tokens == ref.thought_tokens
+
+
+def test_models_and_health(served, client):
+    assert [m.id for m in client.models.list()] == [served.model.name]
+    health = httpx.get(served.base_url.replace("/v1", "/health"))  # no key needed
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_unsupported_fields_are_refused_with_400(served, client, sample_image):
+    for extra, param in (
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"stop": ["x"]}, "stop"),
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"temperature": 5}, "temperature"),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=served.model.name, messages=_messages(sample_image), extra_body=extra
+            )
+        assert err.value.status_code == 400
+        assert err.value.body["param"] == param, err.value.body
+    with pytest.raises(openai.BadRequestError) as err:  # a question without an image
+        client.chat.completions.create(model=served.model.name, messages=[{"role": "user", "content": "hi"}])
+    assert "image" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:  # a file path is never read
+        client.chat.completions.create(
+            model=served.model.name,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": f"file://{sample_image}"}},
+                        {"type": "text", "text": "q"},
+                    ],
+                }
+            ],
+        )
+    assert "data: URIs or http(s) URLs" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:  # URLs are off unless the operator allows them
+        client.chat.completions.create(
+            model=served.model.name,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}},
+                        {"type": "text", "text": "q"},
+                    ],
+                }
+            ],
+        )
+    assert "--allow-image-urls" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:  # not an image: the same check as qvq ask
+        client.chat.completions.create(
+            model=served.model.name,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8gd29ybGQ="}},
+                        {"type": "text", "text": "q"},
+                    ],
+                }
+            ],
+        )
+    assert err.value.body["code"] == "invalid_image"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=_messages(sample_image))
+
+
+def test_wrong_or_missing_key_is_401(served, sample_image):
+    bad = openai.OpenAI(base_url=served.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=served.model.name, messages=_messages(sample_image))
+    assert httpx.get(served.base_url + "/models").status_code == 401  # no header at all
+
+
+def test_body_and_image_limits_are_413(served, client, sample_image):
+    big = "x" * 2_100_000
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(
+            model=served.model.name, messages=_messages(sample_image, question=big)
+        )
+    assert err.value.status_code == 413
+    three = [{"type": "image_url", "image_url": {"url": data_uri(sample_image)}}] * 3
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(
+            model=served.model.name,
+            messages=[{"role": "user", "content": [*three, {"type": "text", "text": "q"}]}],
+        )
+    assert err.value.status_code == 413 and "at most 2" in err.value.body["message"]
+
+    # a streamed body without Content-Length is counted as it arrives
+    def chunks():
+        for _ in range(30):
+            yield b"x" * 100_000
+
+    raw = httpx.post(
+        served.base_url + "/chat/completions", content=chunks(), headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert raw.status_code == 413
+
+
+def _post_stream(served, image, budget=400):
+    body = {
+        "model": served.model.name,
+        "messages": _messages(image),
+        "stream": True,
+        "thinking_budget": budget,
+        "answer_budget": 64,
+    }
+    return httpx.stream(
+        "POST",
+        served.base_url + "/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+
+
+def test_disconnect_stops_generation_and_frees_the_model(served, client, sample_image):
+    _wait_idle(served)
+    served.slow.delay = 0.02  # 50 tok/s: the full run (400+ thought tokens) would take 8 s or more
+    before = served.app.state.worker.state()
+    closed_before = served.slow.closed
+    with _post_stream(served, sample_image) as response:
+        assert response.status_code == 200
+        seen = 0
+        for line in response.iter_lines():
+            if line.startswith("data: ") and "reasoning" in line:
+                seen += 1
+            if seen >= 3:
+                break  # leaving the block closes the connection mid-stream
+    t_left = time.monotonic()
+    state = _wait_idle(served, timeout=5)
+    stopped_in = time.monotonic() - t_left
+    assert state["cancelled"] == before["cancelled"] + 1
+    assert served.slow.closed == closed_before + 1  # the backend session was closed
+    assert state["last_cancelled_events"] < 60  # stopped after a few tokens, not 400
+    assert stopped_in < 2.0
+    served.slow.delay = 0.0
+    reply = client.chat.completions.create(  # the model is free for the next client
+        model=served.model.name, messages=_messages(sample_image), extra_body=BUDGET
+    )
+    assert reply.choices[0].message.model_extra["reasoning_content"]
+
+
+def test_full_queue_is_429_with_retry_after(served, sample_image):
+    _wait_idle(served)
+    served.slow.delay = 0.05
+    open_streams = []
+    try:
+        for _ in range(5):  # one running, four waiting (queue=4)
+            ctx = _post_stream(served, sample_image)
+            response = ctx.__enter__()
+            assert response.status_code == 200
+            open_streams.append(ctx)
+        refused = httpx.post(
+            served.base_url + "/chat/completions",
+            json={"model": served.model.name, "messages": _messages(sample_image), **BUDGET},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) > 0
+        assert refused.json()["error"]["code"] == "queue_full"
+    finally:
+        for ctx in open_streams:
+            ctx.__exit__(None, None, None)
+        served.slow.delay = 0.0
+    _wait_idle(served)
+
+
+def test_four_concurrent_clients_each_get_the_full_answer(served, client, sample_image):
+    _wait_idle(served)
+    ref = _reference(served, sample_image, think_budget=16, answer_budget=8, seed=1)
+    replies, errors = [None] * 4, []
+
+    def one(i):
+        try:
+            if i % 2:  # two streamed, two not
+                parts = {"t": [], "a": []}
+                stream = client.chat.completions.create(
+                    model=served.model.name, messages=_messages(sample_image), stream=True, extra_body=BUDGET
+                )
+                for chunk in stream:
+                    if chunk.choices:
+                        d = chunk.choices[0].delta
+                        parts["t"].append((d.model_extra or {}).get("reasoning_content") or "")
+                        parts["a"].append(d.content or "")
+                replies[i] = ("".join(parts["t"]).strip(), "".join(parts["a"]).strip())
+            else:
+                r = client.chat.completions.create(
+                    model=served.model.name, messages=_messages(sample_image), extra_body=BUDGET
+                )
+                replies[i] = (
+                    r.choices[0].message.model_extra["reasoning_content"],
+                    r.choices[0].message.content,
+                )
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert replies == [(ref.thought, ref.answer)] * 4
+
+
+def test_qvq_serve_command_starts_and_warns_beyond_localhost(tiny_gguf_f32, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qvq_local.cli",
+            "serve",
+            "-m",
+            str(tiny_gguf_f32.model),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            "--backend",
+            "llama",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "qvq serve did not come up"
+                time.sleep(0.2)
+        assert health.json()["model"]
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()  # no key set: open
+        assert models["data"][0]["owned_by"] == "qvq-local"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "without an API key" in err
+
+
+def test_serve_refuses_bad_options_in_one_line(tiny_gguf_f32):
+    out = subprocess.run(
+        [sys.executable, "-m", "qvq_local.cli", "serve", "-m", str(tiny_gguf_f32.model), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "--port must be in 1..65535" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_private_addresses_are_refused_for_image_urls():
+    from qvq_local.serve.media import Limits, image_bytes
+    from qvq_local.serve.schema import ApiError, ImageRef
+
+    allow = Limits(allow_image_urls=True)
+    for url in (
+        "http://127.0.0.1/x.png",
+        "http://localhost:8000/x.png",
+        "http://10.1.2.3/x.png",
+        "http://[::1]/x.png",
+        "http://169.254.169.254/latest/meta-data",
+    ):
+        with pytest.raises(ApiError) as err:
+            image_bytes(ImageRef(url=url, index=0, where="part"), allow)
+        assert err.value.status == 400 and "non-public address" in err.value.message, url
+    with pytest.raises(ApiError) as err:
+        image_bytes(ImageRef(url="/etc/passwd", index=0, where="part"), allow)
+    assert "not a path" in err.value.message
+
+
+def test_a_json_body_that_is_not_json_is_400(served):
+    r = httpx.post(
+        served.base_url + "/chat/completions", content=b"{nope", headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert r.status_code == 400 and json.loads(r.text)["error"]["type"] == "invalid_request_error"
