@@ -14,7 +14,17 @@ machines this was written on):
   total size was NOT seen in a listing: 41 GB is this project's own estimate for QVQ-72B at MLX 4-bit
   (DESIGN.md), not a measured figure.
 
-The successor families (Qwen2.5-VL, Qwen3-VL) get entries once their family modules exist in this project.
+* ``Qwen/Qwen3-VL-4B-Thinking-GGUF`` and ``Qwen/Qwen3-VL-8B-Thinking-GGUF``: Qwen's own GGUF repos
+  (language model in F16, Q8_0 and Q4_K_M; projector in F16 and Q8_0, as their model cards list them;
+  ``llama-server -hf Qwen/Qwen3-VL-4B-Thinking-GGUF:Q4_K_M`` is the card's own example).  Their file
+  sizes were NOT seen: the sizes below are estimates (text parameters x 4.85 bits for Q4_K_M, vision
+  parameters x 16 bits for the F16 projector).
+* ``mlx-community/Qwen3-VL-4B-Thinking-4bit`` / ``-8B-Thinking-4bit``: mlx-community's Qwen3-VL
+  collection holds the 4-bit conversions (``Qwen3-VL-4B-Instruct-4bit`` was seen); the Thinking repos'
+  names follow the same pattern but were NOT seen in a listing.  Sizes: estimates (4.5 bits a weight).
+
+Qwen2.5-VL has no entry: no repo with a matching projector was found in a listing (``owner/repo:QUANT``
+works for any of them).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ class Entry:
     shape: str  # the family's shape name (dimensions for the KV-cache estimate)
     apple: Source
     other: Source
+    family: str = "Qwen2-VL"  # the registered family whose ``shape`` gives the dimensions
 
     def source(self, apple_silicon: bool | None = None) -> Source:
         if apple_silicon is None:
@@ -59,6 +70,22 @@ CATALOGUE: dict[str, Entry] = {
             "lmstudio-community/QVQ-72B-Preview-GGUF:Q4_K_M", "gguf", int(48.8 * GB), size_checked=True
         ),
     ),
+    "qwen3-vl-4b": Entry(
+        name="qwen3-vl-4b",
+        title="Qwen3-VL-4B-Thinking",
+        shape="4b",
+        family="Qwen3-VL",
+        apple=Source("mlx-community/Qwen3-VL-4B-Thinking-4bit", "mlx", int(2.6 * GB), size_checked=False),
+        other=Source("Qwen/Qwen3-VL-4B-Thinking-GGUF:Q4_K_M", "gguf", int(3.3 * GB), size_checked=False),
+    ),
+    "qwen3-vl-8b": Entry(
+        name="qwen3-vl-8b",
+        title="Qwen3-VL-8B-Thinking",
+        shape="8b",
+        family="Qwen3-VL",
+        apple=Source("mlx-community/Qwen3-VL-8B-Thinking-4bit", "mlx", int(5.0 * GB), size_checked=False),
+        other=Source("Qwen/Qwen3-VL-8B-Thinking-GGUF:Q4_K_M", "gguf", int(6.2 * GB), size_checked=False),
+    ),
 }
 
 
@@ -69,9 +96,9 @@ def lookup(name: str) -> Entry | None:
 def fit(entry: Entry, source: Source, available: int | None, total: int | None) -> dict[str, Any]:
     """The doctor's fit estimate for ``source`` before anything is downloaded."""
     from qvq_local import doctor
-    from qvq_local.families import DEFAULT_FAMILY
+    from qvq_local.families import FAMILIES
 
-    dims = DEFAULT_FAMILY.synth_shapes[entry.shape]
+    dims = FAMILIES[entry.family].synth_shapes[entry.shape]
     shape = {
         "layers": dims.num_hidden_layers,
         "kv_heads": dims.num_key_value_heads,

@@ -400,14 +400,35 @@ def test_models_available_shows_sizes_and_the_fit(monkeypatch, apple, memory, ve
     monkeypatch.setattr("qvq_local.hardware.memory_bytes", lambda: (memory * 1024**3, memory * 1024**3))
     result = CliRunner().invoke(app, ["models", "--available", "--json"])
     assert result.exit_code == 0, result.output
-    (row,) = json.loads(result.stdout)
-    assert row["name"] == "qvq" and row["verdict"] == verdict
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    row = rows["qvq"]
+    assert row["verdict"] == verdict
     assert row["source"].startswith("mlx-community/" if apple else "lmstudio-community/")
     assert row["size"] == (41 * 10**9 if apple else int(48.8 * 10**9))
     # QVQ-72B's KV cache (80 layers x 8 KV heads x 128 x f16) comes on top of the weights
     assert row["needed_bytes"] > row["size"] * 1.1
     table = CliRunner().invoke(app, ["models", "--available"])
     assert "qvq" in table.stdout and verdict in table.stdout
+
+
+def test_the_qwen3_vl_short_names_use_their_family_for_the_fit(monkeypatch):
+    """Qwen3-VL's entries: Qwen's own GGUF repos at Q4_K_M elsewhere, MLX 4-bit on Apple Silicon, and the
+    memory estimate from Qwen3-VL's dimensions (a Qwen2-VL shape table has no 4b or 8b)."""
+    from qvq_local import catalogue
+    from qvq_local.families import FAMILIES
+
+    monkeypatch.setattr("qvq_local.hardware.memory_bytes", lambda: (16 * 1024**3, 16 * 1024**3))
+    rows = {r["name"]: r for r in catalogue.available_rows(apple_silicon=False)}
+    for name, size in (("qwen3-vl-4b", "4B"), ("qwen3-vl-8b", "8B")):
+        entry = catalogue.lookup(name)
+        assert entry.family == "Qwen3-VL" and entry.shape in FAMILIES["Qwen3-VL"].synth_shapes
+        assert hub.parse_ref(entry.other.ref) == hub.HubRef(f"Qwen/Qwen3-VL-{size}-Thinking-GGUF", "Q4_K_M")
+        assert entry.apple.format == "mlx" and not entry.other.size_checked  # estimates, said so
+        assert rows[name]["verdict"] == "fits"
+    # the 8B model has more layers of KV cache and more weights than the 4B
+    kv4 = rows["qwen3-vl-4b"]["needed_bytes"] - rows["qwen3-vl-4b"]["size"]
+    kv8 = rows["qwen3-vl-8b"]["needed_bytes"] - rows["qwen3-vl-8b"]["size"]
+    assert kv8 > kv4 > 0
 
 
 def test_a_model_too_big_for_this_machine_is_said_before_the_download(gguf_repo, monkeypatch, capsys):
