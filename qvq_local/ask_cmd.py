@@ -47,6 +47,7 @@ class AskOptions:
     hide_thinking: bool = False
     save: Path | None = None
     cpu_buffers: str | None = None
+    samples: int = 1
 
 
 def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
@@ -111,6 +112,7 @@ def build_settings(opts: AskOptions) -> AskSettings:
         lang_lock=opts.lang_lock,
         backend=values["backend"] or "auto",
         cpu_buffers=opts.cpu_buffers,
+        samples=opts.samples,
         labels=labels,
     )
 

@@ -32,12 +32,26 @@ from dataclasses import dataclass, replace
 from qvq_local.events import ChainEvent, Finished, Result, Timings
 from qvq_local.reasoning import STEPPED, ReasoningConfig, run_reasoning
 
-#: Sampling used for N > 1 chains when the caller sets none and the model's own is greedy (QVQ's is:
-#: top_k 1): greedy chains would all be the same chain.  The self-consistency paper (Wang et al., 2022)
+#: Sampling used for N > 1 chains when the caller sets none and the model's own is (near-)greedy (QVQ's
+#: is: temperature 0.01, top_k 1): such chains would all be the same chain.  The self-consistency paper (Wang et al., 2022)
 #: sampled at temperature 0.5-0.7; top_p keeps the tail out.
 CHAIN_SAMPLING = {"temperature": 0.7, "top_p": 0.95, "top_k": 0}
+#: Below this temperature (or with top_k 1) a model's own sampling counts as near-greedy.
+NEAR_GREEDY_TEMPERATURE = 0.3
 
 _SPACE = re.compile(r"\s+")
+
+
+def chain_sampling(requested, resolved):
+    """The sampling for N > 1 chains: what the caller asked for, or :data:`CHAIN_SAMPLING` when the caller
+    set none of temperature/top_p/top_k and the model's own (``resolved``) is near-greedy."""
+    from dataclasses import replace as _replace
+
+    greedy = (resolved.temperature or 0) < NEAR_GREEDY_TEMPERATURE or resolved.top_k == 1
+    chosen = (requested.temperature, requested.top_p, requested.top_k)
+    if greedy and all(v is None for v in chosen):
+        return _replace(requested, **CHAIN_SAMPLING)
+    return requested
 
 
 def normalise(value: str | None) -> str | None:

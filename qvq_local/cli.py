@@ -235,6 +235,13 @@ def ask(
         "--cpu-buffers",
         help=_CPU_BUFFERS_HELP,
     ),
+    samples: int = typer.Option(
+        1,
+        "--samples",
+        help="Think N chains at once from one prefill (decoded in one batch; llama.cpp backend) and answer"
+        " with the majority \\boxed{} answer (ties: the chain that finished first). Without"
+        " --temperature/--top-p/--top-k the chains sample at temperature 0.7, top-p 0.95.",
+    ),
 ) -> None:
     """Ask a question about one or more images and watch the model think.
 
@@ -250,6 +257,8 @@ def ask(
       qvq ask -a left.png -a right.png "What changed?" --json
 
       qvq ask diagram.png "Find the angle x." -m QVQ-72B-Preview-gguf-q4_k_m --save run.md
+
+      qvq ask geometry.png "Find x." --samples 4 --think-budget 2048
     """
     from qvq_local.ask_cmd import AskOptions, run_ask
 
@@ -273,6 +282,7 @@ def ask(
         hide_thinking=hide_thinking,
         save=save,
         cpu_buffers=cpu_buffers,
+        samples=samples,
     )
     try:
         code = run_ask(opts)

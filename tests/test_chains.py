@@ -127,3 +127,16 @@ def test_interrupt_stops_every_chain_with_one_finished(where):
     assert result.stop_reason == "interrupted"
     assert [c.stop_reason for c in result.chains] == ["interrupted", "interrupted"]
     assert all(c.thought_tokens > 0 for c in result.chains)
+
+
+def test_chain_sampling_replaces_only_a_near_greedy_default():
+    from qvq_local.backends.base import SamplingParams
+    from qvq_local.chains import CHAIN_SAMPLING, chain_sampling
+
+    qvq = SamplingParams(temperature=0.01, top_p=0.001, top_k=1, repetition_penalty=1.05, seed=0)
+    got = chain_sampling(SamplingParams(seed=4), qvq)
+    assert (got.temperature, got.top_p, got.top_k, got.seed) == (*CHAIN_SAMPLING.values(), 4)
+    # the caller's own choice stands, and so does a model that already samples
+    assert chain_sampling(SamplingParams(temperature=0.0), qvq) == SamplingParams(temperature=0.0)
+    warm = SamplingParams(temperature=0.8, top_p=0.9, top_k=40)
+    assert chain_sampling(SamplingParams(), warm) == SamplingParams()
