@@ -199,7 +199,7 @@ class Model:
         ``samples`` > 1 runs that many reasoning chains from one prefill, decoded in one batch, each with
         its own budget, loop stop and forced answer; events of each chain come as ``ChainEvent`` and the
         ``Finished`` Result is the majority ``\\boxed{}`` answer's chain with every chain under ``chains``
-        (:mod:`qvq_local.chains`; llama.cpp backend only for now).
+        (:mod:`qvq_local.chains`; llama.cpp and MLX).
         The options become one :class:`qvq_local.settings.AskSettings`, checked there (``InputError``
         before anything runs).  The last event is always ``Finished``.
         """

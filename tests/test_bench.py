@@ -246,6 +246,9 @@ def test_smoke_json_holds_every_figure_positive(smoke):
         # clip preprocessing enlarges small images to 84x84 -> 9 tokens; so only > 0 is checked above)
         assert r["decode_tokens"] == q["decode_tokens"]  # the raw run did the same number of tokens
         assert b["ratios"]["decode_tok_s"] > 0 and b["ratios"]["first_token_s"] > 0
+        assert b["chains"]["ok"], b["chains"].get("reason")  # --samples N: one row per N, all positive
+        assert sorted(b["chains"]["by_n"], key=int) == ["1", "2", "4", "8"]
+        assert all(f["agg_tok_s"] > 0 and f["per_chain_tok_s"] > 0 for f in b["chains"]["by_n"].values())
     assert data["chart"] == str(root / "out" / "bench.png")
 
 
@@ -289,7 +292,7 @@ def test_smoke_tables_render(smoke):
     console = Console(width=100, record=True)
     bench_report.render_tables(result, console)
     text = console.export_text()
-    for word in ("llama qvq", "llama raw", "mlx qvq", "mlx raw", "qvq/raw decode", "bound t/s"):
+    for word in ("llama qvq", "llama raw", "mlx qvq", "mlx raw", "qvq/raw decode", "bound t/s", "per chain"):
         assert word in text
 
 

@@ -181,6 +181,9 @@ def render_tables(result: dict, console: Console | None = None) -> None:
         "(<= 1.0: no overhead). bound = read bandwidth / bytes read per token; of bound = decode / bound. "
         "Ratios and decode at the smallest image size.[/]"
     )
+    from qvq_local.bench.chains import render_chains_table
+
+    render_chains_table(result, console)
 
 
 def write_json(result: dict, path: str | os.PathLike) -> Path:
