@@ -321,8 +321,8 @@ class Model:
 
                     name = {**API_LABELS, **options.labels}["samples"]
                     raise InputError(
-                        f"{name} {options.samples} needs the llama.cpp backend; the {self.backend} backend"
-                        " runs one chain at a time"
+                        f"{name} {options.samples} needs a backend that decodes chains in one batch (llama.cpp"
+                        f" or MLX); the {self.backend} backend runs one chain at a time"
                     )
                 # the prompt's cells are shared; each chain gets the room one question would have
                 prompt_cells = text_tokens + image_tokens

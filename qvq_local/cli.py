@@ -238,7 +238,7 @@ def ask(
     samples: int = typer.Option(
         1,
         "--samples",
-        help="Think N chains at once from one prefill (decoded in one batch; llama.cpp backend) and answer"
+        help="Think N chains at once from one prefill (decoded in one batch) and answer"
         " with the majority \\boxed{} answer (ties: the chain that finished first). Without"
         " --temperature/--top-p/--top-k the chains sample at temperature 0.7, top-p 0.95.",
     ),

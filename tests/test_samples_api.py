@@ -89,7 +89,7 @@ def test_samples_need_a_backend_that_forks(sample_image):
     model, _ = _model(thought="a b c")
     with pytest.raises(InputError) as err:
         list(model.stream([sample_image], QUESTION, samples=2))
-    assert_error(err, "samples 2", "llama.cpp", "fake")
+    assert_error(err, "samples 2", "llama.cpp", "MLX", "fake")
 
 
 def test_cli_samples_json_carries_every_chain(tiny_gguf_f32, sample_image, capsys):
