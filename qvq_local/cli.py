@@ -240,7 +240,7 @@ def ask(
         "--samples",
         help="Think N chains at once from one prefill (decoded in one batch) and answer"
         " with the majority \\boxed{} answer (ties: the chain that finished first). Without"
-        " --temperature/--top-p/--top-k the chains sample at temperature 0.7, top-p 0.95.",
+        " --temperature/--top-p/--top-k the chains sample at temperature 0.7, top-k 40, top-p 0.95.",
     ),
 ) -> None:
     """Ask a question about one or more images and watch the model think.

@@ -437,7 +437,9 @@ def test_mmproj_loads_in_llama_cpp(tiny_gguf_q4):
 
 @pytest.mark.llama
 @pytest.mark.parametrize(("quant", "file_type", "main_type"), [("q8_0", 7, "Q8_0"), ("q5_k_m", 17, "Q5_K")])
-def test_other_quants_from_bf16_source(tiny_checkpoint_bf16, tiny_gguf_f32, tmp_path, quant, file_type, main_type):
+def test_other_quants_from_bf16_source(
+    tiny_checkpoint_bf16, tiny_gguf_f32, tmp_path, quant, file_type, main_type
+):
     """bf16 source -> raw BF16 intermediate -> llama.cpp quantiser; the result loads and evaluates.
 
     llama-cpp-python fills `Llama.scores` only with logits_all=True; without it the array is

@@ -3,8 +3,8 @@
 For each N in :data:`CHAIN_COUNTS`: one prefill of the smallest bench image with the question, then N
 chains (``Session.fork``) stepped in lockstep for ``tokens`` steps each, timed from the first step to the
 last (prefill excluded); N = 1 is the plain one-chain session (what ``qvq ask`` runs without
-``--samples``), the baseline the others are divided by.  Sampling: temperature 0.7, top-p 0.95 (what
-``--samples`` uses on a greedy model), chain i seeded ``i``; an end-of-turn token is not decoded, so the
+``--samples``), the baseline the others are divided by.  Sampling: :data:`qvq_local.chains.CHAIN_SAMPLING` (what
+``--samples`` uses on a greedy model: temperature 0.7, top-k 40, top-p 0.95), chain i seeded ``i``; an end-of-turn token is not decoded, so the
 figure counts tokens actually run through the model.  Each N is run ``runs`` times, interleaved
 (1, 2, 4, 8, 1, 2, ...) so a neighbour's load hits every N alike; the median and min-max are reported.
 
