@@ -123,3 +123,19 @@ def test_cli_samples_json_carries_every_chain(tiny_gguf_f32, sample_image, capsy
     assert len(chains) == 3 and all("answer" in c and "boxed" in c for c in chains)
     assert data["qvq"]["vote"]["chain"] in range(3)
     assert data["choices"][0]["message"]["content"] == chains[data["qvq"]["vote"]["chain"]]["answer"]
+
+
+def test_samples_on_mlx_one_prefill_every_chain_reported(tiny_mlx_f32, sample_image, monkeypatch):
+    pytest.importorskip("mlx_vlm")
+    from qvq_local.api import load
+    from qvq_local.backends import mlx as backend
+    from qvq_local.backends import mlx_chains
+
+    prefills = _count_calls(monkeypatch, backend.MlxSession, "prefill")
+    rounds = _count_calls(monkeypatch, mlx_chains._Group, "round")
+    with load(tiny_mlx_f32, backend="mlx") as model:
+        result = model.ask([sample_image], QUESTION, think_budget=10, answer_budget=4, samples=3, seed=1)
+    assert len(prefills) == 1 and len(result.chains) == 3
+    tokens = [c.thought_tokens + c.answer_tokens for c in result.chains]
+    assert len(rounds) < sum(tokens)  # batched: fewer forward passes than chain tokens
+    assert result.vote["chain"] in range(3) and sorted(result.vote["finish_order"]) == [0, 1, 2]

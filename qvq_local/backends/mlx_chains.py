@@ -7,11 +7,12 @@
   repeated along the batch axis, one row per chain, so the image is encoded once and prefilled once;
 * a chain's ``step()`` samples from its own logits (the session's sampler code: repetition penalty over
   the chain's own history, its own seeded key ``seed + i``, the language mask) and *queues* the token;
-  the next time a chain needs logits it does not have, one forward pass runs a ``[n, 1]`` batch: each row
-  the next queued token of its chain at that chain's own M-RoPE position;
-* a row whose chain has nothing queued (it finished, or another chain is still feeding forced text) gets a
-  padding token whose KV cell is masked out of that row's attention from then on (an additive ``-inf``
-  mask over the cache), so a chain only ever attends to its prompt and its own tokens;
+  the next time a chain needs logits it does not have, one forward pass runs a ``[n, L]`` batch: each row
+  its chain's queued tokens at that chain's own M-RoPE positions (``L`` = 1 while chains only step; a
+  chain's forced text goes through in the same pass, the other rows padded to its length);
+* padding (a row shorter than ``L``, or a chain that has finished) fills KV cells that are masked out of
+  that row's attention from then on (an additive ``-inf`` mask over the cache, causal within the pass), so
+  a chain only ever attends to its prompt and its own tokens;
 * each chain has its own share of the context (prompt + free // n), as a separate session would.
 """
 
@@ -63,43 +64,50 @@ class _Group:
         self.forwards = 0  # batched forward passes (tests check the batching)
 
     def round(self) -> None:
-        """One batched forward: the next queued token of every chain (padding where none)."""
+        """One batched forward of every chain's queued tokens: ``L`` = the longest queue (1 while the
+        chains just step, more when one feeds forced text); shorter rows are padded at the end, and each
+        row's pad cells are masked out of its attention now and later."""
         import numpy as np
 
-        session, mx = self.session, self.session.mx
-        tokens, positions, real = [], [], []
-        for chain in self.chains:
-            if chain._queue:
-                tok = chain._queue.pop(0)
-                tokens.append(tok)
-                positions.append(chain._pos)
-                chain._pos += 1
-                real.append(True)
-            else:
-                tokens.append(0)
-                positions.append(chain._pos)
-                real.append(False)
-        self.valid = np.concatenate([self.valid, np.array(real, dtype=bool)[:, None]], axis=1)
-        mask = np.where(self.valid, 0.0, -np.inf).astype(np.float32)[:, None, None, :]
-        embeds = session._lm.model.embed_tokens(mx.array(tokens, dtype=mx.int32).reshape(self.n, 1))
-        if session._act_dtype is not None and embeds.dtype != session._act_dtype:
-            embeds = embeds.astype(session._act_dtype)
+        session, mx, n = self.session, self.session.mx, self.n
+        width = max(1, max(len(c._queue) for c in self.chains))
+        tokens = np.zeros((n, width), dtype=np.int32)
+        positions = np.zeros((n, width), dtype=np.int32)
+        real = np.zeros((n, width), dtype=bool)
+        last = np.zeros(n, dtype=np.int32)
+        for i, chain in enumerate(self.chains):
+            take, chain._queue = chain._queue[:width], chain._queue[width:]
+            tokens[i, : len(take)] = take
+            positions[i] = np.arange(chain._pos, chain._pos + width)
+            real[i, : len(take)] = True
+            last[i] = max(len(take) - 1, 0)
+            chain._pos += len(take)
+        old = self.valid.shape[1]
+        self.valid = np.concatenate([self.valid, real], axis=1)
+        allowed = np.zeros((n, width, old + width), dtype=bool)
+        allowed[:, :, :old] = self.valid[:, None, :old]
+        causal = np.tril(np.ones((width, width), dtype=bool))
+        allowed[:, :, old:] = causal[None] & real[:, None, :]
+        mask = np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None]
+        embeds = session._lm.model.embed_tokens(mx.array(tokens))
         mask_mx = mx.array(mask)
         if session._act_dtype is not None:
+            embeds = embeds.astype(session._act_dtype)
             mask_mx = mask_mx.astype(session._act_dtype)
-        pos = mx.array(positions, dtype=mx.int32).reshape(1, self.n, 1)
+        pos = mx.array(positions).reshape(1, n, width)
         hidden = session._lm.model(
             None,
             inputs_embeds=embeds,
             cache=session._cache,
-            position_ids=mx.broadcast_to(pos, (3, self.n, 1)),
+            position_ids=mx.broadcast_to(pos, (3, n, width)),
             mask=mask_mx,
         )
-        logits = session._head(hidden)[:, -1].astype(mx.float32)
+        picked = hidden[mx.arange(n), mx.array(last)]  # each row's last real token
+        logits = session._head(picked[:, None, :])[:, -1].astype(mx.float32)
         mx.eval(logits)
         self.forwards += 1
         for i, chain in enumerate(self.chains):
-            if real[i] and not chain._queue:
+            if real[i].any() and not chain._queue:
                 chain._logits = logits[i]
 
     def run_until_empty(self, chain: MlxChain) -> None:
