@@ -213,6 +213,7 @@ class Model:
         loop_detection: bool = True,
         forced_text: str | None = None,
         lang_lock: str = "auto",
+        samples: int = 1,
     ) -> Iterator[Event]:
         """Ask ``question`` about ``images`` (paths or :class:`PreparedImage`); yield events as they come.
 
@@ -224,6 +225,10 @@ class Model:
         the question: ``</think>`` when the chat template opens ``<think>``, else QVQ's marker, after a
         sentence in the question's language (:func:`qvq_local.reasoning.default_forced_text`).
         ``lang_lock`` (auto|on|off, see :mod:`qvq_local.lang`) keeps the thought in the question's scripts.
+        ``samples`` > 1 runs that many reasoning chains from one prefill, decoded in one batch, each with
+        its own budget, loop stop and forced answer; events of each chain come as ``ChainEvent`` and the
+        ``Finished`` Result is the majority ``\\boxed{}`` answer's chain with every chain under ``chains``
+        (:mod:`qvq_local.chains`; llama.cpp and MLX).
         The options become one :class:`qvq_local.settings.AskSettings`, checked there (``InputError``
         before anything runs).  The last event is always ``Finished``.
         """
@@ -244,6 +249,7 @@ class Model:
             loop_detection=loop_detection,
             forced_text=forced_text,
             lang_lock=lang_lock,
+            samples=samples,
         )
         return self.stream_settings(images, question, settings)
 
@@ -291,6 +297,7 @@ class Model:
         t_start = time.perf_counter()
         tracker = _Tracker()
         session = None
+        chains: list = []
         started: Started | None = None
         settings: dict[str, Any] = {}
         infos: list[ImageInfo] = []
@@ -335,7 +342,30 @@ class Model:
             }
             thought_mask, lock_info = self.language_mask(lock)
             settings["lang_lock"] = {"mode": options.lang_lock, **lock_info}
-            session = loaded.new_session(options.sampling, n_ctx=n_ctx)
+            if options.samples > 1:
+                from qvq_local.chains import chain_sampling
+
+                sampling = chain_sampling(options.sampling, resolved)
+                resolved = sampling.resolved(getattr(loaded, "generation_config", {}) or {}, family.sampling)
+                settings.update({k: getattr(resolved, k) for k in ("temperature", "top_p", "top_k")})
+                settings["samples"] = options.samples
+                if not hasattr(loaded, "new_session") or not _forks(loaded):
+                    from qvq_local.settings import API_LABELS
+
+                    name = {**API_LABELS, **options.labels}["samples"]
+                    raise InputError(
+                        f"{name} {options.samples} needs a backend that decodes chains in one batch (llama.cpp"
+                        f" or MLX); the {self.backend} backend runs one chain at a time"
+                    )
+                # the prompt's cells are shared; each chain gets the room one question would have
+                prompt_cells = text_tokens + image_tokens
+                session = loaded.new_session(
+                    sampling,
+                    n_ctx=prompt_cells + options.samples * (n_ctx - prompt_cells),
+                    n_seq=options.samples,
+                )
+            else:
+                session = loaded.new_session(options.sampling, n_ctx=n_ctx)
             t_prefill = time.perf_counter()
             stats, cached = prefix_cache.prefill(
                 session,
@@ -372,6 +402,8 @@ class Model:
             )
             tracker.see(started)
             yield started
+            if options.samples > 1:
+                chains = session.fork(options.samples)
             for event in self._reason(
                 session,
                 tracker,
@@ -382,6 +414,7 @@ class Model:
                 forced_text,
                 markers,
                 thought_mask,
+                chains,
             ):
                 if isinstance(event, Finished) and cached.state is not None:
                     # the disk write waits for the answer, so it never delays the first token
@@ -395,6 +428,8 @@ class Model:
                 yield Finished(tracker.finished)
             raise
         finally:
+            for chain in chains:
+                chain.close()
             if session is not None:
                 session.close()
 
@@ -439,6 +474,7 @@ class Model:
         forced_text: str,
         markers: tuple[str, ...],
         thought_mask=None,
+        chains: list | None = None,
     ) -> Iterator[Event]:
         """Run the controller and pass its events on.
 
@@ -476,9 +512,16 @@ class Model:
             "prompt_tokens": started.prompt_tokens,
             "timings": timings,
         }
-        controller = run_reasoning(
-            session, config, result_base=base, started_at=t_prefill, thought_mask=thought_mask
-        )
+        if chains:
+            from qvq_local.chains import run_chains
+
+            controller = run_chains(
+                chains, config, result_base=base, started_at=t_prefill, thought_mask=thought_mask
+            )
+        else:
+            controller = run_reasoning(
+                session, config, result_base=base, started_at=t_prefill, thought_mask=thought_mask
+            )
         throw = False
         while True:
             try:
@@ -559,6 +602,16 @@ class Model:
         On Ctrl-C the ``KeyboardInterrupt`` propagates with the partial result as its ``result`` attribute.
         """
         return drive(self.stream(images, question, **options))
+
+
+def _forks(loaded: Any) -> bool:
+    """Whether ``loaded``'s sessions can fork into batched chains (``new_session(..., n_seq=)`` + ``fork``)."""
+    import inspect
+
+    try:
+        return "n_seq" in inspect.signature(loaded.new_session).parameters
+    except (TypeError, ValueError):  # pragma: no cover - not introspectable
+        return False
 
 
 def drive(

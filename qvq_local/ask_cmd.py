@@ -52,6 +52,7 @@ class AskOptions:
     base_url: str | None = None
     api_key: str | None = None
     server_kind: str | None = None
+    samples: int = 1
 
 
 def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
@@ -116,6 +117,7 @@ def build_settings(opts: AskOptions) -> AskSettings:
         lang_lock=opts.lang_lock,
         backend=values["backend"] or "auto",
         cpu_buffers=opts.cpu_buffers,
+        samples=opts.samples,
         labels=labels,
     )
 

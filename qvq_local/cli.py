@@ -321,6 +321,13 @@ def ask(
         "--server-kind",
         help=f"--backend openai: {' | '.join(registry.SERVER_KINDS)} (auto asks the server); decides how the budget is kept.",
     ),
+    samples: int = typer.Option(
+        1,
+        "--samples",
+        help="Think N chains at once from one prefill (decoded in one batch) and answer"
+        " with the majority \\boxed{} answer (ties: the chain that finished first). Without"
+        " --temperature/--top-p/--top-k the chains sample at temperature 0.7, top-k 40, top-p 0.95.",
+    ),
 ) -> None:
     """Ask a question about one or more images and watch the model think.
 
@@ -338,6 +345,7 @@ def ask(
       qvq ask diagram.png "Find the angle x." -m QVQ-72B-Preview-gguf-q4_k_m --save run.md
 
       qvq ask chart.png "Which bar?" --backend openai --base-url http://gpu-box:8000/v1 -m Qwen/QVQ-72B-Preview
+      qvq ask geometry.png "Find x." --samples 4 --think-budget 2048
     """
     from qvq_local.ask_cmd import AskOptions, run_ask
 
@@ -365,6 +373,7 @@ def ask(
         base_url=base_url,
         api_key=api_key,
         server_kind=server_kind,
+        samples=samples,
     )
     try:
         code = run_ask(opts)

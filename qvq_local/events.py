@@ -93,9 +93,17 @@ class Result:
     quantization: str = ""
     images: list[ImageInfo] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    # --samples N (N > 1): every chain's own Result, and the vote (qvq_local.chains.vote) that picked the
+    # chain whose thought/answer/boxed this Result carries.  Empty/None for one chain.
+    chains: list[Result] = field(default_factory=list)
+    vote: dict | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if not self.chains:  # one chain: the same dict as before --samples existed
+            data.pop("chains")
+            data.pop("vote")
+        return data
 
 
 @dataclass
@@ -104,4 +112,17 @@ class Finished:
     kind: Literal["finished"] = "finished"
 
 
-Event = Started | TextDelta | Forced | Finished
+@dataclass
+class ChainEvent:
+    """With ``--samples N``: an event of chain ``chain`` (0-based): its TextDelta, Forced or Finished.
+
+    The stream of N chains is ``Started``, then ``ChainEvent``s of all chains interleaved, then one
+    ``Finished`` whose Result carries every chain and the vote.
+    """
+
+    chain: int
+    event: TextDelta | Forced | Finished
+    kind: Literal["chain"] = "chain"
+
+
+Event = Started | TextDelta | Forced | Finished | ChainEvent

@@ -517,8 +517,15 @@ def _join_forced(previous: str, forced: str) -> str:
     return forced[min(lead, have) :]
 
 
+#: Yielded after every step by ``run_reasoning(..., stepped=True)``: lets a driver of several controllers
+#: (:mod:`qvq_local.chains`) advance each by exactly one token.  Never reaches a renderer.
+STEPPED = object()
+
+
 class _Run:
     """One question's controller state; :func:`run_reasoning` drives it."""
+
+    stepped = False  # yield STEPPED after each step
 
     def __init__(
         self,
@@ -656,6 +663,8 @@ class _Run:
                     self.stop = "loop"
                     return
                 loop_seen = True
+            if self.stepped:
+                yield STEPPED
 
     def _force(self, reason: str) -> Iterator:
         """Feed the forced transition once; False when there is no room for it (stop instead)."""
@@ -739,6 +748,7 @@ def run_reasoning(
     started_at: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
     thought_mask=None,
+    stepped: bool = False,
 ) -> Iterator[TextDelta | Forced | Finished]:
     """Generate from an already prefilled ``session`` and yield ``TextDelta``/``Forced`` events, then one
     ``Finished`` carrying the :class:`~qvq_local.events.Result`.
@@ -764,9 +774,11 @@ def run_reasoning(
         except KeyboardInterrupt:
             event = gen.throw(KeyboardInterrupt)   # -> Finished(stop_reason="interrupted")
 
-    The session is neither prefilled nor closed here; that is the caller's job.
+    The session is neither prefilled nor closed here; that is the caller's job.  ``stepped=True`` also
+    yields :data:`STEPPED` after each generated token (for :func:`qvq_local.chains.run_chains`).
     """
     run = _Run(session, config or ReasoningConfig(), result_base, started_at, clock, thought_mask)
+    run.stepped = stepped
     try:
         yield from run.loop_events()
         pieces = run.final_pieces()

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, Any
 
-from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta
+from qvq_local.events import ChainEvent, Event, Finished, Forced, ImageInfo, Result, Started, TextDelta
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Self
@@ -113,6 +113,61 @@ def summary_line(result: Result) -> str:
     return " · ".join(parts)
 
 
+class ChainState:
+    """What the panel shows of one chain of ``--samples N``: counts, phase, its last words, its box."""
+
+    def __init__(self) -> None:
+        self.thought_tokens = 0
+        self.answer_tokens = 0
+        self.phase = "thinking"
+        self.forced: str | None = None
+        self.tail = ""
+        self.boxed: str | None = None
+
+    def see(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            if event.phase == "thought":
+                self.thought_tokens += event.tokens
+            else:
+                self.answer_tokens += event.tokens
+                self.phase = "answering"
+            self.tail = (self.tail + clean(event.text))[-200:]
+        elif isinstance(event, Forced):
+            self.forced = event.reason
+            self.phase = "answering"
+        elif isinstance(event, Finished):
+            self.phase = event.result.stop_reason
+            self.boxed = event.result.boxed
+            self.thought_tokens = event.result.thought_tokens
+            self.answer_tokens = event.result.answer_tokens
+
+
+def chain_line(index: int, state: ChainState, *, tail: bool = True) -> str:
+    """One compact line per chain: ``#2 answering 812+40 tok · forced (budget) · boxed 5 · …last words``."""
+    parts = [f"#{index + 1} {state.phase}", f"{state.thought_tokens}+{state.answer_tokens} tok"]
+    if state.forced:
+        parts.append(f"forced ({state.forced})")
+    if state.boxed is not None:
+        parts.append(f"boxed {clean(state.boxed)}")
+    elif tail and state.tail.strip():
+        parts.append("…" + " ".join(state.tail.split())[-60:])
+    return " · ".join(parts)
+
+
+def vote_line(result: Result) -> str:
+    """The vote of ``--samples N`` in one line: ``majority 5 (3 of 4 chains: 5 ×3, 7 ×1) · chain #2``."""
+    vote = result.vote or {}
+    counts = vote.get("counts") or {}
+    n = len(result.chains)
+    chain = vote.get("chain")
+    which = f" · answer from chain #{chain + 1}" if isinstance(chain, int) else ""
+    if not counts:
+        return f"no chain of {n} gave a boxed answer{which} (the first to finish)"
+    tally = ", ".join(f"{clean(v)} ×{c}" for v, c in counts.items())
+    top = max(counts.values())
+    return f"majority {clean(str(vote.get('answer')))} ({top} of {n} chains: {tally}){which}"
+
+
 def completion_dict(result: Result, *, created: int | None = None, completion_id: str | None = None) -> dict:
     """``result`` as an OpenAI-style ``chat.completion`` object with a separate reasoning field.
 
@@ -165,6 +220,9 @@ def completion_dict(result: Result, *, created: int | None = None, completion_id
                 for i in result.images
             ],
             "settings": result.settings,
+            **(
+                {"chains": [c.to_dict() for c in result.chains], "vote": result.vote} if result.chains else {}
+            ),
         },
     }
 
@@ -201,6 +259,7 @@ class PlainRenderer(Renderer):
         self._err_col0 = True  # is stderr's cursor at the start of a line
         self._answer_written = ""
         self.result: Result | None = None
+        self.chains: dict[int, ChainState] = {}
 
     def _err(self, text: str) -> None:
         if text:
@@ -233,8 +292,15 @@ class PlainRenderer(Renderer):
                     self._answer_written += text
         elif isinstance(event, Forced):
             self._err_line(f"[{forced_note(event)}]")
+        elif isinstance(event, ChainEvent):  # --samples N: one line per chain as it ends, no streams
+            state = self.chains.setdefault(event.chain, ChainState())
+            state.see(event.event)
+            if isinstance(event.event, Finished) and not self.hide_thinking:
+                self._err_line(f"[{chain_line(event.chain, state, tail=False)}]")
         elif isinstance(event, Finished):
             self.result = result = event.result
+            if result.chains:
+                self._err_line(f"[{vote_line(result)}]")
             answer = clean(result.answer)
             if answer and not self._answer_written:
                 self.out.write(answer)  # a controller that does not stream its answer
@@ -367,6 +433,7 @@ class LiveRenderer(Renderer):
         self.phase = "prefill"
         self.forced: list[Forced] = []
         self.result: Result | None = None
+        self.chains: dict[int, ChainState] = {}  # --samples N
         width = self.console.width - 4  # panel border and padding
         self.thought = _Tail(width, style="grey62")
         self.answer = _Tail(width, style="")
@@ -408,6 +475,14 @@ class LiveRenderer(Renderer):
                 self.phase = "answering"
                 style = "bold magenta" if event.reason == "loop" else "bold yellow"
                 self.thought.mark(("⟳ " if event.reason == "loop" else "⏱ ") + forced_note(event), style)
+            elif isinstance(event, ChainEvent):
+                state = self.chains.setdefault(event.chain, ChainState())
+                before = state.thought_tokens + state.answer_tokens
+                state.see(event.event)
+                if isinstance(event.event, TextDelta):
+                    self.thought_tokens += state.thought_tokens + state.answer_tokens - before
+                if self.phase == "prefill":
+                    self.phase = "thinking"
             elif isinstance(event, Finished):
                 self.result = event.result
                 self.phase = "interrupted" if event.result.stop_reason == "interrupted" else "done"
@@ -439,6 +514,12 @@ class LiveRenderer(Renderer):
             self.console.print(
                 Text.assemble(("boxed answer: ", "bold"), (f" {clean(result.boxed)} ", "bold black on green"))
             )
+        if result.chains:
+            for i, chain in enumerate(result.chains):
+                state = self.chains.get(i) or ChainState()
+                state.see(Finished(chain))
+                self.console.print(Text(chain_line(i, state, tail=False), style="dim"))
+            self.console.print(Text(vote_line(result), style="bold"))
         style = "yellow" if result.stop_reason == "interrupted" else "dim"
         self.console.print(Text(summary_line(result), style=style))
 
@@ -486,6 +567,13 @@ class LiveRenderer(Renderer):
         thought_rows, answer_rows = self._rows_for_tail(height)
         if self.phase == "prefill":
             body: Any = Spinner("dots", text=Text("prefill", style="dim"))
+        elif self.chains:
+            body = Text("\n").join(
+                Text(
+                    chain_line(i, self.chains[i], tail=not self.hide_thinking), no_wrap=True, overflow="crop"
+                )
+                for i in sorted(self.chains)
+            )
         elif self.hide_thinking:
             body = Text(f"(thinking hidden: {self.thought_tokens} tokens)", style="dim")
             for forced in self.forced:
@@ -498,7 +586,8 @@ class LiveRenderer(Renderer):
             body = Text("\n").join(
                 Text(line, style=style, no_wrap=True, overflow="crop") for line, style in lines
             )
-        parts.append(Panel(body, title="thinking", title_align="left", border_style="grey42"))
+        title = f"thinking · {len(self.chains)} chains" if self.chains else "thinking"
+        parts.append(Panel(body, title=title, title_align="left", border_style="grey42"))
         if answer_rows and self.result is None:
             lines = self.answer.view(answer_rows)
             body = Text("\n").join(

@@ -36,6 +36,7 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "lang_lock": "--lang-lock",
         "cpu_buffers": "--cpu-buffers",
         "max_tokens": "--max-tokens",
+        "samples": "--samples",
     }
 )
 #: How the Python API spells them (``None``: the owning module's own wording, here the language lock's).
@@ -51,6 +52,7 @@ API_LABELS: Mapping[str, str | None] = MappingProxyType(
         "lang_lock": None,
         "cpu_buffers": "cpu_buffers",
         "max_tokens": "max_tokens",
+        "samples": "samples",
     }
 )
 
@@ -66,7 +68,8 @@ class AskSettings:
     the template's own default).  ``loop_detection``: cut reasoning loops.  ``forced_text``: fed when
     thinking is cut (None: what suits the model and the question).  ``lang_lock``: auto | on | off
     (:mod:`qvq_local.lang`).  ``backend`` and ``cpu_buffers``: how the model is loaded (the CLI's; the API
-    takes them in :func:`qvq_local.api.load`).
+    takes them in :func:`qvq_local.api.load`).  ``samples``: reasoning chains from one prefill, decoded
+    in one batch, whose ``\\boxed{}`` answers vote (:mod:`qvq_local.chains`; 1: one chain, as always).
     """
 
     think_budget: int | None = None
@@ -82,6 +85,7 @@ class AskSettings:
     #: a cap on all generated tokens, thought and answer together (an OpenAI client's ``max_tokens``);
     #: thinking is cut early enough to leave the answer room under it.  None: no cap of its own.
     max_tokens: int | None = None
+    samples: int = 1  # reasoning chains decoded together from one prefill; their boxed answers vote
     labels: Mapping[str, str | None] = field(default_factory=lambda: API_LABELS, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +99,8 @@ class AskSettings:
             if value is not None and value <= 0:
                 raise InputError(f"{label(name)} must be above 0, got {value}")
         self._set("backend", registry.canonical(self.backend))
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or not 1 <= self.samples <= 64:
+            raise InputError(f"{label('samples')} must be a whole number from 1 to 64, got {self.samples!r}")
         s = self.sampling
         if s.temperature is not None and s.temperature < 0:
             raise InputError(f"{label('temperature')} must be 0 or more, got {s.temperature}")

@@ -257,6 +257,9 @@ def test_smoke_json_holds_every_figure_positive(smoke):
             assert reuse[key] > 0, (name, "prefix_reuse", key)
         assert reuse["write_s"] > 0 and reuse["read_s"] > 0 and reuse["bytes"] > 0
         assert b["ratios"]["decode_tok_s"] > 0 and b["ratios"]["first_token_s"] > 0
+        assert b["chains"]["ok"], b["chains"].get("reason")  # --samples N: one row per N, all positive
+        assert sorted(b["chains"]["by_n"], key=int) == ["1", "2", "4", "8"]
+        assert all(f["agg_tok_s"] > 0 and f["per_chain_tok_s"] > 0 for f in b["chains"]["by_n"].values())
     assert data["chart"] == str(root / "out" / "bench.png")
 
 
@@ -300,7 +303,7 @@ def test_smoke_tables_render(smoke):
     console = Console(width=100, record=True)
     bench_report.render_tables(result, console)
     text = console.export_text()
-    for word in ("llama qvq", "llama raw", "mlx qvq", "mlx raw", "qvq/raw decode", "bound t/s"):
+    for word in ("llama qvq", "llama raw", "mlx qvq", "mlx raw", "qvq/raw decode", "bound t/s", "per chain"):
         assert word in text
     assert "Repeated image: prefix reuse" in text
 

@@ -337,24 +337,28 @@ class LlamaModel:
     # -- sessions
 
     def new_session(
-        self, sampling: SamplingParams | None = None, *, n_ctx: int | None = None
+        self, sampling: SamplingParams | None = None, *, n_ctx: int | None = None, n_seq: int = 1
     ) -> LlamaSession:
-        """Open a session (one KV cache) of ``n_ctx`` cells; size it with :meth:`context_needed`."""
+        """Open a session (one KV cache) of ``n_ctx`` cells; size it with :meth:`context_needed`.
+
+        ``n_seq`` > 1 makes room for that many chains forked from one prefill (:meth:`LlamaSession.fork`);
+        ``n_ctx`` then counts the cells of all of them (the prompt's are shared), so the trained-length
+        check is the caller's, per chain.
+        """
         self._check_open()
         if n_ctx is None:
             n_ctx = min(DEFAULT_N_CTX, self.context_length) if self.context_length > 0 else DEFAULT_N_CTX
         n_ctx = int(n_ctx)
         if n_ctx <= 0:
             raise InputError(f"n_ctx must be positive, got {n_ctx}")
-        if self.context_length > 0 and n_ctx > self.context_length:
+        if n_seq == 1 and self.context_length > 0 and n_ctx > self.context_length:
             raise ContextOverflow(
                 f"the question needs {n_ctx} tokens of context but {self.name} was trained for"
                 f" {self.context_length}",
                 hint="lower the thinking/answer budgets or the image size",
             )
-        session = LlamaSession(
-            self, (sampling or SamplingParams()).resolved(self.generation_config, self.family.sampling), n_ctx
-        )
+        resolved = (sampling or SamplingParams()).resolved(self.generation_config, self.family.sampling)
+        session = LlamaSession(self, resolved, n_ctx, n_seq=n_seq)
         self._sessions.add(session)
         return session
 
@@ -579,8 +583,9 @@ class LlamaSession:
         """KV cells in use: what ``n_ctx`` limits (the Session protocol's measure of a full context)."""
         return self.n_cells
 
-    def __init__(self, model: LlamaModel, sampling: SamplingParams, n_ctx: int):
+    def __init__(self, model: LlamaModel, sampling: SamplingParams, n_ctx: int, *, n_seq: int = 1):
         llama_cpp, _ = _libs()
+        self.n_seq = int(n_seq)  # sequences the KV cache can hold (fork() needs one per chain)
         self.model = model
         self.sampling = sampling
         self.n_ctx = n_ctx
@@ -602,7 +607,9 @@ class LlamaSession:
         cparams.n_ctx = n_ctx
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = self.n_seq
+        if self.n_seq > 1:
+            cparams.kv_unified = True  # one cell pool: forked chains share the prompt's cells
         cparams.n_threads = model.n_threads
         cparams.n_threads_batch = model.n_threads
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -1018,6 +1025,13 @@ class LlamaSession:
         if not ptr:
             raise RuntimeError("no logits yet: call prefill() first")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).astype(np.float32, copy=True)
+
+    def fork(self, n: int) -> list:
+        """After prefill: ``n`` chains sharing the prompt's KV cells, decoded together in one batch
+        (:mod:`qvq_local.backends.llama_chains`).  The session must have been opened with ``n_seq >= n``."""
+        from qvq_local.backends.llama_chains import fork_chains
+
+        return fork_chains(self, n)
 
     def close(self) -> None:
         """Free the sampler, batch and context (idempotent)."""

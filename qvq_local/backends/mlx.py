@@ -179,7 +179,11 @@ class MlxModel:
         tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
         return [b"" if i in special or t is None else byte_level_to_bytes(t) for i, t in enumerate(tokens)]
 
-    def new_session(self, sampling: SamplingParams, *, n_ctx: int | None = None) -> MlxSession:
+    def new_session(
+        self, sampling: SamplingParams, *, n_ctx: int | None = None, n_seq: int = 1
+    ) -> MlxSession:
+        """``n_seq`` > 1: the session will be forked into that many chains (:meth:`MlxSession.fork`);
+        ``n_ctx`` then counts the tokens of all of them (the prompt once)."""
         return MlxSession(self, sampling.resolved(self.generation_config, self.family.sampling), n_ctx=n_ctx)
 
     def close(self) -> None:
@@ -717,6 +721,13 @@ class MlxSession:
 
         self._require_prefill()
         return np.array(self._logits, dtype=np.float32, copy=True)
+
+    def fork(self, n: int) -> list:
+        """After prefill: ``n`` chains decoded as one batch over a batched copy of this KV cache
+        (:mod:`qvq_local.backends.mlx_chains`)."""
+        from qvq_local.backends.mlx_chains import fork_chains
+
+        return fork_chains(self, n)
 
     def close(self) -> None:
         self._cache = None

@@ -854,6 +854,7 @@ def _measure_backend(
         entry["order"] = INTERLEAVED_ORDER
         entry["qvq"], entry["raw"] = _interleaved_run(common, sizes, decode_tokens, answer_tokens, log)
     entry["ratios"] = _ratios(entry["qvq"], entry["raw"])
+    entry["chains"] = run_worker({"job": "chains", **common}, label=f"{name}: --samples 1/2/4/8", log=log)
     if entry["qvq"].get("ok"):
         smallest = entry["qvq"]["sizes"][str(sizes[0])]
         entry["decode_tok_s"] = smallest["decode_tok_s"]

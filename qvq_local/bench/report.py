@@ -186,6 +186,9 @@ def render_tables(result: dict, console: Console | None = None) -> None:
         "min-max. bound = read bandwidth / bytes read per token; of bound = decode / bound. "
         "Ratios and decode at the smallest image size.[/]"
     )
+    from qvq_local.bench.chains import render_chains_table
+
+    render_chains_table(result, console)
 
 
 def _prefix_table(console: Console, backends: dict) -> None:

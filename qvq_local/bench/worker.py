@@ -663,7 +663,15 @@ def job_raw(spec: dict) -> dict:
         path.close()
 
 
+def job_chains(spec: dict) -> dict:
+    """``--samples N`` decode rates (:mod:`qvq_local.bench.chains`)."""
+    from qvq_local.bench.chains import job_chains as run
+
+    return run(spec)
+
+
 JOBS = {
+    "chains": job_chains,
     "synth": job_synth,
     "convert-gguf": job_convert_gguf,
     "convert-mlx": job_convert_mlx,
