@@ -66,13 +66,23 @@ def test_samples_run_n_chains_from_one_prefill_and_vote(llama_model, sample_imag
 def test_one_sample_is_the_plain_path(llama_model, sample_image, monkeypatch):
     from qvq_local.backends import llamacpp
 
+    from qvq_local.prefix_cache import MemoryCache
+
     forks = _count_calls(monkeypatch, llamacpp.LlamaSession, "fork")
     opened = _count_calls(monkeypatch, llamacpp.LlamaModel, "new_session")
+    monkeypatch.setattr(llama_model, "prefix_cache", MemoryCache())  # empty: the first ask is fresh
     a = llama_model.ask([sample_image], QUESTION, think_budget=10, answer_budget=4, samples=1)
     b = llama_model.ask([sample_image], QUESTION, think_budget=10, answer_budget=4)
     assert forks == [] and all("n_seq" not in kw for _, kw in opened)
     assert a.chains == [] and a.vote is None and "chains" not in a.to_dict()
-    assert (a.thought, a.answer, a.settings) == (b.thought, b.answer, b.settings)
+    # the second ask reuses the first's image prefix (in-memory cache): only that setting differs
+    assert (a.settings["prefix_cache"]["source"], b.settings["prefix_cache"]["source"]) == ("fresh", "memory")
+    same = {k: v for k, v in a.settings.items() if k != "prefix_cache"}
+    assert (a.thought, a.answer, same) == (
+        b.thought,
+        b.answer,
+        {k: v for k, v in b.settings.items() if k != "prefix_cache"},
+    )
     assert "samples" not in a.settings and a.settings["temperature"] == b.settings["temperature"]
 
 
