@@ -417,3 +417,23 @@ def test_a_json_body_that_is_not_json_is_400(served):
         served.base_url + "/chat/completions", content=b"{nope", headers={"Authorization": f"Bearer {KEY}"}
     )
     assert r.status_code == 400 and json.loads(r.text)["error"]["type"] == "invalid_request_error"
+
+
+def test_a_repeated_image_reuses_its_prefix_from_memory(served, client, sample_image):
+    """Issue 16's in-memory half in the server: a second question about the same image starts from the
+    first one's image prefix (the model's LRU), not from a fresh encode and prefill."""
+    from qvq_local.prefix_cache import MemoryCache
+
+    _wait_idle(served)
+    served.model.prefix_cache = MemoryCache()  # empty, so the first request is a fresh prefill
+    first = client.chat.completions.create(
+        model=served.model.name, messages=_messages(sample_image), extra_body=BUDGET
+    )
+    again = client.chat.completions.create(
+        model=served.model.name,
+        messages=_messages(sample_image, question="Which bar is the lowest?"),
+        extra_body=BUDGET,
+    )
+    sources = [r.model_extra["qvq"]["settings"]["prefix_cache"]["source"] for r in (first, again)]
+    assert sources == ["fresh", "memory"]
+    assert again.choices[0].message.content is not None
