@@ -260,3 +260,5 @@ def test_every_family_fills_the_whole_interface():
                 continue
             assert getattr(type(family), name) is not getattr(Family, name), f"{family.name} lacks {name}()"
         assert family.gguf_text_arch and family.gguf_projector
+        # --family names it, and the bench's cache folders are prefixed with its first alias
+        assert family.aliases and family.aliases[0] == family.name.lower()

@@ -931,6 +931,7 @@ class Qwen3VLFamily(Family):
     #: The MLX session's split vision path drops DeepStack features: encode with the prompt instead.
     mlx_split_vision: ClassVar[bool] = False
     hf_processor_class: ClassVar[str] = "Qwen3VLProcessor"
+    aliases: ClassVar[tuple[str, ...]] = ("qwen3-vl", "qwen3_vl", "qwen3vl")
 
     special_tokens = SPECIAL_TOKENS
     base_vocab = BASE_VOCAB
