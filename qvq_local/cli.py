@@ -233,7 +233,14 @@ def models(
 
     table = Table(title=None, show_edge=False, header_style="bold")
     for column in ("name", "family", "format", "quantization", "size", "source"):
-        table.add_column(column, justify="right" if column == "size" else "left", overflow="fold")
+        # the name is what -m takes: never broken across lines (the source folds instead)
+        table.add_column(
+            column,
+            justify="right" if column == "size" else "left",
+            overflow="fold",
+            no_wrap=column == "name",
+            min_width=max(len(r["name"]) for r in rows) if column == "name" else None,
+        )
     for row in rows:
         table.add_row(
             row["name"],

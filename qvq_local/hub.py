@@ -665,10 +665,13 @@ def _runnable(model) -> bool:
 
     try:
         if model.format == "gguf":
+            from gguf import Keys
+
             from qvq_local.integrity import read_gguf_header
 
-            arch = read_gguf_header(model.path, wanted={"general.architecture"}, tensors=False).fields
-            return families.family_for_gguf_arch(arch.get("general.architecture")) is not None
+            key = Keys.General.ARCHITECTURE
+            arch = read_gguf_header(model.path, wanted={key}, tensors=False).fields
+            return families.family_for_gguf_arch(arch.get(key)) is not None
         import json
 
         config = json.loads((model.path / "config.json").read_text(encoding="utf-8"))
