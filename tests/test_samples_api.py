@@ -65,7 +65,6 @@ def test_samples_run_n_chains_from_one_prefill_and_vote(llama_model, sample_imag
 
 def test_one_sample_is_the_plain_path(llama_model, sample_image, monkeypatch):
     from qvq_local.backends import llamacpp
-
     from qvq_local.prefix_cache import MemoryCache
 
     forks = _count_calls(monkeypatch, llamacpp.LlamaSession, "fork")
