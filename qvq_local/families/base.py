@@ -97,9 +97,21 @@ class Family:
         """Image tokens (after the merge) one image of that size becomes."""
         raise NotImplementedError
 
-    def image_grid(self, width: int, height: int, **bounds: Any) -> tuple[int, int]:
-        """``(grid_w, grid_h)`` in merged tokens for one image."""
-        raise NotImplementedError
+    def image_grid(
+        self,
+        width: int,
+        height: int,
+        *,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        patch_size: int | None = None,
+        merge_size: int | None = None,
+    ) -> tuple[int, int]:
+        """``(grid_w, grid_h)`` in merged tokens for a ``width`` x ``height`` image: the family's
+        :meth:`smart_resize` on its grid (``patch_size`` x ``merge_size``, the family's unless given)."""
+        factor = (patch_size or self.patch_size) * (merge_size or self.merge_size)
+        w, h = self.smart_resize(width, height, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
+        return w // factor, h // factor
 
     # ---- Synthetic checkpoints (``qvq synth --family``; convert/synthetic.py writes what these return)
     #: Lower-case names ``--family`` accepts besides :attr:`name` (``"qwen2-vl"``).

@@ -808,20 +808,5 @@ class Qwen2VLFamily(Family):
 
         return VisionProjectorType.QWEN2VL
 
-    def image_grid(
-        self,
-        width: int,
-        height: int,
-        *,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        patch_size: int = PATCH_SIZE,
-        merge_size: int = MERGE_SIZE,
-    ) -> tuple[int, int]:
-        """``(grid_w, grid_h)`` in merged tokens for a ``width`` x ``height`` image (:func:`smart_resize`)."""
-        factor = patch_size * merge_size
-        w, h = smart_resize(width, height, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
-        return w // factor, h // factor
-
 
 FAMILY = Qwen2VLFamily()

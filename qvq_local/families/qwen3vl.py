@@ -990,19 +990,5 @@ class Qwen3VLFamily(Family):
 
         return VisionProjectorType.QWEN3VL
 
-    def image_grid(
-        self,
-        width: int,
-        height: int,
-        *,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        patch_size: int = PATCH_SIZE,
-        merge_size: int = MERGE_SIZE,
-    ) -> tuple[int, int]:
-        factor = patch_size * merge_size
-        w, h = smart_resize(width, height, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
-        return w // factor, h // factor
-
 
 FAMILY = Qwen3VLFamily()
