@@ -267,3 +267,43 @@ def test_every_family_fills_the_whole_interface():
         assert family.gguf_text_arch and family.gguf_projector
         # --family names it, and the bench's cache folders are prefixed with its first alias
         assert family.aliases and family.aliases[0] == family.name.lower()
+
+
+@pytest.mark.parametrize(
+    ("name", "merger_key", "embed_key"),
+    [
+        ("Qwen2-VL", "hidden_size", "embed_dim"),
+        ("Qwen2.5-VL", "out_hidden_size", "hidden_size"),
+        ("Qwen3-VL", "out_hidden_size", "hidden_size"),
+    ],
+)
+def test_every_family_refuses_a_vision_tower_that_does_not_fit(name, merger_key, embed_key, tmp_path):
+    """The two width rules (families/base.check_vision_widths), in each family's own config keys."""
+    import copy
+
+    from helpers import assert_error
+
+    from qvq_local.errors import ModelError
+    from qvq_local.families import FAMILIES, qwen3vl
+
+    family = FAMILIES[name]
+    if family.write_synthetic is None:
+        from qvq_local.convert import synthetic
+
+        config = synthetic.build_config(synthetic.get_shape("tiny", family), "bf16")
+    else:
+        config = qwen3vl.build_config("tiny")
+    path = tmp_path / "config.json"
+    family.dims_from_config(config, path)  # the tiny config itself is fine
+
+    wide = copy.deepcopy(config)
+    wide["vision_config"][merger_key] += 64
+    with pytest.raises(ModelError) as err:
+        family.dims_from_config(wide, path)
+    assert_error(err.value, f"vision_config.{merger_key}", "merger output", "must equal", path=path)
+
+    odd = copy.deepcopy(config)
+    odd["vision_config"]["num_heads"] = 7
+    with pytest.raises(ModelError) as err:
+        family.dims_from_config(odd, path)
+    assert_error(err.value, f"vision {embed_key}", "not divisible by num_heads 7", path=path)

@@ -179,6 +179,30 @@ class Family:
         raise NotImplementedError
 
 
+def check_vision_widths(
+    *,
+    merger_key: str,
+    merger_out: int,
+    text_hidden: int,
+    embed_key: str,
+    embed: int,
+    heads: int,
+    path: Path,
+    heads_path: Path | None = None,
+) -> None:
+    """The two width rules every Qwen vision tower obeys, as one-line ModelErrors: the merger projects into
+    the text width (``vision_config.<merger_key>``), and the ViT width splits into its heads."""
+    if merger_out != text_hidden:
+        raise ModelError(
+            f"vision_config.{merger_key} {merger_out} (merger output) must equal the text hidden_size {text_hidden}",
+            path=path,
+        )
+    if embed % heads:
+        raise ModelError(
+            f"vision {embed_key} {embed} is not divisible by num_heads {heads}", path=heads_path or path
+        )
+
+
 def need_number(cfg: dict[str, Any], key: str, path: Path, kind: type = int) -> Any:
     """``cfg[key]`` as a positive int (or a float), else a ModelError naming ``path`` and the key."""
     value = cfg.get(key)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from qvq_local.errors import ModelError
 from qvq_local.families import qwen2vl
-from qvq_local.families.base import need_number
+from qvq_local.families.base import check_vision_widths, need_number
 from qvq_local.families.qwen2vl import Qwen2VLFamily, SynthShape, TextDims
 
 #: The window (pixels a side) llama.cpp's mtmd uses for this projector; it does not read the config's.
@@ -172,16 +172,15 @@ def dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, Visi
         window_size=int(vc.get("window_size", LLAMA_WINDOW_SIZE)),
         fullatt_block_indexes=tuple(full),
     )
-    if vision.out_hidden_size != text.hidden_size:
-        raise ModelError(
-            f"vision_config.out_hidden_size {vision.out_hidden_size} (merger output) must equal the "
-            f"text hidden_size {text.hidden_size}",
-            path=path,
-        )
-    if embed % vision.num_heads:
-        raise ModelError(
-            f"vision hidden_size {embed} is not divisible by num_heads {vision.num_heads}", path=path
-        )
+    check_vision_widths(
+        merger_key="out_hidden_size",
+        merger_out=vision.out_hidden_size,
+        text_hidden=text.hidden_size,
+        embed_key="hidden_size",
+        embed=embed,
+        heads=vision.num_heads,
+        path=path,
+    )
     return text, vision
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from qvq_local.errors import InputError, ModelError
-from qvq_local.families.base import Family, need_number
+from qvq_local.families.base import Family, check_vision_widths, need_number
 
 # ------------------------------------------------------------------------------------------ tokens
 
@@ -255,16 +255,15 @@ def _vision_dims(config: dict[str, Any], path: Path, text: TextDims) -> tuple[Te
         out_hidden_size=int(vc.get("hidden_size", hidden)),
         hidden_act=str(vc.get("hidden_act", "quick_gelu")),
     )
-    if vision.out_hidden_size != hidden:
-        raise ModelError(
-            f"vision_config.hidden_size {vision.out_hidden_size} (merger output) must equal the "
-            f"text hidden_size {hidden}",
-            path=path,
-        )
-    if embed % vision.num_heads:
-        raise ModelError(
-            f"vision embed_dim {embed} is not divisible by num_heads {vision.num_heads}", path=path
-        )
+    check_vision_widths(
+        merger_key="hidden_size",
+        merger_out=vision.out_hidden_size,
+        text_hidden=hidden,
+        embed_key="embed_dim",
+        embed=embed,
+        heads=vision.num_heads,
+        path=path,
+    )
     return text, vision
 
 

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 from qvq_local.errors import InputError, ModelError
 from qvq_local.families import qwen2vl
-from qvq_local.families.base import Family, need_number
+from qvq_local.families.base import Family, check_vision_widths, need_number
 
 # ------------------------------------------------------------------------------------------ tokens
 
@@ -248,16 +248,16 @@ def dims_from_config(config: dict[str, Any], path: Path) -> tuple[TextDims, Visi
         num_position_embeddings=num_pos,
         deepstack_visual_indexes=tuple(indexes),
     )
-    if vision.out_hidden_size != hidden:
-        raise ModelError(
-            f"vision_config.out_hidden_size {vision.out_hidden_size} (merger output) must equal the "
-            f"text hidden_size {hidden}",
-            path=path,
-        )
-    if embed % vision.num_heads:
-        raise ModelError(
-            f"vision hidden_size {embed} is not divisible by num_heads {vision.num_heads}", path=vpath
-        )
+    check_vision_widths(
+        merger_key="out_hidden_size",
+        merger_out=vision.out_hidden_size,
+        text_hidden=hidden,
+        embed_key="hidden_size",
+        embed=embed,
+        heads=vision.num_heads,
+        path=path,
+        heads_path=vpath,
+    )
     return text, vision
 
 
