@@ -678,7 +678,7 @@ def load(
     *,
     backend: str = "auto",
     max_pixels: int | None = None,
-    n_gpu_layers: int | None = None,
+    n_gpu_layers: int | str | None = None,
     download: bool = True,
     progress: bool = False,
     cpu_buffers: str | None = None,
@@ -697,8 +697,9 @@ def load(
 
     Raises ``ModelError`` (unknown or broken model, wrong format for the backend), ``BackendUnavailable``
     (the backend's library is missing, naming the pip line) or ``InputError`` (bad option).
-    ``cpu_buffers`` (llama backend: auto | all | no-amx | none) is explained in
-    :mod:`qvq_local.backends.llama_buffers`.
+    ``cpu_buffers`` (llama backend: auto | all | no-amx | none) and ``n_gpu_layers`` (llama backend: text
+    layers on the GPU; None: ``$QVQ_GPU_LAYERS``, else all where llama.cpp has a GPU backend; -1 or "all":
+    all; 0: CPU only) are explained in :mod:`qvq_local.backends.llama_buffers`.
     """
     from qvq_local import config, hardware, models
     from qvq_local.backends import registry

@@ -47,6 +47,7 @@ class AskOptions:
     hide_thinking: bool = False
     save: Path | None = None
     cpu_buffers: str | None = None
+    gpu_layers: str | None = None
     cache: bool = True  # reuse/keep the image prefix's KV state in QVQ_HOME/cache (--no-cache: off)
     # --backend openai: the server, its key and its kind (None: the base_url / server_kind settings)
     base_url: str | None = None
@@ -117,6 +118,7 @@ def build_settings(opts: AskOptions) -> AskSettings:
         lang_lock=opts.lang_lock,
         backend=values["backend"] or "auto",
         cpu_buffers=opts.cpu_buffers,
+        gpu_layers=opts.gpu_layers,
         samples=opts.samples,
         labels=labels,
     )
@@ -140,7 +142,12 @@ def _make_renderer(opts: AskOptions, model: Any):
 def _load_model(opts: AskOptions, settings: AskSettings):
     from qvq_local.api import load
 
-    kw = {"backend": settings.backend, "max_pixels": settings.max_pixels, "cpu_buffers": settings.cpu_buffers}
+    kw = {
+        "backend": settings.backend,
+        "max_pixels": settings.max_pixels,
+        "cpu_buffers": settings.cpu_buffers,
+        "n_gpu_layers": settings.gpu_layers,
+    }
     if opts.base_url or opts.api_key or opts.server_kind:
         kw.update(base_url=opts.base_url, api_key=opts.api_key, server_kind=opts.server_kind)
     if sys.stderr.isatty() and not opts.as_json:

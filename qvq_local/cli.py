@@ -259,6 +259,11 @@ _CPU_BUFFERS_HELP = (
     "weights; auto turns them off on Intel AMX CPUs (AMX crashes on quantised models, llama.cpp #20824); "
     "no-amx keeps repacking. Also $QVQ_LLAMA_CPU_BUFFERS."
 )
+_GPU_LAYERS_HELP = (
+    "llama backend: text layers on the GPU. all (default where llama.cpp was built with CUDA or Metal) | 0 "
+    "(CPU only) | N (the first N; the rest run on the CPU, for a model larger than the GPU's memory). "
+    "Also $QVQ_GPU_LAYERS."
+)
 
 
 # ---------------------------------------------------------------- ask / doctor / config (issue 5)
@@ -307,6 +312,7 @@ def ask(
         "--cpu-buffers",
         help=_CPU_BUFFERS_HELP,
     ),
+    gpu_layers: str | None = typer.Option(None, "--gpu-layers", help=_GPU_LAYERS_HELP),
     no_cache: bool = typer.Option(
         False,
         "--no-cache",
@@ -376,6 +382,7 @@ def ask(
         hide_thinking=hide_thinking,
         save=save,
         cpu_buffers=cpu_buffers,
+        gpu_layers=gpu_layers,
         cache=not no_cache,
         base_url=base_url,
         api_key=api_key,
@@ -582,6 +589,7 @@ def bench(
         "--cpu-buffers",
         help=_CPU_BUFFERS_HELP,
     ),
+    gpu_layers: str | None = typer.Option(None, "--gpu-layers", help=_GPU_LAYERS_HELP),
 ) -> None:
     """Measure speed and memory on this machine, side by side with the raw libraries and the bandwidth limit.
 
@@ -607,6 +615,7 @@ def bench(
             chart_path=chart,
             bandwidth_mib=bandwidth_mib,
             cpu_buffers=cpu_buffers,
+            gpu_layers=gpu_layers,
             family=family,
         )
     except QvqError as err:
@@ -636,6 +645,7 @@ def serve(
     max_images: int | None = typer.Option(
         None, "--max-images", help="Images one request may carry (default 4)."
     ),
+    gpu_layers: str | None = typer.Option(None, "--gpu-layers", help=_GPU_LAYERS_HELP),
     allow_image_urls: bool = typer.Option(
         False,
         "--allow-image-urls",
@@ -665,6 +675,7 @@ def serve(
             backend=backend or "auto",
             max_pixels=max_pixels,
             max_images=max_images,
+            gpu_layers=gpu_layers,
             allow_image_urls=allow_image_urls,
             warn=lambda line: typer.echo(line, err=True),
         )

@@ -35,6 +35,7 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "repetition_penalty": "--repetition-penalty",
         "lang_lock": "--lang-lock",
         "cpu_buffers": "--cpu-buffers",
+        "gpu_layers": "--gpu-layers",
         "max_tokens": "--max-tokens",
         "samples": "--samples",
     }
@@ -51,6 +52,7 @@ API_LABELS: Mapping[str, str | None] = MappingProxyType(
         "repetition_penalty": "repetition_penalty",
         "lang_lock": None,
         "cpu_buffers": "cpu_buffers",
+        "gpu_layers": "n_gpu_layers",
         "max_tokens": "max_tokens",
         "samples": "samples",
     }
@@ -67,8 +69,8 @@ class AskSettings:
     generation_config (None fields: the model's own).  ``system``: replaces the family's system prompt (``""``:
     the template's own default).  ``loop_detection``: cut reasoning loops.  ``forced_text``: fed when
     thinking is cut (None: what suits the model and the question).  ``lang_lock``: auto | on | off
-    (:mod:`qvq_local.lang`).  ``backend`` and ``cpu_buffers``: how the model is loaded (the CLI's; the API
-    takes them in :func:`qvq_local.api.load`).  ``samples``: reasoning chains from one prefill, decoded
+    (:mod:`qvq_local.lang`).  ``backend``, ``cpu_buffers`` and ``gpu_layers``: how the model is loaded (the
+    CLI's; the API takes them in :func:`qvq_local.api.load`, the last as ``n_gpu_layers``).  ``samples``: reasoning chains from one prefill, decoded
     in one batch, whose ``\\boxed{}`` answers vote (:mod:`qvq_local.chains`; 1: one chain, as always).
     """
 
@@ -82,6 +84,7 @@ class AskSettings:
     lang_lock: str = "auto"
     backend: str = "auto"
     cpu_buffers: str | None = None
+    gpu_layers: int | str | None = None  # llama backend: text layers on the GPU (None: all where it has one)
     #: a cap on all generated tokens, thought and answer together (an OpenAI client's ``max_tokens``);
     #: thinking is cut early enough to leave the answer room under it.  None: no cap of its own.
     max_tokens: int | None = None
@@ -114,6 +117,10 @@ class AskSettings:
             from qvq_local.backends.llama_buffers import requested_mode
 
             self._set("cpu_buffers", requested_mode(self.cpu_buffers, label("cpu_buffers")))
+        if self.gpu_layers is not None:
+            from qvq_local.backends.llama_buffers import requested_gpu_layers
+
+            self._set("gpu_layers", requested_gpu_layers(self.gpu_layers, label("gpu_layers")))
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)  # normalising inside the frozen constructor

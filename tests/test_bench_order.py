@@ -367,3 +367,20 @@ def test_two_copies_that_do_not_fit_run_one_path_after_the_other(monkeypatch, av
     else:
         assert calls[:-1] == [("sequential", "qvq"), ("sequential", "raw")]
     assert entry["ratios"]["decode_tok_s"] == 1.0
+
+
+def test_tables_say_where_the_layers_ran():
+    """A GPU run says so beside the bound, which is the CPU memory's; a CPU run adds no line."""
+    from rich.console import Console
+
+    def printed(placement):
+        result = _recorded_result()
+        result["backends"]["llama"]["qvq"]["placement"] = placement
+        console = Console(width=120, record=True)
+        bench_report.render_tables(result, console)
+        return console.export_text()
+
+    assert "llama: text layers: GPU 14 of 28 layers, CPU the rest; the bound is the CPU memory's" in printed(
+        "GPU 14 of 28 layers, CPU the rest"
+    )
+    assert "text layers:" not in printed("CPU")

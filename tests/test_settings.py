@@ -72,6 +72,11 @@ BAD = [
         "--cpu-buffers must be one of auto, all, no-amx, none, got 'amx'",
         "cpu_buffers must be one of auto, all, no-amx, none, got 'amx'",
     ),
+    (
+        {"gpu_layers": "half"},
+        "--gpu-layers must be a whole number of layers (0 or more), or all (-1), got 'half'",
+        "n_gpu_layers must be a whole number of layers (0 or more), or all (-1), got 'half'",
+    ),
 ]
 
 
@@ -86,8 +91,8 @@ def test_one_rule_two_spellings(kwargs, cli_message, api_message):
 
 
 def test_values_are_normalised_once_and_the_object_is_frozen():
-    s = AskSettings(lang_lock=" ON ", backend="GGUF", cpu_buffers="No-AMX")
-    assert (s.lang_lock, s.backend, s.cpu_buffers) == ("on", "llama", "no-amx")
+    s = AskSettings(lang_lock=" ON ", backend="GGUF", cpu_buffers="No-AMX", gpu_layers=" 12 ")
+    assert (s.lang_lock, s.backend, s.cpu_buffers, s.gpu_layers) == ("on", "llama", "no-amx", 12)
     assert AskSettings().backend == "auto" and AskSettings().answer_budget == DEFAULT_ANSWER_BUDGET
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.think_budget = 5  # type: ignore[misc]
@@ -157,7 +162,7 @@ def test_api_checks_every_option_before_a_session_opens(sample_image):
     loaded = _Loaded()
     model = api.Model(loaded, name="fake", backend="fake", quantization="none")
     for kwargs, _, message in BAD:
-        if "cpu_buffers" in kwargs:
+        if "cpu_buffers" in kwargs or "gpu_layers" in kwargs:
             continue  # a load option: api.load takes it
         if "sampling" in kwargs:
             kwargs = {k: v for k, v in dataclasses.asdict(kwargs["sampling"]).items() if v is not None}
@@ -185,11 +190,13 @@ def test_every_cli_option_reaches_the_session_and_the_result(sample_image, monke
             "--think-budget", "12", "--answer-budget", "6", "--max-pixels", "40000",
             "--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--repetition-penalty", "1.1",
             "--seed", "4", "--system", "Be brief.", "--no-loop-stop", "--lang-lock", "off",
-            "--backend", "llamacpp", "--cpu-buffers", "NONE",
+            "--backend", "llamacpp", "--cpu-buffers", "NONE", "--gpu-layers", "ALL",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert seen == {"backend": "llama", "max_pixels": 40000, "cpu_buffers": "none", "progress": False}
+    assert seen == {
+        "backend": "llama", "max_pixels": 40000, "cpu_buffers": "none", "n_gpu_layers": -1, "progress": False
+    }  # fmt: skip
     assert loaded.samplings == [
         SamplingParams(temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.1, seed=4)
     ]

@@ -28,6 +28,11 @@ Modes (``--cpu-buffers`` / ``QVQ_LLAMA_CPU_BUFFERS``): ``auto`` (default: ``none
 and the build may use it, else ``all``), ``all`` (llama.cpp's own choice: for a build whose AMX bug is
 fixed), ``no-amx`` (AMX off, repacking kept per tensor) and ``none`` (every extra buffer type off).
 
+Where the layers go (``--gpu-layers`` / ``QVQ_GPU_LAYERS``): how many of the text model's layers llama.cpp
+puts in GPU memory.  Unset: all of them when the build has a GPU backend (CUDA, Metal, ...), none on a
+CPU-only build; ``all`` or -1: all; 0: none; N: the first N, the rest stay on the CPU (partial offload, for
+a model larger than the GPU's memory).  The vision encoder follows: on the GPU unless 0 layers are.
+
 Decision functions take recorded inputs (a :class:`~qvq_local.cpu.CpuInfo`, llama.cpp's system-info
 string, GGUF tensor records); only :func:`apply` touches ctypes.
 """
@@ -48,6 +53,7 @@ from qvq_local.errors import InputError
 
 MODES = ("auto", "all", "no-amx", "none")
 ENV_VAR = "QVQ_LLAMA_CPU_BUFFERS"
+GPU_LAYERS_ENV = "QVQ_GPU_LAYERS"
 UPSTREAM_BUG = "llama.cpp issue #20824"
 
 # ggml_type numbers (ggml.h; the gguf package's GGMLQuantizationType agrees).
@@ -126,6 +132,29 @@ def requested_mode(option: str | None = None, label: str | None = "--cpu-buffers
     value = (value or "auto").strip().lower()
     if value not in MODES:
         raise InputError(f"{source} must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+def requested_gpu_layers(option: int | str | None = None, label: str | None = "--gpu-layers") -> int | None:
+    """Text layers to put on the GPU: the option, else ``$QVQ_GPU_LAYERS``, else None (llama.cpp's GPU,
+    where the build has one, takes them all); ``all`` or -1 means all, 0 none.  Validated.
+
+    ``label`` names the option in the message (the CLI's flag, the API's keyword)."""
+    source, value = label or "--gpu-layers", option
+    if value is None or (isinstance(value, str) and not value.strip()):
+        source, value = GPU_LAYERS_ENV, os.environ.get(GPU_LAYERS_ENV, "").strip()
+        if not value:
+            return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "all":
+            return -1
+        try:
+            value = int(text)
+        except ValueError:
+            value = text
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise InputError(f"{source} must be a whole number of layers (0 or more), or all (-1), got {value!r}")
     return value
 
 

@@ -260,12 +260,23 @@ class LlamaModel:
     family: Family = DEFAULT_FAMILY
     backend: str = "llama"
     cpu_buffers: Any = None  # the llama_buffers.BufferPlan the weights were loaded with
+    n_layers: int = 0  # the text model's layers (``n_gpu_layers`` of them, -1: all, are on the GPU)
     n_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     _model: Any = None
     _mtmd: Any = None
     _buft_overrides: Any = None
     _sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     _finalizer: Any = None
+
+    def placement(self) -> str:
+        """Where the text layers run, in words: ``GPU (all 28 layers)``, ``GPU 14 of 28 layers, CPU the
+        rest`` or ``CPU``."""
+        if not self.gpu_offload:
+            return "CPU"
+        on_gpu = self.n_layers if self.n_gpu_layers < 0 else min(self.n_gpu_layers, self.n_layers)
+        if on_gpu >= self.n_layers:
+            return f"GPU (all {self.n_layers} layers)"
+        return f"GPU {on_gpu} of {self.n_layers} layers, CPU the rest"
 
     # -- sizing helpers
 
@@ -427,8 +438,9 @@ def load(
 ) -> LlamaModel:
     """Load a Qwen2-VL GGUF text model and its mmproj.
 
-    ``n_gpu_layers``: None puts every layer on the GPU when llama.cpp reports GPU offload support and
-    keeps them on the CPU otherwise; -1 means all.  ``generation_config`` overrides the sampling
+    ``n_gpu_layers``: text layers on the GPU; None takes ``$QVQ_GPU_LAYERS``, else puts every layer on
+    the GPU when llama.cpp reports GPU offload support and keeps them on the CPU otherwise; -1 means all
+    (:func:`llama_buffers.requested_gpu_layers`).  ``generation_config`` overrides the sampling
     defaults (otherwise read from a sidecar ``generation_config.json`` or manifest, then from the GGUF's
     ``general.sampling.*`` keys, else QVQ's values).
     Errors name the file: a missing, corrupt or wrong-architecture GGUF, and a missing or mismatched
@@ -472,6 +484,7 @@ def load(
 
     llama_cpp, mtmd_cpp = _libs()
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    n_gpu_layers = llama_buffers.requested_gpu_layers(n_gpu_layers, "n_gpu_layers")
     if n_gpu_layers is None:
         n_gpu_layers = -1 if gpu else 0
     threads = int(n_threads or max(1, os.cpu_count() or 1))
@@ -557,6 +570,7 @@ def load(
         n_embd=n_embd,
         n_gpu_layers=int(n_gpu_layers),
         gpu_offload=gpu and n_gpu_layers != 0,
+        n_layers=int(llama_cpp.llama_model_n_layer(model)),
         patch_size=int(pmeta.get(Keys.ClipVision.PATCH_SIZE, family.patch_size)),
         merge_size=int(pmeta.get(Keys.ClipVision.SPATIAL_MERGE_SIZE, family.merge_size)),
         family=family,

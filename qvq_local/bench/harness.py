@@ -940,15 +940,21 @@ def bench_command(
     bandwidth_mib: int,
     cpu_buffers: str | None = None,
     family: str | None = None,
+    gpu_layers: str | int | None = None,
 ) -> dict:
     """The CLI entry: run, print the tables to stdout, say where the files went."""
     from rich.console import Console
 
     from qvq_local.backends import llama_buffers
 
-    saved = os.environ.get(llama_buffers.ENV_VAR)
-    if cpu_buffers is not None:  # the workers are child processes: they read it from the environment
-        os.environ[llama_buffers.ENV_VAR] = llama_buffers.requested_mode(cpu_buffers)
+    # the workers are child processes: they read both from the environment (checked before it is touched)
+    mode = llama_buffers.requested_mode(cpu_buffers) if cpu_buffers is not None else None
+    layers = llama_buffers.requested_gpu_layers(gpu_layers)
+    saved = {name: os.environ.get(name) for name in (llama_buffers.ENV_VAR, llama_buffers.GPU_LAYERS_ENV)}
+    if mode is not None:
+        os.environ[llama_buffers.ENV_VAR] = mode
+    if layers is not None:
+        os.environ[llama_buffers.GPU_LAYERS_ENV] = str(layers)
     # tables with a spread under each figure need ~110 columns: a file or pipe gets 120, not Rich's 80
     out = Console() if sys.stdout.isatty() else Console(width=120)
     command = "qvq " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qvq") else None
@@ -969,10 +975,11 @@ def bench_command(
             family=family,
         )
     finally:  # an API or test caller keeps its own environment
-        if saved is None:
-            os.environ.pop(llama_buffers.ENV_VAR, None)
-        else:
-            os.environ[llama_buffers.ENV_VAR] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     from qvq_local.bench.report import render_tables
 
     render_tables(result, out)

@@ -122,6 +122,14 @@ def render_tables(result: dict, console: Console | None = None) -> None:
         if b.get("available") and b.get("order"):
             console.print(f"  {name}: runs {b['order']}", highlight=False)
     for name, b in backends.items():
+        placement = (b.get("qvq") or {}).get("placement")
+        if b.get("available") and placement and placement != "CPU":
+            console.print(
+                f"  {name}: text layers: {placement}; the bound is the CPU memory's, which does not limit"
+                " layers on the GPU.",
+                highlight=False,
+            )
+    for name, b in backends.items():
         compute = (b.get("qvq") or {}).get("compute")
         if b.get("available") and compute:
             console.print(

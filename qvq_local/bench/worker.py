@@ -382,6 +382,7 @@ class QvqPath:
             # set when qvq computes differently from the raw library (ratios include it)
             "compute": getattr(self.model.loaded, "compute_note", None),
             "cpu_buffers": buffers.describe() if buffers is not None else None,  # llama.cpp weight buffers
+            "placement": getattr(self.model.loaded, "placement", lambda: None)(),  # llama: GPU / CPU layers
             "load_s": self.load_s,
             "load_peak_rss_bytes": self.load_peak_rss_bytes,
             "peak_rss_bytes": lifetime_peak_rss(),
@@ -563,6 +564,8 @@ class RawLlamaPath:
         threads = max(1, os.cpu_count() or 1)
         self.n_ctx = int(spec.get("n_ctx") or 4096)
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        layers = llama_buffers.requested_gpu_layers()  # --gpu-layers, as qvq's path gets it
+        n_gpu_layers = (-1 if gpu else 0) if layers is None else layers
         _silence_llama_logs()
         with PeakRss() as load_peak:
             t0 = time.perf_counter()
@@ -578,7 +581,7 @@ class RawLlamaPath:
                     n_threads=threads,
                     n_threads_batch=threads,
                     flash_attn=True,
-                    n_gpu_layers=-1 if gpu else 0,
+                    n_gpu_layers=n_gpu_layers,
                     verbose=False,
                 )
             self.load_s = time.perf_counter() - t0

@@ -51,6 +51,7 @@ def serve(
     allow_image_urls: bool = False,
     max_images: int | None = None,
     max_body_bytes: int | None = None,
+    gpu_layers: int | str | None = None,
     warn=print,
 ) -> None:
     """Load the model once and serve it until interrupted."""
@@ -63,6 +64,9 @@ def serve(
         raise InputError(f"--port must be in 1..65535, got {port}")
     if queue < 0:
         raise InputError(f"--queue must be 0 or more, got {queue}")
+    from qvq_local.backends.llama_buffers import requested_gpu_layers
+
+    gpu_layers = requested_gpu_layers(gpu_layers)
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(host) and not api_key:
         warn(
@@ -80,7 +84,7 @@ def serve(
     from qvq_local.api import load
     from qvq_local.serve.app import ServeOptions, create_app
 
-    model = load(model_ref, backend=backend, max_pixels=max_pixels)
+    model = load(model_ref, backend=backend, max_pixels=max_pixels, n_gpu_layers=gpu_layers)
     try:
         app = create_app(model, ServeOptions(api_key=api_key, queue=queue, limits=limits))
         warn(f"qvq serve: {model.name} ({model.backend}) on http://{host}:{port}/v1")
