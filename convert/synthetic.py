@@ -29,7 +29,6 @@ from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError
 from qvq_local.families import DEFAULT_FAMILY, FAMILIES, Family, qwen2vl
 from qvq_local.families.qwen2vl import BASE_VOCAB as QWEN_BASE_VOCAB
-from qvq_local.families.qwen2vl import SPECIAL_TOKENS
 
 from . import tokenizer_synth
 
@@ -110,7 +109,7 @@ def with_tokenizer(
         tokenizer_qwen.require_vocab_file()
         if s.tokenizer_base != QWEN_BASE_VOCAB:
             s = replace(s, tokenizer_base=QWEN_BASE_VOCAB, vocab_size=max(s.vocab_size, QWEN_VOCAB_ROWS))
-    elif s.tokenizer_base + len(SPECIAL_TOKENS) > s.vocab_size:
+    elif s.tokenizer_base + len(family_of(s).special_tokens) > s.vocab_size:
         raise InputError(f"shape {s.name} has {s.vocab_size} embedding rows, too few for its tokenizer")
     return s, kind
 
@@ -142,15 +141,17 @@ SYNTH_SAMPLING: dict[str, float | int] = {
 
 
 def build_generation_config(shape: str | SynthShape, family: str | Family | None = None) -> dict:
-    """generation_config.json in QVQ-72B-Preview's layout, with :data:`SYNTH_SAMPLING`'s values."""
-    ids = tokenizer_synth.special_ids(get_shape(shape, family).tokenizer_base)
+    """generation_config.json in QVQ-72B-Preview's layout (the family's published transformers version),
+    with :data:`SYNTH_SAMPLING`'s values."""
+    s = get_shape(shape, family)
+    ids = tokenizer_synth.special_ids(s.tokenizer_base)
     return {
         "bos_token_id": ids["<|endoftext|>"],
         "do_sample": True,
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
         "pad_token_id": ids["<|endoftext|>"],
         **SYNTH_SAMPLING,
-        "transformers_version": "4.47.0",
+        "transformers_version": family_of(s).synth_transformers_version,
     }
 
 
@@ -238,12 +239,15 @@ def write_checkpoint(
     force: bool = False,
     tokenizer: str | None = None,
     family: str | Family | None = None,
+    variant: str | None = None,
 ) -> Path:
-    """Write a random-weight QVQ-layout checkpoint into ``out`` and return its path.
+    """Write a random-weight checkpoint in the layout of ``shape``'s family (QVQ's by default) into
+    ``out`` and return its path.
 
     ``tokenizer``: ``trained`` (a small BPE trained in-process), ``qwen`` (the real Qwen vocabulary, read
     from the installed ``dashscope`` package; a shape with fewer embedding rows grows to hold it), or None
-    for :func:`default_tokenizer`.
+    for :func:`default_tokenizer`.  ``variant``: the chat template, for a family that has several
+    (:attr:`Family.synth_variants`; None: its default).
 
     The folder appears only when complete: everything is written into a hidden sibling folder that is
     renamed at the end (and removed on any error or interrupt).  An existing non-empty ``out`` is
@@ -251,12 +255,8 @@ def write_checkpoint(
     """
     from .safetensors_io import ShardedWriter
 
-    fam = family_of(shape) if not isinstance(shape, str) else get_family(family)
-    if fam.write_synthetic is not None:
-        return fam.write_synthetic(
-            out, shape, dtype=dtype, seed=seed, force=force, tokenizer=tokenizer, progress=progress
-        )
     s, kind = with_tokenizer(shape, tokenizer, family)
+    variant = _check_variant(family_of(s), variant)
     st_dtype, _, _ = _check_dtype(dtype)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -276,7 +276,7 @@ def write_checkpoint(
     tmp = atomic.partial_dir(out)
     tmp.mkdir()
     try:
-        _write_files(tmp, s, dtype, st_dtype, seed, progress, ShardedWriter, kind)
+        _write_files(tmp, s, dtype, st_dtype, seed, progress, ShardedWriter, kind, variant)
         atomic.replace_dir(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -285,6 +285,16 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_variant(fam: Family, variant: str | None) -> str | None:
+    """The template variant to write: ``variant`` checked against the family's, else its default."""
+    if variant is None:
+        return fam.synth_variants[0] if fam.synth_variants else None
+    if variant not in fam.synth_variants:
+        choices = ", ".join(fam.synth_variants) or "none: it has one template"
+        raise InputError(f"unknown {fam.name} variant {variant!r}; choose one of {choices}")
+    return variant
 
 
 def _write_error(err: OSError, out: Path) -> Exception:
@@ -306,6 +316,7 @@ def _write_files(
     progress: bool,
     writer_cls,
     tokenizer: str = "trained",
+    variant: str | None = None,
 ) -> None:
     def dump(name: str, data: dict) -> None:
         (folder / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -314,14 +325,18 @@ def _write_files(
     dump("generation_config.json", build_generation_config(s))
     dump("preprocessor_config.json", build_preprocessor_config(s))
     fam = family_of(s)
-    tokenizer_synth.write_tokenizer_files(
-        folder,
-        s.tokenizer_base,
-        s.max_position_embeddings,
-        tokenizer,
-        system_prompt=fam.system_prompt,
-        processor_class=fam.hf_processor_class,
-    )
+    if fam.synth_tokenizer_files is None:
+        tokenizer_synth.write_tokenizer_files(
+            folder,
+            s.tokenizer_base,
+            s.max_position_embeddings,
+            tokenizer,
+            system_prompt=fam.system_prompt,
+            processor_class=fam.hf_processor_class,
+        )
+    else:
+        for name, text in fam.synth_tokenizer_files(s, tokenizer, variant).items():
+            (folder / name).write_text(text, encoding="utf-8")
 
     specs = tensor_specs(s)
     total = checkpoint_bytes(s, dtype)

@@ -263,6 +263,15 @@ def tokenizer_config(
     }
 
 
+def vocab_files(kind: str, base_size: int) -> dict[str, str]:
+    """vocab.json and merges.txt (the slow tokenizer's files) of the ``kind`` BPE, as text."""
+    vocab, merges = vocab_and_merges(kind, base_size)
+    return {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+    }
+
+
 def write_tokenizer_files(
     folder: Path,
     base_size: int,
@@ -276,11 +285,8 @@ def write_tokenizer_files(
     template = chat_template(system_prompt)
     folder = Path(folder)
     (folder / "tokenizer.json").write_text(build_tokenizer_json(base_size, kind), encoding="utf-8")
-    vocab, merges = vocab_and_merges(kind, base_size)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-    )
+    for name, text in vocab_files(kind, base_size).items():
+        (folder / name).write_text(text, encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(
         json.dumps(
             tokenizer_config(base_size, model_max_length, template, processor_class),

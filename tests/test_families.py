@@ -233,8 +233,6 @@ _SHARED_METHODS = {"matches_config", "image_grid"}
 
 #: Fine-grained hook -> the optional whole part that replaces the generic code asking it.
 _WHOLE_PART = {
-    "synth_config": "write_synthetic",
-    "synth_preprocessor_config": "write_synthetic",
     "gguf_text_name": "gguf_text_plan",
     "gguf_text_order": "gguf_text_plan",
     "mmproj_tensors": "mmproj_plan",
@@ -258,8 +256,8 @@ def test_every_family_fills_the_whole_interface():
         for attr in declared:
             assert hasattr(family, attr), f"{family.name} does not set {attr}"
         for name in methods:
-            # the generic converter's and writer's fine-grained hooks are not asked of a family that
-            # supplies the whole part itself (Qwen3-VL's own mmproj plan, text plan and files)
+            # the generic converter's fine-grained hooks are not asked of a family that supplies the
+            # whole part itself (Qwen3-VL's own mmproj plan and text plan)
             whole = _WHOLE_PART.get(name)
             if whole and getattr(family, whole) is not None:
                 continue
@@ -284,15 +282,11 @@ def test_every_family_refuses_a_vision_tower_that_does_not_fit(name, merger_key,
     from helpers import assert_error
 
     from qvq_local.errors import ModelError
-    from qvq_local.families import FAMILIES, qwen3vl
+    from qvq_local.convert import synthetic
+    from qvq_local.families import FAMILIES
 
     family = FAMILIES[name]
-    if family.write_synthetic is None:
-        from qvq_local.convert import synthetic
-
-        config = synthetic.build_config(synthetic.get_shape("tiny", family), "bf16")
-    else:
-        config = qwen3vl.build_config("tiny")
+    config = synthetic.build_config(synthetic.get_shape("tiny", family), "bf16")
     path = tmp_path / "config.json"
     family.dims_from_config(config, path)  # the tiny config itself is fine
 

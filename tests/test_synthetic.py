@@ -502,3 +502,29 @@ def test_tiny_loads_in_mlx_vlm_and_generates_with_an_image(tiny_checkpoint, samp
     assert result.generation_tokens == 4
     assert result.prompt_tokens > 48  # the image's 48 merged patches are in the prompt
     assert all(0 <= t < SHAPES["tiny"].vocab_size for t in result.token_ids)
+
+
+def test_one_writer_for_every_family_and_its_template_variants(tmp_path):
+    """Qwen3-VL's checkpoints come from this writer too (its own tokenizer and template files through
+    the family's hook); a variant is the family's to offer, checked before anything is written."""
+    with pytest.raises(InputError) as info:
+        synthetic.write_checkpoint(tmp_path / "a", "tiny", variant="instruct")
+    assert_error(info, "unknown Qwen2-VL variant 'instruct'; choose one of none: it has one template")
+    with pytest.raises(InputError) as info:
+        synthetic.write_checkpoint(tmp_path / "a", "tiny", family="qwen3-vl", variant="chat")
+    assert_error(info, "unknown Qwen3-VL variant 'chat'; choose one of thinking, instruct")
+    assert list(tmp_path.iterdir()) == []
+    default = synthetic.write_checkpoint(tmp_path / "thinking", "tiny", family="qwen3-vl")
+    instruct = synthetic.write_checkpoint(
+        tmp_path / "instruct", "tiny", family="qwen3-vl", variant="instruct"
+    )
+    template = {
+        p.name: json.loads((p / "chat_template.json").read_text())["chat_template"]
+        for p in (default, instruct)
+    }
+    assert "<think>" in template["thinking"] and "<think>" not in template["instruct"]
+    tokenizer = json.loads((default / "tokenizer.json").read_text())
+    assert "</think>" in {t["content"] for t in tokenizer["added_tokens"]}  # Qwen3-VL's own added tokens
+    assert (
+        json.loads((default / "generation_config.json").read_text())["transformers_version"] == "4.57.0.dev0"
+    )

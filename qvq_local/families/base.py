@@ -130,10 +130,16 @@ class Family:
     def synth_preprocessor_config(self, shape: Any) -> dict[str, Any]:
         raise NotImplementedError
 
-    #: A family whose checkpoint files the generic writer cannot produce (its own tokenizer and templates:
-    #: Qwen3-VL) writes them itself: ``write_synthetic(out, shape, *, dtype, seed, force, tokenizer,
-    #: progress) -> Path``, with the generic writer's guarantees.  None: convert/synthetic.py writes them.
-    write_synthetic: ClassVar[Any] = None
+    #: Chat-template variants a synthetic checkpoint can carry, the default first (Qwen3-VL: thinking,
+    #: instruct); empty: one template.
+    synth_variants: ClassVar[tuple[str, ...]] = ()
+    #: ``transformers_version`` in the family's published generation_config.json.
+    synth_transformers_version: ClassVar[str] = "4.47.0"
+    #: A family whose tokenizer and template files differ from Qwen2-VL's (Qwen3-VL: its added tokens and
+    #: templates) returns them: ``synth_tokenizer_files(shape, kind, variant) -> {file name: text}``.
+    #: None: Qwen2-VL's files with the family's system prompt and processor class.  Either way
+    #: convert/synthetic.py writes the checkpoint.
+    synth_tokenizer_files: ClassVar[Any] = None
 
     # ---- GGUF converter (convert/gguf_text.py, convert/gguf_mmproj.py ask these)
     def gguf_text_name(self, name: str) -> str | None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -749,22 +748,6 @@ def build_config(shape: str | SynthShape, dtype: str = "bfloat16") -> dict:
     }
 
 
-def build_generation_config(shape: str | SynthShape) -> dict:
-    """generation_config.json in the published layout.  The values are the synthetic models' own
-    (``synthetic.SYNTH_SAMPLING``), so a test can tell them from the family's fallback."""
-    from qvq_local.convert.synthetic import SYNTH_SAMPLING
-
-    ids = special_ids(get_shape(shape).tokenizer_base)
-    return {
-        "bos_token_id": ids["<|endoftext|>"],
-        "do_sample": True,
-        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-        "pad_token_id": ids["<|endoftext|>"],
-        **SYNTH_SAMPLING,
-        "transformers_version": "4.57.0.dev0",
-    }
-
-
 def build_preprocessor_config() -> dict:
     """preprocessor_config.json as published (pixel bounds under ``size``, mean/std 0.5)."""
     return {
@@ -841,6 +824,23 @@ def tensor_specs(shape: str | SynthShape) -> list[Any]:
     ]
 
 
+def synth_tokenizer_files(shape: str | SynthShape, kind: str, variant: str) -> dict[str, str]:
+    """The tokenizer and template files of a synthetic Qwen3-VL-``variant`` checkpoint, name -> text."""
+    from qvq_local.convert import tokenizer_synth
+
+    s = get_shape(shape)
+
+    def js(data: dict) -> str:
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+    return {
+        "tokenizer_config.json": js(tokenizer_config(s.tokenizer_base, variant)),
+        "chat_template.json": js({"chat_template": chat_template(variant == "thinking")}),
+        "tokenizer.json": build_tokenizer_json(s.tokenizer_base, kind),
+        **tokenizer_synth.vocab_files(kind, s.tokenizer_base),
+    }
+
+
 def write_checkpoint(
     out: str | Path,
     shape: str | SynthShape = "tiny",
@@ -850,72 +850,13 @@ def write_checkpoint(
     force: bool = False,
     tokenizer: str = "trained",
 ) -> Path:
-    """Write a random-weight Qwen3-VL-``shape``-``variant`` checkpoint into ``out``; return its path.
+    """Write a random-weight Qwen3-VL-``shape``-``variant`` checkpoint into ``out``; return its path
+    (:func:`qvq_local.convert.synthetic.write_checkpoint`, with its guarantees, in this family's layout)."""
+    from qvq_local.convert import synthetic
 
-    Same guarantees as :func:`qvq_local.convert.synthetic.write_checkpoint`: built in a hidden sibling
-    folder renamed into place when complete, removed on any error; an existing non-empty ``out`` is
-    replaced only with ``force``.
-    """
-    from qvq_local import atomic
-    from qvq_local.convert import synthetic, tokenizer_synth
-    from qvq_local.convert.safetensors_io import ShardedWriter
-
-    s = get_shape(shape)
-    if variant not in VARIANTS:
-        raise InputError(f"unknown Qwen3-VL variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if tokenizer == "qwen" and s.tokenizer_base != BASE_VOCAB:
-        raise InputError(f"shape {s.name} is laid out for the trained tokenizer, not the real Qwen one")
-    st_dtype, itemsize, torch_name = synthetic._check_dtype(dtype)
-    if s.tokenizer_base + len(SPECIAL_TOKENS) > s.vocab_size:
-        raise InputError(f"shape {s.name} has {s.vocab_size} embedding rows, too few for its tokenizer")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError("exists and is not a folder", path=out)
-    if synthetic._is_nonempty_dir(out) and not force:
-        raise InputError("folder exists and is not empty", path=out, hint="use --force to replace it")
-    specs = tensor_specs(s)
-    need = sum(math.prod(t.shape) for t in specs) * itemsize + 64 * 1024**2
-    free = synthetic._free_bytes(out.parent if out.parent != Path("") else Path("."))
-    if free < need:
-        from qvq_local.errors import DiskFull
-
-        raise DiskFull(
-            f"the {s.name} checkpoint needs {synthetic._human(need)} but only "
-            f"{synthetic._human(free)} is free",
-            path=out.parent.resolve(),
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.partial_dir(out)
-    tmp.mkdir()
-    try:
-
-        def dump(name: str, data: dict) -> None:
-            (tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-        dump("config.json", build_config(s, torch_name))
-        dump("generation_config.json", build_generation_config(s))
-        dump("preprocessor_config.json", build_preprocessor_config())
-        dump("tokenizer_config.json", tokenizer_config(s.tokenizer_base, variant))
-        dump("chat_template.json", {"chat_template": chat_template(variant == "thinking")})
-        (tmp / "tokenizer.json").write_text(
-            build_tokenizer_json(s.tokenizer_base, tokenizer), encoding="utf-8"
-        )
-        vocab, merges = tokenizer_synth.vocab_and_merges(tokenizer, s.tokenizer_base)
-        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        (tmp / "merges.txt").write_text(
-            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-        )
-        with ShardedWriter(tmp, max_shard_bytes=s.max_shard_bytes) as writer:
-            for spec in specs:
-                writer.add_chunked(spec.name, spec.shape, st_dtype, synthetic.generate_tensor(spec, seed))
-        atomic.replace_dir(tmp, out)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise synthetic._write_error(err, out) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return synthetic.write_checkpoint(
+        out, get_shape(shape), dtype, seed, force=force, tokenizer=tokenizer, variant=variant
+    )
 
 
 # ------------------------------------------------------------------------------------------ the family
@@ -969,14 +910,20 @@ class Qwen3VLFamily(Family):
     mmproj_plan = staticmethod(mmproj_plan)
     mmproj_metadata = staticmethod(mmproj_metadata)
 
-    # synthetic checkpoints: its tokenizer and templates differ from Qwen2-VL's, so it writes its own files
+    # synthetic checkpoints (convert/synthetic.py writes them): ``qvq synth --family qwen3-vl`` gives the
+    # Thinking variant, whose template opens ``<think>``
+    synth_variants: ClassVar[tuple[str, ...]] = VARIANTS
+    synth_transformers_version: ClassVar[str] = "4.57.0.dev0"
+    synth_tokenizer_files = staticmethod(synth_tokenizer_files)
+
+    def synth_config(self, shape: SynthShape, ids: dict[str, int], torch_dtype: str) -> dict[str, Any]:
+        return build_config(shape, torch_dtype)
+
+    def synth_preprocessor_config(self, shape: SynthShape) -> dict[str, Any]:
+        return build_preprocessor_config()
+
     def synth_tensors(self, shape: SynthShape) -> list[tuple[str, tuple[int, ...], str]]:
         return [(t.name, tuple(t.shape), t.init) for t in tensor_specs(shape)]
-
-    @staticmethod
-    def write_synthetic(out, shape, *, dtype="bf16", seed=0, force=False, tokenizer=None, progress=False):
-        """``qvq synth --family qwen3-vl``: the Thinking variant (its template opens ``<think>``)."""
-        return write_checkpoint(out, shape, "thinking", dtype, seed, force, tokenizer or "trained")
 
     @property
     def gguf_text_arch(self) -> str:
