@@ -397,6 +397,8 @@ def print_doctor(model: str | None, context: int | None, as_json: bool, selftest
             f"{_human(fit['needed_bytes'])} of {_human(fit['available_bytes'])} available: "
             f"[{colour}]{fit['verdict']}[/{colour}]",
         )
+        if fit.get("gpu"):
+            mt.add_row("gpu", escape(gpu_fit_line(fit["gpu"])))
         console.print(mt)
     elif data.get("model_error") and not data.get("integrity_errors"):  # else the findings below say why
         console.print(f"[red]model: {escape(data['model_error'])}[/red]", soft_wrap=True)
@@ -410,6 +412,19 @@ def print_doctor(model: str | None, context: int | None, as_json: bool, selftest
             line = f"  [{colour}]{f['level']:<7}[/{colour}] {escape(f['path'])}: {escape(f['message'])}"
             console.print(line, soft_wrap=True, highlight=False)
     _doctor_exit(data)
+
+
+def gpu_fit_line(gpu: dict[str, Any]) -> str:
+    """doctor's line on a GGUF's layers and the NVIDIA GPUs' free memory."""
+    where = f"{', '.join(gpu['gpus'])} ({_human(gpu['free_bytes'])} free)"
+    if gpu["fits"]:
+        return f"all {gpu['layers']} layers and the vision encoder fit on {where}: needs {_human(gpu['needed_bytes'])}"
+    if not gpu["gpu_layers"]:
+        return f"needs {_human(gpu['needed_bytes'])}; not one layer fits on {where}: it runs on the CPU"
+    return (
+        f"needs {_human(gpu['needed_bytes'])}, more than {where}: --gpu-layers {gpu['gpu_layers']} puts"
+        f" {gpu['gpu_layers']} of {gpu['layers']} layers there and runs the rest on the CPU"
+    )
 
 
 #: ``qvq doctor --selftest`` exit code when a backend crashed or failed its self-test.

@@ -261,7 +261,8 @@ _CPU_BUFFERS_HELP = (
 )
 _GPU_LAYERS_HELP = (
     "llama backend: text layers on the GPU. all (default where llama.cpp was built with CUDA or Metal) | 0 "
-    "(CPU only) | N (the first N; the rest run on the CPU, for a model larger than the GPU's memory). "
+    "(CPU only) | N (N layers on the GPU, the rest on the CPU: for a model larger than the GPU's memory; "
+    "`qvq doctor --model M` estimates N). "
     "Also $QVQ_GPU_LAYERS."
 )
 

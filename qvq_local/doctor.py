@@ -1,4 +1,5 @@
-"""``qvq doctor``: what this machine has, which backends import, and whether a model fits in memory.
+"""``qvq doctor``: what this machine has, which backends import, and whether a model fits in memory
+(and, for a GGUF on a machine with an NVIDIA GPU, how many of its layers fit in the GPU's).
 
 Why an estimate and not a trial load: a 72B model takes minutes to load and may push the machine into
 swap; the numbers that decide whether it fits are on disk already.  The need is the weight files, plus the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,9 @@ from qvq_local.errors import ModelError
 #: Compute buffers, the vision encoder's scratch and the runtime, on top of weights and KV cache.
 OVERHEAD_FRACTION = 0.10
 OVERHEAD_FIXED = 512 * 1024**2
+#: GPU memory llama.cpp takes beside the offloaded weights and their KV cache: the CUDA context and
+#: compute buffers (and OVERHEAD_FRACTION of the offloaded weights, as for main memory).
+GPU_RESERVE = 1024**3
 #: What ``qvq ask`` asks for by default: prompt text, one image at the default pixel bound, budgets.
 DEFAULT_PROMPT_TOKENS = 128
 
@@ -138,9 +143,15 @@ def default_context(context_length: int) -> int:
 
 
 def model_fit(
-    ref: str, n_ctx: int | None = None, available: int | None = None, total: int | None = None
+    ref: str,
+    n_ctx: int | None = None,
+    available: int | None = None,
+    total: int | None = None,
+    gpus: list[dict] | None = None,
 ) -> dict[str, Any]:
-    """Whether ``ref`` fits in memory with a context of ``n_ctx`` tokens (default: what ask would open)."""
+    """Whether ``ref`` fits in memory with a context of ``n_ctx`` tokens (default: what ask would open),
+    and for a GGUF, with ``gpus`` (:func:`hardware.parse_nvidia_smi_memory`'s records), how many of its
+    layers fit in their free memory."""
     from qvq_local import models
 
     resolved = models.resolve(ref, download=False, progress=False)
@@ -167,6 +178,60 @@ def model_fit(
         "available_bytes": available,
         "verdict": verdict,
         "fits": need <= available if available is not None else None,
+        "gpu": _gpu_fit(resolved, shape, ctx, gpus) if gpus and resolved.format == "gguf" else None,
+    }
+
+
+def _gpu_fit(resolved: Any, shape: dict[str, Any], ctx: int, gpus: list[dict]) -> dict[str, Any]:
+    from qvq_local.integrity import read_gguf_header
+
+    layers, head = gguf_layer_bytes(read_gguf_header(resolved.path).tensors)
+    kv_per_layer = 2 * ctx * shape["kv_heads"] * shape["head_dim"] * shape["kv_bytes"]
+    mmproj = Path(resolved.mmproj).stat().st_size if resolved.mmproj else 0
+    plan = gpu_offload_plan(layers, head, kv_per_layer, mmproj, sum(g["free_bytes"] for g in gpus))
+    return {"gpus": [g["name"] for g in gpus], **plan}
+
+
+def gguf_layer_bytes(tensors: dict[str, Any]) -> tuple[list[int], int]:
+    """Bytes of each repeating block (``blk.N.*``) of a GGUF text model, and of its output head (norm
+    and projection).  A head tied to the token embedding is copied to the head's device, so a model
+    without ``output.weight`` counts ``token_embd.weight`` there."""
+    blocks: dict[int, int] = {}
+    for name, t in tensors.items():
+        m = re.match(r"blk\.(\d+)\.", name)
+        if m:
+            blocks[int(m.group(1))] = blocks.get(int(m.group(1)), 0) + (t.n_bytes or 0)
+    head_names = [
+        "output_norm.weight",
+        "output.weight" if "output.weight" in tensors else "token_embd.weight",
+    ]
+    head = sum(tensors[n].n_bytes or 0 for n in head_names if n in tensors)
+    return [blocks[i] for i in sorted(blocks)], head
+
+
+def gpu_offload_plan(
+    layer_bytes: list[int], head_bytes: int, kv_per_layer: int, mmproj_bytes: int, gpu_free: int
+) -> dict[str, Any]:
+    """How many text layers fit in ``gpu_free`` bytes of GPU memory.
+
+    llama.cpp puts the *last* N blocks on the GPU (with their KV cache) and the output head too when all
+    of them are there; the vision encoder goes to the GPU whenever any layer does.  ``gpu_layers`` is
+    ``"all"`` when everything fits, else the N for ``--gpu-layers`` (0: not even one block fits).
+    """
+    n = len(layer_bytes)
+
+    def need(k: int, head: bool) -> int:
+        weights = sum(layer_bytes[n - k :]) + (head_bytes if head else 0) + mmproj_bytes
+        return weights + k * kv_per_layer + int(OVERHEAD_FRACTION * weights) + GPU_RESERVE
+
+    full = need(n, True)
+    fit = n if full <= gpu_free else max((k for k in range(n) if need(k, False) <= gpu_free), default=0)
+    return {
+        "layers": n,
+        "gpu_layers": "all" if full <= gpu_free else fit,
+        "needed_bytes": full,
+        "free_bytes": gpu_free,
+        "fits": full <= gpu_free,
     }
 
 
@@ -230,7 +295,11 @@ def report(
         out["integrity_errors"] = sum(f.level == "error" for f in findings)
         try:
             out["model"] = model_fit(
-                str(ref), n_ctx, facts.get("memory_available_bytes"), facts.get("memory_total_bytes")
+                str(ref),
+                n_ctx,
+                facts.get("memory_available_bytes"),
+                facts.get("memory_total_bytes"),
+                (facts.get("nvidia") or {}).get("memory"),
             )
         except ModelError as exc:
             out["model_error"] = str(exc)

@@ -233,6 +233,40 @@ def _llama_buffer_plan(cpu) -> str | None:
     return plan.describe()
 
 
+#: What ``nvidia-smi`` is asked for each GPU's memory (MiB, one CSV line per GPU).
+NVIDIA_SMI_MEMORY_QUERY = ("--query-gpu=name,memory.total,memory.used", "--format=csv,noheader,nounits")
+
+
+def parse_nvidia_smi_memory(text: str) -> list[dict]:
+    """``NVIDIA H200, 143771, 0`` lines (name, total MiB, used MiB) -> ``[{"name", "total_bytes",
+    "free_bytes"}]``; lines that do not parse (``[N/A]``, an error text) are left out."""
+    gpus = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.rsplit(",", 2)]
+        if len(parts) != 3:
+            continue
+        try:
+            total, used = int(float(parts[1])) * 2**20, int(float(parts[2])) * 2**20
+        except ValueError:
+            continue
+        gpus.append({"name": parts[0], "total_bytes": total, "free_bytes": max(0, total - used)})
+    return gpus
+
+
+def nvidia_memory() -> list[dict]:
+    """Each NVIDIA GPU's memory as ``nvidia-smi`` reports it now ([] without nvidia-smi or a GPU)."""
+    import shutil
+
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, *NVIDIA_SMI_MEMORY_QUERY], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return parse_nvidia_smi_memory(out.stdout) if out.returncode == 0 else []
+
+
 def describe(probe_gpu: bool = False) -> dict:
     """Facts about this machine for ``qvq doctor`` and bench reports.
 
@@ -259,6 +293,8 @@ def describe(probe_gpu: bool = False) -> dict:
     facts["cpu"] = {"model": cpu.model, "arch": cpu.arch, "features": cpu.shown(), "source": cpu.source}
     if probe_gpu:
         facts["nvidia"] = detect_nvidia()
+        if facts["nvidia"].get("present"):
+            facts["nvidia"]["memory"] = nvidia_memory()
         if facts["llama_cpp_installed"]:
             facts.update(_probe_llama_gpu())
             if "llama_error" not in facts:  # the library loads: its build and the buffer plan mean something

@@ -280,9 +280,9 @@ def test_every_family_refuses_a_vision_tower_that_does_not_fit(name, merger_key,
     import copy
 
     from helpers import assert_error
+    from qvq_local.convert import synthetic
 
     from qvq_local.errors import ModelError
-    from qvq_local.convert import synthetic
     from qvq_local.families import FAMILIES
 
     family = FAMILIES[name]

@@ -110,3 +110,112 @@ def test_bench_hands_gpu_layers_to_its_workers_and_restores_the_environment(monk
         harness.bench_command(**common, cpu_buffers="none", gpu_layers="lots")
     assert os.environ[lb.GPU_LAYERS_ENV] == "5"
     assert lb.ENV_VAR not in os.environ  # a bad value leaves nothing half-set
+
+
+# ---------------------------------------------------------------- how many layers fit in the GPU's memory
+
+#: ``nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits`` as printed on
+#: the H200 lent to this project's sessions (tests/data/gpu/), and on a desktop with a busy RTX 4090.
+SMI_MEMORY_4090 = "NVIDIA GeForce RTX 4090, 24564, 1210\n"
+
+
+def test_nvidia_smi_memory_parses():
+    from qvq_local import hardware
+
+    assert hardware.parse_nvidia_smi_memory(SMI_MEMORY_4090) == [
+        {
+            "name": "NVIDIA GeForce RTX 4090",
+            "total_bytes": 24564 * 2**20,
+            "free_bytes": (24564 - 1210) * 2**20,
+        }
+    ]
+    two = "NVIDIA H100 80GB HBM3, 81559, 0\nNVIDIA H100 80GB HBM3, 81559, 4\n"
+    assert [g["free_bytes"] for g in hardware.parse_nvidia_smi_memory(two)] == [81559 * 2**20, 81555 * 2**20]
+    assert hardware.parse_nvidia_smi_memory("NVIDIA-SMI has failed because it couldn't communicate\n") == []
+    assert hardware.parse_nvidia_smi_memory("Tesla T4, [N/A], [N/A]\n") == []
+
+
+GB = 10**9
+
+
+def test_offload_plan_puts_what_fits_and_names_the_gpu_layers_option():
+    from qvq_local import doctor
+
+    # QVQ-72B Q4_K_M in round figures: 80 blocks of 0.55 GB, a 1.2 GB head, a 1.3 GB F16 mmproj, KV
+    # 2 x 2,400 tokens x 8 heads x 128 x 2 bytes per layer
+    layers, head, mmproj, kv = [int(0.55 * GB)] * 80, int(1.2 * GB), int(1.3 * GB), 2 * 2400 * 8 * 128 * 2
+    big = doctor.gpu_offload_plan(layers, head, kv, mmproj, 141 * GB)
+    assert big["fits"] and big["gpu_layers"] == "all" and big["layers"] == 80
+    assert 44 * GB < big["needed_bytes"] < 55 * GB  # weights + KV + 10% + 1 GiB
+    desk = doctor.gpu_offload_plan(layers, head, kv, mmproj, 23 * GB)
+    assert not desk["fits"] and desk["gpu_layers"] == 33  # 33 x (0.55 GB + 10%) + KV + mmproj + 1 GiB < 23 GB
+    n = desk["gpu_layers"]
+    used = n * 0.55 * GB + 1.3 * GB
+    assert used * 1.1 + n * kv + doctor.GPU_RESERVE <= 23 * GB  # the N it names fits ...
+    assert (used + 0.55 * GB) * 1.1 + (n + 1) * kv + doctor.GPU_RESERVE > 23 * GB  # ... and N + 1 does not
+    tiny = doctor.gpu_offload_plan(layers, head, kv, mmproj, 2 * GB)
+    assert tiny["gpu_layers"] == 0 and not tiny["fits"]
+
+
+def test_tied_head_counts_the_embedding_copy():
+    from qvq_local import doctor
+
+    class T:
+        def __init__(self, n):
+            self.n_bytes = n
+
+    tensors = {"token_embd.weight": T(500), "output_norm.weight": T(4), "blk.0.attn_q.weight": T(10),
+               "blk.0.ffn_up.weight": T(20), "blk.1.attn_q.weight": T(11)}  # fmt: skip
+    assert doctor.gguf_layer_bytes(tensors) == ([30, 11], 504)  # no output.weight: the embedding is copied
+    tensors["output.weight"] = T(300)
+    assert doctor.gguf_layer_bytes(tensors) == ([30, 11], 304)
+
+
+def test_doctor_says_how_many_layers_fit(tiny_gguf_q4, monkeypatch):
+    """``qvq doctor --model`` on a machine whose GPU (recorded nvidia-smi) is too small for the model."""
+    from typer.testing import CliRunner
+
+    from qvq_local import doctor, hardware
+    from qvq_local.cli import app
+    from qvq_local.integrity import read_gguf_header
+
+    monkeypatch.setattr(doctor, "GPU_RESERVE", 0)
+    layers, head = doctor.gguf_layer_bytes(read_gguf_header(tiny_gguf_q4.model).tensors)
+    mmproj = tiny_gguf_q4.mmproj.stat().st_size
+    # the arithmetic is tested above; here the wiring: a GPU (MiB, as nvidia-smi counts) with room for
+    # one block and not for the whole model
+    kv = 2 * 16 * 2 * 32 * 2  # the tiny shape at --context 16: 2 KV heads of 32, f16
+    free_mib = next(
+        m
+        for m in range(1, 64)
+        if doctor.gpu_offload_plan(layers, head, kv, mmproj, m * 2**20)["gpu_layers"] == 1
+    )
+    real_describe = hardware.describe
+
+    def describe(probe_gpu=False):
+        facts = real_describe(probe_gpu=False)
+        facts["nvidia"] = {"present": True, "gpus": ["NVIDIA GeForce RTX 4090"], "driver": "550.54.15",
+                           "memory": hardware.parse_nvidia_smi_memory(f"NVIDIA GeForce RTX 4090, {free_mib + 100}, 100\n")}  # fmt: skip
+        return facts
+
+    monkeypatch.setattr(hardware, "describe", describe)
+    result = CliRunner().invoke(app, ["doctor", "--model", str(tiny_gguf_q4.model), "--context", "16"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"--gpu-layers 1 puts 1 of {len(layers)} layers there and runs the rest on the CPU" in text
+    assert "NVIDIA GeForce RTX 4090" in text
+
+
+def test_a_gpu_allocation_failure_names_the_option():
+    from qvq_local.backends.llamacpp import load_failure_hint
+
+    # llama.cpp's own lines when the weights do not fit (ggml-cuda.cu, llama-model.cpp)
+    oom = (
+        "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 45312.00 MiB on device 0: cudaMalloc failed:"
+        " out of memory llama_model_load: error loading model: unable to allocate CUDA0 buffer"
+        " llama_model_load_from_file_impl: failed to load model"
+    )
+    assert "--gpu-layers N" in load_failure_hint(oom, gpu_offload=True)
+    assert load_failure_hint(oom, gpu_offload=False) is None  # nothing was going to the GPU
+    corrupt = "llama_model_load: error loading model: tensor 'blk.0.attn_q.weight' data is not within the file bounds"
+    assert load_failure_hint(corrupt, gpu_offload=True) is None

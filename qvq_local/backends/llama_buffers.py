@@ -30,8 +30,9 @@ fixed), ``no-amx`` (AMX off, repacking kept per tensor) and ``none`` (every extr
 
 Where the layers go (``--gpu-layers`` / ``QVQ_GPU_LAYERS``): how many of the text model's layers llama.cpp
 puts in GPU memory.  Unset: all of them when the build has a GPU backend (CUDA, Metal, ...), none on a
-CPU-only build; ``all`` or -1: all; 0: none; N: the first N, the rest stay on the CPU (partial offload, for
-a model larger than the GPU's memory).  The vision encoder follows: on the GPU unless 0 layers are.
+CPU-only build; ``all`` or -1: all; 0: none; N: N of them (llama.cpp takes the last N), the rest stay on
+the CPU (partial offload, for a model larger than the GPU's memory).  The vision encoder follows: on the
+GPU unless 0 layers are.
 
 Decision functions take recorded inputs (a :class:`~qvq_local.cpu.CpuInfo`, llama.cpp's system-info
 string, GGUF tensor records); only :func:`apply` touches ctypes.

@@ -27,6 +27,7 @@ import codecs
 import ctypes
 import json
 import os
+import re
 import time
 import weakref
 from collections import deque
@@ -426,6 +427,17 @@ def _read_checked_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"__n_tensors__": header.n_tensors, **header.fields}, header.tensors
 
 
+def load_failure_hint(why: str, gpu_offload: bool) -> str | None:
+    """What to do when llama.cpp could not allocate the weights' GPU buffers (``why``: the error lines it
+    logged while loading, e.g. ``cudaMalloc failed: out of memory``); None for any other failure."""
+    if gpu_offload and re.search(r"alloc|out of memory", why, re.IGNORECASE):
+        return (
+            "the GPU's memory is too small for every layer: put fewer there with --gpu-layers N"
+            " (qvq doctor --model MODEL estimates N)"
+        )
+    return None
+
+
 def load(
     model_gguf: str | Path,
     mmproj_gguf: str | Path | None,
@@ -502,7 +514,11 @@ def load(
         _LOG.reraise()
     if not model:
         why = _LOG.last_error() or "corrupt or unsupported GGUF"
-        raise ModelError(f"llama.cpp could not load this GGUF: {why}", path=model_path)
+        raise ModelError(
+            f"llama.cpp could not load this GGUF: {why}",
+            path=model_path,
+            hint=load_failure_hint(" ".join(_LOG.errors), gpu and n_gpu_layers != 0),
+        )
 
     try:
         n_embd = int(llama_cpp.llama_model_n_embd(model))
