@@ -209,6 +209,17 @@ def gguf_layer_bytes(tensors: dict[str, Any]) -> tuple[list[int], int]:
     return [blocks[i] for i in sorted(blocks)], head
 
 
+def gpu_need_bytes(
+    layer_bytes: list[int], head_bytes: int, kv_per_layer: int, mmproj_bytes: int, on_gpu: int
+) -> int:
+    """GPU memory for the last ``on_gpu`` blocks (the head too when that is all of them), their KV cache,
+    the vision encoder, :data:`OVERHEAD_FRACTION` of those weights and :data:`GPU_RESERVE`."""
+    n = len(layer_bytes)
+    weights = sum(layer_bytes[n - on_gpu :]) if on_gpu else 0
+    weights += (head_bytes if on_gpu >= n else 0) + mmproj_bytes
+    return weights + on_gpu * kv_per_layer + int(OVERHEAD_FRACTION * weights) + GPU_RESERVE
+
+
 def gpu_offload_plan(
     layer_bytes: list[int], head_bytes: int, kv_per_layer: int, mmproj_bytes: int, gpu_free: int
 ) -> dict[str, Any]:
@@ -219,13 +230,11 @@ def gpu_offload_plan(
     ``"all"`` when everything fits, else the N for ``--gpu-layers`` (0: not even one block fits).
     """
     n = len(layer_bytes)
-
-    def need(k: int, head: bool) -> int:
-        weights = sum(layer_bytes[n - k :]) + (head_bytes if head else 0) + mmproj_bytes
-        return weights + k * kv_per_layer + int(OVERHEAD_FRACTION * weights) + GPU_RESERVE
-
-    full = need(n, True)
-    fit = n if full <= gpu_free else max((k for k in range(n) if need(k, False) <= gpu_free), default=0)
+    full = gpu_need_bytes(layer_bytes, head_bytes, kv_per_layer, mmproj_bytes, n)
+    fit = n
+    if full > gpu_free:
+        needs = (gpu_need_bytes(layer_bytes, head_bytes, kv_per_layer, mmproj_bytes, k) for k in range(n))
+        fit = max((k for k, need in enumerate(needs) if need <= gpu_free), default=0)
     return {
         "layers": n,
         "gpu_layers": "all" if full <= gpu_free else fit,
