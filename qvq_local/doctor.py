@@ -215,6 +215,7 @@ def gpu_need_bytes(
     """GPU memory for the last ``on_gpu`` blocks (the head too when that is all of them), their KV cache,
     the vision encoder, :data:`OVERHEAD_FRACTION` of those weights and :data:`GPU_RESERVE`."""
     n = len(layer_bytes)
+    on_gpu = n if on_gpu < 0 else min(on_gpu, n)
     weights = sum(layer_bytes[n - on_gpu :]) if on_gpu else 0
     weights += (head_bytes if on_gpu >= n else 0) + mmproj_bytes
     return weights + on_gpu * kv_per_layer + int(OVERHEAD_FRACTION * weights) + GPU_RESERVE

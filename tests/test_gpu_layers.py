@@ -219,3 +219,16 @@ def test_a_gpu_allocation_failure_names_the_option():
     assert load_failure_hint(oom, gpu_offload=False) is None  # nothing was going to the GPU
     corrupt = "llama_model_load: error loading model: tensor 'blk.0.attn_q.weight' data is not within the file bounds"
     assert load_failure_hint(corrupt, gpu_offload=True) is None
+
+
+def test_gpu_need_counts_only_the_layers_there_are():
+    from qvq_local import doctor
+
+    layers, head, kv, mmproj = [10, 20, 30], 100, 1, 5
+    reserve = doctor.GPU_RESERVE
+    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 0) == 5 + int(0.5) + reserve  # the encoder only
+    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 1) == 35 + 1 + int(3.5) + reserve  # the last block
+    everything = doctor.gpu_need_bytes(layers, head, kv, mmproj, 3)
+    assert everything == 165 + 3 + int(16.5) + reserve  # the head goes with the last of them
+    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, -1) == everything
+    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 14) == everything  # more than there are: all
