@@ -291,9 +291,12 @@ def _check_variant(fam: Family, variant: str | None) -> str | None:
     """The template variant to write: ``variant`` checked against the family's, else its default."""
     if variant is None:
         return fam.synth_variants[0] if fam.synth_variants else None
+    if not fam.synth_variants:
+        raise InputError(f"{fam.name} checkpoints have one chat template, not variant {variant!r}")
     if variant not in fam.synth_variants:
-        choices = ", ".join(fam.synth_variants) or "none: it has one template"
-        raise InputError(f"unknown {fam.name} variant {variant!r}; choose one of {choices}")
+        raise InputError(
+            f"unknown {fam.name} variant {variant!r}; choose one of {', '.join(fam.synth_variants)}"
+        )
     return variant
 
 

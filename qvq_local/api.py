@@ -721,6 +721,9 @@ def load(
             max_pixels=max_pixels,
             load_s=time.perf_counter() - t0,
         )
+    from qvq_local.backends.llama_buffers import requested_gpu_layers
+
+    n_gpu_layers = requested_gpu_layers(n_gpu_layers, "n_gpu_layers")  # before a download, not after
     if ref is None or not str(ref).strip():
         ref = config.default_model()
         if ref is None:

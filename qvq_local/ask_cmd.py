@@ -420,7 +420,10 @@ def gpu_fit_line(gpu: dict[str, Any]) -> str:
     if gpu["fits"]:
         return f"all {gpu['layers']} layers and the vision encoder fit on {where}: needs {_human(gpu['needed_bytes'])}"
     if not gpu["gpu_layers"]:
-        return f"needs {_human(gpu['needed_bytes'])}; not one layer fits on {where}: it runs on the CPU"
+        return (
+            f"needs {_human(gpu['needed_bytes'])}; not one layer fits on {where}:"
+            " --gpu-layers 0 runs it on the CPU"
+        )
     return (
         f"needs {_human(gpu['needed_bytes'])}, more than {where}: --gpu-layers {gpu['gpu_layers']} puts"
         f" {gpu['gpu_layers']} of {gpu['layers']} layers there and runs the rest on the CPU"

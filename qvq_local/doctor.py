@@ -185,7 +185,11 @@ def model_fit(
 def _gpu_fit(resolved: Any, shape: dict[str, Any], ctx: int, gpus: list[dict]) -> dict[str, Any]:
     from qvq_local.integrity import read_gguf_header
 
-    layers, head = gguf_layer_bytes(read_gguf_header(resolved.path).tensors)
+    tensors: dict[str, Any] = {}
+    for part in model_files(resolved):  # every part of a split GGUF, not its mmproj
+        if resolved.mmproj is None or Path(part) != Path(resolved.mmproj):
+            tensors.update(read_gguf_header(part).tensors)
+    layers, head = gguf_layer_bytes(tensors)
     kv_per_layer = 2 * ctx * shape["kv_heads"] * shape["head_dim"] * shape["kv_bytes"]
     mmproj = Path(resolved.mmproj).stat().st_size if resolved.mmproj else 0
     plan = gpu_offload_plan(layers, head, kv_per_layer, mmproj, sum(g["free_bytes"] for g in gpus))
@@ -193,9 +197,9 @@ def _gpu_fit(resolved: Any, shape: dict[str, Any], ctx: int, gpus: list[dict]) -
 
 
 def gguf_layer_bytes(tensors: dict[str, Any]) -> tuple[list[int], int]:
-    """Bytes of each repeating block (``blk.N.*``) of a GGUF text model, and of its output head (norm
-    and projection).  A head tied to the token embedding is copied to the head's device, so a model
-    without ``output.weight`` counts ``token_embd.weight`` there."""
+    """Bytes of each repeating block (``blk.N.*``) of a GGUF text model, and of its output layer (norm
+    and projection).  A head tied to the token embedding is copied to the output layer's device, so a
+    model without ``output.weight`` counts ``token_embd.weight`` there."""
     blocks: dict[int, int] = {}
     for name, t in tensors.items():
         m = re.match(r"blk\.(\d+)\.", name)
@@ -210,34 +214,36 @@ def gguf_layer_bytes(tensors: dict[str, Any]) -> tuple[list[int], int]:
 
 
 def gpu_need_bytes(
-    layer_bytes: list[int], head_bytes: int, kv_per_layer: int, mmproj_bytes: int, on_gpu: int
+    layer_bytes: list[int], head_bytes: int, kv_per_layer: int, mmproj_bytes: int, gpu_layers: int
 ) -> int:
-    """GPU memory for the last ``on_gpu`` blocks (the head too when that is all of them), their KV cache,
-    the vision encoder, :data:`OVERHEAD_FRACTION` of those weights and :data:`GPU_RESERVE`."""
+    """GPU memory ``--gpu-layers gpu_layers`` takes.  llama.cpp counts the output layer as one layer
+    after the blocks: N puts the output layer and the last N - 1 blocks (with their KV cache) on the GPU,
+    -1 or more than the blocks all of them; the vision encoder goes with any N but 0.  Plus
+    :data:`OVERHEAD_FRACTION` of those weights and :data:`GPU_RESERVE`."""
     n = len(layer_bytes)
-    on_gpu = n if on_gpu < 0 else min(on_gpu, n)
-    weights = sum(layer_bytes[n - on_gpu :]) if on_gpu else 0
-    weights += (head_bytes if on_gpu >= n else 0) + mmproj_bytes
-    return weights + on_gpu * kv_per_layer + int(OVERHEAD_FRACTION * weights) + GPU_RESERVE
+    if gpu_layers == 0:
+        return 0
+    blocks = n if gpu_layers < 0 else min(gpu_layers - 1, n)
+    weights = (sum(layer_bytes[n - blocks :]) if blocks else 0) + head_bytes + mmproj_bytes
+    return weights + blocks * kv_per_layer + int(OVERHEAD_FRACTION * weights) + GPU_RESERVE
 
 
 def gpu_offload_plan(
     layer_bytes: list[int], head_bytes: int, kv_per_layer: int, mmproj_bytes: int, gpu_free: int
 ) -> dict[str, Any]:
-    """How many text layers fit in ``gpu_free`` bytes of GPU memory.
-
-    llama.cpp puts the *last* N blocks on the GPU (with their KV cache) and the output head too when all
-    of them are there; the vision encoder goes to the GPU whenever any layer does.  ``gpu_layers`` is
-    ``"all"`` when everything fits, else the N for ``--gpu-layers`` (0: not even one block fits).
+    """How many layers (llama.cpp's count: the blocks and the output layer) fit in ``gpu_free`` bytes of
+    GPU memory.  ``gpu_layers`` is ``"all"`` when everything fits, else the N for ``--gpu-layers`` (0:
+    not even the output layer fits).  Several GPUs are summed, and llama.cpp splits the layers among them
+    (each keeps its own CUDA context, so the estimate is looser there).
     """
-    n = len(layer_bytes)
-    full = gpu_need_bytes(layer_bytes, head_bytes, kv_per_layer, mmproj_bytes, n)
-    fit = n
+    total = len(layer_bytes) + 1
+    full = gpu_need_bytes(layer_bytes, head_bytes, kv_per_layer, mmproj_bytes, -1)
+    fit = total
     if full > gpu_free:
-        needs = (gpu_need_bytes(layer_bytes, head_bytes, kv_per_layer, mmproj_bytes, k) for k in range(n))
+        needs = (gpu_need_bytes(layer_bytes, head_bytes, kv_per_layer, mmproj_bytes, k) for k in range(total))
         fit = max((k for k, need in enumerate(needs) if need <= gpu_free), default=0)
     return {
-        "layers": n,
+        "layers": total,
         "gpu_layers": "all" if full <= gpu_free else fit,
         "needed_bytes": full,
         "free_bytes": gpu_free,

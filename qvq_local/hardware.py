@@ -233,12 +233,13 @@ def _llama_buffer_plan(cpu) -> str | None:
     return plan.describe()
 
 
-#: What ``nvidia-smi`` is asked for each GPU's memory (MiB, one CSV line per GPU).
-NVIDIA_SMI_MEMORY_QUERY = ("--query-gpu=name,memory.total,memory.used", "--format=csv,noheader,nounits")
+#: What ``nvidia-smi`` is asked for each GPU's memory (MiB, one CSV line per GPU).  ``memory.free`` is
+#: what is left after the driver's own reserve, which total minus used would count as free.
+NVIDIA_SMI_MEMORY_QUERY = ("--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits")
 
 
 def parse_nvidia_smi_memory(text: str) -> list[dict]:
-    """``NVIDIA H200, 143771, 0`` lines (name, total MiB, used MiB) -> ``[{"name", "total_bytes",
+    """``NVIDIA H200, 143771, 143156`` lines (name, total MiB, free MiB) -> ``[{"name", "total_bytes",
     "free_bytes"}]``; lines that do not parse (``[N/A]``, an error text) are left out."""
     gpus = []
     for line in text.splitlines():
@@ -246,10 +247,10 @@ def parse_nvidia_smi_memory(text: str) -> list[dict]:
         if len(parts) != 3:
             continue
         try:
-            total, used = int(float(parts[1])) * 2**20, int(float(parts[2])) * 2**20
+            total, free = int(float(parts[1])) * 2**20, int(float(parts[2])) * 2**20
         except ValueError:
             continue
-        gpus.append({"name": parts[0], "total_bytes": total, "free_bytes": max(0, total - used)})
+        gpus.append({"name": parts[0], "total_bytes": total, "free_bytes": free})
     return gpus
 
 

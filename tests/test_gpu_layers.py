@@ -38,14 +38,18 @@ def test_option_then_environment_then_none(monkeypatch):
 
 
 def test_placement_in_words():
+    """Counted as llama.cpp counts (its "offloaded 29/29 layers"): the 28 blocks and the output layer."""
     from qvq_local.backends.llamacpp import LlamaModel
 
-    def where(offload: bool, layers: int, total: int = 28) -> str:
-        return LlamaModel.placement(SimpleNamespace(gpu_offload=offload, n_gpu_layers=layers, n_layers=total))
+    def where(offload: bool, layers: int, blocks: int = 28) -> str:
+        return LlamaModel.placement(
+            SimpleNamespace(gpu_offload=offload, n_gpu_layers=layers, n_layers=blocks)
+        )
 
-    assert where(True, -1) == "GPU (all 28 layers)"
-    assert where(True, 28) == where(True, 99) == "GPU (all 28 layers)"  # llama.cpp clamps to the model
-    assert where(True, 14) == "GPU 14 of 28 layers, CPU the rest"
+    assert where(True, -1) == "GPU (all 29 layers)"
+    assert where(True, 29) == where(True, 99) == "GPU (all 29 layers)"  # llama.cpp clamps to the model
+    assert where(True, 28) == "GPU 28 of 29 layers, CPU the rest"  # the output layer and 27 blocks
+    assert where(True, 14) == "GPU 14 of 29 layers, CPU the rest"
     assert where(False, -1) == "CPU"  # a CPU-only build ignores the request
     assert where(False, 0) == "CPU"
 
@@ -116,7 +120,7 @@ def test_bench_hands_gpu_layers_to_its_workers_and_restores_the_environment(monk
 
 #: ``nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits`` as printed on
 #: the H200 lent to this project's sessions (tests/data/gpu/), and on a desktop with a busy RTX 4090.
-SMI_MEMORY_4090 = "NVIDIA GeForce RTX 4090, 24564, 1210\n"
+SMI_MEMORY_4090 = "NVIDIA GeForce RTX 4090, 24564, 23354\n"
 
 
 def test_nvidia_smi_memory_parses():
@@ -129,8 +133,8 @@ def test_nvidia_smi_memory_parses():
             "free_bytes": (24564 - 1210) * 2**20,
         }
     ]
-    two = "NVIDIA H100 80GB HBM3, 81559, 0\nNVIDIA H100 80GB HBM3, 81559, 4\n"
-    assert [g["free_bytes"] for g in hardware.parse_nvidia_smi_memory(two)] == [81559 * 2**20, 81555 * 2**20]
+    two = "NVIDIA H100 80GB HBM3, 81559, 81003\nNVIDIA H100 80GB HBM3, 81559, 80999\n"
+    assert [g["free_bytes"] for g in hardware.parse_nvidia_smi_memory(two)] == [81003 * 2**20, 80999 * 2**20]
     assert hardware.parse_nvidia_smi_memory("NVIDIA-SMI has failed because it couldn't communicate\n") == []
     assert hardware.parse_nvidia_smi_memory("Tesla T4, [N/A], [N/A]\n") == []
 
@@ -141,20 +145,38 @@ GB = 10**9
 def test_offload_plan_puts_what_fits_and_names_the_gpu_layers_option():
     from qvq_local import doctor
 
-    # QVQ-72B Q4_K_M in round figures: 80 blocks of 0.55 GB, a 1.2 GB head, a 1.3 GB F16 mmproj, KV
-    # 2 x 2,400 tokens x 8 heads x 128 x 2 bytes per layer
+    # QVQ-72B Q4_K_M in round figures: 80 blocks of 0.55 GB, a 1.2 GB output layer, a 1.3 GB F16 mmproj,
+    # KV 2 x 2,400 tokens x 8 heads x 128 x 2 bytes per block
     layers, head, mmproj, kv = [int(0.55 * GB)] * 80, int(1.2 * GB), int(1.3 * GB), 2 * 2400 * 8 * 128 * 2
     big = doctor.gpu_offload_plan(layers, head, kv, mmproj, 141 * GB)
-    assert big["fits"] and big["gpu_layers"] == "all" and big["layers"] == 80
+    assert big["fits"] and big["gpu_layers"] == "all" and big["layers"] == 81  # llama.cpp's count
     assert 44 * GB < big["needed_bytes"] < 55 * GB  # weights + KV + 10% + 1 GiB
     desk = doctor.gpu_offload_plan(layers, head, kv, mmproj, 23 * GB)
-    assert not desk["fits"] and desk["gpu_layers"] == 33  # 33 x (0.55 GB + 10%) + KV + mmproj + 1 GiB < 23 GB
     n = desk["gpu_layers"]
-    used = n * 0.55 * GB + 1.3 * GB
-    assert used * 1.1 + n * kv + doctor.GPU_RESERVE <= 23 * GB  # the N it names fits ...
-    assert (used + 0.55 * GB) * 1.1 + (n + 1) * kv + doctor.GPU_RESERVE > 23 * GB  # ... and N + 1 does not
+    assert not desk["fits"] and n == 32  # the output layer and 31 blocks
+
+    def used(blocks):
+        return (blocks * 0.55 * GB + 1.2 * GB + 1.3 * GB) * 1.1 + blocks * kv + doctor.GPU_RESERVE
+
+    assert used(n - 1) <= 23 * GB < used(n)  # the N it names fits, N + 1 does not
     tiny = doctor.gpu_offload_plan(layers, head, kv, mmproj, 2 * GB)
     assert tiny["gpu_layers"] == 0 and not tiny["fits"]
+
+
+def test_gpu_need_follows_llama_cpps_count():
+    """``--gpu-layers N``: the output layer first, then the last N - 1 blocks; 0: nothing, the vision
+    encoder included (it follows the text layers)."""
+    from qvq_local import doctor
+
+    layers, head, kv, mmproj = [10, 20, 30], 100, 1, 5
+    reserve = doctor.GPU_RESERVE
+    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 0) == 0
+    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 1) == 105 + int(10.5) + reserve  # output + encoder
+    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 2) == 135 + 1 + int(13.5) + reserve  # + last block
+    everything = doctor.gpu_need_bytes(layers, head, kv, mmproj, 4)
+    assert everything == 165 + 3 + int(16.5) + reserve
+    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, -1) == everything
+    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 40) == everything  # more than there are: all
 
 
 def test_tied_head_counts_the_embedding_copy():
@@ -183,26 +205,24 @@ def test_doctor_says_how_many_layers_fit(tiny_gguf_q4, monkeypatch):
     layers, head = doctor.gguf_layer_bytes(read_gguf_header(tiny_gguf_q4.model).tensors)
     mmproj = tiny_gguf_q4.mmproj.stat().st_size
     # the arithmetic is tested above; here the wiring: a GPU (MiB, as nvidia-smi counts) with room for
-    # one block and not for the whole model
-    kv = 2 * 16 * 2 * 32 * 2  # the tiny shape at --context 16: 2 KV heads of 32, f16
-    free_mib = next(
-        m
-        for m in range(1, 64)
-        if doctor.gpu_offload_plan(layers, head, kv, mmproj, m * 2**20)["gpu_layers"] == 1
-    )
+    # the output layer and one block, not for the whole model
+    shape = doctor._gguf_config(tiny_gguf_q4.model)
+    kv = 2 * 16 * shape["kv_heads"] * shape["head_dim"] * shape["kv_bytes"]  # --context 16
+    free = doctor.gpu_need_bytes(layers, head, kv, mmproj, 2)
+    assert free < doctor.gpu_need_bytes(layers, head, kv, mmproj, -1)
     real_describe = hardware.describe
 
     def describe(probe_gpu=False):
         facts = real_describe(probe_gpu=False)
         facts["nvidia"] = {"present": True, "gpus": ["NVIDIA GeForce RTX 4090"], "driver": "550.54.15",
-                           "memory": hardware.parse_nvidia_smi_memory(f"NVIDIA GeForce RTX 4090, {free_mib + 100}, 100\n")}  # fmt: skip
+                           "memory": [{"name": "NVIDIA GeForce RTX 4090", "total_bytes": free + 2**30, "free_bytes": free}]}  # fmt: skip
         return facts
 
     monkeypatch.setattr(hardware, "describe", describe)
     result = CliRunner().invoke(app, ["doctor", "--model", str(tiny_gguf_q4.model), "--context", "16"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert f"--gpu-layers 1 puts 1 of {len(layers)} layers there and runs the rest on the CPU" in text
+    assert f"--gpu-layers 2 puts 2 of {len(layers) + 1} layers there and runs the rest on the CPU" in text
     assert "NVIDIA GeForce RTX 4090" in text
 
 
@@ -215,20 +235,43 @@ def test_a_gpu_allocation_failure_names_the_option():
         " out of memory llama_model_load: error loading model: unable to allocate CUDA0 buffer"
         " llama_model_load_from_file_impl: failed to load model"
     )
-    assert "--gpu-layers N" in load_failure_hint(oom, gpu_offload=True)
-    assert load_failure_hint(oom, gpu_offload=False) is None  # nothing was going to the GPU
+    assert "put fewer layers with --gpu-layers N there" in load_failure_hint(oom, -1)
+    assert "put fewer than --gpu-layers 40 there" in load_failure_hint(oom, 40)
+    assert load_failure_hint(oom, 0) is None  # nothing was going to the GPU
+    host = "ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer of size 47513075712"
+    assert load_failure_hint(host, -1) is None  # main memory, not the GPU's
     corrupt = "llama_model_load: error loading model: tensor 'blk.0.attn_q.weight' data is not within the file bounds"
-    assert load_failure_hint(corrupt, gpu_offload=True) is None
+    assert load_failure_hint(corrupt, -1) is None
 
 
-def test_gpu_need_counts_only_the_layers_there_are():
+@pytest.mark.llama
+def test_doctor_reads_every_part_of_a_split_gguf(tiny_gguf_q4, tmp_path):
+    """A split model's blocks and output layer lie in several files: the estimate counts all of them."""
+    from gguf_split import split_gguf  # tests/gguf_split.py: llama.cpp's split layout
+
     from qvq_local import doctor
+    from qvq_local.integrity import read_gguf_header
 
-    layers, head, kv, mmproj = [10, 20, 30], 100, 1, 5
-    reserve = doctor.GPU_RESERVE
-    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 0) == 5 + int(0.5) + reserve  # the encoder only
-    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 1) == 35 + 1 + int(3.5) + reserve  # the last block
-    everything = doctor.gpu_need_bytes(layers, head, kv, mmproj, 3)
-    assert everything == 165 + 3 + int(16.5) + reserve  # the head goes with the last of them
-    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, -1) == everything
-    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 14) == everything  # more than there are: all
+    parts = split_gguf(tiny_gguf_q4.model, tmp_path, "tiny-Q4_K_M", 3)
+    shape, gpus = {"kv_heads": 2, "head_dim": 32, "kv_bytes": 2}, [{"name": "GPU", "free_bytes": 2**20}]
+
+    def fit(path):
+        return doctor._gpu_fit(
+            SimpleNamespace(format="gguf", path=path, mmproj=tiny_gguf_q4.mmproj), shape, 16, gpus
+        )
+
+    assert fit(parts[0]) == fit(tiny_gguf_q4.model)
+    first_only = doctor.gguf_layer_bytes(read_gguf_header(parts[0]).tensors)
+    assert first_only != doctor.gguf_layer_bytes(read_gguf_header(tiny_gguf_q4.model).tensors)  # it matters
+
+
+def test_a_bad_value_stops_api_load_before_the_model_is_looked_up(monkeypatch, tmp_path):
+    """Checked before resolving (a hub id would be downloaded first): the model here does not exist."""
+    from qvq_local import api
+
+    missing = str(tmp_path / "no-such-model.gguf")
+    with pytest.raises(InputError, match="^n_gpu_layers must be a whole number"):
+        api.load(missing, n_gpu_layers="lots")
+    monkeypatch.setenv(lb.GPU_LAYERS_ENV, "lots")
+    with pytest.raises(InputError, match=f"^{lb.GPU_LAYERS_ENV} must be a whole number"):
+        api.load(missing)

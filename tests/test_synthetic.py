@@ -509,7 +509,7 @@ def test_one_writer_for_every_family_and_its_template_variants(tmp_path):
     the family's hook); a variant is the family's to offer, checked before anything is written."""
     with pytest.raises(InputError) as info:
         synthetic.write_checkpoint(tmp_path / "a", "tiny", variant="instruct")
-    assert_error(info, "unknown Qwen2-VL variant 'instruct'; choose one of none: it has one template")
+    assert_error(info, "Qwen2-VL checkpoints have one chat template, not variant 'instruct'")
     with pytest.raises(InputError) as info:
         synthetic.write_checkpoint(tmp_path / "a", "tiny", family="qwen3-vl", variant="chat")
     assert_error(info, "unknown Qwen3-VL variant 'chat'; choose one of thinking, instruct")

@@ -261,7 +261,7 @@ class LlamaModel:
     family: Family = DEFAULT_FAMILY
     backend: str = "llama"
     cpu_buffers: Any = None  # the llama_buffers.BufferPlan the weights were loaded with
-    n_layers: int = 0  # the text model's layers (``n_gpu_layers`` of them, -1: all, are on the GPU)
+    n_layers: int = 0  # the text model's blocks (llama.cpp offloads n_gpu_layers of them + the output layer)
     n_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     _model: Any = None
     _mtmd: Any = None
@@ -270,14 +270,16 @@ class LlamaModel:
     _finalizer: Any = None
 
     def placement(self) -> str:
-        """Where the text layers run, in words: ``GPU (all 28 layers)``, ``GPU 14 of 28 layers, CPU the
-        rest`` or ``CPU``."""
+        """Where the text layers run, counted as llama.cpp counts them (the blocks and the output layer:
+        29 for a 28-block model; ``--gpu-layers N`` puts the output layer and the last N - 1 blocks on the
+        GPU): ``GPU (all 29 layers)``, ``GPU 14 of 29 layers, CPU the rest`` or ``CPU``."""
         if not self.gpu_offload:
             return "CPU"
-        on_gpu = self.n_layers if self.n_gpu_layers < 0 else min(self.n_gpu_layers, self.n_layers)
-        if on_gpu >= self.n_layers:
-            return f"GPU (all {self.n_layers} layers)"
-        return f"GPU {on_gpu} of {self.n_layers} layers, CPU the rest"
+        total = self.n_layers + 1
+        on_gpu = total if self.n_gpu_layers < 0 else min(self.n_gpu_layers, total)
+        if on_gpu >= total:
+            return f"GPU (all {total} layers)"
+        return f"GPU {on_gpu} of {total} layers, CPU the rest"
 
     # -- sizing helpers
 
@@ -427,15 +429,22 @@ def _read_checked_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"__n_tensors__": header.n_tensors, **header.fields}, header.tensors
 
 
-def load_failure_hint(why: str, gpu_offload: bool) -> str | None:
-    """What to do when llama.cpp could not allocate the weights' GPU buffers (``why``: the error lines it
-    logged while loading, e.g. ``cudaMalloc failed: out of memory``); None for any other failure."""
-    if gpu_offload and re.search(r"alloc|out of memory", why, re.IGNORECASE):
-        return (
-            "the GPU's memory is too small for every layer: put fewer there with --gpu-layers N"
-            " (qvq doctor --model MODEL estimates N)"
-        )
-    return None
+#: A GPU buffer llama.cpp could not allocate, in its own log lines (ggml-cuda.cu, llama-model.cpp,
+#: ggml-metal, ggml-vulkan): ``cudaMalloc failed: out of memory``, ``unable to allocate CUDA0 buffer``.
+_GPU_WORD = re.compile(r"cuda|metal|vulkan|rocm|hip\b|sycl|gpu", re.IGNORECASE)
+_ALLOC_FAILED = re.compile(r"alloc|out of memory", re.IGNORECASE)
+
+
+def load_failure_hint(why: str, n_gpu_layers: int) -> str | None:
+    """What to do when llama.cpp could not allocate GPU memory (``why``: the error lines it logged, e.g.
+    ``cudaMalloc failed: out of memory``) with ``n_gpu_layers`` asked for; None for any other failure
+    (a host-memory allocation, a corrupt file) or when nothing was going to the GPU."""
+    if n_gpu_layers == 0 or not (_GPU_WORD.search(why) and _ALLOC_FAILED.search(why)):
+        return None
+    fewer = (
+        "fewer layers with --gpu-layers N" if n_gpu_layers < 0 else f"fewer than --gpu-layers {n_gpu_layers}"
+    )
+    return f"the GPU's memory is too small: put {fewer} there (qvq doctor --model MODEL estimates N)"
 
 
 def load(
@@ -517,7 +526,7 @@ def load(
         raise ModelError(
             f"llama.cpp could not load this GGUF: {why}",
             path=model_path,
-            hint=load_failure_hint(" ".join(_LOG.errors), gpu and n_gpu_layers != 0),
+            hint=load_failure_hint(" ".join(_LOG.errors), n_gpu_layers if gpu else 0),
         )
 
     try:
@@ -546,7 +555,11 @@ def load(
             _LOG.reraise()
         if not mctx:
             why = _LOG.last_error() or "corrupt or unsupported mmproj"
-            raise ModelError(f"llama.cpp could not load this mmproj: {why}", path=mmproj_path)
+            raise ModelError(
+                f"llama.cpp could not load this mmproj: {why}",
+                path=mmproj_path,
+                hint=load_failure_hint(" ".join(_LOG.errors), n_gpu_layers if gpu else 0),
+            )
         if not mtmd_cpp.mtmd_support_vision(mctx):
             mtmd_cpp.mtmd_free(mctx)
             raise ModelError("this mmproj has no vision encoder", path=mmproj_path)
@@ -647,9 +660,12 @@ class LlamaSession:
         ctx = llama_cpp.llama_init_from_model(model._model, cparams)
         if not ctx:
             why = _LOG.last_error() or "out of memory?"
+            gpu_hint = load_failure_hint(
+                " ".join(_LOG.errors), model.n_gpu_layers if model.gpu_offload else 0
+            )
             raise QvqError(
                 f"llama.cpp could not create a context of {n_ctx} tokens: {why}",
-                hint="lower the budgets or the image size",
+                hint="lower the budgets or the image size" + (f"; or {gpu_hint}" if gpu_hint else ""),
             )
         self._ctx = ctx
         self._sampler = self._build_sampler(sampling)
