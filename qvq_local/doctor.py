@@ -183,6 +183,13 @@ def model_fit(
 
 
 def _gpu_fit(resolved: Any, shape: dict[str, Any], ctx: int, gpus: list[dict]) -> dict[str, Any]:
+    plan = gpu_offload_plan(*offload_sizes(resolved, shape, ctx), sum(g["free_bytes"] for g in gpus))
+    return {"gpus": [g["name"] for g in gpus], **plan}
+
+
+def offload_sizes(resolved: Any, shape: dict[str, Any], ctx: int) -> tuple[list[int], int, int, int]:
+    """What :func:`gpu_need_bytes` takes for a resolved GGUF model at ``ctx`` tokens: each block's bytes,
+    the output layer's, the KV cache per block, the mmproj's."""
     from qvq_local.integrity import read_gguf_header
 
     tensors: dict[str, Any] = {}
@@ -192,8 +199,7 @@ def _gpu_fit(resolved: Any, shape: dict[str, Any], ctx: int, gpus: list[dict]) -
     layers, head = gguf_layer_bytes(tensors)
     kv_per_layer = 2 * ctx * shape["kv_heads"] * shape["head_dim"] * shape["kv_bytes"]
     mmproj = Path(resolved.mmproj).stat().st_size if resolved.mmproj else 0
-    plan = gpu_offload_plan(layers, head, kv_per_layer, mmproj, sum(g["free_bytes"] for g in gpus))
-    return {"gpus": [g["name"] for g in gpus], **plan}
+    return layers, head, kv_per_layer, mmproj
 
 
 def gguf_layer_bytes(tensors: dict[str, Any]) -> tuple[list[int], int]:

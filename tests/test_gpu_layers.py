@@ -275,3 +275,31 @@ def test_a_bad_value_stops_api_load_before_the_model_is_looked_up(monkeypatch, t
     monkeypatch.setenv(lb.GPU_LAYERS_ENV, "lots")
     with pytest.raises(InputError, match=f"^{lb.GPU_LAYERS_ENV} must be a whole number"):
         api.load(missing)
+
+
+@pytest.mark.llama
+def test_gpu_fit_example_prints_the_real_use_beside_the_estimate(tiny_gguf_q4, monkeypatch, capsys):
+    """examples/gpu_fit.py with nvidia-smi's readings recorded (this machine has no GPU): in use before
+    and after each load, the difference against doctor's estimate for the same --gpu-layers."""
+    import runpy
+    from pathlib import Path
+
+    from qvq_local import doctor, hardware, models
+
+    in_use = iter([0, 0, 3 * GB, 0, GB])  # the GPU check, then before / after each of the two loads
+    monkeypatch.setattr(
+        hardware,
+        "nvidia_memory",
+        lambda: [{"name": "GPU", "total_bytes": 80 * GB, "free_bytes": 80 * GB - next(in_use)}],
+    )
+    script = Path(__file__).parents[1] / "examples" / "gpu_fit.py"
+    monkeypatch.setattr("sys.argv", ["gpu_fit.py", str(tiny_gguf_q4.model), "--gpu-layers", "all,1"])
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    resolved = models.resolve(str(tiny_gguf_q4.model), download=False)
+    shape = doctor._gguf_config(resolved.path)
+    sizes = doctor.offload_sizes(resolved, shape, doctor.default_context(shape["context_length"]))
+    for value, layers, real in (("all", -1, 3 * GB), ("1", 1, GB)):
+        row = next(line.split() for line in lines if line.split()[:1] == [value])
+        estimate = doctor.gpu_need_bytes(*sizes, layers)
+        assert row[-3:] == [f"{real / 1e9:.2f}", f"{estimate / 1e9:.2f}", f"{estimate / real:.2f}"]
