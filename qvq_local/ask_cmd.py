@@ -399,6 +399,8 @@ def print_doctor(model: str | None, context: int | None, as_json: bool, selftest
         )
         if fit.get("gpu"):
             mt.add_row("gpu", escape(gpu_fit_line(fit["gpu"])))
+        if fit.get("metal"):
+            mt.add_row("metal", escape(metal_fit_line(fit["metal"])))
         console.print(mt)
     elif data.get("model_error") and not data.get("integrity_errors"):  # else the findings below say why
         console.print(f"[red]model: {escape(data['model_error'])}[/red]", soft_wrap=True)
@@ -412,6 +414,19 @@ def print_doctor(model: str | None, context: int | None, as_json: bool, selftest
             line = f"  [{colour}]{f['level']:<7}[/{colour}] {escape(f['path'])}: {escape(f['message'])}"
             console.print(line, soft_wrap=True, highlight=False)
     _doctor_exit(data)
+
+
+def metal_fit_line(metal: dict[str, Any]) -> str:
+    """doctor's line on a model and the memory Metal lets the GPU wire on a Mac."""
+    have = f"Metal may wire {_human(metal['working_set_bytes'])} of this Mac's memory"
+    if metal["fits"]:
+        return f"{have}: the model's {_human(metal['needed_bytes'])} fit"
+    if metal.get("sysctl"):
+        return (
+            f"{have}, the model needs {_human(metal['needed_bytes'])}: raise the limit until the next restart"
+            f" with `{metal['sysctl']}`"
+        )
+    return f"{have}, the model needs {_human(metal['needed_bytes'])}: too much for this Mac"
 
 
 def gpu_fit_line(gpu: dict[str, Any]) -> str:

@@ -148,10 +148,12 @@ def model_fit(
     available: int | None = None,
     total: int | None = None,
     gpus: list[dict] | None = None,
+    working_set: int | None = None,
 ) -> dict[str, Any]:
-    """Whether ``ref`` fits in memory with a context of ``n_ctx`` tokens (default: what ask would open),
-    and for a GGUF, with ``gpus`` (:func:`hardware.parse_nvidia_smi_memory`'s records), how many of its
-    layers fit in their free memory."""
+    """Whether ``ref`` fits in memory with a context of ``n_ctx`` tokens (default: what ask would open);
+    for a GGUF, with ``gpus`` (:func:`hardware.parse_nvidia_smi_memory`'s records), how many of its layers
+    fit in their free memory; on a Mac, with Metal's ``working_set``, whether it fits there
+    (:func:`metal_fit`)."""
     from qvq_local import models
 
     resolved = models.resolve(ref, download=False, progress=False)
@@ -179,7 +181,28 @@ def model_fit(
         "verdict": verdict,
         "fits": need <= available if available is not None else None,
         "gpu": _gpu_fit(resolved, shape, ctx, gpus) if gpus and resolved.format == "gguf" else None,
+        "metal": metal_fit(need, working_set, total) if working_set else None,
     }
+
+
+def metal_fit(need: int, working_set: int, total: int | None) -> dict[str, Any]:
+    """Whether a model that needs ``need`` bytes fits in what Metal lets the GPU wire on a Mac
+    (``working_set``); if not, the ``sysctl`` line that raises the limit, where the memory is there.
+
+    Both backends put the whole model in Metal buffers on Apple Silicon, so a model over the working set
+    fails or pages (mlx-lm warns of it) even when the unified memory holds it.  The raised limit leaves
+    the system 8 GiB (or a fifth of a smaller machine) and lasts until the next restart."""
+    out: dict[str, Any] = {
+        "working_set_bytes": working_set,
+        "needed_bytes": need,
+        "fits": need <= working_set,
+    }
+    if not out["fits"] and total:
+        ceiling = total - max(8 * 1024**3, total // 5)
+        if need <= ceiling:
+            mib = -(-need // 2**20) + 1024  # the need, rounded up, and 1 GiB to spare
+            out["sysctl"] = f"sudo sysctl iogpu.wired_limit_mb={min(mib, ceiling // 2**20)}"
+    return out
 
 
 def _gpu_fit(resolved: Any, shape: dict[str, Any], ctx: int, gpus: list[dict]) -> dict[str, Any]:
@@ -322,6 +345,7 @@ def report(
                 facts.get("memory_available_bytes"),
                 facts.get("memory_total_bytes"),
                 (facts.get("nvidia") or {}).get("memory"),
+                facts.get("metal_working_set_bytes"),
             )
         except ModelError as exc:
             out["model_error"] = str(exc)

@@ -217,6 +217,21 @@ def _probe_mlx_metal() -> bool | None:
         return None
 
 
+def metal_working_set(device_info: dict | None = None) -> int | None:
+    """How much memory Metal lets the GPU wire on this Mac (``recommendedMaxWorkingSetSize``: a share of
+    the unified memory, ~2/3 to ~5/6 by size, raised by ``sysctl iogpu.wired_limit_mb``), from mlx's
+    ``device_info()`` (or the dict given); None where it cannot be read."""
+    if device_info is None:
+        try:
+            import mlx.core as mx
+
+            device_info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        except (ImportError, OSError, AttributeError, RuntimeError):
+            return None
+    value = (device_info or {}).get("max_recommended_working_set_size")
+    return int(value) if value else None
+
+
 def _llama_buffer_plan(cpu) -> str | None:
     """Which CPU buffer types llama.cpp will put a quantised model's weights in on this machine."""
     try:
@@ -308,6 +323,7 @@ def describe(probe_gpu: bool = False) -> dict:
             facts["mlx_metal"] = metal
             if metal:
                 facts["metal"] = True
+                facts["metal_working_set_bytes"] = metal_working_set()
     try:
         facts["default_backend"] = choose_backend("auto", None)
     except (ModelError, BackendUnavailable) as err:

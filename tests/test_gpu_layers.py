@@ -7,6 +7,7 @@ GPU are in the README (measured on a lent H200).
 
 from __future__ import annotations
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -303,3 +304,57 @@ def test_gpu_fit_example_prints_the_real_use_beside_the_estimate(tiny_gguf_q4, m
         row = next(line.split() for line in lines if line.split()[:1] == [value])
         estimate = doctor.gpu_need_bytes(*sizes, layers)
         assert row[-3:] == [f"{real / 1e9:.2f}", f"{estimate / 1e9:.2f}", f"{estimate / real:.2f}"]
+
+
+# ---------------------------------------------------------------- Apple Silicon: Metal's working set
+
+GIB = 2**30
+
+
+def test_metal_working_set_from_mlx_device_info():
+    from qvq_local import hardware
+
+    # Published readings of Metal's recommendedMaxWorkingSetSize: an M5 Max with 128 GB (107.52 GiB)
+    assert hardware.metal_working_set({"max_recommended_working_set_size": int(107.52 * GIB)}) == int(
+        107.52 * GIB
+    )
+    assert hardware.metal_working_set({}) is None  # what mlx's CPU build on Linux returns
+
+
+def test_metal_fit_names_the_sysctl_only_where_the_memory_is_there():
+    from qvq_local import doctor
+
+    mac64 = 64 * GIB
+    ok = doctor.metal_fit(40 * GIB, 48 * GIB, mac64)
+    assert ok["fits"] and "sysctl" not in ok
+    tight = doctor.metal_fit(50 * GIB, 48 * GIB, mac64)  # QVQ-72B GGUF with its KV cache, say
+    assert not tight["fits"]
+    assert tight["sysctl"] == f"sudo sysctl iogpu.wired_limit_mb={50 * 1024 + 1024}"
+    near = doctor.metal_fit(51 * GIB, 48 * GIB, mac64)  # the spare GiB would pass the ceiling: capped
+    assert near["sysctl"] == f"sudo sysctl iogpu.wired_limit_mb={int((64 - 12.8) * 1024)}"
+    too_big = doctor.metal_fit(60 * GIB, 48 * GIB, mac64)  # the system needs its share: no sysctl
+    assert not too_big["fits"] and "sysctl" not in too_big
+
+
+def test_doctor_shows_the_metal_row(tiny_checkpoint, monkeypatch):
+    from typer.testing import CliRunner
+
+    from qvq_local import hardware
+    from qvq_local.cli import app
+
+    real_describe = hardware.describe
+
+    def describe(probe_gpu=False):
+        facts = real_describe(probe_gpu=False)
+        facts.update(metal=True, metal_working_set_bytes=1024, memory_total_bytes=64 * GIB)
+        return facts
+
+    monkeypatch.setattr(hardware, "describe", describe)
+    result = CliRunner().invoke(app, ["doctor", "--model", str(tiny_checkpoint), "--json"])
+    assert result.exit_code == 0, result.output
+    metal = json.loads(result.stdout)["model"]["metal"]
+    assert metal["working_set_bytes"] == 1024 and metal["fits"] is False
+    assert metal["sysctl"].startswith("sudo sysctl iogpu.wired_limit_mb=")
+    text = " ".join(CliRunner().invoke(app, ["doctor", "--model", str(tiny_checkpoint)]).output.split())
+    assert "Metal may wire 1.0 KiB of this Mac's memory, the model needs" in text
+    assert "raise the limit until the next restart with `sudo sysctl iogpu.wired_limit_mb=" in text
