@@ -83,8 +83,8 @@ QWEN_VOCAB_ROWS = 151936
 
 
 def default_tokenizer(shape: str | SynthShape, family: str | Family | None = None) -> str:
-    """``qwen`` for shapes laid out for the real vocabulary (2b, 7b, 72b) when its file is installed,
-    else ``trained`` (tiny keeps its small trained tokenizer unless asked)."""
+    """``qwen`` for shapes laid out for the real vocabulary (every family's published sizes) when its file
+    is installed, else ``trained`` (tiny keeps its small trained tokenizer unless asked)."""
     from . import tokenizer_qwen
 
     s = get_shape(shape, family)

@@ -51,7 +51,7 @@ def synth(
         None,
         "--tokenizer",
         help="qwen (the real Qwen vocabulary, from the dashscope package) | trained (a small one)."
-        " Default: qwen for 2b/7b/72b when dashscope is installed, else trained.",
+        " Default: qwen for the published sizes when dashscope is installed, else trained.",
     ),
 ) -> None:
     """Write a random-weight checkpoint in exactly the Hugging Face layout of QVQ-72B-Preview (or of

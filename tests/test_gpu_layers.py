@@ -1,8 +1,9 @@
-"""``--gpu-layers`` / ``$QVQ_GPU_LAYERS``: how many text layers llama.cpp puts on the GPU.
+"""``--gpu-layers`` / ``$QVQ_GPU_LAYERS`` and doctor's GPU memory advice (NVIDIA and Metal).
 
-This machine may have no GPU and a CPU-only llama.cpp build, so the decision is checked on recorded
-inputs and by watching the value reach ``llama_model_load_from_file``'s params; the figures on a real
-GPU are in the README (measured on a lent H200).
+This machine has no GPU and a CPU-only llama.cpp build, so the decisions are checked on recorded inputs
+(nvidia-smi output, llama.cpp's log lines, Metal's working set) and by watching the value reach
+``llama_model_load_from_file``'s params.  No figures from a real GPU exist yet: ``examples/gpu_fit.py``
+and ``qvq bench --gpu-layers`` measure them where there is one.
 """
 
 from __future__ import annotations
