@@ -5,7 +5,7 @@
 MODEL is anything ``qvq ask -m`` takes (a GGUF file or folder, a name from ``qvq models``).  For each
 value the model is loaded, asked one short question about the image (so the context and the compute
 buffers exist), and the GPU memory in use is read from ``nvidia-smi`` against what was in use before the
-load.  ``estimate/real`` above 1 means doctor's advice errs on the safe side.  Needs an NVIDIA GPU and a
+first load (so CUDA's context counts in every row, as the estimate's reserve does).  ``estimate/real`` above 1 means doctor's advice errs on the safe side.  Needs an NVIDIA GPU and a
 llama-cpp-python built with CUDA (``CMAKE_ARGS="-DGGML_CUDA=on" pip install ...``).
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import qvq_local
 from qvq_local import doctor, hardware, models
 from qvq_local.backends.llama_buffers import requested_gpu_layers
+from qvq_local.errors import QvqError
 
 
 def in_use() -> int:
@@ -33,7 +34,11 @@ def main() -> None:
     args = ap.parse_args()
     if not hardware.nvidia_memory():
         sys.exit("error: nvidia-smi reports no NVIDIA GPU here")
-    resolved = models.resolve(args.model, download=False)
+    try:
+        values = [(v, requested_gpu_layers(v)) for v in args.gpu_layers.split(",") if v.strip()]
+        resolved = models.resolve(args.model, download=False)
+    except QvqError as exc:
+        sys.exit(f"error: {exc}")
     if resolved.format != "gguf":
         sys.exit(
             f"error: {args.model}: a GGUF model is needed (llama.cpp offloads layers), not {resolved.format}"
@@ -43,9 +48,10 @@ def main() -> None:
     sizes = doctor.offload_sizes(resolved, shape, ctx)
     print(f"{resolved.name}: {len(sizes[0])} blocks + the output layer, context {ctx} tokens")
     print(f"{'--gpu-layers':>12}  {'placement':<36} {'real GB':>8} {'estimate GB':>12} {'estimate/real':>14}")
-    for value in args.gpu_layers.split(","):
-        layers = requested_gpu_layers(value)
-        before = in_use()
+    # one reading before the first load: CUDA's context and cuBLAS stay after a model is closed, and the
+    # estimate's reserve is for them, so every row is measured against a GPU without them
+    before = in_use()
+    for value, layers in values:
         model = qvq_local.load(resolved.path, backend="llama", n_gpu_layers=layers)
         try:
             model.prefix_cache = None

@@ -419,14 +419,14 @@ def print_doctor(model: str | None, context: int | None, as_json: bool, selftest
 def metal_fit_line(metal: dict[str, Any]) -> str:
     """doctor's line on a model and the memory Metal lets the GPU wire on a Mac."""
     have = f"Metal may wire {_human(metal['working_set_bytes'])} of this Mac's memory"
+    needs = f"the model needs {_human(metal['needed_bytes'])}"
     if metal["fits"]:
-        return f"{have}: the model's {_human(metal['needed_bytes'])} fit"
+        return f"{have}; {needs}: it fits"
     if metal.get("sysctl"):
-        return (
-            f"{have}, the model needs {_human(metal['needed_bytes'])}: raise the limit until the next restart"
-            f" with `{metal['sysctl']}`"
-        )
-    return f"{have}, the model needs {_human(metal['needed_bytes'])}: too much for this Mac"
+        return f"{have}; {needs}: raise the limit until the next restart with `{metal['sysctl']}`"
+    if metal.get("total_bytes"):
+        return f"{have}; {needs}: too much for this Mac, whose system needs the rest"
+    return f"{have}; {needs}: more than Metal may use"
 
 
 def gpu_fit_line(gpu: dict[str, Any]) -> str:

@@ -191,9 +191,10 @@ def metal_fit(need: int, working_set: int, total: int | None) -> dict[str, Any]:
 
     Both backends put the whole model in Metal buffers on Apple Silicon, so a model over the working set
     fails or pages (mlx-lm warns of it) even when the unified memory holds it.  The raised limit leaves
-    the system 8 GiB (or a fifth of a smaller machine) and lasts until the next restart."""
+    the system 8 GiB, or a fifth of a machine over 40 GiB, and lasts until the next restart."""
     out: dict[str, Any] = {
         "working_set_bytes": working_set,
+        "total_bytes": total,
         "needed_bytes": need,
         "fits": need <= working_set,
     }

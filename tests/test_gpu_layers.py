@@ -288,7 +288,7 @@ def test_gpu_fit_example_prints_the_real_use_beside_the_estimate(tiny_gguf_q4, m
 
     from qvq_local import doctor, hardware, models
 
-    in_use = iter([0, 0, 3 * GB, 0, GB])  # the GPU check, then before / after each of the two loads
+    in_use = iter([0, 0, 3 * GB, GB])  # the GPU check, one reading before the loads, one after each
     monkeypatch.setattr(
         hardware,
         "nvidia_memory",
@@ -335,6 +335,25 @@ def test_metal_fit_names_the_sysctl_only_where_the_memory_is_there():
     assert near["sysctl"] == f"sudo sysctl iogpu.wired_limit_mb={int((64 - 12.8) * 1024)}"
     too_big = doctor.metal_fit(60 * GIB, 48 * GIB, mac64)  # the system needs its share: no sysctl
     assert not too_big["fits"] and "sysctl" not in too_big
+    small = doctor.metal_fit(9 * GIB, int(10.67 * GIB), 16 * GIB)  # a 16 GB Mac (published: 10.67 GiB)
+    assert small["fits"]
+    over = doctor.metal_fit(12 * GIB, int(10.67 * GIB), 16 * GIB)  # 8 GiB stay with the system there
+    assert not over["fits"] and "sysctl" not in over
+    unknown = doctor.metal_fit(50 * GIB, 48 * GIB, None)  # total memory unread: no advice either way
+    assert not unknown["fits"] and "sysctl" not in unknown
+
+
+def test_metal_rows_in_words():
+    from qvq_local.ask_cmd import metal_fit_line
+
+    row = {"working_set_bytes": 48 * GIB, "needed_bytes": 50 * GIB, "fits": False}
+    assert metal_fit_line({**row, "total_bytes": None}).endswith(
+        "the model needs 50.0 GiB: more than Metal may use"
+    )
+    assert metal_fit_line({**row, "total_bytes": 64 * GIB}).endswith(
+        "too much for this Mac, whose system needs the rest"
+    )
+    assert metal_fit_line({**row, "fits": True, "total_bytes": 64 * GIB}).endswith(": it fits")
 
 
 def test_doctor_shows_the_metal_row(tiny_checkpoint, monkeypatch):
@@ -357,5 +376,5 @@ def test_doctor_shows_the_metal_row(tiny_checkpoint, monkeypatch):
     assert metal["working_set_bytes"] == 1024 and metal["fits"] is False
     assert metal["sysctl"].startswith("sudo sysctl iogpu.wired_limit_mb=")
     text = " ".join(CliRunner().invoke(app, ["doctor", "--model", str(tiny_checkpoint)]).output.split())
-    assert "Metal may wire 1.0 KiB of this Mac's memory, the model needs" in text
+    assert "Metal may wire 1.0 KiB of this Mac's memory; the model needs" in text
     assert "raise the limit until the next restart with `sudo sysctl iogpu.wired_limit_mb=" in text
