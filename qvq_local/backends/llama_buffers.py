@@ -18,11 +18,12 @@ tensor through ``tensor_buft_overrides``, exactly the weights CPU_REPACK would h
 A tensor pinned to CPU_REPACK that repack cannot handle aborts the load inside llama.cpp, so the rule is
 deliberately a subset of llama.cpp's: anything in doubt stays in the plain CPU buffer.
 
-Measured on an AMX Xeon (Sapphire Rapids, 2 cores, a 2b-shaped Q4_K_M model, interleaved A/B runs):
-``no-amx`` decoded at 9.9 tok/s against 10.5 for ``none`` and prefilled ~300 tokens in 9.9 s against
-7.6 s.  Every AMX CPU has AVX-512, whose plain kernels beat the AVX2-shaped repacked ones there, so
-``auto`` picks ``none`` on AMX CPUs; ``no-amx`` stays available to measure on a machine of your own
-(``qvq bench --cpu-buffers no-amx``).
+Measured on an AMX Xeon (Sapphire Rapids, 2 cores, a 2b-shaped Q4_K_M model, interleaved A/B runs, in
+two sessions): ``none`` prefilled ~300 tokens ~25% faster each time (7.6 s against 9.9 s; 8.2 against
+10.4), while decode differed by under 12%, one way in one session (10.5 against 9.9 tok/s) and the other
+way in the next (8.7 against 9.5).  Every AMX CPU has AVX-512, whose plain kernels do not need the
+AVX2-shaped repacked layout, so ``auto`` picks ``none`` on AMX CPUs; ``no-amx`` stays available to
+measure on a machine of your own (``qvq bench --cpu-buffers no-amx``, ``examples/cpu_buffers_ab.py``).
 
 Modes (``--cpu-buffers`` / ``QVQ_LLAMA_CPU_BUFFERS``): ``auto`` (default: ``none`` where the CPU has AMX
 and the build may use it, else ``all``), ``all`` (llama.cpp's own choice: for a build whose AMX bug is
