@@ -250,10 +250,12 @@ def gpu_need_bytes(
     after the blocks: N puts the output layer and the last N - 1 blocks (with their KV cache) on the GPU,
     -1 or more than the blocks all of them; the vision encoder goes with any N but 0.  Plus
     :data:`OVERHEAD_FRACTION` of those weights and :data:`GPU_RESERVE`."""
+    from qvq_local.backends.llama_buffers import gpu_split
+
     n = len(layer_bytes)
-    if gpu_layers == 0:
+    blocks, output = gpu_split(gpu_layers, n)
+    if not output:  # 0: nothing on the GPU, the vision encoder included
         return 0
-    blocks = n if gpu_layers < 0 else min(gpu_layers - 1, n)
     weights = (sum(layer_bytes[n - blocks :]) if blocks else 0) + head_bytes + mmproj_bytes
     return weights + blocks * kv_per_layer + int(OVERHEAD_FRACTION * weights) + GPU_RESERVE
 

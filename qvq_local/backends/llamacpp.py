@@ -276,7 +276,8 @@ class LlamaModel:
         if not self.gpu_offload:
             return "CPU"
         total = self.n_layers + 1
-        on_gpu = total if self.n_gpu_layers < 0 else min(self.n_gpu_layers, total)
+        blocks, output = llama_buffers.gpu_split(self.n_gpu_layers, self.n_layers)
+        on_gpu = blocks + output
         if on_gpu >= total:
             return f"GPU (all {total} layers)"
         return f"GPU {on_gpu} of {total} layers, CPU the rest"
