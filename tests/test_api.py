@@ -13,6 +13,7 @@ from helpers import assert_error
 from qvq_local.api import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN, Model, drive, load
 from qvq_local.errors import ContextOverflow, InputError, ModelError
 from qvq_local.events import Finished, Forced, Started, TextDelta
+from qvq_local.reasoning import OUT_OF_TIME
 
 
 class FakeLoaded:
@@ -61,7 +62,12 @@ def test_ask_forces_an_answer_at_the_budget_and_encodes_the_image_once(sample_im
     assert result.stop_reason == "budget"
     assert result.answer == "The tallest is \\boxed{5}." and result.boxed == "5"
     assert [f.reason for f in result.forced] == ["budget"]
-    assert 20 <= result.thought_tokens <= 20 + 32  # budget + grace window
+    # the default grace (32 tokens) lets the sentence under way at token 20 end before the answer is forced:
+    # "... the second is 5." and the space after it (a full stop after a digit may still be "5.5")
+    whole_sentences = "Let me look at the bars. The first is 3 and the second is 5. "
+    assert THOUGHT.startswith(whole_sentences) and 20 < len(chop(whole_sentences)) <= 20 + 32
+    assert result.thought.removesuffix(OUT_OF_TIME["en"]).strip() == whole_sentences.strip()
+    assert result.thought_tokens == len(chop(whole_sentences))
     assert (
         len(session.prefill_calls) == 1 and session.images_encoded == 1
     )  # the forced answer re-encodes nothing

@@ -14,6 +14,7 @@ from qvq_local.errors import InputError
 from qvq_local.events import Finished, Forced, TextDelta
 from qvq_local.reasoning import (
     DEFAULT_FORCED_TEXT,
+    OUT_OF_TIME,
     LoopDetector,
     LoopSettings,
     ReasoningConfig,
@@ -192,6 +193,59 @@ def test_budget_grace_zero_forces_exactly_at_budget():
     session = ScriptedSession(endless("word "), "ok")
     _, result = run(session, think_budget=7, grace_tokens=0)
     assert result.thought_tokens == 7 and len(session.fed) == 1
+
+
+#: The documented default grace after the budget (``ReasoningConfig.grace_tokens``), written out here on
+#: purpose: a test that read the default from the code would follow it wherever a bug took it.
+DEFAULT_GRACE = 32
+BUDGET = 10
+
+
+def word(i: int) -> str:
+    """A distinct word for each ``i`` ("wb", "wc", ..., "wz", "wba", ...): letters only, since "w10." could still
+    become a decimal number and does not end a sentence."""
+    letters = ""
+    while i:
+        i, digit = divmod(i, 26)
+        letters = "abcdefghijklmnopqrstuvwxyz"[digit] + letters
+    return "w" + letters
+
+
+def words_with_a_full_stop_at(position: int):
+    """Endless distinct word tokens (" wb", " wc", ...: nothing for the loop detector), except token
+    ``position`` (1-based), which ends the sentence with a full stop."""
+    for i in itertools.count(1):
+        yield "." if i == position else f" {word(i)}"
+
+
+@pytest.mark.parametrize("after_budget", [1, DEFAULT_GRACE // 2, DEFAULT_GRACE])
+def test_default_grace_forces_the_answer_right_after_a_sentence_ending_within_it(after_budget):
+    """Without ``grace_tokens``, a thought whose sentence ends within 32 tokens of the budget is cut right
+    after that full stop: the user reads a whole last sentence, then the forced one."""
+    end = BUDGET + after_budget
+    session = ScriptedSession(words_with_a_full_stop_at(end), "ok")
+    events, result = run(session, think_budget=BUDGET)  # the default grace
+    model_text = "".join(itertools.islice(words_with_a_full_stop_at(end), end)).strip()
+    assert model_text.endswith(f" {word(end - 1)}.")
+    assert result.thought == f"{model_text}\n\n{OUT_OF_TIME['en']}"
+    assert result.thought_tokens == end
+    assert [(f.reason, f.at_token) for f in result.forced] == [("budget", end)]
+    assert result.answer == "ok"
+    assert joined(events, "thought") == result.thought
+
+
+def test_default_grace_cuts_a_sentence_still_going_at_budget_plus_32():
+    """With no sentence end within the default grace, the thought is cut mid-sentence at budget + 32
+    tokens; the full stop one token later never reaches the thought."""
+    cut = BUDGET + DEFAULT_GRACE
+    session = ScriptedSession(words_with_a_full_stop_at(cut + 1), "ok")
+    _, result = run(session, think_budget=BUDGET)  # the default grace
+    model_text = "".join(itertools.islice(words_with_a_full_stop_at(cut + 1), cut)).strip()
+    assert model_text.endswith(f" {word(cut)}") and "." not in model_text
+    assert result.thought == f"{model_text}\n\n{OUT_OF_TIME['en']}"
+    assert result.thought_tokens == cut
+    assert [(f.reason, f.at_token) for f in result.forced] == [("budget", cut)]
+    assert "." not in "".join(session.generated)  # the full stop was never generated: the cut came first
 
 
 def test_forced_text_drops_newlines_the_model_already_wrote():
