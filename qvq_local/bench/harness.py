@@ -4,8 +4,9 @@ The benchmark answers the question users ask before downloading 40 GB, with meas
 run on one machine.  This module puts the parts in order; each part is a module of its own:
 
 1. the options, checked before any work (here), and the backends measured: the registry's local backends,
-   all of them with ``--backend all`` (nothing in the benchmark names a backend, except the raw-library
-   comparisons in ``bench.raw_paths``);
+   all of them with ``--backend all``.  Nothing in the benchmark names a backend but the raw-library
+   comparisons (``bench.raw_paths``) and llama.cpp's ``--cpu-buffers``/``--gpu-layers``, which
+   :func:`bench_command` hands to the workers through the environment;
 2. the machine (``bench.machine``) and its memory bandwidth (``bench.bandwidth``), and from it the decode
    speed no implementation can beat (bytes read per token / bandwidth);
 3. the model (``bench.prepare``): ``--model REF`` (a converted model, or an HF folder that is converted
