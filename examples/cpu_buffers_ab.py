@@ -16,6 +16,7 @@ import time
 
 from qvq_local.backends import llamacpp
 from qvq_local.backends.base import Prompt, SamplingParams
+from qvq_local.prompt import build_prompt
 
 
 def main() -> None:
@@ -32,7 +33,8 @@ def main() -> None:
     for mode, model in models.items():
         print(f"{mode}: {model.cpu_buffers.describe()}")
     text = "Describe the chart in detail, step by step. " * args.prompt_repeats
-    prompt = Prompt(text=f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", images=[])
+    # the model's own chat template (the same turn qvq ask builds), without QVQ's system prompt
+    prompt = Prompt(text=build_prompt(models[modes[0]].chat_template, text, 0, None), images=[])
     decode: dict[str, list[float]] = {m: [] for m in modes}
     prefill: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(args.rounds):

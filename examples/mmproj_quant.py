@@ -61,8 +61,8 @@ def main() -> None:
     from qvq_local.convert.synthetic import write_checkpoint
     from qvq_local.convert.to_gguf import convert_to_gguf
 
-    from qvq_local.bench.harness import make_image
     from qvq_local.bench.mmproj import PARITY_ATOL, compare, mtmd_encoder, transformers_image_embeddings
+    from qvq_local.bench.workload import make_image
 
     quants = [q.strip().lower() for q in args.quants.split(",") if q.strip()]
     with ExitStack() as stack:

@@ -11,7 +11,7 @@ Three ways out, chosen by the CLI:
   costs the same at token 10 and at token 10,000.
 * :class:`PlainRenderer` when output is piped: thought to stderr, answer to stdout, no control codes.
 * :class:`JsonRenderer` for ``--json``: one OpenAI-style ``chat.completion`` object at the end, with the
-  thought in a separate ``reasoning_content`` field (see :func:`completion_dict`).
+  thought in a separate ``reasoning_content`` field (the format: :mod:`qvq_local.openai_format`).
 
 Text from the model is untrusted: control characters (ESC and friends) are removed before it reaches a
 terminal, so a model cannot move the cursor or retitle the window.
@@ -25,27 +25,18 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, Any
 
 from qvq_local.events import ChainEvent, Event, Finished, Forced, ImageInfo, Result, Started, TextDelta
+from qvq_local.openai_format import completion_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Self
 
 # C0 controls except tab and newline, DEL, and the C1 range (which holds the 8-bit CSI, 0x9b).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-FINISH_REASON = {
-    "answer": "stop",
-    "budget": "stop",
-    "loop": "stop",
-    "max_tokens": "length",
-    "interrupted": "interrupted",
-    "cut": "length",  # thinking cut at the budget, and the server could not continue to an answer
-}
 
 
 def clean(text: str) -> str:
@@ -168,65 +159,6 @@ def vote_line(result: Result) -> str:
     return f"majority {clean(str(vote.get('answer')))} ({top} of {n} chains: {tally}){which}"
 
 
-def completion_dict(result: Result, *, created: int | None = None, completion_id: str | None = None) -> dict:
-    """``result`` as an OpenAI-style ``chat.completion`` object with a separate reasoning field.
-
-    ``choices[0].message.content`` holds the answer and ``reasoning_content`` the thought (the field
-    name DeepSeek's and vLLM's servers use); everything specific to qvq-local sits under ``"qvq"``.
-    """
-    completion = result.thought_tokens + result.answer_tokens
-    forced_tokens = 0
-    return {
-        "id": completion_id or f"chatcmpl-qvq-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()) if created is None else created,
-        "model": result.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": result.answer,
-                    "reasoning_content": result.thought,
-                },
-                "finish_reason": FINISH_REASON.get(result.stop_reason, "stop"),
-            }
-        ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": completion + forced_tokens,
-            "total_tokens": result.prompt_tokens + completion + forced_tokens,
-            "reasoning_tokens": result.thought_tokens,
-            "answer_tokens": result.answer_tokens,
-            "completion_tokens_details": {"reasoning_tokens": result.thought_tokens},
-        },
-        "qvq": {
-            "boxed": result.boxed,
-            "stop_reason": result.stop_reason,
-            "forced": [
-                {"reason": f.reason, "text": f.text, "at_token": f.at_token, "seconds": f.seconds}
-                for f in result.forced
-            ],
-            "timings": dict(vars(result.timings)),
-            "backend": result.backend,
-            "quantization": result.quantization,
-            "images": [
-                {
-                    "path": i.path,
-                    "original_size": list(i.original_size),
-                    "size": list(i.size),
-                    "tokens": i.tokens,
-                }
-                for i in result.images
-            ],
-            "settings": result.settings,
-            **(
-                {"chains": [c.to_dict() for c in result.chains], "vote": result.vote} if result.chains else {}
-            ),
-        },
-    }
-
-
 class Renderer:
     """Draws events.  Use as a context manager so a crash or Ctrl-C still restores the terminal."""
 
@@ -314,7 +246,7 @@ class PlainRenderer(Renderer):
 
 
 class JsonRenderer(Renderer):
-    """Prints one JSON object (see :func:`completion_dict`) when the question finishes."""
+    """Prints one JSON object (:func:`qvq_local.openai_format.completion_dict`) when the question finishes."""
 
     def __init__(self, out: IO[str] | None = None, *, indent: int | None = None):
         self.out = out or sys.stdout

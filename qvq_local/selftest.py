@@ -52,30 +52,20 @@ def _home() -> Path:
 
 
 def prepare(backend: str, root: Path | None = None) -> Path:
-    """The self-test model for ``backend`` (built on first use): a GGUF file or an MLX folder."""
+    """The self-test model for ``backend`` (built on first use): the tiny checkpoint converted by ``qvq
+    convert``'s own pipeline to the backend's format, with that format's defaults (the quantisation users
+    run), into a folder that only exists once the conversion is complete."""
+    from qvq_local.convert.pipeline import convert
     from qvq_local.convert.synthetic import write_checkpoint
 
     root = Path(root) if root is not None else _home()
     checkpoint = root / "tiny"
     if not (checkpoint / "config.json").is_file():
         write_checkpoint(checkpoint, shape="tiny", dtype="bf16", seed=0, force=True)
-    fmt = registry.get(backend).convert_to
-    if fmt == "gguf":
-        out = root / "gguf-q4_k_m"
-        model = out / "tiny-Q4_K_M.gguf"
-        if not (model.is_file() and (out / "mmproj-tiny-F16.gguf").is_file()):
-            from qvq_local.convert.to_gguf import convert_to_gguf
-
-            return Path(convert_to_gguf(checkpoint, out, quant="q4_k_m", mmproj_quant="f16").model)
-        return model
-    if fmt == "mlx":
-        out = root / "mlx-4bit"
-        if not (out / "config.json").is_file():
-            from qvq_local.convert.to_mlx import convert_to_mlx
-
-            return Path(convert_to_mlx(checkpoint, out, bits=4, group_size=64))
-        return out
-    raise ValueError(f"no self-test model for the {fmt} format")
+    out = root / registry.get(backend).convert_to
+    if not out.is_dir():  # the pipeline renames its finished output into place last
+        convert(checkpoint, to=registry.get(backend).convert_to, out=out, progress=False)
+    return out
 
 
 def crash_advice(backend: str) -> str:

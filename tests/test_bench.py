@@ -18,6 +18,7 @@ from helpers import assert_error
 from qvq_local.bench import bandwidth as bench_bandwidth
 from qvq_local.bench import harness as bench
 from qvq_local.bench import memory as bench_memory
+from qvq_local.bench import prepare, workload
 from qvq_local.bench import report as bench_report
 from qvq_local.errors import InputError
 
@@ -136,8 +137,8 @@ def test_run_bench_refuses_bad_options_before_work(tmp_path, kwargs, words):
 def test_make_image_is_deterministic(tmp_path):
     from PIL import Image
 
-    a = bench.make_image(112, tmp_path / "a.png")
-    b = bench.make_image(112, tmp_path / "b.png")
+    a = workload.make_image(112, tmp_path / "a.png")
+    b = workload.make_image(112, tmp_path / "b.png")
     assert a.read_bytes() == b.read_bytes()
     assert Image.open(a).size == (112, 112)
 
@@ -277,7 +278,7 @@ def test_smoke_chart_is_a_png(smoke):
 @pytest.mark.llama
 def test_smoke_second_run_reuses_the_converted_models(smoke):
     root, result = smoke
-    again = bench.prepare_models(
+    again = prepare.prepare_models(
         shape="tiny",
         model=None,
         backends=["llama", "mlx"],
@@ -331,7 +332,7 @@ def test_prefix_table_shows_medians_ratios_and_spread():
     text = console.export_text()
     assert "Repeated image" in text and "448px" in text
     assert "2.00 (1.50-2.50)" in text and "x0.15 (0.10-0.30)" in text and "x0.20" in text
-    assert "0.012/0.003" in text and "3.0 MB" in text
+    assert "0.012/0.003" in text and "3.1 MB" in text  # 3 MiB on disk, in decimal units
 
 
 def test_the_runtime_never_imports_the_bench_harness():
@@ -351,8 +352,6 @@ def test_the_runtime_never_imports_the_bench_harness():
 
 
 def test_cached_build_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch):
-    from qvq_local.bench import harness
-
     calls = []
 
     def fake_worker(spec, *, label, log=None):
@@ -361,11 +360,11 @@ def test_cached_build_is_reused_only_for_the_same_recipe(tmp_path, monkeypatch):
         out.mkdir(exist_ok=True)
         return {"ok": True, "path": str(out), "seconds": 1.0}
 
-    monkeypatch.setattr(harness, "run_worker", fake_worker)
+    monkeypatch.setattr(prepare, "run_worker", fake_worker)
     spec = {"job": "synth", "shape": "2b", "tokenizer": "qwen", "progress": True}
 
     def build(**changes):
-        return harness._cached_build(tmp_path, "m", {**spec, **changes}, "synth", None, check=lambda r: True)
+        return prepare._cached_build(tmp_path, "m", {**spec, **changes}, "synth", None, check=lambda r: True)
 
     assert build()["reused"] is False
     assert build(progress=False)["reused"] is True  # how progress is shown is not part of the recipe

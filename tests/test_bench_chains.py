@@ -1,11 +1,12 @@
-"""The bench's ``--samples N`` section (qvq_local.bench.chains) on the tiny GGUF, and its table."""
+"""The bench's ``--samples N`` section (qvq_local.bench.chains) on the tiny GGUF, and its table (bench.report)."""
 
 from __future__ import annotations
 
 import pytest
 from rich.console import Console
 
-from qvq_local.bench.chains import measure_chains, render_chains_table
+from qvq_local.bench.chains import measure_chains
+from qvq_local.bench.report import render_chains_table
 
 
 @pytest.mark.llama

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from qvq_local.bench import harness, stats, worker
+from qvq_local.bench import harness, processes, stats, worker
 from qvq_local.bench import report as bench_report
 
 # ------------------------------------------------------------------------------------------ spread
@@ -94,7 +94,7 @@ def test_median_and_spread_text(fig, spec, text):
 
 
 def test_schedule_alternates_after_the_warmups():
-    assert harness.schedule(["224", "448"], 2) == [
+    assert processes.schedule(["224", "448"], 2) == [
         ("224", 0, "qvq"),
         ("224", 0, "raw"),
         ("224", 1, "qvq"),
@@ -139,7 +139,7 @@ def test_interleave_alternates_and_gives_raw_the_qvq_run_s_token_counts():
     log: list = []
     qvq = _Recorded("qvq", log, _qvq_figs(6))
     raw = _Recorded("raw", log, [{}] * 6)
-    out = harness.interleave({"qvq": qvq, "raw": raw}, ["224", "448"], 2)
+    out = processes.interleave({"qvq": qvq, "raw": raw}, ["224", "448"], 2)
     assert [(n, c["size"], c["run"], c["warmup"]) for n, c in log] == [
         (n, s, i, i == 0) for s in ("224", "448") for i in range(3) for n in ("qvq", "raw")
     ]
@@ -154,7 +154,7 @@ def test_interleave_goes_on_without_a_failed_raw_path():
     log: list = []
     qvq = _Recorded("qvq", log, _qvq_figs(4))
     raw = _Recorded("raw", log, [{}] * 4, fail_at=1)  # the warm-up works, run 1 fails
-    out = harness.interleave({"qvq": qvq, "raw": raw}, ["224"], 3)
+    out = processes.interleave({"qvq": qvq, "raw": raw}, ["224"], 3)
     assert [n for n, _ in log] == ["qvq", "raw", "qvq", "raw", "qvq", "qvq"]
     assert out["raw"] == {"ok": False, "reason": "raw crashed"} and raw.closed and not raw.finished
     assert out["qvq"]["ok"] and qvq.finished
@@ -164,7 +164,7 @@ def test_interleave_stops_when_qvq_fails():
     log: list = []
     qvq = _Recorded("qvq", log, _qvq_figs(4), fail_at=1)
     raw = _Recorded("raw", log, [{}] * 4)
-    out = harness.interleave({"qvq": qvq, "raw": raw}, ["224", "448"], 2)
+    out = processes.interleave({"qvq": qvq, "raw": raw}, ["224", "448"], 2)
     assert [n for n, _ in log] == ["qvq", "raw", "qvq"]
     assert out["qvq"]["reason"] == "qvq crashed"
     assert not out["raw"]["ok"] and raw.closed and not raw.finished
@@ -234,7 +234,7 @@ def _recorded_result() -> dict:
 
     qvq = {"ok": True, "sizes": {"224": size([11.8, 5.3, 12.0], [1.0, 1.5, 1.1])}}
     raw = {"ok": True, "sizes": {"224": size([12.0, 5.0, 12.0], [0.9, 1.4, 1.0])}}
-    ratios = harness._ratios(qvq, raw)
+    ratios = stats.qvq_raw_ratios(qvq, raw)
     return {
         "settings": {"runs": 3, "decode_tokens": 64, "image_sizes": [224]},
         "model": {"label": "synthetic tiny (q4)"},
@@ -310,7 +310,7 @@ def test_chart_draws_the_spread(tmp_path, monkeypatch):
 
 def test_served_worker_child_reports_a_failure_through_the_pipe():
     """The real child process: an unknown job comes back as the first reply, and the child exits."""
-    served = harness.ServedWorker({"job": "no-such-job", "backend": "llama"}, label="llama: test")
+    served = processes.ServedWorker({"job": "no-such-job", "backend": "llama"}, label="llama: test")
     try:
         assert served.ready["ok"] is False and "no-such-job" in served.ready["reason"]
     finally:
@@ -340,7 +340,9 @@ def test_two_copies_that_do_not_fit_run_one_path_after_the_other(monkeypatch, av
     monkeypatch.setattr(harness, "run_worker", fake_worker)
     monkeypatch.setattr(harness, "_interleaved_run", fake_interleaved)
     monkeypatch.setattr(
-        harness, "_weights_per_token", lambda name, fmt: {"bytes_per_token": 10**9, "model_bytes": 4 * 10**9}
+        harness,
+        "weights_per_token",
+        lambda fmt, model, mmproj: {"bytes_per_token": 10**9, "model_bytes": 4 * 10**9},
     )
     result = {
         "bandwidth": {"read_gbs_median": 20.0},

@@ -329,8 +329,8 @@ def test_bench_measures_the_lock_cost_per_token(request, backend):
 
     from rich.console import Console
 
+    from qvq_local.bench.qvq_path import _lang_lock_cost
     from qvq_local.bench.report import render_tables
-    from qvq_local.bench.worker import _lang_lock_cost
 
     with _load(request, backend) as model:
         cost = _lang_lock_cost(model, steps=16, rounds=2)

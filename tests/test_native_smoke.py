@@ -108,7 +108,7 @@ def test_the_cli_prints_a_fault_traceback_on_a_native_crash(tmp_path):
 
 
 def test_bench_names_a_crashed_worker_with_its_signal_and_the_workaround(monkeypatch):
-    from qvq_local.bench import harness as bench
+    from qvq_local.bench import processes as bench
 
     class Died:
         returncode = -signal.SIGSEGV

@@ -173,7 +173,7 @@ def test_generic_server_cannot_continue_and_says_so(replay, sample_image):
         result = model.ask(sample_image, QUESTION, think_budget=8, loop_detection=False)
     assert len(server.bodies) == 1
     assert result.stop_reason == "cut" and result.answer == "" and result.forced
-    from qvq_local.render import completion_dict
+    from qvq_local.openai_format import completion_dict
 
     assert completion_dict(result)["choices"][0]["finish_reason"] == "length"
 

@@ -10,13 +10,13 @@ import pytest
 from rich.console import Console
 
 from qvq_local.events import Finished, Forced, ImageInfo, Result, Started, TextDelta, Timings
+from qvq_local.openai_format import completion_dict
 from qvq_local.render import (
     JsonRenderer,
     LiveRenderer,
     PlainRenderer,
     _Tail,
     clean,
-    completion_dict,
     highlight_boxed_markdown,
 )
 from qvq_local.transcript import render_transcript, write_transcript

@@ -9,8 +9,9 @@ from rich.console import Console
 
 from qvq_local.chains import run_chains
 from qvq_local.events import Started
+from qvq_local.openai_format import completion_dict
 from qvq_local.reasoning import ReasoningConfig
-from qvq_local.render import JsonRenderer, LiveRenderer, PlainRenderer, completion_dict
+from qvq_local.render import JsonRenderer, LiveRenderer, PlainRenderer
 
 
 def _reply(n: int, boxed: str) -> str:

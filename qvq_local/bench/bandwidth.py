@@ -180,3 +180,30 @@ def decode_bound(bandwidth_gbs: float, bytes_per_token: int) -> float:
     if bandwidth_gbs <= 0 or bytes_per_token <= 0:
         return 0.0
     return bandwidth_gbs * 1e9 / bytes_per_token
+
+
+def _bytes_on_disk(path: str | os.PathLike) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def weights_per_token(fmt: str, model: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> dict:
+    """What a model in format ``fmt`` reads per decoded token, and its size on disk (``model_bytes``,
+    vision projector included).  A format whose weights bench cannot read (none but ``gguf`` and ``mlx``)
+    gets its size alone: ``bytes_per_token`` is None, and no bound is drawn."""
+    if fmt == "gguf":
+        out = gguf_bytes_per_token(model)
+        vision = Path(mmproj).stat().st_size if mmproj else 0
+        out["model_bytes"] = out["file_bytes"] + vision
+        out["vision_bytes"] = vision
+    elif fmt == "mlx":
+        out = mlx_bytes_per_token(model)
+        out["model_bytes"] = _bytes_on_disk(model)
+    else:
+        out = {
+            "bytes_per_token": None,
+            "model_bytes": _bytes_on_disk(model) + (_bytes_on_disk(mmproj) if mmproj else 0),
+        }
+    return out

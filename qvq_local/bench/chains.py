@@ -9,7 +9,8 @@ figure counts tokens actually run through the model.  Each N is run ``runs`` tim
 (1, 2, 4, 8, 1, 2, ...) so a neighbour's load hits every N alike; the median and min-max are reported.
 
 Figures per N: ``agg_tok_s`` (all chains' tokens / seconds), ``per_chain_tok_s`` (agg / N) and
-``speedup`` (agg / agg at N = 1, medians).  This runs in the bench's worker child (``job: chains``).
+``speedup`` (agg / agg at N = 1, medians).  This runs in the bench's worker child (``job: chains`` in
+:mod:`qvq_local.bench.worker`); the table is drawn by :mod:`qvq_local.bench.report`.
 """
 
 from __future__ import annotations
@@ -85,78 +86,9 @@ def measure_chains(loaded, prompt, *, tokens: int, runs: int, counts=CHAIN_COUNT
 
 def _prompt_cells(loaded, prompt) -> int:
     """An upper bound on the prompt's KV cells: its text tokens plus the image tokens."""
+    from qvq_local.bench.workload import count_tokens
     from qvq_local.families import DEFAULT_FAMILY
 
-    text = prompt.text.replace(DEFAULT_FAMILY.image_block, "")
-    tokenize = getattr(loaded, "tokenize", None)
-    n_text = (
-        len(tokenize(text, special=True))
-        if callable(tokenize)
-        else len(loaded.tokenizer.encode(text, add_special_tokens=False))
-    )
+    n_text = count_tokens(loaded, prompt.text.replace(DEFAULT_FAMILY.image_block, ""), special=True)
     images = sum(int(loaded.image_token_estimate(*img.size)) for img in prompt.images)
     return n_text + images + 8
-
-
-def job_chains(spec: dict) -> dict:
-    """The worker job: load the model, build the prompt for the smallest image, measure."""
-    import qvq_local
-    from qvq_local.api import prepare_images
-    from qvq_local.backends.base import Prompt
-    from qvq_local.bench.worker import QUESTION
-    from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt
-
-    model = qvq_local.load(spec["model"], backend=spec["backend"])
-    try:
-        loaded = model.loaded
-        sizes = sorted(spec["images"], key=int)
-        image = prepare_images([spec["images"][sizes[0]]], model.max_pixels)[0].image
-        prompt = Prompt(
-            text=build_prompt(loaded.chat_template, QUESTION, 1, QVQ_SYSTEM_PROMPT), images=[image]
-        )
-        figures = measure_chains(
-            loaded,
-            prompt,
-            tokens=int(spec["decode_tokens"]),
-            runs=int(spec["runs"]),
-            counts=tuple(spec.get("counts") or CHAIN_COUNTS),
-        )
-    finally:
-        model.close()
-    return {"ok": True, "image_size": int(sizes[0]), **figures}
-
-
-def render_chains_table(result: dict, console) -> None:
-    """The ``--samples`` table of the bench report: one row per backend and N (nothing when not measured)."""
-    from qvq_local.bench.report import _fmt, _table
-
-    rows = []
-    for name, b in (result.get("backends") or {}).items():
-        chains = b.get("chains") or {}
-        if not chains.get("ok"):
-            if chains:
-                console.print(
-                    f"[yellow]{name}: --samples not measured: {chains.get('reason', '?')}[/]", highlight=False
-                )
-            continue
-        for n, fig in chains["by_n"].items():
-            spread = f"{_fmt(fig['agg_tok_s_min'], '.1f')}-{_fmt(fig['agg_tok_s_max'], '.1f')}"
-            rows.append(
-                (
-                    name,
-                    n,
-                    _fmt(fig["agg_tok_s"], ".1f"),
-                    spread,
-                    _fmt(fig["per_chain_tok_s"], ".1f"),
-                    _fmt(fig.get("speedup"), ".2f") + "x",
-                )
-            )
-    if not rows:
-        return
-    table = _table(
-        "--samples N: chains decoded in one batch (decode only, median of runs)",
-        ["backend", "N", "aggregate tok/s", "min-max", "per chain tok/s", "vs N=1"],
-    )
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)

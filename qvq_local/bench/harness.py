@@ -1,23 +1,26 @@
 """``qvq bench``: how fast does QVQ run on this machine, will it fit, and what does qvq-local cost?
 
 The benchmark answers the question users ask before downloading 40 GB, with measurements taken in one
-run on one machine:
+run on one machine.  This module puts the parts in order; each part is a module of its own:
 
-1. the machine's memory bandwidth (``bench.bandwidth``), and from it the decode speed no implementation
-   can beat (bytes read per token / bandwidth);
-2. the model: ``--model REF`` (a converted model, or an HF folder that is converted first) or
-   ``--shape tiny|2b|7b|72b`` (``--family`` for another family's shapes): a synthetic checkpoint of that
-   shape, written and converted once into ``QVQ_HOME/bench/[<family>-]<shape>-<fmt>-<quant>`` and reused
-   afterwards (time and peak memory of the
-   conversion are kept beside it and reported);
-3. per backend, in a child process each (``bench.worker``): qvq-local's own path
-   (``qvq_local.load(...).stream``) and the raw library on the same files, prompt and image (mlx-vlm's
-   ``stream_generate``, llama-cpp-python's ``create_chat_completion``), each figure the median of
+1. the options, checked before any work (here), and the backends measured: the registry's local backends,
+   all of them with ``--backend all``.  Nothing in the benchmark names a backend but the raw-library
+   comparisons (``bench.raw_paths``) and llama.cpp's ``--cpu-buffers``/``--gpu-layers``, which
+   :func:`bench_command` hands to the workers through the environment;
+2. the machine (``bench.machine``) and its memory bandwidth (``bench.bandwidth``), and from it the decode
+   speed no implementation can beat (bytes read per token / bandwidth);
+3. the model (``bench.prepare``): ``--model REF`` (a converted model, or an HF folder that is converted
+   first) or ``--shape tiny|2b|7b|72b`` (``--family`` for another family's shapes): a synthetic checkpoint
+   of that shape, converted once to each backend's format into ``QVQ_HOME/bench`` and reused afterwards
+   (time and peak memory of the conversion are kept beside it and reported);
+4. per backend, in child processes (``bench.processes``, ``bench.worker``): qvq-local's own path
+   (``bench.qvq_path``: ``qvq_local.api.load(...).stream``) and, where bench has one for the backend, the
+   raw library on the same files, prompt and image (``bench.raw_paths``), each figure the median of
    ``runs`` repetitions after a warm-up, per image size, with its spread (min, max, quartiles:
-   ``bench.stats``).  The two paths run interleaved (qvq, raw, qvq, raw, ...: ``schedule`` and
-   ``interleave`` on two served workers), so a neighbour's load on a shared machine falls on both
-   sides of a qvq/raw ratio; the ratios are medians of the per-pair ratios;
-4. the report (``bench.report``): Rich tables, a JSON file with every figure and the machine's
+   ``bench.stats``).  The two paths run interleaved (qvq, raw, qvq, raw, ...) on two served workers, so a
+   neighbour's load on a shared machine falls on both sides of a qvq/raw ratio; the ratios are medians of
+   the per-pair ratios.  Then the ``--samples`` chains (``bench.chains``);
+5. the report (``bench.report``): Rich tables, a JSON file with every figure and the machine's
    description, and a PNG chart.
 
 Nothing here is a timing threshold: the benchmark reports, it does not judge.
@@ -25,33 +28,33 @@ Nothing here is a timing threshold: the benchmark reports, it does not judge.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from qvq_local import atomic
-from qvq_local.errors import DiskFull, InputError, ModelError, QvqError
+from qvq_local.bench.bandwidth import weights_per_token
+from qvq_local.bench.machine import describe_machine
+from qvq_local.bench.prepare import QUANTS, prepare_models, source_bytes
+from qvq_local.bench.processes import ServedWorker, interleave, run_worker
+from qvq_local.bench.raw_paths import has_raw_path
+from qvq_local.bench.stats import qvq_raw_ratios
+from qvq_local.bench.workload import make_image
+from qvq_local.errors import InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY
+from qvq_local.units import memory_size
 
 SCHEMA = "qvq-bench/1"
-#: ``--backend all`` measures every backend in the registry
+#: ``--backend all`` measures every local backend in the registry
 ALL = "all"
-#: ``--quant`` -> (GGUF text quantisation, MLX bits).  The GGUF mmproj stays F16, MLX's vision tower
-#: stays unquantised (mlx-vlm never quantises it), as ``qvq convert`` does.
-QUANTS = {"q4": ("q4_k_m", 4), "q8": ("q8_0", 8)}
 DEFAULT_IMAGE_SIZES = (224, 448)
 #: Side of one merged image patch in pixels: the smallest image size worth measuring.
 _FACTOR = DEFAULT_FAMILY.image_factor
-#: With ``--backend all`` off Apple Silicon, MLX (mlx[cpu]) is skipped above this model size: its CPU
-#: kernels made a 2b Q4 model take 30 s for a 27-token prompt and decode at 0.7 token/s (bf16 weights:
-#: over 5 minutes for the same prompt) on the 2-core x86 machine this was written on.
-MLX_CPU_LIMIT_BYTES = 200 * 10**6
+#: With ``--backend all`` off Apple Silicon, a backend made for Apple Silicon (the registry's
+#: ``apple_silicon_first``) is skipped above this model size: MLX's CPU kernels (mlx[cpu]) made a 2b Q4
+#: model take 30 s for a 27-token prompt and decode at 0.7 token/s (bf16 weights: over 5 minutes for the
+#: same prompt) on the 2-core x86 machine this was written on.
+APPLE_ONLY_LIMIT_BYTES = 200 * 10**6
 
 
 def bench_home() -> Path:
@@ -98,427 +101,6 @@ def _check_options(runs: int, decode_tokens: int, answer_tokens: int, quant: str
         raise InputError(f"unknown quantisation {quant!r}: choose {', '.join(QUANTS)}")
 
 
-# ---------------------------------------------------------------- child processes
-
-
-def _worker_env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
-
-
-def _ended(returncode: int | None, spec: dict, label: str) -> str:
-    """Why a worker ended without reporting: its exit status or signal, with a hint."""
-    from qvq_local.selftest import crash_advice, signal_name
-
-    code = -1 if returncode is None else returncode
-    how = signal_name(code) or f"exit code {code}"
-    hint = " (killed: out of memory?)" if code in (-9, 137) else ""
-    if code < 0 and code != -9:
-        backend = spec.get("backend")
-        hint = f" (a native crash: {crash_advice(backend)})" if backend else " (a native crash)"
-    return f"the {label} process ended with {how}{hint} before reporting"
-
-
-def run_worker(spec: dict, *, label: str, log=None) -> dict:
-    """Run one ``bench.worker`` job in a child process and return its JSON result.
-
-    A child that dies without writing a result (a native crash, the OOM killer) comes back as
-    ``{"ok": False, "reason": ...}`` naming the exit status, never as a silent zero.
-    """
-    with tempfile.TemporaryDirectory(prefix="qvq-bench-") as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec_path.write_text(json.dumps(spec))
-        env = _worker_env()
-        if log:
-            log(f"{label} ...")
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "qvq_local.bench.worker", str(spec_path), str(out_path)],
-            check=False,
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
-        wall = time.perf_counter() - t0
-        if out_path.is_file():
-            result = json.loads(out_path.read_text())
-        else:
-            result = {"ok": False, "reason": _ended(proc.returncode, spec, label)}
-    result["wall_s"] = wall
-    if log:
-        done = f"done in {wall:.1f} s" if result.get("ok") else f"FAILED: {result.get('reason')}"
-        log(f"{label}: {done}")
-    return result
-
-
-class ServedWorker:
-    """A ``bench.worker --serve`` child: one path (qvq or raw) loaded once, run on request.
-
-    ``ready`` is the child's first reply (``{"ok": False, "reason"}`` when loading failed or the child
-    died); :meth:`request` sends one command and returns its reply; :meth:`finish` returns the path's
-    result, in the shape ``run_worker`` returns, with ``wall_s``.  A child that dies is reported as a
-    failed reply naming its exit status, never as a silent zero.
-    """
-
-    def __init__(self, spec: dict, *, label: str, log=None):
-        self.spec, self.label, self.log = spec, label, log
-        self._tmp = tempfile.TemporaryDirectory(prefix="qvq-bench-")
-        spec_path = Path(self._tmp.name) / "spec.json"
-        spec_path.write_text(json.dumps(spec))
-        if log:
-            log(f"{label}: loading")
-        self.t0 = time.perf_counter()
-        read_fd, write_fd = os.pipe()
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "qvq_local.bench.worker", "--serve", str(spec_path), str(write_fd)],
-                stdin=subprocess.PIPE,
-                pass_fds=(write_fd,),
-                env=_worker_env(),
-                text=True,
-            )
-        finally:
-            os.close(write_fd)
-        self._replies = os.fdopen(read_fd)
-        self.ready = self._reply()
-
-    def _reply(self) -> dict:
-        line = self._replies.readline()
-        if line:
-            return json.loads(line)
-        return {"ok": False, "reason": _ended(self.proc.wait(), self.spec, self.label)}
-
-    def request(self, cmd: dict) -> dict:
-        try:
-            self.proc.stdin.write(json.dumps(cmd) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            return {"ok": False, "reason": _ended(self.proc.wait(), self.spec, self.label)}
-        return self._reply()
-
-    def finish(self) -> dict:
-        result = self.request({"op": "finish"})
-        self.close()
-        result["wall_s"] = time.perf_counter() - self.t0
-        if self.log:
-            done = (
-                f"done in {result['wall_s']:.1f} s" if result.get("ok") else f"FAILED: {result.get('reason')}"
-            )
-            self.log(f"{self.label}: {done}")
-        return result
-
-    def close(self) -> None:
-        """End the child (politely: stdin closed; killed if it does not exit)."""
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._replies.close()
-        self._tmp.cleanup()
-
-
-def schedule(
-    sizes: list[str], runs: int, paths: tuple[str, ...] = ("qvq", "raw")
-) -> list[tuple[str, int, str]]:
-    """The order of an interleaved measurement: ``(size, run, path)``, run 0 being each path's warm-up.
-
-    Per image size: qvq's warm-up, raw's warm-up, then qvq 1, raw 1, qvq 2, raw 2, ...  qvq goes first in
-    each pair because the raw run repeats the number of tokens the qvq run made.
-    """
-    return [(size, i, path) for size in sizes for i in range(runs + 1) for path in paths]
-
-
-def interleave(workers: dict, sizes: list[str], runs: int) -> dict:
-    """Run ``schedule(...)`` on served workers (``{"qvq": w, "raw": w}``); return each path's result.
-
-    Each raw run gets the token counts of the qvq run just before it (``max_tokens``, ``prompt_tokens``),
-    so the pair does the same work.  A raw path that fails is reported and the qvq runs go on; when the
-    qvq path fails, nothing else runs (there is nothing to compare with).
-    """
-    failed: dict[str, dict] = {}
-    last_qvq: dict = {}
-    for size, i, name in schedule(sizes, runs, tuple(workers)):
-        if name in failed or "qvq" in failed:
-            continue
-        cmd: dict = {"op": "run", "size": size, "run": i, "warmup": i == 0}
-        if name == "raw":
-            cmd["max_tokens"] = last_qvq.get("decode_tokens")
-            cmd["prompt_tokens"] = last_qvq.get("prompt_tokens")
-        reply = workers[name].request(cmd)
-        if not reply.get("ok"):
-            failed[name] = reply
-        elif name == "qvq":
-            last_qvq = reply.get("fig") or {}
-    results = {}
-    for name, worker in workers.items():
-        if name in failed:
-            worker.close()
-            results[name] = failed[name]
-        elif "qvq" in failed:
-            worker.close()
-            results[name] = {"ok": False, "reason": "not run: the qvq path failed"}
-        else:
-            results[name] = worker.finish()
-    return results
-
-
-# ---------------------------------------------------------------- models: synthesise, convert, resolve
-
-
-def _read_marker(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_marker(path: Path, data: dict) -> None:
-    atomic.write_text(path, json.dumps(data, indent=1))
-
-
-def _cached_build(home: Path, name: str, spec: dict, label: str, log, check) -> dict:
-    """Run a synth/convert job once; later calls reuse its output and report the original cost.
-
-    ``check(result)`` says whether the recorded output is still complete on disk; a build made from
-    another spec (another tokenizer, say) is rebuilt, not reused.
-    """
-    marker = home / f"{name}.build.json"
-    old = _read_marker(marker)
-    recipe = {k: v for k, v in spec.items() if k != "progress"}
-    if old and old.get("ok") and old.get("recipe", recipe) == recipe and check(old):
-        if log:
-            log(f"{label}: reusing {home / name} (built in {old.get('seconds', 0):.1f} s)")
-        return {**old, "reused": True}
-    result = run_worker(spec, label=label, log=log)
-    if not result.get("ok"):
-        raise ModelError(f"{label} failed: {result.get('reason')}", path=home / name)
-    result["reused"] = False
-    _write_marker(marker, {**{k: v for k, v in result.items() if k != "reused"}, "recipe": recipe})
-    return result
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
-
-
-def prepare_models(
-    *,
-    shape: str | None,
-    model: str | None,
-    backends: list[str],
-    quant: str,
-    home: Path,
-    progress: bool,
-    log,
-    family: str | None = None,
-) -> dict:
-    """Make the model files each backend needs; return ``{"label", "source", "synthesis", "formats"}``.
-
-    ``formats[backend]`` is ``{"model": path, "mmproj": path | None, "conversion": {...} | None}``, or
-    ``{"error": reason}`` when this backend cannot get a model.
-    """
-    from qvq_local.backends import registry
-
-    gguf_quant, mlx_bits = QUANTS[quant]
-    info: dict = {"synthesis": None, "formats": {}}
-    source: Path | None = None
-    if shape is not None:
-        from qvq_local.convert import synthetic
-
-        fam = synthetic.get_family(family)
-        synthetic.get_shape(shape, fam)  # an unknown shape is an InputError naming the family's shapes
-        # the default family keeps its cache names; another family's are prefixed with its alias
-        prefix = "" if fam is synthetic.DEFAULT_FAMILY else f"{fam.aliases[0]}-"
-        home.mkdir(parents=True, exist_ok=True)
-        hf_name = f"{prefix}{shape}-hf-bf16"
-        info["label"] = f"synthetic {prefix}{shape} ({quant})"
-        info["source"] = f"shape:{prefix}{shape}"
-        info["synthesis"] = _cached_build(
-            home,
-            hf_name,
-            {
-                "job": "synth",
-                "out": str(home / hf_name),
-                "shape": shape,
-                "family": fam.name,
-                "dtype": "bf16",
-                "seed": 0,
-                # the real Qwen vocabulary where dashscope is installed, else a trained one: a cache made
-                # with the other must not be reused
-                "tokenizer": synthetic.default_tokenizer(shape, fam),
-                "progress": progress,
-                "force": True,
-            },
-            f"synthesising the {prefix}{shape} checkpoint",
-            log,
-            check=lambda r: (Path(r["path"]) / "config.json").is_file(),
-        )
-        source, base = home / hf_name, f"{prefix}{shape}"
-    else:
-        from qvq_local import models
-
-        resolved = models.resolve(model, download=True, progress=progress)
-        info["label"] = f"{resolved.name} ({resolved.quantization})"
-        info["source"] = str(model)
-        if resolved.format == "hf":
-            source, base = resolved.path, _safe_name(resolved.name)
-            home.mkdir(parents=True, exist_ok=True)
-        else:
-            for backend in backends:
-                wanted = registry.get(backend).convert_to
-                if resolved.format == wanted:
-                    info["formats"][backend] = {
-                        "model": str(resolved.path),
-                        "mmproj": str(resolved.mmproj) if resolved.mmproj else None,
-                        "conversion": None,
-                        "quantization": resolved.quantization,
-                    }
-                else:
-                    info["formats"][backend] = {
-                        "error": f"the model is {resolved.format.upper()}; the {backend} backend needs "
-                        f"{wanted.upper()} (convert it, or pass the HF folder to convert both)"
-                    }
-            return info
-
-    for backend in backends:
-        try:
-            if registry.get(backend).convert_to == "gguf":
-                name = f"{base}-gguf-{gguf_quant}"
-                conv = _cached_build(
-                    home,
-                    name,
-                    {
-                        "job": "convert-gguf",
-                        "src": str(source),
-                        "out": str(home / name),
-                        "quant": gguf_quant,
-                        "mmproj_quant": "f16",
-                        "progress": progress,
-                    },
-                    f"converting to GGUF {gguf_quant}",
-                    log,
-                    check=lambda r: Path(r["model"]).is_file() and Path(r["mmproj"]).is_file(),
-                )
-                info["formats"][backend] = {
-                    "model": conv["model"],
-                    "mmproj": conv["mmproj"],
-                    "conversion": conv,
-                    "quantization": gguf_quant.upper(),
-                }
-            else:
-                name = f"{base}-mlx-q{mlx_bits}"
-                conv = _cached_build(
-                    home,
-                    name,
-                    {
-                        "job": "convert-mlx",
-                        "src": str(source),
-                        "out": str(home / name),
-                        "bits": mlx_bits,
-                        "group_size": 64,
-                        "progress": progress,
-                    },
-                    f"converting to MLX {mlx_bits}-bit",
-                    log,
-                    check=lambda r: (Path(r["path"]) / "config.json").is_file(),
-                )
-                info["formats"][backend] = {
-                    "model": conv["path"],
-                    "mmproj": None,
-                    "conversion": conv,
-                    "quantization": f"{mlx_bits}-bit",
-                }
-        except DiskFull:
-            raise
-        except QvqError as err:
-            info["formats"][backend] = {"error": str(err)}
-    return info
-
-
-# ---------------------------------------------------------------- images and the machine
-
-
-def make_image(size: int, path: Path) -> Path:
-    """A deterministic ``size`` x ``size`` bar-and-line chart PNG (the same bytes every run)."""
-    from PIL import Image, ImageDraw
-
-    if path.is_file():
-        return path
-    img = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(img)
-    s = size / 224.0
-    base = int(200 * s)
-    for i, h in enumerate([40, 90, 60, 120, 75]):
-        x = int((20 + i * 40) * s)
-        draw.rectangle([x, base - int(h * s), x + int(24 * s), base], fill=(40 + 40 * i, 90, 200 - 30 * i))
-    draw.line([(int(10 * s), base), (int(214 * s), base)], fill="black", width=max(1, int(2 * s)))
-    points = [(int(x * s), int(y * s)) for x, y in [(20, 150), (60, 110), (100, 130), (140, 80), (180, 120)]]
-    draw.line(points, fill="red", width=max(1, int(3 * s)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(path, suffix=".png") as tmp:
-        img.save(tmp)
-    return path
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        try:
-            return subprocess.run(
-                ["sysctl", "-n", "machdep.cpu.brand_string"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=False,
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return platform.processor() or platform.machine()
-
-
-def describe_machine() -> dict:
-    """``hardware.describe()`` plus the CPU's name and a one-line summary for the table and chart."""
-    try:
-        from qvq_local import hardware
-
-        facts = dict(hardware.describe(probe_gpu=True))
-    except Exception as exc:  # noqa: BLE001 - the bench still reports what it can find itself
-        facts = {
-            "os": platform.system(),
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "describe_error": f"{type(exc).__name__}: {exc}",
-        }
-        try:
-            import psutil
-
-            facts["memory_total_bytes"] = int(psutil.virtual_memory().total)
-            facts["memory_available_bytes"] = int(psutil.virtual_memory().available)
-        except Exception as exc:  # noqa: BLE001 - psutil is optional (the bench extra)
-            facts["memory_error"] = f"{type(exc).__name__}: {exc}"
-    facts["cpu"] = _cpu_name()
-    mem = facts.get("memory_total_bytes")
-    mem_text = f", {mem / 2**30:.0f} GiB RAM" if mem else ""
-    facts["summary"] = (
-        f"{facts['cpu']}, {facts.get('cpu_count')} cores{mem_text}, "
-        f"{facts.get('os', platform.system())} {facts.get('machine', platform.machine())}"
-    )
-    return facts
-
-
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -548,24 +130,11 @@ def _installed(backend: str) -> tuple[bool, str | None]:
     return False, f"not installed ({registry.get(backend).install_hint})"
 
 
-MLX_CPU_SKIP = (
-    "skipped: mlx on a CPU other than Apple Silicon has no fast quantised kernels (a 2b Q4 model decodes "
-    "under 1 token/s on a 2-core x86 CPU); pass --backend mlx to measure it anyway"
-)
-
-
-def _source_bytes(shape: str | None, model: str | None, family: str | None = None) -> int:
-    """Roughly the converted model's size, known before converting (decides the MLX-on-CPU skip)."""
-    if shape is not None:
-        from qvq_local.convert.synthetic import checkpoint_bytes
-
-        return int(checkpoint_bytes(shape, "bf16", family) * 0.3)  # about what a 4-bit conversion keeps
-    from qvq_local import models
-
-    path = models.resolve(model, download=False, progress=False).path
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+def _apple_only_skip(name: str) -> str:
+    return (
+        f"skipped: {name} on a CPU other than Apple Silicon has no fast quantised kernels (a 2b Q4 model "
+        f"decodes under 1 token/s on a 2-core x86 CPU); pass --backend {name} to measure it anyway"
+    )
 
 
 def _apple() -> bool:
@@ -574,63 +143,10 @@ def _apple() -> bool:
     return hardware.is_apple_silicon()
 
 
-def _weights_per_token(backend: str, fmt: dict) -> dict:
-    from qvq_local.backends import registry
-    from qvq_local.bench.bandwidth import gguf_bytes_per_token, mlx_bytes_per_token
-
-    if registry.get(backend).convert_to == "gguf":
-        out = gguf_bytes_per_token(fmt["model"])
-        mmproj = Path(fmt["mmproj"]).stat().st_size if fmt.get("mmproj") else 0
-        out["model_bytes"] = out["file_bytes"] + mmproj
-        out["vision_bytes"] = mmproj
-    else:
-        out = mlx_bytes_per_token(fmt["model"])
-        out["model_bytes"] = sum(p.stat().st_size for p in Path(fmt["model"]).rglob("*") if p.is_file())
-    return out
-
-
 def _raw_n_ctx(sizes: list[int], decode_tokens: int, answer_tokens: int) -> int:
     image_tokens = max((round(s / _FACTOR) or 1) ** 2 for s in sizes)
     need = image_tokens + 512 + decode_tokens + answer_tokens + 128  # + grace window and forced text
     return ((need + 255) // 256) * 256
-
-
-#: The figures compared between qvq-local and the raw library, run by run.
-RATIO_KEYS = ("decode_tok_s", "first_token_s")
-
-
-def _ratios(qvq: dict, raw: dict) -> dict:
-    """qvq/raw per image size and at the smallest size (the headline figures).
-
-    Each figure is the median of the per-run ratios (qvq run i / raw run i; interleaved, they ran next to
-    each other), with their spread under ``spread`` and the per-run values under ``samples``.
-    """
-    from qvq_local.bench.stats import paired_ratios, runs_of
-
-    if not qvq.get("ok"):
-        return {"reason": "qvq path failed"}
-    if not raw.get("ok"):
-        return {"reason": f"raw path not run: {raw.get('reason', '?')}"}
-    per_size = {}
-    for size, q in qvq["sizes"].items():
-        r = raw["sizes"].get(size)
-        if not r:
-            continue
-        summary = paired_ratios(runs_of(q), runs_of(r), RATIO_KEYS)
-        per_size[size] = {k: summary.get(k) for k in RATIO_KEYS}
-        per_size[size]["spread"] = summary.get("spread", {})
-        per_size[size]["samples"] = summary.get("samples", {})
-    if not per_size:
-        return {"reason": "no image size measured on both paths"}
-    first = per_size[min(per_size, key=int)]
-    return {
-        **first,
-        "at_image_size": int(min(per_size, key=int)),
-        "per_size": per_size,
-        "meaning": "decode_tok_s: qvq/raw, higher is better (>= 1.0: no overhead); "
-        "first_token_s: qvq/raw seconds, lower is better (<= 1.0: no overhead); "
-        "medians of the per-run ratios, spread = their min/max/quartiles",
-    }
 
 
 def run_bench(
@@ -709,7 +225,7 @@ def run_bench(
     installed = _installed_backends(backend, backends, shape, model, family)
     usable = [b for b in backends if installed[b][0]]
 
-    log(f"measuring memory bandwidth ({bandwidth_bytes / 2**30:.2f} GiB array, {bandwidth_reps} reps)")
+    log(f"measuring memory bandwidth ({memory_size(bandwidth_bytes)} array, {bandwidth_reps} reps)")
     result["bandwidth"] = measure_bandwidth(bandwidth_bytes, bandwidth_reps)
     bw = result["bandwidth"]
     log(f"read {bw['read_gbs_median']:.1f} GB/s, copy {bw['copy_gbs_median']:.1f} GB/s")
@@ -749,11 +265,13 @@ def run_bench(
             log=log,
         )
         if json_path:  # a partial file after each backend: a long run that is stopped keeps what it measured
-            from qvq_local.bench import report as bench_report
+            from qvq_local.bench import report
 
-            bench_report.write_json({**result, "partial": True}, json_path)
+            report.write_json({**result, "partial": True}, json_path)
     result["elapsed_s"] = time.perf_counter() - t_start
-    _write_outputs(result, json_path, chart_path, log)
+    from qvq_local.bench import report
+
+    report.write_outputs(result, json_path, chart_path, log)
     return result
 
 
@@ -779,11 +297,19 @@ def _checked_options(
 def _installed_backends(
     backend: str, backends: list[str], shape, model, family: str | None = None
 ) -> dict[str, tuple[bool, str | None]]:
-    """Which backends can run here (``(ok, reason)`` each); MLX on a non-Apple CPU is skipped for big models."""
+    """Which backends can run here (``(ok, reason)`` each).  With ``--backend all`` on a CPU other than Apple
+    Silicon, a backend made for Apple Silicon is skipped for models over :data:`APPLE_ONLY_LIMIT_BYTES`."""
+    from qvq_local.backends import registry
+
     installed = {b: _installed(b) for b in backends}
-    mlx_asked = backend == ALL and "mlx" in backends and installed["mlx"][0]
-    if mlx_asked and not _apple() and _source_bytes(shape, model, family) > MLX_CPU_LIMIT_BYTES:
-        installed["mlx"] = (False, MLX_CPU_SKIP)
+    apple_only = [b for b in backends if installed[b][0] and registry.get(b).apple_silicon_first]
+    if (
+        backend == ALL
+        and apple_only
+        and not _apple()
+        and source_bytes(shape, model, family) > APPLE_ONLY_LIMIT_BYTES
+    ):
+        installed.update({b: (False, _apple_only_skip(b)) for b in apple_only})
     return installed
 
 
@@ -801,7 +327,8 @@ def _measure_backend(
     raw: bool,
     log,
 ) -> dict:
-    """One backend's entry: why it cannot run, or its qvq-local and raw-library runs and their ratios."""
+    """One backend's entry: why it cannot run, or its qvq-local and raw-library runs and their ratios (a
+    backend bench has no raw-library comparison for gets qvq-local's figures alone, and no ratio)."""
     from qvq_local.backends import registry
     from qvq_local.bench.bandwidth import decode_bound
 
@@ -813,10 +340,12 @@ def _measure_backend(
     if "error" in fmt:
         entry["reason"] = fmt["error"]
         return entry
-    weights = _weights_per_token(name, fmt)
-    bound = decode_bound(result["bandwidth"]["read_gbs_median"], weights["bytes_per_token"])
+    model_format = registry.get(name).convert_to
+    weights = weights_per_token(model_format, fmt["model"], fmt.get("mmproj"))
+    per_token = weights["bytes_per_token"]
+    bound = decode_bound(result["bandwidth"]["read_gbs_median"], per_token) if per_token else None
     entry.update(
-        format=registry.get(name).convert_to,
+        format=model_format,
         model_path=fmt["model"],
         mmproj_path=fmt["mmproj"],
         quantization=fmt.get("quantization"),
@@ -827,8 +356,8 @@ def _measure_backend(
     mem_available = result["machine"].get("memory_available_bytes") or 0
     if mem_available and weights["model_bytes"] > 0.95 * mem_available:
         entry["reason"] = (
-            f"the model needs {weights['model_bytes'] / 1e9:.1f} GB but only "
-            f"{mem_available / 1e9:.1f} GB of memory is available: it does not fit"
+            f"the model needs {memory_size(weights['model_bytes'])} but only "
+            f"{memory_size(mem_available)} of memory is available: it does not fit"
         )
         return entry
     entry["available"] = True
@@ -841,10 +370,11 @@ def _measure_backend(
         "decode_tokens": decode_tokens,
         "answer_tokens": answer_tokens,
     }
-    if not raw:
+    if not raw or not has_raw_path(name):
         entry["order"] = "qvq only"
         entry["qvq"] = run_worker({"job": "qvq", **common}, label=f"{name}: qvq-local", log=log)
-        entry["raw"] = {"ok": False, "reason": "skipped (--no-raw)"}
+        why = "skipped (--no-raw)" if not raw else f"qvq bench has no raw-library comparison for {name}"
+        entry["raw"] = {"ok": False, "reason": why}
     elif mem_available and 2 * weights["model_bytes"] > 0.9 * mem_available:
         # both paths hold the model while they alternate: where two copies do not fit, one after the other
         entry["order"] = SEQUENTIAL_ORDER
@@ -853,7 +383,7 @@ def _measure_backend(
     else:
         entry["order"] = INTERLEAVED_ORDER
         entry["qvq"], entry["raw"] = _interleaved_run(common, sizes, decode_tokens, answer_tokens, log)
-    entry["ratios"] = _ratios(entry["qvq"], entry["raw"])
+    entry["ratios"] = qvq_raw_ratios(entry["qvq"], entry["raw"])
     entry["chains"] = run_worker({"job": "chains", **common}, label=f"{name}: --samples 1/2/4/8", log=log)
     if entry["qvq"].get("ok"):
         smallest = entry["qvq"]["sizes"][str(sizes[0])]
@@ -907,22 +437,6 @@ def _raw_run(qvq: dict, common: dict, sizes: list[int], decode_tokens: int, answ
         label=f"{common['backend']}: raw library",
         log=log,
     )
-
-
-def _write_outputs(result: dict, json_path, chart_path, log) -> None:
-    """The JSON file and the chart, each path recorded in the result."""
-    from qvq_local.bench import report as bench_report
-
-    if json_path:
-        result["json"] = str(bench_report.write_json(result, json_path))
-    if chart_path:
-        try:
-            result["chart"] = str(bench_report.write_chart(result, chart_path))
-        except ImportError as exc:
-            result["chart_error"] = f"matplotlib is not installed ({exc}); pip install 'qvq-local[bench]'"
-            log(result["chart_error"])
-        if json_path:  # record the chart's path in the file too
-            bench_report.write_json(result, json_path)
 
 
 def bench_command(
@@ -993,16 +507,4 @@ def bench_command(
     return result
 
 
-__all__ = [
-    "ServedWorker",
-    "bench_command",
-    "bench_home",
-    "describe_machine",
-    "interleave",
-    "make_image",
-    "parse_image_sizes",
-    "prepare_models",
-    "run_bench",
-    "run_worker",
-    "schedule",
-]
+__all__ = ["ALL", "SCHEMA", "bench_command", "bench_home", "parse_image_sizes", "run_bench"]

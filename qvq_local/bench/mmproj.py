@@ -33,7 +33,7 @@ def mtmd_encoder(
     from llama_cpp import mtmd_cpp
 
     from qvq_local.backends.llama_buffers import high_level_llama
-    from qvq_local.bench.worker import _silence_llama_logs
+    from qvq_local.bench.raw_paths import _silence_llama_logs
 
     with high_level_llama(model_gguf):
         llm = llama_cpp.Llama(model_path=str(model_gguf), n_ctx=256, n_threads=threads, verbose=False)

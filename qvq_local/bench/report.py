@@ -14,6 +14,7 @@ from rich.table import Table
 
 from qvq_local import atomic
 from qvq_local.bench.stats import median_and_spread
+from qvq_local.units import file_size, memory_size
 
 #: The per-image-size table: (header, field of a size's summary, format).  Each cell shows the median and,
 #: with more than one run, the min-max across runs.  A new figure reported by the worker is one more row
@@ -36,22 +37,14 @@ def _fmt(value, spec: str = ".2f", missing: str = "-") -> str:
     return str(value)
 
 
-def _mib(value) -> str:
-    """Binary bytes for memory: GiB from 1 GiB up, else MiB."""
-    if not value:
-        return "-"
-    if value >= 2**30:
-        return f"{value / 2**30:.2f} GiB"
-    return f"{value / 2**20:.0f} MiB"
+def _memory(value) -> str:
+    """An amount of memory (peak RSS) in binary units; "-" when not measured."""
+    return memory_size(value) if value else "-"
 
 
-def _gb(value) -> str:
-    """Decimal bytes, in the unit that keeps the figure readable (GB for models, MB for tiny ones)."""
-    if not value:
-        return "-"
-    if value >= 1e9:
-        return f"{value / 1e9:.2f} GB"
-    return f"{value / 1e6:.0f} MB" if value >= 1e7 else f"{value / 1e6:.1f} MB"
+def _file(value) -> str:
+    """A size on disk (a model, the bytes a token reads from it) in decimal units; "-" when not known."""
+    return file_size(value) if value else "-"
 
 
 def _table(title: str, columns: list[str]) -> Table:
@@ -167,13 +160,13 @@ def render_tables(result: dict, console: Console | None = None) -> None:
         conv = b.get("conversion") or {}
         size.add_row(
             name,
-            _gb(b.get("model_bytes")),
-            _gb(b.get("bytes_per_token")),
-            _mib((b.get("qvq") or {}).get("peak_rss_bytes")),
-            _mib((b.get("raw") or {}).get("peak_rss_bytes")),
+            _file(b.get("model_bytes")),
+            _file(b.get("bytes_per_token")),
+            _memory((b.get("qvq") or {}).get("peak_rss_bytes")),
+            _memory((b.get("raw") or {}).get("peak_rss_bytes")),
             _fmt((b.get("qvq") or {}).get("load_s"), ".2f"),
             (_fmt(conv.get("seconds"), ".1f") + ("*" if conv.get("reused") else "")) if conv else "-",
-            _mib(conv.get("peak_rss_bytes")),
+            _memory(conv.get("peak_rss_bytes")),
         )
     console.print(size)
     notes = []
@@ -194,15 +187,11 @@ def render_tables(result: dict, console: Console | None = None) -> None:
         "min-max. bound = read bandwidth / bytes read per token; of bound = decode / bound. "
         "Ratios and decode at the smallest image size.[/]"
     )
-    from qvq_local.bench.chains import render_chains_table
-
     render_chains_table(result, console)
 
 
 def _prefix_table(console: Console, backends: dict) -> None:
     """Issue 16: first token for a repeated image (in-memory and on-disk prefix cache) and the cache's cost."""
-    from qvq_local.prefix_cache import human_size
-
     table = _table(
         "Repeated image: prefix reuse (median (min-max) over runs)",
         ["backend", "image", "1st tok s", "again, memory", "again, disk", "write/read s", "size"],
@@ -221,7 +210,7 @@ def _prefix_table(console: Console, backends: dict) -> None:
                 f"{_fmt(reuse.get('memory_first_token_s'), '.2f')} s, x{median_and_spread(reuse, 'memory_ratio', '.2f')}",
                 f"{_fmt(reuse.get('disk_first_token_s'), '.2f')} s, x{median_and_spread(reuse, 'disk_ratio', '.2f')}",
                 f"{_fmt(reuse.get('write_s'), '.3f')}/{_fmt(reuse.get('read_s'), '.3f')}",
-                human_size(reuse.get("bytes") or 0),
+                _file(reuse.get("bytes")),
             )
     if rows:
         console.print(table)
@@ -232,11 +221,59 @@ def _prefix_table(console: Console, backends: dict) -> None:
         )
 
 
+def render_chains_table(result: dict, console) -> None:
+    """The ``--samples`` table of the bench report: one row per backend and N (nothing when not measured)."""
+    rows = []
+    for name, b in (result.get("backends") or {}).items():
+        chains = b.get("chains") or {}
+        if not chains.get("ok"):
+            if chains:
+                console.print(
+                    f"[yellow]{name}: --samples not measured: {chains.get('reason', '?')}[/]", highlight=False
+                )
+            continue
+        for n, fig in chains["by_n"].items():
+            spread = f"{_fmt(fig['agg_tok_s_min'], '.1f')}-{_fmt(fig['agg_tok_s_max'], '.1f')}"
+            rows.append(
+                (
+                    name,
+                    n,
+                    _fmt(fig["agg_tok_s"], ".1f"),
+                    spread,
+                    _fmt(fig["per_chain_tok_s"], ".1f"),
+                    _fmt(fig.get("speedup"), ".2f") + "x",
+                )
+            )
+    if not rows:
+        return
+    table = _table(
+        "--samples N: chains decoded in one batch (decode only, median of runs)",
+        ["backend", "N", "aggregate tok/s", "min-max", "per chain tok/s", "vs N=1"],
+    )
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
 def write_json(result: dict, path: str | os.PathLike) -> Path:
     """Write the result atomically (temporary name in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic.write_text(path, json.dumps(result, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_outputs(result: dict, json_path, chart_path, log) -> None:
+    """The JSON file and the chart, each path recorded in the result."""
+    if json_path:
+        result["json"] = str(write_json(result, json_path))
+    if chart_path:
+        try:
+            result["chart"] = str(write_chart(result, chart_path))
+        except ImportError as exc:
+            result["chart_error"] = f"matplotlib is not installed ({exc}); pip install 'qvq-local[bench]'"
+            log(result["chart_error"])
+        if json_path:  # record the chart's path in the file too
+            write_json(result, json_path)
 
 
 def _medians_and_errors(per_size: dict, sizes: list[str], key: str) -> tuple[list[float], list[list[float]]]:
@@ -262,15 +299,15 @@ def write_chart(result: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_dec, ax_enc) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"llama": "tab:blue", "mlx": "tab:orange"}
+    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
     all_sizes: set[int] = set()
     tokens_at: dict[int, int] = {}
     top = 0.0
     bounds = []
-    for name, b in result.get("backends", {}).items():
+    for i, (name, b) in enumerate(result.get("backends", {}).items()):
         if not b.get("available"):
             continue
-        colour = colours.get(name)
+        colour = palette[i % len(palette)]  # each backend its own colour, by its place in the result
         for impl, style in (("qvq", "-o"), ("raw", "--s")):
             part = b.get(impl) or {}
             if not part.get("ok"):

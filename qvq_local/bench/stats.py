@@ -1,7 +1,8 @@
 """Summaries of repeated measurements: the median and its spread, and qvq/raw ratios of paired runs.
 
-Why a module of its own: the worker summarises its runs, the harness pairs the qvq and raw runs, the
-report prints and plots the spread; all three read the same shape, built here and nowhere else.
+Why a module of its own: the worker summarises its runs, the harness asks for the ratios of the paired
+qvq and raw runs (:func:`qvq_raw_ratios`), the report prints and plots the spread; all three read the same
+shape, built here and nowhere else.
 
 A summary (:func:`summarise`) of ``runs`` figure dictionaries is::
 
@@ -102,4 +103,48 @@ def median_and_spread(fig: dict, key: str, spec: str = ".2f", missing: str = "-"
     return text
 
 
-__all__ = ["median_and_spread", "paired_ratios", "runs_of", "spread", "summarise"]
+#: The figures compared between qvq-local and the raw library, run by run.
+RATIO_KEYS = ("decode_tok_s", "first_token_s")
+
+
+def qvq_raw_ratios(qvq: dict, raw: dict) -> dict:
+    """qvq/raw per image size and at the smallest size (the headline figures).
+
+    Each figure is the median of the per-run ratios (qvq run i / raw run i; interleaved, they ran next to
+    each other), with their spread under ``spread`` and the per-run values under ``samples``.
+    """
+    if not qvq.get("ok"):
+        return {"reason": "qvq path failed"}
+    if not raw.get("ok"):
+        return {"reason": f"raw path not run: {raw.get('reason', '?')}"}
+    per_size = {}
+    for size, q in qvq["sizes"].items():
+        r = raw["sizes"].get(size)
+        if not r:
+            continue
+        summary = paired_ratios(runs_of(q), runs_of(r), RATIO_KEYS)
+        per_size[size] = {k: summary.get(k) for k in RATIO_KEYS}
+        per_size[size]["spread"] = summary.get("spread", {})
+        per_size[size]["samples"] = summary.get("samples", {})
+    if not per_size:
+        return {"reason": "no image size measured on both paths"}
+    first = per_size[min(per_size, key=int)]
+    return {
+        **first,
+        "at_image_size": int(min(per_size, key=int)),
+        "per_size": per_size,
+        "meaning": "decode_tok_s: qvq/raw, higher is better (>= 1.0: no overhead); "
+        "first_token_s: qvq/raw seconds, lower is better (<= 1.0: no overhead); "
+        "medians of the per-run ratios, spread = their min/max/quartiles",
+    }
+
+
+__all__ = [
+    "RATIO_KEYS",
+    "median_and_spread",
+    "paired_ratios",
+    "qvq_raw_ratios",
+    "runs_of",
+    "spread",
+    "summarise",
+]

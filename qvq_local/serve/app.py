@@ -168,7 +168,7 @@ def create_app(model: Any, options: ServeOptions | None = None):
         result = await _wait(job, request)
         if result is None:  # the client went away
             return JSONResponse({}, status_code=499)
-        from qvq_local.render import completion_dict
+        from qvq_local.openai_format import completion_dict
 
         out = completion_dict(result, created=created, completion_id=completion_id)
         message = out["choices"][0]["message"]
@@ -245,7 +245,7 @@ async def _sse(job: Job, completion_id: str, created: int, name: str, include_us
             elif isinstance(item, Finished):
                 result = item.result
                 final = schema.chunk(completion_id, created, name, {}, schema.finish_reason(result))
-                from qvq_local.render import completion_dict
+                from qvq_local.openai_format import completion_dict
 
                 final["qvq"] = completion_dict(result)["qvq"]
                 yield _sse_line(final)

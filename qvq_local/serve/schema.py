@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from qvq_local.render import FINISH_REASON
+from qvq_local.openai_format import FINISH_REASON
 
 #: Body fields accepted (anything else is refused by name).
 KNOWN_FIELDS = frozenset(

@@ -1,0 +1,84 @@
+"""The OpenAI ``chat.completion`` response as qvq-local writes it: ``qvq ask --json`` and ``qvq serve``.
+
+Why a module of its own: the object is a wire format that two presentations share, the terminal's
+``--json`` output (:class:`qvq_local.render.JsonRenderer`) and the server's answers (``qvq_local.serve``).
+It was written inside the renderers, so the server imported the terminal's module to build its replies.
+
+The answer goes in ``choices[0].message.content`` and the thought in ``reasoning_content`` (the field name
+DeepSeek's and vLLM's servers use); everything specific to qvq-local sits under ``"qvq"``.  No heavy
+imports here.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from qvq_local.events import Result
+
+#: ``Result.stop_reason`` -> OpenAI's ``finish_reason``; a reason not listed finishes as ``"stop"``.
+FINISH_REASON = {
+    "answer": "stop",
+    "budget": "stop",
+    "loop": "stop",
+    "max_tokens": "length",
+    "interrupted": "interrupted",
+    "cut": "length",  # thinking cut at the budget, and the server could not continue to an answer
+}
+
+
+def completion_dict(result: Result, *, created: int | None = None, completion_id: str | None = None) -> dict:
+    """``result`` as an OpenAI-style ``chat.completion`` object with a separate reasoning field."""
+    completion = result.thought_tokens + result.answer_tokens
+    return {
+        "id": completion_id or f"chatcmpl-qvq-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()) if created is None else created,
+        "model": result.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": result.answer,
+                    "reasoning_content": result.thought,
+                },
+                "finish_reason": FINISH_REASON.get(result.stop_reason, "stop"),
+            }
+        ],
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": result.prompt_tokens + completion,
+            "reasoning_tokens": result.thought_tokens,
+            "answer_tokens": result.answer_tokens,
+            "completion_tokens_details": {"reasoning_tokens": result.thought_tokens},
+        },
+        "qvq": {
+            "boxed": result.boxed,
+            "stop_reason": result.stop_reason,
+            "forced": [
+                {"reason": f.reason, "text": f.text, "at_token": f.at_token, "seconds": f.seconds}
+                for f in result.forced
+            ],
+            "timings": dict(vars(result.timings)),
+            "backend": result.backend,
+            "quantization": result.quantization,
+            "images": [
+                {
+                    "path": i.path,
+                    "original_size": list(i.original_size),
+                    "size": list(i.size),
+                    "tokens": i.tokens,
+                }
+                for i in result.images
+            ],
+            "settings": result.settings,
+            **(
+                {"chains": [c.to_dict() for c in result.chains], "vote": result.vote} if result.chains else {}
+            ),
+        },
+    }
+
+
+__all__ = ["FINISH_REASON", "completion_dict"]
