@@ -193,7 +193,7 @@ def _real_token_texts(tokenizer, text: str) -> list[str]:
     """The text each real Qwen token adds when streamed (a split character comes out whole)."""
     import codecs
 
-    from qvq_local.convert.tokenizer_qwen import byte_level_to_bytes
+    from qvq_local.formats.byte_level import byte_level_to_bytes
 
     decoder = codecs.getincrementaldecoder("utf-8")()
     ids = tokenizer.encode(text).ids

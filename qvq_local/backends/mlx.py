@@ -171,7 +171,7 @@ class MlxModel:
 
     def token_pieces(self) -> list[bytes]:
         """The bytes of every token id (special tokens: ``b""``), from the byte-level vocabulary."""
-        from qvq_local.convert.tokenizer_qwen import byte_level_to_bytes
+        from qvq_local.formats.byte_level import byte_level_to_bytes
 
         tok = self.tokenizer
         special = {int(i) for i in getattr(tok, "all_special_ids", [])}
