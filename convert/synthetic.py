@@ -35,6 +35,7 @@ from typing import Any
 from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError
 from qvq_local.families import DEFAULT_FAMILY, FAMILIES, Family
+from qvq_local.units import file_size
 
 from . import tokenizer_synth
 from .synth_writer import writer_for
@@ -285,7 +286,7 @@ def write_checkpoint(
     free = _free_bytes(out.parent if out.parent != Path("") else Path("."))
     if free < need:
         raise DiskFull(
-            f"the {s.name} checkpoint needs {_human(need)} but only {_human(free)} is free",
+            f"the {s.name} checkpoint needs {file_size(need)} but only {file_size(free)} is free",
             path=out.parent.resolve(),
         )
 
@@ -401,14 +402,6 @@ class _progress:
             self._bar.stop()
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def _folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -433,6 +426,6 @@ def synth_command(
     print(
         f"wrote {path}: {family_of(s).name} {s.name} ({parameter_count(s) / 1e6:,.1f}M parameters, {dtype}, seed {seed},"
         f" {kind} tokenizer), "
-        f"{_human(_folder_size(path))} in {n_shards} shard{'s' if n_shards != 1 else ''}"
+        f"{file_size(_folder_size(path))} in {n_shards} shard{'s' if n_shards != 1 else ''}"
     )
     return path
