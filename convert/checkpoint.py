@@ -1,4 +1,4 @@
-"""Open and validate a Hugging Face Qwen2-VL checkpoint folder, before anything is converted.
+"""Open and validate a Hugging Face checkpoint folder of a registered family, before anything is converted.
 
 Every converter (GGUF, MLX) calls :func:`open_checkpoint` first, so every problem a user can have with a
 source folder surfaces as one ``ModelError`` naming the file, *before* any output exists: wrong
@@ -6,10 +6,10 @@ architecture, pickle-only weights (never loaded), missing or truncated shards, t
 the config.  The returned :class:`Checkpoint` reads tensors lazily (memory-mapped; bf16 kept as raw bits
 until a caller asks for float32), so opening a 146 GB checkpoint costs only its headers.
 
-Two tensor namings exist for the same weights: the original Qwen2-VL one (``model.layers.*``,
-``visual.*``, ``lm_head``), which QVQ-72B-Preview ships, and transformers 5's (``model.language_model.*``,
-``model.visual.*``, ``lm_head``).  A :class:`Checkpoint` always speaks the original naming; it remembers
-which stored name each tensor came from.
+Two tensor namings may exist for the same weights (Qwen2-VL's original one, ``model.layers.*``,
+``visual.*``, ``lm_head``, which QVQ-72B-Preview ships, and transformers 5's, ``model.language_model.*``,
+``model.visual.*``, ``lm_head``).  A :class:`Checkpoint` always speaks the family's original naming
+(:meth:`Family.original_tensor_name`); it remembers which stored name each tensor came from.
 """
 
 from __future__ import annotations
@@ -22,16 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qvq_local.errors import ModelError
-from qvq_local.families import describe_supported, family_for_config
-from qvq_local.families.base import Family
-from qvq_local.families.qwen2vl import (  # re-exported: converters and tests import them from here
-    TextDims,
-    VisionDims,
-    expected_shapes,
-    normalise_name,
-)
-
-__all__ = ["TextDims", "VisionDims", "expected_shapes", "normalise_name", "open_checkpoint"]
+from qvq_local.families import Family, describe_supported, family_for_config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -52,12 +43,12 @@ OTHER_FILE_NAMES = ("preprocessor_config.json", "generation_config.json")
 
 @dataclass
 class Checkpoint:
-    """A validated Qwen2-VL checkpoint.  Tensor access uses the original names (see module doc)."""
+    """A validated checkpoint.  Tensor access uses the family's original names (see module doc)."""
 
     folder: Path
     config: dict[str, Any]
-    text: TextDims
-    vision: VisionDims
+    text: Any  # the family's TextDims
+    vision: Any  # the family's VisionDims
     naming: str  # "original" or "transformers5"
     family: Family
     files: dict[str, Path]  # tokenizer/preprocessor/generation files present, by file name
@@ -152,7 +143,7 @@ def to_f32(raw, dtype: str):
 
 # ------------------------------------------------------------------------------------------ opening
 def open_checkpoint(folder: str | Path) -> Checkpoint:
-    """Validate ``folder`` as a Qwen2-VL safetensors checkpoint and open it lazily.
+    """Validate ``folder`` as a safetensors checkpoint of a registered family and open it lazily.
 
     Checks, in order: config.json and the architecture; weight files (pickle-only folders are refused,
     never opened); every shard present and complete; tokenizer present; the tensor set and every
@@ -196,6 +187,14 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     )
     _check_tensors(ckpt)
     return ckpt
+
+
+def checkpoint_family(folder: str | Path) -> Family:
+    """The registered family of the checkpoint in ``folder`` (from its config.json), or a ModelError."""
+    path = Path(folder).expanduser() / "config.json"
+    if not path.is_file():
+        raise ModelError("no config.json: not a Hugging Face checkpoint folder", path=path.parent)
+    return _check_architecture(_read_json(path), path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -242,7 +241,7 @@ def _check_weight_files(folder: Path) -> None:
 def _normalised_names(store: Any, folder: Path, family: Family) -> dict[str, str]:
     stored: dict[str, str] = {}
     for name in store:
-        norm = family.normalise_name(name)
+        norm = family.original_tensor_name(name)
         if norm in stored:
             raise ModelError(
                 f"tensor {norm!r} is stored twice (as {stored[norm]!r} and {name!r})",

@@ -1,10 +1,12 @@
-"""The text half of a Qwen2-VL GGUF: architecture ``qwen2vl``, its key/values, vocabulary and tensors.
+"""The text half of a GGUF pair, every family's part of it: the vocabulary, the key/values, the tensors.
 
-llama.cpp's ``qwen2vl`` model is Qwen2 with multimodal RoPE: the tensors need no transpose or permutation,
-only renaming.  The tokenizer is byte-level BPE (``gpt2`` in GGUF terms) with Qwen2's pre-tokenizer; its
-token list must have exactly as many entries as the embedding has rows, so ids the tokenizer does not
-use are filled with ``UNUSED`` placeholders.  Everything here is read from the checkpoint's own files
-(no transformers), and everything that can be wrong is checked before the caller writes a byte.
+A family's converter class (``convert/gguf_converter.py``) builds on these: the generic key/values
+(:func:`add_text_keys`), the tensors it names in GGUF order with their types (:func:`plan_text_tensors`).
+llama.cpp's Qwen-VL text models need no transpose or permutation of a tensor, only renaming.  The
+tokenizer is byte-level BPE (``gpt2`` in GGUF terms) with the family's pre-tokenizer; its token list must
+have exactly as many entries as the embedding has rows, so ids the tokenizer does not use are filled
+with ``UNUSED`` placeholders.  Everything here is read from the checkpoint's own files (no
+transformers), and everything that can be wrong is checked before the caller writes a byte.
 """
 
 from __future__ import annotations
@@ -20,11 +22,6 @@ from qvq_local.convert.gguf_stream import PlannedTensor, iter_encoded
 
 from qvq_local.backends.base import gguf_sampling_keys, sampling_values
 from qvq_local.errors import ModelError
-from qvq_local.families import qwen2vl
-
-# The default family's tensor map (re-exported: the tests import gguf_text_name from here); conversion
-# asks the checkpoint's family.
-gguf_text_name = qwen2vl.gguf_text_name
 
 
 # ------------------------------------------------------------------------------------------ vocabulary
@@ -156,52 +153,48 @@ def _load_json(path: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ metadata
-def text_metadata(ckpt: Checkpoint, vocab: Vocab, file_type: int, name: str) -> Callable[[Any], None]:
-    """A function adding the text architecture's key/values to a GGUFWriter."""
+def add_text_keys(w: Any, ckpt: Checkpoint, vocab: Vocab, file_type: int, name: str) -> None:
+    """Add the key/values every family's text GGUF has to the GGUFWriter ``w``."""
+    from gguf import GGML_QUANT_VERSION
 
-    def add(w: Any) -> None:
-        from gguf import GGML_QUANT_VERSION
-
-        t = ckpt.text
-        w.add_type("model")
-        w.add_name(name)
-        w.add_file_type(file_type)
-        w.add_quantization_version(GGML_QUANT_VERSION)
-        w.add_context_length(t.max_position_embeddings)
-        w.add_embedding_length(t.hidden_size)
-        w.add_block_count(t.num_layers)
-        w.add_feed_forward_length(t.intermediate_size)
-        w.add_head_count(t.num_heads)
-        w.add_head_count_kv(t.num_kv_heads)
-        w.add_layer_norm_rms_eps(t.rms_norm_eps)
-        w.add_rope_freq_base(t.rope_theta)
-        w.add_rope_dimension_sections(list(t.mrope_section) + [0] * (4 - len(t.mrope_section)))
-        # tokenizer
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(qwen2vl.GGUF_TOKENIZER_PRE)
-        w.add_token_list(vocab.tokens)
-        w.add_token_types(vocab.token_types)
-        if vocab.merges:
-            w.add_token_merges(vocab.merges)
-        if vocab.bos_id is not None:
-            w.add_bos_token_id(vocab.bos_id)
-        if vocab.eos_id is not None:
-            w.add_eos_token_id(vocab.eos_id)
-        if vocab.pad_id is not None:
-            w.add_pad_token_id(vocab.pad_id)
-        w.add_add_bos_token(False)
-        w.add_add_eos_token(False)
-        if vocab.chat_template:
-            w.add_chat_template(vocab.chat_template)
-        # sampling defaults, where llama.cpp's own converter puts them (llama-cli/-server read them too)
-        sampling_keys = gguf_sampling_keys()
-        for key, value in generation_sampling(ckpt).items():
-            if key == "top_k":
-                w.add_int32(sampling_keys[key], int(value))
-            else:
-                w.add_float32(sampling_keys[key], float(value))
-
-    return add
+    t = ckpt.text
+    w.add_type("model")
+    w.add_name(name)
+    w.add_file_type(file_type)
+    w.add_quantization_version(GGML_QUANT_VERSION)
+    w.add_context_length(t.max_position_embeddings)
+    w.add_embedding_length(t.hidden_size)
+    w.add_block_count(t.num_layers)
+    w.add_feed_forward_length(t.intermediate_size)
+    w.add_head_count(t.num_heads)
+    w.add_head_count_kv(t.num_kv_heads)
+    w.add_layer_norm_rms_eps(t.rms_norm_eps)
+    w.add_rope_freq_base(t.rope_theta)
+    w.add_rope_dimension_sections(list(t.mrope_section) + [0] * (4 - len(t.mrope_section)))
+    # tokenizer
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(ckpt.family.gguf_tokenizer_pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.token_types)
+    if vocab.merges:
+        w.add_token_merges(vocab.merges)
+    if vocab.bos_id is not None:
+        w.add_bos_token_id(vocab.bos_id)
+    if vocab.eos_id is not None:
+        w.add_eos_token_id(vocab.eos_id)
+    if vocab.pad_id is not None:
+        w.add_pad_token_id(vocab.pad_id)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    if vocab.chat_template:
+        w.add_chat_template(vocab.chat_template)
+    # sampling defaults, where llama.cpp's own converter puts them (llama-cli/-server read them too)
+    sampling_keys = gguf_sampling_keys()
+    for key, value in generation_sampling(ckpt).items():
+        if key == "top_k":
+            w.add_int32(sampling_keys[key], int(value))
+        else:
+            w.add_float32(sampling_keys[key], float(value))
 
 
 def generation_sampling(ckpt: Checkpoint) -> dict:
@@ -211,15 +204,14 @@ def generation_sampling(ckpt: Checkpoint) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ tensors
-def text_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor]:
-    """The text tensors in GGUF order.  ``weight_type`` is the type of 2-D weights: ``F32``, ``F16``, or
-    ``source`` (keep the checkpoint's precision: BF16 stays raw BF16, F16 stays F16, F32 stays F32).
-    Norms and biases are always F32."""
-    t = ckpt.text
-    family = ckpt.family
-    order = family.gguf_text_order(t, has_lm_head="lm_head.weight" in ckpt)
+def plan_text_tensors(
+    ckpt: Checkpoint, names: list[tuple[str, str]], weight_type: str
+) -> list[PlannedTensor]:
+    """The text tensors ``names`` lists (``(checkpoint name, GGUF name)``, in GGUF order).
+    ``weight_type`` is the type of 2-D weights: ``F32``, ``F16``, or ``source`` (keep the checkpoint's
+    precision: BF16 stays raw BF16, F16 stays F16, F32 stays F32).  Norms and biases are always F32."""
     plan: list[PlannedTensor] = []
-    for src in order:
+    for src, gname in names:
         shape = ckpt.shape(src)
         if len(shape) == 1:
             qtype = "F32"
@@ -227,7 +219,7 @@ def text_tensor_plan(ckpt: Checkpoint, weight_type: str) -> list[PlannedTensor]:
             qtype = {"BF16": "BF16", "F16": "F16", "F32": "F32"}[ckpt.dtype(src)]
         else:
             qtype = weight_type
-        plan.append(PlannedTensor(family.gguf_text_name(src), shape, qtype, _source(ckpt, src, qtype)))
+        plan.append(PlannedTensor(gname, shape, qtype, _source(ckpt, src, qtype)))
     return plan
 
 

@@ -1,10 +1,16 @@
-"""Random-weight checkpoints in exactly the Hugging Face layout of Qwen/QVQ-72B-Preview.
+"""Random-weight checkpoints in exactly the Hugging Face layout of a family's published models (QVQ's by
+default).
 
 No model hub is reachable from the machines this project is tested on, so tests, the demo and the
 benchmarks run on synthetic checkpoints.  They must be indistinguishable in *layout* from the real thing
 (config.json fields, tensor names and shapes, shards + index, tokenizer files and special-token ids,
 processor and generation configs), so that the same loading and conversion code serves both; only the
 numbers in the weights are random.
+
+What is the family's: its shapes and tensors are its own facts (``Family.synth_shapes``,
+``Family.expected_shapes``); its config, processor and tokenizer files are written by the writer
+registered under its name (``convert/synth_writer.py``).  This module does the rest, the same for every
+family.
 
 Design choices:
 - Every tensor is drawn from its own generator seeded by (seed, tensor name): the bytes do not depend on
@@ -24,23 +30,23 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError
-from qvq_local.families import DEFAULT_FAMILY, FAMILIES, Family, qwen2vl
-from qvq_local.families.qwen2vl import BASE_VOCAB as QWEN_BASE_VOCAB
+from qvq_local.families import DEFAULT_FAMILY, FAMILIES, Family
+from qvq_local.units import file_size
 
 from . import tokenizer_synth
+from .synth_writer import writer_for
 
 DTYPES = {"bf16": ("BF16", 2, "bfloat16"), "f32": ("F32", 4, "float32")}
 
 _CHUNK_ELEMS = 8 * 1024 * 1024  # ~32 MB of float32 per generated block
 _INIT_STD = 0.02
 
-
-# The shape tables are the families' (re-exported: tests and the CLI import them from here).
-SynthShape = qwen2vl.SynthShape
-SHAPES = qwen2vl.SYNTH_SHAPES
+#: Names a tensor that is a norm's weight ends with: drawn around 1, every other tensor around 0.
+_NORM_WEIGHTS = ("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")
 
 
 def get_family(family: str | Family | None = None) -> Family:
@@ -57,12 +63,13 @@ def get_family(family: str | Family | None = None) -> Family:
     raise InputError(f"unknown family {family!r}; choose one of {names}")
 
 
-def shapes_of(family: str | Family | None = None) -> dict[str, SynthShape]:
+def shapes_of(family: str | Family | None = None) -> dict[str, Any]:
     """The synthetic shapes of ``family`` (None: the default family's)."""
     return get_family(family).synth_shapes
 
 
-def get_shape(shape: str | SynthShape, family: str | Family | None = None) -> SynthShape:
+def get_shape(shape: Any, family: str | Family | None = None) -> Any:
+    """The shape ``shape`` names in ``family``'s table (a shape object is returned as it is)."""
     if not isinstance(shape, str):  # a shape object already (its family's own SynthShape class)
         return shape
     table = shapes_of(family)
@@ -73,7 +80,7 @@ def get_shape(shape: str | SynthShape, family: str | Family | None = None) -> Sy
         raise InputError(f"unknown {fam.name} shape {shape!r}; choose one of {', '.join(table)}") from None
 
 
-def family_of(shape: SynthShape) -> Family:
+def family_of(shape: Any) -> Family:
     """The family a shape belongs to (it names it)."""
     return FAMILIES[shape.family]
 
@@ -82,18 +89,17 @@ def family_of(shape: SynthShape) -> Family:
 QWEN_VOCAB_ROWS = 151936
 
 
-def default_tokenizer(shape: str | SynthShape, family: str | Family | None = None) -> str:
+def default_tokenizer(shape: Any, family: str | Family | None = None) -> str:
     """``qwen`` for shapes laid out for the real vocabulary (every family's published sizes) when its file
     is installed, else ``trained`` (tiny keeps its small trained tokenizer unless asked)."""
     from . import tokenizer_qwen
 
     s = get_shape(shape, family)
-    return "qwen" if s.tokenizer_base == QWEN_BASE_VOCAB and tokenizer_qwen.available() else "trained"
+    real = family_of(s).base_vocab
+    return "qwen" if s.tokenizer_base == real and tokenizer_qwen.available() else "trained"
 
 
-def with_tokenizer(
-    shape: str | SynthShape, tokenizer: str | None, family: str | Family | None = None
-) -> tuple[SynthShape, str]:
+def with_tokenizer(shape: Any, tokenizer: str | None, family: str | Family | None = None) -> tuple[Any, str]:
     """The shape adjusted to carry ``tokenizer`` (None: the default) and the tokenizer kind.
 
     The real vocabulary puts the specials at 151643..151656, so a smaller shape (tiny) grows its
@@ -107,8 +113,9 @@ def with_tokenizer(
         raise InputError(f"unknown tokenizer {kind!r}; choose one of {', '.join(tokenizer_synth.KINDS)}")
     if kind == "qwen":
         tokenizer_qwen.require_vocab_file()
-        if s.tokenizer_base != QWEN_BASE_VOCAB:
-            s = replace(s, tokenizer_base=QWEN_BASE_VOCAB, vocab_size=max(s.vocab_size, QWEN_VOCAB_ROWS))
+        real = family_of(s).base_vocab
+        if s.tokenizer_base != real:
+            s = replace(s, tokenizer_base=real, vocab_size=max(s.vocab_size, QWEN_VOCAB_ROWS))
     elif s.tokenizer_base + len(family_of(s).special_tokens) > s.vocab_size:
         raise InputError(f"shape {s.name} has {s.vocab_size} embedding rows, too few for its tokenizer")
     return s, kind
@@ -122,15 +129,20 @@ def _check_dtype(dtype: str) -> tuple[str, int, str]:
 
 
 # ------------------------------------------------------------------------------------------ configs
-def build_config(shape: str | SynthShape, dtype: str = "bf16", family: str | Family | None = None) -> dict:
-    """config.json contents, in the layout of the shape's family (:meth:`Family.synth_config`)."""
+def special_ids(shape: Any) -> dict[str, int]:
+    """The ids of the shape's family's special tokens (after its tokenizer's base vocabulary)."""
+    return tokenizer_synth.special_ids(family_of(shape).special_tokens, shape.tokenizer_base)
+
+
+def build_config(shape: Any, dtype: str = "bf16", family: str | Family | None = None) -> dict:
+    """config.json contents, in the layout of the shape's family (its writer's)."""
     s = get_shape(shape, family)
-    ids = tokenizer_synth.special_ids(s.tokenizer_base)
-    return family_of(s).synth_config(s, ids, DTYPES[dtype][2] if dtype in DTYPES else dtype)
+    torch_dtype = DTYPES[dtype][2] if dtype in DTYPES else dtype
+    return writer_for(family_of(s)).config(s, special_ids(s), torch_dtype)
 
 
 #: The synthetic models' sampling values.  Near-greedy like QVQ's (the top token always wins: top_p keeps
-#: only it), but each value differs from QVQ's published one (``qwen2vl.SAMPLING``, the fallback
+#: only it), but each value differs from QVQ's published one (the Qwen2-VL family's ``sampling``, the fallback
 #: when a model has none), so a test can tell "the model's values are used" from "the fallback is used".
 SYNTH_SAMPLING: dict[str, float | int] = {
     "temperature": 0.05,
@@ -140,25 +152,25 @@ SYNTH_SAMPLING: dict[str, float | int] = {
 }
 
 
-def build_generation_config(shape: str | SynthShape, family: str | Family | None = None) -> dict:
+def build_generation_config(shape: Any, family: str | Family | None = None) -> dict:
     """generation_config.json in QVQ-72B-Preview's layout (the family's published transformers version),
     with :data:`SYNTH_SAMPLING`'s values."""
     s = get_shape(shape, family)
-    ids = tokenizer_synth.special_ids(s.tokenizer_base)
+    ids = special_ids(s)
     return {
         "bos_token_id": ids["<|endoftext|>"],
         "do_sample": True,
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
         "pad_token_id": ids["<|endoftext|>"],
         **SYNTH_SAMPLING,
-        "transformers_version": family_of(s).synth_transformers_version,
+        "transformers_version": writer_for(family_of(s)).transformers_version,
     }
 
 
-def build_preprocessor_config(shape: str | SynthShape, family: str | Family | None = None) -> dict:
+def build_preprocessor_config(shape: Any, family: str | Family | None = None) -> dict:
     """preprocessor_config.json of the shape's family (Qwen2-VL / QVQ: the slow Qwen2VLImageProcessor)."""
     s = get_shape(shape, family)
-    return family_of(s).synth_preprocessor_config(s)
+    return writer_for(family_of(s)).preprocessor_config(s)
 
 
 # ------------------------------------------------------------------------------------------ tensors
@@ -169,13 +181,19 @@ class TensorSpec:
     init: str  # "normal" | "norm_weight" (1 + noise)
 
 
-def tensor_specs(shape: str | SynthShape, family: str | Family | None = None) -> list[TensorSpec]:
-    """Every tensor of the checkpoint, with the family's original names, in a natural writing order."""
+def tensor_specs(shape: Any, family: str | Family | None = None) -> list[TensorSpec]:
+    """Every tensor of the checkpoint: the ones its family expects of the config it gets, with their
+    original names and shapes, in the family's order; norm weights are drawn around 1."""
     s = get_shape(shape, family)
-    return [TensorSpec(name, tuple(dims), init) for name, dims, init in family_of(s).synth_tensors(s)]
+    fam = family_of(s)
+    text, vision = fam.dims_from_config(build_config(s), Path("config.json"))
+    return [
+        TensorSpec(name, tuple(dims), "norm_weight" if name.endswith(_NORM_WEIGHTS) else "normal")
+        for name, dims in fam.expected_shapes(text, vision).items()
+    ]
 
 
-def parameter_count(shape: str | SynthShape, family: str | Family | None = None) -> int:
+def parameter_count(shape: Any, family: str | Family | None = None) -> int:
     total = 0
     for spec in tensor_specs(shape, family):
         n = 1
@@ -185,7 +203,7 @@ def parameter_count(shape: str | SynthShape, family: str | Family | None = None)
     return total
 
 
-def checkpoint_bytes(shape: str | SynthShape, dtype: str = "bf16", family: str | Family | None = None) -> int:
+def checkpoint_bytes(shape: Any, dtype: str = "bf16", family: str | Family | None = None) -> int:
     """Bytes of tensor data the checkpoint will hold (files add a few MB of headers and tokenizer)."""
     return parameter_count(shape, family) * _check_dtype(dtype)[1]
 
@@ -232,7 +250,7 @@ def _is_nonempty_dir(path: Path) -> bool:
 
 def write_checkpoint(
     out: str | Path,
-    shape: str | SynthShape = "tiny",
+    shape: Any = "tiny",
     dtype: str = "bf16",
     seed: int = 0,
     progress: bool = False,
@@ -247,7 +265,7 @@ def write_checkpoint(
     ``tokenizer``: ``trained`` (a small BPE trained in-process), ``qwen`` (the real Qwen vocabulary, read
     from the installed ``dashscope`` package; a shape with fewer embedding rows grows to hold it), or None
     for :func:`default_tokenizer`.  ``variant``: the chat template, for a family that has several
-    (:attr:`Family.synth_variants`; None: its default).
+    (its writer's ``variants``; None: its default).
 
     The folder appears only when complete: everything is written into a hidden sibling folder that is
     renamed at the end (and removed on any error or interrupt).  An existing non-empty ``out`` is
@@ -268,7 +286,7 @@ def write_checkpoint(
     free = _free_bytes(out.parent if out.parent != Path("") else Path("."))
     if free < need:
         raise DiskFull(
-            f"the {s.name} checkpoint needs {_human(need)} but only {_human(free)} is free",
+            f"the {s.name} checkpoint needs {file_size(need)} but only {file_size(free)} is free",
             path=out.parent.resolve(),
         )
 
@@ -289,14 +307,13 @@ def write_checkpoint(
 
 def _check_variant(fam: Family, variant: str | None) -> str | None:
     """The template variant to write: ``variant`` checked against the family's, else its default."""
+    variants = writer_for(fam).variants
     if variant is None:
-        return fam.synth_variants[0] if fam.synth_variants else None
-    if not fam.synth_variants:
+        return variants[0] if variants else None
+    if not variants:
         raise InputError(f"{fam.name} checkpoints have one chat template, not variant {variant!r}")
-    if variant not in fam.synth_variants:
-        raise InputError(
-            f"unknown {fam.name} variant {variant!r}; choose one of {', '.join(fam.synth_variants)}"
-        )
+    if variant not in variants:
+        raise InputError(f"unknown {fam.name} variant {variant!r}; choose one of {', '.join(variants)}")
     return variant
 
 
@@ -312,7 +329,7 @@ def _write_error(err: OSError, out: Path) -> Exception:
 
 def _write_files(
     folder: Path,
-    s: SynthShape,
+    s: Any,
     dtype: str,
     st_dtype: str,
     seed: int,
@@ -327,19 +344,8 @@ def _write_files(
     dump("config.json", build_config(s, dtype))
     dump("generation_config.json", build_generation_config(s))
     dump("preprocessor_config.json", build_preprocessor_config(s))
-    fam = family_of(s)
-    if fam.synth_tokenizer_files is None:
-        tokenizer_synth.write_tokenizer_files(
-            folder,
-            s.tokenizer_base,
-            s.max_position_embeddings,
-            tokenizer,
-            system_prompt=fam.system_prompt,
-            processor_class=fam.hf_processor_class,
-        )
-    else:
-        for name, text in fam.synth_tokenizer_files(s, tokenizer, variant).items():
-            (folder / name).write_text(text, encoding="utf-8")
+    for name, text in writer_for(family_of(s)).tokenizer_files(s, tokenizer, variant).items():
+        (folder / name).write_text(text, encoding="utf-8")
 
     specs = tensor_specs(s)
     total = checkpoint_bytes(s, dtype)
@@ -396,14 +402,6 @@ class _progress:
             self._bar.stop()
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def _folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -428,6 +426,6 @@ def synth_command(
     print(
         f"wrote {path}: {family_of(s).name} {s.name} ({parameter_count(s) / 1e6:,.1f}M parameters, {dtype}, seed {seed},"
         f" {kind} tokenizer), "
-        f"{_human(_folder_size(path))} in {n_shards} shard{'s' if n_shards != 1 else ''}"
+        f"{file_size(_folder_size(path))} in {n_shards} shard{'s' if n_shards != 1 else ''}"
     )
     return path

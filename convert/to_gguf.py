@@ -1,4 +1,7 @@
-"""Hugging Face Qwen2-VL checkpoint -> GGUF text model + mmproj, torch-free and streaming.
+"""Hugging Face checkpoint -> GGUF text model + mmproj, torch-free and streaming.
+
+The checkpoint's family has a converter class registered under its name (``convert/gguf_converter.py``);
+this module drives it.
 
 Steps: validate everything (checkpoint, tokenizer, image settings, options, quantiser, disk space) before
 writing a byte; write the mmproj; write the text model (directly for f32/f16, else at the checkpoint's own
@@ -19,14 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvq_local.convert.checkpoint import Checkpoint, open_checkpoint
+from qvq_local.convert.gguf_converter import converter_for
 from qvq_local.convert.gguf_mmproj import arch as mmproj_arch
-from qvq_local.convert.gguf_mmproj import (
-    mmproj_metadata,
-    mmproj_tensor_plan,
-)
 from qvq_local.convert.gguf_quantize import BITS_PER_WEIGHT, FTYPES, check_quantiser_available, quantize_gguf
 from qvq_local.convert.gguf_stream import PlannedTensor, write_gguf
-from qvq_local.convert.gguf_text import read_vocab, text_metadata, text_tensor_plan
+from qvq_local.convert.gguf_text import read_vocab
 
 from qvq_local.errors import DiskFull, InputError
 
@@ -104,19 +104,19 @@ def _convert(
     ckpt: Checkpoint, out_dir: Path, quant: str, mmproj_quant: str, progress: bool, name: str
 ) -> GgufPair:
     # ---- everything that can fail is checked here, before any output exists
-    fam = ckpt.family  # a family with its own tensor layout supplies its own parts
-    fam.check_mmproj_supported(ckpt)  # vision shapes llama.cpp's projector for this family cannot run
+    conv = converter_for(ckpt)  # the family's converter class
+    conv.check_supported()  # vision shapes llama.cpp's projector for this family cannot run
     vocab = read_vocab(ckpt)
     direct = quant in _DIRECT
     if not direct:
         check_quantiser_available()
     mm_type = _MMPROJ_TYPES[mmproj_quant]
-    mm_plan = (fam.mmproj_plan or mmproj_tensor_plan)(ckpt, mm_type)
-    mm_meta = (fam.mmproj_metadata or mmproj_metadata)(ckpt, _FILE_TYPES[mm_type], name)
+    mm_plan = conv.mmproj_tensor_plan(mm_type)
+    mm_meta = conv.mmproj_metadata(_FILE_TYPES[mm_type], name)
     text_type = _DIRECT.get(quant, "source")
-    text_plan = (fam.gguf_text_plan or text_tensor_plan)(ckpt, text_type)
+    text_plan = conv.text_tensor_plan(text_type)
     text_file_type = _FILE_TYPES[text_type] if direct else _dominant_file_type(text_plan)
-    text_meta = (fam.gguf_text_metadata or text_metadata)(ckpt, vocab, text_file_type, name)
+    text_meta = conv.text_metadata(vocab, text_file_type, name)
     text_arch = ckpt.family.gguf_text_arch
     model_name, mmproj_name = gguf_file_names(name, quant, mmproj_quant)
     model_path, mmproj_path = out_dir / model_name, out_dir / mmproj_name

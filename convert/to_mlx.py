@@ -6,7 +6,8 @@ puts the project's guarantees around it:
 * the source is validated first, so a wrong architecture or a missing shard fails with one line before
   anything is written;
 * checkpoints in transformers 5's naming (``model.language_model.*``, ``model.visual.*``) are first
-  staged under the original Qwen2-VL names, because mlx-vlm 0.7 only maps the original ones;
+  staged under the family's original names (Qwen2-VL's), because mlx-vlm 0.7 only maps the original
+  ones;
 * the output is written into a hidden sibling folder and renamed into place at the very end, so a
   failure or Ctrl-C never leaves a folder that looks complete;
 * mlx-vlm's own prints are captured and turned into a Rich spinner (stderr) that names the stage;
@@ -26,10 +27,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from qvq_local.convert.checkpoint import normalise_name
-
 from qvq_local import atomic
 from qvq_local.errors import BackendUnavailable, DiskFull, InputError, ModelError, QvqError
+from qvq_local.families import Family
 
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -47,7 +47,7 @@ def convert_to_mlx(
     progress: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Convert the Qwen2-VL checkpoint folder ``src`` into an MLX folder ``out_dir``.
+    """Convert the checkpoint folder ``src`` into an MLX folder ``out_dir``.
 
     ``bits`` is 4 or 8 for affine quantisation of the language model (the vision tower is never
     quantised by mlx-vlm), or ``None`` to keep the source dtype.  ``overwrite`` replaces an existing
@@ -64,9 +64,9 @@ def convert_to_mlx(
     if out_dir.exists() and not overwrite:
         raise InputError("output already exists", path=out_dir, hint="use --force to replace it")
 
-    needs_renaming, weight_files = validate_source(src)
+    family, needs_renaming, weight_files = validate_source(src)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _check_disk(src, out_dir.parent, weight_files, bits, group_size, needs_renaming)
+    _check_disk(src, out_dir.parent, weight_files, bits, group_size, needs_renaming, family)
 
     partial = atomic.partial_dir(out_dir)
     staging: Path | None = None
@@ -75,8 +75,8 @@ def convert_to_mlx(
             source_for_mlx = src
             if needs_renaming:
                 staging = partial.with_name(partial.name.replace(".partial-", ".staging-"))
-                report.stage("Staging weights under the original Qwen2-VL names")
-                stage_original_names(src, staging, weight_files, report)
+                report.stage(f"Staging weights under the original {family.name} names")
+                stage_original_names(src, staging, weight_files, report, family)
                 source_for_mlx = staging
             report.stage("Loading")
             _run_mlx_vlm_convert(source_for_mlx, partial, bits, group_size, report)
@@ -94,8 +94,9 @@ def convert_to_mlx(
 
 
 # ----------------------------------------------------------------------------- source validation
-def validate_source(src: Path) -> tuple[bool, list[Path]]:
-    """Validate ``src`` with the project's checkpoint checks; return (needs renaming, weight files).
+def validate_source(src: Path) -> tuple[Family, bool, list[Path]]:
+    """Validate ``src`` with the project's checkpoint checks; return (its family, needs renaming, weight
+    files).
 
     ``open_checkpoint`` checks config, architecture, shards, truncation and every tensor's shape
     against the config, so a bad source fails here, before any output exists.
@@ -104,21 +105,27 @@ def validate_source(src: Path) -> tuple[bool, list[Path]]:
 
     ckpt = open_checkpoint(src)
     try:
-        return ckpt.naming == "transformers5", list(ckpt.shards)
+        return ckpt.family, ckpt.naming == "transformers5", list(ckpt.shards)
     finally:
         ckpt.release()
 
 
-def estimate_output_bytes(src: Path, weight_files: list[Path], bits: int | None, group_size: int) -> int:
+def estimate_output_bytes(
+    src: Path, weight_files: list[Path], bits: int | None, group_size: int, family: Family | None = None
+) -> int:
     """Rough size of the MLX output, from the safetensors headers only.
 
     Unquantised: the source size.  Quantised: each 2-D language-model weight costs ``bits/8`` per value
     plus a scale and a bias per group in the source dtype; the vision tower, norms and biases stay as
-    they are (mlx-vlm never quantises the vision tower).
+    they are (mlx-vlm never quantises the vision tower).  ``family``: the checkpoint's (None: read from
+    its config.json).
     """
     if bits is None:
         return sum(p.stat().st_size for p in weight_files)
+    from qvq_local.convert.checkpoint import checkpoint_family
     from qvq_local.convert.safetensors_io import SafetensorsFile
+
+    family = family or checkpoint_family(src)
 
     total = 0
     for path in weight_files:
@@ -128,8 +135,8 @@ def estimate_output_bytes(src: Path, weight_files: list[Path], bits: int | None,
         finally:
             st.close()
         for name, (nbytes, shape) in sizes.items():
-            original = normalise_name(name)
-            if original.startswith("visual.") or len(shape) != 2 or shape[-1] % group_size:
+            original = family.original_tensor_name(name)
+            if family.is_vision_tensor(original) or len(shape) != 2 or shape[-1] % group_size:
                 total += nbytes
             else:
                 numel = shape[0] * shape[1]
@@ -139,9 +146,15 @@ def estimate_output_bytes(src: Path, weight_files: list[Path], bits: int | None,
 
 
 def _check_disk(
-    src: Path, parent: Path, weight_files: list[Path], bits: int | None, group_size: int, staging: bool
+    src: Path,
+    parent: Path,
+    weight_files: list[Path],
+    bits: int | None,
+    group_size: int,
+    staging: bool,
+    family: Family,
 ) -> None:
-    need = estimate_output_bytes(src, weight_files, bits, group_size)
+    need = estimate_output_bytes(src, weight_files, bits, group_size, family)
     if staging:
         need += sum(p.stat().st_size for p in weight_files)
     free = shutil.disk_usage(parent).free
@@ -153,8 +166,10 @@ def _check_disk(
 
 
 # ----------------------------------------------------------------------------- renamed staging copy
-def stage_original_names(src: Path, staging: Path, weight_files: list[Path], report: _Reporter) -> None:
-    """Write a copy of ``src`` whose safetensors use the original names.
+def stage_original_names(
+    src: Path, staging: Path, weight_files: list[Path], report: _Reporter, family: Family
+) -> None:
+    """Write a copy of ``src`` whose safetensors use the family's original names.
 
     Only the headers change: each file's data section is streamed byte for byte after a rewritten
     header, so memory stays flat and dtypes (bf16 included) are untouched.  Non-weight files are
@@ -170,21 +185,23 @@ def stage_original_names(src: Path, staging: Path, weight_files: list[Path], rep
     index = src / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text(encoding="utf-8"))
-        data["weight_map"] = {normalise_name(k): v for k, v in data["weight_map"].items()}
+        data["weight_map"] = {family.original_tensor_name(k): v for k, v in data["weight_map"].items()}
         (staging / index.name).write_text(json.dumps(data, indent=2), encoding="utf-8")
 
     total = sum(p.stat().st_size for p in weight_files)
     report.start_bytes(total)
     for path in weight_files:
-        _copy_renamed(path, staging / path.name, report)
+        _copy_renamed(path, staging / path.name, report, family)
     report.stop_bytes()
 
 
-def _copy_renamed(path: Path, dest: Path, report: _Reporter) -> None:
+def _copy_renamed(path: Path, dest: Path, report: _Reporter, family: Family) -> None:
     with open(path, "rb") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(header_len))
-        renamed = {(k if k == "__metadata__" else normalise_name(k)): v for k, v in header.items()}
+        renamed = {
+            (k if k == "__metadata__" else family.original_tensor_name(k)): v for k, v in header.items()
+        }
         blob = json.dumps(renamed, separators=(",", ":")).encode("utf-8")
         blob += b" " * (-len(blob) % 8)  # keep the data section 8-byte aligned
         with open(dest, "wb") as out:

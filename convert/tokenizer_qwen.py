@@ -21,7 +21,8 @@ import importlib.util
 from pathlib import Path
 
 from qvq_local.errors import InputError
-from qvq_local.families.qwen2vl import BASE_VOCAB as QWEN_BASE_VOCAB
+from qvq_local.families import DEFAULT_FAMILY
+from qvq_local.formats.byte_level import to_byte_level
 
 VOCAB_RESOURCE = ("resources", "qwen.tiktoken")
 INSTALL_HINT = "pip install dashscope (it is in qvq-local's dev extra)"
@@ -75,44 +76,6 @@ def read_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-@functools.lru_cache(maxsize=1)
-def _byte_chars() -> tuple[str, ...]:
-    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    table = {}
-    extra = 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return tuple(table[b] for b in range(256))
-
-
-def to_byte_level(data: bytes) -> str:
-    chars = _byte_chars()
-    return "".join(chars[b] for b in data)
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_of_char() -> dict[str, int]:
-    return {c: b for b, c in enumerate(_byte_chars())}
-
-
-def byte_level_to_bytes(token: str) -> bytes:
-    """The bytes a byte-level BPE token string stands for (characters outside the table: their UTF-8)."""
-    table = _byte_of_char()
-    out = bytearray()
-    for c in token:
-        b = table.get(c)
-        if b is None:
-            out += c.encode("utf-8")
-        else:
-            out.append(b)
-    return bytes(out)
-
-
 def _merge_of(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     """The pair the BPE procedure joins last when it encodes ``token`` using tokens ranked below it."""
     parts = [token[i : i + 1] for i in range(len(token))]
@@ -145,8 +108,7 @@ def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tupl
 def load() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The real vocabulary and merges (read and recovered once per process; a few seconds)."""
     ranks = read_ranks(require_vocab_file())
-    if len(ranks) != QWEN_BASE_VOCAB:
-        raise InputError(
-            f"has {len(ranks)} tokens, Qwen's vocabulary has {QWEN_BASE_VOCAB}", path=vocab_file()
-        )
+    base = DEFAULT_FAMILY.base_vocab  # every Qwen family's: the specials start right after the vocabulary
+    if len(ranks) != base:
+        raise InputError(f"has {len(ranks)} tokens, Qwen's vocabulary has {base}", path=vocab_file())
     return vocab_and_merges(ranks)

@@ -1,14 +1,16 @@
 """A Qwen2-style tokenizer trained in-process, for synthetic checkpoints.
 
-No hub is reachable, so the tokenizer files of a synthetic checkpoint are built here: a byte-level BPE
-trained with ``tokenizers`` on a small built-in corpus, pre-tokenised with the Qwen2 regex, followed by
-the Qwen special tokens in their original order.  The base vocabulary can be padded with filler entries so
-that the special tokens land on the real Qwen ids (``<|endoftext|>`` = 151643 ...).  A filler is the
-concatenation of two trained tokens that no merge produces: it never comes out of encoding, but it
-decodes to word-like text, so a random model's output stays readable.
+No hub is reachable, so the tokenizer of a synthetic checkpoint is built here: a byte-level BPE trained
+with ``tokenizers`` on a small built-in corpus (or Qwen's real vocabulary, ``tokenizer_qwen``),
+pre-tokenised with the Qwen2 regex, followed by the family's special tokens in their order.  The base
+vocabulary can be padded with filler entries so that the special tokens land on the real Qwen ids
+(``<|endoftext|>`` = 151643 ...).  A filler is the concatenation of two trained tokens that no merge
+produces: it never comes out of encoding, but it decodes to word-like text, so a random model's output
+stays readable.
 
-Writes the same files a real Qwen2-VL repository has: ``tokenizer.json``, ``vocab.json``, ``merges.txt``,
-``tokenizer_config.json`` (with the chat template and ``added_tokens_decoder``) and ``chat_template.json``.
+Builds the files every Qwen repository has in common (``tokenizer.json``, ``vocab.json``,
+``merges.txt``); a family's writer (``convert/synth_<family>.py``) adds its ``tokenizer_config.json`` and
+chat template.
 """
 
 from __future__ import annotations
@@ -16,50 +18,15 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from qvq_local.errors import InputError
-from qvq_local.families.qwen2vl import BASE_VOCAB as QWEN_BASE_VOCAB
-from qvq_local.families.qwen2vl import SPECIAL_TOKENS
-from qvq_local.families.qwen2vl import SYSTEM_PROMPT as QVQ_SYSTEM_PROMPT
+from qvq_local.families import DEFAULT_FAMILY
 
 # The pre-tokeniser pattern of Qwen2's tokenizer.json.
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-
-# Qwen2-VL's chat template (chat_template.json of Qwen2-VL-*-Instruct), with QVQ's default system prompt.
-# Image parts render as <|vision_start|><|image_pad|><|vision_end|>; the processor expands the pad.
-def chat_template(system_prompt: str = QVQ_SYSTEM_PROMPT) -> str:
-    """The Qwen2-VL chat template with this default system prompt (Qwen2.5-VL ships the same template
-    with "You are a helpful assistant.")."""
-    return _TEMPLATE_HEAD + system_prompt + _TEMPLATE_TAIL
-
-
-_TEMPLATE_HEAD = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\n"
-)
-_TEMPLATE_TAIL = (
-    "<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CHAT_TEMPLATE = chat_template()
 
 # A small corpus in the register QVQ writes in: questions about images, step-by-step reasoning, answers.
 _CORPUS = """\
@@ -178,17 +145,19 @@ def vocab_and_merges(kind: str, base_size: int) -> tuple[dict[str, int], list[tu
     if kind == "qwen":
         from . import tokenizer_qwen
 
-        if base_size != QWEN_BASE_VOCAB:
-            raise InputError(f"the real Qwen tokenizer has {QWEN_BASE_VOCAB} base tokens, not {base_size}")
+        real = DEFAULT_FAMILY.base_vocab  # every Qwen family's: the specials start right after it
+        if base_size != real:
+            raise InputError(f"the real Qwen tokenizer has {real} base tokens, not {base_size}")
         return tokenizer_qwen.load()
     raise InputError(f"unknown tokenizer {kind!r}; choose one of {', '.join(KINDS)}")
 
 
 @functools.lru_cache(maxsize=4)
-def build_tokenizer_json(base_size: int, kind: str = "trained") -> str:
-    """tokenizer.json text: Qwen2 normaliser / pre-tokeniser / decoder, the BPE, then the specials.
+def build_tokenizer_json(base_size: int, kind: str, special_tokens: tuple[str, ...]) -> str:
+    """tokenizer.json text: Qwen2 normaliser / pre-tokeniser / decoder, the BPE, then ``special_tokens``
+    (a family's, in id order from ``base_size``).
 
-    Built once per process and kind (the real vocabulary takes a few seconds).
+    Built once per process, kind and family (the real vocabulary takes a few seconds).
     """
     from tokenizers import (
         AddedToken,
@@ -214,53 +183,17 @@ def build_tokenizer_json(base_size: int, kind: str = "trained") -> str:
     )
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    for k, t in enumerate(SPECIAL_TOKENS):
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    for k, t in enumerate(special_tokens):
         got = tok.token_to_id(t)
         if got != base_size + k:  # would break every id in config.json: fail loudly
             raise RuntimeError(f"special token {t} got id {got}, expected {base_size + k}")
     return tok.to_str(pretty=False)
 
 
-def special_ids(base_size: int) -> dict[str, int]:
-    return {t: base_size + k for k, t in enumerate(SPECIAL_TOKENS)}
-
-
-def tokenizer_config(
-    base_size: int,
-    model_max_length: int,
-    template: str = CHAT_TEMPLATE,
-    processor_class: str = "Qwen2VLProcessor",
-) -> dict:
-    """tokenizer_config.json as Qwen2-VL ships it (eos <|im_end|>, pad <|endoftext|>, no bos)."""
-    added = {
-        str(i): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for t, i in special_ids(base_size).items()
-    }
-    return {
-        "add_prefix_space": False,
-        "added_tokens_decoder": added,
-        "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
-        "bos_token": None,
-        "chat_template": template,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "model_max_length": model_max_length,
-        "pad_token": "<|endoftext|>",
-        "padding_side": "left",
-        "processor_class": processor_class,
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
+def special_ids(special_tokens: tuple[str, ...], base_size: int) -> dict[str, int]:
+    """The ids of ``special_tokens`` appended in order after a base vocabulary of ``base_size`` ids."""
+    return {t: base_size + k for k, t in enumerate(special_tokens)}
 
 
 def vocab_files(kind: str, base_size: int) -> dict[str, str]:
@@ -270,32 +203,3 @@ def vocab_files(kind: str, base_size: int) -> dict[str, str]:
         "vocab.json": json.dumps(vocab, ensure_ascii=False),
         "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
     }
-
-
-def write_tokenizer_files(
-    folder: Path,
-    base_size: int,
-    model_max_length: int,
-    kind: str = "trained",
-    system_prompt: str = QVQ_SYSTEM_PROMPT,
-    processor_class: str = "Qwen2VLProcessor",
-) -> None:
-    """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json and chat_template.json (the
-    template's default system prompt and the processor class are the family's)."""
-    template = chat_template(system_prompt)
-    folder = Path(folder)
-    (folder / "tokenizer.json").write_text(build_tokenizer_json(base_size, kind), encoding="utf-8")
-    for name, text in vocab_files(kind, base_size).items():
-        (folder / name).write_text(text, encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            tokenizer_config(base_size, model_max_length, template, processor_class),
-            indent=2,
-            ensure_ascii=False,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    (folder / "chat_template.json").write_text(
-        json.dumps({"chat_template": template}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )

@@ -24,7 +24,9 @@ from pathlib import Path
 
 
 def _shape(name: str):
-    from qvq_local.convert.synthetic import SHAPES
+    from qvq_local.families import DEFAULT_FAMILY
+
+    SHAPES = DEFAULT_FAMILY.synth_shapes
 
     if name == "tiny":
         return SHAPES["tiny"]

@@ -95,9 +95,7 @@ def prepare_images(
 
 def _count_text_tokens(loaded: Any, text: str) -> int | None:
     """Tokens of the prompt's text (image pads left out) without opening a session; None when unknown."""
-    from qvq_local.prompt import IMAGE_PAD
-
-    bare = text.replace(IMAGE_PAD, "")
+    bare = text.replace(_family_of(loaded).image_pad, "")
     tokenize = getattr(loaded, "tokenize", None)
     if callable(tokenize):
         return len(tokenize(bare, special=True))

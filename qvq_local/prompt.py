@@ -7,8 +7,11 @@ rendered in Jinja's immutable sandbox (no attribute access to ``__class__`` and 
 the objects passed in), with the two helpers Hugging Face templates rely on (``raise_exception`` and
 ``strftime_now``) and the same whitespace options transformers uses (``trim_blocks``, ``lstrip_blocks``).
 
-Models that ship no template get :data:`QWEN2_VL_FALLBACK_TEMPLATE`, which renders exactly what the
-Qwen2-VL template renders for a single turn.
+Models that ship no template get their family's fallback template
+(:attr:`~qvq_local.families.base.Family.fallback_chat_template`), which renders one turn exactly as the
+family's published template does.  What the prompt must look like (the image block, the control tokens a
+question may not contain, the default system prompt) is asked of the family: the model's where it is
+known, the default family where none is at hand.
 """
 
 from __future__ import annotations
@@ -18,47 +21,18 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from qvq_local.errors import InputError, ModelError
-from qvq_local.families.qwen2vl import IMAGE_BLOCK, IMAGE_PAD, SPECIAL_TOKENS
-from qvq_local.families.qwen2vl import SYSTEM_PROMPT as QVQ_SYSTEM_PROMPT
+from qvq_local.families import DEFAULT_FAMILY, Family
 
-__all__ = ["IMAGE_BLOCK", "IMAGE_PAD", "QVQ_SYSTEM_PROMPT"]  # re-exported: callers import them from here
 
-#: Control tokens a user's question must not smuggle into the prompt: the tokenizer would parse them as
-#: specials, so a literal ``<|image_pad|>`` would desynchronise the image count and ``<|im_end|>`` would
-#: close the user turn early.
-_RESERVED_TOKENS = SPECIAL_TOKENS
+class _FamilySystemPrompt:
+    """The default of ``build_prompt(system=...)``: the family's own system prompt."""
 
-#: Used only when a model folder ships no chat template at all.  It reproduces the single-turn output of
-#: the Qwen2-VL template (system turn, user turn with one vision block per image then the text, and the
-#: opening of the assistant turn); when no system message is given it falls back to Qwen2-VL's default
-#: system prompt, like the original.
-QWEN2_VL_FALLBACK_TEMPLATE = (
-    "{% set ns = namespace(first=true) %}"
-    "{% for message in messages %}"
-    "{% if ns.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "{% set ns.first = false %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}"
-    "{% else %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}"
-    "{{ part['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n"
-    "{% endif %}"
-)
+    def __repr__(self) -> str:
+        return "FAMILY_SYSTEM_PROMPT"
+
+
+#: ``build_prompt``'s default system prompt: the family's (QVQ's for the default family).
+FAMILY_SYSTEM_PROMPT = _FamilySystemPrompt()
 
 # Files that may carry a chat template, in the order they are tried (newest transformers layout first).
 _TEMPLATE_FILES = (
@@ -122,7 +96,7 @@ def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
     Looked up in ``chat_template.jinja``, ``chat_template.json``, ``tokenizer_config.json`` and
     ``processor_config.json``, in that order.  The result is a ``str`` that also carries ``.source``
     (the file), which :func:`build_prompt` names in its errors.  Callers pass None on to
-    :func:`build_prompt`, which then uses :data:`QWEN2_VL_FALLBACK_TEMPLATE`.
+    :func:`build_prompt`, which then uses the family's fallback template.
     """
     found = find_chat_template(model_dir)
     return ChatTemplate(found[0], found[1]) if found else None
@@ -139,8 +113,10 @@ def build_messages(question: str, n_images: int, system: str | None) -> list[dic
     return messages
 
 
-def _check_user_text(text: str, what: str) -> None:
-    for token in _RESERVED_TOKENS:
+def _check_user_text(text: str, what: str, family: Family) -> None:
+    """Refuse a control token in user text: the tokenizer would parse it as a special, so a literal image
+    pad would desynchronise the image count and an end-of-turn token would close the user turn early."""
+    for token in family.special_tokens:
         if token in text:
             raise InputError(f"the {what} contains the model's control token {token}; remove it")
 
@@ -204,28 +180,33 @@ def build_prompt(
     chat_template: str | None,
     question: str,
     n_images: int,
-    system: str | None = QVQ_SYSTEM_PROMPT,
+    system: str | None | _FamilySystemPrompt = FAMILY_SYSTEM_PROMPT,
     *,
+    family: Family | None = None,
     source: str | Path | None = None,
     variables: Mapping[str, object] | None = None,
 ) -> str:
     """Render the single-turn prompt for ``question`` about ``n_images`` images.
 
     ``chat_template`` is the model's own template (see :func:`load_chat_template`); None selects the
-    built-in Qwen2-VL template.  ``system`` defaults to QVQ's system prompt; None leaves the system
-    turn to the template's own default.  ``source`` names the template's file in error messages
-    (default: the template's own ``.source``); ``variables`` adds template variables such as
-    ``bos_token``.  The result
-    ends with the assistant turn's opening and holds one ``<|vision_start|><|image_pad|><|vision_end|>``
-    block per image; a template that renders a different number of image blocks raises ModelError.
+    family's fallback template.  ``system`` defaults to the family's system prompt (QVQ's for the
+    default family; none for a family without one); None leaves the system turn to the template's own
+    default.  ``family`` is the model's (None: the default family).  ``source`` names the template's file
+    in error messages (default: the template's own ``.source``); ``variables`` adds template variables
+    such as ``bos_token``.  The result ends with the assistant turn's opening and holds one vision block
+    per image (the family's image block); a template that renders a different number of image blocks
+    raises ModelError.
     """
+    family = family or DEFAULT_FAMILY
+    if system is FAMILY_SYSTEM_PROMPT:
+        system = family.system_prompt or None  # a family without one (Qwen3-VL) gets no system turn
     if n_images < 0:
         raise ValueError("n_images must be >= 0")
-    _check_user_text(question, "question")
+    _check_user_text(question, "question", family)
     if system is not None:
-        _check_user_text(system, "system prompt")
+        _check_user_text(system, "system prompt", family)
     if chat_template is None:
-        chat_template, source = QWEN2_VL_FALLBACK_TEMPLATE, "built-in Qwen2-VL template"
+        chat_template, source = family.fallback_chat_template, f"built-in {family.name} template"
     elif source is None:
         source = getattr(chat_template, "source", None)
     text = render_chat_template(
@@ -235,11 +216,11 @@ def build_prompt(
         source=source,
         variables=variables,
     )
-    rendered_images = text.count(IMAGE_PAD)
+    rendered_images = text.count(family.image_pad)
     if rendered_images != n_images:
         raise ModelError(
             f"the chat template rendered {rendered_images} image block(s) for {n_images} image(s);"
-            " it is not a Qwen2-VL style template",
+            f" it is not a {family.name} style template",
             path=source,
         )
     return text

@@ -93,9 +93,9 @@ def qwen_tokenizer_json() -> str:
     _need_qwen_vocab()
     from qvq_local.convert.tokenizer_synth import build_tokenizer_json
 
-    from qvq_local.families.qwen2vl import BASE_VOCAB as QWEN_BASE_VOCAB
+    from qvq_local.families import DEFAULT_FAMILY
 
-    return build_tokenizer_json(QWEN_BASE_VOCAB, "qwen")
+    return build_tokenizer_json(DEFAULT_FAMILY.base_vocab, "qwen", DEFAULT_FAMILY.special_tokens)
 
 
 @pytest.fixture(scope="session")

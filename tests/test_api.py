@@ -392,14 +392,14 @@ def _system_turn(prompt: str) -> str | None:
     ],
 )
 def test_system_prompt_default_and_override(sample_image, system, expected):
-    from qvq_local.families.qwen2vl import SYSTEM_PROMPT as QVQ_SYSTEM_PROMPT
+    from qvq_local.families import DEFAULT_FAMILY
 
     model, loaded = _model(thought="x", answer="y")
     result = model.ask(sample_image, "q", think_budget=4, system=system)
-    want = QVQ_SYSTEM_PROMPT if expected == "QVQ" else expected
+    want = DEFAULT_FAMILY.system_prompt if expected == "QVQ" else expected
     assert _system_turn(loaded.sessions[0].prefill_calls[0].text) == want
     assert result.settings["system"] == (want if system != "" else None)
-    assert "Answer in the language of the question" not in QVQ_SYSTEM_PROMPT
+    assert "Answer in the language of the question" not in DEFAULT_FAMILY.system_prompt
 
 
 def test_cli_system_option_reaches_the_prompt(sample_image, monkeypatch):

@@ -24,7 +24,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from qvq_local.backends import llamacpp
 from qvq_local.backends.base import LoadedModel, Prompt, SamplingParams, Session
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError
-from qvq_local.families.qwen2vl import SAMPLING as QVQ_SAMPLING
+from qvq_local.families import DEFAULT_FAMILY
 from qvq_local.prompt import build_prompt, load_chat_template
 
 QUESTION = "Which bar is the tallest, and by how much?"
@@ -382,7 +382,7 @@ def test_q4_loads_and_generates(tiny_gguf_q4, prompt, hf):
 
 
 def _sampling(session) -> dict:
-    return {k: getattr(session.sampling, k) for k in QVQ_SAMPLING}
+    return {k: getattr(session.sampling, k) for k in DEFAULT_FAMILY.sampling}
 
 
 def test_sampling_defaults_are_the_models_own(f32_model, tiny_gguf_f32, tiny_checkpoint, tmp_path):
@@ -396,8 +396,8 @@ def test_sampling_defaults_are_the_models_own(f32_model, tiny_gguf_f32, tiny_che
     from qvq_local.convert.to_gguf import convert_to_gguf
 
     shipped = json.loads((tiny_checkpoint / "generation_config.json").read_text())
-    wanted = {k: shipped[k] for k in QVQ_SAMPLING}
-    assert all(wanted[k] != QVQ_SAMPLING[k] for k in QVQ_SAMPLING)
+    wanted = {k: shipped[k] for k in DEFAULT_FAMILY.sampling}
+    assert all(wanted[k] != DEFAULT_FAMILY.sampling[k] for k in DEFAULT_FAMILY.sampling)
     assert not (Path(tiny_gguf_f32.model).parent / "generation_config.json").exists()  # from the GGUF alone
     session = f32_model.new_session(SamplingParams(), n_ctx=64)
     assert _sampling(session) == wanted
@@ -428,7 +428,8 @@ def test_sampling_defaults_are_the_models_own(f32_model, tiny_gguf_f32, tiny_che
     shutil.copytree(tiny_checkpoint, source)
     (source / "generation_config.json").unlink()
     pair = convert_to_gguf(source, tmp_path / "bare", quant="f32", mmproj_quant="f32")
-    assert defaults(Path(pair.model).parent) == QVQ_SAMPLING  # the session really uses the fallback
+    # the session really uses the fallback
+    assert defaults(Path(pair.model).parent) == DEFAULT_FAMILY.sampling
 
 
 def test_metadata(f32_model, tiny_checkpoint):

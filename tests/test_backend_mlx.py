@@ -19,7 +19,7 @@ from helpers import assert_error
 
 from qvq_local.backends.base import LoadedModel, Prompt, SamplingParams, Session
 from qvq_local.errors import BackendUnavailable, ContextOverflow, ModelError
-from qvq_local.families.qwen2vl import SAMPLING as QVQ_SAMPLING
+from qvq_local.families import DEFAULT_FAMILY
 from qvq_local.prompt import build_prompt
 
 pytest.importorskip("mlx.core")
@@ -295,7 +295,7 @@ def test_repetition_penalty_avoids_tokens_in_context(loaded, image):
 
 
 def _sampling(session) -> dict:
-    return {k: getattr(session.sampling, k) for k in QVQ_SAMPLING}
+    return {k: getattr(session.sampling, k) for k in DEFAULT_FAMILY.sampling}
 
 
 def test_sampling_defaults_are_the_models_own(loaded, tmp_path):
@@ -309,8 +309,8 @@ def test_sampling_defaults_are_the_models_own(loaded, tmp_path):
     from qvq_local.backends import mlx as backend
 
     shipped = json.loads((loaded.model_dir / "generation_config.json").read_text())
-    wanted = {k: shipped[k] for k in QVQ_SAMPLING}
-    assert all(wanted[k] != QVQ_SAMPLING[k] for k in QVQ_SAMPLING)
+    wanted = {k: shipped[k] for k in DEFAULT_FAMILY.sampling}
+    assert all(wanted[k] != DEFAULT_FAMILY.sampling[k] for k in DEFAULT_FAMILY.sampling)
     session = loaded.new_session(SamplingParams())
     assert _sampling(session) == wanted
     session.close()
@@ -324,7 +324,7 @@ def test_sampling_defaults_are_the_models_own(loaded, tmp_path):
     other = backend.load(bare)
     try:
         session = other.new_session(SamplingParams())
-        assert _sampling(session) == QVQ_SAMPLING
+        assert _sampling(session) == DEFAULT_FAMILY.sampling
         session.close()
     finally:
         other.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import assert_error
-from qvq_local.convert.checkpoint import normalise_name, open_checkpoint
+from qvq_local.convert.checkpoint import open_checkpoint
 
 from qvq_local.errors import ModelError
 
@@ -73,15 +73,21 @@ def _convert_fails(src: Path, tmp_path: Path, match: str) -> ModelError:
     return info.value
 
 
-def test_normalise_name_maps_both_namings():
+def test_original_tensor_name_maps_both_namings():
+    from qvq_local.families import DEFAULT_FAMILY
+
+    original_tensor_name = DEFAULT_FAMILY.original_tensor_name
     assert (
-        normalise_name("model.language_model.layers.3.mlp.up_proj.weight")
+        original_tensor_name("model.language_model.layers.3.mlp.up_proj.weight")
         == "model.layers.3.mlp.up_proj.weight"
     )
-    assert normalise_name("model.visual.blocks.0.attn.qkv.bias") == "visual.blocks.0.attn.qkv.bias"
-    assert normalise_name("model.layers.0.input_layernorm.weight") == "model.layers.0.input_layernorm.weight"
-    assert normalise_name("visual.merger.mlp.0.weight") == "visual.merger.mlp.0.weight"
-    assert normalise_name("lm_head.weight") == "lm_head.weight"
+    assert original_tensor_name("model.visual.blocks.0.attn.qkv.bias") == "visual.blocks.0.attn.qkv.bias"
+    assert (
+        original_tensor_name("model.layers.0.input_layernorm.weight")
+        == "model.layers.0.input_layernorm.weight"
+    )
+    assert original_tensor_name("visual.merger.mlp.0.weight") == "visual.merger.mlp.0.weight"
+    assert original_tensor_name("lm_head.weight") == "lm_head.weight"
 
 
 def test_open_tiny_checkpoint(tiny_checkpoint):

@@ -47,26 +47,32 @@ def test_gguf_identifiers_are_gguf_pys_own_constants():
     assert fam.gguf_projector == gguf.VisionProjectorType.QWEN2VL == "qwen2vl_merger"
 
 
-def test_gguf_tensor_maps_name_tensors_llama_cpp_knows():
+def test_gguf_tensor_maps_name_tensors_llama_cpp_knows(tiny_checkpoint):
     """Every GGUF name the converter writes is one of gguf-py's names for the qwen2vl / clip architectures."""
     import gguf
+    from qvq_local.convert.checkpoint import open_checkpoint
+    from qvq_local.convert.gguf_converter import converter_for
+    from qvq_local.convert.gguf_qwen2vl import Qwen2VLConverter
 
     def known(arch) -> set[str]:
         return {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}
 
+    conv = converter_for(open_checkpoint(tiny_checkpoint))
+    assert type(conv) is Qwen2VLConverter
+    names = dict(conv.text_tensor_names())
     text = known(gguf.MODEL_ARCH.QWEN2VL)
-    for name in qwen2vl.GGUF_TEXT_GLOBAL_MAP.values():
-        assert name.rsplit(".", 1)[0] in text
-    for name in qwen2vl.GGUF_TEXT_LAYER_MAP.values():
+    for name in ("token_embd.weight", "output_norm.weight", "output.weight"):  # the global tensors
+        assert name in names.values() and name.rsplit(".", 1)[0] in text
+    for name in Qwen2VLConverter.text_layer_map.values():
         assert "blk.{bid}." + name.rsplit(".", 1)[0] in text
     vision = known(gguf.MODEL_ARCH.MMPROJ)
-    for name in qwen2vl.MMPROJ_BLOCK_MAP.values():
+    for name in Qwen2VLConverter.mmproj_block_map.values():
         assert "v.blk.{bid}." + name.rsplit(".", 1)[0] in vision
-    for name in qwen2vl.MMPROJ_MERGER_MAP.values():
+    for name in Qwen2VLConverter.mmproj_merger_map.values():
         stem = name.rsplit(".", 1)[0]
         assert stem in vision or stem.replace(".0", ".{bid}").replace(".2", ".{bid}") in vision
-    assert qwen2vl.gguf_text_name("model.layers.7.mlp.down_proj.weight") == "blk.7.ffn_down.weight"
-    assert qwen2vl.gguf_text_name("visual.blocks.0.attn.qkv.weight") is None
+    assert names["model.layers.1.mlp.down_proj.weight"] == "blk.1.ffn_down.weight"
+    assert "visual.blocks.0.attn.qkv.weight" not in names
 
 
 @pytest.mark.parametrize(
@@ -81,14 +87,14 @@ def test_gguf_tensor_maps_name_tensors_llama_cpp_knows():
 def test_image_grid_is_smart_resize(size, bounds, grid):
     """Values worked by hand from transformers' smart_resize (round, then floor/ceil by sqrt of the ratio)."""
     assert qwen2vl.FAMILY.image_grid(*size, **bounds) == grid
-    w, h = qwen2vl.smart_resize(*size, **bounds)
+    w, h = qwen2vl.FAMILY.smart_resize(*size, **bounds)
     assert (w, h) == (grid[0] * 28, grid[1] * 28)
-    assert qwen2vl.image_tokens(w, h) == grid[0] * grid[1]
+    assert qwen2vl.FAMILY.image_tokens(w, h) == grid[0] * grid[1]
 
 
 def test_image_grid_refuses_an_empty_image():
     with pytest.raises(InputError, match="0x5"):
-        qwen2vl.smart_resize(0, 5)
+        qwen2vl.FAMILY.smart_resize(0, 5)
 
 
 def _config(**over):
@@ -108,7 +114,7 @@ def _config(**over):
 
 
 def test_dims_from_config_reads_both_layouts():
-    text, vision = qwen2vl.dims_from_config(_config(), Path("config.json"))
+    text, vision = qwen2vl.FAMILY.dims_from_config(_config(), Path("config.json"))
     assert (text.head_dim, text.num_kv_heads, text.mrope_section) == (64, 2, (8, 12, 12))
     assert (vision.patch_size, vision.spatial_merge_size, vision.merged_dim, vision.mlp_dim) == (
         14,
@@ -119,7 +125,7 @@ def test_dims_from_config_reads_both_layouts():
     flat = _config()
     nested = {k: v for k, v in flat.items() if k in ("architectures", "vision_config")}
     nested["text_config"] = {k: v for k, v in flat.items() if k not in nested}
-    assert qwen2vl.dims_from_config(nested, Path("config.json")) == (text, vision)
+    assert qwen2vl.FAMILY.dims_from_config(nested, Path("config.json")) == (text, vision)
 
 
 @pytest.mark.parametrize(
@@ -135,27 +141,27 @@ def test_dims_from_config_reads_both_layouts():
 )
 def test_dims_from_config_names_the_file_and_the_problem(over, message):
     with pytest.raises(ModelError, match=message) as info:
-        qwen2vl.dims_from_config(_config(**over), Path("/m/config.json"))
+        qwen2vl.FAMILY.dims_from_config(_config(**over), Path("/m/config.json"))
     assert "/m/config.json" in str(info.value)
 
 
 def test_expected_shapes_follow_the_config():
-    text, vision = qwen2vl.dims_from_config(_config(), Path("config.json"))
-    shapes = qwen2vl.expected_shapes(text, vision)
+    text, vision = qwen2vl.FAMILY.dims_from_config(_config(), Path("config.json"))
+    shapes = qwen2vl.FAMILY.expected_shapes(text, vision)
     assert shapes["model.layers.1.self_attn.k_proj.weight"] == (128, 256)  # 2 kv heads x 64
     assert shapes["visual.patch_embed.proj.weight"] == (128, 3, 2, 14, 14)
     assert shapes["visual.merger.mlp.0.weight"] == (512, 512)
     assert shapes["visual.merger.mlp.2.weight"] == (256, 512)
     assert "lm_head.weight" in shapes and "model.layers.2.mlp.up_proj.weight" not in shapes
-    tied, _ = qwen2vl.dims_from_config(_config(tie_word_embeddings=True), Path("config.json"))
-    assert "lm_head.weight" not in qwen2vl.expected_shapes(tied, vision)
+    tied, _ = qwen2vl.FAMILY.dims_from_config(_config(tie_word_embeddings=True), Path("config.json"))
+    assert "lm_head.weight" not in qwen2vl.FAMILY.expected_shapes(tied, vision)
 
 
 def test_synthetic_shapes_are_consistent_with_the_family_rules():
-    for shape in qwen2vl.SYNTH_SHAPES.values():
+    for shape in qwen2vl.FAMILY.synth_shapes.values():
         assert sum(shape.mrope_section) * 2 == shape.head_dim, shape.name
         assert shape.num_attention_heads % shape.num_key_value_heads == 0, shape.name
-        assert shape.vocab_size >= shape.tokenizer_base + len(qwen2vl.SPECIAL_TOKENS), shape.name
+        assert shape.vocab_size >= shape.tokenizer_base + len(qwen2vl.FAMILY.special_tokens), shape.name
 
 
 # ------------------------------------------------------------------------------------------ one place
@@ -229,19 +235,15 @@ def test_the_guard_sees_literals_and_only_literals(source, found):
 
 
 #: Methods the base class implements once for every family, from the family's own attributes.
-_SHARED_METHODS = {"matches_config", "image_grid"}
-
-#: Fine-grained hook -> the optional whole part that replaces the generic code asking it.
-_WHOLE_PART = {
-    "gguf_text_name": "gguf_text_plan",
-    "gguf_text_order": "gguf_text_plan",
-    "mmproj_tensors": "mmproj_plan",
-    "mmproj_family_keys": "mmproj_metadata",
-}
+_SHARED_METHODS = {"matches_config", "image_grid", "image_tokens", "is_vision_tensor"}
 
 
 def test_every_family_fills_the_whole_interface():
-    """A new family that forgets one of the attributes generic code reads fails here, not at run time."""
+    """A new family that forgets one of the attributes generic code reads fails here, not at run time;
+    each one converts and synthesises through the classes registered under its name."""
+    from qvq_local.convert.gguf_converter import GgufConverter, converter_class
+    from qvq_local.convert.synth_writer import SynthWriter, writer_for
+
     from qvq_local.families import FAMILIES
     from qvq_local.families.base import Family
 
@@ -256,15 +258,46 @@ def test_every_family_fills_the_whole_interface():
         for attr in declared:
             assert hasattr(family, attr), f"{family.name} does not set {attr}"
         for name in methods:
-            # the generic converter's fine-grained hooks are not asked of a family that supplies the
-            # whole part itself (Qwen3-VL's own mmproj plan and text plan)
-            whole = _WHOLE_PART.get(name)
-            if whole and getattr(family, whole) is not None:
-                continue
             assert getattr(type(family), name) is not getattr(Family, name), f"{family.name} lacks {name}()"
         assert family.gguf_text_arch and family.gguf_projector
         # --family names it, and the bench's cache folders are prefixed with its first alias
         assert family.aliases and family.aliases[0] == family.name.lower()
+        assert issubclass(converter_class(family), GgufConverter), family.name
+        writer = writer_for(family)
+        assert isinstance(writer, SynthWriter) and writer.family is family
+
+
+def test_family_modules_hold_facts_only():
+    """The family modules import nothing from the converter (its per-family classes import them), nor a
+    heavy library at import time."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "qvq_local" / "families"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("qvq_local.convert", "convert")), f"{path.name} imports {name}"
+                assert name.split(".")[0] != "qvq_local" or name.startswith(
+                    ("qvq_local.families", "qvq_local.errors")
+                ), f"{path.name} imports {name}"
+
+
+def test_register_refuses_a_duplicate_or_incomplete_family():
+    from qvq_local.families import register
+    from qvq_local.families.base import Family
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(qwen2vl.Qwen2VLFamily())
+    with pytest.raises(ValueError, match="does not declare"):
+        register(type("Half", (Family,), {"name": "Half"})())
+    with pytest.raises(TypeError):
+        register("Qwen2-VL")
 
 
 @pytest.mark.parametrize(

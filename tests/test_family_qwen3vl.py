@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from helpers import assert_error
+from qvq_local.convert import synthetic, tokenizer_synth
+from qvq_local.convert.synth_qwen3vl import build_tokenizer_json
 
 from qvq_local.errors import InputError, ModelError
 from qvq_local.families import (
@@ -27,6 +29,17 @@ from qvq_local.families import (
 
 QUESTION = "Which bar is the tallest, and by how much?"
 
+
+def _build_config(size: str) -> dict:
+    """config.json of a synthetic Qwen3-VL of ``size`` (the published layout)."""
+    return synthetic.build_config(size, family="qwen3-vl")
+
+
+def _special_ids(base: int) -> dict[str, int]:
+    """Qwen3-VL's special tokens' ids after a base vocabulary of ``base`` ids."""
+    return tokenizer_synth.special_ids(qwen3vl.FAMILY.special_tokens, base)
+
+
 # Tolerances against transformers f32: those the Qwen2-VL family meets (tests/test_backend_llama.py,
 # tests/test_convert_gguf.py).  Measured here: text logits ~1e-6 (llama.cpp's qwen3vl reads the RMS
 # epsilon, unlike its qwen2vl), image embeddings incl. DeepStack ~5e-4.
@@ -39,12 +52,16 @@ IMAGE_ATOL = 5e-3
 
 @pytest.fixture(scope="session")
 def q3_thinking(artifacts) -> Path:
-    return qwen3vl.write_checkpoint(artifacts / "q3vl-tiny-thinking", "tiny", "thinking", dtype="f32")
+    return synthetic.write_checkpoint(
+        artifacts / "q3vl-tiny-thinking", "tiny", dtype="f32", family="qwen3-vl", variant="thinking"
+    )
 
 
 @pytest.fixture(scope="session")
 def q3_instruct(artifacts) -> Path:
-    return qwen3vl.write_checkpoint(artifacts / "q3vl-tiny-instruct", "tiny", "instruct", dtype="f32")
+    return synthetic.write_checkpoint(
+        artifacts / "q3vl-tiny-instruct", "tiny", dtype="f32", family="qwen3-vl", variant="instruct"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -92,11 +109,11 @@ def test_registry_finds_qwen3vl_from_every_side():
 
 
 def test_special_tokens_are_qwen3s():
-    ids = qwen3vl.special_ids(qwen3vl.BASE_VOCAB)
+    ids = _special_ids(qwen3vl.FAMILY.base_vocab)
     # published ids (tokenizer_config.json of every Qwen3-VL model)
     assert ids["<|im_end|>"] == 151645 and ids["<|image_pad|>"] == 151655
     assert ids["<tool_call>"] == 151657 and ids["<think>"] == 151667 and ids["</think>"] == 151668
-    assert len(qwen3vl.SPECIAL_TOKENS) == 26
+    assert len(qwen3vl.FAMILY.special_tokens) == 26
 
 
 # The published config.json numbers of each dense Qwen3-VL size (Instruct and Thinking share them), and
@@ -116,7 +133,7 @@ PUBLISHED = {
 @pytest.mark.parametrize("size", sorted(PUBLISHED))
 def test_published_sizes_match_their_published_configs(size):
     want = PUBLISHED[size]
-    cfg = qwen3vl.build_config(size)
+    cfg = _build_config(size)
     tc, vc = cfg["text_config"], cfg["vision_config"]
     assert (tc["hidden_size"], tc["intermediate_size"], tc["num_hidden_layers"]) == (
         want["hidden"],
@@ -151,16 +168,16 @@ def test_published_sizes_match_their_published_configs(size):
         151652,
         151656,
     )
-    n = sum(math.prod(t.shape) for t in qwen3vl.tensor_specs(size))
+    n = sum(math.prod(t.shape) for t in synthetic.tensor_specs(size, family="qwen3-vl"))
     assert round(n / 1e9, 2) == want["params_b"], n
 
 
 @pytest.mark.parametrize("size", sorted(PUBLISHED))
 def test_published_configs_are_what_transformers_reads(size):
     transformers = pytest.importorskip("transformers")
-    cfg = qwen3vl.build_config(size)
+    cfg = _build_config(size)
     parsed = transformers.Qwen3VLConfig(**cfg)
-    text, vision = qwen3vl.dims_from_config(cfg, Path("config.json"))
+    text, vision = qwen3vl.FAMILY.dims_from_config(cfg, Path("config.json"))
     assert parsed.text_config.head_dim == text.head_dim == 128
     rope = parsed.text_config.rope_parameters
     assert list(rope["mrope_section"]) == list(text.mrope_section) and rope.get("mrope_interleaved") is True
@@ -180,7 +197,7 @@ def test_image_grid_uses_32_pixel_tokens(size, grid):
 
 
 def _cfg(**over):
-    cfg = qwen3vl.build_config("tiny")
+    cfg = _build_config("tiny")
     for key, value in over.items():
         where, _, field = key.partition("__")
         cfg[where][field] = value
@@ -200,7 +217,7 @@ def _cfg(**over):
 )
 def test_bad_configs_name_the_file_and_the_problem(over, words):
     with pytest.raises(ModelError) as info:
-        qwen3vl.dims_from_config(_cfg(**over), Path("/m/config.json"))
+        qwen3vl.FAMILY.dims_from_config(_cfg(**over), Path("/m/config.json"))
     assert_error(info, *words, path="/m/config.json")
 
 
@@ -269,10 +286,10 @@ def test_tokenizer_ids_match_config(q3_thinking):
 
 def test_writer_refuses_bad_requests_and_leaves_nothing(tmp_path):
     with pytest.raises(InputError) as info:
-        qwen3vl.write_checkpoint(tmp_path / "a", "3b")
+        synthetic.write_checkpoint(tmp_path / "a", "3b", family="qwen3-vl")
     assert_error(info, "unknown Qwen3-VL shape '3b'", "2b")
     with pytest.raises(InputError) as info:
-        qwen3vl.write_checkpoint(tmp_path / "a", "tiny", "chat")
+        synthetic.write_checkpoint(tmp_path / "a", "tiny", family="qwen3-vl", variant="chat")
     assert_error(info, "unknown Qwen3-VL variant 'chat'")
     assert list(tmp_path.iterdir()) == []
 
@@ -389,7 +406,7 @@ def test_llama_text_and_image_prompts_match_transformers(q3_llama, q3_hf, q3_thi
             session.close()
         ref, ids = _hf_logits(q3_hf, q3_thinking, text, prompt.images)
         if n_images:
-            n_img = ids.count(qwen3vl.special_ids(1264)["<|image_pad|>"])
+            n_img = ids.count(_special_ids(1264)["<|image_pad|>"])
             assert stats.image_tokens == n_img == 70 == q3_llama.image_token_estimate(320, 224)
         err = float(np.abs(ours - ref).max())
         print(
@@ -506,9 +523,7 @@ def test_mlx_text_and_image_prompts_match_transformers(q3_mlx, q3_hf, q3_thinkin
             finally:
                 session.close()
             ref, ids = _hf_logits(q3_hf, q3_thinking, text, prompt.images)
-            assert (
-                stats.image_tokens == ids.count(qwen3vl.special_ids(1264)["<|image_pad|>"]) == 70 * n_images
-            )
+            assert stats.image_tokens == ids.count(_special_ids(1264)["<|image_pad|>"]) == 70 * n_images
             err = float(np.abs(ours - ref).max())
             print(f"\nMLX, {n_images} image(s), chunk {chunk}: max |logit diff| vs transformers {err:.3g}")
             assert err < TEXT_ATOL
@@ -593,9 +608,13 @@ def test_quantised_pairs_answer_with_an_image(q3_thinking, q3_image, tmp_path, q
     assert result.images[0].tokens == 70 and result.forced[0].text.endswith("</think>\n\n")
 
 
+OWN_ROOMS = {("families", "qwen3vl.py"), ("convert", "gguf_qwen3vl.py"), ("convert", "synth_qwen3vl.py")}
+
+
 def test_only_the_family_module_names_qwen3vl():
-    """One place per family: no code outside families/qwen3vl.py spells Qwen3-VL's identifiers (string
-    constants; docstrings and comments are prose)."""
+    """One place per family: no code outside the family's own modules (families/qwen3vl.py and, beside
+    the converter and the synthesiser, convert/gguf_qwen3vl.py and convert/synth_qwen3vl.py) spells
+    Qwen3-VL's identifiers (string constants; docstrings and comments are prose)."""
     import ast
     import re
 
@@ -609,7 +628,8 @@ def test_only_the_family_module_names_qwen3vl():
     root = Path(__file__).resolve().parents[1]
     offenders = []
     for path in [*(root / "qvq_local").rglob("*.py"), *(root / "convert").rglob("*.py")]:
-        if path.name == "qwen3vl.py" and path.parent.name == "families":
+        # the family's own rooms: its facts, its GGUF converter class, its synthetic checkpoint writer
+        if (path.parent.name, path.name) in OWN_ROOMS:
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         prose = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
@@ -647,6 +667,6 @@ def test_real_qwen_vocabulary_gets_qwen3s_ids():
 
     if not tokenizer_qwen.available():
         pytest.skip("Qwen's vocabulary file (dashscope) is not installed")
-    tok = Tokenizer.from_str(qwen3vl.build_tokenizer_json(qwen3vl.BASE_VOCAB, "qwen"))
+    tok = Tokenizer.from_str(build_tokenizer_json(qwen3vl.FAMILY.base_vocab, "qwen"))
     assert tok.get_vocab_size() == 151669
     assert tok.encode("Hello world</think>", add_special_tokens=False).ids == [9707, 1879, 151668]

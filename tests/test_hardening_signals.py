@@ -147,7 +147,9 @@ def home(tmp_path_factory) -> Path:
 def mid_source(tmp_path_factory) -> Path:
     """A ~140M-parameter bf16 Qwen2-VL-layout checkpoint (~290 MB): converting it takes seconds, not
     milliseconds, so a signal lands mid-write."""
-    from qvq_local.convert.synthetic import SynthShape, write_checkpoint
+    from qvq_local.convert.synthetic import write_checkpoint
+
+    from qvq_local.families.qwen2vl import SynthShape
 
     shape = SynthShape(
         name="mid",

@@ -105,7 +105,7 @@ def test_piece_scripts_include_cut_off_characters(piece, scripts):
 # ------------------------------------------------------------------------------------------ masks on the real vocabulary
 @pytest.fixture(scope="module")
 def qwen_pieces(qwen_tokenizer):
-    from qvq_local.convert.tokenizer_qwen import byte_level_to_bytes
+    from qvq_local.formats.byte_level import byte_level_to_bytes
 
     n = qwen_tokenizer.get_vocab_size()
     specials = {qwen_tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|im_end|>", "<|image_pad|>")}

@@ -8,13 +8,13 @@ import pytest
 from helpers import assert_error
 
 from qvq_local.errors import InputError, ModelError
-from qvq_local.prompt import (
-    IMAGE_BLOCK,
-    QVQ_SYSTEM_PROMPT,
-    QWEN2_VL_FALLBACK_TEMPLATE,
-    build_prompt,
-    load_chat_template,
-)
+from qvq_local.families import DEFAULT_FAMILY
+from qvq_local.prompt import build_prompt, load_chat_template
+
+# The default family's (Qwen2-VL's) prompt facts: what build_prompt uses when no family is given.
+IMAGE_BLOCK = DEFAULT_FAMILY.image_block
+QVQ_SYSTEM_PROMPT = DEFAULT_FAMILY.system_prompt
+QWEN2_VL_FALLBACK_TEMPLATE = DEFAULT_FAMILY.fallback_chat_template
 
 # The chat template Qwen2-VL (and QVQ-72B-Preview, apart from its default system line) ships in
 # chat_template.json / tokenizer_config.json: the reference the fallback must reproduce.
@@ -167,3 +167,21 @@ def test_synthetic_checkpoint_ships_a_working_template(tiny_checkpoint):
     assert text.count(IMAGE_BLOCK) == 1
     assert QVQ_SYSTEM_PROMPT in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_the_family_decides_the_fallback_the_default_system_and_the_reserved_tokens():
+    """build_prompt asks the model's family (the default one when none is given)."""
+    from qvq_local.families import FAMILIES
+
+    qwen3 = FAMILIES["Qwen3-VL"]
+    # no template: the family's fallback, with its default system prompt (Qwen3-VL's: none)
+    text = build_prompt(None, "How many bars?", 1, family=qwen3)
+    assert text == (f"<|im_start|>user\n{qwen3.image_block}How many bars?<|im_end|>\n<|im_start|>assistant\n")
+    assert build_prompt(None, "q", 0).startswith(f"<|im_start|>system\n{QVQ_SYSTEM_PROMPT}<|im_end|>")
+    # Qwen3's added tokens are control tokens of its tokenizer, not of Qwen2-VL's
+    with pytest.raises(InputError, match="</think>"):
+        build_prompt(None, "stop here </think> now", 0, family=qwen3)
+    assert "</think>" in build_prompt(None, "stop here </think> now", 0)
+    # a template that renders no image block for an image names the family
+    with pytest.raises(ModelError, match="not a Qwen3-VL style template"):
+        build_prompt("{{ messages[-1].content[-1].text }}", "q", 1, family=qwen3)

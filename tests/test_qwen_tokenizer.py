@@ -14,8 +14,10 @@ import pytest
 from qvq_local.convert import synthetic, tokenizer_qwen
 
 from qvq_local.errors import InputError
-from qvq_local.families.qwen2vl import BASE_VOCAB as QWEN_BASE_VOCAB
-from qvq_local.families.qwen2vl import SPECIAL_TOKENS
+from qvq_local.families import DEFAULT_FAMILY
+
+QWEN_BASE_VOCAB = DEFAULT_FAMILY.base_vocab
+SPECIAL_TOKENS = DEFAULT_FAMILY.special_tokens
 
 pytestmark = pytest.mark.skipif(not tokenizer_qwen.available(), reason="needs dashscope (dev extra)")
 
@@ -193,7 +195,7 @@ def _real_token_texts(tokenizer, text: str) -> list[str]:
     """The text each real Qwen token adds when streamed (a split character comes out whole)."""
     import codecs
 
-    from qvq_local.convert.tokenizer_qwen import byte_level_to_bytes
+    from qvq_local.formats.byte_level import byte_level_to_bytes
 
     decoder = codecs.getincrementaldecoder("utf-8")()
     ids = tokenizer.encode(text).ids

@@ -19,9 +19,11 @@ import pytest
 from helpers import assert_error
 from qvq_local.convert import synthetic
 from qvq_local.convert.safetensors_io import ShardedCheckpoint, bf16_bits_to_f32, f32_to_bf16_bits
-from qvq_local.convert.synthetic import SHAPES, build_config, write_checkpoint
+from qvq_local.convert.synthetic import build_config, write_checkpoint
 
 from qvq_local.errors import DiskFull, InputError
+from qvq_local.families import DEFAULT_FAMILY
+from qvq_local.families.qwen2vl import SynthShape
 
 PUBLISHED = {
     "2b": {
@@ -163,7 +165,7 @@ def test_tensor_names_are_the_original_qwen2_vl_ones():
 
 
 def test_tiny_shape_widths_are_k_quant_friendly():
-    s = SHAPES["tiny"]
+    s = DEFAULT_FAMILY.synth_shapes["tiny"]
     for spec in synthetic.tensor_specs("tiny"):
         if (spec.name.startswith("model.") or spec.name == "lm_head.weight") and len(spec.shape) == 2:
             assert spec.shape[1] % 256 == 0, spec.name
@@ -174,12 +176,10 @@ def test_tiny_shape_widths_are_k_quant_friendly():
 
 
 def test_generation_and_preprocessor_configs_are_qvqs():
-    from qvq_local.families.qwen2vl import SAMPLING as QVQ_SAMPLING
-
     gen = synthetic.build_generation_config("72b")
     # QVQ's layout, but sampling values unlike every fallback value, so backend tests can see them used
-    assert {k: gen[k] for k in QVQ_SAMPLING} == synthetic.SYNTH_SAMPLING
-    assert all(gen[k] != v for k, v in QVQ_SAMPLING.items())
+    assert {k: gen[k] for k in DEFAULT_FAMILY.sampling} == synthetic.SYNTH_SAMPLING
+    assert all(gen[k] != v for k, v in DEFAULT_FAMILY.sampling.items())
     assert gen["top_k"] > 1 and gen["temperature"] > 0 and gen["do_sample"] is True
     assert gen["bos_token_id"] == 151643 and gen["pad_token_id"] == 151643
     assert gen["eos_token_id"] == [151645, 151643]
@@ -250,7 +250,9 @@ def test_big_shapes_use_the_real_qwen_token_ids():
     from qvq_local.convert import tokenizer_synth
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(tokenizer_synth.build_tokenizer_json(151643))
+    tok = Tokenizer.from_str(
+        tokenizer_synth.build_tokenizer_json(151643, "trained", DEFAULT_FAMILY.special_tokens)
+    )
     assert [tok.token_to_id(t) for t in SPECIALS] == list(range(151643, 151657))
     assert tok.get_vocab_size() == 151657
     # fillers up to the real ids are never produced by encoding
@@ -335,7 +337,8 @@ def test_refuses_when_disk_is_too_small(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 10**9, 10**9))
     with pytest.raises(DiskFull) as raised:
         write_checkpoint(tmp_path / "big", shape="7b")
-    assert_error(raised, r"the 7b checkpoint needs 15\.\d GB but only 953\.\d MB is free")
+    # files are counted in decimal units (qvq_local.units.file_size): 16.6e9 bytes needed, 1e9 free
+    assert_error(raised, r"the 7b checkpoint needs 16\.\d GB but only 1\.0 GB is free")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -373,7 +376,7 @@ def test_writing_streams_with_bounded_memory(tmp_path):
     """A 96 MB (f32) checkpoint is written holding far less than its size in memory."""
     import tracemalloc
 
-    medium = synthetic.SynthShape(
+    medium = SynthShape(
         name="medium",
         hidden_size=512,
         intermediate_size=1024,
@@ -501,7 +504,7 @@ def test_tiny_loads_in_mlx_vlm_and_generates_with_an_image(tiny_checkpoint, samp
     )
     assert result.generation_tokens == 4
     assert result.prompt_tokens > 48  # the image's 48 merged patches are in the prompt
-    assert all(0 <= t < SHAPES["tiny"].vocab_size for t in result.token_ids)
+    assert all(0 <= t < DEFAULT_FAMILY.synth_shapes["tiny"].vocab_size for t in result.token_ids)
 
 
 def test_one_writer_for_every_family_and_its_template_variants(tmp_path):

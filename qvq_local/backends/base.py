@@ -20,8 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from qvq_local.families.qwen2vl import SAMPLING as QVQ_SAMPLING
-
 #: generation_config.json's numeric sampling keys: the ones a GGUF stores as its sampling defaults.
 SAMPLING_KEYS: tuple[str, ...] = ("temperature", "top_k", "top_p", "repetition_penalty")
 
@@ -64,15 +62,15 @@ class SamplingParams:
     repetition_penalty: float | None = None
     seed: int | None = None
 
-    def resolved(self, defaults: dict, fallback: dict | None = None) -> SamplingParams:
+    def resolved(self, defaults: dict, fallback: dict) -> SamplingParams:
         """Fill unset fields from a generation_config-like dict, then from ``fallback`` (the model family's
-        published values, ``Family.sampling``; None: QVQ's)."""
-        qvq = {**(QVQ_SAMPLING if fallback is None else fallback), "seed": 0}
+        published values, ``Family.sampling``)."""
+        last = {**fallback, "seed": 0}
         out = {}
         for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
             value = getattr(self, name)
             if value is None:
-                value = defaults.get(name, qvq[name])
+                value = defaults.get(name, last[name])
             out[name] = value
         return SamplingParams(**out)
 

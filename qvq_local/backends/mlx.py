@@ -29,7 +29,7 @@ from qvq_local.backends import registry
 from qvq_local.backends.base import PrefillStats, PrefixState, Prompt, SamplingParams, Token, TokenMask
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY, family_for_model_type
-from qvq_local.prompt import IMAGE_PAD, load_chat_template
+from qvq_local.prompt import load_chat_template
 
 INSTALL_HINT = registry.BACKENDS["mlx"].install_hint
 
@@ -171,7 +171,7 @@ class MlxModel:
 
     def token_pieces(self) -> list[bytes]:
         """The bytes of every token id (special tokens: ``b""``), from the byte-level vocabulary."""
-        from qvq_local.convert.tokenizer_qwen import byte_level_to_bytes
+        from qvq_local.formats.byte_level import byte_level_to_bytes
 
         tok = self.tokenizer
         special = {int(i) for i in getattr(tok, "all_special_ids", [])}
@@ -459,10 +459,9 @@ class MlxSession:
         if self._prefilled:
             raise RuntimeError("prefill() called twice on one session; open a new session per question")
         images = list(prompt.images or [])
-        if prompt.text.count(IMAGE_PAD) != len(images):
-            raise ValueError(
-                f"prompt has {prompt.text.count(IMAGE_PAD)} image blocks for {len(images)} images"
-            )
+        pad = self._loaded.family.image_pad
+        if prompt.text.count(pad) != len(images):
+            raise ValueError(f"prompt has {prompt.text.count(pad)} image blocks for {len(images)} images")
         t_start = time.perf_counter()
         inputs = prepare_inputs(
             self._loaded.processor, images=images or None, prompts=prompt.text, add_special_tokens=False

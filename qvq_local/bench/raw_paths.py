@@ -53,7 +53,8 @@ class RawMlxPath:
         import mlx_vlm
         from mlx_vlm import load as vlm_load
 
-        from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt, load_chat_template
+        from qvq_local.families import DEFAULT_FAMILY
+        from qvq_local.prompt import build_prompt, load_chat_template
 
         self.spec = spec
         self.library = f"mlx-vlm {getattr(mlx_vlm, '__version__', '?')} stream_generate"
@@ -62,7 +63,9 @@ class RawMlxPath:
             self.model, self.processor = vlm_load(spec["model"])
             self.load_s = time.perf_counter() - t0
         self.load_peak_rss_bytes = load_peak.bytes
-        self.text = build_prompt(load_chat_template(spec["model"]), QUESTION, 1, system=QVQ_SYSTEM_PROMPT)
+        self.text = build_prompt(
+            load_chat_template(spec["model"]), QUESTION, 1, system=DEFAULT_FAMILY.system_prompt
+        )
 
     def run(self, size: str, image_path: str, cmd: dict) -> dict:
         from mlx_vlm import stream_generate
@@ -197,7 +200,7 @@ class RawLlamaPath:
     def run(self, size: str, image_path: str, cmd: dict) -> dict:
         from llama_cpp import LogitsProcessorList
 
-        from qvq_local.prompt import QVQ_SYSTEM_PROMPT
+        from qvq_local.families import DEFAULT_FAMILY
 
         sk = greedy_sampling()
         stamps: list[float] = []
@@ -207,7 +210,7 @@ class RawLlamaPath:
             return scores
 
         messages = [
-            {"role": "system", "content": QVQ_SYSTEM_PROMPT},
+            {"role": "system", "content": DEFAULT_FAMILY.system_prompt},
             {
                 "role": "user",
                 "content": [

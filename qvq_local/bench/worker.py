@@ -152,7 +152,8 @@ def job_chains(spec: dict) -> dict:
     from qvq_local.api import prepare_images
     from qvq_local.backends.base import Prompt
     from qvq_local.bench.chains import CHAIN_COUNTS, measure_chains
-    from qvq_local.prompt import QVQ_SYSTEM_PROMPT, build_prompt
+    from qvq_local.families import DEFAULT_FAMILY
+    from qvq_local.prompt import build_prompt
 
     model = load_model(spec)
     try:
@@ -160,7 +161,7 @@ def job_chains(spec: dict) -> dict:
         sizes = sorted(spec["images"], key=int)
         image = prepare_images([spec["images"][sizes[0]]], model.max_pixels)[0].image
         prompt = Prompt(
-            text=build_prompt(loaded.chat_template, QUESTION, 1, QVQ_SYSTEM_PROMPT), images=[image]
+            text=build_prompt(loaded.chat_template, QUESTION, 1, DEFAULT_FAMILY.system_prompt), images=[image]
         )
         figures = measure_chains(
             loaded,

@@ -1,10 +1,15 @@
-"""Model families, registered by name: everything particular to one architecture lives in its module.
+"""Model families, registered by name: the facts particular to one architecture live in its module.
 
-Adding a family means adding one module here (a :class:`~qvq_local.families.base.Family` subclass and its
-instance) plus its tests, and one line in :data:`FAMILIES`.  The rest of qvq-local asks the registry:
+A family is a :class:`~qvq_local.families.base.Family` subclass and its instance, handed to
+:func:`register` (the built-in ones below, a plugin's from its own module).  Converting and synthesising
+a family are done beside the converter and the synthesiser, by classes registered under the family's
+name (``qvq_local.convert.gguf_converter.register``, ``qvq_local.convert.synth_writer.register``), so a
+family in one module converts and answers like the built-in ones.  The rest of qvq-local asks the
+registry:
 
 * :func:`family_for_config` for a Hugging Face ``config.json`` (``qvq convert``, ``qvq doctor``);
 * :func:`family_for_gguf_arch` / :func:`family_for_projector` for a GGUF pair (the llama.cpp backend);
+* :func:`family_for_model_type` for an MLX folder (mlx-vlm's config spelling);
 * :data:`DEFAULT_FAMILY` where no model is at hand yet (an image bounded before the model loads, the
   reasoning controller's default markers, the default system prompt).
 
@@ -12,10 +17,12 @@ What a new family must get right (checked against the pinned transformers 5, mlx
 bundled llama.cpp, which all support QVQ's successors): Qwen2.5-VL's merger projects to
 ``vision_config.out_hidden_size``, not ``vision_config.hidden_size`` (override ``merger_width``); its GGUF
 projector is ``qwen2.5vl_merger`` while its text GGUF is ``qwen2vl`` like Qwen2-VL's, so a GGUF pair's
-family is its projector's (``family_for_projector``), not its text architecture's.  Qwen3-VL's patch is 16 pixels (a 32-pixel grid), its text arch
-``qwen3vl`` and projector ``qwen3vl_merger``, and its DeepStack features would be dropped by the MLX
-session's split vision path (leave ``mlx_split_vision`` False until the session handles them).  Generic
-code may not name these either: ``tests/test_families.py`` scans for each family's identifiers.
+family is its projector's (``family_for_projector``), not its text architecture's.  Qwen3-VL's patch is
+16 pixels (a 32-pixel grid), its text arch ``qwen3vl`` and projector ``qwen3vl_merger``, and its
+DeepStack features would be dropped by the MLX session's split vision path (leave ``mlx_split_vision``
+False until the session handles them).  Generic code may not name these either:
+``tests/test_families.py`` scans for each family's identifiers.  Families registered earlier win a
+lookup that several match (the built-in ones first).
 
 Importing this package stays light (no gguf, numpy or backend library): ``qvq --help`` reaches it.
 """
@@ -29,11 +36,32 @@ from qvq_local.families.qwen2_5vl import FAMILY as QWEN2_5VL
 from qvq_local.families.qwen2vl import FAMILY as QWEN2VL
 from qvq_local.families.qwen3vl import FAMILY as QWEN3VL
 
-#: Every family qvq-local runs, by name.
-FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2VL, QWEN2_5VL, QWEN3VL)}
+#: Every family qvq-local runs, by name, in registration order (read it; add with :func:`register`).
+FAMILIES: dict[str, Family] = {}
 
 #: The family of the models this project is built around (QVQ-72B-Preview).
 DEFAULT_FAMILY = QWEN2VL
+
+
+def register(family: Family) -> Family:
+    """Add ``family`` (an instance) to the registry and return it.
+
+    Its name must be new, and it must declare every fact :class:`Family` lists (a missing one would
+    otherwise surface as an AttributeError deep inside a conversion or a question).
+    """
+    if not isinstance(family, Family):
+        raise TypeError(f"register() takes a Family instance, not {type(family).__name__}")
+    missing = [k for k in Family.__annotations__ if not k.startswith("_") and not hasattr(family, k)]
+    if missing:
+        raise ValueError(f"family {type(family).__name__} does not declare {', '.join(missing)}")
+    if family.name in FAMILIES:
+        raise ValueError(f"a family named {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+for _family in (QWEN2VL, QWEN2_5VL, QWEN3VL):
+    register(_family)
 
 
 def family_for_config(config: dict[str, Any]) -> Family | None:
@@ -53,7 +81,7 @@ def family_for_gguf_arch(arch: Any) -> Family | None:
 
 
 def family_for_projector(projector: Any) -> Family | None:
-    """The family whose mmproj has ``clip.projector_type == projector``, or None."""
+    """The first family whose mmproj has ``clip.projector_type == projector``, or None."""
     return next((f for f in FAMILIES.values() if f.gguf_projector == projector), None)
 
 
@@ -76,5 +104,6 @@ __all__ = [
     "family_for_gguf_arch",
     "family_for_model_type",
     "family_for_projector",
+    "register",
     "supported_gguf_archs",
 ]

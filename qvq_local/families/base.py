@@ -1,74 +1,98 @@
-"""What every model family declares: the interface the rest of qvq-local asks (``qvq_local.families``).
+"""What every model family declares: the facts the rest of qvq-local asks (``qvq_local.families``).
 
 A family is one architecture as it appears in each place this project meets it: the Hugging Face
 ``config.json`` (``architectures`` / ``model_type``), the checkpoint's tensors, the GGUF pair llama.cpp
 runs (a text architecture and an mmproj projector), the image grid the vision tower sees, and the prompt
-and answer conventions of its models.  One subclass per family, one instance registered by name in
-``families/__init__.py`` (as llama.cpp's converter registers one class per architecture).
+and answer conventions of its models.  One subclass per family, one instance registered by name with
+:func:`qvq_local.families.register`.
 
-Nothing here imports a heavy library: ``qvq --help`` imports the registry.  GGUF identifiers come from
-gguf-py's own constants, imported when they are first asked for.
+A family module holds facts only, each declared once, as a class attribute or a method of its family (as
+mlx-lm keeps a model file to its args and modules).  What is done with them lives beside the code that
+does it: the GGUF converter's per-family classes in ``convert/gguf_<family>.py``, the synthetic
+checkpoint writers in ``convert/synth_<family>.py``, each registered under the family's name.  Nothing
+here imports from ``convert/``, nor a heavy library: ``qvq --help`` imports the registry.  GGUF
+identifiers come from gguf-py's own constants, imported when they are first asked for.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
-from qvq_local.errors import ModelError
+from qvq_local.errors import InputError, ModelError
 
 
 class Family:
     """One model family.  Subclasses fill the class attributes and implement the methods."""
 
+    # ---- identity
     #: Registry key and display name (``"Qwen2-VL"``).
     name: ClassVar[str]
     #: Models of the family, for messages (``"QVQ / Qwen2-VL"``).
     models: ClassVar[str]
+    #: Lower-case names ``--family`` accepts besides :attr:`name` (``"qwen2-vl"``), the first one the
+    #: name in lower case.
+    aliases: ClassVar[tuple[str, ...]]
     #: ``config.json``'s ``architectures`` entries and ``model_type`` values that mean this family.
     hf_architectures: ClassVar[tuple[str, ...]]
     hf_model_types: ClassVar[tuple[str, ...]]
+    #: preprocessor_config.json's ``processor_class``.
+    hf_processor_class: ClassVar[str]
     #: mlx-vlm can run the family's vision tower apart from the prompt (the MLX session encodes once).
     mlx_split_vision: ClassVar[bool] = False
 
-    # ---- What the rest of qvq-local reads; a new family sets every one of these.
-    #: Tokenizer: special tokens in id order from ``base_vocab`` (the first special's id).
+    # ---- tokens
+    #: Special tokens in id order from ``base_vocab`` (the first special's id).
     special_tokens: ClassVar[tuple[str, ...]]
     base_vocab: ClassVar[int]
     #: One image in a rendered prompt, and the pad token the backends expand per image token.
     image_block: ClassVar[str]
     image_pad: ClassVar[str]
-    #: Prompt defaults: system prompt, sampling fallback (temperature, top_p, top_k, repetition_penalty),
-    #: and the markers that end the thought in a reply.
+
+    # ---- prompt conventions
+    #: The default system prompt, the sampling fallback (temperature, top_p, top_k, repetition_penalty)
+    #: for a model that ships none, and the markers that end the thought in a reply, by language.
     system_prompt: ClassVar[str]
     sampling: ClassVar[dict[str, float | int]]
-    answer_markers: ClassVar[tuple[str, ...]]
-    #: Image grid: vision patch (px), spatial merge, their product (the resize multiple), the processor's
-    #: pixel bounds, and the image-token bounds llama.cpp's mtmd applies to this projector.
+    answer_markers: ClassVar[dict[str, tuple[str, ...]]]
+    #: The chat template a model folder that ships none is prompted with (one turn renders exactly as the
+    #: family's published template renders it).
+    fallback_chat_template: ClassVar[str]
+
+    # ---- image grid
+    #: Vision patch (px), spatial merge, the frames one patch spans in time, the processor's pixel bounds
+    #: and image statistics (used where a checkpoint has no preprocessor_config.json), and the
+    #: image-token bounds llama.cpp's mtmd applies to this projector.
     patch_size: ClassVar[int]
     merge_size: ClassVar[int]
-    image_factor: ClassVar[int]
+    temporal_patch_size: ClassVar[int]
     processor_min_pixels: ClassVar[int]
     processor_max_pixels: ClassVar[int]
+    image_mean: ClassVar[tuple[float, float, float]]
+    image_std: ClassVar[tuple[float, float, float]]
     llama_image_tokens: ClassVar[tuple[int, int]]
-    #: Synthetic checkpoint shapes by name (``qvq synth --shape``).
-    synth_shapes: ClassVar[dict[str, Any]]
+
+    # ---- tensors
+    #: Prefixes of the text model's and the vision tower's tensors (original naming).
+    text_prefix: ClassVar[str]
+    vision_prefix: ClassVar[str]
     #: Tensor-name facts the integrity checks use (widths, the merger's output, the embedding, mmproj out).
     width_tensor_suffixes: ClassVar[tuple[str, ...]]
     merger_out_suffix: ClassVar[str]
     embedding_suffix: ClassVar[str]
     mmproj_out_tensor: ClassVar[str]
+    #: The published sizes (and a unit-test size), by name: the dims their config.json files carry.
+    synth_shapes: ClassVar[dict[str, Any]]
 
-    #: Optional whole GGUF converter parts, for a family whose tensor layout the generic converter cannot
-    #: express (Qwen3-VL's DeepStack mergers).  None: ``convert/``'s generic builders, which ask the
-    #: fine-grained hooks below (``gguf_text_name``/``gguf_text_order``, ``mmproj_tensors``,
-    #: ``mmproj_family_keys``).  Signatures: ``gguf_text_plan(ckpt, weight_type)``,
-    #: ``gguf_text_metadata(ckpt, vocab, file_type, name)``, ``mmproj_plan(ckpt, weight_type)``,
-    #: ``mmproj_metadata(ckpt, file_type, name)``.
-    gguf_text_plan: ClassVar[Any] = None
-    gguf_text_metadata: ClassVar[Any] = None
-    mmproj_plan: ClassVar[Any] = None
-    mmproj_metadata: ClassVar[Any] = None
+    # ---- GGUF identities (besides :attr:`gguf_text_arch` and :attr:`gguf_projector`)
+    #: ``tokenizer.ggml.pre`` of the text GGUF (the pre-tokenizer llama.cpp applies).
+    gguf_tokenizer_pre: ClassVar[str]
+
+    @property
+    def image_factor(self) -> int:
+        """Side of one image token in pixels (a patch, merged ``merge_size`` x ``merge_size``)."""
+        return self.patch_size * self.merge_size
 
     def dims_from_config(self, config: dict[str, Any], path: Path) -> Any:
         """Typed text and vision dimensions from ``config.json`` (ModelError naming ``path`` if wrong)."""
@@ -78,24 +102,35 @@ class Family:
         """The width the vision merger projects into (must equal the text width)."""
         raise NotImplementedError
 
-    def expected_shapes(self, dims: Any) -> dict[str, tuple[int, ...]]:
+    def expected_shapes(self, text: Any, vision: Any) -> dict[str, tuple[int, ...]]:
         """Every tensor the checkpoint must hold, by its original HF name, with its shape."""
         raise NotImplementedError
 
-    def normalise_name(self, name: str) -> str:
-        """A tensor name in the family's original HF naming (other transformers versions renamed some)."""
+    def original_tensor_name(self, name: str) -> str:
+        """A stored tensor name in the family's original HF naming (other transformers versions renamed
+        some)."""
         raise NotImplementedError
 
     def is_vision_tensor(self, name: str) -> bool:
-        raise NotImplementedError
+        """True for a vision-tower tensor (original naming)."""
+        return name.startswith(self.vision_prefix)
 
-    def smart_resize(self, width: int, height: int, **bounds: Any) -> tuple[int, int]:
+    def smart_resize(
+        self,
+        width: int,
+        height: int,
+        *,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        factor: int | None = None,
+    ) -> tuple[int, int]:
         """The size the family's processor resizes a ``width`` x ``height`` image to."""
         raise NotImplementedError
 
-    def image_tokens(self, width: int, height: int, **bounds: Any) -> int:
-        """Image tokens (after the merge) one image of that size becomes."""
-        raise NotImplementedError
+    def image_tokens(self, width: int, height: int, factor: int | None = None) -> int:
+        """Image tokens (after the merge) for an image already resized to ``width`` x ``height``."""
+        factor = factor or self.image_factor
+        return (width // factor) * (height // factor)
 
     def image_grid(
         self,
@@ -112,56 +147,6 @@ class Family:
         factor = (patch_size or self.patch_size) * (merge_size or self.merge_size)
         w, h = self.smart_resize(width, height, min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
         return w // factor, h // factor
-
-    # ---- Synthetic checkpoints (``qvq synth --family``; convert/synthetic.py writes what these return)
-    #: Lower-case names ``--family`` accepts besides :attr:`name` (``"qwen2-vl"``).
-    aliases: ClassVar[tuple[str, ...]] = ()
-    #: preprocessor_config.json's ``processor_class``.
-    hf_processor_class: ClassVar[str]
-
-    def synth_config(self, shape: Any, ids: dict[str, int], torch_dtype: str) -> dict[str, Any]:
-        """config.json of a synthetic checkpoint of ``shape`` (``ids``: the special tokens' ids)."""
-        raise NotImplementedError
-
-    def synth_tensors(self, shape: Any) -> list[tuple[str, tuple[int, ...], str]]:
-        """``(name, shape, init)`` of every tensor, in writing order; init is ``normal`` or ``norm_weight``."""
-        raise NotImplementedError
-
-    def synth_preprocessor_config(self, shape: Any) -> dict[str, Any]:
-        raise NotImplementedError
-
-    #: Chat-template variants a synthetic checkpoint can carry, the default first (Qwen3-VL: thinking,
-    #: instruct); empty: one template.
-    synth_variants: ClassVar[tuple[str, ...]] = ()
-    #: ``transformers_version`` in the family's published generation_config.json.
-    synth_transformers_version: ClassVar[str] = "4.47.0"
-    #: A family whose tokenizer and template files differ from Qwen2-VL's (Qwen3-VL: its added tokens and
-    #: templates) returns them: ``synth_tokenizer_files(shape, kind, variant) -> {file name: text}``.
-    #: None: Qwen2-VL's files with the family's system prompt and processor class.  Either way
-    #: convert/synthetic.py writes the checkpoint.
-    synth_tokenizer_files: ClassVar[Any] = None
-
-    # ---- GGUF converter (convert/gguf_text.py, convert/gguf_mmproj.py ask these)
-    def gguf_text_name(self, name: str) -> str | None:
-        """GGUF name of an original text tensor name (None: not a text-model tensor)."""
-        raise NotImplementedError
-
-    def gguf_text_order(self, text: Any, has_lm_head: bool) -> list[str]:
-        """The text tensors (original names) in the order the GGUF stores them."""
-        raise NotImplementedError
-
-    def check_mmproj_supported(self, ckpt: Any) -> None:
-        """Raise ModelError for a vision tower llama.cpp's projector for this family cannot run."""
-        raise NotImplementedError
-
-    def mmproj_tensors(self, ckpt: Any) -> list[tuple[str, str, Any]]:
-        """``(gguf_name, source_name, how)`` for every mmproj tensor, in order.  ``how`` is None (copy),
-        ``("frame", t)`` (one time slice of the Conv3d kernel) or ``("rows", k, n)`` (the k-th of n equal
-        row blocks, for a fused qkv)."""
-        raise NotImplementedError
-
-    def mmproj_family_keys(self, writer: Any, ckpt: Any) -> None:
-        """Add the family's own ``clip.*`` keys (the generic ones are written by the converter)."""
 
     # ---- Hugging Face config
     def matches_config(self, config: dict[str, Any]) -> bool:
@@ -183,6 +168,32 @@ class Family:
     def gguf_projector(self) -> str:
         """``clip.projector_type`` of the family's mmproj GGUF."""
         raise NotImplementedError
+
+
+def qwen_smart_resize(
+    width: int, height: int, *, min_pixels: int | None, max_pixels: int | None, factor: int
+) -> tuple[int, int]:
+    """The Qwen-VL processors' resize rule (transformers' ``smart_resize``, llama.cpp's
+    ``calc_size_preserved_ratio``), on a grid of ``factor`` pixels.
+
+    Each side rounded to a multiple of ``factor`` (at least one ``factor``); when the area is above
+    ``max_pixels`` both sides are scaled down (floored), when below ``min_pixels`` scaled up (ceiled),
+    the aspect ratio kept.  ``None`` leaves that bound out.  Returns ``(width, height)`` in pixels.
+    """
+    if width < 1 or height < 1:
+        raise InputError(f"image size {width}x{height} is empty")
+
+    def snap(x: float, how) -> int:
+        return max(factor, int(how(x / factor)) * factor)
+
+    w, h = snap(width, round), snap(height, round)
+    if max_pixels is not None and w * h > max_pixels:
+        beta = math.sqrt(width * height / max_pixels)
+        w, h = snap(width / beta, math.floor), snap(height / beta, math.floor)
+    elif min_pixels is not None and w * h < min_pixels:
+        beta = math.sqrt(min_pixels / (width * height))
+        w, h = snap(width * beta, math.ceil), snap(height * beta, math.ceil)
+    return w, h
 
 
 def check_vision_widths(
