@@ -195,7 +195,8 @@ def models(
     """
     import json
 
-    from qvq_local.models import human_size, list_models, models_dir
+    from qvq_local.models import list_models, models_dir
+    from qvq_local.units import file_size
 
     if available:
         from qvq_local.catalogue import available_rows
@@ -211,7 +212,7 @@ def models(
         for column in ("name", "model", "source", "format", "download", "fits this machine"):
             table.add_column(column, justify="right" if column == "download" else "left", overflow="fold")
         for row in rows:
-            size = ("" if row["size_checked"] else "~") + human_size(row["size"])
+            size = ("" if row["size_checked"] else "~") + file_size(row["size"])
             table.add_row(row["name"], row["title"], row["source"], row["format"], size, row["verdict"])
         Console().print(table)
         return
@@ -247,7 +248,7 @@ def models(
             row.get("family") or "?",
             row["format"],
             row["quantization"],
-            human_size(row["size"]),
+            file_size(row["size"]),
             row["source"],
         )
     Console().print(table)
@@ -541,12 +542,13 @@ def cache_info(as_json: bool = typer.Option(False, "--json", help="Print as JSON
 def cache_clear() -> None:
     """Delete every entry of the prefix cache."""
     from qvq_local import prefix_cache
+    from qvq_local.units import file_size
 
     try:
         n, size = prefix_cache.disk_cache().clear()
     except QvqError as err:
         _fail(err)
-    typer.echo(f"removed {n} file(s), {prefix_cache.human_size(size)}")
+    typer.echo(f"removed {n} file(s), {file_size(size)}")
 
 
 # ---------------------------------------------------------------- bench (issue 6)
