@@ -7,15 +7,41 @@ Every command body is a lazy import of the module that does the work, so ``qvq -
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from qvq_local.backends import registry
 from qvq_local.errors import QvqError
 
-app = typer.Typer(
+
+class _Commands(typer.Typer):
+    """A Typer whose commands all end a user error the same way: ``QvqError`` -> one ``error: ...`` line on
+    stderr and the error's exit code (qvq_local/errors.py), so no command writes that ``except`` itself."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)  # Typer reads the options from the wrapped signature
+            def run(*a: Any, **k: Any) -> Any:
+                try:
+                    return fn(*a, **k)
+                except QvqError as err:
+                    typer.echo(f"error: {err}", err=True)
+                    raise typer.Exit(err.exit_code) from None
+
+            register(run)
+            return fn
+
+        return decorate
+
+
+app = _Commands(
     name="qvq",
     help="Run QVQ visual reasoning models locally, quantised, and watch them think.",
     no_args_is_help=True,
@@ -23,11 +49,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-def _fail(err: QvqError) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(err.exit_code)
 
 
 # ---------------------------------------------------------------- synth (issue: foundation)
@@ -61,12 +82,9 @@ def synth(
     """
     from qvq_local.convert.synthetic import synth_command
 
-    try:
-        synth_command(
-            shape=shape, out=out, dtype=dtype, seed=seed, force=force, tokenizer=tokenizer, family=family
-        )
-    except QvqError as err:
-        _fail(err)
+    synth_command(
+        shape=shape, out=out, dtype=dtype, seed=seed, force=force, tokenizer=tokenizer, family=family
+    )
 
 
 # ---------------------------------------------------------------- convert / pull / models (issue 3, 5)
@@ -115,20 +133,17 @@ def convert(
     """
     from qvq_local.convert.pipeline import convert as run_convert
 
-    try:
-        path = run_convert(
-            source,
-            to=to,
-            quant=quant,
-            bits=bits,
-            group_size=group_size,
-            mmproj_quant=mmproj_quant,
-            out=out,
-            force=force,
-            progress=not quiet,
-        )
-    except QvqError as err:
-        _fail(err)
+    path = run_convert(
+        source,
+        to=to,
+        quant=quant,
+        bits=bits,
+        group_size=group_size,
+        mmproj_quant=mmproj_quant,
+        out=out,
+        force=force,
+        progress=not quiet,
+    )
     typer.echo(str(path))
 
 
@@ -166,10 +181,7 @@ def pull(
     """
     from qvq_local.models import pull as run_pull
 
-    try:
-        path = run_pull(ref, progress=not quiet, revision=revision, mmproj=mmproj)
-    except QvqError as err:
-        _fail(err)
+    path = run_pull(ref, progress=not quiet, revision=revision, mmproj=mmproj)
     typer.echo(str(path))
 
 
@@ -216,10 +228,7 @@ def models(
             table.add_row(row["name"], row["title"], row["source"], row["format"], size, row["verdict"])
         Console().print(table)
         return
-    try:
-        rows = list_models()
-    except QvqError as err:
-        _fail(err)
+    rows = list_models()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -391,10 +400,7 @@ def ask(
         server_kind=server_kind,
         samples=samples,
     )
-    try:
-        code = run_ask(opts)
-    except QvqError as err:
-        _fail(err)
+    code = run_ask(opts)
     if code:
         raise typer.Exit(code)
 
@@ -427,13 +433,10 @@ def doctor(
     """
     from qvq_local.ask_cmd import print_doctor
 
-    try:
-        print_doctor(model, context, as_json, selftest=selftest)
-    except QvqError as err:
-        _fail(err)
+    print_doctor(model, context, as_json, selftest=selftest)
 
 
-config_app = typer.Typer(
+config_app = _Commands(
     help="Show and change settings (default model, backend, budgets) in $QVQ_HOME/config.json.",
     no_args_is_help=True,
 )
@@ -445,29 +448,23 @@ def config_list(as_json: bool = typer.Option(False, "--json", help="Print as JSO
     """List every setting, its value and where the value comes from."""
     import json
 
-    from qvq_local import config as settings
+    from qvq_local import config
 
-    try:
-        values = settings.effective()
-        if as_json:
-            typer.echo(json.dumps(values, indent=2))
-            return
-        for key, value in values.items():
-            shown = "(unset)" if value is None else value
-            typer.echo(f"{key} = {shown}    # {settings.SETTINGS[key].help}; from {settings.source(key)}")
-    except QvqError as err:
-        _fail(err)
+    values = config.effective()
+    if as_json:
+        typer.echo(json.dumps(values, indent=2))
+        return
+    for key, value in values.items():
+        shown = "(unset)" if value is None else value
+        typer.echo(f"{key} = {shown}    # {config.SETTINGS[key].help}; from {config.source(key)}")
 
 
 @config_app.command("get")
 def config_get(key: str = typer.Argument(..., help="Setting name, e.g. model.")) -> None:
     """Print one setting's value (nothing, exit code 1, when unset)."""
-    from qvq_local import config as settings
+    from qvq_local import config
 
-    try:
-        value = settings.get(key)
-    except QvqError as err:
-        _fail(err)
+    value = config.get(key)
     if value is None:
         raise typer.Exit(1)
     typer.echo(value)
@@ -481,36 +478,30 @@ def config_set(
     value: str = typer.Argument(..., help="The new value."),
 ) -> None:
     """Store a setting, e.g. `qvq config set model QVQ-72B-Preview-gguf-q4_k_m`."""
-    from qvq_local import config as settings
+    from qvq_local import config
 
-    try:
-        parsed = settings.set_value(key, value)
-    except QvqError as err:
-        _fail(err)
+    parsed = config.set_value(key, value)
     typer.echo(f"{key} = {parsed}")
 
 
 @config_app.command("unset")
 def config_unset(key: str = typer.Argument(..., help="Setting name.")) -> None:
     """Remove a setting from the file."""
-    from qvq_local import config as settings
+    from qvq_local import config
 
-    try:
-        settings.unset(key)
-    except QvqError as err:
-        _fail(err)
+    config.unset(key)
 
 
 @config_app.command("path")
 def config_path() -> None:
     """Print where the settings file lives."""
-    from qvq_local import config as settings
+    from qvq_local import config
 
-    typer.echo(str(settings.config_path()))
+    typer.echo(str(config.config_path()))
 
 
 # ---------------------------------------------------------------- prefix cache (issue 16)
-cache_app = typer.Typer(
+cache_app = _Commands(
     help="The prefix cache: each image's encoded prefix (system prompt + image KV state), kept in"
     " $QVQ_HOME/cache so the next question about the same image skips the image encode and prefill.",
     no_args_is_help=True,
@@ -525,10 +516,7 @@ def cache_info(as_json: bool = typer.Option(False, "--json", help="Print as JSON
 
     from qvq_local import prefix_cache
 
-    try:
-        info = prefix_cache.info()
-    except QvqError as err:
-        _fail(err)
+    info = prefix_cache.info()
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -544,10 +532,7 @@ def cache_clear() -> None:
     from qvq_local import prefix_cache
     from qvq_local.units import file_size
 
-    try:
-        n, size = prefix_cache.disk_cache().clear()
-    except QvqError as err:
-        _fail(err)
+    n, size = prefix_cache.disk_cache().clear()
     typer.echo(f"removed {n} file(s), {file_size(size)}")
 
 
@@ -604,25 +589,22 @@ def bench(
     """
     from qvq_local.bench import bench_command
 
-    try:
-        bench_command(
-            model=model,
-            shape=shape,
-            backend=backend,
-            image_sizes=image_sizes,
-            runs=runs,
-            decode_tokens=decode_tokens,
-            quant=quant,
-            raw=raw,
-            json_path=json_path,
-            chart_path=chart,
-            bandwidth_mib=bandwidth_mib,
-            cpu_buffers=cpu_buffers,
-            gpu_layers=gpu_layers,
-            family=family,
-        )
-    except QvqError as err:
-        _fail(err)
+    bench_command(
+        model=model,
+        shape=shape,
+        backend=backend,
+        image_sizes=image_sizes,
+        runs=runs,
+        decode_tokens=decode_tokens,
+        quant=quant,
+        raw=raw,
+        json_path=json_path,
+        chart_path=chart,
+        bandwidth_mib=bandwidth_mib,
+        cpu_buffers=cpu_buffers,
+        gpu_layers=gpu_layers,
+        family=family,
+    )
 
 
 # ---------------------------------------------------------------- serve (issue 15)
@@ -668,22 +650,19 @@ def serve(
     """
     from qvq_local.serve import serve as run_server
 
-    try:
-        run_server(
-            model,
-            host=host,
-            port=port,
-            api_key=api_key,
-            queue=queue,
-            backend=backend or "auto",
-            max_pixels=max_pixels,
-            max_images=max_images,
-            gpu_layers=gpu_layers,
-            allow_image_urls=allow_image_urls,
-            warn=lambda line: typer.echo(line, err=True),
-        )
-    except QvqError as err:
-        _fail(err)
+    run_server(
+        model,
+        host=host,
+        port=port,
+        api_key=api_key,
+        queue=queue,
+        backend=backend or "auto",
+        max_pixels=max_pixels,
+        max_images=max_images,
+        gpu_layers=gpu_layers,
+        allow_image_urls=allow_image_urls,
+        warn=lambda line: typer.echo(line, err=True),
+    )
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:
