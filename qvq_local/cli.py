@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from qvq_local.backends import registry
+from qvq_local.backends.options import SERVER_KINDS
 from qvq_local.errors import QvqError
 
 
@@ -343,7 +344,7 @@ def ask(
     server_kind: str | None = typer.Option(
         None,
         "--server-kind",
-        help=f"--backend openai: {' | '.join(registry.SERVER_KINDS)} (auto asks the server); decides how the budget is kept.",
+        help=f"--backend openai: {' | '.join(SERVER_KINDS)} (auto asks the server); decides how the budget is kept.",
     ),
     samples: int = typer.Option(
         1,
@@ -371,36 +372,43 @@ def ask(
       qvq ask chart.png "Which bar?" --backend openai --base-url http://gpu-box:8000/v1 -m Qwen/QVQ-72B-Preview
       qvq ask geometry.png "Find x." --samples 4 --think-budget 2048
     """
-    from qvq_local.ask_cmd import AskOptions, run_ask
+    from qvq_local.ask_cmd import AskRequest, run_ask
 
-    opts = AskOptions(
-        args=list(args or []),
-        attach=[str(p) for p in (attach or [])],
-        model=model,
-        backend=backend,
-        think_budget=think_budget,
-        answer_budget=answer_budget,
-        max_pixels=max_pixels,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        system=system,
-        loop_detection=not no_loop_stop,
-        lang_lock=lang_lock,
-        as_json=as_json,
-        hide_thinking=hide_thinking,
-        save=save,
-        cpu_buffers=cpu_buffers,
-        gpu_layers=gpu_layers,
-        cache=not no_cache,
-        base_url=base_url,
-        api_key=api_key,
-        server_kind=server_kind,
-        samples=samples,
+    code = run_ask(
+        AskRequest(
+            args=list(args or []),
+            attach=[str(p) for p in (attach or [])],
+            model=model,
+            backend=backend,
+            # the question's settings (qvq_local.settings.AskSettings.build's names)
+            options={
+                "think_budget": think_budget,
+                "answer_budget": answer_budget,
+                "max_pixels": max_pixels,
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": top_k,
+                "repetition_penalty": repetition_penalty,
+                "seed": seed,
+                "system": system,
+                "loop_detection": not no_loop_stop,
+                "lang_lock": lang_lock,
+                "samples": samples,
+            },
+            # the backend's load options (its own type checks them; one it does not take is refused)
+            load_options={
+                "gpu_layers": gpu_layers,
+                "cpu_buffers": cpu_buffers,
+                "base_url": base_url,
+                "api_key": api_key,
+                "server_kind": server_kind,
+            },
+            as_json=as_json,
+            hide_thinking=hide_thinking,
+            save=save,
+            cache=not no_cache,
+        )
     )
-    code = run_ask(opts)
     if code:
         raise typer.Exit(code)
 

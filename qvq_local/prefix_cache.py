@@ -472,7 +472,7 @@ def prefill(
             memory.put(key, state)
         return stats, Outcome(source, read_s=read_s, bytes=state.nbytes, key=key)
     stats = session.prefill(prompt, keep_prefix=True)
-    state = getattr(session, "prefix_state", None)
+    state = session.prefix_state  # the registry's prefix_state capability: None when the prompt has no image
     if state is None:
         return stats, Outcome("fresh", key=key)
     if memory is not None:

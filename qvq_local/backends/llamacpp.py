@@ -254,14 +254,14 @@ class LlamaModel:
     context_length: int
     n_vocab: int
     n_embd: int
-    n_gpu_layers: int
+    gpu_layers: int  # text layers asked for on the GPU (-1: all), as llama.cpp was given them
     gpu_offload: bool
     patch_size: int
     merge_size: int
     family: Family = DEFAULT_FAMILY
     backend: str = "llama"
     cpu_buffers: Any = None  # the llama_buffers.BufferPlan the weights were loaded with
-    n_layers: int = 0  # the text model's blocks (llama.cpp offloads n_gpu_layers of them + the output layer)
+    n_layers: int = 0  # the text model's blocks (llama.cpp offloads gpu_layers of them + the output layer)
     n_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     _model: Any = None
     _mtmd: Any = None
@@ -276,7 +276,7 @@ class LlamaModel:
         if not self.gpu_offload:
             return "CPU"
         total = self.n_layers + 1
-        blocks, output = llama_buffers.gpu_split(self.n_gpu_layers, self.n_layers)
+        blocks, output = llama_buffers.gpu_split(self.gpu_layers, self.n_layers)
         on_gpu = blocks + output
         if on_gpu >= total:
             return f"GPU (all {total} layers)"
@@ -309,6 +309,11 @@ class LlamaModel:
         if n < 0:
             raise QvqError(f"llama.cpp could not tokenize {len(data)} bytes of text")
         return list(buf[:n])
+
+    def prefix_identity(self) -> dict:
+        """What a saved prefix state of this model must match besides the GGUF itself (the registry's
+        ``prefix_state`` capability): the mmproj file, and whether the KV cache was computed on the GPU."""
+        return {"files": [self.mmproj_path], "compute": None, "gpu": self.gpu_offload}
 
     def token_pieces(self) -> list[bytes]:
         """The bytes of every token id (control tokens: ``b""``), as llama.cpp writes them."""
@@ -436,32 +441,58 @@ _GPU_WORD = re.compile(r"cuda|metal|vulkan|rocm|hip\b|sycl|gpu", re.IGNORECASE)
 _ALLOC_FAILED = re.compile(r"alloc|out of memory", re.IGNORECASE)
 
 
-def load_failure_hint(why: str, n_gpu_layers: int) -> str | None:
+def load_failure_hint(why: str, gpu_layers: int) -> str | None:
     """What to do when llama.cpp could not allocate GPU memory (``why``: the error lines it logged, e.g.
-    ``cudaMalloc failed: out of memory``) with ``n_gpu_layers`` asked for; None for any other failure
+    ``cudaMalloc failed: out of memory``) with ``gpu_layers`` asked for; None for any other failure
     (a host-memory allocation, a corrupt file) or when nothing was going to the GPU."""
-    if n_gpu_layers == 0 or not (_GPU_WORD.search(why) and _ALLOC_FAILED.search(why)):
+    if gpu_layers == 0 or not (_GPU_WORD.search(why) and _ALLOC_FAILED.search(why)):
         return None
-    fewer = (
-        "fewer layers with --gpu-layers N" if n_gpu_layers < 0 else f"fewer than --gpu-layers {n_gpu_layers}"
-    )
+    fewer = "fewer layers with --gpu-layers N" if gpu_layers < 0 else f"fewer than --gpu-layers {gpu_layers}"
     return f"the GPU's memory is too small: put {fewer} there (qvq doctor --model MODEL estimates N)"
+
+
+def _load_logged(load: Any, free: Any, what: str, path: Path, gpu_layers: int) -> Any:
+    """``load()`` (a llama.cpp call returning a handle, NULL on failure) with its log lines caught: a
+    Ctrl-C that arrived inside it is raised once it returns (the handle freed), and a NULL becomes a
+    ModelError naming ``path`` with llama.cpp's own last error (and the GPU hint when memory ran out)."""
+    _LOG.clear()
+    handle = load()
+    if _LOG.pending is not None:
+        if handle:
+            free(handle)
+        _LOG.reraise()
+    if not handle:
+        why = _LOG.last_error() or f"corrupt or unsupported {what}"
+        raise ModelError(
+            f"llama.cpp could not load this {what}: {why}",
+            path=path,
+            hint=load_failure_hint(" ".join(_LOG.errors), gpu_layers),
+        )
+    return handle
+
+
+def open_model(resolved: Any, options: llama_buffers.LlamaOptions) -> LlamaModel:
+    """The registry's ``open_model`` for this backend: a resolved GGUF model (``qvq_local.models``) and
+    its mmproj, with the backend's checked load options."""
+    if resolved.mmproj is None:
+        raise ModelError("no vision projector (mmproj) for this GGUF model", path=resolved.path)
+    return load(resolved.path, resolved.mmproj, options, name=resolved.name)
 
 
 def load(
     model_gguf: str | Path,
     mmproj_gguf: str | Path | None,
+    options: llama_buffers.LlamaOptions | None = None,
     *,
-    n_gpu_layers: int | None = None,
     name: str | None = None,
     generation_config: dict | None = None,
     n_threads: int | None = None,
-    cpu_buffers: str | None = None,
 ) -> LlamaModel:
     """Load a Qwen2-VL GGUF text model and its mmproj.
 
-    ``n_gpu_layers``: text layers on the GPU; None takes ``$QVQ_GPU_LAYERS``, else puts every layer on
-    the GPU when llama.cpp reports GPU offload support and keeps them on the CPU otherwise; -1 means all
+    ``options``: the backend's load options (None: ``LlamaOptions()``, the environment's or the
+    defaults).  Their ``gpu_layers``: text layers on the GPU; None puts every layer on the GPU when
+    llama.cpp reports GPU offload support and keeps them on the CPU otherwise; -1 means all
     (:func:`llama_buffers.requested_gpu_layers`).  ``generation_config`` overrides the sampling
     defaults (otherwise read from a sidecar ``generation_config.json`` or manifest, then from the GGUF's
     ``general.sampling.*`` keys, else QVQ's values).
@@ -504,31 +535,26 @@ def load(
         raise ModelError(f"mmproj projector type is {projector!r}, expected {expected}", path=mmproj_path)
     family = proj_family
 
+    options = options if options is not None else llama_buffers.LlamaOptions()
     llama_cpp, mtmd_cpp = _libs()
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    n_gpu_layers = llama_buffers.requested_gpu_layers(n_gpu_layers, "n_gpu_layers")
-    if n_gpu_layers is None:
-        n_gpu_layers = -1 if gpu else 0
+    gpu_layers = options.gpu_layers
+    if gpu_layers is None:
+        gpu_layers = -1 if gpu else 0
     threads = int(n_threads or max(1, os.cpu_count() or 1))
 
     mparams = llama_cpp.llama_model_default_params()
-    mparams.n_gpu_layers = int(n_gpu_layers)
+    mparams.n_gpu_layers = int(gpu_layers)
     buffers, overrides = llama_buffers.apply(
-        mparams, llama_buffers.plan_here(llama_cpp, cpu_buffers, tensors), llama_cpp
+        mparams, llama_buffers.plan_here(llama_cpp, options.cpu_buffers, tensors), llama_cpp
     )
-    _LOG.clear()
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
-    if _LOG.pending is not None:
-        if model:
-            llama_cpp.llama_model_free(model)
-        _LOG.reraise()
-    if not model:
-        why = _LOG.last_error() or "corrupt or unsupported GGUF"
-        raise ModelError(
-            f"llama.cpp could not load this GGUF: {why}",
-            path=model_path,
-            hint=load_failure_hint(" ".join(_LOG.errors), n_gpu_layers if gpu else 0),
-        )
+    model = _load_logged(
+        lambda: llama_cpp.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams),
+        llama_cpp.llama_model_free,
+        "GGUF",
+        model_path,
+        gpu_layers if gpu else 0,
+    )
 
     try:
         n_embd = int(llama_cpp.llama_model_n_embd(model))
@@ -540,7 +566,7 @@ def load(
                 path=mmproj_path,
             )
         cparams = mtmd_cpp.mtmd_context_params_default()
-        cparams.use_gpu = gpu and n_gpu_layers != 0
+        cparams.use_gpu = gpu and gpu_layers != 0
         cparams.print_timings = False
         cparams.n_threads = threads
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -548,19 +574,13 @@ def load(
         # compute pass); without it the first encode reserves for the image at hand.  Measured on the 2b
         # shape (CPU): the first image costs the same CPU time either way, and warmup adds ~40 MB at load.
         cparams.warmup = False
-        _LOG.clear()
-        mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode("utf-8"), model, cparams)
-        if _LOG.pending is not None:
-            if mctx:
-                mtmd_cpp.mtmd_free(mctx)
-            _LOG.reraise()
-        if not mctx:
-            why = _LOG.last_error() or "corrupt or unsupported mmproj"
-            raise ModelError(
-                f"llama.cpp could not load this mmproj: {why}",
-                path=mmproj_path,
-                hint=load_failure_hint(" ".join(_LOG.errors), n_gpu_layers if gpu else 0),
-            )
+        mctx = _load_logged(
+            lambda: mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode("utf-8"), model, cparams),
+            mtmd_cpp.mtmd_free,
+            "mmproj",
+            mmproj_path,
+            gpu_layers if gpu else 0,
+        )
         if not mtmd_cpp.mtmd_support_vision(mctx):
             mtmd_cpp.mtmd_free(mctx)
             raise ModelError("this mmproj has no vision encoder", path=mmproj_path)
@@ -598,8 +618,8 @@ def load(
         else int(llama_cpp.llama_model_n_ctx_train(model)),
         n_vocab=int(llama_cpp.llama_vocab_n_tokens(vocab)),
         n_embd=n_embd,
-        n_gpu_layers=int(n_gpu_layers),
-        gpu_offload=gpu and n_gpu_layers != 0,
+        gpu_layers=int(gpu_layers),
+        gpu_offload=gpu and gpu_layers != 0,
         n_layers=int(llama_cpp.llama_model_n_layer(model)),
         patch_size=int(pmeta.get(Keys.ClipVision.PATCH_SIZE, family.patch_size)),
         merge_size=int(pmeta.get(Keys.ClipVision.SPATIAL_MERGE_SIZE, family.merge_size)),
@@ -661,9 +681,7 @@ class LlamaSession:
         ctx = llama_cpp.llama_init_from_model(model._model, cparams)
         if not ctx:
             why = _LOG.last_error() or "out of memory?"
-            gpu_hint = load_failure_hint(
-                " ".join(_LOG.errors), model.n_gpu_layers if model.gpu_offload else 0
-            )
+            gpu_hint = load_failure_hint(" ".join(_LOG.errors), model.gpu_layers if model.gpu_offload else 0)
             raise QvqError(
                 f"llama.cpp could not create a context of {n_ctx} tokens: {why}",
                 hint="lower the budgets or the image size" + (f"; or {gpu_hint}" if gpu_hint else ""),

@@ -160,6 +160,18 @@ class MlxModel:
         family = self.family
         return family.image_tokens(*family.smart_resize(int(width), int(height)))
 
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of ``text`` with no BOS (the registry's ``tokenizer`` capability); ``special``:
+        ``<|...|>`` control tokens are parsed as such (False: spelt out as text)."""
+        if special:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def prefix_identity(self) -> dict:
+        """What a saved prefix state of this model must match besides its folder (the registry's
+        ``prefix_state`` capability): how sessions compute (float32 activations on CPU, or as loaded)."""
+        return {"files": [], "compute": self.compute_note, "gpu": None}
+
     @property
     def compute_note(self) -> str | None:
         """How sessions compute when it differs from the weights' own dtype (``qvq bench`` reports it)."""
@@ -191,6 +203,12 @@ class MlxModel:
         self.model = None
         self.processor = None
         mx.clear_cache()
+
+
+def open_model(resolved: Any, options: Any) -> MlxModel:
+    """The registry's ``open_model`` for this backend: a resolved MLX or Hugging Face folder
+    (``qvq_local.models``); the backend takes no load options (``options`` is the empty base type)."""
+    return load(resolved.path, name=resolved.name)
 
 
 def load(model_dir: str | Path, *, name: str | None = None) -> MlxModel:
