@@ -6,7 +6,7 @@ again.  It never decides when thinking ends; ``qvq_local.reasoning`` does.
 
 Lifecycle::
 
-    loaded = backend_module.load(model_dir_or_gguf, options)      # LoadedModel, heavy, once
+    loaded = spec.open_model(resolved_model, options)              # LoadedModel, heavy, once (registry)
     session = loaded.new_session(sampling)                         # cheap, one per question
     stats = session.prefill(prompt)                                # images encoded here, once
     while ...:
