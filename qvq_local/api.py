@@ -376,7 +376,7 @@ class Model:
                     forking = " or ".join(s.title for s in registry.with_capability(registry.CHAINS))
                     raise InputError(
                         f"{name} {options.samples} needs a backend that decodes chains in one batch"
-                        f" ({forking or 'none is installed'}); the {self.backend} backend runs one chain"
+                        f" ({forking or 'none is registered'}); the {self.backend} backend runs one chain"
                         " at a time"
                     )
                 # the prompt's cells are shared; each chain gets the room one question would have
