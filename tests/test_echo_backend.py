@@ -5,8 +5,8 @@ themselves, so a thinking budget must force the answer), then answer ``\\boxed{4
 It declares everything it is in its registry entry: the formats it loads (any model qvq-local resolves:
 it reads no weights), the format bench would convert to for it, its capabilities (it counts a prompt's
 tokens) and its own load-options type.  It is registered through ``QVQ_PLUGINS`` only, in child processes
-(``qvq ask``, ``qvq serve``, the Python API), so no other file in the package or the tests names it and
-the test process's own registry stays as it was.
+(``qvq ask``, ``qvq serve``, ``qvq bench``, the Python API), so no other file in the package or the tests
+names it and the test process's own registry stays as it was.
 
 Why a child process each time: that is how a user's plugin is found (an environment variable every qvq
 process reads), and it proves that ``qvq serve`` (a process of its own) sees it too.
@@ -353,3 +353,27 @@ def test_qvq_serve_answers_a_real_http_request(tiny_checkpoint, sample_image, tm
         except subprocess.TimeoutExpired:
             server.kill()
             server.communicate()
+
+
+def test_qvq_bench_measures_it_on_the_format_it_declares(tmp_path):
+    """Bench converts its synthetic model to the backend's ``convert_to`` format, loads it through the API
+    with ``backend="echo"`` in its worker processes (they inherit QVQ_PLUGINS) and reports qvq-local's
+    figures alone: bench has no raw library to compare this backend with."""
+    out = tmp_path / "bench.json"
+    result = _qvq(
+        tmp_path,
+        "bench", "--backend", NAME, "--shape", "tiny", "--runs", "1", "--decode-tokens", "8",
+        "--image-sizes", "224", "--json", str(out),
+        timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    echo = json.loads(out.read_text())["backends"][NAME]
+    assert echo["available"] and echo["format"] == SPEC.convert_to
+    assert echo["qvq"]["ok"] and echo["qvq"]["backend"] == NAME
+    figures = echo["qvq"]["sizes"]["224"]
+    assert figures["image_tokens"] == 4 and figures["decode_tok_s"] > 0  # its own image count, measured
+    assert (
+        echo["order"] == "qvq only"
+        and echo["raw"]["ok"] is False
+        and "no raw-library comparison" in echo["raw"]["reason"]
+    )
