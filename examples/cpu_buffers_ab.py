@@ -16,6 +16,7 @@ import time
 
 from qvq_local.backends import llamacpp
 from qvq_local.backends.base import Prompt, SamplingParams
+from qvq_local.backends.llama_buffers import LlamaOptions
 from qvq_local.prompt import build_prompt
 
 
@@ -29,7 +30,10 @@ def main() -> None:
     ap.add_argument("--prompt-repeats", type=int, default=1, help="Repeat the prompt to lengthen prefill.")
     args = ap.parse_args()
     modes = args.modes.split(",")
-    models = {m: llamacpp.load(args.model, args.mmproj, cpu_buffers=m, n_threads=args.threads) for m in modes}
+    models = {
+        m: llamacpp.load(args.model, args.mmproj, LlamaOptions(cpu_buffers=m), n_threads=args.threads)
+        for m in modes
+    }
     for mode, model in models.items():
         print(f"{mode}: {model.cpu_buffers.describe()}")
     text = "Describe the chart in detail, step by step. " * args.prompt_repeats

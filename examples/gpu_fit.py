@@ -52,7 +52,7 @@ def main() -> None:
     # estimate's reserve is for them, so every row is measured against a GPU without them
     before = in_use()
     for value, layers in values:
-        model = qvq_local.load(resolved.path, backend="llama", n_gpu_layers=layers)
+        model = qvq_local.load(resolved.path, backend="llama", gpu_layers=layers)
         try:
             model.prefix_cache = None
             model.ask(args.image, "What does the image show?", think_budget=16)

@@ -7,8 +7,11 @@
     result = model.ask("chart.png", "Which bar is highest?", think_budget=512)
     print(result.answer, result.boxed, result.stop_reason, result.timings)
 
-``load`` resolves the reference (``qvq_local.models``), picks the backend (``qvq_local.hardware``) and
-loads the weights once.  ``Model.stream`` does one question: it loads and bounds the images, renders the
+``load`` resolves the reference (``qvq_local.models``), picks the backend (``qvq_local.hardware``), checks
+that backend's load options (its own type, named in ``qvq_local.backends.registry``) and loads the weights
+once.  What a loaded model can do beyond the Session protocol (count tokens, list its vocabulary, fork
+chains, reuse a prefix, leave the budget to a server) is its backend's registry capabilities: this module
+asks the registry, never the object.  ``Model.stream`` does one question: it loads and bounds the images, renders the
 prompt from the model's own chat template, sizes the context for prompt + image tokens + both budgets
 (refusing with :class:`ContextOverflow` before any decoding when they cannot fit), prefills, emits
 ``Started`` and then whatever the reasoning controller emits, and fills the final ``Result`` with what
@@ -24,13 +27,14 @@ handles both places; ``Model.ask`` uses it and attaches the partial result to th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qvq_local import prefix_cache
-from qvq_local.backends.base import Prompt, SamplingParams
+from qvq_local.backends import registry
+from qvq_local.backends.base import ChatTurn, Prompt
 from qvq_local.errors import ContextOverflow, InputError, ModelError
 from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta, Timings
 from qvq_local.settings import DEFAULT_ANSWER_BUDGET
@@ -61,10 +65,55 @@ class PreparedImage:
     info: ImageInfo
 
 
+@dataclass
+class SourceImage:
+    """An image file read and checked, at its own size (not bounded yet): what ``qvq ask`` holds while
+    the model loads, so that a bad file fails before the load and the image is bounded once, on the grid
+    of the model's family, by :func:`prepare_images`."""
+
+    image: Any  # PIL.Image.Image, RGB, EXIF orientation applied
+    path: str
+
+
+def read_images(images: Any) -> list[SourceImage]:
+    """Read and check each image (a single path is accepted as well as a list) without bounding it.
+
+    Raises ``InputError`` naming the first bad file (missing, not an image, corrupt, empty, too large).
+    """
+    from qvq_local.images import MAX_SOURCE_PIXELS, load_image
+
+    if isinstance(images, (str, Path)):
+        images = [images]
+    sources = []
+    for item in images:
+        if not isinstance(item, (str, Path)):
+            raise InputError(f"expected an image path, got {type(item).__name__}")
+        image, info = load_image(item, MAX_SOURCE_PIXELS, 1, factor=1)  # 1-pixel grid: kept as it is
+        sources.append(SourceImage(image, info.path))
+    if not sources:
+        raise InputError("no image given: QVQ answers questions about images, pass at least one")
+    return sources
+
+
+def _bound(source: SourceImage, max_pixels: int | None, factor: int | None) -> PreparedImage:
+    """``source`` bounded as :func:`qvq_local.images.load_image` bounds a file (same sizes, same filter)."""
+    from PIL import Image
+
+    from qvq_local.images import DEFAULT_MAX_PIXELS, FACTOR, bound_size, image_tokens
+
+    grid = factor or FACTOR
+    original = source.image.size
+    size = bound_size(*original, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, factor=grid)
+    image = source.image if size == original else source.image.resize(size, Image.Resampling.BICUBIC)
+    info = ImageInfo(path=source.path, original_size=original, size=size, tokens=image_tokens(*size, grid))
+    return PreparedImage(image, info)
+
+
 def prepare_images(
     images: Any, max_pixels: int | None = None, factor: int | None = None
 ) -> list[PreparedImage]:
-    """Load, validate and bound each image; a single path is accepted as well as a list.
+    """Load, validate and bound each image; a single path is accepted as well as a list, and a
+    :class:`SourceImage` (read already) is only bounded.
 
     ``factor``: the model family's image-token side (None: the default family's), so that an image is
     resized once, to sides the model's processor keeps.
@@ -73,10 +122,13 @@ def prepare_images(
     """
     from qvq_local.images import load_image
 
-    if isinstance(images, (str, Path, PreparedImage)):
+    if isinstance(images, (str, Path, PreparedImage, SourceImage)):
         images = [images]
     prepared: list[PreparedImage] = []
     for item in images:
+        if isinstance(item, SourceImage):
+            prepared.append(_bound(item, max_pixels, factor))
+            continue
         if isinstance(item, PreparedImage):
             w, h = item.info.size
             if not factor or (w % factor == 0 and h % factor == 0) or not Path(item.info.path).is_file():
@@ -93,19 +145,12 @@ def prepare_images(
     return prepared
 
 
-def _count_text_tokens(loaded: Any, text: str) -> int | None:
-    """Tokens of the prompt's text (image pads left out) without opening a session; None when unknown."""
-    bare = text.replace(_family_of(loaded).image_pad, "")
-    tokenize = getattr(loaded, "tokenize", None)
-    if callable(tokenize):
-        return len(tokenize(bare, special=True))
-    tokenizer = getattr(loaded, "tokenizer", None)
-    if tokenizer is not None and hasattr(tokenizer, "encode"):
-        try:
-            return len(tokenizer.encode(bare, add_special_tokens=False))
-        except TypeError:
-            return len(tokenizer.encode(bare))
-    return None
+def _count_text_tokens(spec: registry.BackendSpec, loaded: Any, text: str) -> int | None:
+    """Tokens of the prompt's text (image pads left out) without opening a session; None when the backend
+    cannot count them (no ``tokenizer`` capability)."""
+    if not spec.has(registry.TOKENIZER):
+        return None
+    return len(loaded.tokenize(text.replace(_family_of(loaded).image_pad, ""), special=True))
 
 
 def _family_of(loaded: Any) -> Any:
@@ -144,14 +189,17 @@ class _Tracker:
 
 
 class Model:
-    """A loaded model.  Open with :func:`load`; close with :meth:`close` or a ``with`` block."""
+    """A loaded model.  Open with :func:`load`; close with :meth:`close` or a ``with`` block.
+
+    ``spec``: its backend's registry entry (what the loaded object can do is asked of it).
+    """
 
     def __init__(
         self,
         loaded: Any,
         *,
         name: str,
-        backend: str,
+        spec: registry.BackendSpec,
         quantization: str,
         path: Path | None = None,
         max_pixels: int | None = None,
@@ -159,7 +207,8 @@ class Model:
     ):
         self.loaded = loaded
         self.name = name
-        self.backend = backend
+        self.spec = spec
+        self.backend = spec.name
         self.quantization = quantization
         self.path = path
         self.max_pixels = max_pixels
@@ -193,28 +242,16 @@ class Model:
             self.loaded.close()
             self.loaded = None
 
+    def notices(self) -> list[str]:
+        """Warnings about how the model was loaded, one line each (its backend's ``load_notices`` hook)."""
+        hook = self.spec.hook(registry.LOAD_NOTICES)
+        return list(hook(self.loaded)) if hook is not None and self.loaded is not None else []
+
     # ------------------------------------------------------------------ one question
-    def stream(
-        self,
-        images: Any,
-        question: str,
-        *,
-        think_budget: int | None = None,
-        answer_budget: int | None = DEFAULT_ANSWER_BUDGET,
-        system: str | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        max_pixels: int | None = None,
-        loop_detection: bool = True,
-        forced_text: str | None = None,
-        lang_lock: str = "auto",
-        samples: int = 1,
-    ) -> Iterator[Event]:
+    def stream(self, images: Any, question: str, **options: Any) -> Iterator[Event]:
         """Ask ``question`` about ``images`` (paths or :class:`PreparedImage`); yield events as they come.
 
+        The options (keywords) are :class:`qvq_local.settings.AskSettings`' with the sampling ones flat:
         ``think_budget`` caps thought tokens (None: up to :data:`DEFAULT_MAX_THOUGHT`, or what the context
         holds); ``answer_budget`` caps answer tokens.  ``system`` replaces the model family's system prompt
         (QVQ's for Qwen2-VL models; Qwen3-VL has none; ``""`` leaves the template's own default).  Sampling
@@ -226,36 +263,20 @@ class Model:
         ``samples`` > 1 runs that many reasoning chains from one prefill, decoded in one batch, each with
         its own budget, loop stop and forced answer; events of each chain come as ``ChainEvent`` and the
         ``Finished`` Result is the majority ``\\boxed{}`` answer's chain with every chain under ``chains``
-        (:mod:`qvq_local.chains`; llama.cpp and MLX).
-        The options become one :class:`qvq_local.settings.AskSettings`, checked there (``InputError``
-        before anything runs).  The last event is always ``Finished``.
+        (:mod:`qvq_local.chains`; the backends with the registry's ``chains`` capability).  ``max_tokens``
+        caps thought and answer together.
+        The options become one :class:`qvq_local.settings.AskSettings` (:meth:`~AskSettings.build`),
+        checked there (``InputError`` before anything runs; an unknown option is a ``TypeError``).  The
+        last event is always ``Finished``.
         """
         from qvq_local.settings import AskSettings
 
-        settings = AskSettings(
-            think_budget=think_budget,
-            answer_budget=answer_budget,
-            max_pixels=max_pixels,
-            sampling=SamplingParams(
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                repetition_penalty=repetition_penalty,
-                seed=seed,
-            ),
-            system=system,
-            loop_detection=loop_detection,
-            forced_text=forced_text,
-            lang_lock=lang_lock,
-            samples=samples,
-        )
-        return self.stream_settings(images, question, settings)
+        return self.stream_settings(images, question, AskSettings.build(options))
 
     def stream_settings(self, images: Any, question: str, settings: AskSettings) -> Iterator[Event]:
         """:meth:`stream` with its options already built and checked (:class:`qvq_local.settings.AskSettings`).
 
-        ``settings.max_pixels`` None means the bound this model was loaded with; ``settings.backend`` and
-        ``settings.cpu_buffers`` are load options and play no part here.
+        ``settings.max_pixels`` None means the bound this model was loaded with.
         """
         from qvq_local import lang
 
@@ -276,14 +297,13 @@ class Model:
         """
         if lock is None:
             return None, {"scripts": None}
-        pieces = getattr(self.loaded, "token_pieces", None)
-        if pieces is None:
+        if not self.spec.has(registry.VOCABULARY):
             return None, {"scripts": None, "unavailable": "the backend cannot list its vocabulary"}
         if self._vocab_scripts is None:
             from qvq_local.lang import VocabScripts
 
             t = time.perf_counter()
-            self._vocab_scripts = VocabScripts(pieces())
+            self._vocab_scripts = VocabScripts(self.loaded.token_pieces())
             self.lang_index_s = time.perf_counter() - t
         mask = self._vocab_scripts.mask(lock.allowed)
         return mask, {"scripts": sorted(lock.allowed), "masked": mask.label, "masked_tokens": len(mask)}
@@ -311,7 +331,7 @@ class Model:
             text = build_prompt(loaded.chat_template, question, len(prepared), system_text)
 
             image_tokens = sum(info.tokens for info in infos)
-            text_tokens = _count_text_tokens(loaded, text)
+            text_tokens = _count_text_tokens(self.spec, loaded, text)
             if text_tokens is None:
                 text_tokens = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
             n_ctx, thought_cap = self._size_context(text_tokens, image_tokens, options)
@@ -347,13 +367,15 @@ class Model:
                 resolved = sampling.resolved(getattr(loaded, "generation_config", {}) or {}, family.sampling)
                 settings.update({k: getattr(resolved, k) for k in ("temperature", "top_p", "top_k")})
                 settings["samples"] = options.samples
-                if not hasattr(loaded, "new_session") or not _forks(loaded):
+                if not self.spec.has(registry.CHAINS):
                     from qvq_local.settings import API_LABELS
 
                     name = {**API_LABELS, **options.labels}["samples"]
+                    forking = " or ".join(s.title for s in registry.with_capability(registry.CHAINS))
                     raise InputError(
-                        f"{name} {options.samples} needs a backend that decodes chains in one batch (llama.cpp"
-                        f" or MLX); the {self.backend} backend runs one chain at a time"
+                        f"{name} {options.samples} needs a backend that decodes chains in one batch"
+                        f" ({forking or 'none is registered'}); the {self.backend} backend runs one chain"
+                        " at a time"
                     )
                 # the prompt's cells are shared; each chain gets the room one question would have
                 prompt_cells = text_tokens + image_tokens
@@ -365,18 +387,23 @@ class Model:
             else:
                 session = loaded.new_session(options.sampling, n_ctx=n_ctx)
             t_prefill = time.perf_counter()
-            stats, cached = prefix_cache.prefill(
-                session,
-                Prompt(
-                    text=text,
-                    images=[p.image for p in prepared],
-                    image_paths=[p.info.path for p in prepared],
+            chat = None
+            if self.spec.has(registry.CHAT_MESSAGES):  # a server that applies its own template
+                chat = ChatTurn(
                     question=question,
                     system=system_text,
                     think_budget=options.think_budget,
                     max_new_tokens=thought_cap
                     + FORCE_MARGIN
                     + (options.answer_budget or DEFAULT_ANSWER_BUDGET),
+                )
+            stats, cached = prefix_cache.prefill(
+                session,
+                Prompt(
+                    text=text,
+                    images=[p.image for p in prepared],
+                    image_paths=[p.info.path for p in prepared],
+                    chat=chat,
                 ),
                 self._prefix_key(text, prepared, options.max_pixels),
                 self.prefix_cache,
@@ -433,32 +460,25 @@ class Model:
 
     def _prefix_key(self, text: str, prepared: list[PreparedImage], max_pixels: int | None) -> str | None:
         """The prefix cache key for this prompt, or None when nothing is to be cached or reused."""
-        from qvq_local.backends import registry
-        from qvq_local.families import DEFAULT_FAMILY
-
         if self.prefix_cache is None and self.disk_cache is None:
             return None
-        try:
-            if not registry.get(self.backend).has(registry.PREFIX_STATE):
-                return None
-        except InputError:
+        if not self.spec.has(registry.PREFIX_STATE):
             return None
         loaded = self.loaded
-        prefix = prefix_cache.prefix_text(text, getattr(loaded, "family", DEFAULT_FAMILY).image_block)
+        prefix = prefix_cache.prefix_text(text, _family_of(loaded).image_block)
         if not prefix:
             return None
+        identity = dict(loaded.prefix_identity())
+        files = identity.pop("files", ())
         return prefix_cache.prefix_key(
-            model=prefix_cache.model_identity(self.path, getattr(loaded, "mmproj_path", None)),
+            model=prefix_cache.model_identity(self.path, *files),
             backend=self.backend,
             prefix=prefix,
             template=loaded.chat_template,
             images=[p.image for p in prepared],
             max_pixels=max_pixels,
-            # how the KV cache is computed (MLX: float32 on CPU, the model's dtype on a GPU)
-            extra={
-                "compute": getattr(loaded, "compute_note", None),
-                "gpu": getattr(loaded, "gpu_offload", None),
-            },
+            # how the KV cache is computed (MLX: float32 on CPU, the model's dtype on a GPU; llama.cpp: GPU)
+            extra=identity,
         )
 
     def _reason(
@@ -486,7 +506,7 @@ class Model:
         # a remote server that applies the budget and the loop stop itself (``qvq serve``, QVQ-Max) gets
         # them in its request (the session reads them from the prompt); counting them here too would cut
         # the thought twice
-        on_server = getattr(session, "budget_on_server", False)
+        on_server = self.spec.has(registry.SERVER_BUDGET) and bool(self.loaded.budget_on_server)
         config = ReasoningConfig(
             think_budget=None if on_server else options.think_budget,
             answer_budget=options.answer_budget,
@@ -602,16 +622,6 @@ class Model:
         return drive(self.stream(images, question, **options))
 
 
-def _forks(loaded: Any) -> bool:
-    """Whether ``loaded``'s sessions can fork into batched chains (``new_session(..., n_seq=)`` + ``fork``)."""
-    import inspect
-
-    try:
-        return "n_seq" in inspect.signature(loaded.new_session).parameters
-    except (TypeError, ValueError):  # pragma: no cover - not introspectable
-        return False
-
-
 def drive(
     events: Iterable[Event],
     *handlers: Callable[[Event], None],
@@ -676,71 +686,104 @@ def load(
     *,
     backend: str = "auto",
     max_pixels: int | None = None,
-    n_gpu_layers: int | str | None = None,
     download: bool = True,
     progress: bool = False,
-    cpu_buffers: str | None = None,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    server_kind: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    **options: Any,
 ) -> Model:
     """Resolve ``ref`` (a GGUF file, an MLX or HF folder, a name from ``qvq models``, a hub id; None: the
     configured default), choose the backend and load the weights.
 
-    ``backend="openai"`` talks to an OpenAI-compatible server instead: ``ref`` is the model's name there
-    (None: the one it serves), ``base_url`` its address (e.g. ``http://127.0.0.1:8000/v1``; None: the
-    ``base_url`` setting), ``api_key`` its key (None: ``$QVQ_API_KEY``/``$OPENAI_API_KEY``, for QVQ-Max
-    ``$DASHSCOPE_API_KEY``), ``server_kind`` auto | qvq | qvq-max | vllm | llama-server | generic
-    (:mod:`qvq_local.backends.openai_remote`).
+    ``options`` are the chosen backend's load options, by name (its type in the registry; a value None
+    is not given): ``backend="llama"`` takes ``gpu_layers`` (text layers on the GPU; None:
+    ``$QVQ_GPU_LAYERS``, else all where llama.cpp has a GPU backend; -1 or "all": all; 0: CPU only) and
+    ``cpu_buffers`` (auto | all | no-amx | none), both explained in :mod:`qvq_local.backends.llama_buffers`;
+    ``backend="mlx"`` takes none.  ``backend="openai"`` talks to an OpenAI-compatible server instead:
+    ``ref`` is the model's name there (None: the one it serves) and its options are ``base_url`` (e.g.
+    ``http://127.0.0.1:8000/v1``), ``api_key`` (None: ``$QVQ_API_KEY``/``$OPENAI_API_KEY``, for QVQ-Max
+    ``$DASHSCOPE_API_KEY``) and ``server_kind`` (auto | qvq | qvq-max | vllm | llama-server | generic;
+    :mod:`qvq_local.backends.openai_remote`).  An option not given takes the ``qvq config`` setting of the
+    same name where there is one (``base_url``, ``server_kind``).  With ``backend="auto"`` each option must
+    be one some local backend takes; the one chosen gets those it takes.  ``labels``: how the caller
+    spells each option in messages (the CLI passes its flags).
 
-    Raises ``ModelError`` (unknown or broken model, wrong format for the backend), ``BackendUnavailable``
-    (the backend's library is missing, naming the pip line) or ``InputError`` (bad option).
-    ``cpu_buffers`` (llama backend: auto | all | no-amx | none) and ``n_gpu_layers`` (llama backend: text
-    layers on the GPU; None: ``$QVQ_GPU_LAYERS``, else all where llama.cpp has a GPU backend; -1 or "all":
-    all; 0: CPU only) are explained in :mod:`qvq_local.backends.llama_buffers`.
+    The options are checked before anything is resolved or downloaded.  Raises ``ModelError`` (unknown or
+    broken model, wrong format for the backend), ``BackendUnavailable`` (the backend's library is missing,
+    naming the pip line) or ``InputError`` (a bad option, or one the backend does not take).
     """
     from qvq_local import config, hardware, models
-    from qvq_local.backends import registry
 
-    wanted = registry.canonical(backend)
-    if wanted != registry.AUTO and registry.get(wanted).has(registry.REMOTE):
+    name = registry.canonical(backend)  # the one place the API maps what the caller typed to a name
+    given = {k: v for k, v in options.items() if v is not None}
+    labels = dict(labels or {})
+    if name != registry.AUTO and registry.BACKENDS[name].has(registry.REMOTE):
+        spec = registry.BACKENDS[name]
+        checked = _options_of(spec, given, labels, config)
         t0 = time.perf_counter()
-        remote = registry.get(wanted).loader(
-            str(ref) if ref is not None and str(ref).strip() else None,
-            base_url=base_url or config.get("base_url"),
-            api_key=api_key,
-            server_kind=server_kind or config.get("server_kind"),
-        )
+        remote = spec.open_model(str(ref) if ref is not None and str(ref).strip() else None, checked)
         return Model(
             remote,
             name=remote.name,
-            backend=wanted,
+            spec=spec,
             quantization=remote.quantization,
             max_pixels=max_pixels,
             load_s=time.perf_counter() - t0,
         )
-    from qvq_local.backends.llama_buffers import requested_gpu_layers
-
-    n_gpu_layers = requested_gpu_layers(n_gpu_layers, "n_gpu_layers")  # before a download, not after
+    # every backend that may run the model gets its options checked now, before a download
+    candidates = (
+        [registry.BACKENDS[name]]
+        if name != registry.AUTO
+        else [registry.BACKENDS[n] for n in registry.names()]
+    )
+    checked_for: dict[str, Any] = {}
+    if name == registry.AUTO:
+        for option in given:
+            if not any(option in spec.options_type().names() for spec in candidates):
+                owners = [s.name for s in registry.BACKENDS.values() if option in s.options_type().names()]
+                whose = (
+                    f"an option of the {' and '.join(owners)} backend" if owners else "no backend's option"
+                )
+                raise InputError(f"{labels.get(option, option)} is {whose}: name the backend to use it")
+    for spec in candidates:
+        taken = spec.options_type().names()
+        own = {k: v for k, v in given.items() if k in taken} if name == registry.AUTO else given
+        checked_for[spec.name] = _options_of(spec, own, labels, config)
     if ref is None or not str(ref).strip():
         ref = config.default_model()
         if ref is None:
             raise ModelError(NO_MODEL_HELP)
     resolved = models.resolve(ref, download=download, progress=progress)
-    chosen = hardware.choose_backend(backend, {resolved.format}, model_path=resolved.path)
+    chosen = hardware.choose_backend(name, {resolved.format}, model_path=resolved.path)
+    spec = registry.BACKENDS[chosen]
     t0 = time.perf_counter()
-    loaded = registry.get(chosen).loader(resolved, n_gpu_layers=n_gpu_layers, cpu_buffers=cpu_buffers)
+    loaded = spec.open_model(resolved, checked_for[chosen])
     load_s = time.perf_counter() - t0
     quantization = models.normalize_quantization(getattr(loaded, "quantization", "") or resolved.quantization)
     return Model(
         loaded,
         name=resolved.name,
-        backend=chosen,
+        spec=spec,
         quantization=quantization,
         path=resolved.path,
         max_pixels=max_pixels,
         load_s=load_s,
     )
+
+
+def _options_of(
+    spec: registry.BackendSpec, given: dict[str, Any], labels: dict[str, str], config: Any
+) -> Any:
+    """The backend's checked load options: ``given``, plus for each option not given the ``qvq config``
+    setting of the same name where one exists and is set (a bad stored value is then named by its
+    setting, not by the caller's option)."""
+    values, labels = dict(given), dict(labels)
+    for option in spec.options_type().names():
+        if option not in values and option in config.SETTINGS:
+            stored = config.get(option)
+            if stored is not None:
+                values[option] = stored
+                labels[option] = f"the {option} setting"
+    return spec.build_options(values, labels)
 
 
 def ask(
@@ -751,4 +794,14 @@ def ask(
         return loaded.ask(images, question, **options)
 
 
-__all__ = ["DEFAULT_ANSWER_BUDGET", "Model", "PreparedImage", "ask", "drive", "load", "prepare_images"]
+__all__ = [
+    "DEFAULT_ANSWER_BUDGET",
+    "Model",
+    "PreparedImage",
+    "SourceImage",
+    "ask",
+    "drive",
+    "load",
+    "prepare_images",
+    "read_images",
+]

@@ -24,36 +24,30 @@ EXIT_INTERRUPTED = 130
 
 
 @dataclass
-class AskOptions:
-    """What ``qvq ask`` was given, unchecked.  :func:`build_settings` makes the question's settings of it;
-    the rest (images, model, output) is this command's own."""
+class AskRequest:
+    """What ``qvq ask`` was given, unchecked, grouped by where each value goes (a value None: not given).
+
+    ``options``: the question's, by :meth:`qvq_local.settings.AskSettings.build`'s names (``think_budget``,
+    ``temperature``...); :func:`build_settings` makes the question's settings of them.  ``load_options``:
+    the backend's load options by name (``gpu_layers``, ``base_url``...), checked by the chosen backend's
+    own type when the model is loaded.  The rest (images, model, output) is this command's own.
+    """
 
     args: list[str] = field(default_factory=list)  # IMAGE... QUESTION
     attach: list[str] = field(default_factory=list)
     model: str | None = None
     backend: str | None = None
-    think_budget: int | None = None
-    answer_budget: int | None = None
-    max_pixels: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    system: str | None = None
-    loop_detection: bool = True
-    lang_lock: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+    load_options: dict[str, Any] = field(default_factory=dict)
     as_json: bool = False
     hide_thinking: bool = False
     save: Path | None = None
-    cpu_buffers: str | None = None
-    gpu_layers: str | None = None
     cache: bool = True  # reuse/keep the image prefix's KV state in QVQ_HOME/cache (--no-cache: off)
-    # --backend openai: the server, its key and its kind (None: the base_url / server_kind settings)
-    base_url: str | None = None
-    api_key: str | None = None
-    server_kind: str | None = None
-    samples: int = 1
+
+
+def flag(name: str) -> str:
+    """How ``qvq ask`` spells an option: ``gpu_layers`` -> ``--gpu-layers``."""
+    return "--" + name.replace("_", "-")
 
 
 def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
@@ -80,84 +74,81 @@ def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
     return images, question
 
 
-def build_settings(opts: AskOptions) -> AskSettings:
-    """The one settings object of this question: the options given, then ``qvq config``'s defaults (the
-    backend from ``$QVQ_BACKEND`` first) for those left out, checked once.
+#: The question's options ``qvq config`` has defaults for (the rest default to AskSettings' own).
+STORED_DEFAULTS = ("think_budget", "answer_budget", "max_pixels")
+
+
+def build_settings(request: AskRequest) -> AskSettings:
+    """The one settings object of this question: the options given, then ``qvq config``'s defaults for
+    those left out, checked once.
 
     A value that came from the options is named by its flag in a message (``--think-budget must be above
     0``), one that came from the settings file by its key (``the think_budget setting must be above 0``).
     """
     from qvq_local import config
-    from qvq_local.backends.base import SamplingParams
     from qvq_local.settings import CLI_LABELS, DEFAULT_ANSWER_BUDGET, AskSettings
 
     labels = dict(CLI_LABELS)
-    stored: dict[str, Any] | None = None
-    values: dict[str, Any] = {}
-    for name in ("backend", "think_budget", "answer_budget", "max_pixels"):
-        value = getattr(opts, name)
-        if value is None:
-            if stored is None:
-                stored = config.effective()
-            value = stored.get(name)
+    values = dict(request.options)
+    missing = [name for name in STORED_DEFAULTS if values.get(name) is None]
+    if missing:
+        stored = config.effective()
+        for name in missing:
+            values[name] = stored.get(name)
             labels[name] = f"the {name} setting"
-        values[name] = value
-    return AskSettings(
-        think_budget=values["think_budget"],
-        answer_budget=DEFAULT_ANSWER_BUDGET if values["answer_budget"] is None else values["answer_budget"],
-        max_pixels=values["max_pixels"],
-        sampling=SamplingParams(
-            temperature=opts.temperature,
-            top_p=opts.top_p,
-            top_k=opts.top_k,
-            repetition_penalty=opts.repetition_penalty,
-            seed=opts.seed,
-        ),
-        system=opts.system,
-        loop_detection=opts.loop_detection,
-        lang_lock=opts.lang_lock,
-        backend=values["backend"] or "auto",
-        cpu_buffers=opts.cpu_buffers,
-        gpu_layers=opts.gpu_layers,
-        samples=opts.samples,
-        labels=labels,
-    )
+    if values.get("answer_budget") is None:
+        values["answer_budget"] = DEFAULT_ANSWER_BUDGET
+    return AskSettings.build(values, labels)
 
 
-def _make_renderer(opts: AskOptions, model: Any):
+@dataclass(frozen=True)
+class LoadRequest:
+    """How ``qvq ask`` loads its model: the backend as given (``--backend``, else the stored setting, else
+    auto; :func:`qvq_local.api.load` maps it to its name, once), the load options given (checked there by
+    the chosen backend's own type) and their flags for messages."""
+
+    backend: str
+    options: dict[str, Any]
+    labels: dict[str, str]
+
+
+def load_request(request: AskRequest) -> LoadRequest:
+    """The backend from ``--backend``, else ``qvq config``'s (``$QVQ_BACKEND`` first; stored by its
+    canonical name), else auto; the load options given, each labelled with its flag."""
+    from qvq_local import config
+
+    backend = request.backend if request.backend is not None else config.get("backend")
+    given = {k: v for k, v in request.load_options.items() if v is not None}
+    return LoadRequest(backend or "auto", given, {name: flag(name) for name in given})
+
+
+def _make_renderer(request: AskRequest, model: Any):
     from qvq_local.render import JsonRenderer, LiveRenderer, PlainRenderer
 
-    if opts.as_json:
+    if request.as_json:
         return JsonRenderer(sys.stdout)
     if sys.stdout.isatty():
         return LiveRenderer(
-            hide_thinking=opts.hide_thinking,
+            hide_thinking=request.hide_thinking,
             model=model.name,
             backend=model.backend,
             quantization=model.quantization,
         )
-    return PlainRenderer(sys.stdout, sys.stderr, hide_thinking=opts.hide_thinking)
+    return PlainRenderer(sys.stdout, sys.stderr, hide_thinking=request.hide_thinking)
 
 
-def _load_model(opts: AskOptions, settings: AskSettings):
+def _load_model(request: AskRequest, how: LoadRequest, settings: AskSettings):
     from qvq_local.api import load
 
-    kw = {
-        "backend": settings.backend,
-        "max_pixels": settings.max_pixels,
-        "cpu_buffers": settings.cpu_buffers,
-        "n_gpu_layers": settings.gpu_layers,
-    }
-    if opts.base_url or opts.api_key or opts.server_kind:
-        kw.update(base_url=opts.base_url, api_key=opts.api_key, server_kind=opts.server_kind)
-    if sys.stderr.isatty() and not opts.as_json:
+    kw = {"backend": how.backend, "max_pixels": settings.max_pixels, "labels": how.labels, **how.options}
+    if sys.stderr.isatty() and not request.as_json:
         from rich.console import Console
 
         with Console(stderr=True).status("loading the model…", spinner="dots"):
-            model = load(opts.model, progress=True, **kw)
+            model = load(request.model, progress=True, **kw)
     else:
-        model = load(opts.model, progress=False, **kw)
-    _warn_gpu_unused(model)
+        model = load(request.model, progress=False, **kw)
+    show_notices(model)
     return model
 
 
@@ -169,15 +160,11 @@ def _use_disk_cache(model: Any, enabled: bool) -> None:
     model.disk_cache = prefix_cache.disk_cache(lambda line: print(line, file=sys.stderr)) if enabled else None
 
 
-def _warn_gpu_unused(model: Any) -> None:
-    """One stderr line when an NVIDIA GPU sits idle because llama-cpp-python was built without CUDA."""
-    if model.backend != "llama" or getattr(model.loaded, "gpu_offload", True):
-        return
-    from qvq_local.hardware import detect_nvidia, gpu_build_warning
-
-    warning = gpu_build_warning(detect_nvidia(run_smi=False), ())
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+def show_notices(model: Any) -> None:
+    """One stderr line per warning the backend has about how the model loaded (an NVIDIA GPU sitting idle
+    because llama-cpp-python was built without CUDA, say)."""
+    for line in model.notices():
+        print(f"warning: {line}", file=sys.stderr)
 
 
 class SigintFlag:
@@ -223,53 +210,60 @@ class SigintFlag:
             self._previous = None
 
 
-def run_ask(opts: AskOptions) -> int:
+def run_ask(request: AskRequest) -> int:
     """Run one question; return the exit code (0, or 130 after Ctrl-C).  QvqError propagates."""
-    from qvq_local.api import prepare_images
+    from qvq_local.api import read_images
 
-    images, question = split_args(opts.args, opts.attach)
-    settings = build_settings(opts)
-    if opts.save is not None:
-        folder = opts.save.parent if str(opts.save.parent) else Path(".")
+    images, question = split_args(request.args, request.attach)
+    settings = build_settings(request)
+    how = load_request(request)
+    save = request.save
+    if save is not None:
+        folder = save.parent if str(save.parent) else Path(".")
         if not folder.is_dir():
             raise InputError("the folder for --save does not exist", path=folder)
-        if opts.save.is_dir():
-            raise InputError("--save needs a file name, this is a folder", path=opts.save)
-    prepared = prepare_images(images, settings.max_pixels)  # fail on a bad image before loading a model
+        if save.is_dir():
+            raise InputError("--save needs a file name, this is a folder", path=save)
+    sources = read_images(images)  # fail on a bad image before loading a model; bounded once, for it
 
     with SigintFlag() as sigint:
-        return _ask_loaded(opts, settings, question, prepared, sigint)
+        return _ask_loaded(request, how, settings, question, sources, sigint)
 
 
 def _ask_loaded(
-    opts: AskOptions, settings: AskSettings, question: str, prepared: list, sigint: SigintFlag
+    request: AskRequest,
+    how: LoadRequest,
+    settings: AskSettings,
+    question: str,
+    sources: list,
+    sigint: SigintFlag,
 ) -> int:
     from qvq_local.api import drive
 
     try:
-        model = _load_model(opts, settings)
+        model = _load_model(request, how, settings)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     if sigint.set:  # Ctrl-C while the model loaded, swallowed inside a C callback
         model.close()
         return EXIT_INTERRUPTED
-    _use_disk_cache(model, opts.cache)
+    _use_disk_cache(model, request.cache)
     handlers = []
-    if opts.save is not None:
+    if request.save is not None:
         from qvq_local.transcript import TranscriptSink
 
-        handlers.append(TranscriptSink(opts.save, question).handle)
+        handlers.append(TranscriptSink(request.save, question).handle)
     renderer = None
     try:
-        events = model.stream_settings(prepared, question, settings)
-        renderer = _make_renderer(opts, model)
+        events = model.stream_settings(sources, question, settings)
+        renderer = _make_renderer(request, model)
         handlers.append(renderer.handle)
         drive(events, *handlers, stop_requested=lambda: sigint.set)
     except KeyboardInterrupt:
         if renderer is not None:
             renderer.close()
-        if opts.save is not None and opts.save.exists():
-            print(f"partial transcript saved to {opts.save}", file=sys.stderr)
+        if request.save is not None and request.save.exists():
+            print(f"partial transcript saved to {request.save}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if renderer is not None:

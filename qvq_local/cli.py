@@ -7,15 +7,42 @@ Every command body is a lazy import of the module that does the work, so ``qvq -
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from qvq_local.backends import registry
+from qvq_local.backends.options import SERVER_KINDS
 from qvq_local.errors import QvqError
 
-app = typer.Typer(
+
+class _Commands(typer.Typer):
+    """A Typer whose commands all end a user error the same way: ``QvqError`` -> one ``error: ...`` line on
+    stderr and the error's exit code (qvq_local/errors.py), so no command writes that ``except`` itself."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)  # Typer reads the options from the wrapped signature
+            def run(*a: Any, **k: Any) -> Any:
+                try:
+                    return fn(*a, **k)
+                except QvqError as err:
+                    typer.echo(f"error: {err}", err=True)
+                    raise typer.Exit(err.exit_code) from None
+
+            register(run)
+            return fn
+
+        return decorate
+
+
+app = _Commands(
     name="qvq",
     help="Run QVQ visual reasoning models locally, quantised, and watch them think.",
     no_args_is_help=True,
@@ -23,11 +50,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-def _fail(err: QvqError) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(err.exit_code)
 
 
 # ---------------------------------------------------------------- synth (issue: foundation)
@@ -61,12 +83,9 @@ def synth(
     """
     from qvq_local.convert.synthetic import synth_command
 
-    try:
-        synth_command(
-            shape=shape, out=out, dtype=dtype, seed=seed, force=force, tokenizer=tokenizer, family=family
-        )
-    except QvqError as err:
-        _fail(err)
+    synth_command(
+        shape=shape, out=out, dtype=dtype, seed=seed, force=force, tokenizer=tokenizer, family=family
+    )
 
 
 # ---------------------------------------------------------------- convert / pull / models (issue 3, 5)
@@ -115,20 +134,17 @@ def convert(
     """
     from qvq_local.convert.pipeline import convert as run_convert
 
-    try:
-        path = run_convert(
-            source,
-            to=to,
-            quant=quant,
-            bits=bits,
-            group_size=group_size,
-            mmproj_quant=mmproj_quant,
-            out=out,
-            force=force,
-            progress=not quiet,
-        )
-    except QvqError as err:
-        _fail(err)
+    path = run_convert(
+        source,
+        to=to,
+        quant=quant,
+        bits=bits,
+        group_size=group_size,
+        mmproj_quant=mmproj_quant,
+        out=out,
+        force=force,
+        progress=not quiet,
+    )
     typer.echo(str(path))
 
 
@@ -166,10 +182,7 @@ def pull(
     """
     from qvq_local.models import pull as run_pull
 
-    try:
-        path = run_pull(ref, progress=not quiet, revision=revision, mmproj=mmproj)
-    except QvqError as err:
-        _fail(err)
+    path = run_pull(ref, progress=not quiet, revision=revision, mmproj=mmproj)
     typer.echo(str(path))
 
 
@@ -195,7 +208,8 @@ def models(
     """
     import json
 
-    from qvq_local.models import human_size, list_models, models_dir
+    from qvq_local.models import list_models, models_dir
+    from qvq_local.units import file_size
 
     if available:
         from qvq_local.catalogue import available_rows
@@ -211,14 +225,11 @@ def models(
         for column in ("name", "model", "source", "format", "download", "fits this machine"):
             table.add_column(column, justify="right" if column == "download" else "left", overflow="fold")
         for row in rows:
-            size = ("" if row["size_checked"] else "~") + human_size(row["size"])
+            size = ("" if row["size_checked"] else "~") + file_size(row["size"])
             table.add_row(row["name"], row["title"], row["source"], row["format"], size, row["verdict"])
         Console().print(table)
         return
-    try:
-        rows = list_models()
-    except QvqError as err:
-        _fail(err)
+    rows = list_models()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -247,7 +258,7 @@ def models(
             row.get("family") or "?",
             row["format"],
             row["quantization"],
-            human_size(row["size"]),
+            file_size(row["size"]),
             row["source"],
         )
     Console().print(table)
@@ -333,7 +344,7 @@ def ask(
     server_kind: str | None = typer.Option(
         None,
         "--server-kind",
-        help=f"--backend openai: {' | '.join(registry.SERVER_KINDS)} (auto asks the server); decides how the budget is kept.",
+        help=f"--backend openai: {' | '.join(SERVER_KINDS)} (auto asks the server); decides how the budget is kept.",
     ),
     samples: int = typer.Option(
         1,
@@ -361,39 +372,43 @@ def ask(
       qvq ask chart.png "Which bar?" --backend openai --base-url http://gpu-box:8000/v1 -m Qwen/QVQ-72B-Preview
       qvq ask geometry.png "Find x." --samples 4 --think-budget 2048
     """
-    from qvq_local.ask_cmd import AskOptions, run_ask
+    from qvq_local.ask_cmd import AskRequest, run_ask
 
-    opts = AskOptions(
-        args=list(args or []),
-        attach=[str(p) for p in (attach or [])],
-        model=model,
-        backend=backend,
-        think_budget=think_budget,
-        answer_budget=answer_budget,
-        max_pixels=max_pixels,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        system=system,
-        loop_detection=not no_loop_stop,
-        lang_lock=lang_lock,
-        as_json=as_json,
-        hide_thinking=hide_thinking,
-        save=save,
-        cpu_buffers=cpu_buffers,
-        gpu_layers=gpu_layers,
-        cache=not no_cache,
-        base_url=base_url,
-        api_key=api_key,
-        server_kind=server_kind,
-        samples=samples,
+    code = run_ask(
+        AskRequest(
+            args=list(args or []),
+            attach=[str(p) for p in (attach or [])],
+            model=model,
+            backend=backend,
+            # the question's settings (qvq_local.settings.AskSettings.build's names)
+            options={
+                "think_budget": think_budget,
+                "answer_budget": answer_budget,
+                "max_pixels": max_pixels,
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": top_k,
+                "repetition_penalty": repetition_penalty,
+                "seed": seed,
+                "system": system,
+                "loop_detection": not no_loop_stop,
+                "lang_lock": lang_lock,
+                "samples": samples,
+            },
+            # the backend's load options (its own type checks them; one it does not take is refused)
+            load_options={
+                "gpu_layers": gpu_layers,
+                "cpu_buffers": cpu_buffers,
+                "base_url": base_url,
+                "api_key": api_key,
+                "server_kind": server_kind,
+            },
+            as_json=as_json,
+            hide_thinking=hide_thinking,
+            save=save,
+            cache=not no_cache,
+        )
     )
-    try:
-        code = run_ask(opts)
-    except QvqError as err:
-        _fail(err)
     if code:
         raise typer.Exit(code)
 
@@ -426,13 +441,10 @@ def doctor(
     """
     from qvq_local.ask_cmd import print_doctor
 
-    try:
-        print_doctor(model, context, as_json, selftest=selftest)
-    except QvqError as err:
-        _fail(err)
+    print_doctor(model, context, as_json, selftest=selftest)
 
 
-config_app = typer.Typer(
+config_app = _Commands(
     help="Show and change settings (default model, backend, budgets) in $QVQ_HOME/config.json.",
     no_args_is_help=True,
 )
@@ -444,29 +456,23 @@ def config_list(as_json: bool = typer.Option(False, "--json", help="Print as JSO
     """List every setting, its value and where the value comes from."""
     import json
 
-    from qvq_local import config as settings
+    from qvq_local import config
 
-    try:
-        values = settings.effective()
-        if as_json:
-            typer.echo(json.dumps(values, indent=2))
-            return
-        for key, value in values.items():
-            shown = "(unset)" if value is None else value
-            typer.echo(f"{key} = {shown}    # {settings.SETTINGS[key].help}; from {settings.source(key)}")
-    except QvqError as err:
-        _fail(err)
+    values = config.effective()
+    if as_json:
+        typer.echo(json.dumps(values, indent=2))
+        return
+    for key, value in values.items():
+        shown = "(unset)" if value is None else value
+        typer.echo(f"{key} = {shown}    # {config.SETTINGS[key].help}; from {config.source(key)}")
 
 
 @config_app.command("get")
 def config_get(key: str = typer.Argument(..., help="Setting name, e.g. model.")) -> None:
     """Print one setting's value (nothing, exit code 1, when unset)."""
-    from qvq_local import config as settings
+    from qvq_local import config
 
-    try:
-        value = settings.get(key)
-    except QvqError as err:
-        _fail(err)
+    value = config.get(key)
     if value is None:
         raise typer.Exit(1)
     typer.echo(value)
@@ -480,36 +486,30 @@ def config_set(
     value: str = typer.Argument(..., help="The new value."),
 ) -> None:
     """Store a setting, e.g. `qvq config set model QVQ-72B-Preview-gguf-q4_k_m`."""
-    from qvq_local import config as settings
+    from qvq_local import config
 
-    try:
-        parsed = settings.set_value(key, value)
-    except QvqError as err:
-        _fail(err)
+    parsed = config.set_value(key, value)
     typer.echo(f"{key} = {parsed}")
 
 
 @config_app.command("unset")
 def config_unset(key: str = typer.Argument(..., help="Setting name.")) -> None:
     """Remove a setting from the file."""
-    from qvq_local import config as settings
+    from qvq_local import config
 
-    try:
-        settings.unset(key)
-    except QvqError as err:
-        _fail(err)
+    config.unset(key)
 
 
 @config_app.command("path")
 def config_path() -> None:
     """Print where the settings file lives."""
-    from qvq_local import config as settings
+    from qvq_local import config
 
-    typer.echo(str(settings.config_path()))
+    typer.echo(str(config.config_path()))
 
 
 # ---------------------------------------------------------------- prefix cache (issue 16)
-cache_app = typer.Typer(
+cache_app = _Commands(
     help="The prefix cache: each image's encoded prefix (system prompt + image KV state), kept in"
     " $QVQ_HOME/cache so the next question about the same image skips the image encode and prefill.",
     no_args_is_help=True,
@@ -524,10 +524,7 @@ def cache_info(as_json: bool = typer.Option(False, "--json", help="Print as JSON
 
     from qvq_local import prefix_cache
 
-    try:
-        info = prefix_cache.info()
-    except QvqError as err:
-        _fail(err)
+    info = prefix_cache.info()
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -541,12 +538,10 @@ def cache_info(as_json: bool = typer.Option(False, "--json", help="Print as JSON
 def cache_clear() -> None:
     """Delete every entry of the prefix cache."""
     from qvq_local import prefix_cache
+    from qvq_local.units import file_size
 
-    try:
-        n, size = prefix_cache.disk_cache().clear()
-    except QvqError as err:
-        _fail(err)
-    typer.echo(f"removed {n} file(s), {prefix_cache.human_size(size)}")
+    n, size = prefix_cache.disk_cache().clear()
+    typer.echo(f"removed {n} file(s), {file_size(size)}")
 
 
 # ---------------------------------------------------------------- bench (issue 6)
@@ -602,25 +597,22 @@ def bench(
     """
     from qvq_local.bench import bench_command
 
-    try:
-        bench_command(
-            model=model,
-            shape=shape,
-            backend=backend,
-            image_sizes=image_sizes,
-            runs=runs,
-            decode_tokens=decode_tokens,
-            quant=quant,
-            raw=raw,
-            json_path=json_path,
-            chart_path=chart,
-            bandwidth_mib=bandwidth_mib,
-            cpu_buffers=cpu_buffers,
-            gpu_layers=gpu_layers,
-            family=family,
-        )
-    except QvqError as err:
-        _fail(err)
+    bench_command(
+        model=model,
+        shape=shape,
+        backend=backend,
+        image_sizes=image_sizes,
+        runs=runs,
+        decode_tokens=decode_tokens,
+        quant=quant,
+        raw=raw,
+        json_path=json_path,
+        chart_path=chart,
+        bandwidth_mib=bandwidth_mib,
+        cpu_buffers=cpu_buffers,
+        gpu_layers=gpu_layers,
+        family=family,
+    )
 
 
 # ---------------------------------------------------------------- serve (issue 15)
@@ -666,22 +658,19 @@ def serve(
     """
     from qvq_local.serve import serve as run_server
 
-    try:
-        run_server(
-            model,
-            host=host,
-            port=port,
-            api_key=api_key,
-            queue=queue,
-            backend=backend or "auto",
-            max_pixels=max_pixels,
-            max_images=max_images,
-            gpu_layers=gpu_layers,
-            allow_image_urls=allow_image_urls,
-            warn=lambda line: typer.echo(line, err=True),
-        )
-    except QvqError as err:
-        _fail(err)
+    run_server(
+        model,
+        host=host,
+        port=port,
+        api_key=api_key,
+        queue=queue,
+        backend=backend or "auto",
+        max_pixels=max_pixels,
+        max_images=max_images,
+        gpu_layers=gpu_layers,
+        allow_image_urls=allow_image_urls,
+        warn=lambda line: typer.echo(line, err=True),
+    )
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:

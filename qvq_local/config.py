@@ -65,13 +65,13 @@ def _backend_choices() -> str:
 
 
 def _server_kind(value: str) -> str:
-    from qvq_local.backends.openai_remote import check_kind
+    from qvq_local.backends.options import check_kind
 
     return check_kind(value)
 
 
 def _server_kinds() -> str:
-    from qvq_local.backends.registry import SERVER_KINDS
+    from qvq_local.backends.options import SERVER_KINDS
 
     return " | ".join(SERVER_KINDS)
 

@@ -325,8 +325,11 @@ def report(
 ) -> dict[str, Any]:
     """Everything ``qvq doctor`` shows, as a dict (``--json`` prints it as is)."""
     from qvq_local import config, hardware
+    from qvq_local.backends import registry
 
     facts = hardware.describe(probe_gpu=probe_gpu)
+    if probe_gpu:  # what each backend's library says of this machine (llama.cpp's GPU offload, buffers)
+        facts = registry.machine_facts(facts)
     out: dict[str, Any] = {"machine": facts, "backends": backend_report()}
     if selftest:
         from qvq_local import selftest as st

@@ -1,11 +1,12 @@
 """Platform facts and the backend choice.
 
 Which backend runs a model depends on three things: the machine (MLX only makes sense on Apple
-Silicon), what is installed (``mlx``/``mlx_vlm`` or ``llama_cpp``) and the formats the model exists in
-(an MLX folder or an HF folder loads in MLX, a GGUF pair only in llama.cpp).  This module answers that
-question without importing any backend: installation is checked with ``importlib.util.find_spec``, so
-``qvq --help`` and ``qvq doctor`` stay fast.  Only ``describe(probe_gpu=True)`` imports ``llama_cpp`` (and
-``mlx`` on a Mac) to ask what the GPU can do.
+Silicon), what is installed (the libraries each backend's registry entry names) and the formats the model
+exists in (each entry says which it loads).  This module answers that question from the registry's data
+alone, without importing any backend: installation is checked with ``importlib.util.find_spec``, so
+``qvq --help`` and ``qvq doctor`` stay fast.  ``describe(probe_gpu=True)`` looks for NVIDIA GPUs and asks
+``mlx`` on a Mac for Metal; what a backend's own library says about this machine (llama.cpp's GPU offload
+and buffer plan) is that backend's ``machine_facts`` hook (:func:`qvq_local.backends.registry.machine_facts`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import sys
 
 from qvq_local.backends import registry
 from qvq_local.build_flags import (  # noqa: F401 - NVIDIA facts live there: make install needs them too
-    CUDA_REBUILD,
     detect_nvidia,
     parse_nvidia_driver_version,
     parse_nvidia_smi_list,
 )
 from qvq_local.cpu import detect as detect_cpu
-from qvq_local.errors import BackendUnavailable, InputError, ModelError
+from qvq_local.errors import BackendUnavailable, ModelError
 
 # The backend names, the formats each loads, their modules and install lines: qvq_local.backends.registry.
 
@@ -100,13 +100,14 @@ def choose_backend(
 
 
 def default_convert_target() -> str:
-    """The format ``qvq convert`` should write on this machine: ``"mlx"`` on Apple Silicon, else ``"gguf"``.
-
-    On Apple Silicon with only llama.cpp installed, GGUF is the one that will run.
-    """
-    if is_apple_silicon() and (backend_installed("mlx") or not backend_installed("llama")):
-        return "mlx"
-    return "gguf"
+    """The format ``qvq convert`` should write on this machine: what the backend ``auto`` picks here runs
+    (``"mlx"`` on Apple Silicon, else ``"gguf"``; on Apple Silicon with only llama.cpp installed, GGUF is
+    the one that will run); with no backend installed, what the machine's first choice runs."""
+    order = [name for name in _preference() if registry.BACKENDS[name].convert_to]
+    for name in order:
+        if backend_installed(name):
+            return str(registry.BACKENDS[name].convert_to)
+    return str(registry.BACKENDS[order[0]].convert_to)
 
 
 # ---------------------------------------------------------------- memory
@@ -163,49 +164,7 @@ def memory_bytes() -> tuple[int | None, int | None]:
     return None, None
 
 
-# ---------------------------------------------------------------- NVIDIA GPUs, seen without llama.cpp
-
-
-def gpu_build_warning(nvidia: dict, llama_gpu_backends: tuple[str, ...] | None) -> str | None:
-    """One line when an NVIDIA GPU is here but the installed llama.cpp cannot use it, else None.
-
-    ``llama_gpu_backends`` are the GPU backends the llama.cpp build reports (``("CUDA",)``, ``()`` for a
-    CPU-only build, None when llama-cpp-python is not installed)."""
-    if not nvidia.get("present") or llama_gpu_backends is None:
-        return None
-    if any(b.upper() in ("CUDA", "VULKAN") for b in llama_gpu_backends):
-        return None
-    name = ", ".join(nvidia.get("gpus") or []) or "an NVIDIA GPU"
-    return (
-        f"this machine has {name} but llama-cpp-python was built without CUDA, so models run on the CPU "
-        f"(a 72B model takes hours, not minutes); rebuild it: {CUDA_REBUILD}"
-    )
-
-
 # ---------------------------------------------------------------- GPU probes (import on request only)
-
-
-def _probe_llama_gpu() -> dict:
-    """Ask llama.cpp whether it can offload layers, and which GPU backend it was built with."""
-    try:
-        import llama_cpp
-    except (ImportError, OSError) as exc:  # a broken shared library raises OSError
-        return {"llama_gpu_offload": None, "llama_error": f"{type(exc).__name__}: {exc}"}
-    from qvq_local.backends.llama_buffers import current_build
-
-    offload = bool(llama_cpp.llama_supports_gpu_offload())
-    build = current_build(llama_cpp)
-    gpu_backends = tuple(b.upper() for b in build.gpu_backends) if build else ()
-    return {
-        "llama_gpu_offload": offload,
-        "cuda": offload and "CUDA" in gpu_backends,
-        # Metal builds print "MTL" (or "METAL") in the system info; a Mac's only GPU backend is Metal.
-        "metal": offload
-        and ("METAL" in gpu_backends or "MTL" in gpu_backends or platform.system() == "Darwin"),
-        "llama_backends": list(build.backends) if build else [],
-        "llama_gpu_backends": list(build.gpu_backends) if build else [],
-        "llama_features": sorted(build.features) if build else [],
-    }
 
 
 def _probe_mlx_metal() -> bool | None:
@@ -230,22 +189,6 @@ def metal_working_set(device_info: dict | None = None) -> int | None:
             return None
     value = (device_info or {}).get("max_recommended_working_set_size")
     return int(value) if value else None
-
-
-def _llama_buffer_plan(cpu) -> str | None:
-    """Which CPU buffer types llama.cpp will put a quantised model's weights in on this machine."""
-    try:
-        import llama_cpp
-    except (ImportError, OSError):  # a broken shared library: _probe_llama_gpu reports it
-        return None
-
-    from qvq_local.backends import llama_buffers as lb
-
-    try:
-        plan = lb.choose(lb.requested_mode(None), cpu, lb.current_build(llama_cpp))
-    except InputError as err:
-        return str(err)
-    return plan.describe()
 
 
 #: What ``nvidia-smi`` is asked for each GPU's memory (MiB, one CSV line per GPU).  ``memory.free`` is
@@ -286,8 +229,9 @@ def nvidia_memory() -> list[dict]:
 def describe(probe_gpu: bool = False) -> dict:
     """Facts about this machine for ``qvq doctor`` and bench reports.
 
-    Cheap by default (no backend imported); ``probe_gpu=True`` imports llama_cpp (and mlx on Apple
-    Silicon) to report GPU offload support as the libraries see it.
+    Cheap by default (no backend library imported); ``probe_gpu=True`` also asks nvidia-smi, and mlx on
+    Apple Silicon (Metal).  Each backend's own view of the machine (``llama_gpu_offload``, ``cuda`` ...:
+    placeholders here) comes from :func:`qvq_local.backends.registry.machine_facts` over these facts.
     """
     total, available = memory_bytes()
     facts: dict = {
@@ -311,13 +255,6 @@ def describe(probe_gpu: bool = False) -> dict:
         facts["nvidia"] = detect_nvidia()
         if facts["nvidia"].get("present"):
             facts["nvidia"]["memory"] = nvidia_memory()
-        if facts["llama_cpp_installed"]:
-            facts.update(_probe_llama_gpu())
-            if "llama_error" not in facts:  # the library loads: its build and the buffer plan mean something
-                facts["llama_cpu_buffers"] = _llama_buffer_plan(cpu)
-                facts["gpu_warning"] = gpu_build_warning(
-                    facts["nvidia"], tuple(facts.get("llama_gpu_backends", ()))
-                )
         if facts["mlx_installed"] and facts["apple_silicon"]:
             metal = _probe_mlx_metal()
             facts["mlx_metal"] = metal

@@ -34,10 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from qvq_local.errors import InputError
+from qvq_local.units import file_size
 
-#: Default caps.  A QVQ-72B prefix (1,300 tokens, f16 KV) is ~0.4 GB; the 2B shape's is ~10 MB.
+#: Default caps.  A QVQ-72B prefix (1,300 tokens, f16 KV) is ~0.4 GB; the 2B shape's is ~10 MB.  The disk
+#: cap counts files, in decimal units as ``qvq cache info`` shows them (:func:`qvq_local.units.file_size`):
+#: 4 GB, and ``cache_max_mb`` N means N * 1,000,000 bytes.
 DEFAULT_MEMORY_BYTES = 2 << 30
-DEFAULT_DISK_BYTES = 4 << 30
+DEFAULT_DISK_BYTES = 4 * 10**9
+MB = 10**6
 #: Bumped when the file layout or what a state holds changes: older files then no longer match.
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
@@ -336,7 +340,7 @@ class DiskCache:
         written (0 when the state alone exceeds the cap, or the disk refused it: then a notice)."""
         if state.nbytes > self.max_bytes:
             self.notice(
-                f"prefix cache: not kept on disk ({human_size(state.nbytes)} is over the {human_size(self.max_bytes)} cap)"
+                f"prefix cache: not kept on disk ({file_size(state.nbytes)} is over the {file_size(self.max_bytes)} cap)"
             )
             return 0
         try:
@@ -387,14 +391,6 @@ class DiskCache:
         return n, size
 
 
-def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def info() -> dict:
     """What ``qvq cache info`` shows: the folder, entries, bytes, cap."""
     cache = disk_cache()
@@ -404,9 +400,9 @@ def info() -> dict:
         "path": str(cache.root),
         "entries": len(entries),
         "bytes": total,
-        "bytes_human": human_size(total),
+        "bytes_human": file_size(total),
         "max_bytes": cache.max_bytes,
-        "max_bytes_human": human_size(cache.max_bytes),
+        "max_bytes_human": file_size(cache.max_bytes),
     }
 
 
@@ -421,7 +417,7 @@ def disk_cache(notice: Callable[[str], None] = lambda line: None) -> DiskCache:
     from qvq_local import config
 
     cap = config.get("cache_max_mb")
-    return DiskCache(default_dir(), int(cap) << 20 if cap else DEFAULT_DISK_BYTES, notice)
+    return DiskCache(default_dir(), int(cap) * MB if cap else DEFAULT_DISK_BYTES, notice)
 
 
 # ---------------------------------------------------------------- the policy
@@ -476,7 +472,7 @@ def prefill(
             memory.put(key, state)
         return stats, Outcome(source, read_s=read_s, bytes=state.nbytes, key=key)
     stats = session.prefill(prompt, keep_prefix=True)
-    state = getattr(session, "prefix_state", None)
+    state = session.prefix_state  # the registry's prefix_state capability: None when the prompt has no image
     if state is None:
         return stats, Outcome("fresh", key=key)
     if memory is not None:

@@ -11,7 +11,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
+from qvq_local.backends import registry
 from qvq_local.backends.base import PrefillStats, Prompt, Token
+
+#: The registry entry of the test fakes' "backend": what a fake loaded model declares it can do (counting
+#: a prompt's tokens with ``tokenize``).  Not registered: ``qvq_local.api.Model`` takes the spec itself.
+FAKE_BACKEND = registry.BackendSpec(name="fake", module="fakes", capabilities=frozenset({registry.TOKENIZER}))
+#: The same, for a fake that also lists its vocabulary (``token_pieces``: the language lock).
+FAKE_BACKEND_WITH_VOCABULARY = registry.BackendSpec(
+    name="fake", module="fakes", capabilities=frozenset({registry.TOKENIZER, registry.VOCABULARY})
+)
 
 _TOKEN_RE = re.compile(r"\s+|\w+|[^\w\s]", re.UNICODE)
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from fakes import ScriptedSession, chop
+from fakes import FAKE_BACKEND, ScriptedSession, chop
 from helpers import assert_error
 
 from qvq_local.api import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN, Model, drive, load
@@ -49,7 +49,7 @@ class FakeLoaded:
 
 def _model(**kwargs) -> tuple[Model, FakeLoaded]:
     loaded = FakeLoaded(**kwargs)
-    return Model(loaded, name="fake", backend="fake", quantization="none"), loaded
+    return Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none"), loaded
 
 
 THOUGHT = "Let me look at the bars. The first is 3 and the second is 5. " * 4

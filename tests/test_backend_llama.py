@@ -21,7 +21,7 @@ pytestmark = pytest.mark.llama
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from qvq_local.backends import llamacpp
+from qvq_local.backends import llama_runtime, llamacpp
 from qvq_local.backends.base import LoadedModel, Prompt, SamplingParams, Session
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY
@@ -310,7 +310,7 @@ def test_greedy_defaults_follow_penalised_argmax(f32_model, prompt):
     try:
         session.prefill(prompt)
         logits = session.last_logits()
-        seen = np.array(sorted(set(session.prompt_text_ids[-llamacpp.PENALTY_LAST_N :])))
+        seen = np.array(sorted(set(session.prompt_text_ids[-llama_runtime.PENALTY_LAST_N :])))
         penalty = f32_model.generation_config["repetition_penalty"]
         penalised = logits.copy()
         penalised[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
@@ -331,19 +331,19 @@ def test_multibyte_characters_stream_whole(f32_model, prompt):
     ids = f32_model.tokenize(text)
     session = _session(f32_model, prompt)
     try:
-        pieces = [session._piece_bytes(t) for t in ids]
+        pieces = [session.text.piece(t) for t in ids]
         # the byte-level vocabulary really splits some character across tokens
         assert any(_not_utf8(p) for p in pieces)
-        streamed = [session._stream_text(t) for t in ids]
+        streamed = [session.text.push(t) for t in ids]
         assert "".join(streamed) == text
         assert all("\ufffd" not in s for s in streamed)
 
         # and in generation: whatever the model writes, the streamed texts join to the decoded bytes
         session.prefill(prompt)
         session.sampling = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=3)
-        session._sampler = session._build_sampler(session.sampling)  # high temperature: many byte tokens
+        session.sampler = llama_runtime.Sampler(session.sampling, f32_model.n_vocab)  # many byte tokens
         toks = _generate(session, 40)
-        raw = b"".join(session._piece_bytes(t.id) for t in toks if not t.is_eos)
+        raw = b"".join(session.text.piece(t.id) for t in toks if not t.is_eos)
         assert "".join(t.text for t in toks) == raw.decode("utf-8", "replace")
     finally:
         session.close()
@@ -655,7 +655,7 @@ def test_load_reads_each_header_once_and_no_tensor_data(monkeypatch, tiny_gguf_q
 def test_missing_llama_cpp_is_backend_unavailable(monkeypatch, tiny_gguf_f32):
     import sys
 
-    monkeypatch.setattr(llamacpp, "_LIBS", None)
+    monkeypatch.setattr(llama_runtime, "_LIBS", None)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     monkeypatch.setitem(sys.modules, "llama_cpp.mtmd_cpp", None)
     with pytest.raises(BackendUnavailable) as raised:
@@ -665,9 +665,9 @@ def test_missing_llama_cpp_is_backend_unavailable(monkeypatch, tiny_gguf_f32):
 
 def test_interrupt_inside_log_callback_is_kept_and_reraised():
     """Ctrl-C that lands in the ctypes log callback (during mtmd encoding) must not be swallowed."""
-    from qvq_local.backends import llamacpp
+    from qvq_local.backends import llama_runtime
 
-    sink = llamacpp._LogSink()
+    sink = llama_runtime.LogSink()
 
     class Boom(bytes):
         def decode(self, *a, **k):  # the signal handler fires while Python runs inside the callback

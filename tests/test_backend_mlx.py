@@ -288,7 +288,7 @@ def test_repetition_penalty_avoids_tokens_in_context(loaded, image):
     prompt = image_prompt(loaded, image)
     session = loaded.new_session(SamplingParams(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1e6))
     session.prefill(prompt)
-    context = set(session._history)
+    context = set(session.sampler.history)
     ids = [t.id for t in run(session, 10)]
     assert len(set(ids)) == len(ids)
     assert not set(ids) & context
@@ -338,7 +338,7 @@ def scripted(session, ids):
     import mlx.core as mx
 
     queue = list(ids)
-    session._sample = lambda banned=None: mx.array(queue.pop(0), dtype=mx.int32)
+    session.sampler.sample = lambda logits, banned=None: mx.array(queue.pop(0), dtype=mx.int32)
 
 
 def test_multibyte_characters_stream_whole(loaded, image):

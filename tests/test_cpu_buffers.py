@@ -198,7 +198,7 @@ def _prefill_logits(pair, mode):
     from qvq_local.backends import llamacpp
     from qvq_local.backends.base import Prompt, SamplingParams
 
-    model = llamacpp.load(pair.model, pair.mmproj, cpu_buffers=mode)
+    model = llamacpp.load(pair.model, pair.mmproj, lb.LlamaOptions(cpu_buffers=mode))
     try:
         prompt = Prompt(text="<|im_start|>user\nWhich bar is highest in the chart?<|im_end|>\n", images=[])
         session = model.new_session(SamplingParams(), n_ctx=model.context_needed(prompt, new_tokens=8))

@@ -7,6 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from qvq_local import hardware
+from qvq_local.backends import llama_buffers
 from qvq_local.cli import app
 
 SMI_H200 = (
@@ -28,31 +29,33 @@ def test_nvidia_smi_and_driver_files_parse():
 
 def test_warning_only_for_an_nvidia_gpu_that_llama_cpp_cannot_use():
     gpu = {"present": True, "gpus": ["NVIDIA RTX 4090"], "driver": "550.54.15"}
-    warning = hardware.gpu_build_warning(gpu, ())
+    warning = llama_buffers.gpu_build_warning(gpu, ())
     assert warning is not None
     assert "NVIDIA RTX 4090" in warning and "without CUDA" in warning
     assert 'CMAKE_ARGS="-DGGML_CUDA=on"' in warning and "--force-reinstall" in warning
-    assert hardware.gpu_build_warning(gpu, ("CUDA",)) is None
-    assert hardware.gpu_build_warning({"present": False, "gpus": []}, ()) is None
-    assert hardware.gpu_build_warning(gpu, None) is None  # llama-cpp-python not installed: nothing to rebuild
+    assert llama_buffers.gpu_build_warning(gpu, ("CUDA",)) is None
+    assert llama_buffers.gpu_build_warning({"present": False, "gpus": []}, ()) is None
+    assert (
+        llama_buffers.gpu_build_warning(gpu, None) is None
+    )  # llama-cpp-python not installed: nothing to rebuild
 
 
 def test_ask_warns_in_one_line_when_the_gpu_sits_idle(monkeypatch, capsys):
     from qvq_local import ask_cmd
+    from qvq_local.api import Model
+    from qvq_local.backends import registry
 
     class Loaded:
         gpu_offload = False
 
-    class Model:
-        backend = "llama"
-        loaded = Loaded()
-
+    # the llama backend's load_notices hook, reached through the registry by Model.notices()
+    model = Model(Loaded(), name="m", spec=registry.get("llama"), quantization="q4")
     monkeypatch.setattr(hardware, "detect_nvidia", lambda run_smi=True: {"present": True, "gpus": []})
-    ask_cmd._warn_gpu_unused(Model())
+    ask_cmd.show_notices(model)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: this machine has an NVIDIA GPU")
-    Model.loaded.gpu_offload = True
-    ask_cmd._warn_gpu_unused(Model())
+    model.loaded.gpu_offload = True
+    ask_cmd.show_notices(model)
     assert capsys.readouterr().err == ""
 
 
@@ -77,11 +80,11 @@ def test_doctor_shows_the_nvidia_gpu_and_the_rebuild_line(monkeypatch):
     )
     monkeypatch.setattr(hardware, "backend_installed", lambda b: b == "llama")
     monkeypatch.setattr(
-        hardware,
-        "_probe_llama_gpu",
+        llama_buffers,
+        "probe_gpu",
         lambda: {"llama_gpu_offload": False, "cuda": False, "metal": False, "llama_backends": ["CPU"]},
     )
-    monkeypatch.setattr(hardware, "_llama_buffer_plan", lambda cpu: "llama.cpp's choice")
+    monkeypatch.setattr(llama_buffers, "buffer_plan", lambda cpu: "llama.cpp's choice")
     result = CliRunner().invoke(app, ["doctor"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "NVIDIA L4 (driver 550.1)" in result.output
@@ -91,8 +94,8 @@ def test_doctor_shows_the_nvidia_gpu_and_the_rebuild_line(monkeypatch):
 def test_doctor_with_a_broken_llama_library_reports_instead_of_crashing(monkeypatch):
     monkeypatch.setattr(hardware, "backend_installed", lambda b: b == "llama")
     monkeypatch.setattr(
-        hardware,
-        "_probe_llama_gpu",
+        llama_buffers,
+        "probe_gpu",
         lambda: {"llama_gpu_offload": None, "llama_error": "OSError: libllama.so"},
     )
     result = CliRunner().invoke(app, ["doctor", "--json"])

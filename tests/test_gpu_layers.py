@@ -44,9 +44,7 @@ def test_placement_in_words():
     from qvq_local.backends.llamacpp import LlamaModel
 
     def where(offload: bool, layers: int, blocks: int = 28) -> str:
-        return LlamaModel.placement(
-            SimpleNamespace(gpu_offload=offload, n_gpu_layers=layers, n_layers=blocks)
-        )
+        return LlamaModel.placement(SimpleNamespace(gpu_offload=offload, gpu_layers=layers, n_layers=blocks))
 
     assert where(True, -1) == "GPU (all 29 layers)"
     assert where(True, 29) == where(True, 99) == "GPU (all 29 layers)"  # llama.cpp clamps to the model
@@ -74,8 +72,8 @@ def test_the_layer_count_reaches_llama_cpp(tiny_gguf_q4, monkeypatch):
     gpu_build = bool(llama_cpp.llama_supports_gpu_offload())
     model_path, mmproj = tiny_gguf_q4.model, tiny_gguf_q4.mmproj
 
-    def load(**kw):
-        model = llamacpp.load(model_path, mmproj, **kw)
+    def load(options=None):
+        model = llamacpp.load(model_path, mmproj, options)
         model.close()
         return model
 
@@ -83,14 +81,14 @@ def test_the_layer_count_reaches_llama_cpp(tiny_gguf_q4, monkeypatch):
     default = load()
     monkeypatch.setenv(lb.GPU_LAYERS_ENV, "1")
     from_env = load()
-    from_option = load(n_gpu_layers="all")
+    from_option = load(lb.LlamaOptions(gpu_layers="all"))
     assert seen == [-1 if gpu_build else 0, 1, -1]
-    assert (default.n_gpu_layers, from_env.n_gpu_layers, from_option.n_gpu_layers) == (seen[0], 1, -1)
+    assert (default.gpu_layers, from_env.gpu_layers, from_option.gpu_layers) == (seen[0], 1, -1)
     assert from_env.n_layers >= 2  # llama.cpp's own count, which placement() reports against
     if not gpu_build:
         assert from_env.placement() == "CPU" and not from_env.gpu_offload
-    with pytest.raises(InputError, match="^n_gpu_layers must be a whole number"):
-        llamacpp.load(model_path, mmproj, n_gpu_layers=-3)
+    with pytest.raises(InputError, match="^gpu_layers must be a whole number"):
+        llamacpp.load(model_path, mmproj, lb.LlamaOptions(gpu_layers=-3))
 
 
 def test_bench_hands_gpu_layers_to_its_workers_and_restores_the_environment(monkeypatch):
@@ -272,8 +270,8 @@ def test_a_bad_value_stops_api_load_before_the_model_is_looked_up(monkeypatch, t
     from qvq_local import api
 
     missing = str(tmp_path / "no-such-model.gguf")
-    with pytest.raises(InputError, match="^n_gpu_layers must be a whole number"):
-        api.load(missing, n_gpu_layers="lots")
+    with pytest.raises(InputError, match="^gpu_layers must be a whole number"):
+        api.load(missing, gpu_layers="lots")
     monkeypatch.setenv(lb.GPU_LAYERS_ENV, "lots")
     with pytest.raises(InputError, match=f"^{lb.GPU_LAYERS_ENV} must be a whole number"):
         api.load(missing)

@@ -199,7 +199,9 @@ def test_memory_without_psutil(monkeypatch):
 @pytest.mark.llama
 def test_describe_probes_llama_gpu():
     llama_cpp = pytest.importorskip("llama_cpp")
-    facts = hardware.describe(probe_gpu=True)
+    from qvq_local.backends import registry
+
+    facts = registry.machine_facts(hardware.describe(probe_gpu=True))  # the llama backend's hook
     assert facts["llama_gpu_offload"] == bool(llama_cpp.llama_supports_gpu_offload())
     if not facts["llama_gpu_offload"]:
         assert facts["cuda"] is False and facts["metal"] is False

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from fakes import ScriptedSession
+from fakes import FAKE_BACKEND_WITH_VOCABULARY, ScriptedSession
 
 from qvq_local import lang
 from qvq_local.backends.base import TokenMask
@@ -200,7 +200,7 @@ def test_api_records_the_lock_and_builds_the_table_once(sample_image, qwen_piece
             return qwen_pieces
 
     loaded = PiecesLoaded(thought="Looking.\n\n**Final Answer**\n\n5", answer=None)
-    model = Model(loaded, name="fake", backend="fake", quantization="none")
+    model = Model(loaded, name="fake", spec=FAKE_BACKEND_WITH_VOCABULARY, quantization="none")
     first = model.ask(sample_image, EN_Q)
     second = model.ask(sample_image, ZH_Q)
     off = model.ask(sample_image, EN_Q, lang_lock="off")

@@ -7,13 +7,15 @@ import json
 import re
 
 import pytest
-from fakes import ScriptedSession, chop
+from fakes import FAKE_BACKEND, ScriptedSession, chop
 from helpers import assert_error
 from typer.testing import CliRunner
 
 from qvq_local import api
-from qvq_local.ask_cmd import AskOptions, build_settings
+from qvq_local.ask_cmd import AskRequest, build_settings, load_request
+from qvq_local.backends import registry
 from qvq_local.backends.base import SamplingParams
+from qvq_local.backends.llama_buffers import LlamaOptions
 from qvq_local.cli import app
 from qvq_local.errors import InputError
 from qvq_local.settings import CLI_LABELS, DEFAULT_ANSWER_BUDGET, AskSettings
@@ -67,6 +69,9 @@ BAD = [
         "--lang-lock must be one of auto, on, off, got 'sometimes'",
         "unknown language lock 'sometimes'; choose one of auto, on, off",
     ),
+]
+# the llama backend's load options: the same rule, checked once, by the backend's own options type
+BAD_LOAD = [
     (
         {"cpu_buffers": "amx"},
         "--cpu-buffers must be one of auto, all, no-amx, none, got 'amx'",
@@ -75,7 +80,7 @@ BAD = [
     (
         {"gpu_layers": "half"},
         "--gpu-layers must be a whole number of layers (0 or more), or all (-1), got 'half'",
-        "n_gpu_layers must be a whole number of layers (0 or more), or all (-1), got 'half'",
+        "gpu_layers must be a whole number of layers (0 or more), or all (-1), got 'half'",
     ),
 ]
 
@@ -90,14 +95,31 @@ def test_one_rule_two_spellings(kwargs, cli_message, api_message):
     assert str(py.value) == api_message
 
 
+@pytest.mark.parametrize("kwargs, cli_message, api_message", BAD_LOAD)
+def test_one_load_rule_two_spellings(kwargs, cli_message, api_message):
+    llama = registry.get("llama")
+    with pytest.raises(InputError) as cli:
+        llama.build_options(kwargs, {name: "--" + name.replace("_", "-") for name in kwargs})
+    assert str(cli.value) == cli_message
+    with pytest.raises(InputError) as py:
+        llama.build_options(kwargs)
+    assert str(py.value) == api_message
+
+
 def test_values_are_normalised_once_and_the_object_is_frozen():
-    s = AskSettings(lang_lock=" ON ", backend="GGUF", cpu_buffers="No-AMX", gpu_layers=" 12 ")
-    assert (s.lang_lock, s.backend, s.cpu_buffers, s.gpu_layers) == ("on", "llama", "no-amx", 12)
-    assert AskSettings().backend == "auto" and AskSettings().answer_budget == DEFAULT_ANSWER_BUDGET
+    s = AskSettings(lang_lock=" ON ")
+    assert s.lang_lock == "on" and AskSettings().answer_budget == DEFAULT_ANSWER_BUDGET
+    options = LlamaOptions(cpu_buffers="No-AMX", gpu_layers=" 12 ")
+    assert (options.cpu_buffers, options.gpu_layers) == ("no-amx", 12)
+    assert registry.canonical("GGUF") == "llama" and load_request(AskRequest()).backend == "auto"
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.think_budget = 5  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.gpu_layers = 5  # type: ignore[misc]
     with pytest.raises(InputError, match="the think budget must be above 0"):
         dataclasses.replace(s, think_budget=-1)  # a copy is checked like the original
+    with pytest.raises(InputError, match="^gpu_layers must be a whole number"):
+        dataclasses.replace(options, gpu_layers=-2)
 
 
 # ------------------------------------------------------------------ qvq ask: options, then qvq config
@@ -107,9 +129,12 @@ def test_cli_options_beat_the_stored_defaults_which_fill_the_rest():
     assert runner.invoke(app, ["config", "set", "think_budget", "300"]).exit_code == 0
     assert runner.invoke(app, ["config", "set", "max_pixels", "50000"]).exit_code == 0
     assert runner.invoke(app, ["config", "set", "backend", "gguf"]).exit_code == 0
-    s = build_settings(AskOptions(think_budget=40, top_k=3, seed=7, lang_lock="OFF", loop_detection=False))
+    request = AskRequest(
+        options={"think_budget": 40, "top_k": 3, "seed": 7, "lang_lock": "OFF", "loop_detection": False}
+    )
+    s = build_settings(request)
     assert s.think_budget == 40  # the option
-    assert s.max_pixels == 50000 and s.backend == "llama"  # the stored defaults
+    assert s.max_pixels == 50000 and load_request(request).backend == "llama"  # the stored defaults
     assert s.answer_budget == DEFAULT_ANSWER_BUDGET  # neither: the built-in default
     assert s.sampling == SamplingParams(top_k=3, seed=7)
     assert (s.lang_lock, s.loop_detection) == ("off", False)
@@ -117,15 +142,15 @@ def test_cli_options_beat_the_stored_defaults_which_fill_the_rest():
 
 def test_a_bad_option_names_its_flag_and_a_bad_stored_value_names_the_setting(tmp_path):
     with pytest.raises(InputError) as err:
-        build_settings(AskOptions(answer_budget=0))  # 0 is refused, not taken for "unset"
+        build_settings(AskRequest(options={"answer_budget": 0}))  # 0 is refused, not taken for "unset"
     assert str(err.value) == "--answer-budget must be above 0, got 0"
     home = tmp_path / "home"
     home.mkdir()
     (home / "config.json").write_text(json.dumps({"think_budget": 0}))  # hand-edited: `config set` refuses 0
     with pytest.raises(InputError) as err:
-        build_settings(AskOptions())
+        build_settings(AskRequest())
     assert str(err.value) == "the think_budget setting must be above 0, got 0"
-    assert build_settings(AskOptions(think_budget=9)).think_budget == 9  # the option hides the bad value
+    assert build_settings(AskRequest(options={"think_budget": 9})).think_budget == 9  # it hides the bad value
 
 
 # ------------------------------------------------------------------ passed down whole
@@ -160,10 +185,8 @@ class _Loaded:
 
 def test_api_checks_every_option_before_a_session_opens(sample_image):
     loaded = _Loaded()
-    model = api.Model(loaded, name="fake", backend="fake", quantization="none")
+    model = api.Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none")
     for kwargs, _, message in BAD:
-        if "cpu_buffers" in kwargs or "gpu_layers" in kwargs:
-            continue  # a load option: api.load takes it
         if "sampling" in kwargs:
             kwargs = {k: v for k, v in dataclasses.asdict(kwargs["sampling"]).items() if v is not None}
         with pytest.raises(InputError) as err:
@@ -179,7 +202,7 @@ def test_every_cli_option_reaches_the_session_and_the_result(sample_image, monke
     def fake_load(ref, **kw):
         seen.update(kw)
         return api.Model(
-            loaded, name="fake", backend="fake", quantization="none", max_pixels=kw["max_pixels"]
+            loaded, name="fake", spec=FAKE_BACKEND, quantization="none", max_pixels=kw["max_pixels"]
         )
 
     monkeypatch.setattr(api, "load", fake_load)
@@ -194,9 +217,17 @@ def test_every_cli_option_reaches_the_session_and_the_result(sample_image, monke
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    labels = {"cpu_buffers": "--cpu-buffers", "gpu_layers": "--gpu-layers"}
     assert seen == {
-        "backend": "llama", "max_pixels": 40000, "cpu_buffers": "none", "n_gpu_layers": -1, "progress": False
+        "backend": "llamacpp", "max_pixels": 40000, "cpu_buffers": "NONE", "gpu_layers": "ALL", "labels": labels,
+        "progress": False,
     }  # fmt: skip
+    # api.load maps the backend once and hands its options to that backend's own type, checked there
+    llama = registry.get(seen["backend"])
+    assert llama.name == "llama"
+    assert llama.build_options({"cpu_buffers": "NONE", "gpu_layers": "ALL"}, labels) == LlamaOptions(
+        cpu_buffers="none", gpu_layers=-1
+    )
     assert loaded.samplings == [
         SamplingParams(temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.1, seed=4)
     ]

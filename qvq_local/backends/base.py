@@ -6,7 +6,7 @@ again.  It never decides when thinking ends; ``qvq_local.reasoning`` does.
 
 Lifecycle::
 
-    loaded = backend_module.load(model_dir_or_gguf, options)      # LoadedModel, heavy, once
+    loaded = spec.open_model(resolved_model, options)              # LoadedModel, heavy, once (registry)
     session = loaded.new_session(sampling)                         # cheap, one per question
     stats = session.prefill(prompt)                                # images encoded here, once
     while ...:
@@ -75,6 +75,19 @@ class SamplingParams:
         return SamplingParams(**out)
 
 
+@dataclass(frozen=True)
+class ChatTurn:
+    """One question as a chat request, for a backend with the registry's ``chat_messages`` capability: a
+    server that applies its own chat template and may keep the thinking budget itself."""
+
+    question: str
+    system: str | None = None  # None: no system message
+    think_budget: int | None = None
+    #: the most tokens the controller will let this question generate (thought cap, forced text margin and
+    #: answer budget): sent as ``max_tokens`` so the server never runs on past it
+    max_new_tokens: int | None = None
+
+
 @dataclass
 class Prompt:
     """A single-turn prompt, already rendered from the model's chat template.
@@ -83,20 +96,14 @@ class Prompt:
     (``<|im_start|>assistant\\n``).  Each image appears in ``text`` as the model's own vision block
     (for Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``), once per entry in ``images``, in
     order.  Backends rewrite that block into whatever their library wants (mlx-vlm expands the pad;
-    llama.cpp's mtmd wants its media marker).
+    llama.cpp's mtmd wants its media marker).  ``chat``: the same question untemplated, filled for the
+    backends that read it (the registry's ``chat_messages`` capability), None for the others.
     """
 
     text: str
     images: list  # list[PIL.Image.Image], RGB, already bounded by qvq_local.images
     image_paths: list[str] = field(default_factory=list)
-    #: the question and system prompt before templating, and the thinking budget: a remote backend sends
-    #: these as chat messages (the server applies its own template); local backends read ``text`` only
-    question: str | None = None
-    system: str | None = None
-    think_budget: int | None = None
-    #: the most tokens the controller will let this question generate (thought cap, forced text margin and
-    #: answer budget): a remote backend sends it as ``max_tokens`` so the server never runs on past it
-    max_new_tokens: int | None = None
+    chat: ChatTurn | None = None
 
 
 @dataclass
@@ -141,7 +148,7 @@ class TokenMask:
 class Session(Protocol):
     """One question's worth of state: the KV cache and the sampler."""
 
-    backend: str  # "mlx" or "llama"
+    backend: str  # the registry name of its backend
     n_ctx: int  # the context size in tokens (positions) this session can hold
     n_past: int  # KV-cache entries used so far (what n_ctx limits; M-RoPE positions may run behind it)
     images_encoded: int  # how many times an image went through the vision encoder (tests assert on it)
@@ -167,7 +174,10 @@ class Session(Protocol):
 
 @runtime_checkable
 class LoadedModel(Protocol):
-    """A model in memory, ready to open sessions."""
+    """A model in memory, ready to open sessions.  What else one offers is its backend's registry
+    capabilities (``tokenize`` for ``tokenizer``, ``token_pieces`` for ``vocabulary``, ``new_session(...,
+    n_seq=)`` for ``chains``, ``prefix_identity`` for ``prefix_state``, ``budget_on_server`` for
+    ``server_budget``): code asks the registry, never the object, whether it has them."""
 
     backend: str
     name: str
@@ -178,10 +188,6 @@ class LoadedModel(Protocol):
     image_token_estimate: callable  # (width, height) -> image tokens after merge, for context sizing
 
     def new_session(self, sampling: SamplingParams, *, n_ctx: int | None = None) -> Session: ...
-
-    def token_pieces(self) -> list[bytes]:
-        """The bytes each token id writes (index = id; control tokens: ``b""``), for token masks."""
-        ...
 
     def close(self) -> None: ...
 

@@ -35,8 +35,12 @@ CPU-only build; ``all`` or -1: all; 0: none; N: N of them (llama.cpp takes the l
 the CPU (partial offload, for a model larger than the GPU's memory).  The vision encoder follows: on the
 GPU unless 0 layers are.
 
+Both options are the llama backend's load options, :class:`LlamaOptions` (checked once, when built).
+
 Decision functions take recorded inputs (a :class:`~qvq_local.cpu.CpuInfo`, llama.cpp's system-info
-string, GGUF tensor records); only :func:`apply` touches ctypes.
+string, GGUF tensor records); only :func:`apply` touches ctypes.  The backend's hooks for ``qvq doctor``
+and ``qvq bench`` (:func:`machine_facts`) and for ``qvq ask`` (:func:`load_notices`) are here too: what
+this machine's llama.cpp build can do and where it puts the weights.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from qvq_local.backends.options import LoadOptions
+from qvq_local.build_flags import CUDA_REBUILD
 from qvq_local.cpu import CpuInfo
 from qvq_local.errors import InputError
 
@@ -160,6 +166,24 @@ def requested_gpu_layers(option: int | str | None = None, label: str | None = "-
     return value
 
 
+@dataclass(frozen=True)
+class LlamaOptions(LoadOptions):
+    """The llama backend's load options, checked and resolved once, here.
+
+    ``gpu_layers``: text layers on the GPU (:func:`requested_gpu_layers`: the value, else
+    ``$QVQ_GPU_LAYERS``; None: all where the build has a GPU backend, none on a CPU-only one; -1: all).
+    ``cpu_buffers``: which CPU buffer types hold the weights (:func:`requested_mode`: the value, else
+    ``$QVQ_LLAMA_CPU_BUFFERS``, else ``auto``).
+    """
+
+    gpu_layers: int | str | None = None
+    cpu_buffers: str | None = None
+
+    def __post_init__(self) -> None:
+        self._set("gpu_layers", requested_gpu_layers(self.gpu_layers, self.label("gpu_layers")))
+        self._set("cpu_buffers", requested_mode(self.cpu_buffers, self.label("cpu_buffers")))
+
+
 def gpu_split(n_gpu_layers: int, n_blocks: int) -> tuple[int, bool]:
     """Where ``--gpu-layers n_gpu_layers`` puts a model of ``n_blocks`` repeating blocks, as the bundled
     llama.cpp does it (``llama-model.cpp``: the output layer counts as one more layer after the blocks,
@@ -262,11 +286,12 @@ def current_build(llama_cpp: Any) -> LlamaBuild | None:
     return build if build.backends else None
 
 
-def plan_here(llama_cpp: Any, option: str | None, tensors: dict[str, Any] | None) -> BufferPlan:
-    """:func:`plan_for_model` for this machine's CPU and the loaded llama.cpp build."""
+def plan_here(llama_cpp: Any, mode: str, tensors: dict[str, Any] | None) -> BufferPlan:
+    """:func:`plan_for_model` for this machine's CPU and the loaded llama.cpp build (``mode``: a checked
+    one, :func:`requested_mode`)."""
     from qvq_local.cpu import detect
 
-    return plan_for_model(requested_mode(option), detect(), current_build(llama_cpp), tensors)
+    return plan_for_model(mode, detect(), current_build(llama_cpp), tensors)
 
 
 def _repack_buffer_type(llama_cpp: Any) -> int | None:
@@ -339,7 +364,7 @@ def high_level_llama(model_path: str | os.PathLike, option: str | None = None) -
 
     from qvq_local.integrity import read_gguf_header
 
-    plan = plan_here(llama_cpp, option, read_gguf_header(model_path).tensors)
+    plan = plan_here(llama_cpp, requested_mode(option), read_gguf_header(model_path).tensors)
     original = low.llama_model_default_params
 
     def patched():
@@ -352,3 +377,88 @@ def high_level_llama(model_path: str | os.PathLike, option: str | None = None) -
         yield plan
     finally:
         low.llama_model_default_params = original
+
+
+# ---------------------------------------------------------------- the backend's hooks (registry.HOOKS)
+
+
+def gpu_build_warning(nvidia: dict, llama_gpu_backends: tuple[str, ...] | None) -> str | None:
+    """One line when an NVIDIA GPU is here but the installed llama.cpp cannot use it, else None.
+
+    ``nvidia``: :func:`qvq_local.build_flags.detect_nvidia`'s record; ``llama_gpu_backends`` are the GPU
+    backends the llama.cpp build reports (``("CUDA",)``, ``()`` for a CPU-only build, None when
+    llama-cpp-python is not installed)."""
+    if not nvidia.get("present") or llama_gpu_backends is None:
+        return None
+    if any(b.upper() in ("CUDA", "VULKAN") for b in llama_gpu_backends):
+        return None
+    name = ", ".join(nvidia.get("gpus") or []) or "an NVIDIA GPU"
+    return (
+        f"this machine has {name} but llama-cpp-python was built without CUDA, so models run on the CPU "
+        f"(a 72B model takes hours, not minutes); rebuild it: {CUDA_REBUILD}"
+    )
+
+
+def probe_gpu() -> dict:
+    """Ask llama.cpp whether it can offload layers, and which GPU backend it was built with."""
+    import platform
+
+    try:
+        import llama_cpp
+    except (ImportError, OSError) as exc:  # a broken shared library raises OSError
+        return {"llama_gpu_offload": None, "llama_error": f"{type(exc).__name__}: {exc}"}
+
+    offload = bool(llama_cpp.llama_supports_gpu_offload())
+    build = current_build(llama_cpp)
+    gpu_backends = tuple(b.upper() for b in build.gpu_backends) if build else ()
+    return {
+        "llama_gpu_offload": offload,
+        "cuda": offload and "CUDA" in gpu_backends,
+        # Metal builds print "MTL" (or "METAL") in the system info; a Mac's only GPU backend is Metal.
+        "metal": offload
+        and ("METAL" in gpu_backends or "MTL" in gpu_backends or platform.system() == "Darwin"),
+        "llama_backends": list(build.backends) if build else [],
+        "llama_gpu_backends": list(build.gpu_backends) if build else [],
+        "llama_features": sorted(build.features) if build else [],
+    }
+
+
+def buffer_plan(cpu: CpuInfo) -> str | None:
+    """Which CPU buffer types llama.cpp will put a quantised model's weights in on this machine."""
+    try:
+        import llama_cpp
+    except (ImportError, OSError):  # a broken shared library: probe_gpu reports it
+        return None
+    try:
+        plan = choose(requested_mode(None), cpu, current_build(llama_cpp))
+    except InputError as err:
+        return str(err)
+    return plan.describe()
+
+
+def machine_facts(facts: dict) -> dict:
+    """The ``machine_facts`` hook: llama.cpp's GPU offload and build, where it puts the weights, and a
+    warning when an NVIDIA GPU (``facts["nvidia"]``) is left idle; {} without llama-cpp-python."""
+    from qvq_local import hardware
+    from qvq_local.cpu import detect
+
+    if not hardware.backend_installed("llama"):
+        return {}
+    found = probe_gpu()
+    if "llama_error" not in found:  # the library loads: its build and the buffer plan mean something
+        found["llama_cpu_buffers"] = buffer_plan(detect())
+        found["gpu_warning"] = gpu_build_warning(
+            facts.get("nvidia") or {}, tuple(found.get("llama_gpu_backends", ()))
+        )
+    return found
+
+
+def load_notices(loaded: Any) -> list[str]:
+    """The ``load_notices`` hook: one line when a model loaded on the CPU beside an NVIDIA GPU, because
+    this llama-cpp-python was built without CUDA."""
+    if loaded.gpu_offload:
+        return []
+    from qvq_local.hardware import detect_nvidia
+
+    warning = gpu_build_warning(detect_nvidia(run_smi=False), ())
+    return [warning] if warning else []

@@ -23,19 +23,17 @@ raised as :class:`~qvq_local.errors.ContextOverflow`.
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import json
 import os
 import re
 import time
 import weakref
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qvq_local.backends import llama_buffers, registry
+from qvq_local.backends import llama_buffers, llama_chains
 from qvq_local.backends.base import (
     PrefillStats,
     PrefixState,
@@ -46,7 +44,8 @@ from qvq_local.backends.base import (
     gguf_sampling_keys,
     sampling_values,
 )
-from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError, QvqError
+from qvq_local.backends.llama_runtime import LOG, Sampler, TokenText, check_room, libs
+from qvq_local.errors import ContextOverflow, InputError, ModelError, QvqError
 from qvq_local.families import (
     DEFAULT_FAMILY,
     FAMILIES,
@@ -61,84 +60,6 @@ from qvq_local.families import (
 
 #: Sessions without an explicit ``n_ctx`` get this many cells (capped at the trained length).
 DEFAULT_N_CTX = 8192
-#: The repetition penalty looks back this many tokens.
-PENALTY_LAST_N = 64
-
-INSTALL_HINT = registry.BACKENDS["llama"].install_hint
-
-_GGML_LOG_LEVEL_ERROR = 4
-
-
-# ---------------------------------------------------------------- library loading and logging
-
-
-class _LogSink:
-    """Receives llama.cpp / mtmd log lines: silent unless QVQ_DEBUG, but remembers the last errors.
-
-    The remembered lines turn a NULL from ``llama_model_load_from_file`` into a message that says why.
-    """
-
-    def __init__(self) -> None:
-        self.errors: deque[str] = deque(maxlen=8)
-        self.debug = bool(os.environ.get("QVQ_DEBUG"))
-        self.callback = None  # the ctypes function object; must stay referenced while installed
-
-    def __call__(self, level: int, text: bytes | None, _user: Any) -> None:
-        # Python runs signal handlers here when Ctrl-C arrives during a long C call (mtmd encoding an
-        # image logs progress).  An exception cannot cross the ctypes boundary -- ctypes would print
-        # "Exception ignored" and drop it -- so remember it and re-raise once the C call has returned.
-        try:
-            line = (text or b"").decode("utf-8", "replace")
-            if level == _GGML_LOG_LEVEL_ERROR and line.strip():
-                self.errors.append(line.strip())
-            if self.debug:
-                import sys
-
-                sys.stderr.write(line)
-        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt/SystemExit are re-raised later
-            self.pending = exc
-
-    pending: BaseException | None = None
-
-    def reraise(self) -> None:
-        """Raise an interrupt that arrived inside a C call, now that Python is back in control."""
-        exc, self.pending = self.pending, None
-        if exc is not None:
-            raise exc
-
-    def last_error(self) -> str:
-        return self.errors[-1] if self.errors else ""
-
-    def clear(self) -> None:
-        self.errors.clear()
-
-
-_LOG = _LogSink()
-_LIBS: tuple[Any, Any] | None = None
-
-
-def _libs() -> tuple[Any, Any]:
-    """Import llama_cpp and its mtmd bindings once, and route their logs to :data:`_LOG`."""
-    global _LIBS
-    if _LIBS is not None:
-        return _LIBS
-    try:
-        import llama_cpp
-        from llama_cpp import mtmd_cpp
-    except ImportError as exc:
-        raise BackendUnavailable("llama-cpp-python is not installed", hint=INSTALL_HINT) from exc
-    except OSError as exc:  # the wheel is there but its shared library does not load
-        raise BackendUnavailable(
-            f"llama-cpp-python is installed but its library failed to load: {exc}",
-            hint=f"reinstall it: {INSTALL_HINT}",
-        ) from exc
-    _LOG.debug = bool(os.environ.get("QVQ_DEBUG"))
-    _LOG.callback = llama_cpp.llama_log_callback(_LOG)
-    llama_cpp.llama_log_set(_LOG.callback, ctypes.c_void_p(0))
-    mtmd_cpp.mtmd_helper_log_set(_LOG.callback, ctypes.c_void_p(0))
-    llama_cpp.llama_backend_init()
-    _LIBS = (llama_cpp, mtmd_cpp)
-    return _LIBS
 
 
 # ---------------------------------------------------------------- GGUF header peek (no llama.cpp needed)
@@ -254,14 +175,14 @@ class LlamaModel:
     context_length: int
     n_vocab: int
     n_embd: int
-    n_gpu_layers: int
+    gpu_layers: int  # text layers asked for on the GPU (-1: all), as llama.cpp was given them
     gpu_offload: bool
     patch_size: int
     merge_size: int
     family: Family = DEFAULT_FAMILY
     backend: str = "llama"
     cpu_buffers: Any = None  # the llama_buffers.BufferPlan the weights were loaded with
-    n_layers: int = 0  # the text model's blocks (llama.cpp offloads n_gpu_layers of them + the output layer)
+    n_layers: int = 0  # the text model's blocks (llama.cpp offloads gpu_layers of them + the output layer)
     n_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     _model: Any = None
     _mtmd: Any = None
@@ -276,7 +197,7 @@ class LlamaModel:
         if not self.gpu_offload:
             return "CPU"
         total = self.n_layers + 1
-        blocks, output = llama_buffers.gpu_split(self.n_gpu_layers, self.n_layers)
+        blocks, output = llama_buffers.gpu_split(self.gpu_layers, self.n_layers)
         on_gpu = blocks + output
         if on_gpu >= total:
             return f"GPU (all {total} layers)"
@@ -295,7 +216,7 @@ class LlamaModel:
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         """Token ids of ``text`` with no BOS; ``special=True`` parses ``<|...|>`` control tokens."""
-        llama_cpp, _ = _libs()
+        llama_cpp, _ = libs()
         self._check_open()
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         data = text.encode("utf-8")
@@ -310,9 +231,20 @@ class LlamaModel:
             raise QvqError(f"llama.cpp could not tokenize {len(data)} bytes of text")
         return list(buf[:n])
 
+    def prefix_identity(self) -> dict:
+        """What a saved prefix state of this model must match besides the GGUF itself (the registry's
+        ``prefix_state`` capability): the mmproj file, and whether the KV cache was computed on the GPU."""
+        return {"files": [self.mmproj_path], "compute": None, "gpu": self.gpu_offload}
+
+    def vocab(self) -> Any:
+        """llama.cpp's vocabulary handle of this model (for :class:`~llama_runtime.TokenText`)."""
+        llama_cpp, _ = libs()
+        self._check_open()
+        return llama_cpp.llama_model_get_vocab(self._model)
+
     def token_pieces(self) -> list[bytes]:
         """The bytes of every token id (control tokens: ``b""``), as llama.cpp writes them."""
-        llama_cpp, _ = _libs()
+        llama_cpp, _ = libs()
         self._check_open()
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         buf = ctypes.create_string_buffer(256)
@@ -398,8 +330,7 @@ def _free_model(llama_cpp: Any, mtmd_cpp: Any, model: Any, mctx: Any) -> None:
     llama_cpp.llama_model_free(model)
 
 
-def _free_session(llama_cpp: Any, sampler: Any, batch: Any, ctx: Any) -> None:
-    llama_cpp.llama_sampler_free(sampler)
+def _free_session(llama_cpp: Any, batch: Any, ctx: Any) -> None:
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(ctx)
 
@@ -436,32 +367,58 @@ _GPU_WORD = re.compile(r"cuda|metal|vulkan|rocm|hip\b|sycl|gpu", re.IGNORECASE)
 _ALLOC_FAILED = re.compile(r"alloc|out of memory", re.IGNORECASE)
 
 
-def load_failure_hint(why: str, n_gpu_layers: int) -> str | None:
+def load_failure_hint(why: str, gpu_layers: int) -> str | None:
     """What to do when llama.cpp could not allocate GPU memory (``why``: the error lines it logged, e.g.
-    ``cudaMalloc failed: out of memory``) with ``n_gpu_layers`` asked for; None for any other failure
+    ``cudaMalloc failed: out of memory``) with ``gpu_layers`` asked for; None for any other failure
     (a host-memory allocation, a corrupt file) or when nothing was going to the GPU."""
-    if n_gpu_layers == 0 or not (_GPU_WORD.search(why) and _ALLOC_FAILED.search(why)):
+    if gpu_layers == 0 or not (_GPU_WORD.search(why) and _ALLOC_FAILED.search(why)):
         return None
-    fewer = (
-        "fewer layers with --gpu-layers N" if n_gpu_layers < 0 else f"fewer than --gpu-layers {n_gpu_layers}"
-    )
+    fewer = "fewer layers with --gpu-layers N" if gpu_layers < 0 else f"fewer than --gpu-layers {gpu_layers}"
     return f"the GPU's memory is too small: put {fewer} there (qvq doctor --model MODEL estimates N)"
+
+
+def _load_logged(load: Any, free: Any, what: str, path: Path, gpu_layers: int) -> Any:
+    """``load()`` (a llama.cpp call returning a handle, NULL on failure) with its log lines caught: a
+    Ctrl-C that arrived inside it is raised once it returns (the handle freed), and a NULL becomes a
+    ModelError naming ``path`` with llama.cpp's own last error (and the GPU hint when memory ran out)."""
+    LOG.clear()
+    handle = load()
+    if LOG.pending is not None:
+        if handle:
+            free(handle)
+        LOG.reraise()
+    if not handle:
+        why = LOG.last_error() or f"corrupt or unsupported {what}"
+        raise ModelError(
+            f"llama.cpp could not load this {what}: {why}",
+            path=path,
+            hint=load_failure_hint(" ".join(LOG.errors), gpu_layers),
+        )
+    return handle
+
+
+def open_model(resolved: Any, options: llama_buffers.LlamaOptions) -> LlamaModel:
+    """The registry's ``open_model`` for this backend: a resolved GGUF model (``qvq_local.models``) and
+    its mmproj, with the backend's checked load options."""
+    if resolved.mmproj is None:
+        raise ModelError("no vision projector (mmproj) for this GGUF model", path=resolved.path)
+    return load(resolved.path, resolved.mmproj, options, name=resolved.name)
 
 
 def load(
     model_gguf: str | Path,
     mmproj_gguf: str | Path | None,
+    options: llama_buffers.LlamaOptions | None = None,
     *,
-    n_gpu_layers: int | None = None,
     name: str | None = None,
     generation_config: dict | None = None,
     n_threads: int | None = None,
-    cpu_buffers: str | None = None,
 ) -> LlamaModel:
     """Load a Qwen2-VL GGUF text model and its mmproj.
 
-    ``n_gpu_layers``: text layers on the GPU; None takes ``$QVQ_GPU_LAYERS``, else puts every layer on
-    the GPU when llama.cpp reports GPU offload support and keeps them on the CPU otherwise; -1 means all
+    ``options``: the backend's load options (None: ``LlamaOptions()``, the environment's or the
+    defaults).  Their ``gpu_layers``: text layers on the GPU; None puts every layer on the GPU when
+    llama.cpp reports GPU offload support and keeps them on the CPU otherwise; -1 means all
     (:func:`llama_buffers.requested_gpu_layers`).  ``generation_config`` overrides the sampling
     defaults (otherwise read from a sidecar ``generation_config.json`` or manifest, then from the GGUF's
     ``general.sampling.*`` keys, else QVQ's values).
@@ -504,31 +461,26 @@ def load(
         raise ModelError(f"mmproj projector type is {projector!r}, expected {expected}", path=mmproj_path)
     family = proj_family
 
-    llama_cpp, mtmd_cpp = _libs()
+    options = options if options is not None else llama_buffers.LlamaOptions()
+    llama_cpp, mtmd_cpp = libs()
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    n_gpu_layers = llama_buffers.requested_gpu_layers(n_gpu_layers, "n_gpu_layers")
-    if n_gpu_layers is None:
-        n_gpu_layers = -1 if gpu else 0
+    gpu_layers = options.gpu_layers
+    if gpu_layers is None:
+        gpu_layers = -1 if gpu else 0
     threads = int(n_threads or max(1, os.cpu_count() or 1))
 
     mparams = llama_cpp.llama_model_default_params()
-    mparams.n_gpu_layers = int(n_gpu_layers)
+    mparams.n_gpu_layers = int(gpu_layers)
     buffers, overrides = llama_buffers.apply(
-        mparams, llama_buffers.plan_here(llama_cpp, cpu_buffers, tensors), llama_cpp
+        mparams, llama_buffers.plan_here(llama_cpp, options.cpu_buffers, tensors), llama_cpp
     )
-    _LOG.clear()
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
-    if _LOG.pending is not None:
-        if model:
-            llama_cpp.llama_model_free(model)
-        _LOG.reraise()
-    if not model:
-        why = _LOG.last_error() or "corrupt or unsupported GGUF"
-        raise ModelError(
-            f"llama.cpp could not load this GGUF: {why}",
-            path=model_path,
-            hint=load_failure_hint(" ".join(_LOG.errors), n_gpu_layers if gpu else 0),
-        )
+    model = _load_logged(
+        lambda: llama_cpp.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams),
+        llama_cpp.llama_model_free,
+        "GGUF",
+        model_path,
+        gpu_layers if gpu else 0,
+    )
 
     try:
         n_embd = int(llama_cpp.llama_model_n_embd(model))
@@ -540,7 +492,7 @@ def load(
                 path=mmproj_path,
             )
         cparams = mtmd_cpp.mtmd_context_params_default()
-        cparams.use_gpu = gpu and n_gpu_layers != 0
+        cparams.use_gpu = gpu and gpu_layers != 0
         cparams.print_timings = False
         cparams.n_threads = threads
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -548,19 +500,13 @@ def load(
         # compute pass); without it the first encode reserves for the image at hand.  Measured on the 2b
         # shape (CPU): the first image costs the same CPU time either way, and warmup adds ~40 MB at load.
         cparams.warmup = False
-        _LOG.clear()
-        mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode("utf-8"), model, cparams)
-        if _LOG.pending is not None:
-            if mctx:
-                mtmd_cpp.mtmd_free(mctx)
-            _LOG.reraise()
-        if not mctx:
-            why = _LOG.last_error() or "corrupt or unsupported mmproj"
-            raise ModelError(
-                f"llama.cpp could not load this mmproj: {why}",
-                path=mmproj_path,
-                hint=load_failure_hint(" ".join(_LOG.errors), n_gpu_layers if gpu else 0),
-            )
+        mctx = _load_logged(
+            lambda: mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode("utf-8"), model, cparams),
+            mtmd_cpp.mtmd_free,
+            "mmproj",
+            mmproj_path,
+            gpu_layers if gpu else 0,
+        )
         if not mtmd_cpp.mtmd_support_vision(mctx):
             mtmd_cpp.mtmd_free(mctx)
             raise ModelError("this mmproj has no vision encoder", path=mmproj_path)
@@ -598,8 +544,8 @@ def load(
         else int(llama_cpp.llama_model_n_ctx_train(model)),
         n_vocab=int(llama_cpp.llama_vocab_n_tokens(vocab)),
         n_embd=n_embd,
-        n_gpu_layers=int(n_gpu_layers),
-        gpu_offload=gpu and n_gpu_layers != 0,
+        gpu_layers=int(gpu_layers),
+        gpu_offload=gpu and gpu_layers != 0,
         n_layers=int(llama_cpp.llama_model_n_layer(model)),
         patch_size=int(pmeta.get(Keys.ClipVision.PATCH_SIZE, family.patch_size)),
         merge_size=int(pmeta.get(Keys.ClipVision.SPATIAL_MERGE_SIZE, family.merge_size)),
@@ -628,7 +574,7 @@ class LlamaSession:
         return self.n_cells
 
     def __init__(self, model: LlamaModel, sampling: SamplingParams, n_ctx: int, *, n_seq: int = 1):
-        llama_cpp, _ = _libs()
+        llama_cpp, _ = libs()
         self.n_seq = int(n_seq)  # sequences the KV cache can hold (fork() needs one per chain)
         self.model = model
         self.sampling = sampling
@@ -643,9 +589,7 @@ class LlamaSession:
         self.image_embeddings: list = []
         self.prefix_state: PrefixState | None = None  # set by prefill(keep_prefix=True) when it has images
         self.n_batch = min(512, n_ctx)
-        self._vocab = llama_cpp.llama_model_get_vocab(model._model)
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._piece = ctypes.create_string_buffer(256)
+        self.text = TokenText(model.vocab())  # token ids -> the text they add
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
@@ -657,123 +601,71 @@ class LlamaSession:
         cparams.n_threads = model.n_threads
         cparams.n_threads_batch = model.n_threads
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        _LOG.clear()
+        LOG.clear()
         ctx = llama_cpp.llama_init_from_model(model._model, cparams)
         if not ctx:
-            why = _LOG.last_error() or "out of memory?"
-            gpu_hint = load_failure_hint(
-                " ".join(_LOG.errors), model.n_gpu_layers if model.gpu_offload else 0
-            )
+            why = LOG.last_error() or "out of memory?"
+            gpu_hint = load_failure_hint(" ".join(LOG.errors), model.gpu_layers if model.gpu_offload else 0)
             raise QvqError(
                 f"llama.cpp could not create a context of {n_ctx} tokens: {why}",
                 hint="lower the budgets or the image size" + (f"; or {gpu_hint}" if gpu_hint else ""),
             )
         self._ctx = ctx
-        self._sampler = self._build_sampler(sampling)
-        self._mask: TokenMask | None = None  # the mask whose logit-bias sampler heads the chain now
+        self._forked = False
+        self.sampler = Sampler(sampling, model.n_vocab)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         # Frees the handles at close(), or when the session is garbage-collected, or at exit (before the model).
-        self._finalizer = weakref.finalize(self, _free_session, llama_cpp, self._sampler, self._batch, ctx)
-
-    # -- setup
-
-    def _build_sampler(self, sp: SamplingParams) -> Any:
-        """penalties -> (greedy | top-k -> top-p -> temperature -> seeded draw)."""
-        llama_cpp, _ = _libs()
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        add = llama_cpp.llama_sampler_chain_add
-        rep = float(sp.repetition_penalty if sp.repetition_penalty is not None else 1.0)
-        if rep != 1.0:
-            add(
-                chain,
-                llama_cpp.llama_sampler_init_penalties(self.model.n_vocab, PENALTY_LAST_N, rep, 0.0, 0.0),
-            )
-        temp = float(sp.temperature if sp.temperature is not None else 0.0)
-        top_k = int(sp.top_k) if sp.top_k is not None else 0
-        if temp <= 0.0 or top_k == 1:
-            add(chain, llama_cpp.llama_sampler_init_greedy())
-        else:
-            if top_k > 0:
-                add(chain, llama_cpp.llama_sampler_init_top_k(top_k))
-            top_p = float(sp.top_p) if sp.top_p is not None else 1.0
-            if 0.0 < top_p < 1.0:
-                add(chain, llama_cpp.llama_sampler_init_top_p(top_p, 1))
-            add(chain, llama_cpp.llama_sampler_init_temp(temp))
-            seed = int(sp.seed if sp.seed is not None else 0) & 0xFFFFFFFF
-            add(chain, llama_cpp.llama_sampler_init_dist(seed))
-        return chain
-
-    def _use_mask(self, mask: TokenMask | None) -> None:
-        """Put a logit-bias sampler (-inf on the masked ids) at the head of the chain, or take it out.
-
-        The chain's other samplers are taken out and put back in order, not rebuilt, so the repetition
-        penalty's history and the seeded draw's state carry on unchanged; with no mask the chain is
-        exactly the one ``_build_sampler`` made.  Done only when the mask changes (the lock starts or ends).
-        """
-        if mask is not None and len(mask) == 0:
-            mask = None
-        if mask is self._mask:
-            return
-        import numpy as np
-
-        llama_cpp, _ = _libs()
-        chain = self._sampler
-        rest = [
-            llama_cpp.llama_sampler_chain_remove(chain, 0)
-            for _ in range(llama_cpp.llama_sampler_chain_n(chain))
-        ]
-        if self._mask is not None:
-            llama_cpp.llama_sampler_free(rest.pop(0))
-        if mask is not None:
-            ids = np.asarray(mask.ids, dtype=np.int32)
-            biases = (llama_cpp.llama_logit_bias * len(ids))()
-            view = np.ctypeslib.as_array(biases).view(np.dtype([("token", np.int32), ("bias", np.float32)]))
-            view["token"] = ids
-            view["bias"] = -np.inf
-            bias = llama_cpp.llama_sampler_init_logit_bias(self.model.n_vocab, len(ids), biases)
-            llama_cpp.llama_sampler_chain_add(chain, bias)
-        for sampler in rest:
-            llama_cpp.llama_sampler_chain_add(chain, sampler)
-        self._mask = mask
+        self._finalizer = weakref.finalize(self, _free_session, llama_cpp, self._batch, ctx)
 
     def _check_open(self) -> None:
         if self._ctx is None:
             raise RuntimeError("this session was closed")
 
     def _need_cells(self, n: int, what: str) -> None:
-        if self.n_cells + n > self.n_ctx:
-            raise ContextOverflow(
-                f"{what} needs {n} more token(s) but the context holds {self.n_ctx} and"
-                f" {self.n_cells} are used",
-                hint="size n_ctx with context_needed() or lower the budgets",
-            )
+        check_room(self.n_cells, n, self.n_ctx, what)
 
     # -- decoding
 
-    def _decode_tokens(self, tokens: list[int], *, logits_last: bool = True) -> None:
-        """Decode ``tokens`` at positions n_pos.. in batches; logits only for the very last one."""
-        llama_cpp, _ = _libs()
-        batch = self._batch
-        for start in range(0, len(tokens), self.n_batch):
-            part = tokens[start : start + self.n_batch]
+    def decode(self, entries: list[tuple[int, int, int, bool]], on_logits: Any = None) -> int:
+        """Decode ``entries`` (sequence, token, position, logits wanted) in batches of ``n_batch``; the
+        cells they fill count as this session's.  ``on_logits(i, logits)`` is called right after its batch
+        for each entry ``i`` that wanted logits (a float32 view of n_vocab, valid until the next decode).
+        Returns the number of ``llama_decode`` calls.  The forked chains decode through this too."""
+        import numpy as np
+
+        llama_cpp, _ = libs()
+        self._check_open()
+        batch, calls = self._batch, 0
+        for start in range(0, len(entries), self.n_batch):
+            part = entries[start : start + self.n_batch]
             batch.n_tokens = len(part)
-            for i, tok in enumerate(part):
+            for i, (seq, tok, pos, wanted) in enumerate(part):
                 batch.token[i] = tok
-                batch.pos[i] = self.n_pos + i
+                batch.pos[i] = pos
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = 0
-            if logits_last and start + len(part) == len(tokens):
-                batch.logits[len(part) - 1] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = 1 if wanted else 0
             rc = llama_cpp.llama_decode(self._ctx, batch)
-            _LOG.reraise()
+            LOG.reraise()
             if rc != 0:
                 self._decode_failed(rc, len(part))
-            self.n_pos += len(part)
+            calls += 1
             self.n_cells += len(part)
+            if on_logits is not None:
+                for i, (_seq, _tok, _pos, wanted) in enumerate(part):
+                    if wanted:
+                        ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
+                        on_logits(start + i, np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)))
+        return calls
+
+    def _decode_tokens(self, tokens: list[int], *, logits_last: bool = True) -> None:
+        """Decode ``tokens`` of sequence 0 at positions n_pos..; logits only for the very last one."""
+        last = len(tokens) - 1
+        self.decode([(0, tok, self.n_pos + i, logits_last and i == last) for i, tok in enumerate(tokens)])
+        self.n_pos += len(tokens)
 
     def _decode_failed(self, rc: int, n: int) -> None:
-        why = _LOG.last_error()
+        why = LOG.last_error()
         if rc == 1:
             raise ContextOverflow(
                 f"llama.cpp found no room for {n} token(s) in a context of {self.n_ctx} ({self.n_cells} used)",
@@ -796,7 +688,7 @@ class LlamaSession:
         """
         import numpy as np
 
-        llama_cpp, mtmd_cpp = _libs()
+        llama_cpp, mtmd_cpp = libs()
         self._check_open()
         if self.prefilled:
             raise RuntimeError(
@@ -837,7 +729,7 @@ class LlamaSession:
             if rc != 0:
                 raise InputError(
                     f"mtmd could not preprocess the image(s) (code {rc})"
-                    + (f": {_LOG.last_error()}" if _LOG.last_error() else "")
+                    + (f": {LOG.last_error()}" if LOG.last_error() else "")
                 )
             total = int(mtmd_cpp.mtmd_helper_get_n_tokens(chunks))
             self._need_cells(total, "the prompt")
@@ -875,11 +767,11 @@ class LlamaSession:
                     n_tok = int(mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk))
                     t0 = time.perf_counter()
                     rc = mtmd_cpp.mtmd_encode_chunk(mctx, chunk)
-                    _LOG.reraise()
+                    LOG.reraise()
                     encode_s += time.perf_counter() - t0
                     self.images_encoded += 1
                     if rc != 0:
-                        raise QvqError(f"the vision encoder failed (code {rc}): {_LOG.last_error()}")
+                        raise QvqError(f"the vision encoder failed (code {rc}): {LOG.last_error()}")
                     embd = mtmd_cpp.mtmd_get_output_embd(mctx)
                     if self.capture_image_embeddings:
                         n_embd = self.model.n_embd
@@ -899,7 +791,7 @@ class LlamaSession:
                         mtmd_cpp.mtmd_helper_post_decode_callback(),
                         None,
                     )
-                    _LOG.reraise()
+                    LOG.reraise()
                     if rc != 0:
                         self._decode_failed(rc, n_tok)
                     self.n_pos = int(new_n_past.value)
@@ -920,9 +812,9 @@ class LlamaSession:
                 mtmd_cpp.mtmd_bitmap_free(bmp)
         self.prefilled = True
         self.prompt_text_ids = text_ids
-        # The repetition penalty sees the prompt's text tokens too, as in transformers.
-        for tok in text_ids[-PENALTY_LAST_N:]:
-            llama_cpp.llama_sampler_accept(self._sampler, tok)
+        self.sampler.accept(
+            text_ids
+        )  # the repetition penalty sees the prompt's text tokens, as in transformers
         return PrefillStats(
             prompt_tokens=self.n_cells,
             image_tokens=sum(image_tokens),
@@ -937,7 +829,7 @@ class LlamaSession:
         """Copy sequence 0's KV state now (just after the last image chunk)."""
         import numpy as np
 
-        llama_cpp, _ = _libs()
+        llama_cpp, _ = libs()
         size = int(llama_cpp.llama_state_seq_get_size(self._ctx, 0))
         buf = np.empty(size, dtype=np.uint8)
         got = int(
@@ -966,7 +858,7 @@ class LlamaSession:
         """
         import numpy as np
 
-        llama_cpp, mtmd_cpp = _libs()
+        llama_cpp, mtmd_cpp = libs()
         image_tokens: list[int] = []
         for i in range(n_prefix):
             chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
@@ -1018,34 +910,22 @@ class LlamaSession:
     def step(self, banned: TokenMask | None = None) -> Token:
         """Sample the next token from the current logits (never one of ``banned``), decode it into the
         cache, return its text."""
-        llama_cpp, _ = _libs()
+        llama_cpp, _ = libs()
         self._check_open()
         if not self.prefilled:
             raise RuntimeError("call prefill() before step()")
-        self._use_mask(banned)
-        tok = int(llama_cpp.llama_sampler_sample(self._sampler, self._ctx, -1))
-        if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+        self.sampler.use_mask(banned)
+        tok = self.sampler.sample(self._ctx)
+        if self.text.is_end(tok):
             # Not decoded: nothing follows an end of turn unless the caller feeds text, which decodes itself.
-            return Token(id=tok, text=self._utf8.decode(b"", final=True), is_eos=True)
+            return Token(id=tok, text=self.text.end(), is_eos=True)
         self._need_cells(1, "the next token")
         self._decode_tokens([tok])
-        return Token(id=tok, text=self._stream_text(tok), is_eos=False)
-
-    def _stream_text(self, tok: int) -> str:
-        """The complete characters ``tok`` adds; bytes of a character still incomplete wait for the next."""
-        return self._utf8.decode(self._piece_bytes(tok), final=False)
-
-    def _piece_bytes(self, tok: int) -> bytes:
-        llama_cpp, _ = _libs()
-        n = llama_cpp.llama_token_to_piece(self._vocab, tok, self._piece, len(self._piece), 0, False)
-        if n < 0:
-            self._piece = ctypes.create_string_buffer(-n + 8)
-            n = llama_cpp.llama_token_to_piece(self._vocab, tok, self._piece, len(self._piece), 0, False)
-        return self._piece.raw[: max(n, 0)]
+        return Token(id=tok, text=self.text.push(tok), is_eos=False)
 
     def feed(self, text: str) -> int:
         """Append ``text`` (no BOS, no special-token parsing) to the cache; the image is not touched."""
-        llama_cpp, _ = _libs()
+        llama_cpp, _ = libs()
         self._check_open()
         if not self.prefilled:
             raise RuntimeError("call prefill() before feed()")
@@ -1053,10 +933,9 @@ class LlamaSession:
         if not tokens:
             return 0
         self._need_cells(len(tokens), "the forced text")
-        self._utf8.reset()  # a half character left by step() is superseded by the forced text
+        self.text.reset()  # a half character left by step() is superseded by the forced text
         self._decode_tokens(tokens)
-        for tok in tokens[-PENALTY_LAST_N:]:
-            llama_cpp.llama_sampler_accept(self._sampler, tok)
+        self.sampler.accept(tokens)
         return len(tokens)
 
     def count_tokens(self, text: str) -> int:
@@ -1066,7 +945,7 @@ class LlamaSession:
         """The logits the next step() samples from, as a float32 numpy array of n_vocab (a copy)."""
         import numpy as np
 
-        llama_cpp, _ = _libs()
+        llama_cpp, _ = libs()
         self._check_open()
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         if not ptr:
@@ -1075,15 +954,30 @@ class LlamaSession:
 
     def fork(self, n: int) -> list:
         """After prefill: ``n`` chains sharing the prompt's KV cells, decoded together in one batch
-        (:mod:`qvq_local.backends.llama_chains`).  The session must have been opened with ``n_seq >= n``."""
-        from qvq_local.backends.llama_chains import fork_chains
-
-        return fork_chains(self, n)
+        (:mod:`qvq_local.backends.llama_chains`; the registry's ``chains`` capability).  The session must
+        have been opened with ``n_seq >= n``; the prompt's cells of sequence 0 are shared with sequences
+        1..n-1 (``llama_memory_seq_cp``: the cache is unified, so a copy adds a sequence id to the same
+        cells), and each chain starts from a copy of the prompt's last logits."""
+        llama_cpp, _ = libs()
+        self._check_open()
+        if not self.prefilled:
+            raise RuntimeError("call prefill() before fork()")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"the number of chains must be a positive whole number, got {n!r}")
+        if n > self.n_seq:
+            raise InputError(f"this session was opened for {self.n_seq} chain(s), not {n}")
+        if self._forked:
+            raise RuntimeError("fork() was already called on this session")
+        self._forked = True
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        for seq in range(1, n):
+            llama_cpp.llama_memory_seq_cp(mem, 0, seq, -1, -1)
+        return llama_chains.start_chains(self, n, self.last_logits())
 
     def close(self) -> None:
         """Free the sampler, batch and context (idempotent)."""
         if self._ctx is None:
             return
         self._ctx = None
-        self._sampler = None
+        self.sampler.close()
         self._finalizer()

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qvq_local.backends import registry
+from qvq_local.backends import mlx_chains, registry
 from qvq_local.backends.base import PrefillStats, PrefixState, Prompt, SamplingParams, Token, TokenMask
+from qvq_local.backends.mlx_sampling import Detokenizer, Sampler
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY, family_for_model_type
 from qvq_local.prompt import load_chat_template
@@ -44,10 +45,6 @@ def _split_vision(model_type: str) -> bool:
     others fall back to mlx-vlm's combined call."""
     family = family_for_model_type(model_type)
     return bool(getattr(family, "mlx_split_vision", False))
-
-
-#: A token whose bytes never complete a character is flushed after this many held tokens (U+FFFD).
-_MAX_HELD_TOKENS = 8
 
 
 def _import_mlx():
@@ -160,6 +157,18 @@ class MlxModel:
         family = self.family
         return family.image_tokens(*family.smart_resize(int(width), int(height)))
 
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of ``text`` with no BOS (the registry's ``tokenizer`` capability); ``special``:
+        ``<|...|>`` control tokens are parsed as such (False: spelt out as text)."""
+        if special:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def prefix_identity(self) -> dict:
+        """What a saved prefix state of this model must match besides its folder (the registry's
+        ``prefix_state`` capability): how sessions compute (float32 activations on CPU, or as loaded)."""
+        return {"files": [], "compute": self.compute_note, "gpu": None}
+
     @property
     def compute_note(self) -> str | None:
         """How sessions compute when it differs from the weights' own dtype (``qvq bench`` reports it)."""
@@ -191,6 +200,12 @@ class MlxModel:
         self.model = None
         self.processor = None
         mx.clear_cache()
+
+
+def open_model(resolved: Any, options: Any) -> MlxModel:
+    """The registry's ``open_model`` for this backend: a resolved MLX or Hugging Face folder
+    (``qvq_local.models``); the backend takes no load options (``options`` is the empty base type)."""
+    return load(resolved.path, name=resolved.name)
 
 
 def load(model_dir: str | Path, *, name: str | None = None) -> MlxModel:
@@ -268,36 +283,6 @@ def _activation_dtype(mx: Any, lm: Any, choice: str | None) -> Any:
     return None
 
 
-class _Detokenizer:
-    """Turns ids into text pieces that never split a UTF-8 character.
-
-    Byte-level BPE tokens can end in the middle of a multi-byte character; decoding such a tail yields
-    U+FFFD.  Ids are held until their decoded text no longer ends in U+FFFD, then emitted together.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self._tokenizer = tokenizer
-        self._held: list[int] = []
-
-    def push(self, token_id: int) -> str:
-        self._held.append(token_id)
-        text = self._tokenizer.decode(self._held, skip_special_tokens=False)
-        if text.endswith("\ufffd") and len(self._held) < _MAX_HELD_TOKENS:
-            return ""
-        self._held = []
-        return text
-
-    def flush(self) -> str:
-        if not self._held:
-            return ""
-        text = self._tokenizer.decode(self._held, skip_special_tokens=False)
-        self._held = []
-        return text
-
-    def drop(self) -> None:
-        self._held = []
-
-
 def _deepstack_slicer(visual_pos_masks, features):
     """``extra(start, end)`` for ``MlxSession._forward``: DeepStack features for prompt tokens start:end.
 
@@ -338,7 +323,7 @@ class MlxSession:
         self.mx = _import_mlx()
         from mlx_vlm.models import cache as vlm_cache
 
-        self._loaded = loaded
+        self.loaded = loaded
         self._model = loaded.model
         self._lm = loaded.model.language_model
         self._tokenizer = loaded.tokenizer
@@ -347,21 +332,16 @@ class MlxSession:
         self.n_past = 0
         self.images_encoded = 0
         self._chunk = max(1, int(prefill_chunk))
-        self._rep_window = repetition_context_size
         self._cache = vlm_cache.make_prompt_cache(self._lm)
         self._act_dtype = _activation_dtype(self.mx, self._lm, compute_dtype)
         self._rope_delta = 0
         self._logits = None  # mx.array [vocab] float32: the next token's logits
-        self._history: list[int] = []  # every token in the cache (prompt, generated, fed)
-        self._seen: set[int] = set()  # distinct ids of _history[:_seen_count]
-        self._seen_count = 0
-        self._seen_ids = None
-        self._detok = _Detokenizer(self._tokenizer)
-        self._key = self.mx.random.key(int(sampling.seed or 0))
+        #: the sampling state (settings, the ids the repetition penalty sees, the random key)
+        self.sampler = Sampler(self.mx, sampling, repetition_context_size)
+        self._detok = Detokenizer(self._tokenizer)
         self._eos = loaded.eos_token_ids
+        self._forked = False
         self._prefilled = False
-        self._mask: TokenMask | None = None
-        self._mask_add = None  # mx.array [vocab]: 0, or -inf on the ids of self._mask
         self.prefix_state: PrefixState | None = None  # set by prefill(keep_prefix=True) when it has images
 
     # -- context bookkeeping -------------------------------------------------------------------------
@@ -464,7 +444,7 @@ class MlxSession:
             raise ValueError(f"prompt has {prompt.text.count(pad)} image blocks for {len(images)} images")
         t_start = time.perf_counter()
         inputs = prepare_inputs(
-            self._loaded.processor, images=images or None, prompts=prompt.text, add_special_tokens=False
+            self.loaded.processor, images=images or None, prompts=prompt.text, add_special_tokens=False
         )
         input_ids = inputs["input_ids"]
         if input_ids.ndim == 1:
@@ -490,7 +470,7 @@ class MlxSession:
             )
             self._logits = self._forward(self._embed_ids(rest), positions)
             mx.eval(self._logits)
-            self._history.extend(ids)
+            self.sampler.accept(ids)
             self._prefilled = True
             return PrefillStats(
                 prompt_tokens=len(ids),
@@ -541,7 +521,7 @@ class MlxSession:
                 self.prefix_state = self._export_prefix(ids[:n_prefix])
         self._logits = self._forward(embeds[:, n_prefix:], positions[:, :, n_prefix:], extra, offset=n_prefix)
         mx.eval(self._logits)
-        self._history.extend(ids)
+        self.sampler.accept(ids)
         self._prefilled = True
         return PrefillStats(
             prompt_tokens=len(ids),
@@ -613,73 +593,13 @@ class MlxSession:
         if not self._prefilled:
             raise RuntimeError("call prefill() before step() or feed()")
 
-    def _penalised_ids(self):
-        """Distinct ids the repetition penalty applies to (whole context unless a window was set)."""
-        mx = self.mx
-        if self._rep_window is not None:
-            return mx.array(sorted(set(self._history[-self._rep_window :])), dtype=mx.int32)
-        if self._seen_count != len(self._history):  # cheap incremental update of the distinct set
-            fresh = set(self._history[self._seen_count :]) - self._seen
-            self._seen_count = len(self._history)
-            if fresh or self._seen_ids is None:
-                self._seen.update(fresh)
-                self._seen_ids = mx.array(sorted(self._seen), dtype=mx.int32)
-        return self._seen_ids
-
-    def _mask_vector(self, mask: TokenMask):
-        """-inf on the masked ids, 0 elsewhere, as long as the logits (built once per mask object)."""
-        if mask is not self._mask:
-            import numpy as np
-
-            add = np.zeros(self._logits.shape[-1], dtype=np.float32)
-            add[np.asarray(mask.ids, dtype=np.int64)] = -np.inf
-            self._mask, self._mask_add = mask, self.mx.array(add)
-        return self._mask_add
-
-    def _sample(self, banned: TokenMask | None = None):
-        """The next token id (mx scalar) from the current logits, HF order of processors.
-
-        ``banned`` ids get -inf before any processor, so no setting can pick them.
-        """
-        mx = self.mx
-        s = self.sampling
-        logits = self._logits * 1.0  # a copy: the processors below must not touch last_logits()
-        if banned is not None and len(banned):
-            logits = logits + self._mask_vector(banned)
-        penalty = float(s.repetition_penalty or 1.0)
-        if penalty != 1.0 and self._history:
-            seen = self._penalised_ids()
-            picked = logits[seen]
-            logits[seen] = mx.where(picked < 0, picked * penalty, picked / penalty)
-        temperature = float(s.temperature or 0.0)
-        top_k = int(s.top_k or 0)
-        if temperature <= 0.0 or top_k == 1:
-            return mx.argmax(logits)
-        logits = logits / temperature
-        vocab = logits.shape[-1]
-        if 0 < top_k < vocab:
-            kth = mx.sort(logits)[vocab - top_k]
-            logits = mx.where(logits < kth, -mx.inf, logits)
-        top_p = float(s.top_p if s.top_p is not None else 1.0)
-        if 0.0 < top_p < 1.0:
-            order = mx.argsort(-logits)
-            sorted_logits = logits[order]
-            probs = mx.softmax(sorted_logits)
-            before = mx.cumsum(probs) - probs  # mass strictly above each token
-            keep_sorted = before < top_p  # the first token is always kept
-            keep = mx.zeros_like(keep_sorted)
-            keep[order] = keep_sorted
-            logits = mx.where(keep, logits, -mx.inf)
-        self._key, sub = mx.random.split(self._key)
-        return mx.random.categorical(logits, key=sub)
-
     def step(self, banned: TokenMask | None = None) -> Token:
         """Sample one token (never one of ``banned``), run it into the cache (next logits computed
         ahead), return its text."""
         mx = self.mx
         self._require_prefill()
         self._check_room(1, "generation")
-        token = self._sample(banned)
+        token = self.sampler.sample(self._logits, banned)
         # Two separate evaluations, so that ``token.item()`` waits for the sampler only: the forward
         # pass of this token then runs while the caller handles its text and builds the next step
         # (one async_eval of the whole graph would make item() wait for the forward pass too).
@@ -689,7 +609,7 @@ class MlxSession:
         mx.async_eval(next_logits)
         token_id = int(token.item())
         self._logits = next_logits
-        self._history.append(token_id)
+        self.sampler.accept([token_id])
         if token_id in self._eos:
             return Token(id=token_id, text=self._detok.flush(), is_eos=True)
         return Token(id=token_id, text=self._detok.push(token_id), is_eos=False)
@@ -705,7 +625,7 @@ class MlxSession:
         self._detok.drop()
         self._logits = self._forward(self._embed_ids(ids), self._text_positions(len(ids)))
         self.mx.eval(self._logits)
-        self._history.extend(ids)
+        self.sampler.accept(ids)
         return len(ids)
 
     def _encode(self, text: str) -> list[int]:
@@ -721,12 +641,60 @@ class MlxSession:
         self._require_prefill()
         return np.array(self._logits, dtype=np.float32, copy=True)
 
+    # -- chains (the registry's ``chains`` capability) -----------------------------------------------------
+
+    @property
+    def next_position(self) -> int:
+        """The M-RoPE position the next text token takes (tokens so far + the image's rope delta)."""
+        return self.n_past + self._rope_delta
+
+    @property
+    def logits(self):
+        """The raw logits (mx.array [vocab], float32) the next ``step`` samples from."""
+        return self._logits
+
     def fork(self, n: int) -> list:
         """After prefill: ``n`` chains decoded as one batch over a batched copy of this KV cache
-        (:mod:`qvq_local.backends.mlx_chains`)."""
-        from qvq_local.backends.mlx_chains import fork_chains
+        (:mod:`qvq_local.backends.mlx_chains`): the cache is repeated along its batch axis, one row per
+        chain, so the image is encoded and the prompt prefilled once."""
+        mx = self.mx
+        self._require_prefill()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"the number of chains must be a positive whole number, got {n!r}")
+        if self._forked:
+            raise RuntimeError("fork() was already called on this session")
+        self._forked = True
+        for c in self._cache:
+            keys, values = c.state
+            c.keys = mx.repeat(keys, n, axis=0)
+            c.values = mx.repeat(values, n, axis=0)
+        mx.eval([c.state for c in self._cache])
+        return mlx_chains.start_chains(self, n)
 
-        return fork_chains(self, n)
+    def forward_rows(self, tokens: Any, positions: Any, mask: Any, last: Any):
+        """One forward pass of a batch of chains over the repeated cache: ``tokens`` and ``positions``
+        int32 ``[n, L]`` (numpy), ``mask`` the additive attention mask ``[n, 1, L, cells]`` (float32
+        numpy), ``last`` each row's last real token; returns each row's next-token logits, float32
+        ``[n, vocab]`` (evaluated)."""
+        mx = self.mx
+        n, width = tokens.shape
+        embeds = self._lm.model.embed_tokens(mx.array(tokens))
+        mask_mx = mx.array(mask)
+        if self._act_dtype is not None:
+            embeds = embeds.astype(self._act_dtype)
+            mask_mx = mask_mx.astype(self._act_dtype)
+        pos = mx.array(positions).reshape(1, n, width)
+        hidden = self._lm.model(
+            None,
+            inputs_embeds=embeds,
+            cache=self._cache,
+            position_ids=mx.broadcast_to(pos, (3, n, width)),
+            mask=mask_mx,
+        )
+        picked = hidden[mx.arange(n), mx.array(last)]  # each row's last real token
+        logits = self._head(picked[:, None, :])[:, -1].astype(mx.float32)
+        mx.eval(logits)
+        return logits
 
     def close(self) -> None:
         self._cache = None

@@ -44,8 +44,8 @@ from collections import deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from qvq_local.backends.base import PrefillStats, Prompt, SamplingParams, Token
-from qvq_local.backends.registry import SERVER_KINDS
+from qvq_local.backends.base import ChatTurn, PrefillStats, Prompt, SamplingParams, Token
+from qvq_local.backends.options import OpenAIOptions
 from qvq_local.errors import BackendUnavailable, InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY
 
@@ -86,26 +86,6 @@ TRAITS = {
     "llama-server": Traits(budget_on_server=False, continuation="prefill"),
     "generic": Traits(budget_on_server=False, continuation=None, extra_sampling=False),
 }
-
-
-def check_kind(value: str | None) -> str:
-    word = (value or "auto").strip().lower()
-    if word not in SERVER_KINDS:
-        raise InputError(f"unknown server kind {value!r}: choose {', '.join(SERVER_KINDS)}")
-    return word
-
-
-def _check_base_url(base_url: str | None) -> str:
-    if not base_url or not base_url.strip():
-        raise InputError(
-            "the openai backend needs --base-url (e.g. http://127.0.0.1:8000/v1), or "
-            "`qvq config set base_url URL`"
-        )
-    url = base_url.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InputError(f"--base-url must be an http(s) URL, got {base_url!r}")
-    return url
 
 
 class _Http:
@@ -198,6 +178,9 @@ class RemoteModel:
         self.name = name
         self.kind = kind
         self.traits = TRAITS[kind]
+        #: the registry's ``server_budget`` capability: this server keeps the thinking budget and the loop
+        #: stop itself (qvq serve, QVQ-Max), so the client sends them and does not count them again
+        self.budget_on_server = self.traits.budget_on_server
 
     @staticmethod
     def image_token_estimate(width: int, height: int) -> int:
@@ -210,13 +193,17 @@ class RemoteModel:
         pass
 
 
-def connect(
-    model: str | None, *, base_url: str | None, api_key: str | None = None, server_kind: str | None = "auto"
-) -> RemoteModel:
+def open_model(model: str | None, options: OpenAIOptions) -> RemoteModel:
     """Reach the server, detect its kind when asked to, and pick the model (the only one served, when
-    ``model`` is None)."""
-    url = _check_base_url(base_url)
-    kind = check_kind(server_kind)
+    ``model`` is None).  The registry's ``open_model`` for this backend: ``options`` are checked already
+    (the URL's form, the kind)."""
+    url = options.base_url
+    if not url:
+        raise InputError(
+            "the openai backend needs --base-url (e.g. http://127.0.0.1:8000/v1), or "
+            "`qvq config set base_url URL`"
+        )
+    kind, api_key = options.server_kind, options.api_key
     qvq_max = kind == "qvq-max" or (kind == "auto" and _looks_like_qvq_max(url, model))
     envs = QVQ_MAX_KEY_ENV if qvq_max else KEY_ENV
     key = api_key or next((os.environ[e] for e in envs if os.environ.get(e)), None)
@@ -248,7 +235,6 @@ class RemoteSession:
     def __init__(self, model: RemoteModel, sampling: SamplingParams, n_ctx: int):
         self.model = model
         self.traits = model.traits
-        self.budget_on_server = self.traits.budget_on_server  # the API leaves the budget to the server
         self.sampling = sampling
         self.n_ctx = n_ctx
         self.n_past = 0
@@ -335,22 +321,23 @@ class RemoteSession:
 
     # -- the Session protocol
     def prefill(self, prompt: Prompt) -> PrefillStats:
-        question = prompt.question if prompt.question is not None else prompt.text
+        chat = prompt.chat or ChatTurn(question=prompt.text)  # the backend reads ``chat`` (chat_messages)
+        question = chat.question
         content: list[dict] = [
             {"type": "image_url", "image_url": {"url": _png_data_uri(im)}} for im in prompt.images
         ]
         content.append({"type": "text", "text": question})
         messages: list[dict] = []
-        if prompt.system and self.traits.system_message:
-            messages.append({"role": "system", "content": prompt.system})
+        if chat.system and self.traits.system_message:
+            messages.append({"role": "system", "content": chat.system})
         messages.append({"role": "user", "content": content})
         self._messages = messages
         body = self._body(messages)
-        if self.traits.budget_on_server and prompt.think_budget is not None:
-            body["thinking_budget"] = prompt.think_budget
+        if self.traits.budget_on_server and chat.think_budget is not None:
+            body["thinking_budget"] = chat.think_budget
         if self.traits.enable_thinking:
             body["enable_thinking"] = True
-        self._max_new = prompt.max_new_tokens
+        self._max_new = chat.max_new_tokens
         if self._max_new is not None and not self.traits.budget_on_server:
             # a server may go on generating after the client closes the stream (llama-cpp-python's does):
             # never let it run past what the controller could use

@@ -2,55 +2,142 @@
 
 Why one table: the names a user may type (``--backend``, ``qvq config set backend``, ``QVQ_BACKEND``,
 ``qvq bench``), the model formats each backend loads, the ``pip install`` line shown when it is missing,
-the modules that must be importable, and how it is loaded were once written in eight modules, and the
-copies disagreed (``llamacpp`` was accepted by ``qvq ask`` and refused by ``qvq config``).  Adding a
-backend now means one :class:`BackendSpec` here plus its module under ``qvq_local/backends/``.
+what it can do, the options it is loaded with and the module that runs it were once written in eight
+modules, and the copies disagreed.  Each backend is now one :class:`BackendSpec`, registered with
+:func:`register`: the built-in ones below, and a plugin's the same way (:mod:`qvq_local.plugins`: the
+modules named in ``QVQ_PLUGINS`` and the ``qvq_local.plugins`` entry points, run when this module is
+first imported).  Nothing else in the package names a backend to decide what to do with it: it asks the
+spec whether the backend has a capability, or calls one of its hooks.
 
-This module imports nothing heavy: ``qvq --help`` reads it for its help text.  A backend's library is only
-imported by its ``loader``, when a model is loaded.
+This module is data and imports nothing heavy (``qvq --help`` reads it for its help text).  A backend's
+module is named by its dotted path and imported (``importlib``) only when a model is loaded
+(:meth:`BackendSpec.open_model`) or one of its hooks is asked for (:meth:`BackendSpec.hook`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from qvq_local.errors import InputError, ModelError
+from qvq_local.backends.options import LoadOptions, OpenAIOptions
+from qvq_local.errors import InputError
 
-#: What a backend can do, as the rest of the code asks it.
-LOCAL_KV_CACHE = "local_kv_cache"  # keeps the KV cache in this process (prefill once, feed forced text)
-IMAGE_ENCODING = "image_encoding"  # encodes images itself (vision tower in process)
-REMOTE = "remote"  # talks to a server instead of loading weights here
-#: prefill(prompt, keep_prefix=True) / prefill(prompt, prefix=state): the image prefix's KV state is
-#: exported and restored (qvq_local.prefix_cache reuses it across questions about the same image)
+# ---------------------------------------------------------------- capabilities
+# What a backend can do, as the rest of the code asks it (``spec.has(...)``), and what each one promises.
+
+#: keeps the KV cache in this process (prefill once, feed forced text into the same cache)
+LOCAL_KV_CACHE = "local_kv_cache"
+#: encodes images itself (vision tower in process)
+IMAGE_ENCODING = "image_encoding"
+#: talks to a server instead of loading weights here: ``open_model`` gets the model's name there (or None),
+#: ``auto`` never picks it, and the places that measure this machine (bench, self-test) leave it out
+REMOTE = "remote"
+#: ``session.prefill(prompt, keep_prefix=True)`` then ``session.prefix_state``, and
+#: ``session.prefill(prompt, prefix=state)``: the image prefix's KV state is exported and restored
+#: (qvq_local.prefix_cache); ``loaded.prefix_identity()`` -> ``{"files": [...], ...}``: the model files
+#: besides its main path and the facts of how its KV cache is computed, which a saved state must match
 PREFIX_STATE = "prefix_state"
-CAPABILITIES = frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, REMOTE, PREFIX_STATE})
+#: ``loaded.new_session(sampling, n_ctx=, n_seq=N)`` then ``session.fork(N)``: N reasoning chains from one
+#: prefill, decoded in one batch (``--samples``)
+CHAINS = "chains"
+#: ``loaded.tokenize(text, special=True)``: the token ids of a templated prompt before a session opens
+#: (the context is sized from it; without it, from the text's byte count, an upper bound)
+TOKENIZER = "tokenizer"
+#: ``loaded.token_pieces()``: the bytes of every token id (the language lock masks tokens from it)
+VOCABULARY = "vocabulary"
+#: ``loaded.budget_on_server``: True when the server keeps the thinking budget and the loop stop itself
+#: (they are sent with the request, and not counted again here)
+SERVER_BUDGET = "server_budget"
+#: sessions read ``Prompt.chat`` (the question, system prompt and budgets, for a server that applies its
+#: own chat template) rather than the templated ``Prompt.text``
+CHAT_MESSAGES = "chat_messages"
+
+CAPABILITIES = frozenset(
+    {
+        LOCAL_KV_CACHE,
+        IMAGE_ENCODING,
+        REMOTE,
+        PREFIX_STATE,
+        CHAINS,
+        TOKENIZER,
+        VOCABULARY,
+        SERVER_BUDGET,
+        CHAT_MESSAGES,
+    }
+)
+
+# ---------------------------------------------------------------- hooks
+# Functions a backend's code offers besides loading a model, by the name a spec's ``hooks`` maps to
+# ``"module:function"``.
+
+#: ``machine_facts(facts) -> dict``: what the backend's library says about this machine (GPU offload,
+#: its build, where it puts the weights), for ``qvq doctor`` and ``qvq bench``; ``{}`` when the library is
+#: not installed.  ``facts`` is :func:`qvq_local.hardware.describe`'s (the platform).
+MACHINE_FACTS = "machine_facts"
+#: ``load_notices(loaded) -> list[str]``: warnings worth one line each once a model is loaded (an
+#: NVIDIA GPU left idle by a CPU-only build, say)
+LOAD_NOTICES = "load_notices"
+HOOKS = frozenset({MACHINE_FACTS, LOAD_NOTICES})
 
 #: The word every entry point accepts besides the backend names: let the machine choose.
 AUTO = "auto"
 
 
+def _resolve(path: str) -> Any:
+    """``"package.module:Name"`` -> the object (the module imported with importlib)."""
+    module, _, attr = path.partition(":")
+    target: Any = importlib.import_module(module)
+    for part in filter(None, attr.split(".")):
+        target = getattr(target, part)
+    return target
+
+
 @dataclass(frozen=True)
 class BackendSpec:
-    """One backend: its name, the other names users type for it, and what it needs and loads."""
+    """One backend: its names, what it loads and needs, what it can do, and where its code is."""
 
     name: str
-    aliases: tuple[str, ...]
+    #: the module that runs it, by dotted name: ``open_model(target, options)`` -> a loaded model
+    #: (``qvq_local.backends.base.LoadedModel``); ``target`` is the resolved model
+    #: (``qvq_local.models.ResolvedModel``), or for a REMOTE backend the model's name there (or None)
+    module: str
+    #: its load options: a :class:`~qvq_local.backends.options.LoadOptions` type, or its
+    #: ``"module:Name"`` (imported when options are built)
+    options: type[LoadOptions] | str = LoadOptions
+    aliases: tuple[str, ...] = ()
+    #: what messages call it ("llama.cpp"); the name when not given
+    title: str = ""
     #: model formats it loads (``qvq_local.models.Format`` values)
-    formats: frozenset[str]
+    formats: frozenset[str] = frozenset()
     #: the format ``qvq convert --to`` writes for it (its self-test and bench models are converted to this)
-    convert_to: str
+    convert_to: str | None = None
     #: modules that must be importable (checked with ``find_spec``, never imported to check)
-    modules: tuple[str, ...]
-    #: distributions whose versions ``qvq doctor`` shows
-    distributions: tuple[str, ...]
-    install_hint: str
-    capabilities: frozenset[str]
-    #: ``loader(resolved_model, n_gpu_layers=..., cpu_buffers=...)`` -> a loaded model; imports the library
-    loader: Callable[..., Any]
+    modules: tuple[str, ...] = ()
+    #: distributions whose versions ``qvq doctor`` shows (and that key a saved prefix state)
+    distributions: tuple[str, ...] = ()
+    install_hint: str = "nothing to install"
+    capabilities: frozenset[str] = frozenset()
+    #: hook name (:data:`HOOKS`) -> ``"module:function"``
+    hooks: Mapping[str, str] = field(default_factory=dict)
     #: made for Apple Silicon: ``auto`` prefers it there, and prefers the others everywhere else
     apple_silicon_first: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name != self.name.strip().lower() or self.name == AUTO:
+            raise ValueError(
+                f"a backend's name is lower case, without spaces, and not {AUTO!r}: {self.name!r}"
+            )
+        unknown = set(self.capabilities) - CAPABILITIES
+        if unknown:
+            raise ValueError(f"backend {self.name}: unknown capabilities {sorted(unknown)}")
+        unknown = set(self.hooks) - HOOKS
+        if unknown:
+            raise ValueError(f"backend {self.name}: unknown hooks {sorted(unknown)}")
+        object.__setattr__(self, "hooks", dict(self.hooks))
+        if not self.title:
+            object.__setattr__(self, "title", self.name)
 
     def has(self, capability: str) -> bool:
         if capability not in CAPABILITIES:
@@ -58,85 +145,53 @@ class BackendSpec:
         return capability in self.capabilities
 
     def convert_hint(self) -> str:
+        if self.convert_to is None:
+            return f"a format it loads ({', '.join(sorted(self.formats)) or 'none'})"
         return f"{self.convert_to.upper()} (qvq convert --to {self.convert_to})"
 
+    def options_type(self) -> type[LoadOptions]:
+        return _resolve(self.options) if isinstance(self.options, str) else self.options
 
-def _load_mlx(resolved: Any, *, n_gpu_layers: int | None = None, cpu_buffers: str | None = None) -> Any:
-    from qvq_local.backends import mlx
+    def build_options(
+        self, values: Mapping[str, Any], labels: Mapping[str, str] | None = None
+    ) -> LoadOptions:
+        """Its load options from ``values`` (name -> value), checked; an option it does not take is named."""
+        return self.options_type().build(self.name, values, labels)
 
-    return mlx.load(resolved.path, name=resolved.name)
+    def open_model(self, target: Any, options: LoadOptions) -> Any:
+        """Load a model (or reach it, for a REMOTE backend): imports the backend's module."""
+        return importlib.import_module(self.module).open_model(target, options)
 
-
-def _load_llama(resolved: Any, *, n_gpu_layers: int | None = None, cpu_buffers: str | None = None) -> Any:
-    from qvq_local.backends import llamacpp
-
-    if resolved.mmproj is None:
-        raise ModelError("no vision projector (mmproj) for this GGUF model", path=resolved.path)
-    return llamacpp.load(
-        resolved.path, resolved.mmproj, n_gpu_layers=n_gpu_layers, name=resolved.name, cpu_buffers=cpu_buffers
-    )
-
-
-#: The kinds of server the openai backend knows how to drive (``--server-kind``; see openai_remote.py).
-SERVER_KINDS = ("auto", "qvq", "qvq-max", "vllm", "llama-server", "generic")
-
-
-def _connect_remote(
-    model: str | None,
-    *,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    server_kind: str | None = None,
-) -> Any:
-    from qvq_local.backends import openai_remote
-
-    return openai_remote.connect(model, base_url=base_url, api_key=api_key, server_kind=server_kind)
+    def hook(self, name: str) -> Any:
+        """The function this backend offers for hook ``name``, its module imported; None when it has none."""
+        if name not in HOOKS:
+            raise ValueError(f"unknown backend hook {name!r}")
+        path = self.hooks.get(name)
+        return None if path is None else _resolve(path)
 
 
-_SPECS = (
-    BackendSpec(
-        name="mlx",
-        aliases=(),
-        # mlx-vlm loads an HF folder directly as well as its own
-        formats=frozenset({"mlx", "hf"}),
-        convert_to="mlx",
-        modules=("mlx", "mlx_vlm"),
-        distributions=("mlx", "mlx-vlm"),
-        install_hint="pip install 'qvq-local[mlx]'",
-        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE}),
-        loader=_load_mlx,
-        apple_silicon_first=True,
-    ),
-    BackendSpec(
-        name="llama",
-        aliases=("llamacpp", "llama.cpp", "gguf"),
-        formats=frozenset({"gguf"}),
-        convert_to="gguf",
-        modules=("llama_cpp",),
-        distributions=("llama-cpp-python",),
-        install_hint="pip install 'qvq-local[llama]'",
-        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE}),
-        loader=_load_llama,
-    ),
-    # a model behind an OpenAI-compatible server (qvq serve, vLLM, llama-server, QVQ-Max): nothing is loaded
-    # here and nothing needs installing; its loader is ``loader(model_name, base_url=, api_key=,
-    # server_kind=)``.  ``auto`` never picks it, and local-only places (bench, self-test) skip it.
-    BackendSpec(
-        name="openai",
-        aliases=(),
-        formats=frozenset(),
-        convert_to="gguf",
-        modules=(),
-        distributions=(),
-        install_hint="nothing to install (the openai backend uses the standard library)",
-        capabilities=frozenset({REMOTE}),
-        loader=_connect_remote,
-    ),
-)
+#: Every backend by its canonical name, in the order registered (not the machine's preference: see
+#: hardware.py).
+BACKENDS: dict[str, BackendSpec] = {}
 
-#: Every backend by its canonical name, in a fixed order (not the machine's preference: see hardware.py).
-BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in _SPECS}
-_BY_NAME: dict[str, str] = {alias: spec.name for spec in _SPECS for alias in (spec.name, *spec.aliases)}
+
+def register(spec: BackendSpec) -> BackendSpec:
+    """Add a backend (the one way: built-in backends and plugins alike).  Registering the same spec again
+    does nothing; a name or alias already taken by another backend is a ``ValueError``."""
+    if BACKENDS.get(spec.name) == spec:
+        return spec
+    taken = _by_name()
+    for word in (spec.name, *spec.aliases):
+        if word in taken or word == AUTO:
+            raise ValueError(
+                f"cannot register backend {spec.name}: {word!r} already names {taken.get(word, AUTO)}"
+            )
+    BACKENDS[spec.name] = spec
+    return spec
+
+
+def _by_name() -> dict[str, str]:
+    return {alias: spec.name for spec in BACKENDS.values() for alias in (spec.name, *spec.aliases)}
 
 
 def names(*, remote: bool = False) -> tuple[str, ...]:
@@ -147,6 +202,11 @@ def names(*, remote: bool = False) -> tuple[str, ...]:
 def get(name: str) -> BackendSpec:
     """The entry for a canonical name or an alias (``InputError`` for anything else)."""
     return BACKENDS[canonical(name, allow_auto=False)]
+
+
+def with_capability(capability: str) -> tuple[BackendSpec, ...]:
+    """The backends that have ``capability``, in registration order."""
+    return tuple(spec for spec in BACKENDS.values() if spec.has(capability))
 
 
 def choices(*extra: str, allow_auto: bool = True) -> str:
@@ -167,18 +227,89 @@ def canonical(value: str | None, *, allow_auto: bool = True, extra: tuple[str, .
         return AUTO
     if word in extra:
         return word
-    if word in _BY_NAME:
-        return _BY_NAME[word]
+    by_name = _by_name()
+    if word in by_name:
+        return by_name[word]
     words = [*([AUTO] if allow_auto else []), *BACKENDS, *extra]
     listed = ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
-    raise InputError(f"unknown backend {value!r}: choose {listed} ({alias_note()})")
+    note = alias_note()
+    raise InputError(f"unknown backend {value!r}: choose {listed}" + (f" ({note})" if note else ""))
 
 
 def alias_note() -> str:
     """``"llamacpp, llama.cpp, gguf mean llama"``: the other names users may type."""
-    return "; ".join(f"{', '.join(s.aliases)} mean {s.name}" for s in _SPECS if s.aliases)
+    return "; ".join(f"{', '.join(s.aliases)} mean {s.name}" for s in BACKENDS.values() if s.aliases)
 
 
 def preference(apple_silicon: bool) -> tuple[str, ...]:
-    """The backends in the order ``auto`` tries them on this kind of machine."""
-    return tuple(sorted(BACKENDS, key=lambda n: BACKENDS[n].apple_silicon_first != apple_silicon))
+    """The local backends in the order ``auto`` tries them on this kind of machine."""
+    return tuple(sorted(names(), key=lambda n: BACKENDS[n].apple_silicon_first != apple_silicon))
+
+
+def machine_facts(facts: dict) -> dict:
+    """``facts`` (the platform's, :func:`qvq_local.hardware.describe`) with what each backend's
+    :data:`MACHINE_FACTS` hook adds; a GPU already found (``metal``/``cuda`` true) stays found."""
+    out = dict(facts)
+    for spec in BACKENDS.values():
+        probe = spec.hook(MACHINE_FACTS)
+        if probe is None:
+            continue
+        for key, value in probe(out).items():
+            if value or not out.get(key):
+                out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------- the built-in backends
+
+register(
+    BackendSpec(
+        name="mlx",
+        title="MLX",
+        module="qvq_local.backends.mlx",
+        # mlx-vlm loads an HF folder directly as well as its own
+        formats=frozenset({"mlx", "hf"}),
+        convert_to="mlx",
+        modules=("mlx", "mlx_vlm"),
+        distributions=("mlx", "mlx-vlm"),
+        install_hint="pip install 'qvq-local[mlx]'",
+        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY}),
+        apple_silicon_first=True,
+    )
+)
+register(
+    BackendSpec(
+        name="llama",
+        title="llama.cpp",
+        module="qvq_local.backends.llamacpp",
+        options="qvq_local.backends.llama_buffers:LlamaOptions",
+        aliases=("llamacpp", "llama.cpp", "gguf"),
+        formats=frozenset({"gguf"}),
+        convert_to="gguf",
+        modules=("llama_cpp",),
+        distributions=("llama-cpp-python",),
+        install_hint="pip install 'qvq-local[llama]'",
+        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY}),
+        hooks={
+            MACHINE_FACTS: "qvq_local.backends.llama_buffers:machine_facts",
+            LOAD_NOTICES: "qvq_local.backends.llama_buffers:load_notices",
+        },
+    )
+)
+# a model behind an OpenAI-compatible server (qvq serve, vLLM, llama-server, QVQ-Max): nothing is loaded
+# here and nothing needs installing.
+register(
+    BackendSpec(
+        name="openai",
+        title="an OpenAI-compatible server",
+        module="qvq_local.backends.openai_remote",
+        options=OpenAIOptions,
+        install_hint="nothing to install (the openai backend uses the standard library)",
+        capabilities=frozenset({REMOTE, SERVER_BUDGET, CHAT_MESSAGES}),
+    )
+)
+
+# last, with everything above defined: a plugin registers through this module while it is imported
+from qvq_local import plugins  # noqa: E402
+
+plugins.load()

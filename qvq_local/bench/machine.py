@@ -24,8 +24,9 @@ def describe_machine() -> dict:
     """``hardware.describe()`` with the CPU's name under ``cpu`` and a one-line summary for the table and chart."""
     try:
         from qvq_local import hardware
+        from qvq_local.backends import registry
 
-        facts = dict(hardware.describe(probe_gpu=True))
+        facts = registry.machine_facts(hardware.describe(probe_gpu=True))
     except Exception as exc:  # noqa: BLE001 - the bench still reports what it can find itself
         facts = {
             "os": platform.system(),

@@ -84,7 +84,7 @@ def serve(
     from qvq_local.api import load
     from qvq_local.serve.app import ServeOptions, create_app
 
-    model = load(model_ref, backend=backend, max_pixels=max_pixels, n_gpu_layers=gpu_layers)
+    model = load(model_ref, backend=backend, max_pixels=max_pixels, gpu_layers=gpu_layers)
     try:
         app = create_app(model, ServeOptions(api_key=api_key, queue=queue, limits=limits))
         warn(f"qvq serve: {model.name} ({model.backend}) on http://{host}:{port}/v1")
