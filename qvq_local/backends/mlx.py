@@ -439,7 +439,7 @@ class MlxSession:
         if self._prefilled:
             raise RuntimeError("prefill() called twice on one session; open a new session per question")
         images = list(prompt.images or [])
-        pad = self._loaded.family.image_pad
+        pad = self.loaded.family.image_pad
         if prompt.text.count(pad) != len(images):
             raise ValueError(f"prompt has {prompt.text.count(pad)} image blocks for {len(images)} images")
         t_start = time.perf_counter()
