@@ -30,10 +30,10 @@ from qvq_local.families.qwen2vl import (  # re-exported: converters and tests im
     expected_shapes,
     normalise_name,
 )
+from qvq_local.formats.names import PICKLE_SUFFIXES
 
 __all__ = ["TextDims", "VisionDims", "expected_shapes", "normalise_name", "open_checkpoint"]
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 # Files a converter may need besides the weights, in the order they are looked for.
@@ -143,7 +143,8 @@ class Checkpoint:
 def to_f32(raw, dtype: str):
     """float32 copy of a raw block in safetensors ``dtype`` (BF16 given as uint16 bits)."""
     import numpy as np
-    from qvq_local.convert.safetensors_io import bf16_bits_to_f32
+
+    from qvq_local.formats.safetensors import bf16_bits_to_f32
 
     if dtype == "BF16":
         return bf16_bits_to_f32(np.asarray(raw))
@@ -173,7 +174,7 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     text, vision = family.dims_from_config(config, config_path)
 
     _check_weight_files(folder)
-    from qvq_local.convert.safetensors_io import ShardedCheckpoint
+    from qvq_local.formats.safetensors import ShardedCheckpoint
 
     store = ShardedCheckpoint(folder)  # checks the index, shard presence, headers vs file sizes
 

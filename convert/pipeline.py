@@ -151,7 +151,7 @@ def convert(
                 mmproj_file=Path(pair.mmproj).name,
                 extra={"mmproj_quant": mmproj_quant, "gguf_version": _version("gguf")},
             )
-        from qvq_local.models import write_manifest
+        from qvq_local.formats.manifest import write_manifest
 
         write_manifest(partial, manifest)
         atomic.replace_dir(partial, out_dir)
@@ -202,13 +202,14 @@ def _source_folder(source: str | os.PathLike, progress: bool) -> tuple[Path, str
     or pulls it.  Names from ``qvq models`` are converted models, so they are not sources.
     """
     from qvq_local import models
+    from qvq_local.formats.manifest import read_manifest
 
     text = str(source).strip()
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelError("SOURCE must be a Hugging Face checkpoint folder or a hub id", path=path)
-        manifest = models.read_manifest(path)
+        manifest = read_manifest(path)
         _refuse_converted(path, manifest)
         label = (manifest or {}).get("source") or str(path.resolve())
         name = label.split("/")[-1] if manifest else path.resolve().name
@@ -237,7 +238,7 @@ def _refuse_converted(path: Path, manifest: dict | None) -> None:
 
 
 def _manifest(folder: Path, name: str, source: str, fmt: str, quantization: str, **kwargs) -> dict:
-    from qvq_local.models import build_manifest
+    from qvq_local.formats.manifest import build_manifest
 
     return build_manifest(folder, source=source, format=fmt, quantization=quantization, name=name, **kwargs)
 

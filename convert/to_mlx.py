@@ -118,7 +118,7 @@ def estimate_output_bytes(src: Path, weight_files: list[Path], bits: int | None,
     """
     if bits is None:
         return sum(p.stat().st_size for p in weight_files)
-    from qvq_local.convert.safetensors_io import SafetensorsFile
+    from qvq_local.formats.safetensors import SafetensorsFile
 
     total = 0
     for path in weight_files:

@@ -703,6 +703,7 @@ def load(
     """
     from qvq_local import config, hardware, models
     from qvq_local.backends import registry
+    from qvq_local.formats.manifest import normalize_quantization
 
     wanted = registry.canonical(backend)
     if wanted != registry.AUTO and registry.get(wanted).has(registry.REMOTE):
@@ -733,7 +734,7 @@ def load(
     t0 = time.perf_counter()
     loaded = registry.get(chosen).loader(resolved, n_gpu_layers=n_gpu_layers, cpu_buffers=cpu_buffers)
     load_s = time.perf_counter() - t0
-    quantization = models.normalize_quantization(getattr(loaded, "quantization", "") or resolved.quantization)
+    quantization = normalize_quantization(getattr(loaded, "quantization", "") or resolved.quantization)
     return Model(
         loaded,
         name=resolved.name,

@@ -88,8 +88,8 @@ def _folder_config(folder: Path) -> dict[str, Any]:
 def _gguf_config(model_file: Path) -> dict[str, Any]:
     from gguf import Keys
 
-    from qvq_local.backends.llamacpp import read_gguf_metadata
     from qvq_local.families import DEFAULT_FAMILY
+    from qvq_local.formats.gguf import read_gguf_metadata
 
     arch = read_gguf_metadata(model_file, {Keys.General.ARCHITECTURE}).get(Keys.General.ARCHITECTURE)
     arch = arch or DEFAULT_FAMILY.gguf_text_arch
@@ -115,13 +115,10 @@ def _gguf_config(model_file: Path) -> dict[str, Any]:
 def model_files(resolved: Any) -> list[Path]:
     """The files a model loads: the GGUF pair, or a folder's safetensors."""
     if resolved.format == "gguf":
-        from qvq_local.integrity import _SPLIT_RE
+        from qvq_local.formats.names import split_parts
 
-        m = _SPLIT_RE.match(resolved.path.name)
-        parts = [resolved.path]
-        if m:  # every part of a split model (llama.cpp loads them all)
-            parts = sorted(resolved.path.parent.glob(f"{m.group('stem')}-*-of-{m.group('n')}.gguf"))
-        return [p for p in (*parts, resolved.mmproj) if p is not None]
+        # every part of a split model (llama.cpp loads them all)
+        return [p for p in (*split_parts(resolved.path), resolved.mmproj) if p is not None]
     return sorted(Path(resolved.path).glob("*.safetensors"))
 
 
@@ -214,7 +211,7 @@ def _gpu_fit(resolved: Any, shape: dict[str, Any], ctx: int, gpus: list[dict]) -
 def offload_sizes(resolved: Any, shape: dict[str, Any], ctx: int) -> tuple[list[int], int, int, int]:
     """What :func:`gpu_need_bytes` takes for a resolved GGUF model at ``ctx`` tokens: each block's bytes,
     the output layer's, the KV cache per block, the mmproj's."""
-    from qvq_local.integrity import read_gguf_header
+    from qvq_local.formats.gguf import read_gguf_header
 
     tensors: dict[str, Any] = {}
     for part in model_files(resolved):  # every part of a split GGUF, not its mmproj
@@ -310,7 +307,7 @@ def _llama_buffers_for(model_file: Path) -> str | None:
     from qvq_local.backends import llama_buffers as lb
     from qvq_local.cpu import detect
     from qvq_local.errors import InputError
-    from qvq_local.integrity import GgufHeaderError, read_gguf_header
+    from qvq_local.formats.gguf import GgufHeaderError, read_gguf_header
 
     try:
         tensors = read_gguf_header(model_file).tensors

@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qvq_local.errors import DiskFull, ModelError
-from qvq_local.integrity import _SPLIT_RE  # llama.cpp's split naming, one place
+from qvq_local.formats.manifest import normalize_quantization, quantization_from_name
+from qvq_local.formats.names import PICKLE_SUFFIXES, is_mmproj, split_part
+from qvq_local.formats.safetensors import INDEX_NAME
 
 #: The quantisation chosen in a GGUF repo that holds several, when none is named (llama.cpp's, Ollama's
 #: and LM Studio's default too).
@@ -141,17 +143,10 @@ class Plan:
 
 def gguf_quant(filename: str) -> str | None:
     """A GGUF file's quantisation from its name (``...-Q4_K_M.gguf``, split parts too), normalised."""
-    from qvq_local.models import _gguf_quantization_from_name, normalize_quantization
-
     name = Path(filename).name
-    m = _SPLIT_RE.match(name)
-    stem = m.group("stem") if m else name[: -len(".gguf")]
-    found = _gguf_quantization_from_name(stem)
-    return None if found == "?" else normalize_quantization(found)
-
-
-def _is_mmproj(path: str) -> bool:
-    return Path(path).name.lower().startswith("mmproj")
+    part = split_part(name)
+    found = quantization_from_name(part.stem if part else name[: -len(".gguf")])
+    return None if found == "?" else found
 
 
 def _is_gguf(path: str) -> bool:
@@ -160,10 +155,10 @@ def _is_gguf(path: str) -> bool:
 
 def plan(repo_id: str, files: list[RepoFile], quant: str | None = None, mmproj: str | None = None) -> Plan:
     """Choose what to fetch from ``files`` (a repo's listing, or what the cache holds).  Pure: no I/O."""
-    from qvq_local.models import PICKLE_SUFFIXES, PULL_PATTERNS, human_size
+    from qvq_local.models import PULL_PATTERNS, human_size
 
     ggufs = [f for f in files if _is_gguf(f.path)]
-    models = [f for f in ggufs if not _is_mmproj(f.path)]
+    models = [f for f in ggufs if not is_mmproj(f.path)]
     if models:
         groups: dict[str, list[RepoFile]] = {}
         for f in models:
@@ -193,7 +188,7 @@ def plan(repo_id: str, files: list[RepoFile], quant: str | None = None, mmproj: 
             names = ", ".join(sorted(f.path for f in parts))
             raise ModelError(f"{repo_id}: several {chosen} models ({names}); cannot choose one")
         parts = sorted(parts, key=lambda f: f.path)
-        projector = _choose_mmproj(repo_id, [f for f in ggufs if _is_mmproj(f.path)], mmproj)
+        projector = _choose_mmproj(repo_id, [f for f in ggufs if is_mmproj(f.path)], mmproj)
         return Plan(
             kind="gguf",
             files=(*parts, projector),
@@ -223,7 +218,7 @@ def plan(repo_id: str, files: list[RepoFile], quant: str | None = None, mmproj: 
 
 def check_folder_quant(repo_id: str, folder: Path, wanted: str) -> None:
     """A safetensors repo has one quantisation (its config.json's): ``owner/repo:4bit`` must name it."""
-    from qvq_local.models import _hf_dtype, _mlx_quantization, normalize_quantization
+    from qvq_local.models import _hf_dtype, _mlx_quantization
 
     config = folder / "config.json"
     actual = normalize_quantization(_mlx_quantization(folder) if config.is_file() else _hf_dtype(folder))
@@ -238,16 +233,16 @@ def _one_model(parts: list[RepoFile]) -> bool:
         return True
     keys = set()
     for f in parts:
-        m = _SPLIT_RE.match(Path(f.path).name)
-        if not m:
+        part = split_part(f.path)
+        if part is None:
             return False
-        keys.add((str(Path(f.path).parent), m.group("stem").lower(), m.group("n")))
+        keys.add((str(Path(f.path).parent), part.stem.lower(), part.count))
     return len(keys) == 1
 
 
 def _split_complete(parts: tuple[RepoFile, ...] | list[RepoFile]) -> bool:
-    m = _SPLIT_RE.match(Path(parts[0].path).name)
-    return m is None or len(parts) == int(m.group("n"))
+    part = split_part(parts[0].path)
+    return part is None or len(parts) == part.count
 
 
 def _choose_mmproj(repo_id: str, projectors: list[RepoFile], wanted: str | None) -> RepoFile:
@@ -307,7 +302,7 @@ def _complete(snapshot: Path, chosen: Plan) -> bool:
     if chosen.kind == "gguf":
         parts = [f for f in chosen.files if f.path != chosen.mmproj]
         return _split_complete(parts)
-    index = snapshot / "model.safetensors.index.json"
+    index = snapshot / INDEX_NAME
     if index.is_file():
         import json
 
@@ -610,19 +605,20 @@ def sha256_file(path: Path) -> str:
 def check_gguf_headers(snap: Path, paths: list[str]) -> None:
     """Read each GGUF's header (gguf's own tables); a file that is not a whole GGUF is deleted from the
     cache (link and blob: it would fail in llama.cpp with no better message) and the error says so."""
-    from qvq_local.integrity import check_gguf_file
+    from qvq_local.formats.gguf import GgufHeaderError, read_whole_gguf
 
     for path in paths:
-        errors = [f for f in check_gguf_file(snap / path) if f.level == "error"]
-        if errors:
+        try:
+            read_whole_gguf(snap / path)
+        except GgufHeaderError as err:
             link = snap / path
             link.resolve().unlink(missing_ok=True)
             link.unlink(missing_ok=True)
             raise ModelError(
-                f"{path} from the hub is not a valid GGUF file ({errors[0].message}); deleted it",
+                f"{path} from the hub is not a valid GGUF file ({err}); deleted it",
                 path=snap,
                 hint="the repository's file itself is broken: choose another quantisation or repo",
-            )
+            ) from None
 
 
 # ----------------------------------------------------------------------------- listing the cache
@@ -643,7 +639,7 @@ def list_cached() -> list[Any]:
             {
                 q
                 for f in files
-                if _is_gguf(f.path) and not _is_mmproj(f.path)
+                if _is_gguf(f.path) and not is_mmproj(f.path)
                 for q in [gguf_quant(f.path)]
                 if q
             }
@@ -667,7 +663,7 @@ def _runnable(model) -> bool:
         if model.format == "gguf":
             from gguf import Keys
 
-            from qvq_local.integrity import read_gguf_header
+            from qvq_local.formats.gguf import read_gguf_header
 
             key = Keys.General.ARCHITECTURE
             arch = read_gguf_header(model.path, wanted={key}, tensors=False).fields

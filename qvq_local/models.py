@@ -12,32 +12,32 @@ A user names a model in one of these ways, and :func:`resolve` turns each into a
   one quantisation and its projector; MLX and full repos: safetensors, JSON and tokenizer files only;
   never pickle weights).  Folders an earlier qvq-local downloaded under ``QVQ_HOME/hub`` still resolve.
 
-Every converted or downloaded folder carries ``qvq-manifest.json`` (source, format, quantization, file
-sizes, tool version, creation time).  It is written last and atomically, so a folder with a manifest is
-a complete one; ``qvq models`` and ``qvq ask`` read it.
+Every converted or downloaded folder carries ``qvq-manifest.json`` (:mod:`qvq_local.formats.manifest`);
+``qvq models`` and ``qvq ask`` read it.
 
 Heavy imports (huggingface_hub, tqdm, rich) stay inside the functions that need them.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from qvq_local import atomic
 from qvq_local.config import qvq_home
 from qvq_local.errors import ModelError
-
-Format = Literal["mlx", "gguf", "hf"]
-
-MANIFEST_NAME = "qvq-manifest.json"
-MANIFEST_SCHEMA = 1
+from qvq_local.formats.manifest import (
+    MANIFEST_NAME,
+    Format,
+    normalize_quantization,
+    quantization_from_name,
+    read_manifest,
+)
+from qvq_local.formats.names import PICKLE_SUFFIXES, is_mmproj
 
 # What `pull` downloads: weights as safetensors, configs, tokenizer and chat template.  No *.py (remote
 # code is never run) and no pickle weights (*.bin, *.pt, ...).
@@ -50,7 +50,6 @@ PULL_PATTERNS = [
     "vocab.txt",
     "*.jinja",
 ]
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # Hugging Face repo id rules: owner/name, each [A-Za-z0-9._-], no leading/trailing '-' or '.', no '--'/'..'.
 _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -89,119 +88,6 @@ def check_hub_id(ref: str) -> str:
     return ref
 
 
-# ----------------------------------------------------------------------------- manifest
-def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The manifest of a model folder (or of the folder holding a model file); ``None`` when absent."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    manifest_path = folder / MANIFEST_NAME
-    if not manifest_path.is_file():
-        return None
-    try:
-        data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"unreadable manifest ({err})", path=manifest_path) from None
-    if not isinstance(data, dict) or data.get("format") not in ("mlx", "gguf", "hf"):
-        raise ModelError("manifest has no valid 'format'", path=manifest_path)
-    # manifests written before the spelling was settled say "quantisation" ("q4_k_m")
-    old = data.pop("quantisation", None)
-    if data.get("quantization") or old:
-        data["quantization"] = normalize_quantization(str(data.get("quantization") or old))
-    return data
-
-
-#: Float weight types: upper case, as llama.cpp names a GGUF's file type (F32, F16, BF16).
-_FLOAT_NAMES = {
-    "bfloat16": "BF16",
-    "float16": "F16",
-    "float32": "F32",
-    "bf16": "BF16",
-    "f16": "F16",
-    "f32": "F32",
-}
-
-
-def normalize_quantization(value: str) -> str:
-    """The one spelling of a quantization everywhere (API, JSON outputs, manifest).
-
-    GGUF types and float weights as llama.cpp names them, upper case (``Q4_K_M``, ``Q8_0``, ``IQ4_XS``,
-    ``F16``, ``BF16``); MLX's affine quantization as ``<bits>bit-g<group>`` (``4bit-g64``); ``?`` unknown.
-    """
-    text = str(value or "").strip()
-    if not text or text == "?":
-        return "?"
-    low = text.lower()
-    if low in _FLOAT_NAMES:
-        return _FLOAT_NAMES[low]
-    if re.fullmatch(r"\d+bit(-g\d+)?(-\w+)?", low):
-        return low
-    if re.fullmatch(r"i?q\d\w*|tq\d_\d|mxfp4\w*", low):
-        return text.upper()
-    return text
-
-
-def write_manifest(folder: str | os.PathLike, data: dict[str, Any]) -> Path:
-    """Write ``data`` as the folder's manifest atomically (temporary file, then ``os.replace``)."""
-    folder = Path(folder)
-    target = folder / MANIFEST_NAME
-    return atomic.write_text(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def tool_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("qvq-local")
-    except Exception:  # noqa: BLE001 - not installed as a distribution (running from a source tree)
-        return "0+unknown"
-
-
-def build_manifest(
-    folder: str | os.PathLike,
-    *,
-    source: str,
-    format: Format,
-    quantization: str,
-    model_file: str | None = None,
-    mmproj_file: str | None = None,
-    extra: dict[str, Any] | None = None,
-    name: str | None = None,
-) -> dict[str, Any]:
-    """A manifest for the finished ``folder``: sizes are measured from the files on disk.
-
-    ``name`` is the model's final folder name (the folder may still be a hidden partial one).
-    """
-    folder = Path(folder)
-    files = {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_NAME and not _is_hidden(p.relative_to(folder))
-    }
-    data: dict[str, Any] = {
-        "schema": MANIFEST_SCHEMA,
-        "name": name or folder.name,
-        "source": source,
-        "format": format,
-        "quantization": normalize_quantization(quantization),
-        "files": files,
-        "total_bytes": sum(files.values()),
-        "tool": "qvq-local",
-        "tool_version": tool_version(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if model_file:
-        data["model"] = model_file
-    if mmproj_file:
-        data["mmproj"] = mmproj_file
-    if extra:
-        data.update(extra)
-    return data
-
-
-def _is_hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
 # ----------------------------------------------------------------------------- resolve
 @dataclass(frozen=True)
 class ResolvedModel:
@@ -225,7 +111,7 @@ class ResolvedModel:
         if self.format == "mlx":
             return normalize_quantization(_mlx_quantization(self.path))
         if self.format == "gguf":
-            return normalize_quantization(_gguf_quantization_from_name(self.path.name))
+            return quantization_from_name(self.path.name)
         return normalize_quantization(_hf_dtype(self.path))
 
 
@@ -304,7 +190,7 @@ def _resolve_path(path: Path, *, name: str) -> ResolvedModel:
         _check_safetensors_folder(path)
         return ResolvedModel(name=name, format=fmt, path=path, manifest=manifest)
 
-    ggufs = [p for p in sorted(path.glob("*.gguf")) if not _is_mmproj(p)]
+    ggufs = [p for p in sorted(path.glob("*.gguf")) if not is_mmproj(p)]
     if ggufs:
         if len(ggufs) > 1:
             listed = ", ".join(p.name for p in ggufs)
@@ -316,12 +202,8 @@ def _resolve_path(path: Path, *, name: str) -> ResolvedModel:
     return ResolvedModel(name=name, format=fmt, path=path, manifest=None)
 
 
-def _is_mmproj(path: Path) -> bool:
-    return path.name.lower().startswith("mmproj")
-
-
 def _resolve_gguf_file(model: Path, *, name: str, manifest: dict | None) -> ResolvedModel:
-    if _is_mmproj(model):
+    if is_mmproj(model):
         raise ModelError(
             "this is a vision projector (mmproj), not the model: pass the model .gguf", path=model
         )
@@ -333,7 +215,7 @@ def _resolve_gguf_file(model: Path, *, name: str, manifest: dict | None) -> Reso
                 f"missing vision projector {manifest['mmproj']} (named by the manifest)", path=model.parent
             )
     else:
-        candidates = sorted(p for p in model.parent.glob("*.gguf") if _is_mmproj(p))
+        candidates = sorted(p for p in model.parent.glob("*.gguf") if is_mmproj(p))
         if len(candidates) > 1:
             # prefer the projector named after the model (mmproj-<stem>*.gguf)
             stem = model.stem.lower()
@@ -375,7 +257,7 @@ def _is_mlx_folder(path: Path) -> bool:
     config = _read_config(path)
     if "quantization" in config:
         return True
-    from qvq_local.convert.safetensors_io import SafetensorsFile
+    from qvq_local.formats.safetensors import SafetensorsFile
 
     shard, _problems = SafetensorsFile.inspect(min(path.glob("*.safetensors")))
     if shard is None:  # a broken shard is qvq doctor's to report; it is not MLX's mark
@@ -398,11 +280,6 @@ def _hf_dtype(path: Path) -> str:
         return "?"
     dtype = config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("dtype")
     return {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(str(dtype), str(dtype or "?"))
-
-
-def _gguf_quantization_from_name(filename: str) -> str:
-    match = re.search(r"(q\d_k_[msl]|q\d_k|q\d_\d|iq\d_\w+|f16|f32|bf16)", filename.lower())
-    return match.group(1) if match else "?"
 
 
 # ----------------------------------------------------------------------------- list
@@ -456,7 +333,7 @@ def model_family(model: ResolvedModel) -> str | None:
         if model.format == "gguf":
             from gguf import Keys
 
-            from qvq_local.backends.llamacpp import read_gguf_metadata
+            from qvq_local.formats.gguf import read_gguf_metadata
 
             if model.mmproj is not None:
                 keys = {Keys.Clip.PROJECTOR_TYPE}

@@ -201,7 +201,7 @@ def test_doctor_says_how_many_layers_fit(tiny_gguf_q4, monkeypatch):
 
     from qvq_local import doctor, hardware
     from qvq_local.cli import app
-    from qvq_local.integrity import read_gguf_header
+    from qvq_local.formats.gguf import read_gguf_header
 
     monkeypatch.setattr(doctor, "GPU_RESERVE", 0)
     layers, head = doctor.gguf_layer_bytes(read_gguf_header(tiny_gguf_q4.model).tensors)
@@ -252,7 +252,7 @@ def test_doctor_reads_every_part_of_a_split_gguf(tiny_gguf_q4, tmp_path):
     from gguf_split import split_gguf  # tests/gguf_split.py: llama.cpp's split layout
 
     from qvq_local import doctor
-    from qvq_local.integrity import read_gguf_header
+    from qvq_local.formats.gguf import read_gguf_header
 
     parts = split_gguf(tiny_gguf_q4.model, tmp_path, "tiny-Q4_K_M", 3)
     shape, gpus = {"kv_heads": 2, "head_dim": 32, "kv_bytes": 2}, [{"name": "GPU", "free_bytes": 2**20}]

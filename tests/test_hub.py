@@ -14,6 +14,7 @@ from helpers import assert_error
 
 from qvq_local import hub, models
 from qvq_local.errors import DiskFull, ModelError
+from qvq_local.formats.manifest import build_manifest, write_manifest
 
 GGUF_REPO = "acme/Tiny-QVQ-GGUF"
 
@@ -304,9 +305,9 @@ def test_models_lists_the_cache_and_old_qvq_home_downloads_still_resolve(gguf_re
     shutil.copytree(Path(rows[0]["path"]).parent, old, symlinks=False)
     for p in old.glob("*Q8_0*"):
         p.unlink()
-    models.write_manifest(
+    write_manifest(
         old,
-        models.build_manifest(
+        build_manifest(
             old,
             source="acme/Old",
             format="gguf",

@@ -10,6 +10,13 @@ from helpers import assert_error
 
 from qvq_local import models
 from qvq_local.errors import ModelError
+from qvq_local.formats.manifest import (
+    MANIFEST_NAME,
+    build_manifest,
+    normalize_quantization,
+    read_manifest,
+    write_manifest,
+)
 
 
 @pytest.fixture()
@@ -69,13 +76,13 @@ def test_bad_hub_ids_are_refused_before_any_network(ref, monkeypatch):
 # ----------------------------------------------------------------------------- manifest
 def test_manifest_written_atomically_and_read_back(tmp_path):
     folder = _hf_folder(tmp_path / "m")
-    data = models.build_manifest(
+    data = build_manifest(
         folder, source="Qwen/QVQ-72B-Preview", format="mlx", quantization="4bit-g64", extra={"bits": 4}
     )
-    path = models.write_manifest(folder, data)
-    assert path.name == models.MANIFEST_NAME
+    path = write_manifest(folder, data)
+    assert path.name == MANIFEST_NAME
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no temporary left
-    back = models.read_manifest(folder)
+    back = read_manifest(folder)
     assert back == data
     assert back["files"] == {
         "config.json": (folder / "config.json").stat().st_size,
@@ -83,16 +90,16 @@ def test_manifest_written_atomically_and_read_back(tmp_path):
     }
     assert back["total_bytes"] == sum(back["files"].values())
     assert back["tool"] == "qvq-local" and back["tool_version"] and back["created"]
-    assert models.read_manifest(folder / "config.json") == data  # a file's folder manifest
+    assert read_manifest(folder / "config.json") == data  # a file's folder manifest
 
 
 def test_unreadable_manifest_is_a_model_error(tmp_path):
     folder = _hf_folder(tmp_path / "m")
-    (folder / models.MANIFEST_NAME).write_text("{not json")
+    (folder / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(ModelError) as raised:
-        models.read_manifest(folder)
+        read_manifest(folder)
     assert_error(raised, "manifest")
-    (folder / models.MANIFEST_NAME).write_text('{"format": "onnx"}')
+    (folder / MANIFEST_NAME).write_text('{"format": "onnx"}')
     with pytest.raises(ModelError) as raised:
         models.resolve(folder)
     assert_error(raised, "format")
@@ -110,9 +117,9 @@ def test_resolve_gguf_file_finds_sibling_mmproj(tmp_path):
 def test_resolve_gguf_folder_uses_manifest(tmp_path):
     model = _gguf_pair(tmp_path / "g", model="a.gguf", mmproj="mmproj-b.gguf")
     (tmp_path / "g" / "mmproj-other.gguf").write_bytes(b"GGUF")  # would be ambiguous without the manifest
-    models.write_manifest(
+    write_manifest(
         tmp_path / "g",
-        models.build_manifest(
+        build_manifest(
             tmp_path / "g",
             source="x",
             format="gguf",
@@ -198,9 +205,7 @@ def test_bad_hub_id_fails_without_network(home, monkeypatch):
 # ----------------------------------------------------------------------------- list
 def test_list_models_rows(home):
     folder = _hf_folder(home / "models" / "tiny-mlx-4bit", quantization={"bits": 4, "group_size": 64})
-    models.write_manifest(
-        folder, models.build_manifest(folder, source="/src/tiny", format="mlx", quantization="4bit-g64")
-    )
+    write_manifest(folder, build_manifest(folder, source="/src/tiny", format="mlx", quantization="4bit-g64"))
     _gguf_pair(home / "models" / "tiny-gguf-q4_k_m")
     (home / "models" / ".tiny-gguf-f16.partial-1-abc").mkdir()  # an unfinished conversion: hidden
     (home / "models" / "junk").mkdir()  # not a model: skipped
@@ -210,7 +215,7 @@ def test_list_models_rows(home):
     gguf, mlx = rows
     assert (gguf["format"], gguf["quantization"], gguf["size"]) == ("gguf", "Q4_K_M", 64 + 32)
     assert (mlx["format"], mlx["quantization"], mlx["source"]) == ("mlx", "4bit-g64", "/src/tiny")
-    assert mlx["size"] == models.read_manifest(folder)["total_bytes"]
+    assert mlx["size"] == read_manifest(folder)["total_bytes"]
 
 
 @pytest.mark.parametrize(
@@ -229,12 +234,12 @@ def test_list_models_rows(home):
 )
 def test_one_normalised_quantization_spelling(written, shown, tmp_path):
     """Old manifests (key ``quantisation``, lower-case GGUF names) read as the one spelling and format."""
-    assert models.normalize_quantization(written) == shown
+    assert normalize_quantization(written) == shown
     folder = tmp_path / "m"
     folder.mkdir()
-    (folder / models.MANIFEST_NAME).write_text(json.dumps({"format": "gguf", "quantisation": written}))
-    data = models.read_manifest(folder)
+    (folder / MANIFEST_NAME).write_text(json.dumps({"format": "gguf", "quantisation": written}))
+    data = read_manifest(folder)
     assert "quantisation" not in data
     assert data.get("quantization", "?") == shown
-    new = models.build_manifest(folder, source="x", format="gguf", quantization=written)
+    new = build_manifest(folder, source="x", format="gguf", quantization=written)
     assert "quantisation" not in new and new["quantization"] == shown

@@ -337,7 +337,7 @@ def high_level_llama(model_path: str | os.PathLike, option: str | None = None) -
     import llama_cpp
     from llama_cpp import llama_cpp as low
 
-    from qvq_local.integrity import read_gguf_header
+    from qvq_local.formats.gguf import read_gguf_header
 
     plan = plan_here(llama_cpp, option, read_gguf_header(model_path).tensors)
     original = low.llama_model_default_params

@@ -37,7 +37,7 @@ class BackendSpec:
 
     name: str
     aliases: tuple[str, ...]
-    #: model formats it loads (``qvq_local.models.Format`` values)
+    #: model formats it loads (``qvq_local.formats.manifest.Format`` values)
     formats: frozenset[str]
     #: the format ``qvq convert --to`` writes for it (its self-test and bench models are converted to this)
     convert_to: str
