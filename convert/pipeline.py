@@ -1,7 +1,7 @@
 """``qvq convert``: one command from a Hugging Face checkpoint (folder or hub id) to MLX or GGUF.
 
 The orchestration only: check the option combination, get the source (downloading a hub id with
-:func:`qvq_local.models.pull`), pick the output folder, run the format's converter into a hidden
+:func:`qvq_local.hub.resolve`), pick the output folder, run the format's converter into a hidden
 partial folder, write the manifest there, and rename the folder into place last.  A folder with a
 manifest is therefore always a finished conversion, and a failure or Ctrl-C leaves nothing that looks
 complete (the partial folder is removed).
@@ -97,9 +97,9 @@ def convert(
             label = f"{qbits}bit"
             quantization = f"{qbits}bit-g{gsize}"
         else:
-            from qvq_local.models import _hf_dtype
+            from qvq_local.models import hf_dtype
 
-            label = quantization = _hf_dtype(src)
+            label = quantization = hf_dtype(src)
     else:
         label = quantization = quant
 
@@ -198,10 +198,10 @@ def _source_folder(source: str | os.PathLike, progress: bool) -> tuple[Path, str
 
     A local folder is taken as it is: the checkpoint reader judges it, with messages more precise than
     the resolver's (only pickle weights, no config.json), after a converted model is refused here.  A hub
-    id goes through the one resolver, :func:`qvq_local.models.resolve`, which reuses a finished download
+    id goes through the one resolver, :func:`qvq_local.hub.resolve`, which reuses a finished download
     or pulls it.  Names from ``qvq models`` are converted models, so they are not sources.
     """
-    from qvq_local import models
+    from qvq_local import hub, models
     from qvq_local.formats.manifest import read_manifest
 
     text = str(source).strip()
@@ -217,7 +217,7 @@ def _source_folder(source: str | os.PathLike, progress: bool) -> tuple[Path, str
     if text.startswith((".", "~", os.sep)) or text.count("/") != 1:
         raise ModelError("no such folder (and not an owner/name hub id)", path=text)
     hub_id = models.check_hub_id(text)
-    resolved = models.resolve(hub_id, download=True, progress=progress)
+    resolved = hub.resolve(hub_id, download=True, progress=progress)
     _refuse_converted(resolved.path, resolved.manifest)
     if resolved.format != "hf":  # a GGUF or MLX repo from the hub: nothing to convert
         raise InputError(

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import qvq_local
-from qvq_local import doctor, hardware, models
+from qvq_local import doctor, hardware, hub
 from qvq_local.backends.llama_buffers import requested_gpu_layers
 from qvq_local.errors import QvqError
 
@@ -36,7 +36,7 @@ def main() -> None:
         sys.exit("error: nvidia-smi reports no NVIDIA GPU here")
     try:
         values = [(v, requested_gpu_layers(v)) for v in args.gpu_layers.split(",") if v.strip()]
-        resolved = models.resolve(args.model, download=False)
+        resolved = hub.resolve(args.model, download=False)
     except QvqError as exc:
         sys.exit(f"error: {exc}")
     if resolved.format != "gguf":

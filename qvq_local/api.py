@@ -701,7 +701,7 @@ def load(
     layers on the GPU; None: ``$QVQ_GPU_LAYERS``, else all where llama.cpp has a GPU backend; -1 or "all":
     all; 0: CPU only) are explained in :mod:`qvq_local.backends.llama_buffers`.
     """
-    from qvq_local import config, hardware, models
+    from qvq_local import config, hardware, hub
     from qvq_local.backends import registry
     from qvq_local.formats.manifest import normalize_quantization
 
@@ -729,7 +729,7 @@ def load(
         ref = config.default_model()
         if ref is None:
             raise ModelError(NO_MODEL_HELP)
-    resolved = models.resolve(ref, download=download, progress=progress)
+    resolved = hub.resolve(ref, download=download, progress=progress)
     chosen = hardware.choose_backend(backend, {resolved.format}, model_path=resolved.path)
     t0 = time.perf_counter()
     loaded = registry.get(chosen).loader(resolved, n_gpu_layers=n_gpu_layers, cpu_buffers=cpu_buffers)

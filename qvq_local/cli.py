@@ -164,7 +164,7 @@ def pull(
 
       qvq pull Qwen/QVQ-72B-Preview && qvq convert Qwen/QVQ-72B-Preview --to gguf
     """
-    from qvq_local.models import pull as run_pull
+    from qvq_local.hub import pull as run_pull
 
     try:
         path = run_pull(ref, progress=not quiet, revision=revision, mmproj=mmproj)
@@ -195,7 +195,9 @@ def models(
     """
     import json
 
-    from qvq_local.models import human_size, list_models, models_dir
+    from qvq_local.hub import list_models
+    from qvq_local.models import models_dir
+    from qvq_local.units import file_size
 
     if available:
         from qvq_local.catalogue import available_rows
@@ -211,7 +213,7 @@ def models(
         for column in ("name", "model", "source", "format", "download", "fits this machine"):
             table.add_column(column, justify="right" if column == "download" else "left", overflow="fold")
         for row in rows:
-            size = ("" if row["size_checked"] else "~") + human_size(row["size"])
+            size = ("" if row["size_checked"] else "~") + file_size(row["size"])
             table.add_row(row["name"], row["title"], row["source"], row["format"], size, row["verdict"])
         Console().print(table)
         return
@@ -247,7 +249,7 @@ def models(
             row.get("family") or "?",
             row["format"],
             row["quantization"],
-            human_size(row["size"]),
+            file_size(row["size"]),
             row["source"],
         )
     Console().print(table)

@@ -112,16 +112,6 @@ def _gguf_config(model_file: Path) -> dict[str, Any]:
     }
 
 
-def model_files(resolved: Any) -> list[Path]:
-    """The files a model loads: the GGUF pair, or a folder's safetensors."""
-    if resolved.format == "gguf":
-        from qvq_local.formats.names import split_parts
-
-        # every part of a split model (llama.cpp loads them all)
-        return [p for p in (*split_parts(resolved.path), resolved.mmproj) if p is not None]
-    return sorted(Path(resolved.path).glob("*.safetensors"))
-
-
 def default_context(context_length: int) -> int:
     """The context ``qvq ask`` opens with default settings (no think budget: up to 8192 thought tokens)."""
     from qvq_local.api import DEFAULT_ANSWER_BUDGET, DEFAULT_MAX_THOUGHT, FORCE_MARGIN
@@ -151,10 +141,10 @@ def model_fit(
     for a GGUF, with ``gpus`` (:func:`hardware.parse_nvidia_smi_memory`'s records), how many of its layers
     fit in their free memory; on a Mac, with Metal's ``working_set``, whether it fits there
     (:func:`metal_fit`)."""
-    from qvq_local import models
+    from qvq_local import hub, models
 
-    resolved = models.resolve(ref, download=False, progress=False)
-    files = model_files(resolved)
+    resolved = hub.resolve(ref, download=False, progress=False)
+    files = models.model_files(resolved)
     weights = sum(p.stat().st_size for p in files)
     shape = _gguf_config(resolved.path) if resolved.format == "gguf" else _folder_config(Path(resolved.path))
     ctx = int(n_ctx) if n_ctx else default_context(shape["context_length"])
@@ -212,6 +202,7 @@ def offload_sizes(resolved: Any, shape: dict[str, Any], ctx: int) -> tuple[list[
     """What :func:`gpu_need_bytes` takes for a resolved GGUF model at ``ctx`` tokens: each block's bytes,
     the output layer's, the KV cache per block, the mmproj's."""
     from qvq_local.formats.gguf import read_gguf_header
+    from qvq_local.models import model_files
 
     tensors: dict[str, Any] = {}
     for part in model_files(resolved):  # every part of a split GGUF, not its mmproj

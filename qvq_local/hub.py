@@ -1,4 +1,9 @@
-"""Hugging Face hub repos -> files in huggingface_hub's own, shared cache.
+"""Hugging Face hub repos -> files in huggingface_hub's own, shared cache; the resolver's entry point.
+
+:func:`resolve` takes every kind of model reference: the local kinds through
+:func:`qvq_local.models.resolve_local`, then a short name from :mod:`qvq_local.catalogue` (the known-good
+repo for this platform) or a hub reference, found in the cache or downloaded (:func:`pull` downloads
+without loading).  :func:`list_models` lists the local models and the runnable ones in the cache.
 
 ``owner/repo`` or ``owner/repo:QUANT`` (case-insensitive: ``Q4_K_M``, ``q8_0``, ``4bit``) names one of:
 
@@ -8,7 +13,7 @@
   exactly one such model, else the error lists what there is, with sizes.  The projector: ``mmproj=``
   (a file name or a type such as ``f32``), else F16, else the largest (highest precision) one;
 * an MLX repo (quantised safetensors written by mlx-vlm) or a full-precision checkpoint: safetensors,
-  configs and tokenizer files (:data:`qvq_local.models.PULL_PATTERNS`; never pickle weights).
+  configs and tokenizer files (:data:`PULL_PATTERNS`; never pickle weights).
 
 The files land in ``HF_HUB_CACHE`` (``HF_HOME/hub``, default ``~/.cache/huggingface/hub``), where every
 other tool finds them; nothing is copied.  A reference whose files are already in the cache resolves with
@@ -27,6 +32,7 @@ the environment on each call (huggingface_hub reads them once, at import).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -35,16 +41,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from qvq_local import models
 from qvq_local.errors import DiskFull, ModelError
 from qvq_local.formats.manifest import normalize_quantization, quantization_from_name
 from qvq_local.formats.names import PICKLE_SUFFIXES, is_mmproj, split_part
 from qvq_local.formats.safetensors import INDEX_NAME
+from qvq_local.models import ResolvedModel, check_hub_id
+from qvq_local.units import file_size, memory_size
 
 #: The quantisation chosen in a GGUF repo that holds several, when none is named (llama.cpp's, Ollama's
 #: and LM Studio's default too).
 DEFAULT_GGUF_QUANT = "Q4_K_M"
 
 Kind = Literal["gguf", "safetensors"]
+
+# What a safetensors repo gives: weights as safetensors, configs, tokenizer and chat template.  No *.py
+# (remote code is never run) and no pickle weights (*.bin, *.pt, ...).
+PULL_PATTERNS = [
+    "*.safetensors",
+    "*.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+    "*.jinja",
+]
 
 _QUANT_TEXT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 # a projector's precision, in order of preference after F16 (then by size)
@@ -66,8 +87,6 @@ def parse_ref(text: str) -> HubRef | None:
 
     A well-shaped reference with a bad id or quantisation raises ``ModelError`` (before any network).
     """
-    from qvq_local.models import check_hub_id
-
     text = text.strip()
     repo, sep, quant = text.partition(":")
     if repo.count("/") != 1:
@@ -155,18 +174,16 @@ def _is_gguf(path: str) -> bool:
 
 def plan(repo_id: str, files: list[RepoFile], quant: str | None = None, mmproj: str | None = None) -> Plan:
     """Choose what to fetch from ``files`` (a repo's listing, or what the cache holds).  Pure: no I/O."""
-    from qvq_local.models import PULL_PATTERNS, human_size
-
     ggufs = [f for f in files if _is_gguf(f.path)]
-    models = [f for f in ggufs if not is_mmproj(f.path)]
-    if models:
+    text_models = [f for f in ggufs if not is_mmproj(f.path)]
+    if text_models:
         groups: dict[str, list[RepoFile]] = {}
-        for f in models:
+        for f in text_models:
             groups.setdefault(gguf_quant(f.path) or Path(f.path).stem, []).append(f)
 
         def listing() -> str:
             return ", ".join(
-                f"{q} ({human_size(sum(f.size for f in fs))})" for q, fs in sorted(groups.items())
+                f"{q} ({file_size(sum(f.size for f in fs))})" for q, fs in sorted(groups.items())
             )
 
         if quant:
@@ -218,10 +235,10 @@ def plan(repo_id: str, files: list[RepoFile], quant: str | None = None, mmproj: 
 
 def check_folder_quant(repo_id: str, folder: Path, wanted: str) -> None:
     """A safetensors repo has one quantisation (its config.json's): ``owner/repo:4bit`` must name it."""
-    from qvq_local.models import _hf_dtype, _mlx_quantization
-
     config = folder / "config.json"
-    actual = normalize_quantization(_mlx_quantization(folder) if config.is_file() else _hf_dtype(folder))
+    actual = normalize_quantization(
+        models.mlx_quantization(folder) if config.is_file() else models.hf_dtype(folder)
+    )
     low, have = wanted.lower(), actual.lower()
     if have != low and not have.startswith(low + "-"):
         raise ModelError(f"{repo_id} is {actual}, not {wanted}", hint=f"use {repo_id}")
@@ -314,7 +331,9 @@ def _complete(snapshot: Path, chosen: Plan) -> bool:
     return True
 
 
-def from_cache(ref: HubRef, *, revision: str | None = None, mmproj: str | None = None):
+def from_cache(
+    ref: HubRef, *, revision: str | None = None, mmproj: str | None = None
+) -> ResolvedModel | None:
     """The model ``ref`` names, from the cache alone (no network); ``None`` when it is not all there."""
     snap = _snapshot(ref.repo_id, revision)
     if snap is None:
@@ -333,19 +352,16 @@ def from_cache(ref: HubRef, *, revision: str | None = None, mmproj: str | None =
     return _resolved(ref, snap, chosen)
 
 
-def _resolved(ref: HubRef, snap: Path, chosen: Plan):
-    from qvq_local import models
-
+def _resolved(ref: HubRef, snap: Path, chosen: Plan) -> ResolvedModel:
     if chosen.kind == "gguf":
         assert chosen.model and chosen.mmproj
-        return models.ResolvedModel(
+        return ResolvedModel(
             name=f"{ref.repo_id}:{chosen.quant}",
             format="gguf",
             path=snap / chosen.model,
             mmproj=snap / chosen.mmproj,
         )
-    resolved = models._resolve_path(snap, name=ref.repo_id)
-    return resolved
+    return models.resolve_path(snap, name=ref.repo_id)
 
 
 # ----------------------------------------------------------------------------- network
@@ -375,20 +391,79 @@ def _call(repo_id: str, fn):
             f"{repo_id} is not in the Hugging Face cache ({cache_dir()}) and HF_HUB_OFFLINE is set",
             hint="unset HF_HUB_OFFLINE to download it",
         )
-    from qvq_local.models import _hub_call
+    try:
+        return fn()
+    except ModelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - network, HTTP, offline mode, disk: all user-facing
+        kind = type(err).__name__
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        if kind == "GatedRepoError":
+            raise ModelError(
+                f"{repo_id} is gated: accept its licence on the hub, then set HF_TOKEN (or `hf auth login`)"
+            ) from None
+        if kind == "RepositoryNotFoundError":
+            raise ModelError(
+                f"{repo_id}: not found on the hub, or private",
+                hint="check the id; for a private or gated repo set HF_TOKEN (or `hf auth login`)",
+            ) from None
+        if kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+            raise ModelError(f"{repo_id}: a file in its listing is missing on the hub") from None
+        if kind == "RevisionNotFoundError":
+            raise ModelError(f"{repo_id}: no such revision") from None
+        if kind == "OfflineModeIsEnabled" or "offline" in first.lower():
+            raise ModelError(f"{repo_id}: cannot download, offline mode is on (HF_HUB_OFFLINE)") from None
+        if isinstance(err, OSError) and getattr(err, "errno", None) == errno.ENOSPC:
+            raise DiskFull(f"no space left while downloading {repo_id}", path=cache_dir()) from None
+        raise ModelError(f"{repo_id}: download failed ({kind}: {first})") from None
 
-    return _hub_call(repo_id, fn)
+
+# ----------------------------------------------------------------------------- resolve and pull
+def resolve(ref: str | os.PathLike, *, download: bool = True, progress: bool = True) -> ResolvedModel:
+    """Any model reference -> local files: a local one (:func:`qvq_local.models.resolve_local`), else a
+    short name (:mod:`qvq_local.catalogue`) or ``owner/repo[:QUANT]`` from the cache, downloading what is
+    missing when ``download`` is true (else ``ModelError``)."""
+    local = models.resolve_local(ref)
+    if local is not None:
+        return local
+    text = str(ref).strip()
+    hub_ref = reference(text)
+    if hub_ref is not None:
+        return resolve_ref(hub_ref, download=download, progress=progress)
+    if text.count("/") == 1:
+        check_hub_id(text)  # raises: not owner/repo[:QUANT]
+        raise ModelError(f"{text!r} is not a valid hub id")
+    raise models.unknown_model(text, [row["name"] for row in list_models()])
 
 
-def resolve(
+def pull(hub_id: str, progress: bool = True, revision: str | None = None, mmproj: str | None = None) -> Path:
+    """Download ``owner/repo[:QUANT]`` or a short name (:mod:`qvq_local.catalogue`) into huggingface_hub's
+    shared cache; the model's path there.
+
+    The GGUF text model (first part of a split one) for a GGUF repo, the snapshot folder for an MLX or
+    full-precision one.  Files already in the cache are not downloaded again (quantisation and projector
+    choice, disk check, sha256 and GGUF header checks: see the module docstring).
+    """
+    ref = reference(hub_id)
+    if ref is None:
+        raise ModelError(
+            f"{hub_id!r} is neither a hub id (owner/repo[:QUANT]) nor a short name",
+            hint="`qvq models --available` lists the short names",
+        )
+    return resolve_ref(ref, download=True, progress=progress, revision=revision, mmproj=mmproj).path
+
+
+def resolve_ref(
     ref: HubRef,
     *,
     download: bool = True,
     progress: bool = True,
     revision: str | None = None,
     mmproj: str | None = None,
-):
-    """``ref`` -> :class:`qvq_local.models.ResolvedModel` over files in the cache, downloading what is missing."""
+) -> ResolvedModel:
+    """``ref`` -> :class:`qvq_local.models.ResolvedModel` over files in the cache, downloading what is missing.
+
+    A download by an earlier qvq-local under ``QVQ_HOME/hub`` is :func:`qvq_local.models.resolve_local`'s."""
     found = from_cache(ref, revision=revision, mmproj=mmproj)
     if found is not None:
         return found
@@ -402,7 +477,9 @@ def resolve(
     return fetch(ref, progress=progress, revision=revision, mmproj=mmproj)
 
 
-def fetch(ref: HubRef, *, progress: bool = True, revision: str | None = None, mmproj: str | None = None):
+def fetch(
+    ref: HubRef, *, progress: bool = True, revision: str | None = None, mmproj: str | None = None
+) -> ResolvedModel:
     """List the repo, choose the files, check the disk, download into the cache, verify."""
     commit, files = list_repo(ref.repo_id, revision)
     chosen = plan(ref.repo_id, files, ref.quant, mmproj)
@@ -430,8 +507,6 @@ def fetch(ref: HubRef, *, progress: bool = True, revision: str | None = None, mm
 
 def check_disk(need: int, where: Path) -> None:
     """Refuse a download that cannot fit on the disk holding ``where`` (with 1% + 100 MB to spare)."""
-    from qvq_local.models import human_size
-
     probe = where
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -439,7 +514,7 @@ def check_disk(need: int, where: Path) -> None:
     spare = need // 100 + 100_000_000
     if need > 0 and need + spare > free:
         raise DiskFull(
-            f"the download needs {human_size(need)} but only {human_size(free)} is free",
+            f"the download needs {file_size(need)} but only {file_size(free)} is free",
             path=where,
             hint="free some space or point HF_HUB_CACHE at a bigger disk",
         )
@@ -452,15 +527,14 @@ def fit_warning(ref: HubRef, size: int) -> str | None:
 
     from qvq_local import doctor
     from qvq_local.hardware import memory_bytes
-    from qvq_local.models import human_size
 
     total, _available = memory_bytes()
     need = size + int(doctor.OVERHEAD_FRACTION * size) + doctor.OVERHEAD_FIXED
     if total is None or need <= total:
         return None
     line = (
-        f"warning: {ref} needs at least {human_size(need)} of memory to run and this machine has "
-        f"{human_size(total)}: downloading it anyway"
+        f"warning: {ref} needs at least {memory_size(need)} of memory to run and this machine has "
+        f"{memory_size(total)}: downloading it anyway"
     )
     print(line, file=sys.stderr)
     return line
@@ -470,8 +544,6 @@ class _progress:
     """A Rich-drawing tqdm class for huggingface_hub (``None``: its bars switched off)."""
 
     def __init__(self, repo_id: str, show: bool):
-        from qvq_local.models import _rich_download_progress
-
         self._rich = _rich_download_progress(repo_id) if show else None
 
     def __enter__(self):
@@ -489,6 +561,73 @@ class _progress:
 
         enable_progress_bars()
         return None
+
+
+class _rich_download_progress:
+    """Context manager giving a tqdm class that draws huggingface_hub's bars with Rich on stderr."""
+
+    def __init__(self, hub_id: str):
+        self.hub_id = hub_id
+        self._progress = None
+
+    def __enter__(self):
+        import io
+        import sys
+
+        from huggingface_hub.utils import tqdm as hf_tqdm
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=Console(file=sys.stderr),
+        )
+        self._progress = progress
+        progress.start()
+        hub_id = self.hub_id
+
+        class RichTqdm(hf_tqdm):  # type: ignore[misc, valid-type]
+            """Keeps tqdm's counting, replaces its drawing with a Rich task."""
+
+            def __init__(self, *args, **kwargs):
+                self._task = None
+                kwargs["file"] = io.StringIO()
+                kwargs.setdefault("disable", False)
+                if kwargs.get("disable") is None:
+                    kwargs["disable"] = False
+                super().__init__(*args, **kwargs)
+                if not self.disable:
+                    self._task = progress.add_task(
+                        f"{hub_id}: {self.desc or ''}".rstrip(": "), total=self.total or None, detail=""
+                    )
+                    self.display()
+
+            def display(self, msg=None, pos=None):
+                task = getattr(self, "_task", None)
+                if task is None:
+                    return True
+                total = self.total or None
+                if self.unit == "B":
+                    detail = file_size(self.n) + (f" / {file_size(total)}" if total else "")
+                else:
+                    detail = f"{int(self.n)}" + (f" / {int(total)}" if total else "") + " files"
+                progress.update(
+                    task,
+                    completed=self.n,
+                    total=total,
+                    detail=detail,
+                    description=f"{hub_id}: {self.desc or ''}".rstrip(": "),
+                )
+                return True
+
+        return RichTqdm
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._progress is not None:
+            self._progress.stop()
 
 
 def _partial(blobs: Path, f: RepoFile) -> Path:
@@ -621,8 +760,19 @@ def check_gguf_headers(snap: Path, paths: list[str]) -> None:
             ) from None
 
 
-# ----------------------------------------------------------------------------- listing the cache
-def list_cached() -> list[Any]:
+# ----------------------------------------------------------------------------- listing
+def list_models() -> list[dict[str, Any]]:
+    """The local models (:func:`qvq_local.models.list_models`), then the runnable models in
+    huggingface_hub's cache (source ``hf-cache``): one row each, as ``qvq models`` shows them."""
+    rows = models.list_models()
+    for model in list_cached():
+        row = models.model_row(model)
+        row["source"] = "hf-cache"
+        rows.append(row)
+    return rows
+
+
+def list_cached() -> list[ResolvedModel]:
     """Runnable models in the cache: one per cached GGUF quantisation (with a projector), one per
     complete safetensors repo.  Folders other tools left half-way are skipped."""
     rows = []
@@ -655,7 +805,7 @@ def list_cached() -> list[Any]:
     return rows
 
 
-def _runnable(model) -> bool:
+def _runnable(model: ResolvedModel) -> bool:
     """A model of a family this project runs (the cache also holds other tools' models)."""
     from qvq_local import families
 

@@ -69,9 +69,9 @@ def check_model(ref: str | os.PathLike) -> list[Finding]:
     path = Path(text).expanduser() if text else None
     if path is None or not path.exists():
         try:
-            from qvq_local import models
+            from qvq_local import hub
 
-            resolved = models.resolve(text, download=False, progress=False)
+            resolved = hub.resolve(text, download=False, progress=False)
         except ModelError as err:
             return [Finding("error", text or "(empty)", _strip_path(str(err), text))]
         path = resolved.path

@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_error
 from typer.testing import CliRunner
 
-from qvq_local import models
+from qvq_local import hub
 from qvq_local.cli import app
 from qvq_local.formats.manifest import MANIFEST_NAME, build_manifest, read_manifest, write_manifest
 
@@ -53,7 +53,7 @@ def test_convert_to_mlx_default_location_manifest_and_listing(tiny_checkpoint, h
     assert manifest["total_bytes"] == sum(manifest["files"].values())
     assert manifest["tool_version"]
 
-    got = models.resolve(out.name)  # the name `qvq models` lists is what --model accepts
+    got = hub.resolve(out.name)  # the name `qvq models` lists is what --model accepts
     assert (got.format, got.path, got.quantization) == ("mlx", out, "4bit-g64")
 
     listed = _invoke("models", "--json")
@@ -84,10 +84,10 @@ def test_convert_to_gguf_with_output_folder(tiny_checkpoint, home, tmp_path):
     manifest = read_manifest(out)
     assert (manifest["format"], manifest["quantization"], manifest["mmproj_quant"]) == ("gguf", "F16", "f16")
     assert (out / manifest["model"]).is_file() and (out / manifest["mmproj"]).is_file()
-    got = models.resolve(out)
+    got = hub.resolve(out)
     assert got.format == "gguf" and got.path == out / manifest["model"]
     assert got.mmproj == out / manifest["mmproj"]
-    assert models.resolve(got.path).mmproj == got.mmproj  # the .gguf file itself finds its projector
+    assert hub.resolve(got.path).mmproj == got.mmproj  # the .gguf file itself finds its projector
     # The model's generation_config travels beside the GGUF too (its sampling values are also in the GGUF),
     # and the llama backend reads it there.
     shipped = json.loads((tiny_checkpoint / "generation_config.json").read_text())
@@ -149,7 +149,7 @@ def test_interrupted_convert_leaves_no_complete_looking_output(tiny_checkpoint, 
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_checkpoint, to=fmt, progress=False)
     assert list((home / "models").iterdir()) == []
-    assert models.list_models() == []
+    assert hub.list_models() == []
 
 
 def test_convert_hub_id_pulls_first(tiny_checkpoint, home, hub_server, monkeypatch, tmp_path):
@@ -166,13 +166,13 @@ def test_convert_hub_id_pulls_first(tiny_checkpoint, home, hub_server, monkeypat
         return Path(out_dir)
 
     resolved: list[str] = []
-    real_resolve = models.resolve
+    real_resolve = hub.resolve
 
     def spy_resolve(ref, **kwargs):
         resolved.append(str(ref))
         return real_resolve(ref, **kwargs)
 
-    monkeypatch.setattr(models, "resolve", spy_resolve)
+    monkeypatch.setattr(hub, "resolve", spy_resolve)
     monkeypatch.setattr("qvq_local.convert.to_mlx.convert_to_mlx", fake_converter)
     result = _invoke("convert", "Qwen/Tiny-VL", "--to", "mlx", "-q")
     assert result.exit_code == 0, result.output

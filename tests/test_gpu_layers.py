@@ -286,7 +286,7 @@ def test_gpu_fit_example_prints_the_real_use_beside_the_estimate(tiny_gguf_q4, m
     import runpy
     from pathlib import Path
 
-    from qvq_local import doctor, hardware, models
+    from qvq_local import doctor, hardware, hub
 
     in_use = iter([0, 0, 3 * GB, GB])  # the GPU check, one reading before the loads, one after each
     monkeypatch.setattr(
@@ -298,7 +298,7 @@ def test_gpu_fit_example_prints_the_real_use_beside_the_estimate(tiny_gguf_q4, m
     monkeypatch.setattr("sys.argv", ["gpu_fit.py", str(tiny_gguf_q4.model), "--gpu-layers", "all,1"])
     runpy.run_path(str(script), run_name="__main__")
     lines = capsys.readouterr().out.splitlines()
-    resolved = models.resolve(str(tiny_gguf_q4.model), download=False)
+    resolved = hub.resolve(str(tiny_gguf_q4.model), download=False)
     shape = doctor._gguf_config(resolved.path)
     sizes = doctor.offload_sizes(resolved, shape, doctor.default_context(shape["context_length"]))
     for value, layers, real in (("all", -1, 3 * GB), ("1", 1, GB)):

@@ -361,9 +361,9 @@ def prepare_models(
         )
         source, base = home / hf_name, f"{prefix}{shape}"
     else:
-        from qvq_local import models
+        from qvq_local import hub
 
-        resolved = models.resolve(model, download=True, progress=progress)
+        resolved = hub.resolve(model, download=True, progress=progress)
         info["label"] = f"{resolved.name} ({resolved.quantization})"
         info["source"] = str(model)
         if resolved.format == "hf":
@@ -533,9 +533,9 @@ def _choose_backends(backend: str, shape: str | None, model: str | None) -> list
 
     formats = None
     if model is not None:
-        from qvq_local import models
+        from qvq_local import hub
 
-        formats = {models.resolve(model, download=False, progress=False).format}
+        formats = {hub.resolve(model, download=False, progress=False).format}
     return [hardware.choose_backend("auto", formats)]
 
 
@@ -560,9 +560,9 @@ def _source_bytes(shape: str | None, model: str | None, family: str | None = Non
         from qvq_local.convert.synthetic import checkpoint_bytes
 
         return int(checkpoint_bytes(shape, "bf16", family) * 0.3)  # about what a 4-bit conversion keeps
-    from qvq_local import models
+    from qvq_local import hub
 
-    path = models.resolve(model, download=False, progress=False).path
+    path = hub.resolve(model, download=False, progress=False).path
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
