@@ -200,7 +200,7 @@ def models(
     from qvq_local.units import file_size
 
     if available:
-        from qvq_local.catalogue import available_rows
+        from qvq_local.doctor import available_rows
 
         rows = available_rows()
         if as_json:
@@ -426,12 +426,14 @@ def doctor(
 
       qvq doctor --model QVQ-72B-Preview-gguf-q4_k_m --context 16384
     """
-    from qvq_local.ask_cmd import print_doctor
+    from qvq_local.doctor import print_doctor
 
     try:
-        print_doctor(model, context, as_json, selftest=selftest)
+        code = print_doctor(model, context, as_json, selftest=selftest)
     except QvqError as err:
         _fail(err)
+    if code:
+        raise typer.Exit(code)
 
 
 config_app = typer.Typer(

@@ -522,14 +522,15 @@ def check_disk(need: int, where: Path) -> None:
 
 def fit_warning(ref: HubRef, size: int) -> str | None:
     """One line on stderr when the model cannot fit this machine's memory (the download still goes on:
-    it may be meant for another machine).  The doctor's estimate, from the weights alone."""
+    it may be meant for another machine).  The fit estimate (:mod:`qvq_local.fit`), from the weights
+    alone."""
     import sys
 
-    from qvq_local import doctor
+    from qvq_local.fit import OVERHEAD_FIXED, OVERHEAD_FRACTION
     from qvq_local.hardware import memory_bytes
 
     total, _available = memory_bytes()
-    need = size + int(doctor.OVERHEAD_FRACTION * size) + doctor.OVERHEAD_FIXED
+    need = size + int(OVERHEAD_FRACTION * size) + OVERHEAD_FIXED
     if total is None or need <= total:
         return None
     line = (

@@ -416,11 +416,11 @@ def test_models_available_shows_sizes_and_the_fit(monkeypatch, apple, memory, ve
 def test_the_qwen3_vl_short_names_use_their_family_for_the_fit(monkeypatch):
     """Qwen3-VL's entries: Qwen's own GGUF repos at Q4_K_M elsewhere, MLX 4-bit on Apple Silicon, and the
     memory estimate from Qwen3-VL's dimensions (a Qwen2-VL shape table has no 4b or 8b)."""
-    from qvq_local import catalogue
+    from qvq_local import catalogue, doctor
     from qvq_local.families import FAMILIES
 
     monkeypatch.setattr("qvq_local.hardware.memory_bytes", lambda: (16 * 1024**3, 16 * 1024**3))
-    rows = {r["name"]: r for r in catalogue.available_rows(apple_silicon=False)}
+    rows = {r["name"]: r for r in doctor.available_rows(apple_silicon=False)}
     for name, size in (("qwen3-vl-4b", "4B"), ("qwen3-vl-8b", "8B")):
         entry = catalogue.lookup(name)
         assert entry.family == "Qwen3-VL" and entry.shape in FAMILIES["Qwen3-VL"].synth_shapes

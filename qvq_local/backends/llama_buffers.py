@@ -160,18 +160,6 @@ def requested_gpu_layers(option: int | str | None = None, label: str | None = "-
     return value
 
 
-def gpu_split(n_gpu_layers: int, n_blocks: int) -> tuple[int, bool]:
-    """Where ``--gpu-layers n_gpu_layers`` puts a model of ``n_blocks`` repeating blocks, as the bundled
-    llama.cpp does it (``llama-model.cpp``: the output layer counts as one more layer after the blocks,
-    and the GPU takes the last N): ``(blocks on the GPU, whether the output layer is there)``.  -1 or more
-    than the blocks: all of it; 0: none."""
-    if n_gpu_layers < 0 or n_gpu_layers > n_blocks:
-        return n_blocks, True
-    if n_gpu_layers == 0:
-        return 0, False
-    return n_gpu_layers - 1, True
-
-
 def choose(requested: str, cpu: CpuInfo, build: LlamaBuild | None) -> BufferPlan:
     """Resolve ``requested`` for this CPU and llama.cpp build (``None``: build features unknown).
 

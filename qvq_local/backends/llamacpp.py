@@ -53,6 +53,7 @@ from qvq_local.families import (
     family_for_projector,
     supported_gguf_archs,
 )
+from qvq_local.fit import gpu_split
 from qvq_local.formats.gguf import file_type_name, gguf_sampling_keys, sampling_values
 
 # The text architectures and mmproj projectors this backend runs are the registered families'
@@ -244,7 +245,7 @@ class LlamaModel:
         if not self.gpu_offload:
             return "CPU"
         total = self.n_layers + 1
-        blocks, output = llama_buffers.gpu_split(self.n_gpu_layers, self.n_layers)
+        blocks, output = gpu_split(self.n_gpu_layers, self.n_layers)
         on_gpu = blocks + output
         if on_gpu >= total:
             return f"GPU (all {total} layers)"
