@@ -19,21 +19,12 @@ The files land in ``HF_HUB_CACHE`` (``HF_HOME/hub``, default ``~/.cache/huggingf
 other tool finds them; nothing is copied.  A reference whose files are already in the cache resolves with
 no network call (with ``HF_HUB_OFFLINE=1`` too); without a QUANT, a cached GGUF repo uses the
 quantisations that are cached.  Before a download the free disk space is checked against the sizes in the
-repo's file list (and a model too big for this machine's memory is said).  LFS files (the weights) are
-fetched by :func:`_fetch_lfs` into ``blobs/<sha256>`` under huggingface_hub's lock, resuming with a Range
-request from qvq's own ``<sha256>.qvq-partial`` (huggingface_hub 2.4 resumes a dropped connection within
-one run but deletes its partial file when the run fails or is interrupted), and checked against the hub's
-sha256 before they enter the cache (a corrupt file is deleted and the error says so); then
-``snapshot_download`` fetches the small files and links the snapshot, and GGUF headers are read.
-
-huggingface_hub is imported only inside functions.  The endpoint, cache and offline switch are read from
-the environment on each call (huggingface_hub reads them once, at import).
+repo's file list (and a model too big for this machine's memory is said).  The transfers (resumable,
+sha256-verified, drawn with Rich) are :mod:`qvq_local.hub_transfer`'s; then GGUF headers are read.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
 import re
 import shutil
@@ -46,6 +37,18 @@ from qvq_local.errors import DiskFull, ModelError
 from qvq_local.formats.manifest import normalize_quantization, quantization_from_name
 from qvq_local.formats.names import PICKLE_SUFFIXES, is_mmproj, split_part
 from qvq_local.formats.safetensors import INDEX_NAME
+from qvq_local.hub_transfer import (
+    RepoFile,
+    cache_dir,
+    download_file,
+    download_snapshot,
+    fetch_lfs,
+    list_repo,
+    offline,
+    partial_path,
+    progress_bars,
+    repo_cache,
+)
 from qvq_local.models import ResolvedModel, check_hub_id
 from qvq_local.units import file_size, memory_size
 
@@ -111,40 +114,7 @@ def reference(text: str) -> HubRef | None:
     return parse_ref(text)
 
 
-# ----------------------------------------------------------------------------- environment
-def cache_dir() -> Path:
-    """huggingface_hub's cache folder, as it computes it: HF_HUB_CACHE, else HF_HOME/hub, else XDG/default."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
-    )
-    return Path(home).expanduser() / "hub"
-
-
-def offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-
-
-def _token() -> str | None:
-    return os.environ.get("HF_TOKEN") or None
-
-
 # ----------------------------------------------------------------------------- repo listings
-@dataclass(frozen=True)
-class RepoFile:
-    path: str
-    size: int
-    sha256: str | None = None  # LFS files only (the hub's metadata)
-
-
 @dataclass(frozen=True)
 class Plan:
     """What to fetch from a repo, and what the model is once fetched."""
@@ -288,12 +258,8 @@ def _choose_mmproj(repo_id: str, projectors: list[RepoFile], wanted: str | None)
 
 
 # ----------------------------------------------------------------------------- the cache
-def _repo_cache(repo_id: str) -> Path:
-    return cache_dir() / ("models--" + repo_id.replace("/", "--"))
-
-
 def _snapshot(repo_id: str, revision: str | None) -> Path | None:
-    folder = _repo_cache(repo_id)
+    folder = repo_cache(repo_id)
     rev = revision or "main"
     if re.fullmatch(r"[0-9a-f]{40}", rev):
         commit = rev
@@ -362,60 +328,6 @@ def _resolved(ref: HubRef, snap: Path, chosen: Plan) -> ResolvedModel:
             mmproj=snap / chosen.mmproj,
         )
     return models.resolve_path(snap, name=ref.repo_id)
-
-
-# ----------------------------------------------------------------------------- network
-def list_repo(repo_id: str, revision: str | None = None) -> tuple[str, list[RepoFile]]:
-    """(commit, files with sizes and LFS sha256) from the hub's repo info."""
-    from huggingface_hub import HfApi
-
-    info = _call(
-        repo_id,
-        lambda: HfApi(endpoint=endpoint(), token=_token()).model_info(
-            repo_id, revision=revision, files_metadata=True
-        ),
-    )
-    files = [
-        RepoFile(
-            s.rfilename, int(s.size or (s.lfs.size if s.lfs else 0) or 0), s.lfs.sha256 if s.lfs else None
-        )
-        for s in (info.siblings or [])
-    ]
-    return str(info.sha or revision or "main"), files
-
-
-def _call(repo_id: str, fn):
-    """A huggingface_hub call whose failures become one-line ``ModelError``s."""
-    if offline():
-        raise ModelError(
-            f"{repo_id} is not in the Hugging Face cache ({cache_dir()}) and HF_HUB_OFFLINE is set",
-            hint="unset HF_HUB_OFFLINE to download it",
-        )
-    try:
-        return fn()
-    except ModelError:
-        raise
-    except Exception as err:  # noqa: BLE001 - network, HTTP, offline mode, disk: all user-facing
-        kind = type(err).__name__
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        if kind == "GatedRepoError":
-            raise ModelError(
-                f"{repo_id} is gated: accept its licence on the hub, then set HF_TOKEN (or `hf auth login`)"
-            ) from None
-        if kind == "RepositoryNotFoundError":
-            raise ModelError(
-                f"{repo_id}: not found on the hub, or private",
-                hint="check the id; for a private or gated repo set HF_TOKEN (or `hf auth login`)",
-            ) from None
-        if kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
-            raise ModelError(f"{repo_id}: a file in its listing is missing on the hub") from None
-        if kind == "RevisionNotFoundError":
-            raise ModelError(f"{repo_id}: no such revision") from None
-        if kind == "OfflineModeIsEnabled" or "offline" in first.lower():
-            raise ModelError(f"{repo_id}: cannot download, offline mode is on (HF_HUB_OFFLINE)") from None
-        if isinstance(err, OSError) and getattr(err, "errno", None) == errno.ENOSPC:
-            raise DiskFull(f"no space left while downloading {repo_id}", path=cache_dir()) from None
-        raise ModelError(f"{repo_id}: download failed ({kind}: {first})") from None
 
 
 # ----------------------------------------------------------------------------- resolve and pull
@@ -487,19 +399,21 @@ def fetch(
         raise ModelError(f"{ref.repo_id}: split model {chosen.model} is missing parts on the hub")
 
     if chosen.kind == "safetensors" and ref.quant:  # config.json (small) first: it says the quantisation
-        config = _hf_download(ref.repo_id, "config.json", revision or "main")
+        config = download_file(ref.repo_id, "config.json", revision or "main")
         check_folder_quant(ref.repo_id, config.parent, ref.quant)
     fit_warning(ref, chosen.size)
-    blobs = _repo_cache(ref.repo_id) / "blobs"
+    blobs = repo_cache(ref.repo_id) / "blobs"
     fresh = [f for f in chosen.files if not (f.sha256 and (blobs / f.sha256).is_file())]
-    have = sum(_partial(blobs, f).stat().st_size for f in fresh if f.sha256 and _partial(blobs, f).is_file())
+    have = sum(
+        partial_path(blobs, f).stat().st_size for f in fresh if f.sha256 and partial_path(blobs, f).is_file()
+    )
     check_disk(sum(f.size for f in fresh) - have, cache_dir())
 
-    with _progress(ref.repo_id, progress) as tqdm_class:
+    with progress_bars(ref.repo_id, progress) as tqdm_class:
         for f in fresh:
             if f.sha256:
-                _fetch_lfs(ref.repo_id, commit, f, tqdm_class)
-        snap = _snapshot_download(ref.repo_id, [f.path for f in chosen.files], revision or "main", tqdm_class)
+                fetch_lfs(ref.repo_id, commit, f, tqdm_class)
+        snap = download_snapshot(ref.repo_id, [f.path for f in chosen.files], revision or "main", tqdm_class)
     if chosen.kind == "gguf":
         check_gguf_headers(snap, [f.path for f in chosen.files])
     return _resolved(ref, snap, chosen)
@@ -539,207 +453,6 @@ def fit_warning(ref: HubRef, size: int) -> str | None:
     )
     print(line, file=sys.stderr)
     return line
-
-
-class _progress:
-    """A Rich-drawing tqdm class for huggingface_hub (``None``: its bars switched off)."""
-
-    def __init__(self, repo_id: str, show: bool):
-        self._rich = _rich_download_progress(repo_id) if show else None
-
-    def __enter__(self):
-        if self._rich is not None:
-            return self._rich.__enter__()
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-        return None
-
-    def __exit__(self, *exc):
-        if self._rich is not None:
-            return self._rich.__exit__(*exc)
-        from huggingface_hub.utils import enable_progress_bars
-
-        enable_progress_bars()
-        return None
-
-
-class _rich_download_progress:
-    """Context manager giving a tqdm class that draws huggingface_hub's bars with Rich on stderr."""
-
-    def __init__(self, hub_id: str):
-        self.hub_id = hub_id
-        self._progress = None
-
-    def __enter__(self):
-        import io
-        import sys
-
-        from huggingface_hub.utils import tqdm as hf_tqdm
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
-            console=Console(file=sys.stderr),
-        )
-        self._progress = progress
-        progress.start()
-        hub_id = self.hub_id
-
-        class RichTqdm(hf_tqdm):  # type: ignore[misc, valid-type]
-            """Keeps tqdm's counting, replaces its drawing with a Rich task."""
-
-            def __init__(self, *args, **kwargs):
-                self._task = None
-                kwargs["file"] = io.StringIO()
-                kwargs.setdefault("disable", False)
-                if kwargs.get("disable") is None:
-                    kwargs["disable"] = False
-                super().__init__(*args, **kwargs)
-                if not self.disable:
-                    self._task = progress.add_task(
-                        f"{hub_id}: {self.desc or ''}".rstrip(": "), total=self.total or None, detail=""
-                    )
-                    self.display()
-
-            def display(self, msg=None, pos=None):
-                task = getattr(self, "_task", None)
-                if task is None:
-                    return True
-                total = self.total or None
-                if self.unit == "B":
-                    detail = file_size(self.n) + (f" / {file_size(total)}" if total else "")
-                else:
-                    detail = f"{int(self.n)}" + (f" / {int(total)}" if total else "") + " files"
-                progress.update(
-                    task,
-                    completed=self.n,
-                    total=total,
-                    detail=detail,
-                    description=f"{hub_id}: {self.desc or ''}".rstrip(": "),
-                )
-                return True
-
-        return RichTqdm
-
-    def __exit__(self, exc_type, exc, tb):
-        if self._progress is not None:
-            self._progress.stop()
-
-
-def _partial(blobs: Path, f: RepoFile) -> Path:
-    # our own stable name: huggingface_hub 2.4 deletes its partial file on any failure (a unique name per
-    # try), so an interrupted download would start again from zero
-    return blobs / f"{f.sha256}.qvq-partial"
-
-
-def _fetch_lfs(repo_id: str, commit: str, f: RepoFile, tqdm_class) -> None:
-    """One LFS file into ``blobs/<sha256>``, resumable (Range from the partial file) and verified.
-
-    The blob is named by its sha256 as huggingface_hub names it, so its ``snapshot_download`` then only
-    links it into the snapshot.  A file whose sha256 differs from the hub's is deleted.
-    """
-    from huggingface_hub.utils import WeakFileLock
-
-    assert f.sha256
-    blobs = _repo_cache(repo_id) / "blobs"
-    blobs.mkdir(parents=True, exist_ok=True)
-    # huggingface_hub's own lock for this blob: another qvq, or another tool, fetching it waits
-    lock = cache_dir() / ".locks" / _repo_cache(repo_id).name / f"{f.sha256}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with WeakFileLock(lock):
-        if not (blobs / f.sha256).is_file():
-            _fetch_lfs_locked(repo_id, commit, f, tqdm_class, blobs)
-
-
-def _fetch_lfs_locked(repo_id: str, commit: str, f: RepoFile, tqdm_class, blobs: Path) -> None:
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
-
-    partial = _partial(blobs, f)
-    url = hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint())
-    meta = _call(repo_id, lambda: get_hf_file_metadata(url, token=_token(), endpoint=endpoint()))
-    headers = build_hf_headers(token=_token())
-    if urlsplit(meta.location)[:2] != urlsplit(endpoint())[:2]:
-        headers.pop("authorization", None)  # a CDN's signed URL: the token stays on the hub
-    have = partial.stat().st_size if partial.is_file() else 0
-    if have > f.size:
-        partial.unlink()
-        have = 0
-    with open(partial, "ab") as fh:
-        _call(
-            repo_id,
-            lambda: http_get(
-                meta.location,
-                fh,
-                resume_size=have,
-                headers=headers,
-                expected_size=f.size,
-                displayed_filename=f.path,
-                tqdm_class=tqdm_class,
-            ),
-        )
-    if sha256_file(partial) != f.sha256:
-        partial.unlink(missing_ok=True)
-        raise ModelError(
-            f"{repo_id}: {f.path} failed the sha256 check against the hub (corrupt download); deleted it",
-            hint="run the command again to download it again",
-        )
-    os.replace(partial, blobs / f.sha256)
-
-
-def _snapshot_download(repo_id: str, paths: list[str], revision: str, tqdm_class) -> Path:
-    """huggingface_hub's own download of ``paths``: small files, the snapshot's links, ``refs/<revision>``."""
-    from huggingface_hub import snapshot_download
-
-    kwargs: dict[str, Any] = {
-        "repo_id": repo_id,
-        "revision": revision,
-        "allow_patterns": [_escape_glob(p) for p in paths],
-        "cache_dir": str(cache_dir()),
-        "endpoint": endpoint(),
-        "token": _token(),
-    }
-    if tqdm_class is not None:
-        kwargs["tqdm_class"] = tqdm_class
-    return Path(_call(repo_id, lambda: snapshot_download(**kwargs)))
-
-
-def _hf_download(repo_id: str, filename: str, revision: str) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    return Path(
-        _call(
-            repo_id,
-            lambda: hf_hub_download(
-                repo_id,
-                filename,
-                revision=revision,
-                cache_dir=str(cache_dir()),
-                endpoint=endpoint(),
-                token=_token(),
-            ),
-        )
-    )
-
-
-def _escape_glob(path: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_gguf_headers(snap: Path, paths: list[str]) -> None:

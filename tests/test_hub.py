@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_error
 
-from qvq_local import hub
+from qvq_local import hub, hub_transfer
 from qvq_local.errors import DiskFull, ModelError
 from qvq_local.formats.manifest import build_manifest, write_manifest
 from qvq_local.units import file_size
@@ -137,7 +137,7 @@ def test_a_corrupted_byte_is_caught_by_sha256_and_the_file_deleted(gguf_repo, tm
     assert sha not in _blobs(tmp_path)
     gguf_repo.corrupt.clear()  # the next run downloads it again, and it passes
     got = hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
-    assert hub.sha256_file(got.path) == sha
+    assert hub_transfer.sha256_file(got.path) == sha
 
 
 def _ranges(server, name: str) -> list[str | None]:
@@ -176,7 +176,7 @@ def test_a_download_cut_off_resumes_on_the_next_run(gguf_repo, small_chunks, tmp
     assert sha not in _blobs(tmp_path)  # nothing half-written where the complete file belongs
     got = hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     assert _ranges(gguf_repo, name)[-1] == "bytes=2048-"
-    assert hub.sha256_file(got.path) == sha
+    assert hub_transfer.sha256_file(got.path) == sha
 
 
 def test_an_interrupted_download_resumes_from_its_partial_file(gguf_repo, tmp_path):
@@ -188,7 +188,7 @@ def test_an_interrupted_download_resumes_from_its_partial_file(gguf_repo, tmp_pa
     (blobs / f"{sha}.qvq-partial").write_bytes(repo.files["Tiny-QVQ-Q4_K_M.gguf"][:7000])
     got = hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     assert _ranges(gguf_repo, "Tiny-QVQ-Q4_K_M.gguf") == ["bytes=7000-"]
-    assert hub.sha256_file(got.path) == sha
+    assert hub_transfer.sha256_file(got.path) == sha
     assert not (blobs / f"{sha}.qvq-partial").exists()
 
 
@@ -574,4 +574,4 @@ def test_ctrl_c_mid_file_keeps_the_partial_and_the_next_run_resumes(
     monkeypatch.setattr(fd, "http_get", real_http_get)
     got = hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     assert _ranges(gguf_repo, name)[-1] == "bytes=3072-"
-    assert hub.sha256_file(got.path) == sha
+    assert hub_transfer.sha256_file(got.path) == sha
