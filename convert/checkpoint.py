@@ -23,8 +23,8 @@ from typing import Any
 
 from qvq_local.errors import ModelError
 from qvq_local.families import Family, describe_supported, family_for_config
+from qvq_local.formats.names import PICKLE_SUFFIXES
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 # Files a converter may need besides the weights, in the order they are looked for.
@@ -134,7 +134,8 @@ class Checkpoint:
 def to_f32(raw, dtype: str):
     """float32 copy of a raw block in safetensors ``dtype`` (BF16 given as uint16 bits)."""
     import numpy as np
-    from qvq_local.convert.safetensors_io import bf16_bits_to_f32
+
+    from qvq_local.formats.safetensors import bf16_bits_to_f32
 
     if dtype == "BF16":
         return bf16_bits_to_f32(np.asarray(raw))
@@ -164,7 +165,7 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     text, vision = family.dims_from_config(config, config_path)
 
     _check_weight_files(folder)
-    from qvq_local.convert.safetensors_io import ShardedCheckpoint
+    from qvq_local.formats.safetensors import ShardedCheckpoint
 
     store = ShardedCheckpoint(folder)  # checks the index, shard presence, headers vs file sizes
 

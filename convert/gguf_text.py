@@ -20,8 +20,8 @@ from typing import Any
 from qvq_local.convert.checkpoint import Checkpoint
 from qvq_local.convert.gguf_stream import PlannedTensor, iter_encoded
 
-from qvq_local.backends.base import gguf_sampling_keys, sampling_values
 from qvq_local.errors import ModelError
+from qvq_local.formats.gguf import gguf_sampling_keys, sampling_values
 
 
 # ------------------------------------------------------------------------------------------ vocabulary

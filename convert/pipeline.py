@@ -1,7 +1,7 @@
 """``qvq convert``: one command from a Hugging Face checkpoint (folder or hub id) to MLX or GGUF.
 
 The orchestration only: check the option combination, get the source (downloading a hub id with
-:func:`qvq_local.models.pull`), pick the output folder, run the format's converter into a hidden
+:func:`qvq_local.hub.resolve`), pick the output folder, run the format's converter into a hidden
 partial folder, write the manifest there, and rename the folder into place last.  A folder with a
 manifest is therefore always a finished conversion, and a failure or Ctrl-C leaves nothing that looks
 complete (the partial folder is removed).
@@ -97,9 +97,9 @@ def convert(
             label = f"{qbits}bit"
             quantization = f"{qbits}bit-g{gsize}"
         else:
-            from qvq_local.models import _hf_dtype
+            from qvq_local.models import hf_dtype
 
-            label = quantization = _hf_dtype(src)
+            label = quantization = hf_dtype(src)
     else:
         label = quantization = quant
 
@@ -151,7 +151,7 @@ def convert(
                 mmproj_file=Path(pair.mmproj).name,
                 extra={"mmproj_quant": mmproj_quant, "gguf_version": _version("gguf")},
             )
-        from qvq_local.models import write_manifest
+        from qvq_local.formats.manifest import write_manifest
 
         write_manifest(partial, manifest)
         atomic.replace_dir(partial, out_dir)
@@ -198,17 +198,18 @@ def _source_folder(source: str | os.PathLike, progress: bool) -> tuple[Path, str
 
     A local folder is taken as it is: the checkpoint reader judges it, with messages more precise than
     the resolver's (only pickle weights, no config.json), after a converted model is refused here.  A hub
-    id goes through the one resolver, :func:`qvq_local.models.resolve`, which reuses a finished download
+    id goes through the one resolver, :func:`qvq_local.hub.resolve`, which reuses a finished download
     or pulls it.  Names from ``qvq models`` are converted models, so they are not sources.
     """
-    from qvq_local import models
+    from qvq_local import hub, models
+    from qvq_local.formats.manifest import read_manifest
 
     text = str(source).strip()
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelError("SOURCE must be a Hugging Face checkpoint folder or a hub id", path=path)
-        manifest = models.read_manifest(path)
+        manifest = read_manifest(path)
         _refuse_converted(path, manifest)
         label = (manifest or {}).get("source") or str(path.resolve())
         name = label.split("/")[-1] if manifest else path.resolve().name
@@ -216,7 +217,7 @@ def _source_folder(source: str | os.PathLike, progress: bool) -> tuple[Path, str
     if text.startswith((".", "~", os.sep)) or text.count("/") != 1:
         raise ModelError("no such folder (and not an owner/name hub id)", path=text)
     hub_id = models.check_hub_id(text)
-    resolved = models.resolve(hub_id, download=True, progress=progress)
+    resolved = hub.resolve(hub_id, download=True, progress=progress)
     _refuse_converted(resolved.path, resolved.manifest)
     if resolved.format != "hf":  # a GGUF or MLX repo from the hub: nothing to convert
         raise InputError(
@@ -237,7 +238,7 @@ def _refuse_converted(path: Path, manifest: dict | None) -> None:
 
 
 def _manifest(folder: Path, name: str, source: str, fmt: str, quantization: str, **kwargs) -> dict:
-    from qvq_local.models import build_manifest
+    from qvq_local.formats.manifest import build_manifest
 
     return build_manifest(folder, source=source, format=fmt, quantization=quantization, name=name, **kwargs)
 

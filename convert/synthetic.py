@@ -271,7 +271,7 @@ def write_checkpoint(
     renamed at the end (and removed on any error or interrupt).  An existing non-empty ``out`` is
     replaced only with ``force``.  Raises ``DiskFull`` before writing when the disk lacks room.
     """
-    from .safetensors_io import ShardedWriter
+    from qvq_local.formats.safetensors import ShardedWriter
 
     s, kind = with_tokenizer(shape, tokenizer, family)
     variant = _check_variant(family_of(s), variant)

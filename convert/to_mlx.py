@@ -123,7 +123,8 @@ def estimate_output_bytes(
     if bits is None:
         return sum(p.stat().st_size for p in weight_files)
     from qvq_local.convert.checkpoint import checkpoint_family
-    from qvq_local.convert.safetensors_io import SafetensorsFile
+
+    from qvq_local.formats.safetensors import SafetensorsFile
 
     family = family or checkpoint_family(src)
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import qvq_local
-from qvq_local import doctor, hardware, models
+from qvq_local import doctor, fit, hardware, hub
 from qvq_local.backends.llama_buffers import requested_gpu_layers
 from qvq_local.errors import QvqError
 
@@ -36,16 +36,16 @@ def main() -> None:
         sys.exit("error: nvidia-smi reports no NVIDIA GPU here")
     try:
         values = [(v, requested_gpu_layers(v)) for v in args.gpu_layers.split(",") if v.strip()]
-        resolved = models.resolve(args.model, download=False)
+        resolved = hub.resolve(args.model, download=False)
     except QvqError as exc:
         sys.exit(f"error: {exc}")
     if resolved.format != "gguf":
         sys.exit(
             f"error: {args.model}: a GGUF model is needed (llama.cpp offloads layers), not {resolved.format}"
         )
-    shape = doctor._gguf_config(resolved.path)
+    shape = fit.gguf_shape(resolved.path)
     ctx = doctor.default_context(shape["context_length"])
-    sizes = doctor.offload_sizes(resolved, shape, ctx)
+    sizes = fit.offload_sizes(resolved, shape, ctx)
     print(f"{resolved.name}: {len(sizes[0])} blocks + the output layer, context {ctx} tokens")
     print(f"{'--gpu-layers':>12}  {'placement':<36} {'real GB':>8} {'estimate GB':>12} {'estimate/real':>14}")
     # one reading before the first load: CUDA's context and cuBLAS stay after a model is closed, and the
@@ -60,7 +60,7 @@ def main() -> None:
             placement = model.loaded.placement()
         finally:
             model.close()
-        estimate = doctor.gpu_need_bytes(*sizes, layers)
+        estimate = fit.gpu_need_bytes(*sizes, layers)
         ratio = f"{estimate / real:.2f}" if real > 0 else "-"
         print(f"{value:>12}  {placement:<36} {real / 1e9:>8.2f} {estimate / 1e9:>12.2f} {ratio:>14}")
         time.sleep(1)  # let the driver return the memory before the next reading

@@ -711,7 +711,8 @@ def load(
     broken model, wrong format for the backend), ``BackendUnavailable`` (the backend's library is missing,
     naming the pip line) or ``InputError`` (a bad option, or one the backend does not take).
     """
-    from qvq_local import config, hardware, models
+    from qvq_local import config, hardware, hub
+    from qvq_local.formats.manifest import normalize_quantization
 
     name = registry.canonical(backend)  # the one place the API maps what the caller typed to a name
     given = {k: v for k, v in options.items() if v is not None}
@@ -752,13 +753,13 @@ def load(
         ref = config.default_model()
         if ref is None:
             raise ModelError(NO_MODEL_HELP)
-    resolved = models.resolve(ref, download=download, progress=progress)
+    resolved = hub.resolve(ref, download=download, progress=progress)
     chosen = hardware.choose_backend(name, {resolved.format}, model_path=resolved.path)
     spec = registry.BACKENDS[chosen]
     t0 = time.perf_counter()
     loaded = spec.open_model(resolved, checked_for[chosen])
     load_s = time.perf_counter() - t0
-    quantization = models.normalize_quantization(getattr(loaded, "quantization", "") or resolved.quantization)
+    quantization = normalize_quantization(getattr(loaded, "quantization", "") or resolved.quantization)
     return Model(
         loaded,
         name=resolved.name,

@@ -3,7 +3,8 @@
 Each entry names one source for Apple Silicon (an MLX repo, run by mlx-vlm) and one for everything else
 (a GGUF repo and quantisation, run by llama.cpp).  Sizes are the download sizes of the files qvq fetches
 from that repo, as the hub listed them; ``qvq models --available`` shows them with whether the model fits
-this machine (the doctor's memory estimate: weights, KV cache at qvq ask's default context, overhead).
+this machine (:func:`qvq_local.doctor.available_rows`: weights, KV cache at qvq ask's default context,
+overhead).
 
 Checked against the hub's published file lists (the project's search index; no hub is reachable from the
 machines this was written on):
@@ -30,7 +31,6 @@ works for any of them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 GB = 1000**3
 
@@ -91,42 +91,3 @@ CATALOGUE: dict[str, Entry] = {
 
 def lookup(name: str) -> Entry | None:
     return CATALOGUE.get(name.strip().lower())
-
-
-def fit(entry: Entry, source: Source, available: int | None, total: int | None) -> dict[str, Any]:
-    """The doctor's fit estimate for ``source`` before anything is downloaded."""
-    from qvq_local import doctor
-    from qvq_local.families import FAMILIES
-
-    dims = FAMILIES[entry.family].synth_shapes[entry.shape]
-    shape = {
-        "layers": dims.num_hidden_layers,
-        "kv_heads": dims.num_key_value_heads,
-        "head_dim": dims.head_dim,
-        "kv_bytes": 2,
-    }
-    ctx = doctor.default_context(dims.max_position_embeddings)
-    _kv, _overhead, need = doctor.memory_need(source.size, shape, ctx)
-    return {"needed_bytes": need, "verdict": doctor.fit_verdict(need, available, total)}
-
-
-def available_rows(apple_silicon: bool | None = None) -> list[dict[str, Any]]:
-    """One row per short name: the source for this machine, its download size and the fit verdict."""
-    from qvq_local.hardware import memory_bytes
-
-    total, available = memory_bytes()
-    rows = []
-    for entry in CATALOGUE.values():
-        source = entry.source(apple_silicon)
-        rows.append(
-            {
-                "name": entry.name,
-                "title": entry.title,
-                "source": source.ref,
-                "format": source.format,
-                "size": source.size,
-                "size_checked": source.size_checked,
-                **fit(entry, source, available, total),
-            }
-        )
-    return rows

@@ -180,7 +180,7 @@ def pull(
 
       qvq pull Qwen/QVQ-72B-Preview && qvq convert Qwen/QVQ-72B-Preview --to gguf
     """
-    from qvq_local.models import pull as run_pull
+    from qvq_local.hub import pull as run_pull
 
     path = run_pull(ref, progress=not quiet, revision=revision, mmproj=mmproj)
     typer.echo(str(path))
@@ -208,11 +208,12 @@ def models(
     """
     import json
 
-    from qvq_local.models import list_models, models_dir
+    from qvq_local.hub import list_models
+    from qvq_local.models import models_dir
     from qvq_local.units import file_size
 
     if available:
-        from qvq_local.catalogue import available_rows
+        from qvq_local.doctor import available_rows
 
         rows = available_rows()
         if as_json:
@@ -439,9 +440,11 @@ def doctor(
 
       qvq doctor --model QVQ-72B-Preview-gguf-q4_k_m --context 16384
     """
-    from qvq_local.ask_cmd import print_doctor
+    from qvq_local.doctor import print_doctor
 
-    print_doctor(model, context, as_json, selftest=selftest)
+    code = print_doctor(model, context, as_json, selftest=selftest)
+    if code:
+        raise typer.Exit(code)
 
 
 config_app = _Commands(

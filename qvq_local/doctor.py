@@ -1,30 +1,24 @@
-"""``qvq doctor``: what this machine has, which backends import, and whether a model fits in memory
-(and, for a GGUF on a machine with an NVIDIA GPU, how many of its layers fit in the GPU's).
-
-Why an estimate and not a trial load: a 72B model takes minutes to load and may push the machine into
-swap; the numbers that decide whether it fits are on disk already.  The need is the weight files, plus the
-KV cache for the context ``qvq ask`` would open (2 x layers x context x KV heads x head size x bytes per
-value), plus a margin for compute buffers and the vision encoder.
+"""``qvq doctor``: what this machine has, which backends import, whether a model fits in memory (and, for
+a GGUF on a machine with an NVIDIA GPU, how many of its layers fit in the GPU's), whether its files are
+whole; the report as a dict and its printing.  The fit rules are :mod:`qvq_local.fit`'s, the file checks
+:mod:`qvq_local.integrity`'s.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import re
+import sys
 from pathlib import Path
 from typing import Any
 
-from qvq_local.errors import ModelError
+from qvq_local import fit
+from qvq_local.errors import InputError, ModelError
+from qvq_local.units import memory_size
 
-#: Compute buffers, the vision encoder's scratch and the runtime, on top of weights and KV cache.
-OVERHEAD_FRACTION = 0.10
-OVERHEAD_FIXED = 512 * 1024**2
-#: GPU memory llama.cpp takes beside the offloaded weights and their KV cache: the CUDA context and
-#: compute buffers (and OVERHEAD_FRACTION of the offloaded weights, as for main memory).
-GPU_RESERVE = 1024**3
 #: What ``qvq ask`` asks for by default: prompt text, one image at the default pixel bound, budgets.
 DEFAULT_PROMPT_TOKENS = 128
+#: ``qvq doctor --selftest`` exit code when a backend crashed or failed its self-test.
+EXIT_SELFTEST_FAILED = 4
 
 
 def _version(dist: str) -> str | None:
@@ -65,68 +59,11 @@ def backend_report() -> list[dict[str, Any]]:
     return rows
 
 
-def _folder_config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read config.json ({exc})", path=folder) from None
-    text = dict(config)
-    text.update(config.get("text_config") or {})
-    heads = int(text.get("num_attention_heads") or 1)
-    quant = config.get("quantization") or {}
-    dtype = str(text.get("torch_dtype") or text.get("dtype") or "bfloat16")
-    kv_bytes = 4 if dtype in ("float32", "f32") and not quant else 2
-    return {
-        "layers": int(text.get("num_hidden_layers") or 0),
-        "kv_heads": int(text.get("num_key_value_heads") or heads),
-        "head_dim": int(text.get("head_dim") or int(text.get("hidden_size") or 0) // heads),
-        "context_length": int(text.get("max_position_embeddings") or 32768),
-        "kv_bytes": kv_bytes,
-    }
-
-
-def _gguf_config(model_file: Path) -> dict[str, Any]:
-    from gguf import Keys
-
-    from qvq_local.backends.llamacpp import read_gguf_metadata
-    from qvq_local.families import DEFAULT_FAMILY
-
-    arch = read_gguf_metadata(model_file, {Keys.General.ARCHITECTURE}).get(Keys.General.ARCHITECTURE)
-    arch = arch or DEFAULT_FAMILY.gguf_text_arch
-    key = {
-        "layers": Keys.LLM.BLOCK_COUNT.format(arch=arch),
-        "heads": Keys.Attention.HEAD_COUNT.format(arch=arch),
-        "kv_heads": Keys.Attention.HEAD_COUNT_KV.format(arch=arch),
-        "width": Keys.LLM.EMBEDDING_LENGTH.format(arch=arch),
-        "context": Keys.LLM.CONTEXT_LENGTH.format(arch=arch),
-        "head_dim": Keys.Attention.KEY_LENGTH.format(arch=arch),  # Qwen3-VL: not width / heads
-    }
-    meta = read_gguf_metadata(model_file, set(key.values()))
-    heads = int(meta.get(key["heads"]) or 1)
-    return {
-        "layers": int(meta.get(key["layers"]) or 0),
-        "kv_heads": int(meta.get(key["kv_heads"]) or heads),
-        "head_dim": int(meta.get(key["head_dim"]) or int(meta.get(key["width"]) or 0) // heads),
-        "context_length": int(meta.get(key["context"]) or 32768),
-        "kv_bytes": 2,  # llama.cpp's KV cache is f16 by default
-    }
-
-
-def model_files(resolved: Any) -> list[Path]:
-    """The files a model loads: the GGUF pair, or a folder's safetensors."""
-    if resolved.format == "gguf":
-        from qvq_local.integrity import _SPLIT_RE
-
-        m = _SPLIT_RE.match(resolved.path.name)
-        parts = [resolved.path]
-        if m:  # every part of a split model (llama.cpp loads them all)
-            parts = sorted(resolved.path.parent.glob(f"{m.group('stem')}-*-of-{m.group('n')}.gguf"))
-        return [p for p in (*parts, resolved.mmproj) if p is not None]
-    return sorted(Path(resolved.path).glob("*.safetensors"))
-
-
+# ----------------------------------------------------------------------------- the fit of a model
 def default_context(context_length: int) -> int:
-    """The context ``qvq ask`` opens with default settings (no think budget: up to 8192 thought tokens)."""
+    """The context ``qvq ask`` opens with default settings (no think budget: up to 8192 thought tokens):
+    the context to plan for when none is given.  Here, not in :mod:`qvq_local.fit`, because it follows the
+    API's default budgets."""
     from qvq_local.api import DEFAULT_ANSWER_BUDGET, DEFAULT_MAX_THOUGHT, FORCE_MARGIN
 
     image_tokens = 1024
@@ -153,16 +90,16 @@ def model_fit(
     """Whether ``ref`` fits in memory with a context of ``n_ctx`` tokens (default: what ask would open);
     for a GGUF, with ``gpus`` (:func:`hardware.parse_nvidia_smi_memory`'s records), how many of its layers
     fit in their free memory; on a Mac, with Metal's ``working_set``, whether it fits there
-    (:func:`metal_fit`)."""
-    from qvq_local import models
+    (:func:`qvq_local.fit.metal_fit`).  The report's row: the rules are :mod:`qvq_local.fit`'s."""
+    from qvq_local import hub, models
 
-    resolved = models.resolve(ref, download=False, progress=False)
-    files = model_files(resolved)
+    resolved = hub.resolve(ref, download=False, progress=False)
+    files = models.model_files(resolved)
     weights = sum(p.stat().st_size for p in files)
-    shape = _gguf_config(resolved.path) if resolved.format == "gguf" else _folder_config(Path(resolved.path))
+    shape = fit.model_shape(resolved)
     ctx = int(n_ctx) if n_ctx else default_context(shape["context_length"])
-    kv, overhead, need = memory_need(weights, shape, ctx)
-    verdict = fit_verdict(need, available, total)
+    kv, overhead, need = fit.memory_need(weights, shape, ctx)
+    verdict = fit.fit_verdict(need, available, total)
     return {
         "name": resolved.name,
         "family": models.model_family(resolved),
@@ -180,124 +117,50 @@ def model_fit(
         "available_bytes": available,
         "verdict": verdict,
         "fits": need <= available if available is not None else None,
-        "gpu": _gpu_fit(resolved, shape, ctx, gpus) if gpus and resolved.format == "gguf" else None,
-        "metal": metal_fit(need, working_set, total) if working_set else None,
+        "gpu": fit.gpu_fit(resolved, shape, ctx, gpus) if gpus and resolved.format == "gguf" else None,
+        "metal": fit.metal_fit(need, working_set, total) if working_set else None,
     }
 
 
-def metal_fit(need: int, working_set: int, total: int | None) -> dict[str, Any]:
-    """Whether a model that needs ``need`` bytes fits in what Metal lets the GPU wire on a Mac
-    (``working_set``); if not, the ``sysctl`` line that raises the limit, where the memory is there.
+def available_rows(apple_silicon: bool | None = None) -> list[dict[str, Any]]:
+    """``qvq models --available``: one row per short name (:mod:`qvq_local.catalogue`), the source for this
+    machine, its download size and the fit verdict, estimated before anything is downloaded."""
+    from qvq_local import catalogue
+    from qvq_local.hardware import memory_bytes
 
-    Both backends put the whole model in Metal buffers on Apple Silicon, so a model over the working set
-    fails or pages (mlx-lm warns of it) even when the unified memory holds it.  The raised limit leaves
-    the system 8 GiB, or a fifth of a machine over 40 GiB, and lasts until the next restart."""
-    out: dict[str, Any] = {
-        "working_set_bytes": working_set,
-        "total_bytes": total,
-        "needed_bytes": need,
-        "fits": need <= working_set,
+    total, available = memory_bytes()
+    rows = []
+    for entry in catalogue.CATALOGUE.values():
+        source = entry.source(apple_silicon)
+        rows.append(
+            {
+                "name": entry.name,
+                "title": entry.title,
+                "source": source.ref,
+                "format": source.format,
+                "size": source.size,
+                "size_checked": source.size_checked,
+                **_source_fit(entry, source, available, total),
+            }
+        )
+    return rows
+
+
+def _source_fit(entry: Any, source: Any, available: int | None, total: int | None) -> dict[str, Any]:
+    """The fit estimate for a catalogue ``source``: its download size as the weights, the KV cache from
+    its family's dimensions for the entry's shape."""
+    from qvq_local.families import FAMILIES
+
+    dims = FAMILIES[entry.family].synth_shapes[entry.shape]
+    shape = {
+        "layers": dims.num_hidden_layers,
+        "kv_heads": dims.num_key_value_heads,
+        "head_dim": dims.head_dim,
+        "kv_bytes": 2,
     }
-    if not out["fits"] and total:
-        ceiling = total - max(8 * 1024**3, total // 5)
-        if need <= ceiling:
-            mib = -(-need // 2**20) + 1024  # the need, rounded up, and 1 GiB to spare
-            out["sysctl"] = f"sudo sysctl iogpu.wired_limit_mb={min(mib, ceiling // 2**20)}"
-    return out
-
-
-def _gpu_fit(resolved: Any, shape: dict[str, Any], ctx: int, gpus: list[dict]) -> dict[str, Any]:
-    plan = gpu_offload_plan(*offload_sizes(resolved, shape, ctx), sum(g["free_bytes"] for g in gpus))
-    return {"gpus": [g["name"] for g in gpus], **plan}
-
-
-def offload_sizes(resolved: Any, shape: dict[str, Any], ctx: int) -> tuple[list[int], int, int, int]:
-    """What :func:`gpu_need_bytes` takes for a resolved GGUF model at ``ctx`` tokens: each block's bytes,
-    the output layer's, the KV cache per block, the mmproj's."""
-    from qvq_local.integrity import read_gguf_header
-
-    tensors: dict[str, Any] = {}
-    for part in model_files(resolved):  # every part of a split GGUF, not its mmproj
-        if resolved.mmproj is None or Path(part) != Path(resolved.mmproj):
-            tensors.update(read_gguf_header(part).tensors)
-    layers, head = gguf_layer_bytes(tensors)
-    kv_per_layer = 2 * ctx * shape["kv_heads"] * shape["head_dim"] * shape["kv_bytes"]
-    mmproj = Path(resolved.mmproj).stat().st_size if resolved.mmproj else 0
-    return layers, head, kv_per_layer, mmproj
-
-
-def gguf_layer_bytes(tensors: dict[str, Any]) -> tuple[list[int], int]:
-    """Bytes of each repeating block (``blk.N.*``) of a GGUF text model, and of its output layer (norm
-    and projection).  A head tied to the token embedding is copied to the output layer's device, so a
-    model without ``output.weight`` counts ``token_embd.weight`` there."""
-    blocks: dict[int, int] = {}
-    for name, t in tensors.items():
-        m = re.match(r"blk\.(\d+)\.", name)
-        if m:
-            blocks[int(m.group(1))] = blocks.get(int(m.group(1)), 0) + (t.n_bytes or 0)
-    head_names = [
-        "output_norm.weight",
-        "output.weight" if "output.weight" in tensors else "token_embd.weight",
-    ]
-    head = sum(tensors[n].n_bytes or 0 for n in head_names if n in tensors)
-    return [blocks[i] for i in sorted(blocks)], head
-
-
-def gpu_need_bytes(
-    layer_bytes: list[int], head_bytes: int, kv_per_layer: int, mmproj_bytes: int, gpu_layers: int
-) -> int:
-    """GPU memory ``--gpu-layers gpu_layers`` takes.  llama.cpp counts the output layer as one layer
-    after the blocks: N puts the output layer and the last N - 1 blocks (with their KV cache) on the GPU,
-    -1 or more than the blocks all of them; the vision encoder goes with any N but 0.  Plus
-    :data:`OVERHEAD_FRACTION` of those weights and :data:`GPU_RESERVE`."""
-    from qvq_local.backends.llama_buffers import gpu_split
-
-    n = len(layer_bytes)
-    blocks, output = gpu_split(gpu_layers, n)
-    if not output:  # 0: nothing on the GPU, the vision encoder included
-        return 0
-    weights = (sum(layer_bytes[n - blocks :]) if blocks else 0) + head_bytes + mmproj_bytes
-    return weights + blocks * kv_per_layer + int(OVERHEAD_FRACTION * weights) + GPU_RESERVE
-
-
-def gpu_offload_plan(
-    layer_bytes: list[int], head_bytes: int, kv_per_layer: int, mmproj_bytes: int, gpu_free: int
-) -> dict[str, Any]:
-    """How many layers (llama.cpp's count: the blocks and the output layer) fit in ``gpu_free`` bytes of
-    GPU memory.  ``gpu_layers`` is ``"all"`` when everything fits, else the N for ``--gpu-layers`` (0:
-    not even the output layer fits).  Several GPUs are summed, and llama.cpp splits the layers among them
-    (each keeps its own CUDA context, so the estimate is looser there).
-    """
-    total = len(layer_bytes) + 1
-    full = gpu_need_bytes(layer_bytes, head_bytes, kv_per_layer, mmproj_bytes, -1)
-    fit = total
-    if full > gpu_free:
-        needs = (gpu_need_bytes(layer_bytes, head_bytes, kv_per_layer, mmproj_bytes, k) for k in range(total))
-        fit = max((k for k, need in enumerate(needs) if need <= gpu_free), default=0)
-    return {
-        "layers": total,
-        "gpu_layers": "all" if full <= gpu_free else fit,
-        "needed_bytes": full,
-        "free_bytes": gpu_free,
-        "fits": full <= gpu_free,
-    }
-
-
-def memory_need(weights: int, shape: dict[str, Any], ctx: int) -> tuple[int, int, int]:
-    """(KV cache, overhead, total) bytes to run ``weights`` bytes of a model of ``shape`` at ``ctx`` tokens."""
-    kv = 2 * shape["layers"] * ctx * shape["kv_heads"] * shape["head_dim"] * shape["kv_bytes"]
-    overhead = int(OVERHEAD_FRACTION * weights) + OVERHEAD_FIXED
-    return kv, overhead, weights + kv + overhead
-
-
-def fit_verdict(need: int, available: int | None, total: int | None) -> str:
-    if available is None:
-        return "unknown (memory could not be read)"
-    if need <= available:
-        return "fits"
-    if total is not None and need <= total:
-        return "tight: fits in total memory but not in what is free now"
-    return "does not fit"
+    ctx = default_context(dims.max_position_embeddings)
+    _kv, _overhead, need = fit.memory_need(source.size, shape, ctx)
+    return {"needed_bytes": need, "verdict": fit.fit_verdict(need, available, total)}
 
 
 def _llama_buffers_for(model_file: Path) -> str | None:
@@ -309,8 +172,7 @@ def _llama_buffers_for(model_file: Path) -> str | None:
 
     from qvq_local.backends import llama_buffers as lb
     from qvq_local.cpu import detect
-    from qvq_local.errors import InputError
-    from qvq_local.integrity import GgufHeaderError, read_gguf_header
+    from qvq_local.formats.gguf import GgufHeaderError, read_gguf_header
 
     try:
         tensors = read_gguf_header(model_file).tensors
@@ -370,3 +232,173 @@ def model_integrity(ref: str) -> list[Any]:
     from qvq_local.integrity import check_model
 
     return check_model(ref)
+
+
+# ----------------------------------------------------------------------------- printing
+def print_doctor(model: str | None, context: int | None, as_json: bool, selftest: bool = False) -> int:
+    """Print ``qvq doctor``'s report (a table, or JSON with ``as_json``); the exit code (:func:`exit_code`)."""
+    import json
+
+    if context is not None and context <= 0:
+        raise InputError(f"--context must be above 0, got {context}")
+    if selftest and not as_json and sys.stderr.isatty():
+        from rich.console import Console
+
+        with Console(stderr=True).status("self-test: a tiny model through each backend…", spinner="dots"):
+            data = report(model, context, selftest=True)
+    else:
+        data = report(model, context, selftest=selftest)
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+        return exit_code(data)
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    m = data["machine"]
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("platform", f"{m['os']} {m['os_release']} ({m['machine']}), Python {m['python']}")
+    cpu = m.get("cpu") or {}
+    table.add_row(
+        "cpu",
+        f"{cpu.get('model') or cpu.get('arch', '?')}, {m.get('cpu_count')} cores; "
+        f"features: {' '.join(cpu.get('features') or []) or 'none of AVX2/AVX-512/AMX/NEON reported'}",
+    )
+    table.add_row(
+        "memory",
+        f"{memory_size(m.get('memory_total_bytes'))} total, {memory_size(m.get('memory_available_bytes'))} available",
+    )
+    gpu = []
+    if m.get("llama_gpu_offload") is not None:
+        gpu.append("llama.cpp GPU offload " + ("yes" if m["llama_gpu_offload"] else "no (CPU only)"))
+    if m.get("cuda"):
+        gpu.append("CUDA")
+    if m.get("metal"):
+        gpu.append("Metal")
+    nvidia = m.get("nvidia") or {}
+    if nvidia.get("present"):
+        names = ", ".join(nvidia.get("gpus") or []) or "NVIDIA GPU"
+        driver = f" (driver {nvidia['driver']})" if nvidia.get("driver") else ""
+        gpu.insert(0, f"{names}{driver}")
+    table.add_row("gpu", ", ".join(gpu) or "none found")
+    if m.get("llama_backends"):
+        table.add_row("llama.cpp build", ", ".join(m["llama_backends"]))
+    if m.get("llama_cpu_buffers"):
+        table.add_row("llama.cpp weights", escape(m["llama_cpu_buffers"]))
+    for row in data["backends"]:
+        versions = ", ".join(f"{k} {v}" for k, v in row["versions"].items() if v)
+        state = (
+            f"[green]installed[/green] ({versions})"
+            if row["installed"]
+            else f"[red]not installed[/red] (missing {', '.join(row['missing'])}; "
+            + escape(row["install_hint"] + ")")
+        )
+        table.add_row(f"backend {row['backend']}", state)
+    table.add_row("default backend", str(m.get("default_backend") or m.get("default_backend_error")))
+    table.add_row("convert target", str(m.get("default_convert_target")))
+    settings = data.get("settings") or {}
+    table.add_row("default model", str(settings.get("model") or "(none: qvq config set model REF)"))
+    if data.get("settings_error"):
+        table.add_row("settings", f"[red]{escape(data['settings_error'])}[/red]")
+    console.print(table)
+    if m.get("gpu_warning"):
+        console.print(f"[yellow]warning:[/yellow] {escape(m['gpu_warning'])}", soft_wrap=True)
+    for row in data.get("selftest") or []:
+        colour = {"pass": "green", "skipped": "yellow"}.get(row["status"], "red")
+        console.print(
+            f"self-test {row['backend']:<6} [{colour}]{row['status']}[/{colour}] "
+            f"({row['seconds']:.1f} s): {escape(row['detail'])}",
+            soft_wrap=True,
+            highlight=False,
+        )
+    if "model" in data:
+        row = data["model"]
+        mt = Table(
+            show_header=False, box=None, padding=(0, 2), title=f"model {row['name']}", title_justify="left"
+        )
+        mt.add_column(style="bold")
+        mt.add_column()
+        mt.add_row("family", escape(row.get("family") or "unknown"))
+        mt.add_row("format", escape(f"{row['format']} ({row['quantization']}) at {row['path']}"))
+        mt.add_row("weights", memory_size(row["weights_bytes"]))
+        if row.get("cpu_buffers"):
+            mt.add_row("llama.cpp buffers", escape(row["cpu_buffers"]))
+        mt.add_row(
+            "KV cache",
+            f"{memory_size(row['kv_cache_bytes'])} for {row['context_tokens']} tokens of context "
+            f"(trained for {row['trained_context']})",
+        )
+        mt.add_row("overhead", memory_size(row["overhead_bytes"]))
+        colour = {True: "green", False: "red"}.get(row["fits"], "yellow")
+        mt.add_row(
+            "needs",
+            f"{memory_size(row['needed_bytes'])} of {memory_size(row['available_bytes'])} available: "
+            f"[{colour}]{row['verdict']}[/{colour}]",
+        )
+        if row.get("gpu"):
+            mt.add_row("gpu", escape(gpu_fit_line(row["gpu"])))
+        if row.get("metal"):
+            mt.add_row("metal", escape(metal_fit_line(row["metal"])))
+        console.print(mt)
+    elif data.get("model_error") and not data.get("integrity_errors"):  # else the findings below say why
+        console.print(f"[red]model: {escape(data['model_error'])}[/red]", soft_wrap=True)
+    findings = data.get("integrity") or []
+    if findings:
+        console.print("[bold]model files[/bold]")
+        colours = {"ok": "green", "warning": "yellow", "error": "red"}
+        for f in findings:
+            colour = colours.get(f["level"], "white")
+            # one line per finding whatever the terminal width: a path must stay copyable
+            line = f"  [{colour}]{f['level']:<7}[/{colour}] {escape(f['path'])}: {escape(f['message'])}"
+            console.print(line, soft_wrap=True, highlight=False)
+    return exit_code(data)
+
+
+def metal_fit_line(metal: dict[str, Any]) -> str:
+    """doctor's line on a model and the memory Metal lets the GPU wire on a Mac."""
+    have = f"Metal may wire {memory_size(metal['working_set_bytes'])} of this Mac's memory"
+    needs = f"the model needs {memory_size(metal['needed_bytes'])}"
+    if metal["fits"]:
+        return f"{have}; {needs}: it fits"
+    if metal.get("sysctl"):
+        return f"{have}; {needs}: raise the limit until the next restart with `{metal['sysctl']}`"
+    if metal.get("total_bytes"):
+        return f"{have}; {needs}: too much for this Mac, whose system needs the rest"
+    return f"{have}; {needs}: more than Metal may use"
+
+
+def gpu_fit_line(gpu: dict[str, Any]) -> str:
+    """doctor's line on a GGUF's layers and the NVIDIA GPUs' free memory."""
+    where = f"{', '.join(gpu['gpus'])} ({memory_size(gpu['free_bytes'])} free)"
+    if gpu["fits"]:
+        return f"all {gpu['layers']} layers and the vision encoder fit on {where}: needs {memory_size(gpu['needed_bytes'])}"
+    if not gpu["gpu_layers"]:
+        return (
+            f"needs {memory_size(gpu['needed_bytes'])}; not one layer fits on {where}:"
+            " --gpu-layers 0 runs it on the CPU"
+        )
+    return (
+        f"needs {memory_size(gpu['needed_bytes'])}, more than {where}: --gpu-layers {gpu['gpu_layers']} puts"
+        f" {gpu['gpu_layers']} of {gpu['layers']} layers there and runs the rest on the CPU"
+    )
+
+
+def exit_code(data: dict[str, Any]) -> int:
+    """``qvq doctor``'s exit code once the report is printed: 3 (as a ModelError would) when the integrity
+    checks found a model that will not load, 4 when a backend crashed or failed its self-test, each with
+    one ``error:`` line on stderr naming the first problem; else 0."""
+    errors = [f for f in data.get("integrity") or [] if f["level"] == "error"]
+    if not errors:
+        bad = [r for r in data.get("selftest") or [] if r["status"] in ("crash", "fail")]
+        if bad:
+            print(f"error: self-test of the {bad[0]['backend']} backend: {bad[0]['detail']}", file=sys.stderr)
+            return EXIT_SELFTEST_FAILED
+        return 0
+
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    print(f"error: {first['path']}: {first['message']}{more}", file=sys.stderr)
+    return ModelError.exit_code

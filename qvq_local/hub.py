@@ -1,4 +1,9 @@
-"""Hugging Face hub repos -> files in huggingface_hub's own, shared cache.
+"""Hugging Face hub repos -> files in huggingface_hub's own, shared cache; the resolver's entry point.
+
+:func:`resolve` takes every kind of model reference: the local kinds through
+:func:`qvq_local.models.resolve_local`, then a short name from :mod:`qvq_local.catalogue` (the known-good
+repo for this platform) or a hub reference, found in the cache or downloaded (:func:`pull` downloads
+without loading).  :func:`list_models` lists the local models and the runnable ones in the cache.
 
 ``owner/repo`` or ``owner/repo:QUANT`` (case-insensitive: ``Q4_K_M``, ``q8_0``, ``4bit``) names one of:
 
@@ -8,26 +13,18 @@
   exactly one such model, else the error lists what there is, with sizes.  The projector: ``mmproj=``
   (a file name or a type such as ``f32``), else F16, else the largest (highest precision) one;
 * an MLX repo (quantised safetensors written by mlx-vlm) or a full-precision checkpoint: safetensors,
-  configs and tokenizer files (:data:`qvq_local.models.PULL_PATTERNS`; never pickle weights).
+  configs and tokenizer files (:data:`PULL_PATTERNS`; never pickle weights).
 
 The files land in ``HF_HUB_CACHE`` (``HF_HOME/hub``, default ``~/.cache/huggingface/hub``), where every
 other tool finds them; nothing is copied.  A reference whose files are already in the cache resolves with
 no network call (with ``HF_HUB_OFFLINE=1`` too); without a QUANT, a cached GGUF repo uses the
 quantisations that are cached.  Before a download the free disk space is checked against the sizes in the
-repo's file list (and a model too big for this machine's memory is said).  LFS files (the weights) are
-fetched by :func:`_fetch_lfs` into ``blobs/<sha256>`` under huggingface_hub's lock, resuming with a Range
-request from qvq's own ``<sha256>.qvq-partial`` (huggingface_hub 2.4 resumes a dropped connection within
-one run but deletes its partial file when the run fails or is interrupted), and checked against the hub's
-sha256 before they enter the cache (a corrupt file is deleted and the error says so); then
-``snapshot_download`` fetches the small files and links the snapshot, and GGUF headers are read.
-
-huggingface_hub is imported only inside functions.  The endpoint, cache and offline switch are read from
-the environment on each call (huggingface_hub reads them once, at import).
+repo's file list (and a model too big for this machine's memory is said).  The transfers (resumable,
+sha256-verified, drawn with Rich) are :mod:`qvq_local.hub_transfer`'s; then GGUF headers are read.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -35,14 +32,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from qvq_local import models
 from qvq_local.errors import DiskFull, ModelError
-from qvq_local.integrity import _SPLIT_RE  # llama.cpp's split naming, one place
+from qvq_local.formats.manifest import normalize_quantization, quantization_from_name
+from qvq_local.formats.names import PICKLE_SUFFIXES, is_mmproj, split_part
+from qvq_local.formats.safetensors import INDEX_NAME
+from qvq_local.hub_transfer import (
+    RepoFile,
+    cache_dir,
+    download_file,
+    download_snapshot,
+    fetch_lfs,
+    list_repo,
+    offline,
+    partial_path,
+    progress_bars,
+    repo_cache,
+)
+from qvq_local.models import ResolvedModel, check_hub_id
+from qvq_local.units import file_size, memory_size
 
 #: The quantisation chosen in a GGUF repo that holds several, when none is named (llama.cpp's, Ollama's
 #: and LM Studio's default too).
 DEFAULT_GGUF_QUANT = "Q4_K_M"
 
 Kind = Literal["gguf", "safetensors"]
+
+# What a safetensors repo gives: weights as safetensors, configs, tokenizer and chat template.  No *.py
+# (remote code is never run) and no pickle weights (*.bin, *.pt, ...).
+PULL_PATTERNS = [
+    "*.safetensors",
+    "*.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+    "*.jinja",
+]
 
 _QUANT_TEXT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 # a projector's precision, in order of preference after F16 (then by size)
@@ -64,8 +90,6 @@ def parse_ref(text: str) -> HubRef | None:
 
     A well-shaped reference with a bad id or quantisation raises ``ModelError`` (before any network).
     """
-    from qvq_local.models import check_hub_id
-
     text = text.strip()
     repo, sep, quant = text.partition(":")
     if repo.count("/") != 1:
@@ -90,40 +114,7 @@ def reference(text: str) -> HubRef | None:
     return parse_ref(text)
 
 
-# ----------------------------------------------------------------------------- environment
-def cache_dir() -> Path:
-    """huggingface_hub's cache folder, as it computes it: HF_HUB_CACHE, else HF_HOME/hub, else XDG/default."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
-    )
-    return Path(home).expanduser() / "hub"
-
-
-def offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-
-
-def _token() -> str | None:
-    return os.environ.get("HF_TOKEN") or None
-
-
 # ----------------------------------------------------------------------------- repo listings
-@dataclass(frozen=True)
-class RepoFile:
-    path: str
-    size: int
-    sha256: str | None = None  # LFS files only (the hub's metadata)
-
-
 @dataclass(frozen=True)
 class Plan:
     """What to fetch from a repo, and what the model is once fetched."""
@@ -141,17 +132,10 @@ class Plan:
 
 def gguf_quant(filename: str) -> str | None:
     """A GGUF file's quantisation from its name (``...-Q4_K_M.gguf``, split parts too), normalised."""
-    from qvq_local.models import _gguf_quantization_from_name, normalize_quantization
-
     name = Path(filename).name
-    m = _SPLIT_RE.match(name)
-    stem = m.group("stem") if m else name[: -len(".gguf")]
-    found = _gguf_quantization_from_name(stem)
-    return None if found == "?" else normalize_quantization(found)
-
-
-def _is_mmproj(path: str) -> bool:
-    return Path(path).name.lower().startswith("mmproj")
+    part = split_part(name)
+    found = quantization_from_name(part.stem if part else name[: -len(".gguf")])
+    return None if found == "?" else found
 
 
 def _is_gguf(path: str) -> bool:
@@ -160,18 +144,16 @@ def _is_gguf(path: str) -> bool:
 
 def plan(repo_id: str, files: list[RepoFile], quant: str | None = None, mmproj: str | None = None) -> Plan:
     """Choose what to fetch from ``files`` (a repo's listing, or what the cache holds).  Pure: no I/O."""
-    from qvq_local.models import PICKLE_SUFFIXES, PULL_PATTERNS, human_size
-
     ggufs = [f for f in files if _is_gguf(f.path)]
-    models = [f for f in ggufs if not _is_mmproj(f.path)]
-    if models:
+    text_models = [f for f in ggufs if not is_mmproj(f.path)]
+    if text_models:
         groups: dict[str, list[RepoFile]] = {}
-        for f in models:
+        for f in text_models:
             groups.setdefault(gguf_quant(f.path) or Path(f.path).stem, []).append(f)
 
         def listing() -> str:
             return ", ".join(
-                f"{q} ({human_size(sum(f.size for f in fs))})" for q, fs in sorted(groups.items())
+                f"{q} ({file_size(sum(f.size for f in fs))})" for q, fs in sorted(groups.items())
             )
 
         if quant:
@@ -193,7 +175,7 @@ def plan(repo_id: str, files: list[RepoFile], quant: str | None = None, mmproj: 
             names = ", ".join(sorted(f.path for f in parts))
             raise ModelError(f"{repo_id}: several {chosen} models ({names}); cannot choose one")
         parts = sorted(parts, key=lambda f: f.path)
-        projector = _choose_mmproj(repo_id, [f for f in ggufs if _is_mmproj(f.path)], mmproj)
+        projector = _choose_mmproj(repo_id, [f for f in ggufs if is_mmproj(f.path)], mmproj)
         return Plan(
             kind="gguf",
             files=(*parts, projector),
@@ -223,10 +205,10 @@ def plan(repo_id: str, files: list[RepoFile], quant: str | None = None, mmproj: 
 
 def check_folder_quant(repo_id: str, folder: Path, wanted: str) -> None:
     """A safetensors repo has one quantisation (its config.json's): ``owner/repo:4bit`` must name it."""
-    from qvq_local.models import _hf_dtype, _mlx_quantization, normalize_quantization
-
     config = folder / "config.json"
-    actual = normalize_quantization(_mlx_quantization(folder) if config.is_file() else _hf_dtype(folder))
+    actual = normalize_quantization(
+        models.mlx_quantization(folder) if config.is_file() else models.hf_dtype(folder)
+    )
     low, have = wanted.lower(), actual.lower()
     if have != low and not have.startswith(low + "-"):
         raise ModelError(f"{repo_id} is {actual}, not {wanted}", hint=f"use {repo_id}")
@@ -238,16 +220,16 @@ def _one_model(parts: list[RepoFile]) -> bool:
         return True
     keys = set()
     for f in parts:
-        m = _SPLIT_RE.match(Path(f.path).name)
-        if not m:
+        part = split_part(f.path)
+        if part is None:
             return False
-        keys.add((str(Path(f.path).parent), m.group("stem").lower(), m.group("n")))
+        keys.add((str(Path(f.path).parent), part.stem.lower(), part.count))
     return len(keys) == 1
 
 
 def _split_complete(parts: tuple[RepoFile, ...] | list[RepoFile]) -> bool:
-    m = _SPLIT_RE.match(Path(parts[0].path).name)
-    return m is None or len(parts) == int(m.group("n"))
+    part = split_part(parts[0].path)
+    return part is None or len(parts) == part.count
 
 
 def _choose_mmproj(repo_id: str, projectors: list[RepoFile], wanted: str | None) -> RepoFile:
@@ -276,12 +258,8 @@ def _choose_mmproj(repo_id: str, projectors: list[RepoFile], wanted: str | None)
 
 
 # ----------------------------------------------------------------------------- the cache
-def _repo_cache(repo_id: str) -> Path:
-    return cache_dir() / ("models--" + repo_id.replace("/", "--"))
-
-
 def _snapshot(repo_id: str, revision: str | None) -> Path | None:
-    folder = _repo_cache(repo_id)
+    folder = repo_cache(repo_id)
     rev = revision or "main"
     if re.fullmatch(r"[0-9a-f]{40}", rev):
         commit = rev
@@ -307,7 +285,7 @@ def _complete(snapshot: Path, chosen: Plan) -> bool:
     if chosen.kind == "gguf":
         parts = [f for f in chosen.files if f.path != chosen.mmproj]
         return _split_complete(parts)
-    index = snapshot / "model.safetensors.index.json"
+    index = snapshot / INDEX_NAME
     if index.is_file():
         import json
 
@@ -319,7 +297,9 @@ def _complete(snapshot: Path, chosen: Plan) -> bool:
     return True
 
 
-def from_cache(ref: HubRef, *, revision: str | None = None, mmproj: str | None = None):
+def from_cache(
+    ref: HubRef, *, revision: str | None = None, mmproj: str | None = None
+) -> ResolvedModel | None:
     """The model ``ref`` names, from the cache alone (no network); ``None`` when it is not all there."""
     snap = _snapshot(ref.repo_id, revision)
     if snap is None:
@@ -338,62 +318,64 @@ def from_cache(ref: HubRef, *, revision: str | None = None, mmproj: str | None =
     return _resolved(ref, snap, chosen)
 
 
-def _resolved(ref: HubRef, snap: Path, chosen: Plan):
-    from qvq_local import models
-
+def _resolved(ref: HubRef, snap: Path, chosen: Plan) -> ResolvedModel:
     if chosen.kind == "gguf":
         assert chosen.model and chosen.mmproj
-        return models.ResolvedModel(
+        return ResolvedModel(
             name=f"{ref.repo_id}:{chosen.quant}",
             format="gguf",
             path=snap / chosen.model,
             mmproj=snap / chosen.mmproj,
         )
-    resolved = models._resolve_path(snap, name=ref.repo_id)
-    return resolved
+    return models.resolve_path(snap, name=ref.repo_id)
 
 
-# ----------------------------------------------------------------------------- network
-def list_repo(repo_id: str, revision: str | None = None) -> tuple[str, list[RepoFile]]:
-    """(commit, files with sizes and LFS sha256) from the hub's repo info."""
-    from huggingface_hub import HfApi
-
-    info = _call(
-        repo_id,
-        lambda: HfApi(endpoint=endpoint(), token=_token()).model_info(
-            repo_id, revision=revision, files_metadata=True
-        ),
-    )
-    files = [
-        RepoFile(
-            s.rfilename, int(s.size or (s.lfs.size if s.lfs else 0) or 0), s.lfs.sha256 if s.lfs else None
-        )
-        for s in (info.siblings or [])
-    ]
-    return str(info.sha or revision or "main"), files
+# ----------------------------------------------------------------------------- resolve and pull
+def resolve(ref: str | os.PathLike, *, download: bool = True, progress: bool = True) -> ResolvedModel:
+    """Any model reference -> local files: a local one (:func:`qvq_local.models.resolve_local`), else a
+    short name (:mod:`qvq_local.catalogue`) or ``owner/repo[:QUANT]`` from the cache, downloading what is
+    missing when ``download`` is true (else ``ModelError``)."""
+    local = models.resolve_local(ref)
+    if local is not None:
+        return local
+    text = str(ref).strip()
+    hub_ref = reference(text)
+    if hub_ref is not None:
+        return resolve_ref(hub_ref, download=download, progress=progress)
+    if text.count("/") == 1:
+        check_hub_id(text)  # raises: not owner/repo[:QUANT]
+        raise ModelError(f"{text!r} is not a valid hub id")
+    raise models.unknown_model(text, [row["name"] for row in list_models()])
 
 
-def _call(repo_id: str, fn):
-    """A huggingface_hub call whose failures become one-line ``ModelError``s."""
-    if offline():
+def pull(hub_id: str, progress: bool = True, revision: str | None = None, mmproj: str | None = None) -> Path:
+    """Download ``owner/repo[:QUANT]`` or a short name (:mod:`qvq_local.catalogue`) into huggingface_hub's
+    shared cache; the model's path there.
+
+    The GGUF text model (first part of a split one) for a GGUF repo, the snapshot folder for an MLX or
+    full-precision one.  Files already in the cache are not downloaded again (quantisation and projector
+    choice, disk check, sha256 and GGUF header checks: see the module docstring).
+    """
+    ref = reference(hub_id)
+    if ref is None:
         raise ModelError(
-            f"{repo_id} is not in the Hugging Face cache ({cache_dir()}) and HF_HUB_OFFLINE is set",
-            hint="unset HF_HUB_OFFLINE to download it",
+            f"{hub_id!r} is neither a hub id (owner/repo[:QUANT]) nor a short name",
+            hint="`qvq models --available` lists the short names",
         )
-    from qvq_local.models import _hub_call
-
-    return _hub_call(repo_id, fn)
+    return resolve_ref(ref, download=True, progress=progress, revision=revision, mmproj=mmproj).path
 
 
-def resolve(
+def resolve_ref(
     ref: HubRef,
     *,
     download: bool = True,
     progress: bool = True,
     revision: str | None = None,
     mmproj: str | None = None,
-):
-    """``ref`` -> :class:`qvq_local.models.ResolvedModel` over files in the cache, downloading what is missing."""
+) -> ResolvedModel:
+    """``ref`` -> :class:`qvq_local.models.ResolvedModel` over files in the cache, downloading what is missing.
+
+    A download by an earlier qvq-local under ``QVQ_HOME/hub`` is :func:`qvq_local.models.resolve_local`'s."""
     found = from_cache(ref, revision=revision, mmproj=mmproj)
     if found is not None:
         return found
@@ -407,7 +389,9 @@ def resolve(
     return fetch(ref, progress=progress, revision=revision, mmproj=mmproj)
 
 
-def fetch(ref: HubRef, *, progress: bool = True, revision: str | None = None, mmproj: str | None = None):
+def fetch(
+    ref: HubRef, *, progress: bool = True, revision: str | None = None, mmproj: str | None = None
+) -> ResolvedModel:
     """List the repo, choose the files, check the disk, download into the cache, verify."""
     commit, files = list_repo(ref.repo_id, revision)
     chosen = plan(ref.repo_id, files, ref.quant, mmproj)
@@ -415,19 +399,21 @@ def fetch(ref: HubRef, *, progress: bool = True, revision: str | None = None, mm
         raise ModelError(f"{ref.repo_id}: split model {chosen.model} is missing parts on the hub")
 
     if chosen.kind == "safetensors" and ref.quant:  # config.json (small) first: it says the quantisation
-        config = _hf_download(ref.repo_id, "config.json", revision or "main")
+        config = download_file(ref.repo_id, "config.json", revision or "main")
         check_folder_quant(ref.repo_id, config.parent, ref.quant)
     fit_warning(ref, chosen.size)
-    blobs = _repo_cache(ref.repo_id) / "blobs"
+    blobs = repo_cache(ref.repo_id) / "blobs"
     fresh = [f for f in chosen.files if not (f.sha256 and (blobs / f.sha256).is_file())]
-    have = sum(_partial(blobs, f).stat().st_size for f in fresh if f.sha256 and _partial(blobs, f).is_file())
+    have = sum(
+        partial_path(blobs, f).stat().st_size for f in fresh if f.sha256 and partial_path(blobs, f).is_file()
+    )
     check_disk(sum(f.size for f in fresh) - have, cache_dir())
 
-    with _progress(ref.repo_id, progress) as tqdm_class:
+    with progress_bars(ref.repo_id, progress) as tqdm_class:
         for f in fresh:
             if f.sha256:
-                _fetch_lfs(ref.repo_id, commit, f, tqdm_class)
-        snap = _snapshot_download(ref.repo_id, [f.path for f in chosen.files], revision or "main", tqdm_class)
+                fetch_lfs(ref.repo_id, commit, f, tqdm_class)
+        snap = download_snapshot(ref.repo_id, [f.path for f in chosen.files], revision or "main", tqdm_class)
     if chosen.kind == "gguf":
         check_gguf_headers(snap, [f.path for f in chosen.files])
     return _resolved(ref, snap, chosen)
@@ -435,8 +421,6 @@ def fetch(ref: HubRef, *, progress: bool = True, revision: str | None = None, mm
 
 def check_disk(need: int, where: Path) -> None:
     """Refuse a download that cannot fit on the disk holding ``where`` (with 1% + 100 MB to spare)."""
-    from qvq_local.models import human_size
-
     probe = where
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -444,7 +428,7 @@ def check_disk(need: int, where: Path) -> None:
     spare = need // 100 + 100_000_000
     if need > 0 and need + spare > free:
         raise DiskFull(
-            f"the download needs {human_size(need)} but only {human_size(free)} is free",
+            f"the download needs {file_size(need)} but only {file_size(free)} is free",
             path=where,
             hint="free some space or point HF_HUB_CACHE at a bigger disk",
         )
@@ -452,181 +436,57 @@ def check_disk(need: int, where: Path) -> None:
 
 def fit_warning(ref: HubRef, size: int) -> str | None:
     """One line on stderr when the model cannot fit this machine's memory (the download still goes on:
-    it may be meant for another machine).  The doctor's estimate, from the weights alone."""
+    it may be meant for another machine).  The fit estimate (:mod:`qvq_local.fit`), from the weights
+    alone."""
     import sys
 
-    from qvq_local import doctor
+    from qvq_local.fit import OVERHEAD_FIXED, OVERHEAD_FRACTION
     from qvq_local.hardware import memory_bytes
-    from qvq_local.models import human_size
 
     total, _available = memory_bytes()
-    need = size + int(doctor.OVERHEAD_FRACTION * size) + doctor.OVERHEAD_FIXED
+    need = size + int(OVERHEAD_FRACTION * size) + OVERHEAD_FIXED
     if total is None or need <= total:
         return None
     line = (
-        f"warning: {ref} needs at least {human_size(need)} of memory to run and this machine has "
-        f"{human_size(total)}: downloading it anyway"
+        f"warning: {ref} needs at least {memory_size(need)} of memory to run and this machine has "
+        f"{memory_size(total)}: downloading it anyway"
     )
     print(line, file=sys.stderr)
     return line
 
 
-class _progress:
-    """A Rich-drawing tqdm class for huggingface_hub (``None``: its bars switched off)."""
-
-    def __init__(self, repo_id: str, show: bool):
-        from qvq_local.models import _rich_download_progress
-
-        self._rich = _rich_download_progress(repo_id) if show else None
-
-    def __enter__(self):
-        if self._rich is not None:
-            return self._rich.__enter__()
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-        return None
-
-    def __exit__(self, *exc):
-        if self._rich is not None:
-            return self._rich.__exit__(*exc)
-        from huggingface_hub.utils import enable_progress_bars
-
-        enable_progress_bars()
-        return None
-
-
-def _partial(blobs: Path, f: RepoFile) -> Path:
-    # our own stable name: huggingface_hub 2.4 deletes its partial file on any failure (a unique name per
-    # try), so an interrupted download would start again from zero
-    return blobs / f"{f.sha256}.qvq-partial"
-
-
-def _fetch_lfs(repo_id: str, commit: str, f: RepoFile, tqdm_class) -> None:
-    """One LFS file into ``blobs/<sha256>``, resumable (Range from the partial file) and verified.
-
-    The blob is named by its sha256 as huggingface_hub names it, so its ``snapshot_download`` then only
-    links it into the snapshot.  A file whose sha256 differs from the hub's is deleted.
-    """
-    from huggingface_hub.utils import WeakFileLock
-
-    assert f.sha256
-    blobs = _repo_cache(repo_id) / "blobs"
-    blobs.mkdir(parents=True, exist_ok=True)
-    # huggingface_hub's own lock for this blob: another qvq, or another tool, fetching it waits
-    lock = cache_dir() / ".locks" / _repo_cache(repo_id).name / f"{f.sha256}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with WeakFileLock(lock):
-        if not (blobs / f.sha256).is_file():
-            _fetch_lfs_locked(repo_id, commit, f, tqdm_class, blobs)
-
-
-def _fetch_lfs_locked(repo_id: str, commit: str, f: RepoFile, tqdm_class, blobs: Path) -> None:
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
-
-    partial = _partial(blobs, f)
-    url = hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint())
-    meta = _call(repo_id, lambda: get_hf_file_metadata(url, token=_token(), endpoint=endpoint()))
-    headers = build_hf_headers(token=_token())
-    if urlsplit(meta.location)[:2] != urlsplit(endpoint())[:2]:
-        headers.pop("authorization", None)  # a CDN's signed URL: the token stays on the hub
-    have = partial.stat().st_size if partial.is_file() else 0
-    if have > f.size:
-        partial.unlink()
-        have = 0
-    with open(partial, "ab") as fh:
-        _call(
-            repo_id,
-            lambda: http_get(
-                meta.location,
-                fh,
-                resume_size=have,
-                headers=headers,
-                expected_size=f.size,
-                displayed_filename=f.path,
-                tqdm_class=tqdm_class,
-            ),
-        )
-    if sha256_file(partial) != f.sha256:
-        partial.unlink(missing_ok=True)
-        raise ModelError(
-            f"{repo_id}: {f.path} failed the sha256 check against the hub (corrupt download); deleted it",
-            hint="run the command again to download it again",
-        )
-    os.replace(partial, blobs / f.sha256)
-
-
-def _snapshot_download(repo_id: str, paths: list[str], revision: str, tqdm_class) -> Path:
-    """huggingface_hub's own download of ``paths``: small files, the snapshot's links, ``refs/<revision>``."""
-    from huggingface_hub import snapshot_download
-
-    kwargs: dict[str, Any] = {
-        "repo_id": repo_id,
-        "revision": revision,
-        "allow_patterns": [_escape_glob(p) for p in paths],
-        "cache_dir": str(cache_dir()),
-        "endpoint": endpoint(),
-        "token": _token(),
-    }
-    if tqdm_class is not None:
-        kwargs["tqdm_class"] = tqdm_class
-    return Path(_call(repo_id, lambda: snapshot_download(**kwargs)))
-
-
-def _hf_download(repo_id: str, filename: str, revision: str) -> Path:
-    from huggingface_hub import hf_hub_download
-
-    return Path(
-        _call(
-            repo_id,
-            lambda: hf_hub_download(
-                repo_id,
-                filename,
-                revision=revision,
-                cache_dir=str(cache_dir()),
-                endpoint=endpoint(),
-                token=_token(),
-            ),
-        )
-    )
-
-
-def _escape_glob(path: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_gguf_headers(snap: Path, paths: list[str]) -> None:
     """Read each GGUF's header (gguf's own tables); a file that is not a whole GGUF is deleted from the
     cache (link and blob: it would fail in llama.cpp with no better message) and the error says so."""
-    from qvq_local.integrity import check_gguf_file
+    from qvq_local.formats.gguf import GgufHeaderError, read_whole_gguf
 
     for path in paths:
-        errors = [f for f in check_gguf_file(snap / path) if f.level == "error"]
-        if errors:
+        try:
+            read_whole_gguf(snap / path)
+        except GgufHeaderError as err:
             link = snap / path
             link.resolve().unlink(missing_ok=True)
             link.unlink(missing_ok=True)
             raise ModelError(
-                f"{path} from the hub is not a valid GGUF file ({errors[0].message}); deleted it",
+                f"{path} from the hub is not a valid GGUF file ({err}); deleted it",
                 path=snap,
                 hint="the repository's file itself is broken: choose another quantisation or repo",
-            )
+            ) from None
 
 
-# ----------------------------------------------------------------------------- listing the cache
-def list_cached() -> list[Any]:
+# ----------------------------------------------------------------------------- listing
+def list_models() -> list[dict[str, Any]]:
+    """The local models (:func:`qvq_local.models.list_models`), then the runnable models in
+    huggingface_hub's cache (source ``hf-cache``): one row each, as ``qvq models`` shows them."""
+    rows = models.list_models()
+    for model in list_cached():
+        row = models.model_row(model)
+        row["source"] = "hf-cache"
+        rows.append(row)
+    return rows
+
+
+def list_cached() -> list[ResolvedModel]:
     """Runnable models in the cache: one per cached GGUF quantisation (with a projector), one per
     complete safetensors repo.  Folders other tools left half-way are skipped."""
     rows = []
@@ -643,7 +503,7 @@ def list_cached() -> list[Any]:
             {
                 q
                 for f in files
-                if _is_gguf(f.path) and not _is_mmproj(f.path)
+                if _is_gguf(f.path) and not is_mmproj(f.path)
                 for q in [gguf_quant(f.path)]
                 if q
             }
@@ -659,7 +519,7 @@ def list_cached() -> list[Any]:
     return rows
 
 
-def _runnable(model) -> bool:
+def _runnable(model: ResolvedModel) -> bool:
     """A model of a family this project runs (the cache also holds other tools' models)."""
     from qvq_local import families
 
@@ -667,7 +527,7 @@ def _runnable(model) -> bool:
         if model.format == "gguf":
             from gguf import Keys
 
-            from qvq_local.integrity import read_gguf_header
+            from qvq_local.formats.gguf import read_gguf_header
 
             key = Keys.General.ARCHITECTURE
             arch = read_gguf_header(model.path, wanted={key}, tensors=False).fields

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,14 +34,12 @@ from qvq_local.families import (
     family_for_gguf_arch,
     family_for_projector,
 )
+from qvq_local.formats.gguf import GgufHeader, GgufHeaderError, read_whole_gguf
+from qvq_local.formats.manifest import MANIFEST_NAME, read_manifest
+from qvq_local.formats.names import PICKLE_SUFFIXES, is_mmproj, split_part, split_part_name
+from qvq_local.formats.safetensors import INDEX_NAME, SafetensorsFile
 
 Level = Literal["ok", "warning", "error"]
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-INDEX_NAME = "model.safetensors.index.json"
-MANIFEST_NAME = "qvq-manifest.json"
-_GGUF_MAGIC = b"GGUF"
-_SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
 
 @dataclass(frozen=True)
@@ -73,9 +69,9 @@ def check_model(ref: str | os.PathLike) -> list[Finding]:
     path = Path(text).expanduser() if text else None
     if path is None or not path.exists():
         try:
-            from qvq_local import models
+            from qvq_local import hub
 
-            resolved = models.resolve(text, download=False, progress=False)
+            resolved = hub.resolve(text, download=False, progress=False)
         except ModelError as err:
             return [Finding("error", text or "(empty)", _strip_path(str(err), text))]
         path = resolved.path
@@ -99,7 +95,7 @@ def check_model(ref: str | os.PathLike) -> list[Finding]:
     if not path.is_dir():
         return [Finding("error", str(path), "not a file or folder")]
 
-    manifest = _read_manifest(path, findings)
+    manifest = _manifest(path, findings)
     if manifest is not None and manifest.get("format") == "gguf" and manifest.get("model"):
         model_file = path / str(manifest["model"])
         if not model_file.is_file():
@@ -108,7 +104,7 @@ def check_model(ref: str | os.PathLike) -> list[Finding]:
         _check_manifest_sizes(path, manifest, findings)
         _check_gguf_pair(model_file, findings, manifest=manifest)
         return findings
-    ggufs = sorted(p for p in path.glob("*.gguf") if not _is_mmproj(p) and not _is_later_split(p))
+    ggufs = sorted(p for p in path.glob("*.gguf") if not is_mmproj(p) and not _is_later_split(p))
     if ggufs and not (path / "config.json").is_file():
         if len(ggufs) > 1:
             listed = ", ".join(p.name for p in ggufs)
@@ -145,21 +141,16 @@ def _strip_path(message: str, ref: str) -> str:
     return message[len(prefix) :] if ref and message.startswith(prefix) else message
 
 
-def _is_mmproj(path: Path) -> bool:
-    return path.name.lower().startswith("mmproj")
-
-
 def _is_later_split(path: Path) -> bool:
-    m = _SPLIT_RE.match(path.name)
-    return bool(m and int(m.group("i")) > 1)
+    part = split_part(path)
+    return bool(part and part.index > 1)
 
 
-def _read_manifest(folder: Path, findings: list[Finding]) -> dict[str, Any] | None:
-    """The manifest through the one reader (:func:`qvq_local.models.read_manifest`); a bad one is a finding."""
-    from qvq_local import models
-
+def _manifest(folder: Path, findings: list[Finding]) -> dict[str, Any] | None:
+    """The manifest through the one reader (:func:`qvq_local.formats.manifest.read_manifest`); a bad one is
+    a finding."""
     try:
-        return models.read_manifest(folder)
+        return read_manifest(folder)
     except ModelError as err:
         mpath = folder / MANIFEST_NAME
         findings.append(Finding("error", str(mpath), _strip_path(str(err), str(mpath))))
@@ -394,10 +385,8 @@ def _check_widths_from_tensors(
 
 
 def _safetensors_header(path: Path, findings: list[Finding]) -> dict[str, tuple[int, ...]] | None:
-    """Tensor shapes of one safetensors file, judged by the converter's own reader (its findings mode);
+    """Tensor shapes of one safetensors file, judged by the one safetensors reader (its findings mode);
     ``None`` after an error finding."""
-    from qvq_local.convert.safetensors_io import SafetensorsFile
-
     shard, problems = SafetensorsFile.inspect(path)
     for level, message in problems:
         findings.append(Finding(level, str(path), message))  # type: ignore[arg-type]
@@ -415,7 +404,7 @@ def _check_gguf_pair(
     from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys
 
     clip = MODEL_ARCH_NAMES[MODEL_ARCH.MMPROJ]  # "clip": the architecture every mmproj file declares
-    if _is_mmproj(model_file):
+    if is_mmproj(model_file):
         findings.append(
             Finding(
                 "error",
@@ -531,7 +520,7 @@ def _find_mmproj(model_file: Path, manifest: dict[str, Any] | None, findings: li
             findings.append(Finding("error", str(mmproj), "missing vision projector (named by the manifest)"))
             return None
         return mmproj
-    candidates = sorted(p for p in model_file.parent.glob("*.gguf") if _is_mmproj(p))
+    candidates = sorted(p for p in model_file.parent.glob("*.gguf") if is_mmproj(p))
     if len(candidates) > 1:
         named = [p for p in candidates if model_file.stem.lower() in p.name.lower()]
         if len(named) == 1:
@@ -564,10 +553,10 @@ def _check_splits(model_file: Path, fields: dict[str, Any], findings: list[Findi
     from gguf import Keys
 
     count = fields.get(Keys.Split.LLM_KV_SPLIT_COUNT)
-    m = _SPLIT_RE.match(model_file.name)
-    if not count or int(count) <= 1 or not m:
+    part = split_part(model_file)
+    if not count or int(count) <= 1 or not part:
         return
-    missing = [f"{m.group('stem')}-{i:05d}-of-{int(count):05d}.gguf" for i in range(1, int(count) + 1)]
+    missing = [split_part_name(part.stem, i, int(count)) for i in range(1, int(count) + 1)]
     missing = [n for n in missing if not (model_file.parent / n).is_file()]
     for name in missing:
         findings.append(Finding("error", str(model_file.parent / name), f"missing split file (1 of {count})"))
@@ -581,263 +570,15 @@ def _read_gguf(path: Path, findings: list[Finding]) -> dict[str, Any] | None:
     return {"fields": header.fields, "tensors": {name: list(t.shape) for name, t in header.tensors.items()}}
 
 
-# ------------------------------------------------------------------------------------------ GGUF header
-#
-# A GGUF file is: magic, version, tensor count, key/value count, the key/values, one info record per tensor
-# (name, dims, type, offset into the data section), padding to ``general.alignment``, then the data.  The
-# header alone says where every tensor's bytes are, so a file cut short is found without reading (or
-# mapping) any tensor data.  gguf-py's GGUFReader is not used: it turns each of the ~150k tokenizer strings
-# into numpy views (seconds for one text model) and maps every tensor.
-
-#: value type -> struct format of the scalar GGUF types
-_GGUF_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-#: arrays up to this many elements are returned as lists; longer ones (tokenizer vocabularies) are skipped
-GGUF_SMALL_ARRAY = 64
-_GGUF_DEFAULT_ALIGNMENT = 32
-_MAX_GGUF_DIMS = 8
-
-
-class GgufHeaderError(ValueError):
-    """The header of a GGUF file is unreadable: the message says why, without the path."""
-
-
-@dataclass(frozen=True)
-class GgufTensor:
-    """Where one tensor's bytes are: ``shape`` innermost dimension first, as GGUF stores it."""
-
-    shape: tuple[int, ...]
-    ggml_type: int
-    offset: int  # from the start of the file
-    n_bytes: int | None  # None for a tensor type this module does not know
-
-
-@dataclass
-class GgufHeader:
-    """Key/values and tensor records of one GGUF file (see :func:`read_gguf_header`)."""
-
-    path: Path
-    size: int
-    version: int
-    n_tensors: int
-    fields: dict[str, Any]
-    tensors: dict[str, GgufTensor]
-    data_offset: int
-
-    def data_end(self) -> int:
-        """The end of the last tensor's data: the file must be at least this long."""
-        ends = [t.offset + (t.n_bytes or 0) for t in self.tensors.values()]
-        return max(ends, default=self.data_offset)
-
-
-class _Cursor:
-    """Sequential reads over a file through a growing buffer: one read() per megabyte, not per value."""
-
-    def __init__(self, fh: Any, size: int) -> None:
-        self.fh, self.size = fh, size
-        self.buf = b""
-        self.pos = 0  # in buf
-        self.base = 0  # file offset of buf[0]
-
-    def tell(self) -> int:
-        return self.base + self.pos
-
-    def _fill(self, n: int) -> None:
-        """Make ``n`` bytes available at ``pos``, or raise: the header runs past the end of the file."""
-        if self.tell() + n > self.size:
-            raise GgufHeaderError("truncated or corrupt GGUF file (header ends early)")
-        want = max(n, 1 << 20)
-        self.fh.seek(self.tell())
-        self.base = self.tell()
-        self.buf = self.fh.read(want)
-        self.pos = 0
-        if len(self.buf) < n:
-            raise GgufHeaderError("truncated or corrupt GGUF file (header ends early)")
-
-    def unpack(self, fmt: str, width: int) -> Any:
-        if self.pos + width > len(self.buf):
-            self._fill(width)
-        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
-        self.pos += width
-        return value
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.buf):
-            self._fill(n)
-        data = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return data
-
-    def skip(self, n: int) -> None:
-        if self.tell() + n > self.size:
-            raise GgufHeaderError("truncated or corrupt GGUF file (header ends early)")
-        self.pos += n  # past the buffer's end is fine: the next read refills from tell()
-
-    def string(self) -> str:
-        n = self.unpack("<Q", 8)
-        if n > self.size:
-            raise GgufHeaderError("corrupt GGUF header (impossible string length)")
-        return self.take(n).decode("utf-8", "replace")
-
-    def skip_strings(self, count: int) -> None:
-        """Step over ``count`` length-prefixed strings without decoding them (tokenizer vocabularies)."""
-        unpack_from, buf, pos = struct.unpack_from, self.buf, self.pos
-        end = len(buf)
-        while count:
-            if pos + 8 > end:
-                self.pos = pos
-                self._fill(8)
-                buf, pos, end = self.buf, self.pos, len(self.buf)
-            n = unpack_from("<Q", buf, pos)[0]
-            if n > self.size:
-                raise GgufHeaderError("corrupt GGUF header (impossible string length)")
-            pos += 8 + n
-            count -= 1
-        self.pos = pos
-        if self.tell() > self.size:
-            raise GgufHeaderError("truncated or corrupt GGUF file (header ends early)")
-
-
-def read_gguf_header(
-    path: str | os.PathLike, *, wanted: set[str] | None = None, tensors: bool = True
-) -> GgufHeader:
-    """Parse a GGUF file's header: its key/values and (with ``tensors``) where each tensor's data lies.
-
-    Reads only the header (a few MB for a text model: its vocabulary), never tensor data.  Arrays longer
-    than :data:`GGUF_SMALL_ARRAY` are stepped over, not returned.  With ``wanted``, stops as soon as those
-    keys are seen and reads no tensor records.  Raises ``OSError`` when the file cannot be read and
-    :class:`GgufHeaderError` (message without the path) when it is not a GGUF or its header is corrupt.
-    """
-    from gguf import Keys
-
-    p = Path(path)
-    size = p.stat().st_size
-    if size == 0:
-        raise GgufHeaderError("empty file (0 bytes): not a GGUF model")
-    with open(p, "rb") as fh:
-        if fh.read(4) != _GGUF_MAGIC:
-            raise GgufHeaderError("not a GGUF file (wrong magic bytes): corrupt or another format")
-        cur = _Cursor(fh, size)
-        cur.base = 4
-        version = cur.unpack("<I", 4)
-        if version not in (2, 3):
-            raise GgufHeaderError(f"unsupported GGUF version {version}: corrupt, or not a GGUF v2/v3 file")
-        n_tensors, n_kv = cur.unpack("<Q", 8), cur.unpack("<Q", 8)
-        if n_kv > 1_000_000 or n_tensors > 10_000_000:
-            raise GgufHeaderError("corrupt GGUF header (impossible counts)")
-        fields: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = cur.string()
-            vtype = cur.unpack("<I", 4)
-            if vtype in _GGUF_SCALARS:
-                fmt = _GGUF_SCALARS[vtype]
-                fields[key] = cur.unpack(fmt, struct.calcsize(fmt))
-            elif vtype == _GGUF_STRING:
-                fields[key] = cur.string()
-            elif vtype == _GGUF_ARRAY:
-                _read_array(cur, key, fields)
-            else:
-                raise GgufHeaderError(f"corrupt GGUF header (unknown value type {vtype} for {key!r})")
-            if wanted is not None and wanted <= fields.keys():
-                return GgufHeader(p, size, version, n_tensors, fields, {}, 0)
-        if not tensors:
-            return GgufHeader(p, size, version, n_tensors, fields, {}, 0)
-        records = []
-        for _ in range(n_tensors):
-            name = cur.string()
-            n_dims = cur.unpack("<I", 4)
-            if n_dims > _MAX_GGUF_DIMS:
-                raise GgufHeaderError(f"corrupt GGUF header (tensor {name!r} has {n_dims} dimensions)")
-            shape = tuple(cur.unpack("<Q", 8) for _ in range(n_dims))
-            records.append((name, shape, cur.unpack("<I", 4), cur.unpack("<Q", 8)))
-        alignment = fields.get(Keys.General.ALIGNMENT, _GGUF_DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0:
-            raise GgufHeaderError(f"corrupt GGUF header (general.alignment {alignment!r})")
-        data_offset = -(-cur.tell() // alignment) * alignment
-    infos = {}
-    for name, shape, ggml_type, rel in records:
-        infos[name] = GgufTensor(shape, ggml_type, data_offset + rel, _tensor_bytes(shape, ggml_type))
-    return GgufHeader(p, size, version, n_tensors, fields, infos, data_offset)
-
-
-def _read_array(cur: _Cursor, key: str, fields: dict[str, Any]) -> None:
-    itype, count = cur.unpack("<I", 4), cur.unpack("<Q", 8)
-    if itype in _GGUF_SCALARS:
-        fmt = _GGUF_SCALARS[itype]
-        width = struct.calcsize(fmt)
-        if count * width > cur.size:
-            raise GgufHeaderError(f"truncated or corrupt GGUF file (array {key!r} runs past the end)")
-        if count <= GGUF_SMALL_ARRAY:
-            fields[key] = list(struct.unpack(f"<{count}{fmt[1]}", cur.take(count * width)))
-        else:
-            cur.skip(count * width)
-    elif itype == _GGUF_STRING:
-        if count * 8 > cur.size:
-            raise GgufHeaderError(f"truncated or corrupt GGUF file (array {key!r} runs past the end)")
-        if count <= GGUF_SMALL_ARRAY:
-            fields[key] = [cur.string() for _ in range(count)]
-        else:
-            cur.skip_strings(count)
-    else:
-        raise GgufHeaderError(f"corrupt GGUF header (array of unknown type {itype} for {key!r})")
-
-
-def _tensor_bytes(shape: tuple[int, ...], ggml_type: int) -> int | None:
-    """Bytes of a tensor's data, from gguf's own block-size table (None for a type it does not know)."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    try:
-        block = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-    except (KeyError, ValueError):
-        return None
-    n = 1
-    for d in shape:
-        n *= d
-    block_size, type_size = block
-    return n // block_size * type_size
-
-
 def inspect_gguf(path: str | os.PathLike, findings: list[Finding]) -> GgufHeader | None:
     """The header of a GGUF file whose tensor data all lies inside the file; else ``None`` and an error.
 
-    Reads the header once (see :func:`read_gguf_header`); the result also serves the caller's own checks
-    (architecture, projector), so a backend about to load the file parses it only here.
+    Reads the header once (:func:`qvq_local.formats.gguf.read_whole_gguf`); the result also serves the
+    caller's own checks (architecture, projector), so a backend about to load the file parses it only here.
     """
     p = Path(path)
     try:
-        header = read_gguf_header(p)
-    except OSError as err:
-        findings.append(Finding("error", str(p), f"cannot read ({err.strerror or err})"))
-        return None
+        return read_whole_gguf(p)
     except GgufHeaderError as err:
         findings.append(Finding("error", str(p), str(err)))
         return None
-    for name, t in header.tensors.items():
-        if t.offset < header.data_offset:
-            findings.append(
-                Finding("error", str(p), f"corrupt GGUF header (tensor {name!r} has a bad offset)")
-            )
-            return None
-    end = header.data_end()
-    if end > header.size:
-        findings.append(
-            Finding(
-                "error",
-                str(p),
-                f"truncated: tensor data needs {end:,} bytes but the file holds {header.size:,}",
-            )
-        )
-        return None
-    return header

@@ -1,56 +1,41 @@
-"""Model references -> local files: paths, names in the cache, hub ids; manifests; downloads.
+"""Model references -> local files: paths, names under ``QVQ_HOME/models``, earlier downloads; the list.
 
-A user names a model in one of these ways, and :func:`resolve` turns each into a :class:`ResolvedModel`:
+A user names a model in one of these ways; :func:`resolve_local` turns the local kinds into a
+:class:`ResolvedModel`:
 
 * a GGUF file (its ``mmproj`` projector is found beside it, or named by the folder's manifest);
 * a converted MLX folder (``config.json`` + safetensors written by mlx-vlm, or with a manifest);
 * a Hugging Face checkpoint folder (format ``"hf"``: mlx-vlm loads it directly, ``qvq convert`` reads it);
-* a name listed by ``qvq models`` (a folder under ``QVQ_HOME/models``, or a download);
-* a short name from :mod:`qvq_local.catalogue` (``qvq``: a known-good repo for this platform);
-* a hub reference ``owner/repo`` or ``owner/repo:QUANT``, checked against the hub's naming rules before any
-  network, found in or downloaded into huggingface_hub's shared cache by :mod:`qvq_local.hub` (GGUF repos:
-  one quantisation and its projector; MLX and full repos: safetensors, JSON and tokenizer files only;
-  never pickle weights).  Folders an earlier qvq-local downloaded under ``QVQ_HOME/hub`` still resolve.
+* a name listed by ``qvq models`` (a folder under ``QVQ_HOME/models``);
+* a hub id ``owner/repo`` an earlier qvq-local downloaded under ``QVQ_HOME/hub``.
 
-Every converted or downloaded folder carries ``qvq-manifest.json`` (source, format, quantization, file
-sizes, tool version, creation time).  It is written last and atomically, so a folder with a manifest is
-a complete one; ``qvq models`` and ``qvq ask`` read it.
+Short names (:mod:`qvq_local.catalogue`) and hub references (``owner/repo[:QUANT]``, found in or
+downloaded into huggingface_hub's shared cache) are :mod:`qvq_local.hub`'s, which sits above this module:
+:func:`qvq_local.hub.resolve` is the entry point that takes every kind, asking here first.
 
-Heavy imports (huggingface_hub, tqdm, rich) stay inside the functions that need them.
+Every converted or downloaded folder carries ``qvq-manifest.json`` (:mod:`qvq_local.formats.manifest`);
+``qvq models`` and ``qvq ask`` read it.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import errno
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from qvq_local import atomic
 from qvq_local.config import qvq_home
 from qvq_local.errors import ModelError
-
-Format = Literal["mlx", "gguf", "hf"]
-
-MANIFEST_NAME = "qvq-manifest.json"
-MANIFEST_SCHEMA = 1
-
-# What `pull` downloads: weights as safetensors, configs, tokenizer and chat template.  No *.py (remote
-# code is never run) and no pickle weights (*.bin, *.pt, ...).
-PULL_PATTERNS = [
-    "*.safetensors",
-    "*.json",
-    "tokenizer.model",
-    "*.tiktoken",
-    "merges.txt",
-    "vocab.txt",
-    "*.jinja",
-]
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+from qvq_local.formats.manifest import (
+    MANIFEST_NAME,
+    Format,
+    normalize_quantization,
+    quantization_from_name,
+    read_manifest,
+)
+from qvq_local.formats.names import PICKLE_SUFFIXES, is_mmproj, split_parts
 
 # Hugging Face repo id rules: owner/name, each [A-Za-z0-9._-], no leading/trailing '-' or '.', no '--'/'..'.
 _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -89,119 +74,6 @@ def check_hub_id(ref: str) -> str:
     return ref
 
 
-# ----------------------------------------------------------------------------- manifest
-def read_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The manifest of a model folder (or of the folder holding a model file); ``None`` when absent."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    manifest_path = folder / MANIFEST_NAME
-    if not manifest_path.is_file():
-        return None
-    try:
-        data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"unreadable manifest ({err})", path=manifest_path) from None
-    if not isinstance(data, dict) or data.get("format") not in ("mlx", "gguf", "hf"):
-        raise ModelError("manifest has no valid 'format'", path=manifest_path)
-    # manifests written before the spelling was settled say "quantisation" ("q4_k_m")
-    old = data.pop("quantisation", None)
-    if data.get("quantization") or old:
-        data["quantization"] = normalize_quantization(str(data.get("quantization") or old))
-    return data
-
-
-#: Float weight types: upper case, as llama.cpp names a GGUF's file type (F32, F16, BF16).
-_FLOAT_NAMES = {
-    "bfloat16": "BF16",
-    "float16": "F16",
-    "float32": "F32",
-    "bf16": "BF16",
-    "f16": "F16",
-    "f32": "F32",
-}
-
-
-def normalize_quantization(value: str) -> str:
-    """The one spelling of a quantization everywhere (API, JSON outputs, manifest).
-
-    GGUF types and float weights as llama.cpp names them, upper case (``Q4_K_M``, ``Q8_0``, ``IQ4_XS``,
-    ``F16``, ``BF16``); MLX's affine quantization as ``<bits>bit-g<group>`` (``4bit-g64``); ``?`` unknown.
-    """
-    text = str(value or "").strip()
-    if not text or text == "?":
-        return "?"
-    low = text.lower()
-    if low in _FLOAT_NAMES:
-        return _FLOAT_NAMES[low]
-    if re.fullmatch(r"\d+bit(-g\d+)?(-\w+)?", low):
-        return low
-    if re.fullmatch(r"i?q\d\w*|tq\d_\d|mxfp4\w*", low):
-        return text.upper()
-    return text
-
-
-def write_manifest(folder: str | os.PathLike, data: dict[str, Any]) -> Path:
-    """Write ``data`` as the folder's manifest atomically (temporary file, then ``os.replace``)."""
-    folder = Path(folder)
-    target = folder / MANIFEST_NAME
-    return atomic.write_text(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def tool_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("qvq-local")
-    except Exception:  # noqa: BLE001 - not installed as a distribution (running from a source tree)
-        return "0+unknown"
-
-
-def build_manifest(
-    folder: str | os.PathLike,
-    *,
-    source: str,
-    format: Format,
-    quantization: str,
-    model_file: str | None = None,
-    mmproj_file: str | None = None,
-    extra: dict[str, Any] | None = None,
-    name: str | None = None,
-) -> dict[str, Any]:
-    """A manifest for the finished ``folder``: sizes are measured from the files on disk.
-
-    ``name`` is the model's final folder name (the folder may still be a hidden partial one).
-    """
-    folder = Path(folder)
-    files = {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_NAME and not _is_hidden(p.relative_to(folder))
-    }
-    data: dict[str, Any] = {
-        "schema": MANIFEST_SCHEMA,
-        "name": name or folder.name,
-        "source": source,
-        "format": format,
-        "quantization": normalize_quantization(quantization),
-        "files": files,
-        "total_bytes": sum(files.values()),
-        "tool": "qvq-local",
-        "tool_version": tool_version(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if model_file:
-        data["model"] = model_file
-    if mmproj_file:
-        data["mmproj"] = mmproj_file
-    if extra:
-        data.update(extra)
-    return data
-
-
-def _is_hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
 # ----------------------------------------------------------------------------- resolve
 @dataclass(frozen=True)
 class ResolvedModel:
@@ -223,54 +95,52 @@ class ResolvedModel:
         if self.manifest and self.manifest.get("quantization"):
             return normalize_quantization(str(self.manifest["quantization"]))
         if self.format == "mlx":
-            return normalize_quantization(_mlx_quantization(self.path))
+            return normalize_quantization(mlx_quantization(self.path))
         if self.format == "gguf":
-            return normalize_quantization(_gguf_quantization_from_name(self.path.name))
-        return normalize_quantization(_hf_dtype(self.path))
+            return quantization_from_name(self.path.name)
+        return normalize_quantization(hf_dtype(self.path))
 
 
-def resolve(ref: str | os.PathLike, *, download: bool = True, progress: bool = True) -> ResolvedModel:
-    """Turn a model reference into local files (see the module docstring for the accepted kinds).
+def model_files(model: ResolvedModel) -> list[Path]:
+    """The files a model loads: the GGUF pair (every part of a split text model: llama.cpp loads them
+    all), or a folder's safetensors."""
+    if model.format == "gguf":
+        return [p for p in (*split_parts(model.path), model.mmproj) if p is not None]
+    return sorted(Path(model.path).glob("*.safetensors"))
 
-    A hub id that is not yet downloaded is pulled when ``download`` is true, else ``ModelError``.
+
+def resolve_local(ref: str | os.PathLike) -> ResolvedModel | None:
+    """A model reference of a local kind (see the module docstring) -> its files; ``None`` when ``ref`` is
+    not one (a short name or a hub reference: :func:`qvq_local.hub.resolve` takes those).
+
+    Raises ``ModelError`` for an empty reference, a path that does not exist or is not a model.
     """
     text = str(ref).strip()
     if not text:
         raise ModelError("empty model reference", hint="pass a path, a name from `qvq models` or a hub id")
     path = Path(text).expanduser()
     if path.exists():
-        return _resolve_path(path, name=path.name)
+        return resolve_path(path, name=path.name)
 
     # a name under QVQ_HOME/models
     if "/" not in text and os.sep not in text and text not in (".", ".."):
         candidate = models_dir() / text
         if candidate.exists():
-            return _resolve_path(candidate, name=text)
-        from qvq_local import catalogue, hub
-
-        if catalogue.lookup(text) is not None:  # a short name: `qvq models --available`
-            ref = hub.reference(text)
-            assert ref is not None
-            return hub.resolve(ref, download=download, progress=progress)
+            return resolve_path(candidate, name=text)
 
     if _looks_like_path(text):
         raise ModelError("no such file or folder", path=text)
 
-    if "/" in text and text.count("/") == 1:
-        from qvq_local import hub
+    # a download by an earlier qvq-local (QVQ_HOME/hub/<owner>--<name>, complete when it has a manifest)
+    if is_hub_id(text) and (hub_folder(text) / MANIFEST_NAME).is_file():
+        return resolve_path(hub_folder(text), name=text)
+    return None
 
-        ref = hub.parse_ref(text)
-        if ref is None:
-            check_hub_id(text)  # raises: not owner/repo[:QUANT]
-            raise ModelError(f"{text!r} is not a valid hub id")
-        local = hub_folder(ref.repo_id)  # a download by an earlier qvq-local (QVQ_HOME/hub)
-        if ref.quant is None and (local / MANIFEST_NAME).is_file():
-            return _resolve_path(local, name=ref.repo_id)
-        return hub.resolve(ref, download=download, progress=progress)
 
-    names = [row["name"] for row in list_models()]
+def unknown_model(text: str, names: list[str]) -> ModelError:
+    """The error for a reference that is no local model, short name or hub id; ``names``: the local ones."""
     hint = f"local models: {', '.join(names[:8])}" if names else "convert one with `qvq convert` or pull one"
-    raise ModelError(f"unknown model {text!r}: not a path, a name from `qvq models` or a hub id", hint=hint)
+    return ModelError(f"unknown model {text!r}: not a path, a name from `qvq models` or a hub id", hint=hint)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -282,7 +152,8 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
-def _resolve_path(path: Path, *, name: str) -> ResolvedModel:
+def resolve_path(path: Path, *, name: str) -> ResolvedModel:
+    """A model file or folder on disk -> its files, read from its manifest or from what the folder holds."""
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError("not a model: expected a .gguf file or a model folder", path=path)
@@ -304,7 +175,7 @@ def _resolve_path(path: Path, *, name: str) -> ResolvedModel:
         _check_safetensors_folder(path)
         return ResolvedModel(name=name, format=fmt, path=path, manifest=manifest)
 
-    ggufs = [p for p in sorted(path.glob("*.gguf")) if not _is_mmproj(p)]
+    ggufs = [p for p in sorted(path.glob("*.gguf")) if not is_mmproj(p)]
     if ggufs:
         if len(ggufs) > 1:
             listed = ", ".join(p.name for p in ggufs)
@@ -316,12 +187,8 @@ def _resolve_path(path: Path, *, name: str) -> ResolvedModel:
     return ResolvedModel(name=name, format=fmt, path=path, manifest=None)
 
 
-def _is_mmproj(path: Path) -> bool:
-    return path.name.lower().startswith("mmproj")
-
-
 def _resolve_gguf_file(model: Path, *, name: str, manifest: dict | None) -> ResolvedModel:
-    if _is_mmproj(model):
+    if is_mmproj(model):
         raise ModelError(
             "this is a vision projector (mmproj), not the model: pass the model .gguf", path=model
         )
@@ -333,7 +200,7 @@ def _resolve_gguf_file(model: Path, *, name: str, manifest: dict | None) -> Reso
                 f"missing vision projector {manifest['mmproj']} (named by the manifest)", path=model.parent
             )
     else:
-        candidates = sorted(p for p in model.parent.glob("*.gguf") if _is_mmproj(p))
+        candidates = sorted(p for p in model.parent.glob("*.gguf") if is_mmproj(p))
         if len(candidates) > 1:
             # prefer the projector named after the model (mmproj-<stem>*.gguf)
             stem = model.stem.lower()
@@ -375,7 +242,7 @@ def _is_mlx_folder(path: Path) -> bool:
     config = _read_config(path)
     if "quantization" in config:
         return True
-    from qvq_local.convert.safetensors_io import SafetensorsFile
+    from qvq_local.formats.safetensors import SafetensorsFile
 
     shard, _problems = SafetensorsFile.inspect(min(path.glob("*.safetensors")))
     if shard is None:  # a broken shard is qvq doctor's to report; it is not MLX's mark
@@ -384,14 +251,16 @@ def _is_mlx_folder(path: Path) -> bool:
     return shard.metadata.get("format") == "mlx"
 
 
-def _mlx_quantization(path: Path) -> str:
+def mlx_quantization(path: Path) -> str:
+    """An MLX folder's quantization from its config.json (``4bit-g64``), else its weights' dtype."""
     quant = _read_config(path).get("quantization") or {}
     if quant.get("bits"):
         return f"{quant['bits']}bit-g{quant.get('group_size', 64)}"
-    return _hf_dtype(path)
+    return hf_dtype(path)
 
 
-def _hf_dtype(path: Path) -> str:
+def hf_dtype(path: Path) -> str:
+    """A checkpoint folder's weight dtype from its config.json (``bf16``, ``f16``, ``f32``); ``?`` unknown."""
     try:
         config = _read_config(path)
     except ModelError:
@@ -400,19 +269,14 @@ def _hf_dtype(path: Path) -> str:
     return {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(str(dtype), str(dtype or "?"))
 
 
-def _gguf_quantization_from_name(filename: str) -> str:
-    match = re.search(r"(q\d_k_[msl]|q\d_k|q\d_\d|iq\d_\w+|f16|f32|bf16)", filename.lower())
-    return match.group(1) if match else "?"
-
-
 # ----------------------------------------------------------------------------- list
 def list_models() -> list[dict[str, Any]]:
-    """Local models: converted ones under ``QVQ_HOME/models``, downloads under ``QVQ_HOME/hub`` (earlier
-    versions) and the runnable models in huggingface_hub's cache (source ``hf-cache``).
+    """Local models: converted ones under ``QVQ_HOME/models`` and downloads under ``QVQ_HOME/hub`` (earlier
+    versions); :func:`qvq_local.hub.list_models` adds the runnable models in huggingface_hub's cache.
 
-    Each row: ``name`` (what ``--model`` accepts), ``format``, ``quantization``, ``size`` (bytes),
-    ``source``, ``path``.  Unreadable or unfinished folders are skipped (a download without its
-    manifest is unfinished: ``qvq pull`` resumes it).
+    Each row (:func:`model_row`): ``name`` (what ``--model`` accepts), ``format``, ``quantization``,
+    ``size`` (bytes), ``source``, ``path``.  Unreadable or unfinished folders are skipped (a download
+    without its manifest is unfinished: ``qvq pull`` resumes it).
     """
     rows: list[dict[str, Any]] = []
     base = models_dir()
@@ -421,10 +285,10 @@ def list_models() -> list[dict[str, Any]]:
             if entry.name.startswith("."):
                 continue  # partial outputs and staging folders
             try:
-                model = _resolve_path(entry, name=entry.name)
+                model = resolve_path(entry, name=entry.name)
             except ModelError:
                 continue
-            rows.append(_row(model))
+            rows.append(model_row(model))
     hubs = hub_dir()
     if hubs.is_dir():
         for entry in sorted(hubs.iterdir()):
@@ -433,16 +297,10 @@ def list_models() -> list[dict[str, Any]]:
             try:
                 manifest = read_manifest(entry) or {}
                 name = manifest.get("source") or entry.name.replace("--", "/", 1)
-                model = _resolve_path(entry, name=name)
+                model = resolve_path(entry, name=name)
             except ModelError:
                 continue
-            rows.append(_row(model))
-    from qvq_local import hub
-
-    for model in hub.list_cached():
-        row = _row(model)
-        row["source"] = "hf-cache"
-        rows.append(row)
+            rows.append(model_row(model))
     return rows
 
 
@@ -456,7 +314,7 @@ def model_family(model: ResolvedModel) -> str | None:
         if model.format == "gguf":
             from gguf import Keys
 
-            from qvq_local.backends.llamacpp import read_gguf_metadata
+            from qvq_local.formats.gguf import read_gguf_metadata
 
             if model.mmproj is not None:
                 keys = {Keys.Clip.PROJECTOR_TYPE}
@@ -475,12 +333,11 @@ def model_family(model: ResolvedModel) -> str | None:
     return family.name if family is not None else None
 
 
-def _row(model: ResolvedModel) -> dict[str, Any]:
+def model_row(model: ResolvedModel) -> dict[str, Any]:
+    """One row of ``qvq models`` for a resolved model (size: the manifest's, else the files')."""
     manifest = model.manifest or {}
     size = manifest.get("total_bytes")
     if size is None:
-        from qvq_local.doctor import model_files  # every part of a split GGUF, with its projector
-
         size = sum(p.stat().st_size for p in model_files(model) if p.exists())
     return {
         "name": model.name,
@@ -491,135 +348,3 @@ def _row(model: ResolvedModel) -> dict[str, Any]:
         "source": manifest.get("source", ""),
         "path": str(model.path),
     }
-
-
-# ----------------------------------------------------------------------------- pull
-def pull(hub_id: str, progress: bool = True, revision: str | None = None, mmproj: str | None = None) -> Path:
-    """Download ``owner/repo[:QUANT]`` or a short name (:mod:`qvq_local.catalogue`) into huggingface_hub's
-    shared cache; the model's path there.
-
-    The GGUF text model (first part of a split one) for a GGUF repo, the snapshot folder for an MLX or
-    full-precision one.  Files already in the cache are not downloaded again (:mod:`qvq_local.hub` has
-    the rules: quantisation and projector choice, disk check, sha256 and GGUF header checks).
-    """
-    from qvq_local import hub
-
-    ref = hub.reference(hub_id)
-    if ref is None:
-        raise ModelError(
-            f"{hub_id!r} is neither a hub id (owner/repo[:QUANT]) nor a short name",
-            hint="`qvq models --available` lists the short names",
-        )
-    return hub.resolve(ref, download=True, progress=progress, revision=revision, mmproj=mmproj).path
-
-
-def _hub_call(hub_id: str, fn):
-    """Run a huggingface_hub call; its failures become one-line ``ModelError``s."""
-    try:
-        return fn()
-    except ModelError:
-        raise
-    except Exception as err:  # noqa: BLE001 - network, HTTP, offline mode, disk: all user-facing
-        kind = type(err).__name__
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        if kind == "GatedRepoError":
-            raise ModelError(
-                f"{hub_id} is gated: accept its licence on the hub, then set HF_TOKEN (or `hf auth login`)"
-            ) from None
-        if kind == "RepositoryNotFoundError":
-            raise ModelError(
-                f"{hub_id}: not found on the hub, or private",
-                hint="check the id; for a private or gated repo set HF_TOKEN (or `hf auth login`)",
-            ) from None
-        if kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
-            raise ModelError(f"{hub_id}: a file in its listing is missing on the hub") from None
-        if kind == "RevisionNotFoundError":
-            raise ModelError(f"{hub_id}: no such revision") from None
-        if kind == "OfflineModeIsEnabled" or "offline" in first.lower():
-            raise ModelError(f"{hub_id}: cannot download, offline mode is on (HF_HUB_OFFLINE)") from None
-        if isinstance(err, OSError) and getattr(err, "errno", None) == errno.ENOSPC:
-            from qvq_local.errors import DiskFull
-            from qvq_local.hub import cache_dir
-
-            raise DiskFull(f"no space left while downloading {hub_id}", path=cache_dir()) from None
-        raise ModelError(f"{hub_id}: download failed ({kind}: {first})") from None
-
-
-class _rich_download_progress:
-    """Context manager giving a tqdm class that draws huggingface_hub's bars with Rich on stderr."""
-
-    def __init__(self, hub_id: str):
-        self.hub_id = hub_id
-        self._progress = None
-
-    def __enter__(self):
-        import io
-        import sys
-
-        from huggingface_hub.utils import tqdm as hf_tqdm
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
-            console=Console(file=sys.stderr),
-        )
-        self._progress = progress
-        progress.start()
-        hub_id = self.hub_id
-
-        class RichTqdm(hf_tqdm):  # type: ignore[misc, valid-type]
-            """Keeps tqdm's counting, replaces its drawing with a Rich task."""
-
-            def __init__(self, *args, **kwargs):
-                self._task = None
-                kwargs["file"] = io.StringIO()
-                kwargs.setdefault("disable", False)
-                if kwargs.get("disable") is None:
-                    kwargs["disable"] = False
-                super().__init__(*args, **kwargs)
-                if not self.disable:
-                    self._task = progress.add_task(
-                        f"{hub_id}: {self.desc or ''}".rstrip(": "), total=self.total or None, detail=""
-                    )
-                    self.display()
-
-            def display(self, msg=None, pos=None):
-                task = getattr(self, "_task", None)
-                if task is None:
-                    return True
-                total = self.total or None
-                if self.unit == "B":
-                    detail = f"{_human(self.n)}" + (f" / {_human(total)}" if total else "")
-                else:
-                    detail = f"{int(self.n)}" + (f" / {int(total)}" if total else "") + " files"
-                progress.update(
-                    task,
-                    completed=self.n,
-                    total=total,
-                    detail=detail,
-                    description=f"{hub_id}: {self.desc or ''}".rstrip(": "),
-                )
-                return True
-
-        return RichTqdm
-
-    def __exit__(self, exc_type, exc, tb):
-        if self._progress is not None:
-            self._progress.stop()
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def human_size(n: float) -> str:
-    """Bytes as a short human string (decimal units, like download tools)."""
-    return _human(n)

@@ -628,10 +628,10 @@ def test_load_reads_each_header_once_and_no_tensor_data(monkeypatch, tiny_gguf_q
     every tensor and took seconds on a real vocabulary), and the checks still ran: both files were seen."""
     import gguf
 
-    from qvq_local import integrity
+    from qvq_local.formats import gguf as gguf_format
 
     seen: list[tuple[str, bool]] = []
-    real = integrity.read_gguf_header
+    real = gguf_format.read_gguf_header
 
     def counting(path, **kw):
         seen.append((Path(path).name, kw.get("tensors", True)))
@@ -640,7 +640,7 @@ def test_load_reads_each_header_once_and_no_tensor_data(monkeypatch, tiny_gguf_q
     def no_reader(*_a, **_k):
         raise AssertionError("GGUFReader must not be used on the load path")
 
-    monkeypatch.setattr(integrity, "read_gguf_header", counting)
+    monkeypatch.setattr(gguf_format, "read_gguf_header", counting)
     monkeypatch.setattr(gguf, "GGUFReader", no_reader)
     model = llamacpp.load(tiny_gguf_q4.model, tiny_gguf_q4.mmproj)
     try:

@@ -25,7 +25,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def _to_transformers5(src: Path, dst: Path) -> Path:
     """A copy of ``src`` with transformers 5's tensor names and a nested ``text_config``."""
-    from qvq_local.convert.safetensors_io import ShardedCheckpoint, ShardedWriter
+    from qvq_local.formats.safetensors import ShardedCheckpoint, ShardedWriter
 
     dst.mkdir()
     for f in src.iterdir():
@@ -126,7 +126,7 @@ def test_both_namings_load_to_the_same_names(tiny_checkpoint, tmp_path):
 
 
 def test_bf16_checkpoint_reads_as_exact_f32(tiny_checkpoint, tiny_checkpoint_bf16):
-    from qvq_local.convert.safetensors_io import f32_to_bf16_bits
+    from qvq_local.formats.safetensors import f32_to_bf16_bits
 
     a, b = open_checkpoint(tiny_checkpoint), open_checkpoint(tiny_checkpoint_bf16)
     assert b.dtype("model.norm.weight") == "BF16"

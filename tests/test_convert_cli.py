@@ -10,8 +10,9 @@ import pytest
 from helpers import assert_error
 from typer.testing import CliRunner
 
-from qvq_local import models
+from qvq_local import hub
 from qvq_local.cli import app
+from qvq_local.formats.manifest import MANIFEST_NAME, build_manifest, read_manifest, write_manifest
 
 runner = CliRunner()
 
@@ -43,7 +44,7 @@ def test_convert_to_mlx_default_location_manifest_and_listing(tiny_checkpoint, h
     assert result.exit_code == 0, result.output
     out = home / "models" / f"{tiny_checkpoint.name}-mlx-4bit"
     assert result.output.strip().splitlines()[-1] == str(out)
-    manifest = json.loads((out / models.MANIFEST_NAME).read_text())
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["format"] == "mlx" and manifest["quantization"] == "4bit-g64"
     assert manifest["name"] == out.name
     assert manifest["bits"] == 4 and manifest["group_size"] == 64
@@ -52,7 +53,7 @@ def test_convert_to_mlx_default_location_manifest_and_listing(tiny_checkpoint, h
     assert manifest["total_bytes"] == sum(manifest["files"].values())
     assert manifest["tool_version"]
 
-    got = models.resolve(out.name)  # the name `qvq models` lists is what --model accepts
+    got = hub.resolve(out.name)  # the name `qvq models` lists is what --model accepts
     assert (got.format, got.path, got.quantization) == ("mlx", out, "4bit-g64")
 
     listed = _invoke("models", "--json")
@@ -63,13 +64,13 @@ def test_convert_to_mlx_default_location_manifest_and_listing(tiny_checkpoint, h
     assert table.exit_code == 0 and out.name in table.output and "4bit-g64" in table.output
 
     # an existing output is refused without --force, and left untouched
-    before = (out / models.MANIFEST_NAME).read_text()
+    before = (out / MANIFEST_NAME).read_text()
     again = _invoke("convert", str(tiny_checkpoint), "--to", "mlx", "--quiet")
     _one_line_error(again, 2, "exists", "--force")
-    assert (out / models.MANIFEST_NAME).read_text() == before
+    assert (out / MANIFEST_NAME).read_text() == before
     forced = _invoke("convert", str(tiny_checkpoint), "--to", "mlx", "--quiet", "--force")
     assert forced.exit_code == 0, forced.output
-    assert json.loads((out / models.MANIFEST_NAME).read_text())["created"] >= json.loads(before)["created"]
+    assert json.loads((out / MANIFEST_NAME).read_text())["created"] >= json.loads(before)["created"]
     assert sorted(p.name for p in (home / "models").iterdir()) == [out.name]  # no partial/old folders
 
 
@@ -80,13 +81,13 @@ def test_convert_to_gguf_with_output_folder(tiny_checkpoint, home, tmp_path):
     out = tmp_path / "tiny-gguf"
     result = _invoke("convert", str(tiny_checkpoint), "--to", "gguf", "--quant", "f16", "-o", str(out), "-q")
     assert result.exit_code == 0, result.output
-    manifest = models.read_manifest(out)
+    manifest = read_manifest(out)
     assert (manifest["format"], manifest["quantization"], manifest["mmproj_quant"]) == ("gguf", "F16", "f16")
     assert (out / manifest["model"]).is_file() and (out / manifest["mmproj"]).is_file()
-    got = models.resolve(out)
+    got = hub.resolve(out)
     assert got.format == "gguf" and got.path == out / manifest["model"]
     assert got.mmproj == out / manifest["mmproj"]
-    assert models.resolve(got.path).mmproj == got.mmproj  # the .gguf file itself finds its projector
+    assert hub.resolve(got.path).mmproj == got.mmproj  # the .gguf file itself finds its projector
     # The model's generation_config travels beside the GGUF too (its sampling values are also in the GGUF),
     # and the llama backend reads it there.
     shipped = json.loads((tiny_checkpoint / "generation_config.json").read_text())
@@ -148,7 +149,7 @@ def test_interrupted_convert_leaves_no_complete_looking_output(tiny_checkpoint, 
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_checkpoint, to=fmt, progress=False)
     assert list((home / "models").iterdir()) == []
-    assert models.list_models() == []
+    assert hub.list_models() == []
 
 
 def test_convert_hub_id_pulls_first(tiny_checkpoint, home, hub_server, monkeypatch, tmp_path):
@@ -165,13 +166,13 @@ def test_convert_hub_id_pulls_first(tiny_checkpoint, home, hub_server, monkeypat
         return Path(out_dir)
 
     resolved: list[str] = []
-    real_resolve = models.resolve
+    real_resolve = hub.resolve
 
     def spy_resolve(ref, **kwargs):
         resolved.append(str(ref))
         return real_resolve(ref, **kwargs)
 
-    monkeypatch.setattr(models, "resolve", spy_resolve)
+    monkeypatch.setattr(hub, "resolve", spy_resolve)
     monkeypatch.setattr("qvq_local.convert.to_mlx.convert_to_mlx", fake_converter)
     result = _invoke("convert", "Qwen/Tiny-VL", "--to", "mlx", "-q")
     assert result.exit_code == 0, result.output
@@ -179,7 +180,7 @@ def test_convert_hub_id_pulls_first(tiny_checkpoint, home, hub_server, monkeypat
     assert (seen["src"] / "config.json").read_bytes() == (tiny_checkpoint / "config.json").read_bytes()
     assert resolved == ["Qwen/Tiny-VL"]  # a hub id goes through the one resolver, not a copy of it
     out = home / "models" / "Tiny-VL-mlx-4bit"
-    assert models.read_manifest(out)["source"] == "Qwen/Tiny-VL"
+    assert read_manifest(out)["source"] == "Qwen/Tiny-VL"
     # the second time the download is reused
     before = hub_server.count()
     result = _invoke("convert", "Qwen/Tiny-VL", "--to", "mlx", "-q", "-o", str(home / "other"))
@@ -196,8 +197,8 @@ def test_convert_refuses_a_converted_model_as_source(home, tmp_path):
     folder = tmp_path / "done"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    manifest = models.build_manifest(folder, source="x", format="mlx", quantization="4bit")
-    models.write_manifest(folder, manifest)
+    manifest = build_manifest(folder, source="x", format="mlx", quantization="4bit")
+    write_manifest(folder, manifest)
     _one_line_error(_invoke("convert", str(folder), "--to", "gguf"), 2, "already a converted mlx model")
 
 

@@ -236,8 +236,9 @@ def test_chunking_does_not_change_the_output(tiny_checkpoint, tiny_gguf_f32, tmp
 
 def test_bf16_source(tiny_checkpoint_bf16, tmp_path):
     """A bf16 checkpoint: f16 output holds the bf16 values; the quantiser path goes through raw BF16."""
-    from qvq_local.convert.safetensors_io import bf16_bits_to_f32
     from qvq_local.convert.to_gguf import convert_to_gguf
+
+    from qvq_local.formats.safetensors import bf16_bits_to_f32
 
     pair = convert_to_gguf(tiny_checkpoint_bf16, tmp_path / "f16", quant="f16", mmproj_quant="f16")
     _, t = _fields(pair.model)

@@ -20,8 +20,9 @@ from qvq_local.convert.pipeline import GGUF_QUANTS, MLX_BITS, MMPROJ_QUANTS
 from qvq_local.convert.to_mlx import SUPPORTED_GROUP_SIZES
 from typer.testing import CliRunner
 
-from qvq_local import models
+from qvq_local import hub
 from qvq_local.cli import app
+from qvq_local.formats.manifest import MANIFEST_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +46,8 @@ def _convert(tiny_checkpoint: Path, out: Path, *options: str) -> Path:
 
 
 def _manifest(folder: Path) -> dict:
-    """The manifest as written (not through models.read_manifest, which normalises old spellings)."""
-    return json.loads((folder / models.MANIFEST_NAME).read_text())
+    """The manifest as written (not through qvq_local.formats.manifest.read_manifest, which normalises old spellings)."""
+    return json.loads((folder / MANIFEST_NAME).read_text())
 
 
 def _gguf_file_type(path: Path) -> str:
@@ -87,7 +88,7 @@ def test_gguf_manifest_quantization_is_the_model_files_own(gguf_conversion):
         f"the manifest says {manifest['quantization']} but {model.name} is {in_header} (general.file_type)"
     )
     # what `qvq models` lists and every Result reports for this model
-    assert models.resolve(out).quantization == in_header
+    assert hub.resolve(out).quantization == in_header
 
 
 @pytest.mark.llama
@@ -120,7 +121,7 @@ def test_mlx_manifest_quantization_is_the_converted_folders_own(mlx_conversion):
     manifest = _manifest(out)
     config = json.loads((out / "config.json").read_text())
     if bits == "none":
-        from qvq_local.convert.safetensors_io import ShardedCheckpoint
+        from qvq_local.formats.safetensors import ShardedCheckpoint
 
         weights = ShardedCheckpoint(out)
         try:
@@ -139,4 +140,4 @@ def test_mlx_manifest_quantization_is_the_converted_folders_own(mlx_conversion):
         f"the manifest says {manifest['quantization']} but the converted folder is {in_folder}"
     )
     # what `qvq models` lists and every Result reports for this model
-    assert models.resolve(out).quantization == in_folder
+    assert hub.resolve(out).quantization == in_folder

@@ -132,7 +132,7 @@ def test_gguf_header_matches_gguf_reader(tiny_gguf_q4, tiny_gguf_f32):
 
     from gguf import GGUFReader
 
-    from qvq_local.integrity import GGUF_SMALL_ARRAY, read_gguf_header
+    from qvq_local.formats.gguf import GGUF_SMALL_ARRAY, read_gguf_header
 
     for path in (tiny_gguf_q4.model, tiny_gguf_q4.mmproj, tiny_gguf_f32.model):
         header = read_gguf_header(path)
@@ -179,7 +179,8 @@ def _gguf_with_long_arrays(path: Path) -> Path:
 
 
 def test_gguf_header_steps_over_long_arrays_and_finds_cuts(tmp_path):
-    from qvq_local.integrity import GgufHeaderError, check_gguf_file, read_gguf_header
+    from qvq_local.formats.gguf import GgufHeaderError, read_gguf_header
+    from qvq_local.integrity import check_gguf_file
 
     path = _gguf_with_long_arrays(tmp_path / "arrays.gguf")
     header = read_gguf_header(path)
@@ -223,7 +224,7 @@ def test_gguf_tensor_sizes_come_from_ggufs_own_table():
     """Every ggml type gguf-py knows is sized by its GGML_QUANT_SIZES (no second, hand-written table)."""
     from gguf.constants import GGML_QUANT_SIZES
 
-    from qvq_local.integrity import _tensor_bytes
+    from qvq_local.formats.gguf import _tensor_bytes
 
     for qtype, (block, type_size) in GGML_QUANT_SIZES.items():
         assert _tensor_bytes((block * 3, 2), int(qtype)) == 6 * type_size, qtype.name

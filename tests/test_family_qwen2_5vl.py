@@ -422,12 +422,12 @@ def test_bench_refuses_a_shape_the_family_lacks_before_any_work(tmp_path, monkey
 
 @pytest.mark.llama
 def test_doctor_and_models_name_the_family(q25_gguf_f32, q25_checkpoint):
-    from qvq_local import doctor, models
+    from qvq_local import doctor, hub, models
 
     report = doctor.report(str(q25_gguf_f32.model), probe_gpu=False)
     assert report["integrity_errors"] == 0, report["integrity"]
     assert report["model"]["family"] == "Qwen2.5-VL"
-    assert models.model_family(models.resolve(str(q25_checkpoint), download=False)) == "Qwen2.5-VL"
+    assert models.model_family(hub.resolve(str(q25_checkpoint), download=False)) == "Qwen2.5-VL"
 
 
 @pytest.mark.llama

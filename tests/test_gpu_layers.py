@@ -143,44 +143,44 @@ GB = 10**9
 
 
 def test_offload_plan_puts_what_fits_and_names_the_gpu_layers_option():
-    from qvq_local import doctor
+    from qvq_local import fit
 
     # QVQ-72B Q4_K_M in round figures: 80 blocks of 0.55 GB, a 1.2 GB output layer, a 1.3 GB F16 mmproj,
     # KV 2 x 2,400 tokens x 8 heads x 128 x 2 bytes per block
     layers, head, mmproj, kv = [int(0.55 * GB)] * 80, int(1.2 * GB), int(1.3 * GB), 2 * 2400 * 8 * 128 * 2
-    big = doctor.gpu_offload_plan(layers, head, kv, mmproj, 141 * GB)
+    big = fit.gpu_offload_plan(layers, head, kv, mmproj, 141 * GB)
     assert big["fits"] and big["gpu_layers"] == "all" and big["layers"] == 81  # llama.cpp's count
     assert 44 * GB < big["needed_bytes"] < 55 * GB  # weights + KV + 10% + 1 GiB
-    desk = doctor.gpu_offload_plan(layers, head, kv, mmproj, 23 * GB)
+    desk = fit.gpu_offload_plan(layers, head, kv, mmproj, 23 * GB)
     n = desk["gpu_layers"]
     assert not desk["fits"] and n == 32  # the output layer and 31 blocks
 
     def used(blocks):
-        return (blocks * 0.55 * GB + 1.2 * GB + 1.3 * GB) * 1.1 + blocks * kv + doctor.GPU_RESERVE
+        return (blocks * 0.55 * GB + 1.2 * GB + 1.3 * GB) * 1.1 + blocks * kv + fit.GPU_RESERVE
 
     assert used(n - 1) <= 23 * GB < used(n)  # the N it names fits, N + 1 does not
-    tiny = doctor.gpu_offload_plan(layers, head, kv, mmproj, 2 * GB)
+    tiny = fit.gpu_offload_plan(layers, head, kv, mmproj, 2 * GB)
     assert tiny["gpu_layers"] == 0 and not tiny["fits"]
 
 
 def test_gpu_need_follows_llama_cpps_count():
     """``--gpu-layers N``: the output layer first, then the last N - 1 blocks; 0: nothing, the vision
     encoder included (it follows the text layers)."""
-    from qvq_local import doctor
+    from qvq_local import fit
 
     layers, head, kv, mmproj = [10, 20, 30], 100, 1, 5
-    reserve = doctor.GPU_RESERVE
-    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 0) == 0
-    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 1) == 105 + int(10.5) + reserve  # output + encoder
-    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 2) == 135 + 1 + int(13.5) + reserve  # + last block
-    everything = doctor.gpu_need_bytes(layers, head, kv, mmproj, 4)
+    reserve = fit.GPU_RESERVE
+    assert fit.gpu_need_bytes(layers, head, kv, mmproj, 0) == 0
+    assert fit.gpu_need_bytes(layers, head, kv, mmproj, 1) == 105 + int(10.5) + reserve  # output + encoder
+    assert fit.gpu_need_bytes(layers, head, kv, mmproj, 2) == 135 + 1 + int(13.5) + reserve  # + last block
+    everything = fit.gpu_need_bytes(layers, head, kv, mmproj, 4)
     assert everything == 165 + 3 + int(16.5) + reserve
-    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, -1) == everything
-    assert doctor.gpu_need_bytes(layers, head, kv, mmproj, 40) == everything  # more than there are: all
+    assert fit.gpu_need_bytes(layers, head, kv, mmproj, -1) == everything
+    assert fit.gpu_need_bytes(layers, head, kv, mmproj, 40) == everything  # more than there are: all
 
 
 def test_tied_head_counts_the_embedding_copy():
-    from qvq_local import doctor
+    from qvq_local import fit
 
     class T:
         def __init__(self, n):
@@ -188,28 +188,28 @@ def test_tied_head_counts_the_embedding_copy():
 
     tensors = {"token_embd.weight": T(500), "output_norm.weight": T(4), "blk.0.attn_q.weight": T(10),
                "blk.0.ffn_up.weight": T(20), "blk.1.attn_q.weight": T(11)}  # fmt: skip
-    assert doctor.gguf_layer_bytes(tensors) == ([30, 11], 504)  # no output.weight: the embedding is copied
+    assert fit.gguf_layer_bytes(tensors) == ([30, 11], 504)  # no output.weight: the embedding is copied
     tensors["output.weight"] = T(300)
-    assert doctor.gguf_layer_bytes(tensors) == ([30, 11], 304)
+    assert fit.gguf_layer_bytes(tensors) == ([30, 11], 304)
 
 
 def test_doctor_says_how_many_layers_fit(tiny_gguf_q4, monkeypatch):
     """``qvq doctor --model`` on a machine whose GPU (recorded nvidia-smi) is too small for the model."""
     from typer.testing import CliRunner
 
-    from qvq_local import doctor, hardware
+    from qvq_local import fit, hardware
     from qvq_local.cli import app
-    from qvq_local.integrity import read_gguf_header
+    from qvq_local.formats.gguf import read_gguf_header
 
-    monkeypatch.setattr(doctor, "GPU_RESERVE", 0)
-    layers, head = doctor.gguf_layer_bytes(read_gguf_header(tiny_gguf_q4.model).tensors)
+    monkeypatch.setattr(fit, "GPU_RESERVE", 0)
+    layers, head = fit.gguf_layer_bytes(read_gguf_header(tiny_gguf_q4.model).tensors)
     mmproj = tiny_gguf_q4.mmproj.stat().st_size
     # the arithmetic is tested above; here the wiring: a GPU (MiB, as nvidia-smi counts) with room for
     # the output layer and one block, not for the whole model
-    shape = doctor._gguf_config(tiny_gguf_q4.model)
+    shape = fit.gguf_shape(tiny_gguf_q4.model)
     kv = 2 * 16 * shape["kv_heads"] * shape["head_dim"] * shape["kv_bytes"]  # --context 16
-    free = doctor.gpu_need_bytes(layers, head, kv, mmproj, 2)
-    assert free < doctor.gpu_need_bytes(layers, head, kv, mmproj, -1)
+    free = fit.gpu_need_bytes(layers, head, kv, mmproj, 2)
+    assert free < fit.gpu_need_bytes(layers, head, kv, mmproj, -1)
     real_describe = hardware.describe
 
     def describe(probe_gpu=False):
@@ -249,20 +249,18 @@ def test_doctor_reads_every_part_of_a_split_gguf(tiny_gguf_q4, tmp_path):
     """A split model's blocks and output layer lie in several files: the estimate counts all of them."""
     from gguf_split import split_gguf  # tests/gguf_split.py: llama.cpp's split layout
 
-    from qvq_local import doctor
-    from qvq_local.integrity import read_gguf_header
+    from qvq_local.fit import gguf_layer_bytes, gpu_fit
+    from qvq_local.formats.gguf import read_gguf_header
 
     parts = split_gguf(tiny_gguf_q4.model, tmp_path, "tiny-Q4_K_M", 3)
     shape, gpus = {"kv_heads": 2, "head_dim": 32, "kv_bytes": 2}, [{"name": "GPU", "free_bytes": 2**20}]
 
     def fit(path):
-        return doctor._gpu_fit(
-            SimpleNamespace(format="gguf", path=path, mmproj=tiny_gguf_q4.mmproj), shape, 16, gpus
-        )
+        return gpu_fit(SimpleNamespace(format="gguf", path=path, mmproj=tiny_gguf_q4.mmproj), shape, 16, gpus)
 
     assert fit(parts[0]) == fit(tiny_gguf_q4.model)
-    first_only = doctor.gguf_layer_bytes(read_gguf_header(parts[0]).tensors)
-    assert first_only != doctor.gguf_layer_bytes(read_gguf_header(tiny_gguf_q4.model).tensors)  # it matters
+    first_only = gguf_layer_bytes(read_gguf_header(parts[0]).tensors)
+    assert first_only != gguf_layer_bytes(read_gguf_header(tiny_gguf_q4.model).tensors)  # it matters
 
 
 def test_a_bad_value_stops_api_load_before_the_model_is_looked_up(monkeypatch, tmp_path):
@@ -284,7 +282,7 @@ def test_gpu_fit_example_prints_the_real_use_beside_the_estimate(tiny_gguf_q4, m
     import runpy
     from pathlib import Path
 
-    from qvq_local import doctor, hardware, models
+    from qvq_local import doctor, fit, hardware, hub
 
     in_use = iter([0, 0, 3 * GB, GB])  # the GPU check, one reading before the loads, one after each
     monkeypatch.setattr(
@@ -296,12 +294,12 @@ def test_gpu_fit_example_prints_the_real_use_beside_the_estimate(tiny_gguf_q4, m
     monkeypatch.setattr("sys.argv", ["gpu_fit.py", str(tiny_gguf_q4.model), "--gpu-layers", "all,1"])
     runpy.run_path(str(script), run_name="__main__")
     lines = capsys.readouterr().out.splitlines()
-    resolved = models.resolve(str(tiny_gguf_q4.model), download=False)
-    shape = doctor._gguf_config(resolved.path)
-    sizes = doctor.offload_sizes(resolved, shape, doctor.default_context(shape["context_length"]))
+    resolved = hub.resolve(str(tiny_gguf_q4.model), download=False)
+    shape = fit.gguf_shape(resolved.path)
+    sizes = fit.offload_sizes(resolved, shape, doctor.default_context(shape["context_length"]))
     for value, layers, real in (("all", -1, 3 * GB), ("1", 1, GB)):
         row = next(line.split() for line in lines if line.split()[:1] == [value])
-        estimate = doctor.gpu_need_bytes(*sizes, layers)
+        estimate = fit.gpu_need_bytes(*sizes, layers)
         assert row[-3:] == [f"{real / 1e9:.2f}", f"{estimate / 1e9:.2f}", f"{estimate / real:.2f}"]
 
 
@@ -321,28 +319,28 @@ def test_metal_working_set_from_mlx_device_info():
 
 
 def test_metal_fit_names_the_sysctl_only_where_the_memory_is_there():
-    from qvq_local import doctor
+    from qvq_local import fit
 
     mac64 = 64 * GIB
-    ok = doctor.metal_fit(40 * GIB, 48 * GIB, mac64)
+    ok = fit.metal_fit(40 * GIB, 48 * GIB, mac64)
     assert ok["fits"] and "sysctl" not in ok
-    tight = doctor.metal_fit(50 * GIB, 48 * GIB, mac64)  # QVQ-72B GGUF with its KV cache, say
+    tight = fit.metal_fit(50 * GIB, 48 * GIB, mac64)  # QVQ-72B GGUF with its KV cache, say
     assert not tight["fits"]
     assert tight["sysctl"] == f"sudo sysctl iogpu.wired_limit_mb={50 * 1024 + 1024}"
-    near = doctor.metal_fit(51 * GIB, 48 * GIB, mac64)  # the spare GiB would pass the ceiling: capped
+    near = fit.metal_fit(51 * GIB, 48 * GIB, mac64)  # the spare GiB would pass the ceiling: capped
     assert near["sysctl"] == f"sudo sysctl iogpu.wired_limit_mb={int((64 - 12.8) * 1024)}"
-    too_big = doctor.metal_fit(60 * GIB, 48 * GIB, mac64)  # the system needs its share: no sysctl
+    too_big = fit.metal_fit(60 * GIB, 48 * GIB, mac64)  # the system needs its share: no sysctl
     assert not too_big["fits"] and "sysctl" not in too_big
-    small = doctor.metal_fit(9 * GIB, int(10.67 * GIB), 16 * GIB)  # a 16 GB Mac (published: 10.67 GiB)
+    small = fit.metal_fit(9 * GIB, int(10.67 * GIB), 16 * GIB)  # a 16 GB Mac (published: 10.67 GiB)
     assert small["fits"]
-    over = doctor.metal_fit(12 * GIB, int(10.67 * GIB), 16 * GIB)  # 8 GiB stay with the system there
+    over = fit.metal_fit(12 * GIB, int(10.67 * GIB), 16 * GIB)  # 8 GiB stay with the system there
     assert not over["fits"] and "sysctl" not in over
-    unknown = doctor.metal_fit(50 * GIB, 48 * GIB, None)  # total memory unread: no advice either way
+    unknown = fit.metal_fit(50 * GIB, 48 * GIB, None)  # total memory unread: no advice either way
     assert not unknown["fits"] and "sysctl" not in unknown
 
 
 def test_metal_rows_in_words():
-    from qvq_local.ask_cmd import metal_fit_line
+    from qvq_local.doctor import metal_fit_line
 
     row = {"working_set_bytes": 48 * GIB, "needed_bytes": 50 * GIB, "fits": False}
     assert metal_fit_line({**row, "total_bytes": None}).endswith(

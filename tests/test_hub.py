@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from helpers import assert_error
 
-from qvq_local import hub, models
+from qvq_local import hub, hub_transfer
 from qvq_local.errors import DiskFull, ModelError
+from qvq_local.formats.manifest import build_manifest, write_manifest
+from qvq_local.units import file_size
 
 GGUF_REPO = "acme/Tiny-QVQ-GGUF"
 
@@ -58,7 +60,7 @@ def _blobs(tmp_path, repo_id=GGUF_REPO) -> set[str]:
 
 # ----------------------------------------------------------------------------- GGUF repos
 def test_named_quant_downloads_only_it_and_one_projector_into_the_shared_cache(gguf_repo, tmp_path):
-    got = models.resolve(f"{GGUF_REPO}:q8_0", progress=False)
+    got = hub.resolve(f"{GGUF_REPO}:q8_0", progress=False)
     assert (got.format, got.name, got.quantization) == ("gguf", f"{GGUF_REPO}:Q8_0", "Q8_0")
     assert got.path.name == "Tiny-QVQ-Q8_0.gguf" and got.mmproj.name == "mmproj-Tiny-QVQ-f16.gguf"
     cache = tmp_path / "hf-cache"
@@ -71,18 +73,18 @@ def test_named_quant_downloads_only_it_and_one_projector_into_the_shared_cache(g
 
 
 def test_default_quant_is_q4_k_m_and_the_second_run_makes_no_network_call(gguf_repo, monkeypatch):
-    got = models.resolve(GGUF_REPO, progress=False)
+    got = hub.resolve(GGUF_REPO, progress=False)
     assert got.path.name == "Tiny-QVQ-Q4_K_M.gguf"
     assert _cdn_files(gguf_repo) == {"Tiny-QVQ-Q4_K_M.gguf", "mmproj-Tiny-QVQ-f16.gguf"}
     before = gguf_repo.count()
-    again = models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+    again = hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     assert again == got and gguf_repo.count() == before
     # with the server gone and offline mode on, still resolved from the cache
     gguf_repo.close()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert models.resolve(f"{GGUF_REPO}:Q4_K_M", download=False) == got
+    assert hub.resolve(f"{GGUF_REPO}:Q4_K_M", download=False) == got
     with pytest.raises(ModelError) as raised:  # a quantisation that was never downloaded
-        models.resolve(f"{GGUF_REPO}:Q8_0")
+        hub.resolve(f"{GGUF_REPO}:Q8_0")
     assert_error(raised, "not in the Hugging Face cache", "HF_HUB_OFFLINE")
 
 
@@ -96,32 +98,32 @@ def test_several_quants_without_the_default_are_listed_with_sizes(hub_server, ti
         },
     )
     with pytest.raises(ModelError) as raised:
-        models.resolve("acme/NoDefault", progress=False)
-    size = models.human_size(tiny_gguf_f32.model.stat().st_size)
+        hub.resolve("acme/NoDefault", progress=False)
+    size = file_size(tiny_gguf_f32.model.stat().st_size)
     assert_error(raised, "several GGUF models", r"F32 \(" + size, "Q8_0", "acme/NoDefault:F32")
     assert hub_server.count("cdn") == 0
 
 
 def test_unknown_quant_lists_what_there_is(gguf_repo):
     with pytest.raises(ModelError) as raised:
-        models.resolve(f"{GGUF_REPO}:IQ2_XS", progress=False)
+        hub.resolve(f"{GGUF_REPO}:IQ2_XS", progress=False)
     assert_error(raised, "no IQ2_XS quantisation", "available: F32", "Q4_K_M", "Q8_0")
     assert gguf_repo.count("cdn") == 0
 
 
 def test_mmproj_can_be_chosen(gguf_repo):
-    path = models.pull(f"{GGUF_REPO}:Q4_K_M", progress=False, mmproj="f32")
+    path = hub.pull(f"{GGUF_REPO}:Q4_K_M", progress=False, mmproj="f32")
     assert _cdn_files(gguf_repo) == {"Tiny-QVQ-Q4_K_M.gguf", "mmproj-Tiny-QVQ-f32.gguf"}
     assert path.name == "Tiny-QVQ-Q4_K_M.gguf"
     with pytest.raises(ModelError) as raised:
-        models.pull(f"{GGUF_REPO}:Q4_K_M", progress=False, mmproj="q2_k")
+        hub.pull(f"{GGUF_REPO}:Q4_K_M", progress=False, mmproj="q2_k")
     assert_error(raised, "no single projector matches", "mmproj-Tiny-QVQ-f16.gguf")
 
 
 def test_gguf_repo_without_projector_is_refused(hub_server, tiny_gguf_q4):
     hub_server.add("acme/TextOnly", {"m-Q4_K_M.gguf": tiny_gguf_q4.model})
     with pytest.raises(ModelError) as raised:
-        models.resolve("acme/TextOnly", progress=False)
+        hub.resolve("acme/TextOnly", progress=False)
     assert_error(raised, "no vision projector")
     assert hub_server.count("cdn") == 0
 
@@ -129,13 +131,13 @@ def test_gguf_repo_without_projector_is_refused(hub_server, tiny_gguf_q4):
 def test_a_corrupted_byte_is_caught_by_sha256_and_the_file_deleted(gguf_repo, tmp_path):
     gguf_repo.corrupt.add("Tiny-QVQ-Q4_K_M.gguf")
     with pytest.raises(ModelError) as raised:
-        models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+        hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     assert_error(raised, "Tiny-QVQ-Q4_K_M.gguf failed the sha256 check", "deleted")
     sha = gguf_repo.repos[GGUF_REPO].lfs["Tiny-QVQ-Q4_K_M.gguf"]
     assert sha not in _blobs(tmp_path)
     gguf_repo.corrupt.clear()  # the next run downloads it again, and it passes
-    got = models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
-    assert hub.sha256_file(got.path) == sha
+    got = hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+    assert hub_transfer.sha256_file(got.path) == sha
 
 
 def _ranges(server, name: str) -> list[str | None]:
@@ -156,7 +158,7 @@ def small_chunks(monkeypatch):
 def test_a_dropped_connection_resumes_with_a_range_request(gguf_repo, small_chunks):
     name = "Tiny-QVQ-Q4_K_M.gguf"
     gguf_repo.drop_after[name] = [5000]
-    got = models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+    got = hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     first, second = _ranges(gguf_repo, name)
     assert first is None and second == "bytes=4096-"  # the 4 whole chunks received are kept
     assert got.path.read_bytes() == gguf_repo.repos[GGUF_REPO].files[name]
@@ -168,13 +170,13 @@ def test_a_download_cut_off_resumes_on_the_next_run(gguf_repo, small_chunks, tmp
     name = "Tiny-QVQ-Q4_K_M.gguf"
     gguf_repo.drop_after[name] = [3000] + [0] * 5
     with pytest.raises(ModelError) as raised:
-        models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+        hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     assert_error(raised, "download failed")
     sha = gguf_repo.repos[GGUF_REPO].lfs[name]
     assert sha not in _blobs(tmp_path)  # nothing half-written where the complete file belongs
-    got = models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+    got = hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     assert _ranges(gguf_repo, name)[-1] == "bytes=2048-"
-    assert hub.sha256_file(got.path) == sha
+    assert hub_transfer.sha256_file(got.path) == sha
 
 
 def test_an_interrupted_download_resumes_from_its_partial_file(gguf_repo, tmp_path):
@@ -184,9 +186,9 @@ def test_an_interrupted_download_resumes_from_its_partial_file(gguf_repo, tmp_pa
     blobs = tmp_path / "hf-cache" / "models--acme--Tiny-QVQ-GGUF" / "blobs"
     blobs.mkdir(parents=True)
     (blobs / f"{sha}.qvq-partial").write_bytes(repo.files["Tiny-QVQ-Q4_K_M.gguf"][:7000])
-    got = models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+    got = hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     assert _ranges(gguf_repo, "Tiny-QVQ-Q4_K_M.gguf") == ["bytes=7000-"]
-    assert hub.sha256_file(got.path) == sha
+    assert hub_transfer.sha256_file(got.path) == sha
     assert not (blobs / f"{sha}.qvq-partial").exists()
 
 
@@ -198,11 +200,11 @@ def test_split_gguf_downloads_every_part(hub_server, tiny_gguf_f32, tmp_path):
         "acme/Split",
         {**{p.name: p for p in parts}, "mmproj-Tiny-QVQ-f32.gguf": tiny_gguf_f32.mmproj},
     )
-    got = models.resolve("acme/Split", progress=False)
+    got = hub.resolve("acme/Split", progress=False)
     assert got.path.name == "Tiny-QVQ-F32-00001-of-00002.gguf" and got.quantization == "F32"
     assert (got.path.parent / "Tiny-QVQ-F32-00002-of-00002.gguf").is_file()
     assert _cdn_files(hub_server) == {p.name for p in parts} | {"mmproj-Tiny-QVQ-f32.gguf"}
-    (row,) = [r for r in models.list_models() if r["source"] == "hf-cache"]
+    (row,) = [r for r in hub.list_models() if r["source"] == "hf-cache"]
     assert row["size"] == sum(p.stat().st_size for p in parts) + tiny_gguf_f32.mmproj.stat().st_size
 
 
@@ -210,13 +212,13 @@ def test_split_gguf_downloads_every_part(hub_server, tiny_gguf_f32, tmp_path):
 def test_mlx_repo_is_used_as_it_is(hub_server, tiny_mlx_q4):
     files = {p.name: p for p in tiny_mlx_q4.iterdir() if p.is_file()}
     hub_server.add("acme/Tiny-QVQ-MLX-4bit", files)
-    got = models.resolve("acme/Tiny-QVQ-MLX-4bit", progress=False)
+    got = hub.resolve("acme/Tiny-QVQ-MLX-4bit", progress=False)
     assert (got.format, got.quantization) == ("mlx", "4bit-g64")
-    assert models.resolve("acme/Tiny-QVQ-MLX-4bit:4BIT", progress=False) == got
+    assert hub.resolve("acme/Tiny-QVQ-MLX-4bit:4BIT", progress=False) == got
     hub_server.add("acme/Other-MLX", files)
     before = hub_server.count("cdn")
     with pytest.raises(ModelError) as raised:  # refused on its config.json, before the weights
-        models.resolve("acme/Other-MLX:8bit", progress=False)
+        hub.resolve("acme/Other-MLX:8bit", progress=False)
     assert_error(raised, "acme/Other-MLX is 4bit-g64, not 8bit")
     assert hub_server.count("cdn") == before
     assert "hf-cache" in got.path.parts
@@ -230,20 +232,20 @@ def test_full_repo_downloads_safetensors_only_and_converts(hub_server, tiny_chec
     files["pytorch_model.bin"] = b"pickle!"
     files["modeling_evil.py"] = b"raise SystemExit"
     hub_server.add("acme/Tiny-QVQ", files)
-    got = models.resolve("acme/Tiny-QVQ", progress=False)
+    got = hub.resolve("acme/Tiny-QVQ", progress=False)
     assert got.format == "hf"
     names = {p.name for p in got.path.iterdir()}
     assert "config.json" in names and "pytorch_model.bin" not in names and "modeling_evil.py" not in names
-    assert models.resolve("acme/Tiny-QVQ:f32", progress=False) == got  # its one quantisation, named
+    assert hub.resolve("acme/Tiny-QVQ:f32", progress=False) == got  # its one quantisation, named
     with pytest.raises(ModelError) as raised:
-        models.resolve("acme/Tiny-QVQ:Q4_K_M", progress=False)
+        hub.resolve("acme/Tiny-QVQ:Q4_K_M", progress=False)
     assert_error(raised, "acme/Tiny-QVQ is F32, not Q4_K_M")
 
 
 def test_pickle_only_repo_is_refused_before_any_download(hub_server):
     hub_server.add("acme/Pickled", {"config.json": b"{}", "pytorch_model.bin": b"pickle!"})
     with pytest.raises(ModelError) as raised:
-        models.pull("acme/Pickled", progress=False)
+        hub.pull("acme/Pickled", progress=False)
     assert_error(raised, "only pickle weights")
     assert not any(r[2].startswith("/acme/Pickled/resolve") for r in hub_server.requests)
 
@@ -252,11 +254,11 @@ def test_pickle_only_repo_is_refused_before_any_download(hub_server):
 def test_gated_and_missing_repos_are_one_line_errors(hub_server, tiny_gguf_q4):
     hub_server.add("acme/Gated", {"m-Q4_K_M.gguf": tiny_gguf_q4.model}, gated=True)
     with pytest.raises(ModelError) as raised:
-        models.resolve("acme/Gated", progress=False)
+        hub.resolve("acme/Gated", progress=False)
     assert_error(raised, "gated", "HF_TOKEN")
     assert "\n" not in str(raised.value)
     with pytest.raises(ModelError) as raised:
-        models.resolve("acme/Nothing-Here:Q4_K_M", progress=False)
+        hub.resolve("acme/Nothing-Here:Q4_K_M", progress=False)
     assert_error(raised, "not found on the hub, or private")
     assert [r[2] for r in hub_server.requests] == [
         "/api/models/acme/Gated",
@@ -267,14 +269,14 @@ def test_gated_and_missing_repos_are_one_line_errors(hub_server, tiny_gguf_q4):
 def test_offline_with_nothing_cached(hub_server, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError) as raised:
-        models.resolve("acme/Anything:Q4_K_M")
+        hub.resolve("acme/Anything:Q4_K_M")
     assert_error(raised, "not in the Hugging Face cache", "HF_HUB_OFFLINE")
     assert hub_server.count() == 0
 
 
 def test_bad_quant_text_fails_before_the_network(hub_server):
     with pytest.raises(ModelError) as raised:
-        models.resolve("acme/Repo:Q4 K", progress=False)
+        hub.resolve("acme/Repo:Q4 K", progress=False)
     assert_error(raised, "not a quantisation name")
     assert hub_server.count() == 0
 
@@ -285,16 +287,16 @@ def test_disk_check_refuses_a_download_that_cannot_fit(gguf_repo, monkeypatch):
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
     with pytest.raises(DiskFull) as raised:
-        models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+        hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     assert_error(raised, "the download needs", r"only 1\.0 KB is free")
     assert gguf_repo.count("cdn") == 0
 
 
 # ----------------------------------------------------------------------------- listing and legacy
 def test_models_lists_the_cache_and_old_qvq_home_downloads_still_resolve(gguf_repo, tmp_path):
-    models.resolve(f"{GGUF_REPO}:Q8_0", progress=False)
-    models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
-    rows = [r for r in models.list_models() if r["source"] == "hf-cache"]
+    hub.resolve(f"{GGUF_REPO}:Q8_0", progress=False)
+    hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+    rows = [r for r in hub.list_models() if r["source"] == "hf-cache"]
     assert [(r["name"], r["format"], r["quantization"]) for r in rows] == [
         (f"{GGUF_REPO}:Q4_K_M", "gguf", "Q4_K_M"),
         (f"{GGUF_REPO}:Q8_0", "gguf", "Q8_0"),
@@ -304,9 +306,9 @@ def test_models_lists_the_cache_and_old_qvq_home_downloads_still_resolve(gguf_re
     shutil.copytree(Path(rows[0]["path"]).parent, old, symlinks=False)
     for p in old.glob("*Q8_0*"):
         p.unlink()
-    models.write_manifest(
+    write_manifest(
         old,
-        models.build_manifest(
+        build_manifest(
             old,
             source="acme/Old",
             format="gguf",
@@ -323,23 +325,23 @@ def test_models_lists_the_cache_and_old_qvq_home_downloads_still_resolve(gguf_re
     (text_only / "refs" / "main").write_text("0" * 40)
     (snap / "config.json").write_text('{"architectures": ["BertModel"], "model_type": "bert"}')
     (snap / "model.safetensors").write_bytes(b"\x02\0\0\0\0\0\0\0{}")
-    assert [r["name"] for r in models.list_models() if r["source"] == "hf-cache"] == [r["name"] for r in rows]
+    assert [r["name"] for r in hub.list_models() if r["source"] == "hf-cache"] == [r["name"] for r in rows]
     before = gguf_repo.count()
-    assert models.resolve("acme/Old").path == old / "Tiny-QVQ-Q4_K_M.gguf"
+    assert hub.resolve("acme/Old").path == old / "Tiny-QVQ-Q4_K_M.gguf"
     assert gguf_repo.count() == before
-    assert json.loads(json.dumps(models.list_models()))[0]["name"] == "acme/Old"
+    assert json.loads(json.dumps(hub.list_models()))[0]["name"] == "acme/Old"
 
 
 def test_an_unreachable_hub_is_a_one_line_error(hub_server):
     hub_server.close()
     with pytest.raises(ModelError) as raised:
-        models.resolve("acme/Anything:Q4_K_M", progress=False)
+        hub.resolve("acme/Anything:Q4_K_M", progress=False)
     assert_error(raised, "download failed", "ConnectError")
     assert "\n" not in str(raised.value)
 
 
 def test_progress_is_drawn_with_rich(gguf_repo, capsys):
-    got = models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=True)
+    got = hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=True)
     assert got.path.is_file()
     err = capsys.readouterr().err
     assert "Tiny-QVQ-Q4_K_M.gguf" in err and "MB" in err
@@ -368,9 +370,9 @@ def tiny_catalogue(monkeypatch, gguf_repo, tiny_mlx_q4):
 )
 def test_short_names_resolve_to_this_platforms_source(tiny_catalogue, monkeypatch, apple, fmt, repo):
     monkeypatch.setattr("qvq_local.hardware.is_apple_silicon", lambda: apple)
-    got = models.resolve("tiny", progress=False)
+    got = hub.resolve("tiny", progress=False)
     assert got.format == fmt and got.name.split(":")[0] == repo
-    assert models.pull("TINY", progress=False) == got.path  # case-insensitive; cached: no second fetch
+    assert hub.pull("TINY", progress=False) == got.path  # case-insensitive; cached: no second fetch
 
 
 def test_the_qvq_short_name_names_real_sources_per_platform():
@@ -414,11 +416,11 @@ def test_models_available_shows_sizes_and_the_fit(monkeypatch, apple, memory, ve
 def test_the_qwen3_vl_short_names_use_their_family_for_the_fit(monkeypatch):
     """Qwen3-VL's entries: Qwen's own GGUF repos at Q4_K_M elsewhere, MLX 4-bit on Apple Silicon, and the
     memory estimate from Qwen3-VL's dimensions (a Qwen2-VL shape table has no 4b or 8b)."""
-    from qvq_local import catalogue
+    from qvq_local import catalogue, doctor
     from qvq_local.families import FAMILIES
 
     monkeypatch.setattr("qvq_local.hardware.memory_bytes", lambda: (16 * 1024**3, 16 * 1024**3))
-    rows = {r["name"]: r for r in catalogue.available_rows(apple_silicon=False)}
+    rows = {r["name"]: r for r in doctor.available_rows(apple_silicon=False)}
     for name, size in (("qwen3-vl-4b", "4B"), ("qwen3-vl-8b", "8B")):
         entry = catalogue.lookup(name)
         assert entry.family == "Qwen3-VL" and entry.shape in FAMILIES["Qwen3-VL"].synth_shapes
@@ -433,9 +435,9 @@ def test_the_qwen3_vl_short_names_use_their_family_for_the_fit(monkeypatch):
 
 def test_a_model_too_big_for_this_machine_is_said_before_the_download(gguf_repo, monkeypatch, capsys):
     monkeypatch.setattr("qvq_local.hardware.memory_bytes", lambda: (10**6, 10**6))
-    models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+    hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     err = capsys.readouterr().err
-    assert f"warning: {GGUF_REPO}:Q4_K_M needs at least" in err and "this machine has 1.0 MB" in err
+    assert f"warning: {GGUF_REPO}:Q4_K_M needs at least" in err and "this machine has 976.6 KiB" in err
 
 
 # ----------------------------------------------------------------------------- the CLI, end to end
@@ -503,7 +505,7 @@ def test_a_gguf_that_the_hub_serves_broken_is_refused_by_its_header(hub_server, 
         },
     )
     with pytest.raises(ModelError) as raised:
-        models.resolve("acme/Broken", progress=False)
+        hub.resolve("acme/Broken", progress=False)
     assert_error(raised, "m-Q4_K_M.gguf from the hub is not a valid GGUF file", "truncated", "deleted")
     sha = hub_server.repos["acme/Broken"].lfs["m-Q4_K_M.gguf"]
     assert sha not in _blobs(tmp_path, "acme/Broken")
@@ -525,7 +527,7 @@ def test_a_downloaded_split_gguf_loads_through_llama_cpps_own_split_loading(
     hub_server.add(
         "acme/Split", {**{p.name: p for p in parts}, "mmproj-Tiny-QVQ-f32.gguf": tiny_gguf_f32.mmproj}
     )
-    got = models.resolve("acme/Split", progress=False)
+    got = hub.resolve("acme/Split", progress=False)
     model = llamacpp.load(got.path, got.mmproj)
     try:
         session = model.new_session(SamplingParams(), n_ctx=64)
@@ -565,11 +567,11 @@ def test_ctrl_c_mid_file_keeps_the_partial_and_the_next_run_resumes(
 
     monkeypatch.setattr(fd, "http_get", lambda url, fh, **kw: real_http_get(url, Interrupting(fh), **kw))
     with pytest.raises(KeyboardInterrupt):
-        models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+        hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     sha = gguf_repo.repos[GGUF_REPO].lfs[name]
     blobs = tmp_path / "hf-cache" / "models--acme--Tiny-QVQ-GGUF" / "blobs"
     assert (blobs / f"{sha}.qvq-partial").stat().st_size == 3 * 1024 and sha not in _blobs(tmp_path)
     monkeypatch.setattr(fd, "http_get", real_http_get)
-    got = models.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
+    got = hub.resolve(f"{GGUF_REPO}:Q4_K_M", progress=False)
     assert _ranges(gguf_repo, name)[-1] == "bytes=3072-"
-    assert hub.sha256_file(got.path) == sha
+    assert hub_transfer.sha256_file(got.path) == sha

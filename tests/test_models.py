@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 from helpers import assert_error
 
-from qvq_local import models
+from qvq_local import hub, models
 from qvq_local.errors import ModelError
+from qvq_local.formats.manifest import (
+    MANIFEST_NAME,
+    build_manifest,
+    normalize_quantization,
+    read_manifest,
+    write_manifest,
+)
 
 
 @pytest.fixture()
@@ -63,19 +70,19 @@ def test_bad_hub_ids_are_refused_before_any_network(ref, monkeypatch):
     monkeypatch.setattr("huggingface_hub.snapshot_download", no_network)
     monkeypatch.setattr("huggingface_hub.HfApi.list_repo_files", no_network)
     with pytest.raises(ModelError):
-        models.pull(ref, progress=False)
+        hub.pull(ref, progress=False)
 
 
 # ----------------------------------------------------------------------------- manifest
 def test_manifest_written_atomically_and_read_back(tmp_path):
     folder = _hf_folder(tmp_path / "m")
-    data = models.build_manifest(
+    data = build_manifest(
         folder, source="Qwen/QVQ-72B-Preview", format="mlx", quantization="4bit-g64", extra={"bits": 4}
     )
-    path = models.write_manifest(folder, data)
-    assert path.name == models.MANIFEST_NAME
+    path = write_manifest(folder, data)
+    assert path.name == MANIFEST_NAME
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no temporary left
-    back = models.read_manifest(folder)
+    back = read_manifest(folder)
     assert back == data
     assert back["files"] == {
         "config.json": (folder / "config.json").stat().st_size,
@@ -83,25 +90,25 @@ def test_manifest_written_atomically_and_read_back(tmp_path):
     }
     assert back["total_bytes"] == sum(back["files"].values())
     assert back["tool"] == "qvq-local" and back["tool_version"] and back["created"]
-    assert models.read_manifest(folder / "config.json") == data  # a file's folder manifest
+    assert read_manifest(folder / "config.json") == data  # a file's folder manifest
 
 
 def test_unreadable_manifest_is_a_model_error(tmp_path):
     folder = _hf_folder(tmp_path / "m")
-    (folder / models.MANIFEST_NAME).write_text("{not json")
+    (folder / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(ModelError) as raised:
-        models.read_manifest(folder)
+        read_manifest(folder)
     assert_error(raised, "manifest")
-    (folder / models.MANIFEST_NAME).write_text('{"format": "onnx"}')
+    (folder / MANIFEST_NAME).write_text('{"format": "onnx"}')
     with pytest.raises(ModelError) as raised:
-        models.resolve(folder)
+        hub.resolve(folder)
     assert_error(raised, "format")
 
 
 # ----------------------------------------------------------------------------- resolve
 def test_resolve_gguf_file_finds_sibling_mmproj(tmp_path):
     model = _gguf_pair(tmp_path / "g")
-    got = models.resolve(model)
+    got = hub.resolve(model)
     assert got.format == "gguf" and got.path == model
     assert got.mmproj == tmp_path / "g" / "mmproj-model-f16.gguf"
     assert got.quantization == "Q4_K_M"
@@ -110,9 +117,9 @@ def test_resolve_gguf_file_finds_sibling_mmproj(tmp_path):
 def test_resolve_gguf_folder_uses_manifest(tmp_path):
     model = _gguf_pair(tmp_path / "g", model="a.gguf", mmproj="mmproj-b.gguf")
     (tmp_path / "g" / "mmproj-other.gguf").write_bytes(b"GGUF")  # would be ambiguous without the manifest
-    models.write_manifest(
+    write_manifest(
         tmp_path / "g",
-        models.build_manifest(
+        build_manifest(
             tmp_path / "g",
             source="x",
             format="gguf",
@@ -121,24 +128,24 @@ def test_resolve_gguf_folder_uses_manifest(tmp_path):
             mmproj_file="mmproj-b.gguf",
         ),
     )
-    got = models.resolve(tmp_path / "g")
+    got = hub.resolve(tmp_path / "g")
     assert (got.path, got.mmproj, got.quantization) == (model, tmp_path / "g" / "mmproj-b.gguf", "Q8_0")
 
 
 def test_resolve_gguf_without_mmproj_fails(tmp_path):
     model = _gguf_pair(tmp_path / "g", mmproj=None)
     with pytest.raises(ModelError) as raised:
-        models.resolve(model)
+        hub.resolve(model)
     assert_error(raised, "mmproj")
     with pytest.raises(ModelError) as raised:
-        models.resolve(tmp_path / "g")
+        hub.resolve(tmp_path / "g")
     assert_error(raised, "mmproj")
 
 
 def test_resolve_mmproj_file_itself_is_refused(tmp_path):
     _gguf_pair(tmp_path / "g")
     with pytest.raises(ModelError) as raised:
-        models.resolve(tmp_path / "g" / "mmproj-model-f16.gguf")
+        hub.resolve(tmp_path / "g" / "mmproj-model-f16.gguf")
     assert_error(raised, "projector")
 
 
@@ -146,10 +153,10 @@ def test_resolve_mlx_and_hf_folders(tmp_path):
     mlx_q = _hf_folder(tmp_path / "mlx-q", quantization={"bits": 4, "group_size": 64})
     mlx_f = _hf_folder(tmp_path / "mlx-f", mlx_meta=True)
     hf = _hf_folder(tmp_path / "hf")
-    assert models.resolve(mlx_q).format == "mlx"
-    assert models.resolve(mlx_q).quantization == "4bit-g64"
-    assert models.resolve(mlx_f).format == "mlx"
-    got = models.resolve(hf)
+    assert hub.resolve(mlx_q).format == "mlx"
+    assert hub.resolve(mlx_q).quantization == "4bit-g64"
+    assert hub.resolve(mlx_f).format == "mlx"
+    got = hub.resolve(hf)
     assert (got.format, got.quantization, got.mmproj) == ("hf", "BF16", None)
 
 
@@ -159,36 +166,36 @@ def test_resolve_folder_without_weights_fails(tmp_path):
     (folder / "config.json").write_text("{}")
     (folder / "pytorch_model.bin").write_bytes(b"\0")
     with pytest.raises(ModelError) as raised:
-        models.resolve(folder)
+        hub.resolve(folder)
     assert_error(raised, "safetensors")
     with pytest.raises(ModelError) as raised:
-        models.resolve(tmp_path)
+        hub.resolve(tmp_path)
     assert_error(raised, "config.json")
 
 
 def test_resolve_name_under_qvq_home(home):
     _hf_folder(home / "models" / "tiny-mlx-4bit", quantization={"bits": 4, "group_size": 64})
-    got = models.resolve("tiny-mlx-4bit")
+    got = hub.resolve("tiny-mlx-4bit")
     assert got.name == "tiny-mlx-4bit" and got.format == "mlx"
     assert got.path == home / "models" / "tiny-mlx-4bit"
 
 
 def test_unknown_name_and_missing_path_fail(home):
     with pytest.raises(ModelError) as raised:
-        models.resolve("no-such-model")
+        hub.resolve("no-such-model")
     assert_error(raised, "unknown model")
     with pytest.raises(ModelError) as raised:
-        models.resolve("./nowhere/model.gguf")
+        hub.resolve("./nowhere/model.gguf")
     assert_error(raised, "no such file")
     with pytest.raises(ModelError) as raised:
-        models.resolve("  ")
+        hub.resolve("  ")
     assert_error(raised, "empty")
 
 
 def test_bad_hub_id_fails_without_network(home, monkeypatch):
-    monkeypatch.setattr(models, "pull", lambda *a, **k: pytest.fail("pull called"))
+    monkeypatch.setattr(hub, "pull", lambda *a, **k: pytest.fail("pull called"))
     with pytest.raises(ModelError) as raised:
-        models.resolve("bad--owner/name")
+        hub.resolve("bad--owner/name")
     assert_error(raised, "not a valid hub id")
 
 
@@ -198,19 +205,17 @@ def test_bad_hub_id_fails_without_network(home, monkeypatch):
 # ----------------------------------------------------------------------------- list
 def test_list_models_rows(home):
     folder = _hf_folder(home / "models" / "tiny-mlx-4bit", quantization={"bits": 4, "group_size": 64})
-    models.write_manifest(
-        folder, models.build_manifest(folder, source="/src/tiny", format="mlx", quantization="4bit-g64")
-    )
+    write_manifest(folder, build_manifest(folder, source="/src/tiny", format="mlx", quantization="4bit-g64"))
     _gguf_pair(home / "models" / "tiny-gguf-q4_k_m")
     (home / "models" / ".tiny-gguf-f16.partial-1-abc").mkdir()  # an unfinished conversion: hidden
     (home / "models" / "junk").mkdir()  # not a model: skipped
     (home / "hub" / "Qwen--Half").mkdir(parents=True)  # a download without manifest: unfinished
-    rows = models.list_models()
+    rows = hub.list_models()
     assert [r["name"] for r in rows] == ["tiny-gguf-q4_k_m", "tiny-mlx-4bit"]
     gguf, mlx = rows
     assert (gguf["format"], gguf["quantization"], gguf["size"]) == ("gguf", "Q4_K_M", 64 + 32)
     assert (mlx["format"], mlx["quantization"], mlx["source"]) == ("mlx", "4bit-g64", "/src/tiny")
-    assert mlx["size"] == models.read_manifest(folder)["total_bytes"]
+    assert mlx["size"] == read_manifest(folder)["total_bytes"]
 
 
 @pytest.mark.parametrize(
@@ -229,12 +234,12 @@ def test_list_models_rows(home):
 )
 def test_one_normalised_quantization_spelling(written, shown, tmp_path):
     """Old manifests (key ``quantisation``, lower-case GGUF names) read as the one spelling and format."""
-    assert models.normalize_quantization(written) == shown
+    assert normalize_quantization(written) == shown
     folder = tmp_path / "m"
     folder.mkdir()
-    (folder / models.MANIFEST_NAME).write_text(json.dumps({"format": "gguf", "quantisation": written}))
-    data = models.read_manifest(folder)
+    (folder / MANIFEST_NAME).write_text(json.dumps({"format": "gguf", "quantisation": written}))
+    data = read_manifest(folder)
     assert "quantisation" not in data
     assert data.get("quantization", "?") == shown
-    new = models.build_manifest(folder, source="x", format="gguf", quantization=written)
+    new = build_manifest(folder, source="x", format="gguf", quantization=written)
     assert "quantisation" not in new and new["quantization"] == shown

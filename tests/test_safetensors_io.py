@@ -1,4 +1,4 @@
-"""The torch-free safetensors reader and streaming writer (convert/safetensors_io.py).
+"""The torch-free safetensors reader and streaming writer (qvq_local/formats/safetensors.py).
 
 Round trips, bf16 bit-exactness, hard validation of corrupt files, atomic writing, and cross-checks
 against the reference ``safetensors`` package where it is installed.
@@ -13,9 +13,9 @@ import tracemalloc
 import numpy as np
 import pytest
 from helpers import assert_error
-from qvq_local.convert import safetensors_io as st
 
 from qvq_local.errors import ModelError
+from qvq_local.formats import safetensors as st
 
 
 def _raw_file(path, header: dict, data: bytes, header_len: int | None = None) -> None:

@@ -171,12 +171,12 @@ def no_hub(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("ref", BAD_HUB_IDS, ids=repr)
 def test_bad_hub_ids_never_reach_the_hub(ref, no_hub, tmp_path):
-    from qvq_local import models
+    from qvq_local import hub, models
 
     with pytest.raises(ModelError):
-        models.pull(ref, progress=False)
+        hub.pull(ref, progress=False)
     with pytest.raises(ModelError):
-        models.resolve(ref, download=True, progress=False)
+        hub.resolve(ref, download=True, progress=False)
     with pytest.raises(ModelError):
         models.check_hub_id(ref)
     assert not (tmp_path / "qvq" / "hub").exists() or not any((tmp_path / "qvq" / "hub").iterdir())
@@ -184,12 +184,12 @@ def test_bad_hub_ids_never_reach_the_hub(ref, no_hub, tmp_path):
 
 def test_trailing_newline_is_not_a_hub_id(no_hub):
     """``re.match`` with ``$`` accepts "a/b\\n"; a pasted id with a newline must not reach the hub as is."""
-    from qvq_local import models
+    from qvq_local import hub, models
 
     with pytest.raises(ModelError):
         models.check_hub_id("a/b\n")
     with pytest.raises(ModelError):
-        models.pull("a/b\n", progress=False)
+        hub.pull("a/b\n", progress=False)
 
 
 @pytest.mark.parametrize("ref", ["../../etc", "a/b/c", "http://x"])

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from helpers import assert_error
 from qvq_local.convert import synthetic
-from qvq_local.convert.safetensors_io import ShardedCheckpoint, bf16_bits_to_f32, f32_to_bf16_bits
 from qvq_local.convert.synthetic import build_config, write_checkpoint
 
 from qvq_local.errors import DiskFull, InputError
 from qvq_local.families import DEFAULT_FAMILY
 from qvq_local.families.qwen2vl import SynthShape
+from qvq_local.formats.safetensors import ShardedCheckpoint, bf16_bits_to_f32, f32_to_bf16_bits
 
 PUBLISHED = {
     "2b": {

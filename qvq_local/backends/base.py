@@ -20,37 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-#: generation_config.json's numeric sampling keys: the ones a GGUF stores as its sampling defaults.
-SAMPLING_KEYS: tuple[str, ...] = ("temperature", "top_k", "top_p", "repetition_penalty")
-
-
-def gguf_sampling_keys() -> dict[str, str]:
-    """:data:`SAMPLING_KEYS` -> the GGUF key llama.cpp's converter stores each under (``general.sampling.*``,
-    read by llama-cli and llama-server as their defaults), from gguf's own ``Keys`` table.  This project's
-    converter writes them and its llama backend reads them, from this one table.  (gguf is imported here,
-    not at the top: the MLX path and ``qvq --help`` never need it.)
-    """
-    from gguf import Keys
-
-    general = Keys.General
-    return {
-        "temperature": general.SAMPLING_TEMP,
-        "top_k": general.SAMPLING_TOP_K,
-        "top_p": general.SAMPLING_TOP_P,
-        "repetition_penalty": general.SAMPLING_PENALTY_REPEAT,
-    }
-
-
-def sampling_values(data: object) -> dict:
-    """The numeric sampling values (:data:`SAMPLING_KEYS`) in a generation_config-like dict."""
-    if not isinstance(data, dict):
-        return {}
-    return {
-        k: data[k]
-        for k in SAMPLING_KEYS
-        if isinstance(data.get(k), (int, float)) and not isinstance(data.get(k), bool)
-    }
-
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -184,18 +184,6 @@ class LlamaOptions(LoadOptions):
         self._set("cpu_buffers", requested_mode(self.cpu_buffers, self.label("cpu_buffers")))
 
 
-def gpu_split(n_gpu_layers: int, n_blocks: int) -> tuple[int, bool]:
-    """Where ``--gpu-layers n_gpu_layers`` puts a model of ``n_blocks`` repeating blocks, as the bundled
-    llama.cpp does it (``llama-model.cpp``: the output layer counts as one more layer after the blocks,
-    and the GPU takes the last N): ``(blocks on the GPU, whether the output layer is there)``.  -1 or more
-    than the blocks: all of it; 0: none."""
-    if n_gpu_layers < 0 or n_gpu_layers > n_blocks:
-        return n_blocks, True
-    if n_gpu_layers == 0:
-        return 0, False
-    return n_gpu_layers - 1, True
-
-
 def choose(requested: str, cpu: CpuInfo, build: LlamaBuild | None) -> BufferPlan:
     """Resolve ``requested`` for this CPU and llama.cpp build (``None``: build features unknown).
 
@@ -362,7 +350,7 @@ def high_level_llama(model_path: str | os.PathLike, option: str | None = None) -
     import llama_cpp
     from llama_cpp import llama_cpp as low
 
-    from qvq_local.integrity import read_gguf_header
+    from qvq_local.formats.gguf import read_gguf_header
 
     plan = plan_here(llama_cpp, requested_mode(option), read_gguf_header(model_path).tensors)
     original = low.llama_model_default_params

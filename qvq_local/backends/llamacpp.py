@@ -41,8 +41,6 @@ from qvq_local.backends.base import (
     SamplingParams,
     Token,
     TokenMask,
-    gguf_sampling_keys,
-    sampling_values,
 )
 from qvq_local.backends.llama_runtime import LOG, Sampler, TokenText, check_room, libs
 from qvq_local.errors import ContextOverflow, InputError, ModelError, QvqError
@@ -54,6 +52,8 @@ from qvq_local.families import (
     family_for_projector,
     supported_gguf_archs,
 )
+from qvq_local.fit import gpu_split
+from qvq_local.formats.gguf import file_type_name, gguf_sampling_keys, sampling_values
 
 # The text architectures and mmproj projectors this backend runs are the registered families'
 # (``qvq_local.families``: family_for_gguf_arch / family_for_projector).
@@ -63,37 +63,6 @@ DEFAULT_N_CTX = 8192
 
 
 # ---------------------------------------------------------------- GGUF header peek (no llama.cpp needed)
-
-
-def read_gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict[str, Any]:
-    """Read a GGUF file's key/value header (not its tensors).
-
-    With ``wanted``, stop as soon as those keys are seen.  Long arrays (the tokenizer's ~150k strings) are
-    stepped over, not returned.  Raises ModelError naming the file when it is not a GGUF or is truncated.
-    """
-    from qvq_local.integrity import GgufHeaderError, read_gguf_header
-
-    path = Path(path)
-    try:
-        header = read_gguf_header(path, wanted=wanted, tensors=False)
-    except OSError as exc:
-        raise ModelError(f"cannot read: {exc.strerror or exc}", path=path) from exc
-    except GgufHeaderError as exc:
-        raise ModelError(str(exc), path=path) from exc
-    return {"__n_tensors__": header.n_tensors, **header.fields}
-
-
-def _file_type_names(llama_cpp: Any) -> dict[int, str]:
-    """Map ``general.file_type`` values to names ("Q4_K_M", "F16", ...) from llama_cpp's enum constants."""
-    names: dict[int, str] = {}
-    for attr in dir(llama_cpp):
-        if attr.startswith("LLAMA_FTYPE_") and attr != "LLAMA_FTYPE_GUESSED":
-            value = getattr(llama_cpp, attr)
-            if isinstance(value, int):
-                names.setdefault(
-                    value, attr.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
-                )
-    return names
 
 
 def _gguf_sampling(meta: dict) -> dict:
@@ -115,10 +84,10 @@ def _sidecar_generation_config(model_gguf: Path) -> dict:
 
     Looked up in ``generation_config.json`` (the copy of the HF file ``qvq convert`` writes beside the
     GGUF), then under ``"generation_config"`` in the folder's manifest, read by the one manifest reader
-    (:func:`qvq_local.models.read_manifest`).  Unreadable files are ignored: the defaults are QVQ's
-    published values anyway.
+    (:func:`qvq_local.formats.manifest.read_manifest`).  Unreadable files are ignored: the defaults are
+    QVQ's published values anyway.
     """
-    from qvq_local import models
+    from qvq_local.formats.manifest import read_manifest
 
     path = model_gguf.parent / "generation_config.json"
     if path.is_file():
@@ -129,7 +98,7 @@ def _sidecar_generation_config(model_gguf: Path) -> dict:
         if found:
             return found
     try:
-        manifest = models.read_manifest(model_gguf.parent) or {}
+        manifest = read_manifest(model_gguf.parent) or {}
     except ModelError:
         return {}
     return sampling_values(manifest.get("generation_config"))
@@ -197,7 +166,7 @@ class LlamaModel:
         if not self.gpu_offload:
             return "CPU"
         total = self.n_layers + 1
-        blocks, output = llama_buffers.gpu_split(self.gpu_layers, self.n_layers)
+        blocks, output = gpu_split(self.gpu_layers, self.n_layers)
         on_gpu = blocks + output
         if on_gpu >= total:
             return f"GPU (all {total} layers)"
@@ -525,9 +494,8 @@ def load(
         return buf.value.decode("utf-8", "replace")
 
     file_type = meta_str(Keys.General.FILE_TYPE)
-    names = _file_type_names(llama_cpp)
     quantization = (
-        names.get(int(file_type), f"type {file_type}") if file_type and file_type.isdigit() else "unknown"
+        file_type_name(int(file_type), llama_cpp) if file_type and file_type.isdigit() else "unknown"
     )
     ctx_len = meta_str(Keys.LLM.CONTEXT_LENGTH.format(arch=arch))
     gen = {**_gguf_sampling(meta), **_sidecar_generation_config(model_path), **(generation_config or {})}

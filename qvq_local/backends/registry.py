@@ -109,7 +109,7 @@ class BackendSpec:
     aliases: tuple[str, ...] = ()
     #: what messages call it ("llama.cpp"); the name when not given
     title: str = ""
-    #: model formats it loads (``qvq_local.models.Format`` values)
+    #: model formats it loads (``qvq_local.formats.manifest.Format`` values)
     formats: frozenset[str] = frozenset()
     #: the format ``qvq convert --to`` writes for it (its self-test and bench models are converted to this)
     convert_to: str | None = None

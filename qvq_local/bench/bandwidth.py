@@ -104,7 +104,7 @@ def measure_bandwidth(size_bytes: int = 1 << 30, reps: int = 5, threads: int | N
 
 def _safetensors_sizes(path: Path) -> dict[str, tuple[int, list[int]]]:
     """``{name: (nbytes, shape)}`` from a safetensors header alone (no data is read)."""
-    from qvq_local.convert.safetensors_io import SafetensorsFile
+    from qvq_local.formats.safetensors import SafetensorsFile
 
     st = SafetensorsFile(path)
     try:
@@ -137,7 +137,7 @@ def _per_token(sizes: dict[str, tuple[int, list[int]]], is_vision, is_embed, is_
 def gguf_bytes_per_token(model_gguf: str | os.PathLike) -> dict:
     """Bytes one decoded token reads from a text-model GGUF (the mmproj is the vision tower)."""
     from qvq_local.errors import ModelError
-    from qvq_local.integrity import read_gguf_header
+    from qvq_local.formats.gguf import read_gguf_header
 
     # The header alone (tensor types and shapes) gives every size; GGUFReader would map every tensor.
     tensors = read_gguf_header(model_gguf).tensors

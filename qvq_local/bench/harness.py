@@ -115,9 +115,9 @@ def _choose_backends(backend: str, shape: str | None, model: str | None) -> list
 
     formats = None
     if model is not None:
-        from qvq_local import models
+        from qvq_local import hub
 
-        formats = {models.resolve(model, download=False, progress=False).format}
+        formats = {hub.resolve(model, download=False, progress=False).format}
     return [hardware.choose_backend("auto", formats)]
 
 

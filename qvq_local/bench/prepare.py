@@ -164,9 +164,9 @@ def prepare_models(
         )
         source, base = home / hf_name, f"{prefix}{shape}"
     else:
-        from qvq_local import models
+        from qvq_local import hub
 
-        resolved = models.resolve(model, download=True, progress=progress)
+        resolved = hub.resolve(model, download=True, progress=progress)
         info["label"] = f"{resolved.name} ({resolved.quantization})"
         info["source"] = str(model)
         if resolved.format == "hf":
@@ -213,9 +213,9 @@ def source_bytes(shape: str | None, model: str | None, family: str | None = None
         from qvq_local.convert.synthetic import checkpoint_bytes
 
         return int(checkpoint_bytes(shape, "bf16", family) * 0.3)  # about what a 4-bit conversion keeps
-    from qvq_local import models
+    from qvq_local import hub
 
-    path = models.resolve(model, download=False, progress=False).path
+    path = hub.resolve(model, download=False, progress=False).path
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
