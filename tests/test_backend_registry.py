@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from helpers import assert_error
 
-from qvq_local import api, config, hardware, models
+from qvq_local import api, config, hardware, hub
 from qvq_local.ask_cmd import AskRequest, load_request
 from qvq_local.backends import registry
 from qvq_local.errors import InputError
@@ -75,7 +75,7 @@ def test_every_entry_point_accepts_every_alias(alias, name, tmp_path, monkeypatc
     fmt = sorted(registry.get(name).formats)[0]
     opened = []
     monkeypatch.setattr(
-        models,
+        hub,
         "resolve",
         lambda ref, **kw: SimpleNamespace(name="m", format=fmt, path=tmp_path / "m", quantization=""),
     )
