@@ -62,6 +62,52 @@ BAD = [
         "--repetition-penalty must be above 0, got 0.0",
         "repetition_penalty must be above 0, got 0.0",
     ),
+    # NaN passes every comparison and infinity every lower bound: refused by name (issue 22)
+    (
+        {"sampling": SamplingParams(temperature=float("nan"))},
+        "--temperature must be a finite number, got nan",
+        "temperature must be a finite number, got nan",
+    ),
+    (
+        {"sampling": SamplingParams(temperature=float("inf"))},
+        "--temperature must be a finite number, got inf",
+        "temperature must be a finite number, got inf",
+    ),
+    (
+        {"sampling": SamplingParams(repetition_penalty=float("nan"))},
+        "--repetition-penalty must be a finite number, got nan",
+        "repetition_penalty must be a finite number, got nan",
+    ),
+    (
+        {"sampling": SamplingParams(top_p=float("nan"))},
+        "--top-p must be a finite number, got nan",
+        "top_p must be a finite number, got nan",
+    ),
+    (
+        {"sampling": SamplingParams(top_k=2**70)},
+        f"--top-k must be at most {2**31 - 1}, got {2**70}",
+        f"top_k must be at most {2**31 - 1}, got {2**70}",
+    ),
+    (
+        {"sampling": SamplingParams(seed=-1)},
+        "--seed must be a whole number from 0 to 4294967295, got -1",
+        "seed must be a whole number from 0 to 4294967295, got -1",
+    ),
+    (
+        {"think_budget": float("nan")},
+        "--think-budget must be a whole number, got nan",
+        "the think budget must be a whole number, got nan",
+    ),
+    (
+        {"answer_budget": float("inf")},
+        "--answer-budget must be a whole number, got inf",
+        "the answer budget must be a whole number, got inf",
+    ),
+    (
+        {"max_pixels": 2.5},
+        "--max-pixels must be a whole number, got 2.5",
+        "max_pixels must be a whole number, got 2.5",
+    ),
     (
         {"lang_lock": "sometimes"},
         "--lang-lock must be one of auto, on, off, got 'sometimes'",
@@ -212,3 +258,21 @@ def test_every_cli_option_reaches_the_session_and_the_result(sample_image, monke
     }
     assert settings["lang_lock"]["mode"] == "off" and settings["top_k"] == 5
     assert "Be brief." in loaded.sessions[0].prefill_calls[0].text
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--temperature", "nan"), ("--temperature", "inf"), ("--repetition-penalty", "nan"), ("--top-p", "nan")],
+)
+def test_ask_refuses_nan_and_infinity_before_loading(option, value, sample_image, monkeypatch):
+    """Issue 22: `qvq ask --temperature nan` ran and exited 0 (and --json printed NaN, which is not JSON)."""
+    loaded = _Loaded()
+    monkeypatch.setattr(
+        api, "load", lambda ref, **kw: api.Model(loaded, name="f", backend="f", quantization="x")
+    )
+    result = runner.invoke(app, ["ask", str(sample_image), "q", "-m", "x", "--json", option, value])
+    assert result.exit_code == 2, result.output
+    assert_error(
+        result.stderr.strip().removeprefix("error: "), re.escape(f"{option} must be a finite number")
+    )
+    assert result.stdout == "" and not loaded.sessions
