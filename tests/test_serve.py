@@ -437,3 +437,90 @@ def test_a_repeated_image_reuses_its_prefix_from_memory(served, client, sample_i
     sources = [r.model_extra["qvq"]["settings"]["prefix_cache"]["source"] for r in (first, again)]
     assert sources == ["fresh", "memory"]
     assert again.choices[0].message.content is not None
+
+
+# ------------------------------------------------------------------ issue 22: what a hostile probe found
+
+
+def _raw(served, body: bytes, timeout: float = 60):
+    """POST bytes as they are (the JSON extensions and escapes a client library would never send)."""
+    return httpx.post(
+        served.base_url + "/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        timeout=timeout,
+    )
+
+
+def _body(served, image, **fields) -> dict:
+    return {
+        "model": served.model.name,
+        "messages": _messages(image),
+        "thinking_budget": 4,
+        "answer_budget": 4,
+        **fields,
+    }
+
+
+def _assert_error_json(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = json.loads(response.text)["error"]  # strict: a NaN in the body would not even parse here
+    assert error["type"] == "invalid_request_error" and error["message"]
+    return error
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(
+    "field, token",
+    [("temperature", "NaN"), ("repetition_penalty", "NaN"), ("top_p", "-Infinity"), ("temperature", "1e400")],
+)
+def test_nan_and_infinity_are_400_before_anything_runs(served, sample_image, field, token, stream):
+    """Defect 1: `"temperature": NaN` (Python's parser takes it) passed every range check, ran the whole
+    generation and then answered 500, or streamed a final chunk holding the literal NaN."""
+    _wait_idle(served)
+    steps = served.slow.steps
+    text = json.dumps(_body(served, sample_image, stream=stream, **{field: 12345.5}))
+    response = _raw(served, text.replace("12345.5", token).encode())
+    error = _assert_error_json(response, 400)
+    assert token in error["message"]
+    assert served.slow.steps == steps  # refused before any token
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["question", "system", "model", "image_url", "metadata key"],
+)
+def test_a_lone_surrogate_is_400_naming_the_field(served, sample_image, where):
+    """Defect 2: a lone surrogate in the question gave 500 (UnicodeEncodeError at the tokenizer).  The rule,
+    for every string and key of the body: 400 naming where it is."""
+    _wait_idle(served)
+    body = _body(served, sample_image)
+    bad = "\ud800 hi"
+    if where == "question":
+        body["messages"][-1]["content"][1]["text"] = bad
+        param = "messages[0].content[1].text"
+    elif where == "system":
+        body["messages"] = _messages(sample_image, system=bad)
+        param = "messages[0].content"
+    elif where == "model":
+        body["model"] = bad
+        param = "model"
+    elif where == "image_url":
+        body["messages"][-1]["content"][0]["image_url"]["url"] += bad
+        param = "messages[0].content[0].image_url.url"
+    else:
+        body["metadata"] = {bad: "x"}
+        param = "metadata.\\ud800 hi"
+    response = _raw(served, json.dumps(body).encode())  # ensure_ascii: the surrogate goes as \ud800
+    error = _assert_error_json(response, 400)
+    assert error["param"] == param and "surrogate" in error["message"], error
+
+
+def test_a_deeply_nested_body_is_400(served, sample_image):
+    """Defect 3: a body nested 100,000 arrays deep gave 500 (RecursionError in the JSON parser)."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    _assert_error_json(_raw(served, deep), 400)
+    body = json.dumps(_body(served, sample_image, metadata={"x": 0})).encode()
+    nested = body.replace(b'{"x": 0}', b'{"x": ' + b"[" * 200 + b"]" * 200 + b"}")  # deep, but parseable
+    error = _assert_error_json(_raw(served, nested), 400)
+    assert "nested" in error["message"]

@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from qvq_local import strict_json
 from qvq_local.serve import schema
 from qvq_local.serve.media import Limits, load_images
 from qvq_local.serve.worker import END, Job, QueueFull, Worker
@@ -124,9 +125,10 @@ def create_app(model: Any, options: ServeOptions | None = None):
             if len(data) > limit:
                 raise schema.ApiError(413, f"request body is over {limit} bytes", code="request_too_large")
         try:
-            return json.loads(bytes(data))
-        except (ValueError, UnicodeDecodeError):
-            raise schema.ApiError(400, "the request body is not valid JSON") from None
+            return strict_json.loads(bytes(data), max_values=options.limits.max_json_values)
+        except strict_json.JsonError as err:
+            where = "" if err.path else "the request body: "
+            raise schema.ApiError(400, f"{where}{err}", param=err.path, code="invalid_json") from None
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

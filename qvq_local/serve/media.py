@@ -30,6 +30,7 @@ class Limits:
     """What one request may carry."""
 
     max_body_bytes: int = 32 * 1024 * 1024
+    max_json_values: int = 100_000  # commas, brackets and braces in the body: parsing costs memory per value
     max_images: int = 4
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000  # of the source image, before bounding to the model's max pixels
