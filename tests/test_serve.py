@@ -524,3 +524,32 @@ def test_a_deeply_nested_body_is_400(served, sample_image):
     nested = body.replace(b'{"x": 0}', b'{"x": ' + b"[" * 200 + b"]" * 200 + b"}")  # deep, but parseable
     error = _assert_error_json(_raw(served, nested), 400)
     assert "nested" in error["message"]
+
+
+def test_a_non_streamed_client_that_leaves_is_cancelled(served, client, sample_image):
+    """Defect 4: a non-streaming client that disconnected was not cancelled: its generation ran to the end
+    while the next request waited behind it.  Now it stops within a token, as a streamed one does."""
+    _wait_idle(served)
+    served.slow.delay = 0.02  # 50 tok/s: the whole answer (400+ thought tokens) would take 8 s or more
+    before = served.app.state.worker.state()
+    closed_before = served.slow.closed
+    body = _body(served, sample_image, thinking_budget=400, answer_budget=64)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            served.base_url + "/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=httpx.Timeout(60, read=1.5),  # the client gives up mid-generation and closes
+        )
+    t_left = time.monotonic()
+    state = _wait_idle(served, timeout=5)
+    stopped_in = time.monotonic() - t_left
+    assert state["cancelled"] == before["cancelled"] + 1
+    assert served.slow.closed == closed_before + 1  # the backend session was closed
+    assert state["last_cancelled_events"] < 200  # stopped early, not after 400+ tokens
+    assert stopped_in < 2.0
+    served.slow.delay = 0.0
+    reply = client.chat.completions.create(  # the model is free for the next client
+        model=served.model.name, messages=_messages(sample_image), extra_body=BUDGET
+    )
+    assert reply.choices[0].message.content is not None

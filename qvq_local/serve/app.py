@@ -199,25 +199,38 @@ def _raise_from(err: BaseException):
     return schema.ApiError(500, f"generation failed: {type(err).__name__}", kind="server_error")
 
 
+async def _disconnected(request) -> None:
+    """Returns when the client has gone (the body is already read, so the next message is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _wait(job: Job, request) -> Any:
-    """The final Result of a non-streamed job; None when the client disconnected (the job is cancelled)."""
+    """The final Result of a non-streamed job; None when the client disconnected (the job is cancelled).
+
+    The disconnect is watched beside the events, not between them: tokens arrive faster than any polling
+    interval, so a check made only when none came in time never ran while the model was generating."""
     from qvq_local.events import Finished
 
+    gone = asyncio.ensure_future(_disconnected(request))
     result = None
-    while True:
-        try:
-            item = await asyncio.wait_for(job.events.get(), timeout=0.25)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
+    try:
+        while True:
+            getter = asyncio.ensure_future(job.events.get())
+            done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                job.cancel()  # stops after the current token, or before it starts when still waiting
                 return None
-            continue
-        if item is END:
-            return result
-        if isinstance(item, BaseException):
-            raise _raise_from(item)
-        if isinstance(item, Finished):
-            result = item.result
+            item = getter.result()
+            if item is END:
+                return result
+            if isinstance(item, BaseException):
+                raise _raise_from(item)
+            if isinstance(item, Finished):
+                result = item.result
+    finally:
+        gone.cancel()
 
 
 def _sse_line(data: dict | str) -> bytes:
