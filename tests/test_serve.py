@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from serve_util import ServerThread, SlowDown, data_uri, free_port
@@ -553,3 +554,144 @@ def test_a_non_streamed_client_that_leaves_is_cancelled(served, client, sample_i
         model=served.model.name, messages=_messages(sample_image), extra_body=BUDGET
     )
     assert reply.choices[0].message.content is not None
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` (RGB) and whose pixels are one empty row: what a
+    decompression bomb looks like before it is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _big_png(tmp_path, megapixels: int) -> Path:
+    """A real, decodable PNG of ``megapixels`` (one colour: a few hundred KB on disk)."""
+    from PIL import Image
+
+    path = tmp_path / f"big-{megapixels}mp.png"
+    side = int((megapixels * 1_000_000) ** 0.5)
+    Image.new("RGB", (side, side), (200, 40, 40)).save(path)
+    return path
+
+
+def _image_body(served, uris: list[str], **fields) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in uris]
+    return {
+        "model": served.model.name,
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}],
+        "thinking_budget": 2,
+        "answer_budget": 2,
+        **fields,
+    }
+
+
+@pytest.fixture
+def decode_spy(monkeypatch):
+    """Counts the image decodes (qvq_local.images.load_image) and the most that ran at once; each holds
+    its decode for ``hold_s`` so that concurrent requests really overlap."""
+    import qvq_local.images as images
+
+    original = images.load_image
+    spy = type("Spy", (), {"calls": 0, "running": 0, "most": 0, "hold_s": 0.0})()
+    lock = threading.Lock()
+
+    def counted(*args, **kwargs):
+        with lock:
+            spy.calls += 1
+            spy.running += 1
+            spy.most = max(spy.most, spy.running)
+        try:
+            time.sleep(spy.hold_s)
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                spy.running -= 1
+
+    monkeypatch.setattr(images, "load_image", counted)
+    return spy
+
+
+def test_a_full_queue_is_429_before_any_image_is_decoded(served, sample_image, decode_spy, tmp_path):
+    """Defect 5: a full queue answered 429 only after decoding every image (four requests of 36 MP PNGs took
+    12-14 s each to be refused, and RSS went to ~1 GB).  Admission comes first now."""
+    _wait_idle(served)
+    served.slow.delay = 0.05
+    big = data_uri(_big_png(tmp_path, 36))
+    open_streams = []
+    try:
+        for _ in range(5):  # one running, four waiting (queue=4)
+            ctx = _post_stream(served, sample_image)
+            assert ctx.__enter__().status_code == 200
+            open_streams.append(ctx)
+        decode_spy.calls = 0
+        statuses, took = [], []
+
+        def refused():
+            t0 = time.monotonic()
+            r = _raw(served, json.dumps(_image_body(served, [big, big])).encode())
+            took.append(time.monotonic() - t0)
+            statuses.append((r.status_code, r.json()["error"]["code"]))
+
+        threads = [threading.Thread(target=refused) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert statuses == [(429, "queue_full")] * 4
+        assert decode_spy.calls == 0  # not one image decoded for a request that was refused
+        assert max(took) < 5.0, took  # (decoding two 36 MP images takes seconds on its own)
+    finally:
+        for ctx in open_streams:
+            ctx.__exit__(None, None, None)
+        served.slow.delay = 0.0
+    _wait_idle(served)
+
+
+def test_image_decoding_shares_one_memory_budget(served, decode_spy, tmp_path):
+    """Defect 5's other half: decoding holds a bounded memory budget across concurrent requests (the
+    served app's default, 512 MiB); three requests of two 16 MP RGB PNGs (about 190 MB each to decode)
+    never decode more than two images at once, and all three are answered."""
+    _wait_idle(served)
+    uri = data_uri(_big_png(tmp_path, 16))
+    decode_spy.hold_s = 0.4  # each decode lasts long enough for the requests to overlap
+    statuses = []
+
+    def one():
+        r = _raw(served, json.dumps(_image_body(served, [uri, uri])).encode(), timeout=120)
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert statuses == [200, 200, 200]
+    assert decode_spy.calls == 6
+    assert decode_spy.most == 2, decode_spy.most  # three at once would be ~580 MB
+    budget = served.app.state.decode_budget
+    assert budget.total == 512 * 2**20
+    assert budget.peak <= budget.total and budget.used == 0
+    _wait_idle(served)
+
+
+@pytest.mark.parametrize("width, height", [(6000, 7000), (20000, 10000)], ids=["42MP", "200MP-bomb"])
+def test_every_image_over_the_pixel_limit_is_413(served, width, height, decode_spy):
+    """Defect 6: an image over Pillow's own bomb limit (~179 MP) got 400 "too large to decode safely" while
+    one of 42 MP got 413: the same class of input gets the same status, and neither is decoded."""
+    import base64
+
+    uri = "data:image/png;base64," + base64.b64encode(_png_declaring(width, height)).decode()
+    error = _assert_error_json(_raw(served, json.dumps(_image_body(served, [uri])).encode()), 413)
+    assert error["code"] == "request_too_large" and error["param"] == "messages[0].content[0]"
+    assert "40000000 pixels" in error["message"] or "40,000,000 pixels" in error["message"]
+    assert decode_spy.calls == 0

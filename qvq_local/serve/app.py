@@ -2,8 +2,13 @@
 
 Routes: ``POST /v1/chat/completions`` (streamed as server-sent events or not), ``GET /v1/models``,
 ``GET /health``.  With an API key every route but ``/health`` needs ``Authorization: Bearer KEY``, checked
-in constant time.  Bodies over the limit get 413 before they are read whole; a full queue gets 429 with
-``Retry-After``.  Errors have OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``).
+in constant time.  Errors have OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``).
+
+A request pays in this order, and each step refuses before the next costs anything: the key (401); the
+body's size (413, from Content-Length, then while it is read); the body as strict JSON and the request's
+fields (400); the image count (413); a place in the queue (429 with ``Retry-After``); then each image,
+fetched or decoded, its pixel count read from its header first (413) and its decoding done within the
+memory budget shared by all requests (:class:`qvq_local.serve.media.DecodeBudget`); then the generation.
 
 The generation itself is the Python API's (:meth:`qvq_local.api.Model.stream_settings`): the same prompt,
 context sizing, reasoning controller and budget forcing as ``qvq ask``; this module only translates.
@@ -25,7 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from qvq_local import strict_json
 from qvq_local.serve import schema
-from qvq_local.serve.media import Limits, load_images
+from qvq_local.serve.media import DecodeBudget, Limits, check_count, load_images
 from qvq_local.serve.worker import END, Job, QueueFull, Worker
 
 log = logging.getLogger("qvq.serve")
@@ -71,8 +76,10 @@ def create_app(model: Any, options: ServeOptions | None = None):
     """
     options = options or ServeOptions()
     worker = Worker(queue=options.queue)
+    decode_budget = DecodeBudget(options.limits.decode_budget_bytes)
     app = FastAPI(title="qvq serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
+    app.state.decode_budget = decode_budget
     app.state.model = model
     key = options.api_key.encode() if options.api_key else None
 
@@ -108,7 +115,13 @@ def create_app(model: Any, options: ServeOptions | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model.name, "backend": model.backend, "queue": worker.state()}
+        return {
+            "status": "ok",
+            "model": model.name,
+            "backend": model.backend,
+            "queue": worker.state(),
+            "decode": decode_budget.state(),
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -142,16 +155,12 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 code="model_not_found",
             )
         settings = _settings_for(parsed, model)
-        images = await asyncio.to_thread(load_images, parsed.images, options.limits, model.max_pixels)
-        if not images:
+        if not parsed.images:
             raise schema.ApiError(400, "no image in the user message: QVQ answers questions about images")
-
-        def events():
-            return iter(model.stream_settings(images, parsed.question, _with_system(settings, parsed.system)))
-
-        job = Job(make_events=events, loop=asyncio.get_running_loop())
+        check_count(parsed.images, options.limits)
+        # admission before any cost: a full queue answers 429 at once, with no image fetched or decoded
         try:
-            worker.submit(job)
+            ticket = worker.reserve()
         except QueueFull:
             raise schema.ApiError(
                 429,
@@ -160,6 +169,19 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 code="queue_full",
                 headers={"Retry-After": str(options.retry_after_s)},
             ) from None
+        try:
+            images = await asyncio.to_thread(
+                load_images, parsed.images, options.limits, model.max_pixels, decode_budget
+            )
+
+            def events():
+                system = _with_system(settings, parsed.system)
+                return iter(model.stream_settings(images, parsed.question, system))
+
+            job = Job(make_events=events, loop=asyncio.get_running_loop())
+            worker.submit(job, ticket)
+        finally:
+            ticket.release()  # a no-op once the job holds the place
         completion_id, created = schema.new_id(), schema.now()
         if parsed.stream:
             return StreamingResponse(

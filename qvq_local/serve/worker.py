@@ -2,7 +2,9 @@
 
 The model is loaded once; its sessions are not thread-safe and it holds one KV cache's worth of memory, so
 generations run one after another on a single worker thread.  At most ``queue`` requests wait behind the
-running one; the next is refused (the app answers 429 with Retry-After).  A job whose client has gone away
+running one; the next is refused (the app answers 429 with Retry-After).  A request takes its place with
+:meth:`Worker.reserve` before it costs anything (its images are decoded only once it holds a place), and
+hands the place to its job with :meth:`Worker.submit`, or back with :meth:`Ticket.release`.  A job whose client has gone away
 is cancelled: if it is still waiting it never starts, and if it is running its event generator is closed
 after the current token, which closes the backend session and frees the model for the next job.
 """
@@ -40,6 +42,21 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
+class Ticket:
+    """A place in the queue, taken before the request's images are decoded; given to one job or released."""
+
+    def __init__(self, worker: Worker):
+        self._worker = worker
+        self.held = True
+
+    def release(self) -> None:
+        """Give the place back (the request failed before it became a job); a no-op once submitted."""
+        if self.held:
+            self.held = False
+            with self._worker._lock:
+                self._worker.waiting -= 1
+
+
 class Worker:
     """Runs jobs one at a time on its own thread; refuses a job when ``queue`` are already waiting."""
 
@@ -54,11 +71,20 @@ class Worker:
         self.last_cancelled_events: int | None = None  # events a cancelled running job had produced
         self._stopping = threading.Event()
 
-    def submit(self, job: Job) -> None:
+    def reserve(self) -> Ticket:
+        """A place for one request; :class:`QueueFull` when one runs and ``queue`` already wait."""
         with self._lock:
             if self.waiting + self.running >= self.queue + 1:  # one running, ``queue`` waiting
                 raise QueueFull
             self.waiting += 1
+        return Ticket(self)
+
+    def submit(self, job: Job, ticket: Ticket | None = None) -> None:
+        """Queue ``job`` in the place ``ticket`` holds (None: take one now, or raise :class:`QueueFull`)."""
+        ticket = ticket or self.reserve()
+        if not ticket.held:
+            raise ValueError("this queue place was already used or released")
+        ticket.held = False
         self._pool.submit(self._run, job)
 
     def _run(self, job: Job) -> None:
