@@ -8,6 +8,7 @@ question and settings (``Model.ask``: the path ``qvq ask`` takes), the wire form
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -695,3 +696,98 @@ def test_every_image_over_the_pixel_limit_is_413(served, width, height, decode_s
     assert error["code"] == "request_too_large" and error["param"] == "messages[0].content[0]"
     assert "40000000 pixels" in error["message"] or "40,000,000 pixels" in error["message"]
     assert decode_spy.calls == 0
+
+
+_SLOW_SERVE = """
+import sys
+sys.path.insert(0, {tests!r})
+import qvq_local.api as api
+from serve_util import SlowDown
+
+real_load = api.load
+
+
+def slow_load(*args, **kwargs):
+    model = real_load(*args, **kwargs)
+    SlowDown(model).delay = {delay!r}  # the real `qvq serve`, each token held back: a long answer
+    return model
+
+
+api.load = slow_load
+from qvq_local.cli import main
+
+sys.argv = ["qvq", "serve", "-m", {model!r}, "--port", "{port}", "--backend", "llama", "--queue", "2"]
+main()
+"""
+
+
+def test_sigterm_mid_stream_ends_with_an_error_event(tiny_gguf_f32, sample_image):
+    """Defect 8: on SIGTERM mid-stream the stream ended with neither [DONE] nor an error (uvicorn cancelled
+    the response after its grace period; a CancelledError traceback went to the log), so a client could not
+    tell a cut answer from a finished one.  Now the stream ends with OpenAI's error object in a data: line,
+    a request still waiting gets a JSON 503, and the server exits without a traceback."""
+    from pathlib import Path as _Path
+
+    port = free_port()
+    script = _SLOW_SERVE.format(
+        tests=str(_Path(__file__).parent), delay=0.05, model=str(tiny_gguf_f32.model), port=port
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(base + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "qvq serve did not come up"
+                time.sleep(0.2)
+        image = {"type": "image_url", "image_url": {"url": data_uri(sample_image)}}
+        body = {
+            "messages": [{"role": "user", "content": [image, {"type": "text", "text": QUESTION}]}],
+            "thinking_budget": 400,
+            "answer_budget": 64,
+        }
+        waiting: dict = {}
+
+        def second():  # queued behind the stream: it must be answered too, not dropped
+            r = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+            waiting["status"], waiting["body"] = r.status_code, r.text
+
+        lines: list[str] = []
+        cut = None
+        with httpx.stream(
+            "POST", base + "/v1/chat/completions", json={**body, "stream": True}, timeout=60
+        ) as response:
+            assert response.status_code == 200
+            thread = threading.Thread(target=second)
+            try:
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    lines.append(line[6:])
+                    if len(lines) == 4:
+                        thread.start()
+                        time.sleep(0.5)  # the second request is in the queue
+                        proc.send_signal(signal.SIGTERM)
+            except httpx.HTTPError as err:  # the connection closed mid-stream
+                cut = err
+        thread.join(timeout=60)
+        assert cut is None, f"the stream was cut without an ending: {cut!r}; last lines {lines[-2:]}"
+        assert lines[-1] != "[DONE]", lines[-3:]  # the answer did not finish: it must not look finished
+        error = json.loads(lines[-1])["error"]
+        assert error["type"] == "server_error" and error["code"] == "server_shutting_down", error
+        for line in lines[:-1]:
+            json.loads(line)  # every other line is a whole chunk
+        assert waiting["status"] == 503, waiting
+        assert json.loads(waiting["body"])["error"]["code"] == "server_shutting_down"
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "Traceback" not in err and "CancelledError" not in err, err

@@ -87,10 +87,21 @@ def serve(
     model = load(model_ref, backend=backend, max_pixels=max_pixels, n_gpu_layers=gpu_layers)
     try:
         app = create_app(model, ServeOptions(api_key=api_key, queue=queue, limits=limits))
+        worker = app.state.worker
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                # SIGTERM/SIGINT: end every answer now, with an error event, while its connection is still
+                # open; uvicorn then waits for the responses (up to its grace period) instead of cutting
+                # them off mid-stream
+                worker.stop()
+                super().handle_exit(sig, frame)
+
         warn(f"qvq serve: {model.name} ({model.backend}) on http://{host}:{port}/v1")
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
         try:
-            uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+            Server(config).run()
         finally:
-            app.state.worker.shutdown()
+            worker.shutdown()
     finally:
         model.close()

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from qvq_local import strict_json
 from qvq_local.serve import schema
 from qvq_local.serve.media import DecodeBudget, Limits, check_count, load_images
-from qvq_local.serve.worker import END, Job, QueueFull, Worker
+from qvq_local.serve.worker import END, Job, QueueFull, Stopping, Worker
 
 log = logging.getLogger("qvq.serve")
 
@@ -169,6 +169,8 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 code="queue_full",
                 headers={"Retry-After": str(options.retry_after_s)},
             ) from None
+        except Stopping:
+            raise _shutting_down() from None
         try:
             images = await asyncio.to_thread(
                 load_images, parsed.images, options.limits, model.max_pixels, decode_budget
@@ -179,7 +181,10 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 return iter(model.stream_settings(images, parsed.question, system))
 
             job = Job(make_events=events, loop=asyncio.get_running_loop())
-            worker.submit(job, ticket)
+            try:
+                worker.submit(job, ticket)
+            except Stopping:
+                raise _shutting_down() from None
         finally:
             ticket.release()  # a no-op once the job holds the place
         completion_id, created = schema.new_id(), schema.now()
@@ -210,9 +215,20 @@ def _with_system(settings, system: str | None):
     return replace(settings, system=system)
 
 
+def _shutting_down() -> schema.ApiError:
+    return schema.ApiError(
+        503,
+        "the server is shutting down; this request was not completed (retry on another server or later)",
+        kind="server_error",
+        code="server_shutting_down",
+    )
+
+
 def _raise_from(err: BaseException):
     from qvq_local.errors import ContextOverflow, QvqError
 
+    if isinstance(err, Stopping):
+        return _shutting_down()
     if isinstance(err, ContextOverflow):
         return schema.ApiError(400, str(err), code="context_length_exceeded")
     if isinstance(err, QvqError):
@@ -261,7 +277,8 @@ def _sse_line(data: dict | str) -> bytes:
 
 
 async def _sse(job: Job, completion_id: str, created: int, name: str, include_usage: bool):
-    """Server-sent events for one job; closing this generator (the client left) cancels the job."""
+    """Server-sent events for one job, ending with ``[DONE]`` after a complete answer or with OpenAI's
+    error object after anything else; closing this generator (the client left) cancels the job."""
     from qvq_local.events import Finished, Forced, TextDelta
 
     try:
@@ -271,9 +288,10 @@ async def _sse(job: Job, completion_id: str, created: int, name: str, include_us
             if item is END:
                 break
             if isinstance(item, BaseException):
-                err = _raise_from(item)
-                yield _sse_line(err.body())
-                break
+                # an error event ends the stream, and no [DONE] follows it: a cut answer (a failure, the
+                # server shutting down) must never look like a finished one
+                yield _sse_line(_raise_from(item).body())
+                return
             if isinstance(item, TextDelta) and item.text:
                 delta = schema.delta_for(item.phase, item.text)
                 yield _sse_line(schema.chunk(completion_id, created, name, delta))

@@ -24,6 +24,11 @@ class QueueFull(Exception):
     pass
 
 
+class Stopping(Exception):
+    """The server is shutting down: a job it stopped (or never started) gets this before its end, so the
+    request answers with an error instead of ending as if the answer were complete."""
+
+
 @dataclass
 class Job:
     """One request's generation: its events go to ``events`` (an asyncio queue) as they come."""
@@ -72,8 +77,11 @@ class Worker:
         self._stopping = threading.Event()
 
     def reserve(self) -> Ticket:
-        """A place for one request; :class:`QueueFull` when one runs and ``queue`` already wait."""
+        """A place for one request; :class:`QueueFull` when one runs and ``queue`` already wait,
+        :class:`Stopping` once the server is shutting down."""
         with self._lock:
+            if self._stopping.is_set():
+                raise Stopping
             if self.waiting + self.running >= self.queue + 1:  # one running, ``queue`` waiting
                 raise QueueFull
             self.waiting += 1
@@ -84,6 +92,8 @@ class Worker:
         ticket = ticket or self.reserve()
         if not ticket.held:
             raise ValueError("this queue place was already used or released")
+        if self._stopping.is_set():
+            raise Stopping  # the ticket is still held: the caller releases it
         ticket.held = False
         self._pool.submit(self._run, job)
 
@@ -93,17 +103,24 @@ class Worker:
             self.running += 1
         try:
             if job.cancelled.is_set() or self._stopping.is_set():
+                if not job.cancelled.is_set():
+                    job._put(Stopping())  # still waiting at shutdown: its client is told, not dropped
                 with self._lock:
                     self.cancelled += 1
                 return
             job.started = True
             events = job.make_events()
+            ended = False  # ran to its end: the answer is complete whatever happens next
             try:
                 for event in events:
                     job.emitted += 1
                     job._put(event)
                     if job.cancelled.is_set() or self._stopping.is_set():
                         break
+                else:
+                    ended = True
+                if not ended and not job.cancelled.is_set():
+                    job._put(Stopping())  # cut by shutdown: the client must not take it for a whole answer
             finally:
                 close = getattr(events, "close", None)
                 if close is not None:
@@ -133,6 +150,12 @@ class Worker:
                 "cancelled": self.cancelled,
                 "last_cancelled_events": self.last_cancelled_events,
             }
+
+    def stop(self) -> None:
+        """Begin shutting down, without waiting: the running job stops after its current token, the waiting
+        ones end without starting, each with :class:`Stopping`, and no new one is taken.  Called from the
+        signal handler, so that answers end with an error while their connections are still open."""
+        self._stopping.set()
 
     def shutdown(self) -> None:
         """Stop the running job after its current token, drop the waiting ones, and wait: the model may be
