@@ -43,6 +43,7 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "max_tokens": "--max-tokens",
         "samples": "--samples",
         "seed": "--seed",
+        "system": "--system",
     }
 )
 #: How the Python API spells them (``None``: the owning module's own wording, here the language lock's).
@@ -61,6 +62,8 @@ API_LABELS: Mapping[str, str | None] = MappingProxyType(
         "max_tokens": "max_tokens",
         "samples": "samples",
         "seed": "seed",
+        "system": "system",
+        "forced_text": "forced_text",
     }
 )
 
@@ -108,6 +111,8 @@ class AskSettings:
             if value is not None and value <= 0:
                 raise InputError(f"{label(name)} must be above 0, got {value}")
             self._set(name, value)
+        for name in ("system", "forced_text"):
+            check_text(getattr(self, name), label(name))
         self._set("backend", registry.canonical(self.backend))
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or not 1 <= self.samples <= 64:
             raise InputError(f"{label('samples')} must be a whole number from 1 to 64, got {self.samples!r}")
@@ -147,6 +152,19 @@ class AskSettings:
         object.__setattr__(self, name, value)  # normalising inside the frozen constructor
 
 
+def check_text(value: str | None, label: str | None) -> None:
+    """The rule for every text a question carries (the question, the system prompt, the forced text; the
+    server applies it to its whole body): a lone UTF-16 surrogate is not text, and is refused by name
+    rather than replaced, so nothing reaches the model that the user did not write."""
+    from qvq_local.strict_json import lone_surrogate
+
+    point = lone_surrogate(value) if isinstance(value, str) else None
+    if point is not None:
+        raise InputError(
+            f"{label} holds a lone UTF-16 surrogate ({point}), which is not text (bytes that are not UTF-8?)"
+        )
+
+
 def _finite(value: object, label: str | None) -> float | None:
     """A real number that is finite (NaN passes every range comparison, infinity every lower bound)."""
     if value is None:
@@ -175,4 +193,4 @@ def _whole(value: object, label: str | None) -> int | None:
     return value
 
 
-__all__ = ["API_LABELS", "CLI_LABELS", "DEFAULT_ANSWER_BUDGET", "AskSettings"]
+__all__ = ["API_LABELS", "CLI_LABELS", "DEFAULT_ANSWER_BUDGET", "AskSettings", "check_text"]

@@ -30,6 +30,14 @@ class JsonError(ValueError):
         self.path = path
 
 
+def lone_surrogate(text: str) -> str | None:
+    """The first lone UTF-16 surrogate in ``text`` as ``U+D800``, or None.  Such a str is not text: it
+    cannot be encoded as UTF-8 (a JSON ``"\ud800"`` escape makes one, and so does Python for command-line
+    bytes that are not UTF-8)."""
+    found = _SURROGATE.search(text)
+    return f"U+{ord(found.group()):04X}" if found else None
+
+
 def _refuse_constant(token: str) -> Any:
     raise JsonError(f"{token} is not a JSON number")
 
@@ -95,8 +103,7 @@ def _check(root: Any, max_depth: int, surrogates: bool) -> None:
 
 
 def _surrogate_error(text: str, trail: tuple | None, *, key: bool) -> None:
-    found = _SURROGATE.search(text)
-    point = f"U+{ord(found.group()):04X}" if found else "a surrogate"
+    point = lone_surrogate(text)
     path = _path(trail)
     where = f"the key {path}" if key else (path or "the value")
     raise JsonError(
@@ -122,4 +129,4 @@ def _path(trail: tuple | None) -> str | None:
     return text or None
 
 
-__all__ = ["MAX_DEPTH", "JsonError", "loads"]
+__all__ = ["MAX_DEPTH", "JsonError", "loads", "lone_surrogate"]

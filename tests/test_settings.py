@@ -276,3 +276,34 @@ def test_ask_refuses_nan_and_infinity_before_loading(option, value, sample_image
         result.stderr.strip().removeprefix("error: "), re.escape(f"{option} must be a finite number")
     )
     assert result.stdout == "" and not loaded.sessions
+
+
+def test_a_lone_surrogate_in_any_text_is_refused_by_name(sample_image, monkeypatch, tmp_path):
+    """Issue 22, defect 2's rule outside the server: a lone surrogate (what Python makes of bytes that are not
+    UTF-8 on the command line) in the question or the system prompt is one line naming it, not a
+    UnicodeEncodeError traceback from the tokenizer."""
+    with pytest.raises(InputError) as err:
+        AskSettings(system="be \ud800 brief", labels=CLI_LABELS)
+    assert_error(err, "--system", "surrogate", "U\\+D800")
+    with pytest.raises(InputError) as err:
+        AskSettings(forced_text="\udfff")
+    assert_error(err, "forced_text", "surrogate")
+
+    class _Utf8Only(_Loaded):  # a real tokenizer encodes the text first
+        def tokenize(self, text, *, special=False):
+            text.encode("utf-8")
+            return chop(text)
+
+    loaded = _Utf8Only()
+    model = api.Model(loaded, name="fake", backend="fake", quantization="none")
+    with pytest.raises(InputError) as err:
+        list(model.stream(sample_image, "which \udcff bar?"))
+    assert_error(err, "question", "surrogate", "U\\+DCFF")
+    monkeypatch.setattr(
+        api, "load", lambda ref, **kw: api.Model(loaded, name="f", backend="f", quantization="x")
+    )
+    save = tmp_path / "run.md"
+    result = runner.invoke(app, ["ask", str(sample_image), "\udcff?", "-m", "x", "--save", str(save)])
+    assert result.exit_code == 2, result.output
+    assert_error(result.stderr.strip().removeprefix("error: "), "question", "surrogate")
+    assert not save.exists() and not loaded.sessions
