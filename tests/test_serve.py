@@ -791,3 +791,32 @@ def test_sigterm_mid_stream_ends_with_an_error_event(tiny_gguf_f32, sample_image
             proc.kill()
             proc.communicate()
     assert "Traceback" not in err and "CancelledError" not in err, err
+
+
+def test_a_waiting_client_that_leaves_frees_its_place_at_once(served, sample_image):
+    """Found by the load test (issue 22): a client that left while its request waited kept its place until
+    the worker reached the dead job, so clients that disconnect could fill the queue and get live ones
+    refused with 429.  Its place is free as soon as it leaves."""
+    _wait_idle(served)
+    served.slow.delay = 0.05
+    held = []
+    try:
+        for _ in range(5):  # one running, four waiting (queue=4): full
+            ctx = _post_stream(served, sample_image)
+            assert ctx.__enter__().status_code == 200
+            held.append(ctx)
+        for ctx in (held.pop(), held.pop()):  # two of the waiting ones leave
+            ctx.__exit__(None, None, None)
+        deadline = time.monotonic() + 5
+        while served.app.state.worker.state()["waiting"] > 2:
+            assert time.monotonic() < deadline, served.app.state.worker.state()
+            time.sleep(0.05)
+        for _ in range(2):  # and their places take new requests at once
+            ctx = _post_stream(served, sample_image)
+            assert ctx.__enter__().status_code == 200
+            held.append(ctx)
+    finally:
+        for ctx in held:
+            ctx.__exit__(None, None, None)
+        served.slow.delay = 0.0
+    _wait_idle(served)

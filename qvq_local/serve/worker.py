@@ -39,9 +39,13 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: bool = False
     emitted: int = 0  # events produced (a cancelled job stops within one of noticing)
+    worker: Worker | None = None  # set when queued: a job cancelled while waiting frees its place at once
+    dequeued: bool = False  # left the waiting line (started, or gave its place back); under the worker's lock
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self.worker is not None:
+            self.worker._leave(self)
 
     def _put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -95,10 +99,23 @@ class Worker:
         if self._stopping.is_set():
             raise Stopping  # the ticket is still held: the caller releases it
         ticket.held = False
+        job.worker = self
         self._pool.submit(self._run, job)
+
+    def _leave(self, job: Job) -> None:
+        """A waiting job's client left: its place is free now, not when the worker reaches the dead job."""
+        with self._lock:
+            if job.dequeued:
+                return
+            job.dequeued = True
+            self.waiting -= 1
+            self.cancelled += 1
 
     def _run(self, job: Job) -> None:
         with self._lock:
+            if job.dequeued:  # cancelled while it waited: already counted, and nobody reads its events
+                return
+            job.dequeued = True
             self.waiting -= 1
             self.running += 1
         try:
