@@ -57,7 +57,7 @@ def serve(
     """Load the model once and serve it until interrupted."""
     from dataclasses import replace
 
-    from qvq_local.serve.media import Limits
+    from qvq_local.serve.media import Limits, return_freed_memory
 
     check_installed()
     if not 0 < port < 65536:
@@ -84,6 +84,7 @@ def serve(
     from qvq_local.api import load
     from qvq_local.serve.app import ServeOptions, create_app
 
+    return_freed_memory()  # so that decoding images holds its budget, not the allocator's high-water mark
     model = load(model_ref, backend=backend, max_pixels=max_pixels, n_gpu_layers=gpu_layers)
     try:
         app = create_app(model, ServeOptions(api_key=api_key, queue=queue, limits=limits))
