@@ -4,9 +4,11 @@ The model is loaded once; its sessions are not thread-safe and it holds one KV c
 generations run one after another on a single worker thread.  At most ``queue`` requests wait behind the
 running one; the next is refused (the app answers 429 with Retry-After).  A request takes its place with
 :meth:`Worker.reserve` before it costs anything (its images are decoded only once it holds a place), and
-hands the place to its job with :meth:`Worker.submit`, or back with :meth:`Ticket.release`.  A job whose client has gone away
-is cancelled: if it is still waiting it never starts, and if it is running its event generator is closed
-after the current token, which closes the backend session and frees the model for the next job.
+hands the place to its job with :meth:`Worker.submit`, or back with :meth:`Ticket.release`.  A job whose
+client has gone away is cancelled: if it is still waiting it gives its place back at once and never
+starts, and if it is running its event generator is closed after the current token, which closes the
+backend session and frees the model for the next job.  :meth:`Worker.stop` (the server shutting down) ends
+the running job and the waiting ones with :class:`Stopping`, so their clients get an error, not silence.
 """
 
 from __future__ import annotations
