@@ -820,3 +820,31 @@ def test_a_waiting_client_that_leaves_frees_its_place_at_once(served, sample_ima
             ctx.__exit__(None, None, None)
         served.slow.delay = 0.0
     _wait_idle(served)
+
+
+def test_a_client_that_leaves_mid_body_is_no_server_error(served):
+    """Issue 22's class: a client that closes the connection halfway through its body made Starlette raise
+    ClientDisconnect out of the route, logged as "Exception in ASGI application" with a traceback (a 500
+    nobody received).  It is an ordinary client error now, and the server goes on answering."""
+    import logging
+    import socket
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        conn = socket.create_connection(("127.0.0.1", served.port))
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n".encode()
+            + b'{"messages": ['
+        )
+        time.sleep(0.3)
+        conn.close()
+        time.sleep(0.5)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage() for r in records]
+    assert httpx.get(served.base_url.replace("/v1", "/health")).status_code == 200

@@ -27,6 +27,7 @@ from typing import Any
 # annotations need these names at module level to be resolved
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from qvq_local import strict_json
 from qvq_local.serve import schema
@@ -133,10 +134,15 @@ def create_app(model: Any, options: ServeOptions | None = None):
     async def read_body(request: Request) -> dict:
         limit = options.limits.max_body_bytes
         data = bytearray()
-        async for piece in request.stream():
-            data += piece
-            if len(data) > limit:
-                raise schema.ApiError(413, f"request body is over {limit} bytes", code="request_too_large")
+        try:
+            async for piece in request.stream():
+                data += piece
+                if len(data) > limit:
+                    raise schema.ApiError(
+                        413, f"request body is over {limit} bytes", code="request_too_large"
+                    )
+        except ClientDisconnect:  # the client left mid-body: a client error, for nobody to read
+            raise schema.ApiError(400, "the client closed the connection before the body ended") from None
         try:
             return strict_json.loads(bytes(data), max_values=options.limits.max_json_values)
         except strict_json.JsonError as err:
