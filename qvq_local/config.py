@@ -55,6 +55,9 @@ def _backend(value: str) -> str:
 def _text(value: str) -> str:
     if not value.strip():
         raise InputError("expected a non-empty value")
+    point = strict_json.lone_surrogate(value)
+    if point is not None:  # the rule for all text (settings.check_text): not text, refused by name
+        raise InputError(f"expected text, got a lone UTF-16 surrogate ({point}; bytes that are not UTF-8?)")
     return value.strip()
 
 

@@ -235,6 +235,16 @@ def test_a_hand_edited_setting_is_a_one_line_error(stored, tmp_path):
     assert path.read_text() == text  # nothing rewritten
 
 
+@pytest.mark.parametrize("key", ["model", "base_url"])
+def test_config_set_refuses_a_lone_surrogate(key, tmp_path):
+    """Issue 22's surrogate rule, found by its property test: `config set model` with a lone surrogate stored
+    it and then crashed printing it (UnicodeEncodeError traceback).  Refused in one line, nothing written."""
+    result = runner.invoke(app, ["config", "set", key, "my \udcff model"])
+    assert result.exit_code == 2, result.output
+    _one_line_error(result, "surrogate")
+    assert not (tmp_path / "home" / "config.json").exists()
+
+
 def test_doctor_reports_machine_and_backends():
     result = runner.invoke(app, ["doctor", "--json"])
     assert result.exit_code == 0, result.output
