@@ -109,61 +109,65 @@ def convert(
         out_dir = models_dir() / f"{source_name}-{fmt}-{label}"
     else:
         out_dir = Path(out).expanduser()
-    if out_dir.exists() and not force:
-        raise InputError("output already exists", path=out_dir, hint="pass --force to replace it")
     if out_dir.resolve() == src.resolve():
         raise InputError("output folder is the source folder", path=out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # one run per output at a time: a second one fails here at once, naming the first one's pid (before
+    # the exists check, so it is not told to pass --force, which would not help while the first runs)
+    with atomic.output_lock(out_dir):
+        if out_dir.exists() and not force:
+            raise InputError("output already exists", path=out_dir, hint="pass --force to replace it")
+        partial = atomic.partial_dir(out_dir)
+        try:
+            if fmt == "mlx":
+                from qvq_local.convert.to_mlx import convert_to_mlx
 
-    partial = atomic.partial_dir(out_dir)
-    try:
-        if fmt == "mlx":
-            from qvq_local.convert.to_mlx import convert_to_mlx
+                convert_to_mlx(src, partial, bits=qbits, group_size=gsize, progress=progress)
+                manifest = _manifest(
+                    partial,
+                    out_dir.name,
+                    source_label,
+                    "mlx",
+                    quantization,
+                    extra={
+                        "bits": qbits,
+                        "group_size": gsize if qbits else None,
+                        "mlx_vlm_version": _version("mlx-vlm"),
+                    },
+                )
+            else:
+                from qvq_local.convert.to_gguf import convert_to_gguf
 
-            convert_to_mlx(src, partial, bits=qbits, group_size=gsize, progress=progress)
-            manifest = _manifest(
-                partial,
-                out_dir.name,
-                source_label,
-                "mlx",
-                quantization,
-                extra={
-                    "bits": qbits,
-                    "group_size": gsize if qbits else None,
-                    "mlx_vlm_version": _version("mlx-vlm"),
-                },
-            )
-        else:
-            from qvq_local.convert.to_gguf import convert_to_gguf
+                pair = convert_to_gguf(
+                    src, partial, quant=quant, mmproj_quant=mmproj_quant, progress=progress
+                )
+                # The GGUF carries the sampling defaults (general.sampling.*); the model's own
+                # generation_config.json stays beside it too, whole, for tools that read only that file.
+                if (src / "generation_config.json").is_file():
+                    shutil.copyfile(src / "generation_config.json", partial / "generation_config.json")
+                manifest = _manifest(
+                    partial,
+                    out_dir.name,
+                    source_label,
+                    "gguf",
+                    quantization,
+                    model_file=Path(pair.model).name,
+                    mmproj_file=Path(pair.mmproj).name,
+                    extra={"mmproj_quant": mmproj_quant, "gguf_version": _version("gguf")},
+                )
+            from qvq_local.formats.manifest import write_manifest
 
-            pair = convert_to_gguf(src, partial, quant=quant, mmproj_quant=mmproj_quant, progress=progress)
-            # The GGUF carries the sampling defaults (general.sampling.*); the model's own
-            # generation_config.json stays beside it too, whole, for tools that read only that file.
-            if (src / "generation_config.json").is_file():
-                shutil.copyfile(src / "generation_config.json", partial / "generation_config.json")
-            manifest = _manifest(
-                partial,
-                out_dir.name,
-                source_label,
-                "gguf",
-                quantization,
-                model_file=Path(pair.model).name,
-                mmproj_file=Path(pair.mmproj).name,
-                extra={"mmproj_quant": mmproj_quant, "gguf_version": _version("gguf")},
-            )
-        from qvq_local.formats.manifest import write_manifest
-
-        write_manifest(partial, manifest)
-        atomic.replace_dir(partial, out_dir)
-    except OSError as err:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise _write_error(err, out_dir, fmt) from None
-    except QvqError as err:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise _named_after_output(err, partial, out_dir) from None
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+            write_manifest(partial, manifest)
+            atomic.replace_dir(partial, out_dir)
+        except OSError as err:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise _write_error(err, out_dir, fmt) from None
+        except QvqError as err:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise _named_after_output(err, partial, out_dir) from None
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     return out_dir
 
 

@@ -279,11 +279,13 @@ class Model:
         ``settings.max_pixels`` None means the bound this model was loaded with.
         """
         from qvq_local import lang
+        from qvq_local.settings import check_text
 
         if self.loaded is None:
             raise ModelError("this model was closed; load it again")
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty")
+        check_text(question, "the question")
         lock = lang.decide(question, settings.lang_lock)
         if settings.max_pixels is None and self.max_pixels is not None:
             settings = replace(settings, max_pixels=self.max_pixels)

@@ -71,6 +71,9 @@ def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
         raise InputError("no image given: pass one or more images before the question (or -a IMAGE)")
     if not question.strip():
         raise InputError("the question is empty")
+    from qvq_local.settings import check_text
+
+    check_text(question, "the question")  # before a model is loaded for it
     return images, question
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qvq_local import atomic
+from qvq_local import atomic, strict_json
 from qvq_local.errors import InputError
 
 CONFIG_NAME = "config.json"
@@ -55,6 +55,9 @@ def _backend(value: str) -> str:
 def _text(value: str) -> str:
     if not value.strip():
         raise InputError("expected a non-empty value")
+    point = strict_json.lone_surrogate(value)
+    if point is not None:  # the rule for all text (settings.check_text): not text, refused by name
+        raise InputError(f"expected text, got a lone UTF-16 surrogate ({point}; bytes that are not UTF-8?)")
     return value.strip()
 
 
@@ -123,11 +126,11 @@ def read_file() -> dict[str, Any]:
     except OSError as exc:
         raise InputError(f"cannot read the settings: {exc.strerror or exc}", path=path) from exc
     try:
-        data = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise InputError(
-            f"not valid JSON ({exc.msg} at line {exc.lineno})", path=path, hint="fix or delete the file"
-        ) from exc
+        # strict: NaN, Infinity and numbers beyond a double's range are not JSON (surrogates may stand
+        # for a path's undecodable bytes, so they are kept)
+        data = strict_json.loads(text, surrogates=True) if text.strip() else {}
+    except strict_json.JsonError as exc:
+        raise InputError(str(exc), path=path, hint="fix or delete the file") from None
     if not isinstance(data, dict):
         raise InputError("expected a JSON object", path=path, hint="fix or delete the file")
     return data
@@ -140,11 +143,22 @@ def _write_file(data: dict[str, Any]) -> None:
 
 
 def get(key: str) -> Any:
-    """A setting's effective value (environment first, then the file); None when unset."""
+    """A setting's effective value (environment first, then the file); None when unset.  A value from the
+    file is checked as ``set`` checks it: the file may have been edited by hand."""
     setting = _check_key(key)
     if setting.env and os.environ.get(setting.env):
         return setting.parse(os.environ[setting.env])
-    return read_file().get(setting.name)
+    value = read_file().get(setting.name)
+    if value is None:
+        return None
+    try:
+        return setting.parse(value if isinstance(value, str) else json.dumps(value))
+    except InputError as err:
+        raise InputError(
+            f"the {setting.name} setting: {err}",
+            path=config_path(),
+            hint=f"qvq config set {setting.name} VALUE, or fix the file",
+        ) from None
 
 
 def source(key: str) -> str:

@@ -16,6 +16,7 @@ above 0, got 0`` from Python.  ``labels`` carries those names (see :data:`CLI_LA
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -25,6 +26,9 @@ from qvq_local.errors import InputError
 
 #: Answer tokens allowed after thinking ends, when the caller sets none.
 DEFAULT_ANSWER_BUDGET = 1024
+#: The largest top-k (llama.cpp takes a 32-bit int) and seed (llama.cpp's sampler seeds are 32-bit).
+MAX_TOP_K = 2**31 - 1
+MAX_SEED = 2**32 - 1
 
 #: How ``qvq ask`` spells each checked option in its messages.
 CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
@@ -39,6 +43,8 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "lang_lock": "--lang-lock",
         "max_tokens": "--max-tokens",
         "samples": "--samples",
+        "seed": "--seed",
+        "system": "--system",
     }
 )
 #: How the Python API spells them (``None``: the owning module's own wording, here the language lock's).
@@ -54,6 +60,9 @@ API_LABELS: Mapping[str, str | None] = MappingProxyType(
         "lang_lock": None,
         "max_tokens": "max_tokens",
         "samples": "samples",
+        "seed": "seed",
+        "system": "system",
+        "forced_text": "forced_text",
     }
 )
 
@@ -111,23 +120,81 @@ class AskSettings:
         label = {**API_LABELS, **self.labels}.get
         self._set("lang_lock", lang.check_mode(self.lang_lock, label("lang_lock")))
         for name in ("think_budget", "answer_budget", "max_pixels", "max_tokens"):
-            value = getattr(self, name)
+            value = _whole(getattr(self, name), label(name))
             if value is not None and value <= 0:
                 raise InputError(f"{label(name)} must be above 0, got {value}")
+            self._set(name, value)
+        for name in ("system", "forced_text"):
+            check_text(getattr(self, name), label(name))
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or not 1 <= self.samples <= 64:
             raise InputError(f"{label('samples')} must be a whole number from 1 to 64, got {self.samples!r}")
         s = self.sampling
-        if s.temperature is not None and s.temperature < 0:
-            raise InputError(f"{label('temperature')} must be 0 or more, got {s.temperature}")
-        if s.top_p is not None and not 0 < s.top_p <= 1:
-            raise InputError(f"{label('top_p')} must be in (0, 1], got {s.top_p}")
-        if s.top_k is not None and s.top_k < 0:
-            raise InputError(f"{label('top_k')} must be 0 or more, got {s.top_k}")
-        if s.repetition_penalty is not None and s.repetition_penalty <= 0:
-            raise InputError(f"{label('repetition_penalty')} must be above 0, got {s.repetition_penalty}")
+        temperature = _finite(s.temperature, label("temperature"))
+        top_p = _finite(s.top_p, label("top_p"))
+        top_k = _whole(s.top_k, label("top_k"))
+        penalty = _finite(s.repetition_penalty, label("repetition_penalty"))
+        seed = _whole(s.seed, label("seed"))
+        if temperature is not None and temperature < 0:
+            raise InputError(f"{label('temperature')} must be 0 or more, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise InputError(f"{label('top_p')} must be in (0, 1], got {top_p}")
+        if top_k is not None and top_k < 0:
+            raise InputError(f"{label('top_k')} must be 0 or more, got {top_k}")
+        if top_k is not None and top_k > MAX_TOP_K:
+            raise InputError(f"{label('top_k')} must be at most {MAX_TOP_K}, got {top_k}")
+        if penalty is not None and penalty <= 0:
+            raise InputError(f"{label('repetition_penalty')} must be above 0, got {penalty}")
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise InputError(f"{label('seed')} must be a whole number from 0 to {MAX_SEED}, got {seed}")
+        checked = SamplingParams(
+            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=penalty, seed=seed
+        )
+        if checked != s:
+            self._set("sampling", checked)
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)  # normalising inside the frozen constructor
+
+
+def check_text(value: str | None, label: str | None) -> None:
+    """The rule for every text a question carries (the question, the system prompt, the forced text; the
+    server applies it to its whole body): a lone UTF-16 surrogate is not text, and is refused by name
+    rather than replaced, so nothing reaches the model that the user did not write."""
+    from qvq_local.strict_json import lone_surrogate
+
+    point = lone_surrogate(value) if isinstance(value, str) else None
+    if point is not None:
+        raise InputError(
+            f"{label} holds a lone UTF-16 surrogate ({point}), which is not text (bytes that are not UTF-8?)"
+        )
+
+
+def _finite(value: object, label: str | None) -> float | None:
+    """A real number that is finite (NaN passes every range comparison, infinity every lower bound)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{label} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range
+        raise InputError(f"{label} must be a finite number, got {value}") from None
+    if not math.isfinite(number):
+        raise InputError(f"{label} must be a finite number, got {value}")
+    return number if isinstance(value, float) else value
+
+
+def _whole(value: object, label: str | None) -> int | None:
+    """A whole number: an int, or a float with no fraction (``1e3`` from a JSON or Python caller)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{label} must be a whole number, got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise InputError(f"{label} must be a whole number, got {value}")
+        return int(value)
+    return value
 
 
 #: The sampling options, given flat to :meth:`AskSettings.build` (``temperature=0.7``), kept in ``sampling``.
@@ -139,4 +206,11 @@ def _names() -> list[str]:
     return [*own, *SAMPLING_OPTIONS]
 
 
-__all__ = ["API_LABELS", "CLI_LABELS", "DEFAULT_ANSWER_BUDGET", "SAMPLING_OPTIONS", "AskSettings"]
+__all__ = [
+    "API_LABELS",
+    "CLI_LABELS",
+    "DEFAULT_ANSWER_BUDGET",
+    "SAMPLING_OPTIONS",
+    "AskSettings",
+    "check_text",
+]

@@ -219,6 +219,32 @@ def test_config_rejects_bad_keys_and_values():
     _one_line_error(runner.invoke(app, ["config", "set", "backend", "tpu"]), "auto, mlx, llama or openai")
 
 
+@pytest.mark.parametrize("stored", ["NaN", "-Infinity", "1e400", '"lots"', "2.5", "true", "0"])
+def test_a_hand_edited_setting_is_a_one_line_error(stored, tmp_path):
+    """Issue 22: a settings file holding NaN, infinity or a value `config set` would refuse crashed the
+    commands that read it (a ValueError traceback from int()); now one line naming the file."""
+    home = tmp_path / "home"
+    home.mkdir()
+    path = home / "config.json"
+    text = '{"cache_max_mb": ' + stored + "}"
+    path.write_text(text)
+    for args in (["cache", "info"], ["config", "get", "cache_max_mb"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        _one_line_error(result, path=path)
+    assert path.read_text() == text  # nothing rewritten
+
+
+@pytest.mark.parametrize("key", ["model", "base_url"])
+def test_config_set_refuses_a_lone_surrogate(key, tmp_path):
+    """Issue 22's surrogate rule, found by its property test: `config set model` with a lone surrogate stored
+    it and then crashed printing it (UnicodeEncodeError traceback).  Refused in one line, nothing written."""
+    result = runner.invoke(app, ["config", "set", key, "my \udcff model"])
+    assert result.exit_code == 2, result.output
+    _one_line_error(result, "surrogate")
+    assert not (tmp_path / "home" / "config.json").exists()
+
+
 def test_doctor_reports_machine_and_backends():
     result = runner.invoke(app, ["doctor", "--json"])
     assert result.exit_code == 0, result.output

@@ -365,3 +365,47 @@ def test_sigint_during_ask_keeps_partial_thought_json(tiny_gguf, home, tmp_path)
     assert message.get("reasoning_content"), shown
     assert data["qvq"]["stop_reason"] == "interrupted", shown
     assert save.is_file() and message["reasoning_content"].split()[0] in save.read_text()
+
+
+# ------------------------------------------------------------------------------------------ two at once
+def test_a_second_convert_into_the_same_output_fails_at_once(mid_source, home, tmp_path):
+    """Issue 22, defect 7: two `qvq convert` runs with the same -o both exited 0 and the last silently
+    replaced the other's output.  The first holds an OS lock on its output; the second fails at once, in
+    one line naming the folder and the first run's pid (and not suggesting --force, which would not help
+    while the first runs); a run killed with SIGKILL leaves no lock behind."""
+    args = _convert_args(mid_source, "gguf", "out")
+    first = Child(args, tmp_path, home)
+    first.wait_until(lambda: partial_bytes(tmp_path, "out") > 1024**2, 180, "convert to start writing")
+    t0 = time.monotonic()
+    for extra in ([], ["--force"]):
+        second = subprocess.run(
+            [*CLI, *args, *extra],
+            cwd=tmp_path,
+            env=cli_env(home),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), second.stderr
+        assert lines[0].startswith("error: out: ") and f"pid {first.proc.pid}" in lines[0], lines[0]
+        assert "--force" not in lines[0] and "Traceback" not in second.stderr
+    assert time.monotonic() - t0 < 60 and first.proc.poll() is None  # refused while the first still ran
+    assert first.finish(timeout=600) == 0, first.describe()
+    assert (tmp_path / "out" / "qvq-manifest.json").is_file()
+    assert partials(tmp_path, "out") == []  # no partial folder, no lock file left
+    after = subprocess.run(
+        [*CLI, *args], cwd=tmp_path, env=cli_env(home), capture_output=True, text=True, timeout=120
+    )
+    assert after.returncode == 2 and "--force" in after.stderr  # the first has ended: now --force helps
+
+    killed = Child([*args, "--force"], tmp_path, home)
+    killed.wait_until(lambda: partial_bytes(tmp_path, "out") > 1024**2, 180, "convert to start writing")
+    killed.proc.kill()
+    killed.finish()
+    rerun = subprocess.run(
+        [*CLI, *args, "--force"], cwd=tmp_path, env=cli_env(home), capture_output=True, text=True, timeout=600
+    )
+    assert rerun.returncode == 0, rerun.stderr  # the dead run's lock went with it
+    assert (tmp_path / "out" / "qvq-manifest.json").is_file()

@@ -26,6 +26,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "build_flags",
         "units",
         "plugins",
+        "strict_json",
         "formats",
         "formats.*",
     ),

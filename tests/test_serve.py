@@ -8,10 +8,12 @@ question and settings (``Model.ask``: the path ``qvq ask`` takes), the wire form
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from serve_util import ServerThread, SlowDown, data_uri, free_port
@@ -437,3 +439,412 @@ def test_a_repeated_image_reuses_its_prefix_from_memory(served, client, sample_i
     sources = [r.model_extra["qvq"]["settings"]["prefix_cache"]["source"] for r in (first, again)]
     assert sources == ["fresh", "memory"]
     assert again.choices[0].message.content is not None
+
+
+# ------------------------------------------------------------------ issue 22: what a hostile probe found
+
+
+def _raw(served, body: bytes, timeout: float = 60):
+    """POST bytes as they are (the JSON extensions and escapes a client library would never send)."""
+    return httpx.post(
+        served.base_url + "/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        timeout=timeout,
+    )
+
+
+def _body(served, image, **fields) -> dict:
+    return {
+        "model": served.model.name,
+        "messages": _messages(image),
+        "thinking_budget": 4,
+        "answer_budget": 4,
+        **fields,
+    }
+
+
+def _assert_error_json(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = json.loads(response.text)["error"]  # strict: a NaN in the body would not even parse here
+    assert error["type"] == "invalid_request_error" and error["message"]
+    return error
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(
+    "field, token",
+    [("temperature", "NaN"), ("repetition_penalty", "NaN"), ("top_p", "-Infinity"), ("temperature", "1e400")],
+)
+def test_nan_and_infinity_are_400_before_anything_runs(served, sample_image, field, token, stream):
+    """Defect 1: `"temperature": NaN` (Python's parser takes it) passed every range check, ran the whole
+    generation and then answered 500, or streamed a final chunk holding the literal NaN."""
+    _wait_idle(served)
+    steps = served.slow.steps
+    text = json.dumps(_body(served, sample_image, stream=stream, **{field: 12345.5}))
+    response = _raw(served, text.replace("12345.5", token).encode())
+    error = _assert_error_json(response, 400)
+    assert token in error["message"]
+    assert served.slow.steps == steps  # refused before any token
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["question", "system", "model", "image_url", "metadata key"],
+)
+def test_a_lone_surrogate_is_400_naming_the_field(served, sample_image, where):
+    """Defect 2: a lone surrogate in the question gave 500 (UnicodeEncodeError at the tokenizer).  The rule,
+    for every string and key of the body: 400 naming where it is."""
+    _wait_idle(served)
+    body = _body(served, sample_image)
+    bad = "\ud800 hi"
+    if where == "question":
+        body["messages"][-1]["content"][1]["text"] = bad
+        param = "messages[0].content[1].text"
+    elif where == "system":
+        body["messages"] = _messages(sample_image, system=bad)
+        param = "messages[0].content"
+    elif where == "model":
+        body["model"] = bad
+        param = "model"
+    elif where == "image_url":
+        body["messages"][-1]["content"][0]["image_url"]["url"] += bad
+        param = "messages[0].content[0].image_url.url"
+    else:
+        body["metadata"] = {bad: "x"}
+        param = "metadata.\\ud800 hi"
+    response = _raw(served, json.dumps(body).encode())  # ensure_ascii: the surrogate goes as \ud800
+    error = _assert_error_json(response, 400)
+    assert error["param"] == param and "surrogate" in error["message"], error
+
+
+def test_a_deeply_nested_body_is_400(served, sample_image):
+    """Defect 3: a body nested 100,000 arrays deep gave 500 (RecursionError in the JSON parser)."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    _assert_error_json(_raw(served, deep), 400)
+    body = json.dumps(_body(served, sample_image, metadata={"x": 0})).encode()
+    nested = body.replace(b'{"x": 0}', b'{"x": ' + b"[" * 200 + b"]" * 200 + b"}")  # deep, but parseable
+    error = _assert_error_json(_raw(served, nested), 400)
+    assert "nested" in error["message"]
+
+
+def test_a_non_streamed_client_that_leaves_is_cancelled(served, client, sample_image):
+    """Defect 4: a non-streaming client that disconnected was not cancelled: its generation ran to the end
+    while the next request waited behind it.  Now it stops within a token, as a streamed one does."""
+    _wait_idle(served)
+    served.slow.delay = 0.02  # 50 tok/s: the whole answer (400+ thought tokens) would take 8 s or more
+    before = served.app.state.worker.state()
+    closed_before = served.slow.closed
+    body = _body(served, sample_image, thinking_budget=400, answer_budget=64)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            served.base_url + "/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=httpx.Timeout(60, read=1.5),  # the client gives up mid-generation and closes
+        )
+    t_left = time.monotonic()
+    state = _wait_idle(served, timeout=5)
+    stopped_in = time.monotonic() - t_left
+    assert state["cancelled"] == before["cancelled"] + 1
+    assert served.slow.closed == closed_before + 1  # the backend session was closed
+    assert state["last_cancelled_events"] < 200  # stopped early, not after 400+ tokens
+    assert stopped_in < 2.0
+    served.slow.delay = 0.0
+    reply = client.chat.completions.create(  # the model is free for the next client
+        model=served.model.name, messages=_messages(sample_image), extra_body=BUDGET
+    )
+    assert reply.choices[0].message.content is not None
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` (RGB) and whose pixels are one empty row: what a
+    decompression bomb looks like before it is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _big_png(tmp_path, megapixels: int) -> Path:
+    """A real, decodable PNG of ``megapixels`` (one colour: a few hundred KB on disk)."""
+    from PIL import Image
+
+    path = tmp_path / f"big-{megapixels}mp.png"
+    side = int((megapixels * 1_000_000) ** 0.5)
+    Image.new("RGB", (side, side), (200, 40, 40)).save(path)
+    return path
+
+
+def _image_body(served, uris: list[str], **fields) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in uris]
+    return {
+        "model": served.model.name,
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}],
+        "thinking_budget": 2,
+        "answer_budget": 2,
+        **fields,
+    }
+
+
+@pytest.fixture
+def decode_spy(monkeypatch):
+    """Counts the image decodes (qvq_local.images.load_image) and the most that ran at once; each holds
+    its decode for ``hold_s`` so that concurrent requests really overlap."""
+    import qvq_local.images as images
+
+    original = images.load_image
+    spy = type("Spy", (), {"calls": 0, "running": 0, "most": 0, "hold_s": 0.0})()
+    lock = threading.Lock()
+
+    def counted(*args, **kwargs):
+        with lock:
+            spy.calls += 1
+            spy.running += 1
+            spy.most = max(spy.most, spy.running)
+        try:
+            time.sleep(spy.hold_s)
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                spy.running -= 1
+
+    monkeypatch.setattr(images, "load_image", counted)
+    return spy
+
+
+def test_a_full_queue_is_429_before_any_image_is_decoded(served, sample_image, decode_spy, tmp_path):
+    """Defect 5: a full queue answered 429 only after decoding every image (four requests of 36 MP PNGs took
+    12-14 s each to be refused, and RSS went to ~1 GB).  Admission comes first now."""
+    _wait_idle(served)
+    served.slow.delay = 0.05
+    big = data_uri(_big_png(tmp_path, 36))
+    open_streams = []
+    try:
+        for _ in range(5):  # one running, four waiting (queue=4)
+            ctx = _post_stream(served, sample_image)
+            assert ctx.__enter__().status_code == 200
+            open_streams.append(ctx)
+        decode_spy.calls = 0
+        statuses, took = [], []
+
+        def refused():
+            t0 = time.monotonic()
+            r = _raw(served, json.dumps(_image_body(served, [big, big])).encode())
+            took.append(time.monotonic() - t0)
+            statuses.append((r.status_code, r.json()["error"]["code"]))
+
+        threads = [threading.Thread(target=refused) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert statuses == [(429, "queue_full")] * 4
+        assert decode_spy.calls == 0  # not one image decoded for a request that was refused
+        assert max(took) < 5.0, took  # (decoding two 36 MP images takes seconds on its own)
+    finally:
+        for ctx in open_streams:
+            ctx.__exit__(None, None, None)
+        served.slow.delay = 0.0
+    _wait_idle(served)
+
+
+def test_image_decoding_shares_one_memory_budget(served, decode_spy, tmp_path):
+    """Defect 5's other half: decoding holds a bounded memory budget across concurrent requests (the
+    served app's default, 512 MiB); three requests of two 16 MP RGB PNGs (about 190 MB each to decode)
+    never decode more than two images at once, and all three are answered."""
+    _wait_idle(served)
+    uri = data_uri(_big_png(tmp_path, 16))
+    decode_spy.hold_s = 0.4  # each decode lasts long enough for the requests to overlap
+    statuses = []
+
+    def one():
+        r = _raw(served, json.dumps(_image_body(served, [uri, uri])).encode(), timeout=120)
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert statuses == [200, 200, 200]
+    assert decode_spy.calls == 6
+    assert decode_spy.most == 2, decode_spy.most  # three at once would be ~580 MB
+    budget = served.app.state.decode_budget
+    assert budget.total == 512 * 2**20
+    assert budget.peak <= budget.total and budget.used == 0
+    _wait_idle(served)
+
+
+@pytest.mark.parametrize("width, height", [(6000, 7000), (20000, 10000)], ids=["42MP", "200MP-bomb"])
+def test_every_image_over_the_pixel_limit_is_413(served, width, height, decode_spy):
+    """Defect 6: an image over Pillow's own bomb limit (~179 MP) got 400 "too large to decode safely" while
+    one of 42 MP got 413: the same class of input gets the same status, and neither is decoded."""
+    import base64
+
+    uri = "data:image/png;base64," + base64.b64encode(_png_declaring(width, height)).decode()
+    error = _assert_error_json(_raw(served, json.dumps(_image_body(served, [uri])).encode()), 413)
+    assert error["code"] == "request_too_large" and error["param"] == "messages[0].content[0]"
+    assert "40000000 pixels" in error["message"] or "40,000,000 pixels" in error["message"]
+    assert decode_spy.calls == 0
+
+
+_SLOW_SERVE = """
+import sys
+sys.path.insert(0, {tests!r})
+import qvq_local.api as api
+from serve_util import SlowDown
+
+real_load = api.load
+
+
+def slow_load(*args, **kwargs):
+    model = real_load(*args, **kwargs)
+    SlowDown(model).delay = {delay!r}  # the real `qvq serve`, each token held back: a long answer
+    return model
+
+
+api.load = slow_load
+from qvq_local.cli import main
+
+sys.argv = ["qvq", "serve", "-m", {model!r}, "--port", "{port}", "--backend", "llama", "--queue", "2"]
+main()
+"""
+
+
+def test_sigterm_mid_stream_ends_with_an_error_event(tiny_gguf_f32, sample_image):
+    """Defect 8: on SIGTERM mid-stream the stream ended with neither [DONE] nor an error (uvicorn cancelled
+    the response after its grace period; a CancelledError traceback went to the log), so a client could not
+    tell a cut answer from a finished one.  Now the stream ends with OpenAI's error object in a data: line,
+    a request still waiting gets a JSON 503, and the server exits without a traceback."""
+    from pathlib import Path as _Path
+
+    port = free_port()
+    script = _SLOW_SERVE.format(
+        tests=str(_Path(__file__).parent), delay=0.05, model=str(tiny_gguf_f32.model), port=port
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(base + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "qvq serve did not come up"
+                time.sleep(0.2)
+        image = {"type": "image_url", "image_url": {"url": data_uri(sample_image)}}
+        body = {
+            "messages": [{"role": "user", "content": [image, {"type": "text", "text": QUESTION}]}],
+            "thinking_budget": 400,
+            "answer_budget": 64,
+        }
+        waiting: dict = {}
+
+        def second():  # queued behind the stream: it must be answered too, not dropped
+            r = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+            waiting["status"], waiting["body"] = r.status_code, r.text
+
+        lines: list[str] = []
+        cut = None
+        with httpx.stream(
+            "POST", base + "/v1/chat/completions", json={**body, "stream": True}, timeout=60
+        ) as response:
+            assert response.status_code == 200
+            thread = threading.Thread(target=second)
+            try:
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    lines.append(line[6:])
+                    if len(lines) == 4:
+                        thread.start()
+                        time.sleep(0.5)  # the second request is in the queue
+                        proc.send_signal(signal.SIGTERM)
+            except httpx.HTTPError as err:  # the connection closed mid-stream
+                cut = err
+        thread.join(timeout=60)
+        assert cut is None, f"the stream was cut without an ending: {cut!r}; last lines {lines[-2:]}"
+        assert lines[-1] != "[DONE]", lines[-3:]  # the answer did not finish: it must not look finished
+        error = json.loads(lines[-1])["error"]
+        assert error["type"] == "server_error" and error["code"] == "server_shutting_down", error
+        for line in lines[:-1]:
+            json.loads(line)  # every other line is a whole chunk
+        assert waiting["status"] == 503, waiting
+        assert json.loads(waiting["body"])["error"]["code"] == "server_shutting_down"
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "Traceback" not in err and "CancelledError" not in err, err
+
+
+def test_a_waiting_client_that_leaves_frees_its_place_at_once(served, sample_image):
+    """Found by the load test (issue 22): a client that left while its request waited kept its place until
+    the worker reached the dead job, so clients that disconnect could fill the queue and get live ones
+    refused with 429.  Its place is free as soon as it leaves."""
+    _wait_idle(served)
+    served.slow.delay = 0.05
+    held = []
+    try:
+        for _ in range(5):  # one running, four waiting (queue=4): full
+            ctx = _post_stream(served, sample_image)
+            assert ctx.__enter__().status_code == 200
+            held.append(ctx)
+        for ctx in (held.pop(), held.pop()):  # two of the waiting ones leave
+            ctx.__exit__(None, None, None)
+        deadline = time.monotonic() + 5
+        while served.app.state.worker.state()["waiting"] > 2:
+            assert time.monotonic() < deadline, served.app.state.worker.state()
+            time.sleep(0.05)
+        for _ in range(2):  # and their places take new requests at once
+            ctx = _post_stream(served, sample_image)
+            assert ctx.__enter__().status_code == 200
+            held.append(ctx)
+    finally:
+        for ctx in held:
+            ctx.__exit__(None, None, None)
+        served.slow.delay = 0.0
+    _wait_idle(served)
+
+
+def test_a_client_that_leaves_mid_body_is_no_server_error(served):
+    """Issue 22's class: a client that closes the connection halfway through its body made Starlette raise
+    ClientDisconnect out of the route, logged as "Exception in ASGI application" with a traceback (a 500
+    nobody received).  It is an ordinary client error now, and the server goes on answering."""
+    import logging
+    import socket
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        conn = socket.create_connection(("127.0.0.1", served.port))
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n".encode()
+            + b'{"messages": ['
+        )
+        time.sleep(0.3)
+        conn.close()
+        time.sleep(0.5)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage() for r in records]
+    assert httpx.get(served.base_url.replace("/v1", "/health")).status_code == 200

@@ -64,6 +64,52 @@ BAD = [
         "--repetition-penalty must be above 0, got 0.0",
         "repetition_penalty must be above 0, got 0.0",
     ),
+    # NaN passes every comparison and infinity every lower bound: refused by name (issue 22)
+    (
+        {"sampling": SamplingParams(temperature=float("nan"))},
+        "--temperature must be a finite number, got nan",
+        "temperature must be a finite number, got nan",
+    ),
+    (
+        {"sampling": SamplingParams(temperature=float("inf"))},
+        "--temperature must be a finite number, got inf",
+        "temperature must be a finite number, got inf",
+    ),
+    (
+        {"sampling": SamplingParams(repetition_penalty=float("nan"))},
+        "--repetition-penalty must be a finite number, got nan",
+        "repetition_penalty must be a finite number, got nan",
+    ),
+    (
+        {"sampling": SamplingParams(top_p=float("nan"))},
+        "--top-p must be a finite number, got nan",
+        "top_p must be a finite number, got nan",
+    ),
+    (
+        {"sampling": SamplingParams(top_k=2**70)},
+        f"--top-k must be at most {2**31 - 1}, got {2**70}",
+        f"top_k must be at most {2**31 - 1}, got {2**70}",
+    ),
+    (
+        {"sampling": SamplingParams(seed=-1)},
+        "--seed must be a whole number from 0 to 4294967295, got -1",
+        "seed must be a whole number from 0 to 4294967295, got -1",
+    ),
+    (
+        {"think_budget": float("nan")},
+        "--think-budget must be a whole number, got nan",
+        "the think budget must be a whole number, got nan",
+    ),
+    (
+        {"answer_budget": float("inf")},
+        "--answer-budget must be a whole number, got inf",
+        "the answer budget must be a whole number, got inf",
+    ),
+    (
+        {"max_pixels": 2.5},
+        "--max-pixels must be a whole number, got 2.5",
+        "max_pixels must be a whole number, got 2.5",
+    ),
     (
         {"lang_lock": "sometimes"},
         "--lang-lock must be one of auto, on, off, got 'sometimes'",
@@ -243,3 +289,52 @@ def test_every_cli_option_reaches_the_session_and_the_result(sample_image, monke
     }
     assert settings["lang_lock"]["mode"] == "off" and settings["top_k"] == 5
     assert "Be brief." in loaded.sessions[0].prefill_calls[0].text
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--temperature", "nan"), ("--temperature", "inf"), ("--repetition-penalty", "nan"), ("--top-p", "nan")],
+)
+def test_ask_refuses_nan_and_infinity_before_loading(option, value, sample_image, monkeypatch):
+    """Issue 22: `qvq ask --temperature nan` ran and exited 0 (and --json printed NaN, which is not JSON)."""
+    loaded = _Loaded()
+    monkeypatch.setattr(
+        api, "load", lambda ref, **kw: api.Model(loaded, name="f", backend="f", quantization="x")
+    )
+    result = runner.invoke(app, ["ask", str(sample_image), "q", "-m", "x", "--json", option, value])
+    assert result.exit_code == 2, result.output
+    assert_error(
+        result.stderr.strip().removeprefix("error: "), re.escape(f"{option} must be a finite number")
+    )
+    assert result.stdout == "" and not loaded.sessions
+
+
+def test_a_lone_surrogate_in_any_text_is_refused_by_name(sample_image, monkeypatch, tmp_path):
+    """Issue 22, defect 2's rule outside the server: a lone surrogate (what Python makes of bytes that are not
+    UTF-8 on the command line) in the question or the system prompt is one line naming it, not a
+    UnicodeEncodeError traceback from the tokenizer."""
+    with pytest.raises(InputError) as err:
+        AskSettings(system="be \ud800 brief", labels=CLI_LABELS)
+    assert_error(err, "--system", "surrogate", "U\\+D800")
+    with pytest.raises(InputError) as err:
+        AskSettings(forced_text="\udfff")
+    assert_error(err, "forced_text", "surrogate")
+
+    class _Utf8Only(_Loaded):  # a real tokenizer encodes the text first
+        def tokenize(self, text, *, special=False):
+            text.encode("utf-8")
+            return chop(text)
+
+    loaded = _Utf8Only()
+    model = api.Model(loaded, name="fake", backend="fake", quantization="none")
+    with pytest.raises(InputError) as err:
+        list(model.stream(sample_image, "which \udcff bar?"))
+    assert_error(err, "question", "surrogate", "U\\+DCFF")
+    monkeypatch.setattr(
+        api, "load", lambda ref, **kw: api.Model(loaded, name="f", backend="f", quantization="x")
+    )
+    save = tmp_path / "run.md"
+    result = runner.invoke(app, ["ask", str(sample_image), "\udcff?", "-m", "x", "--save", str(save)])
+    assert result.exit_code == 2, result.output
+    assert_error(result.stderr.strip().removeprefix("error: "), "question", "surrogate")
+    assert not save.exists() and not loaded.sessions

@@ -57,7 +57,7 @@ def serve(
     """Load the model once and serve it until interrupted."""
     from dataclasses import replace
 
-    from qvq_local.serve.media import Limits
+    from qvq_local.serve.media import Limits, return_freed_memory
 
     check_installed()
     if not 0 < port < 65536:
@@ -84,13 +84,25 @@ def serve(
     from qvq_local.api import load
     from qvq_local.serve.app import ServeOptions, create_app
 
+    return_freed_memory()  # so that decoding images holds its budget, not the allocator's high-water mark
     model = load(model_ref, backend=backend, max_pixels=max_pixels, gpu_layers=gpu_layers)
     try:
         app = create_app(model, ServeOptions(api_key=api_key, queue=queue, limits=limits))
+        worker = app.state.worker
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                # SIGTERM/SIGINT: end every answer now, with an error event, while its connection is still
+                # open; uvicorn then waits for the responses (up to its grace period) instead of cutting
+                # them off mid-stream
+                worker.stop()
+                super().handle_exit(sig, frame)
+
         warn(f"qvq serve: {model.name} ({model.backend}) on http://{host}:{port}/v1")
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
         try:
-            uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+            Server(config).run()
         finally:
-            app.state.worker.shutdown()
+            worker.shutdown()
     finally:
         model.close()

@@ -2,8 +2,13 @@
 
 Routes: ``POST /v1/chat/completions`` (streamed as server-sent events or not), ``GET /v1/models``,
 ``GET /health``.  With an API key every route but ``/health`` needs ``Authorization: Bearer KEY``, checked
-in constant time.  Bodies over the limit get 413 before they are read whole; a full queue gets 429 with
-``Retry-After``.  Errors have OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``).
+in constant time.  Errors have OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``).
+
+A request pays in this order, and each step refuses before the next costs anything: the key (401); the
+body's size (413, from Content-Length, then while it is read); the body as strict JSON and the request's
+fields (400); the image count (413); a place in the queue (429 with ``Retry-After``); then each image,
+fetched or decoded, its pixel count read from its header first (413) and its decoding done within the
+memory budget shared by all requests (:class:`qvq_local.serve.media.DecodeBudget`); then the generation.
 
 The generation itself is the Python API's (:meth:`qvq_local.api.Model.stream_settings`): the same prompt,
 context sizing, reasoning controller and budget forcing as ``qvq ask``; this module only translates.
@@ -22,10 +27,12 @@ from typing import Any
 # annotations need these names at module level to be resolved
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
+from qvq_local import strict_json
 from qvq_local.serve import schema
-from qvq_local.serve.media import Limits, load_images
-from qvq_local.serve.worker import END, Job, QueueFull, Worker
+from qvq_local.serve.media import DecodeBudget, Limits, check_count, load_images
+from qvq_local.serve.worker import END, Job, QueueFull, Stopping, Worker
 
 log = logging.getLogger("qvq.serve")
 
@@ -70,8 +77,10 @@ def create_app(model: Any, options: ServeOptions | None = None):
     """
     options = options or ServeOptions()
     worker = Worker(queue=options.queue)
+    decode_budget = DecodeBudget(options.limits.decode_budget_bytes)
     app = FastAPI(title="qvq serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
+    app.state.decode_budget = decode_budget
     app.state.model = model
     key = options.api_key.encode() if options.api_key else None
 
@@ -107,7 +116,13 @@ def create_app(model: Any, options: ServeOptions | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model.name, "backend": model.backend, "queue": worker.state()}
+        return {
+            "status": "ok",
+            "model": model.name,
+            "backend": model.backend,
+            "queue": worker.state(),
+            "decode": decode_budget.state(),
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -119,14 +134,20 @@ def create_app(model: Any, options: ServeOptions | None = None):
     async def read_body(request: Request) -> dict:
         limit = options.limits.max_body_bytes
         data = bytearray()
-        async for piece in request.stream():
-            data += piece
-            if len(data) > limit:
-                raise schema.ApiError(413, f"request body is over {limit} bytes", code="request_too_large")
         try:
-            return json.loads(bytes(data))
-        except (ValueError, UnicodeDecodeError):
-            raise schema.ApiError(400, "the request body is not valid JSON") from None
+            async for piece in request.stream():
+                data += piece
+                if len(data) > limit:
+                    raise schema.ApiError(
+                        413, f"request body is over {limit} bytes", code="request_too_large"
+                    )
+        except ClientDisconnect:  # the client left mid-body: a client error, for nobody to read
+            raise schema.ApiError(400, "the client closed the connection before the body ended") from None
+        try:
+            return strict_json.loads(bytes(data), max_values=options.limits.max_json_values)
+        except strict_json.JsonError as err:
+            where = "" if err.path else "the request body: "
+            raise schema.ApiError(400, f"{where}{err}", param=err.path, code="invalid_json") from None
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -140,16 +161,12 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 code="model_not_found",
             )
         settings = _settings_for(parsed, model)
-        images = await asyncio.to_thread(load_images, parsed.images, options.limits, model.max_pixels)
-        if not images:
+        if not parsed.images:
             raise schema.ApiError(400, "no image in the user message: QVQ answers questions about images")
-
-        def events():
-            return iter(model.stream_settings(images, parsed.question, _with_system(settings, parsed.system)))
-
-        job = Job(make_events=events, loop=asyncio.get_running_loop())
+        check_count(parsed.images, options.limits)
+        # admission before any cost: a full queue answers 429 at once, with no image fetched or decoded
         try:
-            worker.submit(job)
+            ticket = worker.reserve()
         except QueueFull:
             raise schema.ApiError(
                 429,
@@ -158,6 +175,24 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 code="queue_full",
                 headers={"Retry-After": str(options.retry_after_s)},
             ) from None
+        except Stopping:
+            raise _shutting_down() from None
+        try:
+            images = await asyncio.to_thread(
+                load_images, parsed.images, options.limits, model.max_pixels, decode_budget
+            )
+
+            def events():
+                system = _with_system(settings, parsed.system)
+                return iter(model.stream_settings(images, parsed.question, system))
+
+            job = Job(make_events=events, loop=asyncio.get_running_loop())
+            try:
+                worker.submit(job, ticket)
+            except Stopping:
+                raise _shutting_down() from None
+        finally:
+            ticket.release()  # a no-op once the job holds the place
         completion_id, created = schema.new_id(), schema.now()
         if parsed.stream:
             return StreamingResponse(
@@ -186,9 +221,20 @@ def _with_system(settings, system: str | None):
     return replace(settings, system=system)
 
 
+def _shutting_down() -> schema.ApiError:
+    return schema.ApiError(
+        503,
+        "the server is shutting down; this request was not completed (retry on another server or later)",
+        kind="server_error",
+        code="server_shutting_down",
+    )
+
+
 def _raise_from(err: BaseException):
     from qvq_local.errors import ContextOverflow, QvqError
 
+    if isinstance(err, Stopping):
+        return _shutting_down()
     if isinstance(err, ContextOverflow):
         return schema.ApiError(400, str(err), code="context_length_exceeded")
     if isinstance(err, QvqError):
@@ -197,25 +243,38 @@ def _raise_from(err: BaseException):
     return schema.ApiError(500, f"generation failed: {type(err).__name__}", kind="server_error")
 
 
+async def _disconnected(request) -> None:
+    """Returns when the client has gone (the body is already read, so the next message is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _wait(job: Job, request) -> Any:
-    """The final Result of a non-streamed job; None when the client disconnected (the job is cancelled)."""
+    """The final Result of a non-streamed job; None when the client disconnected (the job is cancelled).
+
+    The disconnect is watched beside the events, not between them: tokens arrive faster than any polling
+    interval, so a check made only when none came in time never ran while the model was generating."""
     from qvq_local.events import Finished
 
+    gone = asyncio.ensure_future(_disconnected(request))
     result = None
-    while True:
-        try:
-            item = await asyncio.wait_for(job.events.get(), timeout=0.25)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
+    try:
+        while True:
+            getter = asyncio.ensure_future(job.events.get())
+            done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                job.cancel()  # stops after the current token, or before it starts when still waiting
                 return None
-            continue
-        if item is END:
-            return result
-        if isinstance(item, BaseException):
-            raise _raise_from(item)
-        if isinstance(item, Finished):
-            result = item.result
+            item = getter.result()
+            if item is END:
+                return result
+            if isinstance(item, BaseException):
+                raise _raise_from(item)
+            if isinstance(item, Finished):
+                result = item.result
+    finally:
+        gone.cancel()
 
 
 def _sse_line(data: dict | str) -> bytes:
@@ -224,7 +283,8 @@ def _sse_line(data: dict | str) -> bytes:
 
 
 async def _sse(job: Job, completion_id: str, created: int, name: str, include_usage: bool):
-    """Server-sent events for one job; closing this generator (the client left) cancels the job."""
+    """Server-sent events for one job, ending with ``[DONE]`` after a complete answer or with OpenAI's
+    error object after anything else; closing this generator (the client left) cancels the job."""
     from qvq_local.events import Finished, Forced, TextDelta
 
     try:
@@ -234,9 +294,10 @@ async def _sse(job: Job, completion_id: str, created: int, name: str, include_us
             if item is END:
                 break
             if isinstance(item, BaseException):
-                err = _raise_from(item)
-                yield _sse_line(err.body())
-                break
+                # an error event ends the stream, and no [DONE] follows it: a cut answer (a failure, the
+                # server shutting down) must never look like a finished one
+                yield _sse_line(_raise_from(item).body())
+                return
             if isinstance(item, TextDelta) and item.text:
                 delta = schema.delta_for(item.phase, item.text)
                 yield _sse_line(schema.chunk(completion_id, created, name, delta))

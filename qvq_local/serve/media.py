@@ -3,7 +3,13 @@
 Never a file path or a ``file://`` URL: a client must not make the server read its own disk.  Every image
 is written to a private temporary file and goes through :func:`qvq_local.images.load_image`, the same
 validation ``qvq ask`` applies (format sniffing, decompression bombs, EXIF rotation, the pixel bound).
-Limits answer 413: too many images, too many bytes, too many pixels.
+Limits answer 413: too many images, too many bytes, too many pixels (read from the header, never decoded;
+an image over Pillow's own decompression-bomb limit is simply over the pixel limit too).
+
+Decoding costs memory far beyond the bytes sent (a 36 MP PNG of 35 KB decodes to ~430 MB at its peak), so
+every decode first takes its cost (:func:`qvq_local.images.decode_bytes`) from one :class:`DecodeBudget`
+shared by all requests, and waits while the budget is spent: however many requests arrive, decoding holds
+at most the budget at once (an image costlier than the whole budget waits until it can decode alone).
 
 URL fetching refuses hosts that resolve to loopback, private, link-local, multicast or reserved addresses
 (a server on a LAN must not become a proxy into it), follows no redirects, and stops reading at the byte
@@ -19,6 +25,10 @@ import ipaddress
 import os
 import socket
 import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -30,11 +40,48 @@ class Limits:
     """What one request may carry."""
 
     max_body_bytes: int = 32 * 1024 * 1024
+    max_json_values: int = 100_000  # commas, brackets and braces in the body: parsing costs memory per value
     max_images: int = 4
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000  # of the source image, before bounding to the model's max pixels
     allow_image_urls: bool = False
     url_timeout_s: float = 10.0
+    decode_budget_bytes: int = 512 * 2**20  # image decoding across all requests at once (DecodeBudget)
+
+
+class DecodeBudget:
+    """The memory image decoding may hold at once, across all requests: a semaphore weighted in bytes.
+
+    ``hold(cost)`` waits until ``cost`` more bytes fit under ``total``, then holds them until its block ends.
+    A cost over the whole budget is capped at it: that image waits until nothing else decodes.  ``peak`` is
+    the most ever held (for tests and ``/health``).
+    """
+
+    def __init__(self, total: int):
+        if total <= 0:
+            raise ValueError(f"a decode budget must be above 0 bytes, got {total}")
+        self.total = total
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, cost: int) -> Iterator[None]:
+        cost = max(0, min(cost, self.total))
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + cost <= self.total)
+            self.used += cost
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= cost
+                self._cond.notify_all()
+
+    def state(self) -> dict:
+        with self._cond:
+            return {"total_bytes": self.total, "used_bytes": self.used, "peak_bytes": self.peak}
 
 
 def _too_large(message: str, param: str) -> ApiError:
@@ -127,18 +174,73 @@ def image_bytes(ref: ImageRef, limits: Limits) -> bytes:
     )
 
 
-def load_images(refs: list[ImageRef], limits: Limits, max_pixels: int | None) -> list:
-    """Every image of a request as :class:`qvq_local.api.PreparedImage` (validated and bounded)."""
-    from PIL import Image
+def return_freed_memory() -> bool:
+    """Make the C allocator hand large freed blocks back to the system at once (glibc: a fixed mmap
+    threshold of 1 MiB); True when it took.  Called once by ``qvq serve``, which owns its process.
 
-    from qvq_local.api import PreparedImage
-    from qvq_local.errors import InputError
-    from qvq_local.images import DEFAULT_MAX_PIXELS, load_image
+    Pillow decodes a large image into 16 MiB blocks.  glibc raises its mmap threshold after the first such
+    block is freed, so the later ones come from per-thread arenas that keep what they held: decoding a
+    36 MP PNG twelve times, one at a time, from a pool of threads peaked at 2.2 GB and the server's RSS
+    stayed above 1 GB after a load; with the fixed threshold the same run peaks at 426 MB (one decode's
+    worth) and the memory goes back when the decode ends, which is what :class:`DecodeBudget` assumes.
+    Elsewhere (macOS, musl) nothing changes.
+    """
+    import ctypes
 
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 1 << 20))
+
+
+def check_count(refs: list[ImageRef], limits: Limits) -> None:
+    """413 when a request carries more images than this server takes (cheap: nothing is read)."""
     if len(refs) > limits.max_images:
         raise _too_large(
             f"{len(refs)} images in one request; this server takes at most {limits.max_images}", "messages"
         )
+
+
+def _probe(path: str, ref: ImageRef, limits: Limits) -> int:
+    """The header's verdict, before any pixel is decoded: 413 over the pixel limit (Pillow's own bomb limit
+    included), else what decoding will cost in bytes (0 for what is not an image: load_image says why)."""
+    from PIL import Image
+
+    from qvq_local.images import decode_bytes
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: the limit here decides
+            with Image.open(path) as probe:
+                width, height = probe.size
+                cost = decode_bytes(width, height, probe.mode, "transparency" in probe.info)
+    except Image.DecompressionBombError:
+        raise _too_large(
+            f"{ref.where}: image is over {limits.max_image_pixels} pixels (beyond Pillow's decompression-bomb "
+            "limit)",
+            ref.where,
+        ) from None
+    except Exception:  # noqa: BLE001 - not an image: load_image says why, in its words
+        return 0
+    if width * height > limits.max_image_pixels:
+        raise _too_large(
+            f"{ref.where}: image is {width}x{height}, over {limits.max_image_pixels} pixels", ref.where
+        )
+    return cost
+
+
+def load_images(
+    refs: list[ImageRef], limits: Limits, max_pixels: int | None, budget: DecodeBudget | None = None
+) -> list:
+    """Every image of a request as :class:`qvq_local.api.PreparedImage` (validated and bounded), one after
+    another, each decoded while holding its cost from ``budget`` (None: no shared budget)."""
+    from qvq_local.api import PreparedImage
+    from qvq_local.errors import InputError
+    from qvq_local.images import DEFAULT_MAX_PIXELS, load_image
+
+    check_count(refs, limits)
     prepared = []
     with tempfile.TemporaryDirectory(prefix="qvq-serve-") as folder:
         for ref in refs:
@@ -146,22 +248,17 @@ def load_images(refs: list[ImageRef], limits: Limits, max_pixels: int | None) ->
             path = os.path.join(folder, f"image-{ref.index}")
             with open(path, "wb") as fh:
                 fh.write(data)
-            try:
-                with Image.open(path) as probe:
-                    width, height = probe.size
-            except Exception:
-                width = height = 0  # not an image: load_image says why, in its words
-            if width * height > limits.max_image_pixels:
-                raise _too_large(
-                    f"{ref.where}: image is {width}x{height}, over {limits.max_image_pixels} pixels",
-                    ref.where,
-                )
-            try:
-                image, info = load_image(path, max_pixels or DEFAULT_MAX_PIXELS)
-            except InputError as err:
-                reason = str(err).split(": ", 1)[-1]
-                raise ApiError(400, f"{ref.where}: {reason}", param=ref.where, code="invalid_image") from None
-            info.path = f"image {ref.index + 1}"
-            image.load()
+            del data
+            cost = _probe(path, ref, limits)
+            with budget.hold(cost) if budget is not None else nullcontext():
+                try:
+                    image, info = load_image(path, max_pixels or DEFAULT_MAX_PIXELS)
+                except InputError as err:
+                    reason = str(err).split(": ", 1)[-1]
+                    raise ApiError(
+                        400, f"{ref.where}: {reason}", param=ref.where, code="invalid_image"
+                    ) from None
+                info.path = f"image {ref.index + 1}"
+                image.load()
             prepared.append(PreparedImage(image, info))
     return prepared
