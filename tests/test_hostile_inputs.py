@@ -457,7 +457,7 @@ def test_any_ask_option_value_is_an_answer_or_one_clear_error(
         model = api.Model(
             shared_model.loaded,
             name=shared_model.name,
-            backend=shared_model.backend,
+            spec=shared_model.spec,
             quantization=shared_model.quantization,
             max_pixels=max_pixels,
         )

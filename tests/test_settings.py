@@ -299,7 +299,7 @@ def test_ask_refuses_nan_and_infinity_before_loading(option, value, sample_image
     """Issue 22: `qvq ask --temperature nan` ran and exited 0 (and --json printed NaN, which is not JSON)."""
     loaded = _Loaded()
     monkeypatch.setattr(
-        api, "load", lambda ref, **kw: api.Model(loaded, name="f", backend="f", quantization="x")
+        api, "load", lambda ref, **kw: api.Model(loaded, name="f", spec=FAKE_BACKEND, quantization="x")
     )
     result = runner.invoke(app, ["ask", str(sample_image), "q", "-m", "x", "--json", option, value])
     assert result.exit_code == 2, result.output
@@ -326,12 +326,12 @@ def test_a_lone_surrogate_in_any_text_is_refused_by_name(sample_image, monkeypat
             return chop(text)
 
     loaded = _Utf8Only()
-    model = api.Model(loaded, name="fake", backend="fake", quantization="none")
+    model = api.Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none")
     with pytest.raises(InputError) as err:
         list(model.stream(sample_image, "which \udcff bar?"))
     assert_error(err, "question", "surrogate", "U\\+DCFF")
     monkeypatch.setattr(
-        api, "load", lambda ref, **kw: api.Model(loaded, name="f", backend="f", quantization="x")
+        api, "load", lambda ref, **kw: api.Model(loaded, name="f", spec=FAKE_BACKEND, quantization="x")
     )
     save = tmp_path / "run.md"
     result = runner.invoke(app, ["ask", str(sample_image), "\udcff?", "-m", "x", "--save", str(save)])
