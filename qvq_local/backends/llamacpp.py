@@ -46,6 +46,7 @@ from qvq_local.backends.base import (
     gguf_sampling_keys,
     sampling_values,
 )
+from qvq_local.cpu import usable_cores
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError, QvqError
 from qvq_local.families import (
     DEFAULT_FAMILY,
@@ -262,7 +263,7 @@ class LlamaModel:
     backend: str = "llama"
     cpu_buffers: Any = None  # the llama_buffers.BufferPlan the weights were loaded with
     n_layers: int = 0  # the text model's blocks (llama.cpp offloads n_gpu_layers of them + the output layer)
-    n_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    n_threads: int = field(default_factory=usable_cores)
     _model: Any = None
     _mtmd: Any = None
     _buft_overrides: Any = None
@@ -509,7 +510,7 @@ def load(
     n_gpu_layers = llama_buffers.requested_gpu_layers(n_gpu_layers, "n_gpu_layers")
     if n_gpu_layers is None:
         n_gpu_layers = -1 if gpu else 0
-    threads = int(n_threads or max(1, os.cpu_count() or 1))
+    threads = int(n_threads or usable_cores())
 
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = int(n_gpu_layers)
