@@ -180,6 +180,9 @@ def build_llama(manifest: dict, jobs: int) -> None:
     stage = work / "stage"
     unzip(wheel, stage)
     size = pack(stage, CARRY / "llama-cuda.tar.xz")
+    if (CARRY / "llama-src.tar.xz").exists():  # the build is carried now: its source need not travel
+        (CARRY / "llama-src.tar.xz").unlink()
+        log("removed .gpu/llama-src.tar.xz: the CUDA build made here travels instead")
     manifest["llama"] = {
         "version": llama_version,
         "cmake_args": cmake_args,
