@@ -219,4 +219,3 @@ def test_usable_cores_follows_the_affinity_not_the_machine(monkeypatch):
     assert cpu.usable_cores() == 16
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert cpu.usable_cores() == 1
-
