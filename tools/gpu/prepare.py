@@ -176,24 +176,41 @@ def build_llama(manifest: dict, jobs: int) -> None:
         )
         run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     build_s = time.monotonic() - start
-    wheel = next((work / "wheel").glob("llama_cpp_python-*.whl"))
-    stage = work / "stage"
-    unzip(wheel, stage)
-    size = pack(stage, CARRY / "llama-cuda.tar.xz")
-    if (CARRY / "llama-src.tar.xz").exists():  # the build is carried now: its source need not travel
-        (CARRY / "llama-src.tar.xz").unlink()
-        log("removed .gpu/llama-src.tar.xz: the CUDA build made here travels instead")
     manifest["llama"] = {
         "version": llama_version,
         "cmake_args": cmake_args,
         "build_wall_s": round(build_s),
         "build_jobs": jobs,
-        "wheel_bytes": wheel.stat().st_size,
-        "packed_bytes": size,
     }
-    log(
-        f"llama-cpp-python CUDA: built in {build_s / 60:.1f} min, wheel {wheel.stat().st_size / 2**20:.1f} MiB, packed {size / 2**20:.1f} MiB"
+    log(f"llama-cpp-python CUDA: built in {build_s / 60:.1f} min")
+    pack_llama(manifest)
+
+
+def pack_llama(manifest: dict) -> None:
+    """The CUDA wheel built by ``build_llama``, installed and packed.  Its fat binary holds sm_90 machine
+    code and compute_90 PTX, which an H200 never compiles when the machine code is there: the PTX is
+    replaced by a stand-in as in MLX's build (``keep_one_arch``), which makes the pack fit the call."""
+    work = DRY / "llama-build"
+    wheel = next((work / "wheel").glob("llama_cpp_python-*.whl"))
+    stage = work / "stage"
+    shutil.rmtree(stage, ignore_errors=True)
+    unzip(wheel, stage)
+    for extra in ("lib", "include"):  # the CMake install's second copy: llama_cpp loads llama_cpp/lib only
+        shutil.rmtree(stage / extra, ignore_errors=True)
+    libs = sorted((stage / "llama_cpp" / "lib").glob("libggml-cuda.so*"))
+    stats = {}
+    for lib in libs:  # the wheel holds each library three times (.so, .so.0, .so.0.x.y); pack() dedups
+        stats = keep_one_arch(lib, int(CUDA_ARCH))
+    checked = check_fatbin(libs[0], f"sm_{CUDA_ARCH}")
+    log(f"cuobjdump: {checked}")
+    size = pack(stage, CARRY / "llama-cuda.tar.xz")
+    if (CARRY / "llama-src.tar.xz").exists():  # the build is carried now: its source need not travel
+        (CARRY / "llama-src.tar.xz").unlink()
+        log("removed .gpu/llama-src.tar.xz: the CUDA build made here travels instead")
+    manifest.setdefault("llama", {}).update(
+        wheel_bytes=wheel.stat().st_size, fatbin_bytes=stats, cuobjdump=checked, packed_bytes=size
     )
+    log(f"llama-cpp-python CUDA: wheel {wheel.stat().st_size / 2**20:.1f} MiB, packed {size / 2**20:.1f} MiB")
 
 
 #: Parts of llama-cpp-python's source its build never reads (llama.cpp as a subproject builds no tests,
@@ -373,9 +390,9 @@ def keep_one_arch(path: Path, arch: int) -> dict:
     return stats
 
 
-def check_fatbin(path: Path, arch: int) -> str:
-    """cuobjdump (from pip, here) must list every entry of the changed library and unpack its sm_90a
-    code into valid cubins: the format was kept.  Returns what it saw."""
+def check_fatbin(path: Path, kept: str) -> str:
+    """cuobjdump (from pip, here) must list every entry of the changed library and unpack its ``kept``
+    code (``sm_90a``, ``sm_90``) into valid cubins: the format was kept.  Returns what it saw."""
     tools = DRY / "cuobjdump"
     exe = tools / "nvidia" / "cu13" / "bin" / "cuobjdump"
     if not exe.exists():
@@ -388,7 +405,6 @@ def check_fatbin(path: Path, arch: int) -> str:
     if listed.returncode != 0:
         raise SystemExit(f"error: cuobjdump cannot read {path} after the change: {listed.stderr.strip()}")
     targets = sorted(set(re.findall(r"\.(sm_\w+|compute_\w+)\.(?:cubin|ptx)", listed.stdout)))
-    kept = f"sm_{arch}a"
     with tempfile.TemporaryDirectory() as tmp:  # the kept machine code still unpacks to valid cubins
         subprocess.run([str(exe), "-xelf", kept, str(path)], cwd=tmp, capture_output=True, check=True)
         cubins = list(Path(tmp).glob(f"*.{kept}.cubin"))
@@ -410,7 +426,7 @@ def build_mlx(manifest: dict) -> None:
     before = lib.stat().st_size
     run(["strip", "--strip-unneeded", lib])  # .symtab/.strtab: 26 MB the dynamic linker never reads
     stats = keep_one_arch(lib, int(CUDA_ARCH))
-    checked = check_fatbin(lib, int(CUDA_ARCH))
+    checked = check_fatbin(lib, f"sm_{CUDA_ARCH}a")
     log(f"cuobjdump: {checked}")
     size = pack(stage, CARRY / "mlx-cuda13.tar.xz")
     manifest["mlx_cuda"] = {
@@ -536,17 +552,31 @@ def main() -> None:
     CARRY.mkdir(exist_ok=True)
     DRY.mkdir(exist_ok=True)
     manifest_path = CARRY / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+
+    def read_manifest() -> dict:
+        return json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+
     if not args.check:
-        steps = {"wheels": build_wheels, "mlx": build_mlx, "src": build_src, "dry": build_dry}
+        steps = {
+            "wheels": build_wheels,
+            "mlx": build_mlx,
+            "src": build_src,
+            "dry": build_dry,
+            "llama-pack": pack_llama,  # again from the wheel the last llama build left
+        }
         for name in args.only.split(","):
             name = name.strip()
+            before = read_manifest()
+            part = json.loads(json.dumps(before))  # a copy: what this part changes is what differs
             if name == "llama":
-                build_llama(manifest, args.jobs)
+                build_llama(part, args.jobs)
             elif name in steps:
-                steps[name](manifest)
+                steps[name](part)
             else:
-                sys.exit(f"error: --only: unknown part {name!r} (wheels, mlx, src, dry, llama)")
+                sys.exit(f"error: --only: unknown part {name!r} (wheels, mlx, src, dry, llama, llama-pack)")
+            # read again before writing: another prepare.py (the long llama build) may have written since
+            manifest = read_manifest()
+            manifest.update({k: v for k, v in part.items() if before.get(k) != v})
             manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     sizes = tree_bytes()
     for key in ("tree", "shared", "carried", "total"):
