@@ -204,9 +204,6 @@ def pack_llama(manifest: dict) -> None:
     checked = check_fatbin(libs[0], f"sm_{CUDA_ARCH}")
     log(f"cuobjdump: {checked}")
     size = pack(stage, CARRY / "llama-cuda.tar.xz")
-    if (CARRY / "llama-src.tar.xz").exists():  # the build is carried now: its source need not travel
-        (CARRY / "llama-src.tar.xz").unlink()
-        log("removed .gpu/llama-src.tar.xz: the CUDA build made here travels instead")
     manifest.setdefault("llama", {}).update(
         wheel_bytes=wheel.stat().st_size, fatbin_bytes=stats, cuobjdump=checked, packed_bytes=size
     )

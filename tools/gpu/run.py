@@ -451,6 +451,26 @@ def setup(run: Run) -> bool:
         PYTHONSAFEPATH="1",
     )
     run.env = env
+    if not run.llama_src:
+        # the build made here must load on this machine (its glibc, libstdc++, libgomp, the driver); if
+        # it does not and the source was carried too, build it here instead
+        probe = [
+            sys.executable,
+            "-c",
+            "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())",
+        ]
+        res = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120)
+        (run.logs / "setup-llama-probe.log").write_text(res.stdout + res.stderr)
+        run.summary["llama_probe"] = (res.stdout + res.stderr).strip().splitlines()[-3:]
+        if res.returncode != 0 and not run.dry and (CARRY / "llama-src.tar.xz").exists():
+            run.say(
+                "setup: the carried llama.cpp build does not load here; building it from the carried source"
+            )
+            for path in site.glob("llama_cpp*"):
+                shutil.rmtree(path)
+            run.llama_src = CARRY / "llama-src.tar.xz"
+            with tarfile.open(run.llama_src) as tar:
+                tar.extractall(run.work / "llama-src", filter="tar")
     disk = shutil.disk_usage(run.work)
     run.summary["setup"] = {
         "wall_s": round(now() - start, 1),
