@@ -43,8 +43,8 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 MLX_DISABLE_COMPILE=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check qvq_local convert tests examples
-	$(BIN)/ruff format --check qvq_local convert tests examples
+	$(BIN)/ruff check qvq_local convert tests examples tools
+	$(BIN)/ruff format --check qvq_local convert tests examples tools
 
 demo: $(STAMP)
 	QVQ=$(BIN)/qvq bash examples/demo.sh

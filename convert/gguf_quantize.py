@@ -12,7 +12,6 @@ K-quant widths not divisible by 256 fall back per tensor to another type; that i
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from qvq_local.cpu import usable_cores
 from qvq_local.errors import BackendUnavailable, ModelError
 
 # our quant name -> (llama_ftype value, GGUF file-type label)
@@ -63,7 +63,7 @@ def quantize_gguf(
     if quant not in FTYPES:
         raise ValueError(f"unknown quant {quant!r}")
     ftype = FTYPES[quant][0]
-    nthread = nthread or os.cpu_count() or 1
+    nthread = nthread or usable_cores()
     cmd = [
         sys.executable,
         "-m",

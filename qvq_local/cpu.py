@@ -13,6 +13,7 @@ Reading the live machine is cheap (one file or one ``sysctl`` call) and imports 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 import sys
@@ -118,3 +119,15 @@ def detect() -> CpuInfo:
             return CpuInfo(arch=arch)
         return parse_darwin_sysctl(out, arch)
     return CpuInfo(arch=arch)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (``taskset``, a container's
+    cpuset, a job scheduler), else every core.  ``os.cpu_count()`` counts the machine's cores whatever the
+    affinity, and llama.cpp given more threads than it has cores runs slower, not faster."""
+    if hasattr(os, "sched_getaffinity"):
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except OSError:
+            pass
+    return max(1, os.cpu_count() or 1)

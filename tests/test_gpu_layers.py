@@ -118,8 +118,9 @@ def test_bench_hands_gpu_layers_to_its_workers_and_restores_the_environment(monk
 
 # ---------------------------------------------------------------- how many layers fit in the GPU's memory
 
-#: ``nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits`` as printed on
-#: the H200 lent to this project's sessions (tests/data/gpu/), and on a desktop with a busy RTX 4090.
+#: ``nvidia-smi --query-gpu=name,memory.total,memory.free --format=csv,noheader,nounits`` (the query
+#: hardware.NVIDIA_SMI_MEMORY_QUERY sends) as printed on a desktop with a busy RTX 4090.  No reading from
+#: the H200 that is lent at times is recorded yet: tools/gpu/run.py records one for tests/data/gpu/.
 SMI_MEMORY_4090 = "NVIDIA GeForce RTX 4090, 24564, 23354\n"
 
 

@@ -205,3 +205,19 @@ def test_describe_probes_llama_gpu():
     assert facts["llama_gpu_offload"] == bool(llama_cpp.llama_supports_gpu_offload())
     if not facts["llama_gpu_offload"]:
         assert facts["cuda"] is False and facts["metal"] is False
+
+
+def test_usable_cores_follows_the_affinity_not_the_machine(monkeypatch):
+    """llama.cpp's threads and the bench's bandwidth threads: the cores this process may use (taskset, a
+    container's cpuset), which os.cpu_count() does not see."""
+    import os
+
+    from qvq_local import cpu
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert cpu.usable_cores() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert cpu.usable_cores() == 16
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert cpu.usable_cores() == 1

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import re
 import time
 import weakref
@@ -43,6 +42,7 @@ from qvq_local.backends.base import (
     TokenMask,
 )
 from qvq_local.backends.llama_runtime import LOG, Sampler, TokenText, check_room, libs
+from qvq_local.cpu import usable_cores
 from qvq_local.errors import ContextOverflow, InputError, ModelError, QvqError
 from qvq_local.families import (
     DEFAULT_FAMILY,
@@ -152,7 +152,7 @@ class LlamaModel:
     backend: str = "llama"
     cpu_buffers: Any = None  # the llama_buffers.BufferPlan the weights were loaded with
     n_layers: int = 0  # the text model's blocks (llama.cpp offloads gpu_layers of them + the output layer)
-    n_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    n_threads: int = field(default_factory=usable_cores)
     _model: Any = None
     _mtmd: Any = None
     _buft_overrides: Any = None
@@ -436,7 +436,7 @@ def load(
     gpu_layers = options.gpu_layers
     if gpu_layers is None:
         gpu_layers = -1 if gpu else 0
-    threads = int(n_threads or max(1, os.cpu_count() or 1))
+    threads = int(n_threads or usable_cores())
 
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = int(gpu_layers)

@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from qvq_local.cpu import usable_cores
+
 
 def _timed_reps(fn, reps: int) -> list[float]:
     out = []
@@ -77,7 +79,7 @@ def measure_bandwidth(size_bytes: int = 1 << 30, reps: int = 5, threads: int | N
     releases the GIL inside reductions; the best of one thread and all threads is kept per repetition).
     ``copy``: ``np.copyto`` between two arrays of ``size_bytes / 2`` each, counting read + write bytes.
     """
-    threads = max(1, threads or os.cpu_count() or 1)
+    threads = max(1, threads or usable_cores())
     n = max(1, size_bytes // 8)
     t_one, t_par = _read_times(n, reps, threads)
     read_s = [min(a, b) for a, b in zip(t_one, t_par)]

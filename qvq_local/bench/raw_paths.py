@@ -9,7 +9,6 @@ library is imported only when its path is loaded, in a worker child (:mod:`qvq_l
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -167,9 +166,10 @@ class RawLlamaPath:
         from llama_cpp import Llama
 
         from qvq_local.backends import llama_buffers
+        from qvq_local.cpu import usable_cores
 
         self.spec = spec
-        threads = max(1, os.cpu_count() or 1)
+        threads = usable_cores()
         self.n_ctx = int(spec.get("n_ctx") or 4096)
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
         layers = llama_buffers.requested_gpu_layers()  # --gpu-layers, as qvq's path gets it
