@@ -227,7 +227,7 @@ def test_doctor_says_how_many_layers_fit(tiny_gguf_q4, monkeypatch):
 
 
 def test_a_gpu_allocation_failure_names_the_option():
-    from qvq_local.backends.llamacpp import load_failure_hint
+    from qvq_local.backends.llama_runtime import load_failure_hint
 
     # llama.cpp's own lines when the weights do not fit (ggml-cuda.cu, llama-model.cpp)
     oom = (
