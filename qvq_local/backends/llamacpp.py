@@ -44,7 +44,13 @@ from qvq_local.families import (
     supported_gguf_archs,
 )
 from qvq_local.fit import gpu_split
-from qvq_local.formats.gguf import file_type_name, gguf_sampling_keys, sampling_values
+from qvq_local.formats.gguf import (
+    GgufHeaderError,
+    file_type_name,
+    gguf_sampling_keys,
+    read_whole_gguf,
+    sampling_values,
+)
 
 # The text architectures and mmproj projectors this backend runs are the registered families'
 # (``qvq_local.families``: family_for_gguf_arch / family_for_projector).
@@ -311,18 +317,15 @@ def _check_file(path: Path, what: str) -> Path:
 
 def _read_checked_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The key/values and tensor records of a GGUF file whose tensors all lie inside it, from one pass
-    over its header.
+    over its header (:func:`qvq_local.formats.gguf.read_whole_gguf`).
 
     Refuses a file cut short (an interrupted download or copy) with a message that says so and names the
     file; llama.cpp would only say "failed to load model".  Reads the header only, never tensor data.
     """
-    from qvq_local.integrity import inspect_gguf
-
-    findings: list = []
-    header = inspect_gguf(path, findings)
-    if header is None:
-        problem = next(f for f in findings if f.level == "error")
-        raise ModelError(problem.message, path=problem.path)
+    try:
+        header = read_whole_gguf(path)
+    except GgufHeaderError as err:
+        raise ModelError(str(err), path=path) from None
     return {"__n_tensors__": header.n_tensors, **header.fields}, header.tensors
 
 
