@@ -507,6 +507,7 @@ def test_mlx_text_and_image_prompts_match_transformers(q3_mlx, q3_hf, q3_thinkin
     import numpy as np
 
     from qvq_local.backends import mlx as backend
+    from qvq_local.backends import mlx_session
     from qvq_local.backends.base import Prompt, SamplingParams
     from qvq_local.prompt import build_prompt
 
@@ -516,7 +517,7 @@ def test_mlx_text_and_image_prompts_match_transformers(q3_mlx, q3_hf, q3_thinkin
             text = build_prompt(loaded.chat_template, QUESTION, n_images, system=None)
             prompt = Prompt(text=text, images=[q3_image] * n_images)
             kw = {"prefill_chunk": chunk} if chunk else {}
-            session = backend.MlxSession(loaded, SamplingParams(), n_ctx=1024, **kw)
+            session = mlx_session.MlxSession(loaded, SamplingParams(), n_ctx=1024, **kw)
             try:
                 stats = session.prefill(prompt)
                 ours = np.array(session.last_logits())

@@ -137,10 +137,9 @@ def test_cli_samples_json_carries_every_chain(tiny_gguf_f32, sample_image, capsy
 def test_samples_on_mlx_one_prefill_every_chain_reported(tiny_mlx_f32, sample_image, monkeypatch):
     pytest.importorskip("mlx_vlm")
     from qvq_local.api import load
-    from qvq_local.backends import mlx as backend
-    from qvq_local.backends import mlx_chains
+    from qvq_local.backends import mlx_chains, mlx_session
 
-    prefills = _count_calls(monkeypatch, backend.MlxSession, "prefill")
+    prefills = _count_calls(monkeypatch, mlx_session.MlxSession, "prefill")
     rounds = _count_calls(monkeypatch, mlx_chains._Group, "round")
     with load(tiny_mlx_f32, backend="mlx") as model:
         result = model.ask([sample_image], QUESTION, think_budget=10, answer_budget=4, samples=3, seed=1)
