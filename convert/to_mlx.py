@@ -30,6 +30,7 @@ from pathlib import Path
 from qvq_local import atomic
 from qvq_local.errors import BackendUnavailable, DiskFull, InputError, ModelError, QvqError
 from qvq_local.families import Family
+from qvq_local.formats.safetensors import INDEX_NAME
 
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -179,11 +180,11 @@ def stage_original_names(
     staging.mkdir(parents=True)
     weight_names = {p.name for p in weight_files}
     for item in src.iterdir():
-        if item.name in weight_names or item.name == "model.safetensors.index.json" or item.is_dir():
+        if item.name in weight_names or item.name == INDEX_NAME or item.is_dir():
             continue
         (staging / item.name).symlink_to(item.resolve())
 
-    index = src / "model.safetensors.index.json"
+    index = src / INDEX_NAME
     if index.is_file():
         data = json.loads(index.read_text(encoding="utf-8"))
         data["weight_map"] = {family.original_tensor_name(k): v for k, v in data["weight_map"].items()}

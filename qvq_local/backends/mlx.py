@@ -217,10 +217,11 @@ def _preflight(folder: Path) -> None:
     """Header-level checks before mlx-vlm sees the folder (architecture, every shard present, headers
     matching file sizes, manifest sizes), so a half-finished download is named in one line rather than
     surfacing as mlx-vlm's list of missing parameters.  Reads headers only; costs milliseconds."""
+    from qvq_local.formats.names import PICKLE_SUFFIXES
     from qvq_local.integrity import check_model
 
     if not any(
-        p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.name.endswith(".index.json")
+        p.suffix in (".safetensors", *PICKLE_SUFFIXES) or p.name.endswith(".index.json")
         for p in folder.iterdir()
     ):
         return  # no weights at all: mlx-vlm's own error says so
