@@ -258,7 +258,7 @@ class Model:
         values left at None come from the model's generation_config.  ``forced_text`` (fed when thinking is
         cut) defaults to what suits the model and
         the question: ``</think>`` when the chat template opens ``<think>``, else QVQ's marker, after a
-        sentence in the question's language (:func:`qvq_local.reasoning.default_forced_text`).
+        sentence in the question's language (:func:`qvq_local.splitter.default_forced_text`).
         ``lang_lock`` (auto|on|off, see :mod:`qvq_local.lang`) keeps the thought in the question's scripts.
         ``samples`` > 1 runs that many reasoning chains from one prefill, decoded in one batch, each with
         its own budget, loop stop and forced answer; events of each chain come as ``ChainEvent`` and the
@@ -310,7 +310,7 @@ class Model:
 
     def _stream(self, images, question, options: AskSettings, lock) -> Iterator[Event]:
         from qvq_local.prompt import build_prompt
-        from qvq_local.reasoning import default_forced_text, default_markers, question_language
+        from qvq_local.splitter import default_forced_text, default_markers, question_language
 
         t_start = time.perf_counter()
         tracker = _Tracker()
@@ -501,7 +501,8 @@ class Model:
         lands at its own ``yield`` into the controller, passes that Finished on, then re-raises the
         interrupt so the caller stops (the CLI exits 130).
         """
-        from qvq_local.reasoning import LoopSettings, ReasoningConfig, run_reasoning
+        from qvq_local.loops import LoopSettings
+        from qvq_local.reasoning import ReasoningConfig, run_reasoning
 
         # a remote server that applies the budget and the loop stop itself (``qvq serve``, QVQ-Max) gets
         # them in its request (the session reads them from the prompt); counting them here too would cut

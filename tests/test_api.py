@@ -13,7 +13,7 @@ from helpers import assert_error
 from qvq_local.api import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN, Model, drive, load
 from qvq_local.errors import ContextOverflow, InputError, ModelError
 from qvq_local.events import Finished, Forced, Started, TextDelta
-from qvq_local.reasoning import OUT_OF_TIME
+from qvq_local.splitter import OUT_OF_TIME
 
 
 class FakeLoaded:

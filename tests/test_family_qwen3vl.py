@@ -243,7 +243,7 @@ def test_synthetic_checkpoint_opens_and_loads_in_transformers(q3_thinking):
 
 def test_templates_instruct_and_thinking(q3_thinking, q3_instruct):
     from qvq_local.prompt import build_prompt, load_chat_template
-    from qvq_local.reasoning import THINK_TAG_FORCED_TEXT, default_forced_text, default_markers
+    from qvq_local.splitter import THINK_TAG_FORCED_TEXT, default_forced_text, default_markers
 
     thinking = load_chat_template(q3_thinking)
     instruct = load_chat_template(q3_instruct)

@@ -38,7 +38,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
     # mechanism: the backends (tokens in, tokens out)
     5: ("backends.*",),
     # policy: when thinking ends, chains and their vote, prefix reuse, one question's settings
-    6: ("reasoning", "chains", "prefix_cache", "settings"),
+    6: ("reasoning", "splitter", "loops", "chains", "prefix_cache", "settings"),
     # the API
     7: ("api", ""),
     # presentation and tools
