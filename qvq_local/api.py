@@ -35,19 +35,14 @@ from typing import TYPE_CHECKING, Any
 from qvq_local import prefix_cache
 from qvq_local.backends import registry
 from qvq_local.backends.base import ChatTurn, Prompt
-from qvq_local.errors import ContextOverflow, InputError, ModelError
+from qvq_local.budgets import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN, size_context
+from qvq_local.errors import InputError, ModelError
 from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta, Timings
-from qvq_local.settings import DEFAULT_ANSWER_BUDGET
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing_extensions import Self
 
     from qvq_local.settings import AskSettings
-
-#: Thought tokens allowed when no thinking budget is set: QVQ's published max_new_tokens.
-DEFAULT_MAX_THOUGHT = 8192
-#: Room kept for the forced transition text and the grace window before it.
-FORCE_MARGIN = 96
 
 NO_MODEL_HELP = (
     "no model given and no default model configured: pass --model REF, or set one with "
@@ -252,8 +247,8 @@ class Model:
         """Ask ``question`` about ``images`` (paths or :class:`PreparedImage`); yield events as they come.
 
         The options (keywords) are :class:`qvq_local.settings.AskSettings`' with the sampling ones flat:
-        ``think_budget`` caps thought tokens (None: up to :data:`DEFAULT_MAX_THOUGHT`, or what the context
-        holds); ``answer_budget`` caps answer tokens.  ``system`` replaces the model family's system prompt
+        ``think_budget`` caps thought tokens (None: up to :data:`qvq_local.budgets.DEFAULT_MAX_THOUGHT`, or
+        what the context holds); ``answer_budget`` caps answer tokens.  ``system`` replaces the model family's system prompt
         (QVQ's for Qwen2-VL models; Qwen3-VL has none; ``""`` leaves the template's own default).  Sampling
         values left at None come from the model's generation_config.  ``forced_text`` (fed when thinking is
         cut) defaults to what suits the model and
@@ -334,7 +329,14 @@ class Model:
             text_tokens = _count_text_tokens(self.spec, loaded, text)
             if text_tokens is None:
                 text_tokens = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
-            n_ctx, thought_cap = self._size_context(text_tokens, image_tokens, options)
+            n_ctx, thought_cap = size_context(
+                self.context_length,
+                text_tokens,
+                image_tokens,
+                think_budget=options.think_budget,
+                answer_budget=options.answer_budget,
+                max_pixels=options.max_pixels,
+            )
             resolved = options.sampling.resolved(
                 getattr(loaded, "generation_config", {}) or {}, family.sampling
             )
@@ -561,35 +563,6 @@ class Model:
             if isinstance(event, Finished) and event.result.stop_reason == "interrupted":
                 raise KeyboardInterrupt
 
-    def _size_context(self, text_tokens: int, image_tokens: int, options: AskSettings) -> tuple[int, int]:
-        """``(n_ctx, thought cap)`` for one question; ContextOverflow when the budgets cannot fit."""
-        limit = self.context_length or 32768
-        think_budget, max_pixels = options.think_budget, options.max_pixels
-        answer = options.answer_budget or DEFAULT_ANSWER_BUDGET
-        fixed = text_tokens + image_tokens + FORCE_MARGIN + answer
-        pixels_hint = (
-            f"lower --max-pixels (now {max_pixels})" if max_pixels else "lower --max-pixels"
-        ) + " to shrink the image tokens"
-        if think_budget is None:
-            room = limit - fixed
-            if room < 16:
-                raise ContextOverflow(
-                    f"the prompt needs {text_tokens} text + {image_tokens} image tokens and the answer "
-                    f"budget {answer}, but the model's context holds {limit} tokens",
-                    hint=f"{pixels_hint}, or lower --answer-budget",
-                )
-            thought_cap = min(DEFAULT_MAX_THOUGHT, room)
-        else:
-            thought_cap = think_budget
-            if fixed + think_budget > limit:
-                raise ContextOverflow(
-                    f"{text_tokens} prompt + {image_tokens} image tokens + think budget {think_budget} + "
-                    f"answer budget {answer} need {fixed + think_budget} tokens, but the model's context "
-                    f"holds {limit}",
-                    hint=f"{pixels_hint}, or lower --think-budget/--answer-budget",
-                )
-        return min(limit, fixed + thought_cap), thought_cap
-
     def _partial(self, tracker: _Tracker, started: Started | None, infos, settings, t_start) -> Result:
         """The Result of a question stopped by Ctrl-C: whatever was produced, stop reason "interrupted"."""
         from qvq_local.boxed import extract_boxed
@@ -797,7 +770,6 @@ def ask(
 
 
 __all__ = [
-    "DEFAULT_ANSWER_BUDGET",
     "Model",
     "PreparedImage",
     "SourceImage",

@@ -86,7 +86,8 @@ def build_settings(request: AskRequest) -> AskSettings:
     0``), one that came from the settings file by its key (``the think_budget setting must be above 0``).
     """
     from qvq_local import config
-    from qvq_local.settings import CLI_LABELS, DEFAULT_ANSWER_BUDGET, AskSettings
+    from qvq_local.budgets import DEFAULT_ANSWER_BUDGET
+    from qvq_local.settings import CLI_LABELS, AskSettings
 
     labels = dict(CLI_LABELS)
     values = dict(request.options)

@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from qvq_local.backends.base import SamplingParams
+from qvq_local.budgets import DEFAULT_ANSWER_BUDGET
 from qvq_local.errors import InputError
-
-#: Answer tokens allowed after thinking ends, when the caller sets none.
-DEFAULT_ANSWER_BUDGET = 1024
 
 #: How ``qvq ask`` spells each checked option in its messages.
 CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
@@ -139,4 +137,4 @@ def _names() -> list[str]:
     return [*own, *SAMPLING_OPTIONS]
 
 
-__all__ = ["API_LABELS", "CLI_LABELS", "DEFAULT_ANSWER_BUDGET", "SAMPLING_OPTIONS", "AskSettings"]
+__all__ = ["API_LABELS", "CLI_LABELS", "SAMPLING_OPTIONS", "AskSettings"]

@@ -282,7 +282,7 @@ def test_gpu_fit_example_prints_the_real_use_beside_the_estimate(tiny_gguf_q4, m
     import runpy
     from pathlib import Path
 
-    from qvq_local import doctor, fit, hardware, hub
+    from qvq_local import fit, hardware, hub
 
     in_use = iter([0, 0, 3 * GB, GB])  # the GPU check, one reading before the loads, one after each
     monkeypatch.setattr(
@@ -296,7 +296,7 @@ def test_gpu_fit_example_prints_the_real_use_beside_the_estimate(tiny_gguf_q4, m
     lines = capsys.readouterr().out.splitlines()
     resolved = hub.resolve(str(tiny_gguf_q4.model), download=False)
     shape = fit.gguf_shape(resolved.path)
-    sizes = fit.offload_sizes(resolved, shape, doctor.default_context(shape["context_length"]))
+    sizes = fit.offload_sizes(resolved, shape, fit.default_context(shape["context_length"]))
     for value, layers, real in (("all", -1, 3 * GB), ("1", 1, GB)):
         row = next(line.split() for line in lines if line.split()[:1] == [value])
         estimate = fit.gpu_need_bytes(*sizes, layers)

@@ -25,6 +25,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "cpu",
         "build_flags",
         "units",
+        "budgets",
         "plugins",
         "formats",
         "formats.*",

@@ -16,9 +16,10 @@ from qvq_local.ask_cmd import AskRequest, build_settings, load_request
 from qvq_local.backends import registry
 from qvq_local.backends.base import SamplingParams
 from qvq_local.backends.llama_buffers import LlamaOptions
+from qvq_local.budgets import DEFAULT_ANSWER_BUDGET
 from qvq_local.cli import app
 from qvq_local.errors import InputError
-from qvq_local.settings import CLI_LABELS, DEFAULT_ANSWER_BUDGET, AskSettings
+from qvq_local.settings import CLI_LABELS, AskSettings
 
 runner = CliRunner()
 

@@ -44,8 +44,9 @@ def _error_response(err: schema.ApiError):
 
 def _settings_for(request: schema.ChatRequest, model: Any):
     from qvq_local.backends.base import SamplingParams
+    from qvq_local.budgets import DEFAULT_ANSWER_BUDGET
     from qvq_local.errors import InputError
-    from qvq_local.settings import DEFAULT_ANSWER_BUDGET, AskSettings
+    from qvq_local.settings import AskSettings
 
     try:
         return AskSettings(
