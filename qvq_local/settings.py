@@ -1,7 +1,7 @@
 """The options of one question, as one typed object built once and checked once.
 
 ``qvq ask`` builds it in :mod:`qvq_local.ask_cmd` from its options (after ``qvq config`` filled what the
-user left out); the API builds it in :meth:`qvq_local.api.Model.stream` from its keyword arguments; both
+user left out); the API builds it in :meth:`qvq_local.model.Model.stream` from its keyword arguments; both
 with :meth:`AskSettings.build`, which takes the options by the names both callers use.  Either way the
 object is checked in its constructor and then passed down whole: the image loader reads ``max_pixels``,
 the prompt reads ``system``, the backend session reads ``sampling`` and the reasoning controller the

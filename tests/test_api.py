@@ -10,10 +10,12 @@ import pytest
 from fakes import FAKE_BACKEND, ScriptedSession, chop
 from helpers import assert_error
 
-from qvq_local.api import Model, drive, load
+from qvq_local.api import load
 from qvq_local.budgets import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN
+from qvq_local.driver import drive
 from qvq_local.errors import ContextOverflow, InputError, ModelError
 from qvq_local.events import Finished, Forced, Started, TextDelta
+from qvq_local.model import Model
 from qvq_local.splitter import OUT_OF_TIME
 
 

@@ -647,11 +647,11 @@ def test_images_are_bounded_on_the_families_32_pixel_grid(q3_gguf, q3_image, tmp
     """A 320x224 image stays 320x224 for Qwen3-VL (on Qwen2-VL's 28-pixel grid it would first become
     308x224, and the model's processor would then resample it again), through the API and through a
     CLI-style early preparation on the default grid."""
-    from qvq_local import api
+    from qvq_local import api, images
 
     image = tmp_path / "chart.png"
     q3_image.save(image)
-    early = api.prepare_images(str(image))  # what `qvq ask` does before the model is known
+    early = images.prepare_images(str(image))  # what `qvq ask` does before the model is known
     assert early[0].info.size == (308, 224)
     with api.load(str(q3_gguf.model), backend="llama") as model:
         for source in (str(image), early[0]):

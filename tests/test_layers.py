@@ -41,7 +41,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
     # policy: when thinking ends, chains and their vote, prefix reuse, one question's settings
     6: ("reasoning", "splitter", "loops", "chains", "prefix_cache", "settings"),
     # the API
-    7: ("api", ""),
+    7: ("api", "", "model", "question", "driver"),
     # presentation and tools
     8: (
         "render",

@@ -19,6 +19,7 @@ from qvq_local.backends.llama_buffers import LlamaOptions
 from qvq_local.budgets import DEFAULT_ANSWER_BUDGET
 from qvq_local.cli import app
 from qvq_local.errors import InputError
+from qvq_local.model import Model
 from qvq_local.settings import CLI_LABELS, AskSettings
 
 runner = CliRunner()
@@ -186,7 +187,7 @@ class _Loaded:
 
 def test_api_checks_every_option_before_a_session_opens(sample_image):
     loaded = _Loaded()
-    model = api.Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none")
+    model = Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none")
     for kwargs, _, message in BAD:
         if "sampling" in kwargs:
             kwargs = {k: v for k, v in dataclasses.asdict(kwargs["sampling"]).items() if v is not None}
@@ -202,9 +203,7 @@ def test_every_cli_option_reaches_the_session_and_the_result(sample_image, monke
 
     def fake_load(ref, **kw):
         seen.update(kw)
-        return api.Model(
-            loaded, name="fake", spec=FAKE_BACKEND, quantization="none", max_pixels=kw["max_pixels"]
-        )
+        return Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none", max_pixels=kw["max_pixels"])
 
     monkeypatch.setattr(api, "load", fake_load)
     result = runner.invoke(

@@ -149,10 +149,10 @@ def job_raw(spec: dict) -> dict:
 def job_chains(spec: dict) -> dict:
     """``--samples N`` decode rates (:mod:`qvq_local.bench.chains`): load the model, build the prompt for
     the smallest image, measure every N."""
-    from qvq_local.api import prepare_images
     from qvq_local.backends.base import Prompt
     from qvq_local.bench.chains import CHAIN_COUNTS, measure_chains
     from qvq_local.families import DEFAULT_FAMILY
+    from qvq_local.images import prepare_images
     from qvq_local.prompt import build_prompt
 
     model = load_model(spec)

@@ -5,7 +5,7 @@ Routes: ``POST /v1/chat/completions`` (streamed as server-sent events or not), `
 in constant time.  Bodies over the limit get 413 before they are read whole; a full queue gets 429 with
 ``Retry-After``.  Errors have OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``).
 
-The generation itself is the Python API's (:meth:`qvq_local.api.Model.stream_settings`): the same prompt,
+The generation itself is the Python API's (:meth:`qvq_local.model.Model.stream_settings`): the same prompt,
 context sizing, reasoning controller and budget forcing as ``qvq ask``; this module only translates.
 """
 
@@ -65,7 +65,7 @@ def _settings_for(request: schema.ChatRequest, model: Any):
 
 
 def create_app(model: Any, options: ServeOptions | None = None):
-    """The FastAPI app serving ``model`` (a :class:`qvq_local.api.Model`, already loaded).
+    """The FastAPI app serving ``model`` (a :class:`qvq_local.model.Model`, already loaded).
 
     ``app.state.worker`` is its queue (call ``shutdown()`` on it when the server stops).
     """

@@ -128,12 +128,11 @@ def image_bytes(ref: ImageRef, limits: Limits) -> bytes:
 
 
 def load_images(refs: list[ImageRef], limits: Limits, max_pixels: int | None) -> list:
-    """Every image of a request as :class:`qvq_local.api.PreparedImage` (validated and bounded)."""
+    """Every image of a request as :class:`qvq_local.images.PreparedImage` (validated and bounded)."""
     from PIL import Image
 
-    from qvq_local.api import PreparedImage
     from qvq_local.errors import InputError
-    from qvq_local.images import DEFAULT_MAX_PIXELS, load_image
+    from qvq_local.images import DEFAULT_MAX_PIXELS, PreparedImage, load_image
 
     if len(refs) > limits.max_images:
         raise _too_large(
