@@ -60,7 +60,7 @@ def stream_question(
             info.tokens = int(loaded.image_token_estimate(*info.size))
         default_system = family.system_prompt or None  # Qwen3-VL's templates have none
         system_text = default_system if options.system is None else (options.system or None)
-        text = build_prompt(loaded.chat_template, question, len(prepared), system_text)
+        text = build_prompt(loaded.chat_template, question, len(prepared), system_text, family=family)
 
         image_tokens = sum(info.tokens for info in infos)
         text_tokens = _count_text_tokens(model, text)
