@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qvq_local.backends import registry
-from qvq_local.errors import InputError, ModelError
+from qvq_local.errors import ModelError
 from qvq_local.events import Result
 from qvq_local.model import Model
 
@@ -88,19 +88,8 @@ def load(
         if name != registry.AUTO
         else [registry.BACKENDS[n] for n in registry.names()]
     )
-    checked_for: dict[str, Any] = {}
-    if name == registry.AUTO:
-        for option in given:
-            if not any(option in spec.options_type().names() for spec in candidates):
-                owners = [s.name for s in registry.BACKENDS.values() if option in s.options_type().names()]
-                whose = (
-                    f"an option of the {' and '.join(owners)} backend" if owners else "no backend's option"
-                )
-                raise InputError(f"{labels.get(option, option)} is {whose}: name the backend to use it")
-    for spec in candidates:
-        taken = spec.options_type().names()
-        own = {k: v for k, v in given.items() if k in taken} if name == registry.AUTO else given
-        checked_for[spec.name] = _options_of(spec, own, labels, config)
+    shared = registry.share_options([spec.name for spec in candidates], given, labels)
+    checked_for = {spec.name: _options_of(spec, shared[spec.name], labels, config) for spec in candidates}
     if ref is None or not str(ref).strip():
         ref = config.default_model()
         if ref is None:

@@ -598,8 +598,10 @@ def bench(
 
       qvq bench -m QVQ-72B-Preview-gguf-q4_k_m --image-sizes 448 --runs 3
     """
+    from qvq_local.ask_cmd import flag
     from qvq_local.bench import bench_command
 
+    load_options = {"cpu_buffers": cpu_buffers, "gpu_layers": gpu_layers}
     bench_command(
         model=model,
         shape=shape,
@@ -612,9 +614,9 @@ def bench(
         json_path=json_path,
         chart_path=chart,
         bandwidth_mib=bandwidth_mib,
-        cpu_buffers=cpu_buffers,
-        gpu_layers=gpu_layers,
         family=family,
+        options=load_options,
+        option_labels={name: flag(name) for name in load_options},
     )
 
 

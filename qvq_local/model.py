@@ -105,6 +105,12 @@ class Model:
         hook = self.spec.hook(registry.LOAD_NOTICES)
         return list(hook(self.loaded)) if hook is not None and self.loaded is not None else []
 
+    def run_facts(self) -> dict:
+        """How the model runs here, each a short phrase or None (its backend's ``run_facts`` hook:
+        ``compute``, ``cpu_buffers``, ``placement``, ``summary``); ``{}`` for a backend without one."""
+        hook = self.spec.hook(registry.RUN_FACTS)
+        return dict(hook(self.loaded)) if hook is not None and self.loaded is not None else {}
+
     # ------------------------------------------------------------------ one question
     def stream(self, images: Any, question: str, **options: Any) -> Iterator[Event]:
         """Ask ``question`` about ``images`` (paths or :class:`~qvq_local.images.PreparedImage`); yield events

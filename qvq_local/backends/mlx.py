@@ -174,6 +174,12 @@ class MlxModel:
         mx.clear_cache()
 
 
+def run_facts(loaded: MlxModel) -> dict:
+    """The registry's ``run_facts`` hook: how its sessions compute, where that differs from the weights'
+    own dtype (:attr:`MlxModel.compute_note`)."""
+    return {"compute": loaded.compute_note}
+
+
 def open_model(resolved: Any, options: Any) -> MlxModel:
     """The registry's ``open_model`` for this backend: a resolved MLX or Hugging Face folder
     (``qvq_local.models``); the backend takes no load options (``options`` is the empty base type)."""

@@ -148,21 +148,27 @@ def job_raw(spec: dict) -> dict:
 
 def job_chains(spec: dict) -> dict:
     """``--samples N`` decode rates (:mod:`qvq_local.bench.chains`): load the model, build the prompt for
-    the smallest image, measure every N."""
+    the smallest image, measure every N.  A backend without the registry's ``chains`` capability is
+    refused with the reason (the harness does not ask it)."""
+    from qvq_local.backends import registry
     from qvq_local.backends.base import Prompt
-    from qvq_local.bench.chains import CHAIN_COUNTS, measure_chains
-    from qvq_local.families import DEFAULT_FAMILY
+    from qvq_local.bench.chains import CHAIN_COUNTS, chains_not_measured, measure_chains
+    from qvq_local.errors import InputError
     from qvq_local.images import prepare_images
     from qvq_local.prompt import build_prompt
 
+    why_not = chains_not_measured(registry.get(spec["backend"]))
+    if why_not is not None:
+        raise InputError(why_not)
     model = load_model(spec)
     try:
-        loaded = model.loaded
+        loaded, family = model.loaded, model.family
         sizes = sorted(spec["images"], key=int)
-        image = prepare_images([spec["images"][sizes[0]]], model.max_pixels)[0].image
-        prompt = Prompt(
-            text=build_prompt(loaded.chat_template, QUESTION, 1, DEFAULT_FAMILY.system_prompt), images=[image]
-        )
+        image = prepare_images([spec["images"][sizes[0]]], model.max_pixels, factor=family.image_factor)[
+            0
+        ].image
+        text = build_prompt(loaded.chat_template, QUESTION, 1, family.system_prompt or None, family=family)
+        prompt = Prompt(text=text, images=[image])
         figures = measure_chains(
             loaded,
             prompt,
