@@ -142,6 +142,8 @@ CAPABILITY_ATTRIBUTES = {
     "prefix_state",
     "prefix_identity",
     "fork",
+    "cpu_buffers",
+    "placement",
 }
 
 
