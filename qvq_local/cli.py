@@ -17,6 +17,7 @@ import typer
 
 from qvq_local.backends import registry
 from qvq_local.backends.options import SERVER_KINDS
+from qvq_local.convert import quants
 from qvq_local.errors import QvqError
 
 
@@ -95,21 +96,10 @@ def convert(
     to: str | None = typer.Option(
         None, "--to", help="mlx | gguf. Default: what this machine's backend runs (mlx on Apple Silicon)."
     ),
-    quant: str | None = typer.Option(
-        None, "--quant", help="GGUF only: q4_k_m (default) | q5_k_m | q8_0 | f16 | f32."
-    ),
-    bits: str | None = typer.Option(
-        None, "--bits", help="MLX only: 4 (default) | 8 | none (keep the source dtype)."
-    ),
-    group_size: int | None = typer.Option(
-        None, "--group-size", help="MLX only: quantisation group size, 32 | 64 (default) | 128."
-    ),
-    mmproj_quant: str | None = typer.Option(
-        None,
-        "--mmproj-quant",
-        help="GGUF only: the vision projector's type, f16 (default; image embeddings match transformers to "
-        "~0.1%) | q8_0 (half the size, ~2% off; not faster in our CPU runs) | f32.",
-    ),
+    quant: str | None = typer.Option(None, "--quant", help=quants.quant_help()),
+    bits: str | None = typer.Option(None, "--bits", help=quants.bits_help()),
+    group_size: int | None = typer.Option(None, "--group-size", help=quants.group_size_help()),
+    mmproj_quant: str | None = typer.Option(None, "--mmproj-quant", help=quants.mmproj_quant_help()),
     out: Path | None = typer.Option(
         None, "-o", "--out", help="Output folder. Default: $QVQ_HOME/models/<name>-<format>-<quant>."
     ),

@@ -43,6 +43,7 @@ from qvq_local.bench.qvq_path import QvqPath
 from qvq_local.bench.raw_paths import raw_path
 from qvq_local.bench.runs import Runs, log
 from qvq_local.bench.workload import QUESTION, load_model
+from qvq_local.convert.quants import DEFAULT_GROUP_SIZE, DEFAULT_MMPROJ_QUANT
 
 
 def run_sequentially(path, spec: dict) -> dict:
@@ -98,7 +99,7 @@ def job_convert_gguf(spec: dict) -> dict:
             Path(spec["src"]),
             Path(spec["out"]),
             quant=spec["quant"],
-            mmproj_quant=spec.get("mmproj_quant", "f16"),
+            mmproj_quant=spec.get("mmproj_quant", DEFAULT_MMPROJ_QUANT),
             progress=bool(spec.get("progress")),
         )
     )
@@ -113,7 +114,7 @@ def job_convert_mlx(spec: dict) -> dict:
             Path(spec["src"]),
             Path(spec["out"]),
             bits=spec.get("bits"),
-            group_size=int(spec.get("group_size", 64)),
+            group_size=int(spec.get("group_size", DEFAULT_GROUP_SIZE)),
             progress=bool(spec.get("progress")),
         )
     )
