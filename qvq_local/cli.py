@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 
+from qvq_local import families
 from qvq_local.backends import registry
 from qvq_local.backends.options import SERVER_KINDS
 from qvq_local.convert import quants
@@ -58,14 +59,12 @@ app = _Commands(
 def synth(
     out: Path = typer.Argument(..., help="Folder to write the checkpoint into (created)."),
     shape: str = typer.Option(
-        "tiny",
-        "--shape",
-        help="tiny, or a published size: Qwen2-VL 2b | 7b | 72b; Qwen2.5-VL 3b | 7b | 32b | 72b; Qwen3-VL 2b | 4b | 8b | 32b.",
+        "tiny", "--shape", help=f"tiny, or a published size: {families.shape_choices()}."
     ),
     family: str = typer.Option(
-        "qwen2-vl",
+        families.choice_name(families.DEFAULT_FAMILY),
         "--family",
-        help="Model family whose layout to write: qwen2-vl (QVQ) | qwen2.5-vl | qwen3-vl (Thinking).",
+        help=f"Model family whose layout to write: {families.family_choices()}.",
     ),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16 | f32"),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same bytes."),
@@ -546,13 +545,11 @@ def bench(
     shape: str | None = typer.Option(
         None,
         "--shape",
-        help="tiny | 2b | 7b | 72b: synthesise and convert a random model of that shape "
-        "(cached in QVQ_HOME/bench). Default when no --model: tiny.",
+        help=f"tiny, or a published size of the --family ({families.shape_choices()}): synthesise and convert "
+        "a random model of that shape (cached in QVQ_HOME/bench). Default when no --model: tiny.",
     ),
     family: str | None = typer.Option(
-        None,
-        "--family",
-        help="Family of the --shape model: qwen2-vl (default) | qwen2.5-vl (see `qvq synth`).",
+        None, "--family", help=f"Family of the --shape model: {families.family_choices()} (see `qvq synth`)."
     ),
     backend: str = typer.Option("auto", "--backend", help=f"{registry.choices('all')}."),
     image_sizes: str = typer.Option("224,448", "--image-sizes", help="Square image edge lengths in pixels."),

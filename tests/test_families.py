@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from qvq_local import families
 from qvq_local.errors import InputError, ModelError
 from qvq_local.families import (
     DEFAULT_FAMILY,
@@ -334,3 +335,18 @@ def test_every_family_refuses_a_vision_tower_that_does_not_fit(name, merger_key,
     with pytest.raises(ModelError) as err:
         family.dims_from_config(odd, path)
     assert_error(err.value, f"vision {embed_key}", "not divisible by num_heads 7", path=path)
+
+
+def test_synth_and_bench_help_list_the_registered_families_and_their_shapes():
+    """``--family`` and ``--shape`` help are built from the family registry, not typed out in cli.py."""
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+
+    for command in ("synth", "bench"):
+        out = CliRunner().invoke(app, [command, "--help"], terminal_width=400).stdout
+        flat = " ".join(out.replace("│", " ").split())
+        assert families.family_choices() in flat and families.shape_choices() in flat
+        for family in families.FAMILIES.values():
+            assert families.choice_name(family) in flat
+            assert all(shape in flat for shape in family.synth_shapes)
