@@ -1,7 +1,9 @@
 """Model families, registered by name: the facts particular to one architecture live in its module.
 
 A family is a :class:`~qvq_local.families.base.Family` subclass and its instance, handed to
-:func:`register` (the built-in ones below, a plugin's from its own module).  Converting and synthesising
+:func:`register` (the built-in ones below, a plugin's from its plugin function: :mod:`qvq_local.plugins`,
+run when this package is first imported, so the converter's and the synthesiser's registries, which
+import it, see a plugin's classes too).  Converting and synthesising
 a family are done beside the converter and the synthesiser, by classes registered under the family's
 name (``qvq_local.convert.gguf_converter.register``, ``qvq_local.convert.synth_writer.register``), so a
 family in one module converts and answers like the built-in ones.  The rest of qvq-local asks the
@@ -131,3 +133,10 @@ __all__ = [
     "shape_choices",
     "supported_gguf_archs",
 ]
+
+# last, with everything above defined: a plugin's family registers through this module while it is
+# imported, so every process that looks a family up (a bench worker, ``qvq convert``, ``qvq synth``) sees the
+# plugins named in QVQ_PLUGINS, even one that never reads the backend registry
+from qvq_local.plugins import load as load_plugins  # noqa: E402
+
+load_plugins()
