@@ -24,6 +24,7 @@ from typing import Any
 from qvq_local.errors import ModelError
 from qvq_local.families import Family, describe_supported, family_for_config
 from qvq_local.formats.names import PICKLE_SUFFIXES
+from qvq_local.formats.safetensors import INDEX_NAME
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
@@ -224,7 +225,7 @@ def _check_architecture(config: dict[str, Any], path: Path) -> Family:
 def _check_weight_files(folder: Path) -> None:
     """Refuse folders whose weights are only pickles (never opened) or absent."""
     names = [p.name for p in folder.iterdir() if p.is_file()]
-    if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
+    if any(n.endswith(".safetensors") or n == INDEX_NAME for n in names):
         return
     pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
     if pickles:
@@ -234,9 +235,7 @@ def _check_weight_files(folder: Path) -> None:
             path=folder / pickles[0],
             hint="use a safetensors checkpoint",
         )
-    raise ModelError(
-        "no safetensors weights (model.safetensors or model.safetensors.index.json)", path=folder
-    )
+    raise ModelError(f"no safetensors weights (model.safetensors or {INDEX_NAME})", path=folder)
 
 
 def _normalised_names(store: Any, folder: Path, family: Family) -> dict[str, str]:

@@ -19,7 +19,9 @@ another family's class, as Qwen2.5-VL's is of Qwen2-VL's, overrides only what di
 how llama.cpp wants them written.
 
 The built-in families' classes live in ``convert/gguf_<family>.py`` and are imported by name on the first
-lookup; a plugin family registers its own class from its module.
+lookup; a plugin family registers its own class from its plugin function (``QVQ_PLUGINS`` or an entry
+point, run when ``qvq_local.families``, which this module imports, is first imported: so any process
+that converts sees it).
 """
 
 from __future__ import annotations

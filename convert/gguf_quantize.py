@@ -19,19 +19,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from qvq_local.convert.quants import GGUF_TYPES
+
 from qvq_local.cpu import usable_cores
 from qvq_local.errors import BackendUnavailable, ModelError
 
-# our quant name -> (llama_ftype value, GGUF file-type label)
-FTYPES = {
-    "f32": (0, "F32"),
-    "f16": (1, "F16"),
-    "q8_0": (7, "Q8_0"),
-    "q4_k_m": (15, "Q4_K_M"),
-    "q5_k_m": (17, "Q5_K_M"),
-}
-# rough bits per weight of the result, for progress and disk-space estimates
-BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q4_k_m": 4.9, "q5_k_m": 5.7}
 MAX_BUF_SIZE = 256 * 1024 * 1024
 
 
@@ -55,14 +47,18 @@ def quantize_gguf(
     on_progress: Callable[[int], None] | None = None,
     poll_s: float = 0.5,
 ) -> Path:
-    """Quantise ``src`` into ``dst`` (overwritten) with llama.cpp; ``quant`` is a key of ``FTYPES``.
+    """Quantise ``src`` into ``dst`` (overwritten) with llama.cpp; ``quant`` is a key of
+    :data:`~qvq_local.convert.quants.GGUF_TYPES` (llama.cpp's file type for it is gguf-py's number).
 
     ``on_progress(bytes_written_so_far)`` is called while the child works.  Raises ModelError with the
     tail of llama.cpp's log when quantisation fails; on any exception ``dst`` is removed.
     """
-    if quant not in FTYPES:
+    from qvq_local.formats.gguf import file_type_value
+
+    if quant not in GGUF_TYPES:
         raise ValueError(f"unknown quant {quant!r}")
-    ftype = FTYPES[quant][0]
+    label = GGUF_TYPES[quant].label
+    ftype = file_type_value(label)
     nthread = nthread or usable_cores()
     cmd = [
         sys.executable,
@@ -93,8 +89,7 @@ def quantize_gguf(
             log.seek(0)
             tail = log.read().decode("utf-8", "replace").strip().splitlines()[-3:]
             raise ModelError(
-                f"llama.cpp could not quantise to {FTYPES[quant][1]} (exit {proc.returncode}: "
-                f"{' | '.join(tail)})",
+                f"llama.cpp could not quantise to {label} (exit {proc.returncode}: {' | '.join(tail)})",
                 path=src,
             )
     if on_progress is not None:

@@ -14,17 +14,23 @@ import shutil
 from pathlib import Path
 from typing import Union
 
+from qvq_local.convert.quants import (
+    DEFAULT_BITS,
+    DEFAULT_GGUF_QUANT,
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_MMPROJ_QUANT,
+    GGUF_QUANTS,
+    MLX_BITS,
+    MMPROJ_QUANTS,
+    NO_BITS,
+)
+
 from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError, ModelError, QvqError
 
 FORMATS = ("mlx", "gguf")
-GGUF_QUANTS = ("q4_k_m", "q5_k_m", "q8_0", "f16", "f32")
-MMPROJ_QUANTS = ("f16", "q8_0", "f32")
-MLX_BITS = (4, 8)
-DEFAULT_GGUF_QUANT = "q4_k_m"
-DEFAULT_MMPROJ_QUANT = "f16"
-DEFAULT_BITS = 4
-DEFAULT_GROUP_SIZE = 64
+#: --bits words that keep the source dtype (besides none)
+_NO_BITS_WORDS = (NO_BITS, "no", "0", "16", "f16", "bf16", "f32", "unquantised", "unquantized")
 
 Bits = Union[int, str, None]  # noqa: UP007 - a runtime alias must work on Python 3.10
 
@@ -37,18 +43,20 @@ def default_target() -> str:
 
 
 def parse_bits(bits: Bits) -> int | None:
-    """``4``/``8`` quantise; ``"none"``/``0``/``16`` keep the source dtype (returns ``None``)."""
+    """:data:`~qvq_local.convert.quants.MLX_BITS` quantise; ``"none"``/``0``/``16`` keep the source dtype
+    (returns ``None``)."""
+    allowed = f"{', '.join(map(str, MLX_BITS))} or {NO_BITS}"
     if isinstance(bits, str):
         text = bits.strip().lower()
-        if text in ("none", "no", "0", "16", "f16", "bf16", "f32", "unquantised", "unquantized"):
+        if text in _NO_BITS_WORDS:
             return None
         if not text.isdigit():
-            raise InputError(f"--bits must be 4, 8 or none (got {bits!r})")
+            raise InputError(f"--bits must be {allowed} (got {bits!r})")
         bits = int(text)
     if bits in (0, 16):
         return None
     if bits not in MLX_BITS:
-        raise InputError(f"--bits must be 4, 8 or none (got {bits!r})")
+        raise InputError(f"--bits must be {allowed} (got {bits!r})")
     return int(bits)
 
 

@@ -8,7 +8,9 @@ dims its config.json gives); what differs from family to family besides is writt
 it extends (``super()`` first where it adds to it).
 
 The built-in families' writers live in ``convert/synth_<family>.py`` and are imported by name on the
-first lookup; a plugin family registers its own from its module.
+first lookup; a plugin family registers its own from its plugin function (``QVQ_PLUGINS`` or an entry
+point, run when ``qvq_local.families``, which this module imports, is first imported: so any process
+that synthesises sees it).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from typing import Any
 
 from qvq_local import atomic
 from qvq_local.errors import DiskFull, InputError
-from qvq_local.families import DEFAULT_FAMILY, FAMILIES, Family
+from qvq_local.families import DEFAULT_FAMILY, FAMILIES, Family, choice_name
 from qvq_local.units import file_size
 
 from . import tokenizer_synth
@@ -59,7 +59,7 @@ def get_family(family: str | Family | None = None) -> Family:
     for f in FAMILIES.values():
         if want == f.name.lower() or want in f.aliases:
             return f
-    names = ", ".join(f.aliases[0] if f.aliases else f.name for f in FAMILIES.values())
+    names = ", ".join(choice_name(f) for f in FAMILIES.values())
     raise InputError(f"unknown family {family!r}; choose one of {names}")
 
 

@@ -24,17 +24,18 @@ from pathlib import Path
 from qvq_local.convert.checkpoint import Checkpoint, open_checkpoint
 from qvq_local.convert.gguf_converter import converter_for
 from qvq_local.convert.gguf_mmproj import arch as mmproj_arch
-from qvq_local.convert.gguf_quantize import BITS_PER_WEIGHT, FTYPES, check_quantiser_available, quantize_gguf
+from qvq_local.convert.gguf_quantize import check_quantiser_available, quantize_gguf
 from qvq_local.convert.gguf_stream import PlannedTensor, write_gguf
 from qvq_local.convert.gguf_text import read_vocab
+from qvq_local.convert.quants import (
+    DEFAULT_GGUF_QUANT,
+    DEFAULT_MMPROJ_QUANT,
+    GGUF_QUANTS,
+    GGUF_TYPES,
+    MMPROJ_QUANTS,
+)
 
 from qvq_local.errors import DiskFull, InputError
-
-TEXT_QUANTS = ("f32", "f16", "q8_0", "q4_k_m", "q5_k_m")
-MMPROJ_QUANTS = ("f32", "f16", "q8_0")
-_DIRECT = {"f32": "F32", "f16": "F16"}  # text quants written without llama.cpp
-_MMPROJ_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}  # gguf.LlamaFileType values
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class GgufPair:
 def gguf_file_names(src_name: str, quant: str, mmproj_quant: str) -> tuple[str, str]:
     """Output file names: ``<name>-<QUANT>.gguf`` and ``mmproj-<name>-<QUANT>.gguf``."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", src_name).strip("-.") or "model"
-    return f"{stem}-{FTYPES[quant][1]}.gguf", f"mmproj-{stem}-{FTYPES[mmproj_quant][1]}.gguf"
+    return f"{stem}-{GGUF_TYPES[quant].label}.gguf", f"mmproj-{stem}-{GGUF_TYPES[mmproj_quant].label}.gguf"
 
 
 def model_name_for(folder: Path) -> str:
@@ -68,23 +69,24 @@ def model_name_for(folder: Path) -> str:
 def convert_to_gguf(
     src: str | Path,
     out_dir: str | Path,
-    quant: str = "q4_k_m",
-    mmproj_quant: str = "f16",
+    quant: str = DEFAULT_GGUF_QUANT,
+    mmproj_quant: str = DEFAULT_MMPROJ_QUANT,
     progress: bool = False,
     *,
     name: str | None = None,
 ) -> GgufPair:
     """Convert the checkpoint folder ``src`` into a GGUF pair in ``out_dir``.
 
-    ``quant``: f32, f16, q8_0, q4_k_m or q5_k_m (the text model); ``mmproj_quant``: f32, f16 or q8_0.
+    ``quant``: one of :data:`~qvq_local.convert.quants.GGUF_QUANTS` (the text model); ``mmproj_quant``: one
+    of :data:`~qvq_local.convert.quants.MMPROJ_QUANTS`.
     ``name`` (general.name and the file-name stem) defaults to :func:`model_name_for` of ``src``.
     Raises InputError for bad options, ModelError for a bad checkpoint, BackendUnavailable when a
     quantised type is asked for without llama-cpp-python, DiskFull when the outputs cannot fit; all of
     these before any output file exists.  Interrupted or failed runs leave no output files behind.
     """
     quant, mmproj_quant = str(quant).lower(), str(mmproj_quant).lower()
-    if quant not in TEXT_QUANTS:
-        raise InputError(f"unknown GGUF quantisation {quant!r}; choose one of {', '.join(TEXT_QUANTS)}")
+    if quant not in GGUF_QUANTS:
+        raise InputError(f"unknown GGUF quantisation {quant!r}; choose one of {', '.join(GGUF_QUANTS)}")
     if mmproj_quant not in MMPROJ_QUANTS:
         raise InputError(
             f"unknown mmproj quantisation {mmproj_quant!r}; choose one of {', '.join(MMPROJ_QUANTS)}"
@@ -107,15 +109,17 @@ def _convert(
     conv = converter_for(ckpt)  # the family's converter class
     conv.check_supported()  # vision shapes llama.cpp's projector for this family cannot run
     vocab = read_vocab(ckpt)
-    direct = quant in _DIRECT
+    from qvq_local.formats.gguf import file_type_value
+
+    direct = GGUF_TYPES[quant].direct
     if not direct:
         check_quantiser_available()
-    mm_type = _MMPROJ_TYPES[mmproj_quant]
+    mm_type = GGUF_TYPES[mmproj_quant].label
     mm_plan = conv.mmproj_tensor_plan(mm_type)
-    mm_meta = conv.mmproj_metadata(_FILE_TYPES[mm_type], name)
-    text_type = _DIRECT.get(quant, "source")
+    mm_meta = conv.mmproj_metadata(file_type_value(mm_type), name)
+    text_type = GGUF_TYPES[quant].label if direct else "source"
     text_plan = conv.text_tensor_plan(text_type)
-    text_file_type = _FILE_TYPES[text_type] if direct else _dominant_file_type(text_plan)
+    text_file_type = file_type_value(text_type) if direct else _dominant_file_type(text_plan)
     text_meta = conv.text_metadata(vocab, text_file_type, name)
     text_arch = ckpt.family.gguf_text_arch
     model_name, mmproj_name = gguf_file_names(name, quant, mmproj_quant)
@@ -124,7 +128,7 @@ def _convert(
     mm_bytes = sum(t.nbytes for t in mm_plan)
     text_bytes = sum(t.nbytes for t in text_plan)
     n_text = sum(math.prod(t.shape) for t in text_plan)
-    final_text_bytes = text_bytes if direct else int(n_text * BITS_PER_WEIGHT[quant] / 8)
+    final_text_bytes = text_bytes if direct else int(n_text * GGUF_TYPES[quant].bits_per_weight / 8)
     _check_disk(out_dir, mm_bytes + text_bytes + (0 if direct else final_text_bytes))
 
     # ---- write
@@ -143,13 +147,13 @@ def _convert(
                     text_arch,
                     text_meta,
                     text_plan,
-                    bar(f"model ({_DIRECT[quant]})", text_bytes),
+                    bar(f"model ({text_type})", text_bytes),
                 )
             else:
                 write_gguf(
                     intermediate, text_arch, text_meta, text_plan, bar("model (source precision)", text_bytes)
                 )
-                done = bar(f"quantising to {FTYPES[quant][1]}", final_text_bytes)
+                done = bar(f"quantising to {GGUF_TYPES[quant].label}", final_text_bytes)
                 seen = [0]
 
                 def report(size: int) -> None:
@@ -176,10 +180,12 @@ def _convert(
 
 def _dominant_file_type(plan: list[PlannedTensor]) -> int:
     """general.file_type of a source-precision file: the type holding the most bytes."""
+    from qvq_local.formats.gguf import file_type_value
+
     by_type: dict[str, int] = {}
     for t in plan:
         by_type[t.qtype] = by_type.get(t.qtype, 0) + t.nbytes
-    return _FILE_TYPES[max(by_type, key=by_type.__getitem__)]
+    return file_type_value(max(by_type, key=by_type.__getitem__))
 
 
 def _check_disk(out_dir: Path, need: int) -> None:

@@ -27,12 +27,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from qvq_local.convert.quants import DEFAULT_BITS, DEFAULT_GROUP_SIZE, MLX_BITS, MLX_GROUP_SIZES
+
 from qvq_local import atomic
 from qvq_local.errors import BackendUnavailable, DiskFull, InputError, ModelError, QvqError
 from qvq_local.families import Family
-
-SUPPORTED_BITS = (4, 8)
-SUPPORTED_GROUP_SIZES = (32, 64, 128)
+from qvq_local.formats.safetensors import INDEX_NAME
 
 # Files a converted folder must hold; anything less is not a finished conversion.
 _REQUIRED_OUTPUTS = ("config.json",)
@@ -42,8 +42,8 @@ _REQUIRED_OUTPUTS = ("config.json",)
 def convert_to_mlx(
     src: str | os.PathLike,
     out_dir: str | os.PathLike,
-    bits: int | None = 4,
-    group_size: int = 64,
+    bits: int | None = DEFAULT_BITS,
+    group_size: int = DEFAULT_GROUP_SIZE,
     progress: bool = False,
     overwrite: bool = False,
 ) -> Path:
@@ -55,11 +55,11 @@ def convert_to_mlx(
     """
     src = Path(src).expanduser()
     out_dir = Path(out_dir).expanduser()
-    if bits is not None and bits not in SUPPORTED_BITS:
-        raise InputError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))} (got {bits})")
-    if group_size not in SUPPORTED_GROUP_SIZES:
+    if bits is not None and bits not in MLX_BITS:
+        raise InputError(f"--bits must be one of {', '.join(map(str, MLX_BITS))} (got {bits})")
+    if group_size not in MLX_GROUP_SIZES:
         raise InputError(
-            f"--group-size must be one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))} (got {group_size})"
+            f"--group-size must be one of {', '.join(map(str, MLX_GROUP_SIZES))} (got {group_size})"
         )
     if out_dir.exists() and not overwrite:
         raise InputError("output already exists", path=out_dir, hint="use --force to replace it")
@@ -179,11 +179,11 @@ def stage_original_names(
     staging.mkdir(parents=True)
     weight_names = {p.name for p in weight_files}
     for item in src.iterdir():
-        if item.name in weight_names or item.name == "model.safetensors.index.json" or item.is_dir():
+        if item.name in weight_names or item.name == INDEX_NAME or item.is_dir():
             continue
         (staging / item.name).symlink_to(item.resolve())
 
-    index = src / "model.safetensors.index.json"
+    index = src / INDEX_NAME
     if index.is_file():
         data = json.loads(index.read_text(encoding="utf-8"))
         data["weight_map"] = {family.original_tensor_name(k): v for k, v in data["weight_map"].items()}

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import qvq_local
-from qvq_local import doctor, fit, hardware, hub
+from qvq_local import fit, hardware, hub
 from qvq_local.backends.llama_buffers import requested_gpu_layers
 from qvq_local.errors import QvqError
 
@@ -44,7 +44,7 @@ def main() -> None:
             f"error: {args.model}: a GGUF model is needed (llama.cpp offloads layers), not {resolved.format}"
         )
     shape = fit.gguf_shape(resolved.path)
-    ctx = doctor.default_context(shape["context_length"])
+    ctx = fit.default_context(shape["context_length"])
     sizes = fit.offload_sizes(resolved, shape, ctx)
     print(f"{resolved.name}: {len(sizes[0])} blocks + the output layer, context {ctx} tokens")
     print(f"{'--gpu-layers':>12}  {'placement':<36} {'real GB':>8} {'estimate GB':>12} {'estimate/real':>14}")

@@ -11,14 +11,25 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qvq_local.api import Model, ask, load
+    from qvq_local.api import ask, load
+    from qvq_local.model import Model
 
 __all__ = ["Model", "__version__", "ask", "load"]
 
+#: What ``qvq_local.NAME`` gives, by the module it lives in (imported on first use).
+_LAZY = {
+    "load": "api",
+    "ask": "api",
+    "Model": "model",
+    "drive": "driver",
+    "prepare_images": "images",
+    "PreparedImage": "images",
+}
+
 
 def __getattr__(name: str) -> Any:
-    if name in ("load", "ask", "Model", "drive", "prepare_images", "PreparedImage"):
-        from qvq_local import api
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(api, name)
+        return getattr(import_module(f"qvq_local.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'qvq_local' has no attribute {name!r}")

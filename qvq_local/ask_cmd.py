@@ -89,7 +89,8 @@ def build_settings(request: AskRequest) -> AskSettings:
     0``), one that came from the settings file by its key (``the think_budget setting must be above 0``).
     """
     from qvq_local import config
-    from qvq_local.settings import CLI_LABELS, DEFAULT_ANSWER_BUDGET, AskSettings
+    from qvq_local.budgets import DEFAULT_ANSWER_BUDGET
+    from qvq_local.settings import CLI_LABELS, AskSettings
 
     labels = dict(CLI_LABELS)
     values = dict(request.options)
@@ -175,7 +176,7 @@ class SigintFlag:
 
     The flag matters when the KeyboardInterrupt is lost: Python raises it in whatever Python code runs
     next, and if that is a callback invoked from C (llama.cpp calls a Python log hook while it encodes an
-    image), ctypes prints and drops it.  :func:`qvq_local.api.drive` polls the flag after every event.
+    image), ctypes prints and drops it.  :func:`qvq_local.driver.drive` polls the flag after every event.
     """
 
     def __init__(self) -> None:
@@ -215,7 +216,7 @@ class SigintFlag:
 
 def run_ask(request: AskRequest) -> int:
     """Run one question; return the exit code (0, or 130 after Ctrl-C).  QvqError propagates."""
-    from qvq_local.api import read_images
+    from qvq_local.images import read_images
 
     images, question = split_args(request.args, request.attach)
     settings = build_settings(request)
@@ -241,7 +242,7 @@ def _ask_loaded(
     sources: list,
     sigint: SigintFlag,
 ) -> int:
-    from qvq_local.api import drive
+    from qvq_local.driver import drive
 
     try:
         model = _load_model(request, how, settings)

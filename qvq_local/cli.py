@@ -15,8 +15,10 @@ from typing import Any
 
 import typer
 
+from qvq_local import families
 from qvq_local.backends import registry
 from qvq_local.backends.options import SERVER_KINDS
+from qvq_local.convert import quants
 from qvq_local.errors import QvqError
 
 
@@ -57,14 +59,12 @@ app = _Commands(
 def synth(
     out: Path = typer.Argument(..., help="Folder to write the checkpoint into (created)."),
     shape: str = typer.Option(
-        "tiny",
-        "--shape",
-        help="tiny, or a published size: Qwen2-VL 2b | 7b | 72b; Qwen2.5-VL 3b | 7b | 32b | 72b; Qwen3-VL 2b | 4b | 8b | 32b.",
+        "tiny", "--shape", help=f"tiny, or a published size: {families.shape_choices()}."
     ),
     family: str = typer.Option(
-        "qwen2-vl",
+        families.choice_name(families.DEFAULT_FAMILY),
         "--family",
-        help="Model family whose layout to write: qwen2-vl (QVQ) | qwen2.5-vl | qwen3-vl (Thinking).",
+        help=f"Model family whose layout to write: {families.family_choices()}.",
     ),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16 | f32"),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same bytes."),
@@ -95,21 +95,10 @@ def convert(
     to: str | None = typer.Option(
         None, "--to", help="mlx | gguf. Default: what this machine's backend runs (mlx on Apple Silicon)."
     ),
-    quant: str | None = typer.Option(
-        None, "--quant", help="GGUF only: q4_k_m (default) | q5_k_m | q8_0 | f16 | f32."
-    ),
-    bits: str | None = typer.Option(
-        None, "--bits", help="MLX only: 4 (default) | 8 | none (keep the source dtype)."
-    ),
-    group_size: int | None = typer.Option(
-        None, "--group-size", help="MLX only: quantisation group size, 32 | 64 (default) | 128."
-    ),
-    mmproj_quant: str | None = typer.Option(
-        None,
-        "--mmproj-quant",
-        help="GGUF only: the vision projector's type, f16 (default; image embeddings match transformers to "
-        "~0.1%) | q8_0 (half the size, ~2% off; not faster in our CPU runs) | f32.",
-    ),
+    quant: str | None = typer.Option(None, "--quant", help=quants.quant_help()),
+    bits: str | None = typer.Option(None, "--bits", help=quants.bits_help()),
+    group_size: int | None = typer.Option(None, "--group-size", help=quants.group_size_help()),
+    mmproj_quant: str | None = typer.Option(None, "--mmproj-quant", help=quants.mmproj_quant_help()),
     out: Path | None = typer.Option(
         None, "-o", "--out", help="Output folder. Default: $QVQ_HOME/models/<name>-<format>-<quant>."
     ),
@@ -556,13 +545,11 @@ def bench(
     shape: str | None = typer.Option(
         None,
         "--shape",
-        help="tiny | 2b | 7b | 72b: synthesise and convert a random model of that shape "
-        "(cached in QVQ_HOME/bench). Default when no --model: tiny.",
+        help=f"tiny, or a published size of the --family ({families.shape_choices()}): synthesise and convert "
+        "a random model of that shape (cached in QVQ_HOME/bench). Default when no --model: tiny.",
     ),
     family: str | None = typer.Option(
-        None,
-        "--family",
-        help="Family of the --shape model: qwen2-vl (default) | qwen2.5-vl (see `qvq synth`).",
+        None, "--family", help=f"Family of the --shape model: {families.family_choices()} (see `qvq synth`)."
     ),
     backend: str = typer.Option("auto", "--backend", help=f"{registry.choices('all')}."),
     image_sizes: str = typer.Option("224,448", "--image-sizes", help="Square image edge lengths in pixels."),
@@ -598,8 +585,10 @@ def bench(
 
       qvq bench -m QVQ-72B-Preview-gguf-q4_k_m --image-sizes 448 --runs 3
     """
+    from qvq_local.ask_cmd import flag
     from qvq_local.bench import bench_command
 
+    load_options = {"cpu_buffers": cpu_buffers, "gpu_layers": gpu_layers}
     bench_command(
         model=model,
         shape=shape,
@@ -612,9 +601,9 @@ def bench(
         json_path=json_path,
         chart_path=chart,
         bandwidth_mib=bandwidth_mib,
-        cpu_buffers=cpu_buffers,
-        gpu_layers=gpu_layers,
         family=family,
+        options=load_options,
+        option_labels={name: flag(name) for name in load_options},
     )
 
 

@@ -15,8 +15,6 @@ from qvq_local import fit
 from qvq_local.errors import InputError, ModelError
 from qvq_local.units import memory_size
 
-#: What ``qvq ask`` asks for by default: prompt text, one image at the default pixel bound, budgets.
-DEFAULT_PROMPT_TOKENS = 128
 #: ``qvq doctor --selftest`` exit code when a backend crashed or failed its self-test.
 EXIT_SELFTEST_FAILED = 4
 
@@ -60,25 +58,6 @@ def backend_report() -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- the fit of a model
-def default_context(context_length: int) -> int:
-    """The context ``qvq ask`` opens with default settings (no think budget: up to 8192 thought tokens):
-    the context to plan for when none is given.  Here, not in :mod:`qvq_local.fit`, because it follows the
-    API's default budgets."""
-    from qvq_local.api import DEFAULT_ANSWER_BUDGET, DEFAULT_MAX_THOUGHT, FORCE_MARGIN
-
-    image_tokens = 1024
-    try:
-        from qvq_local import images
-
-        bound = getattr(images, "DEFAULT_MAX_PIXELS", None)
-        if bound:
-            image_tokens = int(bound) // images.FACTOR**2
-    except ImportError:
-        pass
-    want = DEFAULT_PROMPT_TOKENS + image_tokens + DEFAULT_MAX_THOUGHT + DEFAULT_ANSWER_BUDGET + FORCE_MARGIN
-    return min(context_length, want) if context_length else want
-
-
 def model_fit(
     ref: str,
     n_ctx: int | None = None,
@@ -87,39 +66,19 @@ def model_fit(
     gpus: list[dict] | None = None,
     working_set: int | None = None,
 ) -> dict[str, Any]:
-    """Whether ``ref`` fits in memory with a context of ``n_ctx`` tokens (default: what ask would open);
-    for a GGUF, with ``gpus`` (:func:`hardware.parse_nvidia_smi_memory`'s records), how many of its layers
-    fit in their free memory; on a Mac, with Metal's ``working_set``, whether it fits there
-    (:func:`qvq_local.fit.metal_fit`).  The report's row: the rules are :mod:`qvq_local.fit`'s."""
-    from qvq_local import hub, models
+    """The report's row for ``ref``: the reference resolved (never downloaded), whether it fits
+    (:func:`qvq_local.fit.model_fit`, the arguments are its) and, for a GGUF, the llama.cpp CPU buffer
+    types its weights will be loaded into here."""
+    from qvq_local import hub
 
     resolved = hub.resolve(ref, download=False, progress=False)
-    files = models.model_files(resolved)
-    weights = sum(p.stat().st_size for p in files)
-    shape = fit.model_shape(resolved)
-    ctx = int(n_ctx) if n_ctx else default_context(shape["context_length"])
-    kv, overhead, need = fit.memory_need(weights, shape, ctx)
-    verdict = fit.fit_verdict(need, available, total)
-    return {
-        "name": resolved.name,
-        "family": models.model_family(resolved),
-        "format": resolved.format,
-        "cpu_buffers": _llama_buffers_for(resolved.path) if resolved.format == "gguf" else None,
-        "path": str(resolved.path),
-        "mmproj": str(resolved.mmproj) if resolved.mmproj else None,
-        "quantization": resolved.quantization,
-        "weights_bytes": weights,
-        "context_tokens": ctx,
-        "trained_context": shape["context_length"],
-        "kv_cache_bytes": kv,
-        "overhead_bytes": overhead,
-        "needed_bytes": need,
-        "available_bytes": available,
-        "verdict": verdict,
-        "fits": need <= available if available is not None else None,
-        "gpu": fit.gpu_fit(resolved, shape, ctx, gpus) if gpus and resolved.format == "gguf" else None,
-        "metal": fit.metal_fit(need, working_set, total) if working_set else None,
-    }
+    buffers = _llama_buffers_for(resolved.path) if resolved.format == "gguf" else None
+    row: dict[str, Any] = {}
+    for key, value in fit.model_fit(resolved, n_ctx, available, total, gpus, working_set).items():
+        row[key] = value
+        if key == "format":  # where the report has always shown it
+            row["cpu_buffers"] = buffers
+    return row
 
 
 def available_rows(apple_silicon: bool | None = None) -> list[dict[str, Any]]:
@@ -140,27 +99,10 @@ def available_rows(apple_silicon: bool | None = None) -> list[dict[str, Any]]:
                 "format": source.format,
                 "size": source.size,
                 "size_checked": source.size_checked,
-                **_source_fit(entry, source, available, total),
+                **fit.catalogue_fit(entry, source, available, total),
             }
         )
     return rows
-
-
-def _source_fit(entry: Any, source: Any, available: int | None, total: int | None) -> dict[str, Any]:
-    """The fit estimate for a catalogue ``source``: its download size as the weights, the KV cache from
-    its family's dimensions for the entry's shape."""
-    from qvq_local.families import FAMILIES
-
-    dims = FAMILIES[entry.family].synth_shapes[entry.shape]
-    shape = {
-        "layers": dims.num_hidden_layers,
-        "kv_heads": dims.num_key_value_heads,
-        "head_dim": dims.head_dim,
-        "kv_bytes": 2,
-    }
-    ctx = default_context(dims.max_position_embeddings)
-    _kv, _overhead, need = fit.memory_need(source.size, shape, ctx)
-    return {"needed_bytes": need, "verdict": fit.fit_verdict(need, available, total)}
 
 
 def _llama_buffers_for(model_file: Path) -> str | None:

@@ -8,8 +8,9 @@ compute buffers and the vision encoder (:func:`memory_need`).  On a Mac the GPU 
 unified memory (:func:`metal_fit`); with an NVIDIA GPU, llama.cpp's ``--gpu-layers`` decides what goes
 there (:func:`gpu_split`, :func:`gpu_offload_plan`).
 
-The context to plan for is the caller's: ``qvq doctor`` asks for what ``qvq ask`` would open, which
-depends on the API's default budgets (:func:`qvq_local.doctor.default_context`).
+The context to plan for is the caller's; when none is given, what ``qvq ask`` opens with its default
+budgets (:func:`default_context`, from :mod:`qvq_local.budgets`).  :func:`model_fit` is one model's
+row of ``qvq doctor``; :func:`catalogue_fit` estimates a catalogue source before it is downloaded.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from qvq_local.budgets import DEFAULT_ANSWER_BUDGET, DEFAULT_MAX_THOUGHT, FORCE_MARGIN
 from qvq_local.errors import ModelError
 from qvq_local.formats.gguf import read_gguf_header, read_gguf_metadata
-from qvq_local.models import ResolvedModel, model_files
+from qvq_local.models import ResolvedModel, model_family, model_files
 
 #: Compute buffers, the vision encoder's scratch and the runtime, on top of weights and KV cache.
 OVERHEAD_FRACTION = 0.10
@@ -29,6 +31,8 @@ OVERHEAD_FIXED = 512 * 1024**2
 #: GPU memory llama.cpp takes beside the offloaded weights and their KV cache: the CUDA context and
 #: compute buffers (and OVERHEAD_FRACTION of the offloaded weights, as for main memory).
 GPU_RESERVE = 1024**3
+#: What ``qvq ask`` asks for by default besides the image and the budgets: the prompt's text.
+DEFAULT_PROMPT_TOKENS = 128
 
 
 # ----------------------------------------------------------------------------- a model's shape
@@ -85,6 +89,18 @@ def model_shape(model: ResolvedModel) -> dict[str, Any]:
     return gguf_shape(model.path) if model.format == "gguf" else folder_shape(Path(model.path))
 
 
+# ----------------------------------------------------------------------------- the context to plan for
+def default_context(context_length: int) -> int:
+    """The context ``qvq ask`` opens with default settings (no think budget: up to
+    :data:`~qvq_local.budgets.DEFAULT_MAX_THOUGHT` thought tokens, one image at the default pixel bound):
+    the context to plan for when none is given, at most ``context_length`` (0: unknown)."""
+    from qvq_local import images
+
+    image_tokens = int(images.DEFAULT_MAX_PIXELS) // images.FACTOR**2
+    want = DEFAULT_PROMPT_TOKENS + image_tokens + DEFAULT_MAX_THOUGHT + DEFAULT_ANSWER_BUDGET + FORCE_MARGIN
+    return min(context_length, want) if context_length else want
+
+
 # ----------------------------------------------------------------------------- main memory
 def memory_need(weights: int, shape: dict[str, Any], ctx: int) -> tuple[int, int, int]:
     """(KV cache, overhead, total) bytes to run ``weights`` bytes of a model of ``shape`` at ``ctx`` tokens."""
@@ -122,6 +138,62 @@ def metal_fit(need: int, working_set: int, total: int | None) -> dict[str, Any]:
             mib = -(-need // 2**20) + 1024  # the need, rounded up, and 1 GiB to spare
             out["sysctl"] = f"sudo sysctl iogpu.wired_limit_mb={min(mib, ceiling // 2**20)}"
     return out
+
+
+# ----------------------------------------------------------------------------- one model, one source
+def model_fit(
+    model: ResolvedModel,
+    n_ctx: int | None = None,
+    available: int | None = None,
+    total: int | None = None,
+    gpus: list[dict] | None = None,
+    working_set: int | None = None,
+) -> dict[str, Any]:
+    """Whether ``model`` fits in memory with a context of ``n_ctx`` tokens (default: what ask would open,
+    :func:`default_context`); for a GGUF, with ``gpus`` (:func:`hardware.parse_nvidia_smi_memory`'s
+    records), how many of its layers fit in their free memory (:func:`gpu_fit`); on a Mac, with Metal's
+    ``working_set``, whether it fits there (:func:`metal_fit`).  The row ``qvq doctor`` shows."""
+    files = model_files(model)
+    weights = sum(p.stat().st_size for p in files)
+    shape = model_shape(model)
+    ctx = int(n_ctx) if n_ctx else default_context(shape["context_length"])
+    kv, overhead, need = memory_need(weights, shape, ctx)
+    return {
+        "name": model.name,
+        "family": model_family(model),
+        "format": model.format,
+        "path": str(model.path),
+        "mmproj": str(model.mmproj) if model.mmproj else None,
+        "quantization": model.quantization,
+        "weights_bytes": weights,
+        "context_tokens": ctx,
+        "trained_context": shape["context_length"],
+        "kv_cache_bytes": kv,
+        "overhead_bytes": overhead,
+        "needed_bytes": need,
+        "available_bytes": available,
+        "verdict": fit_verdict(need, available, total),
+        "fits": need <= available if available is not None else None,
+        "gpu": gpu_fit(model, shape, ctx, gpus) if gpus and model.format == "gguf" else None,
+        "metal": metal_fit(need, working_set, total) if working_set else None,
+    }
+
+
+def catalogue_fit(entry: Any, source: Any, available: int | None, total: int | None) -> dict[str, Any]:
+    """The fit estimate for a catalogue ``source`` (:mod:`qvq_local.catalogue`) before it is downloaded:
+    its download size as the weights, the KV cache from its family's dimensions for the entry's shape."""
+    from qvq_local.families import FAMILIES
+
+    dims = FAMILIES[entry.family].synth_shapes[entry.shape]
+    shape = {
+        "layers": dims.num_hidden_layers,
+        "kv_heads": dims.num_key_value_heads,
+        "head_dim": dims.head_dim,
+        "kv_bytes": 2,
+    }
+    ctx = default_context(dims.max_position_embeddings)
+    _kv, _overhead, need = memory_need(source.size, shape, ctx)
+    return {"needed_bytes": need, "verdict": fit_verdict(need, available, total)}
 
 
 # ----------------------------------------------------------------------------- NVIDIA GPUs (llama.cpp)

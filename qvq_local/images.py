@@ -1,4 +1,4 @@
-"""Load, validate and bound images before they reach a vision encoder.
+"""Load, validate and bound images before they reach a vision encoder, and prepare them for a prompt.
 
 Every image goes through :func:`load_image`: it names the file and the problem in one line for anything it
 cannot use (missing, a folder, empty, not an image, truncated, a decompression bomb, zero-size), turns
@@ -23,6 +23,11 @@ patch, merged 2x2), the aspect ratio kept, the pixel count within ``[min_pixels,
 ``smart_resize``, which raises for aspect ratios above 200, extreme strips are clamped instead: the short
 side never drops below 28, the long side never exceeds ``max_pixels // 28``, and within those limits the
 aspect ratio is kept (a 10000x50 strip becomes 5600x28; 100000x10 becomes 7168x28).
+
+For a question: :func:`prepare_images` turns paths into :class:`PreparedImage` (the image and its
+:class:`~qvq_local.events.ImageInfo`) bounded on the grid of the model's family; ``qvq ask`` first reads and
+checks each file at its own size (:func:`read_images`, so a bad file fails before a model loads) and
+bounds it once the model, and so its family's grid, is known.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from __future__ import annotations
 import codecs
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qvq_local.errors import InputError
 from qvq_local.events import ImageInfo
@@ -342,3 +349,88 @@ def load_image(
 def _reason(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text[:160]
+
+
+# ---------------------------------------------------------------- images for a prompt
+
+
+@dataclass
+class PreparedImage:
+    """An image already loaded and bounded (``qvq_local.images.load_image``), ready for a prompt."""
+
+    image: Any  # PIL.Image.Image, RGB
+    info: ImageInfo
+
+
+@dataclass
+class SourceImage:
+    """An image file read and checked, at its own size (not bounded yet): what ``qvq ask`` holds while
+    the model loads, so that a bad file fails before the load and the image is bounded once, on the grid
+    of the model's family, by :func:`prepare_images`."""
+
+    image: Any  # PIL.Image.Image, RGB, EXIF orientation applied
+    path: str
+
+
+def read_images(images: Any) -> list[SourceImage]:
+    """Read and check each image (a single path is accepted as well as a list) without bounding it.
+
+    Raises ``InputError`` naming the first bad file (missing, not an image, corrupt, empty, too large).
+    """
+    if isinstance(images, (str, Path)):
+        images = [images]
+    sources = []
+    for item in images:
+        if not isinstance(item, (str, Path)):
+            raise InputError(f"expected an image path, got {type(item).__name__}")
+        image, info = load_image(item, MAX_SOURCE_PIXELS, 1, factor=1)  # 1-pixel grid: kept as it is
+        sources.append(SourceImage(image, info.path))
+    if not sources:
+        raise InputError("no image given: QVQ answers questions about images, pass at least one")
+    return sources
+
+
+def _bound(source: SourceImage, max_pixels: int | None, factor: int | None) -> PreparedImage:
+    """``source`` bounded as :func:`qvq_local.images.load_image` bounds a file (same sizes, same filter)."""
+    from PIL import Image
+
+    grid = factor or FACTOR
+    original = source.image.size
+    size = bound_size(*original, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, factor=grid)
+    image = source.image if size == original else source.image.resize(size, Image.Resampling.BICUBIC)
+    info = ImageInfo(path=source.path, original_size=original, size=size, tokens=image_tokens(*size, grid))
+    return PreparedImage(image, info)
+
+
+def prepare_images(
+    images: Any, max_pixels: int | None = None, factor: int | None = None
+) -> list[PreparedImage]:
+    """Load, validate and bound each image; a single path is accepted as well as a list, and a
+    :class:`SourceImage` (read already) is only bounded.
+
+    ``factor``: the model family's image-token side (None: the default family's), so that an image is
+    resized once, to sides the model's processor keeps.
+
+    Raises ``InputError`` naming the first bad file (missing, not an image, corrupt, empty).
+    """
+    if isinstance(images, (str, Path, PreparedImage, SourceImage)):
+        images = [images]
+    prepared: list[PreparedImage] = []
+    for item in images:
+        if isinstance(item, SourceImage):
+            prepared.append(_bound(item, max_pixels, factor))
+            continue
+        if isinstance(item, PreparedImage):
+            w, h = item.info.size
+            if not factor or (w % factor == 0 and h % factor == 0) or not Path(item.info.path).is_file():
+                prepared.append(item)
+                continue
+            item = item.info.path  # bounded for another family's grid (before the model was known): redo
+        if not isinstance(item, (str, Path)):
+            raise InputError(f"expected an image path, got {type(item).__name__}")
+        kw = {"factor": factor} if factor else {}
+        image, info = load_image(item, max_pixels, **kw) if max_pixels else load_image(item, **kw)
+        prepared.append(PreparedImage(image, info))
+    if not prepared:
+        raise InputError("no image given: QVQ answers questions about images, pass at least one")
+    return prepared

@@ -573,8 +573,9 @@ def _read_gguf(path: Path, findings: list[Finding]) -> dict[str, Any] | None:
 def inspect_gguf(path: str | os.PathLike, findings: list[Finding]) -> GgufHeader | None:
     """The header of a GGUF file whose tensor data all lies inside the file; else ``None`` and an error.
 
-    Reads the header once (:func:`qvq_local.formats.gguf.read_whole_gguf`); the result also serves the
-    caller's own checks (architecture, projector), so a backend about to load the file parses it only here.
+    Reads the header once (:func:`qvq_local.formats.gguf.read_whole_gguf`, the check the llama backend
+    runs before loading, raising instead of reporting); the result also serves the caller's own checks
+    (architecture, projector).
     """
     p = Path(path)
     try:

@@ -1,7 +1,10 @@
-"""Code from outside the package that adds to qvq-local (a backend, ...), found and run once per process.
+"""Code from outside the package that adds to qvq-local (a backend, a model family), found and run once per
+process.
 
 A plugin is a function that registers what it adds through the registries' own hooks (a backend:
-``qvq_local.backends.registry.register(spec)``).  Two ways to name one:
+``qvq_local.backends.registry.register(spec)``; a family: ``qvq_local.families.register(family)`` with its
+GGUF converter and checkpoint writer classes, ``qvq_local.convert.gguf_converter.register`` and
+``qvq_local.convert.synth_writer.register``).  Two ways to name one:
 
 * ``QVQ_PLUGINS``: comma-separated ``module`` or ``module:function`` names; a bare module names its
   function ``qvq_plugin``.  An environment variable, so a child process (a bench worker, ``qvq serve``
@@ -12,8 +15,9 @@ A plugin is a function that registers what it adds through the registries' own h
 Importing a plugin's module registers nothing by itself: its function does, so a module can also be
 imported for other reasons (a test file that is its own plugin) without side effects.
 
-:func:`load` runs each plugin once; the backend registry calls it when it is first imported, so anything
-that reads the registry sees the plugins.  A plugin that fails (its module is missing, it raises) is left
+:func:`load` runs each plugin once; the backend registry and the family registry each call it when first
+imported, so anything that reads either (the converter's and synthesiser's registries import the family
+one) sees the plugins.  A plugin that fails (its module is missing, it raises) is left
 out with one ``warning:`` line on stderr; :func:`failures` lists them (``qvq doctor`` can show them).
 """
 

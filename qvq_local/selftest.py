@@ -69,20 +69,25 @@ def prepare(backend: str, root: Path | None = None) -> Path:
 
 
 def crash_advice(backend: str) -> str:
-    """What to do about a native crash of ``backend``: the facts a bug report needs and the workaround."""
+    """What to do about a native crash of ``backend``: the facts a bug report needs and the workaround
+    (the backend's ``crash_advice`` hook; without one, the other local backends to switch to)."""
     from qvq_local.cpu import detect
 
     cpu = detect()
     flags = " ".join(cpu.shown()) or "none of AVX2/AVX-512/AMX/NEON reported"
     line = f"CPU {cpu.model or cpu.arch}: {flags}"
-    if backend == "llama":
-        from qvq_local.backends.llama_buffers import ENV_VAR
-
-        return (
-            f"{line}; workaround: {ENV_VAR}=none (or --cpu-buffers none) runs llama.cpp without its extra "
-            "CPU buffer types (AMX, repacking); run with QVQ_DEBUG=1 for llama.cpp's log"
-        )
-    return f"{line}; workaround: use --backend llama (GGUF) on this machine; run with QVQ_DEBUG=1 for details"
+    spec = registry.get(backend)
+    hook = spec.hook(registry.CRASH_ADVICE)
+    if hook is not None:
+        return f"{line}; {hook()}"
+    others = [registry.get(name) for name in registry.names() if name != spec.name]
+    switch = " or ".join(
+        f"--backend {s.name}" + (f" ({s.convert_to.upper()})" if s.convert_to else "") for s in others
+    )
+    advice = "run with QVQ_DEBUG=1 for details"
+    if others:
+        advice = f"workaround: use {switch} on this machine; {advice}"
+    return f"{line}; {advice}"
 
 
 def signal_name(returncode: int) -> str | None:
@@ -165,12 +170,7 @@ def _child(backend: str, model: str) -> int:
         img.save(image)
     with qvq_local.load(model, backend=backend, download=False) as loaded:
         result = loaded.ask(str(image), "What is in the picture?", think_budget=12, answer_budget=6)
-        detail = ""
-        buffers = getattr(loaded.loaded, "cpu_buffers", None)
-        if buffers is not None:
-            detail = f"CPU buffers: {buffers.mode}"
-        elif backend == "mlx":
-            detail = "MLX"
+        detail = loaded.run_facts().get("summary") or loaded.spec.title  # the backend's run_facts hook
     tokens = result.thought_tokens + result.answer_tokens
     print(
         json.dumps(

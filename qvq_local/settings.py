@@ -1,7 +1,7 @@
 """The options of one question, as one typed object built once and checked once.
 
 ``qvq ask`` builds it in :mod:`qvq_local.ask_cmd` from its options (after ``qvq config`` filled what the
-user left out); the API builds it in :meth:`qvq_local.api.Model.stream` from its keyword arguments; both
+user left out); the API builds it in :meth:`qvq_local.model.Model.stream` from its keyword arguments; both
 with :meth:`AskSettings.build`, which takes the options by the names both callers use.  Either way the
 object is checked in its constructor and then passed down whole: the image loader reads ``max_pixels``,
 the prompt reads ``system``, the backend session reads ``sampling`` and the reasoning controller the
@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from qvq_local.backends.base import SamplingParams
+from qvq_local.budgets import DEFAULT_ANSWER_BUDGET
 from qvq_local.errors import InputError
 
-#: Answer tokens allowed after thinking ends, when the caller sets none.
-DEFAULT_ANSWER_BUDGET = 1024
 #: The largest top-k (llama.cpp takes a 32-bit int) and seed (llama.cpp's sampler seeds are 32-bit).
 MAX_TOP_K = 2**31 - 1
 MAX_SEED = 2**32 - 1
@@ -206,11 +205,4 @@ def _names() -> list[str]:
     return [*own, *SAMPLING_OPTIONS]
 
 
-__all__ = [
-    "API_LABELS",
-    "CLI_LABELS",
-    "DEFAULT_ANSWER_BUDGET",
-    "SAMPLING_OPTIONS",
-    "AskSettings",
-    "check_text",
-]
+__all__ = ["API_LABELS", "CLI_LABELS", "SAMPLING_OPTIONS", "AskSettings", "check_text"]

@@ -15,7 +15,7 @@ from qvq_local.backends import registry
 from qvq_local.backends.base import PrefillStats, Prompt, Token
 
 #: The registry entry of the test fakes' "backend": what a fake loaded model declares it can do (counting
-#: a prompt's tokens with ``tokenize``).  Not registered: ``qvq_local.api.Model`` takes the spec itself.
+#: a prompt's tokens with ``tokenize``).  Not registered: ``qvq_local.model.Model`` takes the spec itself.
 FAKE_BACKEND = registry.BackendSpec(name="fake", module="fakes", capabilities=frozenset({registry.TOKENIZER}))
 #: The same, for a fake that also lists its vocabulary (``token_pieces``: the language lock).
 FAKE_BACKEND_WITH_VOCABULARY = registry.BackendSpec(

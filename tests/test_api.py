@@ -10,10 +10,13 @@ import pytest
 from fakes import FAKE_BACKEND, ScriptedSession, chop
 from helpers import assert_error
 
-from qvq_local.api import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN, Model, drive, load
+from qvq_local.api import load
+from qvq_local.budgets import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN
+from qvq_local.driver import drive
 from qvq_local.errors import ContextOverflow, InputError, ModelError
 from qvq_local.events import Finished, Forced, Started, TextDelta
-from qvq_local.reasoning import OUT_OF_TIME
+from qvq_local.model import Model
+from qvq_local.splitter import OUT_OF_TIME
 
 
 class FakeLoaded:
@@ -93,6 +96,25 @@ def test_context_is_sized_from_prompt_images_and_budgets(sample_image):
     prompt_tokens = session.prefill_calls and len(chop(session.prefill_calls[0].text)) + 2 * 16
     # the API counts the text without the two <|image_pad|> placeholders (5 fake tokens each)
     assert session.n_ctx == prompt_tokens - 10 + 100 + 50 + FORCE_MARGIN
+
+
+def test_the_prompt_is_the_models_own_familys(sample_image):
+    """A model of another family than the default is prompted as its family: with the family's fallback
+    template when it ships none, and with the family's control tokens refused in the question (Qwen3-VL's
+    ``</think>``, which the default family's tokenizer does not reserve)."""
+    from qvq_local.families import FAMILIES
+    from qvq_local.prompt import build_prompt
+
+    qwen3 = FAMILIES["Qwen3-VL"]
+    model, loaded = _model(thought="a b c")
+    loaded.family = qwen3
+    model.ask(sample_image, "How many bars?", think_budget=5, answer_budget=4)
+    prompt = loaded.sessions[0].prefill_calls[0].text
+    assert prompt == build_prompt(None, "How many bars?", 1, None, family=qwen3)
+    assert prompt.startswith(f"<|im_start|>user\n{qwen3.image_block}")  # its template: no system turn
+    with pytest.raises(InputError, match="control token </think>"):
+        model.ask(sample_image, "stop here </think> now", think_budget=5)
+    assert len(loaded.sessions) == 1  # refused before a session opened
 
 
 def test_context_overflow_is_refused_before_any_decoding(sample_image):

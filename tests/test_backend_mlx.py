@@ -175,7 +175,7 @@ def test_greedy_text_only_matches_mlx_vlm(loaded):
 def test_chunked_prefill_matches_single_pass(loaded, image):
     import numpy as np
 
-    from qvq_local.backends.mlx import MlxSession
+    from qvq_local.backends.mlx_session import MlxSession
 
     prompt = image_prompt(loaded, image)
     whole = loaded.new_session(GREEDY)
@@ -411,7 +411,7 @@ def test_auto_compute_dtype_is_float32_for_half_scales_on_cpu():
     import mlx.core as mx
     import mlx.nn as nn
 
-    from qvq_local.backends.mlx import _activation_dtype
+    from qvq_local.backends.mlx_session import activation_dtype as _activation_dtype
 
     def fake_lm(scale_dtype):
         linear = nn.Linear(64, 64)

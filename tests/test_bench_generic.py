@@ -25,8 +25,8 @@ def new_backend(monkeypatch):
     """Registers ``elsewhere`` (llama's entry renamed, converted to ``fmt``) for ``registry.get``."""
     real_get = registry.get
 
-    def register(fmt: str):
-        spec = dataclasses.replace(real_get("llama"), name=NEW, aliases=(), convert_to=fmt)
+    def register(fmt: str, **changes):
+        spec = dataclasses.replace(real_get("llama"), name=NEW, aliases=(), convert_to=fmt, **changes)
         monkeypatch.setattr(registry, "get", lambda name: spec if name == NEW else real_get(name))
         return spec
 
@@ -142,3 +142,42 @@ def test_a_backend_without_a_raw_library_gets_qvq_figures_and_no_ratio(tmp_path,
     assert f"{NEW} qvq 56px" in text and "10.00" in text
     assert f"{NEW}: raw library not run: qvq bench has no raw-library comparison for {NEW}" in text
     assert "5.0 KB" in text  # its size on disk
+
+
+def test_a_backend_that_does_not_fork_chains_gets_no_samples_job(tmp_path, monkeypatch, new_backend):
+    """The ``--samples`` rates are measured only for a backend with the registry's ``chains`` capability;
+    another is reported as not measured, with why, and no chains worker starts."""
+    caps = registry.get("llama").capabilities - {registry.CHAINS}
+    new_backend("onnx", capabilities=caps)  # a format whose weights bench does not read: nothing to parse
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"\0" * 5000)
+    jobs = []
+
+    def fake_worker(spec, *, label, log=None):
+        jobs.append(spec["job"])
+        return {"ok": True, "sizes": {"56": stats.summarise([{"decode_tok_s": 10.0}])}}
+
+    monkeypatch.setattr(harness, "run_worker", fake_worker)
+    entry = harness._measure_backend(
+        NEW,
+        (True, None),
+        {"model": str(model), "mmproj": None},
+        {"bandwidth": {"read_gbs_median": 10.0}, "machine": {}},
+        images={"56": "chart.png"},
+        sizes=[56],
+        runs=1,
+        decode_tokens=4,
+        answer_tokens=2,
+        raw=False,
+        log=None,
+    )
+    assert jobs == ["qvq"]
+    assert entry["chains"] == {
+        "ok": False,
+        "reason": f"the {NEW} backend runs one chain at a time (it has no chains capability)",
+    }
+    console = Console(width=160, record=True)
+    report.render_chains_table({"backends": {NEW: entry}}, console)
+    assert (
+        f"{NEW}: --samples not measured: the {NEW} backend runs one chain at a time" in console.export_text()
+    )

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qvq_local.boxed import find_boxed
-from qvq_local.reasoning import extract_boxed
+from qvq_local.boxed import extract_boxed, find_boxed
 from qvq_local.render import highlight_boxed_markdown
 
 CASES = [

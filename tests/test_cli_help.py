@@ -30,3 +30,22 @@ def test_help_imports_no_heavy_library(command):
     assert last["code"] in (0, None)
     assert last["heavy"] == [], f"`{' '.join(argv)}` imported {last['heavy']}"
     assert "Usage" in out.stdout
+
+
+def test_convert_help_lists_what_the_converter_offers():
+    """``qvq convert --help`` is built from convert/quants.py, the one list the converter checks against."""
+    from qvq_local.convert import quants
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+
+    out = CliRunner().invoke(app, ["convert", "--help"], terminal_width=400).stdout
+    flat = " ".join(out.replace("│", " ").split())
+    for text in (
+        quants.quant_help(),
+        quants.mmproj_quant_help(),
+        quants.bits_help(),
+        quants.group_size_help(),
+    ):
+        assert text in flat
+    assert all(name in quants.quant_help() for name in quants.GGUF_QUANTS)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import assert_error
 from qvq_local.convert.checkpoint import open_checkpoint
-from qvq_local.convert.pipeline import DEFAULT_MMPROJ_QUANT
+from qvq_local.convert.quants import DEFAULT_MMPROJ_QUANT
 
 from qvq_local.bench.mmproj import PARITY_ATOL
 from qvq_local.errors import InputError
@@ -483,6 +483,23 @@ def test_model_name_for_hub_snapshots(tmp_path):
         "QVQ-72B-Preview-Q4_K_M.gguf",
         "mmproj-QVQ-72B-Preview-F16.gguf",
     )
+
+
+def test_every_offered_gguf_type_is_gguf_pys_file_type():
+    """The numbers written to general.file_type and handed to llama.cpp's quantiser are gguf-py's."""
+    import gguf
+    from qvq_local.convert.quants import GGUF_QUANTS, GGUF_TYPES, MMPROJ_QUANTS
+
+    from qvq_local.formats.gguf import file_type_name, file_type_value
+
+    assert file_type_value("q4_k_m") == int(gguf.LlamaFileType.MOSTLY_Q4_K_M) == 15
+    assert file_type_value("F32") == int(gguf.LlamaFileType.ALL_F32) == 0
+    assert file_type_value("BF16") == int(gguf.LlamaFileType.MOSTLY_BF16)  # a source-precision file's
+    for name in (*GGUF_QUANTS, *MMPROJ_QUANTS):
+        label = GGUF_TYPES[name].label
+        assert file_type_name(file_type_value(label)) == label
+    with pytest.raises(ValueError, match="no GGUF file type 'Q9_Z'"):
+        file_type_value("Q9_Z")
 
 
 #: mmproj type -> the largest max-abs error against transformers it may show (embeddings of magnitude

@@ -16,8 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
-from qvq_local.convert.pipeline import GGUF_QUANTS, MLX_BITS, MMPROJ_QUANTS
-from qvq_local.convert.to_mlx import SUPPORTED_GROUP_SIZES
+from qvq_local.convert.quants import GGUF_QUANTS, MLX_BITS, MLX_GROUP_SIZES, MMPROJ_QUANTS
 from typer.testing import CliRunner
 
 from qvq_local import hub
@@ -35,7 +34,7 @@ GGUF_CASES = [
     for i in range(max(len(GGUF_QUANTS), len(MMPROJ_QUANTS)))
 ]
 #: Every --bits with every --group-size, and --bits none (the source dtype kept).
-MLX_CASES = [(str(bits), size) for bits in MLX_BITS for size in SUPPORTED_GROUP_SIZES] + [("none", None)]
+MLX_CASES = [(str(bits), size) for bits in MLX_BITS for size in MLX_GROUP_SIZES] + [("none", None)]
 
 
 def _convert(tiny_checkpoint: Path, out: Path, *options: str) -> Path:

@@ -358,7 +358,8 @@ def test_qvq_serve_answers_a_real_http_request(tiny_checkpoint, sample_image, tm
 def test_qvq_bench_measures_it_on_the_format_it_declares(tmp_path):
     """Bench converts its synthetic model to the backend's ``convert_to`` format, loads it through the API
     with ``backend="echo"`` in its worker processes (they inherit QVQ_PLUGINS) and reports qvq-local's
-    figures alone: bench has no raw library to compare this backend with."""
+    figures alone: bench has no raw library to compare this backend with, and it runs one chain at a time
+    (no ``chains`` capability), so ``--samples`` is reported as not measured."""
     out = tmp_path / "bench.json"
     result = _qvq(
         tmp_path,
@@ -377,3 +378,8 @@ def test_qvq_bench_measures_it_on_the_format_it_declares(tmp_path):
         and echo["raw"]["ok"] is False
         and "no raw-library comparison" in echo["raw"]["reason"]
     )
+    assert echo["chains"] == {
+        "ok": False,
+        "reason": f"the {NAME} backend runs one chain at a time (it has no chains capability)",
+    }
+    assert f"{NAME}: --samples not measured: the {NAME} backend runs one chain at a time" in result.stdout

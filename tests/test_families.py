@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from qvq_local import families
 from qvq_local.errors import InputError, ModelError
 from qvq_local.families import (
     DEFAULT_FAMILY,
@@ -269,7 +270,8 @@ def test_every_family_fills_the_whole_interface():
 
 def test_family_modules_hold_facts_only():
     """The family modules import nothing from the converter (its per-family classes import them), nor a
-    heavy library at import time."""
+    heavy library at import time; of the package, only errors and the plugin loader (a plugin's family
+    registers when the registry is first imported)."""
     import ast
 
     root = Path(__file__).resolve().parents[1] / "qvq_local" / "families"
@@ -284,7 +286,7 @@ def test_family_modules_hold_facts_only():
             for name in names:
                 assert not name.startswith(("qvq_local.convert", "convert")), f"{path.name} imports {name}"
                 assert name.split(".")[0] != "qvq_local" or name.startswith(
-                    ("qvq_local.families", "qvq_local.errors")
+                    ("qvq_local.families", "qvq_local.errors", "qvq_local.plugins")
                 ), f"{path.name} imports {name}"
 
 
@@ -334,3 +336,18 @@ def test_every_family_refuses_a_vision_tower_that_does_not_fit(name, merger_key,
     with pytest.raises(ModelError) as err:
         family.dims_from_config(odd, path)
     assert_error(err.value, f"vision {embed_key}", "not divisible by num_heads 7", path=path)
+
+
+def test_synth_and_bench_help_list_the_registered_families_and_their_shapes():
+    """``--family`` and ``--shape`` help are built from the family registry, not typed out in cli.py."""
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+
+    for command in ("synth", "bench"):
+        out = CliRunner().invoke(app, [command, "--help"], terminal_width=400).stdout
+        flat = " ".join(out.replace("│", " ").split())
+        assert families.family_choices() in flat and families.shape_choices() in flat
+        for family in families.FAMILIES.values():
+            assert families.choice_name(family) in flat
+            assert all(shape in flat for shape in family.synth_shapes)

@@ -4,9 +4,10 @@ families, while no file of the package knows its name.
 
 The family, "Plugin-VL", is a renamed Qwen2-VL: its own architecture name, model_type, aliases and
 system prompt, Qwen2-VL's tensors and GGUF identities (llama.cpp runs no other architecture for it).
-What a plugin module would do when imported, :func:`register_plugin` does, in this process
-(``families.register``, and the ``register`` decorators of the GGUF converter and of the synthesiser);
-the module's fixture undoes it afterwards, so the rest of the suite sees only the built-in families.
+What a plugin's function does, :func:`register_plugin` does, in this process (``families.register``, and
+the ``register`` decorators of the GGUF converter and of the synthesiser); the module's fixture undoes it
+afterwards, so the rest of the suite sees only the built-in families.  Named in ``QVQ_PLUGINS``, this file
+is the plugin of a child process too (:func:`qvq_plugin`).
 The plugin's converter and writer subclass Qwen2-VL's and override with ``super()`` first; each leaves a
 mark in the files (a GGUF key, the config's transformers version) that shows it was the one used.
 
@@ -64,10 +65,15 @@ class PluginWriter(Qwen2VLWriter):
 
 
 def register_plugin() -> None:
-    """What the plugin's module does on import: one family, one converter class, one writer class."""
+    """What the plugin registers: one family, one converter class, one writer class."""
     families.register(FAMILY)
     gguf_converter.register(FAMILY.name)(PluginConverter)
     synth_writer.register(FAMILY.name)(PluginWriter)
+
+
+def qvq_plugin() -> None:
+    """What ``QVQ_PLUGINS=test_family_plugin`` runs in a qvq process (importing this file registers nothing)."""
+    register_plugin()
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +159,45 @@ def test_the_plugin_is_found_from_every_side_and_leaves_the_built_ins_alone(plug
     assert families.family_for_projector(plugin.gguf_projector) is families.DEFAULT_FAMILY
     assert isinstance(synth_writer.writer_for(plugin), PluginWriter)
     assert gguf_converter.converter_class(plugin) is PluginConverter
+
+
+def test_a_child_process_finds_the_family_through_qvq_plugins(tmp_path):
+    """Named in ``QVQ_PLUGINS``, the plugin's family and writer are registered in any qvq process, even one
+    that never reads the backend registry: a bench worker's synth job (what ``qvq bench --family
+    plugin-vl`` starts) writes the plugin's checkpoint with the plugin's writer."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ckpt"
+    spec = {"job": "synth", "out": str(out), "shape": "tiny", "dtype": "f32", "family": "plugin-vl"}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {
+        **os.environ,
+        "QVQ_PLUGINS": Path(__file__).stem,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])
+        ),
+        "QVQ_HOME": str(tmp_path / "home"),
+    }
+    ran = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qvq_local.bench.worker",
+            str(tmp_path / "spec.json"),
+            str(tmp_path / "out.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr + (tmp_path / "out.json").read_text()
+    assert "warning" not in ran.stderr  # the plugin loaded
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["PluginVLForConditionalGeneration"]
+    assert config["transformers_version"] == "4.47.0+plugin"  # its own writer's
 
 
 def test_synth_writes_the_plugin_layout_with_its_writer(plugin, plugin_checkpoint):

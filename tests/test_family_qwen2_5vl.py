@@ -457,8 +457,9 @@ def test_mlx_session_encodes_the_image_apart_and_matches_mlx_vlm(q25_mlx_f32, sa
     from test_backend_mlx import ATOL, GREEDY, image_prompt, log_softmax, reference_greedy, run
 
     from qvq_local.backends import mlx as backend
+    from qvq_local.backends import mlx_session
 
-    assert backend._split_vision("qwen2_5_vl")
+    assert mlx_session._split_vision("qwen2_5_vl")
     loaded = backend.load(q25_mlx_f32)
     try:
         assert loaded.family is FAM

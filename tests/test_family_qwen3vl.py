@@ -243,7 +243,7 @@ def test_synthetic_checkpoint_opens_and_loads_in_transformers(q3_thinking):
 
 def test_templates_instruct_and_thinking(q3_thinking, q3_instruct):
     from qvq_local.prompt import build_prompt, load_chat_template
-    from qvq_local.reasoning import THINK_TAG_FORCED_TEXT, default_forced_text, default_markers
+    from qvq_local.splitter import THINK_TAG_FORCED_TEXT, default_forced_text, default_markers
 
     thinking = load_chat_template(q3_thinking)
     instruct = load_chat_template(q3_instruct)
@@ -507,6 +507,7 @@ def test_mlx_text_and_image_prompts_match_transformers(q3_mlx, q3_hf, q3_thinkin
     import numpy as np
 
     from qvq_local.backends import mlx as backend
+    from qvq_local.backends import mlx_session
     from qvq_local.backends.base import Prompt, SamplingParams
     from qvq_local.prompt import build_prompt
 
@@ -516,7 +517,7 @@ def test_mlx_text_and_image_prompts_match_transformers(q3_mlx, q3_hf, q3_thinkin
             text = build_prompt(loaded.chat_template, QUESTION, n_images, system=None)
             prompt = Prompt(text=text, images=[q3_image] * n_images)
             kw = {"prefill_chunk": chunk} if chunk else {}
-            session = backend.MlxSession(loaded, SamplingParams(), n_ctx=1024, **kw)
+            session = mlx_session.MlxSession(loaded, SamplingParams(), n_ctx=1024, **kw)
             try:
                 stats = session.prefill(prompt)
                 ours = np.array(session.last_logits())
@@ -646,11 +647,11 @@ def test_images_are_bounded_on_the_families_32_pixel_grid(q3_gguf, q3_image, tmp
     """A 320x224 image stays 320x224 for Qwen3-VL (on Qwen2-VL's 28-pixel grid it would first become
     308x224, and the model's processor would then resample it again), through the API and through a
     CLI-style early preparation on the default grid."""
-    from qvq_local import api
+    from qvq_local import api, images
 
     image = tmp_path / "chart.png"
     q3_image.save(image)
-    early = api.prepare_images(str(image))  # what `qvq ask` does before the model is known
+    early = images.prepare_images(str(image))  # what `qvq ask` does before the model is known
     assert early[0].info.size == (308, 224)
     with api.load(str(q3_gguf.model), backend="llama") as model:
         for source in (str(image), early[0]):

@@ -29,15 +29,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from qvq_local.boxed import extract_boxed
 from qvq_local.errors import InputError
-from qvq_local.reasoning import (
-    DEFAULT_ANSWER_MARKERS,
-    LoopDetector,
-    LoopSettings,
-    ThoughtAnswerSplitter,
-    extract_boxed,
-    split_text,
-)
+from qvq_local.loops import LoopDetector, LoopSettings
+from qvq_local.splitter import DEFAULT_ANSWER_MARKERS, ThoughtAnswerSplitter, split_text
 
 pytestmark = pytest.mark.slow
 

@@ -42,8 +42,8 @@ def test_warning_only_for_an_nvidia_gpu_that_llama_cpp_cannot_use():
 
 def test_ask_warns_in_one_line_when_the_gpu_sits_idle(monkeypatch, capsys):
     from qvq_local import ask_cmd
-    from qvq_local.api import Model
     from qvq_local.backends import registry
+    from qvq_local.model import Model
 
     class Loaded:
         gpu_offload = False

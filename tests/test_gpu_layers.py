@@ -91,29 +91,48 @@ def test_the_layer_count_reaches_llama_cpp(tiny_gguf_q4, monkeypatch):
         llamacpp.load(model_path, mmproj, lb.LlamaOptions(gpu_layers=-3))
 
 
-def test_bench_hands_gpu_layers_to_its_workers_and_restores_the_environment(monkeypatch):
+def test_bench_hands_the_llama_options_to_its_workers_in_their_spec_not_the_environment(
+    monkeypatch, tmp_path
+):
+    """``qvq bench --gpu-layers/--cpu-buffers``: each measured backend gets the options its own type takes,
+    checked and normalised before any work, in its workers' job spec; the environment is left alone."""
     from qvq_local.bench import harness, report
 
     seen = {}
+    real_run_bench = harness.run_bench
 
     def fake_run_bench(**kw):
-        seen["env"] = os.environ.get(lb.GPU_LAYERS_ENV)
+        seen.update(kw, env=os.environ.get(lb.GPU_LAYERS_ENV))
         return {"backends": {"llama": {"available": True}}, "elapsed_s": 0.0}
 
     monkeypatch.setattr(harness, "run_bench", fake_run_bench)
     monkeypatch.setattr(report, "render_tables", lambda *a, **k: None)
     monkeypatch.setenv(lb.GPU_LAYERS_ENV, "5")
+    monkeypatch.delenv(lb.ENV_VAR, raising=False)
     common = dict(
         model="m", shape=None, backend="llama", image_sizes="224", runs=1, decode_tokens=4, quant="q4",
         raw=False, json_path=None, chart_path=None, bandwidth_mib=8,
     )  # fmt: skip
-    harness.bench_command(**common, gpu_layers="all")
-    assert seen["env"] == "-1"  # the workers are child processes: they read it from there
-    assert os.environ[lb.GPU_LAYERS_ENV] == "5"  # the caller's own value is back
-    with pytest.raises(InputError, match="^--gpu-layers must be"):
-        harness.bench_command(**common, cpu_buffers="none", gpu_layers="lots")
-    assert os.environ[lb.GPU_LAYERS_ENV] == "5"
-    assert lb.ENV_VAR not in os.environ  # a bad value leaves nothing half-set
+    labels = {"gpu_layers": "--gpu-layers", "cpu_buffers": "--cpu-buffers"}
+    harness.bench_command(**common, options={"gpu_layers": "all"}, option_labels=labels)
+    assert seen["options"] == {"gpu_layers": "all"} and seen["option_labels"] == labels
+    assert seen["env"] == "5" and os.environ[lb.GPU_LAYERS_ENV] == "5"  # nothing goes through it
+    # what the workers get: per backend, the options its type takes, normalised ("all" is -1)
+    given = {"gpu_layers": "all", "cpu_buffers": "NONE", "think": None}
+    assert harness.load_options(["llama", "mlx"], given, labels) == {
+        "llama": {"gpu_layers": -1, "cpu_buffers": "none"},
+        "mlx": {},
+    }
+    with pytest.raises(InputError, match="^--gpu-layers must be"):  # checked by LlamaOptions, before any work
+        harness.load_options(["llama"], {"cpu_buffers": "none", "gpu_layers": "lots"}, labels)
+    with pytest.raises(InputError, match="^the mlx backend has no option --gpu-layers"):
+        harness.load_options(["mlx"], {"gpu_layers": 2}, labels)
+    with pytest.raises(InputError, match="^--gpu-layers must be"):  # run_bench checks them before any work
+        real_run_bench(
+            model="m", backend="llama", options={"gpu_layers": "lots"}, option_labels=labels, home=tmp_path
+        )
+    assert not any(tmp_path.iterdir())
+    assert lb.ENV_VAR not in os.environ and os.environ[lb.GPU_LAYERS_ENV] == "5"
 
 
 # ---------------------------------------------------------------- how many layers fit in the GPU's memory
@@ -228,7 +247,7 @@ def test_doctor_says_how_many_layers_fit(tiny_gguf_q4, monkeypatch):
 
 
 def test_a_gpu_allocation_failure_names_the_option():
-    from qvq_local.backends.llamacpp import load_failure_hint
+    from qvq_local.backends.llama_runtime import load_failure_hint
 
     # llama.cpp's own lines when the weights do not fit (ggml-cuda.cu, llama-model.cpp)
     oom = (
@@ -283,7 +302,7 @@ def test_gpu_fit_example_prints_the_real_use_beside_the_estimate(tiny_gguf_q4, m
     import runpy
     from pathlib import Path
 
-    from qvq_local import doctor, fit, hardware, hub
+    from qvq_local import fit, hardware, hub
 
     in_use = iter([0, 0, 3 * GB, GB])  # the GPU check, one reading before the loads, one after each
     monkeypatch.setattr(
@@ -297,7 +316,7 @@ def test_gpu_fit_example_prints_the_real_use_beside_the_estimate(tiny_gguf_q4, m
     lines = capsys.readouterr().out.splitlines()
     resolved = hub.resolve(str(tiny_gguf_q4.model), download=False)
     shape = fit.gguf_shape(resolved.path)
-    sizes = fit.offload_sizes(resolved, shape, doctor.default_context(shape["context_length"]))
+    sizes = fit.offload_sizes(resolved, shape, fit.default_context(shape["context_length"]))
     for value, layers, real in (("all", -1, 3 * GB), ("1", 1, GB)):
         row = next(line.split() for line in lines if line.split()[:1] == [value])
         estimate = fit.gpu_need_bytes(*sizes, layers)

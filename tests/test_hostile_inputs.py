@@ -449,12 +449,13 @@ def test_any_ask_option_value_is_an_answer_or_one_clear_error(
 
     from qvq_local import api
     from qvq_local.cli import app
+    from qvq_local.model import Model
 
     runner = CliRunner()
     monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
 
     def lend(ref, *, max_pixels=None, **kwargs):
-        model = api.Model(
+        model = Model(
             shared_model.loaded,
             name=shared_model.name,
             spec=shared_model.spec,

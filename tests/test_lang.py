@@ -190,7 +190,7 @@ def test_controller_without_mask_passes_none():
 def test_api_records_the_lock_and_builds_the_table_once(sample_image, qwen_pieces):
     from test_api import FakeLoaded
 
-    from qvq_local.api import Model
+    from qvq_local.model import Model
 
     class PiecesLoaded(FakeLoaded):
         calls = 0

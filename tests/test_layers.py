@@ -25,6 +25,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "cpu",
         "build_flags",
         "units",
+        "budgets",
         "plugins",
         "strict_json",
         "formats",
@@ -39,9 +40,9 @@ FLOORS: dict[int, tuple[str, ...]] = {
     # mechanism: the backends (tokens in, tokens out)
     5: ("backends.*",),
     # policy: when thinking ends, chains and their vote, prefix reuse, one question's settings
-    6: ("reasoning", "chains", "prefix_cache", "settings"),
+    6: ("reasoning", "splitter", "loops", "chains", "prefix_cache", "settings"),
     # the API
-    7: ("api", ""),
+    7: ("api", "", "model", "question", "driver"),
     # presentation and tools
     8: (
         "render",

@@ -25,6 +25,9 @@ def test_backend_decodes_a_quantised_model_in_a_child_process(backend, request):
     print(f"\n{backend}: {result.status} in {result.seconds:.1f} s: {result.detail}")
     assert result.status == "pass", f"{backend} backend {result.status}: {result.detail}"
     assert " tokens at " in result.detail
+    # how it ran, in its backend's words (the run_facts hook's summary), else the backend's title
+    tail = {"llama": ", CPU buffers: ", "mlx": ", MLX"}.get(backend)
+    assert tail is None or tail in result.detail
 
 
 def test_a_crash_is_reported_with_its_signal_flags_and_workaround(tmp_path):
@@ -36,6 +39,18 @@ def test_a_crash_is_reported_with_its_signal_flags_and_workaround(tmp_path):
     assert result.status == "crash" and result.signal == "SIGSEGV"
     assert "crashed with SIGSEGV" in result.detail
     assert "QVQ_LLAMA_CPU_BUFFERS=none" in result.detail and "CPU " in result.detail
+
+
+def test_crash_advice_is_the_backends_own_else_another_backend_to_switch_to():
+    llama = selftest.crash_advice("llama")  # its registry crash_advice hook
+    assert (
+        llama.startswith("CPU ") and "workaround: QVQ_LLAMA_CPU_BUFFERS=none (or --cpu-buffers none)" in llama
+    )
+    mlx = selftest.crash_advice("mlx")  # no hook: the other local backends, in the format each loads
+    assert mlx.startswith("CPU ")
+    assert mlx.endswith(
+        "; workaround: use --backend llama (GGUF) on this machine; run with QVQ_DEBUG=1 for details"
+    )
 
 
 def test_a_failure_is_not_a_crash(tmp_path):

@@ -15,18 +15,12 @@ from fakes import ScriptedSession
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qvq_local.boxed import extract_boxed
 from qvq_local.errors import InputError
 from qvq_local.events import Finished, TextDelta
-from qvq_local.reasoning import (
-    DEFAULT_ANSWER_MARKERS,
-    LoopDetector,
-    LoopSettings,
-    ReasoningConfig,
-    ThoughtAnswerSplitter,
-    extract_boxed,
-    run_reasoning,
-    split_text,
-)
+from qvq_local.loops import LoopDetector, LoopSettings
+from qvq_local.reasoning import ReasoningConfig, run_reasoning
+from qvq_local.splitter import DEFAULT_ANSWER_MARKERS, ThoughtAnswerSplitter, split_text
 
 FAST = settings(max_examples=200, deadline=None, database=None)
 

@@ -229,7 +229,8 @@ def test_controller_counts_real_tokens_of_an_english_reply(qwen_tokenizer):
 
 
 def test_controller_budget_with_real_chinese_token_lengths(qwen_tokenizer):
-    from qvq_local.reasoning import DEFAULT_FORCED_TEXT, ReasoningConfig, run_reasoning
+    from qvq_local.reasoning import ReasoningConfig, run_reasoning
+    from qvq_local.splitter import DEFAULT_FORCED_TEXT
 
     n_zh = len(qwen_tokenizer.encode(ZH_THOUGHT).ids)
     assert n_zh > 100  # Chinese runs are many real tokens (the fake tokenizer would call each run one)

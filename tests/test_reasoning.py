@@ -12,15 +12,13 @@ from helpers import assert_error
 from qvq_local.backends.base import Prompt
 from qvq_local.errors import InputError
 from qvq_local.events import Finished, Forced, TextDelta
-from qvq_local.reasoning import (
+from qvq_local.loops import LoopDetector, LoopSettings
+from qvq_local.reasoning import ReasoningConfig, run_reasoning
+from qvq_local.splitter import (
     DEFAULT_FORCED_TEXT,
     OUT_OF_TIME,
-    LoopDetector,
-    LoopSettings,
-    ReasoningConfig,
     ThoughtAnswerSplitter,
     infer_answer,
-    run_reasoning,
     split_text,
 )
 
@@ -351,7 +349,7 @@ def test_sentence_end_detection():
 
 
 def test_default_forced_text_follows_the_template():
-    from qvq_local.reasoning import (
+    from qvq_local.splitter import (
         THINK_TAG_FORCED_TEXT,
         ZH_FORCED_TEXT,
         ZH_THINK_TAG_FORCED_TEXT,

@@ -15,14 +15,13 @@ import pytest
 from fakes import ScriptedSession, chop
 
 from qvq_local.events import Finished, Forced, TextDelta
-from qvq_local.reasoning import (
+from qvq_local.reasoning import ReasoningConfig, run_reasoning
+from qvq_local.splitter import (
     DEFAULT_FORCED_TEXT,
     ZH_FORCED_TEXT,
-    ReasoningConfig,
     ThoughtAnswerSplitter,
     default_forced_text,
     question_language,
-    run_reasoning,
     split_text,
 )
 

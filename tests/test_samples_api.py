@@ -36,9 +36,9 @@ def _count_calls(monkeypatch, cls, name):
 
 
 def test_samples_run_n_chains_from_one_prefill_and_vote(llama_model, sample_image, monkeypatch):
-    from qvq_local.backends import llama_chains, llamacpp
+    from qvq_local.backends import llama_chains, llama_session
 
-    prefills = _count_calls(monkeypatch, llamacpp.LlamaSession, "prefill")
+    prefills = _count_calls(monkeypatch, llama_session.LlamaSession, "prefill")
     flushes = _count_calls(monkeypatch, llama_chains._Group, "flush")
     events = list(
         llama_model.stream([sample_image], QUESTION, think_budget=12, answer_budget=6, samples=4, seed=3)
@@ -64,10 +64,10 @@ def test_samples_run_n_chains_from_one_prefill_and_vote(llama_model, sample_imag
 
 
 def test_one_sample_is_the_plain_path(llama_model, sample_image, monkeypatch):
-    from qvq_local.backends import llamacpp
+    from qvq_local.backends import llama_session, llamacpp
     from qvq_local.prefix_cache import MemoryCache
 
-    forks = _count_calls(monkeypatch, llamacpp.LlamaSession, "fork")
+    forks = _count_calls(monkeypatch, llama_session.LlamaSession, "fork")
     opened = _count_calls(monkeypatch, llamacpp.LlamaModel, "new_session")
     monkeypatch.setattr(llama_model, "prefix_cache", MemoryCache())  # empty: the first ask is fresh
     a = llama_model.ask([sample_image], QUESTION, think_budget=10, answer_budget=4, samples=1)
@@ -137,10 +137,9 @@ def test_cli_samples_json_carries_every_chain(tiny_gguf_f32, sample_image, capsy
 def test_samples_on_mlx_one_prefill_every_chain_reported(tiny_mlx_f32, sample_image, monkeypatch):
     pytest.importorskip("mlx_vlm")
     from qvq_local.api import load
-    from qvq_local.backends import mlx as backend
-    from qvq_local.backends import mlx_chains
+    from qvq_local.backends import mlx_chains, mlx_session
 
-    prefills = _count_calls(monkeypatch, backend.MlxSession, "prefill")
+    prefills = _count_calls(monkeypatch, mlx_session.MlxSession, "prefill")
     rounds = _count_calls(monkeypatch, mlx_chains._Group, "round")
     with load(tiny_mlx_f32, backend="mlx") as model:
         result = model.ask([sample_image], QUESTION, think_budget=10, answer_budget=4, samples=3, seed=1)

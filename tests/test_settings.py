@@ -16,9 +16,11 @@ from qvq_local.ask_cmd import AskRequest, build_settings, load_request
 from qvq_local.backends import registry
 from qvq_local.backends.base import SamplingParams
 from qvq_local.backends.llama_buffers import LlamaOptions
+from qvq_local.budgets import DEFAULT_ANSWER_BUDGET
 from qvq_local.cli import app
 from qvq_local.errors import InputError
-from qvq_local.settings import CLI_LABELS, DEFAULT_ANSWER_BUDGET, AskSettings
+from qvq_local.model import Model
+from qvq_local.settings import CLI_LABELS, AskSettings
 
 runner = CliRunner()
 
@@ -231,7 +233,7 @@ class _Loaded:
 
 def test_api_checks_every_option_before_a_session_opens(sample_image):
     loaded = _Loaded()
-    model = api.Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none")
+    model = Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none")
     for kwargs, _, message in BAD:
         if "sampling" in kwargs:
             kwargs = {k: v for k, v in dataclasses.asdict(kwargs["sampling"]).items() if v is not None}
@@ -247,9 +249,7 @@ def test_every_cli_option_reaches_the_session_and_the_result(sample_image, monke
 
     def fake_load(ref, **kw):
         seen.update(kw)
-        return api.Model(
-            loaded, name="fake", spec=FAKE_BACKEND, quantization="none", max_pixels=kw["max_pixels"]
-        )
+        return Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none", max_pixels=kw["max_pixels"])
 
     monkeypatch.setattr(api, "load", fake_load)
     result = runner.invoke(
@@ -299,7 +299,7 @@ def test_ask_refuses_nan_and_infinity_before_loading(option, value, sample_image
     """Issue 22: `qvq ask --temperature nan` ran and exited 0 (and --json printed NaN, which is not JSON)."""
     loaded = _Loaded()
     monkeypatch.setattr(
-        api, "load", lambda ref, **kw: api.Model(loaded, name="f", spec=FAKE_BACKEND, quantization="x")
+        api, "load", lambda ref, **kw: Model(loaded, name="f", spec=FAKE_BACKEND, quantization="x")
     )
     result = runner.invoke(app, ["ask", str(sample_image), "q", "-m", "x", "--json", option, value])
     assert result.exit_code == 2, result.output
@@ -326,12 +326,12 @@ def test_a_lone_surrogate_in_any_text_is_refused_by_name(sample_image, monkeypat
             return chop(text)
 
     loaded = _Utf8Only()
-    model = api.Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none")
+    model = Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none")
     with pytest.raises(InputError) as err:
         list(model.stream(sample_image, "which \udcff bar?"))
     assert_error(err, "question", "surrogate", "U\\+DCFF")
     monkeypatch.setattr(
-        api, "load", lambda ref, **kw: api.Model(loaded, name="f", spec=FAKE_BACKEND, quantization="x")
+        api, "load", lambda ref, **kw: Model(loaded, name="f", spec=FAKE_BACKEND, quantization="x")
     )
     save = tmp_path / "run.md"
     result = runner.invoke(app, ["ask", str(sample_image), "\udcff?", "-m", "x", "--save", str(save)])

@@ -450,3 +450,23 @@ def load_notices(loaded: Any) -> list[str]:
 
     warning = gpu_build_warning(detect_nvidia(run_smi=False), ())
     return [warning] if warning else []
+
+
+def run_facts(loaded: Any) -> dict:
+    """The ``run_facts`` hook: the CPU buffer types the weights were loaded into and where the text
+    layers run (:meth:`~qvq_local.backends.llamacpp.LlamaModel.placement`)."""
+    buffers = loaded.cpu_buffers
+    return {
+        "cpu_buffers": buffers.describe() if buffers is not None else None,
+        "placement": loaded.placement(),
+        "summary": f"CPU buffers: {buffers.mode}" if buffers is not None else None,
+    }
+
+
+def crash_advice() -> str:
+    """The ``crash_advice`` hook: running without llama.cpp's extra CPU buffer types (AMX, repacking), where
+    the known native crashes were, and how to see llama.cpp's log."""
+    return (
+        f"workaround: {ENV_VAR}=none (or --cpu-buffers none) runs llama.cpp without its extra CPU buffer "
+        "types (AMX, repacking); run with QVQ_DEBUG=1 for llama.cpp's log"
+    )

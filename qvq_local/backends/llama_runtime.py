@@ -9,10 +9,12 @@ and the token text.
   context's logits, a chain from its own copy of them, through the same object;
 * :class:`TokenText` turns token ids into the text they add, a character split across tokens coming out
   whole with the token that completes it;
-* :func:`check_room` refuses, before decoding, what would overflow a context.
+* :func:`check_room` refuses, before decoding, what would overflow a context;
+* :func:`load_failure_hint` reads the log lines of a failed load or context creation for a GPU that ran
+  out of memory, and says what to do.
 
-``qvq_local.backends.llamacpp`` (the model and the session) and ``llama_chains`` (the forked chains) both
-build on this module; neither reaches into the other's private parts.
+``qvq_local.backends.llamacpp`` (the loaded model), ``llama_session`` (one question's context) and
+``llama_chains`` (the forked chains) build on this module; none reaches into another's private parts.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
+import re
 import weakref
 from collections import deque
 from typing import Any
@@ -115,6 +118,22 @@ def check_room(used: int, n: int, n_ctx: int, what: str) -> None:
             f"{what} needs {n} more token(s) but the context holds {n_ctx} and {used} are used",
             hint="size n_ctx with context_needed() or lower the budgets",
         )
+
+
+#: A GPU buffer llama.cpp could not allocate, in its own log lines (ggml-cuda.cu, llama-model.cpp,
+#: ggml-metal, ggml-vulkan): ``cudaMalloc failed: out of memory``, ``unable to allocate CUDA0 buffer``.
+_GPU_WORD = re.compile(r"cuda|metal|vulkan|rocm|hip\b|sycl|gpu", re.IGNORECASE)
+_ALLOC_FAILED = re.compile(r"alloc|out of memory", re.IGNORECASE)
+
+
+def load_failure_hint(why: str, gpu_layers: int) -> str | None:
+    """What to do when llama.cpp could not allocate GPU memory (``why``: the error lines it logged, e.g.
+    ``cudaMalloc failed: out of memory``) with ``gpu_layers`` asked for; None for any other failure
+    (a host-memory allocation, a corrupt file) or when nothing was going to the GPU."""
+    if gpu_layers == 0 or not (_GPU_WORD.search(why) and _ALLOC_FAILED.search(why)):
+        return None
+    fewer = "fewer layers with --gpu-layers N" if gpu_layers < 0 else f"fewer than --gpu-layers {gpu_layers}"
+    return f"the GPU's memory is too small: put {fewer} there (qvq doctor --model MODEL estimates N)"
 
 
 # ---------------------------------------------------------------- sampling

@@ -5,8 +5,8 @@
   own history and random key; a session and each of its chains own one;
 * :class:`Detokenizer` turns ids into text pieces that never split a UTF-8 character.
 
-``qvq_local.backends.mlx`` (the model and the session) and ``mlx_chains`` (the forked chains) both build
-on this module; neither reaches into the other's private parts.
+``qvq_local.backends.mlx_session`` (one question) and ``mlx_chains`` (the chains forked from it) both
+build on this module; neither reaches into the other's private parts.
 """
 
 from __future__ import annotations

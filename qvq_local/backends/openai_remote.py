@@ -165,7 +165,7 @@ def _png_data_uri(image) -> str:
 
 
 class RemoteModel:
-    """A model on a server: what :class:`qvq_local.api.Model` needs of a loaded model."""
+    """A model on a server: what :class:`qvq_local.model.Model` needs of a loaded model."""
 
     backend = BACKEND
     quantization = "remote"

@@ -79,7 +79,16 @@ MACHINE_FACTS = "machine_facts"
 #: ``load_notices(loaded) -> list[str]``: warnings worth one line each once a model is loaded (an
 #: NVIDIA GPU left idle by a CPU-only build, say)
 LOAD_NOTICES = "load_notices"
-HOOKS = frozenset({MACHINE_FACTS, LOAD_NOTICES})
+#: ``run_facts(loaded) -> dict``: how a loaded model runs here, each a short phrase or None, for the
+#: reports that describe a run (``qvq bench``, ``qvq doctor --selftest``): ``compute`` (how it computes where
+#: that differs from its library's own way: ratios against the raw library include it), ``cpu_buffers``
+#: (where the weights are held), ``placement`` (which layers run on a GPU), ``summary`` (the few words the
+#: self-test line ends with; the backend's title when none)
+RUN_FACTS = "run_facts"
+#: ``crash_advice() -> str``: what to do when the backend's native code crashed the process (its
+#: workaround and how to get its log), for the self-test and bench reports; a generic line when none
+CRASH_ADVICE = "crash_advice"
+HOOKS = frozenset({MACHINE_FACTS, LOAD_NOTICES, RUN_FACTS, CRASH_ADVICE})
 
 #: The word every entry point accepts besides the backend names: let the machine choose.
 AUTO = "auto"
@@ -241,6 +250,25 @@ def alias_note() -> str:
     return "; ".join(f"{', '.join(s.aliases)} mean {s.name}" for s in BACKENDS.values() if s.aliases)
 
 
+def share_options(
+    names: list[str] | tuple[str, ...], given: Mapping[str, Any], labels: Mapping[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Load options ``given`` (name -> value) shared out among the backends ``names`` (canonical): one
+    backend gets them all (its options type then names any it does not take); several each get those
+    their type takes, and an option none of them takes is an ``InputError`` naming the backends it
+    belongs to (``labels``: how the caller spells each option).  The values are not checked here."""
+    if len(names) == 1:
+        return {names[0]: dict(given)}
+    labels = labels or {}
+    taken = {name: BACKENDS[name].options_type().names() for name in names}
+    for option in given:
+        if not any(option in own for own in taken.values()):
+            owners = [s.name for s in BACKENDS.values() if option in s.options_type().names()]
+            whose = f"an option of the {' and '.join(owners)} backend" if owners else "no backend's option"
+            raise InputError(f"{labels.get(option, option)} is {whose}: name the backend to use it")
+    return {name: {k: v for k, v in given.items() if k in taken[name]} for name in names}
+
+
 def preference(apple_silicon: bool) -> tuple[str, ...]:
     """The local backends in the order ``auto`` tries them on this kind of machine."""
     return tuple(sorted(names(), key=lambda n: BACKENDS[n].apple_silicon_first != apple_silicon))
@@ -274,6 +302,7 @@ register(
         distributions=("mlx", "mlx-vlm"),
         install_hint="pip install 'qvq-local[mlx]'",
         capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY}),
+        hooks={RUN_FACTS: "qvq_local.backends.mlx:run_facts"},
         apple_silicon_first=True,
     )
 )
@@ -293,6 +322,8 @@ register(
         hooks={
             MACHINE_FACTS: "qvq_local.backends.llama_buffers:machine_facts",
             LOAD_NOTICES: "qvq_local.backends.llama_buffers:load_notices",
+            RUN_FACTS: "qvq_local.backends.llama_buffers:run_facts",
+            CRASH_ADVICE: "qvq_local.backends.llama_buffers:crash_advice",
         },
     )
 )

@@ -10,7 +10,9 @@ figure counts tokens actually run through the model.  Each N is run ``runs`` tim
 
 Figures per N: ``agg_tok_s`` (all chains' tokens / seconds), ``per_chain_tok_s`` (agg / N) and
 ``speedup`` (agg / agg at N = 1, medians).  This runs in the bench's worker child (``job: chains`` in
-:mod:`qvq_local.bench.worker`); the table is drawn by :mod:`qvq_local.bench.report`.
+:mod:`qvq_local.bench.worker`) for the backends with the registry's ``chains`` capability
+(:func:`chains_not_measured` says why another is not measured); the table is drawn by
+:mod:`qvq_local.bench.report`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,16 @@ import statistics
 import time
 
 CHAIN_COUNTS: tuple[int, ...] = (1, 2, 4, 8)
+
+
+def chains_not_measured(spec) -> str | None:
+    """Why the backend of registry entry ``spec`` gets no ``--samples`` figures (None: it gets them): only
+    a backend with the registry's ``chains`` capability forks a prefilled session into chains."""
+    from qvq_local.backends import registry
+
+    if spec.has(registry.CHAINS):
+        return None
+    return f"the {spec.name} backend runs one chain at a time (it has no {registry.CHAINS} capability)"
 
 
 def _sampling(seed: int = 0):
@@ -85,10 +97,14 @@ def measure_chains(loaded, prompt, *, tokens: int, runs: int, counts=CHAIN_COUNT
 
 
 def _prompt_cells(loaded, prompt) -> int:
-    """An upper bound on the prompt's KV cells: its text tokens plus the image tokens."""
+    """An upper bound on the prompt's KV cells: its text tokens (by the model's tokenizer where its backend
+    has one, else the text's bytes) plus the image tokens."""
     from qvq_local.bench.workload import count_tokens
     from qvq_local.families import DEFAULT_FAMILY
 
-    n_text = count_tokens(loaded, prompt.text.replace(DEFAULT_FAMILY.image_block, ""), special=True)
+    text = prompt.text.replace(DEFAULT_FAMILY.image_block, "")
+    n_text = count_tokens(loaded, text, special=True)
+    if n_text is None:
+        n_text = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
     images = sum(int(loaded.image_token_estimate(*img.size)) for img in prompt.images)
     return n_text + images + 8

@@ -5,8 +5,9 @@ run on one machine.  This module puts the parts in order; each part is a module 
 
 1. the options, checked before any work (here), and the backends measured: the registry's local backends,
    all of them with ``--backend all``.  Nothing in the benchmark names a backend but the raw-library
-   comparisons (``bench.raw_paths``) and llama.cpp's ``--cpu-buffers``/``--gpu-layers``, which
-   :func:`bench_command` hands to the workers through the environment;
+   comparisons (``bench.raw_paths``).  The backends' load options given (``--cpu-buffers``,
+   ``--gpu-layers``: the llama backend's) are shared out among the backends measured and checked by each
+   one's options type (:func:`load_options`), then carried to the workers in their job's spec;
 2. the machine (``bench.machine``) and its memory bandwidth (``bench.bandwidth``), and from it the decode
    speed no implementation can beat (bytes read per token / bandwidth);
 3. the model (``bench.prepare``): ``--model REF`` (a converted model, or an HF folder that is converted
@@ -19,7 +20,8 @@ run on one machine.  This module puts the parts in order; each part is a module 
    ``runs`` repetitions after a warm-up, per image size, with its spread (min, max, quartiles:
    ``bench.stats``).  The two paths run interleaved (qvq, raw, qvq, raw, ...) on two served workers, so a
    neighbour's load on a shared machine falls on both sides of a qvq/raw ratio; the ratios are medians of
-   the per-pair ratios.  Then the ``--samples`` chains (``bench.chains``);
+   the per-pair ratios.  Then the ``--samples`` chains (``bench.chains``), for the backends with the
+   registry's ``chains`` capability;
 5. the report (``bench.report``): Rich tables, a JSON file with every figure and the machine's
    description, and a PNG chart.
 
@@ -31,9 +33,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from qvq_local.bench.bandwidth import weights_per_token
+from qvq_local.bench.chains import chains_not_measured
 from qvq_local.bench.machine import describe_machine
 from qvq_local.bench.prepare import QUANTS, prepare_models, source_bytes
 from qvq_local.bench.processes import ServedWorker, interleave, run_worker
@@ -99,6 +104,24 @@ def _check_options(runs: int, decode_tokens: int, answer_tokens: int, quant: str
         raise InputError(f"the answer budget must be at least 1 token, got {answer_tokens}")
     if quant not in QUANTS:
         raise InputError(f"unknown quantisation {quant!r}: choose {', '.join(QUANTS)}")
+
+
+def load_options(
+    backends: list[str], options: Mapping[str, Any] | None, labels: Mapping[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each measured backend's load options, for its workers' specs: those of ``options`` (name -> value;
+    None: not given) its registry options type takes, checked and normalised by that type (so a bad value
+    is refused before any work), as plain values.  An option none of ``backends`` takes is refused
+    (:func:`qvq_local.backends.registry.share_options`)."""
+    from qvq_local.backends import registry
+
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    shared = registry.share_options(backends, given, labels)
+    out: dict[str, dict[str, Any]] = {}
+    for name, own in shared.items():
+        checked = registry.get(name).build_options(own, labels)
+        out[name] = {option: getattr(checked, option) for option in own}
+    return out
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -169,11 +192,15 @@ def run_bench(
     console=None,
     command: str | None = None,
     family: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    option_labels: Mapping[str, str] | None = None,
 ) -> dict:
     """Run the whole benchmark and return the result dictionary (also written to ``json_path``).
 
     Exactly one of ``model`` and ``shape`` (``shape`` defaults to ``"tiny"`` when neither is given);
-    ``family`` picks the synthetic model's family (``qvq synth --family``; None: Qwen2-VL).
+    ``family`` picks the synthetic model's family (``qvq synth --family``; None: Qwen2-VL).  ``options``:
+    the backends' load options by name (:func:`load_options`; ``option_labels``: how the caller spells
+    them), loaded with in every worker.
     Raises InputError for bad options, ModelError for an unusable model, DiskFull when synthesising or
     converting would not fit; a backend or raw path that cannot run is reported in the result instead.
     """
@@ -198,6 +225,7 @@ def run_bench(
         console.print(f"[dim]bench:[/] {msg}", highlight=False)
 
     backends = _choose_backends(backend, shape, model)
+    loaded_with = load_options(backends, options, option_labels)
     result: dict = {
         "schema": SCHEMA,
         "command": command,
@@ -218,6 +246,7 @@ def run_bench(
             "sampling": "greedy (top_k 1, temperature 0), repetition penalty 1.05, seed 0",
             "loop_detection": False,
             "home": str(home_path),
+            "load_options": loaded_with,
         },
     }
     log("describing the machine")
@@ -263,6 +292,7 @@ def run_bench(
             answer_tokens=answer_tokens,
             raw=raw,
             log=log,
+            options=loaded_with[name],
         )
         if json_path:  # a partial file after each backend: a long run that is stopped keeps what it measured
             from qvq_local.bench import report
@@ -326,9 +356,11 @@ def _measure_backend(
     answer_tokens: int,
     raw: bool,
     log,
+    options: dict[str, Any] | None = None,
 ) -> dict:
     """One backend's entry: why it cannot run, or its qvq-local and raw-library runs and their ratios (a
-    backend bench has no raw-library comparison for gets qvq-local's figures alone, and no ratio)."""
+    backend bench has no raw-library comparison for gets qvq-local's figures alone, and no ratio), and
+    its ``--samples`` rates where it forks chains.  ``options``: its load options, for every worker."""
     from qvq_local.backends import registry
     from qvq_local.bench.bandwidth import decode_bound
 
@@ -369,6 +401,7 @@ def _measure_backend(
         "runs": runs,
         "decode_tokens": decode_tokens,
         "answer_tokens": answer_tokens,
+        "options": dict(options or {}),
     }
     if not raw or not has_raw_path(name):
         entry["order"] = "qvq only"
@@ -384,7 +417,11 @@ def _measure_backend(
         entry["order"] = INTERLEAVED_ORDER
         entry["qvq"], entry["raw"] = _interleaved_run(common, sizes, decode_tokens, answer_tokens, log)
     entry["ratios"] = qvq_raw_ratios(entry["qvq"], entry["raw"])
-    entry["chains"] = run_worker({"job": "chains", **common}, label=f"{name}: --samples 1/2/4/8", log=log)
+    why_not = chains_not_measured(registry.get(name))
+    if why_not is None:
+        entry["chains"] = run_worker({"job": "chains", **common}, label=f"{name}: --samples 1/2/4/8", log=log)
+    else:
+        entry["chains"] = {"ok": False, "reason": why_not}
     if entry["qvq"].get("ok"):
         smallest = entry["qvq"]["sizes"][str(sizes[0])]
         entry["decode_tok_s"] = smallest["decode_tok_s"]
@@ -452,48 +489,34 @@ def bench_command(
     json_path: Path | None,
     chart_path: Path | None,
     bandwidth_mib: int,
-    cpu_buffers: str | None = None,
     family: str | None = None,
-    gpu_layers: str | int | None = None,
+    options: Mapping[str, Any] | None = None,
+    option_labels: Mapping[str, str] | None = None,
 ) -> dict:
-    """The CLI entry: run, print the tables to stdout, say where the files went."""
+    """The CLI entry: run, print the tables to stdout, say where the files went.  ``options``: the
+    backends' load options as the command line gave them (``option_labels``: its flags)."""
     from rich.console import Console
 
-    from qvq_local.backends import llama_buffers
-
-    # the workers are child processes: they read both from the environment (checked before it is touched)
-    mode = llama_buffers.requested_mode(cpu_buffers) if cpu_buffers is not None else None
-    layers = llama_buffers.requested_gpu_layers(gpu_layers)
-    saved = {name: os.environ.get(name) for name in (llama_buffers.ENV_VAR, llama_buffers.GPU_LAYERS_ENV)}
-    if mode is not None:
-        os.environ[llama_buffers.ENV_VAR] = mode
-    if layers is not None:
-        os.environ[llama_buffers.GPU_LAYERS_ENV] = str(layers)
     # tables with a spread under each figure need ~110 columns: a file or pipe gets 120, not Rich's 80
     out = Console() if sys.stdout.isatty() else Console(width=120)
     command = "qvq " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("qvq") else None
-    try:
-        result = run_bench(
-            model=model,
-            shape=shape,
-            backend=backend,
-            image_sizes=image_sizes,
-            runs=runs,
-            decode_tokens=decode_tokens,
-            quant=quant,
-            raw=raw,
-            json_path=json_path,
-            chart_path=chart_path,
-            bandwidth_bytes=int(bandwidth_mib) * 2**20,
-            command=command,
-            family=family,
-        )
-    finally:  # an API or test caller keeps its own environment
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    result = run_bench(
+        model=model,
+        shape=shape,
+        backend=backend,
+        image_sizes=image_sizes,
+        runs=runs,
+        decode_tokens=decode_tokens,
+        quant=quant,
+        raw=raw,
+        json_path=json_path,
+        chart_path=chart_path,
+        bandwidth_bytes=int(bandwidth_mib) * 2**20,
+        command=command,
+        family=family,
+        options=options,
+        option_labels=option_labels,
+    )
     from qvq_local.bench.report import render_tables
 
     render_tables(result, out)
@@ -507,4 +530,4 @@ def bench_command(
     return result
 
 
-__all__ = ["ALL", "SCHEMA", "bench_command", "bench_home", "parse_image_sizes", "run_bench"]
+__all__ = ["ALL", "SCHEMA", "bench_command", "bench_home", "load_options", "parse_image_sizes", "run_bench"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qvq_local import atomic
 from qvq_local.bench.processes import run_worker
+from qvq_local.convert.quants import DEFAULT_GROUP_SIZE
 from qvq_local.errors import DiskFull, ModelError, QvqError
 
 #: ``--quant`` -> the quantisation each output format gets: GGUF's text-model type (the mmproj stays
@@ -96,7 +97,7 @@ def _build_mlx(source: Path, base: str, quant: str, home: Path, progress: bool, 
             "src": str(source),
             "out": str(home / name),
             "bits": bits,
-            "group_size": 64,
+            "group_size": DEFAULT_GROUP_SIZE,
             "progress": progress,
         },
         f"converting to MLX {bits}-bit",

@@ -152,8 +152,9 @@ def _lang_lock_cost(model, steps: int = 48, rounds: int = 4) -> dict:
 
     mask, info = model.language_mask(lang.decide(QUESTION, "on"))
     loaded = model.loaded
-    text = build_prompt(loaded.chat_template, QUESTION, 0, None)
-    n_ctx = _tokens_or_zero(loaded, text) + 16 + 2 * rounds * (steps + 1)
+    text = build_prompt(loaded.chat_template, QUESTION, 0, None, family=model.family)
+    n_text = count_tokens(loaded, text)  # control tokens spelt out: an upper bound
+    n_ctx = (len(text.encode("utf-8")) if n_text is None else n_text) + 16 + 2 * rounds * (steps + 1)
     session = loaded.new_session(SamplingParams(**greedy_sampling()), n_ctx=max(n_ctx, 256))
     blocks: dict[bool, list[float]] = {False: [], True: []}
     try:
@@ -179,11 +180,8 @@ def _lang_lock_cost(model, steps: int = 48, rounds: int = 4) -> dict:
 
 
 def _tokens_or_zero(loaded, text: str) -> int:
-    """Tokens in ``text`` by the loaded model's own tokenizer (informative; 0 when it cannot tell)."""
-    try:
-        return count_tokens(loaded, text)
-    except Exception:  # noqa: BLE001
-        return 0
+    """Tokens in ``text`` by the loaded model's own tokenizer (informative; 0 when its backend has none)."""
+    return count_tokens(loaded, text) or 0
 
 
 class QvqPath:
@@ -221,16 +219,16 @@ class QvqPath:
                 )
         log(f"{self.spec['backend']} qvq language-lock cost")
         lang_lock = _lang_lock_cost(self.model)
-        buffers = getattr(self.model.loaded, "cpu_buffers", None)
+        facts = self.model.run_facts()  # the backend's run_facts hook
         return {
             "ok": True,
             "path": "qvq_local.load(...).stream(...)",
             "backend": self.spec["backend"],
             "quantization": self.model.quantization,
             # set when qvq computes differently from the raw library (ratios include it)
-            "compute": getattr(self.model.loaded, "compute_note", None),
-            "cpu_buffers": buffers.describe() if buffers is not None else None,  # llama.cpp weight buffers
-            "placement": getattr(self.model.loaded, "placement", lambda: None)(),  # llama: GPU / CPU layers
+            "compute": facts.get("compute"),
+            "cpu_buffers": facts.get("cpu_buffers"),  # where the weights are held (llama.cpp's buffer types)
+            "placement": facts.get("placement"),  # which layers run on a GPU
             "load_s": self.load_s,
             "load_peak_rss_bytes": self.load_peak_rss_bytes,
             "peak_rss_bytes": lifetime_peak_rss(),

@@ -172,14 +172,15 @@ class RawLlamaPath:
         threads = usable_cores()
         self.n_ctx = int(spec.get("n_ctx") or 4096)
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
-        layers = llama_buffers.requested_gpu_layers()  # --gpu-layers, as qvq's path gets it
+        options = spec.get("options") or {}  # the llama backend's load options, as qvq's path gets them
+        layers = llama_buffers.requested_gpu_layers(options.get("gpu_layers"))
         n_gpu_layers = (-1 if gpu else 0) if layers is None else layers
         _silence_llama_logs()
         with PeakRss() as load_peak:
             t0 = time.perf_counter()
             handler_name, handler = _llama_handler(spec["mmproj"])
             # The same CPU buffer plan as qvq's session (AMX off on AMX CPUs): like for like, and no crash.
-            with llama_buffers.high_level_llama(spec["model"]):
+            with llama_buffers.high_level_llama(spec["model"], options.get("cpu_buffers")):
                 self.llm = Llama(
                     model_path=spec["model"],
                     chat_handler=handler,

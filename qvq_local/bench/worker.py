@@ -43,6 +43,7 @@ from qvq_local.bench.qvq_path import QvqPath
 from qvq_local.bench.raw_paths import raw_path
 from qvq_local.bench.runs import Runs, log
 from qvq_local.bench.workload import QUESTION, load_model
+from qvq_local.convert.quants import DEFAULT_GROUP_SIZE, DEFAULT_MMPROJ_QUANT
 
 
 def run_sequentially(path, spec: dict) -> dict:
@@ -98,7 +99,7 @@ def job_convert_gguf(spec: dict) -> dict:
             Path(spec["src"]),
             Path(spec["out"]),
             quant=spec["quant"],
-            mmproj_quant=spec.get("mmproj_quant", "f16"),
+            mmproj_quant=spec.get("mmproj_quant", DEFAULT_MMPROJ_QUANT),
             progress=bool(spec.get("progress")),
         )
     )
@@ -113,7 +114,7 @@ def job_convert_mlx(spec: dict) -> dict:
             Path(spec["src"]),
             Path(spec["out"]),
             bits=spec.get("bits"),
-            group_size=int(spec.get("group_size", 64)),
+            group_size=int(spec.get("group_size", DEFAULT_GROUP_SIZE)),
             progress=bool(spec.get("progress")),
         )
     )
@@ -148,21 +149,27 @@ def job_raw(spec: dict) -> dict:
 
 def job_chains(spec: dict) -> dict:
     """``--samples N`` decode rates (:mod:`qvq_local.bench.chains`): load the model, build the prompt for
-    the smallest image, measure every N."""
-    from qvq_local.api import prepare_images
+    the smallest image, measure every N.  A backend without the registry's ``chains`` capability is
+    refused with the reason (the harness does not ask it)."""
+    from qvq_local.backends import registry
     from qvq_local.backends.base import Prompt
-    from qvq_local.bench.chains import CHAIN_COUNTS, measure_chains
-    from qvq_local.families import DEFAULT_FAMILY
+    from qvq_local.bench.chains import CHAIN_COUNTS, chains_not_measured, measure_chains
+    from qvq_local.errors import InputError
+    from qvq_local.images import prepare_images
     from qvq_local.prompt import build_prompt
 
+    why_not = chains_not_measured(registry.get(spec["backend"]))
+    if why_not is not None:
+        raise InputError(why_not)
     model = load_model(spec)
     try:
-        loaded = model.loaded
+        loaded, family = model.loaded, model.family
         sizes = sorted(spec["images"], key=int)
-        image = prepare_images([spec["images"][sizes[0]]], model.max_pixels)[0].image
-        prompt = Prompt(
-            text=build_prompt(loaded.chat_template, QUESTION, 1, DEFAULT_FAMILY.system_prompt), images=[image]
-        )
+        image = prepare_images([spec["images"][sizes[0]]], model.max_pixels, factor=family.image_factor)[
+            0
+        ].image
+        text = build_prompt(loaded.chat_template, QUESTION, 1, family.system_prompt or None, family=family)
+        prompt = Prompt(text=text, images=[image])
         figures = measure_chains(
             loaded,
             prompt,

@@ -44,16 +44,18 @@ def make_image(size: int, path: Path) -> Path:
 
 
 def load_model(spec: dict):
-    """The measured model of a worker job, through the API as a user loads it (``spec``: model, backend)."""
+    """The measured model of a worker job, through the API as a user loads it (``spec``: model, backend and
+    the backend's load options, checked by the harness)."""
     from qvq_local.api import load
 
-    return load(spec["model"], backend=spec["backend"])
+    return load(spec["model"], backend=spec["backend"], **(spec.get("options") or {}))
 
 
-def count_tokens(loaded, text: str, *, special: bool = False) -> int:
+def count_tokens(loaded, text: str, *, special: bool = False) -> int | None:
     """Tokens in ``text`` by the loaded model's own tokenizer (``special``: control tokens written in the
-    text count as one token each).  Raises AttributeError for a model that offers neither tokenizer."""
-    tokenize = getattr(loaded, "tokenize", None)
-    if callable(tokenize):
-        return len(tokenize(text, special=special))
-    return len(loaded.tokenizer.encode(text, add_special_tokens=False))
+    text count as one token each); None when its backend has no ``tokenizer`` capability (registry)."""
+    from qvq_local.backends import registry
+
+    if not registry.get(loaded.backend).has(registry.TOKENIZER):
+        return None
+    return len(loaded.tokenize(text, special=special))

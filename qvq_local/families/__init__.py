@@ -1,7 +1,9 @@
 """Model families, registered by name: the facts particular to one architecture live in its module.
 
 A family is a :class:`~qvq_local.families.base.Family` subclass and its instance, handed to
-:func:`register` (the built-in ones below, a plugin's from its own module).  Converting and synthesising
+:func:`register` (the built-in ones below, a plugin's from its plugin function: :mod:`qvq_local.plugins`,
+run when this package is first imported, so the converter's and the synthesiser's registries, which
+import it, see a plugin's classes too).  Converting and synthesising
 a family are done beside the converter and the synthesiser, by classes registered under the family's
 name (``qvq_local.convert.gguf_converter.register``, ``qvq_local.convert.synth_writer.register``), so a
 family in one module converts and answers like the built-in ones.  The rest of qvq-local asks the
@@ -90,6 +92,27 @@ def supported_gguf_archs() -> list[str]:
     return list(dict.fromkeys(f.gguf_text_arch for f in FAMILIES.values()))
 
 
+def choice_name(family: Family) -> str:
+    """The name a user picks ``family`` by (``qvq synth --family``): its first alias, else its name."""
+    return family.aliases[0] if family.aliases else family.name
+
+
+def family_choices() -> str:
+    """``"qwen2-vl (QVQ / Qwen2-VL; default) | qwen2.5-vl (Qwen2.5-VL) | ..."``, for help texts."""
+    return " | ".join(
+        f"{choice_name(f)} ({f.models}{'; default' if f is DEFAULT_FAMILY else ''})"
+        for f in FAMILIES.values()
+    )
+
+
+def shape_choices() -> str:
+    """``"Qwen2-VL 2b | 7b | 72b; Qwen2.5-VL 3b | ..."``: each family's synthetic published sizes (``tiny``,
+    which every family has, left out), for help texts."""
+    return "; ".join(
+        f"{f.name} {' | '.join(s for s in f.synth_shapes if s != 'tiny')}" for f in FAMILIES.values()
+    )
+
+
 def describe_supported() -> str:
     """``"Qwen2VLForConditionalGeneration (QVQ / Qwen2-VL)"`` and the like, for error messages."""
     return ", ".join(f"{', '.join(f.hf_architectures)} ({f.models})" for f in FAMILIES.values())
@@ -99,11 +122,21 @@ __all__ = [
     "DEFAULT_FAMILY",
     "FAMILIES",
     "Family",
+    "choice_name",
     "describe_supported",
+    "family_choices",
     "family_for_config",
     "family_for_gguf_arch",
     "family_for_model_type",
     "family_for_projector",
     "register",
+    "shape_choices",
     "supported_gguf_archs",
 ]
+
+# last, with everything above defined: a plugin's family registers through this module while it is
+# imported, so every process that looks a family up (a bench worker, ``qvq convert``, ``qvq synth``) sees the
+# plugins named in QVQ_PLUGINS, even one that never reads the backend registry
+from qvq_local.plugins import load as load_plugins  # noqa: E402
+
+load_plugins()

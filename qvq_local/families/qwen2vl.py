@@ -134,7 +134,7 @@ class Qwen2VLFamily(Family):
     #: tested on (``tests/test_replay.py``) come from it, and a sentence the base model may never have
     #: been trained with is an untested change to its behaviour; the language of the answer is this
     #: project's job instead (the forced answer in the question's language,
-    #: ``reasoning.default_forced_text``).  A model fine-tuned with those frameworks saw their sentence:
+    #: ``splitter.default_forced_text``).  A model fine-tuned with those frameworks saw their sentence:
     #: pass it with ``--system``.
     system_prompt: ClassVar[str] = (
         "You are a helpful and harmless assistant. You are Qwen developed by Alibaba. You should think step-by-step."

@@ -303,6 +303,18 @@ def file_type_name(file_type: int, llama_cpp: Any = None) -> str:
     return names.get(int(file_type), f"type {file_type}")
 
 
+def file_type_value(name: str) -> int:
+    """The ``general.file_type`` number of the type llama.cpp calls ``name`` (``Q4_K_M``, ``F16``, ``BF16``,
+    any case), from gguf-py's ``LlamaFileType``: the inverse of :func:`file_type_name`.  ``ValueError``
+    for a name gguf-py does not have."""
+    import gguf
+
+    for member in gguf.LlamaFileType:
+        if member.name != "GUESSED" and _short_type_name(member.name) == name.upper():
+            return int(member.value)
+    raise ValueError(f"gguf-py has no GGUF file type {name!r}")
+
+
 def _short_type_name(name: str) -> str:
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 

@@ -10,7 +10,7 @@ fields (400); the image count (413); a place in the queue (429 with ``Retry-Afte
 fetched or decoded, its pixel count read from its header first (413) and its decoding done within the
 memory budget shared by all requests (:class:`qvq_local.serve.media.DecodeBudget`); then the generation.
 
-The generation itself is the Python API's (:meth:`qvq_local.api.Model.stream_settings`): the same prompt,
+The generation itself is the Python API's (:meth:`qvq_local.model.Model.stream_settings`): the same prompt,
 context sizing, reasoning controller and budget forcing as ``qvq ask``; this module only translates.
 """
 
@@ -51,8 +51,9 @@ def _error_response(err: schema.ApiError):
 
 def _settings_for(request: schema.ChatRequest, model: Any):
     from qvq_local.backends.base import SamplingParams
+    from qvq_local.budgets import DEFAULT_ANSWER_BUDGET
     from qvq_local.errors import InputError
-    from qvq_local.settings import DEFAULT_ANSWER_BUDGET, AskSettings
+    from qvq_local.settings import AskSettings
 
     try:
         return AskSettings(
@@ -71,7 +72,7 @@ def _settings_for(request: schema.ChatRequest, model: Any):
 
 
 def create_app(model: Any, options: ServeOptions | None = None):
-    """The FastAPI app serving ``model`` (a :class:`qvq_local.api.Model`, already loaded).
+    """The FastAPI app serving ``model`` (a :class:`qvq_local.model.Model`, already loaded).
 
     ``app.state.worker`` is its queue (call ``shutdown()`` on it when the server stops).
     """

@@ -234,11 +234,10 @@ def _probe(path: str, ref: ImageRef, limits: Limits) -> int:
 def load_images(
     refs: list[ImageRef], limits: Limits, max_pixels: int | None, budget: DecodeBudget | None = None
 ) -> list:
-    """Every image of a request as :class:`qvq_local.api.PreparedImage` (validated and bounded), one after
+    """Every image of a request as :class:`qvq_local.images.PreparedImage` (validated and bounded), one after
     another, each decoded while holding its cost from ``budget`` (None: no shared budget)."""
-    from qvq_local.api import PreparedImage
     from qvq_local.errors import InputError
-    from qvq_local.images import DEFAULT_MAX_PIXELS, load_image
+    from qvq_local.images import DEFAULT_MAX_PIXELS, PreparedImage, load_image
 
     check_count(refs, limits)
     prepared = []
