@@ -20,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+#: How a sampling value is reported when none was sent and the server applied its own (a remote backend).
+SERVER_DEFAULT = "server default"
+
 
 @dataclass(frozen=True)
 class SamplingParams:
