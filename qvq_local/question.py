@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from qvq_local import prefix_cache
 from qvq_local.backends import registry
-from qvq_local.backends.base import ChatTurn, Prompt
+from qvq_local.backends.base import SERVER_DEFAULT, ChatTurn, Prompt
 from qvq_local.budgets import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN, size_context
 from qvq_local.errors import InputError
 from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta, Timings
@@ -66,8 +66,9 @@ def stream_question(
         text_tokens = _count_text_tokens(model, text)
         if text_tokens is None:
             text_tokens = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
+        remote = model.spec.has(registry.REMOTE)
         n_ctx, thought_cap = size_context(
-            model.context_length,
+            None if remote and not model.context_length else model.context_length,
             text_tokens,
             image_tokens,
             think_budget=options.think_budget,
@@ -123,14 +124,26 @@ def stream_question(
             )
         else:
             session = loaded.new_session(options.sampling, n_ctx=n_ctx)
+        if remote:  # what was sent, not what the model might use: unsent values are the server's own
+            settings.update(
+                {k: SERVER_DEFAULT if v is None else v for k, v in asdict(session.sampling).items()}
+            )
         t_prefill = time.perf_counter()
         chat = None
         if model.spec.has(registry.CHAT_MESSAGES):  # a server that applies its own template
+            cap = thought_cap + FORCE_MARGIN + (options.answer_budget or DEFAULT_ANSWER_BUDGET)
+            if options.max_tokens is not None:
+                cap = min(cap, options.max_tokens)
+            # a cap is sent only where something known bounds it: a budget or max_tokens the caller set,
+            # or a context the server states (the thought cap was sized to it); never a guess
+            stated = (
+                options.think_budget is not None or options.max_tokens is not None or model.context_length
+            )
             chat = ChatTurn(
                 question=question,
                 system=system_text,
                 think_budget=options.think_budget,
-                max_new_tokens=thought_cap + FORCE_MARGIN + (options.answer_budget or DEFAULT_ANSWER_BUDGET),
+                max_new_tokens=cap if stated else None,
             )
         stats, cached = prefix_cache.prefill(
             session,
@@ -177,6 +190,8 @@ def stream_question(
             thought_mask,
             chains,
         ):
+            if isinstance(event, Finished) and remote:
+                _server_counts(session, event.result)
             if isinstance(event, Finished) and cached.state is not None:
                 # the disk write waits for the answer, so it never delays the first token
                 # (in place: the Result holds this inner dict)
@@ -193,6 +208,17 @@ def stream_question(
             chain.close()
         if session is not None:
             session.close()
+
+
+def _server_counts(session: Any, result: Result) -> None:
+    """A remote question's Result with the server's own token counts where it sent them (the registry's
+    ``remote`` capability: ``token_counts``, ``request_report``), and how they were counted."""
+    counts = session.token_counts(result.thought_tokens, result.answer_tokens)
+    if counts.prompt_tokens is not None:
+        result.prompt_tokens = counts.prompt_tokens
+    result.thought_tokens, result.answer_tokens = counts.thought_tokens, counts.answer_tokens
+    result.settings["token_count"] = counts.how
+    result.settings["remote"] = session.request_report()
 
 
 def _prefix_key(model: Any, text: str, prepared: list[PreparedImage], max_pixels: int | None) -> str | None:

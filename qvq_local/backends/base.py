@@ -56,7 +56,8 @@ class ChatTurn:
     system: str | None = None  # None: no system message
     think_budget: int | None = None
     #: the most tokens the controller will let this question generate (thought cap, forced text margin and
-    #: answer budget): sent as ``max_tokens`` so the server never runs on past it
+    #: answer budget), sent as ``max_tokens`` so the server never runs on past it; None when nothing known
+    #: bounds it (no budget, no ``max_tokens`` and no context the server states): then nothing is sent
     max_new_tokens: int | None = None
 
 

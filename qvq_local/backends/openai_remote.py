@@ -70,7 +70,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from qvq_local.backends.base import SERVER_DEFAULT, ChatTurn, PrefillStats, Prompt, SamplingParams, Token
+from qvq_local.backends.base import ChatTurn, PrefillStats, Prompt, SamplingParams, Token
 from qvq_local.backends.options import OpenAIOptions
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY
@@ -201,6 +201,14 @@ def _png_data_uri(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _user_content(text: str, images) -> list[dict]:
+    """A user message's parts: its images (PNG ``data:`` URIs), then its text."""
+    parts: list[dict] = [{"type": "image_url", "image_url": {"url": _png_data_uri(im)}} for im in images]
+    if text:
+        parts.append({"type": "text", "text": text})
+    return parts
 
 
 def _positive_int(value) -> int | None:
@@ -382,15 +390,6 @@ class RemoteSession:
                 body[wire] = value
         return body
 
-    def sampling_report(self) -> dict:
-        """What was sent of each sampling value, by :class:`SamplingParams` name: the value, or
-        :data:`SERVER_DEFAULT` where nothing was sent."""
-        report = {}
-        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
-            value = getattr(self.sampling, name)
-            report[name] = SERVER_DEFAULT if value is None else value
-        return report
-
     def request_report(self) -> dict:
         """How the question was put to the server, for ``settings["remote"]``."""
         return {
@@ -481,14 +480,10 @@ class RemoteSession:
     def prefill(self, prompt: Prompt) -> PrefillStats:
         chat = prompt.chat or ChatTurn(question=prompt.text)  # the backend reads ``chat`` (chat_messages)
         question = chat.question
-        content: list[dict] = [
-            {"type": "image_url", "image_url": {"url": _png_data_uri(im)}} for im in prompt.images
-        ]
-        content.append({"type": "text", "text": question})
         messages: list[dict] = []
         if chat.system and self.traits.system_message:
             messages.append({"role": "system", "content": chat.system})
-        messages.append({"role": "user", "content": content})
+        messages.append({"role": "user", "content": _user_content(question, prompt.images)})
         self._messages = messages
         body = self._body(messages)
         if self.traits.budget_on_server and chat.think_budget is not None:

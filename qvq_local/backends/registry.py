@@ -32,7 +32,11 @@ LOCAL_KV_CACHE = "local_kv_cache"
 #: encodes images itself (vision tower in process)
 IMAGE_ENCODING = "image_encoding"
 #: talks to a server instead of loading weights here: ``open_model`` gets the model's name there (or None),
-#: ``auto`` never picks it, and the places that measure this machine (bench, self-test) leave it out
+#: ``auto`` never picks it, and the places that measure this machine (bench, self-test) leave it out.  Its
+#: loaded model's ``context_length`` is what the server states (0: none); its sessions' ``sampling`` holds
+#: what they send (a field None is not sent: the server's default), ``request_report()`` how the question
+#: was put (a dict for ``settings["remote"]``) and ``token_counts(thought, answer)`` the counts to report
+#: (the server's usage where it sent one; ``.how`` says which)
 REMOTE = "remote"
 #: ``session.prefill(prompt, keep_prefix=True)`` then ``session.prefix_state``, and
 #: ``session.prefill(prompt, prefix=state)``: the image prefix's KV state is exported and restored
