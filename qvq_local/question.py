@@ -22,28 +22,34 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qvq_local import prefix_cache
 from qvq_local.backends import registry
 from qvq_local.backends.base import SERVER_DEFAULT, ChatTurn, Prompt
 from qvq_local.budgets import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN, size_context
+from qvq_local.conversation import ASSISTANT, Turn
 from qvq_local.errors import InputError
 from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta, Timings
-from qvq_local.images import PreparedImage, prepare_images
+from qvq_local.images import PreparedImage, SourceImage, prepare_images
 from qvq_local.prompt import build_prompt
-from qvq_local.splitter import default_forced_text, default_markers, question_language
+from qvq_local.splitter import default_forced_text, default_markers, question_language, reply_answer
 
 if TYPE_CHECKING:  # pragma: no cover
     from qvq_local.settings import AskSettings
 
 
 def stream_question(
-    model: Any, images: Any, question: str, options: AskSettings, lock: Any
+    model: Any, images: Any, question: str, options: AskSettings, lock: Any, history: tuple[Turn, ...] = ()
 ) -> Iterator[Event]:
     """The events of one question on ``model`` (a :class:`qvq_local.model.Model`) about ``images``,
     with its settings built and checked, ``options.max_pixels`` filled and the language lock decided
-    (``lock``: :func:`qvq_local.lang.decide`'s); the last event is always ``Finished``."""
+    (``lock``: :func:`qvq_local.lang.decide`'s); the last event is always ``Finished``.
+
+    ``history``: the turns before the question, checked (:func:`qvq_local.conversation.check_history`).
+    Their images come first in the prompt (``images`` may then be empty); the model sees each earlier
+    reply's answer alone (:func:`qvq_local.splitter.reply_answer`).  The budgets are the new turn's."""
     t_start = time.perf_counter()
     tracker = _Tracker()
     session = None
@@ -54,13 +60,17 @@ def stream_question(
     try:
         loaded = model.loaded
         family = model.family  # its image grid, system prompt and sampling are the defaults
-        prepared = prepare_images(images, options.max_pixels, factor=family.image_factor)
+        markers = default_markers(loaded.chat_template)
+        earlier = [image for turn in history for image in turn.images]
+        prepared = prepare_images(earlier + _as_list(images), options.max_pixels, factor=family.image_factor)
+        history = _answers_only(_with_images(history, prepared), markers)
+        own = len(prepared) - len(earlier)  # the question's own images, after the earlier turns'
         infos = [replace(p.info) for p in prepared]
         for info in infos:  # the backend's own count is the one that fills its context
             info.tokens = int(loaded.image_token_estimate(*info.size))
         default_system = family.system_prompt or None  # Qwen3-VL's templates have none
         system_text = default_system if options.system is None else (options.system or None)
-        text = build_prompt(loaded.chat_template, question, len(prepared), system_text, family=family)
+        text = build_prompt(loaded.chat_template, question, own, system_text, family=family, history=history)
 
         image_tokens = sum(info.tokens for info in infos)
         text_tokens = _count_text_tokens(model, text)
@@ -80,7 +90,6 @@ def stream_question(
         forced_text = options.forced_text
         if forced_text is None:
             forced_text = default_forced_text(loaded.chat_template, question)
-        markers = default_markers(loaded.chat_template)
         settings = {
             "think_budget": options.think_budget,
             "answer_budget": options.answer_budget,
@@ -96,6 +105,8 @@ def stream_question(
             "system": system_text,
             "question_language": question_language(question),
         }
+        if history:
+            settings["earlier_turns"] = len(history)
         thought_mask, lock_info = model.language_mask(lock)
         settings["lang_lock"] = {"mode": options.lang_lock, **lock_info}
         if options.samples > 1:
@@ -144,6 +155,7 @@ def stream_question(
                 system=system_text,
                 think_budget=options.think_budget,
                 max_new_tokens=cap if stated else None,
+                history=tuple(replace(t, images=tuple(p.image for p in t.images)) for t in history),
             )
         stats, cached = prefix_cache.prefill(
             session,
@@ -208,6 +220,31 @@ def stream_question(
             chain.close()
         if session is not None:
             session.close()
+
+
+def _as_list(images: Any) -> list:
+    """The question's own images as a list (a single path or image is accepted as well)."""
+    if isinstance(images, (str, Path, PreparedImage, SourceImage)):
+        return [images]
+    return list(images)
+
+
+def _with_images(history: tuple[Turn, ...], prepared: list[PreparedImage]) -> tuple[Turn, ...]:
+    """The earlier turns with their images prepared (``prepared`` lists the history's first, in order)."""
+    turns, at = [], 0
+    for turn in history:
+        n = len(turn.images)
+        turns.append(replace(turn, images=tuple(prepared[at : at + n])))
+        at += n
+    return tuple(turns)
+
+
+def _answers_only(history: tuple[Turn, ...], markers: tuple[str, ...]) -> tuple[Turn, ...]:
+    """Earlier replies as the model is shown them again: their answers, the reasoning dropped."""
+    return tuple(
+        replace(turn, text=reply_answer(turn.text, markers)) if turn.role == ASSISTANT else turn
+        for turn in history
+    )
 
 
 def _server_counts(session: Any, result: Result) -> None:

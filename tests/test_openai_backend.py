@@ -672,3 +672,20 @@ def test_llama_server_context_from_props_and_its_penalty_name(replay, sample_ima
     assert body["repeat_penalty"] == 1.3 and "repetition_penalty" not in body  # llama.cpp's name
     assert result.settings["remote"]["context_from"] == "GET /props default_generation_settings.n_ctx"
     assert result.settings["repetition_penalty"] == 1.3
+
+
+def test_earlier_turns_go_to_the_server_as_messages(vllm, sample_image):
+    from qvq_local.conversation import Turn
+
+    server = vllm()
+    reply = "Counting them.\n\n**Final Answer**\n\nFive bars."
+    history = [Turn.user("How many bars?", [sample_image]), Turn.assistant(reply)]
+    with load(server.model, backend="openai", base_url=server.url) as model:
+        result = model.ask([], QUESTION, history=history, answer_budget=32)
+    messages = server.requests[0]["body"]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[1]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert messages[1]["content"][1] == {"type": "text", "text": "How many bars?"}
+    assert messages[2] == {"role": "assistant", "content": "Five bars."}  # the answer alone
+    assert messages[3]["content"] == [{"type": "text", "text": QUESTION}]
+    assert result.answer == "The fourth bar. $$\\boxed{4}$$"

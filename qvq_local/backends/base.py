@@ -49,7 +49,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class ChatTurn:
-    """One question as a chat request, for a backend with the registry's ``chat_messages`` capability: a
+    """One question (after any earlier turns) as a chat request, for a backend with the registry's ``chat_messages`` capability: a
     server that applies its own chat template and may keep the thinking budget itself."""
 
     question: str
@@ -59,6 +59,9 @@ class ChatTurn:
     #: answer budget), sent as ``max_tokens`` so the server never runs on past it; None when nothing known
     #: bounds it (no budget, no ``max_tokens`` and no context the server states): then nothing is sent
     max_new_tokens: int | None = None
+    #: the turns before the question (:class:`qvq_local.conversation.Turn`), user turns with their images
+    #: (PIL, bounded) and assistant turns as their answers
+    history: tuple = ()
 
 
 @dataclass

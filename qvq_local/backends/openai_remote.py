@@ -483,7 +483,13 @@ class RemoteSession:
         messages: list[dict] = []
         if chat.system and self.traits.system_message:
             messages.append({"role": "system", "content": chat.system})
-        messages.append({"role": "user", "content": _user_content(question, prompt.images)})
+        for turn in chat.history:  # earlier turns: user turns with their images, assistant turns' answers
+            if turn.role == "assistant":
+                messages.append({"role": "assistant", "content": turn.text})
+            else:
+                messages.append({"role": "user", "content": _user_content(turn.text, turn.images)})
+        earlier = sum(len(turn.images) for turn in chat.history)  # the prompt lists theirs first
+        messages.append({"role": "user", "content": _user_content(question, prompt.images[earlier:])})
         self._messages = messages
         body = self._body(messages)
         if self.traits.budget_on_server and chat.think_budget is not None:
