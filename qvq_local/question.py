@@ -169,6 +169,7 @@ def stream_question(
             model.prefix_cache,
             model.disk_cache,
             model.cache_notice,
+            earlier=_earlier_keys(model, text, prepared, options.max_pixels, len(earlier)),
         )
         settings["prefix_cache"] = cached.as_dict()
         if stats.image_tokens_per_image and len(stats.image_tokens_per_image) == len(infos):
@@ -258,16 +259,20 @@ def _server_counts(session: Any, result: Result) -> None:
     result.settings["remote"] = session.request_report()
 
 
-def _prefix_key(model: Any, text: str, prepared: list[PreparedImage], max_pixels: int | None) -> str | None:
-    """The prefix cache key for this prompt, or None when nothing is to be cached or reused."""
+def _prefix_key(
+    model: Any, text: str, prepared: list[PreparedImage], max_pixels: int | None, images: int | None = None
+) -> str | None:
+    """The prefix cache key for this prompt, or None when nothing is to be cached or reused; ``images``:
+    for its prefix up to that many images (an earlier turn's last image) rather than all."""
     if model.prefix_cache is None and model.disk_cache is None:
         return None
     if not model.spec.has(registry.PREFIX_STATE):
         return None
     loaded = model.loaded
-    prefix = prefix_cache.prefix_text(text, model.family.image_block)
+    prefix = prefix_cache.prefix_text(text, model.family.image_block, images)
     if not prefix:
         return None
+    prepared = prepared[:images] if images is not None else prepared
     identity = dict(loaded.prefix_identity())
     files = identity.pop("files", ())
     return prefix_cache.prefix_key(
@@ -280,6 +285,21 @@ def _prefix_key(model: Any, text: str, prepared: list[PreparedImage], max_pixels
         # how the KV cache is computed (MLX: float32 on CPU, the model's dtype on a GPU; llama.cpp: GPU)
         extra=identity,
     )
+
+
+def _earlier_keys(
+    model: Any, text: str, prepared: list[PreparedImage], max_pixels: int | None, earlier: int
+) -> list[tuple[int, str]]:
+    """``(images, key)`` of the prompt's prefixes that end at the earlier turns' images, nearest first:
+    where a backend can restore such a state and encode only the later images (``partial_prefix``)."""
+    if not model.spec.has(registry.PARTIAL_PREFIX):
+        return []
+    keys = []
+    for images in range(min(earlier, len(prepared) - 1), 0, -1):
+        key = _prefix_key(model, text, prepared, max_pixels, images)
+        if key is not None:
+            keys.append((images, key))
+    return keys
 
 
 def _reason(

@@ -108,3 +108,43 @@ def test_mlx_second_turn_reuses_the_first_turns_image(tiny_mlx_f32, sample_image
 
     with load(tiny_mlx_f32, backend="mlx") as model:
         _second_turn_encodes_nothing(model, sample_image)
+
+
+@pytest.mark.llama
+def test_llama_a_new_image_in_a_later_turn_encodes_only_that_image(tiny_gguf_q4, sample_image, tmp_path):
+    """Turn 2 brings a second image: turn 1's state (at its image) is restored and only the new image is
+    encoded (the registry's partial_prefix); turn 3 restores the state at turn 2's image whole.  Every
+    answer equals the one with no cache at all."""
+    pytest.importorskip("llama_cpp")
+    from PIL import Image
+
+    from qvq_local.api import load
+
+    other = tmp_path / "other.png"
+    Image.new("RGB", (168, 112), (30, 160, 90)).save(other)
+    with load(tiny_gguf_q4.model, backend="llama") as model:
+        opened = []
+        original = model.loaded.new_session
+
+        def new_session(*args, **kwargs):
+            opened.append(original(*args, **kwargs))
+            return opened[-1]
+
+        model.loaded.new_session = new_session
+        first = model.ask(sample_image, "Which bar is highest?", **ASK)
+        history = [
+            Turn.user("Which bar is highest?", [sample_image]),
+            Turn.assistant(first.answer or "The fourth."),
+        ]
+        second = model.ask([other], "And in this one?", history=history, **ASK)
+        history += [Turn.user("And in this one?", [other]), Turn.assistant(second.answer or "Green.")]
+        third = model.ask([], "Which is brighter?", history=history, **ASK)
+        assert [s.images_encoded for s in opened] == [1, 1, 0]
+        assert [r.settings["prefix_cache"]["images_reused"] for r in (first, second, third)] == [0, 1, 2]
+        assert second.settings["prefix_cache"]["source"] == "memory"
+        model.prefix_cache = None  # no cache: the same answers
+        plain_second = model.ask([other], "And in this one?", history=history[:2], **ASK)
+        plain_third = model.ask([], "Which is brighter?", history=history, **ASK)
+        assert [s.images_encoded for s in opened[3:]] == [2, 2]
+        assert (plain_second.thought, plain_second.answer) == (second.thought, second.answer)
+        assert (plain_third.thought, plain_third.answer) == (third.thought, third.answer)

@@ -43,6 +43,10 @@ REMOTE = "remote"
 #: (qvq_local.prefix_cache); ``loaded.prefix_identity()`` -> ``{"files": [...], ...}``: the model files
 #: besides its main path and the facts of how its KV cache is computed, which a saved state must match
 PREFIX_STATE = "prefix_state"
+#: with ``prefix_state``: ``session.prefill(prompt, prefix=state, keep_prefix=True)`` also takes a state
+#: that ends at an earlier image of the prompt (an earlier turn of a conversation): it is restored, only the
+#: later images are encoded, and ``session.prefix_state`` is then the state at the prompt's last image
+PARTIAL_PREFIX = "partial_prefix"
 #: ``loaded.new_session(sampling, n_ctx=, n_seq=N)`` then ``session.fork(N)``: N reasoning chains from one
 #: prefill, decoded in one batch (``--samples``)
 CHAINS = "chains"
@@ -64,6 +68,7 @@ CAPABILITIES = frozenset(
         IMAGE_ENCODING,
         REMOTE,
         PREFIX_STATE,
+        PARTIAL_PREFIX,
         CHAINS,
         TOKENIZER,
         VOCABULARY,
@@ -322,7 +327,9 @@ register(
         modules=("llama_cpp",),
         distributions=("llama-cpp-python",),
         install_hint="pip install 'qvq-local[llama]'",
-        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY}),
+        capabilities=frozenset(
+            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, PARTIAL_PREFIX, CHAINS, TOKENIZER, VOCABULARY}
+        ),
         hooks={
             MACHINE_FACTS: "qvq_local.backends.llama_buffers:machine_facts",
             LOAD_NOTICES: "qvq_local.backends.llama_buffers:load_notices",
