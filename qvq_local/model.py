@@ -112,7 +112,7 @@ class Model:
         return dict(hook(self.loaded)) if hook is not None and self.loaded is not None else {}
 
     # ------------------------------------------------------------------ one question
-    def stream(self, images: Any, question: str, **options: Any) -> Iterator[Event]:
+    def stream(self, images: Any, question: str, *, history: Any = None, **options: Any) -> Iterator[Event]:
         """Ask ``question`` about ``images`` (paths or :class:`~qvq_local.images.PreparedImage`); yield events
         as they come (:func:`qvq_local.question.stream_question` runs the question).
 
@@ -130,20 +130,30 @@ class Model:
         ``Finished`` Result is the majority ``\\boxed{}`` answer's chain with every chain under ``chains``
         (:mod:`qvq_local.chains`; the backends with the registry's ``chains`` capability).  ``max_tokens``
         caps thought and answer together.
+        ``history``: the turns of the conversation before this question (:class:`qvq_local.conversation.Turn`,
+        or dicts with ``role``, ``text`` and ``images``): user turns with their images, assistant turns
+        with their replies, of which the model is shown the answer alone (the reasoning dropped, as Qwen's
+        templates drop it).  ``images`` may then be empty when earlier turns hold the images.  Their images
+        stay in the prefix cache, so a follow-up about the same image does not encode it again.  The
+        budgets are this question's.  (QVQ-72B-Preview was trained for single-round dialogue; later turns
+        are answered all the same.)
         The options become one :class:`qvq_local.settings.AskSettings` (:meth:`~AskSettings.build`),
         checked there (``InputError`` before anything runs; an unknown option is a ``TypeError``).  The
         last event is always ``Finished``.
         """
         from qvq_local.settings import AskSettings
 
-        return self.stream_settings(images, question, AskSettings.build(options))
+        return self.stream_settings(images, question, AskSettings.build(options), history=history)
 
-    def stream_settings(self, images: Any, question: str, settings: AskSettings) -> Iterator[Event]:
+    def stream_settings(
+        self, images: Any, question: str, settings: AskSettings, *, history: Any = None
+    ) -> Iterator[Event]:
         """:meth:`stream` with its options already built and checked (:class:`qvq_local.settings.AskSettings`).
 
         ``settings.max_pixels`` None means the bound this model was loaded with.
         """
         from qvq_local import lang
+        from qvq_local.conversation import check_history
         from qvq_local.settings import check_text
 
         if self.loaded is None:
@@ -151,10 +161,13 @@ class Model:
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty")
         check_text(question, "the question")
+        turns = check_history(history)
+        for i, turn in enumerate(turns):
+            check_text(turn.text, f"history[{i}]")
         lock = lang.decide(question, settings.lang_lock)
         if settings.max_pixels is None and self.max_pixels is not None:
             settings = replace(settings, max_pixels=self.max_pixels)
-        return stream_question(self, images, question, settings, lock)
+        return stream_question(self, images, question, settings, lock, turns)
 
     def language_mask(self, lock) -> tuple[Any, dict]:
         """The token mask for a language lock, and what to record in the settings.
@@ -176,7 +189,7 @@ class Model:
         return mask, {"scripts": sorted(lock.allowed), "masked": mask.label, "masked_tokens": len(mask)}
 
     def ask(self, images: Any, question: str, **options: Any) -> Result:
-        """Ask and wait: the same options as :meth:`stream`; returns the final :class:`Result`.
+        """Ask and wait: the same options (and ``history``) as :meth:`stream`; returns the final :class:`Result`.
 
         On Ctrl-C the ``KeyboardInterrupt`` propagates with the partial result as its ``result`` attribute.
         """

@@ -21,29 +21,35 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qvq_local import prefix_cache
 from qvq_local.backends import registry
-from qvq_local.backends.base import ChatTurn, Prompt
+from qvq_local.backends.base import SERVER_DEFAULT, ChatTurn, Prompt
 from qvq_local.budgets import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN, size_context
+from qvq_local.conversation import ASSISTANT, Turn
 from qvq_local.errors import InputError
 from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta, Timings
-from qvq_local.images import PreparedImage, prepare_images
+from qvq_local.images import PreparedImage, SourceImage, prepare_images
 from qvq_local.prompt import build_prompt
-from qvq_local.splitter import default_forced_text, default_markers, question_language
+from qvq_local.splitter import default_forced_text, default_markers, question_language, reply_answer
 
 if TYPE_CHECKING:  # pragma: no cover
     from qvq_local.settings import AskSettings
 
 
 def stream_question(
-    model: Any, images: Any, question: str, options: AskSettings, lock: Any
+    model: Any, images: Any, question: str, options: AskSettings, lock: Any, history: tuple[Turn, ...] = ()
 ) -> Iterator[Event]:
     """The events of one question on ``model`` (a :class:`qvq_local.model.Model`) about ``images``,
     with its settings built and checked, ``options.max_pixels`` filled and the language lock decided
-    (``lock``: :func:`qvq_local.lang.decide`'s); the last event is always ``Finished``."""
+    (``lock``: :func:`qvq_local.lang.decide`'s); the last event is always ``Finished``.
+
+    ``history``: the turns before the question, checked (:func:`qvq_local.conversation.check_history`).
+    Their images come first in the prompt (``images`` may then be empty); the model sees each earlier
+    reply's answer alone (:func:`qvq_local.splitter.reply_answer`).  The budgets are the new turn's."""
     t_start = time.perf_counter()
     tracker = _Tracker()
     session = None
@@ -54,20 +60,25 @@ def stream_question(
     try:
         loaded = model.loaded
         family = model.family  # its image grid, system prompt and sampling are the defaults
-        prepared = prepare_images(images, options.max_pixels, factor=family.image_factor)
+        markers = default_markers(loaded.chat_template)
+        earlier = [image for turn in history for image in turn.images]
+        prepared = prepare_images(earlier + _as_list(images), options.max_pixels, factor=family.image_factor)
+        history = _answers_only(_with_images(history, prepared), markers)
+        own = len(prepared) - len(earlier)  # the question's own images, after the earlier turns'
         infos = [replace(p.info) for p in prepared]
         for info in infos:  # the backend's own count is the one that fills its context
             info.tokens = int(loaded.image_token_estimate(*info.size))
         default_system = family.system_prompt or None  # Qwen3-VL's templates have none
         system_text = default_system if options.system is None else (options.system or None)
-        text = build_prompt(loaded.chat_template, question, len(prepared), system_text, family=family)
+        text = build_prompt(loaded.chat_template, question, own, system_text, family=family, history=history)
 
         image_tokens = sum(info.tokens for info in infos)
         text_tokens = _count_text_tokens(model, text)
         if text_tokens is None:
             text_tokens = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
+        remote = model.spec.has(registry.REMOTE)
         n_ctx, thought_cap = size_context(
-            model.context_length,
+            None if remote and not model.context_length else model.context_length,
             text_tokens,
             image_tokens,
             think_budget=options.think_budget,
@@ -79,7 +90,6 @@ def stream_question(
         forced_text = options.forced_text
         if forced_text is None:
             forced_text = default_forced_text(loaded.chat_template, question)
-        markers = default_markers(loaded.chat_template)
         settings = {
             "think_budget": options.think_budget,
             "answer_budget": options.answer_budget,
@@ -95,6 +105,8 @@ def stream_question(
             "system": system_text,
             "question_language": question_language(question),
         }
+        if history:
+            settings["earlier_turns"] = len(history)
         thought_mask, lock_info = model.language_mask(lock)
         settings["lang_lock"] = {"mode": options.lang_lock, **lock_info}
         if options.samples > 1:
@@ -123,14 +135,27 @@ def stream_question(
             )
         else:
             session = loaded.new_session(options.sampling, n_ctx=n_ctx)
+        if remote:  # what was sent, not what the model might use: unsent values are the server's own
+            settings.update(
+                {k: SERVER_DEFAULT if v is None else v for k, v in asdict(session.sampling).items()}
+            )
         t_prefill = time.perf_counter()
         chat = None
         if model.spec.has(registry.CHAT_MESSAGES):  # a server that applies its own template
+            cap = thought_cap + FORCE_MARGIN + (options.answer_budget or DEFAULT_ANSWER_BUDGET)
+            if options.max_tokens is not None:
+                cap = min(cap, options.max_tokens)
+            # a cap is sent only where something known bounds it: a budget or max_tokens the caller set,
+            # or a context the server states (the thought cap was sized to it); never a guess
+            stated = (
+                options.think_budget is not None or options.max_tokens is not None or model.context_length
+            )
             chat = ChatTurn(
                 question=question,
                 system=system_text,
                 think_budget=options.think_budget,
-                max_new_tokens=thought_cap + FORCE_MARGIN + (options.answer_budget or DEFAULT_ANSWER_BUDGET),
+                max_new_tokens=cap if stated else None,
+                history=tuple(replace(t, images=tuple(p.image for p in t.images)) for t in history),
             )
         stats, cached = prefix_cache.prefill(
             session,
@@ -144,6 +169,7 @@ def stream_question(
             model.prefix_cache,
             model.disk_cache,
             model.cache_notice,
+            earlier=_earlier_keys(model, text, prepared, options.max_pixels, len(earlier)),
         )
         settings["prefix_cache"] = cached.as_dict()
         if stats.image_tokens_per_image and len(stats.image_tokens_per_image) == len(infos):
@@ -177,6 +203,8 @@ def stream_question(
             thought_mask,
             chains,
         ):
+            if isinstance(event, Finished) and remote:
+                _server_counts(session, event.result)
             if isinstance(event, Finished) and cached.state is not None:
                 # the disk write waits for the answer, so it never delays the first token
                 # (in place: the Result holds this inner dict)
@@ -195,16 +223,56 @@ def stream_question(
             session.close()
 
 
-def _prefix_key(model: Any, text: str, prepared: list[PreparedImage], max_pixels: int | None) -> str | None:
-    """The prefix cache key for this prompt, or None when nothing is to be cached or reused."""
+def _as_list(images: Any) -> list:
+    """The question's own images as a list (a single path or image is accepted as well)."""
+    if isinstance(images, (str, Path, PreparedImage, SourceImage)):
+        return [images]
+    return list(images)
+
+
+def _with_images(history: tuple[Turn, ...], prepared: list[PreparedImage]) -> tuple[Turn, ...]:
+    """The earlier turns with their images prepared (``prepared`` lists the history's first, in order)."""
+    turns, at = [], 0
+    for turn in history:
+        n = len(turn.images)
+        turns.append(replace(turn, images=tuple(prepared[at : at + n])))
+        at += n
+    return tuple(turns)
+
+
+def _answers_only(history: tuple[Turn, ...], markers: tuple[str, ...]) -> tuple[Turn, ...]:
+    """Earlier replies as the model is shown them again: their answers, the reasoning dropped."""
+    return tuple(
+        replace(turn, text=reply_answer(turn.text, markers)) if turn.role == ASSISTANT else turn
+        for turn in history
+    )
+
+
+def _server_counts(session: Any, result: Result) -> None:
+    """A remote question's Result with the server's own token counts where it sent them (the registry's
+    ``remote`` capability: ``token_counts``, ``request_report``), and how they were counted."""
+    counts = session.token_counts(result.thought_tokens, result.answer_tokens)
+    if counts.prompt_tokens is not None:
+        result.prompt_tokens = counts.prompt_tokens
+    result.thought_tokens, result.answer_tokens = counts.thought_tokens, counts.answer_tokens
+    result.settings["token_count"] = counts.how
+    result.settings["remote"] = session.request_report()
+
+
+def _prefix_key(
+    model: Any, text: str, prepared: list[PreparedImage], max_pixels: int | None, images: int | None = None
+) -> str | None:
+    """The prefix cache key for this prompt, or None when nothing is to be cached or reused; ``images``:
+    for its prefix up to that many images (an earlier turn's last image) rather than all."""
     if model.prefix_cache is None and model.disk_cache is None:
         return None
     if not model.spec.has(registry.PREFIX_STATE):
         return None
     loaded = model.loaded
-    prefix = prefix_cache.prefix_text(text, model.family.image_block)
+    prefix = prefix_cache.prefix_text(text, model.family.image_block, images)
     if not prefix:
         return None
+    prepared = prepared[:images] if images is not None else prepared
     identity = dict(loaded.prefix_identity())
     files = identity.pop("files", ())
     return prefix_cache.prefix_key(
@@ -217,6 +285,21 @@ def _prefix_key(model: Any, text: str, prepared: list[PreparedImage], max_pixels
         # how the KV cache is computed (MLX: float32 on CPU, the model's dtype on a GPU; llama.cpp: GPU)
         extra=identity,
     )
+
+
+def _earlier_keys(
+    model: Any, text: str, prepared: list[PreparedImage], max_pixels: int | None, earlier: int
+) -> list[tuple[int, str]]:
+    """``(images, key)`` of the prompt's prefixes that end at the earlier turns' images, nearest first:
+    where a backend can restore such a state and encode only the later images (``partial_prefix``)."""
+    if not model.spec.has(registry.PARTIAL_PREFIX):
+        return []
+    keys = []
+    for images in range(min(earlier, len(prepared) - 1), 0, -1):
+        key = _prefix_key(model, text, prepared, max_pixels, images)
+        if key is not None:
+            keys.append((images, key))
+    return keys
 
 
 def _reason(

@@ -28,6 +28,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "budgets",
         "plugins",
         "strict_json",
+        "conversation",
         "formats",
         "formats.*",
     ),

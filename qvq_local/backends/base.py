@@ -20,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+#: How a sampling value is reported when none was sent and the server applied its own (a remote backend).
+SERVER_DEFAULT = "server default"
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -46,15 +49,19 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class ChatTurn:
-    """One question as a chat request, for a backend with the registry's ``chat_messages`` capability: a
+    """One question (after any earlier turns) as a chat request, for a backend with the registry's ``chat_messages`` capability: a
     server that applies its own chat template and may keep the thinking budget itself."""
 
     question: str
     system: str | None = None  # None: no system message
     think_budget: int | None = None
     #: the most tokens the controller will let this question generate (thought cap, forced text margin and
-    #: answer budget): sent as ``max_tokens`` so the server never runs on past it
+    #: answer budget), sent as ``max_tokens`` so the server never runs on past it; None when nothing known
+    #: bounds it (no budget, no ``max_tokens`` and no context the server states): then nothing is sent
     max_new_tokens: int | None = None
+    #: the turns before the question (:class:`qvq_local.conversation.Turn`), user turns with their images
+    #: (PIL, bounded) and assistant turns as their answers
+    history: tuple = ()
 
 
 @dataclass

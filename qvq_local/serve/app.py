@@ -127,10 +127,10 @@ def create_app(model: Any, options: ServeOptions | None = None):
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": model.name, "object": "model", "created": 0, "owned_by": "qvq-local"}],
-        }
+        card = {"id": model.name, "object": "model", "created": 0, "owned_by": "qvq-local"}
+        if model.context_length:
+            card["max_model_len"] = model.context_length  # vLLM's field: what a client may plan with
+        return {"object": "list", "data": [card]}
 
     async def read_body(request: Request) -> dict:
         limit = options.limits.max_body_bytes
@@ -162,9 +162,10 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 code="model_not_found",
             )
         settings = _settings_for(parsed, model)
-        if not parsed.images:
-            raise schema.ApiError(400, "no image in the user message: QVQ answers questions about images")
-        check_count(parsed.images, options.limits)
+        refs = parsed.all_images()  # the earlier turns' images too: the prompt shows them again
+        if not refs:
+            raise schema.ApiError(400, "no image in the conversation: QVQ answers questions about images")
+        check_count(refs, options.limits)
         # admission before any cost: a full queue answers 429 at once, with no image fetched or decoded
         try:
             ticket = worker.reserve()
@@ -179,13 +180,14 @@ def create_app(model: Any, options: ServeOptions | None = None):
         except Stopping:
             raise _shutting_down() from None
         try:
-            images = await asyncio.to_thread(
-                load_images, parsed.images, options.limits, model.max_pixels, decode_budget
+            loaded = await asyncio.to_thread(
+                load_images, refs, options.limits, model.max_pixels, decode_budget
             )
+            history, images = _with_images(parsed.history, loaded)
 
             def events():
                 system = _with_system(settings, parsed.system)
-                return iter(model.stream_settings(images, parsed.question, system))
+                return iter(model.stream_settings(images, parsed.question, system, history=history))
 
             job = Job(make_events=events, loop=asyncio.get_running_loop())
             try:
@@ -212,6 +214,19 @@ def create_app(model: Any, options: ServeOptions | None = None):
         return out
 
     return app
+
+
+def _with_images(history: tuple, images: list) -> tuple[tuple, list]:
+    """The earlier turns with their images loaded (``images``: the conversation's, in order, as
+    :meth:`schema.ChatRequest.all_images` lists them), and the question's own images, the rest."""
+    from dataclasses import replace
+
+    turns, at = [], 0
+    for turn in history:
+        n = len(turn.images)
+        turns.append(replace(turn, images=tuple(images[at : at + n])))
+        at += n
+    return tuple(turns), images[at:]
 
 
 def _with_system(settings, system: str | None):
