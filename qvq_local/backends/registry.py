@@ -61,6 +61,12 @@ SERVER_BUDGET = "server_budget"
 #: sessions read ``Prompt.chat`` (the question, system prompt and budgets, for a server that applies its
 #: own chat template) rather than the templated ``Prompt.text``
 CHAT_MESSAGES = "chat_messages"
+#: ``loaded.new_session(sampling, n_ctx=, speculation=SpecSettings)``: the session drafts tokens, checks
+#: them in one batched forward pass and rolls its KV cache back past the rejected ones
+#: (:mod:`qvq_local.speculate`); ``session.speculation_report()`` says what it did, and
+#: ``session.speculation_target()`` hands its cache and sampler to a speculator of one's own (bench).
+#: A family with recurrent layers (``Family.recurrent_state``) turns it off with a note.
+SPECULATION = "speculation"
 
 CAPABILITIES = frozenset(
     {
@@ -74,6 +80,7 @@ CAPABILITIES = frozenset(
         VOCABULARY,
         SERVER_BUDGET,
         CHAT_MESSAGES,
+        SPECULATION,
     }
 )
 
@@ -310,7 +317,9 @@ register(
         modules=("mlx", "mlx_vlm"),
         distributions=("mlx", "mlx-vlm"),
         install_hint="pip install 'qvq-local[mlx]'",
-        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY}),
+        capabilities=frozenset(
+            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY, SPECULATION}
+        ),
         hooks={RUN_FACTS: "qvq_local.backends.mlx:run_facts"},
         apple_silicon_first=True,
     )
@@ -328,7 +337,16 @@ register(
         distributions=("llama-cpp-python",),
         install_hint="pip install 'qvq-local[llama]'",
         capabilities=frozenset(
-            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, PARTIAL_PREFIX, CHAINS, TOKENIZER, VOCABULARY}
+            {
+                LOCAL_KV_CACHE,
+                IMAGE_ENCODING,
+                PREFIX_STATE,
+                PARTIAL_PREFIX,
+                CHAINS,
+                TOKENIZER,
+                VOCABULARY,
+                SPECULATION,
+            }
         ),
         hooks={
             MACHINE_FACTS: "qvq_local.backends.llama_buffers:machine_facts",
