@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qvq_local.backends import registry
-from qvq_local.errors import ModelError
+from qvq_local.errors import InputError, ModelError
 from qvq_local.events import Result
 from qvq_local.model import Model
 
@@ -41,6 +41,7 @@ def load(
     download: bool = True,
     progress: bool = False,
     labels: Mapping[str, str] | None = None,
+    draft: str | Path | None = None,
     **options: Any,
 ) -> Model:
     """Resolve ``ref`` (a GGUF file, an MLX or HF folder, a name from ``qvq models``, a hub id; None: the
@@ -57,7 +58,10 @@ def load(
     :mod:`qvq_local.backends.openai_remote`).  An option not given takes the ``qvq config`` setting of the
     same name where there is one (``base_url``, ``server_kind``).  With ``backend="auto"`` each option must
     be one some local backend takes; the one chosen gets those it takes.  ``labels``: how the caller
-    spells each option in messages (the CLI passes its flags).
+    spells each option in messages (the CLI passes its flags).  ``draft``: a small model sharing the
+    tokenizer (a Qwen2-VL / Qwen2.5 of the same format), loaded through the same backend with the same
+    options, whose guesses questions asked with ``speculate="draft"`` or ``"auto"`` check
+    (:mod:`qvq_local.speculate`; the backend needs the registry's ``speculation`` capability).
 
     The options are checked before anything is resolved or downloaded.  Raises ``ModelError`` (unknown or
     broken model, wrong format for the backend), ``BackendUnavailable`` (the backend's library is missing,
@@ -71,6 +75,8 @@ def load(
     labels = dict(labels or {})
     if name != registry.AUTO and registry.BACKENDS[name].has(registry.REMOTE):
         spec = registry.BACKENDS[name]
+        if draft is not None:
+            raise InputError(f"{labels.get('draft', 'draft')}: the {spec.title} backend cannot check guesses")
         checked = _options_of(spec, given, labels, config)
         t0 = time.perf_counter()
         remote = spec.open_model(str(ref) if ref is not None and str(ref).strip() else None, checked)
@@ -101,7 +107,7 @@ def load(
     loaded = spec.open_model(resolved, checked_for[chosen])
     load_s = time.perf_counter() - t0
     quantization = normalize_quantization(getattr(loaded, "quantization", "") or resolved.quantization)
-    return Model(
+    model = Model(
         loaded,
         name=resolved.name,
         spec=spec,
@@ -110,6 +116,32 @@ def load(
         max_pixels=max_pixels,
         load_s=load_s,
     )
+    if draft is not None and str(draft).strip():
+        try:
+            model.draft = _load_draft(spec, draft, checked_for[chosen], labels, download, progress)
+        except BaseException:
+            model.close()
+            raise
+    return model
+
+
+def _load_draft(
+    spec: registry.BackendSpec, ref: str | Path, options: Any, labels: dict, download: bool, progress: bool
+) -> Any:
+    """The draft model, opened by the target's backend with its options (a draft must share the backend:
+    its session runs beside the target's)."""
+    from qvq_local import hub
+
+    label = labels.get("draft", "draft")
+    if not spec.has(registry.SPECULATION):
+        raise InputError(f"{label}: the {spec.title} backend cannot check guesses")
+    resolved = hub.resolve(ref, download=download, progress=progress)
+    if resolved.format not in spec.formats:
+        raise InputError(
+            f"{label} {ref}: a {resolved.format} model, but the model runs on {spec.title}"
+            f" ({', '.join(sorted(spec.formats))}); give a draft of the same format"
+        )
+    return spec.open_model(resolved, options)
 
 
 def _options_of(

@@ -343,6 +343,20 @@ def ask(
         " with the majority \\boxed{} answer (ties: the chain that finished first). Without"
         " --temperature/--top-p/--top-k the chains sample at temperature 0.7, top-k 40, top-p 0.95.",
     ),
+    speculate: str = typer.Option(
+        "off",
+        "--speculate",
+        help="off (default) | ngram | draft | auto: speculative decoding (mlx, llama): guess tokens (n-grams"
+        " of the prompt and the thought, or the --draft model), check them in one forward pass, keep the"
+        " right ones; the output is plain decoding's. auto measures this machine once and turns itself off"
+        " where it does not pay.",
+    ),
+    draft: str | None = typer.Option(
+        None,
+        "--draft",
+        help="A small model sharing the tokenizer (Qwen2-VL / Qwen2.5, same format) whose guesses"
+        " --speculate draft|auto checks.",
+    ),
 ) -> None:
     """Ask a question about one or more images and watch the model think.
 
@@ -384,6 +398,7 @@ def ask(
                 "loop_detection": not no_loop_stop,
                 "lang_lock": lang_lock,
                 "samples": samples,
+                "speculate": speculate,
             },
             # the backend's load options (its own type checks them; one it does not take is refused)
             load_options={
@@ -392,6 +407,7 @@ def ask(
                 "base_url": base_url,
                 "api_key": api_key,
                 "server_kind": server_kind,
+                "draft": draft,
             },
             as_json=as_json,
             hide_thinking=hide_thinking,

@@ -21,8 +21,9 @@ sampling):
 Speedups are wall-clock ratios against plain decoding of the same tokens in the same process, medians
 of ``runs`` repetitions run in turn (plain, speculative, plain, ...) after a warm-up, so a neighbour's
 load on a shared machine falls on both; every speculative run must give plain decoding's tokens
-(``same_tokens``).  This runs in the bench's worker
-child (``job: speculation`` in :mod:`qvq_local.bench.worker`); the table is :mod:`qvq_local.bench.report`'s.
+(``same_tokens``).  Run it on a model with ``python -m qvq_local.bench.speculation MODEL
+[--spec-replay FILE] [--mismatched OTHER]`` (one JSON object; :func:`main`); ``qvq bench`` does not run it
+yet.
 """
 
 from __future__ import annotations
@@ -303,6 +304,70 @@ def prompt_and_ids(loaded, family, image, question: str, system: str | None) -> 
     return Prompt(text=text, images=[image]), ids
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qvq_local.bench.speculation MODEL [--spec-replay FILE] [--mismatched OTHER] [--k K]
+    [--runs N] [--backend B] [--image PNG]``: the section on one model, printed as JSON.  ``FILE``: replies
+    as in ``tests/data/replies`` (that fixture by default); ``OTHER``: a model of the same tokenizer and
+    other weights for figure 4.  Bad input: one line, exit 2."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from qvq_local.api import load
+    from qvq_local.bench.workload import QUESTION
+    from qvq_local.errors import QvqError
+    from qvq_local.speculate.replay import read_replies
+
+    default_replies = Path(__file__).resolve().parents[2] / "tests/data/replies/qvq72b_preview_blog.json"
+    parser = argparse.ArgumentParser(prog="python -m qvq_local.bench.speculation")
+    parser.add_argument("model")
+    parser.add_argument("--spec-replay", default=str(default_replies))
+    parser.add_argument("--mismatched")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--image")
+    parser.add_argument("--k", type=int, default=DEFAULT_K)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--replay-tokens", type=int, default=REPLAY_TOKENS)
+    args = parser.parse_args(argv)
+    try:
+        replies, source = read_replies(args.spec_replay)
+        if args.image:
+            with Image.open(args.image) as img:
+                image = img.convert("RGB")
+        else:
+            image = Image.new("RGB", (224, 168), "white")
+        with load(args.model, backend=args.backend) as model:
+            other = load(args.mismatched, backend=model.backend).loaded if args.mismatched else None
+            try:
+                loaded = model.loaded
+                prompt, ids = prompt_and_ids(
+                    loaded, model.family, image, QUESTION, model.family.system_prompt
+                )
+                out = measure_speculation(
+                    loaded,
+                    prompt,
+                    ids,
+                    k=args.k,
+                    replies=replies,
+                    replay_source=source,
+                    mismatched=other,
+                    replay_tokens=args.replay_tokens,
+                    runs=args.runs,
+                )
+            finally:
+                if other is not None:
+                    other.close()
+        out = {"model": model.name, "backend": model.backend, **out}
+    except (QvqError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 __all__ = [
     "DRAFT_TOKENS",
     "REPLAY_TOKENS",
@@ -313,3 +378,6 @@ __all__ = [
     "replay_section",
     "verify_curve",
 ]
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
