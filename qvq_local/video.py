@@ -365,6 +365,7 @@ class ClipHeader:
     fps: float | None
     rotation: int  # degrees clockwise to turn stored frames upright
     codec: str
+    last_time: float | None = None  # start of the last frame, where the header alone cannot tell
 
 
 def _rotation_of(stream) -> int:
@@ -433,6 +434,10 @@ def probe_video(path: str | os.PathLike, options: VideoOptions = VideoOptions())
 def _open(av, p: Path, name: str):
     try:
         return av.open(str(p), mode="r", metadata_errors="ignore")
+    except av.error.EOFError:
+        raise InputError(
+            "has no frames: the file ends before its first one (zero-length or cut short)", path=name
+        ) from None
     except av.error.FFmpegError as err:
         raise InputError(f"not a readable video ({_reason(err)})", path=name) from None
     except (OSError, ValueError, UnicodeDecodeError) as err:
@@ -444,7 +449,9 @@ def _header(container, name: str, options: VideoOptions):
     streams = list(container.streams.video)
     if not streams:
         kinds = sorted({s.type for s in container.streams})
-        what = f"only {', '.join(kinds)}" if kinds else "no streams at all"
+        what = (
+            f"only {', '.join(kinds)}" if kinds else "no streams at all: a zero-length recording, or no video"
+        )
         raise InputError(f"has no video stream ({what})", path=name)
     stream = streams[0]
     cc = stream.codec_context
@@ -470,8 +477,10 @@ def _header(container, name: str, options: VideoOptions):
     frames = int(stream.frames or 0)
     if duration is None and frames and fps:
         duration = frames / fps
-    if duration is None or not math.isfinite(duration) or duration < 0:
-        duration = 0.0
+    last_time = None
+    if duration is None or not math.isfinite(duration) or duration <= 0:
+        # no duration in the header (APNG, some streams): read the packets' times, decoding nothing
+        duration, frames, last_time = _scan_packets(container, stream)
     if not frames:
         frames = max(1, round(duration * fps)) if fps else 1
     if options.max_duration is not None and duration > options.max_duration:
@@ -490,8 +499,33 @@ def _header(container, name: str, options: VideoOptions):
         fps=fps,
         rotation=rotation,
         codec=str(getattr(cc, "name", "") or ""),
+        last_time=last_time,
     )
     return header, stream
+
+
+def _scan_packets(container, stream) -> tuple[float, int, float]:
+    """(duration, frames, start of the last frame) from the packets' times, without decoding; zeros for a
+    stream with no packets."""
+    tb = float(stream.time_base)
+    first = last = None
+    end = 0.0
+    count = 0
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is None or packet.size == 0:
+                continue
+            t = float(packet.pts) * tb
+            count += 1
+            first = t if first is None else min(first, t)
+            last = t if last is None else max(last, t)
+            end = max(end, t + float(packet.duration or 0) * tb)
+    except Exception:  # noqa: BLE001 - a damaged tail: what was read is what there is
+        pass
+    if count == 0 or first is None:
+        return 0.0, 0, 0.0
+    container.seek(0, stream=stream, backward=True, any_frame=False)
+    return max(end, last) - first, count, last - first
 
 
 class _FrameReader:
@@ -629,7 +663,10 @@ def load_video(
     try:
         header, stream = _header(container, name, options)
         fps = header.fps or (options.fps or family.video_fps)
-        last = _last_frame_time(stream, header.duration, fps)
+        if header.last_time is not None:
+            last = header.last_time
+        else:
+            last = _last_frame_time(stream, header.duration, fps)
         plan = plan_clip(
             duration=header.duration,
             last_time=last,

@@ -134,6 +134,7 @@ def write_empty_video(path: Path) -> Path:
     stream = container.add_stream("mpeg4", rate=10)
     stream.width, stream.height = 64, 48
     stream.pix_fmt = "yuv420p"
+    container.start_encoding()
     container.close()
     return path
 
