@@ -102,12 +102,26 @@ def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
     return ChatTemplate(found[0], found[1]) if found else None
 
 
-def build_messages(question: str, n_images: int, system: str | None) -> list[dict]:
-    """The single-turn conversation in Hugging Face's multimodal message form."""
+def build_messages(
+    question: str,
+    n_images: int,
+    system: str | None,
+    *,
+    videos: int = 0,
+    frame_labels: list[str] | None = None,
+) -> list[dict]:
+    """The single-turn conversation in Hugging Face's multimodal message form: the images, then ``videos``
+    clips, then the question.  ``frame_labels``: a clip given as images, one label (its time) written
+    before each of the ``n_images`` images."""
     messages: list[dict] = []
     if system is not None:
         messages.append({"role": "system", "content": system})
-    content: list[dict] = [{"type": "image"} for _ in range(n_images)]
+    content: list[dict] = []
+    for i in range(n_images):
+        if frame_labels:
+            content.append({"type": "text", "text": frame_labels[i]})
+        content.append({"type": "image"})
+    content += [{"type": "video"} for _ in range(videos)]
     content.append({"type": "text", "text": question})
     messages.append({"role": "user", "content": content})
     return messages
@@ -185,8 +199,10 @@ def build_prompt(
     family: Family | None = None,
     source: str | Path | None = None,
     variables: Mapping[str, object] | None = None,
+    videos: int = 0,
+    frame_labels: list[str] | None = None,
 ) -> str:
-    """Render the single-turn prompt for ``question`` about ``n_images`` images.
+    """Render the single-turn prompt for ``question`` about ``n_images`` images (and ``videos`` clips).
 
     ``chat_template`` is the model's own template (see :func:`load_chat_template`); None selects the
     family's fallback template.  ``system`` defaults to the family's system prompt (QVQ's for the
@@ -195,7 +211,8 @@ def build_prompt(
     in error messages (default: the template's own ``.source``); ``variables`` adds template variables
     such as ``bos_token``.  The result ends with the assistant turn's opening and holds one vision block
     per image (the family's image block); a template that renders a different number of image blocks
-    raises ModelError.
+    raises ModelError.  ``videos``: clips after the images, one video block each (the family's);
+    ``frame_labels``: a clip as images, each image's time written before it (one label per image).
     """
     family = family or DEFAULT_FAMILY
     if system is FAMILY_SYSTEM_PROMPT:
@@ -209,9 +226,11 @@ def build_prompt(
         chat_template, source = family.fallback_chat_template, f"built-in {family.name} template"
     elif source is None:
         source = getattr(chat_template, "source", None)
+    if frame_labels is not None and len(frame_labels) != n_images:
+        raise ValueError(f"{len(frame_labels)} frame labels for {n_images} images")
     text = render_chat_template(
         chat_template,
-        build_messages(question, n_images, system),
+        build_messages(question, n_images, system, videos=videos, frame_labels=frame_labels),
         add_generation_prompt=True,
         source=source,
         variables=variables,
@@ -220,6 +239,13 @@ def build_prompt(
     if rendered_images != n_images:
         raise ModelError(
             f"the chat template rendered {rendered_images} image block(s) for {n_images} image(s);"
+            f" it is not a {family.name} style template",
+            path=source,
+        )
+    rendered_videos = text.count(family.video_pad)
+    if rendered_videos != videos:
+        raise ModelError(
+            f"the chat template rendered {rendered_videos} video block(s) for {videos} clip(s);"
             f" it is not a {family.name} style template",
             path=source,
         )
