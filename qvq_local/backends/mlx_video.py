@@ -177,3 +177,98 @@ def mrope_positions(
 def image_grids_merged(grid_thw: Any, merge: int) -> list[tuple[int, int, int]]:
     """Image grids ``(t, h, w)`` in patches -> merged tokens per axis, as :func:`mrope_positions` takes."""
     return [(int(t), int(h) // merge, int(w) // merge) for t, h, w in grid_thw]
+
+
+@dataclass
+class PreparedClip:
+    """A prompt with one clip, ready for the language model: token ids, their embeddings with the clip's
+    features merged in, 3-D positions, and what the MLX session needs besides."""
+
+    ids: list[int]
+    embeds: Any  # mx.array [1, L, D]
+    positions: Any  # mx.array int32 [3, 1, L]
+    rope_delta: int
+    video_tokens: int
+    encode_s: float
+    visual_pos_masks: Any = None  # Qwen3-VL's DeepStack: where the visual tokens are
+    deepstack: Any = None  # and one feature array per fed text layer
+    inputs: VideoInputs | None = None
+
+
+def prepare_clip(
+    model: Any,
+    encode: Any,
+    text: str,
+    clip: Any,
+    *,
+    family: Family,
+    config: dict,
+    image_mean: tuple[float, float, float],
+    image_std: tuple[float, float, float],
+) -> PreparedClip:
+    """Tokenise ``text`` (one video block) with ``clip`` written out, run the clip through mlx-vlm's vision
+    tower (``model.get_input_embeddings`` with ``pixel_values_videos``), and position it the family's way.
+
+    ``encode``: text -> token ids (special tokens parsed, no BOS); ``config``: the model's config.json.
+    """
+    import time
+
+    import mlx.core as mx
+
+    vc = config.get("vision_config") or {}
+    inputs = video_pixels(
+        clip.frames,
+        clip.timestamps,
+        duration=clip.duration,
+        patch_size=int(vc.get("patch_size", family.patch_size)),
+        merge_size=int(vc.get("spatial_merge_size", family.merge_size)),
+        temporal_patch_size=int(vc.get("temporal_patch_size", family.temporal_patch_size)),
+        image_mean=image_mean,
+        image_std=image_std,
+    )
+    ids = list(encode(expand_clip(text, family, inputs)))
+    video_token = _token_id(config, "video_token_id")
+    image_token = _token_id(config, "image_token_id")
+    if ids.count(video_token) != inputs.tokens:
+        raise ValueError(
+            f"the prompt holds {ids.count(video_token)} video tokens for a clip of {inputs.tokens}"
+        )
+    positions, delta = mrope_positions(
+        ids,
+        image_token=image_token,
+        video_token=video_token,
+        image_grids=[],
+        video=inputs,
+        family=family,
+        tokens_per_second=family.video_time_scale(config),
+    )
+    t0 = time.perf_counter()
+    emb = model.get_input_embeddings(
+        mx.array([ids], dtype=mx.int32),
+        None,
+        pixel_values_videos=mx.array(inputs.pixel_values),
+        video_grid_thw=mx.array([list(inputs.grid)], dtype=mx.int32),
+    )
+    mx.eval(emb.inputs_embeds)
+    encode_s = time.perf_counter() - t0
+    return PreparedClip(
+        ids=ids,
+        embeds=emb.inputs_embeds,
+        positions=mx.array(positions)[:, None, :],
+        rope_delta=delta,
+        video_tokens=inputs.tokens,
+        encode_s=encode_s,
+        visual_pos_masks=getattr(emb, "visual_pos_masks", None),
+        deepstack=getattr(emb, "deepstack_visual_embeds", None),
+        inputs=inputs,
+    )
+
+
+def _token_id(config: dict, key: str) -> int:
+    """A special token's id from config.json (top level, or ``text_config`` where transformers 5 puts it)."""
+    value = config.get(key)
+    if value is None:
+        value = (config.get("text_config") or {}).get(key)
+    if value is None:
+        raise ValueError(f"config.json has no {key}")
+    return int(value)
