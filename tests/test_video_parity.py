@@ -295,3 +295,85 @@ def test_qwen2_5_long_clip_difference_is_reported(checkpoints, mlx_dirs, clip_fi
     print(
         f"\nQwen2.5-VL 8-frame clip: MLX (release rule) vs transformers 5.25 max |logit diff| {float(np.abs(ours - ref).max()):.3g}"
     )
+
+
+# ------------------------------------------------------------------------------------------ frames
+
+
+@pytest.fixture(scope="module")
+def gguf_pairs(artifacts, checkpoints):
+    pytest.importorskip("llama_cpp")
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    return {
+        name: convert_to_gguf(ckpt, artifacts / f"video-{name}-gguf", quant="f32", mmproj_quant="f32")
+        for name, ckpt in checkpoints.items()
+    }
+
+
+def _hf_frames_logits(model, ckpt: Path, text: str, frames: list):
+    """transformers given the frames as images (its PIL image processor, no resize: they are on the grid)."""
+    from tokenizers import Tokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    proc = Qwen2VLImageProcessorPil.from_pretrained(ckpt)
+    pix = proc(images=frames, size={"shortest_edge": 1, "longest_edge": 10**8}, return_tensors="pt")
+    n = [int(t * h * w) // 4 for t, h, w in pix["image_grid_thw"].tolist()]
+    pieces = text.split("<|image_pad|>")
+    full = pieces[0] + "".join("<|image_pad|>" * k + rest for k, rest in zip(n, pieces[1:]))
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    ids = tok.encode(full, add_special_tokens=False).ids
+    pad = tok.token_to_id("<|image_pad|>")
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor([ids]),
+            pixel_values=pix["pixel_values"],
+            image_grid_thw=pix["image_grid_thw"],
+            mm_token_type_ids=torch.tensor([[1 if t == pad else 0 for t in ids]]),
+        )
+    return out.logits[0, -1].float().numpy(), sum(n)
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_llama_frames_path_matches_transformers_images(name, checkpoints, gguf_pairs, clip_file):
+    """llama.cpp's mtmd takes no video: the clip's frames go in as images, each with its time written
+    before it.  The same frames as images through transformers agree within the image tolerance; the
+    distance from the native video path's logits (transformers, the same frames as video) is printed."""
+    from qvq_local.backends import llamacpp
+    from qvq_local.backends.base import Prompt, SamplingParams
+    from qvq_local.prompt import build_prompt, load_chat_template
+
+    ckpt = checkpoints[name]
+    family = family_for_config(json.loads((ckpt / "config.json").read_text()))
+    clip = _clip(clip_file, family, 4)
+    labels = [family.video_timestamp.format(seconds=t) for t in clip.timestamps]
+    template = load_chat_template(ckpt)
+    text = build_prompt(template, QUESTION, len(clip.frames), system=None, family=family, frame_labels=labels)
+    assert all(label in text for label in labels) and text.index(labels[1]) > text.index("<|image_pad|>")
+    pair = gguf_pairs[name]
+    loaded = llamacpp.load(pair.model, pair.mmproj)
+    try:
+        prompt = Prompt(text=text, images=list(clip.frames))
+        session = loaded.new_session(SamplingParams(), n_ctx=loaded.context_needed(prompt, new_tokens=16))
+        try:
+            stats = session.prefill(prompt)
+            ours = np.array(session.last_logits())
+        finally:
+            session.close()
+    finally:
+        loaded.close()
+    model = _hf(ckpt, name)
+    ref, image_tokens = _hf_frames_logits(model, ckpt, text, clip.frames)
+    assert stats.image_tokens == image_tokens
+    err = float(np.abs(ours - ref).max())
+    video_text = build_prompt(template, QUESTION, 0, system=None, family=family, videos=1)
+    native = _hf_video_logits(model, ckpt, name, video_text, clip)[0]
+    far = float(np.abs(ours - native).max())
+    print(
+        f"\n{family.name} frames path ({len(clip.frames)} frames, {image_tokens} image tokens): llama.cpp vs "
+        f"transformers images max |logit diff| {err:.3g}; vs the native video path {far:.3g} "
+        f"(argmax {'same' if int(ours.argmax()) == int(native.argmax()) else 'different'})"
+    )
+    assert err < FRAMES_ATOL
+    assert int(ours.argmax()) == int(ref.argmax())
