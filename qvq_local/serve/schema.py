@@ -98,6 +98,19 @@ class ImageRef:
 
 
 @dataclass
+class VideoRef:
+    """One clip: a ``video_url`` part (a file: ``data:video/...`` URI or an http(s) URL; vLLM's and
+    DashScope's form) or a ``video`` part with a list of frame URLs (DashScope's), not fetched yet.
+    ``fps``: DashScope's part-level ``fps`` (frames a second to sample a file at, or that a frame list
+    stands for); None: the server's default."""
+
+    urls: list[str]
+    is_file: bool
+    where: str
+    fps: float | None = None
+
+
+@dataclass
 class ChatRequest:
     model: str | None
     question: str
@@ -109,6 +122,7 @@ class ChatRequest:
     answer_budget: int | None = None
     max_tokens: int | None = None
     sampling: dict = field(default_factory=dict)
+    videos: list[VideoRef] = field(default_factory=list)
 
 
 def _int_field(body: dict, name: str, *, minimum: int = 1) -> int | None:
@@ -136,18 +150,47 @@ def _float_field(body: dict, name: str, low: float, high: float, *, open_low: bo
     return float(value)
 
 
-def _text_of(content, where: str, *, allow_images: bool) -> tuple[list[str], list[ImageRef]]:
+def _video_part(part: dict, kind: str, here: str) -> VideoRef:
+    """A ``video_url`` part (one file) or a ``video`` part (a list of frame URLs, or one file URL)."""
+    fps = part.get("fps")
+    if fps is not None and (
+        isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0.1 <= fps <= 30 or fps != fps
+    ):
+        raise ApiError(400, f"{here}.fps must be a number in [0.1, 30], got {fps!r}", param=f"{here}.fps")
+    fps = float(fps) if fps is not None else None
+    if kind == "video_url":
+        ref = part.get("video_url")
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        if not isinstance(url, str) or not url:
+            raise ApiError(400, f"{here}.video_url.url must be a non-empty string", param=here)
+        return VideoRef(urls=[url], is_file=True, where=here, fps=fps)
+    value = part.get("video")
+    if isinstance(value, str) and value:
+        return VideoRef(urls=[value], is_file=True, where=here, fps=fps)
+    if not isinstance(value, list) or not value or not all(isinstance(u, str) and u for u in value):
+        raise ApiError(
+            400, f"{here}.video must be a URL or a non-empty list of frame URLs", param=f"{here}.video"
+        )
+    return VideoRef(urls=list(value), is_file=False, where=here, fps=fps)
+
+
+def _text_of(content, where: str, *, allow_images: bool) -> tuple[list[str], list[ImageRef], list[VideoRef]]:
     if isinstance(content, str):
-        return [content], []
+        return [content], [], []
     if not isinstance(content, list):
         raise ApiError(400, f"{where} must be a string or a list of parts", param=where)
     texts: list[str] = []
     images: list[ImageRef] = []
+    videos: list[VideoRef] = []
     for i, part in enumerate(content):
         here = f"{where}[{i}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif kind in ("video_url", "video") and allow_images:
+            videos.append(_video_part(part, kind, here))
+        elif kind in ("video_url", "video"):
+            raise ApiError(400, f"{here}: videos belong in the user message", param=here)
         elif kind == "image_url" and allow_images:
             ref = part.get("image_url")
             url = ref.get("url") if isinstance(ref, dict) else ref
@@ -159,11 +202,12 @@ def _text_of(content, where: str, *, allow_images: bool) -> tuple[list[str], lis
         else:
             raise ApiError(
                 400,
-                f"{here}: unsupported content part type {kind!r} (text and image_url are supported)",
+                f"{here}: unsupported content part type {kind!r} (text, image_url, video_url and video are "
+                "supported)",
                 param=here,
                 code="unsupported_content",
             )
-    return texts, images
+    return texts, images, videos
 
 
 def parse_chat_request(body: object) -> ChatRequest:
@@ -200,14 +244,14 @@ def parse_chat_request(body: object) -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
     system: str | None = None
-    user: tuple[list[str], list[ImageRef]] | None = None
+    user: tuple[list[str], list[ImageRef], list[VideoRef]] | None = None
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise ApiError(400, f"{where} must be an object", param=where)
         role = message.get("role")
         if role in ("system", "developer") and i == 0:
-            texts, _ = _text_of(message.get("content"), f"{where}.content", allow_images=False)
+            texts, _, _ = _text_of(message.get("content"), f"{where}.content", allow_images=False)
             system = "\n".join(texts)
         elif role == "user" and user is None:
             user = _text_of(message.get("content"), f"{where}.content", allow_images=True)
@@ -223,7 +267,7 @@ def parse_chat_request(body: object) -> ChatRequest:
             raise ApiError(400, f"{where}: unknown role {role!r}", param=where)
     if user is None:
         raise ApiError(400, "messages hold no user message", param="messages")
-    texts, images = user
+    texts, images, videos = user
     question = "\n".join(t for t in texts if t.strip())
     if not question.strip():
         raise ApiError(400, "the user message has no text: ask a question about the image", param="messages")
@@ -247,6 +291,7 @@ def parse_chat_request(body: object) -> ChatRequest:
         question=question,
         system=system,
         images=images,
+        videos=videos,
         stream=stream,
         include_usage=bool(options.get("include_usage")),
         think_budget=_int_field(body, "thinking_budget"),
