@@ -165,7 +165,8 @@ class VideoOptions:
     """How a clip is sampled: frames a second, the most frames, the video token budget.  ``None``: the
     family's (fps, most frames) or the machine's (:func:`video_token_default`) default.  ``min_pixels`` /
     ``max_pixels`` bound one frame (default: the family's video bounds); ``max_duration`` (seconds) refuses
-    longer clips (the server's limit; None: any length)."""
+    longer clips and ``max_source_pixels`` larger stored frames, from the header (the server's limits;
+    None: any length, :data:`MAX_FRAME_PIXELS`)."""
 
     fps: float | None = None
     max_frames: int | None = None
@@ -173,12 +174,13 @@ class VideoOptions:
     min_pixels: int | None = None
     max_pixels: int | None = None
     max_duration: float | None = None
+    max_source_pixels: int | None = None
 
     def check(self) -> None:
         """One-line InputErrors for values no clip can be sampled with (before any file is read)."""
         if self.fps is not None and not (math.isfinite(self.fps) and 0 < self.fps <= 120):
             raise InputError(f"--fps must be a number above 0 and at most 120, got {self.fps}")
-        for name in ("max_frames", "video_tokens", "min_pixels", "max_pixels"):
+        for name in ("max_frames", "video_tokens", "min_pixels", "max_pixels", "max_source_pixels"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InputError(
@@ -368,26 +370,6 @@ class ClipHeader:
     last_time: float | None = None  # start of the last frame, where the header alone cannot tell
 
 
-def _rotation_of(stream) -> int:
-    """Clockwise degrees (0/90/180/270) the stream's display matrix turns its frames, from the header."""
-    import struct
-
-    # PyAV exposes the display matrix on decoded frames; the header's copy is read from codec side data
-    # where this PyAV has it, else the first frame tells (``VideoFrame.rotation``, counter-clockwise).
-    for holder in (stream, getattr(stream, "codec_context", None)):
-        data = getattr(holder, "side_data", None)
-        if not data:
-            continue
-        try:
-            matrix = data.get("DISPLAYMATRIX") if hasattr(data, "get") else None
-        except Exception:  # noqa: BLE001
-            matrix = None
-        if matrix:
-            a, b, _, c, d = struct.unpack("<5i", bytes(matrix)[:20])
-            return _clockwise(-math.degrees(math.atan2(b, a)))
-    return -1  # unknown from the header: the first frame decides
-
-
 def _first_frame_rotation(container, stream) -> int:
     """Clockwise degrees from the first frame's display matrix (PyAV puts it on frames); 0 when no frame
     decodes here (the reader then names the problem).  The reader seeks before its first frame."""
@@ -419,14 +401,15 @@ def _clockwise(counter_clockwise: float) -> int:
 
 
 def probe_video(path: str | os.PathLike, options: VideoOptions = VideoOptions()) -> ClipHeader:
-    """Read a clip's header: its duration, upright size and frame count, and refuse what is over the limits
-    (MediaTooLarge) or no clip at all (InputError), before any frame is decoded."""
+    """Read a clip's header: its duration, stored size and frame count, and refuse what is over the limits
+    (MediaTooLarge) or no clip at all (InputError), decoding no frame (so ``rotation`` is 0: the display
+    matrix comes with the first decoded frame)."""
     p, name = Path(path), str(path)
     _check_file(p, name)
     av = _import_av()
     container = _open(av, p, name)
     try:
-        return _header(container, name, options)[0]
+        return _header(container, name, options, rotation=False)[0]
     finally:
         container.close()
 
@@ -444,7 +427,7 @@ def _open(av, p: Path, name: str):
         raise InputError(f"not a readable video ({_reason(err)})", path=name) from None
 
 
-def _header(container, name: str, options: VideoOptions):
+def _header(container, name: str, options: VideoOptions, *, rotation: bool = True):
     """(ClipHeader, stream) from an open container; the limits checked."""
     streams = list(container.streams.video)
     if not streams:
@@ -460,10 +443,11 @@ def _header(container, name: str, options: VideoOptions):
         raise InputError(
             f"video stream has no frame size ({width}x{height}): corrupt or truncated header", path=name
         )
-    if width * height > MAX_FRAME_PIXELS:
+    limit = min(options.max_source_pixels or MAX_FRAME_PIXELS, MAX_FRAME_PIXELS)
+    if width * height > limit:
         raise MediaTooLarge(
             f"video frames are too large to decode safely ({width}x{height} = {width * height:,} pixels, "
-            f"limit {MAX_FRAME_PIXELS:,})",
+            f"limit {limit:,})",
             path=name,
         )
     tb = stream.time_base
@@ -487,9 +471,8 @@ def _header(container, name: str, options: VideoOptions):
         raise MediaTooLarge(
             f"clip is {duration:.1f} s long, over the {options.max_duration:g} s limit", path=name
         )
-    rotation = _rotation_of(stream)
-    if rotation < 0:
-        rotation = _first_frame_rotation(container, stream)
+    # PyAV gives the display matrix on decoded frames only: the first frame's tells how to turn them all
+    rotation = _first_frame_rotation(container, stream) if rotation else 0
     upright = (height, width) if rotation in (90, 270) else (width, height)
     header = ClipHeader(
         duration=duration,

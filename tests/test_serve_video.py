@@ -115,7 +115,7 @@ def test_limits_answer_413_before_any_frame_is_decoded(tmp_path, monkeypatch):
     ref = VideoRef(urls=[_data_uri(long)], is_file=True, where="p")
     for limits, words in (
         (media.Limits(max_video_seconds=2), "over the 2 s limit"),
-        (media.Limits(max_image_pixels=100), "over 100 pixels"),
+        (media.Limits(max_image_pixels=100), "limit 100"),
         (media.Limits(max_video_bytes=100), "video is over 100 bytes"),
     ):
         with pytest.raises(ApiError) as info:

@@ -321,6 +321,7 @@ def load_clip(
         max_duration=limits.max_video_seconds,
         max_frames=min(options.max_frames or limits.max_video_frames, limits.max_video_frames),
         fps=ref.fps or options.fps,
+        max_source_pixels=limits.max_image_pixels,
     )
     with tempfile.TemporaryDirectory(prefix="qvq-serve-") as folder:
         if ref.is_file:
@@ -331,12 +332,6 @@ def load_clip(
             del data
             try:
                 header = video.probe_video(path, options)
-                if header.width * header.height > limits.max_image_pixels:
-                    raise _too_large(
-                        f"{ref.where}: video frames are {header.width}x{header.height}, over "
-                        f"{limits.max_image_pixels} pixels",
-                        ref.where,
-                    )
                 cost = header.width * header.height * 12  # a decoded frame and its RGB copies, one at a time
                 with budget.hold(cost) if budget is not None else nullcontext():
                     clip = video.load_video(
