@@ -205,11 +205,14 @@ def prepare_clip(
     config: dict,
     image_mean: tuple[float, float, float],
     image_std: tuple[float, float, float],
+    vision: bool = True,
 ) -> PreparedClip:
     """Tokenise ``text`` (one video block) with ``clip`` written out, run the clip through mlx-vlm's vision
     tower (``model.get_input_embeddings`` with ``pixel_values_videos``), and position it the family's way.
 
-    ``encode``: text -> token ids (special tokens parsed, no BOS); ``config``: the model's config.json.
+    ``encode``: text -> token ids (special tokens parsed, no BOS); ``config``: the model's config.json;
+    ``vision`` False: ids and positions only (a saved prefix state replaces the tower's work), ``embeds``
+    None.
     """
     import time
 
@@ -242,6 +245,16 @@ def prepare_clip(
         family=family,
         tokens_per_second=family.video_time_scale(config),
     )
+    if not vision:
+        return PreparedClip(
+            ids=ids,
+            embeds=None,
+            positions=mx.array(positions)[:, None, :],
+            rope_delta=delta,
+            video_tokens=inputs.tokens,
+            encode_s=0.0,
+            inputs=inputs,
+        )
     t0 = time.perf_counter()
     emb = model.get_input_embeddings(
         mx.array([ids], dtype=mx.int32),
