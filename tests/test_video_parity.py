@@ -151,35 +151,37 @@ def _hf_video_logits(model, ckpt: Path, name: str, text: str, clip):
 
 
 def _mlx_logits(mlx_dir: Path, ckpt: Path, text: str, clip):
-    """The MLX native path: backends/mlx_video.prepare_clip, then mlx-vlm's language model."""
-    import mlx.core as mx
-    from mlx_vlm import load
-
+    """The MLX native path: the MLX session's prefill of a prompt carrying the clip (its logits), and the
+    ids, pixels and positions backends/mlx_video.prepare_clip gives it (to compare with the references)."""
+    from qvq_local.backends import mlx as backend
     from qvq_local.backends import mlx_video
+    from qvq_local.backends.base import Prompt, SamplingParams
 
-    config = json.loads((mlx_dir / "config.json").read_text())
     family = family_for_config(json.loads((ckpt / "config.json").read_text()))
-    model, processor = load(str(mlx_dir))
-    ip = processor.image_processor
-    prepared = mlx_video.prepare_clip(
-        model,
-        lambda s: processor.tokenizer.encode(s, add_special_tokens=False),
-        text,
-        clip,
-        family=family,
-        config=config,
-        image_mean=tuple(ip.image_mean),
-        image_std=tuple(ip.image_std),
-    )
-    extra = {}
-    if prepared.deepstack is not None:
-        extra = {"visual_pos_masks": prepared.visual_pos_masks, "deepstack_visual_embeds": prepared.deepstack}
-    lm = model.language_model
-    hidden = lm.model(
-        None, inputs_embeds=prepared.embeds, cache=None, position_ids=prepared.positions, **extra
-    )
-    head = lm.lm_head if getattr(lm, "lm_head", None) is not None else lm.model.embed_tokens.as_linear
-    return np.array(head(hidden)[0, -1].astype(mx.float32)), prepared
+    loaded = backend.load(mlx_dir)
+    try:
+        ip = loaded.processor.image_processor
+        prepared = mlx_video.prepare_clip(
+            loaded.model,
+            lambda s: loaded.tokenizer.encode(s, add_special_tokens=False),
+            text,
+            clip,
+            family=family,
+            config=loaded.config,
+            image_mean=tuple(ip.image_mean),
+            image_std=tuple(ip.image_std),
+            vision=False,
+        )
+        session = loaded.new_session(SamplingParams(), n_ctx=4096)
+        try:
+            stats = session.prefill(Prompt(text=text, images=[], clip=clip))
+            logits = np.array(session.last_logits())
+        finally:
+            session.close()
+    finally:
+        loaded.close()
+    assert stats.image_tokens == prepared.video_tokens and stats.prompt_tokens == len(prepared.ids)
+    return logits, prepared
 
 
 @pytest.fixture(scope="module")
@@ -377,3 +379,44 @@ def test_llama_frames_path_matches_transformers_images(name, checkpoints, gguf_p
     )
     assert err < FRAMES_ATOL
     assert int(ours.argmax()) == int(ref.argmax())
+
+
+@pytest.mark.mlx
+@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl"])
+def test_mlx_clip_prefix_state_and_chunks_give_the_same_logits(name, checkpoints, mlx_dirs, clip_file):
+    """A clip's prefix state (through its last video token) restored into a new session, and a prefill in
+    16-token chunks (Qwen3-VL's DeepStack features sliced per chunk), give the logits of one plain prefill;
+    the restored one encodes nothing."""
+    from qvq_local.backends import mlx as backend
+    from qvq_local.backends.base import Prompt, SamplingParams
+    from qvq_local.backends.mlx_session import MlxSession
+    from qvq_local.prompt import build_prompt, load_chat_template
+
+    ckpt = checkpoints[name]
+    family = family_for_config(json.loads((ckpt / "config.json").read_text()))
+    clip = _clip(clip_file, family, 4)
+    loaded = backend.load(mlx_dirs[name])
+    try:
+        text = build_prompt(load_chat_template(ckpt), QUESTION, 0, system=None, family=family, videos=1)
+        other = build_prompt(
+            load_chat_template(ckpt), "And before that?", 0, system=None, family=family, videos=1
+        )
+        first = loaded.new_session(SamplingParams(), n_ctx=2048)
+        first.prefill(Prompt(text=text, images=[], clip=clip), keep_prefix=True)
+        state, plain = first.prefix_state, np.array(first.last_logits())
+        first.close()
+        chunked = MlxSession(loaded, SamplingParams(), n_ctx=2048, prefill_chunk=16)
+        chunked.prefill(Prompt(text=text, images=[], clip=clip))
+        assert np.abs(np.array(chunked.last_logits()) - plain).max() < NATIVE_ATOL
+        chunked.close()
+        fresh = loaded.new_session(SamplingParams(), n_ctx=2048)
+        fresh.prefill(Prompt(text=other, images=[], clip=clip))
+        ref = np.array(fresh.last_logits())
+        fresh.close()
+        again = loaded.new_session(SamplingParams(), n_ctx=2048)
+        again.prefill(Prompt(text=other, images=[], clip=clip), prefix=state)
+        assert again.images_encoded == 0
+        assert np.array_equal(np.array(again.last_logits()), ref)
+        again.close()
+    finally:
+        loaded.close()

@@ -230,8 +230,8 @@ def prepare_clip(
         image_std=image_std,
     )
     ids = list(encode(expand_clip(text, family, inputs)))
-    video_token = _token_id(config, "video_token_id")
-    image_token = _token_id(config, "image_token_id")
+    video_token = token_id(config, "video_token_id")
+    image_token = token_id(config, "image_token_id")
     if ids.count(video_token) != inputs.tokens:
         raise ValueError(
             f"the prompt holds {ids.count(video_token)} video tokens for a clip of {inputs.tokens}"
@@ -277,7 +277,7 @@ def prepare_clip(
     )
 
 
-def _token_id(config: dict, key: str) -> int:
+def token_id(config: dict, key: str) -> int:
     """A special token's id from config.json (top level, or ``text_config`` where transformers 5 puts it)."""
     value = config.get(key)
     if value is None:
