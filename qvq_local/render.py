@@ -237,6 +237,8 @@ class PlainRenderer(Renderer):
                 self._err_line(
                     f"[{event.model} · {event.backend} · {event.quantization} · {media_line(event.images, event.clip)}]"
                 )
+            for note in event.clip.notes if event.clip is not None else ():
+                self._err_line(f"note: {note}")
         elif isinstance(event, TextDelta):
             text = clean(event.text)
             if event.phase == "thought":
@@ -524,6 +526,9 @@ class LiveRenderer(Renderer):
         else:
             details = "encoding image(s) and reading the prompt…"
         parts: list = [header, Text(details, style="dim")]
+        parts += [
+            Text(f"note: {note}", style="dim yellow") for note in (self.clip.notes if self.clip else ())
+        ]
 
         thought_rows, answer_rows = self._rows_for_tail(height)
         if self.phase == "prefill":
