@@ -55,7 +55,8 @@ def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
     """``IMAGE... QUESTION`` plus ``-a`` images -> (images, question)."""
     if not args:
         raise InputError(
-            'give one or more images (or a clip) and a question, e.g. qvq ask chart.png "What is shown?"'
+            'give one or more images and a question, e.g. qvq ask chart.png "What is shown?" '
+            '(or a clip: qvq ask clip.mp4 "What happens?")'
         )
     question = args[-1]
     images = [*args[:-1], *attach]

@@ -36,6 +36,7 @@ class ClipInput:
     path: str | None = None
     frames: tuple[str, ...] | None = None
     options: VideoOptions | None = None
+    sampled: Clip | None = None  # already sampled for this model (qvq serve samples before it queues)
 
     @property
     def name(self) -> str:
@@ -69,6 +70,17 @@ def split_media(items: Any) -> tuple[ClipInput | None, list]:
     return (clips[0] if clips else None), images
 
 
+def goes_in_natively(family: Family, model_name: str, backend_takes_video: bool) -> bool:
+    """True when a clip goes in as video (the backend takes it, and the model's family and card do),
+    False when it goes in as frames, one image each."""
+    return backend_takes_video and family.takes_video(model_name)
+
+
+def temporal_patch(family: Family, native: bool) -> int:
+    """Frames that share one set of tokens on that way in: the family's temporal patch natively, else 1."""
+    return family.temporal_patch_size if native else 1
+
+
 @dataclass
 class ClipPrompt:
     """A clip ready for a session: the sampled clip, the rendered prompt, and the images it carries (the
@@ -96,10 +108,16 @@ def clip_prompt(
 ) -> ClipPrompt:
     """Sample ``source`` for this model and render the single-turn prompt about it."""
     options = source.options or options
-    native = backend_takes_video and family.takes_video(model_name)
-    temporal = family.temporal_patch_size if native else 1
+    native = goes_in_natively(family, model_name, backend_takes_video)
+    temporal = temporal_patch(family, native)
     kw = {"family": family, "temporal_patch": temporal, "machine": machine}
-    if source.frames is not None:
+    if source.sampled is not None:
+        clip = source.sampled
+        if clip.temporal_patch != temporal:
+            raise ValueError(
+                f"the clip was sampled in patches of {clip.temporal_patch} frames, not {temporal}"
+            )
+    elif source.frames is not None:
         clip = load_frames(list(source.frames), options, **kw)
     elif source.path is not None:
         clip = load_video(source.path, options, **kw)

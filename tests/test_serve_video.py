@@ -155,3 +155,96 @@ def test_bad_clips_are_400_and_urls_follow_the_image_policy(tmp_path):
                 VideoRef(urls=[url], is_file=True, where="p"), media.Limits(), SMALL, family=DEFAULT_FAMILY
             )
         assert info.value.status == 400 and words in info.value.message
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def served_mlx(tiny_mlx_f32):
+    pytest.importorskip("mlx_vlm")
+    pytest.importorskip("fastapi")
+    from serve_util import ServerThread
+
+    from qvq_local.api import load
+    from qvq_local.serve.app import ServeOptions, create_app
+
+    model = load(tiny_mlx_f32, backend="mlx")
+    app = create_app(model, ServeOptions(queue=2, limits=media.Limits(max_video_seconds=30)))
+    with ServerThread(app) as server:
+        server.model, server.app = model, app
+        yield server
+    app.state.worker.shutdown()
+    model.close()
+
+
+def _post(served, parts, **extra):
+    import httpx
+
+    body = {
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "What happens?"}]}],
+        "thinking_budget": 8,
+        "answer_budget": 4,
+        "seed": 1,
+        **extra,
+    }
+    return httpx.post(served.base_url + "/chat/completions", json=body, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ball(tmp_path_factory):
+    return clips.write_clip(tmp_path_factory.mktemp("ball") / "ball.mp4", frames=40, fps=10)
+
+
+@pytest.mark.mlx
+def test_serve_answers_a_clip_in_each_documented_form(served_mlx, ball, tmp_path):
+    from PIL import Image
+
+    reply = _post(served_mlx, [{"type": "video_url", "video_url": {"url": _data_uri(ball)}, "fps": 1}])
+    assert reply.status_code == 200, reply.text
+    clip = reply.json()["qvq"]["clip"]
+    assert clip["mode"] == "video" and clip["timestamps"] == [0.0, 1.3, 2.6, 3.9]
+    frames = []
+    for i in range(4):
+        buf = io.BytesIO()
+        Image.fromarray(clips.numbered_frame(i)).save(buf, format="PNG")
+        frames.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    reply = _post(served_mlx, [{"type": "video", "video": frames, "fps": 2}])
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["qvq"]["clip"]["timestamps"] == [0.0, 0.5, 1.0, 1.5]
+
+
+@pytest.mark.mlx
+def test_serve_refuses_clips_over_its_limits_and_bad_ones(served_mlx, ball, tmp_path):
+    long = clips.write_clip(tmp_path / "long.mp4", frames=320, fps=10)  # 32 s, over the 30 s limit
+    reply = _post(served_mlx, [{"type": "video_url", "video_url": {"url": _data_uri(long)}}])
+    assert reply.status_code == 413 and "over the 30 s limit" in reply.json()["error"]["message"]
+    reply = _post(served_mlx, [{"type": "video_url", "video_url": {"url": _data_uri(ball)}}] * 2)
+    assert reply.status_code == 413
+    audio = clips.write_audio_only(tmp_path / "a.m4a")
+    reply = _post(served_mlx, [{"type": "video_url", "video_url": {"url": _data_uri(audio)}}])
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_video"
+
+
+@pytest.mark.mlx
+def test_a_full_queue_answers_429_before_the_clip_is_read(served_mlx, ball, monkeypatch):
+    from qvq_local.serve.worker import QueueFull
+
+    read = []
+    monkeypatch.setattr("qvq_local.serve.app.load_clip", lambda *a, **k: read.append(1))
+    monkeypatch.setattr(served_mlx.app.state.worker, "reserve", lambda: (_ for _ in ()).throw(QueueFull()))
+    reply = _post(served_mlx, [{"type": "video_url", "video_url": {"url": _data_uri(ball)}}])
+    assert reply.status_code == 429 and read == []
+
+
+@pytest.mark.mlx
+def test_the_remote_backend_carries_a_clip_to_qvq_serve(served_mlx, ball):
+    """qvq's openai backend sends the sampled frames in DashScope's frame-list form to qvq serve, which
+    answers about them; the local result names the clip as sampled here."""
+    from qvq_local.api import load
+
+    with load(None, backend="openai", base_url=served_mlx.base_url, server_kind="qvq") as remote:
+        result = remote.ask(str(ball), "What happens?", think_budget=8, answer_budget=4, fps=1)
+    assert result.clip is not None and result.clip.mode == "video"
+    assert result.clip.timestamps == [0.0, 1.3, 2.6, 3.9]
+    assert result.answer or result.thought

@@ -33,8 +33,6 @@ HTTP is the standard library's (``urllib``): this backend needs nothing installe
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import time
@@ -46,6 +44,7 @@ from urllib.parse import urlsplit
 
 from qvq_local.backends.base import ChatTurn, PrefillStats, Prompt, SamplingParams, Token
 from qvq_local.backends.options import OpenAIOptions
+from qvq_local.backends.remote_media import clip_parts, png_data_uri
 from qvq_local.errors import BackendUnavailable, InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY
 
@@ -156,12 +155,6 @@ def detect_kind(http: _Http, model: str | None, listing: dict | None) -> str:
     if "llamacpp" in owners:
         return "llama-server"
     return "generic"
-
-
-def _png_data_uri(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 class RemoteModel:
@@ -324,8 +317,10 @@ class RemoteSession:
         chat = prompt.chat or ChatTurn(question=prompt.text)  # the backend reads ``chat`` (chat_messages)
         question = chat.question
         content: list[dict] = [
-            {"type": "image_url", "image_url": {"url": _png_data_uri(im)}} for im in prompt.images
+            {"type": "image_url", "image_url": {"url": png_data_uri(im)}} for im in prompt.images
         ]
+        if prompt.clip is not None:  # in the form this kind of server documents (remote_media)
+            content += clip_parts(prompt.clip, self.model.kind)
         content.append({"type": "text", "text": question})
         messages: list[dict] = []
         if chat.system and self.traits.system_message:
@@ -343,6 +338,10 @@ class RemoteSession:
             # never let it run past what the controller could use
             body["max_tokens"] = self._max_new
         per_image = [self.model.image_token_estimate(*im.size) for im in prompt.images]
+        if prompt.clip is not None:  # two frames a temporal patch, except where they go as images
+            frames = len(prompt.clip.frames)
+            patches = frames if self.model.kind == "llama-server" else (frames + 1) // 2
+            per_image.append(patches * self.model.image_token_estimate(*prompt.clip.frame_size))
         t0 = time.perf_counter()
         self._open(body)
         first = self._read_piece()  # the server's prefill ends with its first delta
@@ -351,7 +350,7 @@ class RemoteSession:
             self._pending.appendleft(first)
         else:
             self._done = True
-        self.images_encoded = len(prompt.images)
+        self.images_encoded = len(prompt.images) + (prompt.clip is not None)
         self.n_past = self.count_tokens(question) + sum(per_image)
         return PrefillStats(
             prompt_tokens=self.n_past,
