@@ -167,6 +167,7 @@ def stream_question(
                 image_paths=[p.info.path for p in prepared],
                 chat=chat,
                 clip=clip.clip if clip is not None and clip.native else None,
+                image_labels=clip.labels if clip is not None and not clip.native else [],
             ),
             _prefix_key(model, text, prepared, options.max_pixels, clip),
             model.prefix_cache,

@@ -92,6 +92,7 @@ class ClipPrompt:
     images: list
     info: ClipInfo
     notes: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # as frames: each frame's time, written before it
 
 
 def clip_prompt(
@@ -130,6 +131,7 @@ def clip_prompt(
             f"{model_name} takes no video (its model card says so): the clip goes in as "
             f"{len(clip.frames)} frames, one image each",
         )
+    labels: list[str] = []
     if native:
         text = build_prompt(chat_template, question, 0, system, family=family, videos=1)
         images: list = []
@@ -152,7 +154,9 @@ def clip_prompt(
         decode_s=clip.decode_s,
         notes=notes,
     )
-    return ClipPrompt(clip=clip, native=native, text=text, images=images, info=info, notes=notes)
+    return ClipPrompt(
+        clip=clip, native=native, text=text, images=images, info=info, notes=notes, labels=labels
+    )
 
 
 def prefix_key_part(prepared: ClipPrompt) -> dict:

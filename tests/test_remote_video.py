@@ -63,3 +63,54 @@ def test_the_mp4_carries_the_sampled_frames_at_their_times(clip, tmp_path):
     got = {clips.frame_number(f): t for f, t in zip(again.frames, again.timestamps)}
     for number, t in zip(sent, clip.timestamps):
         assert got[number] == pytest.approx(t, abs=0.002)
+
+
+# ------------------------------------------------------------------------------------------ requests sent
+
+
+@pytest.fixture
+def replay():
+    from test_openai_backend import _Replay
+
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(_Replay(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+@pytest.mark.parametrize(
+    ("owned_by", "fixture", "model", "form"),
+    [
+        ("system", "qvq_max_stream.sse", "qvq-max", "video"),  # QVQ-Max takes video (DashScope's list)
+        ("vllm", "vllm_reasoning_stream.sse", "Qwen/Qwen2.5-VL-7B-Instruct", "video_url"),
+        ("vllm", "vllm_reasoning_stream.sse", "Qwen/QVQ-72B-Preview", "frames"),  # its card: no video
+    ],
+)
+def test_the_remote_backend_sends_the_documented_form(
+    replay, clip, owned_by, fixture, model, form, monkeypatch
+):
+    from qvq_local.api import load
+
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "k")
+    server = replay(owned_by, [fixture], model=model)
+    with load(model, backend="openai", base_url=server.url, api_key="k") as remote:
+        result = remote.ask(clip.path, "What happens?", fps=2)
+    parts = server.bodies[0]["messages"][-1]["content"]
+    kinds = [p["type"] for p in parts]
+    if form == "video":
+        assert kinds == ["video", "text"] and parts[0]["fps"] > 0
+        assert len(parts[0]["video"]) == len(result.clip.timestamps)
+    elif form == "video_url":
+        assert kinds == ["video_url", "text"] and parts[0]["video_url"]["url"].startswith(
+            "data:video/mp4;base64,"
+        )
+    else:
+        n = len(result.clip.timestamps)
+        assert kinds == ["text", "image_url"] * n + ["text"]
+        assert [p["text"] for p in parts[:-1:2]] == [f"<{t:.1f} seconds>" for t in result.clip.timestamps]
+        assert result.clip.mode == "frames"

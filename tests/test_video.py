@@ -215,6 +215,7 @@ def test_video_facts_are_the_processors_own():
     assert qwen2_5vl.FAMILY.video_time == "seconds" and qwen3vl.FAMILY.video_time == "text"
     assert qwen2_5vl.FAMILY.video_time_scale({"vision_config": {"tokens_per_second": 2}}) == 2
     assert qwen2_5vl.FAMILY.video_time_scale({}) == 2 and qwen2vl.FAMILY.video_time_scale({}) == 0
+    assert qwen2vl.FAMILY.takes_video("qvq-max")  # QVQ-Max takes video; only QVQ-72B-Preview's card refuses it
     assert not qwen2vl.FAMILY.takes_video("QVQ-72B-Preview-4bit") and qwen2vl.FAMILY.takes_video(
         "Qwen2-VL-7B"
     )

@@ -76,6 +76,9 @@ class Prompt:
     image_paths: list[str] = field(default_factory=list)
     chat: ChatTurn | None = None
     clip: Any = None  # qvq_local.video.Clip
+    #: text written before each image (a clip's frames: their times), for backends that build their own
+    #: messages from ``chat`` (the templated ``text`` already holds it); empty: none
+    image_labels: list[str] = field(default_factory=list)
 
 
 @dataclass

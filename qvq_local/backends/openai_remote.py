@@ -316,9 +316,11 @@ class RemoteSession:
     def prefill(self, prompt: Prompt) -> PrefillStats:
         chat = prompt.chat or ChatTurn(question=prompt.text)  # the backend reads ``chat`` (chat_messages)
         question = chat.question
-        content: list[dict] = [
-            {"type": "image_url", "image_url": {"url": png_data_uri(im)}} for im in prompt.images
-        ]
+        content: list[dict] = []
+        for i, im in enumerate(prompt.images):
+            if i < len(prompt.image_labels):  # a clip's frame: its time before it
+                content.append({"type": "text", "text": prompt.image_labels[i]})
+            content.append({"type": "image_url", "image_url": {"url": png_data_uri(im)}})
         if prompt.clip is not None:  # in the form this kind of server documents (remote_media)
             content += clip_parts(prompt.clip, self.model.kind)
         content.append({"type": "text", "text": question})

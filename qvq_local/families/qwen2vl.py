@@ -206,8 +206,8 @@ class Qwen2VLFamily(Family):
     video_min_pixels: ClassVar[int] = 128 * (patch_size * merge_size) ** 2
     video_max_pixels: ClassVar[int] = 768 * (patch_size * merge_size) ** 2
     #: QVQ-72B-Preview's model card: "QVQ-72B-Preview does not support video input" (Qwen2-VL-Instruct
-    #: does): it gets a clip as frames.
-    video_refused_by: ClassVar[tuple[str, ...]] = ("qvq",)
+    #: does; so does QVQ-Max, a served model of its own): it gets a clip as frames.
+    video_refused_by: ClassVar[tuple[str, ...]] = ("qvq-72b",)
 
     # ---- tensors (original naming: QVQ-72B-Preview's)
     text_prefix: ClassVar[str] = "model."
