@@ -605,6 +605,11 @@ def bench(
         help=_CPU_BUFFERS_HELP,
     ),
     gpu_layers: str | None = typer.Option(None, "--gpu-layers", help=_GPU_LAYERS_HELP),
+    video: bool = typer.Option(
+        False,
+        "--video",
+        help="Also ask about a synthetic 10 s clip: frames, video tokens, decode-and-sample, encode, first token.",
+    ),
 ) -> None:
     """Measure speed and memory on this machine, side by side with the raw libraries and the bandwidth limit.
 
@@ -633,6 +638,7 @@ def bench(
         family=family,
         options=load_options,
         option_labels={name: flag(name) for name in load_options},
+        video=video,
     )
 
 
