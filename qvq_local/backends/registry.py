@@ -61,6 +61,9 @@ SERVER_BUDGET = "server_budget"
 #: sessions read ``Prompt.chat`` (the question, system prompt and budgets, for a server that applies its
 #: own chat template) rather than the templated ``Prompt.text``
 CHAT_MESSAGES = "chat_messages"
+#: sessions take ``Prompt.clip`` (a :class:`qvq_local.video.Clip`, its prompt holding one video block) as
+#: video natively; without it a clip goes in as frames, one image each with its time before it
+VIDEO_INPUT = "video_input"
 
 CAPABILITIES = frozenset(
     {
@@ -74,6 +77,7 @@ CAPABILITIES = frozenset(
         VOCABULARY,
         SERVER_BUDGET,
         CHAT_MESSAGES,
+        VIDEO_INPUT,
     }
 )
 
@@ -310,7 +314,9 @@ register(
         modules=("mlx", "mlx_vlm"),
         distributions=("mlx", "mlx-vlm"),
         install_hint="pip install 'qvq-local[mlx]'",
-        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY}),
+        capabilities=frozenset(
+            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY, VIDEO_INPUT}
+        ),
         hooks={RUN_FACTS: "qvq_local.backends.mlx:run_facts"},
         apple_silicon_first=True,
     )
@@ -347,7 +353,7 @@ register(
         module="qvq_local.backends.openai_remote",
         options=OpenAIOptions,
         install_hint="nothing to install (the openai backend uses the standard library)",
-        capabilities=frozenset({REMOTE, SERVER_BUDGET, CHAT_MESSAGES}),
+        capabilities=frozenset({REMOTE, SERVER_BUDGET, CHAT_MESSAGES, VIDEO_INPUT}),
     )
 )
 
