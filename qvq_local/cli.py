@@ -272,7 +272,10 @@ _GPU_LAYERS_HELP = (
 @app.command(context_settings={"allow_interspersed_args": True})
 def ask(
     args: list[str] | None = typer.Argument(
-        None, metavar="IMAGE... QUESTION", help="One or more images, then the question (quote it)."
+        None,
+        metavar="IMAGE... QUESTION",
+        help="One or more images (or one clip: MP4, MOV, MKV, WebM, AVI, an animated GIF), then the question "
+        "(quote it).",
     ),
     attach: list[Path] | None = typer.Option(None, "-a", "--attach", help="An image (repeatable)."),
     model: str | None = typer.Option(
@@ -336,6 +339,23 @@ def ask(
         "--server-kind",
         help=f"--backend openai: {' | '.join(SERVER_KINDS)} (auto asks the server); decides how the budget is kept.",
     ),
+    fps: float | None = typer.Option(
+        None, "--fps", help="A clip's frames sampled per second (default 2, as Qwen's video processors)."
+    ),
+    max_frames: int | None = typer.Option(
+        None, "--max-frames", help="Most frames sampled from a clip (default the family's, 768)."
+    ),
+    video_tokens: int | None = typer.Option(
+        None,
+        "--video-tokens",
+        help="A clip's token budget: sets its frame size, then its frame count (default 768 on a CPU, 4096 "
+        "with a GPU).",
+    ),
+    frames: bool = typer.Option(
+        False,
+        "--frames",
+        help="The IMAGE... arguments (files, or one folder) are one clip's frames, in order.",
+    ),
     samples: int = typer.Option(
         1,
         "--samples",
@@ -358,9 +378,10 @@ def ask(
         " --speculate draft|auto checks.",
     ),
 ) -> None:
-    """Ask a question about one or more images and watch the model think.
+    """Ask a question about one or more images, or a clip, and watch the model think.
 
-    The last argument is the question; every other argument (and each -a) is an image.
+    The last argument is the question; every other argument (and each -a) is an image, or one clip
+    (sampled by time: --fps, --max-frames, --video-tokens), or with --frames one clip's frames.
 
     On a terminal a live panel shows the thought, its budget and the answer; piped, the thought goes to
     stderr and the answer to stdout. Ctrl-C stops and keeps what was produced (exit code 130).
@@ -375,6 +396,10 @@ def ask(
 
       qvq ask chart.png "Which bar?" --backend openai --base-url http://gpu-box:8000/v1 -m Qwen/QVQ-72B-Preview
       qvq ask geometry.png "Find x." --samples 4 --think-budget 2048
+
+      qvq ask clip.mp4 "What happens after the ball hits the fan?" --fps 1 --video-tokens 2048
+
+      qvq ask --frames shots/ "What changed between the first and the last shot?"
     """
     from qvq_local.ask_cmd import AskRequest, run_ask
 
@@ -399,6 +424,9 @@ def ask(
                 "lang_lock": lang_lock,
                 "samples": samples,
                 "speculate": speculate,
+                "fps": fps,
+                "max_frames": max_frames,
+                "video_tokens": video_tokens,
             },
             # the backend's load options (its own type checks them; one it does not take is refused)
             load_options={
@@ -413,6 +441,7 @@ def ask(
             hide_thinking=hide_thinking,
             save=save,
             cache=not no_cache,
+            frames=frames,
         )
     )
     if code:
@@ -592,6 +621,11 @@ def bench(
         help=_CPU_BUFFERS_HELP,
     ),
     gpu_layers: str | None = typer.Option(None, "--gpu-layers", help=_GPU_LAYERS_HELP),
+    video: bool = typer.Option(
+        False,
+        "--video",
+        help="Also ask about a synthetic 10 s clip: frames, video tokens, decode-and-sample, encode, first token.",
+    ),
 ) -> None:
     """Measure speed and memory on this machine, side by side with the raw libraries and the bandwidth limit.
 
@@ -620,6 +654,7 @@ def bench(
         family=family,
         options=load_options,
         option_labels={name: flag(name) for name in load_options},
+        video=video,
     )
 
 

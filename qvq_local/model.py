@@ -89,6 +89,19 @@ class Model:
             family = family_for_model_type((getattr(self.loaded, "config", None) or {}).get("model_type"))
         return family or DEFAULT_FAMILY
 
+    @property
+    def machine_class(self) -> str:
+        """``"gpu"`` where vision work runs on a GPU (Apple Silicon, a machine with an NVIDIA GPU, a remote
+        server), else ``"cpu"``: the class a clip's default token budget follows
+        (:func:`qvq_local.video.video_token_default`)."""
+        import shutil
+
+        from qvq_local import hardware
+
+        if self.spec.has(registry.REMOTE) or hardware.is_apple_silicon():
+            return "gpu"
+        return "gpu" if shutil.which("nvidia-smi") else "cpu"
+
     def __repr__(self) -> str:
         return f"Model({self.name!r}, backend={self.backend!r}, quantization={self.quantization!r})"
 

@@ -107,18 +107,35 @@ def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
     return ChatTemplate(found[0], found[1]) if found else None
 
 
-def _user_content(text: str, n_images: int) -> list[dict]:
-    content: list[dict] = [{"type": "image"} for _ in range(n_images)]
+def _user_content(
+    text: str, n_images: int, *, videos: int = 0, frame_labels: Sequence[str] | None = None
+) -> list[dict]:
+    """A user turn's parts: its images (each after its label where a clip's frames go in as images),
+    its clips, then its text."""
+    content: list[dict] = []
+    for i in range(n_images):
+        if frame_labels:
+            content.append({"type": "text", "text": frame_labels[i]})
+        content.append({"type": "image"})
+    content += [{"type": "video"} for _ in range(videos)]
     if text:
         content.append({"type": "text", "text": text})
     return content
 
 
 def build_messages(
-    question: str, n_images: int, system: str | None, history: Sequence[Turn] = ()
+    question: str,
+    n_images: int,
+    system: str | None,
+    history: Sequence[Turn] = (),
+    *,
+    videos: int = 0,
+    frame_labels: Sequence[str] | None = None,
 ) -> list[dict]:
     """The conversation in Hugging Face's multimodal message form: the system turn, the earlier turns
-    (assistant replies as plain strings, as the templates expect them), then the question."""
+    (assistant replies as plain strings, as the templates expect them), then the question: its images,
+    then ``videos`` clips, then its text.  ``frame_labels``: a clip given as images, one label (its time)
+    written before each of the question's ``n_images`` images."""
     messages: list[dict] = []
     if system is not None:
         messages.append({"role": "system", "content": system})
@@ -127,7 +144,8 @@ def build_messages(
             messages.append({"role": ASSISTANT, "content": turn.text})
         else:
             messages.append({"role": turn.role, "content": _user_content(turn.text, len(turn.images))})
-    messages.append({"role": "user", "content": _user_content(question, n_images)})
+    content = _user_content(question, n_images, videos=videos, frame_labels=frame_labels)
+    messages.append({"role": "user", "content": content})
     return messages
 
 
@@ -204,8 +222,11 @@ def build_prompt(
     source: str | Path | None = None,
     variables: Mapping[str, object] | None = None,
     history: Sequence[Turn] = (),
+    videos: int = 0,
+    frame_labels: list[str] | None = None,
 ) -> str:
-    """Render the prompt for ``question`` about ``n_images`` images, after the turns of ``history``.
+    """Render the prompt for ``question`` about ``n_images`` images (and ``videos`` clips), after the
+    turns of ``history``.
 
     ``chat_template`` is the model's own template (see :func:`load_chat_template`); None selects the
     family's fallback template.  ``system`` defaults to the family's system prompt (QVQ's for the
@@ -215,7 +236,9 @@ def build_prompt(
     such as ``bos_token``.  ``history``: earlier turns (:func:`qvq_local.conversation.check_history`'s),
     each user turn with its images' vision blocks before its text.  The result ends with the assistant
     turn's opening and holds one vision block per image, the history's first (the family's image block);
-    a template that renders a different number of image blocks raises ModelError.
+    a template that renders a different number of image blocks raises ModelError.  ``videos``: clips after
+    the question's images, one video block each (the family's); ``frame_labels``: a clip as images, each
+    image's time written before it (one label per image of the question).
     """
     family = family or DEFAULT_FAMILY
     if system is FAMILY_SYSTEM_PROMPT:
@@ -231,9 +254,11 @@ def build_prompt(
         chat_template, source = family.fallback_chat_template, f"built-in {family.name} template"
     elif source is None:
         source = getattr(chat_template, "source", None)
+    if frame_labels is not None and len(frame_labels) != n_images:
+        raise ValueError(f"{len(frame_labels)} frame labels for {n_images} images")
     text = render_chat_template(
         chat_template,
-        build_messages(question, n_images, system, history),
+        build_messages(question, n_images, system, history, videos=videos, frame_labels=frame_labels),
         add_generation_prompt=True,
         source=source,
         variables=variables,
@@ -243,6 +268,13 @@ def build_prompt(
     if rendered_images != all_images:
         raise ModelError(
             f"the chat template rendered {rendered_images} image block(s) for {all_images} image(s);"
+            f" it is not a {family.name} style template",
+            path=source,
+        )
+    rendered_videos = text.count(family.video_pad)
+    if rendered_videos != videos:
+        raise ModelError(
+            f"the chat template rendered {rendered_videos} video block(s) for {videos} clip(s);"
             f" it is not a {family.name} style template",
             path=source,
         )

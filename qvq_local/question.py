@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qvq_local import prefix_cache
@@ -42,9 +41,15 @@ from qvq_local.events import (
     TextDelta,
     Timings,
 )
-from qvq_local.images import PreparedImage, SourceImage, prepare_images
+from qvq_local.images import PreparedImage, prepare_images
 from qvq_local.prompt import build_prompt
 from qvq_local.splitter import default_forced_text, default_markers, question_language, reply_answer
+from qvq_local.video import video_token_default
+from qvq_local.video_prompt import clip_prompt, prefix_key_part, split_media
+
+#: Text tokens a native clip adds per frame where its family writes each temporal patch's time before it
+#: (``<12.5 seconds>`` and the block's start and end): a generous bound for sizing the context.
+CLIP_TIME_TOKENS = 8
 
 if TYPE_CHECKING:  # pragma: no cover
     from qvq_local.settings import AskSettings
@@ -67,25 +72,53 @@ def stream_question(
     started: Started | None = None
     settings: dict[str, Any] = {}
     infos: list[ImageInfo] = []
+    clip = None  # a clip in the question (qvq_local.video_prompt.ClipPrompt)
     try:
         loaded = model.loaded
         family = model.family  # its image grid, system prompt and sampling are the defaults
         markers = default_markers(loaded.chat_template)
+        default_system = family.system_prompt or None  # Qwen3-VL's templates have none
+        system_text = default_system if options.system is None else (options.system or None)
+        source, images = split_media(images)
         earlier = [image for turn in history for image in turn.images]
-        prepared = prepare_images(earlier + _as_list(images), options.max_pixels, factor=family.image_factor)
-        history = _answers_only(_with_images(history, prepared), markers)
-        own = len(prepared) - len(earlier)  # the question's own images, after the earlier turns'
+        if source is not None:
+            if history:
+                raise InputError(
+                    "a clip is asked about in a conversation's first turn only: ask about it without the"
+                    " earlier turns"
+                )
+            clip = clip_prompt(
+                source,
+                question,
+                family=family,
+                model_name=model.name,
+                backend_takes_video=model.spec.has(registry.VIDEO_INPUT),
+                options=options.video,
+                chat_template=loaded.chat_template,
+                system=system_text,
+                machine=model.machine_class,
+            )
+            prepared = [] if clip.native else clip_frames(clip, loaded)
+            text = clip.text
+        else:
+            prepared = prepare_images(earlier + images, options.max_pixels, factor=family.image_factor)
+            history = _answers_only(_with_images(history, prepared), markers)
+            own = len(prepared) - len(earlier)  # the question's own images, after the earlier turns'
+            text = build_prompt(
+                loaded.chat_template, question, own, system_text, family=family, history=history
+            )
         infos = [replace(p.info) for p in prepared]
         for info in infos:  # the backend's own count is the one that fills its context
             info.tokens = int(loaded.image_token_estimate(*info.size))
-        default_system = family.system_prompt or None  # Qwen3-VL's templates have none
-        system_text = default_system if options.system is None else (options.system or None)
-        text = build_prompt(loaded.chat_template, question, own, system_text, family=family, history=history)
+        if clip is not None and not clip.native:
+            clip.info.tokens = sum(info.tokens for info in infos)
 
-        image_tokens = sum(info.tokens for info in infos)
+        image_tokens = sum(info.tokens for info in infos) + (clip.info.tokens if clip and clip.native else 0)
         text_tokens = _count_text_tokens(model, text)
         if text_tokens is None:
             text_tokens = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
+        elif clip is not None and clip.native and family.video_time == "text":
+            text_tokens += CLIP_TIME_TOKENS * len(clip.clip.frames)  # each patch's written time and block
         remote = model.spec.has(registry.REMOTE)
         n_ctx, thought_cap = size_context(
             None if remote and not model.context_length else model.context_length,
@@ -177,8 +210,10 @@ def stream_question(
                 images=[p.image for p in prepared],
                 image_paths=[p.info.path for p in prepared],
                 chat=chat,
+                clip=clip.clip if clip is not None and clip.native else None,
+                image_labels=clip.labels if clip is not None and not clip.native else [],
             ),
-            _prefix_key(model, text, prepared, options.max_pixels),
+            _prefix_key(model, text, prepared, options.max_pixels, clip=clip),
             model.prefix_cache,
             model.disk_cache,
             model.cache_notice,
@@ -188,6 +223,14 @@ def stream_question(
         if stats.image_tokens_per_image and len(stats.image_tokens_per_image) == len(infos):
             for info, tokens in zip(infos, stats.image_tokens_per_image):
                 info.tokens = int(tokens)
+        if clip is not None:
+            clip.info.tokens = int(stats.image_tokens) or clip.info.tokens
+            settings["video"] = {
+                "mode": clip.info.mode,
+                "fps": options.video.fps or family.video_fps,
+                "max_frames": options.video.max_frames or family.video_max_frames,
+                "video_tokens": options.video.video_tokens or video_token_default(model.machine_class),
+            }
         started = Started(
             model=model.name,
             backend=model.backend,
@@ -198,6 +241,7 @@ def stream_question(
             answer_budget=options.answer_budget,
             image_encode_s=stats.image_encode_s,
             prefill_s=stats.prefill_s,
+            clip=clip.info if clip is not None else None,
         )
         tracker.see(started)
         yield started
@@ -308,13 +352,6 @@ class _SpecFigures:
         )
 
 
-def _as_list(images: Any) -> list:
-    """The question's own images as a list (a single path or image is accepted as well)."""
-    if isinstance(images, (str, Path, PreparedImage, SourceImage)):
-        return [images]
-    return list(images)
-
-
 def _with_images(history: tuple[Turn, ...], prepared: list[PreparedImage]) -> tuple[Turn, ...]:
     """The earlier turns with their images prepared (``prepared`` lists the history's first, in order)."""
     turns, at = [], 0
@@ -345,21 +382,31 @@ def _server_counts(session: Any, result: Result) -> None:
 
 
 def _prefix_key(
-    model: Any, text: str, prepared: list[PreparedImage], max_pixels: int | None, images: int | None = None
+    model: Any,
+    text: str,
+    prepared: list[PreparedImage],
+    max_pixels: int | None,
+    images: int | None = None,
+    clip: Any = None,
 ) -> str | None:
     """The prefix cache key for this prompt, or None when nothing is to be cached or reused; ``images``:
-    for its prefix up to that many images (an earlier turn's last image) rather than all."""
+    for its prefix up to that many images (an earlier turn's last image) rather than all.  A clip's part
+    is its sampled frames' pixels and times and how it went in (:func:`video_prompt.prefix_key_part`)."""
     if model.prefix_cache is None and model.disk_cache is None:
         return None
     if not model.spec.has(registry.PREFIX_STATE):
         return None
     loaded = model.loaded
-    prefix = prefix_cache.prefix_text(text, model.family.image_block, images)
+    native = clip is not None and clip.native
+    block = model.family.video_block if native else model.family.image_block
+    prefix = prefix_cache.prefix_text(text, block, images)
     if not prefix:
         return None
     prepared = prepared[:images] if images is not None else prepared
     identity = dict(loaded.prefix_identity())
     files = identity.pop("files", ())
+    if clip is not None:
+        identity["clip"] = prefix_key_part(clip)
     return prefix_cache.prefix_key(
         model=prefix_cache.model_identity(model.path, *files),
         backend=model.backend,
@@ -433,6 +480,7 @@ def _reason(
         "backend": model.backend,
         "quantization": model.quantization,
         "images": started.images,
+        "clip": started.clip,
         "settings": settings,
         "prompt_tokens": started.prompt_tokens,
         "timings": timings,
@@ -491,7 +539,24 @@ def _partial(model: Any, tracker: _Tracker, started: Started | None, infos, sett
         quantization=model.quantization,
         images=infos,
         settings=settings,
+        clip=started.clip if started is not None else None,
     )
+
+
+def clip_frames(clip: Any, loaded: Any) -> list[PreparedImage]:
+    """A clip going in as frames: each frame an image (already sized by the sampler) named by its time."""
+    return [
+        PreparedImage(
+            frame,
+            ImageInfo(
+                path=f"{clip.clip.path} @ {t:.2f}s",
+                original_size=tuple(clip.clip.source_size),
+                size=frame.size,
+                tokens=int(loaded.image_token_estimate(*frame.size)),
+            ),
+        )
+        for frame, t in zip(clip.clip.frames, clip.clip.timestamps)
+    ]
 
 
 def _count_text_tokens(model: Any, text: str) -> int | None:

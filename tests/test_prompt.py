@@ -268,3 +268,30 @@ def test_transformers_renders_the_same_conversation(tiny_checkpoint):
     )
     ours = build_prompt(template, "Which is taller?", 0, history=_conversation()[:2])
     assert ours == reference
+
+
+# ------------------------------------------------------------------------------------------ clips
+
+
+@pytest.mark.parametrize("family_name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+def test_a_clip_renders_one_video_block_and_frames_their_times(family_name):
+    """Every family's published template (and its fallback) renders a video part as the family's video
+    block; a clip given as images gets its time before each image."""
+    from qvq_local.convert.synth_qwen2vl import chat_template
+
+    from qvq_local.families import FAMILIES, qwen3vl
+
+    family = next(f for f in FAMILIES.values() if family_name in f.aliases)
+    template = qwen3vl.chat_template(thinking=False) if family is qwen3vl.FAMILY else chat_template("")
+    for tpl in (template, None):
+        text = build_prompt(tpl, "What happens next?", 0, system=None, family=family, videos=1)
+        assert text.count(family.video_block) == 1 and text.count(family.image_pad) == 0
+        assert text.index(family.video_block) < text.index("What happens next?")
+        labels = ["<0.0 seconds>", "<0.5 seconds>"]
+        frames = build_prompt(tpl, "What happens next?", 2, system=None, family=family, frame_labels=labels)
+        assert frames.count(family.image_block) == 2 and family.video_pad not in frames
+        first, second = frames.index(labels[0]), frames.index(labels[1])
+        blocks = [i for i in range(len(frames)) if frames.startswith(family.image_block, i)]
+        assert first < blocks[0] < second < blocks[1] < frames.index("What happens next?")
+    with pytest.raises(ValueError):
+        build_prompt(None, "q", 2, system=None, family=family, frame_labels=["<0.0 seconds>"])

@@ -18,7 +18,7 @@ Lifecycle::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 #: How a sampling value is reported when none was sent and the server applied its own (a remote backend).
 SERVER_DEFAULT = "server default"
@@ -73,13 +73,19 @@ class Prompt:
     (for Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``), once per entry in ``images``, in
     order.  Backends rewrite that block into whatever their library wants (mlx-vlm expands the pad;
     llama.cpp's mtmd wants its media marker).  ``chat``: the same question untemplated, filled for the
-    backends that read it (the registry's ``chat_messages`` capability), None for the others.
+    backends that read it (the registry's ``chat_messages`` capability), None for the others.  ``clip``:
+    a sampled clip (``qvq_local.video.Clip``) for a backend with the ``video_input`` capability, the text
+    then holding the family's video block once (and ``images`` empty).
     """
 
     text: str
     images: list  # list[PIL.Image.Image], RGB, already bounded by qvq_local.images
     image_paths: list[str] = field(default_factory=list)
     chat: ChatTurn | None = None
+    clip: Any = None  # qvq_local.video.Clip
+    #: text written before each image (a clip's frames: their times), for backends that build their own
+    #: messages from ``chat`` (the templated ``text`` already holds it); empty: none
+    image_labels: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -59,8 +59,6 @@ HTTP is the standard library's (``urllib``): this backend needs nothing installe
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import time
@@ -72,6 +70,7 @@ from urllib.parse import urlsplit
 
 from qvq_local.backends.base import ChatTurn, PrefillStats, Prompt, SamplingParams, Token
 from qvq_local.backends.options import OpenAIOptions
+from qvq_local.backends.remote_media import clip_parts, png_data_uri
 from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY
 
@@ -197,15 +196,17 @@ def detect_kind(http: _Http, model: str | None, listing: dict | None) -> str:
     return "generic"
 
 
-def _png_data_uri(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _user_content(text: str, images) -> list[dict]:
-    """A user message's parts: its images (PNG ``data:`` URIs), then its text."""
-    parts: list[dict] = [{"type": "image_url", "image_url": {"url": _png_data_uri(im)}} for im in images]
+def _user_content(text: str, images, labels=(), clip=None, kind: str = "generic") -> list[dict]:
+    """A user message's parts: its images (PNG ``data:`` URIs, each after its label where a clip's frames
+    go in as images: their times), the clip in the form this kind of server documents (remote_media),
+    then its text."""
+    parts: list[dict] = []
+    for i, image in enumerate(images):
+        if i < len(labels):  # a clip's frame: its time before it
+            parts.append({"type": "text", "text": labels[i]})
+        parts.append({"type": "image_url", "image_url": {"url": png_data_uri(image)}})
+    if clip is not None:
+        parts += clip_parts(clip, kind)
     if text:
         parts.append({"type": "text", "text": text})
     return parts
@@ -489,7 +490,14 @@ class RemoteSession:
             else:
                 messages.append({"role": "user", "content": _user_content(turn.text, turn.images)})
         earlier = sum(len(turn.images) for turn in chat.history)  # the prompt lists theirs first
-        messages.append({"role": "user", "content": _user_content(question, prompt.images[earlier:])})
+        messages.append(
+            {
+                "role": "user",
+                "content": _user_content(
+                    question, prompt.images[earlier:], prompt.image_labels, prompt.clip, self.model.kind
+                ),
+            }
+        )
         self._messages = messages
         body = self._body(messages)
         if self.traits.budget_on_server and chat.think_budget is not None:
@@ -497,6 +505,10 @@ class RemoteSession:
         if self.traits.enable_thinking:
             body["enable_thinking"] = True
         per_image = [self.model.image_token_estimate(*im.size) for im in prompt.images]
+        if prompt.clip is not None:  # two frames a temporal patch, except where they go as images
+            frames = len(prompt.clip.frames)
+            patches = frames if self.model.kind == "llama-server" else (frames + 1) // 2
+            per_image.append(patches * self.model.image_token_estimate(*prompt.clip.frame_size))
         self.n_past_estimate = self.prompt_bound(prompt.text, per_image)
         self._max_new = chat.max_new_tokens
         if self._max_new is not None and not self.traits.budget_on_server:
@@ -512,7 +524,7 @@ class RemoteSession:
             self._pending.appendleft(first)
         else:
             self._done = True
-        self.images_encoded = len(prompt.images)
+        self.images_encoded = len(prompt.images) + (prompt.clip is not None)
         self.n_past = self.n_past_estimate
         return PrefillStats(
             prompt_tokens=self.n_past,

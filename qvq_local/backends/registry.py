@@ -67,6 +67,9 @@ CHAT_MESSAGES = "chat_messages"
 #: ``session.speculation_target()`` hands its cache and sampler to a speculator of one's own (bench).
 #: A family with recurrent layers (``Family.recurrent_state``) turns it off with a note.
 SPECULATION = "speculation"
+#: sessions take ``Prompt.clip`` (a :class:`qvq_local.video.Clip`, its prompt holding one video block) as
+#: video natively; without it a clip goes in as frames, one image each with its time before it
+VIDEO_INPUT = "video_input"
 
 CAPABILITIES = frozenset(
     {
@@ -81,6 +84,7 @@ CAPABILITIES = frozenset(
         SERVER_BUDGET,
         CHAT_MESSAGES,
         SPECULATION,
+        VIDEO_INPUT,
     }
 )
 
@@ -318,7 +322,16 @@ register(
         distributions=("mlx", "mlx-vlm"),
         install_hint="pip install 'qvq-local[mlx]'",
         capabilities=frozenset(
-            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY, SPECULATION}
+            {
+                LOCAL_KV_CACHE,
+                IMAGE_ENCODING,
+                PREFIX_STATE,
+                CHAINS,
+                TOKENIZER,
+                VOCABULARY,
+                SPECULATION,
+                VIDEO_INPUT,
+            }
         ),
         hooks={RUN_FACTS: "qvq_local.backends.mlx:run_facts"},
         apple_silicon_first=True,
@@ -365,7 +378,7 @@ register(
         module="qvq_local.backends.openai_remote",
         options=OpenAIOptions,
         install_hint="nothing to install (the openai backend uses the standard library)",
-        capabilities=frozenset({REMOTE, SERVER_BUDGET, CHAT_MESSAGES}),
+        capabilities=frozenset({REMOTE, SERVER_BUDGET, CHAT_MESSAGES, VIDEO_INPUT}),
     )
 )
 

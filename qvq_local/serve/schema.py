@@ -104,6 +104,19 @@ class ImageRef:
 
 
 @dataclass
+class VideoRef:
+    """One clip: a ``video_url`` part (a file: ``data:video/...`` URI or an http(s) URL; vLLM's and
+    DashScope's form) or a ``video`` part with a list of frame URLs (DashScope's), not fetched yet.
+    ``fps``: DashScope's part-level ``fps`` (frames a second to sample a file at, or that a frame list
+    stands for); None: the server's default."""
+
+    urls: list[str]
+    is_file: bool
+    where: str
+    fps: float | None = None
+
+
+@dataclass
 class ChatRequest:
     model: str | None
     question: str
@@ -115,6 +128,7 @@ class ChatRequest:
     answer_budget: int | None = None
     max_tokens: int | None = None
     sampling: dict = field(default_factory=dict)
+    videos: list[VideoRef] = field(default_factory=list)
     #: the turns before the question (:class:`qvq_local.conversation.Turn`, their images as ImageRefs)
     history: tuple = ()
 
@@ -148,20 +162,49 @@ def _float_field(body: dict, name: str, low: float, high: float, *, open_low: bo
     return float(value)
 
 
+def _video_part(part: dict, kind: str, here: str) -> VideoRef:
+    """A ``video_url`` part (one file) or a ``video`` part (a list of frame URLs, or one file URL)."""
+    fps = part.get("fps")
+    if fps is not None and (
+        isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0.1 <= fps <= 30 or fps != fps
+    ):
+        raise ApiError(400, f"{here}.fps must be a number in [0.1, 30], got {fps!r}", param=f"{here}.fps")
+    fps = float(fps) if fps is not None else None
+    if kind == "video_url":
+        ref = part.get("video_url")
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        if not isinstance(url, str) or not url:
+            raise ApiError(400, f"{here}.video_url.url must be a non-empty string", param=here)
+        return VideoRef(urls=[url], is_file=True, where=here, fps=fps)
+    value = part.get("video")
+    if isinstance(value, str) and value:
+        return VideoRef(urls=[value], is_file=True, where=here, fps=fps)
+    if not isinstance(value, list) or not value or not all(isinstance(u, str) and u for u in value):
+        raise ApiError(
+            400, f"{here}.video must be a URL or a non-empty list of frame URLs", param=f"{here}.video"
+        )
+    return VideoRef(urls=list(value), is_file=False, where=here, fps=fps)
+
+
 def _text_of(
     content, where: str, *, allow_images: bool, first_image: int = 0
-) -> tuple[list[str], list[ImageRef]]:
+) -> tuple[list[str], list[ImageRef], list[VideoRef]]:
     if isinstance(content, str):
-        return [content], []
+        return [content], [], []
     if not isinstance(content, list):
         raise ApiError(400, f"{where} must be a string or a list of parts", param=where)
     texts: list[str] = []
     images: list[ImageRef] = []
+    videos: list[VideoRef] = []
     for i, part in enumerate(content):
         here = f"{where}[{i}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif kind in ("video_url", "video") and allow_images:
+            videos.append(_video_part(part, kind, here))
+        elif kind in ("video_url", "video"):
+            raise ApiError(400, f"{here}: videos belong in the user message", param=here)
         elif kind == "image_url" and allow_images:
             ref = part.get("image_url")
             url = ref.get("url") if isinstance(ref, dict) else ref
@@ -173,15 +216,19 @@ def _text_of(
         else:
             raise ApiError(
                 400,
-                f"{here}: unsupported content part type {kind!r} (text and image_url are supported)",
+                f"{here}: unsupported content part type {kind!r} (text, image_url, video_url and video are "
+                "supported)",
                 param=here,
                 code="unsupported_content",
             )
-    return texts, images
+    return texts, images, videos
 
 
-def parse_messages(messages: object) -> tuple[str | None, tuple[Turn, ...], str, list[ImageRef]]:
-    """``(system, earlier turns, question, the question's images)`` of a request's ``messages``.
+def parse_messages(
+    messages: object,
+) -> tuple[str | None, tuple[Turn, ...], str, list[ImageRef], list[VideoRef]]:
+    """``(system, earlier turns, question, the question's images, the question's clips)`` of a request's
+    ``messages``.  A clip belongs in the question's message (one in an earlier turn: 400).
 
     A system (or developer) message may come first; then user and assistant messages in any order, the
     last one the user's question, with text.  Earlier turns are checked by
@@ -193,6 +240,7 @@ def parse_messages(messages: object) -> tuple[str | None, tuple[Turn, ...], str,
     system: str | None = None
     turns: list[Turn] = []
     names: list[str] = []
+    clips: list[list[VideoRef]] = []  # each turn's
     n_images = 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -200,13 +248,14 @@ def parse_messages(messages: object) -> tuple[str | None, tuple[Turn, ...], str,
             raise ApiError(400, f"{where} must be an object", param=where)
         role = message.get("role")
         if role in ("system", "developer") and i == 0:
-            texts, _ = _text_of(message.get("content"), f"{where}.content", allow_images=False)
+            texts, _, _ = _text_of(message.get("content"), f"{where}.content", allow_images=False)
             system = "\n".join(texts)
         elif role in (USER, ASSISTANT):
-            texts, images = _text_of(
+            texts, images, videos = _text_of(
                 message.get("content"), f"{where}.content", allow_images=role == USER, first_image=n_images
             )
             n_images += len(images)
+            clips.append(videos)
             text = "\n".join(t for t in texts if t.strip())
             turns.append(Turn(role, text, tuple(images)))
             names.append(where)
@@ -233,13 +282,22 @@ def parse_messages(messages: object) -> tuple[str | None, tuple[Turn, ...], str,
         )
     last = turns.pop()
     where = names.pop()
+    videos = clips.pop()
+    for earlier in clips:
+        if earlier:
+            raise ApiError(
+                400,
+                f"{earlier[0].where}: a clip is asked about in the conversation's last user message only",
+                param=earlier[0].where,
+                code="unsupported_conversation",
+            )
     if not last.text.strip():
         raise ApiError(400, f"{where}: the question has no text: ask a question about the image", param=where)
     try:
         history = check_history(turns, names)
     except InputError as err:
         raise ApiError(400, str(err), param=str(err).split(":", 1)[0]) from None
-    return system, history, last.text, list(last.images)
+    return system, history, last.text, list(last.images), videos
 
 
 def parse_chat_request(body: object) -> ChatRequest:
@@ -272,7 +330,7 @@ def parse_chat_request(body: object) -> ChatRequest:
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "model must be a string", param="model")
 
-    system, history, question, images = parse_messages(body.get("messages"))
+    system, history, question, images, videos = parse_messages(body.get("messages"))
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -293,6 +351,7 @@ def parse_chat_request(body: object) -> ChatRequest:
         question=question,
         system=system,
         images=images,
+        videos=videos,
         stream=stream,
         include_usage=bool(options.get("include_usage")),
         think_budget=_int_field(body, "thinking_budget"),
