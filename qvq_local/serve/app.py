@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from qvq_local import strict_json
+from qvq_local import openai_format, strict_json
 from qvq_local.serve import schema
 from qvq_local.serve.media import DecodeBudget, Limits, check_count, check_videos, load_clip, load_images
 from qvq_local.serve.worker import END, Job, QueueFull, Stopping, Worker
@@ -237,7 +237,7 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 raise _shutting_down() from None
         finally:
             ticket.release()  # a no-op once the job holds the place
-        completion_id, created = schema.new_id(), schema.now()
+        completion_id, created = openai_format.new_id(), schema.now()
         if parsed.stream:
             return StreamingResponse(
                 _sse(job, completion_id, created, model.name, parsed.include_usage),
@@ -247,9 +247,7 @@ def create_app(model: Any, options: ServeOptions | None = None):
         result = await _wait(job, request)
         if result is None:  # the client went away
             return JSONResponse({}, status_code=499)
-        from qvq_local.openai_format import completion_dict
-
-        out = completion_dict(result, created=created, completion_id=completion_id)
+        out = openai_format.completion_dict(result, created=created, completion_id=completion_id)
         message = out["choices"][0]["message"]
         message["reasoning"] = message["reasoning_content"]  # the newer clients' name for it
         return out
@@ -362,15 +360,13 @@ async def _sse(job: Job, completion_id: str, created: int, name: str, include_us
                 continue  # its text follows as ordinary deltas; the final chunk lists it under "qvq"
             elif isinstance(item, Finished):
                 result = item.result
-                final = schema.chunk(completion_id, created, name, {}, schema.finish_reason(result))
-                from qvq_local.openai_format import completion_dict
-
-                final["qvq"] = completion_dict(result)["qvq"]
+                final = schema.chunk(completion_id, created, name, {}, openai_format.finish_reason(result))
+                final["qvq"] = openai_format.completion_dict(result)["qvq"]
                 yield _sse_line(final)
                 if include_usage:
                     usage = schema.chunk(completion_id, created, name, {})
                     usage["choices"] = []
-                    usage["usage"] = schema.usage_dict(result)
+                    usage["usage"] = openai_format.usage_dict(result)
                     yield _sse_line(usage)
         yield _sse_line("[DONE]")
     finally:

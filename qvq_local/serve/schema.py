@@ -17,12 +17,10 @@ budget comes in as ``thinking_budget`` (QVQ-Max's name for it).  No heavy import
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from qvq_local.conversation import ASSISTANT, USER, Turn, check_history
 from qvq_local.errors import InputError
-from qvq_local.openai_format import FINISH_REASON
 
 #: Body fields accepted (anything else is refused by name).
 KNOWN_FIELDS = frozenset(
@@ -365,20 +363,6 @@ def parse_chat_request(body: object) -> ChatRequest:
 # ------------------------------------------------------------------------------------- responses
 
 
-def new_id() -> str:
-    return f"chatcmpl-qvq-{uuid.uuid4().hex[:24]}"
-
-
-def usage_dict(result) -> dict:
-    completion = result.thought_tokens + result.answer_tokens
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": result.prompt_tokens + completion,
-        "completion_tokens_details": {"reasoning_tokens": result.thought_tokens},
-    }
-
-
 def chunk(
     completion_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None
 ) -> dict:
@@ -397,10 +381,6 @@ def delta_for(phase: str, text: str) -> dict:
     if phase == "thought":
         return {"reasoning_content": text, "reasoning": text}
     return {"content": text}
-
-
-def finish_reason(result) -> str:
-    return FINISH_REASON.get(result.stop_reason, "stop")
 
 
 def now() -> int:
