@@ -52,6 +52,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "serve.*",
         "doctor",
         "selftest",
+        "batch",
         "bench",
         "bench.*",
         "convert",
