@@ -59,7 +59,7 @@ LEVEL_TOKENS: Mapping[str, int | None] = {"low": 256, "medium": 576, "high": 128
 #: low agrees with README's bench, 9.5 s on 2 cores).  Divided by the cores to estimate another CPU (an
 #: estimate: wider vectors, AMX or a faster memory system encode faster).  ``max`` has no figure: never a
 #: default.
-CPU_CORE_SECONDS: Mapping[str, float] = {"low": 22.0, "medium": 56.0, "high": 155.0}
+CPU_CORE_SECONDS: Mapping[str, float] = {"low": 21.5, "medium": 56.0, "high": 155.0}
 #: The encode time per image a CPU's default level may cost at most (estimated).
 CPU_ENCODE_TARGET_S = 5.0
 
