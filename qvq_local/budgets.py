@@ -34,13 +34,15 @@ def size_context(
     max_pixels: int | None = None,
 ) -> tuple[int, int]:
     """``(n_ctx, thought cap)`` for one question on a model trained for ``context_length`` tokens (0:
-    unknown); ContextOverflow, whose hint names the budgets and ``--max-pixels`` (``max_pixels``: the
-    bound in use, for the hint), when the prompt and the budgets cannot fit."""
+    unknown); ContextOverflow, whose hint names the budgets, ``--detail`` and ``--max-pixels``
+    (``max_pixels``: the bound in use, for the hint), when the prompt and the budgets cannot fit."""
     limit = context_length or UNKNOWN_CONTEXT_LENGTH
     answer = answer_budget or DEFAULT_ANSWER_BUDGET
     fixed = text_tokens + image_tokens + FORCE_MARGIN + answer
     pixels_hint = (
-        f"lower --max-pixels (now {max_pixels})" if max_pixels else "lower --max-pixels"
+        f"lower --detail or --max-pixels (now {max_pixels} pixels)"
+        if max_pixels
+        else "lower --detail or --max-pixels"
     ) + " to shrink the image tokens"
     if think_budget is None:
         room = limit - fixed

@@ -111,18 +111,20 @@ def describe(level: str, family: Family = DEFAULT_FAMILY) -> str:
 
 
 def help_table() -> str:
-    """One line per level for ``--help``: its tokens and the pixel bounds on each family's grid."""
+    """The levels for ``--help``: each one's image tokens, and the square image each allows on each grid."""
     from qvq_local.families import FAMILIES
 
-    grids = {}
+    grids: dict[int, Family] = {}
     for family in FAMILIES.values():
         grids.setdefault(family.image_factor, family)
-    parts = []
-    for level in LEVELS:
-        tokens = "the processor's limit" if LEVEL_TOKENS[level] is None else f"{LEVEL_TOKENS[level]} tokens"
-        sides = "/".join(f"{square_side(level, f)}px" for f in grids.values())
-        parts.append(f"{level} {tokens} (square {sides})")
-    return "; ".join(parts)
+    tokens = ", ".join(
+        f"{level} {LEVEL_TOKENS[level]}" for level in LEVELS if LEVEL_TOKENS[level] is not None
+    )
+    limit = max_tokens("max", DEFAULT_FAMILY)
+    squares = "; ".join(
+        f"{'/'.join(str(square_side(level, f)) for level in LEVELS)} px on {f.name}'s" for f in grids.values()
+    )
+    return f"{tokens}, max {limit:,} (the processor's limit) image tokens; a square image of {squares} grid"
 
 
 # ------------------------------------------------------------------------------ the machine's default
@@ -145,10 +147,11 @@ class Machine:
     @classmethod
     def from_facts(cls, facts: Mapping, encoder: str | None = None) -> Machine:
         """The machine from :func:`qvq_local.hardware.describe`'s facts (with the backends'
-        ``machine_facts`` merged in: ``cuda``, ``metal``), or from recorded ones.
+        ``machine_facts`` merged in: ``cuda``, ``metal``), or from recorded ones; ``usable_cores`` (the
+        process's CPU affinity) counts before ``cpu_count`` where given.
 
         ``encoder``: where the loaded model encodes images when the caller knows it (``"gpu"``, ``"cpu"``,
-        ``"remote"``; a backend's ``image_device`` hook); None: a GPU the facts show is taken to be used.
+        ``"remote"``; a backend's ``run_facts`` hook says ``image_encoder``); None: a GPU the facts show is taken to be used.
         """
         gpu = "CUDA" if facts.get("cuda") else "Metal" if facts.get("metal") else None
         apple = bool(facts.get("apple_silicon"))
@@ -158,9 +161,8 @@ class Machine:
             encoder = "gpu" if gpu else "cpu"
         elif encoder not in ("gpu", "cpu", "remote"):
             raise ValueError(f"encoder must be gpu, cpu or remote, not {encoder!r}")
-        return cls(
-            encoder=encoder, cpu_count=max(1, int(facts.get("cpu_count") or 1)), gpu=gpu, apple_silicon=apple
-        )
+        cores = facts.get("usable_cores") or facts.get("cpu_count") or 1  # the cores this process may use
+        return cls(encoder=encoder, cpu_count=max(1, int(cores)), gpu=gpu, apple_silicon=apple)
 
 
 def estimate_cpu_encode_s(level: str, cpu_count: int) -> float | None:
@@ -182,11 +184,6 @@ class Choice:
     def as_dict(self) -> dict:
         return {"level": self.level, "source": self.source, "reason": self.reason}
 
-    def label(self, family: Family = DEFAULT_FAMILY) -> str:
-        """``"detail high (<= 1280 image tokens; default: CUDA GPU)"`` for headers."""
-        why = f"default: {self.reason}" if self.source == "machine" else f"from {self.source}"
-        return f"detail {self.level} (<= {max_tokens(self.level, family):,} image tokens; {why})"
-
 
 def machine_default(machine: Machine) -> Choice:
     """The default level for ``machine`` (see the module docstring for the rule)."""
@@ -203,7 +200,60 @@ def machine_default(machine: Machine) -> Choice:
             chosen = level
     estimate = estimate_cpu_encode_s(chosen, machine.cpu_count) or 0.0
     cores = f"{machine.cpu_count}-core CPU"
-    return Choice(chosen, "machine", f"{cores}, ~{estimate:.0f} s to encode one image estimated")
+    return Choice(
+        chosen, "machine", f"{cores}: ~{estimate:.0f} s an image (estimated for QVQ's vision tower)"
+    )
+
+
+@dataclass(frozen=True)
+class ImageBound:
+    """How one question's images are bounded: the pixel bound and the minimum on the family's grid
+    (``factor`` pixels a token side), and where the bound comes from: a detail ``level`` (None when a pixel
+    bound was given), its ``source`` (``"--detail"``, ``"--max-pixels"``, ``"the detail setting"``,
+    ``"machine"`` ...) and, for a machine default, the ``reason``."""
+
+    max_pixels: int
+    min_pixels: int
+    factor: int
+    level: str | None
+    source: str
+    reason: str = ""
+
+    @property
+    def max_image_tokens(self) -> int:
+        return max(1, self.max_pixels // (self.factor * self.factor))
+
+    def as_dict(self) -> dict:
+        """What a result's ``settings["detail"]`` records."""
+        return {
+            "level": self.level,
+            "source": self.source,
+            "reason": self.reason,
+            "max_pixels": self.max_pixels,
+            "min_pixels": self.min_pixels,
+            "max_image_tokens": self.max_image_tokens,
+        }
+
+    def label(self) -> str:
+        """``"detail high (<= 1,280 image tokens; default: CUDA GPU encodes the images)"`` for headers."""
+        if self.level is None:
+            return f"max pixels {self.max_pixels:,} (<= {self.max_image_tokens:,} image tokens; from {self.source})"
+        why = f"default: {self.reason}" if self.source == "machine" else f"from {self.source}"
+        return f"detail {self.level} (<= {self.max_image_tokens:,} image tokens; {why})"
+
+
+def image_bound(
+    family: Family, choice: Choice | None = None, *, pixels: int | None = None, source: str = "max_pixels"
+) -> ImageBound:
+    """The bound of a question's images on ``family``'s grid: ``pixels`` when given (a pixel bound wins over
+    any level; ``source`` names who gave it), else ``choice``'s level.  The family's minimum always holds."""
+    low, factor = min_pixels(family), family.image_factor
+    if pixels is not None:
+        return ImageBound(int(pixels), low, factor, None, source)
+    if choice is None:
+        raise ValueError("image_bound needs a level or a pixel bound")
+    bound = max_pixels(choice.level, family)
+    return ImageBound(bound, low, factor, choice.level, choice.source, choice.reason)
 
 
 def resolve(requested: str | None, machine: Machine | None, *, source: str = "--detail") -> Choice:
@@ -225,11 +275,13 @@ __all__ = [
     "LEVELS",
     "LEVEL_TOKENS",
     "Choice",
+    "ImageBound",
     "Machine",
     "check_level",
     "describe",
     "estimate_cpu_encode_s",
     "help_table",
+    "image_bound",
     "machine_default",
     "max_pixels",
     "max_tokens",

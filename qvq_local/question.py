@@ -35,15 +35,17 @@ from qvq_local.prompt import build_prompt
 from qvq_local.splitter import default_forced_text, default_markers, question_language
 
 if TYPE_CHECKING:  # pragma: no cover
+    from qvq_local.detail import ImageBound
     from qvq_local.settings import AskSettings
 
 
 def stream_question(
-    model: Any, images: Any, question: str, options: AskSettings, lock: Any
+    model: Any, images: Any, question: str, options: AskSettings, lock: Any, bound: ImageBound
 ) -> Iterator[Event]:
     """The events of one question on ``model`` (a :class:`qvq_local.model.Model`) about ``images``,
-    with its settings built and checked, ``options.max_pixels`` filled and the language lock decided
-    (``lock``: :func:`qvq_local.lang.decide`'s); the last event is always ``Finished``."""
+    with its settings built and checked, the language lock decided (``lock``: :func:`qvq_local.lang.decide`'s)
+    and the images' bound resolved (``bound``: :meth:`qvq_local.model.Model.image_bound`'s, its detail level
+    or pixel bound on the family's grid); the last event is always ``Finished``."""
     t_start = time.perf_counter()
     tracker = _Tracker()
     session = None
@@ -54,7 +56,7 @@ def stream_question(
     try:
         loaded = model.loaded
         family = model.family  # its image grid, system prompt and sampling are the defaults
-        prepared = prepare_images(images, options.max_pixels, factor=family.image_factor)
+        prepared = prepare_images(images, bound.max_pixels, factor=bound.factor, min_pixels=bound.min_pixels)
         infos = [replace(p.info) for p in prepared]
         for info in infos:  # the backend's own count is the one that fills its context
             info.tokens = int(loaded.image_token_estimate(*info.size))
@@ -72,7 +74,7 @@ def stream_question(
             image_tokens,
             think_budget=options.think_budget,
             answer_budget=options.answer_budget,
-            max_pixels=options.max_pixels,
+            max_pixels=bound.max_pixels,
         )
         resolved = options.sampling.resolved(getattr(loaded, "generation_config", {}) or {}, family.sampling)
         # how thinking ends suits the model (its template) and the question (its language)
@@ -84,7 +86,8 @@ def stream_question(
             "think_budget": options.think_budget,
             "answer_budget": options.answer_budget,
             "max_thought_tokens": thought_cap,
-            "max_pixels": options.max_pixels,
+            "max_pixels": bound.max_pixels,
+            "detail": bound.as_dict(),
             "temperature": resolved.temperature,
             "top_p": resolved.top_p,
             "top_k": resolved.top_k,
@@ -140,7 +143,7 @@ def stream_question(
                 image_paths=[p.info.path for p in prepared],
                 chat=chat,
             ),
-            _prefix_key(model, text, prepared, options.max_pixels),
+            _prefix_key(model, text, prepared, bound.max_pixels),
             model.prefix_cache,
             model.disk_cache,
             model.cache_notice,
@@ -159,6 +162,7 @@ def stream_question(
             answer_budget=options.answer_budget,
             image_encode_s=stats.image_encode_s,
             prefill_s=stats.prefill_s,
+            detail=bound.label(),
         )
         tracker.see(started)
         yield started
