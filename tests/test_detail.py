@@ -17,6 +17,13 @@ from qvq_local.families.qwen3vl import FAMILY as QWEN3VL
 
 MACHINES = Path(__file__).parent / "data" / "machines"
 
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    """Each test its own settings file (a stored detail or max_pixels would leak into the next)."""
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
+
+
 #: (family, level) -> (pixel bound, side of the largest square on the grid, its image tokens): the table
 #: in qvq_local/detail.py's docstring and README's, computed by hand from the grids (28 and 32 px).
 EXPECTED = {
@@ -131,17 +138,25 @@ def test_the_cpu_estimate_scales_with_the_cores_and_picks_within_the_target():
 def test_an_explicit_level_wins_and_says_where_it_came_from():
     choice = detail.resolve("max", _machine("cpu-2-core"), source="the detail setting")
     assert choice == detail.Choice("max", "the detail setting")
-    assert choice.label(QWEN2VL) == "detail max (<= 16,384 image tokens; from the detail setting)"
+    assert (
+        detail.image_bound(QWEN2VL, choice).label()
+        == "detail max (<= 16,384 image tokens; from the detail setting)"
+    )
     default = detail.resolve(None, _machine("cuda-h200"))
-    assert default.label(QWEN3VL).startswith("detail high (<= 1,280 image tokens; default: CUDA GPU")
+    bound = detail.image_bound(QWEN3VL, default)
+    assert bound.label().startswith("detail high (<= 1,280 image tokens; default: CUDA GPU")
+    assert (bound.max_pixels, bound.min_pixels, bound.factor) == (1_310_720, 65_536, 32)
+    # a pixel bound wins over any level, and says where it came from
+    pixels = detail.image_bound(QWEN3VL, default, pixels=100_000, source="--max-pixels")
+    assert (pixels.level, pixels.max_pixels, pixels.min_pixels) == (None, 100_000, 65_536)
+    assert pixels.label() == "max pixels 100,000 (<= 97 image tokens; from --max-pixels)"
     assert detail.resolve(None, None).level == "low"  # nothing known of the machine: today's bound
 
 
 def test_help_names_every_level_with_its_tokens():
     text = detail.help_table()
-    for part in ("low 256 tokens", "medium 576 tokens", "high 1280 tokens", "max the processor's limit"):
-        assert part in text
-    assert "448px/512px" in text and "980px/1120px" in text
+    assert "low 256, medium 576, high 1280, max 16,384 (the processor's limit) image tokens" in text
+    assert "448/672/980/3584 px on Qwen2-VL's" in text and "512/768/1120/4096 px on Qwen3-VL's grid" in text
 
 
 # ------------------------------------------------------------------------------------------ qvq doctor
@@ -207,3 +222,141 @@ def test_doctor_shows_the_detail_setting_beside_the_machines_default(monkeypatch
     )
     assert "from the detail setting; this machine's default is low (2-core CPU" in line
     assert "s to encode one image here (estimated)" in line
+
+
+# ------------------------------------------------------------------------------------------ qvq ask
+
+
+class _Loaded:
+    """A fake loaded model (tests/fakes.py's scripted session) of QVQ's family."""
+
+    backend = name = "fake"
+    quantization = "none"
+    chat_template = None
+    context_length = 32768
+
+    def __init__(self):
+        self.generation_config: dict = {}
+
+    def image_token_estimate(self, width, height):
+        return QWEN2VL.image_tokens(*QWEN2VL.smart_resize(width, height))
+
+    def tokenize(self, text, *, special=False):
+        from fakes import chop
+
+        return chop(text)
+
+    def new_session(self, sampling, *, n_ctx=None):
+        from fakes import ScriptedSession
+
+        return ScriptedSession("thinking " * 4, "It is \\boxed{5}.")
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def big_photo(tmp_path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (2400, 1800), (30, 120, 200)).save(path)
+    return path
+
+
+def _ask(monkeypatch, image, *args, cores=2, encoder="cpu"):
+    """``qvq ask`` on the fake model (piped: the plain header on stderr), on a machine of ``cores`` whose
+    backend encodes images on ``encoder``; returns (stderr's header line, the JSON's settings, image)."""
+    from fakes import FAKE_BACKEND
+    from typer.testing import CliRunner
+
+    from qvq_local import api, cpu
+    from qvq_local.cli import app
+    from qvq_local.model import Model
+
+    monkeypatch.setattr(
+        api, "load", lambda ref, **kw: Model(_Loaded(), name="fake", spec=FAKE_BACKEND, quantization="q")
+    )
+    monkeypatch.setattr(cpu, "usable_cores", lambda: cores)
+    monkeypatch.setattr(Model, "run_facts", lambda self: {"image_encoder": encoder})
+    runner = CliRunner()
+    plain = runner.invoke(app, ["ask", str(image), "How many?", "-m", "x", *args])
+    assert plain.exit_code == 0, plain.output
+    header = plain.stderr.splitlines()[0]
+    shown = runner.invoke(app, ["ask", str(image), "How many?", "-m", "x", "--json", *args])
+    assert shown.exit_code == 0, shown.output
+    qvq = json.loads(shown.stdout)["qvq"]
+    return header, qvq["settings"], qvq["images"][0]
+
+
+@pytest.mark.parametrize(
+    ("cores", "encoder", "level", "words"),
+    [
+        (2, "cpu", "low", "default: 2-core CPU: ~11 s an image"),
+        (16, "cpu", "medium", "default: 16-core CPU: ~4 s an image"),
+        (16, "gpu", "high", "default: a GPU encodes the images"),
+    ],
+)
+def test_the_ask_header_and_json_show_the_machines_default(
+    monkeypatch, big_photo, cores, encoder, level, words
+):
+    header, settings, image = _ask(monkeypatch, big_photo, cores=cores, encoder=encoder)
+    budget = detail.max_tokens(level)
+    assert f"detail {level} (<= {budget:,} image tokens; {words}" in header
+    assert settings["detail"]["level"] == level and settings["detail"]["source"] == "machine"
+    assert settings["max_pixels"] == detail.max_pixels(level, QWEN2VL)
+    w, h = image["size"]
+    assert w * h <= detail.max_pixels(level) and QWEN2VL.image_tokens(w, h) <= budget
+    assert QWEN2VL.image_tokens(w, h) > budget * 0.8  # a 2400x1800 photo fills the budget
+
+
+def test_the_bound_comes_from_the_command_line_then_the_settings_then_the_machine(monkeypatch, big_photo):
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+
+    _, settings, _ = _ask(monkeypatch, big_photo, "--detail", "medium")
+    assert (settings["detail"]["level"], settings["detail"]["source"]) == ("medium", "--detail")
+    runner = CliRunner()
+    runner.invoke(app, ["config", "set", "detail", "high"])
+    header, settings, _ = _ask(monkeypatch, big_photo)
+    assert (settings["detail"]["level"], settings["detail"]["source"]) == ("high", "the detail setting")
+    assert "detail high (<= 1,280 image tokens; from the detail setting)" in header
+    runner.invoke(app, ["config", "set", "max_pixels", "100000"])
+    _, settings, image = _ask(monkeypatch, big_photo)  # in the settings file, a pixel bound wins
+    assert (settings["detail"]["source"], settings["max_pixels"]) == ("the max_pixels setting", 100_000)
+    _, settings, _ = _ask(monkeypatch, big_photo, "--detail", "low")  # the command line beats the file
+    assert (settings["detail"]["level"], settings["detail"]["source"]) == ("low", "--detail")
+    _, settings, _ = _ask(monkeypatch, big_photo, "--detail", "max", "--max-pixels", "50000")
+    assert (settings["detail"]["level"], settings["max_pixels"]) == (None, 50_000)
+    bad = runner.invoke(app, ["ask", str(big_photo), "q", "-m", "x", "--detail", "ultra"])
+    assert bad.exit_code == 2 and bad.stderr.strip() == (
+        "error: --detail must be low | medium | high | max | auto, got 'ultra'"
+    )
+
+
+def test_qwen3vl_images_keep_its_minimum_and_its_grid(monkeypatch, tmp_path):
+    from PIL import Image
+
+    from qvq_local.images import SourceImage, prepare_images
+
+    small = SourceImage(Image.new("RGB", (40, 30)), "small.png")
+    bound = detail.image_bound(QWEN3VL, detail.Choice("low", "--detail"))
+    (prepared,) = prepare_images([small], bound.max_pixels, factor=bound.factor, min_pixels=bound.min_pixels)
+    w, h = prepared.info.size
+    assert w % 32 == 0 and h % 32 == 0 and w * h >= 65_536  # scaled up to Qwen3-VL's minimum
+
+
+def test_the_live_header_shows_the_detail():
+    from rich.console import Console
+
+    from qvq_local.events import ImageInfo, Started
+    from qvq_local.render import LiveRenderer
+
+    console = Console(record=True, force_terminal=True, width=200, height=20)
+    label = "detail high (<= 1,280 image tokens; default: CUDA GPU encodes the images)"
+    with LiveRenderer(console) as renderer:
+        image = ImageInfo("a.png", (2000, 1000), (1400, 700), 1250)
+        renderer.handle(Started("m", "llama", "Q4_K_M", [image], 1300, None, None, detail=label))
+        renderer.live.refresh()
+    assert label in console.export_text()

@@ -74,3 +74,34 @@ def test_a_wrong_projector_is_one_line_naming_it(lone_model, tmp_path, tiny_chec
     with pytest.raises(InputError) as err:  # an HF folder has its vision tower inside
         hub.resolve(str(tiny_checkpoint), mmproj=str(lone_model[1]))
     assert_error(err, "goes with a GGUF model; this model is hf", path=tiny_checkpoint)
+
+
+@pytest.mark.llama
+def test_qvq_ask_runs_a_model_with_the_projector_given(lone_model, sample_image, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    import json
+
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
+    model, projector = lone_model
+    runner = CliRunner()
+    args = ["ask", str(sample_image), "What is shown?", "-m", str(model), "--think-budget", "4"]
+    without = runner.invoke(app, [*args, "--answer-budget", "4"])
+    assert without.exit_code == 3 and "no vision projector" in without.stderr and "--mmproj" in without.stderr
+    result = runner.invoke(app, [*args, "--answer-budget", "4", "--json", "--mmproj", str(projector)])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    image_tokens = answer["qvq"]["images"][0]["tokens"]
+    assert image_tokens > 0 and answer["usage"]["prompt_tokens"] > image_tokens  # the image was encoded
+    bad = runner.invoke(app, [*args, "--mmproj", str(tmp_path / "missing.gguf")])
+    assert bad.exit_code == 2 and bad.stderr.strip().endswith("missing.gguf: no such vision projector file")
+
+
+def test_a_remote_model_takes_no_projector():
+    from qvq_local.api import load
+
+    with pytest.raises(InputError, match="mmproj goes with a local GGUF model; the openai backend"):
+        load("m", backend="openai", base_url="http://127.0.0.1:9/v1", mmproj="x.gguf")
