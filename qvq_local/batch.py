@@ -441,7 +441,6 @@ class Summary:
     load_s: float = 0.0
     loads: int = 0
     prefix_reuse: Counter = field(default_factory=Counter)
-    error_lines: list[str] = field(default_factory=list)
 
     @property
     def done(self) -> int:
@@ -450,7 +449,6 @@ class Summary:
     def see(self, row: dict) -> None:
         if row.get("error"):
             self.errors += 1
-            self.error_lines.append(f"{', '.join(row['images'])}: {row['error']}")
             return
         self.answered += 1
         tokens = row.get("tokens") or {}
@@ -463,43 +461,44 @@ class Summary:
 
 
 class Progress:
-    """Progress on stderr: a Rich bar with the ETA on a terminal, else one plain line per item."""
+    """Progress on stderr: a Rich bar with the ETA on a terminal, else one plain line per item.
+
+    The bar starts with the first item (after the model loaded, whose own spinner comes first)."""
 
     def __init__(self, total: int, skipped: int, stream: IO[str] | None = None, live: bool | None = None):
         self.stream = stream or sys.stderr
         self.total = total
         self.count = 0
         self.live = self.stream.isatty() if live is None else live
-        self._bar = None
-        if self.live and total:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import (
-                Progress as RichProgress,
-            )
-
-            self._bar = RichProgress(
-                TextColumn("[bold]batch[/]"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("·"),
-                TimeElapsedColumn(),
-                TextColumn("· ETA"),
-                TimeRemainingColumn(),
-                TextColumn("{task.description}", style="dim"),
-                console=Console(file=self.stream),
-                transient=False,
-            )
-            self._task = self._bar.add_task("", total=total)
-            self._bar.start()
+        self._bar: Any = None
+        self._task: Any = None
         if skipped:
             self.line(f"{skipped} item(s) already in the output: skipped")
+
+    def _start(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        self._bar = RichProgress(
+            TextColumn("[bold]batch[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("·"),
+            TimeElapsedColumn(),
+            TextColumn("· ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}", style="dim"),
+            console=Console(file=self.stream),
+        )
+        self._task = self._bar.add_task("", total=self.total)
+        self._bar.start()
 
     def line(self, text: str) -> None:
         if self._bar is not None:
@@ -508,6 +507,8 @@ class Progress:
             print(text, file=self.stream, flush=True)
 
     def starting(self, item: Item) -> None:
+        if self.live and self._bar is None and self.total:
+            self._start()
         if self._bar is not None:
             self._bar.update(self._task, description=_short(", ".join(item.images), 40))
 
@@ -516,16 +517,19 @@ class Progress:
         name = ", ".join(row["images"])
         if row.get("error"):
             text = f"error: {row['error']}"
+            if any(row["error"].startswith(image + ":") for image in row["images"]):
+                name = ""  # an image's error names the image already
         else:
             shown = row.get("boxed") or " ".join((row.get("answer") or "").split())
             seconds = (row.get("timings") or {}).get("total_s") or 0.0
             text = f"{_short(shown, 60)!r} ({row['stop_reason']}, {seconds:.1f} s)"
+        shown = f"{name}: {text}" if name else text
         if self._bar is not None:
             if row.get("error"):
-                self._bar.console.print(f"[yellow]{name}[/]: {text}", highlight=False)
+                self._bar.console.print(shown, style="yellow", markup=False, highlight=False)
             self._bar.advance(self._task)
         else:
-            self.line(f"[{self.count}/{self.total}] {name}: {text}")
+            self.line(f"[{self.count}/{self.total}] {shown}")
 
     def close(self) -> None:
         if self._bar is not None:
@@ -556,7 +560,8 @@ def run(
     closing the model: the item in flight is not written, ``Summary.interrupted`` is set.  The model is
     loaded only when there is something to do, and closed at the end.
     """
-    from qvq_local.api import drive, read_images
+    from qvq_local.driver import drive
+    from qvq_local.images import read_images
 
     todo = [item for item in plan.items if not output.done(item)]
     summary = Summary(total=len(plan.items), skipped=len(plan.items) - len(todo))
