@@ -538,6 +538,69 @@ def ask(
         raise typer.Exit(code)
 
 
+@app.command(context_settings={"allow_interspersed_args": True})
+@_asks_questions
+def batch(
+    source: str = typer.Argument(
+        ...,
+        metavar="INPUT",
+        help="A folder of images, a glob in quotes ('scans/*.png'), or a list: JSONL rows"
+        ' {"image": "a.png", "question": "..."} (or "images": [...]) or CSV with image(s),question columns'
+        " (paths relative to the list).",
+    ),
+    output: Path = typer.Option(
+        ...,
+        "-o",
+        "--output",
+        help="JSONL file the answers go to, one row per item as it is answered; run again with the same"
+        " file to resume (rows already there are skipped).",
+    ),
+    question: str | None = typer.Option(
+        None,
+        "-q",
+        "--question",
+        help="The question for every image of a folder or glob, and for list rows without one.",
+    ),
+    csv_path: Path | None = typer.Option(
+        None, "--csv", help="Also write a CSV summary, one row per item of the output (earlier runs' too)."
+    ),
+    retry_errors: bool = typer.Option(
+        False, "--retry-errors", help="Take the error rows out of the output and try those items again."
+    ),
+    *,
+    common: dict[str, Any],
+) -> None:
+    """Ask about many images with one model load: a JSONL row per item, written as it goes, resumable.
+
+    Each row holds the thought, the answer, the \\boxed{} value, the stop reason, timings, tokens, the
+    settings (with the image detail and whether the image's encoded prefix was reused) and an error (a
+    missing, corrupt or too large image is an error row, never the end of the run). Ctrl-C stops after
+    the item in flight (exit code 130); run the same command again to go on. Every `qvq ask` option
+    applies to each item; an image asked about again reuses its encoded prefix.
+
+    Examples:
+
+      qvq batch charts/ -q "Which bar is the highest?" -o answers.jsonl --csv answers.csv
+
+      qvq batch 'scans/*.png' -q "Transcribe the total." -o totals.jsonl --detail high
+
+      qvq batch questions.jsonl -o answers.jsonl --think-budget 1024 --samples 4
+    """
+    from qvq_local.ask_cmd import AskRequest
+    from qvq_local.batch_cmd import run_batch
+
+    code = run_batch(
+        AskRequest(**common),
+        source,
+        question,
+        output,
+        csv_path=csv_path,
+        retry_errors=retry_errors,
+    )
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command()
 def doctor(
     model: str | None = typer.Option(

@@ -59,7 +59,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "convert.*",
     ),
     # the command line
-    9: ("cli", "ask_cmd"),
+    9: ("cli", "ask_cmd", "batch_cmd"),
 }
 
 
