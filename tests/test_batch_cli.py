@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from batch_data import BAD, jsonl_list, mixed_folder
+from batch_data import BAD, good_image, jsonl_list, mixed_folder
 from typer.testing import CliRunner
 
 from qvq_local import batch
@@ -203,3 +203,107 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path):
         2,
         "no question: give one in the row or a default with --question",
     )
+
+
+# ------------------------------------------------------------------------ qvq ask's options apply
+
+
+def _goods(folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True)
+    return [good_image(folder / f"img{i}.png", i).name for i in range(n)]
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_samples_and_budgets_apply_to_each_item(tmp_path, tiny_gguf_q4):
+    pytest.importorskip("llama_cpp")
+    goods = _goods(tmp_path / "images", 2)
+    out = tmp_path / "answers.jsonl"
+    args = ["batch", str(tmp_path / "images"), "-q", "What colour is the box?", "-o", str(out)]
+    args += ["-m", str(tiny_gguf_q4.model), "--samples", "2", "--think-budget", "8", "--answer-budget", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = _rows(out)
+    assert [Path(r["images"][0]).name for r in rows] == goods
+    for row in rows:
+        assert row["error"] is None and row["settings"]["samples"] == 2
+        assert row["settings"]["think_budget"] == 8 and row["settings"]["answer_budget"] == 4
+        assert len(row["chains"]) == 2 and row["vote"]
+        for chain in row["chains"]:
+            assert chain["tokens"]["thought"] <= 8 + 32 and chain["tokens"]["answer"] <= 4  # + grace window
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_backend_openai_asks_the_server_and_a_bad_image_is_an_error_row(tmp_path, tiny_gguf_f32):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("llama_cpp")
+    from serve_util import ServerThread
+
+    from qvq_local.api import load
+    from qvq_local.serve.app import ServeOptions, create_app
+
+    _goods(tmp_path / "images", 2)
+    (tmp_path / "images" / "text.png").write_text("not a picture\n")
+    model = load(tiny_gguf_f32.model, backend="llama")
+    app_ = create_app(model, ServeOptions(api_key="k1"))
+    out = tmp_path / "answers.jsonl"
+    try:
+        with ServerThread(app_) as server:
+            args = ["batch", str(tmp_path / "images"), "-q", "What colour is the box?", "-o", str(out)]
+            args += ["--backend", "openai", "--base-url", server.base_url, "--api-key", "k1"]
+            args += ["-m", model.name, "--think-budget", "16", "--answer-budget", "8", "--seed", "1"]
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, result.output
+            rows = _rows(out)
+            assert len(rows) == 3
+            bad = [r for r in rows if r["images"][0].endswith("text.png")]
+            assert len(bad) == 1 and "text file" in bad[0]["error"]
+            for row in rows:
+                if row["error"]:
+                    continue
+                assert row["backend"] == "openai" and row["settings"]["think_budget"] == 16
+                local = model.ask(row["images"][0], row["question"], think_budget=16, answer_budget=8, seed=1)
+                assert (row["thought"], row["answer"]) == (local.thought, local.answer)
+    finally:
+        app_.state.worker.shutdown()
+        model.close()
+
+
+# ------------------------------------------------------------------------ what the user watches
+
+
+def test_progress_bar_shows_the_eta_and_the_summary_table_the_counts(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    plan = batch.read_items(jsonl_list(tmp_path / "jobs.jsonl", [{"image": "a.png", "question": "q"}] * 2))
+    stream = io.StringIO()
+    progress = batch.Progress(2, 3, stream=stream, live=True)
+    progress.starting(plan.items[0])
+    good = {
+        "images": ["a.png"], "answer": "red", "boxed": None, "stop_reason": "answered",
+        "timings": {"total_s": 1.5}, "error": None, "tokens": {"prompt": 40, "thought": 7, "answer": 2},
+        "settings": {"prefix_cache": {"source": "fresh"}},
+    }  # fmt: skip
+    progress.finished(good)
+    progress.starting(plan.items[1])
+    progress.finished({"images": ["a.png"], "error": "a.png: not an image", "stop_reason": "error"})
+    progress.close()
+    shown = stream.getvalue()
+    assert "3 item(s) already in the output: skipped" in shown
+    assert "batch" in shown and "2/2" in shown and "ETA" in shown
+    assert "a.png: not an image" in shown and "a.png: a.png" not in shown
+
+    summary = batch.Summary(total=5, skipped=3, seconds=4.0, load_s=1.0, loads=1)
+    summary.see(good)
+    summary.see({"error": "a.png: not an image"})
+    console = Console(file=io.StringIO(), width=120)
+    console.print(batch.summary_table(summary, batch.Output(tmp_path / "out.jsonl")))
+    table = console.file.getvalue()
+    assert "done: 2 of 2 item(s) this run" in table
+    for line, words in [("answers", "1"), ("errors", "1"), ("skipped", "3")]:
+        assert any(line in row and words in row for row in table.splitlines()), table
+    assert "40 prompt · 7 thought · 2 answer" in table and "2.0 s per item" in table
+    assert "1 fresh" in table
