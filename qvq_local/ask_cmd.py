@@ -45,6 +45,7 @@ class AskRequest:
     hide_thinking: bool = False
     save: Path | None = None
     cache: bool = True  # reuse/keep the image prefix's KV state in QVQ_HOME/cache (--no-cache: off)
+    frames: bool = False  # --frames: the IMAGE... arguments (files, or one folder) are one clip's frames
 
 
 def flag(name: str) -> str:
@@ -55,7 +56,10 @@ def flag(name: str) -> str:
 def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
     """``IMAGE... QUESTION`` plus ``-a`` images -> (images, question)."""
     if not args:
-        raise InputError('give one or more images and a question, e.g. qvq ask chart.png "What is shown?"')
+        raise InputError(
+            'give one or more images and a question, e.g. qvq ask chart.png "What is shown?" '
+            '(or a clip: qvq ask clip.mp4 "What happens?")'
+        )
     question = args[-1]
     images = [*args[:-1], *attach]
     if not images:
@@ -68,6 +72,11 @@ def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
             ".bmp",
             ".tif",
             ".tiff",
+            ".mp4",
+            ".mov",
+            ".mkv",
+            ".webm",
+            ".avi",
         ):
             raise InputError(f"no question given after the image {question!r}")
         raise InputError("no image given: pass one or more images before the question (or -a IMAGE)")
@@ -230,10 +239,29 @@ class SigintFlag:
             self._previous = None
 
 
+def read_media(paths: list[str], *, frames: bool = False) -> Any:
+    """What the question is about, checked before a model loads: a clip (its header read: a missing PyAV,
+    a corrupt file or one without video fails here), ``--frames`` (the files, or a folder's images, exist),
+    or images (read and checked, bounded once the model's grid is known)."""
+    from qvq_local.images import read_images
+    from qvq_local.video import frame_files, probe_video
+    from qvq_local.video_prompt import ClipInput, split_media
+
+    if frames:
+        files = frame_files(paths)
+        for file in files:
+            if not file.is_file():
+                raise InputError("no such image file", path=file)
+        return ClipInput(frames=tuple(paths))
+    clip, images = split_media(paths)
+    if clip is not None:
+        probe_video(clip.path)
+        return clip
+    return read_images(images)
+
+
 def run_ask(request: AskRequest) -> int:
     """Run one question; return the exit code (0, or 130 after Ctrl-C).  QvqError propagates."""
-    from qvq_local.images import read_images
-
     images, question = split_args(request.args, request.attach)
     settings = build_settings(request)
     how = load_request(request)
@@ -244,7 +272,7 @@ def run_ask(request: AskRequest) -> int:
             raise InputError("the folder for --save does not exist", path=folder)
         if save.is_dir():
             raise InputError("--save needs a file name, this is a folder", path=save)
-    sources = read_images(images)  # fail on a bad image before loading a model; bounded once, for it
+    sources = read_media(images, frames=request.frames)  # a bad file fails before a model loads
 
     with SigintFlag() as sigint:
         return _ask_loaded(request, how, settings, question, sources, sigint)

@@ -493,18 +493,39 @@ def _asks_questions(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_asks_questions
 def ask(
     args: list[str] | None = typer.Argument(
-        None, metavar="IMAGE... QUESTION", help="One or more images, then the question (quote it)."
+        None,
+        metavar="IMAGE... QUESTION",
+        help="One or more images (or one clip: MP4, MOV, MKV, WebM, AVI, an animated GIF), then the question "
+        "(quote it).",
     ),
     attach: list[Path] | None = typer.Option(None, "-a", "--attach", help="An image (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one OpenAI-style JSON object at the end."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the thought stream."),
     save: Path | None = typer.Option(None, "--save", help="Write a Markdown transcript to this file."),
+    fps: float | None = typer.Option(
+        None, "--fps", help="A clip's frames sampled per second (default 2, as Qwen's video processors)."
+    ),
+    max_frames: int | None = typer.Option(
+        None, "--max-frames", help="Most frames sampled from a clip (default the family's, 768)."
+    ),
+    video_tokens: int | None = typer.Option(
+        None,
+        "--video-tokens",
+        help="A clip's token budget: sets its frame size, then its frame count (default 768 on a CPU, 4096 "
+        "with a GPU).",
+    ),
+    frames: bool = typer.Option(
+        False,
+        "--frames",
+        help="The IMAGE... arguments (files, or one folder) are one clip's frames, in order.",
+    ),
     *,
     common: dict[str, Any],
 ) -> None:
-    """Ask a question about one or more images and watch the model think.
+    """Ask a question about one or more images, or a clip, and watch the model think.
 
-    The last argument is the question; every other argument (and each -a) is an image.
+    The last argument is the question; every other argument (and each -a) is an image, or one clip
+    (sampled by time: --fps, --max-frames, --video-tokens), or with --frames one clip's frames.
 
     On a terminal a live panel shows the thought, its budget and the answer; piped, the thought goes to
     stderr and the answer to stdout. Ctrl-C stops and keeps what was produced (exit code 130).
@@ -521,9 +542,15 @@ def ask(
 
       qvq ask chart.png "Which bar?" --backend openai --base-url http://gpu-box:8000/v1 -m Qwen/QVQ-72B-Preview
       qvq ask geometry.png "Find x." --samples 4 --think-budget 2048
+
+      qvq ask clip.mp4 "What happens after the ball hits the fan?" --fps 1 --video-tokens 2048
+
+      qvq ask --frames shots/ "What changed between the first and the last shot?"
     """
     from qvq_local.ask_cmd import AskRequest, run_ask
 
+    # a clip's sampling: qvq ask's own (qvq batch asks about images)
+    clip_options = {"fps": fps, "max_frames": max_frames, "video_tokens": video_tokens}
     code = run_ask(
         AskRequest(
             args=list(args or []),
@@ -531,7 +558,8 @@ def ask(
             as_json=as_json,
             hide_thinking=hide_thinking,
             save=save,
-            **common,
+            frames=frames,
+            **{**common, "options": {**common["options"], **clip_options}},
         )
     )
     if code:
@@ -774,6 +802,11 @@ def bench(
         help=_CPU_BUFFERS_HELP,
     ),
     gpu_layers: str | None = typer.Option(None, "--gpu-layers", help=_GPU_LAYERS_HELP),
+    video: bool = typer.Option(
+        False,
+        "--video",
+        help="Also ask about a synthetic 10 s clip: frames, video tokens, decode-and-sample, encode, first token.",
+    ),
 ) -> None:
     """Measure speed and memory on this machine, side by side with the raw libraries and the bandwidth limit.
 
@@ -802,6 +835,7 @@ def bench(
         family=family,
         options=load_options,
         option_labels={name: flag(name) for name in load_options},
+        video=video,
     )
 
 

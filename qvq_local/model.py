@@ -93,6 +93,15 @@ class Model:
             family = family_for_model_type((getattr(self.loaded, "config", None) or {}).get("model_type"))
         return family or DEFAULT_FAMILY
 
+    @property
+    def machine_class(self) -> str:
+        """``"gpu"`` where this model's vision work runs on a GPU (its backend encodes images on one, Apple
+        Silicon, a remote server), else ``"cpu"``: the class a clip's default token budget follows
+        (:func:`qvq_local.video.video_token_default`).  The same fact as the image detail's default
+        (:meth:`machine`), so a clip and an image agree on where they are encoded."""
+        machine = self.machine()
+        return "gpu" if machine.encoder in ("gpu", "remote") or machine.apple_silicon else "cpu"
+
     def __repr__(self) -> str:
         return f"Model({self.name!r}, backend={self.backend!r}, quantization={self.quantization!r})"
 
@@ -119,7 +128,7 @@ class Model:
         return dict(hook(self.loaded)) if hook is not None and self.loaded is not None else {}
 
     # ------------------------------------------------------------------ one question
-    def stream(self, images: Any, question: str, **options: Any) -> Iterator[Event]:
+    def stream(self, images: Any, question: str, *, history: Any = None, **options: Any) -> Iterator[Event]:
         """Ask ``question`` about ``images`` (paths or :class:`~qvq_local.images.PreparedImage`); yield events
         as they come (:func:`qvq_local.question.stream_question` runs the question).
 
@@ -137,21 +146,31 @@ class Model:
         ``Finished`` Result is the majority ``\\boxed{}`` answer's chain with every chain under ``chains``
         (:mod:`qvq_local.chains`; the backends with the registry's ``chains`` capability).  ``max_tokens``
         caps thought and answer together.
+        ``history``: the turns of the conversation before this question (:class:`qvq_local.conversation.Turn`,
+        or dicts with ``role``, ``text`` and ``images``): user turns with their images, assistant turns
+        with their replies, of which the model is shown the answer alone (the reasoning dropped, as Qwen's
+        templates drop it).  ``images`` may then be empty when earlier turns hold the images.  Their images
+        stay in the prefix cache, so a follow-up about the same image does not encode it again.  The
+        budgets are this question's.  (QVQ-72B-Preview was trained for single-round dialogue; later turns
+        are answered all the same.)
         The options become one :class:`qvq_local.settings.AskSettings` (:meth:`~AskSettings.build`),
         checked there (``InputError`` before anything runs; an unknown option is a ``TypeError``).  The
         last event is always ``Finished``.
         """
         from qvq_local.settings import AskSettings
 
-        return self.stream_settings(images, question, AskSettings.build(options))
+        return self.stream_settings(images, question, AskSettings.build(options), history=history)
 
-    def stream_settings(self, images: Any, question: str, settings: AskSettings) -> Iterator[Event]:
+    def stream_settings(
+        self, images: Any, question: str, settings: AskSettings, *, history: Any = None
+    ) -> Iterator[Event]:
         """:meth:`stream` with its options already built and checked (:class:`qvq_local.settings.AskSettings`).
 
         The images are bounded by :meth:`image_bound` (``settings.max_pixels``, else ``settings.detail``,
         else this model's own, else this machine's default level).
         """
         from qvq_local import lang
+        from qvq_local.conversation import check_history
         from qvq_local.settings import check_text
 
         if self.loaded is None:
@@ -159,10 +178,13 @@ class Model:
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty")
         check_text(question, "the question")
+        turns = check_history(history)
+        for i, turn in enumerate(turns):
+            check_text(turn.text, f"history[{i}]")
         lock = lang.decide(question, settings.lang_lock)
         bound = self.image_bound(settings)
         settings = replace(settings, max_pixels=bound.max_pixels)
-        return stream_question(self, images, question, settings, lock, bound)
+        return stream_question(self, images, question, settings, lock, bound, turns)
 
     def image_bound(self, settings: AskSettings | None = None) -> ImageBound:
         """How a question's images are bounded on this model's grid (:mod:`qvq_local.detail`): the
@@ -217,7 +239,7 @@ class Model:
         return mask, {"scripts": sorted(lock.allowed), "masked": mask.label, "masked_tokens": len(mask)}
 
     def ask(self, images: Any, question: str, **options: Any) -> Result:
-        """Ask and wait: the same options as :meth:`stream`; returns the final :class:`Result`.
+        """Ask and wait: the same options (and ``history``) as :meth:`stream`; returns the final :class:`Result`.
 
         On Ctrl-C the ``KeyboardInterrupt`` propagates with the partial result as its ``result`` attribute.
         """

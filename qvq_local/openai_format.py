@@ -74,6 +74,7 @@ def completion_dict(result: Result, *, created: int | None = None, completion_id
                 for i in result.images
             ],
             "settings": result.settings,
+            **({"clip": clip_dict(result.clip)} if result.clip is not None else {}),
             **(
                 {"chains": [c.to_dict() for c in result.chains], "vote": result.vote} if result.chains else {}
             ),
@@ -81,4 +82,20 @@ def completion_dict(result: Result, *, created: int | None = None, completion_id
     }
 
 
-__all__ = ["FINISH_REASON", "completion_dict"]
+def clip_dict(clip) -> dict:
+    """A clip in ``--json`` and the server's ``qvq`` field: the sampled timestamps and what they cost."""
+    return {
+        "path": clip.path,
+        "mode": clip.mode,
+        "duration_s": clip.duration_s,
+        "timestamps": list(clip.timestamps),
+        "frames": clip.frames,
+        "source_size": list(clip.source_size),
+        "frame_size": list(clip.frame_size),
+        "tokens": clip.tokens,
+        "decode_s": clip.decode_s,
+        "notes": list(clip.notes),
+    }
+
+
+__all__ = ["FINISH_REASON", "clip_dict", "completion_dict"]

@@ -24,6 +24,10 @@ from types import MappingProxyType
 from qvq_local.backends.base import SamplingParams
 from qvq_local.budgets import DEFAULT_ANSWER_BUDGET
 from qvq_local.errors import InputError
+from qvq_local.video import VideoOptions
+
+#: A clip's sampling options, given flat (``fps=1``) and kept as one :class:`~qvq_local.video.VideoOptions`.
+VIDEO_OPTIONS = ("fps", "max_frames", "video_tokens")
 
 #: The largest top-k (llama.cpp takes a 32-bit int) and seed (llama.cpp's sampler seeds are 32-bit).
 MAX_TOP_K = 2**31 - 1
@@ -45,6 +49,9 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "samples": "--samples",
         "seed": "--seed",
         "system": "--system",
+        "fps": "--fps",
+        "max_frames": "--max-frames",
+        "video_tokens": "--video-tokens",
     }
 )
 #: How the Python API spells them (``None``: the owning module's own wording, here the language lock's).
@@ -97,6 +104,8 @@ class AskSettings:
     #: thinking is cut early enough to leave the answer room under it.  None: no cap of its own.
     max_tokens: int | None = None
     samples: int = 1  # reasoning chains decoded together from one prefill; their boxed answers vote
+    #: how a clip is sampled (``fps``, ``max_frames``, ``video_tokens``, given flat: :data:`VIDEO_OPTIONS`)
+    video: VideoOptions = field(default_factory=VideoOptions)
     labels: Mapping[str, str | None] = field(default_factory=lambda: API_LABELS, compare=False, repr=False)
 
     @classmethod
@@ -106,17 +115,25 @@ class AskSettings:
         """The settings from options by the names ``Model.stream`` and ``qvq ask`` take: this type's fields,
         with the sampling ones (:data:`SAMPLING_OPTIONS`) given flat; a name not given keeps its default
         (``answer_budget=None`` is given: no answer budget of its own).  An unknown name is a ``TypeError`` naming it, as for any Python call."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"sampling", "labels"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"sampling", "labels", "video"}
         values: dict = {}
         sampling: dict = {}
+        video: dict = {}
         for name, value in options.items():
             if name in SAMPLING_OPTIONS:
                 sampling[name] = value
+            elif name in VIDEO_OPTIONS:
+                video[name] = value
             elif name in fields:
                 values[name] = value
             else:
                 raise TypeError(f"unexpected option {name!r} for a question (known: {', '.join(_names())})")
-        return cls(**values, sampling=SamplingParams(**sampling), labels=labels or API_LABELS)
+        return cls(
+            **values,
+            sampling=SamplingParams(**sampling),
+            video=VideoOptions(**video),
+            labels=labels or API_LABELS,
+        )
 
     def __post_init__(self) -> None:
         from qvq_local import lang
@@ -134,6 +151,7 @@ class AskSettings:
             self._set(name, value)
         for name in ("system", "forced_text"):
             check_text(getattr(self, name), label(name))
+        self.video.check()
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or not 1 <= self.samples <= 64:
             raise InputError(f"{label('samples')} must be a whole number from 1 to 64, got {self.samples!r}")
         s = self.sampling
@@ -210,8 +228,8 @@ SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
 def _names() -> list[str]:
-    own = [f.name for f in dataclasses.fields(AskSettings) if f.name not in ("sampling", "labels")]
-    return [*own, *SAMPLING_OPTIONS]
+    own = [f.name for f in dataclasses.fields(AskSettings) if f.name not in ("sampling", "labels", "video")]
+    return [*own, *SAMPLING_OPTIONS, *VIDEO_OPTIONS]
 
 
 __all__ = ["API_LABELS", "CLI_LABELS", "SAMPLING_OPTIONS", "AskSettings", "check_text"]

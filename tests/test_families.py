@@ -236,7 +236,14 @@ def test_the_guard_sees_literals_and_only_literals(source, found):
 
 
 #: Methods the base class implements once for every family, from the family's own attributes.
-_SHARED_METHODS = {"matches_config", "image_grid", "image_tokens", "is_vision_tensor"}
+_SHARED_METHODS = {
+    "matches_config",
+    "image_grid",
+    "image_tokens",
+    "is_vision_tensor",
+    "takes_video",
+    "video_time_scale",
+}
 
 
 def test_every_family_fills_the_whole_interface():

@@ -848,3 +848,92 @@ def test_a_client_that_leaves_mid_body_is_no_server_error(served):
         logger.removeHandler(handler)
     assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage() for r in records]
     assert httpx.get(served.base_url.replace("/v1", "/health")).status_code == 200
+
+
+# ------------------------------------------------------------------ issue 24: chat front-ends (earlier turns)
+
+
+def test_a_three_turn_conversation_through_the_openai_client(served, client, sample_image):
+    """What every chat front-end does: the whole conversation each turn.  Each turn answers as the Python
+    API answers the same conversation; turns 2 and 3 start from turn 1's image prefix in memory and encode
+    no image again; the thought of an earlier reply sent back is dropped before the model sees it."""
+    from qvq_local.conversation import Turn
+    from qvq_local.prefix_cache import MemoryCache
+
+    _wait_idle(served)
+    served.model.prefix_cache = MemoryCache()  # empty: turn 1 is a fresh prefill
+    served.slow.encoded.clear()
+    served.slow.prompts.clear()
+    questions = ["Which bar is the highest?", "And the lowest?", "How many bars are there?"]
+    messages = _messages(sample_image, questions[0])
+    replies = []
+    for turn, question in enumerate(questions):
+        if turn:
+            previous = replies[-1].choices[0].message
+            content = previous.content
+            if turn == 2:  # a client that sends the whole reply back, thought and QVQ's marker included
+                content = previous.model_extra["reasoning_content"] + "\n\n**Final Answer**\n\n" + content
+            messages += [{"role": "assistant", "content": content}, {"role": "user", "content": question}]
+        replies.append(
+            client.chat.completions.create(model=served.model.name, messages=messages, extra_body=BUDGET)
+        )
+    # the model saw turn 2's reply as its answer alone: the thought the client sent back was dropped
+    thought, answer = (
+        replies[1].choices[0].message.model_extra["reasoning_content"],
+        replies[1].choices[0].message.content,
+    )
+    last_prompt = served.slow.prompts[-1]
+    assert f"<|im_start|>assistant\n{answer}<|im_end|>" in last_prompt and thought not in last_prompt
+    sources = [r.model_extra["qvq"]["settings"]["prefix_cache"]["source"] for r in replies]
+    assert sources == ["fresh", "memory", "memory"]
+    assert served.slow.encoded[-3:] == [1, 0, 0]  # turn 1's image was encoded once, in turn 1
+    # the same conversation through the API (earlier assistant turns as answers only)
+    history: list = []
+    for turn, question in enumerate(questions):
+        reply = replies[turn]
+        own = [sample_image] if turn == 0 else []
+        ref = served.model.ask(own, question, history=history, think_budget=16, answer_budget=8, seed=1)
+        assert reply.choices[0].message.content == ref.answer, turn
+        assert reply.choices[0].message.model_extra["reasoning_content"] == ref.thought, turn
+        assert reply.model_extra["qvq"]["stop_reason"] == ref.stop_reason
+        assert ref.thought_tokens <= 16 + 32  # the budget applies to the new turn only
+        history += [Turn.user(question, own), Turn.assistant(ref.answer)]
+
+
+@pytest.mark.parametrize(
+    ("conversation", "param", "words"),
+    [
+        ([("user", "q"), ("assistant", "a")], "messages[1]", "ends with an assistant message"),
+        ([("user", "q"), ("assistant", ""), ("user", "q2")], "messages[1]", "the assistant turn is empty"),
+        ([("user", ""), ("assistant", "a"), ("user", "q2")], "messages[0]", "the user turn is empty"),
+        (
+            [("user", "q"), ("assistant", "IMAGE"), ("user", "q2")],
+            "messages[1].content[0]",
+            "images belong in user",
+        ),
+        ([("user", "q"), ("tool", "x"), ("user", "q2")], "messages[1]", "tool messages are not supported"),
+    ],
+)
+def test_malformed_conversations_are_400_in_one_line(
+    served, client, sample_image, conversation, param, words
+):
+    image_part = {"type": "image_url", "image_url": {"url": data_uri(sample_image)}}
+    messages = []
+    for i, (role, text) in enumerate(conversation):
+        if text == "IMAGE":
+            content = [image_part, {"type": "text", "text": "look"}]
+        elif role == "user" and i == 0 and text:
+            content = [image_part, {"type": "text", "text": text}]
+        else:
+            content = text
+        messages.append({"role": role, "content": content})
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=served.model.name, messages=messages, extra_body=BUDGET)
+    body = err.value.body
+    assert err.value.status_code == 400 and body["param"] == param, body
+    assert words in body["message"] and "\n" not in body["message"]
+
+
+def test_models_lists_the_context(served, client):
+    (card,) = client.models.list().data
+    assert card.model_extra["max_model_len"] == served.model.context_length > 0

@@ -32,13 +32,21 @@ LOCAL_KV_CACHE = "local_kv_cache"
 #: encodes images itself (vision tower in process)
 IMAGE_ENCODING = "image_encoding"
 #: talks to a server instead of loading weights here: ``open_model`` gets the model's name there (or None),
-#: ``auto`` never picks it, and the places that measure this machine (bench, self-test) leave it out
+#: ``auto`` never picks it, and the places that measure this machine (bench, self-test) leave it out.  Its
+#: loaded model's ``context_length`` is what the server states (0: none); its sessions' ``sampling`` holds
+#: what they send (a field None is not sent: the server's default), ``request_report()`` how the question
+#: was put (a dict for ``settings["remote"]``) and ``token_counts(thought, answer)`` the counts to report
+#: (the server's usage where it sent one; ``.how`` says which)
 REMOTE = "remote"
 #: ``session.prefill(prompt, keep_prefix=True)`` then ``session.prefix_state``, and
 #: ``session.prefill(prompt, prefix=state)``: the image prefix's KV state is exported and restored
 #: (qvq_local.prefix_cache); ``loaded.prefix_identity()`` -> ``{"files": [...], ...}``: the model files
 #: besides its main path and the facts of how its KV cache is computed, which a saved state must match
 PREFIX_STATE = "prefix_state"
+#: with ``prefix_state``: ``session.prefill(prompt, prefix=state, keep_prefix=True)`` also takes a state
+#: that ends at an earlier image of the prompt (an earlier turn of a conversation): it is restored, only the
+#: later images are encoded, and ``session.prefix_state`` is then the state at the prompt's last image
+PARTIAL_PREFIX = "partial_prefix"
 #: ``loaded.new_session(sampling, n_ctx=, n_seq=N)`` then ``session.fork(N)``: N reasoning chains from one
 #: prefill, decoded in one batch (``--samples``)
 CHAINS = "chains"
@@ -53,6 +61,9 @@ SERVER_BUDGET = "server_budget"
 #: sessions read ``Prompt.chat`` (the question, system prompt and budgets, for a server that applies its
 #: own chat template) rather than the templated ``Prompt.text``
 CHAT_MESSAGES = "chat_messages"
+#: sessions take ``Prompt.clip`` (a :class:`qvq_local.video.Clip`, its prompt holding one video block) as
+#: video natively; without it a clip goes in as frames, one image each with its time before it
+VIDEO_INPUT = "video_input"
 
 CAPABILITIES = frozenset(
     {
@@ -60,11 +71,13 @@ CAPABILITIES = frozenset(
         IMAGE_ENCODING,
         REMOTE,
         PREFIX_STATE,
+        PARTIAL_PREFIX,
         CHAINS,
         TOKENIZER,
         VOCABULARY,
         SERVER_BUDGET,
         CHAT_MESSAGES,
+        VIDEO_INPUT,
     }
 )
 
@@ -302,7 +315,9 @@ register(
         modules=("mlx", "mlx_vlm"),
         distributions=("mlx", "mlx-vlm"),
         install_hint="pip install 'qvq-local[mlx]'",
-        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY}),
+        capabilities=frozenset(
+            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY, VIDEO_INPUT}
+        ),
         hooks={RUN_FACTS: "qvq_local.backends.mlx:run_facts"},
         apple_silicon_first=True,
     )
@@ -319,7 +334,9 @@ register(
         modules=("llama_cpp",),
         distributions=("llama-cpp-python",),
         install_hint="pip install 'qvq-local[llama]'",
-        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY}),
+        capabilities=frozenset(
+            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, PARTIAL_PREFIX, CHAINS, TOKENIZER, VOCABULARY}
+        ),
         hooks={
             MACHINE_FACTS: "qvq_local.backends.llama_buffers:machine_facts",
             LOAD_NOTICES: "qvq_local.backends.llama_buffers:load_notices",
@@ -337,7 +354,7 @@ register(
         module="qvq_local.backends.openai_remote",
         options=OpenAIOptions,
         install_hint="nothing to install (the openai backend uses the standard library)",
-        capabilities=frozenset({REMOTE, SERVER_BUDGET, CHAT_MESSAGES}),
+        capabilities=frozenset({REMOTE, SERVER_BUDGET, CHAT_MESSAGES, VIDEO_INPUT}),
     )
 )
 

@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 
 from qvq_local import strict_json
 from qvq_local.serve import schema
-from qvq_local.serve.media import DecodeBudget, Limits, check_count, load_images
+from qvq_local.serve.media import DecodeBudget, Limits, check_count, check_videos, load_clip, load_images
 from qvq_local.serve.worker import END, Job, QueueFull, Stopping, Worker
 
 log = logging.getLogger("qvq.serve")
@@ -69,6 +69,27 @@ def _settings_for(request: schema.ChatRequest, model: Any):
         )
     except InputError as err:
         raise schema.ApiError(400, str(err)) from None
+
+
+def _sampled_clip(model: Any, ref: Any, limits: Limits, budget: DecodeBudget):
+    """A request's clip, sampled for ``model`` (natively or as frames, as a question will take it), as the
+    :class:`~qvq_local.video_prompt.ClipInput` its question is asked about."""
+    from qvq_local.backends import registry
+    from qvq_local.video import VideoOptions
+    from qvq_local.video_prompt import ClipInput, goes_in_natively, temporal_patch
+
+    family = model.family
+    native = goes_in_natively(family, model.name, model.spec.has(registry.VIDEO_INPUT))
+    clip = load_clip(
+        ref,
+        limits,
+        VideoOptions(),
+        family=family,
+        temporal_patch=temporal_patch(family, native),
+        machine=model.machine_class,
+        budget=budget,
+    )
+    return ClipInput(path=clip.path, sampled=clip)
 
 
 def create_app(model: Any, options: ServeOptions | None = None):
@@ -127,10 +148,10 @@ def create_app(model: Any, options: ServeOptions | None = None):
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": model.name, "object": "model", "created": 0, "owned_by": "qvq-local"}],
-        }
+        card = {"id": model.name, "object": "model", "created": 0, "owned_by": "qvq-local"}
+        if model.context_length:
+            card["max_model_len"] = model.context_length  # vLLM's field: what a client may plan with
+        return {"object": "list", "data": [card]}
 
     async def read_body(request: Request) -> dict:
         limit = options.limits.max_body_bytes
@@ -162,9 +183,24 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 code="model_not_found",
             )
         settings = _settings_for(parsed, model)
-        if not parsed.images:
-            raise schema.ApiError(400, "no image in the user message: QVQ answers questions about images")
-        check_count(parsed.images, options.limits)
+        refs = parsed.all_images()  # the earlier turns' images too: the prompt shows them again
+        if not refs and not parsed.videos:
+            raise schema.ApiError(
+                400, "no image or clip in the conversation: QVQ answers questions about images and clips"
+            )
+        if parsed.images and parsed.videos:
+            raise schema.ApiError(
+                400, "a clip and images together: ask about the clip, or about the images", param="messages"
+            )
+        if parsed.videos and parsed.history:
+            raise schema.ApiError(
+                400,
+                "a clip is asked about in a conversation's first turn only: send it without the earlier turns",
+                param="messages",
+                code="unsupported_conversation",
+            )
+        check_count(refs, options.limits)
+        check_videos(parsed.videos, options.limits)
         # admission before any cost: a full queue answers 429 at once, with no image fetched or decoded
         try:
             ticket = worker.reserve()
@@ -179,13 +215,20 @@ def create_app(model: Any, options: ServeOptions | None = None):
         except Stopping:
             raise _shutting_down() from None
         try:
-            images = await asyncio.to_thread(
-                load_images, parsed.images, options.limits, model.max_pixels, decode_budget
-            )
+            if parsed.videos:
+                images = await asyncio.to_thread(
+                    _sampled_clip, model, parsed.videos[0], options.limits, decode_budget
+                )
+                history = parsed.history
+            else:
+                loaded = await asyncio.to_thread(
+                    load_images, refs, options.limits, model.max_pixels, decode_budget
+                )
+                history, images = _with_images(parsed.history, loaded)
 
             def events():
                 system = _with_system(settings, parsed.system)
-                return iter(model.stream_settings(images, parsed.question, system))
+                return iter(model.stream_settings(images, parsed.question, system, history=history))
 
             job = Job(make_events=events, loop=asyncio.get_running_loop())
             try:
@@ -212,6 +255,19 @@ def create_app(model: Any, options: ServeOptions | None = None):
         return out
 
     return app
+
+
+def _with_images(history: tuple, images: list) -> tuple[tuple, list]:
+    """The earlier turns with their images loaded (``images``: the conversation's, in order, as
+    :meth:`schema.ChatRequest.all_images` lists them), and the question's own images, the rest."""
+    from dataclasses import replace
+
+    turns, at = [], 0
+    for turn in history:
+        n = len(turn.images)
+        turns.append(replace(turn, images=tuple(images[at : at + n])))
+        at += n
+    return tuple(turns), images[at:]
 
 
 def _with_system(settings, system: str | None):
