@@ -857,7 +857,13 @@ def serve(
     queue: int = typer.Option(8, "--queue", help="Requests that may wait for the model; more get 429."),
     backend: str | None = typer.Option(None, "--backend", help=f"{registry.choices()} (default auto)."),
     max_pixels: int | None = typer.Option(
-        None, "--max-pixels", help="Shrink each image to this many pixels."
+        None, "--max-pixels", help="Shrink each image to this many pixels; wins over --detail."
+    ),
+    detail: str | None = typer.Option(
+        None,
+        "--detail",
+        help="low | medium | high | max | auto: the image detail of a request that does not set it in its"
+        " image part (image_url.detail, or image_url.max_pixels); default auto, this machine's (qvq doctor).",
     ),
     max_images: int | None = typer.Option(
         None, "--max-images", help="Images one request may carry (default 4)."
@@ -879,6 +885,10 @@ def serve(
       qvq serve -m QVQ-72B-Preview-gguf-q4_k_m --port 8000
 
       curl localhost:8000/v1/chat/completions -d '{"messages": [...], "thinking_budget": 512, "stream": true}'
+
+    A request's image part may set its own detail as OpenAI's do, {"type": "image_url", "image_url":
+    {"url": "data:...", "detail": "high"}} (low | medium | high | max | auto), or a pixel bound with
+    "max_pixels"; the result's settings.detail says which bound was used and where it came from.
     """
     from qvq_local.serve import serve as run_server
 
@@ -890,6 +900,7 @@ def serve(
         queue=queue,
         backend=backend or "auto",
         max_pixels=max_pixels,
+        detail=detail,
         max_images=max_images,
         gpu_layers=gpu_layers,
         allow_image_urls=allow_image_urls,
