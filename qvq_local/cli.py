@@ -603,8 +603,8 @@ def batch(
     Each row holds the thought, the answer, the \\boxed{} value, the stop reason, timings, tokens, the
     settings (with the image detail and whether the image's encoded prefix was reused) and an error (a
     missing, corrupt or too large image is an error row, never the end of the run). Ctrl-C stops after
-    the item in flight (exit code 130); run the same command again to go on. Every `qvq ask` option
-    applies to each item; an image asked about again reuses its encoded prefix.
+    the item in flight (exit code 130); run the same command again to go on. Every question option of `qvq ask`
+    (not its clip options) applies to each item; an image asked about again reuses its encoded prefix.
 
     Examples:
 
