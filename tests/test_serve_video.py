@@ -248,3 +248,28 @@ def test_the_remote_backend_carries_a_clip_to_qvq_serve(served_mlx, ball):
     assert result.clip is not None and result.clip.mode == "video"
     assert result.clip.timestamps == [0.0, 1.3, 2.6, 3.9]
     assert result.answer or result.thought
+
+
+def test_a_clip_in_an_earlier_turn_is_400_naming_it():
+    """Video is asked about in one turn: a clip in an earlier user message of a conversation is refused,
+    naming its part; in the last user message it parses, with the earlier turns kept."""
+    clip_turn = {
+        "role": "user",
+        "content": [PARTS["vllm_video_url"], {"type": "text", "text": "What happens?"}],
+    }
+    body = {
+        "messages": [
+            clip_turn,
+            {"role": "assistant", "content": "A ball rolls."},
+            {"role": "user", "content": "Why?"},
+        ]
+    }
+    with pytest.raises(ApiError) as info:
+        parse_chat_request(body)
+    assert info.value.status == 400 and info.value.param == "messages[0].content[0]"
+    assert "last user message only" in info.value.message
+    body = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, clip_turn]
+    }
+    req = parse_chat_request(body)
+    assert len(req.videos) == 1 and len(req.history) == 2 and req.question == "What happens?"

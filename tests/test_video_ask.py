@@ -130,3 +130,21 @@ def test_bad_video_options_are_one_line(clip_path, tmp_path):
         result = _ask(str(clip_path), QUESTION, flag, value, "-m", str(tmp_path / "none"))
         assert result.exit_code == 2, result.output
         assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.llama
+def test_a_clip_with_earlier_turns_is_one_line(clip_path, tiny_gguf_f32):
+    """Video is asked about in one turn: the API refuses a clip after earlier turns before any prefill."""
+    from qvq_local import load
+    from qvq_local.conversation import Turn
+    from qvq_local.errors import InputError
+
+    model = load(str(tiny_gguf_f32.model), backend="llama")
+    try:
+        history = [Turn.user("What is this?"), Turn.assistant("A ball.")]
+        with pytest.raises(InputError) as raised:
+            model.ask(str(clip_path), QUESTION, history=history, think_budget=4, answer_budget=2)
+        message = str(raised.value)
+        assert "a clip is asked about in a conversation's first turn only" in message and "\n" not in message
+    finally:
+        model.close()
