@@ -71,6 +71,33 @@ def _settings_for(request: schema.ChatRequest, model: Any):
         raise schema.ApiError(400, str(err)) from None
 
 
+def _image_settings(settings: Any, ref: schema.ImageRef) -> Any:
+    """``settings`` with one image part's ``detail`` and ``max_pixels`` (named by the part in messages and
+    in the result's ``settings.detail.source``); unchanged when the part gives neither."""
+    from dataclasses import replace
+
+    if ref.detail is None and ref.max_pixels is None:
+        return settings
+    labels = {
+        **settings.labels,
+        "detail": f"{ref.where}.image_url.detail",
+        "max_pixels": f"{ref.where}.image_url.max_pixels",
+    }
+    return replace(settings, detail=ref.detail, max_pixels=ref.max_pixels, labels=labels)
+
+
+def _image_bounds(settings: Any, refs: list[schema.ImageRef], model: Any) -> tuple[Any, list]:
+    """Each image's bound (its part's ``detail`` / ``max_pixels``, else the server's: the model's own, else
+    the machine's default level), and the question's settings with the widest of them, the bound that
+    holds every image of the prompt (what its ``settings.detail`` reports and the context is sized for)."""
+    per_image = [_image_settings(settings, ref) for ref in refs]
+    bounds = [model.image_bound(s) for s in per_image]
+    if bounds:
+        widest = max(range(len(bounds)), key=lambda i: bounds[i].max_pixels)
+        settings = per_image[widest]
+    return settings, bounds
+
+
 def _sampled_clip(model: Any, ref: Any, limits: Limits, budget: DecodeBudget):
     """A request's clip, sampled for ``model`` (natively or as frames, as a question will take it), as the
     :class:`~qvq_local.video_prompt.ClipInput` its question is asked about."""
@@ -201,6 +228,7 @@ def create_app(model: Any, options: ServeOptions | None = None):
             )
         check_count(refs, options.limits)
         check_videos(parsed.videos, options.limits)
+        settings, bounds = _image_bounds(settings, refs, model)
         # admission before any cost: a full queue answers 429 at once, with no image fetched or decoded
         try:
             ticket = worker.reserve()
@@ -221,9 +249,7 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 )
                 history = parsed.history
             else:
-                loaded = await asyncio.to_thread(
-                    load_images, refs, options.limits, model.max_pixels, decode_budget
-                )
+                loaded = await asyncio.to_thread(load_images, refs, options.limits, bounds, decode_budget)
                 history, images = _with_images(parsed.history, loaded)
 
             def events():
