@@ -30,13 +30,15 @@ class AskRequest:
     ``options``: the question's, by :meth:`qvq_local.settings.AskSettings.build`'s names (``think_budget``,
     ``temperature``...); :func:`build_settings` makes the question's settings of them.  ``load_options``:
     the backend's load options by name (``gpu_layers``, ``base_url``...), checked by the chosen backend's
-    own type when the model is loaded.  The rest (images, model, output) is this command's own.
+    own type when the model is loaded.  ``mmproj``: a GGUF model's vision projector (``--mmproj``).  The
+    rest (images, model, output) is this command's own.
     """
 
     args: list[str] = field(default_factory=list)  # IMAGE... QUESTION
     attach: list[str] = field(default_factory=list)
     model: str | None = None
     backend: str | None = None
+    mmproj: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     load_options: dict[str, Any] = field(default_factory=dict)
     as_json: bool = False
@@ -87,12 +89,16 @@ def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
 
 
 #: The question's options ``qvq config`` has defaults for (the rest default to AskSettings' own).
-STORED_DEFAULTS = ("think_budget", "answer_budget", "max_pixels")
+STORED_DEFAULTS = ("think_budget", "answer_budget", "max_pixels", "detail")
+#: Options that say one thing together, the images' bound: one given on the command line keeps the others'
+#: stored defaults out (``--detail high`` is not overruled by a stored ``max_pixels``).
+IMAGE_BOUND = ("max_pixels", "detail")
 
 
 def build_settings(request: AskRequest) -> AskSettings:
     """The one settings object of this question: the options given, then ``qvq config``'s defaults for
-    those left out, checked once.
+    those left out, checked once.  The images' bound (``--max-pixels``, ``--detail``) is one choice: when
+    either is given, neither comes from the settings; within one place, a pixel bound wins over a level.
 
     A value that came from the options is named by its flag in a message (``--think-budget must be above
     0``), one that came from the settings file by its key (``the think_budget setting must be above 0``).
@@ -103,7 +109,12 @@ def build_settings(request: AskRequest) -> AskSettings:
 
     labels = dict(CLI_LABELS)
     values = dict(request.options)
-    missing = [name for name in STORED_DEFAULTS if values.get(name) is None]
+    bound_given = any(values.get(name) is not None for name in IMAGE_BOUND)
+    missing = [
+        name
+        for name in STORED_DEFAULTS
+        if values.get(name) is None and not (bound_given and name in IMAGE_BOUND)
+    ]
     if missing:
         stored = config.effective()
         for name in missing:
@@ -150,10 +161,15 @@ def _make_renderer(request: AskRequest, model: Any):
     return PlainRenderer(sys.stdout, sys.stderr, hide_thinking=request.hide_thinking)
 
 
-def _load_model(request: AskRequest, how: LoadRequest, settings: AskSettings):
+def load_model(request: AskRequest, how: LoadRequest):
+    """Load the model as ``qvq ask`` does (a spinner on a terminal, the backend's notices after); the
+    question's settings bound its images, so the model gets no bound of its own here."""
     from qvq_local.api import load
 
-    kw = {"backend": how.backend, "max_pixels": settings.max_pixels, "labels": how.labels, **how.options}
+    kw: dict[str, Any] = {"backend": how.backend, "labels": dict(how.labels), **how.options}
+    if request.mmproj is not None:
+        kw["mmproj"] = request.mmproj
+        kw["labels"]["mmproj"] = "--mmproj"
     if sys.stderr.isatty() and not request.as_json:
         from rich.console import Console
 
@@ -273,7 +289,7 @@ def _ask_loaded(
     from qvq_local.driver import drive
 
     try:
-        model = _load_model(request, how, settings)
+        model = load_model(request, how)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     if sigint.set:  # Ctrl-C while the model loaded, swallowed inside a C callback

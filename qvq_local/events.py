@@ -70,6 +70,9 @@ class Started:
     answer_budget: int | None
     image_encode_s: float = 0.0
     prefill_s: float = 0.0
+    #: how the images were bounded, for headers: the detail level and its token budget, and where it
+    #: comes from ("detail high (<= 1,280 image tokens; default: CUDA GPU encodes the images)")
+    detail: str = ""
     clip: ClipInfo | None = None
     kind: Literal["started"] = "started"
 

@@ -27,11 +27,32 @@ FINISH_REASON = {
 }
 
 
-def completion_dict(result: Result, *, created: int | None = None, completion_id: str | None = None) -> dict:
-    """``result`` as an OpenAI-style ``chat.completion`` object with a separate reasoning field."""
+def new_id() -> str:
+    """A completion's id, as OpenAI's look (``chatcmpl-...``)."""
+    return f"chatcmpl-qvq-{uuid.uuid4().hex[:24]}"
+
+
+def finish_reason(result: Result) -> str:
+    return FINISH_REASON.get(result.stop_reason, "stop")
+
+
+def usage_dict(result: Result) -> dict:
+    """``usage`` of a completion: OpenAI's counts, the reasoning tokens among them, and qvq's split."""
     completion = result.thought_tokens + result.answer_tokens
     return {
-        "id": completion_id or f"chatcmpl-qvq-{uuid.uuid4().hex[:24]}",
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": result.prompt_tokens + completion,
+        "reasoning_tokens": result.thought_tokens,
+        "answer_tokens": result.answer_tokens,
+        "completion_tokens_details": {"reasoning_tokens": result.thought_tokens},
+    }
+
+
+def completion_dict(result: Result, *, created: int | None = None, completion_id: str | None = None) -> dict:
+    """``result`` as an OpenAI-style ``chat.completion`` object with a separate reasoning field."""
+    return {
+        "id": completion_id or new_id(),
         "object": "chat.completion",
         "created": int(time.time()) if created is None else created,
         "model": result.model,
@@ -43,17 +64,10 @@ def completion_dict(result: Result, *, created: int | None = None, completion_id
                     "content": result.answer,
                     "reasoning_content": result.thought,
                 },
-                "finish_reason": FINISH_REASON.get(result.stop_reason, "stop"),
+                "finish_reason": finish_reason(result),
             }
         ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion,
-            "reasoning_tokens": result.thought_tokens,
-            "answer_tokens": result.answer_tokens,
-            "completion_tokens_details": {"reasoning_tokens": result.thought_tokens},
-        },
+        "usage": usage_dict(result),
         "qvq": {
             "boxed": result.boxed,
             "stop_reason": result.stop_reason,
@@ -98,4 +112,4 @@ def clip_dict(clip) -> dict:
     }
 
 
-__all__ = ["FINISH_REASON", "clip_dict", "completion_dict"]
+__all__ = ["FINISH_REASON", "clip_dict", "completion_dict", "finish_reason", "new_id", "usage_dict"]

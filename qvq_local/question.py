@@ -52,15 +52,23 @@ from qvq_local.video_prompt import clip_prompt, prefix_key_part, split_media
 CLIP_TIME_TOKENS = 8
 
 if TYPE_CHECKING:  # pragma: no cover
+    from qvq_local.detail import ImageBound
     from qvq_local.settings import AskSettings
 
 
 def stream_question(
-    model: Any, images: Any, question: str, options: AskSettings, lock: Any, history: tuple[Turn, ...] = ()
+    model: Any,
+    images: Any,
+    question: str,
+    options: AskSettings,
+    lock: Any,
+    bound: ImageBound,
+    history: tuple[Turn, ...] = (),
 ) -> Iterator[Event]:
     """The events of one question on ``model`` (a :class:`qvq_local.model.Model`) about ``images``,
-    with its settings built and checked, ``options.max_pixels`` filled and the language lock decided
-    (``lock``: :func:`qvq_local.lang.decide`'s); the last event is always ``Finished``.
+    with its settings built and checked, the language lock decided (``lock``: :func:`qvq_local.lang.decide`'s)
+    and the images' bound resolved (``bound``: :meth:`qvq_local.model.Model.image_bound`'s, its detail level
+    or pixel bound on the family's grid); the last event is always ``Finished``.
 
     ``history``: the turns before the question, checked (:func:`qvq_local.conversation.check_history`).
     Their images come first in the prompt (``images`` may then be empty); the model sees each earlier
@@ -101,7 +109,9 @@ def stream_question(
             prepared = [] if clip.native else clip_frames(clip, loaded)
             text = clip.text
         else:
-            prepared = prepare_images(earlier + images, options.max_pixels, factor=family.image_factor)
+            prepared = prepare_images(
+                earlier + images, bound.max_pixels, factor=bound.factor, min_pixels=bound.min_pixels
+            )
             history = _answers_only(_with_images(history, prepared), markers)
             own = len(prepared) - len(earlier)  # the question's own images, after the earlier turns'
             text = build_prompt(
@@ -126,7 +136,7 @@ def stream_question(
             image_tokens,
             think_budget=options.think_budget,
             answer_budget=options.answer_budget,
-            max_pixels=options.max_pixels,
+            max_pixels=bound.max_pixels,
         )
         resolved = options.sampling.resolved(getattr(loaded, "generation_config", {}) or {}, family.sampling)
         # how thinking ends suits the model (its template) and the question (its language)
@@ -137,7 +147,8 @@ def stream_question(
             "think_budget": options.think_budget,
             "answer_budget": options.answer_budget,
             "max_thought_tokens": thought_cap,
-            "max_pixels": options.max_pixels,
+            "max_pixels": bound.max_pixels,
+            "detail": bound.as_dict(),
             "temperature": resolved.temperature,
             "top_p": resolved.top_p,
             "top_k": resolved.top_k,
@@ -213,11 +224,11 @@ def stream_question(
                 clip=clip.clip if clip is not None and clip.native else None,
                 image_labels=clip.labels if clip is not None and not clip.native else [],
             ),
-            _prefix_key(model, text, prepared, options.max_pixels, clip=clip),
+            _prefix_key(model, text, prepared, bound.max_pixels, clip=clip),
             model.prefix_cache,
             model.disk_cache,
             model.cache_notice,
-            earlier=_earlier_keys(model, text, prepared, options.max_pixels, len(earlier)),
+            earlier=_earlier_keys(model, text, prepared, bound.max_pixels, len(earlier)),
         )
         settings["prefix_cache"] = cached.as_dict()
         if stats.image_tokens_per_image and len(stats.image_tokens_per_image) == len(infos):
@@ -241,6 +252,7 @@ def stream_question(
             answer_budget=options.answer_budget,
             image_encode_s=stats.image_encode_s,
             prefill_s=stats.prefill_s,
+            detail=bound.label() if clip is None else "",  # a clip's frames follow its video tokens
             clip=clip.info if clip is not None else None,
         )
         tracker.see(started)

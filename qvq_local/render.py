@@ -3,7 +3,7 @@
 Three ways out, chosen by the CLI:
 
 * :class:`LiveRenderer` on a terminal: a Rich ``Live`` panel with a header (model, backend,
-  quantisation, images), the thought as a scrolling tail, a status line (thought tokens against the
+  quantisation, images, the image detail), the thought as a scrolling tail, a status line (thought tokens against the
   budget, tokens/s, elapsed), visible marks where the budget forced the answer or a loop was cut, then
   the answer as Markdown with the ``\\boxed{}`` answer highlighted and a one-line summary.  Events only
   touch data; Rich's refresh thread draws at most ``refresh_per_second`` times, so thousands of tokens
@@ -264,8 +264,10 @@ class PlainRenderer(Renderer):
     def handle(self, event: Event) -> None:
         if isinstance(event, Started):
             if not self.hide_thinking:
+                detail = f" · {event.detail}" if event.detail else ""
                 self._err_line(
-                    f"[{event.model} · {event.backend} · {event.quantization} · {media_line(event.images, event.clip)}]"
+                    f"[{event.model} · {event.backend} · {event.quantization} · {media_line(event.images, event.clip)}"
+                    f"{detail}]"
                 )
             for note in event.clip.notes if event.clip is not None else ():
                 self._err_line(f"note: {note}")
@@ -418,6 +420,7 @@ class LiveRenderer(Renderer):
         self.clip: ClipInfo | None = None
         self.prompt_tokens = 0
         self.prefill_s = 0.0
+        self.detail = ""  # how the images were bounded (Started.detail)
         self.think_budget: int | None = None
         self.answer_budget: int | None = None
         self.thought_tokens = 0
@@ -452,6 +455,7 @@ class LiveRenderer(Renderer):
                 self.clip = event.clip
                 self.prompt_tokens = event.prompt_tokens
                 self.prefill_s = event.prefill_s
+                self.detail = event.detail
                 self.think_budget, self.answer_budget = event.think_budget, event.answer_budget
                 self.phase = "thinking"
                 self._decode_t0 = time.monotonic()
@@ -556,6 +560,8 @@ class LiveRenderer(Renderer):
             details = f"{media_line(self.images, self.clip)} · prompt {self.prompt_tokens} tokens"
             if self.prefill_s:
                 details += f" · prefill {_fmt_seconds(self.prefill_s)}"
+            if self.detail:
+                details += f" · {self.detail}"
         else:
             details = "encoding image(s) and reading the prompt…"
         parts: list = [header, Text(details, style="dim")]

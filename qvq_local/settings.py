@@ -39,6 +39,7 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "think_budget": "--think-budget",
         "answer_budget": "--answer-budget",
         "max_pixels": "--max-pixels",
+        "detail": "--detail",
         "temperature": "--temperature",
         "top_p": "--top-p",
         "top_k": "--top-k",
@@ -60,6 +61,7 @@ API_LABELS: Mapping[str, str | None] = MappingProxyType(
         "think_budget": "the think budget",
         "answer_budget": "the answer budget",
         "max_pixels": "max_pixels",
+        "detail": "detail",
         "temperature": "temperature",
         "top_p": "top_p",
         "top_k": "top_k",
@@ -81,7 +83,9 @@ class AskSettings:
 
     ``think_budget``: thought tokens before the answer is forced (None: up to what the context holds).
     ``answer_budget``: answer tokens (None: no limit of its own).  ``max_pixels``: the pixel bound per image
-    (None: the loaded model's, else the family's default).  ``sampling``: overrides of the model's
+    (None: from ``detail``).  ``detail``: the image detail level, low | medium | high | max
+    (:mod:`qvq_local.detail`; None or ``auto``: the loaded model's, else this machine's default); a
+    ``max_pixels`` given wins over it.  ``sampling``: overrides of the model's
     generation_config (None fields: the model's own).  ``system``: replaces the family's system prompt (``""``:
     the template's own default).  ``loop_detection``: cut reasoning loops.  ``forced_text``: fed when
     thinking is cut (None: what suits the model and the question).  ``lang_lock``: auto | on | off
@@ -94,6 +98,7 @@ class AskSettings:
     think_budget: int | None = None
     answer_budget: int | None = DEFAULT_ANSWER_BUDGET
     max_pixels: int | None = None
+    detail: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None
     loop_detection: bool = True
@@ -137,10 +142,14 @@ class AskSettings:
 
     def __post_init__(self) -> None:
         from qvq_local import lang
+        from qvq_local.detail import AUTO, check_level
 
         label = {**API_LABELS, **self.labels}.get
         self._set("lang_lock", lang.check_mode(self.lang_lock, label("lang_lock")))
         self._set("speculate", check_speculate(self.speculate, label("speculate")))
+        if self.detail is not None:
+            level = check_level(self.detail, label("detail"))
+            self._set("detail", None if level == AUTO else level)
         for name in ("think_budget", "answer_budget", "max_pixels", "max_tokens"):
             value = _whole(getattr(self, name), label(name))
             if value is not None and value <= 0:

@@ -937,3 +937,97 @@ def test_malformed_conversations_are_400_in_one_line(
 def test_models_lists_the_context(served, client):
     (card,) = client.models.list().data
     assert card.model_extra["max_model_len"] == served.model.context_length > 0
+
+
+# ------------------------------------------------------------------ issue 24: image detail per request
+
+
+def _photo(tmp_path) -> Path:
+    from PIL import Image, ImageDraw
+
+    path = tmp_path / "photo.png"
+    image = Image.new("RGB", (1200, 900), (230, 230, 230))
+    ImageDraw.Draw(image).rectangle([100, 100, 700, 500], fill=(30, 90, 200))
+    image.save(path)
+    return path
+
+
+def _detail_body(served, parts: list[dict], **fields) -> dict:
+    return {
+        "model": served.model.name,
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}],
+        "thinking_budget": 4,
+        "answer_budget": 4,
+        "seed": 1,
+        **fields,
+    }
+
+
+def _post(served, body: dict):
+    return httpx.post(
+        served.base_url + "/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=300,
+    )
+
+
+def test_an_image_part_sets_its_own_detail_or_max_pixels(served, tmp_path):
+    photo = _photo(tmp_path)
+    uri = data_uri(photo)
+    # detail high, as OpenAI's image parts say it: the same image, answer and settings as the API's
+    reply = _post(
+        served, _detail_body(served, [{"type": "image_url", "image_url": {"url": uri, "detail": "high"}}])
+    )
+    assert reply.status_code == 200, reply.text
+    qvq = reply.json()["qvq"]
+    local = served.model.ask(photo, QUESTION, detail="high", think_budget=4, answer_budget=4, seed=1)
+    assert qvq["images"][0]["size"] == list(local.images[0].size) and qvq["images"][0]["tokens"] > 1024
+    assert reply.json()["choices"][0]["message"]["content"] == local.answer
+    detail = qvq["settings"]["detail"]
+    assert detail["level"] == "high" and detail["source"] == "messages[0].content[0].image_url.detail"
+    assert detail["max_pixels"] == local.settings["detail"]["max_pixels"]
+
+    # two images, one high and one bounded in pixels: each its own bound; the question's the widest
+    parts = [
+        {"type": "image_url", "image_url": {"url": uri, "detail": "HIGH"}},
+        {"type": "image_url", "image_url": {"url": uri, "max_pixels": 50_176}},
+    ]
+    reply = _post(served, _detail_body(served, parts))
+    assert reply.status_code == 200, reply.text
+    first, second = reply.json()["qvq"]["images"]
+    assert first["size"] == list(local.images[0].size)
+    assert second["size"][0] * second["size"][1] <= 50_176 and second["tokens"] <= 64
+    assert reply.json()["qvq"]["settings"]["detail"]["level"] == "high"
+
+    # none given: the server's default, the machine's level, as the API's default
+    reply = _post(
+        served, _detail_body(served, [{"type": "image_url", "image_url": {"url": uri, "detail": "auto"}}])
+    )
+    assert reply.status_code == 200, reply.text
+    default = served.model.image_bound()
+    qvq = reply.json()["qvq"]
+    assert (
+        qvq["settings"]["detail"]["source"] == "machine"
+        and qvq["settings"]["max_pixels"] == default.max_pixels
+    )
+    size = qvq["images"][0]["size"]
+    assert size[0] * size[1] <= default.max_pixels
+
+
+@pytest.mark.parametrize(
+    "image_url, words",
+    [
+        (
+            {"detail": "ultra"},
+            "messages[0].content[0].image_url.detail must be low | medium | high | max | auto",
+        ),
+        ({"detail": 3}, "messages[0].content[0].image_url.detail must be"),
+        ({"max_pixels": 0}, "messages[0].content[0].image_url.max_pixels must be at least 1, got 0"),
+        ({"max_pixels": "big"}, "messages[0].content[0].image_url.max_pixels must be an integer"),
+    ],
+)
+def test_a_bad_detail_or_max_pixels_is_400_naming_the_part(served, sample_image, image_url, words):
+    parts = [{"type": "image_url", "image_url": {"url": data_uri(sample_image), **image_url}}]
+    error = _assert_error_json(_post(served, _detail_body(served, parts)), 400)
+    assert error["message"].startswith(words), error

@@ -103,7 +103,8 @@ LOAD_NOTICES = "load_notices"
 #: reports that describe a run (``qvq bench``, ``qvq doctor --selftest``): ``compute`` (how it computes where
 #: that differs from its library's own way: ratios against the raw library include it), ``cpu_buffers``
 #: (where the weights are held), ``placement`` (which layers run on a GPU), ``summary`` (the few words the
-#: self-test line ends with; the backend's title when none)
+#: self-test line ends with; the backend's title when none), ``image_encoder`` (``"gpu"`` or ``"cpu"``: where
+#: images are encoded, which the default image detail follows: :mod:`qvq_local.detail`)
 RUN_FACTS = "run_facts"
 #: ``crash_advice() -> str``: what to do when the backend's native code crashed the process (its
 #: workaround and how to get its log), for the self-test and bench reports; a generic line when none

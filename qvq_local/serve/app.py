@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from qvq_local import strict_json
+from qvq_local import openai_format, strict_json
 from qvq_local.serve import schema
 from qvq_local.serve.media import DecodeBudget, Limits, check_count, check_videos, load_clip, load_images
 from qvq_local.serve.worker import END, Job, QueueFull, Stopping, Worker
@@ -69,6 +69,33 @@ def _settings_for(request: schema.ChatRequest, model: Any):
         )
     except InputError as err:
         raise schema.ApiError(400, str(err)) from None
+
+
+def _image_settings(settings: Any, ref: schema.ImageRef) -> Any:
+    """``settings`` with one image part's ``detail`` and ``max_pixels`` (named by the part in messages and
+    in the result's ``settings.detail.source``); unchanged when the part gives neither."""
+    from dataclasses import replace
+
+    if ref.detail is None and ref.max_pixels is None:
+        return settings
+    labels = {
+        **settings.labels,
+        "detail": f"{ref.where}.image_url.detail",
+        "max_pixels": f"{ref.where}.image_url.max_pixels",
+    }
+    return replace(settings, detail=ref.detail, max_pixels=ref.max_pixels, labels=labels)
+
+
+def _image_bounds(settings: Any, refs: list[schema.ImageRef], model: Any) -> tuple[Any, list]:
+    """Each image's bound (its part's ``detail`` / ``max_pixels``, else the server's: the model's own, else
+    the machine's default level), and the question's settings with the widest of them, the bound that
+    holds every image of the prompt (what its ``settings.detail`` reports and the context is sized for)."""
+    per_image = [_image_settings(settings, ref) for ref in refs]
+    bounds = [model.image_bound(s) for s in per_image]
+    if bounds:
+        widest = max(range(len(bounds)), key=lambda i: bounds[i].max_pixels)
+        settings = per_image[widest]
+    return settings, bounds
 
 
 def _sampled_clip(model: Any, ref: Any, limits: Limits, budget: DecodeBudget):
@@ -201,6 +228,7 @@ def create_app(model: Any, options: ServeOptions | None = None):
             )
         check_count(refs, options.limits)
         check_videos(parsed.videos, options.limits)
+        settings, bounds = _image_bounds(settings, refs, model)
         # admission before any cost: a full queue answers 429 at once, with no image fetched or decoded
         try:
             ticket = worker.reserve()
@@ -221,9 +249,7 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 )
                 history = parsed.history
             else:
-                loaded = await asyncio.to_thread(
-                    load_images, refs, options.limits, model.max_pixels, decode_budget
-                )
+                loaded = await asyncio.to_thread(load_images, refs, options.limits, bounds, decode_budget)
                 history, images = _with_images(parsed.history, loaded)
 
             def events():
@@ -237,7 +263,7 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 raise _shutting_down() from None
         finally:
             ticket.release()  # a no-op once the job holds the place
-        completion_id, created = schema.new_id(), schema.now()
+        completion_id, created = openai_format.new_id(), schema.now()
         if parsed.stream:
             return StreamingResponse(
                 _sse(job, completion_id, created, model.name, parsed.include_usage),
@@ -247,9 +273,7 @@ def create_app(model: Any, options: ServeOptions | None = None):
         result = await _wait(job, request)
         if result is None:  # the client went away
             return JSONResponse({}, status_code=499)
-        from qvq_local.openai_format import completion_dict
-
-        out = completion_dict(result, created=created, completion_id=completion_id)
+        out = openai_format.completion_dict(result, created=created, completion_id=completion_id)
         message = out["choices"][0]["message"]
         message["reasoning"] = message["reasoning_content"]  # the newer clients' name for it
         return out
@@ -362,15 +386,13 @@ async def _sse(job: Job, completion_id: str, created: int, name: str, include_us
                 continue  # its text follows as ordinary deltas; the final chunk lists it under "qvq"
             elif isinstance(item, Finished):
                 result = item.result
-                final = schema.chunk(completion_id, created, name, {}, schema.finish_reason(result))
-                from qvq_local.openai_format import completion_dict
-
-                final["qvq"] = completion_dict(result)["qvq"]
+                final = schema.chunk(completion_id, created, name, {}, openai_format.finish_reason(result))
+                final["qvq"] = openai_format.completion_dict(result)["qvq"]
                 yield _sse_line(final)
                 if include_usage:
                     usage = schema.chunk(completion_id, created, name, {})
                     usage["choices"] = []
-                    usage["usage"] = schema.usage_dict(result)
+                    usage["usage"] = openai_format.usage_dict(result)
                     yield _sse_line(usage)
         yield _sse_line("[DONE]")
     finally:

@@ -30,9 +30,13 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from qvq_local.serve.schema import ApiError, ImageRef, VideoRef
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qvq_local.detail import ImageBound
 
 
 @dataclass(frozen=True)
@@ -239,17 +243,20 @@ def _probe(path: str, ref: ImageRef, limits: Limits) -> int:
 
 
 def load_images(
-    refs: list[ImageRef], limits: Limits, max_pixels: int | None, budget: DecodeBudget | None = None
+    refs: list[ImageRef], limits: Limits, bounds: list[ImageBound], budget: DecodeBudget | None = None
 ) -> list:
     """Every image of a request as :class:`qvq_local.images.PreparedImage` (validated and bounded), one after
-    another, each decoded while holding its cost from ``budget`` (None: no shared budget)."""
+    another, each decoded while holding its cost from ``budget`` (None: no shared budget).
+
+    ``bounds``: each image's bound on the model's grid (:meth:`qvq_local.model.Model.image_bound` of its
+    part's ``detail`` and ``max_pixels``, else the server's default), one per ref."""
     from qvq_local.errors import InputError
-    from qvq_local.images import DEFAULT_MAX_PIXELS, PreparedImage, load_image
+    from qvq_local.images import PreparedImage, load_image
 
     check_count(refs, limits)
     prepared = []
     with tempfile.TemporaryDirectory(prefix="qvq-serve-") as folder:
-        for ref in refs:
+        for ref, bound in zip(refs, bounds, strict=True):
             data = image_bytes(ref, limits)
             path = os.path.join(folder, f"image-{ref.index}")
             with open(path, "wb") as fh:
@@ -258,7 +265,9 @@ def load_images(
             cost = _probe(path, ref, limits)
             with budget.hold(cost) if budget is not None else nullcontext():
                 try:
-                    image, info = load_image(path, max_pixels or DEFAULT_MAX_PIXELS)
+                    image, info = load_image(
+                        path, bound.max_pixels, min_pixels=bound.min_pixels, factor=bound.factor
+                    )
                 except InputError as err:
                     reason = str(err).split(": ", 1)[-1]
                     raise ApiError(

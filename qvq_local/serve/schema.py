@@ -17,12 +17,10 @@ budget comes in as ``thinking_budget`` (QVQ-Max's name for it).  No heavy import
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from qvq_local.conversation import ASSISTANT, USER, Turn, check_history
 from qvq_local.errors import InputError
-from qvq_local.openai_format import FINISH_REASON
 
 #: Body fields accepted (anything else is refused by name).
 KNOWN_FIELDS = frozenset(
@@ -96,11 +94,17 @@ class ApiError(Exception):
 
 @dataclass
 class ImageRef:
-    """One ``image_url`` part: a ``data:`` URI or an http(s) URL, not fetched or decoded yet."""
+    """One ``image_url`` part: a ``data:`` URI or an http(s) URL, not fetched or decoded yet.
+
+    ``detail``: its ``image_url.detail`` (OpenAI's ``low`` | ``high`` | ``auto``, and qvq's ``medium`` |
+    ``max``; None: not given, the server's default); ``max_pixels``: the ``image_url.max_pixels`` extension,
+    a pixel bound that wins over ``detail`` (None: not given)."""
 
     url: str
     index: int  # its position among the conversation's images (0 for the first)
     where: str  # the part, for error messages ("messages[1].content[0]")
+    detail: str | None = None
+    max_pixels: int | None = None
 
 
 @dataclass
@@ -137,15 +141,16 @@ class ChatRequest:
         return [ref for turn in self.history for ref in turn.images] + list(self.images)
 
 
-def _int_field(body: dict, name: str, *, minimum: int = 1) -> int | None:
+def _int_field(body: dict, name: str, *, minimum: int = 1, where: str = "") -> int | None:
     value = body.get(name)
     if value is None:
         return None
+    param = f"{where}{name}"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"{name} must be an integer, got {value!r}", param=name, code="invalid_type")
+        raise ApiError(400, f"{param} must be an integer, got {value!r}", param=param, code="invalid_type")
     if value < minimum:
         raise ApiError(
-            400, f"{name} must be at least {minimum}, got {value}", param=name, code="invalid_value"
+            400, f"{param} must be at least {minimum}, got {value}", param=param, code="invalid_value"
         )
     return value
 
@@ -186,6 +191,34 @@ def _video_part(part: dict, kind: str, here: str) -> VideoRef:
     return VideoRef(urls=list(value), is_file=False, where=here, fps=fps)
 
 
+def image_ref(ref: object, where: str, index: int) -> ImageRef:
+    """One ``image_url`` part's object (or, as some clients send it, the URL alone) as an :class:`ImageRef`:
+    its url, and its ``detail`` and ``max_pixels`` checked (400 naming the part when wrong)."""
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str) or not url:
+        raise ApiError(400, f"{where}.image_url.url must be a non-empty string", param=where)
+    if not isinstance(ref, dict):
+        return ImageRef(url=url, index=index, where=where)
+    from qvq_local.detail import AUTO, LEVELS
+
+    detail = ref.get("detail")
+    if detail is not None and (not isinstance(detail, str) or detail.strip().lower() not in (*LEVELS, AUTO)):
+        raise ApiError(
+            400,
+            f"{where}.image_url.detail must be {' | '.join((*LEVELS, AUTO))}, got {detail!r}",
+            param=f"{where}.image_url.detail",
+            code="invalid_value",
+        )
+    max_pixels = _int_field(ref, "max_pixels", minimum=1, where=f"{where}.image_url.")
+    return ImageRef(
+        url=url,
+        index=index,
+        where=where,
+        detail=None if detail is None else detail.strip().lower(),
+        max_pixels=max_pixels,
+    )
+
+
 def _text_of(
     content, where: str, *, allow_images: bool, first_image: int = 0
 ) -> tuple[list[str], list[ImageRef], list[VideoRef]]:
@@ -206,11 +239,7 @@ def _text_of(
         elif kind in ("video_url", "video"):
             raise ApiError(400, f"{here}: videos belong in the user message", param=here)
         elif kind == "image_url" and allow_images:
-            ref = part.get("image_url")
-            url = ref.get("url") if isinstance(ref, dict) else ref
-            if not isinstance(url, str) or not url:
-                raise ApiError(400, f"{here}.image_url.url must be a non-empty string", param=here)
-            images.append(ImageRef(url=url, index=first_image + len(images), where=here))
+            images.append(image_ref(part.get("image_url"), here, first_image + len(images)))
         elif kind == "image_url":
             raise ApiError(400, f"{here}: images belong in user messages", param=here)
         else:
@@ -365,20 +394,6 @@ def parse_chat_request(body: object) -> ChatRequest:
 # ------------------------------------------------------------------------------------- responses
 
 
-def new_id() -> str:
-    return f"chatcmpl-qvq-{uuid.uuid4().hex[:24]}"
-
-
-def usage_dict(result) -> dict:
-    completion = result.thought_tokens + result.answer_tokens
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": result.prompt_tokens + completion,
-        "completion_tokens_details": {"reasoning_tokens": result.thought_tokens},
-    }
-
-
 def chunk(
     completion_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None
 ) -> dict:
@@ -397,10 +412,6 @@ def delta_for(phase: str, text: str) -> dict:
     if phase == "thought":
         return {"reasoning_content": text, "reasoning": text}
     return {"content": text}
-
-
-def finish_reason(result) -> str:
-    return FINISH_REASON.get(result.stop_reason, "stop")
 
 
 def now() -> int:
