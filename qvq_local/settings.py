@@ -49,6 +49,7 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "samples": "--samples",
         "seed": "--seed",
         "system": "--system",
+        "speculate": "--speculate",
         "fps": "--fps",
         "max_frames": "--max-frames",
         "video_tokens": "--video-tokens",
@@ -71,6 +72,7 @@ API_LABELS: Mapping[str, str | None] = MappingProxyType(
         "seed": "seed",
         "system": "system",
         "forced_text": "forced_text",
+        "speculate": "speculate",
     }
 )
 
@@ -88,7 +90,9 @@ class AskSettings:
     the template's own default).  ``loop_detection``: cut reasoning loops.  ``forced_text``: fed when
     thinking is cut (None: what suits the model and the question).  ``lang_lock``: auto | on | off
     (:mod:`qvq_local.lang`).  ``samples``: reasoning chains from one prefill, decoded in one batch, whose
-    ``\\boxed{}`` answers vote (:mod:`qvq_local.chains`; 1: one chain, as always).
+    ``\\boxed{}`` answers vote (:mod:`qvq_local.chains`; 1: one chain, as always).  ``speculate``: off |
+    ngram | draft | auto, speculative decoding in the backend session (:mod:`qvq_local.speculate`; the
+    output is plain decoding's, only faster where it pays; ``draft`` needs a model loaded with a draft).
     """
 
     think_budget: int | None = None
@@ -104,6 +108,7 @@ class AskSettings:
     #: thinking is cut early enough to leave the answer room under it.  None: no cap of its own.
     max_tokens: int | None = None
     samples: int = 1  # reasoning chains decoded together from one prefill; their boxed answers vote
+    speculate: str = "off"  # off | ngram | draft | auto (qvq_local.speculate.config.MODES)
     #: how a clip is sampled (``fps``, ``max_frames``, ``video_tokens``, given flat: :data:`VIDEO_OPTIONS`)
     video: VideoOptions = field(default_factory=VideoOptions)
     labels: Mapping[str, str | None] = field(default_factory=lambda: API_LABELS, compare=False, repr=False)
@@ -141,6 +146,7 @@ class AskSettings:
 
         label = {**API_LABELS, **self.labels}.get
         self._set("lang_lock", lang.check_mode(self.lang_lock, label("lang_lock")))
+        self._set("speculate", check_speculate(self.speculate, label("speculate")))
         if self.detail is not None:
             level = check_level(self.detail, label("detail"))
             self._set("detail", None if level == AUTO else level)
@@ -180,6 +186,13 @@ class AskSettings:
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)  # normalising inside the frozen constructor
+
+
+def check_speculate(value: object, label: str | None) -> str:
+    """``off``, ``ngram``, ``draft`` or ``auto`` (:data:`qvq_local.speculate.config.MODES`)."""
+    from qvq_local.speculate.config import check_mode
+
+    return check_mode(value, label or "speculate")
 
 
 def check_text(value: str | None, label: str | None) -> None:

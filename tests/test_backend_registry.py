@@ -144,6 +144,8 @@ CAPABILITY_ATTRIBUTES = {
     "fork",
     "cpu_buffers",
     "placement",
+    "speculation_report",
+    "speculation_target",
 }
 
 

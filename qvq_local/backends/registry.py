@@ -61,6 +61,12 @@ SERVER_BUDGET = "server_budget"
 #: sessions read ``Prompt.chat`` (the question, system prompt and budgets, for a server that applies its
 #: own chat template) rather than the templated ``Prompt.text``
 CHAT_MESSAGES = "chat_messages"
+#: ``loaded.new_session(sampling, n_ctx=, speculation=SpecSettings)``: the session drafts tokens, checks
+#: them in one batched forward pass and rolls its KV cache back past the rejected ones
+#: (:mod:`qvq_local.speculate`); ``session.speculation_report()`` says what it did, and
+#: ``session.speculation_target()`` hands its cache and sampler to a speculator of one's own (bench).
+#: A family with recurrent layers (``Family.recurrent_state``) turns it off with a note.
+SPECULATION = "speculation"
 #: sessions take ``Prompt.clip`` (a :class:`qvq_local.video.Clip`, its prompt holding one video block) as
 #: video natively; without it a clip goes in as frames, one image each with its time before it
 VIDEO_INPUT = "video_input"
@@ -77,6 +83,7 @@ CAPABILITIES = frozenset(
         VOCABULARY,
         SERVER_BUDGET,
         CHAT_MESSAGES,
+        SPECULATION,
         VIDEO_INPUT,
     }
 )
@@ -316,7 +323,16 @@ register(
         distributions=("mlx", "mlx-vlm"),
         install_hint="pip install 'qvq-local[mlx]'",
         capabilities=frozenset(
-            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY, VIDEO_INPUT}
+            {
+                LOCAL_KV_CACHE,
+                IMAGE_ENCODING,
+                PREFIX_STATE,
+                CHAINS,
+                TOKENIZER,
+                VOCABULARY,
+                SPECULATION,
+                VIDEO_INPUT,
+            }
         ),
         hooks={RUN_FACTS: "qvq_local.backends.mlx:run_facts"},
         apple_silicon_first=True,
@@ -335,7 +351,16 @@ register(
         distributions=("llama-cpp-python",),
         install_hint="pip install 'qvq-local[llama]'",
         capabilities=frozenset(
-            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, PARTIAL_PREFIX, CHAINS, TOKENIZER, VOCABULARY}
+            {
+                LOCAL_KV_CACHE,
+                IMAGE_ENCODING,
+                PREFIX_STATE,
+                PARTIAL_PREFIX,
+                CHAINS,
+                TOKENIZER,
+                VOCABULARY,
+                SPECULATION,
+            }
         ),
         hooks={
             MACHINE_FACTS: "qvq_local.backends.llama_buffers:machine_facts",

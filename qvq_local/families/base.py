@@ -41,6 +41,9 @@ class Family:
     hf_processor_class: ClassVar[str]
     #: mlx-vlm can run the family's vision tower apart from the prompt (the MLX session encodes once).
     mlx_split_vision: ClassVar[bool] = False
+    #: The family has layers whose memory cannot be cut back to a shorter prefix (linear attention's
+    #: recurrent state): prefix reuse, chain forks and speculative rollback must not assume they can.
+    recurrent_state: ClassVar[bool] = False
 
     # ---- tokens
     #: Special tokens in id order from ``base_vocab`` (the first special's id).
