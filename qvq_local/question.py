@@ -211,6 +211,7 @@ def stream_question(
                 question=question,
                 system=system_text,
                 think_budget=options.think_budget,
+                answer_budget=options.answer_budget,
                 max_new_tokens=cap if stated else None,
                 history=tuple(replace(t, images=tuple(p.image for p in t.images)) for t in history),
             )
@@ -473,9 +474,18 @@ def _reason(
     # them in its request (the session reads them from the prompt); counting them here too would cut
     # the thought twice
     on_server = model.spec.has(registry.SERVER_BUDGET) and bool(model.loaded.budget_on_server)
+    answer_on_server = on_server and bool(model.loaded.answer_budget_on_server)
+    # a server that keeps the answer budget counts its tokens; its stream's pieces are not tokens, so the
+    # answer is not counted here again, but the room kept for it in the context is the same
+    room = (
+        {"answer_reserve": min(ReasoningConfig.answer_reserve, options.answer_budget)}
+        if (answer_on_server and options.answer_budget is not None)
+        else {}
+    )
     config = ReasoningConfig(
         think_budget=None if on_server else options.think_budget,
-        answer_budget=options.answer_budget,
+        answer_budget=None if answer_on_server else options.answer_budget,
+        **room,
         max_tokens=options.max_tokens,
         loop=LoopSettings() if options.loop_detection and not on_server else None,
         forced_text=forced_text,
@@ -516,6 +526,8 @@ def _reason(
         throw = False
         if on_server and isinstance(event, Finished):  # the budget asked for, kept by the server
             event.result.settings.update(think_budget=options.think_budget, budget_kept_by="server")
+            if answer_on_server:
+                event.result.settings["answer_budget"] = options.answer_budget
         tracker.see(event)
         try:
             yield event

@@ -136,6 +136,7 @@ CAPABILITY_ATTRIBUTES = {
     "tokenizer",
     "token_pieces",
     "budget_on_server",
+    "answer_budget_on_server",
     "gpu_offload",
     "compute_note",
     "mmproj_path",

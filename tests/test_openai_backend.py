@@ -494,6 +494,32 @@ def test_the_stop_reason_qvq_serve_reports_is_kept(replay, sample_image, tmp_pat
     assert result.stop_reason == "budget" and result.settings["budget_kept_by"] == "server"
 
 
+def test_qvq_serve_keeps_the_answer_budget(replay, sample_image, tmp_path):
+    """qvq serve keeps the answer budget (sent as ``answer_budget``, as the thinking budget is): its stream's
+    pieces are not tokens (its splitter sends a held-back word as one piece: "double need" was two tokens
+    there and one piece here), so counting pieces here again cut or stretched the answer."""
+
+    def chunk(delta, finish=None, **extra):
+        return (
+            "data: "
+            + json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
+            + "\n\n"
+        )
+
+    sse = chunk({"reasoning_content": "Thinking."})
+    sse += chunk({"reasoning_content": " I have run out of time to think, so I will answer now."})
+    sse += chunk({"content": "double need"}) + chunk({"content": " maybe"})
+    sse += chunk({}, "length", qvq={"stop_reason": "max_tokens", "boxed": None}) + "data: [DONE]\n\n"
+    (tmp_path / "qvq.sse").write_text(sse)
+    server = replay("qvq-local", [str(tmp_path / "qvq.sse")], model="m")
+    with load("m", backend="openai", base_url=server.url) as model:
+        result = model.ask(sample_image, QUESTION, think_budget=4, answer_budget=3)
+    body = server.bodies[0]
+    assert body["thinking_budget"] == 4 and body["answer_budget"] == 3 and "max_tokens" not in body
+    assert result.answer == "double need maybe"  # all the server sent: three tokens there, two pieces here
+    assert result.stop_reason == "max_tokens" and result.settings["answer_budget"] == 3
+
+
 # ------------------------------------------------------------------ told the truth: a vLLM-like server
 
 

@@ -59,6 +59,8 @@ class ChatTurn:
     #: answer budget), sent as ``max_tokens`` so the server never runs on past it; None when nothing known
     #: bounds it (no budget, no ``max_tokens`` and no context the server states): then nothing is sent
     max_new_tokens: int | None = None
+    #: the answer budget, for a server that keeps it (``loaded.answer_budget_on_server``)
+    answer_budget: int | None = None
     #: the turns before the question (:class:`qvq_local.conversation.Turn`), user turns with their images
     #: (PIL, bounded) and assistant turns as their answers
     history: tuple = ()

@@ -99,6 +99,8 @@ class Traits:
 
     budget_on_server: bool  # thinking_budget is honoured by the server
     continuation: str | None  # "vllm" | "prefill" | None: how to continue an assistant message
+    #: answer_budget is honoured by the server too (qvq serve's own field)
+    answer_budget_on_server: bool = False
     system_message: bool = True
     #: the sampling fields it takes: :class:`SamplingParams` name -> the request's field name
     sampling_fields: dict = field(default_factory=lambda: {**STANDARD_SAMPLING, **EXTRA_SAMPLING})
@@ -108,7 +110,7 @@ class Traits:
 
 
 TRAITS = {
-    "qvq": Traits(budget_on_server=True, continuation=None),
+    "qvq": Traits(budget_on_server=True, continuation=None, answer_budget_on_server=True),
     "qvq-max": Traits(
         budget_on_server=True,
         continuation=None,
@@ -273,6 +275,7 @@ class RemoteModel:
         #: the registry's ``server_budget`` capability: this server keeps the thinking budget and the loop
         #: stop itself (qvq serve, QVQ-Max), so the client sends them and does not count them again
         self.budget_on_server = self.traits.budget_on_server
+        self.answer_budget_on_server = self.traits.answer_budget_on_server
 
     @staticmethod
     def image_token_estimate(width: int, height: int) -> int:
@@ -502,6 +505,8 @@ class RemoteSession:
         body = self._body(messages)
         if self.traits.budget_on_server and chat.think_budget is not None:
             body["thinking_budget"] = chat.think_budget
+        if self.traits.answer_budget_on_server and chat.answer_budget is not None:
+            body["answer_budget"] = chat.answer_budget
         if self.traits.enable_thinking:
             body["enable_thinking"] = True
         per_image = [self.model.image_token_estimate(*im.size) for im in prompt.images]

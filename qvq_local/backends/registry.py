@@ -56,7 +56,9 @@ TOKENIZER = "tokenizer"
 #: ``loaded.token_pieces()``: the bytes of every token id (the language lock masks tokens from it)
 VOCABULARY = "vocabulary"
 #: ``loaded.budget_on_server``: True when the server keeps the thinking budget and the loop stop itself
-#: (they are sent with the request, and not counted again here)
+#: (they are sent with the request, and not counted again here); ``loaded.answer_budget_on_server``: True
+#: when it keeps the answer budget too (qvq serve: its stream's pieces are not tokens, so a count of
+#: them here would let an answer run past its budget)
 SERVER_BUDGET = "server_budget"
 #: sessions read ``Prompt.chat`` (the question, system prompt and budgets, for a server that applies its
 #: own chat template) rather than the templated ``Prompt.text``
