@@ -17,7 +17,8 @@ Design choices:
   the order of writing, and the same seed always gives the same files.
 - Weights are streamed to disk tensor by tensor, big ones in row blocks, so a 7b checkpoint is written
   with a few hundred MB of memory.
-- Linear weights and biases ~ N(0, 0.02); norm weights ~ 1 + N(0, 0.02) and norm biases ~ N(0, 0.02),
+- Linear weights and biases ~ N(0, 0.02); norm weights ~ 1 + N(0, 0.02) (zero-centred ones, which scale by
+  ``1 + weight``, ~ N(0, 0.02)) and norm biases ~ N(0, 0.02),
   so activations stay sane, logits are not degenerate, and a converter that swaps two norms or drops a
   bias shows up in parity tests (exactly-1 norms would hide that).
 """
@@ -44,9 +45,6 @@ DTYPES = {"bf16": ("BF16", 2, "bfloat16"), "f32": ("F32", 4, "float32")}
 
 _CHUNK_ELEMS = 8 * 1024 * 1024  # ~32 MB of float32 per generated block
 _INIT_STD = 0.02
-
-#: Names a tensor that is a norm's weight ends with: drawn around 1, every other tensor around 0.
-_NORM_WEIGHTS = ("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")
 
 
 def get_family(family: str | Family | None = None) -> Family:
@@ -183,12 +181,13 @@ class TensorSpec:
 
 def tensor_specs(shape: Any, family: str | Family | None = None) -> list[TensorSpec]:
     """Every tensor of the checkpoint: the ones its family expects of the config it gets, with their
-    original names and shapes, in the family's order; norm weights are drawn around 1."""
+    original names and shapes, in the family's order; norm weights that scale as they are drawn around 1
+    (``Family.is_unit_norm_weight``)."""
     s = get_shape(shape, family)
     fam = family_of(s)
     text, vision = fam.dims_from_config(build_config(s), Path("config.json"))
     return [
-        TensorSpec(name, tuple(dims), "norm_weight" if name.endswith(_NORM_WEIGHTS) else "normal")
+        TensorSpec(name, tuple(dims), "norm_weight" if fam.is_unit_norm_weight(name) else "normal")
         for name, dims in fam.expected_shapes(text, vision).items()
     ]
 

@@ -235,8 +235,18 @@ def test_the_guard_sees_literals_and_only_literals(source, found):
     assert bool(_family_literals(source)) is found
 
 
-#: Methods the base class implements once for every family, from the family's own attributes.
-_SHARED_METHODS = {"matches_config", "image_grid", "image_tokens", "is_vision_tensor"}
+#: Methods the base class implements once for every family, from the family's own attributes, or with the
+#: answer most families share (the published layout is the only one they read; norm weights near 1).
+_SHARED_METHODS = {
+    "matches_config",
+    "image_grid",
+    "image_tokens",
+    "is_vision_tensor",
+    "is_unit_norm_weight",
+    "layout_shapes",
+    "published_layout",
+    "published_config",
+}
 
 
 def test_every_family_fills_the_whole_interface():

@@ -337,6 +337,20 @@ class Qwen3VLFamily(Family):
         )
         return vision
 
+    def published_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """transformers 5 writes ``text_config.rope_parameters`` (``rope_theta`` inside it) where the published
+        configs have ``rope_theta`` and ``rope_scaling``, and ``vision_config.model_type`` ``<type>_vision``
+        where they have the model's ``<type>``: the published spellings are put back."""
+        vc, tc = config.get("vision_config"), config.get("text_config")
+        if isinstance(vc, dict) and vc.get("model_type") == f"{config.get('model_type')}_vision":
+            config = {**config, "vision_config": {**vc, "model_type": config["model_type"]}}
+        if isinstance(tc, dict) and "rope_theta" not in tc and isinstance(tc.get("rope_parameters"), dict):
+            rope = tc["rope_parameters"]
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            tc = {**tc, "rope_theta": rope.get("rope_theta", 5_000_000.0), "rope_scaling": scaling}
+            config = {**config, "text_config": tc}
+        return config
+
     # ---- tensors
     def original_tensor_name(self, name: str) -> str:
         """Qwen3-VL was published in transformers 4.57's naming, which transformers 5 keeps: no renaming."""
