@@ -87,14 +87,22 @@ def family_of(shape: Any) -> Family:
 QWEN_VOCAB_ROWS = 151936
 
 
+def has_real_vocabulary(fam: Family) -> bool:
+    """True when the family's vocabulary is the one ``tokenizer_qwen`` reads (Qwen2's, which Qwen2-VL,
+    Qwen2.5-VL and Qwen3-VL share); Qwen3.5's 248,044-token one is not available offline."""
+    return fam.base_vocab == DEFAULT_FAMILY.base_vocab
+
+
 def default_tokenizer(shape: Any, family: str | Family | None = None) -> str:
     """``qwen`` for shapes laid out for the real vocabulary (every family's published sizes) when its file
-    is installed, else ``trained`` (tiny keeps its small trained tokenizer unless asked)."""
+    is installed and it is the family's, else ``trained`` (tiny keeps its small trained tokenizer unless
+    asked)."""
     from . import tokenizer_qwen
 
     s = get_shape(shape, family)
-    real = family_of(s).base_vocab
-    return "qwen" if s.tokenizer_base == real and tokenizer_qwen.available() else "trained"
+    fam = family_of(s)
+    real = s.tokenizer_base == fam.base_vocab and has_real_vocabulary(fam)
+    return "qwen" if real and tokenizer_qwen.available() else "trained"
 
 
 def with_tokenizer(shape: Any, tokenizer: str | None, family: str | Family | None = None) -> tuple[Any, str]:
@@ -110,8 +118,15 @@ def with_tokenizer(shape: Any, tokenizer: str | None, family: str | Family | Non
     if kind not in tokenizer_synth.KINDS:
         raise InputError(f"unknown tokenizer {kind!r}; choose one of {', '.join(tokenizer_synth.KINDS)}")
     if kind == "qwen":
+        fam = family_of(s)
+        if not has_real_vocabulary(fam):
+            raise InputError(
+                f"{fam.name}'s own vocabulary ({fam.base_vocab:,} base tokens) is not available offline; "
+                f"only Qwen2's ({DEFAULT_FAMILY.base_vocab:,}) is",
+                hint="use --tokenizer trained",
+            )
         tokenizer_qwen.require_vocab_file()
-        real = family_of(s).base_vocab
+        real = fam.base_vocab
         if s.tokenizer_base != real:
             s = replace(s, tokenizer_base=real, vocab_size=max(s.vocab_size, QWEN_VOCAB_ROWS))
     elif s.tokenizer_base + len(family_of(s).special_tokens) > s.vocab_size:
