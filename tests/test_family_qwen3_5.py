@@ -540,3 +540,19 @@ def test_only_the_family_modules_name_qwen3_5():
             if any(re.search(rf"(?<![\w.]){re.escape(i)}(?![\w])", node.value) for i in idents):
                 offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert offenders == []
+
+
+def test_catalogue_names_the_laptop_sizes_as_estimates():
+    """``qvq models --available`` lists Qwen3.5-4B/9B/35B-A3B by short name; none of their sizes was read
+    from a listing here, so all are marked estimated; the fit uses the family's published dimensions."""
+    from qvq_local import catalogue
+
+    for name, family, shape in (
+        ("qwen3.5-4b", DENSE, "4b"),
+        ("qwen3.5-9b", DENSE, "9b"),
+        ("qwen3.5-35b-a3b", MOE, "35b-a3b"),
+    ):
+        entry = catalogue.lookup(name)
+        assert entry.family == family.name and entry.shape in family.synth_shapes
+        assert not entry.apple.size_checked and not entry.other.size_checked
+        assert entry.apple.format == "mlx" and entry.other.ref.endswith(":Q4_K_M")

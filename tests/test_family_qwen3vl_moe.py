@@ -419,3 +419,12 @@ def test_only_the_family_modules_name_qwen3vl_moe():
             if any(re.search(rf"(?<![\w.]){re.escape(i)}(?![\w])", node.value) for i in idents):
                 offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert offenders == []
+
+
+def test_catalogue_names_the_30b_a3b_thinking_model():
+    from qvq_local import catalogue
+
+    entry = catalogue.lookup("qwen3-vl-30b-a3b")
+    assert entry.title == "Qwen3-VL-30B-A3B-Thinking" and entry.family == FAM.name
+    assert entry.shape in FAM.synth_shapes and entry.other.ref == "Qwen/Qwen3-VL-30B-A3B-Thinking-GGUF:Q4_K_M"
+    assert not entry.other.size_checked and not entry.apple.size_checked  # estimates (see catalogue.py)
