@@ -553,6 +553,6 @@ def test_catalogue_names_the_laptop_sizes_as_estimates():
         ("qwen3.5-35b-a3b", MOE, "35b-a3b"),
     ):
         entry = catalogue.lookup(name)
-        assert entry.family == family.name and entry.shape in family.synth_shapes
+        assert entry.family == family.name and entry.shape == shape and shape in family.synth_shapes
         assert not entry.apple.size_checked and not entry.other.size_checked
         assert entry.apple.format == "mlx" and entry.other.ref.endswith(":Q4_K_M")
