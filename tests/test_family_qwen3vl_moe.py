@@ -33,8 +33,9 @@ from qvq_local.families import (
 FAM = qwen3vl_moe.FAMILY
 HF_CLASS = "Qwen3VLMoeForConditionalGeneration"
 # The tolerances the dense Qwen3-VL family meets (tests/test_family_qwen3vl.py).  Measured here: MLX text
-# ~1e-6 and image ~2e-4; llama.cpp ~9e-4 text and ~1.6e-3 image, with the same error whether 2 or all 8
-# experts are used (so not a routing difference: llama.cpp's expert matmuls round differently from torch).
+# ~1e-6 and image ~2e-4; llama.cpp ~9e-4 text and ~1.6e-3 image, the same with all 8 experts used and with
+# every expert's output zeroed (so none of it comes from the experts or the routing): the dense Qwen3-VL
+# tiny model measures 1.1e-3 / 1.5e-3 through llama.cpp on this machine too.
 TEXT_ATOL = 2e-3
 IMAGE_ATOL = 5e-3
 
