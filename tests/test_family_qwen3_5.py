@@ -119,7 +119,7 @@ def test_pretokenizer_pattern_is_transformers_and_keeps_combining_marks():
 
 def test_templates_switch_thinking_and_the_controller_closes_it():
     from qvq_local.prompt import build_prompt
-    from qvq_local.reasoning import default_markers
+    from qvq_local.splitter import default_markers
 
     on, off = qwen3_5.chat_template(thinks_by_default=True), qwen3_5.chat_template(thinks_by_default=False)
     head = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Q<|im_end|>\n<|im_start|>assistant\n"
