@@ -395,6 +395,104 @@ def test_gguf_moe_experts_and_f32_tensors(q35_ggufs, q35_ckpts, tmp_path):
                      "blk.0.ssm_conv1d.weight": "F32", "blk.0.ffn_gate_exps.weight": "F16", "blk.0.attn_qkv.weight": "F16"}  # fmt: skip
 
 
+# ---------------------------------------------------------------- llama.cpp
+
+
+def _llama_parity(fam, gguf_pair, ref_model, ckpt: Path, label: str) -> None:
+    import numpy as np
+
+    from qvq_local.backends import llamacpp
+    from qvq_local.backends.base import Prompt, SamplingParams
+    from qvq_local.prompt import build_prompt, load_chat_template
+
+    model = llamacpp.load(gguf_pair.model, gguf_pair.mmproj)
+    try:
+        assert model.family is fam
+        template = load_chat_template(ckpt)
+        for n_images, atol in ((0, TEXT_ATOL), (1, IMAGE_ATOL)):
+            text = build_prompt(template, QUESTION, n_images, system=None, family=fam)
+            prompt = Prompt(text=text, images=[chart_image()] * n_images)
+            n_ctx = model.context_needed(prompt, new_tokens=16)
+            ours, stats = session_logits(
+                lambda n_ctx=n_ctx: model.new_session(SamplingParams(), n_ctx=n_ctx), prompt
+            )
+            ref, _ = hf_logits(ref_model, ckpt, text, prompt.images, fam.image_pad)
+            assert stats.image_tokens == 70 * n_images
+            err = float(np.abs(ours - ref).max())
+            print(f"\n{label} llama.cpp, {n_images} image(s): max |logit diff| vs transformers {err:.3g}")
+            assert err < atol and int(ours.argmax()) == int(ref.argmax())
+    finally:
+        model.close()
+
+
+@both
+@pytest.mark.llama
+@pytest.mark.parity
+def test_llama_text_and_image_prompts_match_transformers(fam, q35_ggufs, q35_ckpts):
+    """The f32 pair through the llama.cpp backend (``qwen35`` / ``qwen35moe``: its Gated DeltaNet layers and
+    the gated attention every 4th layer) vs transformers."""
+    pytest.importorskip("llama_cpp")
+    ckpt = q35_ckpts[fam.name]
+    _llama_parity(fam, q35_ggufs[fam.name], hf_model(ckpt, HF_CLASS[fam.name]), ckpt, fam.name)
+
+
+@both
+@pytest.mark.llama
+@pytest.mark.slow
+def test_quantised_pair_answers_with_an_image(fam, q35_ckpts, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    from qvq_local import api
+
+    pair = convert_to_gguf(q35_ckpts[fam.name], tmp_path / "out", quant="q4_k_m", mmproj_quant="f16")
+    _, tensors = _gguf(pair.model)
+    assert tensors["blk.0.ssm_conv1d.weight"].tensor_type.name == "F32"
+    assert tensors["blk.0.attn_qkv.weight"].tensor_type.name not in ("F32", "F16")
+    image = tmp_path / "chart.png"
+    chart_image().save(image)
+    with api.load(str(pair.model), backend="llama") as model:
+        result = model.ask(str(image), QUESTION, think_budget=8, answer_budget=4, system="")
+    assert result.images[0].tokens == 70 and result.forced[0].text.endswith("</think>\n\n")
+
+
+@both
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["llama", "mlx"])
+def test_ask_with_a_budget_closes_think_on_both_backends(fam, backend, request, tmp_path, monkeypatch):
+    """`qvq ask --think-budget` (the template thinks by default): the thought is cut at the budget, the
+    forced text closes ``</think>`` and the answer follows, on either backend."""
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+    from qvq_local.reasoning import ReasoningConfig
+
+    pytest.importorskip("llama_cpp" if backend == "llama" else "mlx_vlm")
+    model = (
+        request.getfixturevalue("q35_ggufs")[fam.name].model
+        if backend == "llama"
+        else request.getfixturevalue("q35_mlx")[fam.name]
+    )
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
+    image = tmp_path / "chart.png"
+    chart_image().save(image)
+    args = ["ask", str(image), QUESTION, "--model", str(model), "--backend", backend]
+    args += ["--think-budget", "12", "--answer-budget", "6", "--json", "--seed", "1", "--no-loop-stop"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    q = data["qvq"]
+    assert q["backend"] == backend and q["images"][0]["tokens"] == 70
+    grace = ReasoningConfig().grace_tokens
+    assert (
+        q["forced"]
+        and q["forced"][0]["reason"] == "budget"
+        and 12 <= q["forced"][0]["at_token"] <= 12 + grace
+    )
+    assert q["forced"][0]["text"].endswith("</think>\n\n")
+    assert "</think>" not in data["choices"][0]["message"]["content"]
+
+
 # ---------------------------------------------------------------- MLX
 
 
@@ -477,6 +575,19 @@ def test_transformers_writes_no_mtp_and_the_moe_experts_one_by_one(q35_saved_by_
     pair = convert_to_gguf(src, tmp_path, quant="f32", mmproj_quant="f32")
     _, t = _gguf(pair.model)
     assert np.array_equal(np.asarray(t["blk.1.ffn_up_exps.weight"].data), ups)
+
+
+@both
+@pytest.mark.llama
+@pytest.mark.parity
+@pytest.mark.slow
+def test_checkpoint_saved_by_transformers_matches_on_llama(fam, q35_saved_by_transformers, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    src = q35_saved_by_transformers[fam.name]
+    pair = convert_to_gguf(src, tmp_path, quant="f32", mmproj_quant="f32")
+    _llama_parity(fam, pair, hf_model(src, HF_CLASS[fam.name]), src, f"{fam.name} saved by transformers,")
 
 
 @both

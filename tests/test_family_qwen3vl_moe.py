@@ -266,6 +266,106 @@ def test_dense_layers_are_refused_for_llama_cpp_before_writing(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+# ---------------------------------------------------------------- llama.cpp
+
+
+@pytest.fixture(scope="module")
+def moe_llama(moe_gguf):
+    pytest.importorskip("llama_cpp")
+    from qvq_local.backends import llamacpp
+
+    model = llamacpp.load(moe_gguf.model, moe_gguf.mmproj)
+    yield model
+    model.close()
+
+
+def _llama_parity(model, ref_model, ckpt: Path, label: str) -> None:
+    import numpy as np
+
+    from qvq_local.backends.base import Prompt, SamplingParams
+    from qvq_local.prompt import build_prompt, load_chat_template
+
+    assert model.family is FAM
+    template = load_chat_template(ckpt)
+    for n_images, atol in ((0, TEXT_ATOL), (1, IMAGE_ATOL)):
+        text = build_prompt(template, QUESTION, n_images, system=None, family=FAM)
+        prompt = Prompt(text=text, images=[chart_image()] * n_images)
+        n_ctx = model.context_needed(prompt, new_tokens=16)
+        ours, stats = session_logits(
+            lambda n_ctx=n_ctx: model.new_session(SamplingParams(), n_ctx=n_ctx), prompt
+        )
+        ref, _ = hf_logits(ref_model, ckpt, text, prompt.images, FAM.image_pad)
+        assert stats.image_tokens == 70 * n_images
+        err = float(np.abs(ours - ref).max())
+        print(f"\n{label} llama.cpp, {n_images} image(s): max |logit diff| vs transformers {err:.3g}")
+        assert err < atol and int(ours.argmax()) == int(ref.argmax())
+
+
+@pytest.mark.llama
+@pytest.mark.parity
+def test_llama_text_and_image_prompts_match_transformers(moe_llama, moe_hf, moe_ckpt):
+    """The f32 pair through the llama.cpp backend (``qwen3vlmoe`` + Qwen3-VL's projector, told apart from
+    Qwen3-VL's pair by the text architecture) vs transformers."""
+    _llama_parity(moe_llama, moe_hf, moe_ckpt, "Qwen3-VL-MoE")
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_quantised_pair_answers_with_an_image(moe_ckpt, tmp_path):
+    """Q4_K_M through llama.cpp's quantiser: the experts are quantised, the routers stay F32."""
+    pytest.importorskip("llama_cpp")
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    from qvq_local import api
+
+    pair = convert_to_gguf(moe_ckpt, tmp_path / "out", quant="q4_k_m", mmproj_quant="f16")
+    _, tensors = _gguf(pair.model)
+    assert tensors["blk.0.ffn_gate_exps.weight"].tensor_type.name == "Q4_K"
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    image = tmp_path / "chart.png"
+    chart_image().save(image)
+    with api.load(str(pair.model), backend="llama") as model:
+        result = model.ask(str(image), QUESTION, think_budget=8, answer_budget=4, system="")
+    assert result.images[0].tokens == 70 and result.forced[0].text.endswith("</think>\n\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["llama", "mlx"])
+def test_ask_with_a_budget_closes_think_on_both_backends(backend, request, tmp_path, monkeypatch):
+    """`qvq ask --think-budget` on the Thinking template: the thought is cut at the budget, the forced text
+    closes ``</think>`` and the answer follows, on either backend."""
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+    from qvq_local.reasoning import ReasoningConfig
+
+    pytest.importorskip("llama_cpp" if backend == "llama" else "mlx_vlm")
+    model = (
+        request.getfixturevalue("moe_gguf").model
+        if backend == "llama"
+        else request.getfixturevalue("moe_mlx")
+    )
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
+    image = tmp_path / "chart.png"
+    chart_image().save(image)
+    args = ["ask", str(image), QUESTION, "--model", str(model), "--backend", backend]
+    args += ["--think-budget", "12", "--answer-budget", "6", "--json", "--seed", "1", "--no-loop-stop"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    q = data["qvq"]
+    assert q["backend"] == backend and q["images"][0]["tokens"] == 70
+    grace = ReasoningConfig().grace_tokens
+    assert (
+        q["forced"]
+        and q["forced"][0]["reason"] == "budget"
+        and 12 <= q["forced"][0]["at_token"] <= 12 + grace
+    )
+    assert q["forced"][0]["text"].endswith("</think>\n\n")
+    assert "</think>" not in data["choices"][0]["message"]["content"]
+    assert data["usage"]["reasoning_tokens"] >= 12 and data["usage"]["completion_tokens"] > 0
+
+
 # ---------------------------------------------------------------- MLX
 
 
@@ -392,6 +492,28 @@ def test_checkpoint_saved_by_transformers_converts_to_gguf_with_the_experts_in_p
     gate_up = ckpt.read_f32("model.language_model.layers.0.mlp.experts.gate_up_proj")
     assert np.array_equal(np.asarray(tensors["blk.0.ffn_up_exps.weight"].data), gate_up[:, 512:])
     ckpt.release()
+
+
+@pytest.mark.llama
+@pytest.mark.parity
+@pytest.mark.slow
+def test_checkpoint_saved_by_transformers_matches_on_llama(moe_saved_by_transformers, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    from qvq_local.backends import llamacpp
+
+    pair = convert_to_gguf(moe_saved_by_transformers, tmp_path, quant="f32", mmproj_quant="f32")
+    model = llamacpp.load(pair.model, pair.mmproj)
+    try:
+        _llama_parity(
+            model,
+            hf_model(moe_saved_by_transformers, HF_CLASS),
+            moe_saved_by_transformers,
+            "saved by transformers,",
+        )
+    finally:
+        model.close()
 
 
 OWN_ROOMS = {
