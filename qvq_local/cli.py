@@ -300,6 +300,12 @@ def ask(
         None, "--system", help="Replace the model family's system prompt (QVQ's for Qwen2-VL models)."
     ),
     no_loop_stop: bool = typer.Option(False, "--no-loop-stop", help="Do not cut reasoning loops."),
+    think: bool | None = typer.Option(
+        None,
+        "--think/--no-think",
+        help="Switch the model's thinking on or off where its chat template can (enable_thinking: Qwen3.5;"
+        " off, it answers at once). Default: the template's own (Qwen3.5-4B and up think, 0.8B/2B do not).",
+    ),
     lang_lock: str = typer.Option(
         "auto",
         "--lang-lock",
@@ -384,6 +390,7 @@ def ask(
                 "loop_detection": not no_loop_stop,
                 "lang_lock": lang_lock,
                 "samples": samples,
+                "think": think,
             },
             # the backend's load options (its own type checks them; one it does not take is refused)
             load_options={

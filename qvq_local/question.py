@@ -32,7 +32,14 @@ from qvq_local.errors import InputError
 from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta, Timings
 from qvq_local.images import PreparedImage, prepare_images
 from qvq_local.prompt import build_prompt
-from qvq_local.splitter import default_forced_text, default_markers, question_language
+from qvq_local.splitter import (
+    THINKING_SWITCH,
+    default_forced_text,
+    default_markers,
+    has_thinking_switch,
+    question_language,
+    thought_is_open,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from qvq_local.settings import AskSettings
@@ -60,7 +67,15 @@ def stream_question(
             info.tokens = int(loaded.image_token_estimate(*info.size))
         default_system = family.system_prompt or None  # Qwen3-VL's templates have none
         system_text = default_system if options.system is None else (options.system or None)
-        text = build_prompt(loaded.chat_template, question, len(prepared), system_text, family=family)
+        text = build_prompt(
+            loaded.chat_template,
+            question,
+            len(prepared),
+            system_text,
+            family=family,
+            variables=_thinking_switch(loaded.chat_template, options),
+        )
+        thinking = thought_is_open(text, loaded.chat_template)
 
         image_tokens = sum(info.tokens for info in infos)
         text_tokens = _count_text_tokens(model, text)
@@ -94,23 +109,28 @@ def stream_question(
             "loop_detection": options.loop_detection,
             "system": system_text,
             "question_language": question_language(question),
+            "thinking": thinking,
         }
         thought_mask, lock_info = model.language_mask(lock)
         settings["lang_lock"] = {"mode": options.lang_lock, **lock_info}
-        if options.samples > 1:
+        samples = options.samples
+        if samples > 1 and not _holds_recurrent_state(model):
+            model.cache_notice(
+                f"{_label(options, 'samples')} {samples}: the {model.backend} backend cannot copy"
+                f" {family.name}'s recurrent state per chain; running one chain"
+            )
+            samples = 1
+        if samples > 1:
             from qvq_local.chains import chain_sampling
 
             sampling = chain_sampling(options.sampling, resolved)
             resolved = sampling.resolved(getattr(loaded, "generation_config", {}) or {}, family.sampling)
             settings.update({k: getattr(resolved, k) for k in ("temperature", "top_p", "top_k")})
-            settings["samples"] = options.samples
+            settings["samples"] = samples
             if not model.spec.has(registry.CHAINS):
-                from qvq_local.settings import API_LABELS
-
-                name = {**API_LABELS, **options.labels}["samples"]
                 forking = " or ".join(s.title for s in registry.with_capability(registry.CHAINS))
                 raise InputError(
-                    f"{name} {options.samples} needs a backend that decodes chains in one batch"
+                    f"{_label(options, 'samples')} {samples} needs a backend that decodes chains in one batch"
                     f" ({forking or 'none is registered'}); the {model.backend} backend runs one chain"
                     " at a time"
                 )
@@ -118,8 +138,8 @@ def stream_question(
             prompt_cells = text_tokens + image_tokens
             session = loaded.new_session(
                 sampling,
-                n_ctx=prompt_cells + options.samples * (n_ctx - prompt_cells),
-                n_seq=options.samples,
+                n_ctx=prompt_cells + samples * (n_ctx - prompt_cells),
+                n_seq=samples,
             )
         else:
             session = loaded.new_session(options.sampling, n_ctx=n_ctx)
@@ -162,8 +182,8 @@ def stream_question(
         )
         tracker.see(started)
         yield started
-        if options.samples > 1:
-            chains = session.fork(options.samples)
+        if samples > 1:
+            chains = session.fork(samples)
         for event in _reason(
             model,
             session,
@@ -176,6 +196,7 @@ def stream_question(
             markers,
             thought_mask,
             chains,
+            thinking,
         ):
             if isinstance(event, Finished) and cached.state is not None:
                 # the disk write waits for the answer, so it never delays the first token
@@ -195,11 +216,47 @@ def stream_question(
             session.close()
 
 
+def _label(options: AskSettings, name: str) -> str:
+    """How the caller spells option ``name`` (``--samples`` on the command line, ``samples`` in Python)."""
+    from qvq_local.settings import API_LABELS
+
+    return str({**API_LABELS, **options.labels}[name])
+
+
+def _holds_recurrent_state(model: Any) -> bool:
+    """False for a model with a recurrent state (``Family.recurrent_state``) on a backend that cannot
+    snapshot or copy it (the registry's ``recurrent_state`` capability): no prefix reuse, one chain."""
+    return not model.family.recurrent_state or model.spec.has(registry.RECURRENT_STATE)
+
+
+def _thinking_switch(chat_template: str | None, options: AskSettings) -> dict[str, bool] | None:
+    """The template variable that switches thinking as ``options.think`` asks (None: the template's
+    default).  Asking a template without the switch not to think is refused in one line; asking it to
+    think changes nothing (such models think, or do not, as they were made)."""
+    if options.think is None:
+        return None
+    if not has_thinking_switch(chat_template):
+        if options.think:
+            return None
+        name = _label(options, "think").split("/")[-1]
+        raise InputError(
+            f"{name}: this model's chat template has no thinking switch ({THINKING_SWITCH}); it thinks as it"
+            " was made to (a think budget still cuts the thought short)"
+        )
+    return {THINKING_SWITCH: options.think}
+
+
 def _prefix_key(model: Any, text: str, prepared: list[PreparedImage], max_pixels: int | None) -> str | None:
     """The prefix cache key for this prompt, or None when nothing is to be cached or reused."""
     if model.prefix_cache is None and model.disk_cache is None:
         return None
     if not model.spec.has(registry.PREFIX_STATE):
+        return None
+    if not _holds_recurrent_state(model):
+        model.cache_notice(
+            f"prefix cache: the {model.backend} backend cannot snapshot {model.family.name}'s recurrent"
+            " state; running without it"
+        )
         return None
     loaded = model.loaded
     prefix = prefix_cache.prefix_text(text, model.family.image_block)
@@ -231,8 +288,9 @@ def _reason(
     markers: tuple[str, ...],
     thought_mask=None,
     chains: list | None = None,
+    thinking: bool = True,
 ) -> Iterator[Event]:
-    """Run the controller and pass its events on.
+    """Run the controller and pass its events on (``thinking``: the prompt leaves the thought open).
 
     The controller answers Ctrl-C (raised inside it, or thrown into it) with one last
     ``Finished(stop_reason="interrupted")`` and does not re-raise; this layer forwards a Ctrl-C that
@@ -253,6 +311,7 @@ def _reason(
         loop=LoopSettings() if options.loop_detection and not on_server else None,
         forced_text=forced_text,
         answer_markers=markers,
+        thinking=thinking,
     )
     timings = Timings(
         load_s=model.load_s,

@@ -44,6 +44,7 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "samples": "--samples",
         "seed": "--seed",
         "system": "--system",
+        "think": "--think/--no-think",
     }
 )
 #: How the Python API spells them (``None``: the owning module's own wording, here the language lock's).
@@ -62,6 +63,7 @@ API_LABELS: Mapping[str, str | None] = MappingProxyType(
         "seed": "seed",
         "system": "system",
         "forced_text": "forced_text",
+        "think": "think",
     }
 )
 
@@ -77,7 +79,9 @@ class AskSettings:
     the template's own default).  ``loop_detection``: cut reasoning loops.  ``forced_text``: fed when
     thinking is cut (None: what suits the model and the question).  ``lang_lock``: auto | on | off
     (:mod:`qvq_local.lang`).  ``samples``: reasoning chains from one prefill, decoded in one batch, whose
-    ``\\boxed{}`` answers vote (:mod:`qvq_local.chains`; 1: one chain, as always).
+    ``\\boxed{}`` answers vote (:mod:`qvq_local.chains`; 1: one chain, as always).  ``think``: switch the
+    model's thinking on or off where its chat template has the switch (``enable_thinking``: Qwen3.5);
+    None: the template's own default.
     """
 
     think_budget: int | None = None
@@ -92,6 +96,7 @@ class AskSettings:
     #: thinking is cut early enough to leave the answer room under it.  None: no cap of its own.
     max_tokens: int | None = None
     samples: int = 1  # reasoning chains decoded together from one prefill; their boxed answers vote
+    think: bool | None = None  # the template's thinking switch (enable_thinking); None: its default
     labels: Mapping[str, str | None] = field(default_factory=lambda: API_LABELS, compare=False, repr=False)
 
     @classmethod
@@ -125,6 +130,8 @@ class AskSettings:
             self._set(name, value)
         for name in ("system", "forced_text"):
             check_text(getattr(self, name), label(name))
+        if self.think is not None and not isinstance(self.think, bool):
+            raise InputError(f"{label('think')} must be true or false, got {self.think!r}")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or not 1 <= self.samples <= 64:
             raise InputError(f"{label('samples')} must be a whole number from 1 to 64, got {self.samples!r}")
         s = self.sampling

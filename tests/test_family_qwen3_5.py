@@ -41,36 +41,6 @@ IMAGE_ATOL = 5e-3
 both = pytest.mark.parametrize("fam", [DENSE, MOE], ids=["dense", "moe"])
 
 
-@pytest.fixture(scope="session")
-def q35_ckpts(artifacts) -> dict[str, Path]:
-    return {
-        name: synthetic.write_checkpoint(artifacts / f"q35-tiny-{alias}", "tiny", dtype="f32", family=alias)
-        for name, alias in ALIAS.items()
-    }
-
-
-@pytest.fixture(scope="session")
-def q35_ggufs(artifacts, q35_ckpts):
-    from qvq_local.convert.to_gguf import convert_to_gguf
-
-    return {
-        name: convert_to_gguf(ckpt, artifacts / f"q35-gguf-{ALIAS[name]}", quant="f32", mmproj_quant="f32")
-        for name, ckpt in q35_ckpts.items()
-    }
-
-
-@pytest.fixture(scope="session")
-def q35_mlx(artifacts, q35_ckpts):
-    pytest.importorskip("mlx.core")
-    pytest.importorskip("mlx_vlm")
-    from qvq_local.convert.to_mlx import convert_to_mlx
-
-    return {
-        name: convert_to_mlx(ckpt, artifacts / f"q35-mlx-{ALIAS[name]}", bits=None)
-        for name, ckpt in q35_ckpts.items()
-    }
-
-
 # ---------------------------------------------------------------- registry, tokens, templates
 
 

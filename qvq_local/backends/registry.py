@@ -42,6 +42,11 @@ PREFIX_STATE = "prefix_state"
 #: ``loaded.new_session(sampling, n_ctx=, n_seq=N)`` then ``session.fork(N)``: N reasoning chains from one
 #: prefill, decoded in one batch (``--samples``)
 CHAINS = "chains"
+#: the prefix state and the chains above hold a recurrent (linear-attention) layer's state too, for a
+#: model whose family has one (``Family.recurrent_state``: Qwen3.5's Gated DeltaNet layers): a state that
+#: cannot be cut back to a shorter prefix is snapshotted with the prefix and copied per chain.  Without it
+#: such a model runs without prefix reuse and with one chain (said in one line)
+RECURRENT_STATE = "recurrent_state"
 #: ``loaded.tokenize(text, special=True)``: the token ids of a templated prompt before a session opens
 #: (the context is sized from it; without it, from the text's byte count, an upper bound)
 TOKENIZER = "tokenizer"
@@ -61,6 +66,7 @@ CAPABILITIES = frozenset(
         REMOTE,
         PREFIX_STATE,
         CHAINS,
+        RECURRENT_STATE,
         TOKENIZER,
         VOCABULARY,
         SERVER_BUDGET,
@@ -301,7 +307,9 @@ register(
         modules=("mlx", "mlx_vlm"),
         distributions=("mlx", "mlx-vlm"),
         install_hint="pip install 'qvq-local[mlx]'",
-        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY}),
+        capabilities=frozenset(
+            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, RECURRENT_STATE, TOKENIZER, VOCABULARY}
+        ),
         hooks={RUN_FACTS: "qvq_local.backends.mlx:run_facts"},
         apple_silicon_first=True,
     )
@@ -318,7 +326,9 @@ register(
         modules=("llama_cpp",),
         distributions=("llama-cpp-python",),
         install_hint="pip install 'qvq-local[llama]'",
-        capabilities=frozenset({LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, TOKENIZER, VOCABULARY}),
+        capabilities=frozenset(
+            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, RECURRENT_STATE, TOKENIZER, VOCABULARY}
+        ),
         hooks={
             MACHINE_FACTS: "qvq_local.backends.llama_buffers:machine_facts",
             LOAD_NOTICES: "qvq_local.backends.llama_buffers:load_notices",
