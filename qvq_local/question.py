@@ -67,15 +67,18 @@ def stream_question(
             info.tokens = int(loaded.image_token_estimate(*info.size))
         default_system = family.system_prompt or None  # Qwen3-VL's templates have none
         system_text = default_system if options.system is None else (options.system or None)
+        remote_template = model.spec.has(registry.CHAT_MESSAGES)  # a server applies its own template
         text = build_prompt(
             loaded.chat_template,
             question,
             len(prepared),
             system_text,
             family=family,
-            variables=_thinking_switch(loaded.chat_template, options),
+            variables=None if remote_template else _thinking_switch(loaded.chat_template, options),
         )
-        thinking = thought_is_open(text, loaded.chat_template)
+        thinking = (
+            options.think is not False if remote_template else thought_is_open(text, loaded.chat_template)
+        )
 
         image_tokens = sum(info.tokens for info in infos)
         text_tokens = _count_text_tokens(model, text)
@@ -151,6 +154,7 @@ def stream_question(
                 system=system_text,
                 think_budget=options.think_budget,
                 max_new_tokens=thought_cap + FORCE_MARGIN + (options.answer_budget or DEFAULT_ANSWER_BUDGET),
+                think=options.think,
             )
         stats, cached = prefix_cache.prefill(
             session,

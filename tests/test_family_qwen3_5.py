@@ -637,3 +637,148 @@ def test_catalogue_names_the_laptop_sizes_as_estimates():
         assert entry.family == family.name and entry.shape == shape and shape in family.synth_shapes
         assert not entry.apple.size_checked and not entry.other.size_checked
         assert entry.apple.format == "mlx" and entry.other.ref.endswith(":Q4_K_M")
+
+
+# ---------------------------------------------------------------- thinking control
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["llama", "mlx"])
+def test_no_think_answers_at_once_on_both_backends(backend, request, tmp_path, monkeypatch):
+    """`qvq ask --no-think`: the template closes an empty think block, so every token is answer: no thought,
+    nothing forced, the answer budget alone applies."""
+    from typer.testing import CliRunner
+
+    from qvq_local.cli import app
+
+    pytest.importorskip("llama_cpp" if backend == "llama" else "mlx_vlm")
+    model = (
+        request.getfixturevalue("q35_ggufs")[DENSE.name].model
+        if backend == "llama"
+        else request.getfixturevalue("q35_mlx")[DENSE.name]
+    )
+    monkeypatch.setenv("QVQ_HOME", str(tmp_path / "home"))
+    image = tmp_path / "chart.png"
+    chart_image().save(image)
+    args = ["ask", str(image), QUESTION, "--model", str(model), "--backend", backend, "--no-think"]
+    args += ["--think-budget", "4", "--answer-budget", "6", "--json", "--seed", "1", "--no-loop-stop"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    q = data["qvq"]
+    assert q["settings"]["thinking"] is False and q["settings"]["answer_source"] == "no_thought"
+    assert q["forced"] == [] and data["usage"]["reasoning_tokens"] == 0
+    assert data["usage"]["completion_tokens"] > 0 and data["choices"][0]["message"]["content"]
+
+
+@pytest.mark.mlx
+def test_think_switches_a_template_that_does_not_think_by_default(artifacts, tmp_path):
+    """Qwen3.5-0.8B/2B's template does not think unless told to: by default every token is answer; with
+    think=True the template opens <think> and the budget closes it."""
+    pytest.importorskip("mlx_vlm")
+    from qvq_local.convert.to_mlx import convert_to_mlx
+
+    from qvq_local import api
+
+    src = synthetic.write_checkpoint(
+        tmp_path / "quiet", "tiny", dtype="f32", family="qwen3.5", variant="non-thinking"
+    )
+    out = convert_to_mlx(src, tmp_path / "quiet-mlx", bits=None)
+    image = tmp_path / "chart.png"
+    chart_image().save(image)
+    with api.load(str(out), backend="mlx") as model:
+        quiet = model.ask(str(image), QUESTION, think_budget=6, answer_budget=3, system="")
+        loud = model.ask(str(image), QUESTION, think_budget=6, answer_budget=3, system="", think=True)
+    assert quiet.settings["thinking"] is False and quiet.thought == "" and not quiet.forced
+    assert loud.settings["thinking"] is True and loud.forced and loud.forced[0].text.endswith("</think>\n\n")
+
+
+@pytest.mark.llama
+def test_no_think_on_a_template_without_the_switch_is_refused_in_one_line(tiny_gguf_f32, sample_image):
+    """QVQ's template has no thinking switch: think=False is refused before anything runs; think=True
+    changes nothing (QVQ thinks as it was made to)."""
+    pytest.importorskip("llama_cpp")
+    from qvq_local import api
+    from qvq_local.errors import InputError
+
+    with api.load(str(tiny_gguf_f32.model), backend="llama") as model:
+        with pytest.raises(InputError) as err:
+            model.ask(str(sample_image), QUESTION, think=False, think_budget=4, answer_budget=2)
+        assert_error(err, "think", "no thinking switch", "enable_thinking")
+        result = model.ask(str(sample_image), QUESTION, think=True, think_budget=4, answer_budget=2)
+        assert result.settings["thinking"] is True
+
+
+@pytest.mark.parametrize(
+    ("body", "want"),
+    [
+        ({"enable_thinking": False}, False),
+        ({"chat_template_kwargs": {"enable_thinking": True}}, True),
+        ({"enable_thinking": True, "chat_template_kwargs": {"enable_thinking": True}}, True),
+        ({}, None),
+    ],
+)
+def test_serve_reads_the_thinking_switch(body, want):
+    from qvq_local.serve.schema import parse_chat_request
+
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "q"}]}]  # fmt: skip
+    assert parse_chat_request({"messages": messages, **body}).think is want
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"enable_thinking": "no"}, "enable_thinking"),
+        ({"chat_template_kwargs": {"enable_thinking": 1}}, "chat_template_kwargs.enable_thinking"),
+        ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools"),
+        ({"chat_template_kwargs": []}, "chat_template_kwargs"),
+        ({"enable_thinking": True, "chat_template_kwargs": {"enable_thinking": False}}, "enable_thinking"),
+    ],
+)
+def test_serve_refuses_a_bad_thinking_switch_with_400(body, param):
+    from qvq_local.serve.schema import ApiError, parse_chat_request
+
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "q"}]}]  # fmt: skip
+    with pytest.raises(ApiError) as err:
+        parse_chat_request({"messages": messages, **body})
+    assert err.value.status == 400 and err.value.param == param
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_qvq_serve_switches_thinking_off(q35_ggufs, tmp_path):
+    """`qvq serve`: enable_thinking=false (or chat_template_kwargs) gives an answer with no reasoning."""
+    pytest.importorskip("llama_cpp")
+    import openai
+    from serve_util import ServerThread, data_uri
+
+    from qvq_local.api import load
+    from qvq_local.serve.app import ServeOptions, create_app
+
+    image = tmp_path / "chart.png"
+    chart_image().save(image)
+    model = load(str(q35_ggufs[DENSE.name].model), backend="llama")
+    app = create_app(model, ServeOptions(api_key="k"))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image)}},
+                                             {"type": "text", "text": QUESTION}]}]  # fmt: skip
+    try:
+        with ServerThread(app) as server:
+            client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0, timeout=120)
+            budget = {"thinking_budget": 4, "answer_budget": 4, "seed": 1}
+            off = client.chat.completions.create(
+                model=model.name, messages=messages, extra_body={**budget, "enable_thinking": False}
+            )
+            kw = client.chat.completions.create(model=model.name, messages=messages,
+                                                extra_body={**budget, "chat_template_kwargs": {"enable_thinking": False}})  # fmt: skip
+            on = client.chat.completions.create(model=model.name, messages=messages, extra_body=budget)
+    finally:
+        app.state.worker.shutdown()
+        model.close()
+    for reply in (off, kw):
+        assert reply.usage.completion_tokens_details.reasoning_tokens == 0
+        assert (
+            not reply.choices[0].message.model_extra.get("reasoning_content")
+            and reply.choices[0].message.content
+        )
+    assert off.choices[0].message.content == kw.choices[0].message.content
+    assert on.usage.completion_tokens_details.reasoning_tokens >= 4

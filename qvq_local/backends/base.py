@@ -55,6 +55,8 @@ class ChatTurn:
     #: the most tokens the controller will let this question generate (thought cap, forced text margin and
     #: answer budget): sent as ``max_tokens`` so the server never runs on past it
     max_new_tokens: int | None = None
+    #: the server template's thinking switch (``enable_thinking``; None: the server's default)
+    think: bool | None = None
 
 
 @dataclass

@@ -335,8 +335,10 @@ class RemoteSession:
         body = self._body(messages)
         if self.traits.budget_on_server and chat.think_budget is not None:
             body["thinking_budget"] = chat.think_budget
-        if self.traits.enable_thinking:
-            body["enable_thinking"] = True
+        if self.traits.enable_thinking:  # Alibaba's API: thinking is asked for, on unless switched off
+            body["enable_thinking"] = chat.think is not False
+        elif chat.think is not None:  # the template's switch, as vLLM, SGLang and qvq serve take it
+            body["chat_template_kwargs"] = {"enable_thinking": chat.think}
         self._max_new = chat.max_new_tokens
         if self._max_new is not None and not self.traits.budget_on_server:
             # a server may go on generating after the client closes the stream (llama-cpp-python's does):
