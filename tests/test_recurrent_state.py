@@ -181,7 +181,9 @@ def test_the_api_reuses_the_prefix_and_runs_chains(backend, request, tmp_path):
         again = plain.ask(str(image), Q2, **kw)
         assert again.settings["prefix_cache"]["source"] == "off"
         assert (second.thought, second.answer) == (again.thought, again.answer)
-        chained = cached.ask(str(image), Q1, samples=3, **{**kw, "temperature": 1.5, "top_p": 1.0, "top_k": 0})
+        chained = cached.ask(
+            str(image), Q1, samples=3, **{**kw, "temperature": 1.5, "top_p": 1.0, "top_k": 0}
+        )
         assert len(chained.chains) == 3 and chained.settings["samples"] == 3
         assert len({c.thought for c in chained.chains}) > 1  # each chain went its own way
 
@@ -213,4 +215,7 @@ def test_a_backend_that_cannot_hold_the_state_says_so_and_runs_without_it(reques
     assert notices[0] == (
         "prefix cache: the llama backend cannot snapshot Qwen3.5's recurrent state; running without it"
     )
-    assert "samples 3: the llama backend cannot copy Qwen3.5's recurrent state per chain; running one chain" in notices
+    assert (
+        "samples 3: the llama backend cannot copy Qwen3.5's recurrent state per chain; running one chain"
+        in notices
+    )
