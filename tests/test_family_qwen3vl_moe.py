@@ -235,6 +235,52 @@ def test_gguf_experts_are_packed_as_llama_cpp_reads_them(moe_gguf, moe_ckpt):
     ckpt.release()
 
 
+def _dense_bytes_per_token(sizes: dict[str, int], rows: int, embed: str, head: str) -> int:
+    """Every text weight once and one embedding row (the whole embedding again when it is the output head)."""
+    total = sum(sizes.values())
+    return total + sizes[embed] // rows if head not in sizes else total - sizes[embed] + sizes[embed] // rows
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "mlx"])
+def test_the_bench_bound_reads_two_experts_of_eight(fmt, request):
+    """The bench's bytes per token count the 2 experts a token's router picks of the 8 in each layer and
+    everything else in full: 6 x (gate + up + down) x 512 x 256 f32 fewer per layer than reading every weight
+    (sizes read here with gguf-py and safetensors, not with the code under test)."""
+    from qvq_local.bench.bandwidth import weights_per_token
+
+    if fmt == "gguf":
+        import gguf
+
+        pair = request.getfixturevalue("moe_gguf")
+        r = gguf.GGUFReader(pair.model)
+        sizes = {t.name: int(t.n_bytes) for t in r.tensors}
+        layers = int(r.fields["qwen3vlmoe.block_count"].contents())
+        rows = int(r.get_tensor(list(sizes).index("token_embd.weight")).shape[1])
+        dense = _dense_bytes_per_token(sizes, rows, "token_embd.weight", "output.weight")
+        got = weights_per_token("gguf", pair.model, pair.mmproj)
+    else:
+        pytest.importorskip("mlx_vlm")
+        from safetensors import safe_open
+
+        folder = request.getfixturevalue("moe_mlx")
+        sizes, rows = {}, 0
+        for shard in sorted(folder.glob("*.safetensors")):
+            with safe_open(shard, framework="numpy") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    if "vision_tower" in name or name.startswith("visual."):
+                        continue
+                    t = f.get_slice(name)
+                    sizes[name] = math.prod(t.get_shape()) * {"F32": 4, "F16": 2, "BF16": 2}[t.get_dtype()]
+                    if "embed_tokens" in name:
+                        embed, rows = name, t.get_shape()[0]
+        head = next((n for n in sizes if "lm_head" in n), "no lm_head")
+        dense = _dense_bytes_per_token(sizes, rows, embed, head)
+        layers = json.loads((folder / "config.json").read_text())["text_config"]["num_hidden_layers"]
+        got = weights_per_token("mlx", folder)
+    assert (got["experts"], got["experts_per_token"]) == (8, 2)
+    assert dense - got["bytes_per_token"] == layers * 6 * 3 * 512 * 256 * 4
+
+
 def test_routers_stay_f32_in_an_f16_pair(moe_ckpt, tmp_path):
     from qvq_local.convert.to_gguf import convert_to_gguf
 
