@@ -412,6 +412,38 @@ def test_ask_with_a_budget_closes_think_on_both_backends(backend, request, tmp_p
     assert data["usage"]["reasoning_tokens"] >= 12 and data["usage"]["completion_tokens"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["llama", "mlx"])
+def test_the_api_reuses_the_prefix_and_runs_chains(backend, request, tmp_path):
+    """A second question about the same image restores the prefix from memory and answers as a model with
+    the cache off does; samples=3 decodes three chains of the MoE from one prefill."""
+    from qvq_local import api
+
+    pytest.importorskip("llama_cpp" if backend == "llama" else "mlx_vlm")
+    ref = (
+        request.getfixturevalue("moe_gguf").model
+        if backend == "llama"
+        else request.getfixturevalue("moe_mlx")
+    )
+    image = tmp_path / "chart.png"
+    chart_image().save(image)
+    kw = {"think_budget": 6, "answer_budget": 4, "temperature": 0.0, "seed": 1}
+    with api.load(str(ref), backend=backend) as cached, api.load(str(ref), backend=backend) as plain:
+        plain.prefix_cache = None
+        first = cached.ask(str(image), QUESTION, **kw)
+        second = cached.ask(str(image), "What colour is the line?", **kw)
+        again = plain.ask(str(image), "What colour is the line?", **kw)
+        assert first.settings["prefix_cache"]["source"] == "fresh"
+        assert second.settings["prefix_cache"]["source"] == "memory"
+        assert again.settings["prefix_cache"]["source"] == "off"
+        assert (second.thought, second.answer) == (again.thought, again.answer)
+        chained = cached.ask(
+            str(image), QUESTION, samples=3, **{**kw, "temperature": 1.5, "top_p": 1.0, "top_k": 0}
+        )
+        assert len(chained.chains) == 3 and chained.settings["samples"] == 3
+        assert len({c.thought for c in chained.chains}) > 1  # each chain went its own way
+
+
 # ---------------------------------------------------------------- MLX
 
 
