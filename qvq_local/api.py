@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from qvq_local.backends import registry
-from qvq_local.errors import ModelError
+from qvq_local.detail import check_level
+from qvq_local.errors import InputError, ModelError
 from qvq_local.events import Result
 from qvq_local.model import Model
 
@@ -38,6 +39,8 @@ def load(
     *,
     backend: str = "auto",
     max_pixels: int | None = None,
+    detail: str | None = None,
+    mmproj: str | Path | None = None,
     download: bool = True,
     progress: bool = False,
     labels: Mapping[str, str] | None = None,
@@ -59,6 +62,11 @@ def load(
     be one some local backend takes; the one chosen gets those it takes.  ``labels``: how the caller
     spells each option in messages (the CLI passes its flags).
 
+    ``max_pixels`` / ``detail``: how the model's questions bound their images when a question says
+    nothing (a pixel bound wins over a level; neither: the default level of the machine that encodes,
+    :mod:`qvq_local.detail`).  ``mmproj``: the vision projector of a GGUF model, a file (instead of the one
+    beside the model), or for a hub repo a projector's file name or type there (``f16``).
+
     The options are checked before anything is resolved or downloaded.  Raises ``ModelError`` (unknown or
     broken model, wrong format for the backend), ``BackendUnavailable`` (the backend's library is missing,
     naming the pip line) or ``InputError`` (a bad option, or one the backend does not take).
@@ -69,8 +77,15 @@ def load(
     name = registry.canonical(backend)  # the one place the API maps what the caller typed to a name
     given = {k: v for k, v in options.items() if v is not None}
     labels = dict(labels or {})
+    if detail is not None:
+        check_level(detail, labels.get("detail", "detail"))  # before anything is resolved
     if name != registry.AUTO and registry.BACKENDS[name].has(registry.REMOTE):
         spec = registry.BACKENDS[name]
+        if mmproj is not None:
+            raise InputError(
+                f"{labels.get('mmproj', 'mmproj')} goes with a local GGUF model; the {spec.name} backend's"
+                " server holds its own vision tower"
+            )
         checked = _options_of(spec, given, labels, config)
         t0 = time.perf_counter()
         remote = spec.open_model(str(ref) if ref is not None and str(ref).strip() else None, checked)
@@ -80,6 +95,7 @@ def load(
             spec=spec,
             quantization=remote.quantization,
             max_pixels=max_pixels,
+            detail=detail,
             load_s=time.perf_counter() - t0,
         )
     # every backend that may run the model gets its options checked now, before a download
@@ -94,7 +110,7 @@ def load(
         ref = config.default_model()
         if ref is None:
             raise ModelError(NO_MODEL_HELP)
-    resolved = hub.resolve(ref, download=download, progress=progress)
+    resolved = hub.resolve(ref, download=download, progress=progress, mmproj=mmproj)
     chosen = hardware.choose_backend(name, {resolved.format}, model_path=resolved.path)
     spec = registry.BACKENDS[chosen]
     t0 = time.perf_counter()
@@ -108,6 +124,7 @@ def load(
         quantization=quantization,
         path=resolved.path,
         max_pixels=max_pixels,
+        detail=detail,
         load_s=load_s,
     )
 
@@ -132,7 +149,7 @@ def ask(
     images: Any, question: str, *, model: str | Path | None = None, backend: str = "auto", **options: Any
 ) -> Result:
     """One-shot convenience: load ``model``, ask, close."""
-    with load(model, backend=backend, max_pixels=options.pop("max_pixels", None)) as loaded:
+    with load(model, backend=backend) as loaded:
         return loaded.ask(images, question, **options)
 
 

@@ -30,19 +30,22 @@ class AskRequest:
     ``options``: the question's, by :meth:`qvq_local.settings.AskSettings.build`'s names (``think_budget``,
     ``temperature``...); :func:`build_settings` makes the question's settings of them.  ``load_options``:
     the backend's load options by name (``gpu_layers``, ``base_url``...), checked by the chosen backend's
-    own type when the model is loaded.  The rest (images, model, output) is this command's own.
+    own type when the model is loaded.  ``mmproj``: a GGUF model's vision projector (``--mmproj``).  The
+    rest (images, model, output) is this command's own.
     """
 
     args: list[str] = field(default_factory=list)  # IMAGE... QUESTION
     attach: list[str] = field(default_factory=list)
     model: str | None = None
     backend: str | None = None
+    mmproj: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     load_options: dict[str, Any] = field(default_factory=dict)
     as_json: bool = False
     hide_thinking: bool = False
     save: Path | None = None
     cache: bool = True  # reuse/keep the image prefix's KV state in QVQ_HOME/cache (--no-cache: off)
+    frames: bool = False  # --frames: the IMAGE... arguments (files, or one folder) are one clip's frames
 
 
 def flag(name: str) -> str:
@@ -53,7 +56,10 @@ def flag(name: str) -> str:
 def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
     """``IMAGE... QUESTION`` plus ``-a`` images -> (images, question)."""
     if not args:
-        raise InputError('give one or more images and a question, e.g. qvq ask chart.png "What is shown?"')
+        raise InputError(
+            'give one or more images and a question, e.g. qvq ask chart.png "What is shown?" '
+            '(or a clip: qvq ask clip.mp4 "What happens?")'
+        )
     question = args[-1]
     images = [*args[:-1], *attach]
     if not images:
@@ -66,6 +72,11 @@ def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
             ".bmp",
             ".tif",
             ".tiff",
+            ".mp4",
+            ".mov",
+            ".mkv",
+            ".webm",
+            ".avi",
         ):
             raise InputError(f"no question given after the image {question!r}")
         raise InputError("no image given: pass one or more images before the question (or -a IMAGE)")
@@ -78,12 +89,16 @@ def split_args(args: list[str], attach: list[str]) -> tuple[list[str], str]:
 
 
 #: The question's options ``qvq config`` has defaults for (the rest default to AskSettings' own).
-STORED_DEFAULTS = ("think_budget", "answer_budget", "max_pixels")
+STORED_DEFAULTS = ("think_budget", "answer_budget", "max_pixels", "detail")
+#: Options that say one thing together, the images' bound: one given on the command line keeps the others'
+#: stored defaults out (``--detail high`` is not overruled by a stored ``max_pixels``).
+IMAGE_BOUND = ("max_pixels", "detail")
 
 
 def build_settings(request: AskRequest) -> AskSettings:
     """The one settings object of this question: the options given, then ``qvq config``'s defaults for
-    those left out, checked once.
+    those left out, checked once.  The images' bound (``--max-pixels``, ``--detail``) is one choice: when
+    either is given, neither comes from the settings; within one place, a pixel bound wins over a level.
 
     A value that came from the options is named by its flag in a message (``--think-budget must be above
     0``), one that came from the settings file by its key (``the think_budget setting must be above 0``).
@@ -94,7 +109,12 @@ def build_settings(request: AskRequest) -> AskSettings:
 
     labels = dict(CLI_LABELS)
     values = dict(request.options)
-    missing = [name for name in STORED_DEFAULTS if values.get(name) is None]
+    bound_given = any(values.get(name) is not None for name in IMAGE_BOUND)
+    missing = [
+        name
+        for name in STORED_DEFAULTS
+        if values.get(name) is None and not (bound_given and name in IMAGE_BOUND)
+    ]
     if missing:
         stored = config.effective()
         for name in missing:
@@ -141,10 +161,15 @@ def _make_renderer(request: AskRequest, model: Any):
     return PlainRenderer(sys.stdout, sys.stderr, hide_thinking=request.hide_thinking)
 
 
-def _load_model(request: AskRequest, how: LoadRequest, settings: AskSettings):
+def load_model(request: AskRequest, how: LoadRequest):
+    """Load the model as ``qvq ask`` does (a spinner on a terminal, the backend's notices after); the
+    question's settings bound its images, so the model gets no bound of its own here."""
     from qvq_local.api import load
 
-    kw = {"backend": how.backend, "max_pixels": settings.max_pixels, "labels": how.labels, **how.options}
+    kw: dict[str, Any] = {"backend": how.backend, "labels": dict(how.labels), **how.options}
+    if request.mmproj is not None:
+        kw["mmproj"] = request.mmproj
+        kw["labels"]["mmproj"] = "--mmproj"
     if sys.stderr.isatty() and not request.as_json:
         from rich.console import Console
 
@@ -214,10 +239,29 @@ class SigintFlag:
             self._previous = None
 
 
+def read_media(paths: list[str], *, frames: bool = False) -> Any:
+    """What the question is about, checked before a model loads: a clip (its header read: a missing PyAV,
+    a corrupt file or one without video fails here), ``--frames`` (the files, or a folder's images, exist),
+    or images (read and checked, bounded once the model's grid is known)."""
+    from qvq_local.images import read_images
+    from qvq_local.video import frame_files, probe_video
+    from qvq_local.video_prompt import ClipInput, split_media
+
+    if frames:
+        files = frame_files(paths)
+        for file in files:
+            if not file.is_file():
+                raise InputError("no such image file", path=file)
+        return ClipInput(frames=tuple(paths))
+    clip, images = split_media(paths)
+    if clip is not None:
+        probe_video(clip.path)
+        return clip
+    return read_images(images)
+
+
 def run_ask(request: AskRequest) -> int:
     """Run one question; return the exit code (0, or 130 after Ctrl-C).  QvqError propagates."""
-    from qvq_local.images import read_images
-
     images, question = split_args(request.args, request.attach)
     settings = build_settings(request)
     how = load_request(request)
@@ -228,7 +272,7 @@ def run_ask(request: AskRequest) -> int:
             raise InputError("the folder for --save does not exist", path=folder)
         if save.is_dir():
             raise InputError("--save needs a file name, this is a folder", path=save)
-    sources = read_images(images)  # fail on a bad image before loading a model; bounded once, for it
+    sources = read_media(images, frames=request.frames)  # a bad file fails before a model loads
 
     with SigintFlag() as sigint:
         return _ask_loaded(request, how, settings, question, sources, sigint)
@@ -245,7 +289,7 @@ def _ask_loaded(
     from qvq_local.driver import drive
 
     try:
-        model = _load_model(request, how, settings)
+        model = load_model(request, how)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     if sigint.set:  # Ctrl-C while the model loaded, swallowed inside a C callback

@@ -25,7 +25,7 @@ UNKNOWN_CONTEXT_LENGTH = 32768
 
 
 def size_context(
-    context_length: int,
+    context_length: int | None,
     text_tokens: int,
     image_tokens: int,
     *,
@@ -34,13 +34,20 @@ def size_context(
     max_pixels: int | None = None,
 ) -> tuple[int, int]:
     """``(n_ctx, thought cap)`` for one question on a model trained for ``context_length`` tokens (0:
-    unknown); ContextOverflow, whose hint names the budgets and ``--max-pixels`` (``max_pixels``: the
-    bound in use, for the hint), when the prompt and the budgets cannot fit."""
-    limit = context_length or UNKNOWN_CONTEXT_LENGTH
+    unknown, :data:`UNKNOWN_CONTEXT_LENGTH` assumed; None: a remote server that states no context, where
+    nothing is refused here and the server's own limit applies); ContextOverflow, whose hint names the
+    budgets, ``--detail`` and ``--max-pixels`` (``max_pixels``: the bound in use, for the hint), when the
+    prompt and the budgets cannot fit."""
     answer = answer_budget or DEFAULT_ANSWER_BUDGET
     fixed = text_tokens + image_tokens + FORCE_MARGIN + answer
+    if context_length is None:
+        thought_cap = DEFAULT_MAX_THOUGHT if think_budget is None else think_budget
+        return fixed + thought_cap, thought_cap
+    limit = context_length or UNKNOWN_CONTEXT_LENGTH
     pixels_hint = (
-        f"lower --max-pixels (now {max_pixels})" if max_pixels else "lower --max-pixels"
+        f"lower --detail or --max-pixels (now {max_pixels} pixels)"
+        if max_pixels
+        else "lower --detail or --max-pixels"
     ) + " to shrink the image tokens"
     if think_budget is None:
         room = limit - fixed

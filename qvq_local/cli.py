@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -268,91 +269,275 @@ _GPU_LAYERS_HELP = (
 )
 
 
+# ---------------------------------------------------------------- the options of a question (ask, batch)
+@dataclass(frozen=True)
+class _Shared:
+    """One option of every command that asks questions (``qvq ask``, ``qvq batch``), defined once: its
+    parameter ``name`` and type, a fresh ``typer.Option`` each time it is put on a command (``make``), and
+    where its value goes: ``question`` (:meth:`qvq_local.settings.AskSettings.build`'s name ``key``),
+    ``load`` (the backend's load option ``key``) or ``model`` (how the model is found and kept: the
+    request's field ``key``), after ``convert``."""
+
+    name: str
+    kind: Any
+    make: Callable[[], Any]
+    goes: str
+    key: str = ""
+    convert: Callable[[Any], Any] = lambda value: value
+
+
+def _opt(default: Any, *names: str, help: str | None = None) -> Callable[[], Any]:
+    return lambda: typer.Option(default, *names, help=help)
+
+
+def _detail_help() -> str:
+    from qvq_local import detail
+
+    return (
+        "Image detail: how many image tokens each image may become: "
+        f"{detail.help_table()}. Default auto: high on a GPU, Apple Silicon or a server; on a CPU the "
+        "highest level estimated to encode in 5 s (2 cores: low). Grounding and small text need high. "
+        "--max-pixels wins over it. Also `qvq config set detail`; `qvq doctor` shows the default here."
+    )
+
+
+#: The options a question command takes, after its own, in the order ``--help`` lists them.
+QUESTION_OPTIONS: tuple[_Shared, ...] = (
+    _Shared(
+        "model",
+        str | None,
+        _opt(
+            None,
+            "-m",
+            "--model",
+            help="Model: folder, GGUF file, name from `qvq models`, short name (qvq), or owner/repo[:QUANT].",
+        ),
+        "model",
+    ),
+    _Shared(
+        "backend",
+        str | None,
+        lambda: typer.Option(
+            None, "--backend", help=f"{registry.choices()} (default auto; {registry.alias_note()})."
+        ),
+        "model",
+    ),
+    _Shared(
+        "mmproj",
+        str | None,
+        _opt(
+            None,
+            "--mmproj",
+            help="GGUF models: the vision projector file to use instead of the one beside the model"
+            " (for a hub repo also a projector's name or type there: f16, f32, q8_0).",
+        ),
+        "model",
+    ),
+    _Shared(
+        "think_budget",
+        int | None,
+        _opt(
+            None,
+            "--think-budget",
+            help="Thought tokens before the answer is forced (default: none, up to 8192).",
+        ),
+        "question",
+    ),
+    _Shared(
+        "answer_budget",
+        int | None,
+        _opt(None, "--answer-budget", help="Answer tokens (default 1024)."),
+        "question",
+    ),
+    _Shared("detail", str | None, lambda: typer.Option(None, "--detail", help=_detail_help()), "question"),
+    _Shared(
+        "max_pixels",
+        int | None,
+        _opt(
+            None,
+            "--max-pixels",
+            help="Shrink each image to at most this many pixels (fewer image tokens); wins over --detail.",
+        ),
+        "question",
+    ),
+    _Shared(
+        "temperature", float | None, _opt(None, "--temperature", help="Default: the model's own."), "question"
+    ),
+    _Shared("top_p", float | None, _opt(None, "--top-p"), "question"),
+    _Shared("top_k", int | None, _opt(None, "--top-k"), "question"),
+    _Shared("repetition_penalty", float | None, _opt(None, "--repetition-penalty"), "question"),
+    _Shared("seed", int | None, _opt(None, "--seed"), "question"),
+    _Shared(
+        "system",
+        str | None,
+        _opt(None, "--system", help="Replace the model family's system prompt (QVQ's for Qwen2-VL models)."),
+        "question",
+    ),
+    _Shared(
+        "no_loop_stop",
+        bool,
+        _opt(False, "--no-loop-stop", help="Do not cut reasoning loops."),
+        "question",
+        "loop_detection",
+        lambda value: not value,
+    ),
+    _Shared(
+        "think",
+        bool | None,
+        _opt(
+            None,
+            "--think/--no-think",
+            help="Switch the model's thinking on or off where its chat template can (enable_thinking:"
+            " Qwen3.5; off, it answers at once). Default: the template's own (Qwen3.5-4B and up think,"
+            " 0.8B/2B do not).",
+        ),
+        "question",
+    ),
+    _Shared(
+        "lang_lock",
+        str,
+        _opt(
+            "auto",
+            "--lang-lock",
+            help="auto | on | off: while thinking, mask tokens of scripts the question does not use"
+            " (auto: when the question is in one script). Latin and Greek stay allowed (math, code).",
+        ),
+        "question",
+    ),
+    _Shared(
+        "samples",
+        int,
+        _opt(
+            1,
+            "--samples",
+            help="Think N chains at once from one prefill (decoded in one batch) and answer"
+            " with the majority \\boxed{} answer (ties: the chain that finished first). Without"
+            " --temperature/--top-p/--top-k the chains sample at temperature 0.7, top-k 40, top-p 0.95.",
+        ),
+        "question",
+    ),
+    _Shared("cpu_buffers", str | None, _opt(None, "--cpu-buffers", help=_CPU_BUFFERS_HELP), "load"),
+    _Shared("gpu_layers", str | None, _opt(None, "--gpu-layers", help=_GPU_LAYERS_HELP), "load"),
+    _Shared(
+        "no_cache",
+        bool,
+        _opt(
+            False,
+            "--no-cache",
+            help="Do not reuse or keep the image's encoded prefix in $QVQ_HOME/cache (a repeated image then"
+            " pays the encode and prefill again). See `qvq cache info`.",
+        ),
+        "model",
+        "cache",
+        lambda value: not value,
+    ),
+    _Shared(
+        "base_url",
+        str | None,
+        _opt(
+            None,
+            "--base-url",
+            help="--backend openai: the server, e.g. http://127.0.0.1:8000/v1 (or QVQ_BASE_URL).",
+        ),
+        "load",
+    ),
+    _Shared(
+        "api_key",
+        str | None,
+        _opt(
+            None,
+            "--api-key",
+            help="--backend openai: its key (default $QVQ_API_KEY, $OPENAI_API_KEY; QVQ-Max: $DASHSCOPE_API_KEY).",
+        ),
+        "load",
+    ),
+    _Shared(
+        "server_kind",
+        str | None,
+        lambda: typer.Option(
+            None,
+            "--server-kind",
+            help=f"--backend openai: {' | '.join(SERVER_KINDS)} (auto asks the server); decides how the budget is kept.",
+        ),
+        "load",
+    ),
+)
+
+
+def _asks_questions(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command every option of :data:`QUESTION_OPTIONS` after its own, defined once for ``qvq ask``
+    and ``qvq batch``; the command receives them gathered in one keyword, ``common``: ``options`` (the
+    question's, by AskSettings.build's names), ``load_options`` (the backend's) and the model's fields
+    (``model``, ``backend``, ``mmproj``, ``cache``), as :class:`qvq_local.ask_cmd.AskRequest` takes them."""
+    import inspect
+
+    own = [p for p in inspect.signature(fn).parameters.values() if p.name != "common"]
+    shared = [
+        inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.make(), annotation=o.kind)
+        for o in QUESTION_OPTIONS
+    ]
+
+    @functools.wraps(fn)
+    def command(**values: Any) -> Any:
+        common: dict[str, Any] = {"options": {}, "load_options": {}}
+        for o in QUESTION_OPTIONS:
+            value = o.convert(values.pop(o.name))
+            key = o.key or o.name
+            if o.goes == "question":
+                common["options"][key] = value
+            elif o.goes == "load":
+                common["load_options"][key] = value
+            else:
+                common[key] = value
+        return fn(**values, common=common)
+
+    command.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+    command.__annotations__ = {
+        **{k: v for k, v in fn.__annotations__.items() if k != "common"},
+        **{o.name: o.kind for o in QUESTION_OPTIONS},
+    }
+    del command.__wrapped__  # Typer reads the signature above, not fn's
+    return command
+
+
 # ---------------------------------------------------------------- ask / doctor / config (issue 5)
 @app.command(context_settings={"allow_interspersed_args": True})
+@_asks_questions
 def ask(
     args: list[str] | None = typer.Argument(
-        None, metavar="IMAGE... QUESTION", help="One or more images, then the question (quote it)."
+        None,
+        metavar="IMAGE... QUESTION",
+        help="One or more images (or one clip: MP4, MOV, MKV, WebM, AVI, an animated GIF), then the question "
+        "(quote it).",
     ),
     attach: list[Path] | None = typer.Option(None, "-a", "--attach", help="An image (repeatable)."),
-    model: str | None = typer.Option(
-        None,
-        "-m",
-        "--model",
-        help="Model: folder, GGUF file, name from `qvq models`, short name (qvq), or owner/repo[:QUANT].",
-    ),
-    backend: str | None = typer.Option(
-        None, "--backend", help=f"{registry.choices()} (default auto; {registry.alias_note()})."
-    ),
-    think_budget: int | None = typer.Option(
-        None, "--think-budget", help="Thought tokens before the answer is forced (default: none, up to 8192)."
-    ),
-    answer_budget: int | None = typer.Option(None, "--answer-budget", help="Answer tokens (default 1024)."),
-    max_pixels: int | None = typer.Option(
-        None, "--max-pixels", help="Shrink each image to at most this many pixels (fewer image tokens)."
-    ),
-    temperature: float | None = typer.Option(None, "--temperature", help="Default: the model's own."),
-    top_p: float | None = typer.Option(None, "--top-p"),
-    top_k: int | None = typer.Option(None, "--top-k"),
-    repetition_penalty: float | None = typer.Option(None, "--repetition-penalty"),
-    seed: int | None = typer.Option(None, "--seed"),
-    system: str | None = typer.Option(
-        None, "--system", help="Replace the model family's system prompt (QVQ's for Qwen2-VL models)."
-    ),
-    no_loop_stop: bool = typer.Option(False, "--no-loop-stop", help="Do not cut reasoning loops."),
-    think: bool | None = typer.Option(
-        None,
-        "--think/--no-think",
-        help="Switch the model's thinking on or off where its chat template can (enable_thinking: Qwen3.5;"
-        " off, it answers at once). Default: the template's own (Qwen3.5-4B and up think, 0.8B/2B do not).",
-    ),
-    lang_lock: str = typer.Option(
-        "auto",
-        "--lang-lock",
-        help="auto | on | off: while thinking, mask tokens of scripts the question does not use"
-        " (auto: when the question is in one script). Latin and Greek stay allowed (math, code).",
-    ),
     as_json: bool = typer.Option(False, "--json", help="Print one OpenAI-style JSON object at the end."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the thought stream."),
     save: Path | None = typer.Option(None, "--save", help="Write a Markdown transcript to this file."),
-    cpu_buffers: str | None = typer.Option(
-        None,
-        "--cpu-buffers",
-        help=_CPU_BUFFERS_HELP,
+    fps: float | None = typer.Option(
+        None, "--fps", help="A clip's frames sampled per second (default 2, as Qwen's video processors)."
     ),
-    gpu_layers: str | None = typer.Option(None, "--gpu-layers", help=_GPU_LAYERS_HELP),
-    no_cache: bool = typer.Option(
+    max_frames: int | None = typer.Option(
+        None, "--max-frames", help="Most frames sampled from a clip (default the family's, 768)."
+    ),
+    video_tokens: int | None = typer.Option(
+        None,
+        "--video-tokens",
+        help="A clip's token budget: sets its frame size, then its frame count (default 768 on a CPU, 4096 "
+        "with a GPU).",
+    ),
+    frames: bool = typer.Option(
         False,
-        "--no-cache",
-        help="Do not reuse or keep the image's encoded prefix in $QVQ_HOME/cache (a repeated image then"
-        " pays the encode and prefill again). See `qvq cache info`.",
+        "--frames",
+        help="The IMAGE... arguments (files, or one folder) are one clip's frames, in order.",
     ),
-    base_url: str | None = typer.Option(
-        None,
-        "--base-url",
-        help="--backend openai: the server, e.g. http://127.0.0.1:8000/v1 (or QVQ_BASE_URL).",
-    ),
-    api_key: str | None = typer.Option(
-        None,
-        "--api-key",
-        help="--backend openai: its key (default $QVQ_API_KEY, $OPENAI_API_KEY; QVQ-Max: $DASHSCOPE_API_KEY).",
-    ),
-    server_kind: str | None = typer.Option(
-        None,
-        "--server-kind",
-        help=f"--backend openai: {' | '.join(SERVER_KINDS)} (auto asks the server); decides how the budget is kept.",
-    ),
-    samples: int = typer.Option(
-        1,
-        "--samples",
-        help="Think N chains at once from one prefill (decoded in one batch) and answer"
-        " with the majority \\boxed{} answer (ties: the chain that finished first). Without"
-        " --temperature/--top-p/--top-k the chains sample at temperature 0.7, top-k 40, top-p 0.95.",
-    ),
+    *,
+    common: dict[str, Any],
 ) -> None:
-    """Ask a question about one or more images and watch the model think.
+    """Ask a question about one or more images, or a clip, and watch the model think.
 
-    The last argument is the question; every other argument (and each -a) is an image.
+    The last argument is the question; every other argument (and each -a) is an image, or one clip
+    (sampled by time: --fps, --max-frames, --video-tokens), or with --frames one clip's frames.
 
     On a terminal a live panel shows the thought, its budget and the answer; piped, the thought goes to
     stderr and the answer to stdout. Ctrl-C stops and keeps what was produced (exit code 130).
@@ -365,46 +550,92 @@ def ask(
 
       qvq ask diagram.png "Find the angle x." -m QVQ-72B-Preview-gguf-q4_k_m --save run.md
 
+      qvq ask scan.png "Read the small print." --detail high
+
       qvq ask chart.png "Which bar?" --backend openai --base-url http://gpu-box:8000/v1 -m Qwen/QVQ-72B-Preview
       qvq ask geometry.png "Find x." --samples 4 --think-budget 2048
+
+      qvq ask clip.mp4 "What happens after the ball hits the fan?" --fps 1 --video-tokens 2048
+
+      qvq ask --frames shots/ "What changed between the first and the last shot?"
     """
     from qvq_local.ask_cmd import AskRequest, run_ask
 
+    # a clip's sampling: qvq ask's own (qvq batch asks about images)
+    clip_options = {"fps": fps, "max_frames": max_frames, "video_tokens": video_tokens}
     code = run_ask(
         AskRequest(
             args=list(args or []),
             attach=[str(p) for p in (attach or [])],
-            model=model,
-            backend=backend,
-            # the question's settings (qvq_local.settings.AskSettings.build's names)
-            options={
-                "think_budget": think_budget,
-                "answer_budget": answer_budget,
-                "max_pixels": max_pixels,
-                "temperature": temperature,
-                "top_p": top_p,
-                "top_k": top_k,
-                "repetition_penalty": repetition_penalty,
-                "seed": seed,
-                "system": system,
-                "loop_detection": not no_loop_stop,
-                "lang_lock": lang_lock,
-                "samples": samples,
-                "think": think,
-            },
-            # the backend's load options (its own type checks them; one it does not take is refused)
-            load_options={
-                "gpu_layers": gpu_layers,
-                "cpu_buffers": cpu_buffers,
-                "base_url": base_url,
-                "api_key": api_key,
-                "server_kind": server_kind,
-            },
             as_json=as_json,
             hide_thinking=hide_thinking,
             save=save,
-            cache=not no_cache,
+            frames=frames,
+            **{**common, "options": {**common["options"], **clip_options}},
         )
+    )
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+@_asks_questions
+def batch(
+    source: str = typer.Argument(
+        ...,
+        metavar="INPUT",
+        help="A folder of images, a glob in quotes ('scans/*.png'), or a list: JSONL rows"
+        ' {"image": "a.png", "question": "..."} (or "images": [...]) or CSV with image(s),question columns'
+        " (paths relative to the list).",
+    ),
+    output: Path = typer.Option(
+        ...,
+        "-o",
+        "--output",
+        help="JSONL file the answers go to, one row per item as it is answered; run again with the same"
+        " file to resume (rows already there are skipped).",
+    ),
+    question: str | None = typer.Option(
+        None,
+        "-q",
+        "--question",
+        help="The question for every image of a folder or glob, and for list rows without one.",
+    ),
+    csv_path: Path | None = typer.Option(
+        None, "--csv", help="Also write a CSV summary, one row per item of the output (earlier runs' too)."
+    ),
+    retry_errors: bool = typer.Option(
+        False, "--retry-errors", help="Take the error rows out of the output and try those items again."
+    ),
+    *,
+    common: dict[str, Any],
+) -> None:
+    """Ask about many images with one model load: a JSONL row per item, written as it goes, resumable.
+
+    Each row holds the thought, the answer, the \\boxed{} value, the stop reason, timings, tokens, the
+    settings (with the image detail and whether the image's encoded prefix was reused) and an error (a
+    missing, corrupt or too large image is an error row, never the end of the run). Ctrl-C stops after
+    the item in flight (exit code 130); run the same command again to go on. Every question option of `qvq ask`
+    (not its clip options) applies to each item; an image asked about again reuses its encoded prefix.
+
+    Examples:
+
+      qvq batch charts/ -q "Which bar is the highest?" -o answers.jsonl --csv answers.csv
+
+      qvq batch 'scans/*.png' -q "Transcribe the total." -o totals.jsonl --detail high
+
+      qvq batch questions.jsonl -o answers.jsonl --think-budget 1024 --samples 4
+    """
+    from qvq_local.ask_cmd import AskRequest
+    from qvq_local.batch_cmd import run_batch
+
+    code = run_batch(
+        AskRequest(**common),
+        source,
+        question,
+        output,
+        csv_path=csv_path,
+        retry_errors=retry_errors,
     )
     if code:
         raise typer.Exit(code)
@@ -583,6 +814,11 @@ def bench(
         help=_CPU_BUFFERS_HELP,
     ),
     gpu_layers: str | None = typer.Option(None, "--gpu-layers", help=_GPU_LAYERS_HELP),
+    video: bool = typer.Option(
+        False,
+        "--video",
+        help="Also ask about a synthetic 10 s clip: frames, video tokens, decode-and-sample, encode, first token.",
+    ),
 ) -> None:
     """Measure speed and memory on this machine, side by side with the raw libraries and the bandwidth limit.
 
@@ -611,6 +847,7 @@ def bench(
         family=family,
         options=load_options,
         option_labels={name: flag(name) for name in load_options},
+        video=video,
     )
 
 
@@ -632,7 +869,13 @@ def serve(
     queue: int = typer.Option(8, "--queue", help="Requests that may wait for the model; more get 429."),
     backend: str | None = typer.Option(None, "--backend", help=f"{registry.choices()} (default auto)."),
     max_pixels: int | None = typer.Option(
-        None, "--max-pixels", help="Shrink each image to this many pixels."
+        None, "--max-pixels", help="Shrink each image to this many pixels; wins over --detail."
+    ),
+    detail: str | None = typer.Option(
+        None,
+        "--detail",
+        help="low | medium | high | max | auto: the image detail of a request that does not set it in its"
+        " image part (image_url.detail, or image_url.max_pixels); default auto, this machine's (qvq doctor).",
     ),
     max_images: int | None = typer.Option(
         None, "--max-images", help="Images one request may carry (default 4)."
@@ -654,6 +897,10 @@ def serve(
       qvq serve -m QVQ-72B-Preview-gguf-q4_k_m --port 8000
 
       curl localhost:8000/v1/chat/completions -d '{"messages": [...], "thinking_budget": 512, "stream": true}'
+
+    A request's image part may set its own detail as OpenAI's do, {"type": "image_url", "image_url":
+    {"url": "data:...", "detail": "high"}} (low | medium | high | max | auto), or a pixel bound with
+    "max_pixels"; the result's settings.detail says which bound was used and where it came from.
     """
     from qvq_local.serve import serve as run_server
 
@@ -665,6 +912,7 @@ def serve(
         queue=queue,
         backend=backend or "auto",
         max_pixels=max_pixels,
+        detail=detail,
         max_images=max_images,
         gpu_layers=gpu_layers,
         allow_image_urls=allow_image_urls,

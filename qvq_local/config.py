@@ -73,6 +73,13 @@ def _server_kind(value: str) -> str:
     return check_kind(value)
 
 
+def _detail(value: str) -> str:
+    """An image detail level (``qvq_local.detail``), ``auto`` for this machine's default."""
+    from qvq_local.detail import check_level
+
+    return check_level(value, "the detail level")
+
+
 def _server_kinds() -> str:
     from qvq_local.backends.options import SERVER_KINDS
 
@@ -94,7 +101,12 @@ SETTINGS: dict[str, Setting] = {
         Setting("backend", _backend, "default backend: " + _backend_choices(), "QVQ_BACKEND"),
         Setting("think_budget", _positive_int, "default thinking budget in tokens"),
         Setting("answer_budget", _positive_int, "default answer budget in tokens"),
-        Setting("max_pixels", _positive_int, "default pixel bound per image"),
+        Setting("max_pixels", _positive_int, "default pixel bound per image (wins over detail)"),
+        Setting(
+            "detail",
+            _detail,
+            "default image detail: low | medium | high | max | auto (auto: chosen from this machine)",
+        ),
         Setting(
             "cache_max_mb", _positive_int, "size cap of the prefix cache on disk, in MB", "QVQ_CACHE_MAX_MB"
         ),

@@ -143,6 +143,7 @@ def report(
         out["settings"] = config.effective()
     except Exception as exc:  # noqa: BLE001 - a broken config file is reported, not fatal here
         out["settings_error"] = str(exc)
+    out["detail"] = detail_report(facts, (out.get("settings") or {}).get("detail"))
     ref = model_ref or (out.get("settings") or {}).get("model")
     if ref:
         findings = model_integrity(str(ref))
@@ -165,6 +166,44 @@ def report(
             # a broken model (what the integrity findings describe) cannot be sized either
             out["model_error"] = f"{ref}: cannot estimate its memory needs ({type(exc).__name__}: {exc})"
     return out
+
+
+def detail_report(facts: dict[str, Any], stored: str | None) -> dict[str, Any]:
+    """The image detail ``qvq ask`` uses here (:mod:`qvq_local.detail`): the ``detail`` setting's level, else
+    this machine's default, with why; each level's image tokens (QVQ's grid) and, on a CPU, its estimated
+    encode time per image."""
+    from qvq_local import detail
+
+    machine = detail.Machine.from_facts(facts)
+    default = detail.machine_default(machine)
+    chosen = detail.resolve(stored, machine, source="the detail setting")
+    out: dict[str, Any] = {
+        **chosen.as_dict(),
+        "max_image_tokens": detail.max_tokens(chosen.level),
+        "machine_default": default.as_dict(),
+        "levels": {level: detail.max_tokens(level) for level in detail.LEVELS},
+    }
+    if machine.encoder == "cpu":
+        out["cpu_encode_s_estimate"] = {
+            level: round(seconds, 1)
+            for level in detail.LEVELS
+            if (seconds := detail.estimate_cpu_encode_s(level, machine.cpu_count)) is not None
+        }
+    return out
+
+
+def detail_line(row: dict[str, Any]) -> str:
+    """doctor's line on the image detail: the level, its token budget, where it comes from."""
+    level = f"{row['level']} (<= {row['max_image_tokens']:,} image tokens per image)"
+    if row["source"] == "machine":
+        where = f"this machine's default: {row['reason']}"
+    else:
+        default = row["machine_default"]
+        where = f"from {row['source']}; this machine's default is {default['level']} ({default['reason']})"
+    estimates = row.get("cpu_encode_s_estimate") or {}
+    shown = row["source"] != "machine" and row["level"] in estimates  # a default's reason gives it already
+    cost = f"; ~{estimates[row['level']]:g} s to encode one image here (estimated)" if shown else ""
+    return f"{level}, {where}{cost}. Change it with --detail or `qvq config set detail LEVEL`"
 
 
 def model_integrity(ref: str) -> list[Any]:
@@ -243,6 +282,8 @@ def print_doctor(model: str | None, context: int | None, as_json: bool, selftest
     table.add_row("convert target", str(m.get("default_convert_target")))
     settings = data.get("settings") or {}
     table.add_row("default model", str(settings.get("model") or "(none: qvq config set model REF)"))
+    if data.get("detail"):
+        table.add_row("image detail", escape(detail_line(data["detail"])))
     if data.get("settings_error"):
         table.add_row("settings", f"[red]{escape(data['settings_error'])}[/red]")
     console.print(table)

@@ -48,6 +48,11 @@ class BackendUnavailable(QvqError):
     exit_code = 4
 
 
+class MediaTooLarge(InputError):
+    """An image or clip over a size limit (pixels, duration, frames), found from its header before it is
+    decoded: ``qvq serve`` answers 413 for it."""
+
+
 class ContextOverflow(InputError):
     """The prompt plus image tokens (plus budgets) do not fit the model's context."""
 

@@ -24,6 +24,25 @@ class ImageInfo:
 
 
 @dataclass
+class ClipInfo:
+    """A clip as it reached the model: where it came from, what was sampled, what it cost."""
+
+    path: str
+    duration_s: float  # the clip's length
+    timestamps: list[float]  # seconds of each sampled frame, from the clip's first frame
+    source_size: tuple[int, int]  # (width, height), upright
+    frame_size: tuple[int, int]  # (width, height) the frames were sized to
+    tokens: int  # tokens the clip takes in the prompt
+    mode: Literal["video", "frames"] = "video"  # native video input, or one image per frame
+    decode_s: float = 0.0  # opening, seeking, decoding and sizing the frames
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def frames(self) -> int:
+        return len(self.timestamps)
+
+
+@dataclass
 class Timings:
     """Seconds and rates of one question.  Rates are tokens per second; 0.0 when not measured."""
 
@@ -51,6 +70,10 @@ class Started:
     answer_budget: int | None
     image_encode_s: float = 0.0
     prefill_s: float = 0.0
+    #: how the images were bounded, for headers: the detail level and its token budget, and where it
+    #: comes from ("detail high (<= 1,280 image tokens; default: CUDA GPU encodes the images)")
+    detail: str = ""
+    clip: ClipInfo | None = None
     kind: Literal["started"] = "started"
 
 
@@ -97,12 +120,15 @@ class Result:
     # chain whose thought/answer/boxed this Result carries.  Empty/None for one chain.
     chains: list[Result] = field(default_factory=list)
     vote: dict | None = None
+    clip: ClipInfo | None = None  # the question's clip (qvq_local.video), if it had one
 
     def to_dict(self) -> dict:
         data = asdict(self)
         if not self.chains:  # one chain: the same dict as before --samples existed
             data.pop("chains")
             data.pop("vote")
+        if self.clip is None:  # no clip: the same dict as before clips existed
+            data.pop("clip")
         return data
 
 

@@ -24,6 +24,7 @@ from qvq_local.build_flags import (  # noqa: F401 - NVIDIA facts live there: mak
     parse_nvidia_smi_list,
 )
 from qvq_local.cpu import detect as detect_cpu
+from qvq_local.cpu import usable_cores
 from qvq_local.errors import BackendUnavailable, ModelError
 
 # The backend names, the formats each loads, their modules and install lines: qvq_local.backends.registry.
@@ -241,6 +242,7 @@ def describe(probe_gpu: bool = False) -> dict:
         "python": platform.python_version(),
         "apple_silicon": is_apple_silicon(),
         "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),  # this process's CPU affinity (taskset, a container's cpuset)
         "memory_total_bytes": total,
         "memory_available_bytes": available,
         "mlx_installed": backend_installed("mlx"),

@@ -331,21 +331,48 @@ def _resolved(ref: HubRef, snap: Path, chosen: Plan) -> ResolvedModel:
 
 
 # ----------------------------------------------------------------------------- resolve and pull
-def resolve(ref: str | os.PathLike, *, download: bool = True, progress: bool = True) -> ResolvedModel:
+def resolve(
+    ref: str | os.PathLike,
+    *,
+    download: bool = True,
+    progress: bool = True,
+    mmproj: str | os.PathLike | None = None,
+) -> ResolvedModel:
     """Any model reference -> local files: a local one (:func:`qvq_local.models.resolve_local`), else a
     short name (:mod:`qvq_local.catalogue`) or ``owner/repo[:QUANT]`` from the cache, downloading what is
-    missing when ``download`` is true (else ``ModelError``)."""
-    local = models.resolve_local(ref)
+    missing when ``download`` is true (else ``ModelError``).
+
+    ``mmproj``: the vision projector of a GGUF model, a file (any model), or for a hub repo also a file
+    name or type there (``f16``, ``f32``, as ``qvq pull --mmproj`` takes it)."""
+    given = Path(os.fspath(mmproj)).expanduser() if mmproj is not None else None
+    local = models.resolve_local(ref, mmproj=given)  # a local model takes a file only
     if local is not None:
         return local
+    projector = _projector_file(mmproj)
     text = str(ref).strip()
     hub_ref = reference(text)
     if hub_ref is not None:
-        return resolve_ref(hub_ref, download=download, progress=progress)
+        if projector is not None or mmproj is None:
+            found = resolve_ref(hub_ref, download=download, progress=progress)
+            return models.with_projector(found, projector)
+        return resolve_ref(hub_ref, download=download, progress=progress, mmproj=str(mmproj))
     if text.count("/") == 1:
         check_hub_id(text)  # raises: not owner/repo[:QUANT]
         raise ModelError(f"{text!r} is not a valid hub id")
     raise models.unknown_model(text, [row["name"] for row in list_models()])
+
+
+def _projector_file(mmproj: str | os.PathLike | None) -> Path | None:
+    """``mmproj`` as a file when it names one (it exists, or is written as a path), else None (not given,
+    or a projector's name or type in a hub repo)."""
+    if mmproj is None:
+        return None
+    text = os.fspath(mmproj).strip()
+    path = Path(text).expanduser()
+    looks_like_path = (
+        os.sep in text or "/" in text or text.lower().endswith(".gguf") or text.startswith((".", "~"))
+    )
+    return path if path.exists() or looks_like_path else None
 
 
 def pull(hub_id: str, progress: bool = True, revision: str | None = None, mmproj: str | None = None) -> Path:

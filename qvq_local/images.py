@@ -6,8 +6,10 @@ whatever it gets into plain RGB the way a person would expect to see it, and bou
 
 Why bound the pixels: the Qwen2-VL vision tower costs grows faster than linearly with image size (a 448x448
 image, 256 image tokens, took 8.5 s to encode on 2 CPU cores; 896x896 took 60 s), and the image tokens
-take context.  The default ``DEFAULT_MAX_PIXELS = 448 * 448`` (at most 256 image tokens) keeps one image
-to seconds on a small CPU; raise it (``--max-pixels``) on a GPU or for fine print.
+take context.  How many pixels a question's images keep is its detail level (:mod:`qvq_local.detail`:
+low, medium, high, max, by default chosen from the machine that encodes them) or a pixel bound
+(``--max-pixels``); ``DEFAULT_MAX_PIXELS``, the low level on QVQ's grid (448x448, at most 256 image
+tokens), is the bound where neither a model nor a level is known.
 
 Conversions, in order:
 
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qvq_local import detail
 from qvq_local.errors import InputError
 from qvq_local.events import ImageInfo
 from qvq_local.families import DEFAULT_FAMILY
@@ -46,8 +49,8 @@ from qvq_local.families import DEFAULT_FAMILY
 FACTOR = DEFAULT_FAMILY.image_factor
 """Side of one image token in pixels (Qwen2-VL: 14-pixel patches merged 2x2); sides are multiples of it."""
 
-DEFAULT_MAX_PIXELS = 16 * FACTOR * 16 * FACTOR  # 448x448, 200,704 pixels: at most 256 image tokens
-DEFAULT_MIN_PIXELS = DEFAULT_FAMILY.processor_min_pixels  # the processor's minimum (4 image tokens)
+DEFAULT_MAX_PIXELS = detail.max_pixels("low", DEFAULT_FAMILY)  # 448x448, 200,704 pixels: <= 256 image tokens
+DEFAULT_MIN_PIXELS = detail.min_pixels(DEFAULT_FAMILY)  # the processor's minimum (4 image tokens)
 MAX_SOURCE_PIXELS = 178_956_970
 """Largest source image decoded at all (Pillow's own hard limit, ~179 megapixels, ~540 MB as RGB).
 Anything larger is refused from its header, before any pixel is decoded."""
@@ -390,26 +393,30 @@ def read_images(images: Any) -> list[SourceImage]:
     return sources
 
 
-def _bound(source: SourceImage, max_pixels: int | None, factor: int | None) -> PreparedImage:
+def _bound(
+    source: SourceImage, max_pixels: int | None, factor: int | None, min_pixels: int | None = None
+) -> PreparedImage:
     """``source`` bounded as :func:`qvq_local.images.load_image` bounds a file (same sizes, same filter)."""
     from PIL import Image
 
     grid = factor or FACTOR
     original = source.image.size
-    size = bound_size(*original, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, factor=grid)
+    low = DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels
+    size = bound_size(*original, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, min_pixels=low, factor=grid)
     image = source.image if size == original else source.image.resize(size, Image.Resampling.BICUBIC)
     info = ImageInfo(path=source.path, original_size=original, size=size, tokens=image_tokens(*size, grid))
     return PreparedImage(image, info)
 
 
 def prepare_images(
-    images: Any, max_pixels: int | None = None, factor: int | None = None
+    images: Any, max_pixels: int | None = None, factor: int | None = None, min_pixels: int | None = None
 ) -> list[PreparedImage]:
     """Load, validate and bound each image; a single path is accepted as well as a list, and a
     :class:`SourceImage` (read already) is only bounded.
 
     ``factor``: the model family's image-token side (None: the default family's), so that an image is
-    resized once, to sides the model's processor keeps.
+    resized once, to sides the model's processor keeps; ``min_pixels``: the family's minimum (None: the
+    default family's; Qwen3-VL's processor scales an image up to 65,536 pixels).
 
     Raises ``InputError`` naming the first bad file (missing, not an image, corrupt, empty).
     """
@@ -418,7 +425,7 @@ def prepare_images(
     prepared: list[PreparedImage] = []
     for item in images:
         if isinstance(item, SourceImage):
-            prepared.append(_bound(item, max_pixels, factor))
+            prepared.append(_bound(item, max_pixels, factor, min_pixels))
             continue
         if isinstance(item, PreparedImage):
             w, h = item.info.size
@@ -428,7 +435,9 @@ def prepare_images(
             item = item.info.path  # bounded for another family's grid (before the model was known): redo
         if not isinstance(item, (str, Path)):
             raise InputError(f"expected an image path, got {type(item).__name__}")
-        kw = {"factor": factor} if factor else {}
+        kw: dict[str, Any] = {"factor": factor} if factor else {}
+        if min_pixels is not None:
+            kw["min_pixels"] = min_pixels
         image, info = load_image(item, max_pixels, **kw) if max_pixels else load_image(item, **kw)
         prepared.append(PreparedImage(image, info))
     if not prepared:

@@ -19,6 +19,7 @@ Every converted or downloaded folder carries ``qvq-manifest.json`` (:mod:`qvq_lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from qvq_local.config import qvq_home
-from qvq_local.errors import ModelError
+from qvq_local.errors import InputError, ModelError
 from qvq_local.formats.manifest import (
     MANIFEST_NAME,
     Format,
@@ -109,32 +110,65 @@ def model_files(model: ResolvedModel) -> list[Path]:
     return sorted(Path(model.path).glob("*.safetensors"))
 
 
-def resolve_local(ref: str | os.PathLike) -> ResolvedModel | None:
+def resolve_local(ref: str | os.PathLike, *, mmproj: Path | None = None) -> ResolvedModel | None:
     """A model reference of a local kind (see the module docstring) -> its files; ``None`` when ``ref`` is
     not one (a short name or a hub reference: :func:`qvq_local.hub.resolve` takes those).
 
-    Raises ``ModelError`` for an empty reference, a path that does not exist or is not a model.
+    ``mmproj``: a vision projector file to use with a GGUF model instead of the one beside it
+    (:func:`check_projector`).  Raises ``ModelError`` for an empty reference, a path that does not exist or
+    is not a model.
     """
     text = str(ref).strip()
     if not text:
         raise ModelError("empty model reference", hint="pass a path, a name from `qvq models` or a hub id")
     path = Path(text).expanduser()
     if path.exists():
-        return resolve_path(path, name=path.name)
+        return resolve_path(path, name=path.name, mmproj=mmproj)
 
     # a name under QVQ_HOME/models
     if "/" not in text and os.sep not in text and text not in (".", ".."):
         candidate = models_dir() / text
         if candidate.exists():
-            return resolve_path(candidate, name=text)
+            return resolve_path(candidate, name=text, mmproj=mmproj)
 
     if _looks_like_path(text):
         raise ModelError("no such file or folder", path=text)
 
     # a download by an earlier qvq-local (QVQ_HOME/hub/<owner>--<name>, complete when it has a manifest)
     if is_hub_id(text) and (hub_folder(text) / MANIFEST_NAME).is_file():
-        return resolve_path(hub_folder(text), name=text)
+        return resolve_path(hub_folder(text), name=text, mmproj=mmproj)
     return None
+
+
+def check_projector(path: str | os.PathLike) -> Path:
+    """A vision projector file given by the user (``--mmproj``): it must exist and be a GGUF file (that it
+    is a projector of this model's family is checked when the backend loads it)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError("no such vision projector file", path=p)
+    if not p.is_file():
+        raise InputError("the vision projector must be a .gguf file, this is a folder", path=p)
+    try:
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as err:
+        raise InputError(f"cannot read the vision projector ({err.strerror or err})", path=p) from None
+    if magic != b"GGUF":
+        raise InputError("not a GGUF file: a vision projector is an mmproj .gguf", path=p)
+    return p
+
+
+def with_projector(model: ResolvedModel, mmproj: Path | None) -> ResolvedModel:
+    """``model`` with the vision projector ``mmproj`` (checked) in place of its own; ``mmproj`` None leaves it
+    as it is.  Only a GGUF model has a separate projector: for any other an InputError says so."""
+    if mmproj is None:
+        return model
+    if model.format != "gguf":
+        raise InputError(
+            f"a separate vision projector (--mmproj) goes with a GGUF model; this model is {model.format}",
+            path=model.path,
+        )
+    return dataclasses.replace(model, mmproj=check_projector(mmproj))
 
 
 def unknown_model(text: str, names: list[str]) -> ModelError:
@@ -152,12 +186,20 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
-def resolve_path(path: Path, *, name: str) -> ResolvedModel:
-    """A model file or folder on disk -> its files, read from its manifest or from what the folder holds."""
+def resolve_path(path: Path, *, name: str, mmproj: Path | None = None) -> ResolvedModel:
+    """A model file or folder on disk -> its files, read from its manifest or from what the folder holds
+    (``mmproj``: a projector file to use instead: :func:`with_projector`)."""
+    if mmproj is not None:
+        return with_projector(_resolve_path(path, name=name, projector=False), mmproj)
+    return _resolve_path(path, name=name)
+
+
+def _resolve_path(path: Path, *, name: str, projector: bool = True) -> ResolvedModel:
+    """:func:`resolve_path`; ``projector=False``: a GGUF model's own projector is not looked for."""
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError("not a model: expected a .gguf file or a model folder", path=path)
-        return _resolve_gguf_file(path, name=name, manifest=read_manifest(path.parent))
+        return _resolve_gguf_file(path, name=name, manifest=read_manifest(path.parent), projector=projector)
     if not path.is_dir():
         raise ModelError("not a file or folder", path=path)
 
@@ -171,7 +213,7 @@ def resolve_path(path: Path, *, name: str) -> ResolvedModel:
             model_file = path / model_name
             if not model_file.is_file():
                 raise ModelError(f"missing {model_name} (named by the manifest)", path=path)
-            return _resolve_gguf_file(model_file, name=name, manifest=manifest)
+            return _resolve_gguf_file(model_file, name=name, manifest=manifest, projector=projector)
         _check_safetensors_folder(path)
         return ResolvedModel(name=name, format=fmt, path=path, manifest=manifest)
 
@@ -180,45 +222,53 @@ def resolve_path(path: Path, *, name: str) -> ResolvedModel:
         if len(ggufs) > 1:
             listed = ", ".join(p.name for p in ggufs)
             raise ModelError(f"several GGUF models here ({listed}): pass one file", path=path)
-        return _resolve_gguf_file(ggufs[0], name=name, manifest=None)
+        return _resolve_gguf_file(ggufs[0], name=name, manifest=None, projector=projector)
 
     _check_safetensors_folder(path)
     fmt: Format = "mlx" if _is_mlx_folder(path) else "hf"
     return ResolvedModel(name=name, format=fmt, path=path, manifest=None)
 
 
-def _resolve_gguf_file(model: Path, *, name: str, manifest: dict | None) -> ResolvedModel:
+def _resolve_gguf_file(
+    model: Path, *, name: str, manifest: dict | None, projector: bool = True
+) -> ResolvedModel:
+    """A GGUF model file and its projector (``projector=False``: not looked for, one is given instead)."""
     if is_mmproj(model):
         raise ModelError(
             "this is a vision projector (mmproj), not the model: pass the model .gguf", path=model
         )
-    mmproj: Path | None = None
+    mmproj = _projector_of(model, manifest) if projector else None
+    return ResolvedModel(name=name, format="gguf", path=model, mmproj=mmproj, manifest=manifest)
+
+
+def _projector_of(model: Path, manifest: dict | None) -> Path:
+    """The vision projector of a GGUF model: the one its manifest names, else the one beside it."""
     if manifest and manifest.get("mmproj") and manifest.get("model") in (None, model.name):
         mmproj = model.parent / manifest["mmproj"]
         if not mmproj.is_file():
             raise ModelError(
                 f"missing vision projector {manifest['mmproj']} (named by the manifest)", path=model.parent
             )
-    else:
-        candidates = sorted(p for p in model.parent.glob("*.gguf") if is_mmproj(p))
-        if len(candidates) > 1:
-            # prefer the projector named after the model (mmproj-<stem>*.gguf)
-            stem = model.stem.lower()
-            named = [p for p in candidates if stem in p.name.lower()]
-            candidates = named if len(named) == 1 else candidates
-        if len(candidates) > 1:
-            listed = ", ".join(p.name for p in candidates)
-            raise ModelError(
-                f"several vision projectors beside the model ({listed}): keep one", path=model.parent
-            )
-        if not candidates:
-            raise ModelError(
-                "no vision projector (mmproj*.gguf) beside the model",
-                path=model,
-                hint="qvq convert --to gguf writes both files",
-            )
-        mmproj = candidates[0]
-    return ResolvedModel(name=name, format="gguf", path=model, mmproj=mmproj, manifest=manifest)
+        return mmproj
+    candidates = sorted(p for p in model.parent.glob("*.gguf") if is_mmproj(p))
+    if len(candidates) > 1:
+        # prefer the projector named after the model (mmproj-<stem>*.gguf)
+        stem = model.stem.lower()
+        named = [p for p in candidates if stem in p.name.lower()]
+        candidates = named if len(named) == 1 else candidates
+    if len(candidates) > 1:
+        listed = ", ".join(p.name for p in candidates)
+        raise ModelError(
+            f"several vision projectors beside the model ({listed}): keep one, or name it with --mmproj",
+            path=model.parent,
+        )
+    if not candidates:
+        raise ModelError(
+            "no vision projector (mmproj*.gguf) beside the model",
+            path=model,
+            hint="qvq convert --to gguf writes both files; --mmproj FILE names one",
+        )
+    return candidates[0]
 
 
 def _check_safetensors_folder(path: Path) -> None:

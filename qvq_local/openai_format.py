@@ -27,11 +27,32 @@ FINISH_REASON = {
 }
 
 
-def completion_dict(result: Result, *, created: int | None = None, completion_id: str | None = None) -> dict:
-    """``result`` as an OpenAI-style ``chat.completion`` object with a separate reasoning field."""
+def new_id() -> str:
+    """A completion's id, as OpenAI's look (``chatcmpl-...``)."""
+    return f"chatcmpl-qvq-{uuid.uuid4().hex[:24]}"
+
+
+def finish_reason(result: Result) -> str:
+    return FINISH_REASON.get(result.stop_reason, "stop")
+
+
+def usage_dict(result: Result) -> dict:
+    """``usage`` of a completion: OpenAI's counts, the reasoning tokens among them, and qvq's split."""
     completion = result.thought_tokens + result.answer_tokens
     return {
-        "id": completion_id or f"chatcmpl-qvq-{uuid.uuid4().hex[:24]}",
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": result.prompt_tokens + completion,
+        "reasoning_tokens": result.thought_tokens,
+        "answer_tokens": result.answer_tokens,
+        "completion_tokens_details": {"reasoning_tokens": result.thought_tokens},
+    }
+
+
+def completion_dict(result: Result, *, created: int | None = None, completion_id: str | None = None) -> dict:
+    """``result`` as an OpenAI-style ``chat.completion`` object with a separate reasoning field."""
+    return {
+        "id": completion_id or new_id(),
         "object": "chat.completion",
         "created": int(time.time()) if created is None else created,
         "model": result.model,
@@ -43,17 +64,10 @@ def completion_dict(result: Result, *, created: int | None = None, completion_id
                     "content": result.answer,
                     "reasoning_content": result.thought,
                 },
-                "finish_reason": FINISH_REASON.get(result.stop_reason, "stop"),
+                "finish_reason": finish_reason(result),
             }
         ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion,
-            "reasoning_tokens": result.thought_tokens,
-            "answer_tokens": result.answer_tokens,
-            "completion_tokens_details": {"reasoning_tokens": result.thought_tokens},
-        },
+        "usage": usage_dict(result),
         "qvq": {
             "boxed": result.boxed,
             "stop_reason": result.stop_reason,
@@ -74,6 +88,7 @@ def completion_dict(result: Result, *, created: int | None = None, completion_id
                 for i in result.images
             ],
             "settings": result.settings,
+            **({"clip": clip_dict(result.clip)} if result.clip is not None else {}),
             **(
                 {"chains": [c.to_dict() for c in result.chains], "vote": result.vote} if result.chains else {}
             ),
@@ -81,4 +96,20 @@ def completion_dict(result: Result, *, created: int | None = None, completion_id
     }
 
 
-__all__ = ["FINISH_REASON", "completion_dict"]
+def clip_dict(clip) -> dict:
+    """A clip in ``--json`` and the server's ``qvq`` field: the sampled timestamps and what they cost."""
+    return {
+        "path": clip.path,
+        "mode": clip.mode,
+        "duration_s": clip.duration_s,
+        "timestamps": list(clip.timestamps),
+        "frames": clip.frames,
+        "source_size": list(clip.source_size),
+        "frame_size": list(clip.frame_size),
+        "tokens": clip.tokens,
+        "decode_s": clip.decode_s,
+        "notes": list(clip.notes),
+    }
+
+
+__all__ = ["FINISH_REASON", "clip_dict", "completion_dict", "finish_reason", "new_id", "usage_dict"]

@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,10 +95,18 @@ def library_version(backend: str) -> str:
     return ",".join(versions)
 
 
-def prefix_text(text: str, image_block: str) -> str:
-    """The prompt text up to and including its last image block ("" when it has none)."""
-    end = text.rfind(image_block)
-    return "" if end < 0 else text[: end + len(image_block)]
+def prefix_text(text: str, image_block: str, images: int | None = None) -> str:
+    """The prompt text up to and including its last image block ("" when it has none), or its
+    ``images``-th block (an earlier turn's last image, in a conversation)."""
+    if images is None:
+        end = text.rfind(image_block)
+        return "" if end < 0 else text[: end + len(image_block)]
+    end = -len(image_block)
+    for _ in range(images):
+        end = text.find(image_block, end + len(image_block))
+        if end < 0:
+            return ""
+    return text[: end + len(image_block)] if images > 0 else ""
 
 
 def image_digest(image: Any) -> str:
@@ -425,7 +433,9 @@ def disk_cache(notice: Callable[[str], None] = lambda line: None) -> DiskCache:
 
 @dataclass
 class Outcome:
-    """How a prefill went: ``source`` is "memory", "disk", "fresh" or "off"; times in seconds."""
+    """How a prefill went: ``source`` is "memory", "disk", "fresh" or "off"; times in seconds.
+    ``images_reused``: how many of the prompt's images came from the restored state (all of them, or the
+    earlier turns' when the state ended at an earlier image; 0 for a fresh prefill)."""
 
     source: str
     read_s: float = 0.0
@@ -433,9 +443,16 @@ class Outcome:
     bytes: int = 0
     key: str | None = None
     state: Any = None  # the fresh prefix state still to be written to disk (see :func:`store`)
+    images_reused: int = 0
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "read_s": self.read_s, "write_s": self.write_s, "bytes": self.bytes}
+        return {
+            "source": self.source,
+            "read_s": self.read_s,
+            "write_s": self.write_s,
+            "bytes": self.bytes,
+            "images_reused": self.images_reused,
+        }
 
 
 def prefill(
@@ -445,6 +462,7 @@ def prefill(
     memory: MemoryCache | None = None,
     disk: DiskCache | None = None,
     notice: Callable[[str], None] = lambda line: None,
+    earlier: Sequence[tuple[int, str]] = (),
 ):
     """Prefill ``session`` with ``prompt``, reusing a cached prefix state when one matches ``key``.
 
@@ -452,25 +470,38 @@ def prefill(
     caching off) means a plain prefill.  A fresh prefill keeps its prefix in ``memory`` right away; the
     disk write is left to :func:`store`, after the answer, so it never delays the first token.  A state
     the backend refuses (it does not fit this prompt) is dropped with a notice and the prefill runs fresh.
+
+    ``earlier``: ``(images, key)`` of the prompt's prefixes that end at an earlier image, nearest first
+    (a conversation whose new turn brings an image; only for a backend with the registry's
+    ``partial_prefix`` capability).  When ``key`` is not cached but one of these is, that state is
+    restored, only the later images are encoded, and the state at the last image is kept under ``key``.
     """
     if key is None:
         return session.prefill(prompt), Outcome("off")
-    for source, cache in (("memory", memory), ("disk", disk)):
-        if cache is None:
-            continue
-        t0 = time.perf_counter()
-        state = cache.get(key)
-        read_s = time.perf_counter() - t0
-        if state is None:
-            continue
-        try:
-            stats = session.prefill(prompt, prefix=state)
-        except InputError as exc:
-            notice(f"prefix cache: {source} entry not used: {exc}; rebuilding it")
-            continue
-        if source == "disk" and memory is not None:
-            memory.put(key, state)
-        return stats, Outcome(source, read_s=read_s, bytes=state.nbytes, key=key)
+    n_images = len(prompt.images)
+    for wanted, images in ((key, n_images), *((k, n) for n, k in earlier)):
+        for source, cache in (("memory", memory), ("disk", disk)):
+            if cache is None:
+                continue
+            t0 = time.perf_counter()
+            state = cache.get(wanted)
+            read_s = time.perf_counter() - t0
+            if state is None:
+                continue
+            partial = wanted != key
+            try:
+                stats = session.prefill(prompt, prefix=state, keep_prefix=partial)
+            except InputError as exc:
+                notice(f"prefix cache: {source} entry not used: {exc}; rebuilding it")
+                continue
+            if source == "disk" and memory is not None:
+                memory.put(wanted, state)
+            outcome = Outcome(source, read_s=read_s, bytes=state.nbytes, key=key, images_reused=images)
+            if partial and session.prefix_state is not None:  # the state at the last image, for next time
+                outcome.state = session.prefix_state
+                if memory is not None:
+                    memory.put(key, outcome.state)
+            return stats, outcome
     stats = session.prefill(prompt, keep_prefix=True)
     state = session.prefix_state  # the registry's prefix_state capability: None when the prompt has no image
     if state is None:

@@ -1,4 +1,4 @@
-"""The single-turn prompt, rendered from the model's own chat template.
+"""The prompt, rendered from the model's own chat template: one question, after any earlier turns.
 
 Why the model's own template: QVQ (and every Qwen2-VL derivative) was trained on one exact layout of
 system/user/assistant turns and vision blocks; a hand-written prompt that differs by a newline costs
@@ -6,6 +6,10 @@ quality.  The template is Jinja code shipped inside the model folder, i.e. untru
 rendered in Jinja's immutable sandbox (no attribute access to ``__class__`` and friends, no mutation of
 the objects passed in), with the two helpers Hugging Face templates rely on (``raise_exception`` and
 ``strftime_now``) and the same whitespace options transformers uses (``trim_blocks``, ``lstrip_blocks``).
+
+Earlier turns of a conversation (:class:`qvq_local.conversation.Turn`, checked already) are rendered before
+the question as the template renders them: user turns with their vision blocks, assistant turns as the
+text given (the caller passes only their answers).
 
 Models that ship no template get their family's fallback template
 (:attr:`~qvq_local.families.base.Family.fallback_chat_template`), which renders one turn exactly as the
@@ -17,9 +21,10 @@ known, the default family where none is at hand.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from qvq_local.conversation import ASSISTANT, Turn, image_count
 from qvq_local.errors import InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY, Family
 
@@ -102,13 +107,44 @@ def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
     return ChatTemplate(found[0], found[1]) if found else None
 
 
-def build_messages(question: str, n_images: int, system: str | None) -> list[dict]:
-    """The single-turn conversation in Hugging Face's multimodal message form."""
+def _user_content(
+    text: str, n_images: int, *, videos: int = 0, frame_labels: Sequence[str] | None = None
+) -> list[dict]:
+    """A user turn's parts: its images (each after its label where a clip's frames go in as images),
+    its clips, then its text."""
+    content: list[dict] = []
+    for i in range(n_images):
+        if frame_labels:
+            content.append({"type": "text", "text": frame_labels[i]})
+        content.append({"type": "image"})
+    content += [{"type": "video"} for _ in range(videos)]
+    if text:
+        content.append({"type": "text", "text": text})
+    return content
+
+
+def build_messages(
+    question: str,
+    n_images: int,
+    system: str | None,
+    history: Sequence[Turn] = (),
+    *,
+    videos: int = 0,
+    frame_labels: Sequence[str] | None = None,
+) -> list[dict]:
+    """The conversation in Hugging Face's multimodal message form: the system turn, the earlier turns
+    (assistant replies as plain strings, as the templates expect them), then the question: its images,
+    then ``videos`` clips, then its text.  ``frame_labels``: a clip given as images, one label (its time)
+    written before each of the question's ``n_images`` images."""
     messages: list[dict] = []
     if system is not None:
         messages.append({"role": "system", "content": system})
-    content: list[dict] = [{"type": "image"} for _ in range(n_images)]
-    content.append({"type": "text", "text": question})
+    for turn in history:
+        if turn.role == ASSISTANT:
+            messages.append({"role": ASSISTANT, "content": turn.text})
+        else:
+            messages.append({"role": turn.role, "content": _user_content(turn.text, len(turn.images))})
+    content = _user_content(question, n_images, videos=videos, frame_labels=frame_labels)
     messages.append({"role": "user", "content": content})
     return messages
 
@@ -185,17 +221,24 @@ def build_prompt(
     family: Family | None = None,
     source: str | Path | None = None,
     variables: Mapping[str, object] | None = None,
+    history: Sequence[Turn] = (),
+    videos: int = 0,
+    frame_labels: list[str] | None = None,
 ) -> str:
-    """Render the single-turn prompt for ``question`` about ``n_images`` images.
+    """Render the prompt for ``question`` about ``n_images`` images (and ``videos`` clips), after the
+    turns of ``history``.
 
     ``chat_template`` is the model's own template (see :func:`load_chat_template`); None selects the
     family's fallback template.  ``system`` defaults to the family's system prompt (QVQ's for the
     default family; none for a family without one); None leaves the system turn to the template's own
     default.  ``family`` is the model's (None: the default family).  ``source`` names the template's file
     in error messages (default: the template's own ``.source``); ``variables`` adds template variables
-    such as ``bos_token``.  The result ends with the assistant turn's opening and holds one vision block
-    per image (the family's image block); a template that renders a different number of image blocks
-    raises ModelError.
+    such as ``bos_token``.  ``history``: earlier turns (:func:`qvq_local.conversation.check_history`'s),
+    each user turn with its images' vision blocks before its text.  The result ends with the assistant
+    turn's opening and holds one vision block per image, the history's first (the family's image block);
+    a template that renders a different number of image blocks raises ModelError.  ``videos``: clips after
+    the question's images, one video block each (the family's); ``frame_labels``: a clip as images, each
+    image's time written before it (one label per image of the question).
     """
     family = family or DEFAULT_FAMILY
     if system is FAMILY_SYSTEM_PROMPT:
@@ -205,21 +248,33 @@ def build_prompt(
     _check_user_text(question, "question", family)
     if system is not None:
         _check_user_text(system, "system prompt", family)
+    for i, turn in enumerate(history):
+        _check_user_text(turn.text, f"{turn.role} turn history[{i}]", family)
     if chat_template is None:
         chat_template, source = family.fallback_chat_template, f"built-in {family.name} template"
     elif source is None:
         source = getattr(chat_template, "source", None)
+    if frame_labels is not None and len(frame_labels) != n_images:
+        raise ValueError(f"{len(frame_labels)} frame labels for {n_images} images")
     text = render_chat_template(
         chat_template,
-        build_messages(question, n_images, system),
+        build_messages(question, n_images, system, history, videos=videos, frame_labels=frame_labels),
         add_generation_prompt=True,
         source=source,
         variables=variables,
     )
     rendered_images = text.count(family.image_pad)
-    if rendered_images != n_images:
+    all_images = n_images + image_count(history)
+    if rendered_images != all_images:
         raise ModelError(
-            f"the chat template rendered {rendered_images} image block(s) for {n_images} image(s);"
+            f"the chat template rendered {rendered_images} image block(s) for {all_images} image(s);"
+            f" it is not a {family.name} style template",
+            path=source,
+        )
+    rendered_videos = text.count(family.video_pad)
+    if rendered_videos != videos:
+        raise ModelError(
+            f"the chat template rendered {rendered_videos} video block(s) for {videos} clip(s);"
             f" it is not a {family.name} style template",
             path=source,
         )

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from qvq_local import prefix_cache
 from qvq_local.backends import registry
-from qvq_local.backends.base import ChatTurn, Prompt
+from qvq_local.backends.base import SERVER_DEFAULT, ChatTurn, Prompt
 from qvq_local.budgets import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN, size_context
+from qvq_local.conversation import ASSISTANT, Turn
 from qvq_local.errors import InputError
 from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta, Timings
 from qvq_local.images import PreparedImage, prepare_images
@@ -38,19 +39,38 @@ from qvq_local.splitter import (
     default_markers,
     has_thinking_switch,
     question_language,
+    reply_answer,
     thought_is_open,
 )
+from qvq_local.video import video_token_default
+from qvq_local.video_prompt import clip_prompt, prefix_key_part, split_media
+
+#: Text tokens a native clip adds per frame where its family writes each temporal patch's time before it
+#: (``<12.5 seconds>`` and the block's start and end): a generous bound for sizing the context.
+CLIP_TIME_TOKENS = 8
 
 if TYPE_CHECKING:  # pragma: no cover
+    from qvq_local.detail import ImageBound
     from qvq_local.settings import AskSettings
 
 
 def stream_question(
-    model: Any, images: Any, question: str, options: AskSettings, lock: Any
+    model: Any,
+    images: Any,
+    question: str,
+    options: AskSettings,
+    lock: Any,
+    bound: ImageBound,
+    history: tuple[Turn, ...] = (),
 ) -> Iterator[Event]:
     """The events of one question on ``model`` (a :class:`qvq_local.model.Model`) about ``images``,
-    with its settings built and checked, ``options.max_pixels`` filled and the language lock decided
-    (``lock``: :func:`qvq_local.lang.decide`'s); the last event is always ``Finished``."""
+    with its settings built and checked, the language lock decided (``lock``: :func:`qvq_local.lang.decide`'s)
+    and the images' bound resolved (``bound``: :meth:`qvq_local.model.Model.image_bound`'s, its detail level
+    or pixel bound on the family's grid); the last event is always ``Finished``.
+
+    ``history``: the turns before the question, checked (:func:`qvq_local.conversation.check_history`).
+    Their images come first in the prompt (``images`` may then be empty); the model sees each earlier
+    reply's answer alone (:func:`qvq_local.splitter.reply_answer`).  The budgets are the new turn's."""
     t_start = time.perf_counter()
     tracker = _Tracker()
     session = None
@@ -58,51 +78,87 @@ def stream_question(
     started: Started | None = None
     settings: dict[str, Any] = {}
     infos: list[ImageInfo] = []
+    clip = None  # a clip in the question (qvq_local.video_prompt.ClipPrompt)
     try:
         loaded = model.loaded
         family = model.family  # its image grid, system prompt and sampling are the defaults
-        prepared = prepare_images(images, options.max_pixels, factor=family.image_factor)
-        infos = [replace(p.info) for p in prepared]
-        for info in infos:  # the backend's own count is the one that fills its context
-            info.tokens = int(loaded.image_token_estimate(*info.size))
+        markers = default_markers(loaded.chat_template)
         default_system = family.system_prompt or None  # Qwen3-VL's templates have none
         system_text = default_system if options.system is None else (options.system or None)
         remote_template = model.spec.has(registry.CHAT_MESSAGES)  # a server applies its own template
-        text = build_prompt(
-            loaded.chat_template,
-            question,
-            len(prepared),
-            system_text,
-            family=family,
-            variables=None if remote_template else _thinking_switch(loaded.chat_template, options),
-        )
+        switch = None if remote_template else _thinking_switch(loaded.chat_template, options)
+        source, images = split_media(images)
+        earlier = [image for turn in history for image in turn.images]
+        if source is not None:
+            if history:
+                raise InputError(
+                    "a clip is asked about in a conversation's first turn only: ask about it without the"
+                    " earlier turns"
+                )
+            clip = clip_prompt(
+                source,
+                question,
+                family=family,
+                model_name=model.name,
+                backend_takes_video=model.spec.has(registry.VIDEO_INPUT),
+                options=options.video,
+                chat_template=loaded.chat_template,
+                system=system_text,
+                machine=model.machine_class,
+                variables=switch,
+            )
+            prepared = [] if clip.native else clip_frames(clip, loaded)
+            text = clip.text
+        else:
+            prepared = prepare_images(
+                earlier + images, bound.max_pixels, factor=bound.factor, min_pixels=bound.min_pixels
+            )
+            history = _answers_only(_with_images(history, prepared), markers)
+            own = len(prepared) - len(earlier)  # the question's own images, after the earlier turns'
+            text = build_prompt(
+                loaded.chat_template,
+                question,
+                own,
+                system_text,
+                family=family,
+                history=history,
+                variables=switch,
+            )
+        infos = [replace(p.info) for p in prepared]
+        for info in infos:  # the backend's own count is the one that fills its context
+            info.tokens = int(loaded.image_token_estimate(*info.size))
+        if clip is not None and not clip.native:
+            clip.info.tokens = sum(info.tokens for info in infos)
         thinking = (
             options.think is not False if remote_template else thought_is_open(text, loaded.chat_template)
         )
 
-        image_tokens = sum(info.tokens for info in infos)
+        image_tokens = sum(info.tokens for info in infos) + (clip.info.tokens if clip and clip.native else 0)
         text_tokens = _count_text_tokens(model, text)
         if text_tokens is None:
             text_tokens = len(text.encode("utf-8"))  # an upper bound: a token is at least one byte
+        elif clip is not None and clip.native and family.video_time == "text":
+            text_tokens += CLIP_TIME_TOKENS * len(clip.clip.frames)  # each patch's written time and block
+        remote = model.spec.has(registry.REMOTE)
         n_ctx, thought_cap = size_context(
-            model.context_length,
+            None if remote and not model.context_length else model.context_length,
             text_tokens,
             image_tokens,
             think_budget=options.think_budget,
             answer_budget=options.answer_budget,
-            max_pixels=options.max_pixels,
+            max_pixels=bound.max_pixels,
         )
         resolved = options.sampling.resolved(getattr(loaded, "generation_config", {}) or {}, family.sampling)
         # how thinking ends suits the model (its template) and the question (its language)
         forced_text = options.forced_text
         if forced_text is None:
             forced_text = default_forced_text(loaded.chat_template, question)
-        markers = default_markers(loaded.chat_template)
         settings = {
             "think_budget": options.think_budget,
             "answer_budget": options.answer_budget,
             "max_thought_tokens": thought_cap,
-            "max_pixels": options.max_pixels,
+            "max_pixels": bound.max_pixels,
+            "detail": bound.as_dict(),
             "temperature": resolved.temperature,
             "top_p": resolved.top_p,
             "top_k": resolved.top_k,
@@ -114,6 +170,8 @@ def stream_question(
             "question_language": question_language(question),
             "thinking": thinking,
         }
+        if history:
+            settings["earlier_turns"] = len(history)
         thought_mask, lock_info = model.language_mask(lock)
         settings["lang_lock"] = {"mode": options.lang_lock, **lock_info}
         samples = options.samples
@@ -146,14 +204,27 @@ def stream_question(
             )
         else:
             session = loaded.new_session(options.sampling, n_ctx=n_ctx)
+        if remote:  # what was sent, not what the model might use: unsent values are the server's own
+            settings.update(
+                {k: SERVER_DEFAULT if v is None else v for k, v in asdict(session.sampling).items()}
+            )
         t_prefill = time.perf_counter()
         chat = None
         if model.spec.has(registry.CHAT_MESSAGES):  # a server that applies its own template
+            cap = thought_cap + FORCE_MARGIN + (options.answer_budget or DEFAULT_ANSWER_BUDGET)
+            if options.max_tokens is not None:
+                cap = min(cap, options.max_tokens)
+            # a cap is sent only where something known bounds it: a budget or max_tokens the caller set,
+            # or a context the server states (the thought cap was sized to it); never a guess
+            stated = (
+                options.think_budget is not None or options.max_tokens is not None or model.context_length
+            )
             chat = ChatTurn(
                 question=question,
                 system=system_text,
                 think_budget=options.think_budget,
-                max_new_tokens=thought_cap + FORCE_MARGIN + (options.answer_budget or DEFAULT_ANSWER_BUDGET),
+                max_new_tokens=cap if stated else None,
+                history=tuple(replace(t, images=tuple(p.image for p in t.images)) for t in history),
                 think=options.think,
             )
         stats, cached = prefix_cache.prefill(
@@ -163,16 +234,27 @@ def stream_question(
                 images=[p.image for p in prepared],
                 image_paths=[p.info.path for p in prepared],
                 chat=chat,
+                clip=clip.clip if clip is not None and clip.native else None,
+                image_labels=clip.labels if clip is not None and not clip.native else [],
             ),
-            _prefix_key(model, text, prepared, options.max_pixels),
+            _prefix_key(model, text, prepared, bound.max_pixels, clip=clip),
             model.prefix_cache,
             model.disk_cache,
             model.cache_notice,
+            earlier=_earlier_keys(model, text, prepared, bound.max_pixels, len(earlier)),
         )
         settings["prefix_cache"] = cached.as_dict()
         if stats.image_tokens_per_image and len(stats.image_tokens_per_image) == len(infos):
             for info, tokens in zip(infos, stats.image_tokens_per_image):
                 info.tokens = int(tokens)
+        if clip is not None:
+            clip.info.tokens = int(stats.image_tokens) or clip.info.tokens
+            settings["video"] = {
+                "mode": clip.info.mode,
+                "fps": options.video.fps or family.video_fps,
+                "max_frames": options.video.max_frames or family.video_max_frames,
+                "video_tokens": options.video.video_tokens or video_token_default(model.machine_class),
+            }
         started = Started(
             model=model.name,
             backend=model.backend,
@@ -183,6 +265,8 @@ def stream_question(
             answer_budget=options.answer_budget,
             image_encode_s=stats.image_encode_s,
             prefill_s=stats.prefill_s,
+            detail=bound.label() if clip is None else "",  # a clip's frames follow its video tokens
+            clip=clip.info if clip is not None else None,
         )
         tracker.see(started)
         yield started
@@ -202,6 +286,8 @@ def stream_question(
             chains,
             thinking,
         ):
+            if isinstance(event, Finished) and remote:
+                _server_counts(session, event.result)
             if isinstance(event, Finished) and cached.state is not None:
                 # the disk write waits for the answer, so it never delays the first token
                 # (in place: the Result holds this inner dict)
@@ -250,8 +336,46 @@ def _thinking_switch(chat_template: str | None, options: AskSettings) -> dict[st
     return {THINKING_SWITCH: options.think}
 
 
-def _prefix_key(model: Any, text: str, prepared: list[PreparedImage], max_pixels: int | None) -> str | None:
-    """The prefix cache key for this prompt, or None when nothing is to be cached or reused."""
+def _with_images(history: tuple[Turn, ...], prepared: list[PreparedImage]) -> tuple[Turn, ...]:
+    """The earlier turns with their images prepared (``prepared`` lists the history's first, in order)."""
+    turns, at = [], 0
+    for turn in history:
+        n = len(turn.images)
+        turns.append(replace(turn, images=tuple(prepared[at : at + n])))
+        at += n
+    return tuple(turns)
+
+
+def _answers_only(history: tuple[Turn, ...], markers: tuple[str, ...]) -> tuple[Turn, ...]:
+    """Earlier replies as the model is shown them again: their answers, the reasoning dropped."""
+    return tuple(
+        replace(turn, text=reply_answer(turn.text, markers)) if turn.role == ASSISTANT else turn
+        for turn in history
+    )
+
+
+def _server_counts(session: Any, result: Result) -> None:
+    """A remote question's Result with the server's own token counts where it sent them (the registry's
+    ``remote`` capability: ``token_counts``, ``request_report``), and how they were counted."""
+    counts = session.token_counts(result.thought_tokens, result.answer_tokens)
+    if counts.prompt_tokens is not None:
+        result.prompt_tokens = counts.prompt_tokens
+    result.thought_tokens, result.answer_tokens = counts.thought_tokens, counts.answer_tokens
+    result.settings["token_count"] = counts.how
+    result.settings["remote"] = session.request_report()
+
+
+def _prefix_key(
+    model: Any,
+    text: str,
+    prepared: list[PreparedImage],
+    max_pixels: int | None,
+    images: int | None = None,
+    clip: Any = None,
+) -> str | None:
+    """The prefix cache key for this prompt, or None when nothing is to be cached or reused; ``images``:
+    for its prefix up to that many images (an earlier turn's last image) rather than all.  A clip's part
+    is its sampled frames' pixels and times and how it went in (:func:`video_prompt.prefix_key_part`)."""
     if model.prefix_cache is None and model.disk_cache is None:
         return None
     if not model.spec.has(registry.PREFIX_STATE):
@@ -263,11 +387,16 @@ def _prefix_key(model: Any, text: str, prepared: list[PreparedImage], max_pixels
         )
         return None
     loaded = model.loaded
-    prefix = prefix_cache.prefix_text(text, model.family.image_block)
+    native = clip is not None and clip.native
+    block = model.family.video_block if native else model.family.image_block
+    prefix = prefix_cache.prefix_text(text, block, images)
     if not prefix:
         return None
+    prepared = prepared[:images] if images is not None else prepared
     identity = dict(loaded.prefix_identity())
     files = identity.pop("files", ())
+    if clip is not None:
+        identity["clip"] = prefix_key_part(clip)
     return prefix_cache.prefix_key(
         model=prefix_cache.model_identity(model.path, *files),
         backend=model.backend,
@@ -278,6 +407,23 @@ def _prefix_key(model: Any, text: str, prepared: list[PreparedImage], max_pixels
         # how the KV cache is computed (MLX: float32 on CPU, the model's dtype on a GPU; llama.cpp: GPU)
         extra=identity,
     )
+
+
+def _earlier_keys(
+    model: Any, text: str, prepared: list[PreparedImage], max_pixels: int | None, earlier: int
+) -> list[tuple[int, str]]:
+    """``(images, key)`` of the prompt's prefixes that end at the earlier turns' images, nearest first:
+    where a backend can restore such a state and encode only the later images (``partial_prefix``)."""
+    if not model.spec.has(registry.PARTIAL_PREFIX) or model.family.recurrent_state:
+        # a recurrent state restored at an earlier turn's image is not yet checked against a fresh prefill:
+        # such a model reuses only a whole prompt's prefix
+        return []
+    keys = []
+    for images in range(min(earlier, len(prepared) - 1), 0, -1):
+        key = _prefix_key(model, text, prepared, max_pixels, images)
+        if key is not None:
+            keys.append((images, key))
+    return keys
 
 
 def _reason(
@@ -328,6 +474,7 @@ def _reason(
         "backend": model.backend,
         "quantization": model.quantization,
         "images": started.images,
+        "clip": started.clip,
         "settings": settings,
         "prompt_tokens": started.prompt_tokens,
         "timings": timings,
@@ -386,7 +533,24 @@ def _partial(model: Any, tracker: _Tracker, started: Started | None, infos, sett
         quantization=model.quantization,
         images=infos,
         settings=settings,
+        clip=started.clip if started is not None else None,
     )
+
+
+def clip_frames(clip: Any, loaded: Any) -> list[PreparedImage]:
+    """A clip going in as frames: each frame an image (already sized by the sampler) named by its time."""
+    return [
+        PreparedImage(
+            frame,
+            ImageInfo(
+                path=f"{clip.clip.path} @ {t:.2f}s",
+                original_size=tuple(clip.clip.source_size),
+                size=frame.size,
+                tokens=int(loaded.image_token_estimate(*frame.size)),
+            ),
+        )
+        for frame, t in zip(clip.clip.frames, clip.clip.timestamps)
+    ]
 
 
 def _count_text_tokens(model: Any, text: str) -> int | None:

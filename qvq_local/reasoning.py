@@ -357,7 +357,7 @@ class _Run:
         settings["answer_source"] = answer_source
         settings["think_limit"] = self.think_limit
         settings["think_deadline"] = self.deadline
-        allowed = {"model", "backend", "quantization", "images"}
+        allowed = {"model", "backend", "quantization", "images", "clip"}
         extra = {k: v for k, v in self.base.items() if k in allowed}
         return Result(
             thought=thought,

@@ -3,7 +3,7 @@
 Three ways out, chosen by the CLI:
 
 * :class:`LiveRenderer` on a terminal: a Rich ``Live`` panel with a header (model, backend,
-  quantisation, images), the thought as a scrolling tail, a status line (thought tokens against the
+  quantisation, images, the image detail), the thought as a scrolling tail, a status line (thought tokens against the
   budget, tokens/s, elapsed), visible marks where the budget forced the answer or a loop was cut, then
   the answer as Markdown with the ``\\boxed{}`` answer highlighted and a one-line summary.  Events only
   touch data; Rich's refresh thread draws at most ``refresh_per_second`` times, so thousands of tokens
@@ -29,7 +29,17 @@ from collections import deque
 from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, Any
 
-from qvq_local.events import ChainEvent, Event, Finished, Forced, ImageInfo, Result, Started, TextDelta
+from qvq_local.events import (
+    ChainEvent,
+    ClipInfo,
+    Event,
+    Finished,
+    Forced,
+    ImageInfo,
+    Result,
+    Started,
+    TextDelta,
+)
 from qvq_local.openai_format import completion_dict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,6 +86,23 @@ def _image_line(images: list[ImageInfo]) -> str:
         tokens = f", {info.tokens} tokens" if info.tokens else ""
         parts.append(f"{name} ({size}{tokens})")
     return ", ".join(parts)
+
+
+def clip_line(clip: ClipInfo) -> str:
+    """The clip as the header shows it: name, length, frames sampled, frame size, tokens, decode time."""
+    name = clip.path.rsplit("/", 1)[-1] if clip.path else "clip"
+    w, h = clip.frame_size
+    how = f"video as {clip.frames} frames" if clip.mode == "frames" else f"{clip.frames} frames"
+    kind = "image" if clip.mode == "frames" else "video"
+    return (
+        f"{name} ({_fmt_seconds(clip.duration_s)}, {how}, {w}×{h}, {clip.tokens} {kind} tokens, "
+        f"decoded in {_fmt_seconds(clip.decode_s)})"
+    )
+
+
+def media_line(images: list[ImageInfo], clip: ClipInfo | None) -> str:
+    """The header's media part: the clip when there is one, else the images."""
+    return clip_line(clip) if clip is not None else _image_line(images)
 
 
 def forced_note(forced: Forced) -> str:
@@ -207,9 +234,13 @@ class PlainRenderer(Renderer):
     def handle(self, event: Event) -> None:
         if isinstance(event, Started):
             if not self.hide_thinking:
+                detail = f" · {event.detail}" if event.detail else ""
                 self._err_line(
-                    f"[{event.model} · {event.backend} · {event.quantization} · {_image_line(event.images)}]"
+                    f"[{event.model} · {event.backend} · {event.quantization} · {media_line(event.images, event.clip)}"
+                    f"{detail}]"
                 )
+            for note in event.clip.notes if event.clip is not None else ():
+                self._err_line(f"note: {note}")
         elif isinstance(event, TextDelta):
             text = clean(event.text)
             if event.phase == "thought":
@@ -356,8 +387,10 @@ class LiveRenderer(Renderer):
         self._end: float | None = None
         self.model, self.backend, self.quantization = model, backend, quantization
         self.images: list[ImageInfo] = []
+        self.clip: ClipInfo | None = None
         self.prompt_tokens = 0
         self.prefill_s = 0.0
+        self.detail = ""  # how the images were bounded (Started.detail)
         self.think_budget: int | None = None
         self.answer_budget: int | None = None
         self.thought_tokens = 0
@@ -388,8 +421,10 @@ class LiveRenderer(Renderer):
             if isinstance(event, Started):
                 self.model, self.backend, self.quantization = event.model, event.backend, event.quantization
                 self.images = list(event.images)
+                self.clip = event.clip
                 self.prompt_tokens = event.prompt_tokens
                 self.prefill_s = event.prefill_s
+                self.detail = event.detail
                 self.think_budget, self.answer_budget = event.think_budget, event.answer_budget
                 self.phase = "thinking"
                 self._decode_t0 = time.monotonic()
@@ -488,13 +523,18 @@ class LiveRenderer(Renderer):
             (f" · {self.backend}" if self.backend else "", "cyan"),
             (f" · {self.quantization}" if self.quantization else "", "cyan"),
         )
-        if self.images:
-            details = f"{_image_line(self.images)} · prompt {self.prompt_tokens} tokens"
+        if self.images or self.clip is not None:
+            details = f"{media_line(self.images, self.clip)} · prompt {self.prompt_tokens} tokens"
             if self.prefill_s:
                 details += f" · prefill {_fmt_seconds(self.prefill_s)}"
+            if self.detail:
+                details += f" · {self.detail}"
         else:
             details = "encoding image(s) and reading the prompt…"
         parts: list = [header, Text(details, style="dim")]
+        parts += [
+            Text(f"note: {note}", style="dim yellow") for note in (self.clip.notes if self.clip else ())
+        ]
 
         thought_rows, answer_rows = self._rows_for_tail(height)
         if self.phase == "prefill":

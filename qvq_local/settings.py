@@ -24,6 +24,10 @@ from types import MappingProxyType
 from qvq_local.backends.base import SamplingParams
 from qvq_local.budgets import DEFAULT_ANSWER_BUDGET
 from qvq_local.errors import InputError
+from qvq_local.video import VideoOptions
+
+#: A clip's sampling options, given flat (``fps=1``) and kept as one :class:`~qvq_local.video.VideoOptions`.
+VIDEO_OPTIONS = ("fps", "max_frames", "video_tokens")
 
 #: The largest top-k (llama.cpp takes a 32-bit int) and seed (llama.cpp's sampler seeds are 32-bit).
 MAX_TOP_K = 2**31 - 1
@@ -35,6 +39,7 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "think_budget": "--think-budget",
         "answer_budget": "--answer-budget",
         "max_pixels": "--max-pixels",
+        "detail": "--detail",
         "temperature": "--temperature",
         "top_p": "--top-p",
         "top_k": "--top-k",
@@ -45,6 +50,9 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "seed": "--seed",
         "system": "--system",
         "think": "--think/--no-think",
+        "fps": "--fps",
+        "max_frames": "--max-frames",
+        "video_tokens": "--video-tokens",
     }
 )
 #: How the Python API spells them (``None``: the owning module's own wording, here the language lock's).
@@ -53,6 +61,7 @@ API_LABELS: Mapping[str, str | None] = MappingProxyType(
         "think_budget": "the think budget",
         "answer_budget": "the answer budget",
         "max_pixels": "max_pixels",
+        "detail": "detail",
         "temperature": "temperature",
         "top_p": "top_p",
         "top_k": "top_k",
@@ -74,7 +83,9 @@ class AskSettings:
 
     ``think_budget``: thought tokens before the answer is forced (None: up to what the context holds).
     ``answer_budget``: answer tokens (None: no limit of its own).  ``max_pixels``: the pixel bound per image
-    (None: the loaded model's, else the family's default).  ``sampling``: overrides of the model's
+    (None: from ``detail``).  ``detail``: the image detail level, low | medium | high | max
+    (:mod:`qvq_local.detail`; None or ``auto``: the loaded model's, else this machine's default); a
+    ``max_pixels`` given wins over it.  ``sampling``: overrides of the model's
     generation_config (None fields: the model's own).  ``system``: replaces the family's system prompt (``""``:
     the template's own default).  ``loop_detection``: cut reasoning loops.  ``forced_text``: fed when
     thinking is cut (None: what suits the model and the question).  ``lang_lock``: auto | on | off
@@ -87,6 +98,7 @@ class AskSettings:
     think_budget: int | None = None
     answer_budget: int | None = DEFAULT_ANSWER_BUDGET
     max_pixels: int | None = None
+    detail: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None
     loop_detection: bool = True
@@ -97,6 +109,8 @@ class AskSettings:
     max_tokens: int | None = None
     samples: int = 1  # reasoning chains decoded together from one prefill; their boxed answers vote
     think: bool | None = None  # the template's thinking switch (enable_thinking); None: its default
+    #: how a clip is sampled (``fps``, ``max_frames``, ``video_tokens``, given flat: :data:`VIDEO_OPTIONS`)
+    video: VideoOptions = field(default_factory=VideoOptions)
     labels: Mapping[str, str | None] = field(default_factory=lambda: API_LABELS, compare=False, repr=False)
 
     @classmethod
@@ -106,23 +120,35 @@ class AskSettings:
         """The settings from options by the names ``Model.stream`` and ``qvq ask`` take: this type's fields,
         with the sampling ones (:data:`SAMPLING_OPTIONS`) given flat; a name not given keeps its default
         (``answer_budget=None`` is given: no answer budget of its own).  An unknown name is a ``TypeError`` naming it, as for any Python call."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"sampling", "labels"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"sampling", "labels", "video"}
         values: dict = {}
         sampling: dict = {}
+        video: dict = {}
         for name, value in options.items():
             if name in SAMPLING_OPTIONS:
                 sampling[name] = value
+            elif name in VIDEO_OPTIONS:
+                video[name] = value
             elif name in fields:
                 values[name] = value
             else:
                 raise TypeError(f"unexpected option {name!r} for a question (known: {', '.join(_names())})")
-        return cls(**values, sampling=SamplingParams(**sampling), labels=labels or API_LABELS)
+        return cls(
+            **values,
+            sampling=SamplingParams(**sampling),
+            video=VideoOptions(**video),
+            labels=labels or API_LABELS,
+        )
 
     def __post_init__(self) -> None:
         from qvq_local import lang
+        from qvq_local.detail import AUTO, check_level
 
         label = {**API_LABELS, **self.labels}.get
         self._set("lang_lock", lang.check_mode(self.lang_lock, label("lang_lock")))
+        if self.detail is not None:
+            level = check_level(self.detail, label("detail"))
+            self._set("detail", None if level == AUTO else level)
         for name in ("think_budget", "answer_budget", "max_pixels", "max_tokens"):
             value = _whole(getattr(self, name), label(name))
             if value is not None and value <= 0:
@@ -132,6 +158,7 @@ class AskSettings:
             check_text(getattr(self, name), label(name))
         if self.think is not None and not isinstance(self.think, bool):
             raise InputError(f"{label('think')} must be true or false, got {self.think!r}")
+        self.video.check()
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or not 1 <= self.samples <= 64:
             raise InputError(f"{label('samples')} must be a whole number from 1 to 64, got {self.samples!r}")
         s = self.sampling
@@ -208,8 +235,8 @@ SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
 
 def _names() -> list[str]:
-    own = [f.name for f in dataclasses.fields(AskSettings) if f.name not in ("sampling", "labels")]
-    return [*own, *SAMPLING_OPTIONS]
+    own = [f.name for f in dataclasses.fields(AskSettings) if f.name not in ("sampling", "labels", "video")]
+    return [*own, *SAMPLING_OPTIONS, *VIDEO_OPTIONS]
 
 
 __all__ = ["API_LABELS", "CLI_LABELS", "SAMPLING_OPTIONS", "AskSettings", "check_text"]

@@ -22,7 +22,8 @@ thought and what is answer; the rules are these:
   or ``</think>`` for a model whose template opens ``<think>``.
 
 :class:`ThoughtAnswerSplitter` splits a stream as it comes; :func:`split_text` splits a whole text at once
-and is the reference the streaming splitter must agree with.
+and is the reference the streaming splitter must agree with.  :func:`reply_answer` keeps the answer of an
+earlier reply in a conversation.
 """
 
 from __future__ import annotations
@@ -167,6 +168,15 @@ def split_text(text: str, markers: tuple[str, ...] = DEFAULT_ANSWER_MARKERS) -> 
         return s.strip(), "", None
     start, end, marker = found
     return s[:start].strip(), _ANSWER_LEAD.sub("", s[end:]).rstrip(), marker
+
+
+def reply_answer(text: str, markers: tuple[str, ...] = DEFAULT_ANSWER_MARKERS) -> str:
+    """The answer of an earlier reply, as the model is shown it again in a conversation: its reasoning
+    dropped, as Qwen's templates drop it (everything up to QVQ's answer marker, or a ``<think>`` block),
+    so it reads as ``Result.answer`` does.  A reply without a marker is taken whole (a client that sends
+    back ``content`` sends the answer alone already)."""
+    _, answer, marker = split_text(text, markers)
+    return answer if marker is not None else text.strip()
 
 
 def infer_answer(text: str) -> tuple[str, str]:

@@ -56,8 +56,22 @@ def render_transcript(result: Result, question: str) -> str:
         resized = f" (resized from {ow}×{oh})" if (ow, oh) != (w, h) else ""
         tokens = f", {info.tokens} image tokens" if info.tokens else ""
         lines.append(f"- `{info.path}`: {w}×{h}{resized}{tokens}")
-    if not result.images:
+    if not result.images and result.clip is None:
         lines.append("- (none)")
+    if result.clip is not None:
+        clip = result.clip
+        w, h = clip.frame_size
+        sw, sh = clip.source_size
+        how = "frames as images" if clip.mode == "frames" else "video"
+        lines += [
+            "",
+            "## Clip",
+            "",
+            f"- `{clip.path}`: {clip.duration_s:.1f} s, {sw}×{sh}; {clip.frames} frames at {w}×{h} as {how},"
+            f" {clip.tokens} tokens",
+            "- sampled at (seconds): " + ", ".join(f"{t:.2f}" for t in clip.timestamps),
+        ]
+        lines += [f"- {note}" for note in clip.notes]
     lines += ["", "## Model and settings", ""]
     lines.append(f"- model: `{result.model}` ({result.backend}, {result.quantization})")
     for key in SHOWN_SETTINGS:

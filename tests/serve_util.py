@@ -21,18 +21,25 @@ def data_uri(path: Path) -> str:
 
 class SlowDown:
     """Wraps a loaded model's sessions so each ``step`` waits ``delay`` seconds (0: full speed), and counts
-    the steps, so tests can hold a generation open (queue, disconnect) and see when it stops."""
+    the steps, so tests can hold a generation open (queue, disconnect) and see when it stops; keeps each
+    prompt prefilled and each session's image encodes."""
 
     def __init__(self, model):
         self.delay = 0.0
         self.steps = 0
         self.closed = 0
+        self.encoded: list[int] = []  # each closed session's images_encoded, in order
+        self.prompts: list[str] = []  # each prefilled prompt's text, in order
         original = model.loaded.new_session
         outer = self
 
         def new_session(*args, **kwargs):
             session = original(*args, **kwargs)
-            step, close = session.step, session.close
+            step, close, prefill = session.step, session.close, session.prefill
+
+            def seen_prefill(prompt, **k):
+                outer.prompts.append(prompt.text)
+                return prefill(prompt, **k)
 
             def slow_step(*a, **k):
                 if outer.delay:
@@ -42,10 +49,12 @@ class SlowDown:
 
             def counted_close():
                 outer.closed += 1
+                outer.encoded.append(session.images_encoded)
                 return close()
 
             session.step = slow_step
             session.close = counted_close
+            session.prefill = seen_prefill
             return session
 
         model.loaded.new_session = new_session

@@ -246,6 +246,8 @@ _SHARED_METHODS = {
     "layout_shapes",
     "published_layout",
     "published_config",
+    "takes_video",
+    "video_time_scale",
 }
 
 

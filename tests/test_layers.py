@@ -28,13 +28,14 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "budgets",
         "plugins",
         "strict_json",
+        "conversation",
         "formats",
         "formats.*",
     ),
     # declarations: what a family is, what a backend is and can do (data, no behaviour of theirs)
     2: ("families", "families.*", "backends", "backends.base", "backends.options", "backends.registry"),
     # model facts in use: images, the prompt, the language of a question
-    3: ("images", "prompt", "lang"),
+    3: ("images", "prompt", "lang", "detail", "video", "video_prompt"),
     # the model store: settings file, the machine, references, downloads, the catalogue, fit, checks
     4: ("config", "hardware", "models", "hub", "hub_transfer", "catalogue", "fit", "integrity"),
     # mechanism: the backends (tokens in, tokens out)
@@ -52,13 +53,14 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "serve.*",
         "doctor",
         "selftest",
+        "batch",
         "bench",
         "bench.*",
         "convert",
         "convert.*",
     ),
     # the command line
-    9: ("cli", "ask_cmd"),
+    9: ("cli", "ask_cmd", "batch_cmd"),
 }
 
 

@@ -118,7 +118,9 @@ def test_qvq_max_stream_and_request(replay, sample_image, monkeypatch):
     assert result.answer == "The highest bar is the fourth one. $$\\boxed{4}$$"
     assert result.boxed == "4" and result.stop_reason == "answer" and not result.forced
     assert result.backend == "openai" and result.quantization == "remote"
-    assert result.thought_tokens == 5 and result.answer_tokens == 3  # one delta, one token
+    # the counts are the server's (its last chunk's usage, reasoning_tokens included), not the chunks (5 + 3)
+    assert result.thought_tokens == 80 and result.answer_tokens == 97 - 80 and result.prompt_tokens == 1275
+    assert result.settings["token_count"] == "server usage"
 
 
 def test_vllm_reasoning_field(replay, sample_image):
@@ -508,3 +510,200 @@ def test_the_stop_reason_qvq_serve_reports_is_kept(replay, sample_image, tmp_pat
     assert server.bodies[0]["thinking_budget"] == 4 and "max_tokens" not in server.bodies[0]
     assert result.answer == "B" and result.thought.endswith("answer now.")
     assert result.stop_reason == "budget" and result.settings["budget_kept_by"] == "server"
+
+
+# ------------------------------------------------------------------ told the truth: a vLLM-like server
+
+
+@pytest.fixture
+def vllm():
+    from fake_vllm import FakeVllm
+
+    made = []
+
+    def make(**kwargs):
+        made.append(FakeVllm(**kwargs))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def test_the_fake_refuses_what_vllm_refuses(vllm, sample_image):
+    """The fake's own checks, as vLLM answered qvq's old request: max_tokens 8192 + 96 + 1024 = 9312 against
+    max_model_len 2048 is a 400 naming both."""
+    import urllib.error
+    import urllib.request
+
+    from serve_util import data_uri
+
+    server = vllm(max_model_len=2048)
+    body = {
+        "model": server.model,
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(sample_image)}}]}
+        ],
+        "max_tokens": 9312,
+        "stream": True,
+    }
+    request = urllib.request.Request(
+        server.url + "/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 400
+    assert (
+        "max_tokens=9312 cannot be greater than max_model_len"
+        in json.loads(err.value.read())["error"]["message"]
+    )
+
+
+def test_max_tokens_fits_the_servers_stated_context(vllm, sample_image):
+    server = vllm(max_model_len=2048)
+    with load(server.model, backend="openai", base_url=server.url) as model:
+        assert model.loaded.context_length == 2048  # read from GET /v1/models
+        result = model.ask(sample_image, QUESTION)  # no budget: it used to send 9312 and get a 400
+    (request,) = server.requests
+    assert request["status"] == 200
+    sent = request["body"]["max_tokens"]
+    assert request["prompt_tokens"] + sent <= 2048  # vLLM's own check passed...
+    assert sent <= 2048 - (result.settings["remote"]["prompt_tokens_bound"])  # ...by the bound qvq counted
+    assert result.settings["remote"]["context"] == 2048
+    assert result.settings["remote"]["context_from"] == "GET /models max_model_len"
+    assert result.settings["remote"]["max_tokens"] == sent
+    assert result.answer == "The fourth bar. $$\\boxed{4}$$" and result.stop_reason == "answer"
+
+
+def test_a_prompt_beyond_the_stated_context_is_refused_before_sending(vllm, sample_image):
+    from qvq_local.errors import ContextOverflow
+
+    server = vllm(max_model_len=200)
+    with (
+        load(server.model, backend="openai", base_url=server.url) as model,
+        pytest.raises(ContextOverflow) as err,
+    ):
+        model.ask(sample_image, QUESTION, answer_budget=8)
+    assert_error(err, "context holds 200")
+    assert server.requests == []  # nothing was sent
+
+
+def test_without_a_stated_context_max_tokens_is_left_out(vllm, sample_image):
+    server = vllm(max_model_len=None, owned_by="someone")
+    with load(server.model, backend="openai", base_url=server.url) as model:
+        assert model.loaded.kind == "generic" and model.loaded.context_length == 0
+        unbounded = model.ask(sample_image, QUESTION)
+        bounded = model.ask(sample_image, QUESTION, think_budget=64, answer_budget=32)
+    assert "max_tokens" not in server.requests[0]["body"]  # nothing known: no guess sent
+    assert (
+        unbounded.settings["remote"]["max_tokens"] is None and unbounded.settings["remote"]["context"] is None
+    )
+    # a budget the caller set is a stated cap: the server is not asked for more than the controller uses
+    assert server.requests[1]["body"]["max_tokens"] == 64 + 96 + 32
+    assert bounded.settings["remote"]["max_tokens"] == 64 + 96 + 32
+
+
+def test_sampling_sent_is_what_settings_report(vllm, sample_image):
+    server = vllm()
+    with load(server.model, backend="openai", base_url=server.url) as model:
+        default = model.ask(sample_image, QUESTION)
+        chosen = model.ask(sample_image, QUESTION, temperature=0.7, top_k=5, repetition_penalty=1.2, seed=9)
+    plain, picked = (r["body"] for r in server.requests)
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        assert name not in plain  # none set: none sent, so vLLM applied the checkpoint's generation_config
+        assert default.settings[name] == "server default"
+    assert server.requests[0]["sampling"]["temperature"] == 0.05  # ...as the fake's log says
+    assert {k: picked[k] for k in ("temperature", "top_k", "repetition_penalty", "seed")} == {
+        "temperature": 0.7,
+        "top_k": 5,
+        "repetition_penalty": 1.2,
+        "seed": 9,
+    }
+    assert "top_p" not in picked and server.requests[1]["ignored"] == []
+    reported = {
+        k: chosen.settings[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
+    }
+    assert reported == {
+        "temperature": 0.7,
+        "top_p": "server default",
+        "top_k": 5,
+        "repetition_penalty": 1.2,
+        "seed": 9,
+    }
+
+
+def test_token_counts_come_from_the_servers_usage(vllm, sample_image):
+    server = vllm()
+    with load(server.model, backend="openai", base_url=server.url) as model:
+        result = model.ask(sample_image, QUESTION)
+    (request,) = server.requests
+    assert request["body"]["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert result.prompt_tokens == request["prompt_tokens"]  # the server's count, not the bound
+    assert result.thought_tokens + result.answer_tokens == request["completion_tokens"]
+    # fewer chunks than tokens (some of the fake's pieces hold two tokens, as vLLM's do at times)
+    assert request["completion_tokens"] > len(request["sent"])
+    assert result.settings["token_count"] == "server usage total; thought/answer split per chunk"
+
+
+def test_budget_cut_and_continuation_count_the_servers_tokens(vllm, sample_image):
+    server = vllm()
+    with load(server.model, backend="openai", base_url=server.url) as model:
+        result = model.ask(sample_image, QUESTION, think_budget=8, answer_budget=64, loop_detection=False)
+    first, second = server.requests
+    assert second["continuing"] and second["body"]["continue_final_message"] is True
+    assert result.stop_reason == "budget" and result.answer == "The fourth bar is the highest."
+    # the first stream was closed at the budget: its running usage (continuous_usage_stats) counted it, in
+    # tokens (the budget counts chunks: 8 of them, then to the sentence's end)
+    assert result.thought_tokens in first["running"] and result.thought_tokens > 8
+    assert result.answer_tokens == second["completion_tokens"]
+    assert result.settings["token_count"] == "server usage"
+    # what is left of the cap is asked for, within the context after the longer prompt
+    assert second["prompt_tokens"] + second["body"]["max_tokens"] <= 2048
+
+
+def test_a_value_a_server_kind_does_not_take_is_refused(vllm, sample_image):
+    server = vllm(owned_by="someone")
+    with load(server.model, backend="openai", base_url=server.url) as model, pytest.raises(InputError) as err:
+        model.ask(sample_image, QUESTION, top_k=5)
+    assert_error(err, "top_k cannot be sent to a generic server")
+    assert server.requests == []
+
+
+def test_llama_server_context_from_props_and_its_penalty_name(replay, sample_image, tmp_path, monkeypatch):
+    from qvq_local.backends import openai_remote
+
+    server = replay("llamacpp", ["vllm_plain_stream.sse"], model="m")
+    props = {"default_generation_settings": {"n_ctx": 4096}, "total_slots": 1}
+    original = openai_remote._Http.get_json
+
+    def get_json(self, path, timeout=10.0):
+        if path == "/props":
+            assert self.base_url == server.url[: -len("/v1")]  # llama-server's /props is at its root
+            return props
+        return original(self, path, timeout)
+
+    monkeypatch.setattr(openai_remote._Http, "get_json", get_json)
+    with load("m", backend="openai", base_url=server.url) as model:
+        assert model.loaded.context_length == 4096
+        result = model.ask(sample_image, QUESTION, repetition_penalty=1.3, answer_budget=16)
+    body = server.bodies[0]
+    assert body["repeat_penalty"] == 1.3 and "repetition_penalty" not in body  # llama.cpp's name
+    assert result.settings["remote"]["context_from"] == "GET /props default_generation_settings.n_ctx"
+    assert result.settings["repetition_penalty"] == 1.3
+
+
+def test_earlier_turns_go_to_the_server_as_messages(vllm, sample_image):
+    from qvq_local.conversation import Turn
+
+    server = vllm()
+    reply = "Counting them.\n\n**Final Answer**\n\nFive bars."
+    history = [Turn.user("How many bars?", [sample_image]), Turn.assistant(reply)]
+    with load(server.model, backend="openai", base_url=server.url) as model:
+        result = model.ask([], QUESTION, history=history, answer_budget=32)
+    messages = server.requests[0]["body"]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[1]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert messages[1]["content"][1] == {"type": "text", "text": "How many bars?"}
+    assert messages[2] == {"role": "assistant", "content": "Five bars."}  # the answer alone
+    assert messages[3]["content"] == [{"type": "text", "text": QUESTION}]
+    assert result.answer == "The fourth bar. $$\\boxed{4}$$"

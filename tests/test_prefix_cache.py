@@ -11,7 +11,7 @@ from helpers import assert_error
 from typer.testing import CliRunner
 
 from qvq_local import prefix_cache as pc
-from qvq_local.backends.base import PrefixState
+from qvq_local.backends.base import PrefixState, Prompt
 from qvq_local.cli import app
 
 runner = CliRunner()
@@ -171,6 +171,10 @@ def test_disk_cap_evicts_the_least_recently_used(tmp_path):
 # ---------------------------------------------------------------- the policy, on a stand-in session
 
 
+#: A prompt with one image (the policy only counts them).
+PROMPT = Prompt("prompt", images=["image"])
+
+
 class _Session:
     """Records how it was prefilled; refuses any prefix state whose ids differ from ``accepts``."""
 
@@ -185,7 +189,10 @@ class _Session:
         if prefix is not None:
             if prefix.ids != self.accepts:
                 raise InputError("the saved prefix state does not match this prompt (other text or images)")
-            self.calls.append("restored")
+            self.calls.append("restored" + (" and kept" if keep_prefix else ""))
+            if keep_prefix:  # a state at an earlier image: the later images encoded, the new prefix kept
+                self.prefix_state = _state(100, 9)
+                self.prefix_state.ids = list(self.accepts) + [4]
             return "stats"
         self.calls.append("fresh")
         if keep_prefix:
@@ -198,18 +205,18 @@ def test_policy_memory_then_disk_then_fresh(tmp_path):
     notices: list[str] = []
     memory, disk = pc.MemoryCache(), pc.DiskCache(tmp_path / "c", notice=notices.append)
     s1 = _Session([1, 2, 3])
-    stats, out = pc.prefill(s1, "prompt", "k", memory, disk, notices.append)
+    stats, out = pc.prefill(s1, PROMPT, "k", memory, disk, notices.append)
     assert (stats, out.source, s1.calls) == ("stats", "fresh", ["fresh"]) and "k" in memory
     assert not disk.entries()  # the disk write waits for store() (after the answer)
     assert pc.store(out, disk).write_s > 0 and len(disk.entries()) == 1
     s2 = _Session([1, 2, 3])
-    assert pc.prefill(s2, "prompt", "k", memory, disk)[1].source == "memory"
+    assert pc.prefill(s2, PROMPT, "k", memory, disk)[1].source == "memory"
     s3 = _Session([1, 2, 3])
-    out3 = pc.prefill(s3, "prompt", "k", None, disk)[1]
+    out3 = pc.prefill(s3, PROMPT, "k", None, disk)[1]
     assert out3.source == "disk" and out3.read_s > 0 and s3.calls == ["restored"]
     # no key (no image, caching off): a plain prefill, nothing kept
     s4 = _Session([1, 2, 3])
-    assert pc.prefill(s4, "prompt", None, memory, disk)[1].source == "off" and s4.calls == ["fresh"]
+    assert pc.prefill(s4, PROMPT, None, memory, disk)[1].source == "off" and s4.calls == ["fresh"]
     assert notices == []
 
 
@@ -220,11 +227,31 @@ def test_policy_a_refused_state_is_dropped_with_a_notice_and_rebuilt():
     stale.ids = [9, 9]
     memory.put("k", stale)
     session = _Session([1, 2, 3])
-    _, out = pc.prefill(session, "prompt", "k", memory, None, notices.append)
+    _, out = pc.prefill(session, PROMPT, "k", memory, None, notices.append)
     assert out.source == "fresh" and session.calls == ["fresh"]
     assert memory.get("k").ids == [1, 2, 3]  # replaced by the rebuilt state
     assert len(notices) == 1
     assert_error(notices[0], "memory entry not used", "does not match", "rebuilding")
+
+
+def test_policy_a_state_at_an_earlier_image_is_restored_and_the_whole_prefix_kept(tmp_path):
+    """A conversation's new turn brings an image: the state at the earlier turn's image is restored (the
+    backend encodes only the new image), and the state at the new last image is kept for the next turn."""
+    memory, disk = pc.MemoryCache(), pc.DiskCache(tmp_path / "c")
+    earlier = _state(100, 1)
+    earlier.ids = [1, 2, 3]
+    memory.put("turn1", earlier)
+    session = _Session([1, 2, 3])
+    prompt = Prompt("prompt", images=["image 1", "image 2"])
+    _, out = pc.prefill(session, prompt, "turn2", memory, disk, earlier=[(1, "turn1")])
+    assert out.source == "memory" and out.images_reused == 1 and session.calls == ["restored and kept"]
+    assert memory.get("turn2") is session.prefix_state  # the next turn restores it whole
+    assert (
+        pc.store(out, disk).write_s > 0 and len(disk.entries()) == 1
+    )  # and it goes to disk after the answer
+    again = _Session([1, 2, 3, 4])
+    _, out = pc.prefill(again, prompt, "turn2", memory, disk, earlier=[(1, "turn1")])
+    assert out.images_reused == 2 and again.calls == ["restored"]
 
 
 # ---------------------------------------------------------------- Model.ask and the CLI (tiny GGUF)

@@ -102,3 +102,50 @@ def test_mlx_prefix_restore_equals_fresh(fixture, request, prompts, tiny_checkpo
         _mismatch(loaded, state, tiny_checkpoint, image)
     finally:
         loaded.close()
+
+
+@pytest.mark.llama
+def test_llama_a_state_at_an_earlier_image_restores_and_encodes_only_the_later_ones(
+    tiny_gguf_f32, prompts, tiny_checkpoint, image
+):
+    """The registry's partial_prefix: a conversation's turn 1 state (its image) under turn 2's prompt
+    (turn 1, its answer, a new image): the same logits as a fresh prefill, one image encoded, and the kept
+    state is the one at the new last image (restored whole next, encoding nothing)."""
+    pytest.importorskip("llama_cpp")
+    from PIL import Image
+
+    from qvq_local.backends import llamacpp
+    from qvq_local.conversation import Turn
+
+    second_image = Image.new("RGB", (168, 112), (30, 160, 90))
+    history = [Turn.user(Q1, ["turn 1's image"]), Turn.assistant("The fourth, by 30.")]
+    text = build_prompt(load_chat_template(tiny_checkpoint), Q2, 1, history=history)
+    turn2 = Prompt(text=text, images=[image, second_image])
+    loaded = llamacpp.load(tiny_gguf_f32.model, tiny_gguf_f32.mmproj)
+    try:
+        first = loaded.new_session(SamplingParams(), n_ctx=2048)
+        first.prefill(prompts[0], keep_prefix=True)
+        state = first.prefix_state
+        first.close()
+        fresh = loaded.new_session(SamplingParams(), n_ctx=2048)
+        fresh.prefill(turn2, keep_prefix=True)
+        reused = loaded.new_session(SamplingParams(), n_ctx=2048)
+        reused.prefill(turn2, prefix=state, keep_prefix=True)
+        assert (fresh.images_encoded, reused.images_encoded) == (2, 1)
+        assert reused.n_past == fresh.n_past
+        a, b = fresh.last_logits(), reused.last_logits()
+        ids = (fresh.step().id, reused.step().id)
+        _check_equal(a, b, fresh.last_logits(), reused.last_logits(), ids)
+        kept = reused.prefix_state
+        assert (
+            kept.meta["image_tokens"] == fresh.prefix_state.meta["image_tokens"]
+            and len(kept.meta["image_tokens"]) == 2
+        )
+        for s in (fresh, reused):
+            s.close()
+        whole = loaded.new_session(SamplingParams(), n_ctx=2048)
+        whole.prefill(turn2, prefix=kept)
+        assert whole.images_encoded == 0
+        whole.close()
+    finally:
+        loaded.close()

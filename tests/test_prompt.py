@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from helpers import assert_error
@@ -185,3 +186,112 @@ def test_the_family_decides_the_fallback_the_default_system_and_the_reserved_tok
     # a template that renders no image block for an image names the family
     with pytest.raises(ModelError, match="not a Qwen3-VL style template"):
         build_prompt("{{ messages[-1].content[-1].text }}", "q", 1, family=qwen3)
+
+
+# ------------------------------------------------------------------ earlier turns (a conversation)
+
+
+def _conversation():
+    from qvq_local.conversation import Turn
+
+    return [
+        Turn.user("What is in the chart?", images=["a.png"]),
+        Turn.assistant("Five bars."),
+        Turn.user("And this one?", images=["b.png"]),
+        Turn.assistant("Three lines."),
+    ]
+
+
+def test_earlier_turns_render_before_the_question_with_their_images():
+    text = build_prompt(QWEN2_VL_TEMPLATE, "Which is taller?", 0, history=_conversation())
+    assert text == (
+        f"<|im_start|>system\n{QVQ_SYSTEM_PROMPT}<|im_end|>\n"
+        f"<|im_start|>user\n{IMAGE_BLOCK}What is in the chart?<|im_end|>\n"
+        "<|im_start|>assistant\nFive bars.<|im_end|>\n"
+        f"<|im_start|>user\n{IMAGE_BLOCK}And this one?<|im_end|>\n"
+        "<|im_start|>assistant\nThree lines.<|im_end|>\n"
+        "<|im_start|>user\nWhich is taller?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    # the prompt's images are the history's, in order, then the question's
+    assert build_prompt(QWEN2_VL_TEMPLATE, "q", 1, history=_conversation()).count(IMAGE_BLOCK) == 3
+
+
+@pytest.mark.parametrize("system", [QVQ_SYSTEM_PROMPT, None])
+def test_fallback_template_matches_qwen2_vl_template_over_turns(system):
+    history = _conversation()
+    reference = build_prompt(QWEN2_VL_TEMPLATE, "Which is taller?", 1, system, history=history)
+    assert build_prompt(None, "Which is taller?", 1, system, history=history) == reference
+
+
+@pytest.mark.parametrize("family_name", ["Qwen2.5-VL", "Qwen3-VL"])
+def test_every_familys_fallback_renders_a_conversation(family_name):
+    from qvq_local.families import FAMILIES
+
+    family = FAMILIES[family_name]
+    text = build_prompt(None, "Which is taller?", 0, family=family, history=_conversation())
+    assert text.count(family.image_block) == 2
+    assert "<|im_start|>assistant\nFive bars.<|im_end|>" in text
+    assert text.endswith("<|im_start|>user\nWhich is taller?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_an_image_only_user_turn_renders_its_block_alone():
+    from qvq_local.conversation import Turn
+
+    history = [Turn.user(images=["a.png"]), Turn.assistant("I see a chart.")]
+    text = build_prompt(QWEN2_VL_TEMPLATE, "How many bars?", 0, history=history)
+    assert f"<|im_start|>user\n{IMAGE_BLOCK}<|im_end|>\n<|im_start|>assistant\nI see a chart." in text
+
+
+def test_control_tokens_in_an_earlier_turn_are_refused_naming_the_turn():
+    from qvq_local.conversation import Turn
+
+    history = [Turn.user("hi", images=["a.png"]), Turn.assistant("ok<|im_end|> and more")]
+    with pytest.raises(InputError) as raised:
+        build_prompt(None, "q", 0, history=history)
+    assert_error(raised, re.escape("assistant turn history[1] contains the model's control token <|im_end|>"))
+
+
+def test_transformers_renders_the_same_conversation(tiny_checkpoint):
+    """Parity with transformers' own apply_chat_template on the synthetic checkpoint's template."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    template = load_chat_template(tiny_checkpoint)
+    messages = [
+        {"role": "system", "content": QVQ_SYSTEM_PROMPT},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the chart?"}]},
+        {"role": "assistant", "content": "Five bars."},
+        {"role": "user", "content": [{"type": "text", "text": "Which is taller?"}]},
+    ]
+    reference = tokenizer.apply_chat_template(
+        messages, chat_template=str(template), tokenize=False, add_generation_prompt=True
+    )
+    ours = build_prompt(template, "Which is taller?", 0, history=_conversation()[:2])
+    assert ours == reference
+
+
+# ------------------------------------------------------------------------------------------ clips
+
+
+@pytest.mark.parametrize("family_name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+def test_a_clip_renders_one_video_block_and_frames_their_times(family_name):
+    """Every family's published template (and its fallback) renders a video part as the family's video
+    block; a clip given as images gets its time before each image."""
+    from qvq_local.convert.synth_qwen2vl import chat_template
+
+    from qvq_local.families import FAMILIES, qwen3vl
+
+    family = next(f for f in FAMILIES.values() if family_name in f.aliases)
+    template = qwen3vl.chat_template(thinking=False) if family is qwen3vl.FAMILY else chat_template("")
+    for tpl in (template, None):
+        text = build_prompt(tpl, "What happens next?", 0, system=None, family=family, videos=1)
+        assert text.count(family.video_block) == 1 and text.count(family.image_pad) == 0
+        assert text.index(family.video_block) < text.index("What happens next?")
+        labels = ["<0.0 seconds>", "<0.5 seconds>"]
+        frames = build_prompt(tpl, "What happens next?", 2, system=None, family=family, frame_labels=labels)
+        assert frames.count(family.image_block) == 2 and family.video_pad not in frames
+        first, second = frames.index(labels[0]), frames.index(labels[1])
+        blocks = [i for i in range(len(frames)) if frames.startswith(family.image_block, i)]
+        assert first < blocks[0] < second < blocks[1] < frames.index("What happens next?")
+    with pytest.raises(ValueError):
+        build_prompt(None, "q", 2, system=None, family=family, frame_labels=["<0.0 seconds>"])

@@ -848,3 +848,186 @@ def test_a_client_that_leaves_mid_body_is_no_server_error(served):
         logger.removeHandler(handler)
     assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage() for r in records]
     assert httpx.get(served.base_url.replace("/v1", "/health")).status_code == 200
+
+
+# ------------------------------------------------------------------ issue 24: chat front-ends (earlier turns)
+
+
+def test_a_three_turn_conversation_through_the_openai_client(served, client, sample_image):
+    """What every chat front-end does: the whole conversation each turn.  Each turn answers as the Python
+    API answers the same conversation; turns 2 and 3 start from turn 1's image prefix in memory and encode
+    no image again; the thought of an earlier reply sent back is dropped before the model sees it."""
+    from qvq_local.conversation import Turn
+    from qvq_local.prefix_cache import MemoryCache
+
+    _wait_idle(served)
+    served.model.prefix_cache = MemoryCache()  # empty: turn 1 is a fresh prefill
+    served.slow.encoded.clear()
+    served.slow.prompts.clear()
+    questions = ["Which bar is the highest?", "And the lowest?", "How many bars are there?"]
+    messages = _messages(sample_image, questions[0])
+    replies = []
+    for turn, question in enumerate(questions):
+        if turn:
+            previous = replies[-1].choices[0].message
+            content = previous.content
+            if turn == 2:  # a client that sends the whole reply back, thought and QVQ's marker included
+                content = previous.model_extra["reasoning_content"] + "\n\n**Final Answer**\n\n" + content
+            messages += [{"role": "assistant", "content": content}, {"role": "user", "content": question}]
+        replies.append(
+            client.chat.completions.create(model=served.model.name, messages=messages, extra_body=BUDGET)
+        )
+    # the model saw turn 2's reply as its answer alone: the thought the client sent back was dropped
+    thought, answer = (
+        replies[1].choices[0].message.model_extra["reasoning_content"],
+        replies[1].choices[0].message.content,
+    )
+    last_prompt = served.slow.prompts[-1]
+    assert f"<|im_start|>assistant\n{answer}<|im_end|>" in last_prompt and thought not in last_prompt
+    sources = [r.model_extra["qvq"]["settings"]["prefix_cache"]["source"] for r in replies]
+    assert sources == ["fresh", "memory", "memory"]
+    assert served.slow.encoded[-3:] == [1, 0, 0]  # turn 1's image was encoded once, in turn 1
+    # the same conversation through the API (earlier assistant turns as answers only)
+    history: list = []
+    for turn, question in enumerate(questions):
+        reply = replies[turn]
+        own = [sample_image] if turn == 0 else []
+        ref = served.model.ask(own, question, history=history, think_budget=16, answer_budget=8, seed=1)
+        assert reply.choices[0].message.content == ref.answer, turn
+        assert reply.choices[0].message.model_extra["reasoning_content"] == ref.thought, turn
+        assert reply.model_extra["qvq"]["stop_reason"] == ref.stop_reason
+        assert ref.thought_tokens <= 16 + 32  # the budget applies to the new turn only
+        history += [Turn.user(question, own), Turn.assistant(ref.answer)]
+
+
+@pytest.mark.parametrize(
+    ("conversation", "param", "words"),
+    [
+        ([("user", "q"), ("assistant", "a")], "messages[1]", "ends with an assistant message"),
+        ([("user", "q"), ("assistant", ""), ("user", "q2")], "messages[1]", "the assistant turn is empty"),
+        ([("user", ""), ("assistant", "a"), ("user", "q2")], "messages[0]", "the user turn is empty"),
+        (
+            [("user", "q"), ("assistant", "IMAGE"), ("user", "q2")],
+            "messages[1].content[0]",
+            "images belong in user",
+        ),
+        ([("user", "q"), ("tool", "x"), ("user", "q2")], "messages[1]", "tool messages are not supported"),
+    ],
+)
+def test_malformed_conversations_are_400_in_one_line(
+    served, client, sample_image, conversation, param, words
+):
+    image_part = {"type": "image_url", "image_url": {"url": data_uri(sample_image)}}
+    messages = []
+    for i, (role, text) in enumerate(conversation):
+        if text == "IMAGE":
+            content = [image_part, {"type": "text", "text": "look"}]
+        elif role == "user" and i == 0 and text:
+            content = [image_part, {"type": "text", "text": text}]
+        else:
+            content = text
+        messages.append({"role": role, "content": content})
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=served.model.name, messages=messages, extra_body=BUDGET)
+    body = err.value.body
+    assert err.value.status_code == 400 and body["param"] == param, body
+    assert words in body["message"] and "\n" not in body["message"]
+
+
+def test_models_lists_the_context(served, client):
+    (card,) = client.models.list().data
+    assert card.model_extra["max_model_len"] == served.model.context_length > 0
+
+
+# ------------------------------------------------------------------ issue 24: image detail per request
+
+
+def _photo(tmp_path) -> Path:
+    from PIL import Image, ImageDraw
+
+    path = tmp_path / "photo.png"
+    image = Image.new("RGB", (1200, 900), (230, 230, 230))
+    ImageDraw.Draw(image).rectangle([100, 100, 700, 500], fill=(30, 90, 200))
+    image.save(path)
+    return path
+
+
+def _detail_body(served, parts: list[dict], **fields) -> dict:
+    return {
+        "model": served.model.name,
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": QUESTION}]}],
+        "thinking_budget": 4,
+        "answer_budget": 4,
+        "seed": 1,
+        **fields,
+    }
+
+
+def _post(served, body: dict):
+    return httpx.post(
+        served.base_url + "/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=300,
+    )
+
+
+def test_an_image_part_sets_its_own_detail_or_max_pixels(served, tmp_path):
+    photo = _photo(tmp_path)
+    uri = data_uri(photo)
+    # detail high, as OpenAI's image parts say it: the same image, answer and settings as the API's
+    reply = _post(
+        served, _detail_body(served, [{"type": "image_url", "image_url": {"url": uri, "detail": "high"}}])
+    )
+    assert reply.status_code == 200, reply.text
+    qvq = reply.json()["qvq"]
+    local = served.model.ask(photo, QUESTION, detail="high", think_budget=4, answer_budget=4, seed=1)
+    assert qvq["images"][0]["size"] == list(local.images[0].size) and qvq["images"][0]["tokens"] > 1024
+    assert reply.json()["choices"][0]["message"]["content"] == local.answer
+    detail = qvq["settings"]["detail"]
+    assert detail["level"] == "high" and detail["source"] == "messages[0].content[0].image_url.detail"
+    assert detail["max_pixels"] == local.settings["detail"]["max_pixels"]
+
+    # two images, one high and one bounded in pixels: each its own bound; the question's the widest
+    parts = [
+        {"type": "image_url", "image_url": {"url": uri, "detail": "HIGH"}},
+        {"type": "image_url", "image_url": {"url": uri, "max_pixels": 50_176}},
+    ]
+    reply = _post(served, _detail_body(served, parts))
+    assert reply.status_code == 200, reply.text
+    first, second = reply.json()["qvq"]["images"]
+    assert first["size"] == list(local.images[0].size)
+    assert second["size"][0] * second["size"][1] <= 50_176 and second["tokens"] <= 64
+    assert reply.json()["qvq"]["settings"]["detail"]["level"] == "high"
+
+    # none given: the server's default, the machine's level, as the API's default
+    reply = _post(
+        served, _detail_body(served, [{"type": "image_url", "image_url": {"url": uri, "detail": "auto"}}])
+    )
+    assert reply.status_code == 200, reply.text
+    default = served.model.image_bound()
+    qvq = reply.json()["qvq"]
+    assert (
+        qvq["settings"]["detail"]["source"] == "machine"
+        and qvq["settings"]["max_pixels"] == default.max_pixels
+    )
+    size = qvq["images"][0]["size"]
+    assert size[0] * size[1] <= default.max_pixels
+
+
+@pytest.mark.parametrize(
+    "image_url, words",
+    [
+        (
+            {"detail": "ultra"},
+            "messages[0].content[0].image_url.detail must be low | medium | high | max | auto",
+        ),
+        ({"detail": 3}, "messages[0].content[0].image_url.detail must be"),
+        ({"max_pixels": 0}, "messages[0].content[0].image_url.max_pixels must be at least 1, got 0"),
+        ({"max_pixels": "big"}, "messages[0].content[0].image_url.max_pixels must be an integer"),
+    ],
+)
+def test_a_bad_detail_or_max_pixels_is_400_naming_the_part(served, sample_image, image_url, words):
+    parts = [{"type": "image_url", "image_url": {"url": data_uri(sample_image), **image_url}}]
+    error = _assert_error_json(_post(served, _detail_body(served, parts)), 400)
+    assert error["message"].startswith(words), error

@@ -249,14 +249,14 @@ def test_every_cli_option_reaches_the_session_and_the_result(sample_image, monke
 
     def fake_load(ref, **kw):
         seen.update(kw)
-        return Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none", max_pixels=kw["max_pixels"])
+        return Model(loaded, name="fake", spec=FAKE_BACKEND, quantization="none")
 
     monkeypatch.setattr(api, "load", fake_load)
     result = runner.invoke(
         app,
         [
             "ask", str(sample_image), "q", "-m", "x", "--json",
-            "--think-budget", "12", "--answer-budget", "6", "--max-pixels", "40000",
+            "--think-budget", "12", "--answer-budget", "6", "--max-pixels", "40000", "--detail", "high",
             "--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--repetition-penalty", "1.1",
             "--seed", "4", "--system", "Be brief.", "--no-loop-stop", "--lang-lock", "off",
             "--backend", "llamacpp", "--cpu-buffers", "NONE", "--gpu-layers", "ALL",
@@ -264,9 +264,9 @@ def test_every_cli_option_reaches_the_session_and_the_result(sample_image, monke
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     labels = {"cpu_buffers": "--cpu-buffers", "gpu_layers": "--gpu-layers"}
+    # the image bound is the question's (its settings below), not the model's
     assert seen == {
-        "backend": "llamacpp", "max_pixels": 40000, "cpu_buffers": "NONE", "gpu_layers": "ALL", "labels": labels,
-        "progress": False,
+        "backend": "llamacpp", "cpu_buffers": "NONE", "gpu_layers": "ALL", "labels": labels, "progress": False,
     }  # fmt: skip
     # api.load maps the backend once and hands its options to that backend's own type, checked there
     llama = registry.get(seen["backend"])
@@ -288,6 +288,11 @@ def test_every_cli_option_reaches_the_session_and_the_result(sample_image, monke
         "system": "Be brief.",
     }
     assert settings["lang_lock"]["mode"] == "off" and settings["top_k"] == 5
+    # --max-pixels wins over --detail given beside it, and the settings say so
+    assert settings["detail"] == {
+        "level": None, "source": "--max-pixels", "reason": "", "max_pixels": 40000, "min_pixels": 3136,
+        "max_image_tokens": 51,
+    }  # fmt: skip
     assert "Be brief." in loaded.sessions[0].prefill_calls[0].text
 
 

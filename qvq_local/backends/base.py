@@ -18,7 +18,10 @@ Lifecycle::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+#: How a sampling value is reported when none was sent and the server applied its own (a remote backend).
+SERVER_DEFAULT = "server default"
 
 
 @dataclass(frozen=True)
@@ -46,17 +49,21 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class ChatTurn:
-    """One question as a chat request, for a backend with the registry's ``chat_messages`` capability: a
+    """One question (after any earlier turns) as a chat request, for a backend with the registry's ``chat_messages`` capability: a
     server that applies its own chat template and may keep the thinking budget itself."""
 
     question: str
     system: str | None = None  # None: no system message
     think_budget: int | None = None
     #: the most tokens the controller will let this question generate (thought cap, forced text margin and
-    #: answer budget): sent as ``max_tokens`` so the server never runs on past it
+    #: answer budget), sent as ``max_tokens`` so the server never runs on past it; None when nothing known
+    #: bounds it (no budget, no ``max_tokens`` and no context the server states): then nothing is sent
     max_new_tokens: int | None = None
     #: the server template's thinking switch (``enable_thinking``; None: the server's default)
     think: bool | None = None
+    #: the turns before the question (:class:`qvq_local.conversation.Turn`), user turns with their images
+    #: (PIL, bounded) and assistant turns as their answers
+    history: tuple = ()
 
 
 @dataclass
@@ -68,13 +75,19 @@ class Prompt:
     (for Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``), once per entry in ``images``, in
     order.  Backends rewrite that block into whatever their library wants (mlx-vlm expands the pad;
     llama.cpp's mtmd wants its media marker).  ``chat``: the same question untemplated, filled for the
-    backends that read it (the registry's ``chat_messages`` capability), None for the others.
+    backends that read it (the registry's ``chat_messages`` capability), None for the others.  ``clip``:
+    a sampled clip (``qvq_local.video.Clip``) for a backend with the ``video_input`` capability, the text
+    then holding the family's video block once (and ``images`` empty).
     """
 
     text: str
     images: list  # list[PIL.Image.Image], RGB, already bounded by qvq_local.images
     image_paths: list[str] = field(default_factory=list)
     chat: ChatTurn | None = None
+    clip: Any = None  # qvq_local.video.Clip
+    #: text written before each image (a clip's frames: their times), for backends that build their own
+    #: messages from ``chat`` (the templated ``text`` already holds it); empty: none
+    image_labels: list[str] = field(default_factory=list)
 
 
 @dataclass

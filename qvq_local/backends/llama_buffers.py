@@ -453,13 +453,15 @@ def load_notices(loaded: Any) -> list[str]:
 
 
 def run_facts(loaded: Any) -> dict:
-    """The ``run_facts`` hook: the CPU buffer types the weights were loaded into and where the text
-    layers run (:meth:`~qvq_local.backends.llamacpp.LlamaModel.placement`)."""
+    """The ``run_facts`` hook: the CPU buffer types the weights were loaded into, where the text
+    layers run (:meth:`~qvq_local.backends.llamacpp.LlamaModel.placement`) and where images are encoded
+    (mtmd uses the GPU when any layer is offloaded, as the model was loaded)."""
     buffers = loaded.cpu_buffers
     return {
         "cpu_buffers": buffers.describe() if buffers is not None else None,
         "placement": loaded.placement(),
         "summary": f"CPU buffers: {buffers.mode}" if buffers is not None else None,
+        "image_encoder": "gpu" if loaded.gpu_offload else "cpu",
     }
 
 

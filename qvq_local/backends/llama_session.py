@@ -152,9 +152,12 @@ class LlamaSession:
 
         ``prefix``: a :class:`PrefixState` of this model for the same system prompt and images: its KV
         cells are restored (``llama_state_seq_set_data``) in place of every chunk up to and including the
-        last image, and only the text after it is decoded.  ``keep_prefix``: after the last image chunk,
-        copy the sequence's state (``llama_state_seq_get_data``) into ``self.prefix_state``.  Both paths
-        decode the text after the last image in the same batches, so their logits are the same.
+        last image, and only the text after it is decoded.  A state that ends at an earlier image (a
+        conversation's earlier turn; the registry's ``partial_prefix`` capability) is restored in place of
+        the chunks up to that image, and the chunks after it (text and the later images) are run.
+        ``keep_prefix``: after the last image chunk, copy the sequence's state (``llama_state_seq_get_data``)
+        into ``self.prefix_state``.  Every path decodes each chunk after the restored ones in the same
+        batches as a fresh prefill, so their logits are the same.
         """
         import numpy as np
 
@@ -216,13 +219,18 @@ class LlamaSession:
             encode_s = 0.0
             image_tokens: list[int] = []
             text_ids: list[int] = []
+            n_restored = 0
             if prefix is not None:
-                image_tokens = self._restore_prefix(prefix, chunks, n_prefix, text_ids)
+                # the chunks the state holds: up to its last image, the prompt's last or an earlier one
+                image_chunks = [i for i, k in enumerate(kinds) if k != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT]
+                held = len(prefix.meta.get("image_tokens", []))
+                n_restored = image_chunks[held - 1] + 1 if 0 < held <= len(image_chunks) else n_prefix
+                image_tokens = self._restore_prefix(prefix, chunks, n_restored, text_ids)
             for i in range(n_chunks):
                 chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
                 ctype = kinds[i]
                 last = i == n_chunks - 1
-                if prefix is not None and i < n_prefix:
+                if i < n_restored:
                     continue  # restored above
                 if keep_prefix and i == n_prefix and n_prefix:
                     self.prefix_state = self._export_prefix(text_ids, image_tokens)

@@ -176,8 +176,14 @@ class MlxModel:
 
 def run_facts(loaded: MlxModel) -> dict:
     """The registry's ``run_facts`` hook: how its sessions compute, where that differs from the weights'
-    own dtype (:attr:`MlxModel.compute_note`)."""
-    return {"compute": loaded.compute_note}
+    own dtype (:attr:`MlxModel.compute_note`), and where images are encoded (MLX's default device: the GPU
+    under Metal or CUDA, else the CPU)."""
+    import mlx.core as mx
+
+    return {
+        "compute": loaded.compute_note,
+        "image_encoder": "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu",
+    }
 
 
 def open_model(resolved: Any, options: Any) -> MlxModel:

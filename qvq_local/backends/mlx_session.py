@@ -243,6 +243,8 @@ class MlxSession:
         mx = self.mx
         if self._prefilled:
             raise RuntimeError("prefill() called twice on one session; open a new session per question")
+        if prompt.clip is not None:
+            return self._prefill_clip(prompt, prefix, keep_prefix)
         images = list(prompt.images or [])
         pad = self.loaded.family.image_pad
         if prompt.text.count(pad) != len(images):
@@ -267,16 +269,7 @@ class MlxSession:
         self._check_room(len(ids), "the prompt (text and image tokens)")
         n_prefix = max((i + 1 for i, t in enumerate(ids) if t == image_token_id), default=0)
         if prefix is not None:
-            self._restore_prefix(prefix, ids, n_prefix)
-            rest = ids[n_prefix:]
-            start = n_prefix + self._rope_delta
-            positions = mx.broadcast_to(
-                mx.arange(start, start + len(rest), dtype=mx.int32).reshape(1, 1, -1), (3, 1, len(rest))
-            )
-            self._logits = self._forward(self._embed_ids(rest), positions)
-            mx.eval(self._logits)
-            self.sampler.accept(ids)
-            self._prefilled = True
+            self._run_after_prefix(prefix, ids, n_prefix)
             return PrefillStats(
                 prompt_tokens=len(ids),
                 image_tokens=image_tokens,
@@ -320,6 +313,19 @@ class MlxSession:
 
         features = getattr(emb, "deepstack_visual_embeds", None)
         extra = _deepstack_slicer(emb.visual_pos_masks, features) if features is not None else None
+        self._run_prompt(ids, embeds, positions, extra, n_prefix, keep_prefix)
+        return PrefillStats(
+            prompt_tokens=len(ids),
+            image_tokens=image_tokens,
+            image_encode_s=image_encode_s,
+            prefill_s=time.perf_counter() - t_start,
+            image_tokens_per_image=per_image,
+        )
+
+    def _run_prompt(self, ids, embeds, positions, extra, n_prefix: int, keep_prefix: bool) -> None:
+        """Run a prompt's embeddings into the cache: its prefix (through the last vision token) into the
+        cache only, kept as ``prefix_state`` when asked, then the rest, whose last logits are kept."""
+        mx = self.mx
         if n_prefix:
             self._fill(embeds[:, :n_prefix], positions[:, :, :n_prefix], extra)
             if keep_prefix:
@@ -328,12 +334,68 @@ class MlxSession:
         mx.eval(self._logits)
         self.sampler.accept(ids)
         self._prefilled = True
+
+    def _run_after_prefix(self, prefix: PrefixState, ids: list[int], n_prefix: int) -> None:
+        """Restore ``prefix`` as the cache and run only the rest of the prompt (text, positioned after the
+        prefix's vision tokens by its rope delta)."""
+        mx = self.mx
+        self._restore_prefix(prefix, ids, n_prefix)
+        rest = ids[n_prefix:]
+        start = n_prefix + self._rope_delta
+        positions = mx.broadcast_to(
+            mx.arange(start, start + len(rest), dtype=mx.int32).reshape(1, 1, -1), (3, 1, len(rest))
+        )
+        self._logits = self._forward(self._embed_ids(rest), positions)
+        mx.eval(self._logits)
+        self.sampler.accept(ids)
+        self._prefilled = True
+
+    def _prefill_clip(self, prompt: Prompt, prefix: PrefixState | None, keep_prefix: bool) -> PrefillStats:
+        """:meth:`prefill` for a prompt with a clip (the registry's ``video_input``): its frames through
+        the vision tower as video patches, written out and positioned as its family says
+        (:mod:`qvq_local.backends.mlx_video`); the prefix ends with the clip's last video token."""
+        from qvq_local.backends import mlx_video
+
+        if prompt.images:
+            raise ValueError("a prompt with a clip carries no images")
+        t_start = time.perf_counter()
+        image_processor = getattr(self.loaded.processor, "image_processor", None)
+        family = self.loaded.family
+        prepared = mlx_video.prepare_clip(
+            self._model,
+            lambda text: self._tokenizer.encode(text, add_special_tokens=False),
+            prompt.text,
+            prompt.clip,
+            family=family,
+            config=self.loaded.config,
+            image_mean=tuple(getattr(image_processor, "image_mean", None) or family.image_mean),
+            image_std=tuple(getattr(image_processor, "image_std", None) or family.image_std),
+            vision=prefix is None,
+        )
+        ids = prepared.ids
+        self._check_room(len(ids), "the prompt (text and video tokens)")
+        video_token = mlx_video.token_id(self.loaded.config, "video_token_id")
+        n_prefix = max(i + 1 for i, t in enumerate(ids) if t == video_token)
+        stats = {"prompt_tokens": len(ids), "image_tokens": prepared.video_tokens}
+        if prefix is not None:
+            self._run_after_prefix(prefix, ids, n_prefix)
+            return PrefillStats(
+                **stats,
+                image_encode_s=0.0,
+                prefill_s=time.perf_counter() - t_start,
+                image_tokens_per_image=[prepared.video_tokens],
+            )
+        self.images_encoded += 1
+        self._rope_delta = prepared.rope_delta
+        extra = None
+        if prepared.deepstack is not None:
+            extra = _deepstack_slicer(prepared.visual_pos_masks, prepared.deepstack)
+        self._run_prompt(ids, prepared.embeds, prepared.positions, extra, n_prefix, keep_prefix)
         return PrefillStats(
-            prompt_tokens=len(ids),
-            image_tokens=image_tokens,
-            image_encode_s=image_encode_s,
+            **stats,
+            image_encode_s=prepared.encode_s,
             prefill_s=time.perf_counter() - t_start,
-            image_tokens_per_image=per_image,
+            image_tokens_per_image=[prepared.video_tokens],
         )
 
     # -- prefix state (registry capability ``prefix_state``) --------------------------------------------

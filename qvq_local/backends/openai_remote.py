@@ -28,38 +28,69 @@ Reasoning is read from ``delta.reasoning_content`` (QVQ-Max, DeepSeek, older vLL
 from a reasoning field to ``content``, the session writes ``</think>`` between them, so the controller's
 one splitter sees the boundary.
 
+What the server is told, and what qvq reports (``--json``'s ``settings``):
+
+* **Context.**  Read where the server states it: ``max_model_len`` in ``GET /models`` (vLLM, qvq serve),
+  llama-server's ``GET /props`` (``default_generation_settings.n_ctx``: one slot's context), else the
+  ``meta`` of its ``/models`` entry (``n_ctx``, then the trained ``n_ctx_train``).  ``max_tokens`` is then
+  the controller's cap (thought cap + forced-text margin + answer budget), never more than that context
+  minus the prompt.  The prompt is counted as an upper bound, since the server's tokenizer is not here:
+  one token per byte of the templated text (a byte-level BPE token is at least one byte), plus each
+  image's tokens on the Qwen grid at the size sent (exact for a Qwen-VL processor, which keeps a size
+  already on its grid).  When the server states no context, ``max_tokens`` is sent only when the caller
+  bounded the reply (a think budget or ``max_tokens``); otherwise it is left out, and the server's own
+  limit applies.
+* **Sampling.**  Only the values the caller set are sent, under the names each kind takes (llama-server
+  calls the repetition penalty ``repeat_penalty``; vLLM takes ``top_k`` and ``repetition_penalty`` as
+  extra fields; QVQ-Max and a generic server take ``temperature``, ``top_p`` and ``seed`` only, and a
+  value set for another field is refused rather than silently dropped).  A value not set is not sent:
+  the server applies its own default (vLLM: the checkpoint's generation_config), reported as
+  ``"server default"``.
+* **Tokens.**  ``stream_options.include_usage`` asks for the server's ``usage`` (vLLM, DashScope and qvq
+  serve send a last chunk with it; vLLM also ``continuous_usage_stats``, a running count in every chunk,
+  so a stream closed at the budget still has its count).  Where every request of the question got one,
+  the result's prompt and completion counts are the server's; the thought/answer split is the server's
+  ``reasoning_tokens`` where given, else the streamed chunks' (the answer's chunks taken off the total).
+  Where a server sent none, every count is per streamed chunk (a chunk is usually, not always, one
+  token), and ``settings["token_count"]`` says which.
+
 HTTP is the standard library's (``urllib``): this backend needs nothing installed.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import time
 import urllib.error
 import urllib.request
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from qvq_local.backends.base import ChatTurn, PrefillStats, Prompt, SamplingParams, Token
 from qvq_local.backends.options import OpenAIOptions
-from qvq_local.errors import BackendUnavailable, InputError, ModelError
+from qvq_local.backends.remote_media import clip_parts, png_data_uri
+from qvq_local.errors import BackendUnavailable, ContextOverflow, InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY
 
 BACKEND = "openai"
 #: What the session writes between a reasoning field and the content that follows it.
 REASONING_END = "\n</think>\n\n"
-#: A context size to plan with; the server enforces its own.
-REMOTE_CONTEXT = 131072
 #: Environment variables read for the key when none is given, in order (QVQ-Max reads DashScope's first).
 KEY_ENV = ("QVQ_API_KEY", "OPENAI_API_KEY")
 QVQ_MAX_KEY_ENV = ("DASHSCOPE_API_KEY", "QVQ_API_KEY")
 #: Alibaba Model Studio's OpenAI-compatible endpoint (international; in mainland China:
 #: https://dashscope.aliyuncs.com/compatible-mode/v1).
 QVQ_MAX_BASE_URL = "https://dashscope-intl.aliyuncs.com/compatible-mode/v1"
+
+
+#: Sampling fields every OpenAI-compatible server takes: our name -> the request's field.
+STANDARD_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "seed": "seed"}
+#: vLLM and qvq serve also take these two under their own names (vLLM as extra fields).
+EXTRA_SAMPLING = {"top_k": "top_k", "repetition_penalty": "repetition_penalty"}
+#: llama-server takes ``top_k``, and the repetition penalty as ``repeat_penalty`` (llama.cpp's name).
+LLAMA_SERVER_SAMPLING = {"top_k": "top_k", "repetition_penalty": "repeat_penalty"}
 
 
 @dataclass(frozen=True)
@@ -69,8 +100,11 @@ class Traits:
     budget_on_server: bool  # thinking_budget is honoured by the server
     continuation: str | None  # "vllm" | "prefill" | None: how to continue an assistant message
     system_message: bool = True
-    extra_sampling: bool = True  # accepts top_k and repetition_penalty
+    #: the sampling fields it takes: :class:`SamplingParams` name -> the request's field name
+    sampling_fields: dict = field(default_factory=lambda: {**STANDARD_SAMPLING, **EXTRA_SAMPLING})
     enable_thinking: bool = False
+    #: ``stream_options.continuous_usage_stats`` (vLLM's): a running usage in every chunk
+    continuous_usage: bool = False
 
 
 TRAITS = {
@@ -79,12 +113,16 @@ TRAITS = {
         budget_on_server=True,
         continuation=None,
         system_message=False,
-        extra_sampling=False,
+        sampling_fields=dict(STANDARD_SAMPLING),
         enable_thinking=True,
     ),
-    "vllm": Traits(budget_on_server=False, continuation="vllm"),
-    "llama-server": Traits(budget_on_server=False, continuation="prefill"),
-    "generic": Traits(budget_on_server=False, continuation=None, extra_sampling=False),
+    "vllm": Traits(budget_on_server=False, continuation="vllm", continuous_usage=True),
+    "llama-server": Traits(
+        budget_on_server=False,
+        continuation="prefill",
+        sampling_fields={**STANDARD_SAMPLING, **LLAMA_SERVER_SAMPLING},
+    ),
+    "generic": Traits(budget_on_server=False, continuation=None, sampling_fields=dict(STANDARD_SAMPLING)),
 }
 
 
@@ -158,26 +196,80 @@ def detect_kind(http: _Http, model: str | None, listing: dict | None) -> str:
     return "generic"
 
 
-def _png_data_uri(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+def _user_content(text: str, images, labels=(), clip=None, kind: str = "generic") -> list[dict]:
+    """A user message's parts: its images (PNG ``data:`` URIs, each after its label where a clip's frames
+    go in as images: their times), the clip in the form this kind of server documents (remote_media),
+    then its text."""
+    parts: list[dict] = []
+    for i, image in enumerate(images):
+        if i < len(labels):  # a clip's frame: its time before it
+            parts.append({"type": "text", "text": labels[i]})
+        parts.append({"type": "image_url", "image_url": {"url": png_data_uri(image)}})
+    if clip is not None:
+        parts += clip_parts(clip, kind)
+    if text:
+        parts.append({"type": "text", "text": text})
+    return parts
+
+
+def _positive_int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _server_root(base_url: str) -> str:
+    """The server's root for the routes outside the OpenAI prefix (llama-server's ``/props``)."""
+    return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+
+
+def read_context(http: _Http, kind: str, entry: dict | None) -> tuple[int, str | None]:
+    """``(tokens, where it was read)`` for the server's context, ``(0, None)`` when it states none.
+
+    ``entry``: the model's item in ``GET /models``.  Looked up in the order of the module docstring; a
+    server that answers ``/props`` with an error, or not at all, simply states nothing there.
+    """
+    entry = entry or {}
+    tokens = _positive_int(entry.get("max_model_len"))
+    if tokens:
+        return tokens, "GET /models max_model_len"
+    if kind == "llama-server":
+        props_http = _Http(_server_root(http.base_url), http.api_key)
+        try:
+            props = props_http.get_json("/props")
+        except (ModelError, BackendUnavailable):
+            props = {}
+        settings = props.get("default_generation_settings") if isinstance(props, dict) else None
+        tokens = _positive_int((settings or {}).get("n_ctx"))
+        if tokens:
+            return tokens, "GET /props default_generation_settings.n_ctx"
+    meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+    for name in ("n_ctx", "n_ctx_train"):
+        tokens = _positive_int(meta.get(name))
+        if tokens:
+            return tokens, f"GET /models meta.{name}"
+    return 0, None
 
 
 class RemoteModel:
-    """A model on a server: what :class:`qvq_local.model.Model` needs of a loaded model."""
+    """A model on a server: what :class:`qvq_local.model.Model` needs of a loaded model.
+
+    ``context_length``: the server's stated context (0: it states none; see :func:`read_context`), and
+    ``context_from`` where it was read.
+    """
 
     backend = BACKEND
     quantization = "remote"
     chat_template = None  # the server applies its own
     generation_config: dict = {}
-    context_length = REMOTE_CONTEXT
 
-    def __init__(self, http: _Http, name: str, kind: str):
+    def __init__(
+        self, http: _Http, name: str, kind: str, context_length: int = 0, context_from: str | None = None
+    ):
         self.http = http
         self.name = name
         self.kind = kind
         self.traits = TRAITS[kind]
+        self.context_length = context_length
+        self.context_from = context_from
         #: the registry's ``server_budget`` capability: this server keeps the thinking budget and the loop
         #: stop itself (qvq serve, QVQ-Max), so the client sends them and does not count them again
         self.budget_on_server = self.traits.budget_on_server
@@ -187,16 +279,29 @@ class RemoteModel:
         return int(DEFAULT_FAMILY.image_tokens(width, height))
 
     def new_session(self, sampling: SamplingParams, *, n_ctx: int | None = None) -> RemoteSession:
-        return RemoteSession(self, sampling, n_ctx or REMOTE_CONTEXT)
+        """A session that sends the values of ``sampling`` that are set; one this kind of server does not
+        take is refused (``InputError``) rather than silently dropped."""
+        refused = [
+            name
+            for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
+            if getattr(sampling, name) is not None and name not in self.traits.sampling_fields
+        ]
+        if refused:
+            takes = ", ".join(self.traits.sampling_fields)
+            raise InputError(
+                f"{' and '.join(refused)} cannot be sent to a {self.kind} server (it takes {takes}); "
+                "leave it unset, or name the server's kind with --server-kind (vllm, llama-server)"
+            )
+        return RemoteSession(self, sampling, n_ctx or self.context_length)
 
     def close(self) -> None:
         pass
 
 
 def open_model(model: str | None, options: OpenAIOptions) -> RemoteModel:
-    """Reach the server, detect its kind when asked to, and pick the model (the only one served, when
-    ``model`` is None).  The registry's ``open_model`` for this backend: ``options`` are checked already
-    (the URL's form, the kind)."""
+    """Reach the server, detect its kind when asked to, pick the model (the only one served, when
+    ``model`` is None) and read its context where the server states it.  The registry's ``open_model``
+    for this backend: ``options`` are checked already (the URL's form, the kind)."""
     url = options.base_url
     if not url:
         raise InputError(
@@ -209,14 +314,14 @@ def open_model(model: str | None, options: OpenAIOptions) -> RemoteModel:
     key = api_key or next((os.environ[e] for e in envs if os.environ.get(e)), None)
     http = _Http(url, key)
     listing = None
-    if kind == "auto" or not model:
-        try:
-            listing = http.get_json("/models")
-        except ModelError:
-            if not model:
-                raise
+    try:
+        listing = http.get_json("/models")
+    except ModelError:
+        if not model:
+            raise  # a server that lists nothing cannot tell which model to use
+    entries = [m for m in (listing or {}).get("data", []) if isinstance(m, dict)]
     if not model:
-        ids = [m.get("id") for m in (listing or {}).get("data", []) if isinstance(m, dict)]
+        ids = [m.get("id") for m in entries]
         if len(ids) != 1:
             raise InputError(
                 f"name the remote model with -m: the server at {url} serves {', '.join(map(str, ids)) or 'none'}"
@@ -224,7 +329,23 @@ def open_model(model: str | None, options: OpenAIOptions) -> RemoteModel:
         model = str(ids[0])
     if kind == "auto":
         kind = detect_kind(http, model, listing)
-    return RemoteModel(http, model, kind)
+    entry = next((m for m in entries if m.get("id") == model), None)
+    context, where = read_context(http, kind, entry)
+    return RemoteModel(http, model, kind, context, where)
+
+
+def _positive_int_or_zero(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """A question's token counts as a remote session can give them (:meth:`RemoteSession.token_counts`)."""
+
+    prompt_tokens: int | None  # None: the server did not say (keep the estimate)
+    thought_tokens: int
+    answer_tokens: int
+    how: str  # what they are, for ``settings["token_count"]``
 
 
 class RemoteSession:
@@ -235,6 +356,7 @@ class RemoteSession:
     def __init__(self, model: RemoteModel, sampling: SamplingParams, n_ctx: int):
         self.model = model
         self.traits = model.traits
+        #: what is sent: the caller's values (a field None is not sent; the server applies its own)
         self.sampling = sampling
         self.n_ctx = n_ctx
         self.n_past = 0
@@ -242,7 +364,9 @@ class RemoteSession:
         #: set when the server ended the reply for its own reason: "max_tokens" (finish_reason length)
         #: or "cut" (thinking was cut at the budget and this server cannot continue a reply)
         self.stop_reason: str | None = None
-        self.usage: dict | None = None
+        #: the ``max_tokens`` of the first request (None: not sent)
+        self.max_tokens_sent: int | None = None
+        self._usage: list[dict | None] = []  # the last usage the server sent, per request
         self._response = None
         self._pending: deque = deque()
         self._written: list[str] = []  # what the model wrote, for a continuation
@@ -252,25 +376,59 @@ class RemoteSession:
         self._messages: list[dict] = []
         self._max_new: int | None = None
         self._generated = 0  # deltas received
+        #: the prompt's tokens, counted as an upper bound (:meth:`prompt_bound`)
+        self.n_past_estimate = 0
 
     # -- the request
     def _body(self, messages: list[dict]) -> dict:
         body: dict = {"model": self.model.name, "messages": messages, "stream": True}
         body["stream_options"] = {"include_usage": True}
-        s = self.sampling
-        for name in ("temperature", "top_p", "seed"):
-            if getattr(s, name) is not None:
-                body[name] = getattr(s, name)
-        if self.traits.extra_sampling:
-            if s.top_k is not None:
-                body["top_k"] = s.top_k
-            if s.repetition_penalty is not None:
-                body["repetition_penalty"] = s.repetition_penalty
+        if self.traits.continuous_usage:
+            body["stream_options"]["continuous_usage_stats"] = True
+        for name, wire in self.traits.sampling_fields.items():
+            value = getattr(self.sampling, name)
+            if value is not None:
+                body[wire] = value
         return body
+
+    def request_report(self) -> dict:
+        """How the question was put to the server, for ``settings["remote"]``."""
+        return {
+            "server_kind": self.model.kind,
+            "context": self.model.context_length or None,
+            "context_from": self.model.context_from,
+            "max_tokens": self.max_tokens_sent,
+            "prompt_tokens_bound": self.n_past_estimate,
+        }
+
+    def token_counts(self, thought_chunks: int, answer_chunks: int) -> TokenCounts:
+        """The question's counts: the server's ``usage`` where every request got one (see the module
+        docstring), else the chunks the controller counted (``thought_chunks``, ``answer_chunks``)."""
+        usages = self._usage
+        completions = [_positive_int_or_zero((u or {}).get("completion_tokens")) for u in usages]
+        if not usages or any(c is None for c in completions):
+            return TokenCounts(None, thought_chunks, answer_chunks, "per chunk")
+        prompt = _positive_int_or_zero(usages[0].get("prompt_tokens"))
+        total = sum(completions)
+        reasoning = [
+            _positive_int_or_zero(((u or {}).get("completion_tokens_details") or {}).get("reasoning_tokens"))
+            for u in usages
+        ]
+        if all(r is not None for r in reasoning):
+            thought = min(total, sum(reasoning))
+            return TokenCounts(prompt, thought, total - thought, "server usage")
+        if len(usages) > 1:
+            # the first stream was closed at the budget (all thought); the continuation is the answer
+            return TokenCounts(prompt, completions[0], total - completions[0], "server usage")
+        answer = min(answer_chunks, total)
+        return TokenCounts(
+            prompt, total - answer, answer, "server usage total; thought/answer split per chunk"
+        )
 
     def _open(self, body: dict) -> None:
         self._close_response()
         self._response = self.model.http.open("POST", "/chat/completions", body)
+        self._usage.append(None)
         self._done = False
 
     def _read_piece(self) -> tuple[str, str] | None:
@@ -293,8 +451,8 @@ class RemoteSession:
             if isinstance(chunk.get("error"), dict):
                 message = chunk["error"].get("message", "error")
                 raise ModelError(f"the server at {self.model.http.base_url} failed mid-answer: {message}")
-            if chunk.get("usage"):
-                self.usage = chunk["usage"]
+            if isinstance(chunk.get("usage"), dict):
+                self._usage[-1] = chunk["usage"]
             server = chunk.get("qvq")
             if isinstance(server, dict) and server.get("stop_reason") in ("budget", "loop", "max_tokens"):
                 self.stop_reason = server["stop_reason"]  # qvq serve cut the thought itself: say so here too
@@ -323,14 +481,23 @@ class RemoteSession:
     def prefill(self, prompt: Prompt) -> PrefillStats:
         chat = prompt.chat or ChatTurn(question=prompt.text)  # the backend reads ``chat`` (chat_messages)
         question = chat.question
-        content: list[dict] = [
-            {"type": "image_url", "image_url": {"url": _png_data_uri(im)}} for im in prompt.images
-        ]
-        content.append({"type": "text", "text": question})
         messages: list[dict] = []
         if chat.system and self.traits.system_message:
             messages.append({"role": "system", "content": chat.system})
-        messages.append({"role": "user", "content": content})
+        for turn in chat.history:  # earlier turns: user turns with their images, assistant turns' answers
+            if turn.role == "assistant":
+                messages.append({"role": "assistant", "content": turn.text})
+            else:
+                messages.append({"role": "user", "content": _user_content(turn.text, turn.images)})
+        earlier = sum(len(turn.images) for turn in chat.history)  # the prompt lists theirs first
+        messages.append(
+            {
+                "role": "user",
+                "content": _user_content(
+                    question, prompt.images[earlier:], prompt.image_labels, prompt.clip, self.model.kind
+                ),
+            }
+        )
         self._messages = messages
         body = self._body(messages)
         if self.traits.budget_on_server and chat.think_budget is not None:
@@ -339,12 +506,18 @@ class RemoteSession:
             body["enable_thinking"] = chat.think is not False
         elif chat.think is not None:  # the template's switch, as vLLM, SGLang and qvq serve take it
             body["chat_template_kwargs"] = {"enable_thinking": chat.think}
+        per_image = [self.model.image_token_estimate(*im.size) for im in prompt.images]
+        if prompt.clip is not None:  # two frames a temporal patch, except where they go as images
+            frames = len(prompt.clip.frames)
+            patches = frames if self.model.kind == "llama-server" else (frames + 1) // 2
+            per_image.append(patches * self.model.image_token_estimate(*prompt.clip.frame_size))
+        self.n_past_estimate = self.prompt_bound(prompt.text, per_image)
         self._max_new = chat.max_new_tokens
         if self._max_new is not None and not self.traits.budget_on_server:
-            # a server may go on generating after the client closes the stream (llama-cpp-python's does):
-            # never let it run past what the controller could use
-            body["max_tokens"] = self._max_new
-        per_image = [self.model.image_token_estimate(*im.size) for im in prompt.images]
+            # the controller's cap, within what the server's context leaves after the prompt: a server may
+            # refuse more (vLLM answers 400) or go on generating after the client closes the stream
+            # (llama-cpp-python's does)
+            body["max_tokens"] = self.max_tokens_sent = self._fit(self._max_new)
         t0 = time.perf_counter()
         self._open(body)
         first = self._read_piece()  # the server's prefill ends with its first delta
@@ -353,8 +526,8 @@ class RemoteSession:
             self._pending.appendleft(first)
         else:
             self._done = True
-        self.images_encoded = len(prompt.images)
-        self.n_past = self.count_tokens(question) + sum(per_image)
+        self.images_encoded = len(prompt.images) + (prompt.clip is not None)
+        self.n_past = self.n_past_estimate
         return PrefillStats(
             prompt_tokens=self.n_past,
             image_tokens=sum(per_image),
@@ -362,6 +535,28 @@ class RemoteSession:
             prefill_s=seconds,
             image_tokens_per_image=per_image,
         )
+
+    @staticmethod
+    def prompt_bound(text: str, image_tokens: list[int]) -> int:
+        """An upper bound on a prompt's tokens without the server's tokenizer: one per byte of the
+        templated text (image placeholders left out), plus each image's tokens."""
+        return len(text.replace(DEFAULT_FAMILY.image_pad, "").encode("utf-8")) + sum(image_tokens)
+
+    def _fit(self, tokens: int, prompt_bound: int | None = None) -> int:
+        """``tokens`` within the server's stated context after a prompt of up to ``prompt_bound`` tokens
+        (None: this question's); as is when the server states no context."""
+        context = self.model.context_length
+        if not context:
+            return tokens
+        bound = self.n_past_estimate if prompt_bound is None else prompt_bound
+        room = context - bound
+        if room < 1:
+            raise ContextOverflow(
+                f"the prompt needs up to {bound} tokens (counted as an upper bound: a token "
+                f"per byte, plus the image tokens), but the server's context holds {context}",
+                hint="lower --max-pixels, or shorten the question",
+            )
+        return min(tokens, room)
 
     def step(self, banned=None) -> Token:
         if self._done:
@@ -398,7 +593,11 @@ class RemoteSession:
         assistant = "".join(self._written) + text
         body = self._body([*self._messages, {"role": "assistant", "content": assistant}])
         if self._max_new is not None:
-            body["max_tokens"] = max(1, self._max_new - self._generated)
+            # what is left of the cap: the server's running count where it sends one, else the chunks
+            usage = self._usage[-1] if self._usage else None
+            used = _positive_int_or_zero((usage or {}).get("completion_tokens"))
+            left = max(1, self._max_new - max(used or 0, self._generated))
+            body["max_tokens"] = self._fit(left, self.n_past_estimate + len(assistant.encode("utf-8")))
         if how == "vllm":
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False

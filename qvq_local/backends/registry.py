@@ -32,13 +32,21 @@ LOCAL_KV_CACHE = "local_kv_cache"
 #: encodes images itself (vision tower in process)
 IMAGE_ENCODING = "image_encoding"
 #: talks to a server instead of loading weights here: ``open_model`` gets the model's name there (or None),
-#: ``auto`` never picks it, and the places that measure this machine (bench, self-test) leave it out
+#: ``auto`` never picks it, and the places that measure this machine (bench, self-test) leave it out.  Its
+#: loaded model's ``context_length`` is what the server states (0: none); its sessions' ``sampling`` holds
+#: what they send (a field None is not sent: the server's default), ``request_report()`` how the question
+#: was put (a dict for ``settings["remote"]``) and ``token_counts(thought, answer)`` the counts to report
+#: (the server's usage where it sent one; ``.how`` says which)
 REMOTE = "remote"
 #: ``session.prefill(prompt, keep_prefix=True)`` then ``session.prefix_state``, and
 #: ``session.prefill(prompt, prefix=state)``: the image prefix's KV state is exported and restored
 #: (qvq_local.prefix_cache); ``loaded.prefix_identity()`` -> ``{"files": [...], ...}``: the model files
 #: besides its main path and the facts of how its KV cache is computed, which a saved state must match
 PREFIX_STATE = "prefix_state"
+#: with ``prefix_state``: ``session.prefill(prompt, prefix=state, keep_prefix=True)`` also takes a state
+#: that ends at an earlier image of the prompt (an earlier turn of a conversation): it is restored, only the
+#: later images are encoded, and ``session.prefix_state`` is then the state at the prompt's last image
+PARTIAL_PREFIX = "partial_prefix"
 #: ``loaded.new_session(sampling, n_ctx=, n_seq=N)`` then ``session.fork(N)``: N reasoning chains from one
 #: prefill, decoded in one batch (``--samples``)
 CHAINS = "chains"
@@ -58,6 +66,9 @@ SERVER_BUDGET = "server_budget"
 #: sessions read ``Prompt.chat`` (the question, system prompt and budgets, for a server that applies its
 #: own chat template) rather than the templated ``Prompt.text``
 CHAT_MESSAGES = "chat_messages"
+#: sessions take ``Prompt.clip`` (a :class:`qvq_local.video.Clip`, its prompt holding one video block) as
+#: video natively; without it a clip goes in as frames, one image each with its time before it
+VIDEO_INPUT = "video_input"
 
 CAPABILITIES = frozenset(
     {
@@ -65,12 +76,14 @@ CAPABILITIES = frozenset(
         IMAGE_ENCODING,
         REMOTE,
         PREFIX_STATE,
+        PARTIAL_PREFIX,
         CHAINS,
         RECURRENT_STATE,
         TOKENIZER,
         VOCABULARY,
         SERVER_BUDGET,
         CHAT_MESSAGES,
+        VIDEO_INPUT,
     }
 )
 
@@ -89,7 +102,8 @@ LOAD_NOTICES = "load_notices"
 #: reports that describe a run (``qvq bench``, ``qvq doctor --selftest``): ``compute`` (how it computes where
 #: that differs from its library's own way: ratios against the raw library include it), ``cpu_buffers``
 #: (where the weights are held), ``placement`` (which layers run on a GPU), ``summary`` (the few words the
-#: self-test line ends with; the backend's title when none)
+#: self-test line ends with; the backend's title when none), ``image_encoder`` (``"gpu"`` or ``"cpu"``: where
+#: images are encoded, which the default image detail follows: :mod:`qvq_local.detail`)
 RUN_FACTS = "run_facts"
 #: ``crash_advice() -> str``: what to do when the backend's native code crashed the process (its
 #: workaround and how to get its log), for the self-test and bench reports; a generic line when none
@@ -308,7 +322,16 @@ register(
         distributions=("mlx", "mlx-vlm"),
         install_hint="pip install 'qvq-local[mlx]'",
         capabilities=frozenset(
-            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, RECURRENT_STATE, TOKENIZER, VOCABULARY}
+            {
+                LOCAL_KV_CACHE,
+                IMAGE_ENCODING,
+                PREFIX_STATE,
+                CHAINS,
+                RECURRENT_STATE,
+                TOKENIZER,
+                VOCABULARY,
+                VIDEO_INPUT,
+            }
         ),
         hooks={RUN_FACTS: "qvq_local.backends.mlx:run_facts"},
         apple_silicon_first=True,
@@ -327,7 +350,16 @@ register(
         distributions=("llama-cpp-python",),
         install_hint="pip install 'qvq-local[llama]'",
         capabilities=frozenset(
-            {LOCAL_KV_CACHE, IMAGE_ENCODING, PREFIX_STATE, CHAINS, RECURRENT_STATE, TOKENIZER, VOCABULARY}
+            {
+                LOCAL_KV_CACHE,
+                IMAGE_ENCODING,
+                PREFIX_STATE,
+                PARTIAL_PREFIX,
+                CHAINS,
+                RECURRENT_STATE,
+                TOKENIZER,
+                VOCABULARY,
+            }
         ),
         hooks={
             MACHINE_FACTS: "qvq_local.backends.llama_buffers:machine_facts",
@@ -346,7 +378,7 @@ register(
         module="qvq_local.backends.openai_remote",
         options=OpenAIOptions,
         install_hint="nothing to install (the openai backend uses the standard library)",
-        capabilities=frozenset({REMOTE, SERVER_BUDGET, CHAT_MESSAGES}),
+        capabilities=frozenset({REMOTE, SERVER_BUDGET, CHAT_MESSAGES, VIDEO_INPUT}),
     )
 )
 

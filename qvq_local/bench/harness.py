@@ -44,7 +44,7 @@ from qvq_local.bench.prepare import QUANTS, prepare_models, source_bytes
 from qvq_local.bench.processes import ServedWorker, interleave, run_worker
 from qvq_local.bench.raw_paths import has_raw_path
 from qvq_local.bench.stats import qvq_raw_ratios
-from qvq_local.bench.workload import make_image
+from qvq_local.bench.workload import make_clip, make_image
 from qvq_local.errors import InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY
 from qvq_local.units import memory_size
@@ -194,8 +194,11 @@ def run_bench(
     family: str | None = None,
     options: Mapping[str, Any] | None = None,
     option_labels: Mapping[str, str] | None = None,
+    video: bool = False,
 ) -> dict:
     """Run the whole benchmark and return the result dictionary (also written to ``json_path``).
+
+    ``video``: also ask about a synthetic 10 s clip (``qvq bench --video``: one more row per backend).
 
     Exactly one of ``model`` and ``shape`` (``shape`` defaults to ``"tiny"`` when neither is given);
     ``family`` picks the synthetic model's family (``qvq synth --family``; None: Qwen2-VL).  ``options``:
@@ -247,6 +250,7 @@ def run_bench(
             "loop_detection": False,
             "home": str(home_path),
             "load_options": loaded_with,
+            "video": video,
         },
     }
     log("describing the machine")
@@ -278,6 +282,7 @@ def run_bench(
     }
 
     images = {str(s): str(make_image(s, home_path / "images" / f"chart-{s}.png")) for s in sizes}
+    clip = str(make_clip(home_path / "images" / "clip-10s.mp4")) if video else None
     result["backends"] = {}
     for name in backends:
         result["backends"][name] = _measure_backend(
@@ -293,6 +298,7 @@ def run_bench(
             raw=raw,
             log=log,
             options=loaded_with[name],
+            video=clip,
         )
         if json_path:  # a partial file after each backend: a long run that is stopped keeps what it measured
             from qvq_local.bench import report
@@ -357,10 +363,12 @@ def _measure_backend(
     raw: bool,
     log,
     options: dict[str, Any] | None = None,
+    video: str | None = None,
 ) -> dict:
     """One backend's entry: why it cannot run, or its qvq-local and raw-library runs and their ratios (a
     backend bench has no raw-library comparison for gets qvq-local's figures alone, and no ratio), and
-    its ``--samples`` rates where it forks chains.  ``options``: its load options, for every worker."""
+    its ``--samples`` rates where it forks chains.  ``options``: its load options, for every worker;
+    ``video``: a clip the qvq path also asks about (``--video``)."""
     from qvq_local.backends import registry
     from qvq_local.bench.bandwidth import decode_bound
 
@@ -402,6 +410,7 @@ def _measure_backend(
         "decode_tokens": decode_tokens,
         "answer_tokens": answer_tokens,
         "options": dict(options or {}),
+        "video": video,
     }
     if not raw or not has_raw_path(name):
         entry["order"] = "qvq only"
@@ -492,6 +501,7 @@ def bench_command(
     family: str | None = None,
     options: Mapping[str, Any] | None = None,
     option_labels: Mapping[str, str] | None = None,
+    video: bool = False,
 ) -> dict:
     """The CLI entry: run, print the tables to stdout, say where the files went.  ``options``: the
     backends' load options as the command line gave them (``option_labels``: its flags)."""
@@ -516,6 +526,7 @@ def bench_command(
         family=family,
         options=options,
         option_labels=option_labels,
+        video=video,
     )
     from qvq_local.bench.report import render_tables
 

@@ -179,6 +179,52 @@ def _lang_lock_cost(model, steps: int = 48, rounds: int = 4) -> dict:
     }
 
 
+def _video_row(model, clip_path: str, runs: int, answer_tokens: int) -> dict:
+    """``qvq bench --video``: one question about a clip per run (no prefix reuse): frames sampled, video
+    tokens, how it went in, decode-and-sample seconds, the vision encoder's, the prefill's and the first
+    token's, on the caller's clock."""
+    from qvq_local.events import Finished, TextDelta
+
+    samples = []
+    cache = model.prefix_cache
+    model.prefix_cache = None
+    try:
+        for i in range(runs):
+            log(f"{model.backend} qvq video run {i + 1}/{runs}")
+            t0 = time.perf_counter()
+            first = None
+            result = None
+            for event in model.stream(
+                clip_path,
+                QUESTION,
+                think_budget=2,
+                answer_budget=answer_tokens,
+                loop_detection=False,
+                lang_lock="off",
+            ):
+                if isinstance(event, TextDelta) and event.tokens and first is None:
+                    first = time.perf_counter() - t0
+                elif isinstance(event, Finished):
+                    result = event.result
+            if result is None or result.clip is None:
+                raise RuntimeError("the clip's question ended without a Result naming its clip")
+            samples.append(
+                {
+                    "frames": result.clip.frames,
+                    "video_tokens": result.clip.tokens,
+                    "decode_sample_s": result.clip.decode_s,
+                    "encode_s": float(result.timings.image_encode_s),
+                    "prefill_s": float(result.timings.prefill_s),
+                    "first_token_s": first if first is not None else float(result.timings.first_token_s),
+                    "prompt_tokens": int(result.prompt_tokens),
+                }
+            )
+            mode = result.clip.mode
+    finally:
+        model.prefix_cache = cache
+    return {**summarise(samples), "mode": mode, "clip": clip_path}
+
+
 def _tokens_or_zero(loaded, text: str) -> int:
     """Tokens in ``text`` by the loaded model's own tokenizer (informative; 0 when its backend has none)."""
     return count_tokens(loaded, text) or 0
@@ -217,6 +263,9 @@ class QvqPath:
                 fig["prefix_reuse"] = _prefix_reuse(
                     self.model, image_path, int(self.spec["runs"]), self.answer_tokens
                 )
+        video = None
+        if self.spec.get("video"):
+            video = _video_row(self.model, self.spec["video"], int(self.spec["runs"]), self.answer_tokens)
         log(f"{self.spec['backend']} qvq language-lock cost")
         lang_lock = _lang_lock_cost(self.model)
         facts = self.model.run_facts()  # the backend's run_facts hook
@@ -236,6 +285,7 @@ class QvqPath:
             "runs_not_forced": runs.not_forced,
             "sizes": sizes,
             "lang_lock": lang_lock,
+            **({"video": video} if video is not None else {}),
         }
 
     def close(self) -> None:

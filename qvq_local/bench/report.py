@@ -142,6 +142,7 @@ def render_tables(result: dict, console: Console | None = None) -> None:
             )
 
     _prefix_table(console, backends)
+    _video_table(console, backends)
 
     size = _table(
         "Size and memory",
@@ -218,6 +219,37 @@ def _prefix_table(console: Console, backends: dict) -> None:
             "[dim]again: the same image with another question; x = its first token / the first ask's (goal:"
             " <= 0.2). disk: a new process's case (`qvq ask` run again); the write happens after the first"
             " answer.[/]"
+        )
+
+
+def _video_table(console: Console, backends: dict) -> None:
+    """``qvq bench --video``: one question about a 10 s clip per backend (median (min-max) over runs)."""
+    table = _table(
+        "A clip (qvq bench --video; median (min-max) over runs)",
+        ["backend", "as", "frames", "video tokens", "decode+sample s", "encode s", "prefill s", "1st tok s"],
+    )
+    rows = 0
+    for name, b in backends.items():
+        fig = (b.get("qvq") or {}).get("video")
+        if not fig:
+            continue
+        rows += 1
+        table.add_row(
+            name,
+            str(fig.get("mode", "-")),
+            _fmt(fig.get("frames"), "d"),
+            _fmt(fig.get("video_tokens"), "d"),
+            median_and_spread(fig, "decode_sample_s", ".3f"),
+            median_and_spread(fig, "encode_s", ".2f"),
+            median_and_spread(fig, "prefill_s", ".2f"),
+            median_and_spread(fig, "first_token_s", ".2f"),
+        )
+    if rows:
+        console.print(table)
+        console.print(
+            "[dim]as: video (native video patches) or frames (one image each, llama.cpp). decode+sample: "
+            "opening the clip, seeking to and decoding the sampled frames, sizing them. encode: the vision "
+            "tower. 1st tok: from the call to the first generated token.[/]"
         )
 
 

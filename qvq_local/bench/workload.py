@@ -43,6 +43,41 @@ def make_image(size: int, path: Path) -> Path:
     return path
 
 
+def make_clip(path: Path, seconds: int = 10, size: tuple[int, int] = (640, 360), fps: int = 25) -> Path:
+    """A deterministic clip for ``qvq bench --video``: ``seconds`` of a square crossing a bar chart,
+    MPEG-4 at ``fps`` with a keyframe a second (PyAV; written once, atomically)."""
+    from fractions import Fraction
+
+    if path.is_file():
+        return path
+    import av
+    import numpy as np
+
+    w, h = size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(path, suffix=".mp4") as tmp:
+        container = av.open(str(tmp), "w", format="mp4")
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.codec_context.gop_size = fps
+        stream.time_base = Fraction(1, fps)
+        for i in range(seconds * fps):
+            frame = np.full((h, w, 3), 255, np.uint8)
+            for b, bar in enumerate((0.3, 0.6, 0.45, 0.8, 0.55)):
+                x = int(w * (0.1 + 0.16 * b))
+                frame[int(h * (1 - bar)) : h - 10, x : x + w // 10] = (40 + 40 * b, 90, 200 - 30 * b)
+            x = int((w - 40) * i / (seconds * fps))
+            frame[h // 4 : h // 4 + 40, x : x + 40] = (220, 30, 30)
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video_frame.pts = i
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        container.close()
+    return path
+
+
 def load_model(spec: dict):
     """The measured model of a worker job, through the API as a user loads it (``spec``: model, backend and
     the backend's load options, checked by the harness)."""

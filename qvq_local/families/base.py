@@ -77,6 +77,33 @@ class Family:
     image_std: ClassVar[tuple[float, float, float]]
     llama_image_tokens: ClassVar[tuple[int, int]]
 
+    # ---- video (qvq_local.video samples a clip with these; the backends feed it as the family says)
+    #: The pad token the backends expand per video token, and one clip in a rendered prompt.
+    video_pad: ClassVar[str]
+    video_block: ClassVar[str]
+    #: How the model is told when each temporal patch (``temporal_patch_size`` frames) was:
+    #: ``"index"``: its temporal M-RoPE position is the patch's index (Qwen2-VL); ``"seconds"``: the
+    #: position is its time, ``video_tokens_per_second`` positions a second (Qwen2.5-VL's absolute-time
+    #: M-RoPE, ``second_per_grid_ts``); ``"text"``: each patch is its own vision block preceded by its
+    #: time written as :attr:`video_timestamp` (Qwen3-VL).
+    video_time: ClassVar[str] = "index"
+    #: M-RoPE positions per second of clip where :attr:`video_time` is ``"seconds"`` (the config's
+    #: ``vision_config.tokens_per_second`` wins where it has one).
+    video_tokens_per_second: ClassVar[int] = 0
+    #: A time written into the text: before each temporal patch (``video_time == "text"``), and before each
+    #: frame where a clip goes in as separate images (llama.cpp, or a model that takes no video).
+    video_timestamp: ClassVar[str] = "<{seconds:.1f} seconds>"
+    #: The video processor's sampling defaults (frames a second, fewest and most frames) and its pixel
+    #: bounds per frame (``size.shortest_edge`` / ``size.longest_edge`` of its video processor).
+    video_fps: ClassVar[float] = 2.0
+    video_min_frames: ClassVar[int] = 4
+    video_max_frames: ClassVar[int] = 768
+    video_min_pixels: ClassVar[int]
+    video_max_pixels: ClassVar[int]
+    #: Lower-case pieces of model names in this family whose own card says they take no video (QVQ-72B-
+    #: Preview): a clip goes to them as frames, one image each, and qvq says so.
+    video_refused_by: ClassVar[tuple[str, ...]] = ()
+
     # ---- tensors
     #: Prefixes of the text model's and the vision tower's tensors (original naming).
     text_prefix: ClassVar[str]
@@ -154,6 +181,20 @@ class Family:
     ) -> tuple[int, int]:
         """The size the family's processor resizes a ``width`` x ``height`` image to."""
         raise NotImplementedError
+
+    def takes_video(self, model_name: str) -> bool:
+        """False for a model of the family whose card says it takes no video (:attr:`video_refused_by`)."""
+        name = model_name.lower()
+        return not any(piece in name for piece in self.video_refused_by)
+
+    def video_time_scale(self, config: dict[str, Any] | None = None) -> int:
+        """M-RoPE positions a second of clip (``video_time == "seconds"``): the config's
+        ``vision_config.tokens_per_second`` or the family's default; 0 for the other families."""
+        if self.video_time != "seconds":
+            return 0
+        vision = (config or {}).get("vision_config")
+        value = vision.get("tokens_per_second") if isinstance(vision, dict) else None
+        return int(value) if isinstance(value, int) and value > 0 else self.video_tokens_per_second
 
     def image_tokens(self, width: int, height: int, factor: int | None = None) -> int:
         """Image tokens (after the merge) for an image already resized to ``width`` x ``height``."""

@@ -66,6 +66,12 @@ class Qwen25VLFamily(Qwen2VLFamily):
     hf_processor_class: ClassVar[str] = "Qwen2_5_VLProcessor"
     #: mlx-vlm's qwen2_5_vl runs its vision tower on its own (``cached_image_features``) like Qwen2-VL's.
     mlx_split_vision: ClassVar[bool] = True
+    #: Absolute-time M-RoPE: a temporal patch's position is its time in seconds times
+    #: ``vision_config.tokens_per_second`` (2 in every published config), not its index.
+    video_time: ClassVar[str] = "seconds"
+    video_tokens_per_second: ClassVar[int] = 2
+    #: Every Qwen2.5-VL model takes video.
+    video_refused_by: ClassVar[tuple[str, ...]] = ()
     #: The published Instruct models' default system prompt (their chat template's).
     system_prompt: ClassVar[str] = "You are a helpful assistant."
     #: Below :class:`Qwen25SynthShape`.

@@ -198,6 +198,17 @@ class Qwen2VLFamily(Family):
     #: The image-token bounds (after the merge) llama.cpp's mtmd sets for this projector.
     llama_image_tokens: ClassVar[tuple[int, int]] = (8, 4096)
 
+    # ---- video: Qwen2VLVideoProcessor's defaults; two frames a temporal patch, the patch's index its
+    # temporal M-RoPE position
+    video_block: ClassVar[str] = "<|vision_start|><|video_pad|><|vision_end|>"
+    video_pad: ClassVar[str] = "<|video_pad|>"
+    video_time: ClassVar[str] = "index"
+    video_min_pixels: ClassVar[int] = 128 * (patch_size * merge_size) ** 2
+    video_max_pixels: ClassVar[int] = 768 * (patch_size * merge_size) ** 2
+    #: QVQ-72B-Preview's model card: "QVQ-72B-Preview does not support video input" (Qwen2-VL-Instruct
+    #: does; so does QVQ-Max, a served model of its own): it gets a clip as frames.
+    video_refused_by: ClassVar[tuple[str, ...]] = ("qvq-72b",)
+
     # ---- tensors (original naming: QVQ-72B-Preview's)
     text_prefix: ClassVar[str] = "model."
     vision_prefix: ClassVar[str] = "visual."

@@ -213,6 +213,14 @@ class Qwen3VLFamily(Family):
     #: mtmd's bounds for qwen3vl_merger (clip.cpp: set_limit_image_tokens(8, 4096), as for Qwen2-VL).
     llama_image_tokens: ClassVar[tuple[int, int]] = (8, 4096)
 
+    # ---- video: Qwen3VLVideoProcessor's defaults (pixel bounds on the 32-pixel grid); each temporal patch
+    # its own vision block with its time written before it (``<1.5 seconds>``, the mean of its two frames)
+    video_block: ClassVar[str] = Qwen2VLFamily.video_block
+    video_pad: ClassVar[str] = Qwen2VLFamily.video_pad
+    video_time: ClassVar[str] = "text"
+    video_min_pixels: ClassVar[int] = 128 * 32 * 32
+    video_max_pixels: ClassVar[int] = 768 * 32 * 32
+
     # ---- tensors (the published naming, transformers 4.57's)
     text_prefix: ClassVar[str] = "model.language_model."
     vision_prefix: ClassVar[str] = "model.visual."

@@ -48,6 +48,7 @@ def serve(
     queue: int = 8,
     backend: str = "auto",
     max_pixels: int | None = None,
+    detail: str | None = None,
     allow_image_urls: bool = False,
     max_images: int | None = None,
     max_body_bytes: int | None = None,
@@ -64,6 +65,11 @@ def serve(
         raise InputError(f"--port must be in 1..65535, got {port}")
     if queue < 0:
         raise InputError(f"--queue must be 0 or more, got {queue}")
+    if detail is not None:
+        from qvq_local.detail import AUTO, check_level
+
+        detail = check_level(detail)
+        detail = None if detail == AUTO else detail
     from qvq_local.backends.llama_buffers import requested_gpu_layers
 
     gpu_layers = requested_gpu_layers(gpu_layers)
@@ -85,7 +91,7 @@ def serve(
     from qvq_local.serve.app import ServeOptions, create_app
 
     return_freed_memory()  # so that decoding images holds its budget, not the allocator's high-water mark
-    model = load(model_ref, backend=backend, max_pixels=max_pixels, gpu_layers=gpu_layers)
+    model = load(model_ref, backend=backend, max_pixels=max_pixels, detail=detail, gpu_layers=gpu_layers)
     try:
         app = create_app(model, ServeOptions(api_key=api_key, queue=queue, limits=limits))
         worker = app.state.worker
@@ -98,7 +104,9 @@ def serve(
                 worker.stop()
                 super().handle_exit(sig, frame)
 
-        warn(f"qvq serve: {model.name} ({model.backend}) on http://{host}:{port}/v1")
+        warn(
+            f"qvq serve: {model.name} ({model.backend}) on http://{host}:{port}/v1 · {model.image_bound().label()}"
+        )
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
         try:
             Server(config).run()

@@ -29,9 +29,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from qvq_local import strict_json
+from qvq_local import openai_format, strict_json
 from qvq_local.serve import schema
-from qvq_local.serve.media import DecodeBudget, Limits, check_count, load_images
+from qvq_local.serve.media import DecodeBudget, Limits, check_count, check_videos, load_clip, load_images
 from qvq_local.serve.worker import END, Job, QueueFull, Stopping, Worker
 
 log = logging.getLogger("qvq.serve")
@@ -71,6 +71,54 @@ def _settings_for(request: schema.ChatRequest, model: Any):
         )
     except InputError as err:
         raise schema.ApiError(400, str(err)) from None
+
+
+def _image_settings(settings: Any, ref: schema.ImageRef) -> Any:
+    """``settings`` with one image part's ``detail`` and ``max_pixels`` (named by the part in messages and
+    in the result's ``settings.detail.source``); unchanged when the part gives neither."""
+    from dataclasses import replace
+
+    if ref.detail is None and ref.max_pixels is None:
+        return settings
+    labels = {
+        **settings.labels,
+        "detail": f"{ref.where}.image_url.detail",
+        "max_pixels": f"{ref.where}.image_url.max_pixels",
+    }
+    return replace(settings, detail=ref.detail, max_pixels=ref.max_pixels, labels=labels)
+
+
+def _image_bounds(settings: Any, refs: list[schema.ImageRef], model: Any) -> tuple[Any, list]:
+    """Each image's bound (its part's ``detail`` / ``max_pixels``, else the server's: the model's own, else
+    the machine's default level), and the question's settings with the widest of them, the bound that
+    holds every image of the prompt (what its ``settings.detail`` reports and the context is sized for)."""
+    per_image = [_image_settings(settings, ref) for ref in refs]
+    bounds = [model.image_bound(s) for s in per_image]
+    if bounds:
+        widest = max(range(len(bounds)), key=lambda i: bounds[i].max_pixels)
+        settings = per_image[widest]
+    return settings, bounds
+
+
+def _sampled_clip(model: Any, ref: Any, limits: Limits, budget: DecodeBudget):
+    """A request's clip, sampled for ``model`` (natively or as frames, as a question will take it), as the
+    :class:`~qvq_local.video_prompt.ClipInput` its question is asked about."""
+    from qvq_local.backends import registry
+    from qvq_local.video import VideoOptions
+    from qvq_local.video_prompt import ClipInput, goes_in_natively, temporal_patch
+
+    family = model.family
+    native = goes_in_natively(family, model.name, model.spec.has(registry.VIDEO_INPUT))
+    clip = load_clip(
+        ref,
+        limits,
+        VideoOptions(),
+        family=family,
+        temporal_patch=temporal_patch(family, native),
+        machine=model.machine_class,
+        budget=budget,
+    )
+    return ClipInput(path=clip.path, sampled=clip)
 
 
 def create_app(model: Any, options: ServeOptions | None = None):
@@ -129,10 +177,10 @@ def create_app(model: Any, options: ServeOptions | None = None):
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": model.name, "object": "model", "created": 0, "owned_by": "qvq-local"}],
-        }
+        card = {"id": model.name, "object": "model", "created": 0, "owned_by": "qvq-local"}
+        if model.context_length:
+            card["max_model_len"] = model.context_length  # vLLM's field: what a client may plan with
+        return {"object": "list", "data": [card]}
 
     async def read_body(request: Request) -> dict:
         limit = options.limits.max_body_bytes
@@ -164,9 +212,25 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 code="model_not_found",
             )
         settings = _settings_for(parsed, model)
-        if not parsed.images:
-            raise schema.ApiError(400, "no image in the user message: QVQ answers questions about images")
-        check_count(parsed.images, options.limits)
+        refs = parsed.all_images()  # the earlier turns' images too: the prompt shows them again
+        if not refs and not parsed.videos:
+            raise schema.ApiError(
+                400, "no image or clip in the conversation: QVQ answers questions about images and clips"
+            )
+        if parsed.images and parsed.videos:
+            raise schema.ApiError(
+                400, "a clip and images together: ask about the clip, or about the images", param="messages"
+            )
+        if parsed.videos and parsed.history:
+            raise schema.ApiError(
+                400,
+                "a clip is asked about in a conversation's first turn only: send it without the earlier turns",
+                param="messages",
+                code="unsupported_conversation",
+            )
+        check_count(refs, options.limits)
+        check_videos(parsed.videos, options.limits)
+        settings, bounds = _image_bounds(settings, refs, model)
         # admission before any cost: a full queue answers 429 at once, with no image fetched or decoded
         try:
             ticket = worker.reserve()
@@ -181,13 +245,18 @@ def create_app(model: Any, options: ServeOptions | None = None):
         except Stopping:
             raise _shutting_down() from None
         try:
-            images = await asyncio.to_thread(
-                load_images, parsed.images, options.limits, model.max_pixels, decode_budget
-            )
+            if parsed.videos:
+                images = await asyncio.to_thread(
+                    _sampled_clip, model, parsed.videos[0], options.limits, decode_budget
+                )
+                history = parsed.history
+            else:
+                loaded = await asyncio.to_thread(load_images, refs, options.limits, bounds, decode_budget)
+                history, images = _with_images(parsed.history, loaded)
 
             def events():
                 system = _with_system(settings, parsed.system)
-                return iter(model.stream_settings(images, parsed.question, system))
+                return iter(model.stream_settings(images, parsed.question, system, history=history))
 
             job = Job(make_events=events, loop=asyncio.get_running_loop())
             try:
@@ -196,7 +265,7 @@ def create_app(model: Any, options: ServeOptions | None = None):
                 raise _shutting_down() from None
         finally:
             ticket.release()  # a no-op once the job holds the place
-        completion_id, created = schema.new_id(), schema.now()
+        completion_id, created = openai_format.new_id(), schema.now()
         if parsed.stream:
             return StreamingResponse(
                 _sse(job, completion_id, created, model.name, parsed.include_usage),
@@ -206,14 +275,25 @@ def create_app(model: Any, options: ServeOptions | None = None):
         result = await _wait(job, request)
         if result is None:  # the client went away
             return JSONResponse({}, status_code=499)
-        from qvq_local.openai_format import completion_dict
-
-        out = completion_dict(result, created=created, completion_id=completion_id)
+        out = openai_format.completion_dict(result, created=created, completion_id=completion_id)
         message = out["choices"][0]["message"]
         message["reasoning"] = message["reasoning_content"]  # the newer clients' name for it
         return out
 
     return app
+
+
+def _with_images(history: tuple, images: list) -> tuple[tuple, list]:
+    """The earlier turns with their images loaded (``images``: the conversation's, in order, as
+    :meth:`schema.ChatRequest.all_images` lists them), and the question's own images, the rest."""
+    from dataclasses import replace
+
+    turns, at = [], 0
+    for turn in history:
+        n = len(turn.images)
+        turns.append(replace(turn, images=tuple(images[at : at + n])))
+        at += n
+    return tuple(turns), images[at:]
 
 
 def _with_system(settings, system: str | None):
@@ -308,15 +388,13 @@ async def _sse(job: Job, completion_id: str, created: int, name: str, include_us
                 continue  # its text follows as ordinary deltas; the final chunk lists it under "qvq"
             elif isinstance(item, Finished):
                 result = item.result
-                final = schema.chunk(completion_id, created, name, {}, schema.finish_reason(result))
-                from qvq_local.openai_format import completion_dict
-
-                final["qvq"] = completion_dict(result)["qvq"]
+                final = schema.chunk(completion_id, created, name, {}, openai_format.finish_reason(result))
+                final["qvq"] = openai_format.completion_dict(result)["qvq"]
                 yield _sse_line(final)
                 if include_usage:
                     usage = schema.chunk(completion_id, created, name, {})
                     usage["choices"] = []
-                    usage["usage"] = schema.usage_dict(result)
+                    usage["usage"] = openai_format.usage_dict(result)
                     yield _sse_line(usage)
         yield _sse_line("[DONE]")
     finally:

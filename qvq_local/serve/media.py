@@ -30,9 +30,13 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from qvq_local.serve.schema import ApiError, ImageRef
+from qvq_local.serve.schema import ApiError, ImageRef, VideoRef
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qvq_local.detail import ImageBound
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,10 @@ class Limits:
     allow_image_urls: bool = False
     url_timeout_s: float = 10.0
     decode_budget_bytes: int = 512 * 2**20  # image decoding across all requests at once (DecodeBudget)
+    max_videos: int = 1  # clips in one request
+    max_video_bytes: int = 24 * 1024 * 1024  # one clip's file (a data: URI also counts against the body)
+    max_video_seconds: float = 600.0  # from the clip's header, before any frame is decoded
+    max_video_frames: int = 64  # frames sampled from a file, or URLs in a frame list
 
 
 class DecodeBudget:
@@ -88,14 +96,15 @@ def _too_large(message: str, param: str) -> ApiError:
     return ApiError(413, message, param=param, code="request_too_large")
 
 
-def _decode_data_uri(ref: ImageRef, limits: Limits) -> bytes:
+def _decode_data_uri(ref: ImageRef, limits: Limits, what: str = "image") -> bytes:
+    most = limits.max_video_bytes if what == "video" else limits.max_image_bytes
     header, sep, payload = ref.url.partition(",")
     if not sep or not header.startswith("data:"):
         raise ApiError(400, f"{ref.where}: malformed data URI", param=ref.where)
     if not header.endswith(";base64"):
         raise ApiError(400, f"{ref.where}: data URIs must be base64-encoded", param=ref.where)
-    if len(payload) * 3 // 4 > limits.max_image_bytes:
-        raise _too_large(f"{ref.where}: image is over {limits.max_image_bytes} bytes", ref.where)
+    if len(payload) * 3 // 4 > most:
+        raise _too_large(f"{ref.where}: {what} is over {most} bytes", ref.where)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -119,10 +128,11 @@ def _public_address(host: str, port: int, where: str) -> tuple:
     return infos[0]
 
 
-def _fetch(ref: ImageRef, limits: Limits) -> bytes:
+def _fetch(ref: ImageRef, limits: Limits, what: str = "image") -> bytes:
     import http.client
     import ssl
 
+    most = limits.max_video_bytes if what == "video" else limits.max_image_bytes
     parts = urlsplit(ref.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ApiError(400, f"{ref.where}: only http(s) image URLs can be fetched", param=ref.where)
@@ -141,35 +151,36 @@ def _fetch(ref: ImageRef, limits: Limits) -> bytes:
         response = conn.getresponse()
         if response.status != 200:
             raise ApiError(
-                400, f"{ref.where}: fetching the image gave HTTP {response.status}", param=ref.where
+                400, f"{ref.where}: fetching the {what} gave HTTP {response.status}", param=ref.where
             )
-        data = response.read(limits.max_image_bytes + 1)
+        data = response.read(most + 1)
         conn.close()
     except (OSError, http.client.HTTPException) as err:
-        raise ApiError(400, f"{ref.where}: cannot fetch the image ({err})", param=ref.where) from None
-    if len(data) > limits.max_image_bytes:
-        raise _too_large(f"{ref.where}: image is over {limits.max_image_bytes} bytes", ref.where)
+        raise ApiError(400, f"{ref.where}: cannot fetch the {what} ({err})", param=ref.where) from None
+    if len(data) > most:
+        raise _too_large(f"{ref.where}: {what} is over {most} bytes", ref.where)
     return data
 
 
-def image_bytes(ref: ImageRef, limits: Limits) -> bytes:
-    """The raw bytes of one image part (413 over the byte limit, 400 for anything not allowed)."""
+def image_bytes(ref: ImageRef, limits: Limits, what: str = "image") -> bytes:
+    """The raw bytes of one image part (413 over the byte limit, 400 for anything not allowed); ``what``
+    "video": a clip's file, under the video byte limit."""
     scheme = ref.url.split(":", 1)[0].lower() if ":" in ref.url else ""
     if scheme == "data":
-        return _decode_data_uri(ref, limits)
+        return _decode_data_uri(ref, limits, what)
     if scheme in ("http", "https"):
         if not limits.allow_image_urls:
             raise ApiError(
                 400,
-                f"{ref.where}: image URLs are off on this server (send a data: URI, or start qvq serve "
+                f"{ref.where}: {what} URLs are off on this server (send a data: URI, or start qvq serve "
                 "with --allow-image-urls)",
                 param=ref.where,
                 code="image_url_refused",
             )
-        return _fetch(ref, limits)
+        return _fetch(ref, limits, what)
     raise ApiError(
         400,
-        f"{ref.where}: images must be data: URIs or http(s) URLs, not {scheme or 'a path'}",
+        f"{ref.where}: {what}s must be data: URIs or http(s) URLs, not {scheme or 'a path'}",
         param=ref.where,
     )
 
@@ -232,17 +243,20 @@ def _probe(path: str, ref: ImageRef, limits: Limits) -> int:
 
 
 def load_images(
-    refs: list[ImageRef], limits: Limits, max_pixels: int | None, budget: DecodeBudget | None = None
+    refs: list[ImageRef], limits: Limits, bounds: list[ImageBound], budget: DecodeBudget | None = None
 ) -> list:
     """Every image of a request as :class:`qvq_local.images.PreparedImage` (validated and bounded), one after
-    another, each decoded while holding its cost from ``budget`` (None: no shared budget)."""
+    another, each decoded while holding its cost from ``budget`` (None: no shared budget).
+
+    ``bounds``: each image's bound on the model's grid (:meth:`qvq_local.model.Model.image_bound` of its
+    part's ``detail`` and ``max_pixels``, else the server's default), one per ref."""
     from qvq_local.errors import InputError
-    from qvq_local.images import DEFAULT_MAX_PIXELS, PreparedImage, load_image
+    from qvq_local.images import PreparedImage, load_image
 
     check_count(refs, limits)
     prepared = []
     with tempfile.TemporaryDirectory(prefix="qvq-serve-") as folder:
-        for ref in refs:
+        for ref, bound in zip(refs, bounds, strict=True):
             data = image_bytes(ref, limits)
             path = os.path.join(folder, f"image-{ref.index}")
             with open(path, "wb") as fh:
@@ -251,7 +265,9 @@ def load_images(
             cost = _probe(path, ref, limits)
             with budget.hold(cost) if budget is not None else nullcontext():
                 try:
-                    image, info = load_image(path, max_pixels or DEFAULT_MAX_PIXELS)
+                    image, info = load_image(
+                        path, bound.max_pixels, min_pixels=bound.min_pixels, factor=bound.factor
+                    )
                 except InputError as err:
                     reason = str(err).split(": ", 1)[-1]
                     raise ApiError(
@@ -261,3 +277,99 @@ def load_images(
                 image.load()
             prepared.append(PreparedImage(image, info))
     return prepared
+
+
+# ------------------------------------------------------------------------------------------ clips
+
+
+def check_videos(refs: list[VideoRef], limits: Limits) -> None:
+    """413 when a request carries more clips, or a frame list more frames, than this server takes (cheap:
+    nothing is read; called before a queue place is taken)."""
+    if len(refs) > limits.max_videos:
+        raise _too_large(
+            f"{len(refs)} clips in one request; this server takes at most {limits.max_videos}", "messages"
+        )
+    for ref in refs:
+        if not ref.is_file and len(ref.urls) > limits.max_video_frames:
+            raise _too_large(
+                f"{ref.where}: {len(ref.urls)} frames; this server takes at most {limits.max_video_frames}",
+                ref.where,
+            )
+
+
+def _clip_error(err, ref: VideoRef) -> ApiError:
+    """A video module error as the API's: 413 for a limit, 400 for a bad clip, the part named."""
+    from qvq_local.errors import MediaTooLarge
+
+    reason = str(err).split(": ", 1)[-1]
+    if isinstance(err, MediaTooLarge):
+        return _too_large(f"{ref.where}: {reason}", ref.where)
+    return ApiError(400, f"{ref.where}: {reason}", param=ref.where, code="invalid_video")
+
+
+def load_clip(
+    ref: VideoRef,
+    limits: Limits,
+    options,
+    *,
+    family,
+    temporal_patch: int | None = None,
+    machine: str = "cpu",
+    budget: DecodeBudget | None = None,
+):
+    """One clip of a request as :class:`qvq_local.video.Clip`: its file (or its frames, each an image under
+    the image rules) fetched, its header checked against the limits (413, before any frame is decoded),
+    then its sampled frames decoded while holding their cost from ``budget``."""
+    from dataclasses import replace
+
+    from qvq_local import video
+    from qvq_local.errors import InputError
+
+    options = replace(
+        options,
+        max_duration=limits.max_video_seconds,
+        max_frames=min(options.max_frames or limits.max_video_frames, limits.max_video_frames),
+        fps=ref.fps or options.fps,
+        max_source_pixels=limits.max_image_pixels,
+    )
+    with tempfile.TemporaryDirectory(prefix="qvq-serve-") as folder:
+        if ref.is_file:
+            data = image_bytes(ImageRef(url=ref.urls[0], index=0, where=ref.where), limits, "video")
+            path = os.path.join(folder, "clip")
+            with open(path, "wb") as fh:
+                fh.write(data)
+            del data
+            try:
+                header = video.probe_video(path, options)
+                cost = header.width * header.height * 12  # a decoded frame and its RGB copies, one at a time
+                with budget.hold(cost) if budget is not None else nullcontext():
+                    clip = video.load_video(
+                        path, options, family=family, temporal_patch=temporal_patch, machine=machine
+                    )
+            except InputError as err:
+                raise _clip_error(err, ref) from None
+            clip.path = ref.where
+            return clip
+        paths = []
+        for i, url in enumerate(ref.urls):
+            frame_ref = ImageRef(url=url, index=i, where=f"{ref.where}.video[{i}]")
+            data = image_bytes(frame_ref, limits)
+            path = os.path.join(folder, f"frame-{i:05d}")
+            with open(path, "wb") as fh:
+                fh.write(data)
+            del data
+            _probe(path, frame_ref, limits)
+            paths.append(path)
+        try:
+            with (
+                budget.hold(_probe(paths[0], ImageRef(url="", index=0, where=ref.where), limits))
+                if budget
+                else nullcontext()
+            ):
+                clip = video.load_frames(
+                    paths, options, family=family, temporal_patch=temporal_patch, machine=machine
+                )
+        except InputError as err:
+            raise _clip_error(err, ref) from None
+        clip.path = ref.where
+        return clip
