@@ -44,6 +44,7 @@ def load(
     download: bool = True,
     progress: bool = False,
     labels: Mapping[str, str] | None = None,
+    draft: str | Path | None = None,
     **options: Any,
 ) -> Model:
     """Resolve ``ref`` (a GGUF file, an MLX or HF folder, a name from ``qvq models``, a hub id; None: the
@@ -60,7 +61,10 @@ def load(
     :mod:`qvq_local.backends.openai_remote`).  An option not given takes the ``qvq config`` setting of the
     same name where there is one (``base_url``, ``server_kind``).  With ``backend="auto"`` each option must
     be one some local backend takes; the one chosen gets those it takes.  ``labels``: how the caller
-    spells each option in messages (the CLI passes its flags).
+    spells each option in messages (the CLI passes its flags).  ``draft``: a small model sharing the
+    tokenizer (a Qwen2-VL / Qwen2.5 of the same format), loaded through the same backend with the same
+    options, whose guesses questions asked with ``speculate="draft"`` or ``"auto"`` check
+    (:mod:`qvq_local.speculate`; the backend needs the registry's ``speculation`` capability).
 
     ``max_pixels`` / ``detail``: how the model's questions bound their images when a question says
     nothing (a pixel bound wins over a level; neither: the default level of the machine that encodes,
@@ -81,6 +85,8 @@ def load(
         check_level(detail, labels.get("detail", "detail"))  # before anything is resolved
     if name != registry.AUTO and registry.BACKENDS[name].has(registry.REMOTE):
         spec = registry.BACKENDS[name]
+        if draft is not None:
+            raise InputError(f"{labels.get('draft', 'draft')}: the {spec.title} backend cannot check guesses")
         if mmproj is not None:
             raise InputError(
                 f"{labels.get('mmproj', 'mmproj')} goes with a local GGUF model; the {spec.name} backend's"
@@ -117,7 +123,7 @@ def load(
     loaded = spec.open_model(resolved, checked_for[chosen])
     load_s = time.perf_counter() - t0
     quantization = normalize_quantization(getattr(loaded, "quantization", "") or resolved.quantization)
-    return Model(
+    model = Model(
         loaded,
         name=resolved.name,
         spec=spec,
@@ -127,6 +133,32 @@ def load(
         detail=detail,
         load_s=load_s,
     )
+    if draft is not None and str(draft).strip():
+        try:
+            model.draft = _load_draft(spec, draft, checked_for[chosen], labels, download, progress)
+        except BaseException:
+            model.close()
+            raise
+    return model
+
+
+def _load_draft(
+    spec: registry.BackendSpec, ref: str | Path, options: Any, labels: dict, download: bool, progress: bool
+) -> Any:
+    """The draft model, opened by the target's backend with its options (a draft must share the backend:
+    its session runs beside the target's)."""
+    from qvq_local import hub
+
+    label = labels.get("draft", "draft")
+    if not spec.has(registry.SPECULATION):
+        raise InputError(f"{label}: the {spec.title} backend cannot check guesses")
+    resolved = hub.resolve(ref, download=download, progress=progress)
+    if resolved.format not in spec.formats:
+        raise InputError(
+            f"{label} {ref}: a {resolved.format} model, but the model runs on {spec.title}"
+            f" ({', '.join(sorted(spec.formats))}); give a draft of the same format"
+        )
+    return spec.open_model(resolved, options)
 
 
 def _options_of(

@@ -416,6 +416,30 @@ QUESTION_OPTIONS: tuple[_Shared, ...] = (
         ),
         "question",
     ),
+    _Shared(
+        "speculate",
+        str,
+        _opt(
+            "off",
+            "--speculate",
+            help="off (default) | ngram | draft | auto: speculative decoding (mlx, llama): guess tokens"
+            " (n-grams of the prompt and the thought, or the --draft model), check them in one forward pass,"
+            " keep the right ones; the output is plain decoding's. auto measures this machine once and turns"
+            " itself off where it does not pay.",
+        ),
+        "question",
+    ),
+    _Shared(
+        "draft",
+        str | None,
+        _opt(
+            None,
+            "--draft",
+            help="A small model sharing the tokenizer (Qwen2-VL / Qwen2.5, same format) whose guesses"
+            " --speculate draft|auto checks.",
+        ),
+        "load",
+    ),
     _Shared("cpu_buffers", str | None, _opt(None, "--cpu-buffers", help=_CPU_BUFFERS_HELP), "load"),
     _Shared("gpu_layers", str | None, _opt(None, "--gpu-layers", help=_GPU_LAYERS_HELP), "load"),
     _Shared(

@@ -139,6 +139,29 @@ class Finished:
 
 
 @dataclass
+class Speculating:
+    """Speculative decoding's running figures while a question decodes (``--speculate``), from the API now
+    and then and once before ``Finished``; renderers show them, nothing depends on them.
+
+    ``mode``: what was asked (``ngram``, ``draft``, ``auto``); ``on``: whether guesses are being checked
+    now (``auto`` turns it off where it does not pay); ``steps``: target forward passes that
+    ``tokens`` generated tokens took; ``accepted`` of ``drafted`` guesses were right.
+    """
+
+    mode: str
+    on: bool
+    tokens: int
+    steps: int
+    accepted: int = 0
+    drafted: int = 0
+    kind: Literal["speculating"] = "speculating"
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / self.steps if self.steps else 0.0
+
+
+@dataclass
 class ChainEvent:
     """With ``--samples N``: an event of chain ``chain`` (0-based): its TextDelta, Forced or Finished.
 
@@ -151,4 +174,4 @@ class ChainEvent:
     kind: Literal["chain"] = "chain"
 
 
-Event = Started | TextDelta | Forced | Finished | ChainEvent
+Event = Started | TextDelta | Forced | Finished | ChainEvent | Speculating

@@ -67,6 +67,9 @@ class Model:
         self.detail = None if level == AUTO else level
         self._machine: Machine | None = None  # where this model encodes images, found once
         self.load_s = load_s
+        #: a loaded draft model of the same backend (``load(draft=...)``, ``--draft``): its guesses are
+        #: checked by this model when a question speculates (``speculate="draft"`` or ``"auto"``)
+        self.draft: Any = None
         self._vocab_scripts = None  # qvq_local.lang.VocabScripts of this model's tokenizer, built once
         self.lang_index_s = 0.0  # seconds that took
         # Prefix reuse (qvq_local.prefix_cache): the KV state after the system prompt and image(s) is kept
@@ -112,6 +115,9 @@ class Model:
         self.close()
 
     def close(self) -> None:
+        if self.draft is not None:
+            self.draft.close()
+            self.draft = None
         if self.loaded is not None:
             self.loaded.close()
             self.loaded = None

@@ -30,7 +30,17 @@ from qvq_local.backends.base import SERVER_DEFAULT, ChatTurn, Prompt
 from qvq_local.budgets import DEFAULT_ANSWER_BUDGET, FORCE_MARGIN, size_context
 from qvq_local.conversation import ASSISTANT, Turn
 from qvq_local.errors import InputError
-from qvq_local.events import Event, Finished, Forced, ImageInfo, Result, Started, TextDelta, Timings
+from qvq_local.events import (
+    Event,
+    Finished,
+    Forced,
+    ImageInfo,
+    Result,
+    Speculating,
+    Started,
+    TextDelta,
+    Timings,
+)
 from qvq_local.images import PreparedImage, prepare_images
 from qvq_local.prompt import build_prompt
 from qvq_local.splitter import (
@@ -197,13 +207,16 @@ def stream_question(
                 )
             # the prompt's cells are shared; each chain gets the room one question would have
             prompt_cells = text_tokens + image_tokens
+            _speculation(model, options, settings)  # one chain only: auto is off with a note
             session = loaded.new_session(
                 sampling,
                 n_ctx=prompt_cells + samples * (n_ctx - prompt_cells),
                 n_seq=samples,
             )
         else:
-            session = loaded.new_session(options.sampling, n_ctx=n_ctx)
+            session = loaded.new_session(
+                options.sampling, n_ctx=n_ctx, **_speculation(model, options, settings)
+            )
         if remote:  # what was sent, not what the model might use: unsent values are the server's own
             settings.update(
                 {k: SERVER_DEFAULT if v is None else v for k, v in asdict(session.sampling).items()}
@@ -272,6 +285,7 @@ def stream_question(
         yield started
         if samples > 1:
             chains = session.fork(samples)
+        speculating = _SpecFigures(session, options.speculate) if _asked(model, options) else None
         for event in _reason(
             model,
             session,
@@ -288,6 +302,14 @@ def stream_question(
         ):
             if isinstance(event, Finished) and remote:
                 _server_counts(session, event.result)
+            if speculating is not None:
+                figures = speculating.see(event)
+                if figures is not None:
+                    yield figures
+            if isinstance(event, Finished) and speculating is not None:
+                report = session.speculation_report()
+                if report is not None:
+                    event.result.settings["speculation"] = report
             if isinstance(event, Finished) and cached.state is not None:
                 # the disk write waits for the answer, so it never delays the first token
                 # (in place: the Result holds this inner dict)
@@ -334,6 +356,69 @@ def _thinking_switch(chat_template: str | None, options: AskSettings) -> dict[st
             " was made to (a think budget still cuts the thought short)"
         )
     return {THINKING_SWITCH: options.think}
+
+
+def _speculation(model: Any, options: AskSettings, settings: dict) -> dict:
+    """The session's ``speculation=`` keyword for ``options.speculate`` (the registry's ``speculation``
+    capability), or none.  Where it cannot run (one chain only; a backend without the capability) an
+    explicit mode is refused in one line and ``auto`` is off with a note in ``settings``."""
+    mode = options.speculate
+    if mode == "off":
+        return {}
+    from qvq_local.settings import API_LABELS
+
+    name = {**API_LABELS, **options.labels}["speculate"]
+    why = None
+    if options.samples > 1:
+        why = "speculation runs on one chain, not with several samples"
+    elif not model.spec.has(registry.SPECULATION):
+        able = " or ".join(s.title for s in registry.with_capability(registry.SPECULATION))
+        why = f"the {model.backend} backend cannot check guessed tokens ({able or 'none is registered'} can)"
+    if why is None:
+        from qvq_local.speculate.config import SpecSettings
+
+        return {"speculation": SpecSettings(mode=mode, draft=getattr(model, "draft", None))}
+    if mode != "auto":
+        raise InputError(f"{name} {mode}: {why}")
+    settings["speculation"] = {"mode": "off", "asked": mode, "notes": [f"speculation is off: {why}"]}
+    return {}
+
+
+def _asked(model: Any, options: AskSettings) -> bool:
+    """Whether this question's session was asked to speculate (it reports what it did, or why not)."""
+    return options.speculate != "off" and options.samples == 1 and model.spec.has(registry.SPECULATION)
+
+
+class _SpecFigures:
+    """``Speculating`` events now and then while a speculating session decodes, and one before ``Finished``."""
+
+    EVERY = 16  # generated pieces between two events
+
+    def __init__(self, session: Any, mode: str):
+        self.session, self.mode, self.seen = session, mode, 0
+
+    def see(self, event: Event) -> Speculating | None:
+        if isinstance(event, TextDelta):
+            self.seen += 1
+            if self.seen % self.EVERY:
+                return None
+        elif not isinstance(event, Finished):
+            return None
+        return self.figures()
+
+    def figures(self) -> Speculating | None:
+        report = self.session.speculation_report()
+        if report is None:
+            return None
+        on = report.get("mode") != "off" and (report.get("plan") != "auto" or bool(report.get("k")))
+        return Speculating(
+            mode=self.mode,
+            on=on,
+            tokens=int(report.get("tokens", 0)),
+            steps=int(report.get("steps", 0)),
+            accepted=int(report.get("accepted", 0)),
+            drafted=int(report.get("drafted", 0)),
+        )
 
 
 def _with_images(history: tuple[Turn, ...], prepared: list[PreparedImage]) -> tuple[Turn, ...]:

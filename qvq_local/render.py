@@ -37,6 +37,7 @@ from qvq_local.events import (
     Forced,
     ImageInfo,
     Result,
+    Speculating,
     Started,
     TextDelta,
 )
@@ -126,9 +127,38 @@ def summary_line(result: Result) -> str:
         parts.append(f"{t.decode_tok_s:.1f} tok/s")
     if t.forced_step_s:
         parts.append(f"forced step {_fmt_seconds(t.forced_step_s)}")
+    spec = speculation_note(result.settings.get("speculation"))
+    if spec:
+        parts.append(spec)
     if t.total_s:
         parts.append(f"total {_fmt_seconds(t.total_s)}")
     return " · ".join(parts)
+
+
+def speculation_note(report: dict | None) -> str | None:
+    """``speculation: 1.47 tokens/step, 38% of guesses right``, ``speculation off (...)``, or None when
+    none was asked for (``report``: ``Result.settings["speculation"]``)."""
+    if not report:
+        return None
+    if report.get("mode") == "off":
+        return "speculation off"
+    if report.get("drafted"):
+        note = f"speculation: {report.get('tokens_per_step', 0):.2f} tokens/step"
+        note += f", {100 * report.get('acceptance', 0):.0f}% of guesses right"
+        if report.get("plan") == "auto" and not report.get("k"):
+            note += " (auto: off at the end, no gain here)"
+        return note
+    return "speculation: auto kept it off (no gain on this machine)" if report.get("plan") == "auto" else None
+
+
+def speculation_status(event: Speculating | None) -> str:
+    """The status line's part: `` · 1.47 tok/step`` while guesses are checked, `` · spec off`` when auto
+    turned it off, nothing without speculation."""
+    if event is None:
+        return ""
+    if event.on and event.steps:
+        return f" · {event.tokens_per_step:.2f} tok/step"
+    return " · spec off" if not event.on else ""
 
 
 class ChainState:
@@ -397,6 +427,7 @@ class LiveRenderer(Renderer):
         self.answer_tokens = 0
         self.phase = "prefill"
         self.forced: list[Forced] = []
+        self.speculating: Speculating | None = None  # the latest figures (--speculate)
         self.result: Result | None = None
         self.chains: dict[int, ChainState] = {}  # --samples N
         width = self.console.width - 4  # panel border and padding
@@ -450,6 +481,8 @@ class LiveRenderer(Renderer):
                     self.thought_tokens += state.thought_tokens + state.answer_tokens - before
                 if self.phase == "prefill":
                     self.phase = "thinking"
+            elif isinstance(event, Speculating):
+                self.speculating = event
             elif isinstance(event, Finished):
                 self.result = event.result
                 self.phase = "interrupted" if event.result.stop_reason == "interrupted" else "done"
@@ -596,7 +629,7 @@ class LiveRenderer(Renderer):
         status.add_column(no_wrap=True, overflow="ellipsis")
         cells.append(
             Text(
-                f"{counts} · {rate:.1f} tok/s · {_fmt_seconds(elapsed)}",
+                f"{counts} · {rate:.1f} tok/s{speculation_status(self.speculating)} · {_fmt_seconds(elapsed)}",
                 style="dim",
                 no_wrap=True,
                 overflow="ellipsis",

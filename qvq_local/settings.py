@@ -50,6 +50,7 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "seed": "--seed",
         "system": "--system",
         "think": "--think/--no-think",
+        "speculate": "--speculate",
         "fps": "--fps",
         "max_frames": "--max-frames",
         "video_tokens": "--video-tokens",
@@ -73,6 +74,7 @@ API_LABELS: Mapping[str, str | None] = MappingProxyType(
         "system": "system",
         "forced_text": "forced_text",
         "think": "think",
+        "speculate": "speculate",
     }
 )
 
@@ -92,7 +94,9 @@ class AskSettings:
     (:mod:`qvq_local.lang`).  ``samples``: reasoning chains from one prefill, decoded in one batch, whose
     ``\\boxed{}`` answers vote (:mod:`qvq_local.chains`; 1: one chain, as always).  ``think``: switch the
     model's thinking on or off where its chat template has the switch (``enable_thinking``: Qwen3.5);
-    None: the template's own default.
+    None: the template's own default.  ``speculate``: off |
+    ngram | draft | auto, speculative decoding in the backend session (:mod:`qvq_local.speculate`; the
+    output is plain decoding's, only faster where it pays; ``draft`` needs a model loaded with a draft).
     """
 
     think_budget: int | None = None
@@ -109,6 +113,7 @@ class AskSettings:
     max_tokens: int | None = None
     samples: int = 1  # reasoning chains decoded together from one prefill; their boxed answers vote
     think: bool | None = None  # the template's thinking switch (enable_thinking); None: its default
+    speculate: str = "off"  # off | ngram | draft | auto (qvq_local.speculate.config.MODES)
     #: how a clip is sampled (``fps``, ``max_frames``, ``video_tokens``, given flat: :data:`VIDEO_OPTIONS`)
     video: VideoOptions = field(default_factory=VideoOptions)
     labels: Mapping[str, str | None] = field(default_factory=lambda: API_LABELS, compare=False, repr=False)
@@ -146,6 +151,7 @@ class AskSettings:
 
         label = {**API_LABELS, **self.labels}.get
         self._set("lang_lock", lang.check_mode(self.lang_lock, label("lang_lock")))
+        self._set("speculate", check_speculate(self.speculate, label("speculate")))
         if self.detail is not None:
             level = check_level(self.detail, label("detail"))
             self._set("detail", None if level == AUTO else level)
@@ -187,6 +193,13 @@ class AskSettings:
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)  # normalising inside the frozen constructor
+
+
+def check_speculate(value: object, label: str | None) -> str:
+    """``off``, ``ngram``, ``draft`` or ``auto`` (:data:`qvq_local.speculate.config.MODES`)."""
+    from qvq_local.speculate.config import check_mode
+
+    return check_mode(value, label or "speculate")
 
 
 def check_text(value: str | None, label: str | None) -> None:

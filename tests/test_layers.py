@@ -39,7 +39,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
     # the model store: settings file, the machine, references, downloads, the catalogue, fit, checks
     4: ("config", "hardware", "models", "hub", "hub_transfer", "catalogue", "fit", "integrity"),
     # mechanism: the backends (tokens in, tokens out)
-    5: ("backends.*",),
+    5: ("backends.*", "speculate", "speculate.*"),
     # policy: when thinking ends, chains and their vote, prefix reuse, one question's settings
     6: ("reasoning", "splitter", "loops", "chains", "prefix_cache", "settings"),
     # the API

@@ -225,3 +225,40 @@ def test_transcript_marks_interrupted_runs():
     result = _events()[-1].result
     result.stop_reason = "interrupted"
     assert "> **Interrupted**: the output below is partial." in render_transcript(result, "q")
+
+
+def test_speculation_on_the_status_line_and_in_the_summary():
+    """The panel's status line shows accepted tokens per step while guesses are checked ('spec off'
+    when auto turned them off); the summary line and --json carry the session's report."""
+    from qvq_local.events import Speculating
+    from qvq_local.render import speculation_note, speculation_status
+
+    events = _events()
+    report = {
+        "mode": "ngram",
+        "plan": "fixed",
+        "k": 5,
+        "tokens_per_step": 1.47,
+        "drafted": 100,
+        "acceptance": 0.31,
+    }
+    events[-1].result.settings["speculation"] = report
+    events.insert(-1, Speculating("ngram", True, tokens=40, steps=27, accepted=13, drafted=42))
+    console = Console(record=True, force_terminal=True, width=100, height=30)
+    renderer = LiveRenderer(console)
+    for event in events[:-1]:
+        renderer.handle(event)
+    frame = Console(record=True, width=140, file=io.StringIO())
+    frame.print(*renderer._renderables(30))
+    assert "1.48 tok/step" in frame.export_text()  # 40 tokens in 27 passes, on the status line
+    renderer.handle(events[-1])
+    assert "speculation: 1.47 tokens/step, 31% of guesses right" in console.export_text()
+    assert "speculation: 1.47 tokens/step" in _plain(events)[1]
+    buf = io.StringIO()
+    JsonRenderer(buf).run(events)
+    assert json.loads(buf.getvalue())["qvq"]["settings"]["speculation"]["tokens_per_step"] == 1.47
+    assert speculation_status(Speculating("auto", False, 10, 10)) == " · spec off"
+    assert speculation_status(None) == ""
+    assert speculation_note(None) is None and speculation_note({"mode": "off"}) == "speculation off"
+    auto_off = {"mode": "auto", "plan": "auto", "k": 0, "drafted": 0}
+    assert speculation_note(auto_off) == "speculation: auto kept it off (no gain on this machine)"

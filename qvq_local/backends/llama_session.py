@@ -40,11 +40,24 @@ class LlamaSession:
 
     @property
     def n_past(self) -> int:
-        """KV cells in use: what ``n_ctx`` limits (the Session protocol's measure of a full context)."""
-        return self.n_cells
+        """KV cells in use: what ``n_ctx`` limits (the Session protocol's measure of a full context);
+        guesses a speculator has decoded but not yet confirmed are not counted."""
+        return self.n_cells - (len(self.speculator.pending) if self.speculator is not None else 0)
 
-    def __init__(self, model: Any, sampling: SamplingParams, n_ctx: int, *, n_seq: int = 1):
+    def __init__(
+        self, model: Any, sampling: SamplingParams, n_ctx: int, *, n_seq: int = 1, speculation: Any = None
+    ):
         llama_cpp, _ = libs()
+        if speculation is not None and speculation.active and n_seq > 1:
+            raise InputError("speculation runs on one chain; open the session with n_seq=1")
+        if speculation is not None and speculation.uses_draft_model:
+            from qvq_local.backends.llama_spec import check_shared_vocabulary
+
+            check_shared_vocabulary(speculation.draft, model)  # before any work
+        self.speculation = speculation  # SpecSettings, or None: plain decoding
+        self.speculator: Any = None  # qvq_local.speculate.engine.Speculator once prefilled
+        self.speculation_note: str | None = None  # why it is off, when the settings asked for it
+        self.draft_session: Any = None  # the draft model's session (--draft)
         self.n_seq = int(n_seq)  # sequences the KV cache can hold (fork() needs one per chain)
         self.model = model
         self.sampling = sampling
@@ -293,6 +306,7 @@ class LlamaSession:
         self.sampler.accept(
             text_ids
         )  # the repetition penalty sees the prompt's text tokens, as in transformers
+        self._start_speculation(text_ids, prompt)
         return PrefillStats(
             prompt_tokens=self.n_cells,
             image_tokens=sum(image_tokens),
@@ -385,6 +399,44 @@ class LlamaSession:
             rgb = rgb.resize((gw * align, gh * align), Image.Resampling.BICUBIC)
         return rgb
 
+    # -- speculation (the registry's ``speculation`` capability)
+
+    def _start_speculation(self, text_ids: list[int], prompt: Prompt) -> None:
+        from qvq_local.backends import llama_spec
+        from qvq_local.speculate.setup import off_note, start_speculation
+
+        settings = self.speculation
+        if settings is None or not settings.active:
+            return
+        self.speculation_note = off_note(self.model.family)
+        if self.speculation_note is not None:
+            return
+        self.speculator = start_speculation(
+            settings,
+            llama_spec.LlamaTarget(self),
+            row=self.last_logits(),
+            history=text_ids,
+            room=lambda: self.n_ctx - self.n_past,
+            identity=llama_spec.identity(self.model),
+            probe_token=text_ids[-1] if text_ids else 0,
+            drafter=llama_spec.draft_drafter(self, prompt) if settings.uses_draft_model else None,
+        )
+
+    def speculation_target(self) -> Any:
+        """This session's cache and sampler as a speculator's target (``qvq_local.speculate.engine.Target``):
+        for measurements that drive a speculator themselves (``qvq bench``'s replay and cost curve)."""
+        from qvq_local.backends import llama_spec
+
+        return llama_spec.LlamaTarget(self)
+
+    def speculation_report(self) -> dict | None:
+        """What speculation did in this session (None when it was not asked for)."""
+        if self.speculator is not None:
+            return {**self.speculator.report(), "notes": list(self.speculator.notes)}
+        if self.speculation is not None and self.speculation.active:
+            return {"mode": "off", "asked": self.speculation.mode, "notes": [self.speculation_note]}
+        return None
+
     def step(self, banned: TokenMask | None = None) -> Token:
         """Sample the next token from the current logits (never one of ``banned``), decode it into the
         cache, return its text."""
@@ -392,6 +444,15 @@ class LlamaSession:
         self._check_open()
         if not self.prefilled:
             raise RuntimeError("call prefill() before step()")
+        spec = self.speculator
+        if spec is not None:  # the token is drawn from the verified logits of its position
+            tok = spec.sample(banned)
+            if self.text.is_end(tok):
+                spec.drop()  # an end of turn is not decoded: neither are the guesses after it
+                return Token(id=tok, text=self.text.end(), is_eos=True)
+            check_room(self.n_past, 1, self.n_ctx, "the next token")
+            spec.advance(tok)
+            return Token(id=tok, text=self.text.push(tok), is_eos=False)
         self.sampler.use_mask(banned)
         tok = self.sampler.sample(self._ctx)
         if self.text.is_end(tok):
@@ -410,9 +471,14 @@ class LlamaSession:
         tokens = self.model.tokenize(text, special=False)
         if not tokens:
             return 0
+        if self.speculator is not None:
+            self.speculator.drop()  # unconfirmed guesses leave the cache before the forced text enters
         self._need_cells(len(tokens), "the forced text")
         self.text.reset()  # a half character left by step() is superseded by the forced text
-        self._decode_tokens(tokens)
+        if self.speculator is not None:
+            self.speculator.feed(tokens)
+        else:
+            self._decode_tokens(tokens)
         self.sampler.accept(tokens)
         return len(tokens)
 
@@ -425,6 +491,8 @@ class LlamaSession:
 
         llama_cpp, _ = libs()
         self._check_open()
+        if self.speculator is not None:
+            return np.array(self.speculator.next_row, dtype=np.float32, copy=True)
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         if not ptr:
             raise RuntimeError("no logits yet: call prefill() first")
@@ -456,6 +524,8 @@ class LlamaSession:
         """Free the sampler, batch and context (idempotent)."""
         if self._ctx is None:
             return
+        if self.draft_session is not None:
+            self.draft_session.close()
         self._ctx = None
         self.sampler.close()
         self._finalizer()

@@ -260,13 +260,20 @@ class LlamaModel:
     # -- sessions
 
     def new_session(
-        self, sampling: SamplingParams | None = None, *, n_ctx: int | None = None, n_seq: int = 1
+        self,
+        sampling: SamplingParams | None = None,
+        *,
+        n_ctx: int | None = None,
+        n_seq: int = 1,
+        speculation: Any = None,
     ) -> LlamaSession:
         """Open a session (one KV cache) of ``n_ctx`` cells; size it with :meth:`context_needed`.
 
         ``n_seq`` > 1 makes room for that many chains forked from one prefill (:meth:`LlamaSession.fork`);
         ``n_ctx`` then counts the cells of all of them (the prompt's are shared), so the trained-length
-        check is the caller's, per chain.
+        check is the caller's, per chain.  ``speculation``: a
+        :class:`~qvq_local.speculate.config.SpecSettings` (the registry's ``speculation`` capability),
+        for one chain only.
         """
         self._check_open()
         if n_ctx is None:
@@ -281,7 +288,7 @@ class LlamaModel:
                 hint="lower the thinking/answer budgets or the image size",
             )
         resolved = (sampling or SamplingParams()).resolved(self.generation_config, self.family.sampling)
-        session = LlamaSession(self, resolved, n_ctx, n_seq=n_seq)
+        session = LlamaSession(self, resolved, n_ctx, n_seq=n_seq, speculation=speculation)
         self._sessions.add(session)
         return session
 

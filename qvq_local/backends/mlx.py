@@ -24,7 +24,7 @@ from typing import Any
 
 from qvq_local.backends.base import SamplingParams
 from qvq_local.backends.mlx_session import MlxSession, activation_dtype, import_mlx
-from qvq_local.errors import BackendUnavailable, ModelError
+from qvq_local.errors import BackendUnavailable, InputError, ModelError
 from qvq_local.families import DEFAULT_FAMILY, family_for_model_type
 from qvq_local.prompt import load_chat_template
 
@@ -161,11 +161,24 @@ class MlxModel:
         return [b"" if i in special or t is None else byte_level_to_bytes(t) for i, t in enumerate(tokens)]
 
     def new_session(
-        self, sampling: SamplingParams, *, n_ctx: int | None = None, n_seq: int = 1
+        self, sampling: SamplingParams, *, n_ctx: int | None = None, n_seq: int = 1, speculation: Any = None
     ) -> MlxSession:
         """``n_seq`` > 1: the session will be forked into that many chains (:meth:`MlxSession.fork`);
-        ``n_ctx`` then counts the tokens of all of them (the prompt once)."""
-        return MlxSession(self, sampling.resolved(self.generation_config, self.family.sampling), n_ctx=n_ctx)
+        ``n_ctx`` then counts the tokens of all of them (the prompt once).  ``speculation``: a
+        :class:`~qvq_local.speculate.config.SpecSettings` (the registry's ``speculation`` capability),
+        for one chain only."""
+        if speculation is not None and speculation.active and n_seq > 1:
+            raise InputError("speculation runs on one chain; open the session with n_seq=1")
+        if speculation is not None and speculation.uses_draft_model:
+            from qvq_local.backends.mlx_spec import check_shared_vocabulary
+
+            check_shared_vocabulary(speculation.draft, self)  # before any work
+        return MlxSession(
+            self,
+            sampling.resolved(self.generation_config, self.family.sampling),
+            n_ctx=n_ctx,
+            speculation=speculation,
+        )
 
     def close(self) -> None:
         mx = import_mlx()

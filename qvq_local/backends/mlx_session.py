@@ -110,7 +110,8 @@ class MlxSession:
     cache, the positions, the sampler state (implements ``Session``).
 
     ``n_past`` counts tokens held in the KV cache (image tokens included).  That is what costs memory;
-    M-RoPE positions run behind it after an image, so the count is the conservative one.
+    M-RoPE positions run behind it after an image, so the count is the conservative one.  Guesses a
+    speculator has run into the cache but not yet confirmed are not counted (``n_cached`` counts them).
     """
 
     backend = "mlx"
@@ -124,8 +125,13 @@ class MlxSession:
         prefill_chunk: int = PREFILL_CHUNK,
         repetition_context_size: int | None = None,
         compute_dtype: str | None = "auto",
+        speculation: Any = None,
     ):
         self.mx = import_mlx()
+        self.speculation = speculation  # SpecSettings, or None: plain decoding
+        self.speculator: Any = None  # qvq_local.speculate.engine.Speculator once prefilled
+        self.speculation_note: str | None = None  # why it is off, when the settings asked for it
+        self.draft_session: Any = None  # the draft model's session (--draft)
         from mlx_vlm.models import cache as vlm_cache
 
         self.loaded = loaded
@@ -134,7 +140,7 @@ class MlxSession:
         self._tokenizer = loaded.tokenizer
         self.sampling = sampling
         self.n_ctx = int(n_ctx) if n_ctx else loaded.context_length
-        self.n_past = 0
+        self.n_cached = 0  # tokens in the KV cache (what the next position follows)
         self.images_encoded = 0
         self._chunk = max(1, int(prefill_chunk))
         self._cache = vlm_cache.make_prompt_cache(self._lm)
@@ -150,6 +156,10 @@ class MlxSession:
         self.prefix_state: PrefixState | None = None  # set by prefill(keep_prefix=True) when it has images
 
     # -- context bookkeeping -------------------------------------------------------------------------
+
+    @property
+    def n_past(self) -> int:
+        return self.n_cached - (len(self.speculator.pending) if self.speculator is not None else 0)
 
     def _check_room(self, extra: int, what: str) -> None:
         if self.n_past + extra > self.n_ctx:
@@ -169,7 +179,7 @@ class MlxSession:
     def _text_positions(self, n: int):
         """M-RoPE positions for ``n`` text tokens appended after the cache: all three axes equal."""
         mx = self.mx
-        start = self.n_past + self._rope_delta
+        start = self.n_cached + self._rope_delta
         pos = mx.arange(start, start + n, dtype=mx.int32).reshape(1, 1, n)
         return mx.broadcast_to(pos, (3, 1, n))
 
@@ -196,7 +206,7 @@ class MlxSession:
             position_ids=positions[:, :, length - 1 :],
             **(extra(offset + length - 1, offset + length) if extra else {}),
         )
-        self.n_past += 1
+        self.n_cached += 1
         return self._head(hidden)[0, -1].astype(mx.float32)
 
     def _as_act(self, embeds):
@@ -219,7 +229,7 @@ class MlxSession:
                 **(extra(offset + start, offset + end) if extra else {}),
             )
             mx.eval([c.state for c in self._cache])
-        self.n_past += length
+        self.n_cached += length
 
     def _embed_ids(self, ids: list[int]):
         mx = self.mx
@@ -270,6 +280,7 @@ class MlxSession:
         n_prefix = max((i + 1 for i, t in enumerate(ids) if t == image_token_id), default=0)
         if prefix is not None:
             self._run_after_prefix(prefix, ids, n_prefix)
+            self._start_speculation(ids, prompt)
             return PrefillStats(
                 prompt_tokens=len(ids),
                 image_tokens=image_tokens,
@@ -314,6 +325,7 @@ class MlxSession:
         features = getattr(emb, "deepstack_visual_embeds", None)
         extra = _deepstack_slicer(emb.visual_pos_masks, features) if features is not None else None
         self._run_prompt(ids, embeds, positions, extra, n_prefix, keep_prefix)
+        self._start_speculation(ids, prompt)
         return PrefillStats(
             prompt_tokens=len(ids),
             image_tokens=image_tokens,
@@ -379,6 +391,7 @@ class MlxSession:
         stats = {"prompt_tokens": len(ids), "image_tokens": prepared.video_tokens}
         if prefix is not None:
             self._run_after_prefix(prefix, ids, n_prefix)
+            self._start_speculation(ids, prompt)
             return PrefillStats(
                 **stats,
                 image_encode_s=0.0,
@@ -391,6 +404,7 @@ class MlxSession:
         if prepared.deepstack is not None:
             extra = _deepstack_slicer(prepared.visual_pos_masks, prepared.deepstack)
         self._run_prompt(ids, prepared.embeds, prepared.positions, extra, n_prefix, keep_prefix)
+        self._start_speculation(ids, prompt)
         return PrefillStats(
             **stats,
             image_encode_s=prepared.encode_s,
@@ -473,11 +487,89 @@ class MlxSession:
         for c, arrays in zip(self._cache, restored):
             c.state = arrays
         self._rope_delta = int(meta.get("rope_delta", 0))
-        self.n_past = n_prefix
+        self.n_cached = n_prefix
 
     def _require_prefill(self) -> None:
         if not self._prefilled:
             raise RuntimeError("call prefill() before step() or feed()")
+
+    # -- speculation (the registry's ``speculation`` capability) -------------------------------------
+
+    def _start_speculation(self, ids: list[int], prompt: Prompt) -> None:
+        from qvq_local.backends import mlx_spec
+        from qvq_local.speculate.setup import off_note, start_speculation
+
+        settings = self.speculation
+        if settings is None or not settings.active:
+            return
+        self.speculation_note = off_note(self.loaded.family)
+        if self.speculation_note is not None:
+            return
+        config = self._model.config
+        pads = {
+            int(t) for t in (config.image_token_id, getattr(config, "video_token_id", None)) if t is not None
+        }
+        text_ids = [t for t in ids if t not in pads]  # the drafter reads text, not image or video pads
+        self.speculator = start_speculation(
+            settings,
+            mlx_spec.MlxTarget(self),
+            row=self._logits,
+            history=text_ids,
+            room=lambda: self.n_ctx - self.n_past,
+            identity=mlx_spec.identity(self.loaded, self),
+            probe_token=ids[-1],
+            drafter=mlx_spec.draft_drafter(self, prompt) if settings.uses_draft_model else None,
+        )
+
+    def speculation_target(self) -> Any:
+        """This session's cache and sampler as a speculator's target (``qvq_local.speculate.engine.Target``):
+        for measurements that drive a speculator themselves (``qvq bench``'s replay and cost curve)."""
+        from qvq_local.backends import mlx_spec
+
+        return mlx_spec.MlxTarget(self)
+
+    def speculation_report(self) -> dict | None:
+        """What speculation did in this session (None when it was not asked for)."""
+        if self.speculator is not None:
+            return {**self.speculator.report(), "notes": list(self.speculator.notes)}
+        if self.speculation is not None and self.speculation.active:
+            return {"mode": "off", "asked": self.speculation.mode, "notes": [self.speculation_note]}
+        return None
+
+    @property
+    def compute_dtype(self) -> Any:
+        """The activations' dtype (None: the model's own)."""
+        return self._act_dtype
+
+    def run_tokens(self, ids: list[int]):
+        """Run ``ids`` through the language model after the cache in one call; the hidden states of
+        every position (not evaluated)."""
+        hidden = self._lm.model(
+            None,
+            inputs_embeds=self._as_act(self._embed_ids(ids)),
+            cache=self._cache,
+            position_ids=self._text_positions(len(ids)),
+        )
+        self.n_cached += len(ids)
+        return hidden
+
+    def head(self, hidden):
+        """The output head over hidden states (logits, not evaluated)."""
+        return self._head(hidden)
+
+    def forward_last(self, ids: list[int]):
+        """Run ``ids`` into the cache as fed text is run (chunks, last position alone); its logits,
+        evaluated."""
+        logits = self._forward(self._embed_ids(ids), self._text_positions(len(ids)))
+        self.mx.eval(logits)
+        return logits
+
+    def trim(self, n: int) -> None:
+        """Remove the cache's last ``n`` tokens (every layer's)."""
+        for c in self._cache:
+            if c.trim(n) != n:
+                raise RuntimeError("the KV cache could not be cut back (a layer that cannot roll back)")
+        self.n_cached -= n
 
     def step(self, banned: TokenMask | None = None) -> Token:
         """Sample one token (never one of ``banned``), run it into the cache (next logits computed
@@ -485,6 +577,14 @@ class MlxSession:
         mx = self.mx
         self._require_prefill()
         self._check_room(1, "generation")
+        spec = self.speculator
+        if spec is not None:  # the token is drawn from the verified logits of its position
+            token_id = spec.sample(banned)
+            if token_id in self._eos:
+                spec.advance(token_id, draft=False)  # run into the cache, as a plain step does
+                return Token(id=token_id, text=self._detok.flush(), is_eos=True)
+            spec.advance(token_id)
+            return Token(id=token_id, text=self._detok.push(token_id), is_eos=False)
         token = self.sampler.sample(self._logits, banned)
         # Two separate evaluations, so that ``token.item()`` waits for the sampler only: the forward
         # pass of this token then runs while the caller handles its text and builds the next step
@@ -506,11 +606,15 @@ class MlxSession:
         ids = self._encode(text)
         if not ids:
             return 0
+        if self.speculator is not None:
+            self.speculator.drop()  # unconfirmed guesses leave the cache before the forced text enters
         self._check_room(len(ids), "the forced text")
         # ids held for an unfinished character cannot be completed any more: the fed text follows them
         self._detok.drop()
-        self._logits = self._forward(self._embed_ids(ids), self._text_positions(len(ids)))
-        self.mx.eval(self._logits)
+        if self.speculator is not None:
+            self.speculator.feed(ids)
+        else:
+            self._logits = self.forward_last(ids)
         self.sampler.accept(ids)
         return len(ids)
 
@@ -525,6 +629,8 @@ class MlxSession:
         import numpy as np
 
         self._require_prefill()
+        if self.speculator is not None:
+            return np.array(self.speculator.next_row, dtype=np.float32, copy=True)
         return np.array(self._logits, dtype=np.float32, copy=True)
 
     # -- chains (the registry's ``chains`` capability) -----------------------------------------------------
@@ -532,7 +638,7 @@ class MlxSession:
     @property
     def next_position(self) -> int:
         """The M-RoPE position the next text token takes (tokens so far + the image's rope delta)."""
-        return self.n_past + self._rope_delta
+        return self.n_cached + self._rope_delta
 
     @property
     def logits(self):
@@ -614,6 +720,9 @@ class MlxSession:
         return logits
 
     def close(self) -> None:
+        if self.draft_session is not None:
+            self.draft_session.close()
+            self.draft_session = None
         self._cache = None
         self._logits = None
         self.mx.clear_cache()

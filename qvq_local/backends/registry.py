@@ -66,6 +66,12 @@ SERVER_BUDGET = "server_budget"
 #: sessions read ``Prompt.chat`` (the question, system prompt and budgets, for a server that applies its
 #: own chat template) rather than the templated ``Prompt.text``
 CHAT_MESSAGES = "chat_messages"
+#: ``loaded.new_session(sampling, n_ctx=, speculation=SpecSettings)``: the session drafts tokens, checks
+#: them in one batched forward pass and rolls its KV cache back past the rejected ones
+#: (:mod:`qvq_local.speculate`); ``session.speculation_report()`` says what it did, and
+#: ``session.speculation_target()`` hands its cache and sampler to a speculator of one's own (bench).
+#: A family with recurrent layers (``Family.recurrent_state``) turns it off with a note.
+SPECULATION = "speculation"
 #: sessions take ``Prompt.clip`` (a :class:`qvq_local.video.Clip`, its prompt holding one video block) as
 #: video natively; without it a clip goes in as frames, one image each with its time before it
 VIDEO_INPUT = "video_input"
@@ -83,6 +89,7 @@ CAPABILITIES = frozenset(
         VOCABULARY,
         SERVER_BUDGET,
         CHAT_MESSAGES,
+        SPECULATION,
         VIDEO_INPUT,
     }
 )
@@ -330,6 +337,7 @@ register(
                 RECURRENT_STATE,
                 TOKENIZER,
                 VOCABULARY,
+                SPECULATION,
                 VIDEO_INPUT,
             }
         ),
@@ -359,6 +367,7 @@ register(
                 RECURRENT_STATE,
                 TOKENIZER,
                 VOCABULARY,
+                SPECULATION,
             }
         ),
         hooks={

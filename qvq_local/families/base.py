@@ -41,9 +41,8 @@ class Family:
     hf_processor_class: ClassVar[str]
     #: mlx-vlm can run the family's vision tower apart from the prompt (the MLX session encodes once).
     mlx_split_vision: ClassVar[bool] = False
-    #: The language model has layers whose memory cannot be cut back to a shorter prefix (a linear-attention
-    #: layer's recurrent state, unlike a KV cache): reusing a prefix or forking a chain needs a snapshot of
-    #: that state, and rolling a draft back needs one too.
+    #: The family has layers whose memory cannot be cut back to a shorter prefix (linear attention's
+    #: recurrent state): prefix reuse, chain forks and speculative rollback must not assume they can.
     recurrent_state: ClassVar[bool] = False
 
     # ---- tokens
