@@ -843,6 +843,19 @@ def bench(
         "--video",
         help="Also ask about a synthetic 10 s clip: frames, video tokens, decode-and-sample, encode, first token.",
     ),
+    speculation: bool = typer.Option(
+        False,
+        "--speculation",
+        help="Also measure speculative decoding where a backend does it: the verify cost curve, real QVQ"
+        " replies replayed with n-gram guesses (tokens per step, speedup measured and projected), a draft"
+        " identical to the model, and what --speculate auto decides.",
+    ),
+    spec_replay: Path | None = typer.Option(
+        None,
+        "--spec-replay",
+        help="--speculation: the replies to replay (JSON {'replies': [...]} or text; default: QVQ-72B-"
+        "Preview's seven published replies).",
+    ),
 ) -> None:
     """Measure speed and memory on this machine, side by side with the raw libraries and the bandwidth limit.
 
@@ -872,6 +885,8 @@ def bench(
         options=load_options,
         option_labels={name: flag(name) for name in load_options},
         video=video,
+        speculation=speculation,
+        spec_replay=spec_replay,
     )
 
 

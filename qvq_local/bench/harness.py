@@ -195,10 +195,15 @@ def run_bench(
     options: Mapping[str, Any] | None = None,
     option_labels: Mapping[str, str] | None = None,
     video: bool = False,
+    speculation: bool = False,
+    spec_replay: str | os.PathLike | None = None,
 ) -> dict:
     """Run the whole benchmark and return the result dictionary (also written to ``json_path``).
 
     ``video``: also ask about a synthetic 10 s clip (``qvq bench --video``: one more row per backend).
+    ``speculation``: also the speculation section (``qvq bench --speculation``,
+    :mod:`qvq_local.bench.speculation`) on each backend that speculates; ``spec_replay``: the replies it
+    replays (``--spec-replay FILE``; None: QVQ-72B-Preview's published replies from tests/data).
 
     Exactly one of ``model`` and ``shape`` (``shape`` defaults to ``"tiny"`` when neither is given);
     ``family`` picks the synthetic model's family (``qvq synth --family``; None: Qwen2-VL).  ``options``:
@@ -222,6 +227,15 @@ def run_bench(
             raise InputError("--family picks a synthetic model: pass it with --shape, not with --model")
         synthetic.get_shape(shape, family)  # unknown family or shape: one line, before any work
     home_path = Path(home).expanduser() if home is not None else bench_home()
+    replies = None
+    if speculation:
+        from qvq_local.bench.speculation import replies_file
+
+        replies = replies_file(spec_replay)  # a missing or bad file: one line, before any work
+    elif spec_replay is not None:
+        raise InputError(
+            "--spec-replay is the replies of the speculation section: pass it with --speculation"
+        )
     t_start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -251,6 +265,8 @@ def run_bench(
             "home": str(home_path),
             "load_options": loaded_with,
             "video": video,
+            "speculation": speculation,
+            "spec_replay": replies,
         },
     }
     log("describing the machine")
@@ -299,6 +315,7 @@ def run_bench(
             log=log,
             options=loaded_with[name],
             video=clip,
+            spec_replay=replies,
         )
         if json_path:  # a partial file after each backend: a long run that is stopped keeps what it measured
             from qvq_local.bench import report
@@ -364,11 +381,13 @@ def _measure_backend(
     log,
     options: dict[str, Any] | None = None,
     video: str | None = None,
+    spec_replay: str | None = None,
 ) -> dict:
     """One backend's entry: why it cannot run, or its qvq-local and raw-library runs and their ratios (a
     backend bench has no raw-library comparison for gets qvq-local's figures alone, and no ratio), and
     its ``--samples`` rates where it forks chains.  ``options``: its load options, for every worker;
-    ``video``: a clip the qvq path also asks about (``--video``)."""
+    ``video``: a clip the qvq path also asks about (``--video``); ``spec_replay``: the replies of the
+    speculation section, run where the backend speculates (``--speculation``; None: not run)."""
     from qvq_local.backends import registry
     from qvq_local.bench.bandwidth import decode_bound
 
@@ -431,6 +450,15 @@ def _measure_backend(
         entry["chains"] = run_worker({"job": "chains", **common}, label=f"{name}: --samples 1/2/4/8", log=log)
     else:
         entry["chains"] = {"ok": False, "reason": why_not}
+    if spec_replay is not None:
+        if registry.get(name).has(registry.SPECULATION):
+            entry["speculation"] = run_worker(
+                {"job": "speculation", "spec_replay": spec_replay, **common},
+                label=f"{name}: speculation (cost curve, replay, identical draft)",
+                log=log,
+            )
+        else:
+            entry["speculation"] = {"ok": False, "reason": f"the {name} backend does not speculate"}
     if entry["qvq"].get("ok"):
         smallest = entry["qvq"]["sizes"][str(sizes[0])]
         entry["decode_tok_s"] = smallest["decode_tok_s"]
@@ -502,6 +530,8 @@ def bench_command(
     options: Mapping[str, Any] | None = None,
     option_labels: Mapping[str, str] | None = None,
     video: bool = False,
+    speculation: bool = False,
+    spec_replay: Path | None = None,
 ) -> dict:
     """The CLI entry: run, print the tables to stdout, say where the files went.  ``options``: the
     backends' load options as the command line gave them (``option_labels``: its flags)."""
@@ -527,6 +557,8 @@ def bench_command(
         options=options,
         option_labels=option_labels,
         video=video,
+        speculation=speculation,
+        spec_replay=spec_replay,
     )
     from qvq_local.bench.report import render_tables
 

@@ -143,6 +143,7 @@ def render_tables(result: dict, console: Console | None = None) -> None:
 
     _prefix_table(console, backends)
     _video_table(console, backends)
+    _speculation_table(console, backends)
 
     size = _table(
         "Size and memory",
@@ -250,6 +251,63 @@ def _video_table(console: Console, backends: dict) -> None:
             "[dim]as: video (native video patches) or frames (one image each, llama.cpp). decode+sample: "
             "opening the clip, seeking to and decoding the sampled frames, sizing them. encode: the vision "
             "tower. 1st tok: from the call to the first generated token.[/]"
+        )
+
+
+def _speculation_table(console: Console, backends: dict) -> None:
+    """``qvq bench --speculation``: does checking guessed tokens pay here (:mod:`qvq_local.bench.speculation`)."""
+    table = _table(
+        "Speculation (qvq bench --speculation; medians over runs)",
+        [
+            "backend",
+            "k+1 pass / 1",
+            "replay tok/step",
+            "accept",
+            "speedup",
+            "projected",
+            "Qwen vocab",
+            "self-draft",
+            "auto",
+        ],
+    )
+    rows = 0
+    for name, b in backends.items():
+        fig = b.get("speculation")
+        if not fig:
+            continue
+        if not fig.get("ok"):
+            console.print(
+                f"[yellow]{name}: speculation not measured: {fig.get('reason', '?')}[/]", highlight=False
+            )
+            continue
+        rows += 1
+        replay = fig.get("replay") or {}
+        real = replay.get("real_vocabulary") or {}
+        same = fig.get("identical_draft") or {}
+        draft, auto = same.get("draft") or {}, same.get("auto") or {}
+        ratio = (fig.get("cost_curve") or {}).get("ratio") or []
+        table.add_row(
+            name,
+            f"{_fmt(ratio[-1] if ratio else None, '.2f')} (k={fig.get('k')})",
+            _fmt(replay.get("tokens_per_step"), ".3f"),
+            _fmt(replay.get("acceptance"), ".2f"),
+            _fmt(replay.get("speedup"), ".2f") + "x",
+            _fmt(replay.get("projected_speedup"), ".2f") + "x",
+            f"{_fmt(real.get('tokens_per_step'), '.2f')} {_fmt(real.get('projected_speedup'), '.2f')}x",
+            f"{_fmt(draft.get('tokens_per_step'), '.1f')} {_fmt(draft.get('speedup'), '.2f')}x"
+            + ("" if draft.get("same_tokens", True) else " [red]tokens differ[/]"),
+            f"k={auto.get('final_k', '-')} {_fmt(auto.get('speedup'), '.2f')}x",
+        )
+    if rows:
+        console.print(table)
+        console.print(
+            "[dim]k+1 pass / 1: a forward pass over k+1 tokens against one over 1 (a bandwidth-bound GPU or "
+            "Mac: near 1; a CPU: near k+1). replay: real QVQ replies forced through the model with n-gram "
+            "guesses: tokens per pass, guesses accepted, speedup measured against the same replay one token a "
+            "pass and projected from the cost curve. Qwen vocab: the same replies in Qwen's real tokenizer "
+            "(model-free; needs dashscope): tokens per pass, projected speedup. self-draft: the model drafting "
+            "for itself, tokens per pass and speedup (the mechanism's ceiling). auto: its final k (0: off, "
+            "where it loses) and speedup.[/]"
         )
 
 

@@ -22,8 +22,9 @@ Speedups are wall-clock ratios against plain decoding of the same tokens in the 
 of ``runs`` repetitions run in turn (plain, speculative, plain, ...) after a warm-up, so a neighbour's
 load on a shared machine falls on both; every speculative run must give plain decoding's tokens
 (``same_tokens``).  Run it on a model with ``python -m qvq_local.bench.speculation MODEL
-[--spec-replay FILE] [--mismatched OTHER]`` (one JSON object; :func:`main`); ``qvq bench`` does not run it
-yet.
+[--spec-replay FILE] [--mismatched OTHER]`` (one JSON object; :func:`main`), or as a section of ``qvq
+bench --speculation [--spec-replay FILE]`` (figures 1-3 on each backend that speculates; the mismatched
+draft needs a second model, so only the module's command takes it).
 """
 
 from __future__ import annotations
@@ -304,6 +305,62 @@ def prompt_and_ids(loaded, family, image, question: str, system: str | None) -> 
     return Prompt(text=text, images=[image]), ids
 
 
+#: QVQ-72B-Preview's seven published replies (the repository's test data; see its ``source``)
+DEFAULT_REPLIES = "tests/data/replies/qvq72b_preview_blog.json"
+
+
+def replies_file(path=None) -> str:
+    """The replay's replies file, checked (:func:`qvq_local.speculate.replay.read_replies`): ``path``, or
+    the published replies in a checkout of the repository; InputError (one line) otherwise."""
+    from pathlib import Path
+
+    from qvq_local.errors import InputError
+    from qvq_local.speculate.replay import read_replies
+
+    if path is None:
+        found = Path(__file__).resolve().parents[2] / DEFAULT_REPLIES
+        if not found.is_file():
+            raise InputError(
+                f"the default replay replies ({DEFAULT_REPLIES}) come with a checkout of qvq-local:"
+                " pass --spec-replay FILE"
+            )
+        path = found
+    read_replies(str(path))
+    return str(path)
+
+
+def job(spec: dict, load_model) -> dict:
+    """The bench worker's ``speculation`` job: figures 1-3 on the model of ``spec`` (``load_model``: the
+    worker's loader), from the smallest bench image; each reply replayed for up to 4 x the bench's decode
+    tokens (at most :data:`REPLAY_TOKENS`), the identical draft run for its decode tokens (at most
+    :data:`DRAFT_TOKENS`)."""
+    from qvq_local.bench.workload import QUESTION
+    from qvq_local.images import prepare_images
+    from qvq_local.speculate.replay import read_replies
+
+    replies, source = read_replies(spec["spec_replay"])
+    model = load_model(spec)
+    try:
+        family = model.family
+        size = sorted(spec["images"], key=int)[0]
+        image = prepare_images([spec["images"][size]], model.max_pixels, factor=family.image_factor)[0].image
+        prompt, ids = prompt_and_ids(model.loaded, family, image, QUESTION, family.system_prompt or None)
+        decode = int(spec["decode_tokens"])  # the bench's decode length sizes the section's runs
+        figures = measure_speculation(
+            model.loaded,
+            prompt,
+            ids,
+            replies=replies,
+            replay_source=source,
+            replay_tokens=min(REPLAY_TOKENS, 4 * decode),
+            draft_tokens=min(DRAFT_TOKENS, decode),
+            runs=int(spec["runs"]),
+        )
+    finally:
+        model.close()
+    return {"ok": True, "image_size": int(size), **figures}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m qvq_local.bench.speculation MODEL [--spec-replay FILE] [--mismatched OTHER] [--k K]
     [--runs N] [--backend B] [--image PNG]``: the section on one model, printed as JSON.  ``FILE``: replies
@@ -321,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     from qvq_local.errors import QvqError
     from qvq_local.speculate.replay import read_replies
 
-    default_replies = Path(__file__).resolve().parents[2] / "tests/data/replies/qvq72b_preview_blog.json"
+    default_replies = Path(__file__).resolve().parents[2] / DEFAULT_REPLIES
     parser = argparse.ArgumentParser(prog="python -m qvq_local.bench.speculation")
     parser.add_argument("model")
     parser.add_argument("--spec-replay", default=str(default_replies))
@@ -371,11 +428,14 @@ def main(argv: list[str] | None = None) -> int:
 __all__ = [
     "DRAFT_TOKENS",
     "REPLAY_TOKENS",
+    "DEFAULT_REPLIES",
     "draft_section",
+    "job",
     "measure_speculation",
     "prompt_and_ids",
     "real_vocabulary_replay",
     "replay_section",
+    "replies_file",
     "verify_curve",
 ]
 

@@ -14,7 +14,8 @@ Jobs (``spec["job"]``):
   think_budget=N)`` (images, prompt, Session, reasoning controller with a forced answer), per image size;
 * ``raw``: the library alone on the same files (``bench.raw_paths``): mlx-vlm's ``stream_generate`` or
   llama-cpp-python's ``create_chat_completion`` with its Qwen2-VL chat handler;
-* ``chains``: the ``--samples N`` decode rates (``bench.chains``).
+* ``chains``: the ``--samples N`` decode rates (``bench.chains``);
+* ``speculation``: the speculation section (``bench.speculation``: cost curve, replay, identical draft).
 
 Every figure is the median over ``runs`` repetitions after one warm-up per image size; the individual
 values are kept in ``samples`` and their min, max and quartiles in ``spread`` (``bench.stats``).
@@ -182,8 +183,16 @@ def job_chains(spec: dict) -> dict:
     return {"ok": True, "image_size": int(sizes[0]), **figures}
 
 
+def job_speculation(spec: dict) -> dict:
+    """``qvq bench --speculation`` (:func:`qvq_local.bench.speculation.job`)."""
+    from qvq_local.bench import speculation
+
+    return speculation.job(spec, load_model)
+
+
 JOBS = {
     "chains": job_chains,
+    "speculation": job_speculation,
     "synth": job_synth,
     "convert-gguf": job_convert_gguf,
     "convert-mlx": job_convert_mlx,
