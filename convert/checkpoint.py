@@ -259,8 +259,9 @@ def _sort_key(name: str, family: Family) -> tuple:
 
 # ------------------------------------------------------------------------------------------ shape checks
 def _check_tensors(ckpt: Checkpoint) -> None:
-    want = ckpt.family.expected_shapes(ckpt.text, ckpt.vision)
     have = ckpt._stored_names
+    # the family's published layout, or another one the family reads (transformers 5's save_pretrained)
+    want = ckpt.family.layout_shapes(ckpt.text, ckpt.vision, {n: ckpt.shape(n) for n in have})
     # A tied checkpoint may still carry lm_head; accept it if its shape is right.
     if ckpt.text.tie_word_embeddings and "lm_head.weight" in have:
         want["lm_head.weight"] = (ckpt.text.vocab_size, ckpt.text.hidden_size)

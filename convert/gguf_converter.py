@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 from qvq_local.convert.checkpoint import Checkpoint
 from qvq_local.convert.gguf_mmproj import PATCH_FRAME_NAMES, image_norm, plan_mmproj_tensors
 from qvq_local.convert.gguf_stream import PlannedTensor
-from qvq_local.convert.gguf_text import Vocab, add_text_keys, plan_text_tensors
+from qvq_local.convert.gguf_text import TextSource, Vocab, add_text_keys, plan_text_tensors
 
 from qvq_local.errors import ModelError
 from qvq_local.families import Family
@@ -43,7 +43,7 @@ from qvq_local.families import Family
 CONVERTERS: dict[str, type[GgufConverter]] = {}
 
 #: The modules of the built-in families' converter classes, imported on the first lookup.
-_BUILT_IN = ("gguf_qwen2vl", "gguf_qwen2_5vl", "gguf_qwen3vl")
+_BUILT_IN = ("gguf_qwen2vl", "gguf_qwen2_5vl", "gguf_qwen3vl", "gguf_qwen3vl_moe", "gguf_qwen3_5")
 
 
 def register(*family_names: str) -> Callable[[type[GgufConverter]], type[GgufConverter]]:
@@ -99,22 +99,32 @@ class GgufConverter:
             )
 
     # ---- the text model
-    def text_tensor_names(self) -> list[tuple[str, str]]:
-        """``(checkpoint name, GGUF name)`` of every text tensor, in the order the GGUF stores them: the
-        embedding, each layer's tensors in :attr:`text_layer_map` order, the final norm, the output head
-        (when the checkpoint has one)."""
+    def text_tensor_names(self) -> list[tuple[str | TextSource, str]]:
+        """``(checkpoint name or TextSource, GGUF name)`` of every text tensor, in the order the GGUF stores
+        them: the embedding, each layer's tensors (:meth:`text_layer_tensors`), the final norm, the output
+        head (when the checkpoint has one)."""
         p, text = self.family.text_prefix, self.ckpt.text
-        pairs = [(p + "embed_tokens.weight", "token_embd.weight")]
+        pairs: list[tuple[str | TextSource, str]] = [(p + "embed_tokens.weight", "token_embd.weight")]
         for i in range(text.num_layers):
-            pairs += [(f"{p}layers.{i}.{k}", f"blk.{i}.{g}") for k, g in self.text_layer_map.items()]
+            pairs += self.text_layer_tensors(i)
         pairs.append((p + "norm.weight", "output_norm.weight"))
         if "lm_head.weight" in self.ckpt:
             pairs.append(("lm_head.weight", "output.weight"))
         return pairs
 
+    def text_layer_tensors(self, layer: int) -> list[tuple[str | TextSource, str]]:
+        """Text layer ``layer``'s tensors: :attr:`text_layer_map`, renamed."""
+        p = f"{self.family.text_prefix}layers.{layer}."
+        return [(p + k, f"blk.{layer}.{g}") for k, g in self.text_layer_map.items()]
+
+    def keep_f32(self, gguf_name: str) -> bool:
+        """True for a 2-D text tensor that stays F32 at every quantisation (llama.cpp's converter keeps the
+        expert routers, the convolution kernels and the like in F32).  The base: none."""
+        return False
+
     def text_tensor_plan(self, weight_type: str) -> list[PlannedTensor]:
         """The text tensors with their types (``weight_type`` as in :func:`gguf_text.plan_text_tensors`)."""
-        return plan_text_tensors(self.ckpt, self.text_tensor_names(), weight_type)
+        return plan_text_tensors(self.ckpt, self.text_tensor_names(), weight_type, self.keep_f32)
 
     def add_text_keys(self, w: Any, vocab: Vocab, file_type: int, name: str) -> None:
         """Add the text GGUF's key/values to the GGUFWriter ``w``."""

@@ -62,6 +62,8 @@ class Qwen3VLConverter(GgufConverter):
         "linear_fc2.bias": "mm.2.bias",
     }
     #: DeepStack merger suffix -> mmproj name; ``{}`` is the ViT layer the merger reads (not its list index).
+    #: The text architecture reads a DeepStack layer count (``n_deepstack_layers``).
+    deepstack_key: ClassVar[bool] = True
     mmproj_deepstack_map: ClassVar[dict[str, str]] = {
         "norm.weight": "v.deepstack.{}.norm.weight",
         "norm.bias": "v.deepstack.{}.norm.bias",
@@ -89,16 +91,18 @@ class Qwen3VLConverter(GgufConverter):
 
     # ---- the text model
     def add_text_keys(self, w: Any, vocab: Vocab, file_type: int, name: str) -> None:
-        """The generic keys, then the head size (not width / heads on 4B) and the DeepStack layer count."""
+        """The generic keys, then the head size (not width / heads on 4B) and the DeepStack layer count
+        (where the text architecture reads one: :attr:`deepstack_key`)."""
         from gguf import Keys
 
         super().add_text_keys(w, vocab, file_type, name)
         w.add_key_length(self.ckpt.text.head_dim)
         w.add_value_length(self.ckpt.text.head_dim)
-        w.add_uint32(
-            Keys.LLM.NUM_DEEPSTACK_LAYERS.format(arch=self.family.gguf_text_arch),
-            len(self.ckpt.vision.deepstack_visual_indexes),
-        )
+        if self.deepstack_key:
+            w.add_uint32(
+                Keys.LLM.NUM_DEEPSTACK_LAYERS.format(arch=self.family.gguf_text_arch),
+                len(self.ckpt.vision.deepstack_visual_indexes),
+            )
 
     # ---- the mmproj
     def mmproj_tensors(self) -> list[tuple[str, str, Any]]:

@@ -12,7 +12,7 @@ transformers), and everything that can be wrong is checked before the caller wri
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,7 +165,8 @@ def add_text_keys(w: Any, ckpt: Checkpoint, vocab: Vocab, file_type: int, name: 
     w.add_context_length(t.max_position_embeddings)
     w.add_embedding_length(t.hidden_size)
     w.add_block_count(t.num_layers)
-    w.add_feed_forward_length(t.intermediate_size)
+    if t.intermediate_size:  # a model whose every layer is a mixture of experts has no dense width
+        w.add_feed_forward_length(t.intermediate_size)
     w.add_head_count(t.num_heads)
     w.add_head_count_kv(t.num_kv_heads)
     w.add_layer_norm_rms_eps(t.rms_norm_eps)
@@ -204,24 +205,66 @@ def generation_sampling(ckpt: Checkpoint) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ tensors
+@dataclass(frozen=True)
+class TextSource:
+    """Where a text GGUF tensor's data comes from when it is not a checkpoint tensor copied as it is.
+
+    ``name``: the checkpoint tensor; ``parts``: several checkpoint tensors stacked along a new first axis
+    instead (experts stored one by one; ``name`` is then the first, ``shape`` is needed); ``rows``:
+    ``(start, stop)`` row ranges of it along axis 0, read in this order (a permutation of row blocks;
+    None: all rows); ``select``: applied to every row block read
+    (a reshape, a slice, a transpose: it must keep the block's rows apart, and work on the raw bits of a
+    BF16 block as on float32, unless ``arithmetic``); ``shape``: the tensor's shape once selected (None:
+    the checkpoint's); ``arithmetic``: ``select`` computes with the values (``-exp(x)``, ``x + 1``), so the
+    tensor is read as float32, never copied as raw BF16 bits.
+    """
+
+    name: str
+    parts: tuple[str, ...] = ()
+    rows: tuple[tuple[int, int], ...] | None = None
+    select: Callable[[Any], Any] | None = None
+    shape: tuple[int, ...] | None = None
+    arithmetic: bool = False
+
+
 def plan_text_tensors(
-    ckpt: Checkpoint, names: list[tuple[str, str]], weight_type: str
+    ckpt: Checkpoint,
+    names: list[tuple[str | TextSource, str]],
+    weight_type: str,
+    keep_f32: Callable[[str], bool] | None = None,
 ) -> list[PlannedTensor]:
-    """The text tensors ``names`` lists (``(checkpoint name, GGUF name)``, in GGUF order).
-    ``weight_type`` is the type of 2-D weights: ``F32``, ``F16``, or ``source`` (keep the checkpoint's
-    precision: BF16 stays raw BF16, F16 stays F16, F32 stays F32).  Norms and biases are always F32."""
+    """The text tensors ``names`` lists (``(checkpoint name or TextSource, GGUF name)``, in GGUF order).
+    ``weight_type`` is the type of 2-D (and 3-D) weights: ``F32``, ``F16``, or ``source`` (keep the
+    checkpoint's precision: BF16 stays raw BF16, F16 stays F16, F32 stays F32; a tensor computed from its
+    values is F32).  Norms, biases and every tensor ``keep_f32(gguf_name)`` names are always F32."""
     plan: list[PlannedTensor] = []
     for src, gname in names:
-        shape = ckpt.shape(src)
-        if len(shape) == 1:
+        source = src if isinstance(src, TextSource) else TextSource(src)
+        shape = source.shape or ckpt.shape(source.name)
+        if len(shape) == 1 or (keep_f32 is not None and keep_f32(gname)):
             qtype = "F32"
         elif weight_type == "source":
-            qtype = {"BF16": "BF16", "F16": "F16", "F32": "F32"}[ckpt.dtype(src)]
+            stored = ckpt.dtype(source.name)
+            qtype = "F32" if source.arithmetic else {"BF16": "BF16", "F16": "F16", "F32": "F32"}[stored]
         else:
             qtype = weight_type
-        plan.append(PlannedTensor(gname, shape, qtype, _source(ckpt, src, qtype)))
+        plan.append(PlannedTensor(gname, tuple(shape), qtype, _source(ckpt, source, qtype)))
     return plan
 
 
-def _source(ckpt: Checkpoint, name: str, qtype: str) -> Callable[[], Any]:
-    return lambda: iter_encoded(ckpt, name, qtype)
+def _source(ckpt: Checkpoint, source: TextSource, qtype: str) -> Callable[[], Any]:
+    if source.parts:
+
+        def stacked() -> Iterator[Any]:
+            for part in source.parts:
+                yield from iter_encoded(ckpt, part, qtype, select=source.select)
+
+        return stacked
+    if source.rows is None:
+        return lambda: iter_encoded(ckpt, source.name, qtype, select=source.select)
+
+    def chunks() -> Iterator[Any]:
+        for start, stop in source.rows:
+            yield from iter_encoded(ckpt, source.name, qtype, start, stop, source.select)
+
+    return chunks

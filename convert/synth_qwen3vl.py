@@ -22,12 +22,17 @@ from qvq_local.families.qwen3vl import SynthShape
 _MARKED_SPECIAL = frozenset(qwen2vl.FAMILY.special_tokens)
 
 
-def build_tokenizer_json(base: int, kind: str = "trained") -> str:
-    """tokenizer.json: the Qwen2 byte-level BPE of ``tokenizer_synth`` with Qwen3's 26 added tokens."""
+def build_tokenizer_json(
+    base: int,
+    kind: str = "trained",
+    specials: tuple[str, ...] = qwen3vl.FAMILY.special_tokens,
+    pattern: str = tokenizer_synth.QWEN2_PATTERN,
+) -> str:
+    """tokenizer.json: the byte-level BPE of ``tokenizer_synth`` split with ``pattern`` (Qwen2's by
+    default) and Qwen3's 26 added tokens (``specials``), of which only Qwen2-VL's 14 are marked special."""
     from tokenizers import AddedToken, Tokenizer
 
-    specials = qwen3vl.FAMILY.special_tokens
-    data = json.loads(tokenizer_synth.build_tokenizer_json(base, kind, ()))
+    data = json.loads(tokenizer_synth.build_tokenizer_json(base, kind, (), pattern))
     data["added_tokens"] = []
     tok = Tokenizer.from_str(json.dumps(data))
     tok.add_special_tokens([AddedToken(t, special=t in _MARKED_SPECIAL, normalized=False) for t in specials])

@@ -26,7 +26,7 @@ from qvq_local.families import Family
 WRITERS: dict[str, type[SynthWriter]] = {}
 
 #: The modules of the built-in families' writers, imported on the first lookup.
-_BUILT_IN = ("synth_qwen2vl", "synth_qwen2_5vl", "synth_qwen3vl")
+_BUILT_IN = ("synth_qwen2vl", "synth_qwen2_5vl", "synth_qwen3vl", "synth_qwen3vl_moe", "synth_qwen3_5")
 
 
 def register(*family_names: str) -> Callable[[type[SynthWriter]], type[SynthWriter]]:

@@ -17,7 +17,8 @@ Design choices:
   the order of writing, and the same seed always gives the same files.
 - Weights are streamed to disk tensor by tensor, big ones in row blocks, so a 7b checkpoint is written
   with a few hundred MB of memory.
-- Linear weights and biases ~ N(0, 0.02); norm weights ~ 1 + N(0, 0.02) and norm biases ~ N(0, 0.02),
+- Linear weights and biases ~ N(0, 0.02); norm weights ~ 1 + N(0, 0.02) (zero-centred ones, which scale by
+  ``1 + weight``, ~ N(0, 0.02)) and norm biases ~ N(0, 0.02),
   so activations stay sane, logits are not degenerate, and a converter that swaps two norms or drops a
   bias shows up in parity tests (exactly-1 norms would hide that).
 """
@@ -44,9 +45,6 @@ DTYPES = {"bf16": ("BF16", 2, "bfloat16"), "f32": ("F32", 4, "float32")}
 
 _CHUNK_ELEMS = 8 * 1024 * 1024  # ~32 MB of float32 per generated block
 _INIT_STD = 0.02
-
-#: Names a tensor that is a norm's weight ends with: drawn around 1, every other tensor around 0.
-_NORM_WEIGHTS = ("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")
 
 
 def get_family(family: str | Family | None = None) -> Family:
@@ -89,14 +87,22 @@ def family_of(shape: Any) -> Family:
 QWEN_VOCAB_ROWS = 151936
 
 
+def has_real_vocabulary(fam: Family) -> bool:
+    """True when the family's vocabulary is the one ``tokenizer_qwen`` reads (Qwen2's, which Qwen2-VL,
+    Qwen2.5-VL and Qwen3-VL share); Qwen3.5's 248,044-token one is not available offline."""
+    return fam.base_vocab == DEFAULT_FAMILY.base_vocab
+
+
 def default_tokenizer(shape: Any, family: str | Family | None = None) -> str:
     """``qwen`` for shapes laid out for the real vocabulary (every family's published sizes) when its file
-    is installed, else ``trained`` (tiny keeps its small trained tokenizer unless asked)."""
+    is installed and it is the family's, else ``trained`` (tiny keeps its small trained tokenizer unless
+    asked)."""
     from . import tokenizer_qwen
 
     s = get_shape(shape, family)
-    real = family_of(s).base_vocab
-    return "qwen" if s.tokenizer_base == real and tokenizer_qwen.available() else "trained"
+    fam = family_of(s)
+    real = s.tokenizer_base == fam.base_vocab and has_real_vocabulary(fam)
+    return "qwen" if real and tokenizer_qwen.available() else "trained"
 
 
 def with_tokenizer(shape: Any, tokenizer: str | None, family: str | Family | None = None) -> tuple[Any, str]:
@@ -112,8 +118,15 @@ def with_tokenizer(shape: Any, tokenizer: str | None, family: str | Family | Non
     if kind not in tokenizer_synth.KINDS:
         raise InputError(f"unknown tokenizer {kind!r}; choose one of {', '.join(tokenizer_synth.KINDS)}")
     if kind == "qwen":
+        fam = family_of(s)
+        if not has_real_vocabulary(fam):
+            raise InputError(
+                f"{fam.name}'s own vocabulary ({fam.base_vocab:,} base tokens) is not available offline; "
+                f"only Qwen2's ({DEFAULT_FAMILY.base_vocab:,}) is",
+                hint="use --tokenizer trained",
+            )
         tokenizer_qwen.require_vocab_file()
-        real = family_of(s).base_vocab
+        real = fam.base_vocab
         if s.tokenizer_base != real:
             s = replace(s, tokenizer_base=real, vocab_size=max(s.vocab_size, QWEN_VOCAB_ROWS))
     elif s.tokenizer_base + len(family_of(s).special_tokens) > s.vocab_size:
@@ -183,12 +196,13 @@ class TensorSpec:
 
 def tensor_specs(shape: Any, family: str | Family | None = None) -> list[TensorSpec]:
     """Every tensor of the checkpoint: the ones its family expects of the config it gets, with their
-    original names and shapes, in the family's order; norm weights are drawn around 1."""
+    original names and shapes, in the family's order; norm weights that scale as they are drawn around 1
+    (``Family.is_unit_norm_weight``)."""
     s = get_shape(shape, family)
     fam = family_of(s)
     text, vision = fam.dims_from_config(build_config(s), Path("config.json"))
     return [
-        TensorSpec(name, tuple(dims), "norm_weight" if name.endswith(_NORM_WEIGHTS) else "normal")
+        TensorSpec(name, tuple(dims), "norm_weight" if fam.is_unit_norm_weight(name) else "normal")
         for name, dims in fam.expected_shapes(text, vision).items()
     ]
 

@@ -7,7 +7,9 @@ puts the project's guarantees around it:
   anything is written;
 * checkpoints in transformers 5's naming (``model.language_model.*``, ``model.visual.*``) are first
   staged under the family's original names (Qwen2-VL's), because mlx-vlm 0.7 only maps the original
-  ones;
+  ones; likewise a config.json in transformers 5's spelling or tensors in its layout (what its
+  ``save_pretrained`` writes for some families: ``Family.published_config``, ``Family.published_layout``)
+  are staged in the published ones;
 * the output is written into a hidden sibling folder and renamed into place at the very end, so a
   failure or Ctrl-C never leaves a folder that looks complete;
 * mlx-vlm's own prints are captured and turned into a Rich spinner (stderr) that names the stage;
@@ -19,13 +21,16 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import struct
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qvq_local.convert.quants import DEFAULT_BITS, DEFAULT_GROUP_SIZE, MLX_BITS, MLX_GROUP_SIZES
 
@@ -64,19 +69,19 @@ def convert_to_mlx(
     if out_dir.exists() and not overwrite:
         raise InputError("output already exists", path=out_dir, hint="use --force to replace it")
 
-    family, needs_renaming, weight_files = validate_source(src)
+    family, plan, weight_files = validate_source(src)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _check_disk(src, out_dir.parent, weight_files, bits, group_size, needs_renaming, family)
+    _check_disk(src, out_dir.parent, weight_files, bits, group_size, plan.needed, family)
 
     partial = atomic.partial_dir(out_dir)
     staging: Path | None = None
     try:
         with _Reporter(progress) as report:
             source_for_mlx = src
-            if needs_renaming:
+            if plan.needed:
                 staging = partial.with_name(partial.name.replace(".partial-", ".staging-"))
-                report.stage(f"Staging weights under the original {family.name} names")
-                stage_original_names(src, staging, weight_files, report, family)
+                report.stage(f"Staging the checkpoint in the published {family.name} layout")
+                stage_original_names(src, staging, weight_files, report, family, plan)
                 source_for_mlx = staging
             report.stage("Loading")
             _run_mlx_vlm_convert(source_for_mlx, partial, bits, group_size, report)
@@ -94,8 +99,23 @@ def convert_to_mlx(
 
 
 # ----------------------------------------------------------------------------- source validation
-def validate_source(src: Path) -> tuple[Family, bool, list[Path]]:
-    """Validate ``src`` with the project's checkpoint checks; return (its family, needs renaming, weight
+@dataclass(frozen=True)
+class StagingPlan:
+    """What must change before mlx-vlm 0.7 can read a checkpoint: the tensor names (transformers 5's ->
+    the family's original ones), config.json (rewritten in the published spelling; None: as it is), and
+    tensors stored in another layout (stored name -> the transpose axes to the published one)."""
+
+    rename: bool = False
+    config: dict[str, Any] | None = None
+    transposes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def needed(self) -> bool:
+        return self.rename or self.config is not None or bool(self.transposes)
+
+
+def validate_source(src: Path) -> tuple[Family, StagingPlan, list[Path]]:
+    """Validate ``src`` with the project's checkpoint checks; return (its family, what to stage, weight
     files).
 
     ``open_checkpoint`` checks config, architecture, shards, truncation and every tensor's shape
@@ -105,7 +125,15 @@ def validate_source(src: Path) -> tuple[Family, bool, list[Path]]:
 
     ckpt = open_checkpoint(src)
     try:
-        return ckpt.family, ckpt.naming == "transformers5", list(ckpt.shards)
+        family = ckpt.family
+        published = family.published_config(ckpt.config)
+        layout = family.published_layout(ckpt.text, {n: ckpt.shape(n) for n in ckpt.names})
+        plan = StagingPlan(
+            rename=ckpt.naming == "transformers5",
+            config=published if published != ckpt.config else None,
+            transposes={ckpt.stored_name(n): axes for n, axes in layout.items()},
+        )
+        return family, plan, list(ckpt.shards)
     finally:
         ckpt.release()
 
@@ -168,18 +196,29 @@ def _check_disk(
 
 # ----------------------------------------------------------------------------- renamed staging copy
 def stage_original_names(
-    src: Path, staging: Path, weight_files: list[Path], report: _Reporter, family: Family
+    src: Path,
+    staging: Path,
+    weight_files: list[Path],
+    report: _Reporter,
+    family: Family,
+    plan: StagingPlan | None = None,
 ) -> None:
-    """Write a copy of ``src`` whose safetensors use the family's original names.
+    """Write a copy of ``src`` whose safetensors use the family's original names, in the layout ``plan``
+    asks for (its config.json, its transposed tensors).
 
-    Only the headers change: each file's data section is streamed byte for byte after a rewritten
-    header, so memory stays flat and dtypes (bf16 included) are untouched.  Non-weight files are
+    The headers change; each file's data section is streamed byte for byte after the rewritten header,
+    except a tensor to transpose, which is rewritten one block of its first axis at a time (transposes
+    keep that axis), so memory stays bounded and dtypes (bf16 included) are untouched.  Other files are
     symlinked.
     """
+    plan = plan or StagingPlan(rename=True)
     staging.mkdir(parents=True)
     weight_names = {p.name for p in weight_files}
     for item in src.iterdir():
         if item.name in weight_names or item.name == INDEX_NAME or item.is_dir():
+            continue
+        if item.name == "config.json" and plan.config is not None:
+            (staging / item.name).write_text(json.dumps(plan.config, indent=2) + "\n", encoding="utf-8")
             continue
         (staging / item.name).symlink_to(item.resolve())
 
@@ -192,14 +231,24 @@ def stage_original_names(
     total = sum(p.stat().st_size for p in weight_files)
     report.start_bytes(total)
     for path in weight_files:
-        _copy_renamed(path, staging / path.name, report, family)
+        _copy_renamed(path, staging / path.name, report, family, plan.transposes)
     report.stop_bytes()
 
 
-def _copy_renamed(path: Path, dest: Path, report: _Reporter, family: Family) -> None:
+def _copy_renamed(
+    path: Path,
+    dest: Path,
+    report: _Reporter,
+    family: Family,
+    transposes: dict[str, tuple[int, ...]] | None = None,
+) -> None:
+    transposes = transposes or {}
     with open(path, "rb") as fh:
         (header_len,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(header_len))
+        turned = {k: v for k, v in header.items() if k in transposes}
+        for k, v in turned.items():
+            header[k] = {**v, "shape": [v["shape"][a] for a in transposes[k]]}
         renamed = {
             (k if k == "__metadata__" else family.original_tensor_name(k)): v for k, v in header.items()
         }
@@ -209,6 +258,9 @@ def _copy_renamed(path: Path, dest: Path, report: _Reporter, family: Family) -> 
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
             report.advance_bytes(8 + header_len)
+            if turned:
+                _copy_transposing(fh, out, 8 + header_len, turned, transposes, report)
+                return
             while True:
                 chunk = fh.read(16 << 20)
                 if not chunk:
@@ -258,6 +310,53 @@ def _run_mlx_vlm_convert(src: Path, dest: Path, bits: int | None, group_size: in
         raise ModelError(f"MLX conversion failed: {_describe(err, sink)}", path=src) from None
     except Exception as err:  # noqa: BLE001 - mlx-vlm raises ValueError/KeyError/... for bad checkpoints
         raise ModelError(f"MLX conversion failed: {_describe(err, sink)}", path=src) from None
+
+
+def _copy_transposing(
+    fh: Any,
+    out: Any,
+    data_start: int,
+    turned: dict[str, Any],
+    transposes: dict[str, tuple[int, ...]],
+    report: _Reporter,
+) -> None:
+    """Copy a safetensors data section from ``fh`` to ``out``, transposing the tensors ``turned`` (their
+    header entries, as stored) by ``transposes``: byte ranges copied as they are around them, each of them
+    rewritten one block of its first axis at a time (a transpose here keeps the first axis)."""
+    import numpy as np
+
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2}
+    bits = {4: np.uint32, 2: np.uint16}
+    pos = 0
+    for name, entry in sorted(turned.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        start, stop = entry["data_offsets"]
+        _copy_bytes(fh, out, data_start + pos, start - pos, report)
+        shape, axes = entry["shape"], transposes[name]
+        if axes[0] != 0:  # pragma: no cover - a family's mistake
+            raise ValueError(f"{name}: the transpose {axes} moves the first axis")
+        size = itemsize[entry["dtype"]]
+        row = size * math.prod(shape[1:])
+        fh.seek(data_start + start)
+        step = max(1, (64 << 20) // max(1, row))
+        for first in range(0, shape[0], step):
+            n = min(step, shape[0] - first)
+            block = np.frombuffer(fh.read(n * row), dtype=bits[size]).reshape(n, *shape[1:])
+            out.write(np.ascontiguousarray(block.transpose(axes)).tobytes())
+            report.advance_bytes(n * row)
+        pos = stop
+    fh.seek(0, 2)
+    _copy_bytes(fh, out, data_start + pos, fh.tell() - data_start - pos, report)
+
+
+def _copy_bytes(fh: Any, out: Any, offset: int, count: int, report: _Reporter) -> None:
+    fh.seek(offset)
+    while count > 0:
+        chunk = fh.read(min(count, 16 << 20))
+        if not chunk:
+            raise ModelError("the file ended early while staging it", path=Path(fh.name))
+        out.write(chunk)
+        count -= len(chunk)
+        report.advance_bytes(len(chunk))
 
 
 def _describe(err: BaseException, sink: _StageSink) -> str:

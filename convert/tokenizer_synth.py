@@ -153,9 +153,12 @@ def vocab_and_merges(kind: str, base_size: int) -> tuple[dict[str, int], list[tu
 
 
 @functools.lru_cache(maxsize=4)
-def build_tokenizer_json(base_size: int, kind: str, special_tokens: tuple[str, ...]) -> str:
-    """tokenizer.json text: Qwen2 normaliser / pre-tokeniser / decoder, the BPE, then ``special_tokens``
-    (a family's, in id order from ``base_size``).
+def build_tokenizer_json(
+    base_size: int, kind: str, special_tokens: tuple[str, ...], pattern: str = QWEN2_PATTERN
+) -> str:
+    """tokenizer.json text: Qwen2's normaliser / decoder, the pre-tokeniser splitting on ``pattern`` (the
+    family's regex; Qwen2's by default), the BPE, then ``special_tokens`` (a family's, in id order from
+    ``base_size``).
 
     Built once per process, kind and family (the real vocabulary takes a few seconds).
     """
@@ -177,7 +180,7 @@ def build_tokenizer_json(base_size: int, kind: str, special_tokens: tuple[str, .
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

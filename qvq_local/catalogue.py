@@ -24,6 +24,18 @@ machines this was written on):
   collection holds the 4-bit conversions (``Qwen3-VL-4B-Instruct-4bit`` was seen); the Thinking repos'
   names follow the same pattern but were NOT seen in a listing.  Sizes: estimates (4.5 bits a weight).
 
+* ``Qwen/Qwen3-VL-30B-A3B-Thinking-GGUF``: Qwen's own (projector ``mmproj-Qwen3VL-30B-A3B-Thinking-*.gguf``,
+  seen linked from other projects); a third-party table gives Q4_K_M 18.6 GiB and the F16 projector
+  1.08 GB, which the size below adds up (not read from a listing here: an estimate).
+  ``mlx-community/Qwen3-VL-30B-A3B-Thinking-4bit``: the collection's naming, NOT seen; size estimated
+  (text 30.5B parameters x 4.5 bits, the ViT at 16 bits).
+* ``unsloth/Qwen3.5-{4B,9B,35B-A3B}-GGUF``: seen in other projects' pins, ``Qwen3.5-9B-Q4_K_M.gguf``
+  5,680,522,464 bytes (one project's record of the hub's size: 5.08 bits a text weight); the other
+  sizes are estimated at that rate, and every projector (F16 of the ViT: 0.9 GB for 9B and 35B-A3B,
+  0.66 GB for 4B) too, so every Qwen3.5 size here is an estimate.
+  ``mlx-community/Qwen3.5-9B-MLX-4bit`` (and ``-2B-MLX-4bit``) were seen; ``-4B-`` and ``-35B-A3B-``
+  follow the naming, NOT seen.  Sizes: estimates (4.5 bits a text weight, the ViT at 16 bits).
+
 Qwen2.5-VL has no entry: no repo with a matching projector was found in a listing (``owner/repo:QUANT``
 works for any of them).
 """
@@ -77,6 +89,42 @@ CATALOGUE: dict[str, Entry] = {
         family="Qwen3-VL",
         apple=Source("mlx-community/Qwen3-VL-4B-Thinking-4bit", "mlx", int(2.6 * GB), size_checked=False),
         other=Source("Qwen/Qwen3-VL-4B-Thinking-GGUF:Q4_K_M", "gguf", int(3.3 * GB), size_checked=False),
+    ),
+    "qwen3-vl-30b-a3b": Entry(
+        name="qwen3-vl-30b-a3b",
+        title="Qwen3-VL-30B-A3B-Thinking",
+        shape="30b-a3b",
+        family="Qwen3-VL-MoE",
+        apple=Source(
+            "mlx-community/Qwen3-VL-30B-A3B-Thinking-4bit", "mlx", int(18.3 * GB), size_checked=False
+        ),
+        other=Source(
+            "Qwen/Qwen3-VL-30B-A3B-Thinking-GGUF:Q4_K_M", "gguf", int(21.1 * GB), size_checked=False
+        ),
+    ),
+    "qwen3.5-4b": Entry(
+        name="qwen3.5-4b",
+        title="Qwen3.5-4B",
+        shape="4b",
+        family="Qwen3.5",
+        apple=Source("mlx-community/Qwen3.5-4B-MLX-4bit", "mlx", int(3.0 * GB), size_checked=False),
+        other=Source("unsloth/Qwen3.5-4B-GGUF:Q4_K_M", "gguf", int(3.3 * GB), size_checked=False),
+    ),
+    "qwen3.5-9b": Entry(
+        name="qwen3.5-9b",
+        title="Qwen3.5-9B",
+        shape="9b",
+        family="Qwen3.5",
+        apple=Source("mlx-community/Qwen3.5-9B-MLX-4bit", "mlx", int(5.9 * GB), size_checked=False),
+        other=Source("unsloth/Qwen3.5-9B-GGUF:Q4_K_M", "gguf", int(6.6 * GB), size_checked=False),
+    ),
+    "qwen3.5-35b-a3b": Entry(
+        name="qwen3.5-35b-a3b",
+        title="Qwen3.5-35B-A3B",
+        shape="35b-a3b",
+        family="Qwen3.5-MoE",
+        apple=Source("mlx-community/Qwen3.5-35B-A3B-MLX-4bit", "mlx", int(20.4 * GB), size_checked=False),
+        other=Source("unsloth/Qwen3.5-35B-A3B-GGUF:Q4_K_M", "gguf", int(22.9 * GB), size_checked=False),
     ),
     "qwen3-vl-8b": Entry(
         name="qwen3-vl-8b",

@@ -382,6 +382,18 @@ QUESTION_OPTIONS: tuple[_Shared, ...] = (
         lambda value: not value,
     ),
     _Shared(
+        "think",
+        bool | None,
+        _opt(
+            None,
+            "--think/--no-think",
+            help="Switch the model's thinking on or off where its chat template can (enable_thinking:"
+            " Qwen3.5; off, it answers at once). Default: the template's own (Qwen3.5-4B and up think,"
+            " 0.8B/2B do not).",
+        ),
+        "question",
+    ),
+    _Shared(
         "lang_lock",
         str,
         _opt(

@@ -32,7 +32,7 @@ from qvq_local.families import (
     describe_supported,
     family_for_config,
     family_for_gguf_arch,
-    family_for_projector,
+    family_for_gguf_pair,
 )
 from qvq_local.formats.gguf import GgufHeader, GgufHeaderError, read_whole_gguf
 from qvq_local.formats.manifest import MANIFEST_NAME, read_manifest
@@ -463,19 +463,23 @@ def _check_gguf_pair(
         )
         return
     projector = proj["fields"].get(Keys.Clip.PROJECTOR_TYPE)
-    expected = family or DEFAULT_FAMILY
-    proj_family = family_for_projector(projector)
-    # families may share a text architecture (Qwen2.5-VL's is qwen2vl too): the projector decides
-    if proj_family is None or proj_family.gguf_text_arch != expected.gguf_text_arch:
+    text_arch = (family or DEFAULT_FAMILY).gguf_text_arch
+    # families share a text architecture (Qwen2.5-VL's is qwen2vl too) or a projector (Qwen3-VL's is
+    # Qwen3.5's too): the pair decides
+    pair = family_for_gguf_pair(text_arch, projector)
+    if pair is None:
+        wanted = " or ".join(
+            dict.fromkeys(f.gguf_projector for f in FAMILIES.values() if f.gguf_text_arch == text_arch)
+        )
         findings.append(
             Finding(
                 "error",
                 str(mmproj),
-                f"projector type {projector!r} is not {expected.gguf_projector} "
-                "(a projector for another model family)",
+                f"projector type {projector!r} is not {wanted} (a projector for another model family)",
             )
         )
         return
+    expected = pair
     dim = proj["fields"].get(Keys.ClipVision.PROJECTION_DIM)
     rows = None
     tensors = proj["tensors"]

@@ -356,9 +356,9 @@ def list_models() -> list[dict[str, Any]]:
 
 def model_family(model: ResolvedModel) -> str | None:
     """The registered family (``Family.name``) of a resolved model, from its files' own words: a folder's
-    config.json, a GGUF pair's mmproj projector (families may share a text architecture); None when
-    unknown or unreadable."""
-    from qvq_local.families import family_for_config, family_for_gguf_arch, family_for_projector
+    config.json, a GGUF pair's text architecture and projector (families share one or the other); None
+    when unknown or unreadable."""
+    from qvq_local.families import family_for_config, family_for_gguf_arch, family_for_gguf_pair
 
     try:
         if model.format == "gguf":
@@ -366,14 +366,12 @@ def model_family(model: ResolvedModel) -> str | None:
 
             from qvq_local.formats.gguf import read_gguf_metadata
 
+            arch = read_gguf_metadata(model.path, {Keys.General.ARCHITECTURE}).get(Keys.General.ARCHITECTURE)
             if model.mmproj is not None:
                 keys = {Keys.Clip.PROJECTOR_TYPE}
                 projector = read_gguf_metadata(model.mmproj, keys).get(Keys.Clip.PROJECTOR_TYPE)
-                family = family_for_projector(projector)
+                family = family_for_gguf_pair(arch, projector)
             else:
-                arch = read_gguf_metadata(model.path, {Keys.General.ARCHITECTURE}).get(
-                    Keys.General.ARCHITECTURE
-                )
                 family = family_for_gguf_arch(arch)
         else:
             folder = model.path if model.path.is_dir() else model.path.parent

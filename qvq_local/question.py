@@ -43,7 +43,15 @@ from qvq_local.events import (
 )
 from qvq_local.images import PreparedImage, prepare_images
 from qvq_local.prompt import build_prompt
-from qvq_local.splitter import default_forced_text, default_markers, question_language, reply_answer
+from qvq_local.splitter import (
+    THINKING_SWITCH,
+    default_forced_text,
+    default_markers,
+    has_thinking_switch,
+    question_language,
+    reply_answer,
+    thought_is_open,
+)
 from qvq_local.video import video_token_default
 from qvq_local.video_prompt import clip_prompt, prefix_key_part, split_media
 
@@ -87,6 +95,8 @@ def stream_question(
         markers = default_markers(loaded.chat_template)
         default_system = family.system_prompt or None  # Qwen3-VL's templates have none
         system_text = default_system if options.system is None else (options.system or None)
+        remote_template = model.spec.has(registry.CHAT_MESSAGES)  # a server applies its own template
+        switch = None if remote_template else _thinking_switch(loaded.chat_template, options)
         source, images = split_media(images)
         earlier = [image for turn in history for image in turn.images]
         if source is not None:
@@ -105,6 +115,7 @@ def stream_question(
                 chat_template=loaded.chat_template,
                 system=system_text,
                 machine=model.machine_class,
+                variables=switch,
             )
             prepared = [] if clip.native else clip_frames(clip, loaded)
             text = clip.text
@@ -115,13 +126,22 @@ def stream_question(
             history = _answers_only(_with_images(history, prepared), markers)
             own = len(prepared) - len(earlier)  # the question's own images, after the earlier turns'
             text = build_prompt(
-                loaded.chat_template, question, own, system_text, family=family, history=history
+                loaded.chat_template,
+                question,
+                own,
+                system_text,
+                family=family,
+                history=history,
+                variables=switch,
             )
         infos = [replace(p.info) for p in prepared]
         for info in infos:  # the backend's own count is the one that fills its context
             info.tokens = int(loaded.image_token_estimate(*info.size))
         if clip is not None and not clip.native:
             clip.info.tokens = sum(info.tokens for info in infos)
+        thinking = (
+            options.think is not False if remote_template else thought_is_open(text, loaded.chat_template)
+        )
 
         image_tokens = sum(info.tokens for info in infos) + (clip.info.tokens if clip and clip.native else 0)
         text_tokens = _count_text_tokens(model, text)
@@ -158,25 +178,30 @@ def stream_question(
             "loop_detection": options.loop_detection,
             "system": system_text,
             "question_language": question_language(question),
+            "thinking": thinking,
         }
         if history:
             settings["earlier_turns"] = len(history)
         thought_mask, lock_info = model.language_mask(lock)
         settings["lang_lock"] = {"mode": options.lang_lock, **lock_info}
-        if options.samples > 1:
+        samples = options.samples
+        if samples > 1 and not _holds_recurrent_state(model):
+            model.cache_notice(
+                f"{_label(options, 'samples')} {samples}: the {model.backend} backend cannot copy"
+                f" {family.name}'s recurrent state per chain; running one chain"
+            )
+            samples = 1
+        if samples > 1:
             from qvq_local.chains import chain_sampling
 
             sampling = chain_sampling(options.sampling, resolved)
             resolved = sampling.resolved(getattr(loaded, "generation_config", {}) or {}, family.sampling)
             settings.update({k: getattr(resolved, k) for k in ("temperature", "top_p", "top_k")})
-            settings["samples"] = options.samples
+            settings["samples"] = samples
             if not model.spec.has(registry.CHAINS):
-                from qvq_local.settings import API_LABELS
-
-                name = {**API_LABELS, **options.labels}["samples"]
                 forking = " or ".join(s.title for s in registry.with_capability(registry.CHAINS))
                 raise InputError(
-                    f"{name} {options.samples} needs a backend that decodes chains in one batch"
+                    f"{_label(options, 'samples')} {samples} needs a backend that decodes chains in one batch"
                     f" ({forking or 'none is registered'}); the {model.backend} backend runs one chain"
                     " at a time"
                 )
@@ -185,8 +210,8 @@ def stream_question(
             _speculation(model, options, settings)  # one chain only: auto is off with a note
             session = loaded.new_session(
                 sampling,
-                n_ctx=prompt_cells + options.samples * (n_ctx - prompt_cells),
-                n_seq=options.samples,
+                n_ctx=prompt_cells + samples * (n_ctx - prompt_cells),
+                n_seq=samples,
             )
         else:
             session = loaded.new_session(
@@ -214,6 +239,7 @@ def stream_question(
                 answer_budget=options.answer_budget,
                 max_new_tokens=cap if stated else None,
                 history=tuple(replace(t, images=tuple(p.image for p in t.images)) for t in history),
+                think=options.think,
             )
         stats, cached = prefix_cache.prefill(
             session,
@@ -258,8 +284,8 @@ def stream_question(
         )
         tracker.see(started)
         yield started
-        if options.samples > 1:
-            chains = session.fork(options.samples)
+        if samples > 1:
+            chains = session.fork(samples)
         speculating = _SpecFigures(session, options.speculate) if _asked(model, options) else None
         for event in _reason(
             model,
@@ -273,6 +299,7 @@ def stream_question(
             markers,
             thought_mask,
             chains,
+            thinking,
         ):
             if isinstance(event, Finished) and remote:
                 _server_counts(session, event.result)
@@ -300,6 +327,36 @@ def stream_question(
             chain.close()
         if session is not None:
             session.close()
+
+
+def _label(options: AskSettings, name: str) -> str:
+    """How the caller spells option ``name`` (``--samples`` on the command line, ``samples`` in Python)."""
+    from qvq_local.settings import API_LABELS
+
+    return str({**API_LABELS, **options.labels}[name])
+
+
+def _holds_recurrent_state(model: Any) -> bool:
+    """False for a model with a recurrent state (``Family.recurrent_state``) on a backend that cannot
+    snapshot or copy it (the registry's ``recurrent_state`` capability): no prefix reuse, one chain."""
+    return not model.family.recurrent_state or model.spec.has(registry.RECURRENT_STATE)
+
+
+def _thinking_switch(chat_template: str | None, options: AskSettings) -> dict[str, bool] | None:
+    """The template variable that switches thinking as ``options.think`` asks (None: the template's
+    default).  Asking a template without the switch not to think is refused in one line; asking it to
+    think changes nothing (such models think, or do not, as they were made)."""
+    if options.think is None:
+        return None
+    if not has_thinking_switch(chat_template):
+        if options.think:
+            return None
+        name = _label(options, "think").split("/")[-1]
+        raise InputError(
+            f"{name}: this model's chat template has no thinking switch ({THINKING_SWITCH}); it thinks as it"
+            " was made to (a think budget still cuts the thought short)"
+        )
+    return {THINKING_SWITCH: options.think}
 
 
 def _speculation(model: Any, options: AskSettings, settings: dict) -> dict:
@@ -409,6 +466,12 @@ def _prefix_key(
         return None
     if not model.spec.has(registry.PREFIX_STATE):
         return None
+    if not _holds_recurrent_state(model):
+        model.cache_notice(
+            f"prefix cache: the {model.backend} backend cannot snapshot {model.family.name}'s recurrent"
+            " state; running without it"
+        )
+        return None
     loaded = model.loaded
     native = clip is not None and clip.native
     block = model.family.video_block if native else model.family.image_block
@@ -437,7 +500,9 @@ def _earlier_keys(
 ) -> list[tuple[int, str]]:
     """``(images, key)`` of the prompt's prefixes that end at the earlier turns' images, nearest first:
     where a backend can restore such a state and encode only the later images (``partial_prefix``)."""
-    if not model.spec.has(registry.PARTIAL_PREFIX):
+    if not model.spec.has(registry.PARTIAL_PREFIX) or model.family.recurrent_state:
+        # a recurrent state restored at an earlier turn's image is not yet checked against a fresh prefill:
+        # such a model reuses only a whole prompt's prefix
         return []
     keys = []
     for images in range(min(earlier, len(prepared) - 1), 0, -1):
@@ -459,8 +524,9 @@ def _reason(
     markers: tuple[str, ...],
     thought_mask=None,
     chains: list | None = None,
+    thinking: bool = True,
 ) -> Iterator[Event]:
-    """Run the controller and pass its events on.
+    """Run the controller and pass its events on (``thinking``: the prompt leaves the thought open).
 
     The controller answers Ctrl-C (raised inside it, or thrown into it) with one last
     ``Finished(stop_reason="interrupted")`` and does not re-raise; this layer forwards a Ctrl-C that
@@ -490,6 +556,7 @@ def _reason(
         loop=LoopSettings() if options.loop_detection and not on_server else None,
         forced_text=forced_text,
         answer_markers=markers,
+        thinking=thinking,
     )
     timings = Timings(
         load_s=model.load_s,

@@ -76,6 +76,8 @@ class ReasoningConfig:
     of the user's own.  ``loop``: loop detection settings, None to switch it off.
     ``answer_reserve``: tokens kept free for the answer when thinking is cut by the context or
     ``max_tokens`` rather than by ``think_budget``.  ``ignore_eos``: keep generating past EOS (benchmarks).
+    ``thinking``: the model thinks first (False: the prompt closed the thought, a template's thinking
+    switched off; every token is answer and ``think_budget`` has nothing to cut).
     """
 
     think_budget: int | None = None
@@ -88,6 +90,7 @@ class ReasoningConfig:
     loop: LoopSettings | None = field(default_factory=LoopSettings)
     answer_reserve: int = 256
     ignore_eos: bool = False
+    thinking: bool = True
 
     def __post_init__(self) -> None:
         _check_count("think budget", self.think_budget, allow_none=True)
@@ -171,6 +174,8 @@ class _Run:
         self.t_start = clock()
         self.t0 = started_at if started_at is not None else self.t_start
         self.splitter = ThoughtAnswerSplitter(config.markers)
+        if not config.thinking:  # thinking switched off: the answer starts at the first token
+            self.splitter.force_answer()
         self.loop = LoopDetector(config.loop) if config.loop is not None else None
         self.prompt_tokens = int(self.base.pop("prompt_tokens", session.n_past))
         self.thought_tokens = 0
@@ -328,7 +333,9 @@ class _Run:
         thought, answer = self.splitter.thought, self.splitter.answer
         thought_tokens, answer_tokens = self.thought_tokens, self.answer_tokens
         answer_source = "marker" if self.splitter.marker else ("forced" if self.forced else "none")
-        if self.stop == "answer" and self.splitter.marker is None and not self.forced:
+        if not self.cfg.thinking:
+            answer_source = "no_thought"
+        elif self.stop == "answer" and self.splitter.marker is None and not self.forced:
             thought, answer = infer_answer(thought)
             answer_source = "last_paragraph"
             if answer:

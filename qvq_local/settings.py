@@ -49,6 +49,7 @@ CLI_LABELS: Mapping[str, str | None] = MappingProxyType(
         "samples": "--samples",
         "seed": "--seed",
         "system": "--system",
+        "think": "--think/--no-think",
         "speculate": "--speculate",
         "fps": "--fps",
         "max_frames": "--max-frames",
@@ -72,6 +73,7 @@ API_LABELS: Mapping[str, str | None] = MappingProxyType(
         "seed": "seed",
         "system": "system",
         "forced_text": "forced_text",
+        "think": "think",
         "speculate": "speculate",
     }
 )
@@ -90,7 +92,9 @@ class AskSettings:
     the template's own default).  ``loop_detection``: cut reasoning loops.  ``forced_text``: fed when
     thinking is cut (None: what suits the model and the question).  ``lang_lock``: auto | on | off
     (:mod:`qvq_local.lang`).  ``samples``: reasoning chains from one prefill, decoded in one batch, whose
-    ``\\boxed{}`` answers vote (:mod:`qvq_local.chains`; 1: one chain, as always).  ``speculate``: off |
+    ``\\boxed{}`` answers vote (:mod:`qvq_local.chains`; 1: one chain, as always).  ``think``: switch the
+    model's thinking on or off where its chat template has the switch (``enable_thinking``: Qwen3.5);
+    None: the template's own default.  ``speculate``: off |
     ngram | draft | auto, speculative decoding in the backend session (:mod:`qvq_local.speculate`; the
     output is plain decoding's, only faster where it pays; ``draft`` needs a model loaded with a draft).
     """
@@ -108,6 +112,7 @@ class AskSettings:
     #: thinking is cut early enough to leave the answer room under it.  None: no cap of its own.
     max_tokens: int | None = None
     samples: int = 1  # reasoning chains decoded together from one prefill; their boxed answers vote
+    think: bool | None = None  # the template's thinking switch (enable_thinking); None: its default
     speculate: str = "off"  # off | ngram | draft | auto (qvq_local.speculate.config.MODES)
     #: how a clip is sampled (``fps``, ``max_frames``, ``video_tokens``, given flat: :data:`VIDEO_OPTIONS`)
     video: VideoOptions = field(default_factory=VideoOptions)
@@ -157,6 +162,8 @@ class AskSettings:
             self._set(name, value)
         for name in ("system", "forced_text"):
             check_text(getattr(self, name), label(name))
+        if self.think is not None and not isinstance(self.think, bool):
+            raise InputError(f"{label('think')} must be true or false, got {self.think!r}")
         self.video.check()
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or not 1 <= self.samples <= 64:
             raise InputError(f"{label('samples')} must be a whole number from 1 to 64, got {self.samples!r}")

@@ -96,6 +96,25 @@ def uses_think_tags(chat_template: str | None) -> bool:
     return bool(chat_template) and THINK_OPEN in chat_template
 
 
+#: The chat-template variable that switches thinking on and off (Qwen3's and Qwen3.5's templates: off, the
+#: assistant turn opens an empty ``<think>\n\n</think>\n\n``).
+THINKING_SWITCH = "enable_thinking"
+
+
+def has_thinking_switch(chat_template: str | None) -> bool:
+    """True when the model's chat template can be told to think or not (it reads ``enable_thinking``)."""
+    return bool(chat_template) and THINKING_SWITCH in chat_template
+
+
+def thought_is_open(prompt_text: str, chat_template: str | None) -> bool:
+    """Whether the model thinks first after ``prompt_text`` (a rendered prompt): a think-tag model does
+    unless the prompt closed its think block itself (thinking switched off); a model without think tags
+    (QVQ) always does, in prose, up to its answer marker."""
+    if not uses_think_tags(chat_template):
+        return True
+    return not prompt_text.rstrip().endswith(THINK_CLOSE)
+
+
 def default_forced_text(chat_template: str | None, question: str | None = None) -> str:
     """The forced transition that suits a model and a question.
 

@@ -17,6 +17,7 @@ prompt (``qvq_local.prompt``); the API asks it and hands the result to the sessi
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,10 @@ def clip_prompt(
     chat_template: str | None,
     system: str | None,
     machine: str = "cpu",
+    variables: Mapping[str, object] | None = None,
 ) -> ClipPrompt:
-    """Sample ``source`` for this model and render the single-turn prompt about it."""
+    """Sample ``source`` for this model and render the single-turn prompt about it (``variables``: the
+    template's, as :func:`qvq_local.prompt.build_prompt` takes them: the thinking switch)."""
     options = source.options or options
     native = goes_in_natively(family, model_name, backend_takes_video)
     temporal = temporal_patch(family, native)
@@ -133,13 +136,19 @@ def clip_prompt(
         )
     labels: list[str] = []
     if native:
-        text = build_prompt(chat_template, question, 0, system, family=family, videos=1)
+        text = build_prompt(chat_template, question, 0, system, family=family, videos=1, variables=variables)
         images: list = []
         tokens = clip.tokens
     else:
         labels = [family.video_timestamp.format(seconds=t) for t in clip.timestamps]
         text = build_prompt(
-            chat_template, question, len(clip.frames), system, family=family, frame_labels=labels
+            chat_template,
+            question,
+            len(clip.frames),
+            system,
+            family=family,
+            frame_labels=labels,
+            variables=variables,
         )
         images = list(clip.frames)
         tokens = len(clip.frames) * family.image_tokens(*clip.frame_size)

@@ -212,3 +212,43 @@ def hub_server(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
     yield server
     server.close()
+
+
+# ---- Qwen3.5 (dense and MoE): the hybrid families with a recurrent state (tests/test_family_qwen3_5.py,
+# tests/test_recurrent_state.py).  Keyed by family name.
+
+Q35_ALIAS = {"Qwen3.5": "qwen3.5", "Qwen3.5-MoE": "qwen3.5-moe"}
+
+
+@pytest.fixture(scope="session")
+def q35_ckpts(artifacts) -> dict[str, Path]:
+    from qvq_local.convert import synthetic
+
+    return {
+        name: synthetic.write_checkpoint(artifacts / f"q35-tiny-{alias}", "tiny", dtype="f32", family=alias)
+        for name, alias in Q35_ALIAS.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def q35_ggufs(artifacts, q35_ckpts):
+    from qvq_local.convert.to_gguf import convert_to_gguf
+
+    return {
+        name: convert_to_gguf(
+            ckpt, artifacts / f"q35-gguf-{Q35_ALIAS[name]}", quant="f32", mmproj_quant="f32"
+        )
+        for name, ckpt in q35_ckpts.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def q35_mlx(artifacts, q35_ckpts):
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_vlm")
+    from qvq_local.convert.to_mlx import convert_to_mlx
+
+    return {
+        name: convert_to_mlx(ckpt, artifacts / f"q35-mlx-{Q35_ALIAS[name]}", bits=None)
+        for name, ckpt in q35_ckpts.items()
+    }

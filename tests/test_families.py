@@ -235,12 +235,17 @@ def test_the_guard_sees_literals_and_only_literals(source, found):
     assert bool(_family_literals(source)) is found
 
 
-#: Methods the base class implements once for every family, from the family's own attributes.
+#: Methods the base class implements once for every family, from the family's own attributes, or with the
+#: answer most families share (the published layout is the only one they read; norm weights near 1).
 _SHARED_METHODS = {
     "matches_config",
     "image_grid",
     "image_tokens",
     "is_vision_tensor",
+    "is_unit_norm_weight",
+    "layout_shapes",
+    "published_layout",
+    "published_config",
     "takes_video",
     "video_time_scale",
 }

@@ -135,6 +135,24 @@ def test_vllm_reasoning_field(replay, sample_image):
     assert result.boxed == "4" and result.stop_reason == "answer"
 
 
+def test_the_thinking_switch_goes_to_the_servers_template(replay, sample_image, monkeypatch):
+    """--think/--no-think reach a server that applies its own template: vLLM (and qvq serve) read
+    ``chat_template_kwargs.enable_thinking``; QVQ-Max its ``enable_thinking``; none is sent by default."""
+    server = replay("vllm", ["vllm_reasoning_stream.sse"] * 3, model="Qwen/QVQ-72B-Preview")
+    with load("Qwen/QVQ-72B-Preview", backend="openai", base_url=server.url, api_key="k") as model:
+        for think in (None, True, False):
+            result = model.ask(sample_image, QUESTION, think=think)
+    assert "chat_template_kwargs" not in server.bodies[0]
+    assert server.bodies[1]["chat_template_kwargs"] == {"enable_thinking": True}
+    assert server.bodies[2]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert result.settings["thinking"] is False  # what the server streams is taken as answer
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "dash-key")
+    server = replay("system", ["qvq_max_stream.sse"], model="qvq-max")
+    with load("qvq-max", backend="openai", base_url=server.url) as model:
+        model.ask(sample_image, QUESTION, think=False)
+    assert server.bodies[0]["enable_thinking"] is False and "chat_template_kwargs" not in server.bodies[0]
+
+
 def test_vllm_plain_content_budget_continues_the_assistant_message(replay, sample_image):
     server = replay(
         "vllm", ["vllm_plain_stream.sse", "vllm_continuation_stream.sse"], model="Qwen/QVQ-72B-Preview"

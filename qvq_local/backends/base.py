@@ -61,6 +61,8 @@ class ChatTurn:
     max_new_tokens: int | None = None
     #: the answer budget, for a server that keeps it (``loaded.answer_budget_on_server``)
     answer_budget: int | None = None
+    #: the server template's thinking switch (``enable_thinking``; None: the server's default)
+    think: bool | None = None
     #: the turns before the question (:class:`qvq_local.conversation.Turn`), user turns with their images
     #: (PIL, bounded) and assistant turns as their answers
     history: tuple = ()

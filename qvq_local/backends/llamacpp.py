@@ -40,7 +40,7 @@ from qvq_local.families import (
     FAMILIES,
     Family,
     family_for_gguf_arch,
-    family_for_projector,
+    family_for_gguf_pair,
     supported_gguf_archs,
 )
 from qvq_local.fit import gpu_split
@@ -53,7 +53,7 @@ from qvq_local.formats.gguf import (
 )
 
 # The text architectures and mmproj projectors this backend runs are the registered families'
-# (``qvq_local.families``: family_for_gguf_arch / family_for_projector).
+# (``qvq_local.families``: family_for_gguf_arch / family_for_gguf_pair).
 
 #: Sessions without an explicit ``n_ctx`` get this many cells (capped at the trained length).
 DEFAULT_N_CTX = 8192
@@ -412,13 +412,15 @@ def load(
             path=mmproj_path,
         )
     projector = pmeta.get(Keys.Clip.PROJECTOR_TYPE) or pmeta.get(Keys.ClipVision.PROJECTOR_TYPE)
-    # Families may share a text architecture (Qwen2.5-VL's text GGUF is ``qwen2vl`` too): the projector
-    # says which family the pair is.
-    proj_family = family_for_projector(projector)
-    if proj_family is None or proj_family.gguf_text_arch != arch:
-        expected = " or ".join(f.gguf_projector for f in FAMILIES.values() if f.gguf_text_arch == arch)
+    # Families share a text architecture (Qwen2.5-VL's text GGUF is ``qwen2vl`` too) or a projector
+    # (Qwen3.5's and Qwen3-VL MoE's mmproj is Qwen3-VL's ``qwen3vl_merger``): the pair says which it is.
+    pair = family_for_gguf_pair(arch, projector)
+    if pair is None:
+        expected = " or ".join(
+            dict.fromkeys(f.gguf_projector for f in FAMILIES.values() if f.gguf_text_arch == arch)
+        )
         raise ModelError(f"mmproj projector type is {projector!r}, expected {expected}", path=mmproj_path)
-    family = proj_family
+    family = pair
 
     options = options if options is not None else llama_buffers.LlamaOptions()
     llama_cpp, mtmd_cpp = libs()

@@ -79,6 +79,14 @@ def activation_dtype(mx: Any, lm: Any, choice: str | None) -> Any:
     return None
 
 
+def _cache_kind(cache: Any) -> str:
+    """``kv`` for a layer's key/value cache, ``arrays`` for a recurrent layer's (mlx-vlm's ``ArraysCache``:
+    a linear-attention layer's convolution window and state)."""
+    from mlx_vlm.models.cache import ArraysCache
+
+    return "arrays" if isinstance(cache, ArraysCache) else "kv"
+
+
 def _deepstack_slicer(visual_pos_masks, features):
     """``extra(start, end)`` for ``MlxSession._forward``: DeepStack features for prompt tokens start:end.
 
@@ -407,15 +415,23 @@ class MlxSession:
     # -- prefix state (registry capability ``prefix_state``) --------------------------------------------
 
     def _export_prefix(self, prefix_ids: list[int]) -> PrefixState:
-        """The cache's key/value arrays now (just after the prefix), as numpy; bf16 kept as its bits."""
+        """The cache's arrays now (just after the prefix), as numpy; bf16 kept as its bits.  A KV cache
+        gives its keys and values (``<layer>.keys``, ``<layer>.values``); a recurrent layer's cache (a
+        linear-attention layer's convolution window and state, which cannot be cut back to a shorter
+        prefix) gives its arrays as they are (``<layer>.state<j>``)."""
         import numpy as np
 
         mx = self.mx
         tensors: dict = {}
         dtypes: dict = {}
-        for i, c in enumerate(self._cache):
-            keys, values = c.state
-            for name, arr in ((f"{i}.keys", keys), (f"{i}.values", values)):
+        kinds = [_cache_kind(c) for c in self._cache]
+        for i, (c, kind) in enumerate(zip(self._cache, kinds)):
+            if kind == "kv":
+                keys, values = c.state
+                named = [(f"{i}.keys", keys), (f"{i}.values", values)]
+            else:
+                named = [(f"{i}.state{j}", arr) for j, arr in enumerate(c.state) if arr is not None]
+            for name, arr in named:
                 dtypes[name] = str(arr.dtype).rsplit(".", 1)[-1]
                 if arr.dtype == mx.bfloat16:
                     arr = arr.view(mx.uint16)
@@ -426,39 +442,50 @@ class MlxSession:
             n_pos=len(prefix_ids) + self._rope_delta,
             ids=list(prefix_ids),
             tensors=tensors,
-            meta={"rope_delta": self._rope_delta, "dtypes": dtypes, "layers": len(self._cache)},
+            meta={
+                "rope_delta": self._rope_delta,
+                "dtypes": dtypes,
+                "layers": len(self._cache),
+                "kinds": kinds,
+            },
         )
 
     def _restore_prefix(self, state: PrefixState, ids: list[int], n_prefix: int) -> None:
         """Check ``state`` against this prompt's first ``n_prefix`` ids and make its arrays the cache.
 
-        A state that does not fit (other text, other image sizes, another model's shapes) raises
-        ``InputError``.
+        A state that does not fit (other text, other image sizes, another model's shapes or layer kinds)
+        raises ``InputError``.
         """
         mx = self.mx
         meta = state.meta or {}
+        kinds = [_cache_kind(c) for c in self._cache]
         if (
             state.backend != self.backend
             or not n_prefix
             or list(state.ids) != ids[:n_prefix]
             or meta.get("layers") != len(self._cache)
+            or list(meta.get("kinds") or ["kv"] * len(self._cache)) != kinds
         ):
             raise InputError("the saved prefix state does not match this prompt (other text or images)")
         dtypes = meta.get("dtypes") or {}
+
+        def array(name: str, ok) -> Any:
+            arr = state.tensors.get(name)
+            if arr is None or not ok(arr):
+                raise InputError(f"the saved prefix state has no usable {name} array")
+            out = mx.array(arr)
+            return out.view(mx.bfloat16) if dtypes.get(name) == "bfloat16" else out
+
         restored = []
-        for i in range(len(self._cache)):
-            pair = []
-            for name in (f"{i}.keys", f"{i}.values"):
-                arr = state.tensors.get(name)
-                if arr is None or arr.ndim != 4 or arr.shape[2] != n_prefix:
-                    raise InputError(f"the saved prefix state has no usable {name} array")
-                out = mx.array(arr)
-                if dtypes.get(name) == "bfloat16":
-                    out = out.view(mx.bfloat16)
-                pair.append(out)
-            restored.append(tuple(pair))
-        for c, pair in zip(self._cache, restored):
-            c.state = pair
+        for i, (c, kind) in enumerate(zip(self._cache, kinds)):
+            if kind == "kv":
+                kv = lambda a: a.ndim == 4 and a.shape[2] == n_prefix  # noqa: E731
+                restored.append((array(f"{i}.keys", kv), array(f"{i}.values", kv)))
+            else:
+                one_row = lambda a: a.ndim >= 2 and a.shape[0] == 1  # noqa: E731
+                restored.append([array(f"{i}.state{j}", one_row) for j in range(len(c.state))])
+        for c, arrays in zip(self._cache, restored):
+            c.state = arrays
         self._rope_delta = int(meta.get("rope_delta", 0))
         self.n_cached = n_prefix
 
@@ -619,9 +646,12 @@ class MlxSession:
         return self._logits
 
     def fork(self, n: int) -> list:
-        """After prefill: ``n`` chains decoded as one batch over a batched copy of this KV cache
+        """After prefill: ``n`` chains.  Decoded as one batch over a batched copy of this KV cache
         (:mod:`qvq_local.backends.mlx_chains`): the cache is repeated along its batch axis, one row per
-        chain, so the image is encoded and the prompt prefilled once."""
+        chain, so the image is encoded and the prompt prefilled once.  A model with a recurrent state
+        (``Family.recurrent_state``) gets one session per chain instead, each with its own copy of the
+        cache (:meth:`_copy`): mlx-vlm's hybrid models build their own masks, so padded rows of a batch
+        would run through the recurrent state."""
         mx = self.mx
         self._require_prefill()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -629,12 +659,40 @@ class MlxSession:
         if self._forked:
             raise RuntimeError("fork() was already called on this session")
         self._forked = True
+        if self.loaded.family.recurrent_state:
+            share = (self.n_ctx - self.n_past) // n
+            seed = int(self.sampling.seed or 0)
+            return [self._copy(seed + i, self.n_past + share) for i in range(n)]
         for c in self._cache:
             keys, values = c.state
             c.keys = mx.repeat(keys, n, axis=0)
             c.values = mx.repeat(values, n, axis=0)
         mx.eval([c.state for c in self._cache])
         return mlx_chains.start_chains(self, n)
+
+    def _copy(self, seed: int, n_ctx: int) -> MlxSession:
+        """A session continuing from this one's state with its own copy of every cache array (a recurrent
+        state included), its own sampler (this one's history, seeded ``seed``) and ``n_ctx`` cells."""
+        from dataclasses import replace
+
+        mx = self.mx
+        other = MlxSession.__new__(MlxSession)
+        other.__dict__.update(self.__dict__)
+        other.sampling = replace(self.sampling, seed=seed)
+        other.sampler = self.sampler.fork(seed)
+        other.n_ctx = n_ctx
+        other.images_encoded = 0  # the image was encoded once, by this session
+        other._detok = Detokenizer(self._tokenizer)
+        other._forked = True  # a chain does not fork again
+        other.prefix_state = None
+        from mlx_vlm.models import cache as vlm_cache
+
+        other._cache = vlm_cache.make_prompt_cache(self._lm)
+        for mine, theirs in zip(self._cache, other._cache):
+            arrays = mine.state
+            theirs.state = type(arrays)(None if a is None else mx.array(a) for a in arrays)
+        mx.eval([c.state for c in other._cache])
+        return other
 
     def forward_rows(self, tokens: Any, positions: Any, mask: Any, last: Any):
         """One forward pass of a batch of chains over the repeated cache: ``tokens`` and ``positions``

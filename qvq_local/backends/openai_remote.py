@@ -507,8 +507,10 @@ class RemoteSession:
             body["thinking_budget"] = chat.think_budget
         if self.traits.answer_budget_on_server and chat.answer_budget is not None:
             body["answer_budget"] = chat.answer_budget
-        if self.traits.enable_thinking:
-            body["enable_thinking"] = True
+        if self.traits.enable_thinking:  # Alibaba's API: thinking is asked for, on unless switched off
+            body["enable_thinking"] = chat.think is not False
+        elif chat.think is not None:  # the template's switch, as vLLM, SGLang and qvq serve take it
+            body["chat_template_kwargs"] = {"enable_thinking": chat.think}
         per_image = [self.model.image_token_estimate(*im.size) for im in prompt.images]
         if prompt.clip is not None:  # two frames a temporal patch, except where they go as images
             frames = len(prompt.clip.frames)

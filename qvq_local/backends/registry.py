@@ -50,6 +50,11 @@ PARTIAL_PREFIX = "partial_prefix"
 #: ``loaded.new_session(sampling, n_ctx=, n_seq=N)`` then ``session.fork(N)``: N reasoning chains from one
 #: prefill, decoded in one batch (``--samples``)
 CHAINS = "chains"
+#: the prefix state and the chains above hold a recurrent (linear-attention) layer's state too, for a
+#: model whose family has one (``Family.recurrent_state``: Qwen3.5's Gated DeltaNet layers): a state that
+#: cannot be cut back to a shorter prefix is snapshotted with the prefix and copied per chain.  Without it
+#: such a model runs without prefix reuse and with one chain (said in one line)
+RECURRENT_STATE = "recurrent_state"
 #: ``loaded.tokenize(text, special=True)``: the token ids of a templated prompt before a session opens
 #: (the context is sized from it; without it, from the text's byte count, an upper bound)
 TOKENIZER = "tokenizer"
@@ -81,6 +86,7 @@ CAPABILITIES = frozenset(
         PREFIX_STATE,
         PARTIAL_PREFIX,
         CHAINS,
+        RECURRENT_STATE,
         TOKENIZER,
         VOCABULARY,
         SERVER_BUDGET,
@@ -330,6 +336,7 @@ register(
                 IMAGE_ENCODING,
                 PREFIX_STATE,
                 CHAINS,
+                RECURRENT_STATE,
                 TOKENIZER,
                 VOCABULARY,
                 SPECULATION,
@@ -359,6 +366,7 @@ register(
                 PREFIX_STATE,
                 PARTIAL_PREFIX,
                 CHAINS,
+                RECURRENT_STATE,
                 TOKENIZER,
                 VOCABULARY,
                 SPECULATION,

@@ -8,6 +8,11 @@ embedding.  The vision tower is not touched after the image is encoded.  So::
                        (when lm_head is tied to the embedding, the whole embedding is read as lm_head)
     tokens/s bound   = read bandwidth (bytes/s) / bytes_per_token
 
+A mixture of experts reads only the experts its router picks: each expert tensor (all experts packed in
+one, or one tensor per expert) counts ``experts_per_token / experts`` of its bytes; the router, a shared
+expert and everything else count in full.  So "of bound" stays the fraction of the memory system used,
+while the memory the model needs (``qvq doctor``) still counts every expert.
+
 The KV cache read per token (2 x layers x kv_width x bytes x context) is left out: at the benchmark's
 few hundred positions it is about 1% of the weights of a 2B-shaped model.  The figure is therefore an
 upper bound that no implementation can beat; measured decode tokens/s divided by it is the fraction of
@@ -20,11 +25,13 @@ both the best and the median are reported; the bound uses the median read figure
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from qvq_local.cpu import usable_cores
 
@@ -115,10 +122,20 @@ def _safetensors_sizes(path: Path) -> dict[str, tuple[int, list[int]]]:
         st.close()
 
 
-def _per_token(sizes: dict[str, tuple[int, list[int]]], is_vision, is_embed, is_lm_head) -> dict:
-    """Apply the formula in the module docstring to a ``{name: (nbytes, shape)}`` table."""
+def _per_token(
+    sizes: dict[str, tuple[int, list[int]]],
+    is_vision,
+    is_embed,
+    is_lm_head,
+    is_expert=lambda k: False,
+    experts: tuple[int, int] | None = None,
+) -> dict:
+    """Apply the formula in the module docstring to a ``{name: (nbytes, shape)}`` table; ``experts``:
+    ``(experts, experts per token)`` of a mixture of experts, whose ``is_expert`` tensors are read in part."""
     vision = sum(b for k, (b, _) in sizes.items() if is_vision(k))
     text = {k: v for k, v in sizes.items() if not is_vision(k)}
+    expert_bytes = sum(b for k, (b, _) in text.items() if is_expert(k)) if experts else 0
+    unread = expert_bytes - expert_bytes * experts[1] // experts[0] if experts else 0
     embed = {k: v for k, v in text.items() if is_embed(k)}
     embed_bytes = sum(b for b, _ in embed.values())
     rows = max((s[0] for b, s in embed.values() if s), default=1) or 1
@@ -126,14 +143,29 @@ def _per_token(sizes: dict[str, tuple[int, list[int]]], is_vision, is_embed, is_
     text_bytes = sum(b for b, _ in text.values())
     row = embed_bytes // rows  # the one embedding row a token looks up
     # tied: the whole embedding is read again as the output head; untied: only the looked-up row is read
-    per_token = text_bytes + row if tied else text_bytes - embed_bytes + row
-    return {
+    per_token = (text_bytes + row if tied else text_bytes - embed_bytes + row) - unread
+    out = {
         "bytes_per_token": int(per_token),
         "text_weights_bytes": int(text_bytes),
         "embedding_bytes": int(embed_bytes),
         "vision_bytes": int(vision),
         "tied_lm_head": tied,
     }
+    if experts:
+        out.update(experts=experts[0], experts_per_token=experts[1], expert_bytes=int(expert_bytes))
+    return out
+
+
+def _experts(total: Any, per_token: Any, where: Any) -> tuple[int, int] | None:
+    """``(experts, experts per token)`` from a model's own numbers (None: not a mixture of experts); a
+    ModelError naming ``where`` when they make no sense."""
+    from qvq_local.errors import ModelError
+
+    if not total:
+        return None
+    if not (isinstance(total, int) and isinstance(per_token, int) and 0 < per_token <= total):
+        raise ModelError(f"{per_token!r} experts per token of {total!r} makes no sense", path=where)
+    return int(total), int(per_token)
 
 
 def gguf_bytes_per_token(model_gguf: str | os.PathLike) -> dict:
@@ -142,17 +174,24 @@ def gguf_bytes_per_token(model_gguf: str | os.PathLike) -> dict:
     from qvq_local.formats.gguf import read_gguf_header
 
     # The header alone (tensor types and shapes) gives every size; GGUFReader would map every tensor.
-    tensors = read_gguf_header(model_gguf).tensors
+    header = read_gguf_header(model_gguf)
+    tensors = header.tensors
     unsized = [name for name, t in tensors.items() if t.n_bytes is None]
     if unsized:
         raise ModelError(f"unknown ggml tensor type for {unsized[0]!r}", path=model_gguf)
     # GGUF shapes are innermost-first: ne[1] of token_embd is the vocabulary (rows).
+    arch = header.fields.get("general.architecture")
+    experts = _experts(
+        header.fields.get(f"{arch}.expert_count"), header.fields.get(f"{arch}.expert_used_count"), model_gguf
+    )
     sizes = {name: (int(t.n_bytes), [int(x) for x in reversed(t.shape)]) for name, t in tensors.items()}
     out = _per_token(
         sizes,
         is_vision=lambda k: k.startswith(("v.", "mm.")),
         is_embed=lambda k: k.startswith("token_embd"),
         is_lm_head=lambda k: k.startswith("output."),
+        is_expert=lambda k: "_exps." in k,  # llama.cpp's packed experts; the shared expert is ``_shexp``
+        experts=experts,
     )
     out["file_bytes"] = Path(model_gguf).stat().st_size
     return out
@@ -167,11 +206,20 @@ def mlx_bytes_per_token(model_dir: str | os.PathLike) -> dict:
     sizes: dict[str, tuple[int, list[int]]] = {}
     for shard in sorted(Path(model_dir).glob("*.safetensors")):
         sizes.update(_safetensors_sizes(shard))
+    config_path = Path(model_dir) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    text_config = {**config, **(config.get("text_config") or {})}
+    # transformers 5 writes num_local_experts where the published configs say num_experts
+    total = text_config.get("num_experts") or text_config.get("num_local_experts")
+    experts = _experts(total, text_config.get("num_experts_per_tok"), config_path)
     out = _per_token(
         sizes,
         is_vision=lambda k: "vision_tower" in k or k.startswith("visual."),
         is_embed=lambda k: "embed_tokens" in k,
         is_lm_head=lambda k: "lm_head" in k,
+        # mlx-vlm's packed experts (SwitchGLU) or transformers' names; the shared expert is read in full
+        is_expert=lambda k: ".switch_mlp." in k or (".experts." in k and "shared_expert" not in k),
+        experts=experts,
     )
     out["file_bytes"] = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
     return out

@@ -36,7 +36,10 @@ from typing import Any
 from qvq_local.families.base import Family
 from qvq_local.families.qwen2_5vl import FAMILY as QWEN2_5VL
 from qvq_local.families.qwen2vl import FAMILY as QWEN2VL
+from qvq_local.families.qwen3_5 import FAMILY as QWEN3_5
+from qvq_local.families.qwen3_5 import MOE_FAMILY as QWEN3_5_MOE
 from qvq_local.families.qwen3vl import FAMILY as QWEN3VL
+from qvq_local.families.qwen3vl_moe import FAMILY as QWEN3VL_MOE
 
 #: Every family qvq-local runs, by name, in registration order (read it; add with :func:`register`).
 FAMILIES: dict[str, Family] = {}
@@ -62,7 +65,7 @@ def register(family: Family) -> Family:
     return family
 
 
-for _family in (QWEN2VL, QWEN2_5VL, QWEN3VL):
+for _family in (QWEN2VL, QWEN2_5VL, QWEN3VL, QWEN3VL_MOE, QWEN3_5, QWEN3_5_MOE):
     register(_family)
 
 
@@ -85,6 +88,15 @@ def family_for_gguf_arch(arch: Any) -> Family | None:
 def family_for_projector(projector: Any) -> Family | None:
     """The first family whose mmproj has ``clip.projector_type == projector``, or None."""
     return next((f for f in FAMILIES.values() if f.gguf_projector == projector), None)
+
+
+def family_for_gguf_pair(arch: Any, projector: Any) -> Family | None:
+    """The family of a GGUF pair: the one with both this text architecture and this mmproj projector, or
+    None.  Families share one or the other (Qwen2-VL and Qwen2.5-VL share the ``qwen2vl`` text
+    architecture; Qwen3-VL and its MoE share the ``qwen3vl_merger`` projector), never both."""
+    return next(
+        (f for f in FAMILIES.values() if f.gguf_text_arch == arch and f.gguf_projector == projector), None
+    )
 
 
 def supported_gguf_archs() -> list[str]:
@@ -127,6 +139,7 @@ __all__ = [
     "family_choices",
     "family_for_config",
     "family_for_gguf_arch",
+    "family_for_gguf_pair",
     "family_for_model_type",
     "family_for_projector",
     "register",

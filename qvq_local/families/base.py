@@ -136,6 +136,24 @@ class Family:
         """Every tensor the checkpoint must hold, by its original HF name, with its shape."""
         raise NotImplementedError
 
+    def layout_shapes(
+        self, text: Any, vision: Any, stored: dict[str, tuple[int, ...]]
+    ) -> dict[str, tuple[int, ...]]:
+        """The tensors to expect of a checkpoint whose files hold ``stored`` (original name -> shape): the
+        published layout (:meth:`expected_shapes`) unless the files are in another layout the family
+        reads, such as the one transformers 5's ``save_pretrained`` writes.  The base: the published one."""
+        return self.expected_shapes(text, vision)
+
+    def published_layout(self, text: Any, stored: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The stored tensors (original name -> stored shape) that are not in the published layout, each with
+        the axes of the transpose that brings it there (what mlx-vlm 0.7 reads).  The base: none."""
+        return {}
+
+    def published_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``config.json`` in the spelling the family's models were published with (mlx-vlm 0.7 reads only
+        that; transformers 5's ``save_pretrained`` renames some keys).  The base: as it is."""
+        return config
+
     def original_tensor_name(self, name: str) -> str:
         """A stored tensor name in the family's original HF naming (other transformers versions renamed
         some)."""
@@ -144,6 +162,12 @@ class Family:
     def is_vision_tensor(self, name: str) -> bool:
         """True for a vision-tower tensor (original naming)."""
         return name.startswith(self.vision_prefix)
+
+    def is_unit_norm_weight(self, name: str) -> bool:
+        """True for a norm weight that scales its input as it is (published values near 1), which synthetic
+        checkpoints draw around 1; every other tensor is drawn around 0 (a zero-centred norm weight, which
+        scales by ``1 + weight``, included)."""
+        return name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight"))
 
     def smart_resize(
         self,

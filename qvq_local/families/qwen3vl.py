@@ -256,8 +256,13 @@ class Qwen3VLFamily(Family):
         vision = config.get("vision_config")
         return vision.get("out_hidden_size") if isinstance(vision, dict) else None
 
-    def dims_from_config(self, config: dict[str, Any], path: Path) -> tuple[TextDims, VisionDims]:
+    def dims_from_config(self, config: dict[str, Any], path: Path) -> tuple[Any, VisionDims]:
         """Read the text and vision shapes; a ModelError naming ``path`` for anything missing or inconsistent."""
+        text = self.text_dims(config, path)
+        return text, self.vision_dims(config, path, text)
+
+    def text_dims(self, config: dict[str, Any], path: Path) -> TextDims:
+        """The language model's shape from ``text_config`` (a ModelError naming ``path`` if wrong)."""
         tc = {**config, **(config.get("text_config") or {})}
         hidden = need_number(tc, "hidden_size", path)
         heads = need_number(tc, "num_attention_heads", path)
@@ -275,7 +280,7 @@ class Qwen3VLFamily(Family):
             raise ModelError(
                 f"mrope_section {list(section)} must sum to head_dim/2 = {head_dim // 2}", path=path
             )
-        text = TextDims(
+        return TextDims(
             hidden_size=hidden,
             num_layers=need_number(tc, "num_hidden_layers", path),
             num_heads=heads,
@@ -290,6 +295,10 @@ class Qwen3VLFamily(Family):
             tie_word_embeddings=bool(config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))),
             mrope_interleaved=bool(rope.get("mrope_interleaved", True)),
         )
+
+    def vision_dims(self, config: dict[str, Any], path: Path, text: Any) -> VisionDims:
+        """The ViT, its merger and the DeepStack mergers from ``vision_config``, checked against the text
+        model's dims ``text`` (the merger projects into its width; DeepStack adds to its first layers)."""
         vc = config.get("vision_config")
         if not isinstance(vc, dict):
             raise ModelError("no vision_config", path=path)
@@ -327,14 +336,28 @@ class Qwen3VLFamily(Family):
         check_vision_widths(
             merger_key="out_hidden_size",
             merger_out=vision.out_hidden_size,
-            text_hidden=hidden,
+            text_hidden=text.hidden_size,
             embed_key="hidden_size",
             embed=embed,
             heads=vision.num_heads,
             path=path,
             heads_path=vpath,
         )
-        return text, vision
+        return vision
+
+    def published_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """transformers 5 writes ``text_config.rope_parameters`` (``rope_theta`` inside it) where the published
+        configs have ``rope_theta`` and ``rope_scaling``, and ``vision_config.model_type`` ``<type>_vision``
+        where they have the model's ``<type>``: the published spellings are put back."""
+        vc, tc = config.get("vision_config"), config.get("text_config")
+        if isinstance(vc, dict) and vc.get("model_type") == f"{config.get('model_type')}_vision":
+            config = {**config, "vision_config": {**vc, "model_type": config["model_type"]}}
+        if isinstance(tc, dict) and "rope_theta" not in tc and isinstance(tc.get("rope_parameters"), dict):
+            rope = tc["rope_parameters"]
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            tc = {**tc, "rope_theta": rope.get("rope_theta", 5_000_000.0), "rope_scaling": scaling}
+            config = {**config, "text_config": tc}
+        return config
 
     # ---- tensors
     def original_tensor_name(self, name: str) -> str:
@@ -343,16 +366,31 @@ class Qwen3VLFamily(Family):
 
     def expected_shapes(self, text: TextDims, vision: VisionDims) -> dict[str, tuple[int, ...]]:
         """Every tensor a Qwen3-VL checkpoint with these dims holds (published names), with its shape, in the
-        order the synthetic writer writes them."""
-        h, hd = text.hidden_size, text.head_dim
-        q, kv = text.num_heads * hd, text.num_kv_heads * hd
-        shapes: dict[str, tuple[int, ...]] = {self.text_prefix + "embed_tokens.weight": (text.vocab_size, h)}
-        layer = _text_layer(h, q, kv, text.intermediate_size, hd)
+        order the synthetic writer writes them: the text model's, then the vision tower's."""
+        return {**self.text_shapes(text), **self.vision_shapes(vision)}
+
+    def text_shapes(self, text: Any) -> dict[str, tuple[int, ...]]:
+        """The language model's tensors: the embedding, each layer's (:meth:`text_layer_shapes`), the final
+        norm and, untied, the output head."""
+        h, t = text.hidden_size, self.text_prefix
+        shapes: dict[str, tuple[int, ...]] = {t + "embed_tokens.weight": (text.vocab_size, h)}
         for i in range(text.num_layers):
-            shapes.update({f"{self.text_prefix}layers.{i}.{k}": v for k, v in layer.items()})
-        shapes[self.text_prefix + "norm.weight"] = (h,)
+            shapes.update({f"{t}layers.{i}.{k}": v for k, v in self.text_layer_shapes(text, i).items()})
+        shapes[t + "norm.weight"] = (h,)
         if not text.tie_word_embeddings:
             shapes["lm_head.weight"] = (text.vocab_size, h)
+        return shapes
+
+    def text_layer_shapes(self, text: Any, layer: int) -> dict[str, tuple[int, ...]]:
+        """Text layer ``layer``'s tensors by their suffix: Qwen3 attention (q/k RMSNorm) and a gated MLP."""
+        hd = text.head_dim
+        return _text_layer(
+            text.hidden_size, text.num_heads * hd, text.num_kv_heads * hd, text.intermediate_size, hd
+        )
+
+    def vision_shapes(self, vision: VisionDims) -> dict[str, tuple[int, ...]]:
+        """The ViT (patch kernel with bias, position table, blocks), the merger and the DeepStack mergers."""
+        shapes: dict[str, tuple[int, ...]] = {}
         e, m, md, out = vision.embed_dim, vision.mlp_dim, vision.merged_dim, vision.out_hidden_size
         p, v = vision.patch_size, self.vision_prefix
         shapes[v + "patch_embed.proj.weight"] = (e, vision.in_channels, vision.temporal_patch_size, p, p)

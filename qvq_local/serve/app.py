@@ -61,10 +61,12 @@ def _settings_for(request: schema.ChatRequest, model: Any):
             answer_budget=request.answer_budget or DEFAULT_ANSWER_BUDGET,
             max_tokens=request.max_tokens,
             sampling=SamplingParams(**request.sampling),
+            think=request.think,
             labels={
                 "think_budget": "thinking_budget",
                 "answer_budget": "answer_budget",
                 "max_tokens": "max_tokens",
+                "think": "enable_thinking",
             },
         )
     except InputError as err:

@@ -38,6 +38,7 @@ KNOWN_FIELDS = frozenset(
         "repetition_penalty",
         "thinking_budget",
         "enable_thinking",
+        "chat_template_kwargs",
         "answer_budget",
         "n",
         "user",
@@ -132,6 +133,7 @@ class ChatRequest:
     answer_budget: int | None = None
     max_tokens: int | None = None
     sampling: dict = field(default_factory=dict)
+    think: bool | None = None  # the template's thinking switch; None: the model's default
     videos: list[VideoRef] = field(default_factory=list)
     #: the turns before the question (:class:`qvq_local.conversation.Turn`, their images as ImageRefs)
     history: tuple = ()
@@ -329,6 +331,36 @@ def parse_messages(
     return system, history, last.text, list(last.images), videos
 
 
+def _thinking_field(body: dict) -> bool | None:
+    """``enable_thinking`` (QVQ-Max's and DashScope's top-level field) or ``chat_template_kwargs.
+    enable_thinking`` (vLLM's and SGLang's): true or false switches a template that has the switch (Qwen3.5),
+    absent leaves its default; both given must agree.  Other ``chat_template_kwargs`` are refused by name."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ApiError(400, "chat_template_kwargs must be an object", param="chat_template_kwargs")
+    kwargs = kwargs or {}
+    for name in kwargs:
+        if name != "enable_thinking":
+            raise ApiError(
+                400,
+                f"chat_template_kwargs.{name} is not supported (only enable_thinking)",
+                param=f"chat_template_kwargs.{name}",
+                code="unsupported_parameter",
+            )
+    values = {}
+    for where, value in (("enable_thinking", body.get("enable_thinking")),
+                         ("chat_template_kwargs.enable_thinking", kwargs.get("enable_thinking"))):  # fmt: skip
+        if value is not None:
+            if not isinstance(value, bool):
+                raise ApiError(400, f"{where} must be true or false", param=where)
+            values[where] = value
+    if len(set(values.values())) > 1:
+        raise ApiError(
+            400, "enable_thinking and chat_template_kwargs.enable_thinking disagree", param="enable_thinking"
+        )
+    return next(iter(values.values()), None)
+
+
 def parse_chat_request(body: object) -> ChatRequest:
     """Check a decoded JSON body and turn it into a :class:`ChatRequest`; :class:`ApiError` (400) if not."""
     if not isinstance(body, dict):
@@ -348,12 +380,6 @@ def parse_chat_request(body: object) -> ChatRequest:
     if body.get("reasoning_effort") is not None:
         raise ApiError(
             400, "reasoning_effort is not supported: set thinking_budget (tokens)", param="reasoning_effort"
-        )
-    if body.get("enable_thinking") is False:
-        raise ApiError(
-            400,
-            "enable_thinking=false is not supported: QVQ always thinks; set a small thinking_budget",
-            param="enable_thinking",
         )
     model = body.get("model")
     if model is not None and not isinstance(model, str):
@@ -387,6 +413,7 @@ def parse_chat_request(body: object) -> ChatRequest:
         answer_budget=_int_field(body, "answer_budget"),
         max_tokens=max_tokens,
         sampling={k: v for k, v in sampling.items() if v is not None},
+        think=_thinking_field(body),
         history=history,
     )
 
