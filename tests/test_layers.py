@@ -1,7 +1,8 @@
 """The package's floors: every module has one, imports only from its own floor or below, and no two modules
 import each other in a circle (lazy imports inside functions count too).
 
-The floors are the architecture in one table (README's "Layout" draws it).  A new module gets a line
+The floors are the architecture in one table (README's "How it is built" draws it: ``python
+tests/test_layers.py`` prints the picture, and a test checks README holds it).  A new module gets a line
 here; a test failing here means an import runs the wrong way: move the shared piece down (a helper two
 floors need goes to the lower one), never the importer up.  ``convert/`` is installed as
 ``qvq_local.convert`` and is read under that name, as Python imports it.
@@ -62,6 +63,53 @@ FLOORS: dict[int, tuple[str, ...]] = {
     # the command line
     9: ("cli", "ask_cmd", "batch_cmd"),
 }
+
+
+#: what each floor is for, as the README's picture names it
+FLOOR_NAMES: dict[int, str] = {
+    1: "leaves",
+    2: "declarations",
+    3: "model facts in use",
+    4: "the model store",
+    5: "mechanism: tokens",
+    6: "policy",
+    7: "the API",
+    8: "presentation, tools",
+    9: "the command line",
+}
+
+
+def floors_picture(width: int = 108) -> str:
+    """The floors as the README draws them, top floor first: each floor's modules, a package as ``name/``
+    (its modules one by one where some of them sit on another floor)."""
+    exact = {name for names in FLOORS.values() for name in names if not name.endswith(".*")}
+    modules = sorted(m.removeprefix("qvq_local.") for m in _modules() if m != "qvq_local")
+    lines: list[str] = []
+    for floor in sorted(FLOORS, reverse=True):
+        names: list[str] = []
+        for name in FLOORS[floor]:
+            if not name.endswith(".*"):
+                names.append("qvq_local" if name == "" else name.replace(".", "/"))
+                continue
+            package = name[:-2]
+            if package in names:
+                names.remove(package)  # the package and its modules: one entry
+            if any(e.startswith(package + ".") for e in exact):
+                names += [
+                    m.replace(".", "/") for m in modules if m.startswith(package + ".") and m not in exact
+                ]
+            else:
+                names.append(package + "/")
+        head = f"{floor}  {FLOOR_NAMES[floor]:<21}"
+        line = head
+        for i, name in enumerate(names):
+            piece = name + (", " if i < len(names) - 1 else "")
+            if len(line) + len(piece) > width:
+                lines.append(line.rstrip())
+                line = " " * len(head)
+            line += piece
+        lines += [line, "   │" if floor > 1 else ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def _modules() -> dict[str, Path]:
@@ -188,3 +236,13 @@ def test_the_checks_see_a_planted_circle_and_an_upward_import():
     assert "qvq_local.hub" in tree_edges and "import hub" not in api.read_text().split("def load")[0]
     assert _floor_of("qvq_local.backends.llamacpp") == 5 and _floor_of("qvq_local.backends.registry") == 2
     assert _floor_of("qvq_local.convert.to_gguf") == 8 and _floor_of("qvq_local") == 7
+
+
+def test_readme_draws_the_floors():
+    """README's picture of the package is this table's (regenerate it with ``python tests/test_layers.py``)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert floors_picture() in readme, "README's floors picture is stale: run python tests/test_layers.py"
+
+
+if __name__ == "__main__":
+    print(floors_picture(), end="")
