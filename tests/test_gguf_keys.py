@@ -31,10 +31,24 @@ PATTERNS = _key_patterns()
 MMPROJ_ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ]
 
 
+def _reads_gguf(tree: ast.Module) -> bool:
+    """The module imports gguf or qvq's GGUF reader (anywhere, lazily too)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "gguf" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "gguf":
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qvq_local.formats.gguf"):
+            return True
+    return False
+
+
 def _retyped_keys(source: str) -> list[tuple[int, str]]:
-    """(line, text) for each string constant or f-string (placeholders as ``X``) that spells a gguf key or
-    the mmproj architecture; docstrings are prose and do not count."""
+    """(line, text) for each string constant or f-string (placeholders as ``X``) that spells a gguf key or,
+    in a module that works with GGUF files, the mmproj architecture (elsewhere "clip" is a video clip);
+    docstrings are prose and do not count."""
     tree = ast.parse(source)
+    gguf_module = _reads_gguf(tree)
     prose = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
     parts = {id(v) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for v in node.values}
     hits = []
@@ -47,7 +61,7 @@ def _retyped_keys(source: str) -> list[tuple[int, str]]:
             text = node.value
         else:
             continue
-        if text == MMPROJ_ARCH or any(p.match(text) for p in PATTERNS):
+        if (gguf_module and text == MMPROJ_ARCH) or any(p.match(text) for p in PATTERNS):
             hits.append((node.lineno, text))
     return hits
 
@@ -70,7 +84,9 @@ def test_no_module_retypes_a_gguf_key():
         ('meta.get("general.architecture")', True),
         ('key = f"{arch}.context_length"', True),
         ('KEYS = {"temperature": "general.sampling.temp"}', True),
-        ('if arch == "clip": pass', True),
+        ('import gguf\nif arch == "clip": pass', True),
+        ('from qvq_local.formats.gguf import read_gguf_header\nif arch == "clip": pass', True),
+        ('settings["clip"] = clip.info  # a video clip, in a module that reads no GGUF', False),
         ('"""Reads general.architecture and clip.vision.patch_size."""\nx = 1', False),
         ('meta.get(Keys.General.ARCHITECTURE); msg = "a clip of the image"', False),
         ('path = "config.json"; name = "generation_config.json"', False),

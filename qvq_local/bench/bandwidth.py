@@ -170,6 +170,8 @@ def _experts(total: Any, per_token: Any, where: Any) -> tuple[int, int] | None:
 
 def gguf_bytes_per_token(model_gguf: str | os.PathLike) -> dict:
     """Bytes one decoded token reads from a text-model GGUF (the mmproj is the vision tower)."""
+    from gguf import Keys
+
     from qvq_local.errors import ModelError
     from qvq_local.formats.gguf import read_gguf_header
 
@@ -180,9 +182,11 @@ def gguf_bytes_per_token(model_gguf: str | os.PathLike) -> dict:
     if unsized:
         raise ModelError(f"unknown ggml tensor type for {unsized[0]!r}", path=model_gguf)
     # GGUF shapes are innermost-first: ne[1] of token_embd is the vocabulary (rows).
-    arch = header.fields.get("general.architecture")
+    arch = header.fields.get(Keys.General.ARCHITECTURE)
     experts = _experts(
-        header.fields.get(f"{arch}.expert_count"), header.fields.get(f"{arch}.expert_used_count"), model_gguf
+        header.fields.get(Keys.LLM.EXPERT_COUNT.format(arch=arch)),
+        header.fields.get(Keys.LLM.EXPERT_USED_COUNT.format(arch=arch)),
+        model_gguf,
     )
     sizes = {name: (int(t.n_bytes), [int(x) for x in reversed(t.shape)]) for name, t in tensors.items()}
     out = _per_token(
