@@ -431,11 +431,9 @@ class LlamaSession:
 
     def speculation_report(self) -> dict | None:
         """What speculation did in this session (None when it was not asked for)."""
-        if self.speculator is not None:
-            return {**self.speculator.report(), "notes": list(self.speculator.notes)}
-        if self.speculation is not None and self.speculation.active:
-            return {"mode": "off", "asked": self.speculation.mode, "notes": [self.speculation_note]}
-        return None
+        from qvq_local.speculate.setup import session_report
+
+        return session_report(self.speculator, self.speculation, self.speculation_note)
 
     def step(self, banned: TokenMask | None = None) -> Token:
         """Sample the next token from the current logits (never one of ``banned``), decode it into the

@@ -530,11 +530,9 @@ class MlxSession:
 
     def speculation_report(self) -> dict | None:
         """What speculation did in this session (None when it was not asked for)."""
-        if self.speculator is not None:
-            return {**self.speculator.report(), "notes": list(self.speculator.notes)}
-        if self.speculation is not None and self.speculation.active:
-            return {"mode": "off", "asked": self.speculation.mode, "notes": [self.speculation_note]}
-        return None
+        from qvq_local.speculate.setup import session_report
+
+        return session_report(self.speculator, self.speculation, self.speculation_note)
 
     @property
     def compute_dtype(self) -> Any:

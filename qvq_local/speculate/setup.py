@@ -61,4 +61,17 @@ def start_speculation(
     return spec
 
 
-__all__ = ["off_note", "start_speculation"]
+def session_report(
+    speculator: Speculator | None, settings: SpecSettings | None, note: str | None
+) -> dict | None:
+    """What speculation did in a session (``session.speculation_report()``): the speculator's figures and
+    notes; ``{"mode": "off", ...}`` with the reason where the settings asked for it and it could not run;
+    None where it was not asked for."""
+    if speculator is not None:
+        return {**speculator.report(), "notes": list(speculator.notes)}
+    if settings is not None and settings.active:
+        return {"mode": "off", "asked": settings.mode, "notes": [note]}
+    return None
+
+
+__all__ = ["off_note", "session_report", "start_speculation"]
