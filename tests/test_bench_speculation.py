@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 
 from qvq_local.bench.speculation import measure_speculation, prompt_and_ids
-from qvq_local.speculate.replay import read_replies
+from qvq_local.speculate.replay import PUBLISHED_REPLIES, read_replies
 
-FIXTURE = "tests/data/replies/qvq72b_preview_blog.json"
+FIXTURE = PUBLISHED_REPLIES
 
 
 def _models(backend, request, artifacts, checkpoint):

@@ -19,9 +19,9 @@ from qvq_local.speculate import costs
 from qvq_local.speculate.engine import Speculator
 from qvq_local.speculate.ngram import NgramDrafter
 from qvq_local.speculate.policy import AutoPlan, CostCurve, FixedPlan, expected_tokens
-from qvq_local.speculate.replay import ReplayTarget, read_replies, simulate
+from qvq_local.speculate.replay import PUBLISHED_REPLIES, ReplayTarget, read_replies, simulate
 
-FIXTURE = "tests/data/replies/qvq72b_preview_blog.json"
+FIXTURE = PUBLISHED_REPLIES
 
 # ---------------------------------------------------------------- the n-gram drafter
 

@@ -305,26 +305,12 @@ def prompt_and_ids(loaded, family, image, question: str, system: str | None) -> 
     return Prompt(text=text, images=[image]), ids
 
 
-#: QVQ-72B-Preview's seven published replies (the repository's test data; see its ``source``)
-DEFAULT_REPLIES = "tests/data/replies/qvq72b_preview_blog.json"
-
-
 def replies_file(path=None) -> str:
     """The replay's replies file, checked (:func:`qvq_local.speculate.replay.read_replies`): ``path``, or
-    the published replies in a checkout of the repository; InputError (one line) otherwise."""
-    from pathlib import Path
+    QVQ-72B-Preview's published replies shipped with the package; InputError (one line) for a bad one."""
+    from qvq_local.speculate.replay import PUBLISHED_REPLIES, read_replies
 
-    from qvq_local.errors import InputError
-    from qvq_local.speculate.replay import read_replies
-
-    if path is None:
-        found = Path(__file__).resolve().parents[2] / DEFAULT_REPLIES
-        if not found.is_file():
-            raise InputError(
-                f"the default replay replies ({DEFAULT_REPLIES}) come with a checkout of qvq-local:"
-                " pass --spec-replay FILE"
-            )
-        path = found
+    path = PUBLISHED_REPLIES if path is None else path
     read_replies(str(path))
     return str(path)
 
@@ -364,24 +350,22 @@ def job(spec: dict, load_model) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """``python -m qvq_local.bench.speculation MODEL [--spec-replay FILE] [--mismatched OTHER] [--k K]
     [--runs N] [--backend B] [--image PNG]``: the section on one model, printed as JSON.  ``FILE``: replies
-    as in ``tests/data/replies`` (that fixture by default); ``OTHER``: a model of the same tokenizer and
-    other weights for figure 4.  Bad input: one line, exit 2."""
+    as :data:`~qvq_local.speculate.replay.PUBLISHED_REPLIES` holds them (those by default); ``OTHER``: a
+    model of the same tokenizer and other weights for figure 4.  Bad input: one line, exit 2."""
     import argparse
     import json
     import sys
-    from pathlib import Path
 
     from PIL import Image
 
     from qvq_local.api import load
     from qvq_local.bench.workload import QUESTION
     from qvq_local.errors import QvqError
-    from qvq_local.speculate.replay import read_replies
+    from qvq_local.speculate.replay import PUBLISHED_REPLIES, read_replies
 
-    default_replies = Path(__file__).resolve().parents[2] / DEFAULT_REPLIES
     parser = argparse.ArgumentParser(prog="python -m qvq_local.bench.speculation")
     parser.add_argument("model")
-    parser.add_argument("--spec-replay", default=str(default_replies))
+    parser.add_argument("--spec-replay", default=str(PUBLISHED_REPLIES))
     parser.add_argument("--mismatched")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--image")
@@ -428,7 +412,6 @@ def main(argv: list[str] | None = None) -> int:
 __all__ = [
     "DRAFT_TOKENS",
     "REPLAY_TOKENS",
-    "DEFAULT_REPLIES",
     "draft_section",
     "job",
     "measure_speculation",

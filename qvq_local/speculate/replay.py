@@ -1,7 +1,7 @@
 """Replaying real reasoning text through the speculator: how often would its guesses have been right?
 
 A random synthetic model writes loops, not reasoning, so its acceptance says nothing about a real QVQ.
-A replay takes text a real model wrote (QVQ-72B-Preview's published replies, ``tests/data/replies/``)
+A replay takes text a real model wrote (QVQ-72B-Preview's published replies, :data:`PUBLISHED_REPLIES`)
 and makes it the "sampled" output: at every position the token the reply has is the one emitted, and
 the speculator drafts and checks exactly as it does in a session.  Tokens per target step then measure
 the acceptance of real text:
@@ -26,6 +26,10 @@ from qvq_local.errors import InputError
 from qvq_local.speculate.engine import SpecStats, Speculator
 from qvq_local.speculate.ngram import NgramDrafter
 from qvq_local.speculate.policy import DEFAULT_K, FixedPlan
+
+#: QVQ-72B-Preview's seven published replies (their source is in the file), shipped with the package: the
+#: default replay of ``qvq bench --speculation``
+PUBLISHED_REPLIES = Path(__file__).with_name("replies") / "qvq72b_preview_blog.json"
 
 
 @dataclass(frozen=True)
@@ -114,4 +118,4 @@ def simulate(
     return replay(spec, len(reply_ids))
 
 
-__all__ = ["Reply", "ReplayTarget", "read_replies", "replay", "simulate"]
+__all__ = ["PUBLISHED_REPLIES", "Reply", "ReplayTarget", "read_replies", "replay", "simulate"]
