@@ -21,8 +21,10 @@ from typing import Any
 from qvq_local.speculate.policy import CostCurve
 
 FILE_NAME = "verify-costs.json"
-#: Timed runs per size (the median is kept), after one warm-up pass over the largest size.
-REPEATS = 3
+#: Timed runs per size (the median is kept), taken in turn over the sizes after one warm-up pass of each.
+REPEATS = 5
+#: How curves are measured (part of the cache key: a curve measured an older way is measured again)
+METHOD = 2
 
 
 def cache_file() -> Path:
@@ -33,7 +35,7 @@ def cache_file() -> Path:
 
 def cache_key(identity: dict) -> str:
     """A stable key for what a cost curve depends on (``identity`` plus this machine's name)."""
-    data = json.dumps({**identity, "host": platform.node()}, sort_keys=True, default=str)
+    data = json.dumps({**identity, "host": platform.node(), "method": METHOD}, sort_keys=True, default=str)
     return hashlib.sha256(data.encode("utf-8")).hexdigest()[:24]
 
 
@@ -46,20 +48,28 @@ def measure(
     clock: Callable[[], float] = time.perf_counter,
 ) -> CostCurve:
     """Time forward passes over 1..``sizes`` copies of ``token`` after ``target``'s cache (a
-    :class:`~qvq_local.speculate.engine.Target`), rolling each back; the median of ``repeats`` runs."""
+    :class:`~qvq_local.speculate.engine.Target`), rolling each back: the median of ``repeats`` runs per size.
+
+    A stall must not pass for a gain: each size is warmed up once (a library may build its graph for a
+    new batch size on first use), the runs go round the sizes in turn (a slow spell falls on all of
+    them), and a pass is never taken as costing more than a longer one (a 1-token pass slower than a
+    6-token pass is a stall, not a cost: the curve is made non-decreasing from its long end), so
+    ``auto`` can only be fooled towards plain decoding."""
     if sizes < 1:
         raise ValueError("a cost curve needs at least one size")
-    target.forward([token] * sizes, all_rows=True)  # warm-up: buffers sized for the largest pass
-    target.rollback(sizes)
-    seconds = []
-    for n in range(1, sizes + 1):
-        runs = []
-        for _ in range(repeats):
+    for n in range(sizes, 0, -1):  # warm-up, each size once
+        target.forward([token] * n, all_rows=True)
+        target.rollback(n)
+    runs: list[list[float]] = [[] for _ in range(sizes)]
+    for _ in range(repeats):
+        for n in range(1, sizes + 1):
             t = clock()
             target.forward([token] * n, all_rows=True)
-            runs.append(clock() - t)
+            runs[n - 1].append(clock() - t)
             target.rollback(n)
-        seconds.append(max(statistics.median(runs), 1e-9))
+    seconds = [max(statistics.median(r), 1e-9) for r in runs]
+    for i in range(sizes - 2, -1, -1):
+        seconds[i] = min(seconds[i], seconds[i + 1])
     return CostCurve(tuple(seconds))
 
 
