@@ -53,6 +53,8 @@ def test_documented_forms_parse():
         ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AA"}, "fps": 0}, "fps must be"),
         ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AA"}, "fps": True}, "fps must be"),
         ({"type": "audio_url", "audio_url": {"url": "x"}}, "video_url and video are supported"),
+        ({"type": "text", "text": 5}, "messages[0].content[0].text must be a string"),
+        ({"type": "text"}, "messages[0].content[0].text must be a string"),
     ],
 )
 def test_bad_parts_are_400(part, words):

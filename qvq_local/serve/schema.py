@@ -236,6 +236,8 @@ def _text_of(
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif kind == "text":
+            raise ApiError(400, f"{here}.text must be a string", param=f"{here}.text")
         elif kind in ("video_url", "video") and allow_images:
             videos.append(_video_part(part, kind, here))
         elif kind in ("video_url", "video"):
