@@ -102,6 +102,24 @@ def _animated_image_frames(path: Path, head: bytes) -> int:
     return 1
 
 
+#: Suffixes that name a video file: such a path is a clip even where its bytes are not one (an empty or
+#: broken file is then told it is not a readable video, not that it is not an image)
+VIDEO_SUFFIXES = (
+    ".mp4",
+    ".m4v",
+    ".mov",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".mpg",
+    ".mpeg",
+    ".ts",
+    ".flv",
+    ".ogv",
+    ".3gp",
+)
+
+
 def is_video_file(path: str | os.PathLike) -> bool:
     """True when ``path`` holds a clip (a video container, or an animated GIF/APNG/WebP), from its first
     bytes; False for images, other files and anything unreadable (the image loader names those)."""
@@ -337,7 +355,10 @@ def _import_av():
 
 
 def _reason(err: BaseException) -> str:
+    """FFmpeg's words for what went wrong, without its errno and the path (the message names the file)."""
     text = " ".join(str(err).split()) or type(err).__name__
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", text)
+    text = re.sub(r":\s*'[^']*'$", "", text)
     return text[:160]
 
 
@@ -804,6 +825,7 @@ __all__ = [
     "ClipPlan",
     "VideoOptions",
     "frame_files",
+    "VIDEO_SUFFIXES",
     "is_video_file",
     "load_frames",
     "load_video",

@@ -26,7 +26,7 @@ from qvq_local.errors import InputError
 from qvq_local.events import ClipInfo
 from qvq_local.families import Family
 from qvq_local.prompt import build_prompt
-from qvq_local.video import Clip, VideoOptions, is_video_file, load_frames, load_video
+from qvq_local.video import VIDEO_SUFFIXES, Clip, VideoOptions, is_video_file, load_frames, load_video
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ class ClipInput:
 
 def split_media(items: Any) -> tuple[ClipInput | None, list]:
     """``items`` (what a question is about: paths, prepared images, a :class:`ClipInput`) split into its
-    clip, if any, and its images.  A path is a clip when its bytes say so (``video.is_video_file``).
+    clip, if any, and its images.  A path is a clip when its bytes say so (``video.is_video_file``) or its
+    suffix names a video file (``video.VIDEO_SUFFIXES``: a broken clip is then told so).
     One clip a question, and no images beside it (one line otherwise)."""
     if items is None:
         return None, []
@@ -60,7 +61,9 @@ def split_media(items: Any) -> tuple[ClipInput | None, list]:
     for item in items:
         if isinstance(item, ClipInput):
             clips.append(item)
-        elif isinstance(item, (str, os.PathLike)) and is_video_file(item):
+        elif isinstance(item, (str, os.PathLike)) and (
+            is_video_file(item) or Path(item).suffix.lower() in VIDEO_SUFFIXES
+        ):
             clips.append(ClipInput(path=str(item)))
         else:
             images.append(item)

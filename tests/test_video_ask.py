@@ -110,6 +110,16 @@ def test_frames_flag_makes_a_clip_of_a_folder(tiny_gguf_f32, tmp_path):
             lambda d: (d / "cut.mp4").write_bytes(b"\x00\x00\x00\x20ftypisom" + bytes(64)) and d / "cut.mp4",
             "not a readable video",
         ),
+        # named as a clip, though its bytes are none: told it is no video, not that it is no image
+        (
+            lambda d: (d / "empty.mp4").write_bytes(b"") or d / "empty.mp4",
+            "is an empty file (0 bytes), not a video",
+        ),
+        (
+            lambda d: (d / "notes.mov").write_text("not a clip\n" * 40) and d / "notes.mov",
+            "not a readable video",
+        ),
+        (lambda d: d / "missing.mkv", "no such video file"),
     ],
 )
 def test_a_bad_clip_is_one_line_before_any_model_loads(make, words, tmp_path):
