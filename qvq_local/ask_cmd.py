@@ -122,6 +122,8 @@ def build_settings(request: AskRequest) -> AskSettings:
             labels[name] = f"the {name} setting"
     if values.get("answer_budget") is None:
         values["answer_budget"] = DEFAULT_ANSWER_BUDGET
+    if values.get("speculate") is None:  # --draft alone asks for its guesses; nothing: plain decoding
+        values["speculate"] = "draft" if request.load_options.get("draft") else "off"
     return AskSettings.build(values, labels)
 
 

@@ -418,11 +418,11 @@ QUESTION_OPTIONS: tuple[_Shared, ...] = (
     ),
     _Shared(
         "speculate",
-        str,
+        str | None,
         _opt(
-            "off",
+            None,
             "--speculate",
-            help="off (default) | ngram | draft | auto: speculative decoding (mlx, llama): guess tokens"
+            help="off (default; draft with --draft) | ngram | draft | auto: speculative decoding (mlx, llama): guess tokens"
             " (n-grams of the prompt and the thought, or the --draft model), check them in one forward pass,"
             " keep the right ones; the output is plain decoding's. auto measures this machine once and turns"
             " itself off where it does not pay.",
@@ -436,7 +436,7 @@ QUESTION_OPTIONS: tuple[_Shared, ...] = (
             None,
             "--draft",
             help="A small model sharing the tokenizer (Qwen2-VL / Qwen2.5, same format) whose guesses"
-            " --speculate draft|auto checks.",
+            " --speculate draft|auto checks (--draft alone means --speculate draft).",
         ),
         "load",
     ),

@@ -132,3 +132,11 @@ def test_cli_speculate_and_bad_values(tiny_gguf_q4, sample_image):
     bad = CliRunner().invoke(app, [*args, "--speculate", "fast"])
     assert bad.exit_code != 0
     assert_error(bad.output.strip().splitlines()[-1], "--speculate must be one of off, ngram, draft, auto")
+    # --draft alone asks for the draft's guesses (it was silently ignored before); no option: plain decoding
+    drafted = CliRunner().invoke(app, [*args, "--draft", str(tiny_gguf_q4.model), "--lang-lock", "off"])
+    assert drafted.exit_code == 0, drafted.output
+    report = json.loads(drafted.stdout.strip().splitlines()[-1])["qvq"]["settings"]["speculation"]
+    assert report["mode"] == "draft" and report["drafter"] == "draft"
+    plain = CliRunner().invoke(app, args)
+    assert plain.exit_code == 0, plain.output
+    assert "speculation" not in json.loads(plain.stdout.strip().splitlines()[-1])["qvq"]["settings"]
