@@ -12,6 +12,8 @@ Here, on the lowest floor, so that the fit rules (below the API) follow the same
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from qvq_local.errors import ContextOverflow
 
 #: Answer tokens allowed after thinking ends, when the caller sets none.
@@ -24,6 +26,15 @@ FORCE_MARGIN = 96
 UNKNOWN_CONTEXT_LENGTH = 32768
 
 
+#: How the hint spells the options by default: the command line's flags
+_FLAGS = {
+    "think_budget": "--think-budget",
+    "answer_budget": "--answer-budget",
+    "detail": "--detail",
+    "max_pixels": "--max-pixels",
+}
+
+
 def size_context(
     context_length: int | None,
     text_tokens: int,
@@ -32,12 +43,16 @@ def size_context(
     think_budget: int | None,
     answer_budget: int | None,
     max_pixels: int | None = None,
+    labels: Mapping[str, str | None] | None = None,
 ) -> tuple[int, int]:
     """``(n_ctx, thought cap)`` for one question on a model trained for ``context_length`` tokens (0:
     unknown, :data:`UNKNOWN_CONTEXT_LENGTH` assumed; None: a remote server that states no context, where
     nothing is refused here and the server's own limit applies); ContextOverflow, whose hint names the
     budgets, ``--detail`` and ``--max-pixels`` (``max_pixels``: the bound in use, for the hint), when the
-    prompt and the budgets cannot fit."""
+    prompt and the budgets cannot fit.  ``labels``: how the caller spells ``think_budget``,
+    ``answer_budget``, ``detail`` and ``max_pixels`` in the hint (the command line's flags by default; the
+    API's names, a request's fields for ``qvq serve``)."""
+    name = {**_FLAGS, **{k: v for k, v in (labels or {}).items() if v}}
     answer = answer_budget or DEFAULT_ANSWER_BUDGET
     fixed = text_tokens + image_tokens + FORCE_MARGIN + answer
     if context_length is None:
@@ -45,17 +60,17 @@ def size_context(
         return fixed + thought_cap, thought_cap
     limit = context_length or UNKNOWN_CONTEXT_LENGTH
     pixels_hint = (
-        f"lower --detail or --max-pixels (now {max_pixels} pixels)"
-        if max_pixels
-        else "lower --detail or --max-pixels"
-    ) + " to shrink the image tokens"
+        f"lower {name['detail']} or {name['max_pixels']}"
+        + (f" (now {max_pixels} pixels)" if max_pixels else "")
+        + " to shrink the image tokens"
+    )
     if think_budget is None:
         room = limit - fixed
         if room < 16:
             raise ContextOverflow(
                 f"the prompt needs {text_tokens} text + {image_tokens} image tokens and the answer "
                 f"budget {answer}, but the model's context holds {limit} tokens",
-                hint=f"{pixels_hint}, or lower --answer-budget",
+                hint=f"{pixels_hint}, or lower {name['answer_budget']}",
             )
         thought_cap = min(DEFAULT_MAX_THOUGHT, room)
     else:
@@ -65,7 +80,7 @@ def size_context(
                 f"{text_tokens} prompt + {image_tokens} image tokens + think budget {think_budget} + "
                 f"answer budget {answer} need {fixed + think_budget} tokens, but the model's context "
                 f"holds {limit}",
-                hint=f"{pixels_hint}, or lower --think-budget/--answer-budget",
+                hint=f"{pixels_hint}, or lower {name['think_budget']} or {name['answer_budget']}",
             )
     return min(limit, fixed + thought_cap), thought_cap
 

@@ -157,6 +157,7 @@ def stream_question(
             think_budget=options.think_budget,
             answer_budget=options.answer_budget,
             max_pixels=bound.max_pixels,
+            labels=_labels(options),
         )
         resolved = options.sampling.resolved(getattr(loaded, "generation_config", {}) or {}, family.sampling)
         # how thinking ends suits the model (its template) and the question (its language)
@@ -420,6 +421,13 @@ class _SpecFigures:
             accepted=int(report.get("accepted", 0)),
             drafted=int(report.get("drafted", 0)),
         )
+
+
+def _labels(options: AskSettings) -> dict:
+    """How the caller spells each option in messages (the API's names, then the caller's own)."""
+    from qvq_local.settings import API_LABELS
+
+    return {**API_LABELS, **options.labels}
 
 
 def _with_images(history: tuple[Turn, ...], prepared: list[PreparedImage]) -> tuple[Turn, ...]:

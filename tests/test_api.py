@@ -121,8 +121,8 @@ def test_context_overflow_is_refused_before_any_decoding(sample_image):
     model, loaded = _model(thought="a b c", context_length=512)
     with pytest.raises(ContextOverflow) as info:
         list(model.stream(sample_image, "q", think_budget=1000))
-    assert_error(info, "--max-pixels")
-    assert "512" in str(info.value)
+    assert_error(info, "max_pixels", "the think budget")  # the API's names, not the command line's flags
+    assert "512" in str(info.value) and "--" not in str(info.value)
     assert not loaded.sessions  # no session was even opened
 
 

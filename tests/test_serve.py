@@ -1031,3 +1031,17 @@ def test_a_bad_detail_or_max_pixels_is_400_naming_the_part(served, sample_image,
     parts = [{"type": "image_url", "image_url": {"url": data_uri(sample_image), **image_url}}]
     error = _assert_error_json(_post(served, _detail_body(served, parts)), 400)
     assert error["message"].startswith(words), error
+
+
+def test_a_request_past_the_context_is_400_naming_its_own_fields(served, sample_image):
+    """The hint of a request that cannot fit names the request's fields, not qvq ask's flags."""
+    body = _body(served, sample_image, thinking_budget=10**9)
+    reply = httpx.post(
+        f"{served.base_url}/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    assert reply.status_code == 400, reply.text
+    message = reply.json()["error"]["message"]
+    assert "thinking_budget" in message and "image_url.max_pixels" in message and "--" not in message

@@ -67,6 +67,8 @@ def _settings_for(request: schema.ChatRequest, model: Any):
                 "answer_budget": "answer_budget",
                 "max_tokens": "max_tokens",
                 "think": "enable_thinking",
+                "detail": "image_url.detail",
+                "max_pixels": "image_url.max_pixels",
             },
         )
     except InputError as err:
