@@ -577,6 +577,7 @@ def ask(
       qvq ask scan.png "Read the small print." --detail high
 
       qvq ask chart.png "Which bar?" --backend openai --base-url http://gpu-box:8000/v1 -m Qwen/QVQ-72B-Preview
+
       qvq ask geometry.png "Find x." --samples 4 --think-budget 2048
 
       qvq ask clip.mp4 "What happens after the ball hits the fan?" --fps 1 --video-tokens 2048
