@@ -64,3 +64,16 @@ def test_a_bad_replay_file_is_one_line_before_any_work(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--speculation", "--spec-replay", str(tmp_path / "x.json")])
     assert result.exit_code != 0 and "replay file not found" in result.output
     assert "Traceback" not in result.output
+
+
+def test_an_unknown_shape_is_one_line_before_any_work(tmp_path, monkeypatch):
+    """`qvq bench --shape 9b` said so only after measuring memory bandwidth (1 GiB, 5 times)."""
+    import qvq_local.bench.bandwidth as bandwidth
+
+    def measured(*args, **kwargs):
+        raise AssertionError("bandwidth measured before the shape was checked")
+
+    monkeypatch.setattr(bandwidth, "measure_bandwidth", measured)
+    with pytest.raises(InputError) as raised:
+        bench.run_bench(backend="llama", **{**SMALL, "shape": "9b"}, home=tmp_path / "home")
+    assert_error(raised, "unknown Qwen2-VL shape '9b'")

@@ -220,11 +220,11 @@ def run_bench(
     backend, shape, sizes = _checked_options(
         model, shape, backend, image_sizes, runs, decode_tokens, answer_tokens, quant
     )
-    if family is not None:
+    if family is not None and model is not None:
+        raise InputError("--family picks a synthetic model: pass it with --shape, not with --model")
+    if model is None:
         from qvq_local.convert import synthetic
 
-        if model is not None:
-            raise InputError("--family picks a synthetic model: pass it with --shape, not with --model")
         synthetic.get_shape(shape, family)  # unknown family or shape: one line, before any work
     home_path = Path(home).expanduser() if home is not None else bench_home()
     replies = None
