@@ -263,12 +263,31 @@ def _projector_of(model: Path, manifest: dict | None) -> Path:
             path=model.parent,
         )
     if not candidates:
+        if _is_projector(model):  # a projector by its header, under another name
+            raise ModelError(
+                "this is a vision projector (its GGUF architecture says so), not the model: pass the model"
+                " .gguf, and this file with --mmproj",
+                path=model,
+            )
         raise ModelError(
             "no vision projector (mmproj*.gguf) beside the model",
             path=model,
             hint="qvq convert --to gguf writes both files; --mmproj FILE names one",
         )
     return candidates[0]
+
+
+def _is_projector(path: Path) -> bool:
+    """The GGUF file's architecture is the vision projector's (gguf's MMPROJ); False when unreadable."""
+    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys
+
+    from qvq_local.formats.gguf import read_gguf_metadata
+
+    try:
+        arch = read_gguf_metadata(path, {Keys.General.ARCHITECTURE}).get(Keys.General.ARCHITECTURE)
+    except ModelError:
+        return False
+    return arch == MODEL_ARCH_NAMES[MODEL_ARCH.MMPROJ]
 
 
 def _check_safetensors_folder(path: Path) -> None:

@@ -42,6 +42,14 @@ def test_a_model_without_its_projector_needs_one_and_takes_the_one_given(lone_mo
     assert hub.resolve(str(model.parent), mmproj=projector).mmproj == projector
 
 
+def test_a_projector_given_as_the_model_is_told_so(lone_model):
+    """A projector under another name than mmproj* (here vision.gguf) is known by its GGUF header."""
+    _, projector = lone_model
+    with pytest.raises(ModelError) as err:
+        hub.resolve(str(projector))
+    assert_error(err, "this is a vision projector", "not the model", "--mmproj", path=projector)
+
+
 def test_the_given_projector_wins_over_several_beside_the_model(lone_model, tmp_path):
     model, projector = lone_model
     _link(projector, model.parent / "mmproj-a-f16.gguf")
