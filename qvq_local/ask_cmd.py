@@ -119,7 +119,8 @@ def build_settings(request: AskRequest) -> AskSettings:
         stored = config.effective()
         for name in missing:
             values[name] = stored.get(name)
-            labels[name] = f"the {name} setting"
+            if values[name] is not None:  # a value the settings file gave is named by its key
+                labels[name] = f"the {name} setting"
     if values.get("answer_budget") is None:
         values["answer_budget"] = DEFAULT_ANSWER_BUDGET
     if values.get("speculate") is None:  # --draft alone asks for its guesses; nothing: plain decoding
