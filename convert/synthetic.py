@@ -78,6 +78,28 @@ def get_shape(shape: Any, family: str | Family | None = None) -> Any:
         raise InputError(f"unknown {fam.name} shape {shape!r}; choose one of {', '.join(table)}") from None
 
 
+def vision_tower_shape(name: str, family: str | Family | None = None) -> Any:
+    """Shape ``name``'s vision tower and merger width with one small text layer and the tiny shape's trained
+    vocabulary: the vision side of a large shape (2b, 72b) measured without writing its text stack.
+    ``"tiny"`` is the tiny shape itself."""
+    import dataclasses
+
+    shapes = shapes_of(family)
+    tiny = shapes["tiny"]
+    if name == "tiny":
+        return tiny
+    return dataclasses.replace(
+        get_shape(name, family),
+        name=f"{name}-vision",
+        num_hidden_layers=1,
+        intermediate_size=1536,
+        vocab_size=tiny.vocab_size,
+        tokenizer_base=tiny.tokenizer_base,
+        tie_word_embeddings=False,
+        max_shard_bytes=2 * 1024**3,
+    )
+
+
 def family_of(shape: Any) -> Family:
     """The family a shape belongs to (it names it)."""
     return FAMILIES[shape.family]

@@ -15,31 +15,11 @@ which a busy shared machine inflates far less than the wall time).  The levels a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
-
-
-def _shape(name: str):
-    from qvq_local.families import DEFAULT_FAMILY
-
-    shapes = DEFAULT_FAMILY.synth_shapes
-    if name == "tiny":
-        return shapes["tiny"]
-    tiny = shapes["tiny"]  # the vision tower of `name`, one text layer and the tiny trained vocabulary
-    return dataclasses.replace(
-        shapes[name],
-        name=f"{name}-vision",
-        num_hidden_layers=1,
-        intermediate_size=1536,
-        vocab_size=tiny.vocab_size,
-        tokenizer_base=tiny.tokenizer_base,
-        tie_word_embeddings=False,
-        max_shard_bytes=2 * 1024**3,
-    )
 
 
 def main() -> None:
@@ -50,7 +30,7 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for the checkpoint and GGUF files (default: temp)")
     args = ap.parse_args()
 
-    from qvq_local.convert.synthetic import write_checkpoint
+    from qvq_local.convert.synthetic import vision_tower_shape, write_checkpoint
     from qvq_local.convert.to_gguf import convert_to_gguf
 
     from qvq_local import detail
@@ -60,7 +40,7 @@ def main() -> None:
     levels = [detail.check_level(x) for x in args.levels.split(",") if x.strip()]
     with ExitStack() as stack:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        shape = _shape(args.shape)
+        shape = vision_tower_shape(args.shape)
         ckpt = work / f"{shape.name}-bf16"
         if not (ckpt / "config.json").is_file():
             print(f"synthesising {shape.name} in {ckpt}")

@@ -15,33 +15,11 @@ drifts slows all of them alike; each time is the median with its min-max.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
-
-
-def _shape(name: str):
-    from qvq_local.families import DEFAULT_FAMILY
-
-    SHAPES = DEFAULT_FAMILY.synth_shapes
-
-    if name == "tiny":
-        return SHAPES["tiny"]
-    # 2b's vision tower and merger width; a small text stack and the tiny shape's trained vocabulary
-    tiny = SHAPES["tiny"]
-    return dataclasses.replace(
-        SHAPES[name],
-        name=f"{name}-vision",
-        num_hidden_layers=1,
-        intermediate_size=1536,
-        vocab_size=tiny.vocab_size,
-        tokenizer_base=tiny.tokenizer_base,
-        tie_word_embeddings=False,
-        max_shard_bytes=2 * 1024**3,
-    )
 
 
 def main() -> None:
@@ -60,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from PIL import Image
-    from qvq_local.convert.synthetic import write_checkpoint
+    from qvq_local.convert.synthetic import vision_tower_shape, write_checkpoint
     from qvq_local.convert.to_gguf import convert_to_gguf
 
     from qvq_local.bench.mmproj import PARITY_ATOL, compare, mtmd_encoder, transformers_image_embeddings
@@ -69,7 +47,7 @@ def main() -> None:
     quants = [q.strip().lower() for q in args.quants.split(",") if q.strip()]
     with ExitStack() as stack:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        shape = _shape(args.shape)
+        shape = vision_tower_shape(args.shape)
         ckpt = work / f"{shape.name}-{args.dtype}"
         if not (ckpt / "config.json").is_file():
             print(f"synthesising {shape.name} ({args.dtype}) in {ckpt}")

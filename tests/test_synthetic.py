@@ -531,3 +531,20 @@ def test_one_writer_for_every_family_and_its_template_variants(tmp_path):
     assert (
         json.loads((default / "generation_config.json").read_text())["transformers_version"] == "4.57.0.dev0"
     )
+
+
+def test_vision_tower_shape_keeps_the_big_shapes_vision_side_only():
+    """examples/detail_encode.py and examples/mmproj_quant.py measure 2b's/72b's vision tower this way."""
+    from qvq_local.convert import synthetic
+
+    big, tiny = synthetic.get_shape("2b"), synthetic.get_shape("tiny")
+    shape = synthetic.vision_tower_shape("2b")
+    assert shape.name == "2b-vision" and shape.num_hidden_layers == 1
+    assert (shape.vision_depth, shape.vision_hidden_size, shape.hidden_size) == (
+        big.vision_depth,
+        big.vision_hidden_size,
+        big.hidden_size,
+    )
+    assert (shape.vocab_size, shape.tokenizer_base) == (tiny.vocab_size, tiny.tokenizer_base)
+    assert synthetic.checkpoint_bytes(shape) < synthetic.checkpoint_bytes(big) / 2
+    assert synthetic.vision_tower_shape("tiny") is tiny
