@@ -78,6 +78,7 @@ def main() -> None:
         for r in range(args.rounds):
             for q in quants if r % 2 == 0 else quants[::-1]:
                 times[q].append(encoders[q](image)[1])
+        sizes = {q: pair[1].stat().st_size / 1e6 for q, pair in pairs.items()}  # before a temp folder goes
 
     print(
         f"\nshape {shape.name} ({args.dtype} source), image {args.image_size}x{args.image_size} "
@@ -88,7 +89,7 @@ def main() -> None:
     )
     for q in quants:
         e, ts = errors[q], times[q]
-        size = pairs[q][1].stat().st_size / 1e6
+        size = sizes[q]
         spread = f"{statistics.median(ts):.3f} ({min(ts):.3f}-{max(ts):.3f})" if ts else "-"
         verdict = f"{'within' if e['within_tolerance'] else 'OUTSIDE'} {PARITY_ATOL:g}"
         print(
